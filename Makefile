@@ -1,0 +1,33 @@
+# Two commands do all set-up: `make demo` and `make test`. Each creates .venv when missing
+# and (re)installs the project only when pyproject.toml changed (stamp file).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export NO_ALBUMENTATIONS_UPDATE := 1
+export PIPELINE_TIMING := 1
+
+.PHONY: demo test test-all venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch/torchvision first, pinned to the releases this machine serves from disk;
+	# elsewhere pip resolves them within pyproject's ranges.
+	$(BIN)/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/python -m pip install -q "torch<2.15" "torchvision<0.30"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow or not slow"
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+clean:
+	rm -rf runs data/iceberg-demo data/digits-demo data/folder-demo

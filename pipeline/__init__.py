@@ -1,0 +1,2 @@
+"""Kaggle image-classification competition pipeline: library first, CLI thin."""
+__version__ = "0.1.0"

@@ -1,0 +1,143 @@
+"""``pipeline <stage> CONFIG [section.key=value ...]``: a thin CLI over the library.
+
+Heavy modules (torch, timm, albumentations) are imported inside each command so that
+``--help`` and config errors answer at once. ``main(argv)`` returns the exit code, so tests
+call it in-process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from .errors import PipelineError  # noqa: E402
+
+
+def _config(args, check_data: bool = True):
+    from .config import load_config
+
+    overrides = list(args.overrides)
+    params = getattr(args, "params", None)
+    if params:
+        overrides = _params_overrides(params) + overrides
+    return load_config(args.config, overrides, check_data=check_data)
+
+
+def _params_overrides(path: str) -> list[str]:
+    """A YAML of ``section.key: value`` (as ``tune`` writes best.yaml) as override strings."""
+    import yaml
+
+    from .config import _read_yaml
+    from pathlib import Path
+
+    d = _read_yaml(Path(path))
+    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in d.items()]
+
+
+# ---- commands -------------------------------------------------------------------------
+
+def cmd_demo_data(args):
+    from pathlib import Path
+
+    from . import demo_data
+
+    kw = {"seed": args.seed}
+    if args.n_test is not None:
+        kw["n_test"] = args.n_test
+    if args.n_train is not None:
+        if args.kind == "digits":
+            raise PipelineError("demo-data digits: --n-train is fixed by the 5,000 bundled digits; use --n-test")
+        kw["n_train"] = args.n_train
+    writer = {"iceberg": demo_data.write_iceberg, "digits": demo_data.write_digits, "folder": demo_data.write_folder}[args.kind]
+    summary = writer(Path(args.out), **kw)
+    print(f"wrote {args.kind} demo data to {args.out}: {summary}")
+
+
+def cmd_fold(args):
+    from .fold import run_fold
+
+    run_fold(_config(args))
+
+
+def cmd_train(args):
+    from .train import train_cv
+
+    folds = _int_list(args.folds, "--folds") if args.folds else None
+    train_cv(_config(args), folds=folds)
+
+
+def cmd_augment(args):
+    from .augment_preview import run_preview
+
+    out = run_preview(_config(args), n=args.n, out=args.out)
+    print(f"wrote {out}")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise PipelineError(f"command line: {flag} {text!r}; expected comma-separated integers like 0,2") from None
+
+
+COMMANDS = {}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipeline", description="Kaggle image-classification competition pipeline")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def stage(name, fn, help, data=True):
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.add_argument("config", help="competition/experiment YAML")
+        sp.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    d = sub.add_parser("demo-data", help="write a demo competition in Kaggle's file format")
+    d.add_argument("kind", choices=["iceberg", "digits", "folder"])
+    d.add_argument("--out", required=True)
+    d.add_argument("--n-train", type=int)
+    d.add_argument("--n-test", type=int)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=cmd_demo_data)
+
+    stage("fold", cmd_fold, "write folds/<competition>.csv (id,fold)")
+    t = stage("train", cmd_train, "train one model per fold; writes runs/<competition>/<experiment>/")
+    t.add_argument("--folds", help="comma-separated fold numbers to train (default: all)")
+    t.add_argument("--params", help="YAML of section.key: value overrides (e.g. tune's best.yaml)")
+    a = stage("augment", cmd_augment, "preview the configured augmentation as a PNG grid")
+    a.add_argument("--preview", action="store_true", default=True, help="write the preview grid (default)")
+    a.add_argument("--n", type=int, default=8, help="number of training images in the grid")
+    a.add_argument("--out", help="PNG path (default runs/<competition>/<experiment>/augment_preview.png)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options (`train CFG --folds 0 train.lr=1e-3`).
+    bad = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    t0 = time.time()
+    try:
+        args.fn(args)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    if os.environ.get("PIPELINE_TIMING"):
+        print(f"[{args.command}] {time.time() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Competition/experiment configs: YAML with ``extends:``, CLI overrides, typed validation.
+
+A config is data. ``load_config(path, overrides)`` returns a validated ``Config``; every
+problem (unknown key, wrong type, missing value, missing data path) is one
+``PipelineError`` line naming the file and the key.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import PipelineError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    format: str
+    dir: str
+    image_size: int | None = Field(None, gt=0, description="resize images to this square size; None keeps the files' size")
+    channels: int | None = Field(None, ge=1, le=4, description="image_folder: 1 (grey) or 3 (RGB); None = from the files")
+    cache: bool = True
+
+
+class FoldsConfig(_Section):
+    n_splits: int = Field(5, ge=2)
+    seed: int = 42
+    repeats: int = Field(1, ge=1)
+    group: str | None = Field(None, description="column whose equal values share a fold (StratifiedGroupKFold)")
+    file: str | None = Field(None, description="default folds/<competition>.csv")
+
+
+class ModelConfig(_Section):
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    weights: str | None = Field(None, description="checkpoint file tried first for pretrained weights")
+    drop_rate: float = Field(0.2, ge=0, lt=1)
+    use_features: bool = True
+    input_size: int | None = Field(None, gt=0, description="resize batches to this size before the model")
+    finetune: Literal["full", "partial", "head"] = "full"
+    unfreeze_stages: int = Field(2, ge=0)
+    unfreeze_after: int | None = Field(None, ge=1, description="epoch after which everything is unfrozen")
+    backbone_lr_mult: float = Field(1.0, gt=0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    patience: int = Field(5, ge=0, description="epochs without val log-loss improvement before stopping; 0 = never")
+    device: str = "auto"
+    seed: int = 42
+    seeds: list[int] | None = None
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    scheduler: Literal["cosine", "onecycle", "step", "plateau", "none"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    step_size: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0)
+    num_workers: int = Field(0, ge=0)
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    channels_last: bool = True
+    accum_steps: int = Field(1, ge=1)
+    mixup_alpha: float = Field(0.0, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
+    mix_prob: float = Field(1.0, ge=0, le=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    class_weights: Literal["none", "balanced"] = "none"
+    balanced_sampling: bool = False
+    refit: bool = False
+    time_budget_s: float | None = Field(None, gt=0)
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"got {v!r}; expected auto, cpu, cuda, cuda:N or mps")
+        return v
+
+
+class EvaluateConfig(_Section):
+    eps: float = Field(1e-15, gt=0, lt=0.5)
+    calibrate: bool = True
+    n_bins: int = Field(10, ge=2)
+    gradcam_samples: int = Field(4, ge=0)
+
+
+class PredictConfig(_Section):
+    average: Literal["prob", "logit"] = "prob"
+    tta: list[str] = Field(default_factory=lambda: ["identity"])
+    tta_oof: bool = False
+    clip: tuple[float, float] | None = None
+
+
+class TuneConfig(_Section):
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    sampler: Literal["tpe", "random", "cmaes"] = "tpe"
+    pruner: Literal["wilcoxon", "median", "halving", "hyperband", "none"] = "median"
+    folds: list[int] | None = None
+    seed: int = 0
+    n_trials: int = Field(20, ge=1)
+    heartbeat_s: int = Field(60, ge=1)
+
+
+class Config(_Section):
+    competition: str
+    metric: Literal["logloss", "accuracy", "f1", "roc_auc"] = "logloss"
+    data: DataConfig
+    folds: FoldsConfig = Field(default_factory=FoldsConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    augment: list[dict[str, Any]] = Field(default_factory=list)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    # Not part of the YAML: where it came from.
+    path: str = ""
+    name: str = ""
+
+    @field_validator("competition")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"got {v!r}; expected a name of letters, digits, '.', '_' or '-'")
+        return v
+
+    # ---- derived paths (relative to the current directory) ----
+    @property
+    def folds_path(self) -> Path:
+        return Path(self.folds.file or f"folds/{self.competition}.csv")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path("runs") / self.competition / self.name
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir).expanduser()
+
+    def to_dict(self) -> dict:
+        d = self.model_dump(mode="json")
+        d.pop("path"), d.pop("name")
+        return d
+
+    def hash(self, *sections: str) -> str:
+        """Short hash of the resolved config, or of some of its sections."""
+        d = self.to_dict()
+        if sections:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Sections each stage's outputs depend on (stage staleness and snapshots).
+STAGE_SECTIONS = {
+    "fold": ("competition", "data", "folds"),
+    "train": ("competition", "data", "folds", "model", "train", "augment"),
+    "evaluate": ("competition", "data", "folds", "model", "train", "augment", "metric", "evaluate"),
+    "predict": ("competition", "data", "folds", "model", "train", "augment", "evaluate", "predict"),
+}
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise PipelineError(f"{path}: config file not found")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise PipelineError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections at the top level, got {type(d).__name__}")
+    return d
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _load_with_extends(path: Path, seen: tuple = ()) -> dict:
+    path = path.resolve() if path.exists() else path
+    if path in seen:
+        raise PipelineError(f"{path}: extends: cycle ({' -> '.join(map(str, seen + (path,)))})")
+    d = _read_yaml(path)
+    parent = d.pop("extends", None)
+    if parent is None:
+        return d
+    if not isinstance(parent, str):
+        raise PipelineError(f"{path}: extends: expected a path to another YAML file, got {parent!r}")
+    ppath = (path.parent / parent)
+    if not ppath.is_file():
+        raise PipelineError(f"{path}: extends: {parent} not found (looked at {ppath})")
+    return deep_merge(_load_with_extends(ppath, seen + (path,)), d)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise PipelineError(f"command line: override {text!r} is not section.key=value")
+    key, raw = text.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise PipelineError(f"command line: override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return keys, value
+
+
+def apply_overrides(d: dict, overrides: list[str] | dict) -> dict:
+    d = copy.deepcopy(d)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides]
+    for keys, value in items:
+        if isinstance(keys, str):
+            keys = keys.split(".")
+        node = d
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    return d
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, f in model.model_fields.items():
+        if name in ("path", "name"):
+            continue
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += _known_keys(ann, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"])
+    if e["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc, _known_keys(Config), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        return f"{path}: unknown key '{loc}'{hint}"
+    if e["type"] == "missing":
+        return f"{path}: missing required key '{loc}'"
+    msg = e["msg"].removeprefix("Value error, ")
+    got = e.get("input")
+    got_s = "" if isinstance(got, (dict, list)) or "got" in msg else f" (got {got!r})"
+    return f"{path}: {loc}: {msg}{got_s}"
+
+
+def load_config(path: str | Path, overrides: list[str] | dict | None = None, check_data: bool = True) -> Config:
+    """Read a config file, apply ``extends`` and overrides, validate, check the data dir."""
+    path = Path(path)
+    d = _load_with_extends(path)
+    if overrides:
+        d = apply_overrides(d, overrides)
+    try:
+        cfg = Config(**d, path=str(path), name=path.stem)
+    except ValidationError as err:
+        raise PipelineError(_format_error(path, err)) from None
+    except TypeError as err:  # e.g. a top-level key given twice
+        raise PipelineError(f"{path}: {err}") from None
+    from .formats import FORMATS
+
+    if cfg.data.format not in FORMATS:
+        raise PipelineError(f"{path}: data.format: unknown format {cfg.data.format!r}; expected one of {', '.join(sorted(FORMATS))}")
+    if check_data and not cfg.data_dir.is_dir():
+        raise PipelineError(f"{path}: data.dir: {cfg.data.dir} does not exist (relative paths resolve against {Path.cwd()})")
+    return cfg
+
+
+def write_snapshot(cfg: Config, yaml_path: Path, stage: str) -> str:
+    """Save the resolved config beside a stage's outputs (``yaml_path``) and its stage hash
+    (``yaml_path`` with suffix ``.hash``); returns the stage hash."""
+    from .io import atomic_write_text
+
+    h = cfg.hash(*STAGE_SECTIONS.get(stage, ()))
+    text = f"# resolved from {cfg.path}; config hash {cfg.hash()}; {stage} hash {h}\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write_text(yaml_path, text)
+    atomic_write_text(Path(yaml_path).with_suffix(".hash"), h + "\n")
+    return h
+
+
+def read_stage_hash(yaml_path: Path) -> str | None:
+    p = Path(yaml_path).with_suffix(".hash")
+    return p.read_text().strip() if p.is_file() else None

@@ -1,0 +1,388 @@
+"""Training stage: one model per fold (and seed), out-of-fold predictions, resumable.
+
+Layout under ``runs/<competition>/<experiment>/``:
+  config.train.yaml / .hash   resolved config and its train-stage hash
+  fold_<k>/                   (``fold_<k>_seed<s>/`` when ``train.seeds`` has several)
+      best.safetensors + best.json   best epoch's weights and what built them
+      last.pt                        resume state (weights_only-loadable), removed when done
+      history.csv                    epoch,train_loss,val_loss,val_<metric>,lr,seconds
+      oof.csv                        this fold's validation predictions at the best epoch
+      done.json                      written last: the fold is finished
+      tb/                            TensorBoard scalars
+  oof.csv                     id,fold,target,p_<class>... every training row exactly once
+
+Randomness is derived from (seed, fold, epoch) at each epoch start, so a resumed fold
+replays exactly what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .config import Config, write_snapshot
+from .device import resolve_device
+from .errors import PipelineError
+from .fold import load_folds
+from .inference import autocast, features_tensor, predict_logits, softmax, to_tensor
+from .io import atomic_path, atomic_write_csv, atomic_write_json
+from .metrics import logloss, score
+from .models import apply_finetune, build_model, freeze_bn_stats, save_checkpoint, unfreeze_all
+from .table import Table
+
+
+def derive_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def job_name(fold: int, seed: int, n_seeds: int) -> str:
+    return f"fold_{fold}" if n_seeds == 1 else f"fold_{fold}_seed{seed}"
+
+
+@dataclass
+class Job:
+    fold: int
+    seed: int
+    dir: Path
+
+
+# ---- optimiser and schedule ------------------------------------------------------------
+
+def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
+    head = [p for n, p in model.named_parameters() if not n.startswith("backbone.")]
+    groups = [{"params": head, "lr": t.lr}]
+    if backbone:  # discriminative LR; frozen params are included so gradual unfreezing needs no rebuild
+        groups.append({"params": backbone, "lr": t.lr * cfg.model.backbone_lr_mult})
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=True)
+    if t.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.RMSprop(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def build_scheduler(cfg: Config, opt, steps_per_epoch: int):
+    """Returns (scheduler, per_step). Cosine and one-cycle step per batch, the others per epoch."""
+    t = cfg.train
+    total = t.epochs * steps_per_epoch
+    warm = int(t.warmup_epochs * steps_per_epoch)
+    if t.scheduler == "cosine":
+        def f(step):
+            if step < warm:
+                return (step + 1) / warm
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        return torch.optim.lr_scheduler.LambdaLR(opt, f), True
+    if t.scheduler == "onecycle":
+        max_lr = [g["lr"] for g in opt.param_groups]
+        pct = min(0.5, max(warm / max(total, 1), 0.05)) if warm else 0.3
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=max(total, 2), pct_start=pct), True
+    if t.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=t.step_size, gamma=t.gamma), False
+    if t.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=t.gamma, patience=max(1, t.patience // 2)), False
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), True
+
+
+# ---- the loop -------------------------------------------------------------------------
+
+class FoldTrainer:
+    def __init__(self, cfg: Config, table: Table, fold_of: np.ndarray, job: Job, device: torch.device,
+                 run_hash: str, echo=print, embeddings: torch.Tensor | None = None):
+        self.cfg, self.table, self.job, self.device, self.hash, self.echo = cfg, table, job, device, run_hash, echo
+        self.tr_idx = np.flatnonzero(fold_of != job.fold)
+        self.va_idx = np.flatnonzero(fold_of == job.fold)
+        if len(self.va_idx) == 0 or len(self.tr_idx) == 0:
+            raise PipelineError(f"{cfg.folds_path}: fold {job.fold} is empty; rerun `pipeline fold {cfg.path}`")
+        self.embeddings = embeddings
+        self.channels_last = cfg.train.channels_last and device.type != "mps" and embeddings is None
+
+    def build(self):
+        cfg, t = self.cfg, self.table
+        seed_everything(derive_seed("init", self.job.seed))
+        model, self.weights_source = build_model(cfg, t.channels, t.num_classes, len(t.feature_names), t.image_size)
+        model.fit_normalisation(t.images, t.features)
+        apply_finetune(model, cfg.model.finetune, cfg.model.unfreeze_stages)
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.opt = build_optimizer(cfg, model)
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.sched, self.per_step = build_scheduler(cfg, self.opt, self.steps_per_epoch)
+        from .augment import build_augment
+
+        self.augment = None if self.embeddings is not None else build_augment(
+            cfg.augment, t.value_range, t.channels, t.image_size, seed=self.job.seed)
+        counts = np.bincount(t.labels[self.tr_idx], minlength=t.num_classes)
+        weight = None
+        if cfg.train.class_weights == "balanced":
+            weight = torch.tensor(len(self.tr_idx) / (t.num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing).to(self.device)
+
+    def _steps_per_epoch(self) -> int:
+        n = len(self.tr_idx) // self.cfg.train.batch_size + (len(self.tr_idx) % self.cfg.train.batch_size > 1)
+        n = max(n, 1)
+        return min(n, self.cfg.train.max_steps_per_epoch or n)
+
+    # -- state for resume --
+    def state(self, epoch: int, best: dict, bad_epochs: int) -> dict:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "hash": self.hash}
+
+    def resume(self, path: Path) -> dict | None:
+        """Load the resume state into model, optimiser and scheduler; None if it is another config's."""
+        try:
+            st = torch.load(path, map_location=self.device, weights_only=True)
+            if st.get("hash") != self.hash:
+                return None
+            self.model.load_state_dict(st["model"])
+            self.opt.load_state_dict(st["opt"])
+            self.sched.load_state_dict(st["sched"])
+            return st
+        except Exception as e:
+            raise PipelineError(f"{path}: corrupt resume checkpoint ({type(e).__name__}); delete it to restart fold {self.job.fold} (finished folds are kept)") from None
+
+    def train_epoch(self, epoch: int) -> float:
+        cfg, t, model = self.cfg, self.table, self.model
+        if cfg.model.unfreeze_after and epoch > cfg.model.unfreeze_after:
+            unfreeze_all(model)
+        rng = seed_everything(derive_seed("epoch", self.job.seed, self.job.fold, epoch))
+        if self.augment is not None:
+            self.augment.set_seed(derive_seed("aug", self.job.seed, self.job.fold, epoch))
+        model.train()
+        freeze_bn_stats(model)
+        order = rng.permutation(self.tr_idx)
+        bs = cfg.train.batch_size
+        batches = [order[i:i + bs] for i in range(0, len(order), bs)]
+        if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm cannot train on one sample
+            batches = batches[:-1]
+        batches = batches[: self.steps_per_epoch]
+        total, seen = 0.0, 0
+        from tqdm.auto import tqdm
+
+        bar = tqdm(batches, desc=f"fold {self.job.fold} epoch {epoch}", leave=False, disable=None, dynamic_ncols=True)
+        for idx in bar:
+            idx = np.sort(idx)  # memmap-friendly reads; order inside a batch does not matter
+            y = torch.from_numpy(t.labels[idx]).to(self.device)
+            f = features_tensor(t.features, idx, self.device)
+            with autocast(self.device, cfg.train.precision):
+                if self.embeddings is not None:
+                    logits = model.forward_head(self.embeddings[idx], f)
+                else:
+                    imgs = t.images[idx]
+                    imgs = self.augment.batch(imgs) if self.augment is not None else imgs
+                    logits = model(to_tensor(imgs, self.device, self.channels_last), f)
+                loss = self.loss_fn(logits.float(), y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            self.opt.step()
+            if self.per_step:
+                self.sched.step()
+            total += loss.item() * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total / seen:.4f}")
+        return total / max(seen, 1)
+
+    def validate(self) -> np.ndarray:
+        t = self.table
+        if self.embeddings is not None:
+            with torch.no_grad():
+                self.model.eval()
+                idx = self.va_idx
+                logits = self.model.forward_head(self.embeddings[idx], features_tensor(t.features, idx, self.device))
+            return softmax(logits.double().cpu().numpy())
+        logits = predict_logits(self.model, _Rows(t.images, self.va_idx), _Rows(t.features, self.va_idx) if t.features is not None else None,
+                                self.cfg.train.batch_size * 2, self.device, self.channels_last, self.cfg.train.precision)
+        return softmax(logits)
+
+    def run(self) -> dict:
+        cfg, job, t = self.cfg, self.job, self.table
+        job.dir.mkdir(parents=True, exist_ok=True)
+        self.build()
+        last, hist_path = job.dir / "last.pt", job.dir / "history.csv"
+        history, best, bad, start = [], {"val_loss": math.inf, "epoch": 0}, 0, 1
+        if last.exists():
+            st = self.resume(last)
+            if st is None:
+                self.echo(f"fold {job.fold}: resume state is from another config; starting over")
+            else:
+                start, best, bad = st["epoch"] + 1, st["best"], st["bad_epochs"]
+                if hist_path.exists():
+                    history = pd.read_csv(hist_path).query("epoch <= @start - 1").to_dict("records")
+                self.echo(f"fold {job.fold}: resuming after epoch {st['epoch']} (best val_loss {best['val_loss']:.4f} at epoch {best['epoch']})")
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(job.dir / "tb"), purge_step=start)
+        mname = f"val_{cfg.metric}"
+        y_va = t.labels[self.va_idx]
+        for epoch in range(start, cfg.train.epochs + 1):
+            t0 = time.time()
+            train_loss = self.train_epoch(epoch)
+            probs = self.validate()
+            val_loss = logloss(y_va, probs, cfg.evaluate.eps)
+            val_metric = score(cfg.metric, y_va, probs, cfg.evaluate.eps)
+            lr = self.opt.param_groups[0]["lr"]
+            if not self.per_step:
+                self.sched.step(val_loss) if cfg.train.scheduler == "plateau" else self.sched.step()
+            improved = val_loss < best["val_loss"] - 1e-7
+            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, mname: val_metric, "lr": lr,
+                   "seconds": round(time.time() - t0, 3)}
+            history.append(row)
+            atomic_write_csv(hist_path, pd.DataFrame(history))
+            for k in ("train_loss", "val_loss", mname, "lr"):
+                tb.add_scalar(k, row[k], epoch)
+            if improved:
+                best, bad = {"val_loss": val_loss, "epoch": epoch, mname: val_metric}, 0
+                save_checkpoint(self.model, job.dir / "best.safetensors", self.meta(best))
+                self.write_fold_oof(probs)
+            else:
+                bad += 1
+            self.echo(f"fold {job.fold} epoch {epoch}/{cfg.train.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
+                      f"{mname} {val_metric:.4f}  {row['seconds']:.1f}s{'  *' if improved else ''}")
+            stop = cfg.train.patience and bad >= cfg.train.patience
+            with atomic_path(last) as tmp:
+                torch.save(self.state(epoch, best, bad), tmp)
+            if stop:
+                self.echo(f"fold {job.fold}: early stop after {bad} epochs without val_loss improvement")
+                break
+        tb.close()
+        done = {"hash": self.hash, "fold": job.fold, "seed": job.seed, "best_epoch": best["epoch"],
+                "val_loss": best["val_loss"], mname: best.get(mname), "epochs_run": len(history),
+                "weights": self.weights_source}
+        atomic_write_json(job.dir / "done.json", done)
+        last.unlink(missing_ok=True)
+        return done
+
+    def meta(self, best: dict) -> dict:
+        t = self.table
+        return {"model": self.cfg.model.model_dump(), "in_chans": t.channels, "img_size": list(t.image_size),
+                "class_names": t.class_names, "feature_names": t.feature_names, "n_features": len(t.feature_names),
+                "value_range": list(t.value_range), "fold": self.job.fold, "seed": self.job.seed,
+                "config_hash": self.hash, "weights": self.weights_source, **best}
+
+    def write_fold_oof(self, probs: np.ndarray) -> None:
+        t = self.table
+        df = pd.DataFrame({"id": t.ids[self.va_idx], "fold": self.job.fold, "target": t.labels[self.va_idx]})
+        for k, name in enumerate(t.class_names):
+            df[f"p_{name}"] = probs[:, k]
+        atomic_write_csv(self.job.dir / "oof.csv", df, float_format="%.8g")
+
+
+class _Rows:
+    """Lazy row subset of an array (avoids copying a memmap to predict a fold)."""
+
+    def __init__(self, arr, idx):
+        self.arr, self.idx = arr, idx
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.arr[self.idx[i]]
+
+
+# ---- CV driver -------------------------------------------------------------------------
+
+def _head_embeddings(cfg: Config, table: Table, device: torch.device, seed: int, echo) -> torch.Tensor | None:
+    """With a frozen backbone and no augmentation, features are computed once for every fold."""
+    m = cfg.model
+    if m.finetune != "head" or cfg.augment or m.unfreeze_after:
+        return None
+    seed_everything(derive_seed("init", seed))  # the same init as each fold's model
+    model, _ = build_model(cfg, table.channels, table.num_classes, len(table.feature_names), table.image_size)
+    model.fit_normalisation(table.images, table.features)
+    model.to(device).eval()
+    t0 = time.time()
+    with torch.no_grad():
+        out = [model.embed(to_tensor(table.images[s:s + 256], device)) for s in range(0, len(table), 256)]
+    echo(f"head-only: cached backbone features of {len(table)} images in {time.time() - t0:.1f}s")
+    return torch.cat(out)
+
+
+def train_cv(cfg: Config, folds: list[int] | None = None, echo=print, table: Table | None = None) -> pd.DataFrame | None:
+    """Train every requested fold (skipping finished ones); returns the OOF frame once all folds are done."""
+    from .formats import read_table
+
+    table = table if table is not None else read_table(cfg, "train")
+    fold_of = load_folds(cfg, table)
+    n_folds = int(fold_of.max()) + 1
+    wanted = list(range(n_folds)) if folds is None else folds
+    bad = [k for k in wanted if not 0 <= k < n_folds]
+    if bad:
+        raise PipelineError(f"--folds: no fold {bad[0]}; {cfg.folds_path} has folds 0..{n_folds - 1}")
+    device = resolve_device(cfg.train.device)
+    run = cfg.run_dir
+    run.mkdir(parents=True, exist_ok=True)
+    run_hash = write_snapshot(cfg, run / "config.train.yaml", "train")
+    seeds = cfg.train.seeds or [cfg.train.seed]
+    echo(f"train {cfg.name}: {cfg.model.backbone} ({'pretrained' if cfg.model.pretrained else 'from scratch'}, finetune {cfg.model.finetune}) "
+         f"on {len(table)} images {table.channels}x{table.image_size[0]}x{table.image_size[1]}, folds {wanted}, seeds {seeds}, device {device}")
+    for seed in seeds:
+        embeddings = None
+        for k in wanted:
+            job = Job(k, seed, run / job_name(k, seed, len(seeds)))
+            done = job.dir / "done.json"
+            if done.exists() and json.loads(done.read_text()).get("hash") == run_hash:
+                echo(f"fold {k}{'' if len(seeds) == 1 else f' seed {seed}'}: done, skipping")
+                continue
+            if done.exists():
+                echo(f"fold {k}: finished under another config; retraining")
+                done.unlink()
+            if embeddings is None:
+                embeddings = _head_embeddings(cfg, table, device, seed, echo)
+            res = FoldTrainer(cfg, table, fold_of, job, device, run_hash, echo, embeddings).run()
+            echo(f"fold {k}: best epoch {res['best_epoch']}, val_loss {res['val_loss']:.4f}")
+    return collect_oof(cfg, table, fold_of, run_hash, echo)
+
+
+def collect_oof(cfg: Config, table: Table, fold_of: np.ndarray, run_hash: str, echo=print) -> pd.DataFrame | None:
+    """Average seeds per fold and write ``oof.csv`` when every fold is finished."""
+    run = cfg.run_dir
+    seeds = cfg.train.seeds or [cfg.train.seed]
+    n_folds = int(fold_of.max()) + 1
+    frames, waiting = [], []
+    for k in range(n_folds):
+        per_seed = []
+        for s in seeds:
+            d = run / job_name(k, s, len(seeds))
+            ok = (d / "done.json").exists() and json.loads((d / "done.json").read_text()).get("hash") == run_hash
+            if not ok:
+                waiting.append(k)
+                break
+            per_seed.append(pd.read_csv(d / "oof.csv", dtype={"id": str}))
+        else:
+            df = per_seed[0].copy()
+            pcols = [c for c in df.columns if c.startswith("p_")]
+            df[pcols] = np.mean([f[pcols].to_numpy() for f in per_seed], axis=0)
+            frames.append(df)
+    if waiting:
+        echo(f"oof.csv waits for fold(s) {sorted(set(waiting))}")
+        return None
+    oof = pd.concat(frames).set_index("id").reindex(pd.Index(table.ids.astype(str), name="id")).reset_index()
+    if oof["fold"].isna().any() or len(oof) != len(table):
+        raise PipelineError(f"{run}: fold predictions do not cover every training row exactly once; rerun `pipeline train {cfg.path}`")
+    oof["fold"] = oof["fold"].astype(int)
+    oof["target"] = oof["target"].astype(int)
+    atomic_write_csv(run / "oof.csv", oof, float_format="%.8g")
+    probs = oof[[f"p_{c}" for c in table.class_names]].to_numpy()
+    echo(f"wrote {run / 'oof.csv'}: OOF {cfg.metric} {score(cfg.metric, oof['target'].to_numpy(), probs):.4f}, "
+         f"logloss {logloss(oof['target'].to_numpy(), probs):.4f}")
+    return oof

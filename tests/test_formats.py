@@ -1,0 +1,162 @@
+"""Readers on real files written by the demo generators, and every bad input named in the issue."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import copy_json, run_cli
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.formats import build_reader, read_table
+
+
+def _cfg(make_config, d, fmt, **kw):
+    return load_config(make_config(d, fmt, **kw))
+
+
+# ---- statoil_json ---------------------------------------------------------------------
+
+def test_statoil_reads_demo_files(make_config, iceberg_dir):
+    cfg = _cfg(make_config, iceberg_dir, "statoil_json")
+    tr, te = read_table(cfg, "train"), read_table(cfg, "test")
+    recs = json.loads((iceberg_dir / "train.json").read_text())
+    assert tr.images.shape == (len(recs), 2, 75, 75) and tr.images.dtype == np.float32
+    np.testing.assert_allclose(tr.images[3, 1].ravel(), recs[3]["band_2"], rtol=1e-6)
+    assert tr.class_names == ["ship", "iceberg"]
+    assert list(tr.labels) == [r["is_iceberg"] for r in recs]
+    na = np.array([r["inc_angle"] == "na" for r in recs])
+    assert na.any()
+    assert tr.feature_names == ["inc_angle", "inc_angle_missing"]
+    np.testing.assert_array_equal(tr.features[:, 1] == 1, na)
+    assert np.isnan(tr.meta["inc_angle"].to_numpy()[na]).all()
+    assert te.labels is None and te.images.shape[1:] == (2, 75, 75)
+
+
+def _bad_statoil(tmp_path, iceberg_dir, mutate, split="train"):
+    d = tmp_path / "bad"
+    d.mkdir(exist_ok=True)
+    for s in ("train", "test"):
+        if s == split:
+            copy_json(iceberg_dir / f"{s}.json", d / f"{s}.json", mutate)
+        else:
+            shutil.copy(iceberg_dir / f"{s}.json", d / f"{s}.json")
+    return d
+
+
+def _set(i, key, value):
+    def mutate(recs):
+        recs[i][key] = value
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (_set(2, "band_1", [0.0] * 5624), r"train.json: id '\w+': band_1 has 5624 values; expected 5625 \(75x75\)"),
+    (_set(1, "inc_angle", "unknown"), r"train.json: id '\w+': inc_angle is 'unknown'; expected a number or \"na\""),
+    (_set(0, "band_2", ["x"] * 5625), r"band_2 has non-numeric values"),
+    (_set(4, "is_iceberg", 2), r"is_iceberg is 2; expected 0 or 1"),
+    (lambda recs: recs[1].update(id=recs[0]["id"]), r"train.json: duplicate id '\w+' \(1 duplicates\); expected unique ids"),
+    (lambda recs: recs.clear(), r"train.json: the train set is empty"),
+    (lambda recs: recs[0].pop("band_2"), r"missing or non-list 'band_2'"),
+])
+def test_statoil_bad_train(tmp_path, make_config, iceberg_dir, mutate, message):
+    d = _bad_statoil(tmp_path, iceberg_dir, mutate)
+    with pytest.raises(PipelineError, match=message):
+        read_table(_cfg(make_config, d, "statoil_json"), "train")
+
+
+def test_statoil_nan_pixels_and_empty_test(tmp_path, make_config, iceberg_dir):
+    def nan(recs):
+        recs[0]["band_1"][10] = float("nan")
+    d = _bad_statoil(tmp_path, iceberg_dir, nan)  # json.dumps writes NaN, json.load reads it
+    with pytest.raises(PipelineError, match=r"band_1 has NaN or inf pixels; expected finite dB values"):
+        read_table(_cfg(make_config, d, "statoil_json"), "train")
+    d = _bad_statoil(tmp_path, iceberg_dir, lambda r: r.clear(), split="test")
+    with pytest.raises(PipelineError, match=r"test.json: the test set is empty; expected at least one row"):
+        read_table(_cfg(make_config, d, "statoil_json"), "test")
+
+
+def test_statoil_truncated_and_missing(tmp_path, make_config, iceberg_dir):
+    d = tmp_path / "trunc"
+    d.mkdir()
+    text = (iceberg_dir / "train.json").read_text()
+    (d / "train.json").write_text(text[: len(text) // 2])
+    cfg = _cfg(make_config, d, "statoil_json")
+    with pytest.raises(PipelineError, match=r"train.json: malformed or truncated JSON at line \d+ column \d+"):
+        read_table(cfg, "train")
+    with pytest.raises(PipelineError, match=r"test.json: file not found"):
+        read_table(cfg, "test")
+    (d / "test.json").write_text('{"id": 1}')
+    with pytest.raises(PipelineError, match=r"test.json: top level is a dict; expected a JSON list of records"):
+        read_table(cfg, "test")
+
+
+def test_statoil_submission_frame(make_config, iceberg_dir):
+    reader = build_reader(_cfg(make_config, iceberg_dir, "statoil_json"))
+    sub = reader.submission_frame(np.array(["a", "b"]), np.array([[0.9, 0.1], [0.2, 0.8]]), ["ship", "iceberg"])
+    assert list(sub.columns) == ["id", "is_iceberg"] and sub["is_iceberg"].tolist() == [0.1, 0.8]
+
+
+# ---- pixel_csv ------------------------------------------------------------------------
+
+def test_pixel_csv_reads_demo_files(make_config, digits_dir):
+    cfg = _cfg(make_config, digits_dir, "pixel_csv")
+    tr, te = read_table(cfg, "train"), read_table(cfg, "test")
+    raw = pd.read_csv(digits_dir / "train.csv")
+    assert tr.images.shape == (len(raw), 1, 28, 28) and tr.images.dtype == np.uint8
+    np.testing.assert_array_equal(tr.images[5, 0].ravel(), raw.iloc[5, 1:].to_numpy())
+    assert tr.class_names == [str(i) for i in range(10)]
+    assert (np.asarray(tr.class_names)[tr.labels] == raw["label"].astype(str)).all()
+    assert te.ids[0] == "1" and te.labels is None and te.class_names == tr.class_names
+    sub = build_reader(cfg).submission_frame(te.ids[:2], np.eye(10)[[3, 7]], te.class_names)
+    assert list(sub.columns) == ["ImageId", "Label"] and sub["Label"].tolist() == ["3", "7"]
+
+
+def test_pixel_csv_resize(make_config, digits_dir):
+    cfg = _cfg(make_config, digits_dir, "pixel_csv", **{})
+    cfg = load_config(cfg.path, ["data.image_size=32"])
+    assert read_table(cfg, "test").images.shape[1:] == (1, 32, 32)
+
+
+def _bad_csv(tmp_path, digits_dir, split, mutate):
+    d = tmp_path / "badcsv"
+    d.mkdir(exist_ok=True)
+    for s in ("train", "test"):
+        df = pd.read_csv(digits_dir / f"{s}.csv", nrows=50)
+        if s == split:
+            df = mutate(df)
+        df.to_csv(d / f"{s}.csv", index=False)
+    return d
+
+
+@pytest.mark.parametrize("split, mutate, message", [
+    ("train", lambda df: df.drop(columns="label"), r"train.csv: missing column 'label'; expected columns label,pixel0..pixelN"),
+    ("train", lambda df: df.assign(label=df["label"].astype(object).where(df.index != 3, "seven")), r"train.csv: row 4 has label 'seven'; expected an integer class"),
+    ("train", lambda df: df.assign(pixel5=df["pixel5"].where(df.index != 7, np.nan)), r"train.csv: row 8 has a pixel that is missing or outside 0..255"),
+    ("train", lambda df: df.assign(pixel5=df["pixel5"].where(df.index != 2, 300)), r"row 3 has a pixel that is missing or outside 0..255"),
+    ("test", lambda df: df.drop(columns="pixel783"), r"test.csv: 783 pixel columns is not a square image"),
+    ("test", lambda df: df.iloc[:0], r"test.csv: the test set is empty"),
+    ("test", lambda df: df.assign(pixel0=df["pixel0"].astype(object).where(df.index != 1, "x")), r"test.csv: row 2 has a non-numeric pixel"),
+])
+def test_pixel_csv_bad_input(tmp_path, make_config, digits_dir, split, mutate, message):
+    d = _bad_csv(tmp_path, digits_dir, split, mutate)
+    with pytest.raises(PipelineError, match=message):
+        read_table(_cfg(make_config, d, "pixel_csv"), split)
+
+
+def test_pixel_csv_train_test_sizes_differ(tmp_path, make_config, digits_dir):
+    d = tmp_path / "sizes"
+    d.mkdir()
+    pd.read_csv(digits_dir / "train.csv", nrows=20).to_csv(d / "train.csv", index=False)
+    test = pd.DataFrame(np.zeros((5, 16 * 16), np.uint8), columns=[f"pixel{i}" for i in range(256)])
+    test.to_csv(d / "test.csv", index=False)
+    with pytest.raises(PipelineError, match=r"train.csv: images are 28x28 but test.csv has 256 pixel columns; expected train and test of the same size"):
+        read_table(_cfg(make_config, d, "pixel_csv"), "train")
+
+
+def test_cli_bad_data_exit_2(tmp_path, make_config, iceberg_dir, capsys):
+    d = _bad_statoil(tmp_path, iceberg_dir, _set(0, "inc_angle", "n/a"))
+    assert run_cli("fold", make_config(d, "statoil_json")) == 2
+    err = capsys.readouterr().err
+    assert "inc_angle is 'n/a'" in err and err.count("\n") == 1
