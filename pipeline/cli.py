@@ -70,9 +70,19 @@ def cmd_train(args):
 
 
 def cmd_augment(args):
-    from .augment_preview import run_preview
+    from pathlib import Path
 
-    out = run_preview(_config(args), n=args.n, out=args.out)
+    import numpy as np
+
+    from .augment import build_augment, preview_grid
+    from .formats import read_table
+
+    cfg = _config(args)
+    t = read_table(cfg, "train")
+    aug = build_augment(cfg.augment, t.value_range, t.channels, t.image_size, seed=cfg.train.seed)
+    out = Path(args.out or cfg.run_dir / "augment_preview.png")
+    idx = np.random.default_rng(cfg.train.seed).choice(len(t), size=min(args.n, len(t)), replace=False)
+    preview_grid(t.images[np.sort(idx)], aug, out, n=len(idx), value_range=t.value_range)
     print(f"wrote {out}")
 
 

@@ -90,8 +90,10 @@ def build_scheduler(cfg: Config, opt, steps_per_epoch: int):
         return torch.optim.lr_scheduler.LambdaLR(opt, f), True
     if t.scheduler == "onecycle":
         max_lr = [g["lr"] for g in opt.param_groups]
-        pct = min(0.5, max(warm / max(total, 1), 0.05)) if warm else 0.3
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=max(total, 2), pct_start=pct), True
+        total = max(total, 4)
+        # warm-up share of the run; at least 2 steps each way (OneCycleLR divides by both phases)
+        pct = min(max(warm / total if warm else 0.3, 2 / total), 1 - 2 / total)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=max_lr, total_steps=total, pct_start=pct), True
     if t.scheduler == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=t.step_size, gamma=t.gamma), False
     if t.scheduler == "plateau":

@@ -56,7 +56,7 @@ def make_config(tmp_path):
     def make(data_dir, fmt="statoil_json", name="exp", **sections):
         d = {"competition": sections.pop("competition", "comp"), "data": {"format": fmt, "dir": str(data_dir)}}
         for k, v in sections.items():
-            d[k] = v
+            d[k] = {**d[k], **v} if isinstance(v, dict) and isinstance(d.get(k), dict) else v
         return write_yaml(tmp_path / f"{name}.yaml", d)
 
     return make
@@ -73,3 +73,38 @@ def copy_json(src: Path, dst: Path, mutate):
     mutate(recs)
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(json.dumps(recs))
+
+
+@pytest.fixture(scope="session")
+def sk_digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn's real 8x8 digits as digit-recognizer CSVs (600 train, 100 test): fast to train on."""
+    import pandas as pd
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = (X * 16).clip(0, 255).astype(int)
+    out = tmp_path_factory.mktemp("skdigits")
+    cols = [f"pixel{i}" for i in range(64)]
+    tr = pd.DataFrame(X[:600], columns=cols)
+    tr.insert(0, "label", y[:600])
+    tr.to_csv(out / "train.csv", index=False)
+    pd.DataFrame(X[600:700], columns=cols).to_csv(out / "test.csv", index=False)
+    return out
+
+
+TINY_TRAIN = {"epochs": 2, "batch_size": 64, "lr": 3e-3, "optimizer": "adam", "patience": 0, "device": "cpu"}
+
+
+@pytest.fixture
+def digits_config(make_config, sk_digits_dir):
+    """A config for the 8x8 digits with simple_cnn; pass section dicts to change it."""
+
+    def make(name="exp", **sections):
+        base = {"metric": "accuracy", "folds": {"n_splits": 3, "seed": 0},
+                "model": {"backbone": "simple_cnn", "pretrained": False, "drop_rate": 0.0},
+                "train": dict(TINY_TRAIN)}
+        for k, v in sections.items():
+            base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+        return make_config(sk_digits_dir, "pixel_csv", name=name, **base)
+
+    return make
