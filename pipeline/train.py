@@ -105,8 +105,10 @@ def build_scheduler(cfg: Config, opt, steps_per_epoch: int):
 
 class FoldTrainer:
     def __init__(self, cfg: Config, table: Table, fold_of: np.ndarray, job: Job, device: torch.device,
-                 run_hash: str, echo=print, embeddings: torch.Tensor | None = None):
+                 run_hash: str, echo=print, embeddings: torch.Tensor | None = None, on_epoch=None,
+                 precision: str = "fp32", deadline: float | None = None):
         self.cfg, self.table, self.job, self.device, self.hash, self.echo = cfg, table, job, device, run_hash, echo
+        self.on_epoch, self.precision, self.deadline = on_epoch, precision, deadline
         self.tr_idx = np.flatnonzero(fold_of != job.fold)
         self.va_idx = np.flatnonzero(fold_of == job.fold)
         if len(self.va_idx) == 0 or len(self.tr_idx) == 0:
@@ -124,6 +126,11 @@ class FoldTrainer:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
+        self.ema = None
+        if cfg.train.ema_decay:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
         self.opt = build_optimizer(cfg, model)
         self.steps_per_epoch = self._steps_per_epoch()
         self.sched, self.per_step = build_scheduler(cfg, self.opt, self.steps_per_epoch)
@@ -143,9 +150,17 @@ class FoldTrainer:
         return min(n, self.cfg.train.max_steps_per_epoch or n)
 
     # -- state for resume --
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated and checkpointed: the EMA when it is on."""
+        return self.ema.module if self.ema is not None else self.model
+
     def state(self, epoch: int, best: dict, bad_epochs: int) -> dict:
-        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "hash": self.hash}
+        st = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+              "epoch": epoch, "best": best, "bad_epochs": bad_epochs, "hash": self.hash}
+        if self.ema is not None:
+            st["ema"] = self.ema.state_dict()
+        return st
 
     def resume(self, path: Path) -> dict | None:
         """Load the resume state into model, optimiser and scheduler; None if it is another config's."""
@@ -156,63 +171,88 @@ class FoldTrainer:
             self.model.load_state_dict(st["model"])
             self.opt.load_state_dict(st["opt"])
             self.sched.load_state_dict(st["sched"])
+            if self.ema is not None:
+                self.ema.load_state_dict(st["ema"])
             return st
         except Exception as e:
             raise PipelineError(f"{path}: corrupt resume checkpoint ({type(e).__name__}); delete it to restart fold {self.job.fold} (finished folds are kept)") from None
+
+    def epoch_batches(self, epoch: int, rng: np.random.Generator) -> list[np.ndarray]:
+        t, bs = self.table, self.cfg.train.batch_size
+        if self.cfg.train.balanced_sampling:  # each class drawn equally often, with replacement
+            y = t.labels[self.tr_idx]
+            w = 1.0 / np.bincount(y, minlength=t.num_classes)[y]
+            order = rng.choice(self.tr_idx, size=len(self.tr_idx), replace=True, p=w / w.sum())
+        else:
+            order = rng.permutation(self.tr_idx)
+        batches = [np.sort(order[i:i + bs]) for i in range(0, len(order), bs)]  # sorted: memmap-friendly
+        if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm cannot train on one sample
+            batches = batches[:-1]
+        return batches[: self.steps_per_epoch]
 
     def train_epoch(self, epoch: int) -> float:
         cfg, t, model = self.cfg, self.table, self.model
         if cfg.model.unfreeze_after and epoch > cfg.model.unfreeze_after:
             unfreeze_all(model)
         rng = seed_everything(derive_seed("epoch", self.job.seed, self.job.fold, epoch))
-        if self.augment is not None:
-            self.augment.set_seed(derive_seed("aug", self.job.seed, self.job.fold, epoch))
         model.train()
         freeze_bn_stats(model)
-        order = rng.permutation(self.tr_idx)
-        bs = cfg.train.batch_size
-        batches = [order[i:i + bs] for i in range(0, len(order), bs)]
-        if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm cannot train on one sample
-            batches = batches[:-1]
-        batches = batches[: self.steps_per_epoch]
+        batches = self.epoch_batches(epoch, rng)
+        accum = cfg.train.accum_steps
         total, seen = 0.0, 0
         from tqdm.auto import tqdm
 
-        bar = tqdm(batches, desc=f"fold {self.job.fold} epoch {epoch}", leave=False, disable=None, dynamic_ncols=True)
-        for idx in bar:
-            idx = np.sort(idx)  # memmap-friendly reads; order inside a batch does not matter
+        source = self.loader(batches, epoch) if self.embeddings is None else ((idx, None) for idx in batches)
+        bar = tqdm(source, total=len(batches), desc=f"fold {self.job.fold} epoch {epoch}", leave=False, disable=None, dynamic_ncols=True)
+        self.opt.zero_grad(set_to_none=True)
+        for i, (idx, x) in enumerate(bar):
             y = torch.from_numpy(t.labels[idx]).to(self.device)
             f = features_tensor(t.features, idx, self.device)
-            with autocast(self.device, cfg.train.precision):
-                if self.embeddings is not None:
-                    logits = model.forward_head(self.embeddings[idx], f)
-                else:
-                    imgs = t.images[idx]
-                    imgs = self.augment.batch(imgs) if self.augment is not None else imgs
-                    logits = model(to_tensor(imgs, self.device, self.channels_last), f)
-                loss = self.loss_fn(logits.float(), y)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            self.opt.step()
-            if self.per_step:
-                self.sched.step()
+            if x is not None:
+                x = x.to(self.device)
+                x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+            x, y2, lam = mix_batch(x, y, cfg.train, rng) if x is not None else (x, y, 1.0)
+            with autocast(self.device, self.precision):
+                logits = model(x, f) if x is not None else model.forward_head(self.embeddings[idx], f)
+                logits = logits.float()
+                loss = self.loss_fn(logits, y) if lam == 1.0 else lam * self.loss_fn(logits, y) + (1 - lam) * self.loss_fn(logits, y2)
+            (loss / accum).backward()
+            if (i + 1) % accum == 0 or i + 1 == len(batches):  # gradient accumulation
+                if cfg.train.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.update(model)
+                if self.per_step:
+                    self.sched.step()
             total += loss.item() * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.4f}")
         return total / max(seen, 1)
 
+    def loader(self, batches: list[np.ndarray], epoch: int):
+        """(idx, augmented float batch) pairs. Each batch's augmentation is seeded from (seed, fold,
+        epoch, batch number), so results do not depend on ``train.num_workers``."""
+        ds = BatchSource(self.table.images, batches, self.augment,
+                         [derive_seed("aug", self.job.seed, self.job.fold, epoch, b) for b in range(len(batches))])
+        if self.cfg.train.num_workers == 0:
+            return (ds[b] for b in range(len(ds)))
+        return iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.train.num_workers,
+                                                worker_init_fn=_worker_init, prefetch_factor=4,
+                                                # its own generator, so workers leave the global torch RNG alone
+                                                generator=torch.Generator().manual_seed(derive_seed("loader", epoch))))
+
     def validate(self) -> np.ndarray:
-        t = self.table
+        t, model = self.table, self.eval_model
         if self.embeddings is not None:
             with torch.no_grad():
-                self.model.eval()
+                model.eval()
                 idx = self.va_idx
-                logits = self.model.forward_head(self.embeddings[idx], features_tensor(t.features, idx, self.device))
+                logits = model.forward_head(self.embeddings[idx], features_tensor(t.features, idx, self.device))
             return softmax(logits.double().cpu().numpy())
-        logits = predict_logits(self.model, _Rows(t.images, self.va_idx), _Rows(t.features, self.va_idx) if t.features is not None else None,
-                                self.cfg.train.batch_size * 2, self.device, self.channels_last, self.cfg.train.precision)
+        logits = predict_logits(model, _Rows(t.images, self.va_idx), _Rows(t.features, self.va_idx) if t.features is not None else None,
+                                self.cfg.train.batch_size * 2, self.device, self.channels_last, self.precision)
         return softmax(logits)
 
     def run(self) -> dict:
@@ -253,7 +293,7 @@ class FoldTrainer:
                 tb.add_scalar(k, row[k], epoch)
             if improved:
                 best, bad = {"val_loss": val_loss, "epoch": epoch, mname: val_metric}, 0
-                save_checkpoint(self.model, job.dir / "best.safetensors", self.meta(best))
+                save_checkpoint(self.eval_model, job.dir / "best.safetensors", self.meta(best))
                 self.write_fold_oof(probs)
             else:
                 bad += 1
@@ -262,8 +302,13 @@ class FoldTrainer:
             stop = cfg.train.patience and bad >= cfg.train.patience
             with atomic_path(last) as tmp:
                 torch.save(self.state(epoch, best, bad), tmp)
+            if self.on_epoch is not None:  # e.g. an Optuna pruner; may raise to stop at once
+                self.on_epoch(job, epoch, row)
             if stop:
                 self.echo(f"fold {job.fold}: early stop after {bad} epochs without val_loss improvement")
+                break
+            if self.deadline is not None and time.time() >= self.deadline and epoch < cfg.train.epochs:
+                self.echo(f"fold {job.fold}: time budget share spent after epoch {epoch}; keeping the best epoch ({best['epoch']})")
                 break
         tb.close()
         done = {"hash": self.hash, "fold": job.fold, "seed": job.seed, "best_epoch": best["epoch"],
@@ -286,6 +331,52 @@ class FoldTrainer:
         for k, name in enumerate(t.class_names):
             df[f"p_{name}"] = probs[:, k]
         atomic_write_csv(self.job.dir / "oof.csv", df, float_format="%.8g")
+
+
+class BatchSource(torch.utils.data.Dataset):
+    """Batch ``b`` = rows ``batches[b]``, augmented with its own seed, as a float32 tensor."""
+
+    def __init__(self, images, batches, augment, seeds):
+        self.images, self.batches, self.augment, self.seeds = images, batches, augment, seeds
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, b):
+        idx = self.batches[b]
+        imgs = self.images[idx]
+        if self.augment is not None:
+            self.augment.set_seed(self.seeds[b])
+            imgs = self.augment.batch(imgs)
+        return idx, torch.from_numpy(np.ascontiguousarray(imgs, dtype=np.float32))
+
+
+def _worker_init(worker_id: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(0)  # OpenCV threads in DataLoader workers hang or oversubscribe (albumentations #1246)
+    torch.set_num_threads(1)
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, t, rng: np.random.Generator):
+    """Mixup or CutMix (chosen at random when both are on); returns (x, y_partner, lam)."""
+    modes = [m for m, a in (("mixup", t.mixup_alpha), ("cutmix", t.cutmix_alpha)) if a > 0]
+    if not modes or len(x) < 2 or rng.random() >= t.mix_prob:
+        return x, y, 1.0
+    mode = modes[rng.integers(len(modes))]
+    perm = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+    if mode == "mixup":
+        lam = float(rng.beta(t.mixup_alpha, t.mixup_alpha))
+        return lam * x + (1 - lam) * x[perm], y[perm], lam
+    lam = float(rng.beta(t.cutmix_alpha, t.cutmix_alpha))
+    h, w = x.shape[-2:]
+    ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    x = x.clone()
+    x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+    lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the pasted area's true share
+    return x, y[perm], lam
 
 
 class _Rows:
@@ -319,8 +410,13 @@ def _head_embeddings(cfg: Config, table: Table, device: torch.device, seed: int,
     return torch.cat(out)
 
 
-def train_cv(cfg: Config, folds: list[int] | None = None, echo=print, table: Table | None = None) -> pd.DataFrame | None:
-    """Train every requested fold (skipping finished ones); returns the OOF frame once all folds are done."""
+def train_cv(cfg: Config, folds: list[int] | None = None, echo=print, table: Table | None = None,
+             on_epoch=None, on_fold=None) -> pd.DataFrame | None:
+    """Train every requested fold (skipping finished ones); returns the OOF frame once all folds are done.
+
+    ``on_epoch(job, epoch, history_row)`` runs after each epoch and ``on_fold(job, done)`` after each
+    finished fold (done.json contents); either may raise to stop training (e.g. optuna.TrialPruned).
+    """
     from .formats import read_table
 
     table = table if table is not None else read_table(cfg, "train")
@@ -335,24 +431,57 @@ def train_cv(cfg: Config, folds: list[int] | None = None, echo=print, table: Tab
     run.mkdir(parents=True, exist_ok=True)
     run_hash = write_snapshot(cfg, run / "config.train.yaml", "train")
     seeds = cfg.train.seeds or [cfg.train.seed]
+    precision = _run_precision(cfg, table, device, run, echo)
+    jobs = [(seed, k) for seed in seeds for k in wanted]
+    t_start = time.time()
     echo(f"train {cfg.name}: {cfg.model.backbone} ({'pretrained' if cfg.model.pretrained else 'from scratch'}, finetune {cfg.model.finetune}) "
          f"on {len(table)} images {table.channels}x{table.image_size[0]}x{table.image_size[1]}, folds {wanted}, seeds {seeds}, device {device}")
-    for seed in seeds:
-        embeddings = None
-        for k in wanted:
-            job = Job(k, seed, run / job_name(k, seed, len(seeds)))
-            done = job.dir / "done.json"
-            if done.exists() and json.loads(done.read_text()).get("hash") == run_hash:
-                echo(f"fold {k}{'' if len(seeds) == 1 else f' seed {seed}'}: done, skipping")
-                continue
-            if done.exists():
-                echo(f"fold {k}: finished under another config; retraining")
-                done.unlink()
-            if embeddings is None:
-                embeddings = _head_embeddings(cfg, table, device, seed, echo)
-            res = FoldTrainer(cfg, table, fold_of, job, device, run_hash, echo, embeddings).run()
-            echo(f"fold {k}: best epoch {res['best_epoch']}, val_loss {res['val_loss']:.4f}")
+    embeddings, emb_seed = None, None
+    for j, (seed, k) in enumerate(jobs):
+        if emb_seed != seed:
+            embeddings, emb_seed = None, seed
+        job = Job(k, seed, run / job_name(k, seed, len(seeds)))
+        done = job.dir / "done.json"
+        if done.exists() and json.loads(done.read_text()).get("hash") == run_hash:
+            echo(f"fold {k}{'' if len(seeds) == 1 else f' seed {seed}'}: done, skipping")
+            continue
+        if done.exists():
+            echo(f"fold {k}: finished under another config; retraining")
+            done.unlink()
+        if embeddings is None:
+            embeddings = _head_embeddings(cfg, table, device, seed, echo)
+        deadline = None
+        if cfg.train.time_budget_s:  # the budget left is shared equally by the jobs left
+            left = cfg.train.time_budget_s - (time.time() - t_start)
+            deadline = time.time() + max(left, 0) / (len(jobs) - j)
+        res = FoldTrainer(cfg, table, fold_of, job, device, run_hash, echo, embeddings, on_epoch,
+                          precision, deadline).run()
+        echo(f"fold {k}: best epoch {res['best_epoch']}, val_loss {res['val_loss']:.4f}")
+        if on_fold is not None:
+            on_fold(job, res)
     return collect_oof(cfg, table, fold_of, run_hash, echo)
+
+
+def _run_precision(cfg: Config, table: Table, device, run: Path, echo) -> str:
+    """Resolve ``train.precision`` once per run and keep it in ``precision.json`` so resumes reuse it."""
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    path = run / "precision.json"
+    if path.is_file():
+        return json.loads(path.read_text())["precision"]
+    from .precision import resolve_precision
+
+    seed_everything(0)
+    model, _ = build_model(cfg, table.channels, table.num_classes, len(table.feature_names), table.image_size, load_weights=False)
+    model.to(device)
+    bs = min(cfg.train.batch_size, len(table))
+    x = to_tensor(table.images[:bs], device, cfg.train.channels_last)
+    if cfg.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    feats = features_tensor(table.features, np.arange(bs), device)
+    choice = resolve_precision("auto", model, x, feats, f"{cfg.model.backbone}|cl={cfg.train.channels_last}", echo)
+    atomic_write_json(path, {"precision": choice})
+    return choice
 
 
 def collect_oof(cfg: Config, table: Table, fold_of: np.ndarray, run_hash: str, echo=print) -> pd.DataFrame | None:

@@ -1,0 +1,73 @@
+"""``train.precision: auto``: time a few steps in fp32 and bf16 once per machine, model and shape."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from .inference import autocast
+from .io import atomic_write_json
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PIPELINE_CACHE") or Path.home() / ".cache" / "competition-pipeline")
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+
+
+def measure(model: torch.nn.Module, x: torch.Tensor, feats: torch.Tensor | None, precision: str, steps: int = 4) -> float:
+    """Seconds per forward/backward step (after one warm-up step); the model's weights are restored."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    model.train()
+    y = torch.zeros(len(x), dtype=torch.long, device=x.device)
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        with autocast(x.device, precision):
+            loss = torch.nn.functional.cross_entropy(model(x, feats).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    model.load_state_dict(state)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def resolve_precision(requested: str, model, x, feats, key: str, echo=print) -> str:
+    """The precision to train in; ``auto`` measures once and caches the choice per machine/model/shape."""
+    if requested != "auto":
+        return requested
+    if x.device.type == "cpu" and not _cpu_has_bf16():
+        return "fp32"
+    path = cache_dir() / "precision.json"
+    table = json.loads(path.read_text()) if path.is_file() else {}
+    full_key = f"{_machine()}|{key}|{tuple(x.shape)}|{x.device.type}"
+    if full_key not in table:
+        t = {p: measure(model, x, feats, p) for p in ("fp32", "bf16")}
+        choice = min(t, key=t.get)
+        table[full_key] = {"choice": choice, "seconds_per_step": t}
+        atomic_write_json(path, table)
+        echo(f"precision auto: fp32 {t['fp32'] * 1e3:.0f} ms/step, bf16 {t['bf16'] * 1e3:.0f} ms/step -> {choice} (cached in {path})")
+    return table[full_key]["choice"]
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        return False

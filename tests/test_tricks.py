@@ -1,0 +1,175 @@
+"""Competition tricks: each does what it says, and resume/determinism still hold with them on."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.fold import run_fold
+from pipeline.train import FoldTrainer, Job, mix_batch, train_cv
+
+quiet = lambda *a: None  # noqa: E731
+RUN = Path("runs/comp/exp")
+
+
+def _prepare(path, overrides=()):
+    cfg = load_config(path, list(overrides))
+    run_fold(cfg, echo=quiet)
+    return cfg
+
+
+def test_mixup_is_a_convex_combination():
+    x = torch.rand(8, 1, 6, 6)
+    y = torch.arange(8)
+    t = SimpleNamespace(mixup_alpha=0.4, cutmix_alpha=0.0, mix_prob=1.0)
+    xm, y2, lam = mix_batch(x, y, t, np.random.default_rng(0))
+    perm = y2  # labels are arange, so the partner labels are the permutation
+    assert 0 < lam < 1
+    torch.testing.assert_close(xm, lam * x + (1 - lam) * x[perm])
+
+
+def test_cutmix_pastes_a_box_and_lam_is_its_share():
+    x = torch.zeros(4, 2, 10, 10)
+    x += torch.arange(4).view(4, 1, 1, 1).float()  # image i is constant i
+    y = torch.arange(4)
+    t = SimpleNamespace(mixup_alpha=0.0, cutmix_alpha=1.0, mix_prob=1.0)
+    for seed in range(5):
+        xm, y2, lam = mix_batch(x, y, t, np.random.default_rng(seed))
+        for i in range(4):
+            pasted = (xm[i, 0] == y2[i].float()).float().mean().item() if y2[i] != i else 0.0
+            assert pasted == pytest.approx(1 - lam, abs=1e-6) or y2[i] == i
+
+
+def test_mix_prob_zero_is_identity():
+    x, y = torch.rand(4, 1, 5, 5), torch.arange(4)
+    t = SimpleNamespace(mixup_alpha=1.0, cutmix_alpha=1.0, mix_prob=0.0)
+    xm, y2, lam = mix_batch(x, y, t, np.random.default_rng(0))
+    assert lam == 1.0 and xm is x
+
+
+def test_interrupted_run_with_tricks_resumes_identically(digits_config, tmp_path):
+    """Mixup, CutMix, EMA, accumulation and an augmentation: stopped after epoch 2, resumed, equal to a clean run."""
+    path = digits_config(train={"epochs": 4, "mixup_alpha": 0.4, "cutmix_alpha": 1.0, "mix_prob": 0.8,
+                                "ema_decay": 0.9, "accum_steps": 2},
+                         augment=[{"name": "HorizontalFlip", "p": 0.5}])
+    cfg = _prepare(path)
+
+    def stop_at_2(job, epoch, row):
+        if job.fold == 1 and epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_cv(cfg, echo=quiet, on_epoch=stop_at_2)
+    assert (RUN / "fold_1" / "last.pt").exists() and not (RUN / "fold_1" / "done.json").exists()
+    lines = []
+    resumed = train_cv(cfg, echo=lines.append)
+    assert "fold 1: resuming after epoch 2 (best val_loss" in "\n".join(lines)
+    clean_dir = tmp_path / "clean"
+    clean_dir.mkdir()
+    import os
+
+    os.chdir(clean_dir)
+    run_fold(cfg, echo=quiet)
+    clean = train_cv(cfg, echo=quiet)
+    pd.testing.assert_frame_equal(resumed, clean, atol=1e-6, check_exact=False)
+
+
+def test_ema_weights_are_checkpointed(digits_config):
+    from pipeline.models import load_checkpoint
+
+    cfg = _prepare(digits_config(train={"ema_decay": 0.5, "epochs": 1}))
+    table = __import__("pipeline.formats", fromlist=["read_table"]).read_table(cfg, "train")
+    from pipeline.fold import load_folds
+
+    trainer = FoldTrainer(cfg, table, load_folds(cfg, table), Job(0, 42, RUN / "fold_0"), torch.device("cpu"), "h", quiet)
+    trainer.run()
+    saved, _ = load_checkpoint(RUN / "fold_0" / "best.safetensors")
+    ema = trainer.ema.module.state_dict()
+    raw = trainer.model.state_dict()
+    k = "head.1.weight"
+    assert torch.equal(saved.state_dict()[k], ema[k]) and not torch.equal(ema[k], raw[k])
+
+
+def test_gradient_accumulation_steps_the_optimizer_less_often(digits_config):
+    cfg = _prepare(digits_config(train={"accum_steps": 3, "epochs": 1, "batch_size": 50, "patience": 0}))
+    table = __import__("pipeline.formats", fromlist=["read_table"]).read_table(cfg, "train")
+    from pipeline.fold import load_folds
+
+    trainer = FoldTrainer(cfg, table, load_folds(cfg, table), Job(0, 42, RUN / "fold_0"), torch.device("cpu"), "h", quiet)
+    trainer.build()
+    trainer.train_epoch(1)
+    batches = len(trainer.epoch_batches(1, np.random.default_rng(0)))  # 400 rows / 50 = 8 batches
+    steps = int(next(iter(trainer.opt.state.values()))["step"])
+    assert batches == 8 and steps == 3  # ceil(8 / 3)
+
+
+def test_balanced_sampling_and_class_weights(digits_config, sk_digits_dir, tmp_path, make_config):
+    # a skewed copy of the digits: class 0 keeps 10% of its rows
+    df = pd.read_csv(sk_digits_dir / "train.csv")
+    skew = pd.concat([df[df.label != 0], df[df.label == 0].iloc[:6]])
+    d = tmp_path / "skew"
+    d.mkdir()
+    skew.to_csv(d / "train.csv", index=False)
+    (d / "test.csv").write_text((sk_digits_dir / "test.csv").read_text())
+    path = make_config(d, "pixel_csv", folds={"n_splits": 3}, model={"backbone": "simple_cnn", "pretrained": False},
+                       train={"balanced_sampling": True, "class_weights": "balanced", "batch_size": 32})
+    cfg = _prepare(path)
+    table = __import__("pipeline.formats", fromlist=["read_table"]).read_table(cfg, "train")
+    from pipeline.fold import load_folds
+
+    trainer = FoldTrainer(cfg, table, load_folds(cfg, table), Job(0, 42, RUN / "fold_0"), torch.device("cpu"), "h", quiet)
+    trainer.build()
+    idx = np.concatenate(trainer.epoch_batches(1, np.random.default_rng(0)))
+    share0 = (table.labels[idx] == 0).mean()
+    assert share0 > 0.05  # ~1/10 drawn although class 0 is ~1% of the rows
+    w = trainer.loss_fn.weight.numpy()
+    assert w[0] > 5 * w[1]
+
+
+def test_several_seeds_are_averaged(digits_config):
+    cfg = _prepare(digits_config(train={"seeds": [1, 2], "epochs": 1}))
+    oof = train_cv(cfg, echo=quiet)
+    a = pd.read_csv(RUN / "fold_0_seed1" / "oof.csv", dtype={"id": str}).set_index("id")
+    b = pd.read_csv(RUN / "fold_0_seed2" / "oof.csv", dtype={"id": str}).set_index("id")
+    pcols = [c for c in a.columns if c.startswith("p_")]
+    got = oof.set_index("id").loc[a.index, pcols].to_numpy()
+    np.testing.assert_allclose(got, (a[pcols].to_numpy() + b[pcols].to_numpy()) / 2, atol=1e-7)
+    assert not np.allclose(a[pcols], b[pcols])
+
+
+def test_time_budget_stops_at_epoch_boundary_with_complete_oof(digits_config, capsys):
+    cfg = _prepare(digits_config(train={"epochs": 50, "time_budget_s": 0.001}))
+    oof = train_cv(cfg, echo=print)
+    out = capsys.readouterr().out
+    assert out.count("time budget share spent after epoch 1") == 3
+    assert len(oof) == 600 and oof["fold"].nunique() == 3
+
+
+def test_num_workers_do_not_change_results(digits_config, tmp_path):
+    import os
+
+    path = digits_config(train={"epochs": 1}, augment=[{"name": "HorizontalFlip", "p": 0.5}])
+    a = train_cv(_prepare(path), echo=quiet)
+    os.makedirs(tmp_path / "w2")
+    os.chdir(tmp_path / "w2")
+    b = train_cv(_prepare(path, ["train.num_workers=2"]), echo=quiet)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_precision_auto_measures_once_and_is_reused(digits_config, monkeypatch, capsys):
+    import pipeline.precision as prec
+
+    monkeypatch.setattr(prec, "_cpu_has_bf16", lambda: True)
+    cfg = _prepare(digits_config(train={"precision": "auto", "epochs": 1}))
+    train_cv(cfg, folds=[0], echo=print)
+    assert "precision auto: fp32" in capsys.readouterr().out
+    choice = json.loads((RUN / "precision.json").read_text())["precision"]
+    assert choice in ("fp32", "bf16")
+    monkeypatch.setattr(prec, "measure", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured again")))
+    (RUN / "precision.json").unlink()  # a new run on the same machine/model/shape reuses the cache
+    train_cv(cfg, folds=[1], echo=print)
+    assert json.loads((RUN / "precision.json").read_text())["precision"] == choice
