@@ -93,7 +93,68 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise PipelineError(f"command line: {flag} {text!r}; expected comma-separated integers like 0,2") from None
 
 
-COMMANDS = {}
+def cmd_evaluate(args):
+    from .evaluate import compare, evaluate
+
+    if args.compare:
+        if args.config or args.overrides:
+            raise PipelineError("command line: evaluate --compare takes run directories only, not a config")
+        compare(args.compare)
+        return
+    if not args.config:
+        raise PipelineError("command line: evaluate needs a CONFIG (or --compare RUN_DIR RUN_DIR ...)")
+    evaluate(_config(args))
+
+
+def cmd_tune(args):
+    from .tune import tune
+
+    pinned = [o.split("=", 1)[0].strip() for o in args.overrides]
+    tune(_config(args), n_trials=args.n_trials, max_trials=args.max_trials, timeout=args.timeout,
+         storage=args.storage, study_name=args.study, pinned=pinned)
+
+
+def cmd_predict(args):
+    from .predict import submit_experiment
+
+    submit_experiment(_config(args))
+
+
+def cmd_ensemble(args):
+    from .ensemble import run_ensemble
+
+    run_ensemble(args.config, list(args.overrides))
+
+
+def cmd_validate_submission(args):
+    from .submission import check_submission
+
+    check_submission(_config(args), args.file)
+
+
+def cmd_experiments(args):
+    from .experiments import list_experiments
+
+    list_experiments(_config(args, check_data=False))
+
+
+def cmd_lb(args):
+    from .experiments import record_lb
+
+    record_lb(args.submission, args.score)
+
+
+def cmd_run(args):
+    from .run import run_all
+
+    run_all(_config(args))
+
+
+def cmd_status(args):
+    from .run import status
+
+    status(_config(args, check_data=False))
+
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -123,6 +184,31 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--preview", action="store_true", default=True, help="write the preview grid (default)")
     a.add_argument("--n", type=int, default=8, help="number of training images in the grid")
     a.add_argument("--out", help="PNG path (default runs/<competition>/<experiment>/augment_preview.png)")
+    e = sub.add_parser("evaluate", help="metrics.json, report/ and a terminal table from oof.csv",
+                       description="metrics.json, report/ and a terminal table from oof.csv")
+    e.add_argument("config", nargs="?", help="competition/experiment YAML")
+    e.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    e.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print runs side by side (same folds)")
+    e.set_defaults(fn=cmd_evaluate)
+    tu = stage("tune", cmd_tune, "Optuna search over tune.space; writes runs/<competition>/tune/")
+    tu.add_argument("--n-trials", type=int, help="trials this process runs (default tune.n_trials)")
+    tu.add_argument("--max-trials", type=int, help="cap on the study's total trials across all workers")
+    tu.add_argument("--timeout", type=float, help="seconds this process may search")
+    tu.add_argument("--storage", help="SQLAlchemy URL (e.g. postgresql://...); default a SQLite file under runs/<competition>/tune/")
+    tu.add_argument("--study", help="study name (default <experiment>)")
+    pr = stage("predict", cmd_predict, "test predictions with TTA -> test_pred.csv and a submission file")
+    pr.add_argument("--params", help="YAML of section.key: value overrides (e.g. tune's best.yaml)")
+    stage("ensemble", cmd_ensemble, "blend experiments (ENSEMBLE.yaml) -> runs/ and submissions/")
+    v = stage("validate-submission", cmd_validate_submission, "check a submission file against the test data")
+    v.add_argument("file", help="submission CSV")
+    stage("experiments", cmd_experiments, "list every run of the competition with CV and LB scores")
+    lb = sub.add_parser("lb", help="record the leaderboard score a submission file got",
+                        description="record the leaderboard score a submission file got")
+    lb.add_argument("submission")
+    lb.add_argument("score", type=float)
+    lb.set_defaults(fn=cmd_lb, overrides=[])
+    stage("run", cmd_run, "fold, train, evaluate, predict and write a submission, skipping fresh stages")
+    stage("status", cmd_status, "list the stages as done / stale / missing")
     return p
 
 

@@ -109,9 +109,10 @@ class FoldTrainer:
                  precision: str = "fp32", deadline: float | None = None):
         self.cfg, self.table, self.job, self.device, self.hash, self.echo = cfg, table, job, device, run_hash, echo
         self.on_epoch, self.precision, self.deadline = on_epoch, precision, deadline
+        self.refit = job.fold < 0  # refit on all rows: no validation, the last epoch is kept
         self.tr_idx = np.flatnonzero(fold_of != job.fold)
         self.va_idx = np.flatnonzero(fold_of == job.fold)
-        if len(self.va_idx) == 0 or len(self.tr_idx) == 0:
+        if (len(self.va_idx) == 0 and not self.refit) or len(self.tr_idx) == 0:
             raise PipelineError(f"{cfg.folds_path}: fold {job.fold} is empty; rerun `pipeline fold {cfg.path}`")
         self.embeddings = embeddings
         self.channels_last = cfg.train.channels_last and device.type != "mps" and embeddings is None
@@ -190,7 +191,8 @@ class FoldTrainer:
             batches = batches[:-1]
         return batches[: self.steps_per_epoch]
 
-    def train_epoch(self, epoch: int) -> float:
+    def train_epoch(self, epoch: int) -> tuple[float, float]:
+        """One pass over the training rows; returns (mean loss, training images per second)."""
         cfg, t, model = self.cfg, self.table, self.model
         if cfg.model.unfreeze_after and epoch > cfg.model.unfreeze_after:
             unfreeze_all(model)
@@ -199,7 +201,7 @@ class FoldTrainer:
         freeze_bn_stats(model)
         batches = self.epoch_batches(epoch, rng)
         accum = cfg.train.accum_steps
-        total, seen = 0.0, 0
+        total, seen, t0 = 0.0, 0, time.perf_counter()
         from tqdm.auto import tqdm
 
         source = self.loader(batches, epoch) if self.embeddings is None else ((idx, None) for idx in batches)
@@ -229,7 +231,7 @@ class FoldTrainer:
             total += loss.item() * len(idx)
             seen += len(idx)
             bar.set_postfix(loss=f"{total / seen:.4f}")
-        return total / max(seen, 1)
+        return total / max(seen, 1), seen / (time.perf_counter() - t0)
 
     def loader(self, batches: list[np.ndarray], epoch: int):
         """(idx, augmented float batch) pairs. Each batch's augmentation is seeded from (seed, fold,
@@ -277,16 +279,19 @@ class FoldTrainer:
         y_va = t.labels[self.va_idx]
         for epoch in range(start, cfg.train.epochs + 1):
             t0 = time.time()
-            train_loss = self.train_epoch(epoch)
-            probs = self.validate()
-            val_loss = logloss(y_va, probs, cfg.evaluate.eps)
-            val_metric = score(cfg.metric, y_va, probs, cfg.evaluate.eps)
+            train_loss, img_s = self.train_epoch(epoch)
+            if self.refit:
+                probs, val_loss, val_metric = None, math.nan, math.nan
+            else:
+                probs = self.validate()
+                val_loss = logloss(y_va, probs, cfg.evaluate.eps)
+                val_metric = score(cfg.metric, y_va, probs, cfg.evaluate.eps)
             lr = self.opt.param_groups[0]["lr"]
             if not self.per_step:
                 self.sched.step(val_loss) if cfg.train.scheduler == "plateau" else self.sched.step()
-            improved = val_loss < best["val_loss"] - 1e-7
+            improved = epoch == cfg.train.epochs if self.refit else val_loss < best["val_loss"] - 1e-7
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, mname: val_metric, "lr": lr,
-                   "seconds": round(time.time() - t0, 3)}
+                   "seconds": round(time.time() - t0, 3), "train_img_s": round(img_s, 1)}
             history.append(row)
             atomic_write_csv(hist_path, pd.DataFrame(history))
             for k in ("train_loss", "val_loss", mname, "lr"):
@@ -294,7 +299,8 @@ class FoldTrainer:
             if improved:
                 best, bad = {"val_loss": val_loss, "epoch": epoch, mname: val_metric}, 0
                 save_checkpoint(self.eval_model, job.dir / "best.safetensors", self.meta(best))
-                self.write_fold_oof(probs)
+                if not self.refit:
+                    self.write_fold_oof(probs)
             else:
                 bad += 1
             self.echo(f"fold {job.fold} epoch {epoch}/{cfg.train.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
@@ -459,7 +465,28 @@ def train_cv(cfg: Config, folds: list[int] | None = None, echo=print, table: Tab
         echo(f"fold {k}: best epoch {res['best_epoch']}, val_loss {res['val_loss']:.4f}")
         if on_fold is not None:
             on_fold(job, res)
-    return collect_oof(cfg, table, fold_of, run_hash, echo)
+    oof = collect_oof(cfg, table, fold_of, run_hash, echo)
+    if oof is not None and cfg.train.refit:
+        for seed in seeds:
+            refit(cfg, table, fold_of, seed, device, run_hash, precision, echo)
+    return oof
+
+
+def refit(cfg: Config, table: Table, fold_of: np.ndarray, seed: int, device, run_hash: str, precision: str, echo) -> dict:
+    """Train on every row for the epoch count CV chose (median best epoch); saved under ``refit[_seed<s>]/``."""
+    seeds = cfg.train.seeds or [cfg.train.seed]
+    n_folds = int(fold_of.max()) + 1
+    best = [json.loads((cfg.run_dir / job_name(k, seed, len(seeds)) / "done.json").read_text())["best_epoch"] for k in range(n_folds)]
+    epochs = max(1, int(np.median(best)))
+    d = cfg.run_dir / ("refit" if len(seeds) == 1 else f"refit_seed{seed}")
+    done = d / "done.json"
+    if done.exists() and json.loads(done.read_text()).get("hash") == run_hash:
+        echo(f"refit{'' if len(seeds) == 1 else f' seed {seed}'}: done, skipping")
+        return json.loads(done.read_text())
+    echo(f"refit on all {len(table)} rows for {epochs} epochs (median best epoch of the folds: {best})")
+    rcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "patience": 0})})
+    job = Job(-1, seed, d)
+    return FoldTrainer(rcfg, table, np.full(len(table), 0), job, device, run_hash, echo, None, None, precision).run()
 
 
 def _run_precision(cfg: Config, table: Table, device, run: Path, echo) -> str:

@@ -44,7 +44,7 @@ def test_train_cv_writes_oof_history_checkpoints(digits_config, capsys):
     acc = (oof.filter(like="p_").to_numpy().argmax(1) == oof["target"]).mean()
     assert acc > 0.7  # 4 epochs on real digits learn something
     hist = pd.read_csv(run / "fold_0" / "history.csv")
-    assert list(hist.columns) == ["epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds"]
+    assert list(hist.columns) == ["epoch", "train_loss", "val_loss", "val_accuracy", "lr", "seconds", "train_img_s"]
     assert hist["epoch"].tolist() == [1, 2, 3, 4]
     meta = json.loads((run / "fold_0" / "best.json").read_text())
     assert meta["class_names"] == tr.class_names and meta["in_chans"] == 1

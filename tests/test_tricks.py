@@ -173,3 +173,17 @@ def test_precision_auto_measures_once_and_is_reused(digits_config, monkeypatch, 
     (RUN / "precision.json").unlink()  # a new run on the same machine/model/shape reuses the cache
     train_cv(cfg, folds=[1], echo=print)
     assert json.loads((RUN / "precision.json").read_text())["precision"] == choice
+
+
+def test_refit_on_all_rows_with_cv_epoch_count(digits_config, capsys):
+    cfg = _prepare(digits_config(train={"epochs": 3, "refit": True}))
+    train_cv(cfg, echo=print)
+    out = capsys.readouterr().out
+    best = [json.loads((RUN / f"fold_{k}" / "done.json").read_text())["best_epoch"] for k in range(3)]
+    n = int(np.median(best))
+    assert f"refit on all 600 rows for {n} epochs" in out
+    done = json.loads((RUN / "refit" / "done.json").read_text())
+    assert done["epochs_run"] == n and (RUN / "refit" / "best.safetensors").exists()
+    assert not (RUN / "refit" / "oof.csv").exists()
+    train_cv(cfg, echo=print)
+    assert "refit: done, skipping" in capsys.readouterr().out

@@ -1,0 +1,101 @@
+"""``pipeline run``: fold -> train -> evaluate -> predict -> submission, skipping fresh stages.
+
+A stage is *done* when its output exists and the hash of the config sections it depends on
+(``config.STAGE_SECTIONS``) equals the one saved beside that output; *stale* when the output
+exists under another hash (or an upstream stage will rerun); *missing* otherwise.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .config import Config, read_stage_hash
+
+
+@dataclass
+class Stage:
+    name: str
+    output: Callable[[Config], Path]
+    snapshot: Callable[[Config], Path]
+    run: Callable[[Config, Callable], object]
+
+
+def _fold(cfg, echo):
+    from .fold import run_fold
+
+    run_fold(cfg, echo=echo)
+
+
+def _train(cfg, echo):
+    from .train import train_cv
+
+    if train_cv(cfg, echo=echo) is None:  # pragma: no cover - all folds are requested
+        raise RuntimeError("training ended without complete OOF predictions")
+
+
+def _evaluate(cfg, echo):
+    from .evaluate import evaluate
+
+    evaluate(cfg, echo=echo)
+
+
+def _predict(cfg, echo):
+    from .predict import submit_experiment
+
+    submit_experiment(cfg, echo=echo)
+
+
+STAGES = [
+    Stage("fold", lambda c: c.folds_path, lambda c: c.folds_path.with_suffix(".config.yaml"), _fold),
+    Stage("train", lambda c: c.run_dir / "oof.csv", lambda c: c.run_dir / "config.train.yaml", _train),
+    Stage("evaluate", lambda c: c.run_dir / "metrics.json", lambda c: c.run_dir / "config.evaluate.yaml", _evaluate),
+    Stage("predict", lambda c: c.run_dir / "test_pred.csv", lambda c: c.run_dir / "config.predict.yaml", _predict),
+]
+
+
+def stage_states(cfg: Config) -> list[tuple[Stage, str]]:
+    """(stage, done|stale|missing); a stage after one that must rerun is stale too."""
+    out, upstream_rerun = [], False
+    for st in STAGES:
+        if not st.output(cfg).exists():
+            state = "missing"
+        elif upstream_rerun or read_stage_hash(st.snapshot(cfg)) != cfg.hash(*_sections(st.name)):
+            state = "stale"
+        else:
+            state = "done"
+        upstream_rerun |= state != "done"
+        out.append((st, state))
+    return out
+
+
+def _sections(stage: str):
+    from .config import STAGE_SECTIONS
+
+    return STAGE_SECTIONS[stage]
+
+
+def run_all(cfg: Config, echo=print) -> dict[str, float]:
+    """Run every stage that is not done; returns seconds per stage (0 for skipped ones)."""
+    times = {}
+    for st, state in stage_states(cfg):
+        if state == "done":
+            echo(f"[{st.name}] up to date ({st.output(cfg)}), skipping")
+            times[st.name] = 0.0
+            continue
+        echo(f"[{st.name}] {'rerunning (stale)' if state == 'stale' else 'running'}")
+        t0 = time.time()
+        st.run(cfg, echo)
+        times[st.name] = time.time() - t0
+        echo(f"[{st.name}] done in {times[st.name]:.1f}s")
+    echo("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + f"; total {sum(times.values()):.1f}s")
+    return times
+
+
+def status(cfg: Config, echo=print) -> list[tuple[str, str, str]]:
+    rows = [(st.name, state, str(st.output(cfg))) for st, state in stage_states(cfg)]
+    w = max(len(r[0]) for r in rows)
+    for name, state, path in rows:
+        echo(f"{name:<{w}}  {state:<7}  {path}")
+    return rows

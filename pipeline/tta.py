@@ -1,0 +1,137 @@
+"""Test-time augmentation: a registry of named transform sets and one factory, ``build_tta``.
+
+Every transform maps an NCHW float batch to another batch the model accepts; a prediction
+with TTA is the mean over the transforms (of probabilities or of logits). Flips and
+rotations are elements of the dihedral group D4, each written once as (quarter turns, flip)
+so that declaring ``[dihedral, hflip]`` does not count hflip twice. A set that is a group
+(``dihedral``, ``[identity, hflip]``, ``[identity, rot90, rot180, rot270]``) makes the
+averaged prediction exactly invariant under its elements.
+
+Crops (``fivecrop``, ``tencrop``) cut the model's input size out of larger test images:
+four corners and the centre, and for ``tencrop`` their horizontal reflections too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import PipelineError
+
+
+@dataclass(frozen=True)
+class TtaTransform:
+    name: str
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    key: tuple = ()  # identity of the transform, for de-duplication
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def _d4(k: int, flip: bool) -> TtaTransform:
+    """Horizontal flip (if ``flip``) then ``k`` quarter turns. vflip == (2, True)."""
+    names = {(0, False): "identity", (0, True): "hflip", (1, False): "rot90", (2, False): "rot180",
+             (3, False): "rot270", (2, True): "vflip", (1, True): "rot90+hflip", (3, True): "rot270+hflip"}
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        if flip:
+            x = torch.flip(x, dims=(-1,))
+        return torch.rot90(x, k, dims=(-2, -1)) if k else x
+
+    return TtaTransform(names[(k, flip)], fn, ("d4", k, flip))
+
+
+def _crop(top: int, left: int, h: int, w: int, flip: bool, name: str) -> TtaTransform:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        x = x[..., top:top + h, left:left + w]
+        return torch.flip(x, dims=(-1,)) if flip else x
+
+    return TtaTransform(name, fn, ("crop", top, left, h, w, flip))
+
+
+def _crops(image_size, model_size, flips: tuple[bool, ...], what: str) -> list[TtaTransform]:
+    H, W = image_size
+    if model_size is None:
+        raise PipelineError(f"predict.tta: {what} needs the model's input size; the checkpoint records none")
+    h, w = (model_size, model_size) if isinstance(model_size, int) else tuple(model_size)
+    if h > H or w > W or (h, w) == (H, W):
+        raise PipelineError(f"predict.tta: {what} cuts {h}x{w} crops (the model's input size) from the test images, "
+                            f"which are {H}x{W}; expected test images larger than the model's input "
+                            f"(set model.input_size smaller than the images, or drop {what})")
+    # Centre offset rounded like torchvision's center_crop.
+    ct, cl = int(round((H - h) / 2)), int(round((W - w) / 2))
+    spots = {"tl": (0, 0), "tr": (0, W - w), "bl": (H - h, 0), "br": (H - h, W - w), "c": (ct, cl)}
+    return [_crop(t, l, h, w, f, f"crop_{s}{'+hflip' if f else ''}") for f in flips for s, (t, l) in spots.items()]
+
+
+def _needs_square(name, image_size):
+    if image_size[0] != image_size[1]:
+        raise PipelineError(f"predict.tta: {name} rotates by 90 degrees, which needs square images; "
+                            f"the test images are {image_size[0]}x{image_size[1]}")
+
+
+def _rot(k):
+    def make(image_size, model_size):
+        _needs_square(f"rot{90 * k}", image_size)
+        return [_d4(k, False)]
+    return make
+
+
+def _dihedral(image_size, model_size):
+    _needs_square("dihedral", image_size)
+    return [_d4(k, f) for f in (False, True) for k in range(4)]
+
+
+# name -> builder(image_size, model_size) -> transforms
+TTA: dict[str, Callable] = {
+    "identity": lambda s, m: [_d4(0, False)],
+    "hflip": lambda s, m: [_d4(0, True)],
+    "vflip": lambda s, m: [_d4(2, True)],
+    "rot90": _rot(1),
+    "rot180": lambda s, m: [_d4(2, False)],
+    "rot270": _rot(3),
+    "dihedral": _dihedral,
+    "fivecrop": lambda s, m: _crops(s, m, (False,), "fivecrop"),
+    "tencrop": lambda s, m: _crops(s, m, (False, True), "tencrop"),
+}
+
+
+def build_tta(names: list[str], image_size: tuple[int, int], model_size: int | tuple[int, int] | None = None) -> list[TtaTransform]:
+    """The transforms named in ``predict.tta``, each once, in declaration order.
+
+    ``image_size`` is the test images' (H, W); ``model_size`` the model's input size (crops only).
+    """
+    if not names:
+        raise PipelineError(f"predict.tta: empty list; expected at least one of {', '.join(TTA)} (identity = no TTA)")
+    out, seen = [], set()
+    for name in names:
+        if name not in TTA:
+            raise PipelineError(f"predict.tta: unknown TTA {name!r}; known: {', '.join(TTA)}")
+        for t in TTA[name](tuple(image_size), model_size):
+            if t.key not in seen:
+                seen.add(t.key)
+                out.append(t)
+    return out
+
+
+def model_input_size(meta: dict) -> tuple[int, int]:
+    """The size a checkpoint's model was fed: model.input_size if set, else the training images' size."""
+    s = (meta.get("model") or {}).get("input_size")
+    return (int(s), int(s)) if s else (int(meta["img_size"][0]), int(meta["img_size"][1]))
+
+
+def predict_tta(model, images, features, transforms: list[TtaTransform], average: str = "prob", batch_size: int = 64,
+                device: torch.device | str = "cpu", channels_last: bool = False, precision: str = "fp32") -> np.ndarray:
+    """(N, K) mean over the transforms: of softmax probabilities (``average="prob"``) or of logits (``"logit"``)."""
+    from .inference import predict_logits, softmax
+
+    device = torch.device(device)
+    total = None
+    for t in transforms:
+        logits = predict_logits(model, images, features, batch_size, device, channels_last, precision, transform=t)
+        part = softmax(logits) if average == "prob" else logits
+        total = part if total is None else total + part
+    return total / len(transforms)

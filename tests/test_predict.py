@@ -1,0 +1,150 @@
+"""Predict stage on tiny real runs (scikit-learn's 8x8 digits, simple_cnn): averages, TTA OOF, temperature, submission."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import run_cli
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.fold import run_fold
+from pipeline.formats import read_table
+from pipeline.inference import predict_logits, softmax
+from pipeline.models import load_checkpoint
+from pipeline.predict import apply_temperature, load_temperature, predict_test, submit_experiment
+from pipeline.submission import validate_submission
+from pipeline.train import train_cv
+
+quiet = lambda *a: None  # noqa: E731
+RUN = Path("runs/comp/exp")
+
+
+def trained(path, overrides=()):
+    cfg = load_config(path, list(overrides))
+    run_fold(cfg, echo=quiet)
+    train_cv(cfg, echo=quiet)
+    return cfg
+
+
+def fold_logits(cfg, images, dirs=None):
+    dirs = dirs or [RUN / f"fold_{k}" for k in range(cfg.folds.n_splits)]
+    out = []
+    for d in dirs:
+        model, _ = load_checkpoint(d / "best.safetensors")
+        out.append(predict_logits(model, images, None, 64, torch.device("cpu")))
+    return out
+
+
+def test_predict_end_to_end_submission_validates(digits_config, capsys):
+    path = digits_config(train={"epochs": 1})
+    trained(path)
+    assert run_cli("predict", path) == 0
+    out = capsys.readouterr().out
+    assert "predict exp: 3 model(s) x 1 TTA transform(s) (identity) on 100 test images" in out
+    cfg = load_config(path)
+    test = read_table(cfg, "test")
+    pred = pd.read_csv(RUN / "test_pred.csv", dtype={"id": str})
+    assert list(pred.columns) == ["id"] + [f"p_{c}" for c in test.class_names]
+    assert pred["id"].tolist() == list(test.ids)
+    # mean of the fold models' probabilities, by hand
+    expect = np.mean([softmax(lg) for lg in fold_logits(cfg, test.images)], 0)
+    np.testing.assert_allclose(pred.filter(like="p_").to_numpy(), expect, atol=1e-6)
+    assert (RUN / "config.predict.yaml").is_file() and (RUN / "config.predict.hash").is_file()
+    subs = sorted(Path("submissions").glob("comp-exp-*.csv"))
+    assert len(subs) == 1 and f"wrote {subs[0]}" in out
+    assert validate_submission(cfg, subs[0]) == []
+    sub = pd.read_csv(subs[0])
+    assert list(sub.columns) == ["ImageId", "Label"] and sub["Label"].tolist() == expect.argmax(1).tolist()
+    meta = json.loads(subs[0].with_suffix(".json").read_text())
+    assert meta["experiments"] == ["exp"] and meta["weights"] == [1.0] and meta["metric"] == "accuracy"
+    assert set(meta["config_hashes"]["exp"]) == {"config", "train", "predict"} and 0 <= meta["oof_score"] <= 1
+    assert run_cli("validate-submission", path, subs[0]) == 0
+    assert "valid comp submission (100 rows)" in capsys.readouterr().out
+    # predicting again writes a new submission beside the old one
+    assert run_cli("predict", path) == 0
+    assert len(list(Path("submissions").glob("comp-exp-*.csv"))) == 2
+
+
+def test_logit_average_and_tta(digits_config):
+    path = digits_config(train={"epochs": 1})
+    cfg = trained(path, ["predict.average=logit", "predict.tta=[identity,hflip]"])
+    df = predict_test(cfg, echo=quiet)
+    test = read_table(cfg, "test")
+    flipped = test.images[..., ::-1].copy()
+    logits = fold_logits(cfg, test.images) + fold_logits(cfg, flipped)
+    np.testing.assert_allclose(df.filter(like="p_").to_numpy(), softmax(np.mean(logits, 0)), atol=1e-6)
+    assert json.loads((RUN / "predict.json").read_text())["tta"] == ["identity", "hflip"]
+
+
+def test_tta_oof_uses_each_fold_model_on_its_own_rows(digits_config, capsys):
+    path = digits_config(train={"epochs": 1}, predict={"tta_oof": True})
+    cfg = trained(path)
+    predict_test(cfg)
+    oof, tta = pd.read_csv(RUN / "oof.csv", dtype={"id": str}), pd.read_csv(RUN / "oof_tta.csv", dtype={"id": str})
+    assert list(tta.columns) == list(oof.columns)
+    pd.testing.assert_frame_equal(tta[["id", "fold", "target"]], oof[["id", "fold", "target"]])
+    # with identity TTA it reproduces training's OOF predictions exactly (right model for each fold)
+    np.testing.assert_allclose(tta.filter(like="p_").to_numpy(), oof.filter(like="p_").to_numpy(), atol=1e-6)
+    assert json.loads((RUN / "predict.json").read_text())["oof"] == "oof_tta.csv"
+    assert "OOF (oof_tta.csv): accuracy" in capsys.readouterr().out
+
+
+def test_temperature_from_calibration_json(digits_config):
+    path = digits_config(train={"epochs": 1}, predict={"clip": [0.01, 0.99]})
+    cfg = trained(path)
+    plain = predict_test(cfg, echo=quiet).filter(like="p_").to_numpy()
+    (RUN / "calibration.json").write_text(json.dumps({"temperature": 0.5, "kept": False}))
+    np.testing.assert_allclose(predict_test(cfg, echo=quiet).filter(like="p_").to_numpy(), plain, atol=1e-7)
+    (RUN / "calibration.json").write_text(json.dumps({"temperature": 0.5, "kept": True}))
+    sharp = predict_test(cfg, echo=quiet).filter(like="p_").to_numpy()
+    np.testing.assert_allclose(sharp, apply_temperature(plain, 0.5), atol=1e-6)
+    assert json.loads((RUN / "predict.json").read_text())["temperature"] == 0.5
+    # T = 0.5 squares and renormalises the probabilities
+    np.testing.assert_allclose(apply_temperature(np.array([[0.25, 0.75]]), 0.5), [[0.1, 0.9]])
+    sub = submit_experiment(cfg, echo=quiet)
+    assert json.loads(sub.with_suffix(".json").read_text())["clip"] == [0.01, 0.99]
+    (RUN / "calibration.json").write_text(json.dumps({"temperature": -1, "kept": True}))
+    with pytest.raises(PipelineError, match=r"calibration.json: temperature is -1; expected a positive number"):
+        load_temperature(RUN)
+    (RUN / "calibration.json").write_text("{oops")
+    with pytest.raises(PipelineError, match=r"calibration.json: expected JSON \{\"temperature\": T"):
+        load_temperature(RUN)
+
+
+def test_seeds_and_refit_models(digits_config):
+    path = digits_config(train={"epochs": 1, "seeds": [1, 2]})
+    cfg = trained(path)
+    predict_test(cfg, echo=quiet)
+    assert json.loads((RUN / "predict.json").read_text())["models"] == [f"fold_{k}_seed{s}" for k in range(3) for s in (1, 2)]
+    cfg = trained(path, ["train.seeds=null", "train.refit=true"])
+    df = predict_test(cfg, echo=quiet)
+    assert json.loads((RUN / "predict.json").read_text())["models"] == ["refit"]
+    test = read_table(cfg, "test")
+    np.testing.assert_allclose(df.filter(like="p_").to_numpy(), softmax(fold_logits(cfg, test.images, [RUN / "refit"])[0]), atol=1e-6)
+
+
+def test_predict_refuses_missing_or_stale_models(digits_config, capsys):
+    path = digits_config(train={"epochs": 1})
+    cfg = load_config(path)
+    with pytest.raises(PipelineError, match=r"runs/comp/exp: no trained models; run `pipeline train .*exp.yaml` first"):
+        predict_test(cfg, echo=quiet)
+    trained(path)
+    with pytest.raises(PipelineError, match=r"config.train.yaml: models were trained under another config \(train hash \w+, this config \w+\); rerun `pipeline train"):
+        predict_test(load_config(path, ["train.lr=0.1"]), echo=quiet)
+    (RUN / "fold_1" / "done.json").unlink()
+    with pytest.raises(PipelineError, match=r"runs/comp/exp/fold_1: model not finished"):
+        predict_test(cfg, echo=quiet)
+
+
+def test_bad_tta_name_fails_before_any_work(digits_config, capsys):
+    path = digits_config(train={"epochs": 1})
+    trained(path)
+    assert run_cli("predict", path, "predict.tta=[identity,spin]") == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: predict.tta: unknown TTA 'spin'; known: identity, hflip, vflip, rot90, rot180, rot270, dihedral, fivecrop, tencrop"
+    assert not (RUN / "test_pred.csv").exists() and not Path("submissions").exists()
+    assert run_cli("predict", path, "predict.clip=[0.9,0.1]") == 2
+    assert "predict.clip: got [0.9, 0.1]; expected [lo, hi] with 0 <= lo < hi <= 1" in capsys.readouterr().err
