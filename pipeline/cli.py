@@ -129,7 +129,7 @@ def cmd_ensemble(args):
 def cmd_validate_submission(args):
     from .submission import check_submission
 
-    check_submission(_config(args), args.file)
+    check_submission(_config(args), args.file, solution=args.solution)
 
 
 def cmd_experiments(args):
@@ -201,6 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     stage("ensemble", cmd_ensemble, "blend experiments (ENSEMBLE.yaml) -> runs/ and submissions/")
     v = stage("validate-submission", cmd_validate_submission, "check a submission file against the test data")
     v.add_argument("file", help="submission CSV")
+    v.add_argument("--solution", help="CSV of the true answers in the submission's columns: also score the file")
     stage("experiments", cmd_experiments, "list every run of the competition with CV and LB scores")
     lb = sub.add_parser("lb", help="record the leaderboard score a submission file got",
                         description="record the leaderboard score a submission file got")

@@ -279,6 +279,10 @@ def load_config(path: str | Path, overrides: list[str] | dict | None = None, che
     d = _load_with_extends(path)
     if overrides:
         d = apply_overrides(d, overrides)
+    for k in ("path", "name"):  # derived from the file, never set in it
+        if k in d:
+            hint = "; this looks like an ensemble file: use `pipeline ensemble`" if "members" in d else ""
+            raise PipelineError(f"{path}: unknown key '{k}' (the experiment's name is the file's stem){hint}")
     try:
         cfg = Config(**d, path=str(path), name=path.stem)
     except ValidationError as err:

@@ -35,3 +35,8 @@ def atomic_write_json(path: str | Path, obj) -> None:
 def atomic_write_csv(path: str | Path, df, **kw) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, **kw)
+
+
+def cache_dir() -> Path:
+    """Per-user cache (converted weights, precision choices, image caches); ``PIPELINE_CACHE`` overrides."""
+    return Path(os.environ.get("PIPELINE_CACHE") or Path.home() / ".cache" / "competition-pipeline")

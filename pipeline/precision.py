@@ -10,11 +10,7 @@ from pathlib import Path
 import torch
 
 from .inference import autocast
-from .io import atomic_write_json
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PIPELINE_CACHE") or Path.home() / ".cache" / "competition-pipeline")
+from .io import atomic_write_json, cache_dir
 
 
 def _machine() -> str:

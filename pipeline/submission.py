@@ -148,8 +148,11 @@ def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_n
     return problems
 
 
-def check_submission(cfg: Config, path: str | Path, echo=print) -> None:
-    """CLI body: print each problem and raise (exit 2), or print a one-line OK."""
+def check_submission(cfg: Config, path: str | Path, echo=print, solution: str | Path | None = None) -> float | None:
+    """CLI body: print each problem and raise (exit 2), or print a one-line OK.
+
+    With ``solution`` (a file in the submission's own columns holding the true answers, like the
+    demos' ``solution.csv``) the file is also scored; returns that score."""
     import sys
 
     problems = validate_submission(cfg, path)
@@ -159,3 +162,33 @@ def check_submission(cfg: Config, path: str | Path, echo=print) -> None:
         raise PipelineError(f"{path}: {len(problems)} check(s) failed; not a valid {cfg.competition} submission")
     n = sum(1 for _ in open(path)) - 1
     echo(f"{path}: valid {cfg.competition} submission ({n} rows)")
+    if solution is None:
+        return None
+    name, value = score_submission(cfg, path, solution)
+    echo(f"{path}: {name} {value:.5f} against {solution}")
+    return value
+
+
+def score_submission(cfg: Config, path: str | Path, solution: str | Path) -> tuple[str, float]:
+    """(metric name, value) of a valid submission against a solution file with the same columns:
+    log-loss for probability submissions, accuracy for label submissions."""
+    from sklearn.metrics import accuracy_score, log_loss
+
+    from .formats import build_reader
+
+    id_col, val_col = build_reader(cfg).submission_columns
+    solution = Path(solution)
+    if not solution.is_file():
+        raise PipelineError(f"{solution}: solution file not found")
+    sol = pd.read_csv(solution, dtype=str)
+    if list(sol.columns) != [id_col, val_col]:
+        raise PipelineError(f"{solution}: columns are {','.join(map(str, sol.columns))}; expected {id_col},{val_col}")
+    sub = pd.read_csv(path, dtype=str).set_index(id_col)[val_col]
+    missing = pd.Index(sol[id_col]).difference(sub.index)
+    if len(missing):
+        raise PipelineError(f"{solution}: {len(missing)} ids not in {path} (e.g. {_examples(missing)}); expected the same test ids")
+    pred = sub.reindex(sol[id_col]).to_numpy()
+    if build_reader(cfg).submission_kind == "probability":
+        y = sol[val_col].astype(int).to_numpy()
+        return "logloss", float(log_loss(y, pred.astype(float), labels=[0, 1]))
+    return "accuracy", float(accuracy_score(sol[val_col].str.strip().to_numpy(), np.char.strip(pred.astype(str))))

@@ -1,3 +1,4 @@
+import yaml
 import pytest
 
 from conftest import run_cli, write_yaml
@@ -102,7 +103,17 @@ def test_shipped_configs_validate(monkeypatch):
     from pathlib import Path
 
     root = Path(__file__).parents[1] / "competitions"
+    from pipeline.ensemble import EnsembleConfig
+
     for p in sorted(root.glob("*.yaml")):
+        d = yaml.safe_load(p.read_text())
+        if "members" in d:  # an ensemble file
+            EnsembleConfig(**d)
+            for m in d["members"]:
+                assert (root / m).is_file(), m
+            with pytest.raises(PipelineError, match="ensemble file: use `pipeline ensemble`"):
+                load_config(p, check_data=False)
+            continue
         cfg = load_config(p, check_data=False)
         assert cfg.name == p.stem
     demo = load_config(root / "iceberg-demo.yaml", check_data=False)

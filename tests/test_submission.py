@@ -162,6 +162,26 @@ def test_validate_submission_cli_exit_codes(digits_cfg, capsys):
                    "error: bad.csv: 3 check(s) failed; not a valid comp submission"]
 
 
+def test_validate_submission_scores_against_a_solution(digits_cfg, statoil_dir, make_config, capsys):
+    good = good_digits()
+    sol = pd.DataFrame({"ImageId": range(1, 101), "Label": np.where(np.arange(100) < 90, np.arange(100) % 10, 0)})
+    sol.to_csv("solution.csv", index=False)
+    assert run_cli("validate-submission", digits_cfg.path, good, "--solution", "solution.csv") == 0
+    assert "good.csv: accuracy 0.91000 against solution.csv" in capsys.readouterr().out  # rows 91..99 differ
+    sol.rename(columns={"Label": "label"}).to_csv("wrong.csv", index=False)
+    assert run_cli("validate-submission", digits_cfg.path, good, "--solution", "wrong.csv") == 2
+    assert capsys.readouterr().err.strip() == "error: wrong.csv: columns are ImageId,label; expected ImageId,Label"
+    # probabilities are scored by log-loss
+    cfg = load_config(make_config(statoil_dir, "statoil_json"))
+    pd.DataFrame({"id": [f"img{i}" for i in range(5)], "is_iceberg": [0.9, 0.1, 0.8, 0.2, 0.5]}).to_csv("p.csv", index=False)
+    pd.DataFrame({"id": [f"img{i}" for i in range(5)], "is_iceberg": [1, 0, 1, 0, 1]}).to_csv("s.csv", index=False)
+    from pipeline.submission import score_submission
+
+    name, value = score_submission(cfg, "p.csv", "s.csv")
+    expect = -np.mean(np.log([0.9, 0.9, 0.8, 0.8, 0.5]))
+    assert name == "logloss" and value == pytest.approx(expect)
+
+
 # ---- experiment log and leaderboard ---------------------------------------------------------
 
 def fake_run(name, probs, y, folds, metrics=None):
