@@ -79,7 +79,7 @@ def cmd_augment(args):
 
     cfg = _config(args)
     t = read_table(cfg, "train")
-    aug = build_augment(cfg.augment, t.value_range, t.channels, t.image_size, seed=cfg.train.seed)
+    aug = build_augment(cfg.augment, t.value_range, t.channels, t.image_size, seed=cfg.train.seed, where=f"{cfg.path}: augment")
     out = Path(args.out or cfg.run_dir / "augment_preview.png")
     idx = np.random.default_rng(cfg.train.seed).choice(len(t), size=min(args.n, len(t)), replace=False)
     preview_grid(t.images[np.sort(idx)], aug, out, n=len(idx), value_range=t.value_range)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import PipelineError
 
@@ -51,6 +51,12 @@ class ModelConfig(_Section):
     unfreeze_stages: int = Field(2, ge=0)
     unfreeze_after: int | None = Field(None, ge=1, description="epoch after which everything is unfrozen")
     backbone_lr_mult: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _weights_need_pretrained(self):
+        if self.weights and not self.pretrained:  # else the file would be ignored silently
+            raise ValueError(f"weights is {self.weights!r} but pretrained is false; set model.pretrained=true to load it, or drop model.weights")
+        return self
 
 
 class TrainConfig(_Section):
@@ -107,13 +113,28 @@ class PredictConfig(_Section):
 
 
 class TuneConfig(_Section):
+    """``pipeline tune``: Optuna search; ``space`` syntax in ``pipeline/search_space.py``."""
+
     space: dict[str, dict[str, Any]] = Field(default_factory=dict)
     sampler: Literal["tpe", "random", "cmaes"] = "tpe"
-    pruner: Literal["wilcoxon", "median", "halving", "hyperband", "none"] = "median"
-    folds: list[int] | None = None
+    pruner: Literal["median", "halving", "hyperband", "wilcoxon", "none"] = Field(
+        "median", description="median/halving/hyperband: epoch values of the first tuned fold; wilcoxon: fold values")
+    folds: list[int] | None = Field(None, description="folds the objective averages; None = all")
     seed: int = 0
-    n_trials: int = Field(20, ge=1)
-    heartbeat_s: int = Field(60, ge=1)
+    n_trials: int = Field(20, ge=1, description="trials per process when --n-trials and --timeout are not given")
+    n_startup_trials: int = Field(5, ge=0, description="random trials before TPE/CMA-ES model the space and before epoch pruners prune")
+    p_threshold: float = Field(0.1, gt=0, lt=1, description="WilcoxonPruner: prune when p < this")
+    heartbeat_s: int = Field(60, ge=1, description="a running trial records a heartbeat this often")
+    grace_s: int | None = Field(None, ge=1, description="a RUNNING trial silent this long is failed and retried; None = 2 x heartbeat_s")
+    max_retry: int = Field(3, ge=0, description="times a trial whose worker died is retried")
+    plots: bool = True
+
+    @field_validator("folds")
+    @classmethod
+    def _folds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError(f"got {v!r}; expected distinct fold numbers like [0, 1], or null for all folds")
+        return v
 
 
 class Config(_Section):

@@ -255,3 +255,16 @@ def test_preview_grid_writes_png(kind, tmp_path):
         assert im.format == "PNG" and im.size == (480, 480)  # 3 columns x 3 rows of 1.6 in at 100 dpi
         assert np.asarray(im.convert("L")).std() > 0
     assert [p.name for p in out.parent.iterdir()] == ["preview.png"]  # no temporary left behind
+
+
+def test_augment_preview_cli(digits_config, capsys):
+    from conftest import run_cli
+
+    path = digits_config(augment=[{"name": "Affine", "rotate": [-20, 20], "p": 1.0}])
+    assert run_cli("augment", path, "--preview", "--n", "3") == 0
+    out = Path("runs/comp/exp/augment_preview.png")
+    assert f"wrote {out}" in capsys.readouterr().out
+    with Image.open(out) as im:
+        assert im.size == (800, 480)  # original + 4 augmented columns, 3 rows
+    assert run_cli("augment", path, "augment=[{name: Blurr}]") == 2
+    assert "augment[0].name: unknown transform 'Blurr'; did you mean Blur" in capsys.readouterr().err

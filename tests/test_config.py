@@ -59,6 +59,8 @@ def test_data_dir_override_reads_elsewhere(base, tmp_path):
     (["train.optimizer=lion"], r"train.optimizer: Input should be 'sgd', 'adam', 'adamw' or 'rmsprop'"),
     (["nosection=1"], r"unknown key 'nosection'"),
     (["train.lr"], r"override 'train.lr' is not section.key=value"),
+    (["model.weights=w.safetensors", "model.pretrained=false"],
+     r"base.yaml: model: weights is 'w.safetensors' but pretrained is false; set model.pretrained=true to load it"),
 ])
 def test_bad_config_is_one_line(base, overrides, message):
     with pytest.raises(PipelineError, match=message) as e:
