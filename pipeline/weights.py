@@ -205,6 +205,24 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+_REACHABLE: dict[str, str] = {}
+
+
+def _unreachable(url: str) -> str:
+    """Why the host of ``url`` cannot be reached ('' when it can): one quick TCP connect per host and
+    process, so a machine without internet answers in milliseconds instead of minutes of retries."""
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname or ""
+    if host not in _REACHABLE:
+        try:
+            socket.create_connection((host, 443), timeout=3).close()
+            _REACHABLE[host] = ""
+        except OSError as e:
+            _REACHABLE[host] = f"{host} unreachable ({_short(e)})"
+    return _REACHABLE[host]
+
+
 def _short(e: BaseException) -> str:
     return f"{type(e).__name__}: {' '.join(str(e).split())[:100]}"
 
@@ -224,6 +242,11 @@ def _hub_file(hub_id: str, filenames: list[str], network: bool) -> tuple[str | N
             pass
     if not network:
         return None, f"{hub_id} not in the Hugging Face cache"
+    from huggingface_hub import constants
+
+    down = _unreachable(constants.ENDPOINT)
+    if down:
+        return None, f"{hub_id} not in the Hugging Face cache and {down}"
     for f in filenames:
         try:
             return hf_hub_download(repo, f, revision=rev or None, etag_timeout=5, library_name="timm"), ""
@@ -242,6 +265,9 @@ def _url_file(url: str, network: bool) -> tuple[str | None, str]:
         return str(cached), ""
     if not network:
         return None, f"{cached.name} not in the torch hub cache"
+    down = _unreachable(url)
+    if down:
+        return None, f"{cached.name} not in the torch hub cache and {down}"
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(10)  # urllib waits forever on a black-holed network otherwise
     try:

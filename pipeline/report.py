@@ -1,0 +1,462 @@
+"""The evaluation report: PNG plots of the OOF predictions and one ``report.html`` beside them.
+
+Everything is drawn with ``matplotlib.figure.Figure`` (no pyplot, no display) and the HTML refers to
+the PNGs by relative path, so ``report/`` opens offline and can be zipped or copied whole.
+The folder is built under a temporary name and swapped in at the end: a crash leaves the old
+report intact and a rerun leaves no stale pictures.
+"""
+from __future__ import annotations
+
+import html
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from sklearn import metrics as skm
+from sklearn.calibration import calibration_curve
+
+from .config import Config
+from .errors import PipelineError
+from .gradcam import NoFeatureMap, gradcam
+from .table import Table
+
+GALLERY_SIZE = 12  # most confidently wrong samples shown
+MAX_LEGEND_CLASSES = 10
+
+
+class Figures:
+    """Collects the report's pictures: file name, title and a caption saying how to read it."""
+
+    def __init__(self, out: Path):
+        self.out, self.items, self.notes = out, [], []
+
+    def save(self, fig: Figure, name: str, title: str, caption: str) -> None:
+        fig.savefig(self.out / name, format="png", dpi=110)
+        self.items.append((name, title, caption))
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+def write_report(cfg: Config, table: Table, oof: pd.DataFrame, metrics: dict, calibrated: np.ndarray | None,
+                 echo=print) -> Path:
+    """Draw every picture and write ``report/report.html``; returns its path.
+
+    ``oof`` is the checked oof.csv in the training table's row order; ``calibrated`` the
+    nested temperature-scaled probabilities (None when calibration is off).
+    """
+    run = cfg.run_dir
+    final = run / "report"
+    tmp = Path(tempfile.mkdtemp(prefix=".report.", dir=run))
+    try:
+        figs = Figures(tmp)
+        names = list(table.class_names)
+        y = oof["target"].to_numpy()
+        fold = oof["fold"].to_numpy()
+        probs = oof[[f"p_{c}" for c in names]].to_numpy()
+        plot_confusion(figs, metrics, names)
+        plot_roc_pr(figs, y, probs, fold, names)
+        plot_reliability(figs, y, probs, calibrated, cfg.evaluate.n_bins, metrics)
+        plot_training_curves(figs, run, cfg.metric)
+        plot_confident_errors(figs, table, oof, probs, names)
+        if cfg.evaluate.gradcam_samples:
+            plot_gradcam(figs, cfg, table, oof, probs, names)
+        (tmp / "report.html").write_text(render_html(cfg, metrics, figs))
+        for note in figs.notes:
+            echo(f"note: {note}")
+        tmp.chmod(0o755)  # mkdtemp makes it private; a report is meant to be shared
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final / "report.html"
+
+
+# ---- pictures --------------------------------------------------------------------------
+
+def plot_confusion(figs: Figures, metrics: dict, names: list[str]) -> None:
+    cm = np.array(metrics["confusion_matrix"])
+    norm = np.array(metrics["confusion_matrix_normalized"])
+    k = len(names)
+    side = min(max(3.6, 0.55 * k + 2), 16)
+    fig = Figure(layout="constrained", figsize=(side + 1, side))
+    ax = fig.add_subplot()
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    if k <= 60:  # beyond that, class names cannot be read at any size
+        long = max(map(len, names)) > 3
+        fs = 10 if k <= 20 else 6
+        ax.set_xticks(range(k), names, rotation=45 if long else 0, ha="right" if long else "center", fontsize=fs)
+        ax.set_yticks(range(k), names, fontsize=fs)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    if k <= 20:  # beyond that the numbers would overlap
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{cm[i, j]}\n{norm[i, j]:.0%}" if k <= 6 else f"{cm[i, j]}", ha="center", va="center",
+                        fontsize=9 if k <= 10 else 7, color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_title(f"Confusion matrix (OOF, {int(cm.sum())} rows)")
+    figs.save(fig, "confusion_matrix.png", "Confusion matrix",
+              "Rows are the true class, columns the predicted (arg-max) class. Colour is the row share "
+              "(recall on the diagonal); numbers are counts" + (" and row shares." if k <= 6 else "."))
+
+
+def plot_roc_pr(figs: Figures, y: np.ndarray, probs: np.ndarray, fold: np.ndarray, names: list[str]) -> None:
+    fig = Figure(layout="constrained", figsize=(11, 4.8))
+    ax_roc, ax_pr = fig.subplots(1, 2)
+    k = len(names)
+    if k == 2:
+        for f in np.unique(fold):  # thin per-fold curves show the spread behind the CV score
+            m = fold == f
+            if len(np.unique(y[m])) == 2:
+                fpr, tpr, _ = skm.roc_curve(y[m], probs[m, 1])
+                ax_roc.plot(fpr, tpr, lw=0.8, alpha=0.45, label=f"fold {f}")
+                pr, rc, _ = skm.precision_recall_curve(y[m], probs[m, 1])
+                ax_pr.plot(rc, pr, lw=0.8, alpha=0.45, label=f"fold {f}")
+        if len(np.unique(y)) == 2:
+            fpr, tpr, _ = skm.roc_curve(y, probs[:, 1])
+            ax_roc.plot(fpr, tpr, lw=2.2, color="black", label=f"OOF (AUC {skm.auc(fpr, tpr):.4f})")
+            pr, rc, _ = skm.precision_recall_curve(y, probs[:, 1])
+            ax_pr.plot(rc, pr, lw=2.2, color="black", label=f"OOF (AP {skm.average_precision_score(y, probs[:, 1]):.4f})")
+        ax_pr.axhline(y.mean(), ls=":", color="grey", label=f"chance ({y.mean():.2f})")
+        pos = f" (positive class: {names[1]})"
+    else:
+        legend = k <= MAX_LEGEND_CLASSES
+        for c in range(k):
+            t = (y == c).astype(int)
+            if 0 < t.sum() < len(t):
+                fpr, tpr, _ = skm.roc_curve(t, probs[:, c])
+                pr, rc, _ = skm.precision_recall_curve(t, probs[:, c])
+                kw = dict(lw=1.1, label=f"{names[c]} (AUC {skm.auc(fpr, tpr):.3f})") if legend else dict(lw=0.6, color="grey", alpha=0.5)
+                ax_roc.plot(fpr, tpr, **kw)
+                ax_pr.plot(rc, pr, **({**kw, "label": f"{names[c]} (AP {skm.average_precision_score(t, probs[:, c]):.3f})"} if legend else kw))
+        onehot = np.eye(k)[y]  # micro average: every (row, class) pair is one binary decision
+        fpr, tpr, _ = skm.roc_curve(onehot.ravel(), probs.ravel())
+        ax_roc.plot(fpr, tpr, lw=2.2, color="black", label=f"micro-average (AUC {skm.auc(fpr, tpr):.4f})")
+        pr, rc, _ = skm.precision_recall_curve(onehot.ravel(), probs.ravel())
+        ax_pr.plot(rc, pr, lw=2.2, color="black", label=f"micro-average (AP {skm.average_precision_score(onehot.ravel(), probs.ravel()):.4f})")
+        pos = " (one class vs the rest)"
+    ax_roc.plot([0, 1], [0, 1], ls=":", color="grey", label="chance")
+    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC" + pos, xlim=(0, 1), ylim=(0, 1.01))
+    ax_pr.set(xlabel="recall", ylabel="precision", title="Precision-recall" + pos, xlim=(0, 1), ylim=(0, 1.01))
+    for ax in (ax_roc, ax_pr):
+        ax.legend(fontsize=7, loc="lower right" if ax is ax_roc else "lower left")
+        ax.grid(alpha=0.3)
+    figs.save(fig, "roc_pr.png", "ROC and precision-recall curves",
+              "Out-of-fold predictions of every fold" + (" (thin: each fold; black: all OOF rows)." if k == 2 else
+              "; one curve per class against the rest, black the micro-average."))
+
+
+def plot_reliability(figs: Figures, y: np.ndarray, probs: np.ndarray, calibrated: np.ndarray | None, n_bins: int, metrics: dict) -> None:
+    k = probs.shape[1]
+    fig = Figure(layout="constrained", figsize=(6, 6.4))
+    ax, hx = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    if k == 2:  # P(positive class) against the observed positive rate
+        def curve(p):
+            return calibration_curve(y, p[:, 1], n_bins=n_bins, strategy="uniform")
+        what, xs = f"predicted P({metrics['classes'][1]})", probs[:, 1]
+    else:  # top-label: confidence of the predicted class against how often it is right
+        def curve(p):
+            return calibration_curve((p.argmax(1) == y).astype(int), p.max(1), n_bins=n_bins, strategy="uniform")
+        what, xs = "confidence of the predicted class", probs.max(1)
+    frac, mean = curve(probs)
+    ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfectly calibrated")
+    ax.plot(mean, frac, "o-", label=f"OOF (ECE {metrics['ece']:.4f})")
+    c = metrics.get("calibrated") or {}
+    if calibrated is not None and not c.get("skipped"):
+        frac_c, mean_c = curve(calibrated)
+        ax.plot(mean_c, frac_c, "s--", label=f"temperature-scaled, nested (T {c['temperature']:.2f}, ECE {c['nested_ece']:.4f})")
+    ax.set(ylabel="observed frequency" if k == 2 else "accuracy", xlim=(0, 1), ylim=(0, 1),
+           title=f"Reliability diagram ({n_bins} bins)")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    hx.hist(xs, bins=n_bins, range=(0, 1), color="tab:blue", alpha=0.7)
+    hx.set(xlabel=what, ylabel="rows")
+    figs.save(fig, "reliability.png", "Reliability diagram",
+              "Points on the diagonal are calibrated. " +
+              (f"Below it, {metrics['classes'][1]} is predicted more often than it occurs; above it, less often. " if k == 2 else
+               "Below it the model is over-confident, above it under-confident. ") +
+              "The histogram shows how many predictions fall in each bin.")
+
+
+def _history_dirs(run: Path) -> list[tuple[str, Path]]:
+    out = []
+    for d in run.glob("fold_*"):
+        h = d / "history.csv"
+        if h.is_file():
+            parts = d.name.split("_")  # fold_<k> or fold_<k>_seed<s>
+            try:
+                key = (int(parts[1]), int(parts[2][4:]) if len(parts) > 2 else 0)
+            except (IndexError, ValueError):
+                continue
+            out.append((key, d.name.replace("_", " ").replace("seed", "seed "), h))
+    return [(label, h) for _, label, h in sorted(out)]
+
+
+def plot_training_curves(figs: Figures, run: Path, metric: str) -> None:
+    items = _history_dirs(run)
+    if not items:
+        figs.note("No fold_*/history.csv found: no training curves.")
+        return
+    n = len(items)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    fig = Figure(layout="constrained", figsize=(4.6 * cols, 3.4 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    mcol = f"val_{metric}"
+    for ax, (label, path) in zip(axes, items):
+        h = pd.read_csv(path)
+        if h.empty or "epoch" not in h:
+            ax.set_title(f"{label}: empty history")
+            continue
+        ax.plot(h["epoch"], h["train_loss"], "o-", ms=3, label="train loss")
+        if h["val_loss"].notna().any():
+            ax.plot(h["epoch"], h["val_loss"], "o-", ms=3, label="val log-loss")
+            best = h.loc[h["val_loss"].idxmin()]
+            ax.axvline(best["epoch"], ls=":", color="grey")
+            ax.set_title(f"{label}: best epoch {int(best['epoch'])} (val log-loss {best['val_loss']:.4f})", fontsize=9)
+        ax.set(xlabel="epoch", ylabel="loss")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        lines, labels = ax.get_legend_handles_labels()
+        if metric != "logloss" and mcol in h and h[mcol].notna().any():
+            ax2 = ax.twinx()
+            ax2.plot(h["epoch"], h[mcol], "s--", ms=3, color="tab:green", label=f"val {metric}")
+            ax2.set_ylabel(f"val {metric}", color="tab:green")
+            l2, lab2 = ax2.get_legend_handles_labels()
+            lines, labels = lines + l2, labels + lab2
+        ax.legend(lines, labels, fontsize=7, loc="best")
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    figs.save(fig, "training_curves.png", "Training curves",
+              "Per fold: training loss and validation log-loss per epoch"
+              + ("" if metric == "logloss" else f", validation {metric} on the right axis")
+              + "; the dotted line marks the best epoch (the one kept).")
+
+
+def display_image(img: np.ndarray, value_range: tuple[float, float]) -> tuple[np.ndarray, str | None]:
+    """(C, H, W) raw-scale image -> (H, W) or (H, W, 3) in [0, 1], and the colour map.
+
+    SAR (2 bands, dB) shows band_1 in grey stretched between its 2nd and 98th percentiles
+    (dB images are dark and low-contrast on a fixed scale); grey and RGB photos use the data's range.
+    """
+    img = np.asarray(img, dtype=np.float32)
+    c = img.shape[0]
+    if c == 2 or img.dtype.kind == "f" and (value_range[0] < 0):
+        lo, hi = np.percentile(img[0], [2, 98])
+        return np.clip((img[0] - lo) / max(hi - lo, 1e-6), 0, 1), "gray"
+    lo, hi = value_range
+    x = np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)
+    if c >= 3:
+        return np.transpose(x[:3], (1, 2, 0)), None
+    return x[0], "gray"
+
+
+def _short(text: str, n: int = 18) -> str:
+    return text if len(text) <= n else text[: n - 1] + "\u2026"
+
+
+def plot_confident_errors(figs: Figures, table: Table, oof: pd.DataFrame, probs: np.ndarray, names: list[str]) -> None:
+    y = oof["target"].to_numpy()
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != y)
+    if len(wrong) == 0:
+        figs.note("No misclassified OOF samples: no gallery of confident mistakes.")
+        return
+    order = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:GALLERY_SIZE]
+    n = len(order)
+    cols = min(n, 6)
+    rows = -(-n // cols)
+    fig = Figure(layout="constrained", figsize=(2.3 * cols, 2.6 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, i in zip(axes, order):
+        img, cmap = display_image(table.images[i], table.value_range)
+        ax.imshow(img, cmap=cmap, vmin=0, vmax=1)
+        ax.set_title(f"id {_short(oof['id'].iloc[i])}\ntrue {names[y[i]]}, pred {names[pred[i]]}\np(pred) {probs[i, pred[i]]:.3f}", fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(f"Most confidently wrong OOF predictions ({n} of {len(wrong)} errors)")
+    figs.save(fig, "confident_errors.png", "Most confidently wrong samples",
+              "The misclassified out-of-fold samples the model was surest about, surest first: label noise, "
+              "look-alike classes or a shortcut the model learned show up here.")
+
+
+def pick_gradcam_samples(y: np.ndarray, probs: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Row indices to explain: the surest correct predictions, taking the classes in turn (so every
+    class shows up), and the surest wrong ones."""
+    pred = probs.argmax(1)
+    conf = probs[np.arange(len(y)), pred]
+    right = np.flatnonzero(pred == y)
+    per_class = [list(right[y[right] == c][np.argsort(-conf[right[y[right] == c]], kind="stable")]) for c in range(probs.shape[1])]
+    correct = []
+    while len(correct) < n and any(per_class):
+        for lst in per_class:
+            if lst and len(correct) < n:
+                correct.append(lst.pop(0))
+    wrong = np.flatnonzero(pred != y)
+    wrong = wrong[np.argsort(-conf[wrong], kind="stable")][:n]
+    return {"correct": np.array(correct, dtype=int), "wrong": wrong}
+
+
+def _heat(cam: np.ndarray) -> np.ndarray:
+    """RGBA jet colours whose opacity grows with the map, so the image stays visible where the model did not look."""
+    from matplotlib import colormaps
+
+    rgba = colormaps["jet"](cam)
+    rgba[..., 3] = 0.1 + 0.6 * cam
+    return rgba
+
+
+def plot_gradcam(figs: Figures, cfg: Config, table: Table, oof: pd.DataFrame, probs: np.ndarray, names: list[str]) -> None:
+    """Grad-CAM of the predicted class over a few correct and wrong samples, each explained by the
+    fold model that did not train on it (the one whose prediction is in oof.csv)."""
+    import torch
+
+    from .inference import features_tensor
+    from .models import load_checkpoint
+    from .train import job_name
+
+    y = oof["target"].to_numpy()
+    fold = oof["fold"].to_numpy()
+    pred = probs.argmax(1)
+    picks = {k: v for k, v in pick_gradcam_samples(y, probs, cfg.evaluate.gradcam_samples).items() if len(v)}
+    rows = np.concatenate(list(picks.values())) if picks else np.array([], dtype=int)
+    if len(rows) == 0:
+        figs.note("No samples to explain with Grad-CAM.")
+        return
+    seeds = cfg.train.seeds or [cfg.train.seed]
+    cams, layer = {}, None
+    for k in np.unique(fold[rows]):
+        idx = np.sort(rows[fold[rows] == k])
+        d = cfg.run_dir / job_name(int(k), seeds[0], len(seeds))
+        try:
+            model, meta = load_checkpoint(d / "best.safetensors")
+        except PipelineError as e:
+            figs.note(f"Grad-CAM skipped: {e}")
+            return
+        if list(meta["class_names"]) != names or meta["in_chans"] != table.channels:
+            figs.note(f"Grad-CAM skipped: {d}/best.json describes classes {meta['class_names']} with {meta['in_chans']} channels; "
+                      f"the data has {names} with {table.channels}")
+            return
+        x = torch.from_numpy(np.ascontiguousarray(table.images[idx], dtype=np.float32))
+        try:
+            maps, _, layer = gradcam(model, x, features_tensor(table.features, idx, torch.device("cpu")), pred[idx])
+        except NoFeatureMap as e:
+            figs.note(f"Grad-CAM skipped: {cfg.model.backbone}: {e}.")
+            return
+        cams.update(zip(idx.tolist(), maps))
+    n = max(len(v) for v in picks.values())
+    fig = Figure(layout="constrained", figsize=(2.3 * n, 2.5 * 2 * len(picks)))
+    axes = fig.subplots(2 * len(picks), n, squeeze=False)
+    for r, (kind, idx) in enumerate(picks.items()):
+        for j in range(n):
+            a_img, a_cam = axes[2 * r, j], axes[2 * r + 1, j]
+            for a in (a_img, a_cam):
+                a.set_xticks([]), a.set_yticks([])
+            if j >= len(idx):
+                a_img.set_visible(False), a_cam.set_visible(False)
+                continue
+            i = idx[j]
+            img, cmap = display_image(table.images[i], table.value_range)
+            a_img.imshow(img, cmap=cmap, vmin=0, vmax=1)
+            truth = f"true {names[y[i]]}" + ("" if kind == "correct" else f", pred {names[pred[i]]}")
+            a_img.set_title(f"{kind}: id {_short(oof['id'].iloc[i])}\n{truth} ({probs[i, pred[i]]:.2f})", fontsize=8,
+                            color="tab:green" if kind == "correct" else "tab:red")
+            a_cam.imshow(img, cmap=cmap, vmin=0, vmax=1)
+            a_cam.imshow(_heat(cams[i]))
+            a_cam.set_title(f"why {names[pred[i]]} (fold {fold[i]} model)", fontsize=8)
+    fig.suptitle(f"Grad-CAM on {layer} of {cfg.model.backbone}")
+    figs.save(fig, "gradcam.png", "Grad-CAM",
+              "Each sample above its heat map: red areas raised the score of the predicted class most. "
+              "Each sample is explained by the fold model that did not see it in training. A model that looks at "
+              "the background rather than the object has learned a shortcut.")
+
+
+# ---- HTML ------------------------------------------------------------------------------
+
+def _f(v, digits: int = 4) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
+
+
+def _table(header: list[str], rows: list[list[str]], first_bold: bool = False) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1150px;color:#222;padding:0 1em}
+h1{margin-bottom:.2em} .sub{color:#666;margin-top:0}
+.headline{display:inline-block;background:#eef4fb;border:1px solid #c9dcf0;border-radius:8px;padding:.6em 1.2em;margin:.6em 0;font-size:1.15em}
+.headline b{font-size:1.5em}
+table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.92em} th,td{border:1px solid #ddd;padding:.3em .7em;text-align:right}
+th{background:#f4f4f4} td:first-child,th:first-child{text-align:left}
+figure{margin:1.5em 0} figure img{max-width:100%;border:1px solid #eee} figcaption{color:#555;font-size:.92em;margin-top:.3em}
+.note{color:#8a5a00;background:#fff8e6;border-left:4px solid #f0b400;padding:.4em .8em;margin:.4em 0}
+"""
+
+
+def _calibrated_headline(m: dict) -> str:
+    """Log-loss is what temperature scaling changes: show what predict will submit beside the raw figure."""
+    c = m.get("calibrated") or {}
+    if m["metric"] != "logloss" or not c.get("kept"):
+        return ""
+    return f" &middot; {_f(c['nested_logloss'])} with the kept temperature (T {c['temperature']:.3f}, nested over folds)"
+
+
+def render_html(cfg: Config, m: dict, figs: Figures) -> str:
+    metric = m["metric"]
+    cols = [metric] + [c for c in ("logloss", "accuracy", "precision", "recall", "f1", "f1_macro", "f1_weighted", "roc_auc", "ece") if c != metric]
+    rows = [[f"fold {f['fold']}", str(f["n"])] + [_f(f[c]) for c in cols] for f in m["folds"]]
+    rows.append(["mean over folds", ""] + [_f(m["cv_mean"][c]) for c in cols])
+    rows.append(["std over folds", ""] + [_f(m["cv_std"][c]) for c in cols])
+    rows.append(["all OOF rows", str(m["n"])] + [_f(m[c]) for c in cols])
+    parts = [f"<h1>{html.escape(cfg.competition)} / {html.escape(cfg.name)}</h1>",
+             f"<p class='sub'>Evaluation of {m['n']} out-of-fold predictions over {len(m['folds'])} folds, "
+             f"{len(m['classes'])} classes ({html.escape(', '.join(m['classes']))}); config {html.escape(cfg.path)}</p>",
+             f"<div class='headline'>{html.escape(metric)} <b>{_f(m['headline'])}</b> on all OOF rows &middot; "
+             f"CV {_f(m['cv_mean'][metric])} &plusmn; {_f(m['cv_std'][metric])}{_calibrated_headline(m)}</div>",
+             "<h2>Scores</h2>", _table(["", "rows"] + cols, rows)]
+    if len(m["classes"]) == 2:
+        parts.append(f"<p>Binary: precision, recall and f1 are for the positive class <b>{html.escape(m['classes'][1])}</b> at the arg-max (0.5) cut.</p>")
+    else:
+        parts.append("<p>Multiclass: precision, recall and f1 are macro averages; <code>*_weighted</code> weigh classes by support.</p>")
+    pc = m.get("per_class") or {}
+    parts += ["<h3>Per class (all OOF rows)</h3>",
+              _table(["class", "precision", "recall", "f1", "support"],
+                     [[c, _f(v["precision"]), _f(v["recall"]), _f(v["f1"]), str(v["support"])] for c, v in pc.items()])]
+    c = m.get("calibrated") or {}
+    parts.append("<h2>Calibration</h2>")
+    if c.get("skipped"):
+        parts.append("<p>Skipped (<code>evaluate.calibrate: false</code>); predict uses the raw probabilities.</p>")
+    elif c:
+        parts.append(
+            f"<p>Temperature scaling, fitted on all OOF rows: <b>T = {c['temperature']:.3f}</b> "
+            f"({'softens' if c['temperature'] > 1 else 'sharpens'} the probabilities). Fitted on the other folds and applied to each fold "
+            f"(an honest estimate), log-loss goes from {_f(c['raw_logloss'])} to {_f(c['nested_logloss'])} and ECE from "
+            f"{_f(c['raw_ece'])} to {_f(c['nested_ece'])}. "
+            + ("<b>Kept</b>: the predict stage applies T to the test predictions." if c["kept"] else
+               "<b>Not kept</b>: it does not lower the nested log-loss, so predict uses the raw probabilities.")
+            + f" Per-fold temperatures: {', '.join(f'{t:.3f}' for t in c['fold_temperatures'])}.</p>")
+    t = m.get("threshold")
+    if t:
+        parts += ["<h2>Decision threshold</h2>",
+                  f"<p>F1 at 0.5: {_f(t['f1_at_0.5'])}; the OOF-optimal cut P({html.escape(m['classes'][1])}) &ge; "
+                  f"{t['best_threshold']:.3f} gives {_f(t['f1_at_best_threshold'])} (in-sample); chosen on the other folds "
+                  f"and applied to each fold: {_f(t['f1_nested'])}.</p>"]
+    if figs.notes:
+        parts.append("".join(f"<p class='note'>{html.escape(n)}</p>" for n in figs.notes))
+    parts.append("<h2>Pictures</h2>")
+    for name, title, caption in figs.items:
+        parts.append(f"<figure><h3>{html.escape(title)}</h3><img src='{html.escape(name)}' alt='{html.escape(title)}'>"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    parts.append(f"<p class='sub'>Raw figures: <code>metrics.json</code> and <code>calibration.json</code> in {html.escape(str(cfg.run_dir))}.</p>")
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(cfg.name)} evaluation</title>"
+            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
