@@ -20,13 +20,14 @@ def _run(config: str, data_dir: Path, extra=()) -> list[str]:
     return overrides
 
 
-@pytest.mark.parametrize("config, fixture, extra", [
+@pytest.mark.parametrize("config, fixture, extra, min_accuracy", [
     # the real iceberg config (pretrained tf_efficientnet_lite0, angle features, TTA, clipping)
-    ("iceberg-demo.yaml", "iceberg_dir", ["predict.tta=[identity,hflip]"]),
-    ("digits-demo.yaml", "digits_dir", ["train.max_steps_per_epoch=10"]),
-    ("folder-demo.yaml", "folder_dir", []),
+    ("iceberg-demo.yaml", "iceberg_dir", ["predict.tta=[identity,hflip]"], None),
+    # digits: one short epoch on 2 folds; chance is 0.1
+    ("digits-demo.yaml", "digits_dir", ["train.max_steps_per_epoch=40"], 0.5),
+    ("folder-demo.yaml", "folder_dir", ["train.epochs=6"], 0.3),  # 100 training images per fold
 ])
-def test_run_end_to_end_writes_a_valid_submission(config, fixture, extra, request, capsys):
+def test_run_end_to_end_writes_a_valid_submission(config, fixture, extra, min_accuracy, request, capsys):
     data_dir = request.getfixturevalue(fixture)
     overrides = _run(config, data_dir, extra)
     out = capsys.readouterr().out
@@ -41,11 +42,11 @@ def test_run_end_to_end_writes_a_valid_submission(config, fixture, extra, reques
     assert len(subs) == 1 and validate_submission(cfg, subs[0]) == []
     meta = json.loads(subs[0].with_suffix(".json").read_text())
     assert meta["experiments"] == [cfg.name] and meta["metric"] == cfg.metric
-    if fixture != "iceberg_dir":  # the digit demos hold out answers: the file scores against them
+    if min_accuracy is not None:  # the digit demos hold out answers: the file scores against them
         from pipeline.submission import score_submission
 
         name, value = score_submission(cfg, subs[0], data_dir / "solution.csv")
-        assert name == "accuracy" and value > 0.2  # one short epoch on 2 folds: well above chance
+        assert name == "accuracy" and value > min_accuracy
     # everything is fresh now: a second run skips every stage
     assert run_cli("run", COMPETITIONS / config, *overrides) == 0
     assert capsys.readouterr().out.count("up to date") == 4
