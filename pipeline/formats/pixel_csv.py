@@ -39,6 +39,8 @@ class PixelCsv(Reader):
             bad = next(a for a, b in zip(pix, expect) if a != b)
             raise PipelineError(f"{path}: column {bad!r} out of order; expected pixel0..pixel{len(pix) - 1}")
         self._check_side(path, split, side)
+        if len(df) == 0:  # a header-only file reads back with object columns
+            raise PipelineError(f"{path}: the {split} set is empty; expected at least one row")
         values = df.to_numpy()
         if values.dtype.kind not in "iuf":
             row = int(np.flatnonzero(df.apply(pd.to_numeric, errors="coerce").isna().any(axis=1))[0])

@@ -1,0 +1,196 @@
+"""pipeline tune against a real PostgreSQL server: concurrent workers share one study.
+
+The session fixture starts a throwaway cluster (initdb in a temp dir as the ``postgres`` user,
+trust auth, a free loopback port, its unix socket in the temp dir), installing Debian's
+``postgresql`` first when ``initdb`` is missing, and removes it at the end. Without PostgreSQL
+the tests skip, unless ``REQUIRE_PG=1`` (as ``.ci/run`` sets), when they fail.
+"""
+import glob
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.postgres
+
+WORKER_TIMEOUT = 240
+
+
+def _initdb() -> Path | None:
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    cands = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
+    return Path(cands[-1]).parent if cands else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    def unavailable(why: str):
+        if os.environ.get("REQUIRE_PG") == "1":
+            pytest.fail(f"PostgreSQL unavailable and REQUIRE_PG=1: {why}")
+        pytest.skip(f"PostgreSQL unavailable: {why}")
+
+    bindir = _initdb()
+    if bindir is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        r = subprocess.run("apt-get update -qq && apt-get install -y -qq postgresql", shell=True, env=env,
+                           capture_output=True, text=True, timeout=900)
+        if r.returncode:
+            unavailable(f"apt-get install postgresql failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+        bindir = _initdb()
+    if bindir is None:
+        unavailable("initdb not found (apt-get install postgresql)")
+
+    root = os.geteuid() == 0
+    if root:
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            unavailable("no 'postgres' user to run the server as (initdb refuses root)")
+        runas = ["runuser", "-u", "postgres", "--"] if shutil.which("runuser") else None
+    base = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
+    if root:
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+
+    def run(*cmd, **kw):
+        argv = [str(c) for c in cmd]
+        if root:
+            argv = runas + argv if runas else ["su", "postgres", "-s", "/bin/sh", "-c", shlex.join(argv)]
+        return subprocess.run(argv, cwd=base, capture_output=True, text=True, timeout=120, **kw)
+
+    data, port = base / "data", _free_port()
+    r = run(bindir / "initdb", "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
+    if r.returncode:
+        shutil.rmtree(base, ignore_errors=True)
+        unavailable(f"initdb failed: {r.stderr.strip()[-300:]}")
+    opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
+    r = run(bindir / "pg_ctl", "-D", data, "-o", opts, "-l", base / "server.log", "-w", "-t", "60", "start")
+    if r.returncode:
+        log = (base / "server.log").read_text()[-300:] if (base / "server.log").exists() else r.stderr
+        shutil.rmtree(base, ignore_errors=True)
+        unavailable(f"pg_ctl start failed: {log.strip()}")
+    try:
+        r = run(bindir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "tune")
+        if r.returncode:
+            unavailable(f"createdb failed: {r.stderr.strip()}")
+        yield f"postgresql://postgres@127.0.0.1:{port}/tune"
+    finally:
+        run(bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_config(digits_config):
+    """A config whose trials take about a second; the folds file written once up front."""
+
+    def make(epochs=1, **tune):
+        path = digits_config(train={"epochs": epochs, "max_steps_per_epoch": 2, "batch_size": 32},
+                             tune={"folds": [0], "plots": False, "n_startup_trials": 2, "heartbeat_s": 1, "grace_s": 2,
+                                   "pruner": "none",
+                                   "space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                                             "model.drop_rate": {"type": "float", "low": 0.0, "high": 0.5}}, **tune})
+        assert run_cli("fold", path) == 0
+        return path
+
+    return make
+
+
+def worker(path, url, study, *args, log=None):
+    cmd = [sys.executable, "-m", "pipeline", "tune", str(path), "--storage", url, "--study", study, *map(str, args)]
+    out = open(log or f"{study}-{time.monotonic_ns()}.log", "w")
+    p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    p.log = out
+    return p
+
+
+def finish(*procs):
+    for p in procs:
+        rc = p.wait(timeout=WORKER_TIMEOUT)
+        p.log.close()
+        log = Path(p.log.name).read_text()
+        assert rc == 0, log
+
+
+def trials(url, study):
+    return optuna.load_study(study_name=study, storage=url.replace("postgresql://", "postgresql+psycopg://")).get_trials()
+
+
+def test_two_workers_share_one_study(pg_config, pg_url):
+    path = pg_config(epochs=4)  # trials of a few seconds, so the two workers' trials overlap
+    a, b = worker(path, pg_url, "pair", "--n-trials", 2), worker(path, pg_url, "pair", "--n-trials", 2)
+    finish(a, b)
+    ts = trials(pg_url, "pair")
+    assert sorted(t.number for t in ts) == [0, 1, 2, 3]  # distinct numbers, none lost
+    assert all(t.state == TrialState.COMPLETE for t in ts), [(t.number, t.state) for t in ts]
+    by_worker = {}
+    for t in ts:
+        by_worker.setdefault(t.user_attrs["worker"], []).append(t)
+    assert sorted(map(len, by_worker.values())) == [2, 2]
+    ta, tb = by_worker.values()
+    assert any(x.datetime_start < y.datetime_complete and y.datetime_start < x.datetime_complete for x in ta for y in tb)
+    assert all(Path(f"runs/comp/tune/pair/trial_{t.number}/fold_0/done.json").exists() for t in ts)
+    assert len({t.params["train.lr"] for t in ts}) == 4  # same seed on both workers, yet different draws
+
+
+def test_max_trials_caps_the_study_across_workers(pg_config, pg_url):
+    path = pg_config()
+    a = worker(path, pg_url, "capped", "--n-trials", 2, "--max-trials", 3)
+    b = worker(path, pg_url, "capped", "--n-trials", 2, "--max-trials", 3)
+    finish(a, b)
+    ts = trials(pg_url, "capped")
+    done = [t for t in ts if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == 3
+    rest = [t for t in ts if t not in done]  # only a trial that lost a race to the cap, never trained
+    assert all(t.state == TrialState.FAIL and t.user_attrs["error"].startswith("OverBudget") for t in rest), rest
+
+
+def test_killed_worker_trial_is_failed_and_retried(pg_config, pg_url):
+    path = pg_config()
+    study, url = "killed", pg_url.replace("postgresql://", "postgresql+psycopg://")
+    # a long trial (many epochs, no pruning) so it is surely RUNNING when the worker dies
+    victim = worker(path, pg_url, study, "--n-trials", 1, "train.epochs=200", "tune.pruner=none")
+    deadline = time.time() + WORKER_TIMEOUT
+    running = []
+    while time.time() < deadline and victim.poll() is None:
+        try:
+            running = optuna.load_study(study_name=study, storage=url).get_trials(states=(TrialState.RUNNING,))
+        except KeyError:  # study not created yet
+            running = []
+        if running and running[0].params:
+            break
+        time.sleep(0.3)
+    assert running, f"no trial became RUNNING: {Path(victim.log.name).read_text()}"
+    time.sleep(1.5)  # a heartbeat or two
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    victim.log.close()
+    dead = running[0]
+    assert trials(pg_url, study)[0].state == TrialState.RUNNING  # nobody cleaned up: the worker was killed
+    time.sleep(3)  # grace_s 2: the heartbeat is now stale
+    follow = worker(path, pg_url, study, "--n-trials", 1)
+    finish(follow)
+    ts = {t.number: t for t in trials(pg_url, study)}
+    assert ts[dead.number].state == TrialState.FAIL
+    retry = [t for t in ts.values() if t.system_attrs.get("failed_trial") == dead.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
+    assert retry[0].params == pytest.approx(dead.params)  # the same parameters, run again
