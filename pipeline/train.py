@@ -68,13 +68,20 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     groups = [{"params": head, "lr": t.lr}]
     if backbone:  # discriminative LR; frozen params are included so gradual unfreezing needs no rebuild
         groups.append({"params": backbone, "lr": t.lr * cfg.model.backbone_lr_mult})
+    # One fused kernel per step instead of ~6 ops per tensor: ~5% faster steps for
+    # tf_efficientnet_lite0 on 2 CPU cores (benchmarks/train_throughput.py); deterministic.
+    fused = {"fused": True} if model_device(model).type in ("cpu", "cuda") else {}
     if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=True)
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay, nesterov=t.momentum > 0, **fused)
     if t.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(groups, lr=t.lr, weight_decay=t.weight_decay, **fused)
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, **fused)
     return torch.optim.RMSprop(groups, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def build_scheduler(cfg: Config, opt, steps_per_epoch: int):
@@ -138,7 +145,7 @@ class FoldTrainer:
         from .augment import build_augment
 
         self.augment = None if self.embeddings is not None else build_augment(
-            cfg.augment, t.value_range, t.channels, t.image_size, seed=self.job.seed)
+            cfg.augment, t.value_range, t.channels, t.image_size, seed=self.job.seed, where=f"{cfg.path}: augment")
         counts = np.bincount(t.labels[self.tr_idx], minlength=t.num_classes)
         weight = None
         if cfg.train.class_weights == "balanced":
@@ -217,7 +224,7 @@ class FoldTrainer:
             with autocast(self.device, self.precision):
                 logits = model(x, f) if x is not None else model.forward_head(self.embeddings[idx], f)
                 logits = logits.float()
-                loss = self.loss_fn(logits, y) if lam == 1.0 else lam * self.loss_fn(logits, y) + (1 - lam) * self.loss_fn(logits, y2)
+                loss = mixed_loss(self.loss_fn, logits, y, y2, lam)
             (loss / accum).backward()
             if (i + 1) % accum == 0 or i + 1 == len(batches):  # gradient accumulation
                 if cfg.train.grad_clip:
@@ -309,7 +316,11 @@ class FoldTrainer:
             with atomic_path(last) as tmp:
                 torch.save(self.state(epoch, best, bad), tmp)
             if self.on_epoch is not None:  # e.g. an Optuna pruner; may raise to stop at once
-                self.on_epoch(job, epoch, row)
+                try:
+                    self.on_epoch(job, epoch, row)
+                except BaseException:
+                    tb.close()  # else its writer thread outlives the fold (one per pruned trial)
+                    raise
             if stop:
                 self.echo(f"fold {job.fold}: early stop after {bad} epochs without val_loss improvement")
                 break
@@ -329,7 +340,8 @@ class FoldTrainer:
         return {"model": self.cfg.model.model_dump(), "in_chans": t.channels, "img_size": list(t.image_size),
                 "class_names": t.class_names, "feature_names": t.feature_names, "n_features": len(t.feature_names),
                 "value_range": list(t.value_range), "fold": self.job.fold, "seed": self.job.seed,
-                "config_hash": self.hash, "weights": self.weights_source, **best}
+                "config_hash": self.hash, "weights": self.weights_source, "precision": self.precision,
+                "ema": self.ema is not None, **best}
 
     def write_fold_oof(self, probs: np.ndarray) -> None:
         t = self.table
@@ -362,6 +374,14 @@ def _worker_init(worker_id: int) -> None:
 
     cv2.setNumThreads(0)  # OpenCV threads in DataLoader workers hang or oversubscribe (albumentations #1246)
     torch.set_num_threads(1)
+
+
+def mixed_loss(loss_fn, logits: torch.Tensor, y: torch.Tensor, y2: torch.Tensor, lam: float) -> torch.Tensor:
+    """Loss of a mixed batch: lam * loss(y) + (1 - lam) * loss(partner). Without class weights this is
+    the cross-entropy against the soft target lam * onehot(y) + (1 - lam) * onehot(y2), for 2 or more classes."""
+    if lam == 1.0:
+        return loss_fn(logits, y)
+    return lam * loss_fn(logits, y) + (1 - lam) * loss_fn(logits, y2)
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, t, rng: np.random.Generator):

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.fold import run_fold
-from pipeline.train import FoldTrainer, Job, mix_batch, train_cv
+from pipeline.train import FoldTrainer, Job, mix_batch, mixed_loss, train_cv
 
 quiet = lambda *a: None  # noqa: E731
 RUN = Path("runs/comp/exp")
@@ -51,6 +51,22 @@ def test_mix_prob_zero_is_identity():
     assert lam == 1.0 and xm is x
 
 
+@pytest.mark.parametrize("k", [2, 10])
+@pytest.mark.parametrize("mode", ["mixup", "cutmix"])
+def test_mixed_loss_is_soft_target_cross_entropy(k, mode):
+    """The loop's loss on a mixed batch is the cross-entropy against the mixed one-hot targets,
+    for binary (2 softmax classes) and multiclass alike."""
+    g = torch.Generator().manual_seed(k)
+    x, y = torch.rand(16, 2, 8, 8, generator=g), torch.randint(0, k, (16,), generator=g)
+    t = SimpleNamespace(mixup_alpha=0.4 if mode == "mixup" else 0.0, cutmix_alpha=1.0 if mode == "cutmix" else 0.0, mix_prob=1.0)
+    _, y2, lam = mix_batch(x, y, t, np.random.default_rng(3))
+    assert 0 < lam < 1 and not torch.equal(y, y2)
+    logits = torch.randn(16, k, generator=g)
+    soft = lam * torch.nn.functional.one_hot(y, k) + (1 - lam) * torch.nn.functional.one_hot(y2, k)
+    got = mixed_loss(torch.nn.CrossEntropyLoss(), logits, y, y2, lam)
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(logits, soft.float()))
+
+
 def test_interrupted_run_with_tricks_resumes_identically(digits_config, tmp_path):
     """Mixup, CutMix, EMA, accumulation and an augmentation: stopped after epoch 2, resumed, equal to a clean run."""
     path = digits_config(train={"epochs": 4, "mixup_alpha": 0.4, "cutmix_alpha": 1.0, "mix_prob": 0.8,
@@ -78,33 +94,89 @@ def test_interrupted_run_with_tricks_resumes_identically(digits_config, tmp_path
     pd.testing.assert_frame_equal(resumed, clean, atol=1e-6, check_exact=False)
 
 
-def test_ema_weights_are_checkpointed(digits_config):
+def _trainer(cfg, fold=0):
+    from pipeline.fold import load_folds
+    from pipeline.formats import read_table
+
+    table = read_table(cfg, "train")
+    return FoldTrainer(cfg, table, load_folds(cfg, table), Job(fold, 42, RUN / f"fold_{fold}"), torch.device("cpu"), "h", quiet)
+
+
+def test_tricks_on_are_deterministic(digits_config, tmp_path):
+    """Same config and seed with every trick on gives identical OOF predictions."""
+    path = digits_config(train={"epochs": 2, "mixup_alpha": 0.4, "cutmix_alpha": 1.0, "mix_prob": 0.8, "ema_decay": 0.9,
+                                "accum_steps": 2, "balanced_sampling": True, "class_weights": "balanced", "seeds": [1, 2]},
+                         augment=[{"name": "HorizontalFlip", "p": 0.5}, {"name": "Affine", "rotate": [-10, 10], "p": 0.5}])
+    a = train_cv(_prepare(path), echo=quiet)
+    import os
+
+    os.makedirs(tmp_path / "again")
+    os.chdir(tmp_path / "again")
+    b = train_cv(_prepare(path), echo=quiet)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_ema_weights_are_evaluated_and_checkpointed(digits_config):
+    from pipeline.inference import predict_logits, softmax
     from pipeline.models import load_checkpoint
 
     cfg = _prepare(digits_config(train={"ema_decay": 0.5, "epochs": 1}))
-    table = __import__("pipeline.formats", fromlist=["read_table"]).read_table(cfg, "train")
-    from pipeline.fold import load_folds
-
-    trainer = FoldTrainer(cfg, table, load_folds(cfg, table), Job(0, 42, RUN / "fold_0"), torch.device("cpu"), "h", quiet)
+    trainer = _trainer(cfg)
     trainer.run()
-    saved, _ = load_checkpoint(RUN / "fold_0" / "best.safetensors")
+    saved, meta = load_checkpoint(RUN / "fold_0" / "best.safetensors")
     ema = trainer.ema.module.state_dict()
     raw = trainer.model.state_dict()
     k = "head.1.weight"
     assert torch.equal(saved.state_dict()[k], ema[k]) and not torch.equal(ema[k], raw[k])
+    assert meta["ema"] is True
+    # the fold's validation predictions (oof) come from the EMA weights, not the raw ones
+    t, va = trainer.table, trainer.va_idx
+    oof = pd.read_csv(RUN / "fold_0" / "oof.csv")[[f"p_{c}" for c in t.class_names]].to_numpy()
+    for model, same in ((saved, True), (trainer.model, False)):
+        p = softmax(predict_logits(model, t.images[va], None, 64, torch.device("cpu")))
+        assert np.allclose(p, oof, atol=1e-6) == same
+
+
+def test_ema_is_a_moving_average_with_the_configured_decay(digits_config):
+    cfg = _prepare(digits_config(train={"ema_decay": 0.9, "epochs": 1, "max_steps_per_epoch": 1}))
+    trainer = _trainer(cfg)
+    trainer.build()
+    init = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train_epoch(1)  # exactly one optimizer step
+    ema = dict(trainer.ema.module.named_parameters())
+    for n, p in trainer.model.named_parameters():
+        assert not torch.equal(p, init[n]), n
+        torch.testing.assert_close(ema[n], 0.9 * init[n] + 0.1 * p.detach(), rtol=0, atol=1e-6)
 
 
 def test_gradient_accumulation_steps_the_optimizer_less_often(digits_config):
     cfg = _prepare(digits_config(train={"accum_steps": 3, "epochs": 1, "batch_size": 50, "patience": 0}))
-    table = __import__("pipeline.formats", fromlist=["read_table"]).read_table(cfg, "train")
-    from pipeline.fold import load_folds
-
-    trainer = FoldTrainer(cfg, table, load_folds(cfg, table), Job(0, 42, RUN / "fold_0"), torch.device("cpu"), "h", quiet)
+    trainer = _trainer(cfg)
     trainer.build()
     trainer.train_epoch(1)
     batches = len(trainer.epoch_batches(1, np.random.default_rng(0)))  # 400 rows / 50 = 8 batches
     steps = int(next(iter(trainer.opt.state.values()))["step"])
     assert batches == 8 and steps == 3  # ceil(8 / 3)
+
+
+def test_gradient_accumulation_equals_one_larger_batch(digits_config, monkeypatch):
+    """Two accumulated half batches give the same update as one full batch (dropout off, plain SGD)."""
+    import pipeline.train as tr
+
+    monkeypatch.setattr(tr, "freeze_bn_stats", lambda model: model.eval())  # no dropout: the two runs are comparable
+    sgd = {"optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0, "scheduler": "none", "lr": 0.05, "epochs": 1}
+
+    def weights_after(batch_size, accum, steps):
+        cfg = _prepare(digits_config(train={**sgd, "batch_size": batch_size, "accum_steps": accum, "max_steps_per_epoch": steps}))
+        trainer = _trainer(cfg)
+        trainer.build()
+        trainer.train_epoch(1)
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+    big, accumulated, two_steps = weights_after(32, 1, 1), weights_after(16, 2, 2), weights_after(16, 1, 2)
+    for n in big:
+        torch.testing.assert_close(accumulated[n], big[n], rtol=0, atol=1e-6)
+    assert any(not torch.allclose(two_steps[n], big[n], atol=1e-6) for n in big)  # the check can fail
 
 
 def test_balanced_sampling_and_class_weights(digits_config, sk_digits_dir, tmp_path, make_config):
@@ -118,13 +190,10 @@ def test_balanced_sampling_and_class_weights(digits_config, sk_digits_dir, tmp_p
     path = make_config(d, "pixel_csv", folds={"n_splits": 3}, model={"backbone": "simple_cnn", "pretrained": False},
                        train={"balanced_sampling": True, "class_weights": "balanced", "batch_size": 32})
     cfg = _prepare(path)
-    table = __import__("pipeline.formats", fromlist=["read_table"]).read_table(cfg, "train")
-    from pipeline.fold import load_folds
-
-    trainer = FoldTrainer(cfg, table, load_folds(cfg, table), Job(0, 42, RUN / "fold_0"), torch.device("cpu"), "h", quiet)
+    trainer = _trainer(cfg)
     trainer.build()
     idx = np.concatenate(trainer.epoch_batches(1, np.random.default_rng(0)))
-    share0 = (table.labels[idx] == 0).mean()
+    share0 = (trainer.table.labels[idx] == 0).mean()
     assert share0 > 0.05  # ~1/10 drawn although class 0 is ~1% of the rows
     w = trainer.loss_fn.weight.numpy()
     assert w[0] > 5 * w[1]
@@ -169,6 +238,7 @@ def test_precision_auto_measures_once_and_is_reused(digits_config, monkeypatch, 
     assert "precision auto: fp32" in capsys.readouterr().out
     choice = json.loads((RUN / "precision.json").read_text())["precision"]
     assert choice in ("fp32", "bf16")
+    assert json.loads((RUN / "fold_0" / "best.json").read_text())["precision"] == choice
     monkeypatch.setattr(prec, "measure", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured again")))
     (RUN / "precision.json").unlink()  # a new run on the same machine/model/shape reuses the cache
     train_cv(cfg, folds=[1], echo=print)
