@@ -28,7 +28,7 @@ class DataConfig(_Section):
     format: str
     dir: str
     image_size: int | None = Field(None, gt=0, description="resize images to this square size; None keeps the files' size")
-    channels: int | None = Field(None, ge=1, le=4, description="image_folder: 1 (grey) or 3 (RGB); None = from the files")
+    channels: int | None = Field(None, ge=1, le=4, description="image_folder: 1 (grey) or 3 (RGB), None = from the files; statoil_json: 2 (the bands) or 3 (+ their mean)")
     cache: bool = True
 
 
@@ -179,12 +179,21 @@ class Config(_Section):
         return d
 
     def hash(self, *sections: str) -> str:
-        """Short hash of the resolved config, or of some of its sections."""
+        """Short hash of the resolved config, or of some of its sections. Keys that say where or on
+        what a run happens, not what it computes (``RUNTIME_KEYS``), are left out, so
+        ``pipeline train CFG --folds 3 train.device=cuda:1`` joins the same run."""
         d = self.to_dict()
+        for key in RUNTIME_KEYS:
+            section, name = key.split(".")
+            d.get(section, {}).pop(name, None)
         if sections:
             d = {k: d[k] for k in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
+
+# Where the data is read from and which device or how many loader workers compute a run do not
+# change its results (ids are checked against the folds file; workers are seeded per batch).
+RUNTIME_KEYS = ("data.dir", "data.cache", "train.device", "train.num_workers")
 
 # Sections each stage's outputs depend on (stage staleness and snapshots).
 STAGE_SECTIONS = {
@@ -319,13 +328,20 @@ def load_config(path: str | Path, overrides: list[str] | dict | None = None, che
     return cfg
 
 
-def write_snapshot(cfg: Config, yaml_path: Path, stage: str) -> str:
+def write_snapshot(cfg: Config, yaml_path: Path, stage: str, resolved: dict | None = None) -> str:
     """Save the resolved config beside a stage's outputs (``yaml_path``) and its stage hash
-    (``yaml_path`` with suffix ``.hash``); returns the stage hash."""
+    (``yaml_path`` with suffix ``.hash``); returns the stage hash. ``resolved`` maps keys whose
+    value was decided at run time (``{"train.precision": "fp32"}`` for ``auto``) to that value:
+    the snapshot shows it, the hash stays that of the config as written."""
     from .io import atomic_write_text
 
     h = cfg.hash(*STAGE_SECTIONS.get(stage, ()))
-    text = f"# resolved from {cfg.path}; config hash {cfg.hash()}; {stage} hash {h}\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    d, notes = cfg.to_dict(), []
+    for key, value in (resolved or {}).items():
+        section, name = key.split(".")
+        notes.append(f"# {key}: {d[section][name]} resolved to {value}\n")
+        d[section][name] = value
+    text = f"# resolved from {cfg.path}; config hash {cfg.hash()}; {stage} hash {h}\n" + "".join(notes) + yaml.safe_dump(d, sort_keys=False)
     atomic_write_text(yaml_path, text)
     atomic_write_text(Path(yaml_path).with_suffix(".hash"), h + "\n")
     return h

@@ -302,6 +302,11 @@ def run_ensemble(path: str | Path, overrides: list[str] | None = None, echo=prin
         dup = next(n for n in names if names.count(n) > 1)
         raise PipelineError(f"{path}: members: experiment {dup!r} is listed twice")
     cols = check_members(members, path)
+    for m in members:  # weights fitted on plain OOF then applied to TTA test predictions do not match
+        tta = m.info.get("tta") or ["identity"]
+        if tta != ["identity"] and m.info.get("oof", "oof.csv") == "oof.csv":
+            echo(f"warning: member {m.name}'s test predictions use TTA {tta} but its OOF does not; "
+                 f"set predict.tta_oof=true and rerun its `pipeline predict` so the blend compares like with like")
     class_names = [c[2:] for c in cols]
     first = members[0]
     y, folds = first.oof["target"].to_numpy(int), first.oof["fold"].to_numpy(int)

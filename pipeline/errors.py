@@ -16,3 +16,7 @@ def fail(where, problem: str, expected: str | None = None) -> "PipelineError":
     if expected:
         msg += f"; expected {expected}"
     return PipelineError(msg.replace("\n", " "))
+
+
+class LockHeld(PipelineError):
+    """Another live process holds the lock of a job (e.g. a fold trained on another GPU)."""

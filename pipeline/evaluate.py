@@ -107,7 +107,7 @@ def threshold_summary(y: np.ndarray, probs: np.ndarray, fold: np.ndarray) -> dic
 
 
 def fold_metrics(y, probs, fold, eps, n_bins, class_names) -> tuple[list[dict], dict, dict]:
-    """Per-fold figures and their mean / standard deviation (numpy's, ddof 0) across folds."""
+    """Per-fold figures and their mean / sample standard deviation (ddof 1, as tune and the experiment log) across folds."""
     folds = []
     for k in np.unique(fold):
         m = fold == k
@@ -117,7 +117,7 @@ def fold_metrics(y, probs, fold, eps, n_bins, class_names) -> tuple[list[dict], 
         v = np.array([f[key] for f in folds], dtype=float)
         ok = v[~np.isnan(v)]
         mean[key] = float(ok.mean()) if len(ok) else float("nan")
-        std[key] = float(ok.std()) if len(ok) else float("nan")
+        std[key] = float(ok.std(ddof=1)) if len(ok) > 1 else (0.0 if len(ok) else float("nan"))
     return folds, mean, std
 
 

@@ -34,15 +34,20 @@ def cv_score(run: Path, metric: str) -> tuple[float, float, str]:
         oof = pd.read_csv(run / "oof.csv", dtype={"id": str})
         cols = [c for c in oof.columns if c.startswith("p_")]
         per = [score(metric, g["target"].to_numpy(), g[cols].to_numpy()) for _, g in oof.groupby("fold")]
-        return float(np.mean(per)), float(np.std(per)), "oof.csv"
+        return float(np.mean(per)), _std(per), "oof.csv"
     per = []
     for done in sorted(run.glob("fold_*/done.json")):
         v = json.loads(done.read_text()).get(f"val_{metric}")
         if v is not None:
             per.append(v)
     if per:
-        return float(np.mean(per)), float(np.std(per)), "done.json"
+        return float(np.mean(per)), _std(per), "done.json"
     return math.nan, math.nan, ""
+
+
+def _std(per: list[float]) -> float:
+    """Sample standard deviation across folds, as evaluate and tune report it."""
+    return float(np.std(per, ddof=1)) if len(per) > 1 else 0.0
 
 
 def submission_records(competition: str | None = None) -> pd.DataFrame:
@@ -74,7 +79,8 @@ def _leaderboard() -> dict:
 def list_experiments(cfg: Config, echo=print) -> pd.DataFrame:
     """Print and return every run of ``cfg.competition`` with CV mean/std, hash, date and submissions."""
     root = Path("runs") / cfg.competition
-    runs = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    # runs are folders with a training snapshot or an ensemble record (not tune/ or stray folders)
+    runs = sorted(p for p in root.iterdir() if (p / "config.train.yaml").is_file() or (p / "ensemble.json").is_file()) if root.is_dir() else []
     subs = submission_records(cfg.competition)
     rows = []
     for run in runs:

@@ -24,6 +24,9 @@ def make_folds(cfg: Config, table: Table) -> pd.DataFrame:
         cls = table.class_names[int(np.flatnonzero(counts == smallest)[0])]
         raise PipelineError(f"{cfg.path}: folds.n_splits is {fc.n_splits} but class {cls!r} has only {smallest} rows; expected n_splits <= the smallest class count")
     groups = _groups(cfg, table) if fc.group else None
+    if groups is not None and len(np.unique(groups)) < fc.n_splits:
+        raise PipelineError(f"{cfg.path}: folds.group {fc.group!r} has {len(np.unique(groups))} distinct values for "
+                            f"{fc.n_splits} folds; expected more groups than folds.n_splits")
     out = pd.DataFrame({"id": table.ids})
     for r in range(fc.repeats):
         seed = fc.seed + r

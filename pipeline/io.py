@@ -44,3 +44,51 @@ def atomic_write_csv(path: str | Path, df, **kw) -> None:
 def cache_dir() -> Path:
     """Per-user cache (converted weights, precision choices, image caches); ``PIPELINE_CACHE`` overrides."""
     return Path(os.environ.get("PIPELINE_CACHE") or Path.home() / ".cache" / "competition-pipeline")
+
+
+@contextmanager
+def exclusive(path: str | Path, what: str):
+    """Hold a lock file naming its owner (host and pid) while one process works on ``what``.
+
+    A lock left by a killed process on this host is taken over; one held by a live process, or by
+    another host (which cannot be checked from here), is refused with a line saying how to clear it.
+    """
+    import socket
+
+    from .errors import LockHeld, PipelineError
+
+    path = Path(path)
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_UMASK)
+            break
+        except FileExistsError:
+            try:
+                owner = path.read_text().strip()
+            except FileNotFoundError:
+                continue  # released meanwhile
+            host, _, pid = owner.partition(" ")
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                path.unlink(missing_ok=True)  # its process is gone (killed): take over
+                continue
+            raise LockHeld(f"{path}: {what} is being worked on by {owner or 'another process'} (host pid); "
+                                f"wait for it to finish, or delete this file if that process is gone") from None
+    else:
+        raise PipelineError(f"{path}: could not take the lock for {what}")
+    try:
+        os.write(fd, me.encode())
+        os.close(fd)
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -9,8 +9,10 @@ Artifacts under ``runs/<competition>/<experiment>/``:
                        matches it and that OOF's scores (the ensemble stage reads it)
   config.predict.yaml / .hash   written last: the stage is done
 
+  test_pred_refit.csv  with ``train.refit``: the same from the model(s) refit on every row, kept beside
+                       the fold models' (it has no OOF of its own; the folds' CV is its estimate)
+
 ``test_pred.csv`` is not clipped; ``predict.clip`` applies to the submission file only.
-With ``train.refit`` the refit model(s) trained on every row predict the test set instead of the folds.
 """
 from __future__ import annotations
 
@@ -115,9 +117,12 @@ def model_dirs(cfg: Config, refit: bool | None = None) -> list[Path]:
         dirs = [run / ("refit" if len(seeds) == 1 else f"refit_seed{s}") for s in seeds]
     else:
         dirs = [run / job_name(k, s, len(seeds)) for k in range(n_folds(cfg)) for s in seeds]
+    from .train import folds_digest
+
+    job_hash = f"{have}-{folds_digest(cfg)}" if cfg.folds_path.is_file() else None
     for d in dirs:
         done = d / "done.json"
-        if not done.is_file() or json.loads(done.read_text()).get("hash") != have:
+        if not done.is_file() or json.loads(done.read_text()).get("hash") != job_hash:
             raise PipelineError(f"{d}: model not finished; run `pipeline train {cfg.path}` first")
     return dirs
 
@@ -207,22 +212,28 @@ def predict_test(cfg: Config, echo=print) -> pd.DataFrame:
 
     run = cfg.run_dir
     check_clip(cfg.predict.clip, f"{cfg.path}: predict.clip")
-    dirs = model_dirs(cfg)
+    dirs = model_dirs(cfg, refit=False)
+    refit_dirs = model_dirs(cfg, refit=True) if cfg.train.refit else []
     test = read_table(cfg, "test")
     models = _Models(cfg)
     first = json.loads((dirs[0] / "best.json").read_text())
     transforms = build_tta(cfg.predict.tta, test.image_size, model_input_size(first))  # bad names fail before any work
+    crops = [n for n in cfg.predict.tta if n in ("fivecrop", "tencrop")]
+    if crops and not any("Crop" in a.get("name", "") for a in cfg.augment):
+        echo(f"warning: predict.tta {crops[0]} feeds the model crops at the images' own scale, but training resized "
+             f"whole images (no crop in augment); add e.g. RandomCrop or RandomResizedCrop to the model's input size")
     echo(f"predict {cfg.name}: {len(dirs)} model(s) x {len(transforms)} TTA transform(s) "
          f"({', '.join(t.name for t in transforms)}) on {len(test)} test images, averaging {cfg.predict.average}s")
-    acc = None
-    for d in dirs:
-        p = models.predict(d, test.images, test.features, test)
-        acc = p if acc is None else acc + p
-    probs = _to_probs(acc / len(dirs), cfg.predict.average)
-    temperature = load_temperature(run)
-    probs = apply_temperature(probs, temperature)
+    temperature = load_temperature(run)  # fitted on the folds' OOF; applied to refit models too
+    probs = apply_temperature(_mean_prediction(models, dirs, test), temperature)
     if temperature is not None:
         echo(f"applied temperature {temperature:.4f} from {run / 'calibration.json'}")
+    if refit_dirs:
+        refit_probs = apply_temperature(_mean_prediction(models, refit_dirs, test), temperature)
+        atomic_write_csv(run / "test_pred_refit.csv", pred_frame(test.ids, refit_probs, test.class_names), float_format="%.8g")
+        echo(f"wrote {run / 'test_pred_refit.csv'}: {len(test)} rows from {', '.join(d.name for d in refit_dirs)}")
+    else:
+        (run / "test_pred_refit.csv").unlink(missing_ok=True)  # a stale refit file must not be submitted
 
     if cfg.predict.tta_oof:
         oof = _oof_tta(cfg, models, echo)
@@ -243,7 +254,7 @@ def predict_test(cfg: Config, echo=print) -> pd.DataFrame:
     df = pred_frame(test.ids, probs, test.class_names)
     atomic_write_csv(run / "test_pred.csv", df, float_format="%.8g")
     atomic_write_json(run / "predict.json", {
-        "models": [d.name for d in dirs], "tta": [t.name for t in transforms], "average": cfg.predict.average,
+        "models": [d.name for d in dirs], "refit_models": [d.name for d in refit_dirs], "tta": [t.name for t in transforms], "average": cfg.predict.average,
         "temperature": temperature, "clip": list(cfg.predict.clip) if cfg.predict.clip else None,
         "oof": oof_name, "class_names": list(test.class_names), **scores,
         "train_hash": read_stage_hash(run / "config.train.yaml"),
@@ -253,8 +264,18 @@ def predict_test(cfg: Config, echo=print) -> pd.DataFrame:
     return df
 
 
+def _mean_prediction(models: "_Models", dirs: list[Path], table) -> np.ndarray:
+    acc = None
+    for d in dirs:
+        p = models.predict(d, table.images, table.features, table)
+        acc = p if acc is None else acc + p
+    return _to_probs(acc / len(dirs), models.cfg.predict.average)
+
+
 def submit_experiment(cfg: Config, echo=print) -> Path:
-    """``predict_test`` then a submission file for this experiment (``predict.clip`` applied)."""
+    """``predict_test`` then a submission file for this experiment (``predict.clip`` applied); with
+    ``train.refit`` a second one, ``<competition>-<experiment>-refit-<utc>.csv``, from the refit models.
+    Returns the fold models' file."""
     from .submission import write_submission
 
     df = predict_test(cfg, echo)
@@ -268,5 +289,12 @@ def submit_experiment(cfg: Config, echo=print) -> Path:
             "config_hashes": hashes}
     if "oof_logloss_clipped" in info:
         meta["oof_logloss_clipped"] = info["oof_logloss_clipped"]
-    return write_submission(cfg, df["id"].to_numpy(), probs, class_names, cfg.name, meta, echo=echo,
-                            test_ids=df["id"].to_numpy())
+    path = write_submission(cfg, df["id"].to_numpy(), probs, class_names, cfg.name, meta | {"models": info["models"]},
+                            echo=echo, test_ids=df["id"].to_numpy())
+    if info.get("refit_models"):
+        refit = pd.read_csv(run / "test_pred_refit.csv", dtype={"id": str})
+        write_submission(cfg, refit["id"].to_numpy(), clip_probs(refit[pcols(class_names)].to_numpy(), cfg.predict.clip),
+                         class_names, f"{cfg.name}-refit", meta | {"method": "refit", "models": info["refit_models"],
+                                                                   "oof_note": "oof scores are the fold models' CV"},
+                         echo=echo, test_ids=refit["id"].to_numpy())
+    return path

@@ -160,7 +160,8 @@ def check_submission(cfg: Config, path: str | Path, echo=print, solution: str | 
         for p in problems:
             print(p, file=sys.stderr)
         raise PipelineError(f"{path}: {len(problems)} check(s) failed; not a valid {cfg.competition} submission")
-    n = sum(1 for _ in open(path)) - 1
+    with open(path) as f:
+        n = sum(1 for _ in f) - 1
     echo(f"{path}: valid {cfg.competition} submission ({n} rows)")
     if solution is None:
         return None

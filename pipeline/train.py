@@ -28,12 +28,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .config import Config, write_snapshot
+from .config import STAGE_SECTIONS, Config, write_snapshot
 from .device import resolve_device
-from .errors import PipelineError
+from .errors import LockHeld, PipelineError
 from .fold import load_folds
 from .inference import autocast, features_tensor, predict_logits, softmax, to_tensor
-from .io import atomic_path, atomic_write_csv, atomic_write_json
+from .io import atomic_path, atomic_write_csv, atomic_write_json, exclusive
 from .metrics import logloss, score
 from .models import apply_finetune, build_model, freeze_bn_stats, save_checkpoint, unfreeze_all
 from .table import Table
@@ -141,7 +141,8 @@ class FoldTrainer:
             self.ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
         self.opt = build_optimizer(cfg, model)
         self.steps_per_epoch = self._steps_per_epoch()
-        self.sched, self.per_step = build_scheduler(cfg, self.opt, self.steps_per_epoch)
+        # per-step schedules advance once per optimizer step, i.e. every accum_steps batches
+        self.sched, self.per_step = build_scheduler(cfg, self.opt, math.ceil(self.steps_per_epoch / cfg.train.accum_steps))
         from .augment import build_augment
 
         self.augment = None if self.embeddings is not None else build_augment(
@@ -208,7 +209,7 @@ class FoldTrainer:
         freeze_bn_stats(model)
         batches = self.epoch_batches(epoch, rng)
         accum = cfg.train.accum_steps
-        total, seen, t0 = 0.0, 0, time.perf_counter()
+        total, seen, right, t0 = 0.0, 0, 0, time.perf_counter()
         from tqdm.auto import tqdm
 
         source = self.loader(batches, epoch) if self.embeddings is None else ((idx, None) for idx in batches)
@@ -237,7 +238,8 @@ class FoldTrainer:
                     self.sched.step()
             total += loss.item() * len(idx)
             seen += len(idx)
-            bar.set_postfix(loss=f"{total / seen:.4f}")
+            right += (logits.argmax(1) == y).sum().item()  # against the batch's own labels (mixed or not)
+            bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{right / seen:.3f}")
         return total / max(seen, 1), seen / (time.perf_counter() - t0)
 
     def loader(self, batches: list[np.ndarray], epoch: int):
@@ -265,8 +267,14 @@ class FoldTrainer:
         return softmax(logits)
 
     def run(self) -> dict:
+        """Train the fold to the end (or resume it); one process per fold at a time."""
+        self.job.dir.mkdir(parents=True, exist_ok=True)
+        what = "refit" if self.refit else f"fold {self.job.fold}"
+        with exclusive(self.job.dir / "lock", what):
+            return self._run()
+
+    def _run(self) -> dict:
         cfg, job, t = self.cfg, self.job, self.table
-        job.dir.mkdir(parents=True, exist_ok=True)
         self.build()
         last, hist_path = job.dir / "last.pt", job.dir / "history.csv"
         history, best, bad, start = [], {"val_loss": math.inf, "epoch": 0}, 0, 1
@@ -423,8 +431,8 @@ class _Rows:
 def _head_embeddings(cfg: Config, table: Table, device: torch.device, seed: int, echo) -> torch.Tensor | None:
     """With a frozen backbone and no augmentation, features are computed once for every fold."""
     m = cfg.model
-    if m.finetune != "head" or cfg.augment or m.unfreeze_after:
-        return None
+    if m.finetune != "head" or cfg.augment or m.unfreeze_after or cfg.train.mixup_alpha or cfg.train.cutmix_alpha:
+        return None  # mixing, augmentation and unfreezing all need the images themselves
     seed_everything(derive_seed("init", seed))  # the same init as each fold's model
     model, _ = build_model(cfg, table.channels, table.num_classes, len(table.feature_names), table.image_size)
     model.fit_normalisation(table.images, table.features)
@@ -455,10 +463,17 @@ def train_cv(cfg: Config, folds: list[int] | None = None, echo=print, table: Tab
     device = resolve_device(cfg.train.device)
     run = cfg.run_dir
     run.mkdir(parents=True, exist_ok=True)
-    run_hash = write_snapshot(cfg, run / "config.train.yaml", "train")
+    config_hash = cfg.hash(*STAGE_SECTIONS["train"])
+    # Finished folds count only for this config *and* these fold assignments: a regenerated
+    # folds file with the same settings (e.g. from changed data) retrains them.
+    run_hash = f"{config_hash}-{folds_digest(cfg)}"
     seeds = cfg.train.seeds or [cfg.train.seed]
-    precision = _run_precision(cfg, table, device, run, echo)
+    precision = _run_precision(cfg, table, device, run, config_hash, echo)
+    write_snapshot(cfg, run / "config.train.yaml", "train",
+                   {"train.precision": precision} if cfg.train.precision == "auto" else None)
     jobs = [(seed, k) for seed in seeds for k in wanted]
+    # the time budget is shared by every job left, the refit models included
+    n_jobs = len(jobs) + (len(seeds) if cfg.train.refit else 0)
     t_start = time.time()
     echo(f"train {cfg.name}: {cfg.model.backbone} ({'pretrained' if cfg.model.pretrained else 'from scratch'}, finetune {cfg.model.finetune}) "
          f"on {len(table)} images {table.channels}x{table.image_size[0]}x{table.image_size[1]}, folds {wanted}, seeds {seeds}, device {device}")
@@ -476,23 +491,37 @@ def train_cv(cfg: Config, folds: list[int] | None = None, echo=print, table: Tab
             done.unlink()
         if embeddings is None:
             embeddings = _head_embeddings(cfg, table, device, seed, echo)
-        deadline = None
-        if cfg.train.time_budget_s:  # the budget left is shared equally by the jobs left
-            left = cfg.train.time_budget_s - (time.time() - t_start)
-            deadline = time.time() + max(left, 0) / (len(jobs) - j)
-        res = FoldTrainer(cfg, table, fold_of, job, device, run_hash, echo, embeddings, on_epoch,
-                          precision, deadline).run()
+        deadline = _deadline(cfg, t_start, n_jobs - j)
+        try:
+            res = FoldTrainer(cfg, table, fold_of, job, device, run_hash, echo, embeddings, on_epoch,
+                              precision, deadline).run()
+        except LockHeld as e:  # another process (GPU, machine) trains this fold: leave it to it
+            echo(f"fold {k}: skipping, {e}")
+            continue
         echo(f"fold {k}: best epoch {res['best_epoch']}, val_loss {res['val_loss']:.4f}")
         if on_fold is not None:
             on_fold(job, res)
     oof = collect_oof(cfg, table, fold_of, run_hash, echo)
     if oof is not None and cfg.train.refit:
-        for seed in seeds:
-            refit(cfg, table, fold_of, seed, device, run_hash, precision, echo)
+        for i, seed in enumerate(seeds):
+            refit(cfg, table, fold_of, seed, device, run_hash, precision, echo, _deadline(cfg, t_start, len(seeds) - i))
     return oof
 
 
-def refit(cfg: Config, table: Table, fold_of: np.ndarray, seed: int, device, run_hash: str, precision: str, echo) -> dict:
+def _deadline(cfg: Config, t_start: float, jobs_left: int) -> float | None:
+    """When the next job must stop: the budget left, shared equally by the jobs left."""
+    if not cfg.train.time_budget_s:
+        return None
+    left = cfg.train.time_budget_s - (time.time() - t_start)
+    return time.time() + max(left, 0) / max(jobs_left, 1)
+
+
+def folds_digest(cfg: Config) -> str:
+    return hashlib.sha256(cfg.folds_path.read_bytes()).hexdigest()[:8]
+
+
+def refit(cfg: Config, table: Table, fold_of: np.ndarray, seed: int, device, run_hash: str, precision: str, echo,
+          deadline: float | None = None) -> dict:
     """Train on every row for the epoch count CV chose (median best epoch); saved under ``refit[_seed<s>]/``."""
     seeds = cfg.train.seeds or [cfg.train.seed]
     n_folds = int(fold_of.max()) + 1
@@ -506,16 +535,19 @@ def refit(cfg: Config, table: Table, fold_of: np.ndarray, seed: int, device, run
     echo(f"refit on all {len(table)} rows for {epochs} epochs (median best epoch of the folds: {best})")
     rcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "patience": 0})})
     job = Job(-1, seed, d)
-    return FoldTrainer(rcfg, table, np.full(len(table), 0), job, device, run_hash, echo, None, None, precision).run()
+    return FoldTrainer(rcfg, table, np.full(len(table), 0), job, device, run_hash, echo, None, None, precision, deadline).run()
 
 
-def _run_precision(cfg: Config, table: Table, device, run: Path, echo) -> str:
-    """Resolve ``train.precision`` once per run and keep it in ``precision.json`` so resumes reuse it."""
+def _run_precision(cfg: Config, table: Table, device, run: Path, config_hash: str, echo) -> str:
+    """Resolve ``train.precision`` once per run and keep it in ``precision.json`` so resumes (and
+    folds trained later, elsewhere) reuse it; a changed config resolves it again."""
     if cfg.train.precision != "auto":
         return cfg.train.precision
     path = run / "precision.json"
     if path.is_file():
-        return json.loads(path.read_text())["precision"]
+        saved = json.loads(path.read_text())
+        if saved.get("hash") == config_hash:
+            return saved["precision"]
     from .precision import resolve_precision
 
     seed_everything(0)
@@ -527,7 +559,7 @@ def _run_precision(cfg: Config, table: Table, device, run: Path, echo) -> str:
         model.to(memory_format=torch.channels_last)
     feats = features_tensor(table.features, np.arange(bs), device)
     choice = resolve_precision("auto", model, x, feats, f"{cfg.model.backbone}|cl={cfg.train.channels_last}", echo)
-    atomic_write_json(path, {"precision": choice})
+    atomic_write_json(path, {"precision": choice, "hash": config_hash})
     return choice
 
 

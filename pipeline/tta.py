@@ -8,7 +8,7 @@ so that declaring ``[dihedral, hflip]`` does not count hflip twice. A set that i
 averaged prediction exactly invariant under its elements.
 
 Crops (``fivecrop``, ``tencrop``) cut the model's input size out of larger test images:
-four corners and the centre, and for ``tencrop`` their horizontal reflections too.
+four corners and the centre, and for ``tencrop`` the same five of the mirrored image too.
 """
 from __future__ import annotations
 
@@ -64,7 +64,11 @@ def _crops(image_size, model_size, flips: tuple[bool, ...], what: str) -> list[T
     # Centre offset rounded like torchvision's center_crop.
     ct, cl = int(round((H - h) / 2)), int(round((W - w) / 2))
     spots = {"tl": (0, 0), "tr": (0, W - w), "bl": (H - h, 0), "br": (H - h, W - w), "c": (ct, cl)}
-    return [_crop(t, l, h, w, f, f"crop_{s}{'+hflip' if f else ''}") for f in flips for s, (t, l) in spots.items()]
+    # The flipped crops are the five crops of the mirrored image (as torchvision's TenCrop): a crop at
+    # left offset l of the mirror is the mirror of the crop at W - w - l. With an odd W - w the centre
+    # is not symmetric, and only this keeps ten-crop exactly invariant under a horizontal flip.
+    return [_crop(t, W - w - l if f else l, h, w, f, f"crop_{s}{'+hflip' if f else ''}")
+            for f in flips for s, (t, l) in spots.items()]
 
 
 def _needs_square(name, image_size):

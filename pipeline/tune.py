@@ -53,7 +53,7 @@ from pathlib import Path
 from .config import Config
 from .errors import PipelineError
 from .metrics import GREATER_IS_BETTER
-from .search_space import Space, check_augment, parse_space, trial_seed
+from .search_space import Space, _lookup, check_augment, parse_space, trial_seed
 from .tune_report import best_trial, fmt_value, write_best, write_plots, write_trials
 
 EPOCH_PRUNERS = ("median", "halving", "hyperband")
@@ -286,12 +286,13 @@ def tune(cfg: Config, n_trials: int | None = None, max_trials: int | None = None
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is printed here instead
         try:
-            return _tune(cfg, space, n_trials, max_trials, timeout, storage, study_name, echo)
+            fixed = {k: _lookup(cfg.to_dict(), k) for k in dict.fromkeys(pinned or [])}
+            return _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage, study_name, echo)
         finally:
             optuna.logging.set_verbosity(verbosity)
 
 
-def _tune(cfg, space, n_trials, max_trials, timeout, storage_url, study_name, echo):
+def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_name, echo):
     import optuna
     from optuna.trial import TrialState
 
@@ -435,7 +436,7 @@ def _tune(cfg, space, n_trials, max_trials, timeout, storage_url, study_name, ec
             fails["row"] = 0
         try:
             write_trials(study, out_dir)
-            write_best(study, out_dir, space, base, cfg, space.pinned, cfg.metric)
+            write_best(study, out_dir, space, base, cfg, fixed, cfg.metric)
         except OSError as e:
             echo(f"warning: could not write {out_dir}: {e}")
 
@@ -453,7 +454,7 @@ def _tune(cfg, space, n_trials, max_trials, timeout, storage_url, study_name, ec
             study.optimize(objective, n_trials=n_run, timeout=timeout, catch=(Exception,), callbacks=callbacks)
     finally:
         write_trials(study, out_dir)
-        best_path = write_best(study, out_dir, space, base, cfg, space.pinned, cfg.metric)
+        best_path = write_best(study, out_dir, space, base, cfg, fixed, cfg.metric)
     counts = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
     echo(f"study {study_name!r}: {len(study.trials)} trials ({', '.join(f'{n} {k}' for k, n in counts.items() if n)}); "
          f"this run {time.time() - t0:.0f}s; wrote {out_dir / 'trials.csv'}")

@@ -1,6 +1,7 @@
 """What ``pipeline tune`` leaves under ``runs/<competition>/tune/<study>/``.
 
-  best.yaml        the best trial's parameters as ``section.key: value`` overrides
+  best.yaml        the best trial's parameters (and the keys fixed on the command line) as
+                   ``section.key: value`` overrides; also copied to ``runs/<competition>/tune/best.yaml``
                    (``pipeline train CONFIG --params best.yaml``); searched augmentation
                    parameters go in as the whole ``augment:`` list
   trials.csv       every trial of the study (``study.trials_dataframe()``), all workers'
@@ -27,22 +28,26 @@ def best_trial(study):
         return None
 
 
-def write_best(study, out_dir: Path, space, base: dict, cfg, pinned: dict, metric: str) -> Path | None:
+def write_best(study, out_dir: Path, space, base: dict, cfg, fixed: dict, metric: str) -> Path | None:
+    """``<study>/best.yaml``, and a copy at ``runs/<competition>/tune/best.yaml`` (the study written
+    last). Keys given on the command line during the search (``fixed``) are part of every trial, so
+    they go in too: the file alone reproduces the best trial."""
     bt = best_trial(study)
     if bt is None:
         return None
     values = {k: v for k, v in bt.params.items() if space.get(k) is not None or not k.startswith("augment.")}
-    overrides = space.overrides(base, values)
+    overrides = {**{k: v for k, v in fixed.items() if k not in values}, **space.overrides(base, values)}
     path = out_dir / "best.yaml"
     folds = bt.user_attrs.get("folds")
     head = [f"# pipeline tune: best of study {study.study_name!r}: trial {bt.number}, {metric} {bt.value:.6g}"
             + (f" (mean over folds {folds})" if folds is not None else ""),
             f"# use: pipeline train {cfg.path} --params {path}"]
-    if pinned:
-        head.append("# pinned on the command line during the search (not included): "
-                    + " ".join(f"{k}={v}" for k, v in pinned.items()))
+    if fixed:
+        head.append("# fixed on the command line during the search (included): " + ", ".join(fixed))
     body = yaml.safe_dump(overrides, sort_keys=False, default_flow_style=False) if overrides else "{}\n"
-    atomic_write_text(path, "\n".join(head) + "\n" + body)
+    text = "\n".join(head) + "\n" + body
+    atomic_write_text(path, text)
+    atomic_write_text(out_dir.parent / "best.yaml", text)
     return path
 
 

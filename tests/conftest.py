@@ -68,6 +68,15 @@ def run_cli(*argv, capsys=None):
     return main([str(a) for a in argv])
 
 
+def cli_error(capsys, *argv) -> str:
+    """Run the CLI in-process on bad input: exit 2 and exactly one line on stderr, no traceback."""
+    capsys.readouterr()
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
 def copy_json(src: Path, dst: Path, mutate):
     recs = json.loads(src.read_text())
     mutate(recs)

@@ -134,7 +134,7 @@ def test_iceberg_band_statistics_lose_to_a_small_cnn():
     print(f"iceberg demo, 600 train / 300 validation: band-statistics LR log-loss {lr_loss:.3f}, small CNN {cnn_loss:.3f}")
     assert lr_loss > 0.45  # brightness, size and cross-pol statistics overlap
     assert cnn_loss < lr_loss - 0.15  # shape and texture carry the signal
-    assert cnn_loss > 0.05  # and it is not trivial: no label noise, the images are hard
+    assert cnn_loss > 0.15  # and it is not trivial: no label noise, the images are hard (measured 0.23)
 
 
 # ---- digits ---------------------------------------------------------------------------

@@ -155,6 +155,13 @@ def test_ensemble_stage_writes_valid_submission(base_cfg, method, capsys):
     assert list(oof.columns[:3]) == ["id", "fold", "target"] and len(oof) == N_TRAIN
     np.testing.assert_allclose(oof.filter(like="p_").sum(1), 1, atol=1e-6)
     assert len(pd.read_csv(run / "test_pred.csv")) == N_TEST
+    # the clipped OOF log-loss is measured on the blend's OOF, as printed
+    from pipeline.metrics import logloss
+    from pipeline.predict import clip_probs
+
+    blend = oof.filter(like="p_").to_numpy()
+    want = logloss(oof["target"].to_numpy(), clip_probs(blend, (0.001, 0.999)))
+    assert meta["oof_logloss_clipped"] == pytest.approx(want, rel=1e-5) and f"{want:.4f} with" in out
 
 
 def test_blend_of_a_member_with_itself_warns(base_cfg, capsys):

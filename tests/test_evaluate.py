@@ -12,7 +12,7 @@ import torch
 from sklearn import metrics as skm
 
 from conftest import TINY_TRAIN, run_cli, write_yaml
-from pipeline.calibration import calibrate, ece, fit_temperature
+from pipeline.calibration import MIN_GAIN, calibrate, ece, fit_temperature
 from pipeline.config import load_config, write_snapshot
 from pipeline.errors import PipelineError
 from pipeline.evaluate import best_f1_threshold, classification_metrics, compare, evaluate
@@ -108,13 +108,14 @@ def test_temperature_helps_overconfident_predictions():
                                softmax(np.log(over) / summary["temperature"]), atol=1e-9)
 
 
-def test_temperature_near_one_and_dropped_on_calibrated_predictions():
-    rng = np.random.default_rng(3)
+@pytest.mark.parametrize("seed", [3, 4, 5, 6, 7])
+def test_temperature_near_one_and_dropped_on_calibrated_predictions(seed):
+    rng = np.random.default_rng(seed)
     probs = softmax(rng.normal(0, 1.5, (4000, 3)))
     y = drawn(rng, probs)
     summary, _ = calibrate(y, probs, np.arange(4000) % 5)
     assert summary["temperature"] == pytest.approx(1, abs=0.06)
-    assert not summary["kept"] and summary["nested_logloss"] >= summary["raw_logloss"]
+    assert not summary["kept"] and summary["nested_logloss"] > summary["raw_logloss"] * (1 - MIN_GAIN)
     assert fit_temperature(y, probs) == pytest.approx(summary["temperature"])
 
 
@@ -158,7 +159,7 @@ def test_metrics_json_from_oof(hand_run):
     per = [skm.accuracy_score(g["target"], g.filter(like="p_").to_numpy().argmax(1)) for _, g in df.groupby("fold")]
     assert [f["fold"] for f in m["folds"]] == [0, 1, 2]
     assert [f["accuracy"] for f in m["folds"]] == pytest.approx(per)
-    assert m["cv_mean"]["accuracy"] == pytest.approx(np.mean(per)) and m["cv_std"]["accuracy"] == pytest.approx(np.std(per))
+    assert m["cv_mean"]["accuracy"] == pytest.approx(np.mean(per)) and m["cv_std"]["accuracy"] == pytest.approx(np.std(per, ddof=1))
     assert sum(f["n"] for f in m["folds"]) == 600 and np.array(m["folds"][0]["confusion_matrix"]).sum() == m["folds"][0]["n"]
     # over-confident by construction: the temperature is kept, saved, and predict reads it
     c = m["calibrated"]
@@ -173,7 +174,7 @@ def test_metrics_json_from_oof(hand_run):
     from pipeline.experiments import cv_score
 
     assert read_stage_hash(RUN / "config.evaluate.yaml") == cfg.hash(*STAGE_SECTIONS["evaluate"])
-    assert cv_score(RUN, "accuracy") == (pytest.approx(np.mean(per)), pytest.approx(np.std(per)), "metrics.json")
+    assert cv_score(RUN, "accuracy") == (pytest.approx(np.mean(per)), pytest.approx(np.std(per, ddof=1)), "metrics.json")
 
 
 def test_calibrate_false_writes_kept_false(hand_run):

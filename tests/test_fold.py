@@ -76,3 +76,15 @@ def test_load_folds_refuses_other_data(make_config, iceberg_dir, digits_dir):
     df.to_csv("folds/comp.csv", index=False)
     with pytest.raises(PipelineError, match=r"fold 2 is empty"):
         load_folds(cfg, tr)
+
+
+def test_too_few_groups_is_one_line_error(tmp_path, make_config, iceberg_dir, capsys):
+    from conftest import copy_json, run_cli
+
+    d = tmp_path / "angles"
+    copy_json(iceberg_dir / "train.json", d / "train.json", lambda recs: [r.update(inc_angle=30.0 + i % 3) for i, r in enumerate(recs)])
+    (d / "test.json").write_text((iceberg_dir / "test.json").read_text())
+    path = make_config(d, folds={"group": "inc_angle", "n_splits": 5})
+    assert run_cli("fold", path) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "folds.group 'inc_angle'" in err and "expected more groups than folds.n_splits" in err

@@ -1,12 +1,13 @@
 """Readers on real files written by the demo generators, and every bad input named in the issue."""
 import json
+import re
 import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import copy_json, run_cli
+from conftest import cli_error, copy_json, run_cli
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.formats import build_reader, read_table
@@ -60,10 +61,9 @@ def _set(i, key, value):
     (lambda recs: recs.clear(), r"train.json: the train set is empty"),
     (lambda recs: recs[0].pop("band_2"), r"missing or non-list 'band_2'"),
 ])
-def test_statoil_bad_train(tmp_path, make_config, iceberg_dir, mutate, message):
+def test_statoil_bad_train(tmp_path, make_config, iceberg_dir, mutate, message, capsys):
     d = _bad_statoil(tmp_path, iceberg_dir, mutate)
-    with pytest.raises(PipelineError, match=message):
-        read_table(_cfg(make_config, d, "statoil_json"), "train")
+    assert re.search(message, cli_error(capsys, "fold", make_config(d, "statoil_json")))
 
 
 def test_statoil_nan_pixels_and_empty_test(tmp_path, make_config, iceberg_dir):
@@ -75,6 +75,29 @@ def test_statoil_nan_pixels_and_empty_test(tmp_path, make_config, iceberg_dir):
     d = _bad_statoil(tmp_path, iceberg_dir, lambda r: r.clear(), split="test")
     with pytest.raises(PipelineError, match=r"test.json: the test set is empty; expected at least one row"):
         read_table(_cfg(make_config, d, "statoil_json"), "test")
+
+
+def test_statoil_missing_label_and_inf_pixels(tmp_path, make_config, iceberg_dir):
+    d = _bad_statoil(tmp_path, iceberg_dir, lambda recs: recs[3].pop("is_iceberg"))
+    with pytest.raises(PipelineError, match=r"train.json: id '\w+': missing 'is_iceberg'; expected the label 0 or 1 in every train record"):
+        read_table(_cfg(make_config, d, "statoil_json"), "train")
+
+    def inf(recs):
+        recs[5]["band_2"][7] = float("-inf")  # json.dumps writes -Infinity, json.load reads it
+    d = _bad_statoil(tmp_path, iceberg_dir, inf, split="test")
+    with pytest.raises(PipelineError, match=r"test.json: id '\w+': band_2 has NaN or inf pixels; expected finite dB values"):
+        read_table(_cfg(make_config, d, "statoil_json"), "test")
+
+
+def test_statoil_size_and_channels(make_config, iceberg_dir, capsys):
+    path = make_config(iceberg_dir, "statoil_json")
+    assert run_cli("fold", path, "data.image_size=64") == 2
+    assert "data.image_size: 64; statoil_json images are 75x75 (set model.input_size" in capsys.readouterr().err
+    assert run_cli("fold", path, "data.channels=1") == 2
+    assert "data.channels: 1; expected 2 (band_1, band_2) or 3" in capsys.readouterr().err
+    three = read_table(load_config(path, ["data.channels=3"]), "train")
+    assert three.images.shape[1] == 3 and three.channels == 3
+    np.testing.assert_allclose(three.images[:, 2], three.images[:, :2].mean(1), rtol=1e-6)
 
 
 def test_statoil_truncated_and_missing(tmp_path, make_config, iceberg_dir):
@@ -139,10 +162,24 @@ def _bad_csv(tmp_path, digits_dir, split, mutate):
     ("test", lambda df: df.iloc[:0], r"test.csv: the test set is empty"),
     ("test", lambda df: df.assign(pixel0=df["pixel0"].astype(object).where(df.index != 1, "x")), r"test.csv: row 2 has a non-numeric pixel"),
 ])
-def test_pixel_csv_bad_input(tmp_path, make_config, digits_dir, split, mutate, message):
+def test_pixel_csv_bad_input(tmp_path, make_config, digits_dir, split, mutate, message, capsys):
     d = _bad_csv(tmp_path, digits_dir, split, mutate)
+    if split == "train":  # through the CLI, as a user meets it
+        assert re.search(message, cli_error(capsys, "fold", make_config(d, "pixel_csv")))
     with pytest.raises(PipelineError, match=message):
         read_table(_cfg(make_config, d, "pixel_csv"), split)
+
+
+def test_pixel_csv_malformed_and_truncated(tmp_path, make_config, digits_dir):
+    d = _bad_csv(tmp_path, digits_dir, "train", lambda df: df)
+    lines = (d / "train.csv").read_text().splitlines()
+    (d / "train.csv").write_text("\n".join(lines[:4] + [lines[4] + ",0,0"] + lines[5:]) + "\n")  # a row with extra fields
+    with pytest.raises(PipelineError, match=r"train.csv: cannot parse CSV \(Error tokenizing data.*line 5.*\); expected a header and one row per image"):
+        read_table(_cfg(make_config, d, "pixel_csv"), "train")
+    text = "\n".join(lines) + "\n"
+    (d / "train.csv").write_text(text[: len(text) - 40])  # cut inside the last row, as an interrupted download
+    with pytest.raises(PipelineError, match=r"train.csv: row 50 has a pixel that is missing or outside 0..255"):
+        read_table(_cfg(make_config, d, "pixel_csv"), "train")
 
 
 def test_pixel_csv_train_test_sizes_differ(tmp_path, make_config, digits_dir):

@@ -1,5 +1,6 @@
 """image_folder reader: the demo folder, id styles, the memory-mapped cache and every bad input."""
 import os
+import re
 import shutil
 
 import numpy as np
@@ -7,7 +8,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import cli_error, run_cli
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.formats import build_reader, read_table
@@ -194,17 +195,22 @@ BAD = [
     (lambda d: [(d / "test.csv").unlink(), shutil.rmtree(d / "test"), (d / "test").mkdir()], "test",
      r"test: the test set is empty \(no test.csv and no image files\); expected image files \(.png, .jpg, ...\)"),
     (_two_images_one_stem, "train", r"train.csv: row 1: id 'twin' matches twin.jpg and twin.png in train/; expected one image file per id"),
+    (lambda d: (d / "train.csv").write_text('id,label\n"a.png,one\nb.png,two,extra\n'), "train",
+     r"train.csv: cannot parse CSV \(.*\); expected"),
 ]
 
 
 @pytest.mark.parametrize("mutate, split, message", BAD, ids=[
     "no-train-csv", "no-train-folder", "no-label-column", "no-id-column", "no-test-id-column", "missing-file",
     "missing-stem", "empty-id", "empty-label", "duplicate-id", "unreadable", "truncated", "empty-test-csv",
-    "empty-test-folder", "ambiguous-stem"])
-def test_bad_input(make_config, small, mutate, split, message):
+    "empty-test-folder", "ambiguous-stem", "malformed-csv"])
+def test_bad_input(make_config, small, mutate, split, message, capsys):
     mutate(small)
+    cfg = _cfg(make_config, small)
+    if split == "train":  # through the CLI, as a user meets it
+        assert re.search(message, cli_error(capsys, "fold", cfg.path))
     with pytest.raises(PipelineError, match=message) as e:
-        read_table(_cfg(make_config, small), split)
+        read_table(cfg, split)
     assert "\n" not in str(e.value)
 
 

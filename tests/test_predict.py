@@ -121,9 +121,19 @@ def test_seeds_and_refit_models(digits_config):
     assert json.loads((RUN / "predict.json").read_text())["models"] == [f"fold_{k}_seed{s}" for k in range(3) for s in (1, 2)]
     cfg = trained(path, ["train.seeds=null", "train.refit=true"])
     df = predict_test(cfg, echo=quiet)
-    assert json.loads((RUN / "predict.json").read_text())["models"] == ["refit"]
+    info = json.loads((RUN / "predict.json").read_text())
+    assert info["models"] == [f"fold_{k}" for k in range(3)] and info["refit_models"] == ["refit"]
     test = read_table(cfg, "test")
-    np.testing.assert_allclose(df.filter(like="p_").to_numpy(), softmax(fold_logits(cfg, test.images, [RUN / "refit"])[0]), atol=1e-6)
+    # the fold models' predictions stay test_pred.csv; the refit model's are kept beside them
+    folds = np.mean([softmax(z) for z in fold_logits(cfg, test.images)], axis=0)
+    np.testing.assert_allclose(df.filter(like="p_").to_numpy(), folds, atol=1e-6)
+    refit = pd.read_csv(RUN / "test_pred_refit.csv", dtype={"id": str})
+    np.testing.assert_allclose(refit.filter(like="p_").to_numpy(), softmax(fold_logits(cfg, test.images, [RUN / "refit"])[0]), atol=1e-6)
+    sub = submit_experiment(cfg, echo=quiet)
+    refit_sub = [p for p in Path("submissions").glob("comp-exp-refit-*.csv")]
+    assert len(refit_sub) == 1 and validate_submission(cfg, refit_sub[0]) == []
+    assert json.loads(refit_sub[0].with_suffix(".json").read_text())["models"] == ["refit"]
+    assert json.loads(sub.with_suffix(".json").read_text())["models"] == info["models"]
 
 
 def test_predict_refuses_missing_or_stale_models(digits_config, capsys):

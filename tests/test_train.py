@@ -196,8 +196,8 @@ def test_cuda_requested_without_gpu(digits_config, capsys):
 
 def test_killed_fold_resumes_to_same_oof(digits_config, tmp_path):
     """A real subprocess killed with SIGKILL mid-fold resumes from its last completed epoch."""
-    path = digits_config(folds={"n_splits": 2, "seed": 0}, train={"epochs": 8, "lr": 1e-3},
-                         model={"backbone": "resnet18", "pretrained": False}, data={"image_size": 32})
+    path = digits_config(folds={"n_splits": 2, "seed": 0}, train={"epochs": 6, "lr": 1e-3},
+                         model={"backbone": "resnet18", "pretrained": False}, data={"image_size": 24})
     cfg = _prepare(path)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(path), "--folds", "0"],
@@ -213,17 +213,131 @@ def test_killed_fold_resumes_to_same_oof(digits_config, tmp_path):
     proc.wait()
     assert not Path("runs/comp/exp/fold_0/done.json").exists()  # really unfinished
     epochs_before = len(pd.read_csv(hist))
-    assert epochs_before < 8
+    assert epochs_before < 6
     lines = []
-    resumed = train_cv(cfg, echo=lines.append)
+    train_cv(cfg, folds=[0], echo=lines.append)  # only the killed fold: fold 1 has nothing to prove
+    resumed = pd.read_csv("runs/comp/exp/fold_0/oof.csv")
     said = [s for s in lines if "resuming after epoch" in s]
     assert said and said[0].startswith("fold 0: resuming after epoch")
     resumed_epoch = int(said[0].split("epoch ")[1].split()[0])
     assert resumed_epoch >= 1
-    assert pd.read_csv(hist)["epoch"].tolist() == list(range(1, 9))  # trimmed and continued, no duplicates
+    assert pd.read_csv(hist)["epoch"].tolist() == list(range(1, 7))  # trimmed and continued, no duplicates
     os.makedirs(tmp_path / "clean", exist_ok=True)
     os.chdir(tmp_path / "clean")
     run_fold(cfg, echo=quiet)
-    clean = train_cv(cfg, echo=quiet)
+    train_cv(cfg, folds=[0], echo=quiet)
+    clean = pd.read_csv("runs/comp/exp/fold_0/oof.csv")
     pcols = [c for c in clean.columns if c.startswith("p_")]
     np.testing.assert_allclose(resumed[pcols].to_numpy(), clean[pcols].to_numpy(), atol=1e-5)
+
+
+def test_early_stopping_on_patience(digits_config, capsys):
+    """A learning rate too small to move the weights: no epoch after the first improves val_loss."""
+    cfg = _prepare(digits_config(train={"epochs": 6, "patience": 2, "lr": 1e-12, "scheduler": "none"}))
+    train_cv(cfg, folds=[0], echo=print)
+    out = capsys.readouterr().out
+    assert "fold 0: early stop after 2 epochs without val_loss improvement" in out
+    done = json.loads(Path("runs/comp/exp/fold_0/done.json").read_text())
+    assert done["epochs_run"] == 3 and done["best_epoch"] == 1
+    assert pd.read_csv("runs/comp/exp/fold_0/history.csv")["epoch"].tolist() == [1, 2, 3]
+
+
+def test_resume_trims_history_written_after_the_last_checkpoint(digits_config, capsys):
+    """Killed between the history row and the resume state of epoch 3: epoch 3 is redone, once."""
+    cfg = _prepare(digits_config(train={"epochs": 4}))
+
+    def stop_after_2(job, epoch, row):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_cv(cfg, folds=[0], echo=quiet, on_epoch=stop_after_2)
+    hist = Path("runs/comp/exp/fold_0/history.csv")
+    df = pd.read_csv(hist)
+    pd.concat([df, df.tail(1).assign(epoch=3)]).to_csv(hist, index=False)  # a row whose state was never saved
+    assert not Path("runs/comp/exp/fold_0/lock").exists()  # the interrupted run released its lock
+    train_cv(cfg, folds=[0], echo=print)
+    assert "fold 0: resuming after epoch 2 (best val_loss" in capsys.readouterr().out
+    assert pd.read_csv(hist)["epoch"].tolist() == [1, 2, 3, 4]
+
+
+def test_scalar_features_are_standardised_and_join_the_head(make_config, iceberg_dir):
+    cfg = load_config(make_config(iceberg_dir, model={"backbone": "simple_cnn", "pretrained": False}))
+    tr = read_table(cfg, "train")
+    model, _ = build_model(cfg, 2, 2, 2, tr.image_size)
+    model.fit_normalisation(tr.images, tr.features)
+    angles = tr.features[:, 0]
+    assert model.feat_mean[0].item() == pytest.approx(np.nanmean(angles), rel=1e-5)
+    assert model.feat_std[0].item() == pytest.approx(np.nanstd(angles), rel=1e-4)
+    nn = torch.nn
+    nn.init.normal_(model.head[1].weight)  # a trained head: the features now change the output
+    x = torch.from_numpy(tr.images[:2]).float()
+    f = torch.from_numpy(tr.features[:2]).float()
+    with torch.no_grad():
+        a = model(x, f)
+        b = model(x, f + torch.tensor([5.0, 0.0]))
+        c = model(x, torch.tensor([[float("nan"), 1.0]] * 2))  # "na" angle: mean + missing flag, still finite
+    assert not torch.allclose(a, b) and torch.isfinite(c).all()
+    off = load_config(cfg.path, ["model.use_features=false"])
+    m2, _ = build_model(off, 2, 2, 2, tr.image_size)
+    assert m2.n_features == 0
+    with torch.no_grad():
+        assert m2(x, None).shape == (2, 2)
+
+
+def test_a_fold_held_by_another_live_process_is_skipped(digits_config, capsys):
+    import socket
+
+    cfg = _prepare(digits_config(train={"epochs": 1}))
+    d = Path("runs/comp/exp/fold_1")
+    d.mkdir(parents=True)
+    (d / "lock").write_text(f"{socket.gethostname()} {os.getppid()}")  # a live process (pytest's parent)
+    assert train_cv(cfg, echo=print) is None
+    out = capsys.readouterr().out
+    assert "fold 1: skipping, " in out and "fold 1 is being worked on by" in out and "oof.csv waits for fold(s) [1]" in out
+    assert not (d / "done.json").exists() and Path("runs/comp/exp/fold_2/done.json").exists()
+    (d / "lock").write_text(f"{socket.gethostname()} 999999999")  # its process is gone: taken over
+    assert train_cv(cfg, echo=quiet) is not None and not (d / "lock").exists()
+
+
+def test_device_and_workers_do_not_change_the_run(digits_config, capsys):
+    """train.device / num_workers / data.dir say where a fold runs, not what it computes: same run."""
+    cfg = _prepare(digits_config(train={"epochs": 1}))
+    train_cv(cfg, folds=[0], echo=quiet)
+    train_cv(load_config(cfg.path, ["train.device=cpu", "train.num_workers=1"]), folds=[0, 1, 2], echo=print)
+    out = capsys.readouterr().out
+    assert "fold 0: done, skipping" in out and "another config" not in out
+
+
+def test_regenerated_folds_retrain_finished_folds(digits_config, capsys):
+    cfg = _prepare(digits_config(train={"epochs": 1}))
+    train_cv(cfg, echo=quiet)
+    df = pd.read_csv("folds/comp.csv", dtype={"id": str})
+    a, b = df.index[df["fold"] == 0][0], df.index[df["fold"] == 1][0]
+    df.loc[[a, b], "fold"] = [1, 0]  # the same settings, other assignments (e.g. the data changed)
+    df.to_csv("folds/comp.csv", index=False)
+    oof = train_cv(cfg, echo=print)
+    assert "fold 0: finished under another config; retraining" in capsys.readouterr().out
+    assert (oof.set_index("id").loc[df["id"], "fold"].to_numpy() == df["fold"].to_numpy()).all()
+
+
+def test_mixup_turns_the_head_only_feature_cache_off(digits_config, capsys):
+    cfg = _prepare(digits_config(model={"backbone": "resnet18", "pretrained": False, "finetune": "head"},
+                                 data={"image_size": 16}, train={"mixup_alpha": 0.4, "max_steps_per_epoch": 2, "epochs": 1}))
+    train_cv(cfg, folds=[0], echo=print)
+    assert "cached backbone features" not in capsys.readouterr().out
+
+
+def test_exit_codes_of_real_processes(digits_config, tmp_path):
+    """The installed entry point: 0 on success, 2 with one line on stderr (no traceback) on bad input."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    good = digits_config()
+    run = lambda *a: subprocess.run([sys.executable, "-m", "pipeline", *map(str, a)], capture_output=True, text=True, env=env)  # noqa: E731
+    ok = run("fold", good)
+    assert ok.returncode == 0 and "wrote folds/comp.csv" in ok.stdout
+    for argv, needle in [(("fold", good, "train.lr=fast"), "train.lr"),
+                         (("fold", tmp_path / "nope.yaml"), "nope.yaml: config file not found"),
+                         (("train", good, "model.backbone=resnet181"), "close matches: resnet18")]:
+        r = run(*argv)
+        assert r.returncode == 2, (argv, r.stderr)
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and needle in r.stderr, r.stderr

@@ -159,6 +159,19 @@ def test_gradient_accumulation_steps_the_optimizer_less_often(digits_config):
     assert batches == 8 and steps == 3  # ceil(8 / 3)
 
 
+def test_gradient_accumulation_keeps_the_schedule_length(digits_config):
+    """Per-step schedules count optimizer steps: with accumulation the cosine still ends at 0."""
+    cfg = _prepare(digits_config(train={"accum_steps": 3, "epochs": 2, "batch_size": 50, "scheduler": "cosine"}))
+    trainer = _trainer(cfg)
+    trainer.build()
+    lrs = []
+    for epoch in (1, 2):
+        trainer.train_epoch(epoch)
+        lrs.append(trainer.opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(cfg.train.lr * 0.5, rel=1e-6)  # half-way after one of two epochs
+    assert lrs[1] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_gradient_accumulation_equals_one_larger_batch(digits_config, monkeypatch):
     """Two accumulated half batches give the same update as one full batch (dropout off, plain SGD)."""
     import pipeline.train as tr
@@ -218,6 +231,22 @@ def test_time_budget_stops_at_epoch_boundary_with_complete_oof(digits_config, ca
     assert len(oof) == 600 and oof["fold"].nunique() == 3
 
 
+def test_time_budget_share_counts_the_refit_jobs(digits_config, monkeypatch):
+    """What is left of the budget is split equally over the jobs left, refit models included."""
+    import pipeline.train as tr
+
+    cfg = load_config(digits_config(train={"time_budget_s": 100.0}))
+    monkeypatch.setattr(tr.time, "time", lambda: 1040.0)
+    assert tr._deadline(cfg, 1000.0, 3) == pytest.approx(1040.0 + 60.0 / 3)
+    assert tr._deadline(cfg, 900.0, 2) == pytest.approx(1040.0)  # spent: stop after the next epoch
+    assert tr._deadline(load_config(cfg.path, ["train.time_budget_s=null"]), 1000.0, 3) is None
+    seen = []
+    monkeypatch.undo()
+    monkeypatch.setattr(tr, "_deadline", lambda c, t0, left: seen.append(left) or None)
+    train_cv(_prepare(cfg.path, ["train.epochs=1", "train.refit=true", "train.seeds=[1,2]"]), echo=quiet)
+    assert seen == [8, 7, 6, 5, 4, 3, 2, 1]  # 3 folds x 2 seeds, then 2 refits
+
+
 def test_num_workers_do_not_change_results(digits_config, tmp_path):
     import os
 
@@ -232,17 +261,23 @@ def test_num_workers_do_not_change_results(digits_config, tmp_path):
 def test_precision_auto_measures_once_and_is_reused(digits_config, monkeypatch, capsys):
     import pipeline.precision as prec
 
-    monkeypatch.setattr(prec, "_cpu_has_bf16", lambda: True)
     cfg = _prepare(digits_config(train={"precision": "auto", "epochs": 1}))
     train_cv(cfg, folds=[0], echo=print)
-    assert "precision auto: fp32" in capsys.readouterr().out
+    assert "precision auto: fp32" in capsys.readouterr().out  # both were timed, on any CPU
     choice = json.loads((RUN / "precision.json").read_text())["precision"]
     assert choice in ("fp32", "bf16")
     assert json.loads((RUN / "fold_0" / "best.json").read_text())["precision"] == choice
+    snapshot = (RUN / "config.train.yaml").read_text()  # the resolved config records the choice
+    assert f"# train.precision: auto resolved to {choice}" in snapshot and f"precision: {choice}" in snapshot
     monkeypatch.setattr(prec, "measure", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured again")))
+    train_cv(cfg, folds=[1], echo=print)  # resuming the run reuses its choice
     (RUN / "precision.json").unlink()  # a new run on the same machine/model/shape reuses the cache
-    train_cv(cfg, folds=[1], echo=print)
+    train_cv(cfg, folds=[2], echo=print)
     assert json.loads((RUN / "precision.json").read_text())["precision"] == choice
+    # another model is another key: measured again, not the stale choice of this run
+    other = _prepare(digits_config(train={"precision": "auto", "epochs": 1}, model={"drop_rate": 0.1}, data={"image_size": 12}))
+    with pytest.raises(AssertionError, match="measured again"):
+        train_cv(other, folds=[0], echo=print)
 
 
 def test_refit_on_all_rows_with_cv_epoch_count(digits_config, capsys):

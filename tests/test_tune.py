@@ -128,6 +128,10 @@ def test_resume_and_pinned_key(tune_config, capsys):
         assert snap["train"]["optimizer"] == "sgd" and snap["train"]["lr"] == pytest.approx(t.params["train.lr"])
     df = pd.read_csv("runs/comp/tune/exp/trials.csv")
     assert df["number"].tolist() == [0, 1, 2, 3, 4] and "params_train.lr" in df.columns
+    # best.yaml alone reproduces the best trial: the pinned key is in it; a copy sits at tune/best.yaml
+    best = yaml.safe_load(Path("runs/comp/tune/exp/best.yaml").read_text())
+    assert best["train.optimizer"] == "sgd" and best["train.lr"] == pytest.approx(study.best_trial.params["train.lr"])
+    assert Path("runs/comp/tune/best.yaml").read_text() == Path("runs/comp/tune/exp/best.yaml").read_text()
 
 
 def test_max_trials_caps_the_study(tune_config, capsys):
@@ -191,7 +195,40 @@ def test_intermediate_values_per_epoch_or_per_fold(tune_config):
     assert t.user_attrs["folds"] == [2, 0]
 
 
+@pytest.mark.parametrize("pruner, cls", [("halving", optuna.pruners.SuccessiveHalvingPruner),
+                                         ("hyperband", optuna.pruners.HyperbandPruner)])
+def test_halving_and_hyperband_prune_on_epochs(tune_config, pruner, cls, capsys):
+    path = tune_config(train={"epochs": 3}, tune={"pruner": pruner, "n_startup_trials": 1})
+    assert run_cli("tune", path, "--n-trials", 4, "--study", pruner) == 0
+    assert f"{cls.__name__} on the epochs of fold 0" in capsys.readouterr().out
+    study = load(pruner)
+    states = [t.state for t in study.trials]
+    assert len(states) == 4 and set(states) <= {TrialState.COMPLETE, TrialState.PRUNED}
+    for t in study.trials:  # epoch values of the first fold, reported for the pruner to compare
+        assert list(t.intermediate_values) == list(range(1, len(t.intermediate_values) + 1))
+        assert len(t.intermediate_values) == 3 or t.state == TrialState.PRUNED
+
+
+def test_timeout_budget(tune_config, capsys):
+    path = tune_config()
+    assert run_cli("tune", path, "--timeout", 0.5, "--study", "budget") == 0
+    n = len(load("budget").trials)
+    assert 1 <= n < 10  # stops after the trial running when the time is up, not after tune.n_trials
+
+
 # ---- samplers -----------------------------------------------------------------------------
+
+def test_tpe_is_seeded_and_conditions_switch_parameters_off(tune_config, capsys):
+    path = tune_config(tune={"sampler": "tpe", "seed": 3, "n_startup_trials": 2})
+    for study in ("t1", "t2"):
+        assert run_cli("tune", path, "--n-trials", 4, "--study", study) == 0
+    p1, p2 = [t.params for t in load("t1").trials], [t.params for t in load("t2").trials]
+    assert p1 == p2 and len({str(p) for p in p1}) == 4  # TPE after its startup trials reproduces too
+    for t in load("t1").trials:  # momentum exists only when the optimizer is sgd
+        assert ("train.momentum" in t.params) == (t.params["train.optimizer"] == "sgd")
+    assert run_cli("tune", path, "--n-trials", 2, "--study", "adamw", "train.optimizer=adamw") == 0
+    assert all(set(t.params) == {"train.lr"} for t in load("adamw").trials)
+
 
 def test_sampler_choice_and_seeding(tune_config, capsys):
     space = {"train.lr": SPACE["train.lr"], "train.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True}}

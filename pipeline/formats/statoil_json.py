@@ -21,6 +21,13 @@ class StatoilJson(Reader):
     class_names = ["ship", "iceberg"]
 
     def _read(self, split: str) -> Table:
+        d = self.cfg.data
+        if d.image_size not in (None, SIDE):
+            raise PipelineError(f"{self.cfg.path}: data.image_size: {d.image_size}; statoil_json images are {SIDE}x{SIDE} "
+                                f"(set model.input_size to feed the model another size)")
+        if d.channels not in (None, 2, 3):
+            raise PipelineError(f"{self.cfg.path}: data.channels: {d.channels}; expected 2 (band_1, band_2) or "
+                                f"3 (band_1, band_2 and their mean, for RGB-shaped backbones)")
         path = self.path(f"{split}.json")
         self.source = path
         try:
@@ -62,10 +69,14 @@ class StatoilJson(Reader):
                 images[i, b] = arr.reshape(SIDE, SIDE)
             angles[i] = _angle(rec.get("inc_angle", "na"), where)
             if labels is not None:
+                if "is_iceberg" not in rec:
+                    raise PipelineError(f"{where}: missing 'is_iceberg'; expected the label 0 or 1 in every train record")
                 y = rec.get("is_iceberg")
                 if y not in (0, 1) or isinstance(y, bool):
                     raise PipelineError(f"{where}: is_iceberg is {y!r}; expected 0 or 1")
                 labels[i] = y
+        if d.channels == 3:  # a third band, (band_1 + band_2) / 2, as iceberg kernels fed RGB models
+            images = np.concatenate([images, images.mean(1, keepdims=True)], 1)
         missing = np.isnan(angles)
         features = np.stack([angles, missing.astype(np.float64)], 1).astype(np.float32)
         return Table(
