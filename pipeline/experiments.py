@@ -79,8 +79,9 @@ def _leaderboard() -> dict:
 def list_experiments(cfg: Config, echo=print) -> pd.DataFrame:
     """Print and return every run of ``cfg.competition`` with CV mean/std, hash, date and submissions."""
     root = Path("runs") / cfg.competition
-    # runs are folders with a training snapshot or an ensemble record (not tune/ or stray folders)
-    runs = sorted(p for p in root.iterdir() if (p / "config.train.yaml").is_file() or (p / "ensemble.json").is_file()) if root.is_dir() else []
+    # runs are folders with training or ensemble outputs (not tune/ or stray folders)
+    marks = ("config.train.yaml", "oof.csv", "metrics.json", "ensemble.json")
+    runs = sorted(p for p in root.iterdir() if any((p / m).is_file() for m in marks)) if root.is_dir() else []
     subs = submission_records(cfg.competition)
     rows = []
     for run in runs:

@@ -236,12 +236,12 @@ def test_time_budget_share_counts_the_refit_jobs(digits_config, monkeypatch):
     import pipeline.train as tr
 
     cfg = load_config(digits_config(train={"time_budget_s": 100.0}))
-    monkeypatch.setattr(tr.time, "time", lambda: 1040.0)
-    assert tr._deadline(cfg, 1000.0, 3) == pytest.approx(1040.0 + 60.0 / 3)
-    assert tr._deadline(cfg, 900.0, 2) == pytest.approx(1040.0)  # spent: stop after the next epoch
-    assert tr._deadline(load_config(cfg.path, ["train.time_budget_s=null"]), 1000.0, 3) is None
+    with monkeypatch.context() as m:
+        m.setattr(tr.time, "time", lambda: 1040.0)
+        assert tr._deadline(cfg, 1000.0, 3) == pytest.approx(1040.0 + 60.0 / 3)
+        assert tr._deadline(cfg, 900.0, 2) == pytest.approx(1040.0)  # spent: stop after the next epoch
+        assert tr._deadline(load_config(cfg.path, ["train.time_budget_s=null"]), 1000.0, 3) is None
     seen = []
-    monkeypatch.undo()
     monkeypatch.setattr(tr, "_deadline", lambda c, t0, left: seen.append(left) or None)
     train_cv(_prepare(cfg.path, ["train.epochs=1", "train.refit=true", "train.seeds=[1,2]"]), echo=quiet)
     assert seen == [8, 7, 6, 5, 4, 3, 2, 1]  # 3 folds x 2 seeds, then 2 refits

@@ -103,8 +103,8 @@ def pg_url():
 def pg_config(digits_config):
     """A config whose trials take about a second; the folds file written once up front."""
 
-    def make(epochs=1, **tune):
-        path = digits_config(train={"epochs": epochs, "max_steps_per_epoch": 2, "batch_size": 32},
+    def make(epochs=1, steps=2, **tune):
+        path = digits_config(train={"epochs": epochs, "max_steps_per_epoch": steps, "batch_size": 32},
                              tune={"folds": [0], "plots": False, "n_startup_trials": 2, "heartbeat_s": 1, "grace_s": 2,
                                    "pruner": "none",
                                    "space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
@@ -136,7 +136,9 @@ def trials(url, study):
 
 
 def test_two_workers_share_one_study(pg_config, pg_url):
-    path = pg_config(epochs=4)  # trials of a few seconds, so the two workers' trials overlap
+    # trials of a few seconds (full epochs), longer than the spread of the two workers' start-up,
+    # so their trials overlap in time
+    path = pg_config(epochs=6, steps=12)
     a, b = worker(path, pg_url, "pair", "--n-trials", 2), worker(path, pg_url, "pair", "--n-trials", 2)
     finish(a, b)
     ts = trials(pg_url, "pair")
