@@ -13,12 +13,14 @@ images). Rounds are interleaved (a, b, c, a, b, c, ...) and medians reported:
       DataLoader(num_workers=2, batch_size=32, shuffle=True) over a per-sample albumentations
       Dataset (HorizontalFlip, VerticalFlip, Affine)
   (c) pipeline: pipeline.train.train_cv on competitions/iceberg.yaml as it is (its four
-      augmentations, feature head, AdamW, cosine schedule, precision: auto) except
-      model.pretrained=false; training-loop images per training-loop second from
-      fold_0/history.csv (``train_img_s``; validation excluded)
+      augmentations, feature head, AdamW, cosine schedule, precision: auto, fold_jobs: 2: two
+      folds at once, one process and cores/2 threads each) except model.pretrained=false;
+      training-loop images per training-loop second (``train_img_s`` of history.csv; validation
+      excluded), summed over the folds that train at once. Also printed: the same with
+      fold_jobs 1 (one fold, all threads), whose ratio to (a) is the pipeline's own overhead
 
 Each measurement discards its warm-up: (a) and (b) time ``--steps`` steps after 3 untimed ones;
-(c) trains 2 epochs of ``--steps`` steps and reports the second (the first pays one-off kernel
+(c) trains 2 epochs of ``--steps`` steps per fold and reports the second (the first pays one-off kernel
 set-up, as (a) and (b)'s untimed steps do). The last line is one JSON object with raw_img_s,
 naive_img_s, pipeline_img_s, ratio_raw (c/a) and ratio_naive (c/b).
 
@@ -116,20 +118,23 @@ def naive_loop(steps: int, images: np.ndarray, labels: np.ndarray) -> float:
     return n / dt
 
 
-def pipeline_loop(steps: int, base_cfg: Path, work: Path, round_: int) -> tuple[float, str]:
+def pipeline_loop(steps: int, base_cfg: Path, work: Path, name: str, fold_jobs: int) -> tuple[float, str]:
+    """Training-loop img/s of ``pipeline train``: with ``fold_jobs`` N > 1, N folds train at once
+    (one process each) and their rates add up; the second epoch of each fold is counted."""
     import pandas as pd
     import yaml
 
     from pipeline.config import load_config
     from pipeline.train import train_cv
 
-    cfg_path = work / f"bench{round_}.yaml"  # a new experiment per round: nothing is skipped or resumed
+    cfg_path = work / f"{name}.yaml"  # a new experiment per measurement: nothing is skipped or resumed
     cfg_path.write_text(yaml.safe_dump({"extends": str(base_cfg)}))
-    cfg = load_config(cfg_path, ["train.epochs=2", f"train.max_steps_per_epoch={steps}"])
-    train_cv(cfg, folds=[0], echo=lambda *a: None)
-    hist = pd.read_csv(cfg.run_dir / "fold_0" / "history.csv")
+    cfg = load_config(cfg_path, ["train.epochs=2", f"train.max_steps_per_epoch={steps}", f"train.fold_jobs={fold_jobs}"])
+    folds = list(range(fold_jobs))
+    train_cv(cfg, folds=folds, echo=lambda *a: None)
+    rate = sum(float(pd.read_csv(cfg.run_dir / f"fold_{k}" / "history.csv")["train_img_s"].iloc[-1]) for k in folds)
     prec = json.loads((cfg.run_dir / "precision.json").read_text())["precision"] if cfg.train.precision == "auto" else cfg.train.precision
-    return float(hist["train_img_s"].iloc[-1]), prec
+    return rate, prec
 
 
 def main() -> None:
@@ -168,7 +173,7 @@ def main() -> None:
 
     combos = [(cl, p) for cl in (False, True) for p in ("fp32", "bf16")]
     name = {c: f"{'channels_last' if c[0] else 'NCHW'} {c[1]}" for c in combos}
-    raw, naive, pipe = {c: [] for c in combos}, [], []
+    raw, naive, pipe, pipe1 = {c: [] for c in combos}, [], [], []
     threads = torch.get_num_threads()
     for r in range(args.rounds):
         print(f"round {r}: load average {os.getloadavg()[0]:.2f}", flush=True)
@@ -180,16 +185,20 @@ def main() -> None:
         naive.append(naive_loop(args.steps, images, labels))
         torch.set_num_threads(threads)  # the naive script set 2; give the pipeline its own default back
         print(f"round {r}: naive script: {naive[-1]:.1f} img/s", flush=True)
-        v, prec = pipeline_loop(args.steps, base, work, r)
+        v, prec = pipeline_loop(args.steps, base, work, f"one{r}", 1)
+        pipe1.append(v)
+        print(f"round {r}: pipeline train, fold_jobs 1 (precision {prec}): {pipe1[-1]:.1f} img/s", flush=True)
+        v, prec = pipeline_loop(args.steps, base, work, f"par{r}", cfg.train.fold_jobs)
         pipe.append(v)
-        print(f"round {r}: pipeline train (precision {prec}): {pipe[-1]:.1f} img/s", flush=True)
+        print(f"round {r}: pipeline train, fold_jobs {cfg.train.fold_jobs} as configured (precision {prec}): {pipe[-1]:.1f} img/s", flush=True)
 
     med = {c: statistics.median(v) for c, v in raw.items()}
     best = max(med, key=med.get)
     for c, v in med.items():
         print(f"raw {name[c]:>18}: median {v:.1f} img/s{'  <- fastest' if c == best else ''}")
     a, b, c = med[best], statistics.median(naive), statistics.median(pipe)
-    print(f"naive script: median {b:.1f} img/s; pipeline train: median {c:.1f} img/s; load average now {os.getloadavg()[0]:.2f}")
+    print(f"naive script: median {b:.1f} img/s; pipeline train: median {c:.1f} img/s (fold_jobs 1: "
+          f"{statistics.median(pipe1):.1f}, {statistics.median(pipe1) / a:.3f} of raw); load average now {os.getloadavg()[0]:.2f}")
     print(f"pipeline / raw = {c / a:.3f} (target >= 0.9); pipeline / naive = {c / b:.2f} (target >= 1.8)")
     print(json.dumps({"raw_img_s": round(a, 1), "naive_img_s": round(b, 1), "pipeline_img_s": round(c, 1),
                       "ratio_raw": round(c / a, 3), "ratio_naive": round(c / b, 3)}))

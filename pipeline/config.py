@@ -89,6 +89,8 @@ class TrainConfig(_Section):
     refit: bool = False
     time_budget_s: float | None = Field(None, gt=0)
     max_steps_per_epoch: int | None = Field(None, ge=1)
+    fold_jobs: int = Field(1, ge=1, description="CPU: folds trained at once, each in its own process with "
+                                                "cores/fold_jobs threads (pipeline/fold_jobs.py)")
 
     @field_validator("device")
     @classmethod
@@ -191,9 +193,10 @@ class Config(_Section):
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-# Where the data is read from and which device or how many loader workers compute a run do not
-# change its results (ids are checked against the folds file; workers are seeded per batch).
-RUNTIME_KEYS = ("data.dir", "data.cache", "train.device", "train.num_workers")
+# Where the data is read from, which device and how many loader workers or fold processes compute
+# a run do not change what it computes (ids are checked against the folds file; loader workers are
+# seeded per batch; a fold's thread count is fixed by its place in the job list).
+RUNTIME_KEYS = ("data.dir", "data.cache", "train.device", "train.num_workers", "train.fold_jobs")
 
 # Sections each stage's outputs depend on (stage staleness and snapshots).
 STAGE_SECTIONS = {

@@ -428,11 +428,15 @@ class _Rows:
 
 # ---- CV driver -------------------------------------------------------------------------
 
+def _caches_embeddings(cfg: Config) -> bool:
+    m = cfg.model  # mixing, augmentation and unfreezing all need the images themselves
+    return m.finetune == "head" and not (cfg.augment or m.unfreeze_after or cfg.train.mixup_alpha or cfg.train.cutmix_alpha)
+
+
 def _head_embeddings(cfg: Config, table: Table, device: torch.device, seed: int, echo) -> torch.Tensor | None:
     """With a frozen backbone and no augmentation, features are computed once for every fold."""
-    m = cfg.model
-    if m.finetune != "head" or cfg.augment or m.unfreeze_after or cfg.train.mixup_alpha or cfg.train.cutmix_alpha:
-        return None  # mixing, augmentation and unfreezing all need the images themselves
+    if not _caches_embeddings(cfg):
+        return None
     seed_everything(derive_seed("init", seed))  # the same init as each fold's model
     model, _ = build_model(cfg, table.channels, table.num_classes, len(table.feature_names), table.image_size)
     model.fit_normalisation(table.images, table.features)
@@ -472,26 +476,26 @@ def train_cv(cfg: Config, folds: list[int] | None = None, echo=print, table: Tab
     write_snapshot(cfg, run / "config.train.yaml", "train",
                    {"train.precision": precision} if cfg.train.precision == "auto" else None)
     jobs = [(seed, k) for seed in seeds for k in wanted]
-    # the time budget is shared by every job left, the refit models included
-    n_jobs = len(jobs) + (len(seeds) if cfg.train.refit else 0)
+    n_refit = len(seeds) if cfg.train.refit else 0  # the time budget is shared by the refit models too
     t_start = time.time()
     echo(f"train {cfg.name}: {cfg.model.backbone} ({'pretrained' if cfg.model.pretrained else 'from scratch'}, finetune {cfg.model.finetune}) "
          f"on {len(table)} images {table.channels}x{table.image_size[0]}x{table.image_size[1]}, folds {wanted}, seeds {seeds}, device {device}")
+    todo = [job for job in (Job(k, seed, run / job_name(k, seed, len(seeds))) for seed, k in jobs)
+            if _needs_training(job, run_hash, len(seeds), echo)]
+    n_par = min(cfg.train.fold_jobs, len(todo))
+    if n_par > 1 and device.type == "cpu" and on_epoch is None and on_fold is None and not _caches_embeddings(cfg):
+        from .fold_jobs import run_parallel
+
+        run_parallel(cfg, todo, n_par, run_hash, precision, t_start, len(todo) + n_refit, echo)
+        todo = []
     embeddings, emb_seed = None, None
-    for j, (seed, k) in enumerate(jobs):
+    for j, job in enumerate(todo):
+        k, seed = job.fold, job.seed
         if emb_seed != seed:
             embeddings, emb_seed = None, seed
-        job = Job(k, seed, run / job_name(k, seed, len(seeds)))
-        done = job.dir / "done.json"
-        if done.exists() and json.loads(done.read_text()).get("hash") == run_hash:
-            echo(f"fold {k}{'' if len(seeds) == 1 else f' seed {seed}'}: done, skipping")
-            continue
-        if done.exists():
-            echo(f"fold {k}: finished under another config; retraining")
-            done.unlink()
         if embeddings is None:
             embeddings = _head_embeddings(cfg, table, device, seed, echo)
-        deadline = _deadline(cfg, t_start, n_jobs - j)
+        deadline = _deadline(cfg, t_start, len(todo) - j + n_refit)
         try:
             res = FoldTrainer(cfg, table, fold_of, job, device, run_hash, echo, embeddings, on_epoch,
                               precision, deadline).run()
@@ -506,6 +510,18 @@ def train_cv(cfg: Config, folds: list[int] | None = None, echo=print, table: Tab
         for i, seed in enumerate(seeds):
             refit(cfg, table, fold_of, seed, device, run_hash, precision, echo, _deadline(cfg, t_start, len(seeds) - i))
     return oof
+
+
+def _needs_training(job: Job, run_hash: str, n_seeds: int, echo) -> bool:
+    """False for a job finished under this run hash; a job finished under another one starts over."""
+    done = job.dir / "done.json"
+    if done.exists() and json.loads(done.read_text()).get("hash") == run_hash:
+        echo(f"fold {job.fold}{'' if n_seeds == 1 else f' seed {job.seed}'}: done, skipping")
+        return False
+    if done.exists():
+        echo(f"fold {job.fold}: finished under another config; retraining")
+        done.unlink()
+    return True
 
 
 def _deadline(cfg: Config, t_start: float, jobs_left: int) -> float | None:

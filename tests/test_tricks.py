@@ -292,3 +292,37 @@ def test_refit_on_all_rows_with_cv_epoch_count(digits_config, capsys):
     assert not (RUN / "refit" / "oof.csv").exists()
     train_cv(cfg, echo=print)
     assert "refit: done, skipping" in capsys.readouterr().out
+
+
+def test_thread_plan_is_fixed_by_the_job_list():
+    from pipeline.fold_jobs import thread_plan
+
+    assert thread_plan(4, 2, 2) == [1, 1, 1, 1]
+    assert thread_plan(3, 2, 2) == [1, 1, 2]  # the last, lone fold gets both cores
+    assert thread_plan(5, 2, 8) == [4, 4, 4, 4, 8]
+    assert thread_plan(2, 4, 2) == [1, 1]
+
+
+def test_fold_jobs_train_folds_in_parallel_processes_deterministically(digits_config, tmp_path, capfd):
+    import os
+
+    path = digits_config(train={"epochs": 2, "fold_jobs": 2}, augment=[{"name": "HorizontalFlip", "p": 0.5}])
+    a = train_cv(_prepare(path), echo=print)
+    out = capfd.readouterr().out
+    assert "fold_jobs 2: 3 fold(s) in 2 processes, threads per fold [1, 1, 2]" in out
+    assert "fold 2 epoch 2/2" in out  # the workers' own progress lines
+    assert len(a) == 600 and sorted(a["fold"].unique()) == [0, 1, 2]
+    assert not list(RUN.rglob("lock")) and not list(RUN.rglob("last.pt"))
+    os.makedirs(tmp_path / "again")
+    os.chdir(tmp_path / "again")
+    b = train_cv(_prepare(path), echo=quiet)
+    pd.testing.assert_frame_equal(a, b)
+    # a bad input inside a worker is the same one-line error in the parent
+    os.chdir(tmp_path / "again")
+    (RUN / "fold_0" / "done.json").unlink()
+    (RUN / "fold_1" / "done.json").unlink()
+    (RUN / "fold_1").joinpath("last.pt").write_bytes(b"not a checkpoint")
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match=r"fold_1/last.pt: corrupt resume checkpoint"):
+        train_cv(_prepare(path), echo=quiet)

@@ -1,0 +1,82 @@
+"""``train.fold_jobs: N`` on CPU: N folds at once, each in its own process.
+
+A small model on small images (tf_efficientnet_lite0 at 75x75, batch 32) spreads badly over
+CPU threads: on 2 cores, two 1-thread processes training two folds get ~1.2x the images per
+second of one process with 2 threads (benchmarks/train_throughput.py). Folds are independent, so
+they are the natural unit to run side by side.
+
+Determinism: results depend on the thread count (reductions split differently), so a job's
+thread count is a function of its place in the job list, never of timing: jobs in full waves of
+N get ``cores // N`` threads; the r jobs of a last partial wave get ``cores // r``. The same
+config gives the same predictions on the same machine. Each worker process reads the training
+table once (memory-mapped formats share their pages).
+"""
+from __future__ import annotations
+
+import time
+
+_STATE: dict = {}
+
+
+def thread_plan(n_jobs: int, n_par: int, cores: int) -> list[int]:
+    """Threads for each of ``n_jobs`` jobs run ``n_par`` at a time on ``cores`` cores."""
+    full = (n_jobs // n_par) * n_par
+    rest = n_jobs - full
+    return [max(1, cores // n_par)] * full + [max(1, cores // max(rest, 1))] * rest
+
+
+def _start_worker(cfg) -> None:
+    import os
+
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from .fold import load_folds
+    from .formats import read_table
+
+    table = read_table(cfg, "train")
+    _STATE.update(cfg=cfg, table=table, fold_of=load_folds(cfg, table))
+
+
+def _run_job(fold: int, seed: int, job_dir, run_hash: str, precision: str, threads: int, budget: tuple | None) -> dict | str:
+    """One fold in a worker; returns done.json's contents, or the reason it was skipped."""
+    import torch
+
+    from .device import resolve_device
+    from .errors import LockHeld
+    from .train import FoldTrainer, Job
+
+    torch.set_num_threads(threads)
+    cfg, table, fold_of = _STATE["cfg"], _STATE["table"], _STATE["fold_of"]
+    deadline = None
+    if budget is not None:  # this job's share: the budget over the jobs, times the jobs run at once
+        t_start, total_s, share_s = budget
+        deadline = min(time.time() + share_s, t_start + total_s)
+    echo = lambda s: print(s, flush=True)  # noqa: E731 - a worker's lines go to the shared stdout
+    try:
+        return FoldTrainer(cfg, table, fold_of, Job(fold, seed, job_dir), resolve_device(cfg.train.device), run_hash,
+                           echo, None, None, precision, deadline).run()
+    except LockHeld as e:
+        return f"skipping, {e}"
+
+
+def run_parallel(cfg, jobs: list, n_par: int, run_hash: str, precision: str, t_start: float, n_budget_jobs: int, echo) -> None:
+    """Train ``jobs`` (``Job`` objects) in ``n_par`` spawned processes; errors propagate as raised."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    import torch
+
+    cores = torch.get_num_threads()
+    plan = thread_plan(len(jobs), n_par, cores)
+    budget = None
+    if cfg.train.time_budget_s:
+        budget = (t_start, cfg.train.time_budget_s, cfg.train.time_budget_s * n_par / max(n_budget_jobs, 1))
+    echo(f"fold_jobs {n_par}: {len(jobs)} fold(s) in {n_par} processes, threads per fold {plan}")
+    # spawn, not fork: a forked copy of a process that already ran torch ops can deadlock in OpenMP
+    with ProcessPoolExecutor(n_par, mp_context=mp.get_context("spawn"), initializer=_start_worker, initargs=(cfg,)) as ex:
+        futures = {ex.submit(_run_job, j.fold, j.seed, j.dir, run_hash, precision, t, budget): j for j, t in zip(jobs, plan)}
+        for f in as_completed(futures):
+            j, res = futures[f], f.result()
+            if isinstance(res, str):
+                echo(f"fold {j.fold}: {res}")
+            else:
+                echo(f"fold {j.fold}: best epoch {res['best_epoch']}, val_loss {res['val_loss']:.4f}")
