@@ -1,7 +1,7 @@
 """``train.fold_jobs: N`` on CPU: N folds at once, each in its own process.
 
 A small model on small images (tf_efficientnet_lite0 at 75x75, batch 32) spreads badly over
-CPU threads: on 2 cores, two 1-thread processes training two folds get ~1.2x the images per
+CPU threads: on 2 cores, two 1-thread processes training two folds get ~1.3x the images per
 second of one process with 2 threads (benchmarks/train_throughput.py). Folds are independent, so
 they are the natural unit to run side by side.
 
