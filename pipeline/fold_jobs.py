@@ -29,6 +29,9 @@ def _start_worker(cfg) -> None:
     import os
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import cv2
+
+    cv2.setNumThreads(0)  # augmentation stays in this worker's own thread budget (albumentations #1246)
     from .fold import load_folds
     from .formats import read_table
 

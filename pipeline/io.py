@@ -73,7 +73,7 @@ def exclusive(path: str | Path, what: str):
                 path.unlink(missing_ok=True)  # its process is gone (killed): take over
                 continue
             raise LockHeld(f"{path}: {what} is being worked on by {owner or 'another process'} (host pid); "
-                                f"wait for it to finish, or delete this file if that process is gone") from None
+                           f"wait for it to finish, or delete this file if that process is gone") from None
     else:
         raise PipelineError(f"{path}: could not take the lock for {what}")
     try:
