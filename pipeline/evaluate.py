@@ -31,7 +31,7 @@ from .calibration import calibrate, ece
 from .config import STAGE_SECTIONS, Config, read_stage_hash, write_snapshot
 from .errors import PipelineError
 from .io import atomic_write_json
-from .metrics import GREATER_IS_BETTER, logloss
+from .metrics import GREATER_IS_BETTER, cv_std, logloss
 
 # Per-fold scalars: what cv_mean/cv_std and the terminal table hold.
 SCALARS = ("logloss", "accuracy", "precision", "recall", "f1", "f1_macro", "f1_weighted", "roc_auc", "ece")
@@ -107,7 +107,7 @@ def threshold_summary(y: np.ndarray, probs: np.ndarray, fold: np.ndarray) -> dic
 
 
 def fold_metrics(y, probs, fold, eps, n_bins, class_names) -> tuple[list[dict], dict, dict]:
-    """Per-fold figures and their mean / sample standard deviation (ddof 1, as tune and the experiment log) across folds."""
+    """Per-fold figures and their mean / standard deviation (``metrics.cv_std``) across folds."""
     folds = []
     for k in np.unique(fold):
         m = fold == k
@@ -117,7 +117,7 @@ def fold_metrics(y, probs, fold, eps, n_bins, class_names) -> tuple[list[dict], 
         v = np.array([f[key] for f in folds], dtype=float)
         ok = v[~np.isnan(v)]
         mean[key] = float(ok.mean()) if len(ok) else float("nan")
-        std[key] = float(ok.std(ddof=1)) if len(ok) > 1 else (0.0 if len(ok) else float("nan"))
+        std[key] = cv_std(ok) if len(ok) else float("nan")
     return folds, mean, std
 
 

@@ -17,7 +17,7 @@ import pandas as pd
 from .config import Config
 from .errors import PipelineError
 from .io import atomic_write_csv, atomic_write_json
-from .metrics import score
+from .metrics import cv_std, score
 from .submission import SUBMISSIONS, utc_stamp
 
 
@@ -34,20 +34,15 @@ def cv_score(run: Path, metric: str) -> tuple[float, float, str]:
         oof = pd.read_csv(run / "oof.csv", dtype={"id": str})
         cols = [c for c in oof.columns if c.startswith("p_")]
         per = [score(metric, g["target"].to_numpy(), g[cols].to_numpy()) for _, g in oof.groupby("fold")]
-        return float(np.mean(per)), _std(per), "oof.csv"
+        return float(np.mean(per)), cv_std(per), "oof.csv"
     per = []
     for done in sorted(run.glob("fold_*/done.json")):
         v = json.loads(done.read_text()).get(f"val_{metric}")
         if v is not None:
             per.append(v)
     if per:
-        return float(np.mean(per)), _std(per), "done.json"
+        return float(np.mean(per)), cv_std(per), "done.json"
     return math.nan, math.nan, ""
-
-
-def _std(per: list[float]) -> float:
-    """Sample standard deviation across folds, as evaluate and tune report it."""
-    return float(np.std(per, ddof=1)) if len(per) > 1 else 0.0
 
 
 def submission_records(competition: str | None = None) -> pd.DataFrame:

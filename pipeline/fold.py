@@ -1,6 +1,8 @@
 """Folds stage: ``folds/<competition>.csv`` with ``id,fold`` (plus ``fold_r`` per extra repeat)."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
@@ -78,6 +80,11 @@ def run_fold(cfg: Config, table: Table | None = None, echo=print) -> pd.DataFram
     echo(f"wrote {cfg.folds_path}: {len(folds)} rows, {cfg.folds.n_splits} folds x {cfg.folds.repeats} repeat(s), {how}, seed {cfg.folds.seed}")
     echo(balance_table(folds, table).to_string())
     return folds
+
+
+def folds_digest(cfg: Config) -> str:
+    """Short digest of the folds file's bytes: which fold assignments a trained fold belongs to."""
+    return hashlib.sha256(cfg.folds_path.read_bytes()).hexdigest()[:8]
 
 
 def load_folds(cfg: Config, table: Table, repeat: int = 0) -> np.ndarray:

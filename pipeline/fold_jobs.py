@@ -39,12 +39,11 @@ def _start_worker(cfg) -> None:
     _STATE.update(cfg=cfg, table=table, fold_of=load_folds(cfg, table))
 
 
-def _run_job(fold: int, seed: int, job_dir, run_hash: str, precision: str, threads: int, budget: tuple | None) -> dict | str:
-    """One fold in a worker; returns done.json's contents, or the reason it was skipped."""
+def _run_job(fold: int, seed: int, job_dir, run_hash: str, precision: str, threads: int, budget: tuple | None) -> dict:
+    """One fold in a worker; returns done.json's contents (a held fold's LockHeld reaches the parent)."""
     import torch
 
     from .device import resolve_device
-    from .errors import LockHeld
     from .train import FoldTrainer, Job
 
     torch.set_num_threads(threads)
@@ -54,11 +53,8 @@ def _run_job(fold: int, seed: int, job_dir, run_hash: str, precision: str, threa
         t_start, total_s, share_s = budget
         deadline = min(time.time() + share_s, t_start + total_s)
     echo = lambda s: print(s, flush=True)  # noqa: E731 - a worker's lines go to the shared stdout
-    try:
-        return FoldTrainer(cfg, table, fold_of, Job(fold, seed, job_dir), resolve_device(cfg.train.device), run_hash,
-                           echo, None, None, precision, deadline).run()
-    except LockHeld as e:
-        return f"skipping, {e}"
+    return FoldTrainer(cfg, table, fold_of, Job(fold, seed, job_dir), resolve_device(cfg.train.device), run_hash,
+                       echo, None, None, precision, deadline).run()
 
 
 def run_parallel(cfg, jobs: list, n_par: int, run_hash: str, precision: str, t_start: float, n_budget_jobs: int, echo) -> None:
@@ -67,6 +63,8 @@ def run_parallel(cfg, jobs: list, n_par: int, run_hash: str, precision: str, t_s
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     import torch
+
+    from .train import job_outcome
 
     cores = torch.get_num_threads()
     plan = thread_plan(len(jobs), n_par, cores)
@@ -78,8 +76,4 @@ def run_parallel(cfg, jobs: list, n_par: int, run_hash: str, precision: str, t_s
     with ProcessPoolExecutor(n_par, mp_context=mp.get_context("spawn"), initializer=_start_worker, initargs=(cfg,)) as ex:
         futures = {ex.submit(_run_job, j.fold, j.seed, j.dir, run_hash, precision, t, budget): j for j, t in zip(jobs, plan)}
         for f in as_completed(futures):
-            j, res = futures[f], f.result()
-            if isinstance(res, str):
-                echo(f"fold {j.fold}: {res}")
-            else:
-                echo(f"fold {j.fold}: best epoch {res['best_epoch']}, val_loss {res['val_loss']:.4f}")
+            job_outcome(futures[f], f.result, echo)

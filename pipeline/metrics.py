@@ -14,6 +14,12 @@ def logloss(y: np.ndarray, probs: np.ndarray, eps: float = 1e-15) -> float:
     return float(skm.log_loss(y, p, labels=np.arange(probs.shape[1])))
 
 
+def cv_std(values) -> float:
+    """The CV spread every stage reports: sample standard deviation (ddof 1) of per-fold scores; 0 for one fold."""
+    v = np.asarray(values, dtype=float)
+    return float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
 def score(metric: str, y: np.ndarray, probs: np.ndarray, eps: float = 1e-15) -> float:
     k = probs.shape[1]
     if metric == "logloss":

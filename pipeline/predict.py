@@ -100,7 +100,7 @@ def oof_scores(metric: str, y: np.ndarray, probs: np.ndarray, clip=None) -> dict
 
 def model_dirs(cfg: Config, refit: bool | None = None) -> list[Path]:
     """Finished model directories of the current training config (fold models, or refit ones)."""
-    from .train import job_name
+    from .train import job_hash, job_name
 
     run = cfg.run_dir
     snap = run / "config.train.yaml"
@@ -117,12 +117,10 @@ def model_dirs(cfg: Config, refit: bool | None = None) -> list[Path]:
         dirs = [run / ("refit" if len(seeds) == 1 else f"refit_seed{s}") for s in seeds]
     else:
         dirs = [run / job_name(k, s, len(seeds)) for k in range(n_folds(cfg)) for s in seeds]
-    from .train import folds_digest
-
-    job_hash = f"{have}-{folds_digest(cfg)}" if cfg.folds_path.is_file() else None
+    want_job = job_hash(cfg) if cfg.folds_path.is_file() else None  # have == want: the same config
     for d in dirs:
         done = d / "done.json"
-        if not done.is_file() or json.loads(done.read_text()).get("hash") != job_hash:
+        if not done.is_file() or json.loads(done.read_text()).get("hash") != want_job:
             raise PipelineError(f"{d}: model not finished; run `pipeline train {cfg.path}` first")
     return dirs
 

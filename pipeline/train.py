@@ -31,7 +31,7 @@ from torch import nn
 from .config import STAGE_SECTIONS, Config, write_snapshot
 from .device import resolve_device
 from .errors import LockHeld, PipelineError
-from .fold import load_folds
+from .fold import folds_digest, load_folds
 from .inference import autocast, features_tensor, predict_logits, softmax, to_tensor
 from .io import atomic_path, atomic_write_csv, atomic_write_json, exclusive
 from .metrics import logloss, score
@@ -468,9 +468,7 @@ def train_cv(cfg: Config, folds: list[int] | None = None, echo=print, table: Tab
     run = cfg.run_dir
     run.mkdir(parents=True, exist_ok=True)
     config_hash = cfg.hash(*STAGE_SECTIONS["train"])
-    # Finished folds count only for this config *and* these fold assignments: a regenerated
-    # folds file with the same settings (e.g. from changed data) retrains them.
-    run_hash = f"{config_hash}-{folds_digest(cfg)}"
+    run_hash = job_hash(cfg)
     seeds = cfg.train.seeds or [cfg.train.seed]
     precision = _run_precision(cfg, table, device, run, config_hash, echo)
     write_snapshot(cfg, run / "config.train.yaml", "train",
@@ -496,20 +494,33 @@ def train_cv(cfg: Config, folds: list[int] | None = None, echo=print, table: Tab
         if embeddings is None:
             embeddings = _head_embeddings(cfg, table, device, seed, echo)
         deadline = _deadline(cfg, t_start, len(todo) - j + n_refit)
-        try:
-            res = FoldTrainer(cfg, table, fold_of, job, device, run_hash, echo, embeddings, on_epoch,
-                              precision, deadline).run()
-        except LockHeld as e:  # another process (GPU, machine) trains this fold: leave it to it
-            echo(f"fold {k}: skipping, {e}")
-            continue
-        echo(f"fold {k}: best epoch {res['best_epoch']}, val_loss {res['val_loss']:.4f}")
-        if on_fold is not None:
+        res = job_outcome(job, FoldTrainer(cfg, table, fold_of, job, device, run_hash, echo, embeddings, on_epoch,
+                                           precision, deadline).run, echo)
+        if res is not None and on_fold is not None:
             on_fold(job, res)
     oof = collect_oof(cfg, table, fold_of, run_hash, echo)
     if oof is not None and cfg.train.refit:
         for i, seed in enumerate(seeds):
             refit(cfg, table, fold_of, seed, device, run_hash, precision, echo, _deadline(cfg, t_start, len(seeds) - i))
     return oof
+
+
+def job_outcome(job: Job, run, echo) -> dict | None:
+    """``run()`` a fold job and say how it ended: its done.json contents, or None when another
+    process (GPU, machine) holds the fold, which is then left to it."""
+    try:
+        res = run()
+    except LockHeld as e:
+        echo(f"fold {job.fold}: skipping, {e}")
+        return None
+    echo(f"fold {job.fold}: best epoch {res['best_epoch']}, val_loss {res['val_loss']:.4f}")
+    return res
+
+
+def job_hash(cfg: Config) -> str:
+    """What a finished fold is valid for: this training config *and* these fold assignments (a
+    regenerated folds file with the same settings, e.g. from changed data, retrains)."""
+    return f"{cfg.hash(*STAGE_SECTIONS['train'])}-{folds_digest(cfg)}"
 
 
 def _needs_training(job: Job, run_hash: str, n_seeds: int, echo) -> bool:
@@ -530,10 +541,6 @@ def _deadline(cfg: Config, t_start: float, jobs_left: int) -> float | None:
         return None
     left = cfg.train.time_budget_s - (time.time() - t_start)
     return time.time() + max(left, 0) / max(jobs_left, 1)
-
-
-def folds_digest(cfg: Config) -> str:
-    return hashlib.sha256(cfg.folds_path.read_bytes()).hexdigest()[:8]
 
 
 def refit(cfg: Config, table: Table, fold_of: np.ndarray, seed: int, device, run_hash: str, precision: str, echo,

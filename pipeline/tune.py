@@ -52,7 +52,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import PipelineError
-from .metrics import GREATER_IS_BETTER
+from .metrics import GREATER_IS_BETTER, cv_std
 from .search_space import Space, _lookup, check_augment, parse_space, trial_seed
 from .tune_report import best_trial, fmt_value, write_best, write_plots, write_trials
 
@@ -395,7 +395,7 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
             if missing:
                 raise PipelineError(f"{run_dir}: folds {missing} did not report a value")
             vals = [fold_values[k] for k in folds]
-            trial.set_user_attr("cv_std", float(_std(vals)))
+            trial.set_user_attr("cv_std", cv_std(vals))
             return float(sum(vals) / len(vals))
         except optuna.TrialPruned:
             for f in list(run_dir.rglob("*.pt")) + list(run_dir.rglob("*.safetensors")):
@@ -484,9 +484,3 @@ def _trial_config(cfg: Config, space: Space, base: dict, values: dict, name: str
     except ValidationError as err:
         raise PipelineError(_format_error(Path(cfg.path or "config"), err).replace(": ", f": trial {name.rsplit('_', 1)[-1]}: ", 1)) from None
 
-
-def _std(xs: list[float]) -> float:
-    if len(xs) < 2:
-        return 0.0
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
