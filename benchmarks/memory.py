@@ -100,7 +100,7 @@ def phase_train(cfg_path: Path) -> dict:
     after_load = rss()
     run_fold(cfg)
     t0 = time.perf_counter()
-    train_cv(cfg, folds=[0], table=table, echo=lambda *a: None)
+    train_cv(cfg, folds=[0], table=table)
     return {"load_s": load_s, "after_load_rss_mb": after_load["peak_rss_mb"], "train_s": time.perf_counter() - t0, **rss()}
 
 

@@ -131,7 +131,7 @@ def pipeline_loop(steps: int, base_cfg: Path, work: Path, name: str, fold_jobs: 
     cfg_path.write_text(yaml.safe_dump({"extends": str(base_cfg)}))
     cfg = load_config(cfg_path, ["train.epochs=2", f"train.max_steps_per_epoch={steps}", f"train.fold_jobs={fold_jobs}"])
     folds = list(range(fold_jobs))
-    train_cv(cfg, folds=folds, echo=lambda *a: None)
+    train_cv(cfg, folds=folds)
     rate = sum(float(pd.read_csv(cfg.run_dir / f"fold_{k}" / "history.csv")["train_img_s"].iloc[-1]) for k in folds)
     prec = json.loads((cfg.run_dir / "precision.json").read_text())["precision"] if cfg.train.precision == "auto" else cfg.train.precision
     return rate, prec
@@ -162,7 +162,7 @@ def main() -> None:
     }))
     cfg = load_config(base)
     assert cfg.model.backbone == BACKBONE and cfg.train.batch_size == BATCH
-    run_fold(cfg, echo=lambda *a: None)
+    run_fold(cfg)
     table = read_table(cfg, "train")
     assert table.images.shape[1:] == (CHANS, SIZE, SIZE), table.images.shape
     tr = np.flatnonzero(load_folds(cfg, table) != 0)  # fold 0's training rows, as the pipeline trains on

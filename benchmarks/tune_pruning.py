@@ -55,6 +55,7 @@ def main() -> int:
     from pipeline.config import load_config
     from pipeline.demo_data import write_iceberg
     from pipeline.fold import run_fold
+    from pipeline.logs import to_file
     from pipeline.tune import tune
 
     torch.set_num_threads(1)  # the machine is shared; both arms alike
@@ -68,8 +69,7 @@ def main() -> int:
             "train.device=cpu", "train.num_workers=0", "tune.plots=false", f"tune.n_startup_trials={args.startup}",
             f"tune.folds=[{args.folds}]", f"model.input_size={args.input_size}"] + [f"{k}={v}" for k, v in PINNED.items()]
     cfg0 = load_config(ROOT / "competitions" / "iceberg-demo.yaml", base)
-    run_fold(cfg0, echo=lambda *a: None)
-    log = open(work / "tune.log", "a")
+    run_fold(cfg0)
 
     results = {"pruned": [], "plain": []}
     for seed in seeds:
@@ -78,8 +78,9 @@ def main() -> int:
             cfg = load_config(ROOT / "competitions" / "iceberg-demo.yaml", overrides)
             name = f"{arm}-s{seed}-{int(time.time())}"
             t0 = time.time()
-            study = tune(cfg, timeout=args.budget_s, storage=f"sqlite:///{work / 'bench.db'}", study_name=name,
-                         pinned=list(PINNED), echo=lambda m: print(m, file=log, flush=True))
+            with to_file(work / "tune.log"):
+                study = tune(cfg, timeout=args.budget_s, storage=f"sqlite:///{work / 'bench.db'}", study_name=name,
+                             pinned=list(PINNED))
             elapsed = time.time() - t0
             fin = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
             n_complete = sum(t.state == TrialState.COMPLETE for t in fin)

@@ -19,6 +19,7 @@ OOF scores are honest; the test blend uses the fit on all OOF rows.
 """
 from __future__ import annotations
 
+import logging
 import difflib
 import json
 import re
@@ -35,6 +36,8 @@ from .errors import PipelineError
 from .io import atomic_write_csv, atomic_write_json
 from .metrics import GREATER_IS_BETTER, logloss, score
 from .predict import apply_temperature, clip_probs, fmt_scores, pred_frame
+
+log = logging.getLogger(__name__)
 
 EPS = 1e-15
 
@@ -287,7 +290,7 @@ def build_blender(method: str) -> Callable:
 
 # ---- the stage -----------------------------------------------------------------------------
 
-def run_ensemble(path: str | Path, overrides: list[str] | None = None, echo=print) -> Path:
+def run_ensemble(path: str | Path, overrides: list[str] | None = None) -> Path:
     """Blend the members, print member and blend OOF scores, write runs/<comp>/<name>/ and a submission."""
     from .submission import write_submission
 
@@ -305,7 +308,7 @@ def run_ensemble(path: str | Path, overrides: list[str] | None = None, echo=prin
     for m in members:  # weights fitted on plain OOF then applied to TTA test predictions do not match
         tta = m.info.get("tta") or ["identity"]
         if tta != ["identity"] and m.info.get("oof", "oof.csv") == "oof.csv":
-            echo(f"warning: member {m.name}'s test predictions use TTA {tta} but its OOF does not; "
+            log.info(f"warning: member {m.name}'s test predictions use TTA {tta} but its OOF does not; "
                  f"set predict.tta_oof=true and rerun its `pipeline predict` so the blend compares like with like")
     class_names = [c[2:] for c in cols]
     first = members[0]
@@ -317,22 +320,22 @@ def run_ensemble(path: str | Path, overrides: list[str] | None = None, echo=prin
     member_scores = {}
     for m, p in zip(members, oof):
         member_scores[m.name] = {"value": score(metric, y, p), "ll": logloss(y, p)}
-        echo(f"member {m.name:<24} OOF {fmt_scores(metric, **member_scores[m.name])}")
+        log.info(f"member {m.name:<24} OOF {fmt_scores(metric, **member_scores[m.name])}")
     blend_oof, blend_test, weights = build_blender(ens.method)(oof, test, y, folds, stack_c=ens.stack_c)
     clip = ens.clip if ens.clip is not None else cfg.predict.clip
     s, ll = score(metric, y, blend_oof), logloss(y, blend_oof)
     how = " (weights/stacker fitted on the other folds)" if ens.method in ("weights", "stack") else ""
-    echo(f"blend  {ens.name} ({ens.method}){how}: OOF {fmt_scores(metric, s, ll)}")
+    log.info(f"blend  {ens.name} ({ens.method}){how}: OOF {fmt_scores(metric, s, ll)}")
     if weights is not None:
-        echo("weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights)))
+        log.info("weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights)))
     ll_clip = None
     if clip is not None:
         ll_clip = logloss(y, clip_probs(blend_oof, clip))
-        echo(f"clipping to {list(clip)}: OOF logloss {ll:.4f} without, {ll_clip:.4f} with")
+        log.info(f"clipping to {list(clip)}: OOF logloss {ll:.4f} without, {ll_clip:.4f} with")
     best_name = (max if better else min)(member_scores, key=lambda n: member_scores[n]["value"])
     best = member_scores[best_name]["value"]
     if not (s > best if better else s < best):
-        echo(f"warning: the blend's OOF {metric} {s:.4f} is not better than the best member's ({best_name}: {best:.4f})")
+        log.info(f"warning: the blend's OOF {metric} {s:.4f} is not better than the best member's ({best_name}: {best:.4f})")
 
     atomic_write_csv(out / "oof.csv", pred_frame(first.oof["id"], blend_oof, class_names, {"fold": folds, "target": y}), float_format="%.8g")
     atomic_write_csv(out / "test_pred.csv", pred_frame(first.test["id"], blend_test, class_names), float_format="%.8g")
@@ -344,4 +347,4 @@ def run_ensemble(path: str | Path, overrides: list[str] | None = None, echo=prin
             "members": [str(m.run_dir) for m in members], "config_hashes": hashes,
             "ensemble_file": str(path)}
     atomic_write_json(out / "ensemble.json", info)
-    return write_submission(cfg, first.test["id"].to_numpy(), clip_probs(blend_test, clip), class_names, ens.name, info, echo=echo)
+    return write_submission(cfg, first.test["id"].to_numpy(), clip_probs(blend_test, clip), class_names, ens.name, info)

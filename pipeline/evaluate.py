@@ -19,6 +19,7 @@ counts the same, like Kaggle's macro-F1), and ``*_weighted`` weigh classes by th
 """
 from __future__ import annotations
 
+import logging
 import json
 import math
 from pathlib import Path
@@ -32,6 +33,8 @@ from .config import STAGE_SECTIONS, Config, read_stage_hash, write_snapshot
 from .errors import PipelineError
 from .io import atomic_write_json
 from .metrics import GREATER_IS_BETTER, cv_std, logloss
+
+log = logging.getLogger(__name__)
 
 # Per-fold scalars: what cv_mean/cv_std and the terminal table hold.
 SCALARS = ("logloss", "accuracy", "precision", "recall", "f1", "f1_macro", "f1_weighted", "roc_auc", "ece")
@@ -267,7 +270,7 @@ def _clean(obj):
     return obj
 
 
-def evaluate(cfg: Config, echo=print, report: bool = True) -> dict:
+def evaluate(cfg: Config, report: bool = True) -> dict:
     """Score ``oof.csv``, fit the temperature, write metrics.json, calibration.json and report/.
 
     Returns the metrics dict (as written to metrics.json). ``report=False`` skips the pictures.
@@ -320,16 +323,16 @@ def evaluate(cfg: Config, echo=print, report: bool = True) -> dict:
     if report:  # first: if drawing fails, the previous calibration.json and metrics.json stay as they were
         from .report import write_report
 
-        report_path = write_report(cfg, table, df, metrics, calibrated_probs, echo=echo)
+        report_path = write_report(cfg, table, df, metrics, calibrated_probs)
         metrics["report"] = str(report_path)
     metrics = _clean(metrics)
     atomic_write_json(run / "calibration.json", _clean(calib))
     atomic_write_json(run / "metrics.json", metrics)
-    echo(summary_table(metrics))
+    log.info(summary_table(metrics))
     write_snapshot(cfg, run / "config.evaluate.yaml", "evaluate")  # last: the stage is done
-    echo(f"wrote {run / 'metrics.json'} and {run / 'calibration.json'}")
+    log.info(f"wrote {run / 'metrics.json'} and {run / 'calibration.json'}")
     if report_path is not None:
-        echo(f"report: {report_path}")
+        log.info(f"report: {report_path}")
     return metrics
 
 
@@ -390,7 +393,7 @@ def _run_settings(run: Path) -> tuple[str, float]:
     return metric or "logloss", eps
 
 
-def compare(run_dirs: list[str], echo=print) -> pd.DataFrame:
+def compare(run_dirs: list[str]) -> pd.DataFrame:
     """Runs side by side (rows = metrics, columns = runs) on the same folds; refuses runs whose
     oof.csv fold assignments differ, since their CV scores would not be comparable."""
     if not run_dirs:
@@ -437,8 +440,8 @@ def compare(run_dirs: list[str], echo=print) -> pd.DataFrame:
             col[f"fold {f['fold']} {metric}"] = f[metric]
         table[label] = col
     out = pd.DataFrame(table)
-    echo(f"compare on {len(out.filter(like='fold ', axis=0))} shared folds, {len(ref)} OOF rows; headline {metric}")
-    echo(_compare_text(out, metric))
+    log.info(f"compare on {len(out.filter(like='fold ', axis=0))} shared folds, {len(ref)} OOF rows; headline {metric}")
+    log.info(_compare_text(out, metric))
     return out
 
 

@@ -6,6 +6,7 @@ recorded with ``record_lb`` in the submission's JSON and appended to ``submissio
 """
 from __future__ import annotations
 
+import logging
 import datetime as dt
 import json
 import math
@@ -19,6 +20,8 @@ from .errors import PipelineError
 from .io import atomic_write_csv, atomic_write_json
 from .metrics import cv_std, score
 from .submission import SUBMISSIONS, utc_stamp
+
+log = logging.getLogger(__name__)
 
 
 def cv_score(run: Path, metric: str) -> tuple[float, float, str]:
@@ -71,7 +74,7 @@ def _leaderboard() -> dict:
     return dict(zip(df["file"], df["lb_score"]))  # the latest record of a file wins
 
 
-def list_experiments(cfg: Config, echo=print) -> pd.DataFrame:
+def list_experiments(cfg: Config) -> pd.DataFrame:
     """Print and return every run of ``cfg.competition`` with CV mean/std, hash, date and submissions."""
     root = Path("runs") / cfg.competition
     # runs are folders with training or ensemble outputs (not tune/ or stray folders)
@@ -91,17 +94,17 @@ def list_experiments(cfg: Config, echo=print) -> pd.DataFrame:
                      "hash": h, "date_utc": date, "submissions": files})
     df = pd.DataFrame(rows, columns=["experiment", "kind", f"cv_{cfg.metric}", "cv_std", "cv_from", "hash", "date_utc", "submissions"])
     if df.empty:
-        echo(f"no runs under {root} yet; run `pipeline train {cfg.path}`")
+        log.info(f"no runs under {root} yet; run `pipeline train {cfg.path}`")
         return df
     with pd.option_context("display.max_colwidth", 120, "display.width", 200):
-        echo(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        log.info(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         if len(subs):
-            echo("\nsubmissions (CV = OOF score of the file's experiments, LB = recorded leaderboard score):")
-            echo(subs.to_string(index=False, float_format=lambda v: f"{v:.5f}"))
+            log.info("\nsubmissions (CV = OOF score of the file's experiments, LB = recorded leaderboard score):")
+            log.info(subs.to_string(index=False, float_format=lambda v: f"{v:.5f}"))
     return df
 
 
-def record_lb(submission: str | Path, lb_score: float, echo=print) -> Path:
+def record_lb(submission: str | Path, lb_score: float) -> Path:
     """Record the leaderboard score a submission file got: in its JSON and in submissions/leaderboard.csv."""
     path = Path(submission)
     if not path.is_file():
@@ -124,6 +127,6 @@ def record_lb(submission: str | Path, lb_score: float, echo=print) -> Path:
     old = pd.read_csv(board) if board.is_file() else None
     atomic_write_csv(board, row if old is None else pd.concat([old, row], ignore_index=True))
     cv = meta.get("oof_score")
-    echo(f"recorded LB {lb_score:g} for {path.name}" + (f" (CV {meta.get('metric', '')} {cv:.5f})" if cv is not None else "")
+    log.info(f"recorded LB {lb_score:g} for {path.name}" + (f" (CV {meta.get('metric', '')} {cv:.5f})" if cv is not None else "")
          + f" in {board}" + (f" and {jpath.name}" if meta else ""))
     return board

@@ -1,6 +1,7 @@
 """Folds stage: ``folds/<competition>.csv`` with ``id,fold`` (plus ``fold_r`` per extra repeat)."""
 from __future__ import annotations
 
+import logging
 import hashlib
 
 import numpy as np
@@ -11,6 +12,8 @@ from .config import Config, write_snapshot
 from .errors import PipelineError
 from .io import atomic_write_csv
 from .table import Table
+
+log = logging.getLogger(__name__)
 
 
 def fold_column(repeat: int) -> str:
@@ -69,7 +72,7 @@ def balance_table(folds: pd.DataFrame, table: Table, column: str = "fold") -> pd
     return out
 
 
-def run_fold(cfg: Config, table: Table | None = None, echo=print) -> pd.DataFrame:
+def run_fold(cfg: Config, table: Table | None = None) -> pd.DataFrame:
     from .formats import read_table
 
     table = table if table is not None else read_table(cfg, "train")
@@ -77,8 +80,8 @@ def run_fold(cfg: Config, table: Table | None = None, echo=print) -> pd.DataFram
     atomic_write_csv(cfg.folds_path, folds)
     write_snapshot(cfg, cfg.folds_path.with_suffix(".config.yaml"), "fold")
     how = "StratifiedGroupKFold on " + repr(cfg.folds.group) if cfg.folds.group else "StratifiedKFold"
-    echo(f"wrote {cfg.folds_path}: {len(folds)} rows, {cfg.folds.n_splits} folds x {cfg.folds.repeats} repeat(s), {how}, seed {cfg.folds.seed}")
-    echo(balance_table(folds, table).to_string())
+    log.info(f"wrote {cfg.folds_path}: {len(folds)} rows, {cfg.folds.n_splits} folds x {cfg.folds.repeats} repeat(s), {how}, seed {cfg.folds.seed}")
+    log.info(balance_table(folds, table).to_string())
     return folds
 
 

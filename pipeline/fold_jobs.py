@@ -13,7 +13,10 @@ table once (memory-mapped formats share their pages).
 """
 from __future__ import annotations
 
+import logging
 import time
+
+log = logging.getLogger(__name__)
 
 _STATE: dict = {}
 
@@ -52,12 +55,11 @@ def _run_job(fold: int, seed: int, job_dir, run_hash: str, precision: str, threa
     if budget is not None:  # this job's share: the budget over the jobs, times the jobs run at once
         t_start, total_s, share_s = budget
         deadline = min(time.time() + share_s, t_start + total_s)
-    echo = lambda s: print(s, flush=True)  # noqa: E731 - a worker's lines go to the shared stdout
     return FoldTrainer(cfg, table, fold_of, Job(fold, seed, job_dir), resolve_device(cfg.train.device), run_hash,
-                       echo, None, None, precision, deadline).run()
+                       None, None, precision, deadline).run()
 
 
-def run_parallel(cfg, jobs: list, n_par: int, run_hash: str, precision: str, t_start: float, n_budget_jobs: int, echo) -> None:
+def run_parallel(cfg, jobs: list, n_par: int, run_hash: str, precision: str, t_start: float, n_budget_jobs: int) -> None:
     """Train ``jobs`` (``Job`` objects) in ``n_par`` spawned processes; errors propagate as raised."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -71,9 +73,9 @@ def run_parallel(cfg, jobs: list, n_par: int, run_hash: str, precision: str, t_s
     budget = None
     if cfg.train.time_budget_s:
         budget = (t_start, cfg.train.time_budget_s, cfg.train.time_budget_s * n_par / max(n_budget_jobs, 1))
-    echo(f"fold_jobs {n_par}: {len(jobs)} fold(s) in {n_par} processes, threads per fold {plan}")
+    log.info(f"fold_jobs {n_par}: {len(jobs)} fold(s) in {n_par} processes, threads per fold {plan}")
     # spawn, not fork: a forked copy of a process that already ran torch ops can deadlock in OpenMP
     with ProcessPoolExecutor(n_par, mp_context=mp.get_context("spawn"), initializer=_start_worker, initargs=(cfg,)) as ex:
         futures = {ex.submit(_run_job, j.fold, j.seed, j.dir, run_hash, precision, t, budget): j for j, t in zip(jobs, plan)}
         for f in as_completed(futures):
-            job_outcome(futures[f], f.result, echo)
+            job_outcome(futures[f], f.result)

@@ -1,6 +1,7 @@
 """``train.precision: auto``: time a few steps in fp32 and bf16 once per machine, model and shape."""
 from __future__ import annotations
 
+import logging
 import json
 import math
 import os
@@ -12,6 +13,8 @@ import torch
 
 from .inference import autocast
 from .io import atomic_write_json, cache_dir
+
+log = logging.getLogger(__name__)
 
 
 def _machine() -> str:
@@ -50,7 +53,7 @@ def measure(model: torch.nn.Module, x: torch.Tensor, feats: torch.Tensor | None,
     return timed[len(timed) // 2]
 
 
-def resolve_precision(requested: str, model, x, feats, key: str, echo=print) -> str:
+def resolve_precision(requested: str, model, x, feats, key: str) -> str:
     """The precision to train in; ``auto`` measures once and caches the choice per machine/model/shape."""
     if requested != "auto":
         return requested
@@ -63,5 +66,5 @@ def resolve_precision(requested: str, model, x, feats, key: str, echo=print) -> 
         choice = min(t, key=t.get)
         table[full_key] = {"choice": choice, "seconds_per_step": t}
         atomic_write_json(path, table)
-        echo(f"precision auto: fp32 {t['fp32'] * 1e3:.0f} ms/step, bf16 {t['bf16'] * 1e3:.0f} ms/step -> {choice} (cached in {path})")
+        log.info(f"precision auto: fp32 {t['fp32'] * 1e3:.0f} ms/step, bf16 {t['bf16'] * 1e3:.0f} ms/step -> {choice} (cached in {path})")
     return table[full_key]["choice"]

@@ -16,6 +16,7 @@ Artifacts under ``runs/<competition>/<experiment>/``:
 """
 from __future__ import annotations
 
+import logging
 import json
 import math
 from pathlib import Path
@@ -27,6 +28,8 @@ from .config import STAGE_SECTIONS, Config, read_stage_hash, write_snapshot
 from .errors import PipelineError
 from .io import atomic_write_csv, atomic_write_json
 from .metrics import logloss, score
+
+log = logging.getLogger(__name__)
 
 
 # ---- temperature (written by the evaluate stage) and clipping ----------------------------
@@ -182,7 +185,7 @@ def _to_probs(avg: np.ndarray, average: str) -> np.ndarray:
     return softmax(avg) if average == "logit" else avg
 
 
-def _oof_tta(cfg: Config, models: _Models, echo) -> pd.DataFrame:
+def _oof_tta(cfg: Config, models: _Models) -> pd.DataFrame:
     """Each fold's model(s) on its own validation rows, with the configured TTA."""
     from .fold import load_folds
     from .formats import read_table
@@ -199,11 +202,11 @@ def _oof_tta(cfg: Config, models: _Models, echo) -> pd.DataFrame:
         feats = _Rows(table.features, idx) if table.features is not None else None
         acc[idx] += models.predict(d, _Rows(table.images, idx), feats, table)
     probs = _to_probs(acc / per_fold, cfg.predict.average)
-    echo(f"OOF with TTA {cfg.predict.tta}: {fmt_scores(cfg.metric, score(cfg.metric, table.labels, probs), logloss(table.labels, probs))}")
+    log.info(f"OOF with TTA {cfg.predict.tta}: {fmt_scores(cfg.metric, score(cfg.metric, table.labels, probs), logloss(table.labels, probs))}")
     return pred_frame(table.ids, probs, table.class_names, {"fold": fold_of, "target": table.labels})
 
 
-def predict_test(cfg: Config, echo=print) -> pd.DataFrame:
+def predict_test(cfg: Config) -> pd.DataFrame:
     """Test-set probabilities of the experiment (written to ``test_pred.csv``); returns that frame."""
     from .formats import read_table
     from .tta import build_tta, model_input_size
@@ -218,23 +221,23 @@ def predict_test(cfg: Config, echo=print) -> pd.DataFrame:
     transforms = build_tta(cfg.predict.tta, test.image_size, model_input_size(first))  # bad names fail before any work
     crops = [n for n in cfg.predict.tta if n in ("fivecrop", "tencrop")]
     if crops and not any("Crop" in a.get("name", "") for a in cfg.augment):
-        echo(f"warning: predict.tta {crops[0]} feeds the model crops at the images' own scale, but training resized "
+        log.info(f"warning: predict.tta {crops[0]} feeds the model crops at the images' own scale, but training resized "
              f"whole images (no crop in augment); add e.g. RandomCrop or RandomResizedCrop to the model's input size")
-    echo(f"predict {cfg.name}: {len(dirs)} model(s) x {len(transforms)} TTA transform(s) "
+    log.info(f"predict {cfg.name}: {len(dirs)} model(s) x {len(transforms)} TTA transform(s) "
          f"({', '.join(t.name for t in transforms)}) on {len(test)} test images, averaging {cfg.predict.average}s")
     temperature = load_temperature(run)  # fitted on the folds' OOF; applied to refit models too
     probs = apply_temperature(_mean_prediction(models, dirs, test), temperature)
     if temperature is not None:
-        echo(f"applied temperature {temperature:.4f} from {run / 'calibration.json'}")
+        log.info(f"applied temperature {temperature:.4f} from {run / 'calibration.json'}")
     if refit_dirs:
         refit_probs = apply_temperature(_mean_prediction(models, refit_dirs, test), temperature)
         atomic_write_csv(run / "test_pred_refit.csv", pred_frame(test.ids, refit_probs, test.class_names), float_format="%.8g")
-        echo(f"wrote {run / 'test_pred_refit.csv'}: {len(test)} rows from {', '.join(d.name for d in refit_dirs)}")
+        log.info(f"wrote {run / 'test_pred_refit.csv'}: {len(test)} rows from {', '.join(d.name for d in refit_dirs)}")
     else:
         (run / "test_pred_refit.csv").unlink(missing_ok=True)  # a stale refit file must not be submitted
 
     if cfg.predict.tta_oof:
-        oof = _oof_tta(cfg, models, echo)
+        oof = _oof_tta(cfg, models)
         atomic_write_csv(run / "oof_tta.csv", oof, float_format="%.8g")
         oof_name = "oof_tta.csv"
     else:
@@ -246,7 +249,7 @@ def predict_test(cfg: Config, echo=print) -> pd.DataFrame:
     oof_probs = apply_temperature(oof[pcols(test.class_names)].to_numpy(), temperature)
     scores = oof_scores(cfg.metric, y, oof_probs, cfg.predict.clip)
     clip_note = f" (clipped to {list(cfg.predict.clip)}: {scores['oof_logloss_clipped']:.4f})" if cfg.predict.clip else ""
-    echo(f"OOF ({oof_name}{', temperature-scaled' if temperature else ''}): "
+    log.info(f"OOF ({oof_name}{', temperature-scaled' if temperature else ''}): "
          f"{fmt_scores(cfg.metric, scores['oof_score'], scores['oof_logloss'])}{clip_note}")
 
     df = pred_frame(test.ids, probs, test.class_names)
@@ -258,7 +261,7 @@ def predict_test(cfg: Config, echo=print) -> pd.DataFrame:
         "train_hash": read_stage_hash(run / "config.train.yaml"),
     })
     write_snapshot(cfg, run / "config.predict.yaml", "predict")  # last: marks the stage done
-    echo(f"wrote {run / 'test_pred.csv'}: {len(df)} rows")
+    log.info(f"wrote {run / 'test_pred.csv'}: {len(df)} rows")
     return df
 
 
@@ -270,13 +273,13 @@ def _mean_prediction(models: "_Models", dirs: list[Path], table) -> np.ndarray:
     return _to_probs(acc / len(dirs), models.cfg.predict.average)
 
 
-def submit_experiment(cfg: Config, echo=print) -> Path:
+def submit_experiment(cfg: Config) -> Path:
     """``predict_test`` then a submission file for this experiment (``predict.clip`` applied); with
     ``train.refit`` a second one, ``<competition>-<experiment>-refit-<utc>.csv``, from the refit models.
     Returns the fold models' file."""
     from .submission import write_submission
 
-    df = predict_test(cfg, echo)
+    df = predict_test(cfg)
     run = cfg.run_dir
     info = json.loads((run / "predict.json").read_text())
     class_names = info["class_names"]
@@ -287,12 +290,10 @@ def submit_experiment(cfg: Config, echo=print) -> Path:
             "config_hashes": hashes}
     if "oof_logloss_clipped" in info:
         meta["oof_logloss_clipped"] = info["oof_logloss_clipped"]
-    path = write_submission(cfg, df["id"].to_numpy(), probs, class_names, cfg.name, meta | {"models": info["models"]},
-                            echo=echo, test_ids=df["id"].to_numpy())
+    path = write_submission(cfg, df["id"].to_numpy(), probs, class_names, cfg.name, meta | {"models": info["models"]}, test_ids=df["id"].to_numpy())
     if info.get("refit_models"):
         refit = pd.read_csv(run / "test_pred_refit.csv", dtype={"id": str})
         write_submission(cfg, refit["id"].to_numpy(), clip_probs(refit[pcols(class_names)].to_numpy(), cfg.predict.clip),
                          class_names, f"{cfg.name}-refit", meta | {"method": "refit", "models": info["refit_models"],
-                                                                   "oof_note": "oof scores are the fold models' CV"},
-                         echo=echo, test_ids=refit["id"].to_numpy())
+                                                                   "oof_note": "oof scores are the fold models' CV"}, test_ids=refit["id"].to_numpy())
     return path

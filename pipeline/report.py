@@ -7,6 +7,7 @@ report intact and a rerun leaves no stale pictures.
 """
 from __future__ import annotations
 
+import logging
 import html
 import shutil
 import tempfile
@@ -23,6 +24,8 @@ from .config import Config
 from .errors import PipelineError
 from .gradcam import NoFeatureMap, gradcam
 from .table import Table
+
+log = logging.getLogger(__name__)
 
 GALLERY_SIZE = 12  # most confidently wrong samples shown
 MAX_LEGEND_CLASSES = 10
@@ -42,8 +45,7 @@ class Figures:
         self.notes.append(text)
 
 
-def write_report(cfg: Config, table: Table, oof: pd.DataFrame, metrics: dict, calibrated: np.ndarray | None,
-                 echo=print) -> Path:
+def write_report(cfg: Config, table: Table, oof: pd.DataFrame, metrics: dict, calibrated: np.ndarray | None) -> Path:
     """Draw every picture and write ``report/report.html``; returns its path.
 
     ``oof`` is the checked oof.csv in the training table's row order; ``calibrated`` the
@@ -67,7 +69,7 @@ def write_report(cfg: Config, table: Table, oof: pd.DataFrame, metrics: dict, ca
             plot_gradcam(figs, cfg, table, oof, probs, names)
         (tmp / "report.html").write_text(render_html(cfg, metrics, figs))
         for note in figs.notes:
-            echo(f"note: {note}")
+            log.info(f"note: {note}")
         tmp.chmod(0o755)  # mkdtemp makes it private; a report is meant to be shared
         if final.exists():
             shutil.rmtree(final)

@@ -6,6 +6,7 @@ exists under another hash (or an upstream stage will rerun); *missing* otherwise
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,38 +14,40 @@ from typing import Callable
 
 from .config import Config, read_stage_hash
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Stage:
     name: str
     output: Callable[[Config], Path]
     snapshot: Callable[[Config], Path]
-    run: Callable[[Config, Callable], object]
+    run: Callable[[Config], object]
 
 
-def _fold(cfg, echo):
+def _fold(cfg):
     from .fold import run_fold
 
-    run_fold(cfg, echo=echo)
+    run_fold(cfg)
 
 
-def _train(cfg, echo):
+def _train(cfg):
     from .train import train_cv
 
-    if train_cv(cfg, echo=echo) is None:  # pragma: no cover - all folds are requested
+    if train_cv(cfg) is None:  # pragma: no cover - all folds are requested
         raise RuntimeError("training ended without complete OOF predictions")
 
 
-def _evaluate(cfg, echo):
+def _evaluate(cfg):
     from .evaluate import evaluate
 
-    evaluate(cfg, echo=echo)
+    evaluate(cfg)
 
 
-def _predict(cfg, echo):
+def _predict(cfg):
     from .predict import submit_experiment
 
-    submit_experiment(cfg, echo=echo)
+    submit_experiment(cfg)
 
 
 STAGES = [
@@ -76,26 +79,26 @@ def _sections(stage: str):
     return STAGE_SECTIONS[stage]
 
 
-def run_all(cfg: Config, echo=print) -> dict[str, float]:
+def run_all(cfg: Config) -> dict[str, float]:
     """Run every stage that is not done; returns seconds per stage (0 for skipped ones)."""
     times = {}
     for st, state in stage_states(cfg):
         if state == "done":
-            echo(f"[{st.name}] up to date ({st.output(cfg)}), skipping")
+            log.info(f"[{st.name}] up to date ({st.output(cfg)}), skipping")
             times[st.name] = 0.0
             continue
-        echo(f"[{st.name}] {'rerunning (stale)' if state == 'stale' else 'running'}")
+        log.info(f"[{st.name}] {'rerunning (stale)' if state == 'stale' else 'running'}")
         t0 = time.time()
-        st.run(cfg, echo)
+        st.run(cfg)
         times[st.name] = time.time() - t0
-        echo(f"[{st.name}] done in {times[st.name]:.1f}s")
-    echo("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + f"; total {sum(times.values()):.1f}s")
+        log.info(f"[{st.name}] done in {times[st.name]:.1f}s")
+    log.info("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + f"; total {sum(times.values()):.1f}s")
     return times
 
 
-def status(cfg: Config, echo=print) -> list[tuple[str, str, str]]:
+def status(cfg: Config) -> list[tuple[str, str, str]]:
     rows = [(st.name, state, str(st.output(cfg))) for st, state in stage_states(cfg)]
     w = max(len(r[0]) for r in rows)
     for name, state, path in rows:
-        echo(f"{name:<{w}}  {state:<7}  {path}")
+        log.info(f"{name:<{w}}  {state:<7}  {path}")
     return rows

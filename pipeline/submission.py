@@ -6,6 +6,7 @@ OOF score and config hashes that made it. A name that exists gets a ``-2``, ``-3
 """
 from __future__ import annotations
 
+import logging
 import datetime as dt
 import os
 import tempfile
@@ -18,6 +19,8 @@ from .config import Config
 from .errors import PipelineError
 from .io import atomic_write_json
 
+log = logging.getLogger(__name__)
+
 SUBMISSIONS = Path("submissions")
 _MISSING = {"", "nan", "NaN", "NAN", "NA", "N/A", "null", "NULL", "None", "<NA>"}
 
@@ -26,8 +29,7 @@ def utc_stamp(now: dt.datetime | None = None) -> str:
     return (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
 
 
-def write_submission(cfg: Config, ids, probs: np.ndarray, class_names: list[str], experiment: str, info: dict,
-                     *, echo=None, test_ids=None, now: dt.datetime | None = None) -> Path:
+def write_submission(cfg: Config, ids, probs: np.ndarray, class_names: list[str], experiment: str, info: dict, *, test_ids=None, now: dt.datetime | None = None) -> Path:
     """Write a validated submission file and its JSON; returns the CSV path.
 
     ``test_ids`` (the test data's ids, when the caller has just read them) saves re-reading the test set
@@ -53,8 +55,7 @@ def write_submission(cfg: Config, ids, probs: np.ndarray, class_names: list[str]
     meta = {"file": path.name, "competition": cfg.competition, "experiment": experiment, "created_utc": stamp,
             "rows": len(frame), "columns": list(frame.columns), **info}
     atomic_write_json(path.with_suffix(".json"), meta)
-    if echo:
-        echo(f"wrote {path} ({len(frame)} rows, columns {','.join(frame.columns)}) and {path.with_suffix('.json').name}")
+    log.info(f"wrote {path} ({len(frame)} rows, columns {','.join(frame.columns)}) and {path.with_suffix('.json').name}")
     return path
 
 
@@ -148,7 +149,7 @@ def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_n
     return problems
 
 
-def check_submission(cfg: Config, path: str | Path, echo=print, solution: str | Path | None = None) -> float | None:
+def check_submission(cfg: Config, path: str | Path, solution: str | Path | None = None) -> float | None:
     """CLI body: print each problem and raise (exit 2), or print a one-line OK.
 
     With ``solution`` (a file in the submission's own columns holding the true answers, like the
@@ -162,11 +163,11 @@ def check_submission(cfg: Config, path: str | Path, echo=print, solution: str | 
         raise PipelineError(f"{path}: {len(problems)} check(s) failed; not a valid {cfg.competition} submission")
     with open(path) as f:
         n = sum(1 for _ in f) - 1
-    echo(f"{path}: valid {cfg.competition} submission ({n} rows)")
+    log.info(f"{path}: valid {cfg.competition} submission ({n} rows)")
     if solution is None:
         return None
     name, value = score_submission(cfg, path, solution)
-    echo(f"{path}: {name} {value:.5f} against {solution}")
+    log.info(f"{path}: {name} {value:.5f} against {solution}")
     return value
 
 

@@ -16,6 +16,7 @@ replays exactly what an uninterrupted one would.
 """
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import math
@@ -37,6 +38,8 @@ from .io import atomic_path, atomic_write_csv, atomic_write_json, exclusive
 from .metrics import logloss, score
 from .models import apply_finetune, build_model, freeze_bn_stats, save_checkpoint, unfreeze_all
 from .table import Table
+
+log = logging.getLogger(__name__)
 
 
 def derive_seed(*parts) -> int:
@@ -112,9 +115,9 @@ def build_scheduler(cfg: Config, opt, steps_per_epoch: int):
 
 class FoldTrainer:
     def __init__(self, cfg: Config, table: Table, fold_of: np.ndarray, job: Job, device: torch.device,
-                 run_hash: str, echo=print, embeddings: torch.Tensor | None = None, on_epoch=None,
+                 run_hash: str, embeddings: torch.Tensor | None = None, on_epoch=None,
                  precision: str = "fp32", deadline: float | None = None):
-        self.cfg, self.table, self.job, self.device, self.hash, self.echo = cfg, table, job, device, run_hash, echo
+        self.cfg, self.table, self.job, self.device, self.hash = cfg, table, job, device, run_hash
         self.on_epoch, self.precision, self.deadline = on_epoch, precision, deadline
         self.refit = job.fold < 0  # refit on all rows: no validation, the last epoch is kept
         self.tr_idx = np.flatnonzero(fold_of != job.fold)
@@ -281,12 +284,12 @@ class FoldTrainer:
         if last.exists():
             st = self.resume(last)
             if st is None:
-                self.echo(f"fold {job.fold}: resume state is from another config; starting over")
+                log.info(f"fold {job.fold}: resume state is from another config; starting over")
             else:
                 start, best, bad = st["epoch"] + 1, st["best"], st["bad_epochs"]
                 if hist_path.exists():
                     history = pd.read_csv(hist_path).query("epoch <= @start - 1").to_dict("records")
-                self.echo(f"fold {job.fold}: resuming after epoch {st['epoch']} (best val_loss {best['val_loss']:.4f} at epoch {best['epoch']})")
+                log.info(f"fold {job.fold}: resuming after epoch {st['epoch']} (best val_loss {best['val_loss']:.4f} at epoch {best['epoch']})")
         from torch.utils.tensorboard import SummaryWriter
 
         tb = SummaryWriter(str(job.dir / "tb"), purge_step=start)
@@ -318,7 +321,7 @@ class FoldTrainer:
                     self.write_fold_oof(probs)
             else:
                 bad += 1
-            self.echo(f"fold {job.fold} epoch {epoch}/{cfg.train.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
+            log.info(f"fold {job.fold} epoch {epoch}/{cfg.train.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
                       f"{mname} {val_metric:.4f}  {row['seconds']:.1f}s{'  *' if improved else ''}")
             stop = cfg.train.patience and bad >= cfg.train.patience
             with atomic_path(last) as tmp:
@@ -330,10 +333,10 @@ class FoldTrainer:
                     tb.close()  # else its writer thread outlives the fold (one per pruned trial)
                     raise
             if stop:
-                self.echo(f"fold {job.fold}: early stop after {bad} epochs without val_loss improvement")
+                log.info(f"fold {job.fold}: early stop after {bad} epochs without val_loss improvement")
                 break
             if self.deadline is not None and time.time() >= self.deadline and epoch < cfg.train.epochs:
-                self.echo(f"fold {job.fold}: time budget share spent after epoch {epoch}; keeping the best epoch ({best['epoch']})")
+                log.info(f"fold {job.fold}: time budget share spent after epoch {epoch}; keeping the best epoch ({best['epoch']})")
                 break
         tb.close()
         done = {"hash": self.hash, "fold": job.fold, "seed": job.seed, "best_epoch": best["epoch"],
@@ -433,7 +436,7 @@ def _caches_embeddings(cfg: Config) -> bool:
     return m.finetune == "head" and not (cfg.augment or m.unfreeze_after or cfg.train.mixup_alpha or cfg.train.cutmix_alpha)
 
 
-def _head_embeddings(cfg: Config, table: Table, device: torch.device, seed: int, echo) -> torch.Tensor | None:
+def _head_embeddings(cfg: Config, table: Table, device: torch.device, seed: int) -> torch.Tensor | None:
     """With a frozen backbone and no augmentation, features are computed once for every fold."""
     if not _caches_embeddings(cfg):
         return None
@@ -444,11 +447,11 @@ def _head_embeddings(cfg: Config, table: Table, device: torch.device, seed: int,
     t0 = time.time()
     with torch.no_grad():
         out = [model.embed(to_tensor(table.images[s:s + 256], device)) for s in range(0, len(table), 256)]
-    echo(f"head-only: cached backbone features of {len(table)} images in {time.time() - t0:.1f}s")
+    log.info(f"head-only: cached backbone features of {len(table)} images in {time.time() - t0:.1f}s")
     return torch.cat(out)
 
 
-def train_cv(cfg: Config, folds: list[int] | None = None, echo=print, table: Table | None = None,
+def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = None,
              on_epoch=None, on_fold=None) -> pd.DataFrame | None:
     """Train every requested fold (skipping finished ones); returns the OOF frame once all folds are done.
 
@@ -470,21 +473,21 @@ def train_cv(cfg: Config, folds: list[int] | None = None, echo=print, table: Tab
     config_hash = cfg.hash(*STAGE_SECTIONS["train"])
     run_hash = job_hash(cfg)
     seeds = cfg.train.seeds or [cfg.train.seed]
-    precision = _run_precision(cfg, table, device, run, config_hash, echo)
+    precision = _run_precision(cfg, table, device, run, config_hash)
     write_snapshot(cfg, run / "config.train.yaml", "train",
                    {"train.precision": precision} if cfg.train.precision == "auto" else None)
     jobs = [(seed, k) for seed in seeds for k in wanted]
     n_refit = len(seeds) if cfg.train.refit else 0  # the time budget is shared by the refit models too
     t_start = time.time()
-    echo(f"train {cfg.name}: {cfg.model.backbone} ({'pretrained' if cfg.model.pretrained else 'from scratch'}, finetune {cfg.model.finetune}) "
+    log.info(f"train {cfg.name}: {cfg.model.backbone} ({'pretrained' if cfg.model.pretrained else 'from scratch'}, finetune {cfg.model.finetune}) "
          f"on {len(table)} images {table.channels}x{table.image_size[0]}x{table.image_size[1]}, folds {wanted}, seeds {seeds}, device {device}")
     todo = [job for job in (Job(k, seed, run / job_name(k, seed, len(seeds))) for seed, k in jobs)
-            if _needs_training(job, run_hash, len(seeds), echo)]
+            if _needs_training(job, run_hash, len(seeds))]
     n_par = min(cfg.train.fold_jobs, len(todo))
     if n_par > 1 and device.type == "cpu" and on_epoch is None and on_fold is None and not _caches_embeddings(cfg):
         from .fold_jobs import run_parallel
 
-        run_parallel(cfg, todo, n_par, run_hash, precision, t_start, len(todo) + n_refit, echo)
+        run_parallel(cfg, todo, n_par, run_hash, precision, t_start, len(todo) + n_refit)
         todo = []
     embeddings, emb_seed = None, None
     for j, job in enumerate(todo):
@@ -492,28 +495,28 @@ def train_cv(cfg: Config, folds: list[int] | None = None, echo=print, table: Tab
         if emb_seed != seed:
             embeddings, emb_seed = None, seed
         if embeddings is None:
-            embeddings = _head_embeddings(cfg, table, device, seed, echo)
+            embeddings = _head_embeddings(cfg, table, device, seed)
         deadline = _deadline(cfg, t_start, len(todo) - j + n_refit)
-        res = job_outcome(job, FoldTrainer(cfg, table, fold_of, job, device, run_hash, echo, embeddings, on_epoch,
-                                           precision, deadline).run, echo)
+        res = job_outcome(job, FoldTrainer(cfg, table, fold_of, job, device, run_hash, embeddings, on_epoch,
+                                           precision, deadline).run)
         if res is not None and on_fold is not None:
             on_fold(job, res)
-    oof = collect_oof(cfg, table, fold_of, run_hash, echo)
+    oof = collect_oof(cfg, table, fold_of, run_hash)
     if oof is not None and cfg.train.refit:
         for i, seed in enumerate(seeds):
-            refit(cfg, table, fold_of, seed, device, run_hash, precision, echo, _deadline(cfg, t_start, len(seeds) - i))
+            refit(cfg, table, fold_of, seed, device, run_hash, precision, _deadline(cfg, t_start, len(seeds) - i))
     return oof
 
 
-def job_outcome(job: Job, run, echo) -> dict | None:
+def job_outcome(job: Job, run) -> dict | None:
     """``run()`` a fold job and say how it ended: its done.json contents, or None when another
     process (GPU, machine) holds the fold, which is then left to it."""
     try:
         res = run()
     except LockHeld as e:
-        echo(f"fold {job.fold}: skipping, {e}")
+        log.info(f"fold {job.fold}: skipping, {e}")
         return None
-    echo(f"fold {job.fold}: best epoch {res['best_epoch']}, val_loss {res['val_loss']:.4f}")
+    log.info(f"fold {job.fold}: best epoch {res['best_epoch']}, val_loss {res['val_loss']:.4f}")
     return res
 
 
@@ -523,14 +526,14 @@ def job_hash(cfg: Config) -> str:
     return f"{cfg.hash(*STAGE_SECTIONS['train'])}-{folds_digest(cfg)}"
 
 
-def _needs_training(job: Job, run_hash: str, n_seeds: int, echo) -> bool:
+def _needs_training(job: Job, run_hash: str, n_seeds: int) -> bool:
     """False for a job finished under this run hash; a job finished under another one starts over."""
     done = job.dir / "done.json"
     if done.exists() and json.loads(done.read_text()).get("hash") == run_hash:
-        echo(f"fold {job.fold}{'' if n_seeds == 1 else f' seed {job.seed}'}: done, skipping")
+        log.info(f"fold {job.fold}{'' if n_seeds == 1 else f' seed {job.seed}'}: done, skipping")
         return False
     if done.exists():
-        echo(f"fold {job.fold}: finished under another config; retraining")
+        log.info(f"fold {job.fold}: finished under another config; retraining")
         done.unlink()
     return True
 
@@ -543,7 +546,7 @@ def _deadline(cfg: Config, t_start: float, jobs_left: int) -> float | None:
     return time.time() + max(left, 0) / max(jobs_left, 1)
 
 
-def refit(cfg: Config, table: Table, fold_of: np.ndarray, seed: int, device, run_hash: str, precision: str, echo,
+def refit(cfg: Config, table: Table, fold_of: np.ndarray, seed: int, device, run_hash: str, precision: str,
           deadline: float | None = None) -> dict:
     """Train on every row for the epoch count CV chose (median best epoch); saved under ``refit[_seed<s>]/``."""
     seeds = cfg.train.seeds or [cfg.train.seed]
@@ -553,15 +556,15 @@ def refit(cfg: Config, table: Table, fold_of: np.ndarray, seed: int, device, run
     d = cfg.run_dir / ("refit" if len(seeds) == 1 else f"refit_seed{seed}")
     done = d / "done.json"
     if done.exists() and json.loads(done.read_text()).get("hash") == run_hash:
-        echo(f"refit{'' if len(seeds) == 1 else f' seed {seed}'}: done, skipping")
+        log.info(f"refit{'' if len(seeds) == 1 else f' seed {seed}'}: done, skipping")
         return json.loads(done.read_text())
-    echo(f"refit on all {len(table)} rows for {epochs} epochs (median best epoch of the folds: {best})")
+    log.info(f"refit on all {len(table)} rows for {epochs} epochs (median best epoch of the folds: {best})")
     rcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "patience": 0})})
     job = Job(-1, seed, d)
-    return FoldTrainer(rcfg, table, np.full(len(table), 0), job, device, run_hash, echo, None, None, precision, deadline).run()
+    return FoldTrainer(rcfg, table, np.full(len(table), 0), job, device, run_hash, None, None, precision, deadline).run()
 
 
-def _run_precision(cfg: Config, table: Table, device, run: Path, config_hash: str, echo) -> str:
+def _run_precision(cfg: Config, table: Table, device, run: Path, config_hash: str) -> str:
     """Resolve ``train.precision`` once per run and keep it in ``precision.json`` so resumes (and
     folds trained later, elsewhere) reuse it; a changed config resolves it again."""
     if cfg.train.precision != "auto":
@@ -581,12 +584,12 @@ def _run_precision(cfg: Config, table: Table, device, run: Path, config_hash: st
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
     feats = features_tensor(table.features, np.arange(bs), device)
-    choice = resolve_precision("auto", model, x, feats, f"{cfg.model.backbone}|cl={cfg.train.channels_last}", echo)
+    choice = resolve_precision("auto", model, x, feats, f"{cfg.model.backbone}|cl={cfg.train.channels_last}")
     atomic_write_json(path, {"precision": choice, "hash": config_hash})
     return choice
 
 
-def collect_oof(cfg: Config, table: Table, fold_of: np.ndarray, run_hash: str, echo=print) -> pd.DataFrame | None:
+def collect_oof(cfg: Config, table: Table, fold_of: np.ndarray, run_hash: str) -> pd.DataFrame | None:
     """Average seeds per fold and write ``oof.csv`` when every fold is finished."""
     run = cfg.run_dir
     seeds = cfg.train.seeds or [cfg.train.seed]
@@ -607,7 +610,7 @@ def collect_oof(cfg: Config, table: Table, fold_of: np.ndarray, run_hash: str, e
             df[pcols] = np.mean([f[pcols].to_numpy() for f in per_seed], axis=0)
             frames.append(df)
     if waiting:
-        echo(f"oof.csv waits for fold(s) {sorted(set(waiting))}")
+        log.info(f"oof.csv waits for fold(s) {sorted(set(waiting))}")
         return None
     oof = pd.concat(frames).set_index("id").reindex(pd.Index(table.ids.astype(str), name="id")).reset_index()
     if oof["fold"].isna().any() or len(oof) != len(table):
@@ -616,6 +619,6 @@ def collect_oof(cfg: Config, table: Table, fold_of: np.ndarray, run_hash: str, e
     oof["target"] = oof["target"].astype(int)
     atomic_write_csv(run / "oof.csv", oof, float_format="%.8g")
     probs = oof[[f"p_{c}" for c in table.class_names]].to_numpy()
-    echo(f"wrote {run / 'oof.csv'}: OOF {cfg.metric} {score(cfg.metric, oof['target'].to_numpy(), probs):.4f}, "
+    log.info(f"wrote {run / 'oof.csv'}: OOF {cfg.metric} {score(cfg.metric, oof['target'].to_numpy(), probs):.4f}, "
          f"logloss {logloss(oof['target'].to_numpy(), probs):.4f}")
     return oof

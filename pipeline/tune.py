@@ -40,6 +40,7 @@ Outputs (``pipeline/tune_report.py``)
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -52,9 +53,12 @@ from pathlib import Path
 
 from .config import Config
 from .errors import PipelineError
+from .logs import to_file
 from .metrics import GREATER_IS_BETTER, cv_std
 from .search_space import Space, _lookup, check_augment, parse_space, trial_seed
 from .tune_report import best_trial, fmt_value, write_best, write_plots, write_trials
+
+log = logging.getLogger(__name__)
 
 EPOCH_PRUNERS = ("median", "halving", "hyperband")
 MAX_FAILS_IN_A_ROW = 3
@@ -258,7 +262,7 @@ def _counted(study, before: int | None = None) -> int:
 # ---- the stage --------------------------------------------------------------------------
 
 def tune(cfg: Config, n_trials: int | None = None, max_trials: int | None = None, timeout: float | None = None,
-         storage: str | None = None, study_name: str | None = None, pinned: list[str] | None = None, echo=print):
+         storage: str | None = None, study_name: str | None = None, pinned: list[str] | None = None):
     """Run (or resume) the study; returns the ``optuna.Study``. See the module docstring."""
     for flag, v in (("--n-trials", n_trials), ("--max-trials", max_trials)):
         if v is not None and v < 1:
@@ -271,7 +275,7 @@ def tune(cfg: Config, n_trials: int | None = None, max_trials: int | None = None
     space = parse_space(cfg, pinned or [])
     path = cfg.path or "config"
     if space.pinned:
-        echo("pinned on the command line, left out of the search: " + ", ".join(f"{k}={fmt_value(v)}" for k, v in space.pinned.items()))
+        log.info("pinned on the command line, left out of the search: " + ", ".join(f"{k}={fmt_value(v)}" for k, v in space.pinned.items()))
     if not space.params:
         why = " (every key is pinned on the command line)" if space.pinned else ""
         raise PipelineError(f"{path}: tune.space: nothing to search{why}; expected keys like train.lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}")
@@ -287,12 +291,12 @@ def tune(cfg: Config, n_trials: int | None = None, max_trials: int | None = None
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial is printed here instead
         try:
             fixed = {k: _lookup(cfg.to_dict(), k) for k in dict.fromkeys(pinned or [])}
-            return _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage, study_name, echo)
+            return _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage, study_name)
         finally:
             optuna.logging.set_verbosity(verbosity)
 
 
-def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_name, echo):
+def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_name):
     import optuna
     from optuna.trial import TrialState
 
@@ -307,8 +311,8 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
     # data and folds, shared by every trial
     table = read_table(cfg, "train")
     if not cfg.folds_path.is_file():
-        echo(f"{cfg.folds_path} not found; writing it first (pipeline fold)")
-        run_fold(cfg, table, echo=echo)
+        log.info(f"{cfg.folds_path} not found; writing it first (pipeline fold)")
+        run_fold(cfg, table)
     fold_of = load_folds(cfg, table)
     n_folds = int(fold_of.max()) + 1
     folds = list(cfg.tune.folds) if cfg.tune.folds is not None else list(range(n_folds))
@@ -331,20 +335,20 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
     first = folds[0]
     subset = "all folds" if len(folds) == n_folds else f"a subset (tune.folds) of {n_folds}"
     n_before = len(study.trials)
-    echo(f"tune {study_name}: {len(space.params)} parameters; objective {direction} mean {mname} over folds {folds} "
+    log.info(f"tune {study_name}: {len(space.params)} parameters; objective {direction} mean {mname} over folds {folds} "
          f"({subset}) of {cfg.folds_path}")
     for p in space.params:
-        echo(f"  {p.describe()}")
+        log.info(f"  {p.describe()}")
     how = {"median": f"MedianPruner on the epochs of fold {first}", "halving": f"SuccessiveHalvingPruner on the epochs of fold {first}",
            "hyperband": f"HyperbandPruner on the epochs of fold {first}", "wilcoxon": "WilcoxonPruner on the fold values",
            "none": "no pruning"}[cfg.tune.pruner]
     budget = ", ".join(x for x in (f"{n_trials} trials" if n_trials else "", f"timeout {timeout:g}s" if timeout else "",
                                    f"study capped at {max_trials}" if max_trials else "") if x) or f"{cfg.tune.n_trials} trials (tune.n_trials)"
-    echo(f"  sampler {cfg.tune.sampler} (seed {cfg.tune.seed}), {how}; this process: {budget}")
-    echo(f"  storage {shown}, study {study_name!r}: " + (f"resuming with {n_before} trials" if n_before else "new")
+    log.info(f"  sampler {cfg.tune.sampler} (seed {cfg.tune.seed}), {how}; this process: {budget}")
+    log.info(f"  storage {shown}, study {study_name!r}: " + (f"resuming with {n_before} trials" if n_before else "new")
          + f"; heartbeat {cfg.tune.heartbeat_s}s; trial runs and train.log under {out_dir}/trial_<n>/")
     if cfg.tune.pruner == "wilcoxon" and len(folds) < 4:
-        echo(f"  note: WilcoxonPruner cannot reach p < {cfg.tune.p_threshold:g} with {len(folds)} folds, so nothing is pruned; "
+        log.info(f"  note: WilcoxonPruner cannot reach p < {cfg.tune.p_threshold:g} with {len(folds)} folds, so nothing is pruned; "
              "use tune.pruner median or more folds")
 
     from .train import train_cv
@@ -358,7 +362,7 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
         run_dir = out_dir / f"trial_{trial.number}"
         shutil.rmtree(run_dir, ignore_errors=True)  # a trial number is never reused within a study
         run_dir.mkdir(parents=True)
-        log = open(run_dir / "train.log", "w")
+        trial_log = run_dir / "train.log"
         try:
             values = space.sample(trial, base)
             tcfg = _trial_config(cfg, space, base, values, f"tune/{study_name}/trial_{trial.number}")
@@ -366,10 +370,6 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
             trial.set_user_attr("folds", folds)
             fold_values: dict[int, float] = {}
-
-            def say(msg):
-                log.write(f"{msg}\n")
-                log.flush()
 
             def on_epoch(job, epoch, row):
                 if epoch_wise and job.fold == first:
@@ -390,7 +390,8 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
                         trial.set_user_attr("pruned_at", f"after fold {job.fold}")
                         raise optuna.TrialPruned(f"after fold {job.fold}: {mname} {v:.4f}")
 
-            train_cv(tcfg, folds=folds, echo=say, table=table, on_epoch=on_epoch, on_fold=on_fold)
+            with to_file(trial_log):  # the trial's training lines go to its own log
+                train_cv(tcfg, folds=folds, table=table, on_epoch=on_epoch, on_fold=on_fold)
             missing = [k for k in folds if k not in fold_values]
             if missing:
                 raise PipelineError(f"{run_dir}: folds {missing} did not report a value")
@@ -404,10 +405,9 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             trial.set_user_attr("error", msg if isinstance(e, PipelineError) else f"{type(e).__name__}: {msg}")
-            log.write(traceback.format_exc())
+            with open(trial_log, "a", encoding="utf-8") as f:
+                f.write(traceback.format_exc())
             raise
-        finally:
-            log.close()
 
     fails = {"row": 0, "last": ""}
 
@@ -425,7 +425,7 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
         retry = f" (retry of trial {retry})" if retry is not None else ""
         bt = best_trial(study)
         best = f"best {bt.value:.4f} (trial {bt.number})" if bt is not None else "best -"
-        echo(f"trial {ft.number:>3} {state:<8} {what}  {secs:.1f}s  {ps}{retry}  | {best}")
+        log.info(f"trial {ft.number:>3} {state:<8} {what}  {secs:.1f}s  {ps}{retry}  | {best}")
         over = state == "FAIL" and str(ft.user_attrs.get("error", "")).startswith("OverBudget")
         if state == "FAIL" and not over:
             fails["row"] += 1
@@ -438,7 +438,7 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
             write_trials(study, out_dir)
             write_best(study, out_dir, space, base, cfg, fixed, cfg.metric)
         except OSError as e:
-            echo(f"warning: could not write {out_dir}: {e}")
+            log.info(f"warning: could not write {out_dir}: {e}")
 
     callbacks = [progress]
     if max_trials:
@@ -448,7 +448,7 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
     n_run = n_trials if n_trials is not None else (None if timeout else cfg.tune.n_trials)
     try:
         if max_trials and _counted(study) >= max_trials:
-            echo(f"study {study_name!r} already has {_counted(study)} finished, running or queued trials "
+            log.info(f"study {study_name!r} already has {_counted(study)} finished, running or queued trials "
                  f"(--max-trials {max_trials}); nothing to run")
         else:
             study.optimize(objective, n_trials=n_run, timeout=timeout, catch=(Exception,), callbacks=callbacks)
@@ -456,16 +456,16 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
         write_trials(study, out_dir)
         best_path = write_best(study, out_dir, space, base, cfg, fixed, cfg.metric)
     counts = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
-    echo(f"study {study_name!r}: {len(study.trials)} trials ({', '.join(f'{n} {k}' for k, n in counts.items() if n)}); "
+    log.info(f"study {study_name!r}: {len(study.trials)} trials ({', '.join(f'{n} {k}' for k, n in counts.items() if n)}); "
          f"this run {time.time() - t0:.0f}s; wrote {out_dir / 'trials.csv'}")
     if cfg.tune.plots:
-        write_plots(study, out_dir, echo)
+        write_plots(study, out_dir)
     bt = best_trial(study)
     if bt is not None:
-        echo(f"best: trial {bt.number}, {cfg.metric} {bt.value:.4f}: "
+        log.info(f"best: trial {bt.number}, {cfg.metric} {bt.value:.4f}: "
              + " ".join(f"{k}={fmt_value(v)}" for k, v in bt.params.items()))
-        echo(f"wrote {best_path}; use: pipeline train {cfg.path} --params {best_path}")
-    echo(f"dashboard: optuna-dashboard {shown}")
+        log.info(f"wrote {best_path}; use: pipeline train {cfg.path} --params {best_path}")
+    log.info(f"dashboard: optuna-dashboard {shown}")
     if fails["row"] >= MAX_FAILS_IN_A_ROW:
         raise PipelineError(f"tune stopped: {fails['row']} trials in a row failed; last {fails['last']} "
                             f"(traceback in {out_dir}/trial_<n>/train.log)")

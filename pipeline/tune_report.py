@@ -12,6 +12,7 @@ Files are written to a temporary name and renamed, so concurrent workers never l
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 import yaml
 
 from .io import atomic_path, atomic_write_csv, atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def best_trial(study):
@@ -61,14 +64,14 @@ def write_trials(study, out_dir: Path) -> Path:
 PLOTS = ("history", "importances", "parallel", "slice", "intermediate")
 
 
-def write_plots(study, out_dir: Path, echo=print) -> list[Path]:
+def write_plots(study, out_dir: Path) -> list[Path]:
     """Plotly HTML and matplotlib PNG of each plot; a plot that cannot be drawn yet (e.g. importances
     with one finished trial) is skipped with a note."""
     from optuna.trial import TrialState
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
-        echo("plots: no completed trial yet; skipped")
+        log.info("plots: no completed trial yet; skipped")
         return []
     import matplotlib
 
@@ -108,9 +111,9 @@ def write_plots(study, out_dir: Path, echo=print) -> list[Path]:
             plt.close("all")
             skipped.append(f"{name} ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
     if written:
-        echo(f"plots: {pdir}/ ({', '.join(n for n in PLOTS if (pdir / f'{n}.html').exists())}; .html and .png)")
+        log.info(f"plots: {pdir}/ ({', '.join(n for n in PLOTS if (pdir / f'{n}.html').exists())}; .html and .png)")
     if skipped:
-        echo(f"plots skipped: {'; '.join(skipped)}")
+        log.info(f"plots skipped: {'; '.join(skipped)}")
     return written
 
 

@@ -167,7 +167,7 @@ def test_ensemble_stage_writes_valid_submission(base_cfg, method, capsys):
 def test_blend_of_a_member_with_itself_warns(base_cfg, capsys):
     fake_member("a", 1)
     run_dir_copy = fake_member("b", 1)  # identical predictions
-    run_ensemble(ens_file(base_cfg, ["runs/comp/a", str(run_dir_copy)]), echo=print)
+    run_ensemble(ens_file(base_cfg, ["runs/comp/a", str(run_dir_copy)]))
     assert "warning: the blend's OOF logloss" in capsys.readouterr().out
 
 
@@ -175,7 +175,7 @@ def test_members_with_different_folds_are_refused(base_cfg):
     fake_member("a", 1)
     fake_member("c", 3, folds=(np.arange(N_TRAIN) + 1) % 3)
     with pytest.raises(PipelineError, match=r"blend.yaml: members a and c were trained on different folds \(600 rows differ, e.g. id '1': fold 0 vs 1\); expected experiments that share one folds file"):
-        run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/c"]), echo=quiet)
+        run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/c"]))
     assert not Path("submissions").exists()
 
 
@@ -185,27 +185,27 @@ def test_member_mismatches_are_refused(base_cfg):
     oof = pd.read_csv(b / "oof.csv", dtype={"id": str})
     oof.iloc[:-1].to_csv(b / "oof.csv", index=False)
     with pytest.raises(PipelineError, match=r"member b has OOF predictions for other training ids than a"):
-        run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"]), echo=quiet)
+        run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"]))
     oof.assign(target=(oof["target"] + 1) % 10).to_csv(b / "oof.csv", index=False)
     with pytest.raises(PipelineError, match=r"members a and b disagree on training labels"):
-        run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"]), echo=quiet)
+        run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"]))
     oof.drop(columns="p_9").to_csv(b / "oof.csv", index=False)
     with pytest.raises(PipelineError, match=r"member b predicts classes \['p_0', .*'p_8'\]; expected"):
-        run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"]), echo=quiet)
+        run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"]))
     (b / "test_pred.csv").unlink()
     with pytest.raises(PipelineError, match=r"blend.yaml: members\[1\]: runs/comp/b/test_pred.csv not found; run `pipeline predict`"):
-        run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"]), echo=quiet)
+        run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"]))
     with pytest.raises(PipelineError, match=r"blend.yaml: members: experiment 'a' is listed twice"):
-        run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/a"]), echo=quiet)
+        run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/a"]))
     with pytest.raises(PipelineError, match=r"blend.yaml: members\[1\]: runs/comp/zz not found; expected a run directory"):
-        run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/zz"]), echo=quiet)
+        run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/zz"]))
 
 
 def test_member_temperature_is_applied_to_its_oof(base_cfg, capsys):
     fake_member("a", 1), fake_member("b", 2)
     fake_member("c", 2, extra={"temperature": 3.0})  # b's predictions, softened
-    run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"]), echo=print)
-    run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/c"], name="blend2"), echo=print)
+    run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"]))
+    run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/c"], name="blend2"))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("member ")]
     ll = {line.split()[1]: float(line.split()[-1]) for line in lines}
     assert ll["c"] != pytest.approx(ll["b"])
@@ -227,7 +227,7 @@ def test_schema_errors_are_one_line(base_cfg, change, message):
     d = {"competition": "comp", "config": str(base_cfg), "members": ["runs/comp/a", "runs/comp/b"], **change}
     write_yaml(Path("blend.yaml"), d)
     with pytest.raises(PipelineError, match=message):
-        run_ensemble("blend.yaml", echo=quiet)
+        run_ensemble("blend.yaml")
 
 
 def test_missing_key_and_name_collision(base_cfg, capsys):
@@ -237,12 +237,12 @@ def test_missing_key_and_name_collision(base_cfg, capsys):
     fake_member("a", 1), fake_member("b", 2)
     Path("runs/comp/a/config.train.yaml").write_text("x")
     with pytest.raises(PipelineError, match=r"name 'a' is a trained experiment in runs/comp/a; give the ensemble another name"):
-        run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"], name="a"), echo=quiet)
+        run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"], name="a"))
 
 
 def test_competition_config_given_to_ensemble(base_cfg):
     with pytest.raises(PipelineError, match=r"base.yaml: is a competition config, not an ensemble file; expected keys competition, config, members"):
-        run_ensemble(base_cfg, echo=quiet)
+        run_ensemble(base_cfg)
 
 
 def test_example_blend_file_is_valid():

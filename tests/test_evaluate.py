@@ -129,7 +129,7 @@ def hand_run(digits_config):
         path = digits_config(**sections)
         cfg = load_config(path)
         table = read_table(cfg, "train")
-        run_fold(cfg, table, echo=quiet)
+        run_fold(cfg, table)
         fold = load_folds(cfg, table)
         rng = np.random.default_rng(4)
         logits = rng.normal(0, 1, (len(table), 10))
@@ -147,7 +147,7 @@ def hand_run(digits_config):
 
 def test_metrics_json_from_oof(hand_run):
     path, cfg, df = hand_run()
-    m = evaluate(cfg, echo=quiet, report=False)
+    m = evaluate(cfg, report=False)
     assert json.loads((RUN / "metrics.json").read_text()) == m
     y, probs = df["target"].to_numpy(), df.filter(like="p_").to_numpy()
     for key in ("logloss", "accuracy", "f1", "roc_auc", "confusion_matrix", "confusion_matrix_normalized",
@@ -179,7 +179,7 @@ def test_metrics_json_from_oof(hand_run):
 
 def test_calibrate_false_writes_kept_false(hand_run):
     path, cfg, _ = hand_run(evaluate={"calibrate": False})
-    m = evaluate(cfg, echo=quiet, report=False)
+    m = evaluate(cfg, report=False)
     assert m["calibrated"]["skipped"] and not json.loads((RUN / "calibration.json").read_text())["kept"]
     assert load_temperature(RUN) is None
 
@@ -230,7 +230,7 @@ def test_bad_oof_is_one_line(hand_run, case):
     fn, msg = BAD[case]
     _mutate_oof(fn)
     with pytest.raises(PipelineError, match=msg) as e:
-        evaluate(cfg, echo=quiet, report=False)
+        evaluate(cfg, report=False)
     assert "\n" not in str(e.value) and str(e.value).startswith(str(RUN / "oof.csv"))
     assert not (RUN / "metrics.json").exists()
 
@@ -307,8 +307,8 @@ def trained_dir(tmp_path_factory, sk_digits_dir):
         from pipeline.train import train_cv
 
         c = load_config("exp.yaml")
-        run_fold(c, echo=quiet)
-        train_cv(c, echo=quiet)
+        run_fold(c)
+        train_cv(c)
     finally:
         os.chdir(old)
     return base
@@ -420,7 +420,7 @@ def test_binary_sar_report_without_models(make_config, iceberg_dir, capsys):
     path = make_config(iceberg_dir, model={"backbone": "simple_cnn", "pretrained": False})
     cfg = load_config(path)
     table = read_table(cfg, "train")
-    run_fold(cfg, table, echo=quiet)
+    run_fold(cfg, table)
     fold = load_folds(cfg, table)
     rng = np.random.default_rng(6)
     p1 = np.clip(0.75 * table.labels + 0.125 + rng.normal(0, 0.2, len(table)), 0.001, 0.999)

@@ -24,8 +24,8 @@ RUN = Path("runs/comp/exp")
 
 def trained(path, overrides=()):
     cfg = load_config(path, list(overrides))
-    run_fold(cfg, echo=quiet)
-    train_cv(cfg, echo=quiet)
+    run_fold(cfg)
+    train_cv(cfg)
     return cfg
 
 
@@ -71,7 +71,7 @@ def test_predict_end_to_end_submission_validates(digits_config, capsys):
 def test_logit_average_and_tta(digits_config):
     path = digits_config(train={"epochs": 1})
     cfg = trained(path, ["predict.average=logit", "predict.tta=[identity,hflip]"])
-    df = predict_test(cfg, echo=quiet)
+    df = predict_test(cfg)
     test = read_table(cfg, "test")
     flipped = test.images[..., ::-1].copy()
     logits = fold_logits(cfg, test.images) + fold_logits(cfg, flipped)
@@ -95,16 +95,16 @@ def test_tta_oof_uses_each_fold_model_on_its_own_rows(digits_config, capsys):
 def test_temperature_from_calibration_json(digits_config):
     path = digits_config(train={"epochs": 1}, predict={"clip": [0.01, 0.99]})
     cfg = trained(path)
-    plain = predict_test(cfg, echo=quiet).filter(like="p_").to_numpy()
+    plain = predict_test(cfg).filter(like="p_").to_numpy()
     (RUN / "calibration.json").write_text(json.dumps({"temperature": 0.5, "kept": False}))
-    np.testing.assert_allclose(predict_test(cfg, echo=quiet).filter(like="p_").to_numpy(), plain, atol=1e-7)
+    np.testing.assert_allclose(predict_test(cfg).filter(like="p_").to_numpy(), plain, atol=1e-7)
     (RUN / "calibration.json").write_text(json.dumps({"temperature": 0.5, "kept": True}))
-    sharp = predict_test(cfg, echo=quiet).filter(like="p_").to_numpy()
+    sharp = predict_test(cfg).filter(like="p_").to_numpy()
     np.testing.assert_allclose(sharp, apply_temperature(plain, 0.5), atol=1e-6)
     assert json.loads((RUN / "predict.json").read_text())["temperature"] == 0.5
     # T = 0.5 squares and renormalises the probabilities
     np.testing.assert_allclose(apply_temperature(np.array([[0.25, 0.75]]), 0.5), [[0.1, 0.9]])
-    sub = submit_experiment(cfg, echo=quiet)
+    sub = submit_experiment(cfg)
     assert json.loads(sub.with_suffix(".json").read_text())["clip"] == [0.01, 0.99]
     (RUN / "calibration.json").write_text(json.dumps({"temperature": -1, "kept": True}))
     with pytest.raises(PipelineError, match=r"calibration.json: temperature is -1; expected a positive number"):
@@ -117,10 +117,10 @@ def test_temperature_from_calibration_json(digits_config):
 def test_seeds_and_refit_models(digits_config):
     path = digits_config(train={"epochs": 1, "seeds": [1, 2]})
     cfg = trained(path)
-    predict_test(cfg, echo=quiet)
+    predict_test(cfg)
     assert json.loads((RUN / "predict.json").read_text())["models"] == [f"fold_{k}_seed{s}" for k in range(3) for s in (1, 2)]
     cfg = trained(path, ["train.seeds=null", "train.refit=true"])
-    df = predict_test(cfg, echo=quiet)
+    df = predict_test(cfg)
     info = json.loads((RUN / "predict.json").read_text())
     assert info["models"] == [f"fold_{k}" for k in range(3)] and info["refit_models"] == ["refit"]
     test = read_table(cfg, "test")
@@ -129,7 +129,7 @@ def test_seeds_and_refit_models(digits_config):
     np.testing.assert_allclose(df.filter(like="p_").to_numpy(), folds, atol=1e-6)
     refit = pd.read_csv(RUN / "test_pred_refit.csv", dtype={"id": str})
     np.testing.assert_allclose(refit.filter(like="p_").to_numpy(), softmax(fold_logits(cfg, test.images, [RUN / "refit"])[0]), atol=1e-6)
-    sub = submit_experiment(cfg, echo=quiet)
+    sub = submit_experiment(cfg)
     refit_sub = [p for p in Path("submissions").glob("comp-exp-refit-*.csv")]
     assert len(refit_sub) == 1 and validate_submission(cfg, refit_sub[0]) == []
     assert json.loads(refit_sub[0].with_suffix(".json").read_text())["models"] == ["refit"]
@@ -140,13 +140,13 @@ def test_predict_refuses_missing_or_stale_models(digits_config, capsys):
     path = digits_config(train={"epochs": 1})
     cfg = load_config(path)
     with pytest.raises(PipelineError, match=r"runs/comp/exp: no trained models; run `pipeline train .*exp.yaml` first"):
-        predict_test(cfg, echo=quiet)
+        predict_test(cfg)
     trained(path)
     with pytest.raises(PipelineError, match=r"config.train.yaml: models were trained under another config \(train hash \w+, this config \w+\); rerun `pipeline train"):
-        predict_test(load_config(path, ["train.lr=0.1"]), echo=quiet)
+        predict_test(load_config(path, ["train.lr=0.1"]))
     (RUN / "fold_1" / "done.json").unlink()
     with pytest.raises(PipelineError, match=r"runs/comp/exp/fold_1: model not finished"):
-        predict_test(cfg, echo=quiet)
+        predict_test(cfg)
 
 
 def test_bad_tta_name_fails_before_any_work(digits_config, capsys):

@@ -223,7 +223,7 @@ def test_experiments_and_lb(digits_cfg, capsys):
     out = capsys.readouterr().out
     assert f"recorded LB 0.987 for {sub.name} (CV accuracy 1.00000) in submissions/leaderboard.csv" in out
     assert json.loads(sub.with_suffix(".json").read_text())["lb_score"] == 0.987
-    record_lb(sub, 0.99, echo=quiet)
+    record_lb(sub, 0.99)
     board = pd.read_csv("submissions/leaderboard.csv")
     assert board["lb_score"].tolist() == [0.987, 0.99] and board["experiment"].tolist() == ["alpha", "alpha"]
     assert board["cv"].tolist() == [1.0, 1.0]

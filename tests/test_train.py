@@ -24,7 +24,7 @@ quiet = lambda *a: None  # noqa: E731
 
 def _prepare(path, overrides=()):
     cfg = load_config(path, list(overrides))
-    run_fold(cfg, echo=quiet)
+    run_fold(cfg)
     return cfg
 
 
@@ -60,28 +60,28 @@ def test_train_cv_writes_oof_history_checkpoints(digits_config, capsys):
 def test_deterministic_on_cpu(digits_config, tmp_path):
     path = digits_config(augment=[{"name": "Affine", "rotate": [-10, 10], "p": 0.5}])
     cfg = _prepare(path)
-    a = train_cv(cfg, echo=quiet)
+    a = train_cv(cfg)
     os.chdir(tmp_path / "..")
     os.makedirs("again", exist_ok=True)
     os.chdir("again")
-    run_fold(cfg, echo=quiet)
-    b = train_cv(cfg, echo=quiet)
+    run_fold(cfg)
+    b = train_cv(cfg)
     pd.testing.assert_frame_equal(a, b)
 
 
 def test_folds_as_separate_jobs(digits_config, capsys):
     cfg = _prepare(digits_config())
-    assert train_cv(cfg, folds=[0], echo=print) is None
+    assert train_cv(cfg, folds=[0]) is None
     assert "oof.csv waits for fold(s) [1, 2]" in capsys.readouterr().out
-    assert train_cv(cfg, folds=[2, 1], echo=quiet) is not None
+    assert train_cv(cfg, folds=[2, 1]) is not None
     with pytest.raises(PipelineError, match=r"--folds: no fold 5; folds/comp.csv has folds 0..2"):
-        train_cv(cfg, folds=[5], echo=quiet)
+        train_cv(cfg, folds=[5])
 
 
 def test_config_change_retrains(digits_config, capsys):
     cfg = _prepare(digits_config())
-    train_cv(cfg, echo=quiet)
-    train_cv(load_config(cfg.path, ["train.lr=0.002"]), folds=[0], echo=print)
+    train_cv(cfg)
+    train_cv(load_config(cfg.path, ["train.lr=0.002"]), folds=[0])
     assert "fold 0: finished under another config; retraining" in capsys.readouterr().out
 
 
@@ -90,7 +90,7 @@ def test_optimizers_and_schedulers(digits_config, opt, sched):
     cfg = _prepare(digits_config(train={"optimizer": opt, "scheduler": sched, "warmup_epochs": 0.5, "epochs": 2,
                                         "weight_decay": 1e-4, "label_smoothing": 0.1, "grad_clip": 1.0, "step_size": 1,
                                         "max_steps_per_epoch": 3}))
-    oof = train_cv(cfg, folds=None, echo=quiet)
+    oof = train_cv(cfg, folds=None)
     assert np.isfinite(oof.filter(like="p_").to_numpy()).all()
     hist = pd.read_csv("runs/comp/exp/fold_0/history.csv")
     assert hist["lr"].nunique() > 1 or sched in ("plateau", "step")  # epoch schedulers log the lr used
@@ -123,7 +123,7 @@ def test_finetune_strategies(digits_config):
 def test_head_only_caches_features_and_keeps_backbone(digits_config, capsys):
     cfg = _prepare(digits_config(model={"backbone": "resnet18", "pretrained": False, "finetune": "head"},
                                  data={"image_size": 32}))
-    train_cv(cfg, folds=[0], echo=print)
+    train_cv(cfg, folds=[0])
     assert "head-only: cached backbone features of 600 images" in capsys.readouterr().out
     trained, _ = load_checkpoint("runs/comp/exp/fold_0/best.safetensors")
     torch.manual_seed(0)
@@ -138,7 +138,7 @@ def test_head_only_caches_features_and_keeps_backbone(digits_config, capsys):
 def test_gradual_unfreeze(digits_config):
     cfg = _prepare(digits_config(model={"backbone": "resnet18", "pretrained": False, "finetune": "head", "unfreeze_after": 1},
                                  data={"image_size": 16}, train={"max_steps_per_epoch": 2}))
-    train_cv(cfg, folds=[0], echo=quiet)
+    train_cv(cfg, folds=[0])
     trained, _ = load_checkpoint("runs/comp/exp/fold_0/best.safetensors")
     from pipeline.train import derive_seed, seed_everything
 
@@ -160,7 +160,7 @@ def test_bad_backbone_lists_close_matches(digits_config, capsys):
 
 def test_checkpoint_that_does_not_fit(digits_config, tmp_path):
     cfg = _prepare(digits_config())
-    train_cv(cfg, folds=[0], echo=quiet)
+    train_cv(cfg, folds=[0])
     meta_path = Path("runs/comp/exp/fold_0/best.json")
     meta = json.loads(meta_path.read_text())
     meta["in_chans"] = 3
@@ -175,7 +175,7 @@ def test_checkpoint_that_does_not_fit(digits_config, tmp_path):
 def test_corrupt_resume_checkpoint_keeps_finished_folds(digits_config, capsys):
     path = digits_config()
     cfg = _prepare(path)
-    train_cv(cfg, folds=[0], echo=quiet)
+    train_cv(cfg, folds=[0])
     d = Path("runs/comp/exp/fold_1")
     d.mkdir(parents=True)
     (d / "last.pt").write_bytes(b"not a checkpoint")
@@ -194,7 +194,7 @@ def test_cuda_requested_without_gpu(digits_config, capsys):
     assert "train.device: cuda:1 requested but CUDA is not available" in capsys.readouterr().err
 
 
-def test_killed_fold_resumes_to_same_oof(digits_config, tmp_path):
+def test_killed_fold_resumes_to_same_oof(digits_config, tmp_path, capsys):
     """A real subprocess killed with SIGKILL mid-fold resumes from its last completed epoch."""
     path = digits_config(folds={"n_splits": 2, "seed": 0}, train={"epochs": 6, "lr": 1e-3},
                          model={"backbone": "resnet18", "pretrained": False}, data={"image_size": 24})
@@ -214,8 +214,9 @@ def test_killed_fold_resumes_to_same_oof(digits_config, tmp_path):
     assert not Path("runs/comp/exp/fold_0/done.json").exists()  # really unfinished
     epochs_before = len(pd.read_csv(hist))
     assert epochs_before < 6
-    lines = []
-    train_cv(cfg, folds=[0], echo=lines.append)  # only the killed fold: fold 1 has nothing to prove
+    capsys.readouterr()
+    train_cv(cfg, folds=[0])  # only the killed fold: fold 1 has nothing to prove
+    lines = capsys.readouterr().out.splitlines()
     resumed = pd.read_csv("runs/comp/exp/fold_0/oof.csv")
     said = [s for s in lines if "resuming after epoch" in s]
     assert said and said[0].startswith("fold 0: resuming after epoch")
@@ -224,8 +225,8 @@ def test_killed_fold_resumes_to_same_oof(digits_config, tmp_path):
     assert pd.read_csv(hist)["epoch"].tolist() == list(range(1, 7))  # trimmed and continued, no duplicates
     os.makedirs(tmp_path / "clean", exist_ok=True)
     os.chdir(tmp_path / "clean")
-    run_fold(cfg, echo=quiet)
-    train_cv(cfg, folds=[0], echo=quiet)
+    run_fold(cfg)
+    train_cv(cfg, folds=[0])
     clean = pd.read_csv("runs/comp/exp/fold_0/oof.csv")
     pcols = [c for c in clean.columns if c.startswith("p_")]
     np.testing.assert_allclose(resumed[pcols].to_numpy(), clean[pcols].to_numpy(), atol=1e-5)
@@ -234,7 +235,7 @@ def test_killed_fold_resumes_to_same_oof(digits_config, tmp_path):
 def test_early_stopping_on_patience(digits_config, capsys):
     """A learning rate too small to move the weights: no epoch after the first improves val_loss."""
     cfg = _prepare(digits_config(train={"epochs": 6, "patience": 2, "lr": 1e-12, "scheduler": "none"}))
-    train_cv(cfg, folds=[0], echo=print)
+    train_cv(cfg, folds=[0])
     out = capsys.readouterr().out
     assert "fold 0: early stop after 2 epochs without val_loss improvement" in out
     done = json.loads(Path("runs/comp/exp/fold_0/done.json").read_text())
@@ -251,12 +252,12 @@ def test_resume_trims_history_written_after_the_last_checkpoint(digits_config, c
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_cv(cfg, folds=[0], echo=quiet, on_epoch=stop_after_2)
+        train_cv(cfg, folds=[0], on_epoch=stop_after_2)
     hist = Path("runs/comp/exp/fold_0/history.csv")
     df = pd.read_csv(hist)
     pd.concat([df, df.tail(1).assign(epoch=3)]).to_csv(hist, index=False)  # a row whose state was never saved
     assert not Path("runs/comp/exp/fold_0/lock").exists()  # the interrupted run released its lock
-    train_cv(cfg, folds=[0], echo=print)
+    train_cv(cfg, folds=[0])
     assert "fold 0: resuming after epoch 2 (best val_loss" in capsys.readouterr().out
     assert pd.read_csv(hist)["epoch"].tolist() == [1, 2, 3, 4]
 
@@ -292,31 +293,31 @@ def test_a_fold_held_by_another_live_process_is_skipped(digits_config, capsys):
     d = Path("runs/comp/exp/fold_1")
     d.mkdir(parents=True)
     (d / "lock").write_text(f"{socket.gethostname()} {os.getppid()}")  # a live process (pytest's parent)
-    assert train_cv(cfg, echo=print) is None
+    assert train_cv(cfg) is None
     out = capsys.readouterr().out
     assert "fold 1: skipping, " in out and "fold 1 is being worked on by" in out and "oof.csv waits for fold(s) [1]" in out
     assert not (d / "done.json").exists() and Path("runs/comp/exp/fold_2/done.json").exists()
     (d / "lock").write_text(f"{socket.gethostname()} 999999999")  # its process is gone: taken over
-    assert train_cv(cfg, echo=quiet) is not None and not (d / "lock").exists()
+    assert train_cv(cfg) is not None and not (d / "lock").exists()
 
 
 def test_device_and_workers_do_not_change_the_run(digits_config, capsys):
     """train.device / num_workers / data.dir say where a fold runs, not what it computes: same run."""
     cfg = _prepare(digits_config(train={"epochs": 1}))
-    train_cv(cfg, folds=[0], echo=quiet)
-    train_cv(load_config(cfg.path, ["train.device=cpu", "train.num_workers=1"]), folds=[0, 1, 2], echo=print)
+    train_cv(cfg, folds=[0])
+    train_cv(load_config(cfg.path, ["train.device=cpu", "train.num_workers=1"]), folds=[0, 1, 2])
     out = capsys.readouterr().out
     assert "fold 0: done, skipping" in out and "another config" not in out
 
 
 def test_regenerated_folds_retrain_finished_folds(digits_config, capsys):
     cfg = _prepare(digits_config(train={"epochs": 1}))
-    train_cv(cfg, echo=quiet)
+    train_cv(cfg)
     df = pd.read_csv("folds/comp.csv", dtype={"id": str})
     a, b = df.index[df["fold"] == 0][0], df.index[df["fold"] == 1][0]
     df.loc[[a, b], "fold"] = [1, 0]  # the same settings, other assignments (e.g. the data changed)
     df.to_csv("folds/comp.csv", index=False)
-    oof = train_cv(cfg, echo=print)
+    oof = train_cv(cfg)
     assert "fold 0: finished under another config; retraining" in capsys.readouterr().out
     assert (oof.set_index("id").loc[df["id"], "fold"].to_numpy() == df["fold"].to_numpy()).all()
 
@@ -324,7 +325,7 @@ def test_regenerated_folds_retrain_finished_folds(digits_config, capsys):
 def test_mixup_turns_the_head_only_feature_cache_off(digits_config, capsys):
     cfg = _prepare(digits_config(model={"backbone": "resnet18", "pretrained": False, "finetune": "head"},
                                  data={"image_size": 16}, train={"mixup_alpha": 0.4, "max_steps_per_epoch": 2, "epochs": 1}))
-    train_cv(cfg, folds=[0], echo=print)
+    train_cv(cfg, folds=[0])
     assert "cached backbone features" not in capsys.readouterr().out
 
 

@@ -18,7 +18,7 @@ RUN = Path("runs/comp/exp")
 
 def _prepare(path, overrides=()):
     cfg = load_config(path, list(overrides))
-    run_fold(cfg, echo=quiet)
+    run_fold(cfg)
     return cfg
 
 
@@ -67,7 +67,7 @@ def test_mixed_loss_is_soft_target_cross_entropy(k, mode):
     torch.testing.assert_close(got, torch.nn.functional.cross_entropy(logits, soft.float()))
 
 
-def test_interrupted_run_with_tricks_resumes_identically(digits_config, tmp_path):
+def test_interrupted_run_with_tricks_resumes_identically(digits_config, tmp_path, capsys):
     """Mixup, CutMix, EMA, accumulation and an augmentation: stopped after epoch 2, resumed, equal to a clean run."""
     path = digits_config(train={"epochs": 4, "mixup_alpha": 0.4, "cutmix_alpha": 1.0, "mix_prob": 0.8,
                                 "ema_decay": 0.9, "accum_steps": 2},
@@ -79,18 +79,19 @@ def test_interrupted_run_with_tricks_resumes_identically(digits_config, tmp_path
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_cv(cfg, echo=quiet, on_epoch=stop_at_2)
+        train_cv(cfg, on_epoch=stop_at_2)
     assert (RUN / "fold_1" / "last.pt").exists() and not (RUN / "fold_1" / "done.json").exists()
-    lines = []
-    resumed = train_cv(cfg, echo=lines.append)
+    capsys.readouterr()
+    resumed = train_cv(cfg)
+    lines = capsys.readouterr().out.splitlines()
     assert "fold 1: resuming after epoch 2 (best val_loss" in "\n".join(lines)
     clean_dir = tmp_path / "clean"
     clean_dir.mkdir()
     import os
 
     os.chdir(clean_dir)
-    run_fold(cfg, echo=quiet)
-    clean = train_cv(cfg, echo=quiet)
+    run_fold(cfg)
+    clean = train_cv(cfg)
     pd.testing.assert_frame_equal(resumed, clean, atol=1e-6, check_exact=False)
 
 
@@ -99,7 +100,7 @@ def _trainer(cfg, fold=0):
     from pipeline.formats import read_table
 
     table = read_table(cfg, "train")
-    return FoldTrainer(cfg, table, load_folds(cfg, table), Job(fold, 42, RUN / f"fold_{fold}"), torch.device("cpu"), "h", quiet)
+    return FoldTrainer(cfg, table, load_folds(cfg, table), Job(fold, 42, RUN / f"fold_{fold}"), torch.device("cpu"), "h")
 
 
 def test_tricks_on_are_deterministic(digits_config, tmp_path):
@@ -107,12 +108,12 @@ def test_tricks_on_are_deterministic(digits_config, tmp_path):
     path = digits_config(train={"epochs": 2, "mixup_alpha": 0.4, "cutmix_alpha": 1.0, "mix_prob": 0.8, "ema_decay": 0.9,
                                 "accum_steps": 2, "balanced_sampling": True, "class_weights": "balanced", "seeds": [1, 2]},
                          augment=[{"name": "HorizontalFlip", "p": 0.5}, {"name": "Affine", "rotate": [-10, 10], "p": 0.5}])
-    a = train_cv(_prepare(path), echo=quiet)
+    a = train_cv(_prepare(path))
     import os
 
     os.makedirs(tmp_path / "again")
     os.chdir(tmp_path / "again")
-    b = train_cv(_prepare(path), echo=quiet)
+    b = train_cv(_prepare(path))
     pd.testing.assert_frame_equal(a, b)
 
 
@@ -214,7 +215,7 @@ def test_balanced_sampling_and_class_weights(digits_config, sk_digits_dir, tmp_p
 
 def test_several_seeds_are_averaged(digits_config):
     cfg = _prepare(digits_config(train={"seeds": [1, 2], "epochs": 1}))
-    oof = train_cv(cfg, echo=quiet)
+    oof = train_cv(cfg)
     a = pd.read_csv(RUN / "fold_0_seed1" / "oof.csv", dtype={"id": str}).set_index("id")
     b = pd.read_csv(RUN / "fold_0_seed2" / "oof.csv", dtype={"id": str}).set_index("id")
     pcols = [c for c in a.columns if c.startswith("p_")]
@@ -225,7 +226,7 @@ def test_several_seeds_are_averaged(digits_config):
 
 def test_time_budget_stops_at_epoch_boundary_with_complete_oof(digits_config, capsys):
     cfg = _prepare(digits_config(train={"epochs": 50, "time_budget_s": 0.001}))
-    oof = train_cv(cfg, echo=print)
+    oof = train_cv(cfg)
     out = capsys.readouterr().out
     assert out.count("time budget share spent after epoch 1") == 3
     assert len(oof) == 600 and oof["fold"].nunique() == 3
@@ -243,7 +244,7 @@ def test_time_budget_share_counts_the_refit_jobs(digits_config, monkeypatch):
         assert tr._deadline(load_config(cfg.path, ["train.time_budget_s=null"]), 1000.0, 3) is None
     seen = []
     monkeypatch.setattr(tr, "_deadline", lambda c, t0, left: seen.append(left) or None)
-    train_cv(_prepare(cfg.path, ["train.epochs=1", "train.refit=true", "train.seeds=[1,2]"]), echo=quiet)
+    train_cv(_prepare(cfg.path, ["train.epochs=1", "train.refit=true", "train.seeds=[1,2]"]))
     assert seen == [8, 7, 6, 5, 4, 3, 2, 1]  # 3 folds x 2 seeds, then 2 refits
 
 
@@ -251,10 +252,10 @@ def test_num_workers_do_not_change_results(digits_config, tmp_path):
     import os
 
     path = digits_config(train={"epochs": 1}, augment=[{"name": "HorizontalFlip", "p": 0.5}])
-    a = train_cv(_prepare(path), echo=quiet)
+    a = train_cv(_prepare(path))
     os.makedirs(tmp_path / "w2")
     os.chdir(tmp_path / "w2")
-    b = train_cv(_prepare(path, ["train.num_workers=2"]), echo=quiet)
+    b = train_cv(_prepare(path, ["train.num_workers=2"]))
     pd.testing.assert_frame_equal(a, b)
 
 
@@ -262,7 +263,7 @@ def test_precision_auto_measures_once_and_is_reused(digits_config, monkeypatch, 
     import pipeline.precision as prec
 
     cfg = _prepare(digits_config(train={"precision": "auto", "epochs": 1}))
-    train_cv(cfg, folds=[0], echo=print)
+    train_cv(cfg, folds=[0])
     assert "precision auto: fp32" in capsys.readouterr().out  # both were timed, on any CPU
     choice = json.loads((RUN / "precision.json").read_text())["precision"]
     assert choice in ("fp32", "bf16")
@@ -270,19 +271,19 @@ def test_precision_auto_measures_once_and_is_reused(digits_config, monkeypatch, 
     snapshot = (RUN / "config.train.yaml").read_text()  # the resolved config records the choice
     assert f"# train.precision: auto resolved to {choice}" in snapshot and f"precision: {choice}" in snapshot
     monkeypatch.setattr(prec, "measure", lambda *a, **k: (_ for _ in ()).throw(AssertionError("measured again")))
-    train_cv(cfg, folds=[1], echo=print)  # resuming the run reuses its choice
+    train_cv(cfg, folds=[1])  # resuming the run reuses its choice
     (RUN / "precision.json").unlink()  # a new run on the same machine/model/shape reuses the cache
-    train_cv(cfg, folds=[2], echo=print)
+    train_cv(cfg, folds=[2])
     assert json.loads((RUN / "precision.json").read_text())["precision"] == choice
     # another model is another key: measured again, not the stale choice of this run
     other = _prepare(digits_config(train={"precision": "auto", "epochs": 1}, model={"drop_rate": 0.1}, data={"image_size": 12}))
     with pytest.raises(AssertionError, match="measured again"):
-        train_cv(other, folds=[0], echo=print)
+        train_cv(other, folds=[0])
 
 
 def test_refit_on_all_rows_with_cv_epoch_count(digits_config, capsys):
     cfg = _prepare(digits_config(train={"epochs": 3, "refit": True}))
-    train_cv(cfg, echo=print)
+    train_cv(cfg)
     out = capsys.readouterr().out
     best = [json.loads((RUN / f"fold_{k}" / "done.json").read_text())["best_epoch"] for k in range(3)]
     n = int(np.median(best))
@@ -290,7 +291,7 @@ def test_refit_on_all_rows_with_cv_epoch_count(digits_config, capsys):
     done = json.loads((RUN / "refit" / "done.json").read_text())
     assert done["epochs_run"] == n and (RUN / "refit" / "best.safetensors").exists()
     assert not (RUN / "refit" / "oof.csv").exists()
-    train_cv(cfg, echo=print)
+    train_cv(cfg)
     assert "refit: done, skipping" in capsys.readouterr().out
 
 
@@ -307,7 +308,7 @@ def test_fold_jobs_train_folds_in_parallel_processes_deterministically(digits_co
     import os
 
     path = digits_config(train={"epochs": 2, "fold_jobs": 2}, augment=[{"name": "HorizontalFlip", "p": 0.5}])
-    a = train_cv(_prepare(path), echo=print)
+    a = train_cv(_prepare(path))
     out = capfd.readouterr().out
     assert "fold_jobs 2: 3 fold(s) in 2 processes, threads per fold [1, 1, 2]" in out
     assert "fold 2 epoch 2/2" in out  # the workers' own progress lines
@@ -315,7 +316,7 @@ def test_fold_jobs_train_folds_in_parallel_processes_deterministically(digits_co
     assert not list(RUN.rglob("lock")) and not list(RUN.rglob("last.pt"))
     os.makedirs(tmp_path / "again")
     os.chdir(tmp_path / "again")
-    b = train_cv(_prepare(path), echo=quiet)
+    b = train_cv(_prepare(path))
     pd.testing.assert_frame_equal(a, b)
     # a bad input inside a worker is the same one-line error in the parent
     os.chdir(tmp_path / "again")
@@ -325,4 +326,4 @@ def test_fold_jobs_train_folds_in_parallel_processes_deterministically(digits_co
     from pipeline.errors import PipelineError
 
     with pytest.raises(PipelineError, match=r"fold_1/last.pt: corrupt resume checkpoint"):
-        train_cv(_prepare(path), echo=quiet)
+        train_cv(_prepare(path))
