@@ -90,7 +90,7 @@ def phase_train(cfg_path: Path) -> dict:
     from pipeline.config import load_config
     from pipeline.fold import run_fold
     from pipeline.formats import read_table
-    from pipeline.train import train_cv
+    from pipeline.cv import train_cv
 
     cfg = load_config(cfg_path)
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ images). Rounds are interleaved (a, b, c, a, b, c, ...) and medians reported:
   (b) naive: the loop a typical Kaggle kernel runs: fp32 NCHW, torch.set_num_threads(2), a
       DataLoader(num_workers=2, batch_size=32, shuffle=True) over a per-sample albumentations
       Dataset (HorizontalFlip, VerticalFlip, Affine)
-  (c) pipeline: pipeline.train.train_cv on competitions/iceberg.yaml as it is (its four
+  (c) pipeline: pipeline.cv.train_cv on competitions/iceberg.yaml as it is (its four
       augmentations, feature head, AdamW, cosine schedule, precision: auto, fold_jobs: 2: two
       folds at once, one process and cores/2 threads each) except model.pretrained=false;
       training-loop images per training-loop second (``train_img_s`` of history.csv; validation
@@ -125,7 +125,7 @@ def pipeline_loop(steps: int, base_cfg: Path, work: Path, name: str, fold_jobs: 
     import yaml
 
     from pipeline.config import load_config
-    from pipeline.train import train_cv
+    from pipeline.cv import train_cv
 
     cfg_path = work / f"{name}.yaml"  # a new experiment per measurement: nothing is skipped or resumed
     cfg_path.write_text(yaml.safe_dump({"extends": str(base_cfg)}))

@@ -63,7 +63,7 @@ def cmd_fold(args):
 
 
 def cmd_train(args):
-    from .train import train_cv
+    from .cv import train_cv
 
     folds = _int_list(args.folds, "--folds") if args.folds else None
     train_cv(_config(args), folds=folds)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def _run_job(fold: int, seed: int, job_dir, run_hash: str, precision: str, threa
     import torch
 
     from .device import resolve_device
-    from .train import FoldTrainer, Job
+    from .trainer import FoldTrainer, Job
 
     torch.set_num_threads(threads)
     cfg, table, fold_of = _STATE["cfg"], _STATE["table"], _STATE["fold_of"]
@@ -55,18 +56,19 @@ def _run_job(fold: int, seed: int, job_dir, run_hash: str, precision: str, threa
     if budget is not None:  # this job's share: the budget over the jobs, times the jobs run at once
         t_start, total_s, share_s = budget
         deadline = min(time.time() + share_s, t_start + total_s)
-    return FoldTrainer(cfg, table, fold_of, Job(fold, seed, job_dir), resolve_device(cfg.train.device), run_hash,
-                       None, None, precision, deadline).run()
+    return FoldTrainer(cfg=cfg, table=table, fold_of=fold_of, job=Job(fold, seed, job_dir),
+                       device=resolve_device(cfg.train.device), run_hash=run_hash, precision=precision,
+                       deadline=deadline).run()
 
 
-def run_parallel(cfg, jobs: list, n_par: int, run_hash: str, precision: str, t_start: float, n_budget_jobs: int) -> None:
-    """Train ``jobs`` (``Job`` objects) in ``n_par`` spawned processes; errors propagate as raised."""
+def run_parallel(cfg, jobs: list, *, n_par: int, run_hash: str, precision: str, t_start: float,
+                 n_budget_jobs: int) -> Iterator[tuple]:
+    """Train ``jobs`` (``trainer.Job``) in ``n_par`` spawned processes; yields (job, result) as each ends,
+    ``result()`` returning its done.json contents or raising what the worker raised."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     import torch
-
-    from .train import job_outcome
 
     cores = torch.get_num_threads()
     plan = thread_plan(len(jobs), n_par, cores)
@@ -78,4 +80,4 @@ def run_parallel(cfg, jobs: list, n_par: int, run_hash: str, precision: str, t_s
     with ProcessPoolExecutor(n_par, mp_context=mp.get_context("spawn"), initializer=_start_worker, initargs=(cfg,)) as ex:
         futures = {ex.submit(_run_job, j.fold, j.seed, j.dir, run_hash, precision, t, budget): j for j, t in zip(jobs, plan)}
         for f in as_completed(futures):
-            job_outcome(futures[f], f.result)
+            yield futures[f], f.result

@@ -41,6 +41,19 @@ def predict_logits(model, images: np.ndarray, features: np.ndarray | None, batch
     return np.concatenate(out).astype(np.float64) if out else np.zeros((0, 0))
 
 
+class Rows:
+    """Lazy row subset of an array (avoids copying a memmap to predict a fold)."""
+
+    def __init__(self, arr, idx):
+        self.arr, self.idx = arr, idx
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.arr[self.idx[i]]
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(1, keepdims=True)
     e = np.exp(z)

@@ -1,7 +1,7 @@
 """Progress and results go through the standard ``logging`` module, under the ``pipeline`` logger.
 
 Like optuna, the library gives its own logger one handler, so a notebook calling
-``pipeline.train.train_cv(cfg)`` sees the same lines as the CLI: INFO and above to stdout, the
+``pipeline.cv.train_cv(cfg)`` sees the same lines as the CLI: INFO and above to stdout, the
 message alone. stderr stays reserved for the one-line error contract. ``to_file`` sends a stretch
 of work (one tuning trial's training) to a log file instead.
 """

@@ -103,7 +103,7 @@ def oof_scores(metric: str, y: np.ndarray, probs: np.ndarray, clip=None) -> dict
 
 def model_dirs(cfg: Config, refit: bool | None = None) -> list[Path]:
     """Finished model directories of the current training config (fold models, or refit ones)."""
-    from .train import job_hash, job_name
+    from .cv import job_hash, job_name
 
     run = cfg.run_dir
     snap = run / "config.train.yaml"
@@ -189,7 +189,7 @@ def _oof_tta(cfg: Config, models: _Models) -> pd.DataFrame:
     """Each fold's model(s) on its own validation rows, with the configured TTA."""
     from .fold import load_folds
     from .formats import read_table
-    from .train import _Rows
+    from .inference import Rows as _Rows
 
     table = read_table(cfg, "train")
     fold_of = load_folds(cfg, table)

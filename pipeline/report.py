@@ -323,7 +323,7 @@ def plot_gradcam(figs: Figures, cfg: Config, table: Table, oof: pd.DataFrame, pr
 
     from .inference import features_tensor
     from .models import load_checkpoint
-    from .train import job_name
+    from .cv import job_name
 
     y = oof["target"].to_numpy()
     fold = oof["fold"].to_numpy()

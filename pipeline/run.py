@@ -32,7 +32,7 @@ def _fold(cfg):
 
 
 def _train(cfg):
-    from .train import train_cv
+    from .cv import train_cv
 
     if train_cv(cfg) is None:  # pragma: no cover - all folds are requested
         raise RuntimeError("training ended without complete OOF predictions")

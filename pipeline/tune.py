@@ -351,7 +351,7 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
         log.info(f"  note: WilcoxonPruner cannot reach p < {cfg.tune.p_threshold:g} with {len(folds)} folds, so nothing is pruned; "
              "use tune.pruner median or more folds")
 
-    from .train import train_cv
+    from .cv import train_cv
 
     def objective(trial):
         if max_trials and _counted(study, before=trial.number) >= max_trials:

@@ -304,7 +304,7 @@ def trained_dir(tmp_path_factory, sk_digits_dir):
     old = os.getcwd()
     os.chdir(base)
     try:
-        from pipeline.train import train_cv
+        from pipeline.cv import train_cv
 
         c = load_config("exp.yaml")
         run_fold(c)

@@ -16,7 +16,7 @@ from pipeline.inference import predict_logits, softmax
 from pipeline.models import load_checkpoint
 from pipeline.predict import apply_temperature, load_temperature, predict_test, submit_experiment
 from pipeline.submission import validate_submission
-from pipeline.train import train_cv
+from pipeline.cv import train_cv
 
 quiet = lambda *a: None  # noqa: E731
 RUN = Path("runs/comp/exp")

@@ -10,7 +10,8 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.fold import run_fold
-from pipeline.train import FoldTrainer, Job, mix_batch, mixed_loss, train_cv
+from pipeline.cv import train_cv
+from pipeline.trainer import FoldTrainer, Job, mix_batch, mixed_loss
 
 quiet = lambda *a: None  # noqa: E731
 RUN = Path("runs/comp/exp")
@@ -100,7 +101,8 @@ def _trainer(cfg, fold=0):
     from pipeline.formats import read_table
 
     table = read_table(cfg, "train")
-    return FoldTrainer(cfg, table, load_folds(cfg, table), Job(fold, 42, RUN / f"fold_{fold}"), torch.device("cpu"), "h")
+    return FoldTrainer(cfg=cfg, table=table, fold_of=load_folds(cfg, table), job=Job(fold, 42, RUN / f"fold_{fold}"),
+                       device=torch.device("cpu"), run_hash="h")
 
 
 def test_tricks_on_are_deterministic(digits_config, tmp_path):
@@ -175,7 +177,7 @@ def test_gradient_accumulation_keeps_the_schedule_length(digits_config):
 
 def test_gradient_accumulation_equals_one_larger_batch(digits_config, monkeypatch):
     """Two accumulated half batches give the same update as one full batch (dropout off, plain SGD)."""
-    import pipeline.train as tr
+    import pipeline.trainer as tr
 
     monkeypatch.setattr(tr, "freeze_bn_stats", lambda model: model.eval())  # no dropout: the two runs are comparable
     sgd = {"optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0, "scheduler": "none", "lr": 0.05, "epochs": 1}
@@ -234,7 +236,7 @@ def test_time_budget_stops_at_epoch_boundary_with_complete_oof(digits_config, ca
 
 def test_time_budget_share_counts_the_refit_jobs(digits_config, monkeypatch):
     """What is left of the budget is split equally over the jobs left, refit models included."""
-    import pipeline.train as tr
+    import pipeline.cv as tr
 
     cfg = load_config(digits_config(train={"time_budget_s": 100.0}))
     with monkeypatch.context() as m:

@@ -1,0 +1,529 @@
+"""One fold (or one refit) of training: components, ``train_one_epoch``, ``validate``, artifacts, callbacks.
+
+Split as timm's train.py is split: ``build_components`` makes the model, EMA, optimiser, schedule,
+augmentation and loss; ``train_one_epoch`` and ``validate`` are plain functions over them;
+``Artifacts`` owns what a job writes in its folder (history, TensorBoard, best/last checkpoints,
+resume state, done marker); callbacks (early stopping, the time-budget deadline, a caller's hook
+such as an Optuna pruner) decide when to stop. ``FoldTrainer`` runs the loop. The CV driver
+(``pipeline.cv``) decides which jobs run where; this module never imports it.
+
+Randomness is derived from (seed, fold, epoch) at each epoch start, so a resumed fold replays
+exactly what an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .config import Config
+from .errors import PipelineError
+from .inference import Rows, autocast, features_tensor, predict_logits, softmax
+from .io import atomic_path, atomic_write_csv, atomic_write_json, exclusive
+from .metrics import logloss, score
+from .models import apply_finetune, build_model, freeze_bn_stats, save_checkpoint, unfreeze_all
+from .optim import build_optimizer, build_scheduler
+from .table import Table
+
+log = logging.getLogger(__name__)
+
+
+def derive_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One model to train: a fold (``fold < 0``: the refit on every row), a seed, its folder."""
+
+    fold: int
+    seed: int
+    dir: Path
+
+    @property
+    def refit(self) -> bool:
+        return self.fold < 0
+
+    @property
+    def label(self) -> str:
+        return "refit" if self.refit else f"fold {self.fold}"
+
+
+# ---- components ----------------------------------------------------------------------------
+
+@dataclass
+class Components:
+    """What one job trains with; built once per job, in a fixed order (the init RNG stream)."""
+
+    model: nn.Module
+    ema: object | None
+    opt: torch.optim.Optimizer
+    sched: object
+    per_step: bool
+    loss_fn: nn.Module
+    augment: object | None
+    steps_per_epoch: int
+    weights_source: str
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are validated and checkpointed: the EMA when it is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+
+def steps_per_epoch(n_rows: int, t) -> int:
+    n = n_rows // t.batch_size + (n_rows % t.batch_size > 1)  # a last batch of one is dropped (BatchNorm)
+    n = max(n, 1)
+    return min(n, t.max_steps_per_epoch or n)
+
+
+def build_components(*, cfg: Config, table: Table, tr_idx: np.ndarray, seed: int, device: torch.device,
+                     channels_last: bool, with_augment: bool) -> Components:
+    seed_everything(derive_seed("init", seed))
+    model, weights_source = build_model(cfg, table.channels, table.num_classes, len(table.feature_names), table.image_size)
+    model.fit_normalisation(table.images, table.features)
+    apply_finetune(model, cfg.model.finetune, cfg.model.unfreeze_stages)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = None
+    if cfg.train.ema_decay:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
+    opt = build_optimizer(cfg, model)
+    n_steps = steps_per_epoch(len(tr_idx), cfg.train)
+    # per-step schedules advance once per optimizer step, i.e. every accum_steps batches
+    sched, per_step = build_scheduler(cfg, opt, math.ceil(n_steps / cfg.train.accum_steps))
+    augment = None
+    if with_augment:
+        from .augment import build_augment
+
+        augment = build_augment(cfg.augment, table.value_range, table.channels, table.image_size, seed=seed,
+                                where=f"{cfg.path}: augment")
+    counts = np.bincount(table.labels[tr_idx], minlength=table.num_classes)
+    weight = None
+    if cfg.train.class_weights == "balanced":
+        weight = torch.tensor(len(tr_idx) / (table.num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing).to(device)
+    return Components(model=model, ema=ema, opt=opt, sched=sched, per_step=per_step, loss_fn=loss_fn,
+                      augment=augment, steps_per_epoch=n_steps, weights_source=weights_source)
+
+
+# ---- one epoch -----------------------------------------------------------------------------
+
+def epoch_batches(*, tr_idx: np.ndarray, labels: np.ndarray, num_classes: int, t, n_steps: int,
+                  rng: np.random.Generator) -> list[np.ndarray]:
+    bs = t.batch_size
+    if t.balanced_sampling:  # each class drawn equally often, with replacement
+        y = labels[tr_idx]
+        w = 1.0 / np.bincount(y, minlength=num_classes)[y]
+        order = rng.choice(tr_idx, size=len(tr_idx), replace=True, p=w / w.sum())
+    else:
+        order = rng.permutation(tr_idx)
+    batches = [np.sort(order[i:i + bs]) for i in range(0, len(order), bs)]  # sorted: memmap-friendly
+    if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm cannot train on one sample
+        batches = batches[:-1]
+    return batches[:n_steps]
+
+
+def train_one_epoch(parts: Components, *, source, n_batches: int, table: Table, t, device: torch.device,
+                    precision: str, channels_last: bool, rng: np.random.Generator,
+                    embeddings: torch.Tensor | None = None, desc: str = "") -> tuple[float, float]:
+    """One pass over ``source`` ((idx, image batch or None) pairs); returns (mean loss, images per second)."""
+    from tqdm.auto import tqdm
+
+    model, opt, accum = parts.model, parts.opt, t.accum_steps
+    total, seen, right, t0 = 0.0, 0, 0, time.perf_counter()
+    bar = tqdm(source, total=n_batches, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+    opt.zero_grad(set_to_none=True)
+    for i, (idx, x) in enumerate(bar):
+        y = torch.from_numpy(table.labels[idx]).to(device)
+        f = features_tensor(table.features, idx, device)
+        if x is not None:
+            x = x.to(device)
+            x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        x, y2, lam = mix_batch(x, y, t, rng) if x is not None else (x, y, 1.0)
+        with autocast(device, precision):
+            logits = model(x, f) if x is not None else model.forward_head(embeddings[idx], f)
+            logits = logits.float()
+            loss = mixed_loss(parts.loss_fn, logits, y, y2, lam)
+        (loss / accum).backward()
+        if (i + 1) % accum == 0 or i + 1 == n_batches:  # gradient accumulation
+            if t.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if parts.ema is not None:
+                parts.ema.update(model)
+            if parts.per_step:
+                parts.sched.step()
+        total += loss.item() * len(idx)
+        seen += len(idx)
+        right += (logits.argmax(1) == y).sum().item()  # against the batch's own labels (mixed or not)
+        bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{right / seen:.3f}")
+    return total / max(seen, 1), seen / (time.perf_counter() - t0)
+
+
+def validate(model: nn.Module, *, table: Table, idx: np.ndarray, batch_size: int, device: torch.device,
+             channels_last: bool, precision: str, embeddings: torch.Tensor | None = None) -> np.ndarray:
+    """Class probabilities of rows ``idx``."""
+    if embeddings is not None:
+        with torch.no_grad():
+            model.eval()
+            logits = model.forward_head(embeddings[idx], features_tensor(table.features, idx, device))
+        return softmax(logits.double().cpu().numpy())
+    feats = Rows(table.features, idx) if table.features is not None else None
+    return softmax(predict_logits(model, Rows(table.images, idx), feats, batch_size, device, channels_last, precision))
+
+
+class BatchSource(torch.utils.data.Dataset):
+    """Batch ``b`` = rows ``batches[b]``, augmented with its own seed, as a float32 tensor."""
+
+    def __init__(self, images, batches, augment, seeds):
+        self.images, self.batches, self.augment, self.seeds = images, batches, augment, seeds
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, b):
+        idx = self.batches[b]
+        imgs = self.images[idx]
+        if self.augment is not None:
+            self.augment.set_seed(self.seeds[b])
+            imgs = self.augment.batch(imgs)
+        return idx, torch.from_numpy(np.ascontiguousarray(imgs, dtype=np.float32))
+
+
+def _worker_init(worker_id: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(0)  # OpenCV threads in DataLoader workers hang or oversubscribe (albumentations #1246)
+    torch.set_num_threads(1)
+
+
+def mixed_loss(loss_fn, logits: torch.Tensor, y: torch.Tensor, y2: torch.Tensor, lam: float) -> torch.Tensor:
+    """Loss of a mixed batch: lam * loss(y) + (1 - lam) * loss(partner). Without class weights this is
+    the cross-entropy against the soft target lam * onehot(y) + (1 - lam) * onehot(y2), for 2 or more classes."""
+    if lam == 1.0:
+        return loss_fn(logits, y)
+    return lam * loss_fn(logits, y) + (1 - lam) * loss_fn(logits, y2)
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, t, rng: np.random.Generator):
+    """Mixup or CutMix (chosen at random when both are on); returns (x, y_partner, lam)."""
+    modes = [m for m, a in (("mixup", t.mixup_alpha), ("cutmix", t.cutmix_alpha)) if a > 0]
+    if not modes or len(x) < 2 or rng.random() >= t.mix_prob:
+        return x, y, 1.0
+    mode = modes[rng.integers(len(modes))]
+    perm = torch.from_numpy(rng.permutation(len(x))).to(x.device)
+    if mode == "mixup":
+        lam = float(rng.beta(t.mixup_alpha, t.mixup_alpha))
+        return lam * x + (1 - lam) * x[perm], y[perm], lam
+    lam = float(rng.beta(t.cutmix_alpha, t.cutmix_alpha))
+    h, w = x.shape[-2:]
+    ch, cw = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+    cy, cx = int(rng.integers(h)), int(rng.integers(w))
+    y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    x = x.clone()
+    x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+    lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the pasted area's true share
+    return x, y[perm], lam
+
+
+# ---- artifacts -------------------------------------------------------------------------------
+
+@dataclass
+class Progress:
+    """What the loop carries from epoch to epoch, and what resume restores."""
+
+    best: dict = field(default_factory=lambda: {"val_loss": math.inf, "epoch": 0})
+    bad_epochs: int = 0
+    history: list = field(default_factory=list)
+
+
+class Artifacts:
+    """A job's folder: history.csv, tb/, best.safetensors + best.json, oof.csv, last.pt, done.json."""
+
+    def __init__(self, *, dir: Path, run_hash: str):
+        self.dir, self.hash = Path(dir), run_hash
+        self.history_path, self.last_path = self.dir / "history.csv", self.dir / "last.pt"
+        self.tb = None
+
+    def open_tb(self, start_epoch: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=start_epoch)
+
+    def close(self) -> None:
+        if self.tb is not None:  # else its writer thread outlives the fold (one per pruned trial)
+            self.tb.close()
+            self.tb = None
+
+    def record_epoch(self, progress: Progress, row: dict, scalars) -> None:
+        progress.history.append(row)
+        atomic_write_csv(self.history_path, pd.DataFrame(progress.history))
+        for k in scalars:
+            self.tb.add_scalar(k, row[k], row["epoch"])
+
+    def history_until(self, epoch: int) -> list:
+        """History rows up to ``epoch`` (rows written after the last checkpoint are dropped)."""
+        if not self.history_path.exists():
+            return []
+        return pd.read_csv(self.history_path).query("epoch <= @epoch").to_dict("records")
+
+    def save_best(self, model: nn.Module, meta: dict) -> None:
+        save_checkpoint(model, self.dir / "best.safetensors", meta)
+
+    def write_oof(self, frame: pd.DataFrame) -> None:
+        atomic_write_csv(self.dir / "oof.csv", frame, float_format="%.8g")
+
+    def save_last(self, state: dict) -> None:
+        with atomic_path(self.last_path) as tmp:
+            torch.save({**state, "hash": self.hash}, tmp)
+
+    def load_last(self, device: torch.device, what: str) -> dict | None:
+        """The resume state, None when there is none or it is another config's."""
+        if not self.last_path.exists():
+            return None
+        try:
+            st = torch.load(self.last_path, map_location=device, weights_only=True)
+        except Exception as e:
+            raise PipelineError(f"{self.last_path}: corrupt resume checkpoint ({type(e).__name__}); delete it to restart "
+                                f"{what} (finished folds are kept)") from None
+        if st.get("hash") != self.hash:
+            log.info(f"{what}: resume state is from another config; starting over")
+            return None
+        return st
+
+    def finish(self, done: dict) -> dict:
+        atomic_write_json(self.dir / "done.json", done)
+        self.last_path.unlink(missing_ok=True)
+        return done
+
+
+# ---- callbacks: each returns why to stop after this epoch, or None -------------------------
+
+class EarlyStopping:
+    def __init__(self, *, patience: int):
+        self.patience = patience
+
+    def __call__(self, job: Job, epoch: int, row: dict, progress: Progress) -> str | None:
+        if self.patience and progress.bad_epochs >= self.patience:
+            return f"{job.label}: early stop after {progress.bad_epochs} epochs without val_loss improvement"
+        return None
+
+
+class Deadline:
+    """The job's share of ``train.time_budget_s``: stop at the first epoch boundary past it."""
+
+    def __init__(self, *, at: float | None, epochs: int):
+        self.at, self.epochs = at, epochs
+
+    def __call__(self, job: Job, epoch: int, row: dict, progress: Progress) -> str | None:
+        if self.at is not None and time.time() >= self.at and epoch < self.epochs:
+            return f"{job.label}: time budget share spent after epoch {epoch}; keeping the best epoch ({progress.best['epoch']})"
+        return None
+
+
+class EpochHook:
+    """A caller's ``on_epoch(job, epoch, row)`` (e.g. an Optuna pruner); it stops by raising."""
+
+    def __init__(self, *, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, job: Job, epoch: int, row: dict, progress: Progress) -> None:
+        self.fn(job, epoch, row)
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+class FoldTrainer:
+    """Trains one job to the end, resuming from its last completed epoch."""
+
+    def __init__(self, *, cfg: Config, table: Table, fold_of: np.ndarray, job: Job, device: torch.device,
+                 run_hash: str, precision: str = "fp32", embeddings: torch.Tensor | None = None,
+                 on_epoch: Callable | None = None, deadline: float | None = None):
+        self.cfg, self.table, self.job, self.device, self.hash = cfg, table, job, device, run_hash
+        self.precision, self.embeddings = precision, embeddings
+        self.refit = job.refit  # refit on all rows: no validation, the last epoch is kept
+        self.tr_idx = np.flatnonzero(fold_of != job.fold)
+        self.va_idx = np.flatnonzero(fold_of == job.fold)
+        if (len(self.va_idx) == 0 and not self.refit) or len(self.tr_idx) == 0:
+            raise PipelineError(f"{cfg.folds_path}: fold {job.fold} is empty; rerun `pipeline fold {cfg.path}`")
+        self.channels_last = cfg.train.channels_last and device.type != "mps" and embeddings is None
+        # order matters: a caller's hook (pruning) runs before the stop rules, as the log lines show
+        self.callbacks = ([EpochHook(fn=on_epoch)] if on_epoch is not None else []) + [
+            EarlyStopping(patience=cfg.train.patience), Deadline(at=deadline, epochs=cfg.train.epochs)]
+        self.artifacts = Artifacts(dir=job.dir, run_hash=run_hash)
+
+    def build(self) -> None:
+        self.parts = build_components(cfg=self.cfg, table=self.table, tr_idx=self.tr_idx, seed=self.job.seed,
+                                      device=self.device, channels_last=self.channels_last,
+                                      with_augment=self.embeddings is None)
+
+    # attribute access used by tests and tools
+    @property
+    def model(self) -> nn.Module:
+        return self.parts.model
+
+    @property
+    def opt(self):
+        return self.parts.opt
+
+    @property
+    def loss_fn(self):
+        return self.parts.loss_fn
+
+    @property
+    def ema(self):
+        return self.parts.ema
+
+    def epoch_batches(self, epoch: int, rng: np.random.Generator) -> list[np.ndarray]:
+        return epoch_batches(tr_idx=self.tr_idx, labels=self.table.labels, num_classes=self.table.num_classes,
+                             t=self.cfg.train, n_steps=self.parts.steps_per_epoch, rng=rng)
+
+    def loader(self, batches: list[np.ndarray], epoch: int):
+        """(idx, augmented float batch) pairs. Each batch's augmentation is seeded from (seed, fold,
+        epoch, batch number), so results do not depend on ``train.num_workers``."""
+        job = self.job
+        ds = BatchSource(self.table.images, batches, self.parts.augment,
+                         [derive_seed("aug", job.seed, job.fold, epoch, b) for b in range(len(batches))])
+        if self.cfg.train.num_workers == 0:
+            return (ds[b] for b in range(len(ds)))
+        return iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.train.num_workers,
+                                                worker_init_fn=_worker_init, prefetch_factor=4,
+                                                # its own generator, so workers leave the global torch RNG alone
+                                                generator=torch.Generator().manual_seed(derive_seed("loader", epoch))))
+
+    def train_epoch(self, epoch: int) -> tuple[float, float]:
+        """One pass over the training rows; returns (mean loss, training images per second)."""
+        cfg, job = self.cfg, self.job
+        if cfg.model.unfreeze_after and epoch > cfg.model.unfreeze_after:
+            unfreeze_all(self.model)
+        rng = seed_everything(derive_seed("epoch", job.seed, job.fold, epoch))
+        self.model.train()
+        freeze_bn_stats(self.model)
+        batches = self.epoch_batches(epoch, rng)
+        source = self.loader(batches, epoch) if self.embeddings is None else ((idx, None) for idx in batches)
+        return train_one_epoch(self.parts, source=source, n_batches=len(batches), table=self.table, t=cfg.train,
+                               device=self.device, precision=self.precision, channels_last=self.channels_last,
+                               rng=rng, embeddings=self.embeddings, desc=f"fold {job.fold} epoch {epoch}")
+
+    def validate(self) -> np.ndarray:
+        return validate(self.parts.eval_model, table=self.table, idx=self.va_idx, batch_size=self.cfg.train.batch_size * 2,
+                        device=self.device, channels_last=self.channels_last, precision=self.precision,
+                        embeddings=self.embeddings)
+
+    def run(self) -> dict:
+        """Train the job to the end (or resume it); one process per job at a time."""
+        self.job.dir.mkdir(parents=True, exist_ok=True)
+        with exclusive(self.job.dir / "lock", self.job.label):
+            self.build()
+            try:
+                return self._loop(self._resume())
+            finally:
+                self.artifacts.close()
+
+    def _resume(self) -> tuple[int, Progress]:
+        st = self.artifacts.load_last(self.device, self.job.label)
+        if st is None:
+            return 1, Progress()
+        p = self.parts
+        try:
+            p.model.load_state_dict(st["model"])
+            p.opt.load_state_dict(st["opt"])
+            p.sched.load_state_dict(st["sched"])
+            if p.ema is not None:
+                p.ema.load_state_dict(st["ema"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise PipelineError(f"{self.artifacts.last_path}: corrupt resume checkpoint ({type(e).__name__}); delete it to "
+                                f"restart {self.job.label} (finished folds are kept)") from None
+        progress = Progress(best=st["best"], bad_epochs=st["bad_epochs"], history=self.artifacts.history_until(st["epoch"]))
+        log.info(f"{self.job.label}: resuming after epoch {st['epoch']} (best val_loss {progress.best['val_loss']:.4f} "
+                 f"at epoch {progress.best['epoch']})")
+        return st["epoch"] + 1, progress
+
+    def _state(self, epoch: int, progress: Progress) -> dict:
+        p = self.parts
+        st = {"model": p.model.state_dict(), "opt": p.opt.state_dict(), "sched": p.sched.state_dict(),
+              "epoch": epoch, "best": progress.best, "bad_epochs": progress.bad_epochs}
+        if p.ema is not None:
+            st["ema"] = p.ema.state_dict()
+        return st
+
+    def _epoch(self, epoch: int, progress: Progress) -> dict:
+        """Train and validate one epoch, record it, keep the best; returns its history row."""
+        cfg, mname = self.cfg, f"val_{self.cfg.metric}"
+        t0 = time.time()
+        train_loss, img_s = self.train_epoch(epoch)
+        if self.refit:
+            probs, val_loss, val_metric = None, math.nan, math.nan
+        else:
+            y_va = self.table.labels[self.va_idx]
+            probs = self.validate()
+            val_loss = logloss(y_va, probs, cfg.evaluate.eps)
+            val_metric = score(cfg.metric, y_va, probs, cfg.evaluate.eps)
+        lr = self.opt.param_groups[0]["lr"]
+        if not self.parts.per_step:
+            self.parts.sched.step(val_loss) if cfg.train.scheduler == "plateau" else self.parts.sched.step()
+        improved = epoch == cfg.train.epochs if self.refit else val_loss < progress.best["val_loss"] - 1e-7
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, mname: val_metric, "lr": lr,
+               "seconds": round(time.time() - t0, 3), "train_img_s": round(img_s, 1)}
+        self.artifacts.record_epoch(progress, row, ("train_loss", "val_loss", mname, "lr"))
+        if improved:
+            progress.best, progress.bad_epochs = {"val_loss": val_loss, "epoch": epoch, mname: val_metric}, 0
+            self.artifacts.save_best(self.parts.eval_model, self.meta(progress.best))
+            if not self.refit:
+                self.artifacts.write_oof(self.oof_frame(probs))
+        else:
+            progress.bad_epochs += 1
+        log.info(f"fold {self.job.fold} epoch {epoch}/{cfg.train.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
+                 f"{mname} {val_metric:.4f}  {row['seconds']:.1f}s{'  *' if improved else ''}")
+        return row
+
+    def _loop(self, resume: tuple[int, Progress]) -> dict:
+        start, progress = resume
+        cfg, job = self.cfg, self.job
+        self.artifacts.open_tb(start)
+        for epoch in range(start, cfg.train.epochs + 1):
+            row = self._epoch(epoch, progress)
+            self.artifacts.save_last(self._state(epoch, progress))
+            reasons = [r for cb in self.callbacks if (r := cb(job, epoch, row, progress))]
+            if reasons:
+                log.info(reasons[0])
+                break
+        mname = f"val_{cfg.metric}"
+        best = progress.best
+        return self.artifacts.finish({"hash": self.hash, "fold": job.fold, "seed": job.seed, "best_epoch": best["epoch"],
+                                      "val_loss": best["val_loss"], mname: best.get(mname),
+                                      "epochs_run": len(progress.history), "weights": self.parts.weights_source})
+
+    def meta(self, best: dict) -> dict:
+        t = self.table
+        return {"model": self.cfg.model.model_dump(), "in_chans": t.channels, "img_size": list(t.image_size),
+                "class_names": t.class_names, "feature_names": t.feature_names, "n_features": len(t.feature_names),
+                "value_range": list(t.value_range), "fold": self.job.fold, "seed": self.job.seed,
+                "config_hash": self.hash, "weights": self.parts.weights_source, "precision": self.precision,
+                "ema": self.parts.ema is not None, **best}
+
+    def oof_frame(self, probs: np.ndarray) -> pd.DataFrame:
+        t = self.table
+        df = pd.DataFrame({"id": t.ids[self.va_idx], "fold": self.job.fold, "target": t.labels[self.va_idx]})
+        for k, name in enumerate(t.class_names):
+            df[f"p_{name}"] = probs[:, k]
+        return df
