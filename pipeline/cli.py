@@ -181,7 +181,6 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--folds", help="comma-separated fold numbers to train (default: all)")
     t.add_argument("--params", help="YAML of section.key: value overrides (e.g. tune's best.yaml)")
     a = stage("augment", cmd_augment, "preview the configured augmentation as a PNG grid")
-    a.add_argument("--preview", action="store_true", default=True, help="write the preview grid (default)")
     a.add_argument("--n", type=int, default=8, help="number of training images in the grid")
     a.add_argument("--out", help="PNG path (default runs/<competition>/<experiment>/augment_preview.png)")
     e = sub.add_parser("evaluate", help="metrics.json, report/ and a terminal table from oof.csv",

@@ -261,7 +261,7 @@ def test_augment_preview_cli(digits_config, capsys):
     from conftest import run_cli
 
     path = digits_config(augment=[{"name": "Affine", "rotate": [-20, 20], "p": 1.0}])
-    assert run_cli("augment", path, "--preview", "--n", "3") == 0
+    assert run_cli("augment", path, "--n", "3") == 0
     out = Path("runs/comp/exp/augment_preview.png")
     assert f"wrote {out}" in capsys.readouterr().out
     with Image.open(out) as im:

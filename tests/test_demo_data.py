@@ -1,3 +1,4 @@
+import pytest
 """Demo generators: exact Kaggle file formats, read back by the readers, seeded, and (for the
 synthetic icebergs) hard enough that band statistics lose clearly to a small CNN."""
 import json
@@ -113,6 +114,7 @@ def _small_cnn_logloss(Xtr, ytr, Xva, yva, epochs=12, seed=0) -> float:
     return float(-np.mean(np.log(np.clip(p[np.arange(len(yva)), yva], 1e-15, 1))))
 
 
+@pytest.mark.slow  # heavy: full tier (make test-all)
 def test_iceberg_band_statistics_lose_to_a_small_cnn():
     import torch
     from sklearn.linear_model import LogisticRegression

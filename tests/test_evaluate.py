@@ -79,7 +79,10 @@ def test_multiclass_metrics_match_sklearn():
     assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, probs, multi_class="ovr"))
     assert m["confusion_matrix"] == skm.confusion_matrix(y, pred).tolist()
     assert m["per_class"]["c"]["f1"] == pytest.approx(skm.f1_score(y, pred, average=None)[2])
-    assert m["ece"] == pytest.approx(ece(y, probs, 15))
+    conf, right = probs.max(1), (pred == y)  # ECE by hand: 15 equal-width bins (b/15, (b+1)/15]
+    bins = [(conf > b / 15) & (conf <= (b + 1) / 15) for b in range(15)]
+    by_hand = sum(m_.mean() * abs(right[m_].mean() - conf[m_].mean()) for m_ in bins if m_.any())
+    assert m["ece"] == pytest.approx(by_hand) and m["ece"] > 0.01
 
 
 def test_ece_by_hand():

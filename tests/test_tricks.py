@@ -306,6 +306,7 @@ def test_thread_plan_is_fixed_by_the_job_list():
     assert thread_plan(2, 4, 2) == [1, 1]
 
 
+@pytest.mark.slow  # heavy: full tier (make test-all)
 def test_fold_jobs_train_folds_in_parallel_processes_deterministically(digits_config, tmp_path, capfd):
     import os
 

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from conftest import run_cli
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]  # a real server and real workers: full tier
 
 WORKER_TIMEOUT = 240
 
