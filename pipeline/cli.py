@@ -13,7 +13,7 @@ import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from .errors import PipelineError  # noqa: E402
+from .errors import PipelineError, describe_os_error  # noqa: E402
 
 
 def _config(args, check_data: bool = True):
@@ -227,12 +227,42 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a fault of the machine, not of the pipeline: the path and the cause
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug: one line here, the traceback in a file for the report
+        where = _save_traceback(args.command)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"internal error: {type(e).__name__}{': ' + msg if msg else ''} (traceback saved to {where})", file=sys.stderr)
+        return 1
     if os.environ.get("PIPELINE_TIMING"):
         print(f"[{args.command}] {time.time() - t0:.1f}s", file=sys.stderr)
     return 0
+
+
+def _save_traceback(command: str) -> str:
+    """Write the current exception's traceback under the cache's ``logs/`` (else the temp dir); its path."""
+    import datetime as dt
+    import tempfile
+    import traceback
+    from pathlib import Path
+
+    from .io import cache_dir
+
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    text = f"pipeline {command} ({' '.join(sys.argv)})\n{traceback.format_exc()}"
+    for root in (cache_dir() / "logs", Path(tempfile.gettempdir())):
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            path = root / f"pipeline-{command}-{stamp}-{os.getpid()}.log"
+            path.write_text(text)
+            return str(path)
+        except OSError:
+            continue
+    return "nowhere: no writable log folder"
 
 
 if __name__ == "__main__":  # pragma: no cover

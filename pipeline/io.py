@@ -15,16 +15,27 @@ os.umask(_UMASK)
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; rename it over ``path`` on success."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _naming(e, path) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual permissions
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _naming(e, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """The same fault, naming the artifact being written rather than its hidden temporary file."""
+    return type(e)(e.errno, e.strerror or str(e), str(path)) if e.errno is not None else e
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

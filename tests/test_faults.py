@@ -1,0 +1,72 @@
+"""Operating-system faults and bugs through ``main(argv)``: one line, a documented exit code, nothing
+half-written. This machine runs as root, so permission bits cannot make a write fail: faults are injected."""
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import cli_error, run_cli
+
+
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+def _fail_with(code: int):
+    def fail(*args, **kwargs):
+        path = args[0] if args else "?"
+        raise OSError(code, os.strerror(code), str(path))
+
+    return fail
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+@pytest.mark.parametrize("where", ["create", "write", "rename"])
+def test_fold_write_fault_is_one_line_and_leaves_nothing(make_config, iceberg_dir, tmp_path, monkeypatch, capsys, code, where):
+    import pandas as pd
+
+    import pipeline.io as pio
+
+    cfg = make_config(iceberg_dir)
+    before = _tree(tmp_path)
+    target = {"create": (pio.tempfile, "mkstemp"), "write": (pd.DataFrame, "to_csv"), "rename": (pio.os, "replace")}[where]
+    monkeypatch.setattr(*target, _fail_with(code))
+    err = cli_error(capsys, "fold", cfg)
+    assert err == f"error: folds/comp.csv: {os.strerror(code)} ({errno.errorcode[code]})"  # the artifact, not a temp name
+    monkeypatch.undo()
+    after = _tree(tmp_path)
+    assert not [p for p in after if p not in before], "a failed write left files behind"
+    assert not Path("folds/comp.csv").exists()
+
+
+def test_fault_keeps_an_earlier_artifact(make_config, iceberg_dir, monkeypatch, capsys):
+    import pipeline.io as pio
+
+    cfg = make_config(iceberg_dir)
+    assert run_cli("fold", cfg) == 0
+    folds = Path("folds/comp.csv")
+    text, mtime = folds.read_text(), folds.stat().st_mtime_ns
+    monkeypatch.setattr(pio.os, "replace", _fail_with(errno.ENOSPC))
+    err = cli_error(capsys, "fold", cfg, "folds.seed=7")
+    assert "No space left on device (ENOSPC)" in err
+    assert folds.read_text() == text and folds.stat().st_mtime_ns == mtime
+
+
+def test_unexpected_error_is_exit_1_with_a_saved_traceback(make_config, iceberg_dir, monkeypatch, capsys, tmp_path):
+    import pipeline.fold as fold
+
+    monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "cache"))
+
+    def bug(*a, **k):
+        return 1 / 0
+
+    monkeypatch.setattr(fold, "run_fold", bug)
+    capsys.readouterr()
+    assert run_cli("fold", make_config(iceberg_dir)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("internal error: ZeroDivisionError: division by zero (traceback saved to ")
+    saved = Path(err.split("traceback saved to ")[1].rstrip(")\n"))
+    assert saved.is_file() and saved.parent == tmp_path / "cache" / "logs"
+    assert "Traceback (most recent call last)" in saved.read_text() and "1 / 0" in saved.read_text()
