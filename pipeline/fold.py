@@ -24,6 +24,11 @@ def make_folds(cfg: Config, table: Table) -> pd.DataFrame:
     """Stratified (optionally grouped, repeated) K-fold assignment, seeded."""
     fc = cfg.folds
     counts = np.bincount(table.labels, minlength=table.num_classes)
+    present = np.flatnonzero(counts)
+    if len(present) < 2:  # nothing to learn: refused before any file is written
+        only = f"class {table.class_names[int(present[0])]!r}" if len(present) else "no labelled row"
+        raise PipelineError(f"{cfg.data_dir}: the training data has only {only} ({len(table)} rows); "
+                            f"expected at least two classes to learn from")
     smallest = int(counts[counts > 0].min())
     if smallest < fc.n_splits:
         cls = table.class_names[int(np.flatnonzero(counts == smallest)[0])]

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -89,3 +91,36 @@ def test_too_few_groups_is_one_line_error(tmp_path, make_config, iceberg_dir, ca
     assert run_cli("fold", path) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "folds.group 'inc_angle'" in err and "expected more groups than folds.n_splits" in err
+
+
+def _one_class_copy(fmt, src, dst):
+    """A copy of a demo competition whose training rows all carry one label."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    if fmt == "statoil_json":
+        recs = json.loads((dst / "train.json").read_text())
+        for r in recs:
+            r["is_iceberg"] = 0
+        (dst / "train.json").write_text(json.dumps(recs))
+    else:
+        df = pd.read_csv(dst / "train.csv")
+        df["label"] = df["label"].iloc[0]
+        df.to_csv(dst / "train.csv", index=False)
+
+
+@pytest.mark.parametrize("fmt, fixture", [("statoil_json", "iceberg_dir"), ("pixel_csv", "digits_dir"),
+                                          ("image_folder", "folder_dir")])
+def test_one_class_is_refused_at_fold_before_anything_is_written(fmt, fixture, request, make_config, tmp_path, capsys):
+    from conftest import cli_error
+
+    data = tmp_path / "one-class"
+    _one_class_copy(fmt, request.getfixturevalue(fixture), data)
+    extra = {"data": {"image_size": 16}} if fmt == "image_folder" else {}
+    cfg = make_config(data, fmt, **extra)
+    before = sorted(p for p in tmp_path.rglob("*") if ".cache" not in p.parts)
+    err = cli_error(capsys, "fold", cfg)
+    assert err.startswith(f"error: {data}: the training data has only class ") and "expected at least two classes" in err
+    assert not Path("folds").exists() or not any(Path("folds").iterdir())
+    assert sorted(p for p in tmp_path.rglob("*") if ".cache" not in p.parts) == before
