@@ -33,7 +33,7 @@ from .device import resolve_device
 from .errors import LockHeld, PipelineError
 from .fold import folds_digest, load_folds
 from .inference import features_tensor, to_tensor
-from .io import atomic_write_csv, atomic_write_json
+from .io import atomic_write_csv, atomic_write_json, sweep_temps
 from .metrics import logloss, score
 from .models import build_model
 from .table import Table
@@ -159,6 +159,8 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     device = resolve_device(cfg.train.device)
     run = cfg.run_dir
     run.mkdir(parents=True, exist_ok=True)
+    for tmp in sweep_temps(run):
+        log.info(f"removed {tmp}, left by a killed run")
     config_hash = cfg.hash(*STAGE_SECTIONS["train"])
     run_hash = job_hash(cfg)
     seeds = cfg.train.seeds or [cfg.train.seed]

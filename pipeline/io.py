@@ -11,13 +11,38 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _owner() -> str:
+    import socket
+
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+  # a temp file's name says who writes it, so a sweep can tell a dead writer's
+
+
+def sweep_temps(folder: str | Path, *, any_owner: bool = False) -> list[Path]:
+    """Remove the temporary files of atomic writes in ``folder`` whose writer is gone: a process of
+    this host that no longer runs, or, with ``any_owner`` (the caller holds the folder's lock, so
+    no one else writes there), every one. A live writer's, or another host's, are left alone."""
+    import re
+    import socket
+
+    host = socket.gethostname().replace(".", "_")
+    removed = []
+    for p in Path(folder).glob(".*.tmp"):
+        m = re.match(r"^\..+\.([^.]+)-(\d+)\.[^.]+\.tmp$", p.name)
+        dead = m is not None and m.group(1) == host and not _alive(int(m.group(2)))
+        if (any_owner or dead) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; rename it over ``path`` on success."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise _naming(e, path) from None
     os.close(fd)

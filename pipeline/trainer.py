@@ -28,7 +28,7 @@ from torch import nn
 from .config import Config
 from .errors import PipelineError
 from .inference import Rows, autocast, features_tensor, predict_logits, softmax
-from .io import atomic_path, atomic_write_csv, atomic_write_json, exclusive
+from .io import atomic_path, atomic_write_csv, atomic_write_json, exclusive, sweep_temps
 from .metrics import logloss, score
 from .models import apply_finetune, build_model, freeze_bn_stats, save_checkpoint, unfreeze_all
 from .optim import build_optimizer, build_scheduler
@@ -433,6 +433,8 @@ class FoldTrainer:
         """Train the job to the end (or resume it); one process per job at a time."""
         self.job.dir.mkdir(parents=True, exist_ok=True)
         with exclusive(self.job.dir / "lock", self.job.label):
+            for tmp in sweep_temps(self.job.dir, any_owner=True):  # we hold the job's lock: a killed run's leftovers
+                log.info(f"{self.job.label}: removed {tmp.name}, left by a killed run")
             self.build()
             try:
                 return self._loop(self._resume())

@@ -230,6 +230,7 @@ def test_killed_fold_resumes_to_same_oof(digits_config, tmp_path, capsys):
     resumed_epoch = int(said[0].split("epoch ")[1].split()[0])
     assert resumed_epoch >= 1
     assert pd.read_csv(hist)["epoch"].tolist() == list(range(1, 7))  # trimmed and continued, no duplicates
+    assert not list(Path("runs/comp/exp").rglob("*.tmp"))  # whatever the killed process was writing is gone
     os.makedirs(tmp_path / "clean", exist_ok=True)
     os.chdir(tmp_path / "clean")
     run_fold(cfg)
@@ -350,3 +351,24 @@ def test_exit_codes_of_real_processes(digits_config, tmp_path):
         r = run(*argv)
         assert r.returncode == 2, (argv, r.stderr)
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and needle in r.stderr, r.stderr
+
+
+def test_rerun_removes_only_dead_writers_temp_files(digits_config, capsys):
+    """A killed run's temporary files go; a live writer's on a shared run folder, or another host's, stay."""
+    import socket
+
+    cfg = _prepare(digits_config(train={"epochs": 1}))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, dead_pid = socket.gethostname().replace(".", "_"), int(dead.stdout)
+    run, job = Path("runs/comp/exp"), Path("runs/comp/exp/fold_0")
+    job.mkdir(parents=True)
+    left = {job / f".last.pt.{host}-{dead_pid}.abc123.tmp": False,  # the fold's lock is ours: every leftover goes
+            job / f".best.safetensors.otherhost-12.abc123.tmp": False,
+            run / f".oof.csv.{host}-{dead_pid}.zz9_xy.tmp": False,  # run folder: only a dead local writer's
+            run / f".oof.csv.{host}-{os.getpid()}.zz9_xy.tmp": True,
+            run / f".oof.csv.otherhost-{dead_pid}.zz9_xy.tmp": True}
+    for f in left:
+        f.write_bytes(b"x" * 1000)
+    train_cv(cfg, folds=[0])
+    assert {f: f.exists() for f in left} == left
+    assert "left by a killed run" in capsys.readouterr().out
