@@ -67,6 +67,17 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _check_inside(folder: Path, name: str, entry: os.DirEntry | None, where: str) -> None:
+    """A file the id resolves to must really be inside ``folder``: a link (or a linked sub-folder)
+    pointing elsewhere, e.g. at the test images or outside the data, is refused. ``folder`` is
+    resolved first, so a data root that is itself a link (Kaggle's /kaggle/input) works."""
+    if entry is not None and not entry.is_symlink():
+        return  # listed by scandir of the folder itself and no link: inside by construction (no syscall)
+    real, root = os.path.realpath(folder / name), os.path.realpath(folder)
+    if os.path.commonpath([real, root]) != root:
+        raise PipelineError(f"{where} resolves to {real}, outside {folder}; expected image files inside the data folder")
+
+
 class ImageFolder(Reader):
     submission_columns = ("id", "label")
     submission_kind = "name"
@@ -143,18 +154,21 @@ class ImageFolder(Reader):
         exts = "|".join(e.lstrip(".") for e in IMAGE_EXTS[:3])
         names = []
         for row, i in enumerate(ids):
-            if i in entries or ("/" in i and (folder / i).is_file()):  # exact name (any extension) or sub-path
-                names.append(i)
-                continue
-            match = by_stem.get(i, [])
-            if len(match) == 1:
-                names.append(match[0])
-                continue
             where = f"{self.source}: row {row + 1}: id {i!r}" if self.source.suffix == ".csv" else f"{folder}: id {i!r}"
-            if match:
+            sub = "/" in i or "\\" in i
+            if sub and (os.path.isabs(i) or i.startswith("\\") or ".." in re.split(r"[\\/]", i)):
+                raise PipelineError(f"{where} leaves {folder.name}/; expected a file name or a path inside {folder}")
+            match = by_stem.get(i, [])
+            if i in entries or (sub and (folder / i).is_file()):  # exact name (any extension) or sub-path
+                names.append(i)
+            elif len(match) == 1:
+                names.append(match[0])
+            elif match:
                 raise PipelineError(f"{where} matches {' and '.join(sorted(match)[:2])} in {folder.name}/; expected one image file per id")
-            want = f"{folder.name}/{i}" + ("" if Path(i).suffix.lower() in IMAGE_EXTS else f" or {folder.name}/{i}.<{exts}|...>")
-            raise PipelineError(f"{where} has no image file in {folder}; expected {want}")
+            else:
+                want = f"{folder.name}/{i}" + ("" if Path(i).suffix.lower() in IMAGE_EXTS else f" or {folder.name}/{i}.<{exts}|...>")
+                raise PipelineError(f"{where} has no image file in {folder}; expected {want}")
+            _check_inside(folder, names[-1], entries.get(names[-1]), where)
         return names
 
     # ---- pixels: the memory-mapped cache, else decode ----
