@@ -100,10 +100,14 @@ def load_folds(cfg: Config, table: Table, repeat: int = 0) -> np.ndarray:
     path = cfg.folds_path
     if not path.is_file():
         raise PipelineError(f"{path}: folds file not found; run `pipeline fold {cfg.path}` first")
-    df = pd.read_csv(path, dtype={"id": str})
+    try:
+        df = pd.read_csv(path, dtype={"id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+        raise PipelineError(f"{path}: corrupt folds file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                            f"rebuild it with `pipeline fold {cfg.path}`") from None
     col = fold_column(repeat)
     if "id" not in df.columns or col not in df.columns:
-        raise PipelineError(f"{path}: missing column 'id' or {col!r}; expected id,fold as written by `pipeline fold`")
+        raise PipelineError(f"{path}: missing column 'id' or {col!r}; expected id,fold as written by `pipeline fold {cfg.path}`")
     ids = pd.Index(table.ids.astype(str))
     file_ids = pd.Index(df["id"])
     if len(df) != len(ids) or not file_ids.equals(ids) and set(file_ids) != set(ids):
@@ -113,7 +117,7 @@ def load_folds(cfg: Config, table: Table, repeat: int = 0) -> np.ndarray:
         raise PipelineError(f"{path}: folds file does not match the training data: {ex}; rerun `pipeline fold {cfg.path}`")
     fold = df.set_index("id")[col].reindex(ids).to_numpy()
     if not np.issubdtype(fold.dtype, np.integer) or fold.min() < 0:
-        raise PipelineError(f"{path}: column {col!r} must hold fold numbers 0..K-1")
+        raise PipelineError(f"{path}: column {col!r} must hold fold numbers 0..K-1; rebuild it with `pipeline fold {cfg.path}`")
     n = int(fold.max()) + 1
     empty = [k for k in range(n) if not (fold == k).any()]
     if empty:

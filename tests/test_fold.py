@@ -124,3 +124,15 @@ def test_one_class_is_refused_at_fold_before_anything_is_written(fmt, fixture, r
     assert err.startswith(f"error: {data}: the training data has only class ") and "expected at least two classes" in err
     assert not Path("folds").exists() or not any(Path("folds").iterdir())
     assert sorted(p for p in tmp_path.rglob("*") if ".cache" not in p.parts) == before
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\xff\xfe garbage\n\x81", b"id,fold\n", b"id,fold\n1,0\n2", b"id\tfold\nx\t0\n"])
+def test_corrupt_folds_file_is_one_line(make_config, iceberg_dir, capsys, content):
+    from conftest import cli_error
+
+    cfg = make_config(iceberg_dir)
+    Path("folds").mkdir()
+    Path("folds/comp.csv").write_bytes(content)
+    err = cli_error(capsys, "train", cfg)
+    assert err.startswith("error: folds/comp.csv: ") and f"pipeline fold {cfg}" in err
+    assert Path("folds/comp.csv").read_bytes() == content and not Path("runs").exists()
