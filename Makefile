@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q -m "slow or not slow"
+	HYPOTHESIS_PROFILE=slow $(BIN)/python -m pytest -q -m "slow or not slow"
 
 demo: $(STAMP)
 	bash scripts/demo.sh

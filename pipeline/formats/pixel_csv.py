@@ -19,7 +19,7 @@ class PixelCsv(Reader):
         path = self.path(f"{split}.csv")
         self.source = path
         try:
-            df = pd.read_csv(path)
+            df = pd.read_csv(path, low_memory=False)  # one dtype per column, however corrupt a row
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
             raise PipelineError(f"{path}: cannot parse CSV ({str(e).splitlines()[0]}); expected a header and one row per image") from None
         labels_raw = None
@@ -49,6 +49,11 @@ class PixelCsv(Reader):
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise PipelineError(f"{path}: row {row + 1} has a pixel that is missing or outside 0..255; expected integers 0..255")
+        fraction = (values != np.round(values)).any(1)  # 12.0 is an integer, 12.7 is not (never truncated)
+        if fraction.any():
+            row = int(np.flatnonzero(fraction)[0])
+            col = int(np.flatnonzero(values[row] != np.round(values[row]))[0])
+            raise PipelineError(f"{path}: row {row + 1} has pixel{col} = {values[row, col]!r}, not an integer; expected integers 0..255")
         images = values.astype(np.uint8).reshape(-1, 1, side, side)
         size = self.cfg.data.image_size
         if size and size != side:
@@ -70,14 +75,22 @@ class PixelCsv(Reader):
         return [str(v) for v in sorted(num.astype(np.int64).unique())]
 
     def _train_class_names(self) -> list[str]:
-        labels = pd.read_csv(self.path("train.csv"), usecols=["label"])["label"]
-        return self._class_names(labels, self.dir / "train.csv")
+        path = self.path("train.csv")
+        try:
+            labels = pd.read_csv(path, usecols=["label"])["label"]
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as e:
+            raise PipelineError(f"{path}: cannot read its label column ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                                f"expected columns label,pixel0..pixelN") from None
+        return self._class_names(labels, path)
 
     def _check_side(self, path, split, side):
         other = "test" if split == "train" else "train"
         p = self.dir / f"{other}.csv"
         if p.exists():
-            cols = pd.read_csv(p, nrows=0).columns
+            try:
+                cols = pd.read_csv(p, nrows=0).columns
+            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+                raise PipelineError(f"{p}: cannot parse CSV ({str(e).splitlines()[0]}); expected a header and one row per image") from None
             n = sum(str(c).startswith("pixel") for c in cols)
             if n != side * side:
                 raise PipelineError(f"{path}: images are {side}x{side} but {p.name} has {n} pixel columns; expected train and test of the same size")
