@@ -1,7 +1,8 @@
 """The evaluation report: PNG plots of the OOF predictions and one ``report.html`` beside them.
 
-Everything is drawn with ``matplotlib.figure.Figure`` (no pyplot, no display) and the HTML refers to
-the PNGs by relative path, so ``report/`` opens offline and can be zipped or copied whole.
+Everything is drawn with ``matplotlib.figure.Figure`` (no pyplot, no display); the page is
+``templates/report.html.j2`` (jinja2, autoescaped) and refers to the PNGs by relative path, so
+``report/`` opens offline and can be zipped or copied whole.
 The folder is built under a temporary name and swapped in at the end: a crash leaves the old
 report intact and a rerun leaves no stale pictures.
 """
