@@ -1,4 +1,4 @@
-"""Atomic file writes: a crash never leaves a half-written artifact under the real name."""
+"""Atomic file writes (a crash never leaves a half-written artifact under the real name) and job locks."""
 from __future__ import annotations
 
 import json
@@ -84,47 +84,58 @@ def cache_dir() -> Path:
 
 @contextmanager
 def exclusive(path: str | Path, what: str):
-    """Hold a lock file naming its owner (host and pid) while one process works on ``what``.
+    """Hold an OS file lock (``filelock``, i.e. ``flock``) at ``path`` while this process works on ``what``.
 
-    A lock left by a killed process on this host is taken over; one held by a live process, or by
-    another host (which cannot be checked from here), is refused with a line saying how to clear it.
+    A held lock is refused at once with ``LockHeld`` naming the holder (host and pid, which the holder
+    writes into the file). The kernel releases the lock when its process ends, however it ends, so a
+    killed run leaves at most a stale file, which is free to take; no pid checks, no takeover.
+    The holder removes the file on release while still holding it; filelock (>= 3.30) drops a lock it
+    won on an unlinked file and retries, so no two processes can end up holding different inodes.
+
+    Shared run folder on NFS: Linux emulates ``flock`` there with POSIX locks that the server
+    arbitrates (NFSv4, or NFSv3 with lockd), so holders on different machines exclude each other;
+    a lock of a crashed machine is freed when the server's lease (v4, ~90 s) or lockd's recovery
+    expires. Mounted with ``nolock`` / ``local_lock=all`` each machine only sees its own locks, and
+    two machines can train the same fold. A filesystem without locks is refused with a PipelineError.
     """
+    import errno
     import socket
+
+    from filelock import FileLock, Timeout
 
     from .errors import LockHeld, PipelineError
 
     path = Path(path)
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_UMASK)
-            break
-        except FileExistsError:
-            try:
-                owner = path.read_text().strip()
-            except FileNotFoundError:
-                continue  # released meanwhile
-            host, _, pid = owner.partition(" ")
-            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                path.unlink(missing_ok=True)  # its process is gone (killed): take over
-                continue
-            raise LockHeld(f"{path}: {what} is being worked on by {owner or 'another process'} (host pid); "
-                           f"wait for it to finish, or delete this file if that process is gone") from None
-    else:
-        raise PipelineError(f"{path}: could not take the lock for {what}")
+    me = f"{socket.gethostname()} {os.getpid()}".encode()
+    held: list[int] = []
+
+    def claim(fd: int) -> None:  # runs with the lock held, before acquire() returns
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me, 0)
+        held.append(fd)
+
+    # on_acquired also makes filelock fail closed (no silent soft lock) where flock is missing.
+    lock = FileLock(path, timeout=0, on_acquired=claim)
     try:
-        os.write(fd, me.encode())
-        os.close(fd)
+        lock.acquire()
+    except Timeout:
+        try:
+            owner = path.read_text().strip()
+        except OSError:  # released (and removed) meanwhile
+            owner = ""
+        raise LockHeld(f"{path}: {what} is being worked on by {owner or 'another process'} (host pid); "
+                       "wait for it to finish (a process that dies releases its lock)") from None
+    except OSError as e:
+        if e.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
+            raise PipelineError(f"{path}: this filesystem does not support file locks ({e.strerror}); "
+                                "put the run folder on a local disk or a lock-capable NFS mount") from None
+        raise
+    try:
         yield
     finally:
-        path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        try:
+            if held and os.path.samestat(os.stat(path), os.fstat(held[0])):
+                path.unlink()
+        except OSError:
+            pass
+        lock.release()

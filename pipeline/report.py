@@ -1,14 +1,15 @@
 """The evaluation report: PNG plots of the OOF predictions and one ``report.html`` beside them.
 
-Everything is drawn with ``matplotlib.figure.Figure`` (no pyplot, no display) and the HTML refers to
-the PNGs by relative path, so ``report/`` opens offline and can be zipped or copied whole.
+Everything is drawn with ``matplotlib.figure.Figure`` (no pyplot, no display); the page is
+``templates/report.html.j2`` (jinja2, autoescaped) and refers to the PNGs by relative path, so
+``report/`` opens offline and can be zipped or copied whole.
 The folder is built under a temporary name and swapped in at the end: a crash leaves the old
 report intact and a rerun leaves no stale pictures.
 """
 from __future__ import annotations
 
+import functools
 import logging
-import html
 import shutil
 import tempfile
 from pathlib import Path
@@ -383,82 +384,36 @@ def plot_gradcam(figs: Figures, cfg: Config, table: Table, oof: pd.DataFrame, pr
 
 # ---- HTML ------------------------------------------------------------------------------
 
+_SCORE_COLUMNS = ("logloss", "accuracy", "precision", "recall", "f1", "f1_macro", "f1_weighted", "roc_auc", "ece")
+
+
 def _f(v, digits: int = 4) -> str:
     return "n/a" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{digits}f}"
 
 
-def _table(header: list[str], rows: list[list[str]], first_bold: bool = False) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
+@functools.cache
+def _template():
+    """report.html.j2, shipped in the package. Autoescape is on for it (select_autoescape's default list
+    has no ``.j2``, hence the explicit one), so a class name or id can never inject markup."""
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1150px;color:#222;padding:0 1em}
-h1{margin-bottom:.2em} .sub{color:#666;margin-top:0}
-.headline{display:inline-block;background:#eef4fb;border:1px solid #c9dcf0;border-radius:8px;padding:.6em 1.2em;margin:.6em 0;font-size:1.15em}
-.headline b{font-size:1.5em}
-table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.92em} th,td{border:1px solid #ddd;padding:.3em .7em;text-align:right}
-th{background:#f4f4f4} td:first-child,th:first-child{text-align:left}
-figure{margin:1.5em 0} figure img{max-width:100%;border:1px solid #eee} figcaption{color:#555;font-size:.92em;margin-top:.3em}
-.note{color:#8a5a00;background:#fff8e6;border-left:4px solid #f0b400;padding:.4em .8em;margin:.4em 0}
-"""
-
-
-def _calibrated_headline(m: dict) -> str:
-    """Log-loss is what temperature scaling changes: show what predict will submit beside the raw figure."""
-    c = m.get("calibrated") or {}
-    if m["metric"] != "logloss" or not c.get("kept"):
-        return ""
-    return f" &middot; {_f(c['nested_logloss'])} with the kept temperature (T {c['temperature']:.3f}, nested over folds)"
+    env = Environment(loader=PackageLoader("pipeline", "templates"), undefined=StrictUndefined,
+                      autoescape=select_autoescape(["html", "html.j2"]), trim_blocks=True, lstrip_blocks=True)
+    return env.get_template("report.html.j2")
 
 
 def render_html(cfg: Config, m: dict, figs: Figures) -> str:
+    """The report page from metrics.json's contents and the pictures drawn; the markup is the template's."""
     metric = m["metric"]
-    cols = [metric] + [c for c in ("logloss", "accuracy", "precision", "recall", "f1", "f1_macro", "f1_weighted", "roc_auc", "ece") if c != metric]
+    cols = [metric] + [c for c in _SCORE_COLUMNS if c != metric]
     rows = [[f"fold {f['fold']}", str(f["n"])] + [_f(f[c]) for c in cols] for f in m["folds"]]
     rows.append(["mean over folds", ""] + [_f(m["cv_mean"][c]) for c in cols])
     rows.append(["std over folds", ""] + [_f(m["cv_std"][c]) for c in cols])
     rows.append(["all OOF rows", str(m["n"])] + [_f(m[c]) for c in cols])
-    parts = [f"<h1>{html.escape(cfg.competition)} / {html.escape(cfg.name)}</h1>",
-             f"<p class='sub'>Evaluation of {m['n']} out-of-fold predictions over {len(m['folds'])} folds, "
-             f"{len(m['classes'])} classes ({html.escape(', '.join(m['classes']))}); config {html.escape(cfg.path)}</p>",
-             f"<div class='headline'>{html.escape(metric)} <b>{_f(m['headline'])}</b> on all OOF rows &middot; "
-             f"CV {_f(m['cv_mean'][metric])} &plusmn; {_f(m['cv_std'][metric])}{_calibrated_headline(m)}</div>",
-             "<h2>Scores</h2>", _table(["", "rows"] + cols, rows)]
-    if len(m["classes"]) == 2:
-        parts.append(f"<p>Binary: precision, recall and f1 are for the positive class <b>{html.escape(m['classes'][1])}</b> at the arg-max (0.5) cut.</p>")
-    else:
-        parts.append("<p>Multiclass: precision, recall and f1 are macro averages; <code>*_weighted</code> weigh classes by support.</p>")
-    pc = m.get("per_class") or {}
-    parts += ["<h3>Per class (all OOF rows)</h3>",
-              _table(["class", "precision", "recall", "f1", "support"],
-                     [[c, _f(v["precision"]), _f(v["recall"]), _f(v["f1"]), str(v["support"])] for c, v in pc.items()])]
-    c = m.get("calibrated") or {}
-    parts.append("<h2>Calibration</h2>")
-    if c.get("skipped"):
-        parts.append("<p>Skipped (<code>evaluate.calibrate: false</code>); predict uses the raw probabilities.</p>")
-    elif c:
-        parts.append(
-            f"<p>Temperature scaling, fitted on all OOF rows: <b>T = {c['temperature']:.3f}</b> "
-            f"({'softens' if c['temperature'] > 1 else 'sharpens'} the probabilities). Fitted on the other folds and applied to each fold "
-            f"(an honest estimate), log-loss goes from {_f(c['raw_logloss'])} to {_f(c['nested_logloss'])} and ECE from "
-            f"{_f(c['raw_ece'])} to {_f(c['nested_ece'])}. "
-            + ("<b>Kept</b>: the predict stage applies T to the test predictions." if c["kept"] else
-               "<b>Not kept</b>: it does not lower the nested log-loss, so predict uses the raw probabilities.")
-            + f" Per-fold temperatures: {', '.join(f'{t:.3f}' for t in c['fold_temperatures'])}.</p>")
-    t = m.get("threshold")
-    if t:
-        parts += ["<h2>Decision threshold</h2>",
-                  f"<p>F1 at 0.5: {_f(t['f1_at_0.5'])}; the OOF-optimal cut P({html.escape(m['classes'][1])}) &ge; "
-                  f"{t['best_threshold']:.3f} gives {_f(t['f1_at_best_threshold'])} (in-sample); chosen on the other folds "
-                  f"and applied to each fold: {_f(t['f1_nested'])}.</p>"]
-    if figs.notes:
-        parts.append("".join(f"<p class='note'>{html.escape(n)}</p>" for n in figs.notes))
-    parts.append("<h2>Pictures</h2>")
-    for name, title, caption in figs.items:
-        parts.append(f"<figure><h3>{html.escape(title)}</h3><img src='{html.escape(name)}' alt='{html.escape(title)}'>"
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    parts.append(f"<p class='sub'>Raw figures: <code>metrics.json</code> and <code>calibration.json</code> in {html.escape(str(cfg.run_dir))}.</p>")
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(cfg.name)} evaluation</title>"
-            f"<style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+    per_class = [[c, _f(v["precision"]), _f(v["recall"]), _f(v["f1"]), str(v["support"])]
+                 for c, v in (m.get("per_class") or {}).items()]
+    return _template().render(
+        competition=cfg.competition, name=cfg.name, config_path=str(cfg.path), run_dir=str(cfg.run_dir),
+        m=m, metric=metric, classes=list(m["classes"]), f=_f,
+        score_header=["", "rows"] + cols, score_rows=rows, per_class_rows=per_class,
+        cal=m.get("calibrated") or {}, threshold=m.get("threshold"), notes=figs.notes, figures=figs.items) + "\n"

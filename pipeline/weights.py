@@ -14,6 +14,14 @@ Order (``load_pretrained``):
 
 A 3-channel stem is adapted to ``in_chans`` with timm's ``adapt_input_conv``. Nothing falls back to
 random weights: when no source works, a one-line ``PipelineError`` lists what was tried.
+
+Every source is loaded by ``_fit_into`` (strict), not by ``timm.create_model(pretrained=True,
+pretrained_cfg_overlay=dict(file=...))``: for a ``num_classes=0`` backbone timm drops the classifier
+and then loads with ``strict=False``, so a file for another architecture, or one whose keys carry a
+prefix (our fold checkpoints' ``backbone.``, a trainer's ``model.``), loads partly or wholly random
+with only a log warning (timm 1.0.31, measured). Files are found with public APIs only
+(``huggingface_hub``, ``torch.hub``); a host is probed once per process because offline the hub
+clients retry for minutes before giving up.
 """
 from __future__ import annotations
 
@@ -258,9 +266,8 @@ def _hub_file(hub_id: str, filenames: list[str], network: bool) -> tuple[str | N
 
 
 def _url_file(url: str, network: bool) -> tuple[str | None, str]:
-    from timm.models._hub import download_cached_file, get_cache_dir
-
-    cached = Path(get_cache_dir()) / os.path.basename(url.split("?")[0])
+    # timm's own cache for url weights: torch hub's checkpoints folder (TORCH_HOME)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url.split("?")[0])
     if cached.is_file():
         return str(cached), ""
     if not network:
@@ -271,7 +278,10 @@ def _url_file(url: str, network: bool) -> tuple[str | None, str]:
     old = socket.getdefaulttimeout()
     socket.setdefaulttimeout(10)  # urllib waits forever on a black-holed network otherwise
     try:
-        return download_cached_file(url), ""
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        sha = torch.hub.HASH_REGEX.search(cached.name)  # timm's file names end in a sha256 prefix
+        torch.hub.download_url_to_file(url, str(cached), hash_prefix=sha.group(1) if sha else None, progress=False)
+        return str(cached), ""
     except Exception as e:
         return None, f"{url}: {_short(e)}"
     finally:
@@ -349,8 +359,6 @@ def package_pth(name: str) -> tuple[Path, str]:
 
 def convert_efficientnet_pytorch(src: dict, model: nn.Module) -> dict[str, torch.Tensor]:
     """Rename an efficientnet_pytorch state dict onto a timm EfficientNet by its block structure."""
-    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
-
     blocks = [(f"blocks.{s}.{j}", b) for s, stage in enumerate(model.blocks) for j, b in enumerate(stage)]
     out = {}
     for k, v in src.items():
@@ -358,7 +366,8 @@ def convert_efficientnet_pytorch(src: dict, model: nn.Module) -> dict[str, torch
         parts = mod.split(".")
         if parts[0] == "_blocks" and len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < len(blocks):
             prefix, block = blocks[int(parts[1])]
-            table = {InvertedResidual: _IR, DepthwiseSeparableConv: _DS}.get(type(block), {})
+            # timm's InvertedResidual has a projection conv_pwl, its DepthwiseSeparableConv does not
+            table = _IR if hasattr(block, "conv_pwl") else _DS if hasattr(block, "conv_dw") else {}
             new = f"{prefix}.{table[parts[2]]}.{leaf}" if parts[2] in table else None
         else:
             new = f"{_TOP[mod]}.{leaf}" if mod in _TOP else None
@@ -390,7 +399,10 @@ def package_weights_file(name: str) -> Path:
     from safetensors.torch import save_file
 
     src = torch.load(pth, map_location="cpu", weights_only=True)
-    model = timm.create_model(name, pretrained=False)  # with its 1000-class classifier, for the _fc tensors
+    # Building a model draws from the global RNG, already seeded for training: a first run on an empty
+    # cache would otherwise train differently from every later one.
+    with torch.random.fork_rng(devices=[]):
+        model = timm.create_model(name, pretrained=False)  # with its 1000-class classifier, for the _fc tensors
     try:
         state = convert_efficientnet_pytorch(_unwrap(src), model)
     except (ValueError, KeyError) as e:

