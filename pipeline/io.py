@@ -139,3 +139,14 @@ def exclusive(path: str | Path, what: str):
         except OSError:
             pass
         lock.release()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this host runs (a temp file's writer; see ``sweep_temps``)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
