@@ -3,7 +3,8 @@
 The config's ``augment:`` is a list of ``{name: <Transform>, **params}``. Only transforms in
 ``REGISTRY`` are allowed; the list is validated when it is built (unknown names, unknown or
 bad parameters, transforms that cannot handle the images' channel count or size), each
-problem as one ``PipelineError`` line naming ``augment[i]``.
+problem as one ``PipelineError`` line naming ``augment[i]``. ``validate_augment`` runs the same
+checks when the config loads, as far as the data format alone fixes the images.
 
 Why the images are remapped: albumentations 2 treats float32 images as values in [0, 1].
 On raw SAR dB values (about -50..+40) its intensity transforms silently clip to [0, 1]
@@ -216,6 +217,25 @@ def _find_augmenters(obj, depth: int = 3) -> list[Augmenter]:
 def build_augment(spec: list[dict] | None, value_range: tuple[float, float], channels: int,
                   image_size: tuple[int, int], seed: int | None = None, where: str = "augment") -> Augmenter:
     """Validate ``spec`` and build its Augmenter; every problem is one PipelineError line."""
+    spec, transforms, p_of, (lo, hi), image_size = _build_all(spec, value_range, channels, image_size, where)
+    out_size = _dry_run(transforms, p_of, spec, where, channels, image_size)
+    return Augmenter(transforms, (lo, hi), channels, image_size, out_size, seed, spec=[dict(e) for e in spec])
+
+
+def validate_augment(spec: list[dict] | None, value_range: tuple[float, float] | None = None, channels: int | None = None,
+                     image_size: tuple[int, int] | None = None, where: str = "augment") -> None:
+    """``build_augment``'s checks with what is known before the images are read (the config's
+    check): names and parameters always; channel support when ``channels`` is known; the dry run
+    when the channels and the size are. Unknown ``value_range``: fills are checked for type only."""
+    if channels is not None and image_size is not None and value_range is not None:
+        build_augment(spec, value_range, channels, image_size, where=where)
+        return
+    # placeholders stand for what the files will say; a transform's construction does not depend on them
+    _build_all(spec, value_range or (0.0, 1.0), channels, image_size or (64, 64), where)
+
+
+def _build_all(spec, value_range, channels: int | None, image_size, where: str):
+    """Every entry built (not yet run): (spec, transforms, their p, (lo, hi), (H, W))."""
     spec = [] if spec is None else spec
     if not isinstance(spec, (list, tuple)):
         raise PipelineError(f"{where}: expected a list of {{name: Transform, ...}} entries, got {type(spec).__name__}")
@@ -228,11 +248,10 @@ def build_augment(spec: list[dict] | None, value_range: tuple[float, float], cha
         t, p = _build_one(entry, f"{where}[{i}]", lo, hi, channels, image_size)
         transforms.append(t)
         p_of.append(p)
-    out_size = _dry_run(transforms, p_of, spec, where, channels, image_size)
-    return Augmenter(transforms, (lo, hi), channels, image_size, out_size, seed, spec=[dict(e) for e in spec])
+    return spec, transforms, p_of, (lo, hi), image_size
 
 
-def _build_one(entry: Any, key: str, lo: float, hi: float, channels: int, image_size: tuple[int, int]):
+def _build_one(entry: Any, key: str, lo: float, hi: float, channels: int | None, image_size: tuple[int, int]):
     if not isinstance(entry, dict):
         raise PipelineError(f"{key}: expected a mapping like {{name: HorizontalFlip, p: 0.5}}, got {entry!r}")
     if "name" not in entry:
@@ -244,7 +263,7 @@ def _build_one(entry: Any, key: str, lo: float, hi: float, channels: int, image_
         raise PipelineError(f"{key}.name: unknown transform {name!r}; {hint}")
     where = f"{key} ({name})"
     allowed = REGISTRY[name]
-    if allowed is not None and channels not in allowed:
+    if allowed is not None and channels is not None and channels not in allowed:
         need = " or ".join(map(str, allowed))
         raise PipelineError(f"{where}: works on {need}-channel images only; these images have {channels}")
     cls = getattr(_albumentations(), name)

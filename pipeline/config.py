@@ -1,8 +1,9 @@
 """Competition/experiment configs: YAML with ``extends:``, CLI overrides, typed validation.
 
 A config is data. ``load_config(path, overrides)`` returns a validated ``Config``; every
-problem (unknown key, wrong type, missing value, missing data path) is one
-``PipelineError`` line naming the file and the key.
+problem (unknown key, wrong type, missing value, a name no registry holds, a data format's own
+rules, a bad augmentation or search space, missing data path) is one ``PipelineError`` line
+naming the file and the key. Everything that needs no data is checked here, before any is read.
 """
 from __future__ import annotations
 
@@ -12,24 +13,90 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Callable, Iterable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import PipelineError
+from .formats import FORMATS, options_model
+from .formats.options import DataOptions
+from .keys import apply_overrides, known_keys
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataConfig(_Section):
-    format: str
-    dir: str
-    image_size: int | None = Field(None, gt=0, description="resize images to this square size; None keeps the files' size")
-    channels: int | None = Field(None, ge=1, le=4, description="image_folder: 1 (grey) or 3 (RGB), None = from the files; statoil_json: 2 (the bands) or 3 (+ their mean)")
-    cache: bool = True
+# ---- names of registered things, checked against the live registry --------------------------
+# Each registry lives with what it builds and is imported when a name is checked (not when this
+# module is), so a name registered after import is accepted and loading a config stays light.
+
+def unknown_name(what: str, name, known: Iterable[str]) -> str:
+    """``unknown <what> 'x'; did you mean y?`` (or the known names when none is close)."""
+    known = list(known)
+    close = difflib.get_close_matches(str(name), known, n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else f"expected one of {', '.join(sorted(known))}"
+    return f"unknown {what} {name!r}; {hint}"
+
+
+def _registered(what: str, registry: Callable[[], Iterable[str]]):
+    def check(v: str) -> str:
+        known = registry()
+        if v not in known:
+            raise ValueError(unknown_name(what, v, known))
+        return v
+
+    return AfterValidator(check)
+
+
+def _metrics():
+    from .metrics import METRICS
+
+    return METRICS
+
+
+def _optimizers():
+    from .optim import OPTIMIZERS
+
+    return OPTIMIZERS
+
+
+def _schedulers():
+    from .optim import SCHEDULERS
+
+    return SCHEDULERS
+
+
+def _samplers():
+    from .samplers import SAMPLERS
+
+    return SAMPLERS
+
+
+def _pruners():
+    from .samplers import PRUNERS
+
+    return PRUNERS
+
+
+def _tta_names(names: list[str]) -> list[str]:
+    from .tta import tta_problem
+
+    problem = tta_problem(names)
+    if problem:
+        raise ValueError(problem)
+    return names
+
+
+class _UnknownFormat(DataOptions):
+    """What a ``data:`` section of an unregistered format is validated against: its format fails."""
+
+    @field_validator("format")
+    @classmethod
+    def _unknown(cls, v: str) -> str:
+        raise ValueError(unknown_name("format", v, FORMATS))
 
 
 class FoldsConfig(_Section):
@@ -67,10 +134,10 @@ class TrainConfig(_Section):
     device: str = "auto"
     seed: int = 42
     seeds: list[int] | None = None
-    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
+    optimizer: Annotated[str, _registered("optimizer", _optimizers)] = Field("adamw", description="a name in pipeline.optim.OPTIMIZERS")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
-    scheduler: Literal["cosine", "onecycle", "step", "plateau", "none"] = "cosine"
+    scheduler: Annotated[str, _registered("scheduler", _schedulers)] = Field("cosine", description="a name in pipeline.optim.SCHEDULERS")
     warmup_epochs: float = Field(0.0, ge=0)
     step_size: int = Field(10, ge=1)
     gamma: float = Field(0.1, gt=0, le=1)
@@ -109,7 +176,7 @@ class EvaluateConfig(_Section):
 
 class PredictConfig(_Section):
     average: Literal["prob", "logit"] = "prob"
-    tta: list[str] = Field(default_factory=lambda: ["identity"])
+    tta: Annotated[list[str], AfterValidator(_tta_names)] = Field(default_factory=lambda: ["identity"], description="names in pipeline.tta.TTA")
     tta_oof: bool = False
     clip: tuple[float, float] | None = None
 
@@ -118,8 +185,8 @@ class TuneConfig(_Section):
     """``pipeline tune``: Optuna search; ``space`` syntax in ``pipeline/search_space.py``."""
 
     space: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    sampler: Literal["tpe", "random", "cmaes"] = "tpe"
-    pruner: Literal["median", "halving", "hyperband", "wilcoxon", "none"] = Field(
+    sampler: Annotated[str, _registered("sampler", _samplers)] = Field("tpe", description="a name in pipeline.samplers.SAMPLERS")
+    pruner: Annotated[str, _registered("pruner", _pruners)] = Field(
         "median", description="median/halving/hyperband: epoch values of the first tuned fold; wilcoxon: fold values")
     folds: list[int] | None = Field(None, description="folds the objective averages; None = all")
     seed: int = 0
@@ -141,8 +208,8 @@ class TuneConfig(_Section):
 
 class Config(_Section):
     competition: str
-    metric: Literal["logloss", "accuracy", "f1", "roc_auc"] = "logloss"
-    data: DataConfig
+    metric: Annotated[str, _registered("metric", _metrics)] = Field("logloss", description="a name in pipeline.metrics.METRICS")
+    data: SerializeAsAny[DataOptions]
     folds: FoldsConfig = Field(default_factory=FoldsConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -154,6 +221,15 @@ class Config(_Section):
     # Not part of the YAML: where it came from.
     path: str = ""
     name: str = ""
+
+    @field_validator("data", mode="wrap")
+    @classmethod
+    def _data_by_format(cls, v, handler):
+        """A union keyed on data.format: each registered format's reader brings its options model."""
+        if isinstance(v, dict) and isinstance(v.get("format"), str):
+            model = options_model(v["format"]) if v["format"] in FORMATS else _UnknownFormat
+            return model.model_validate(v)
+        return handler(v)
 
     @field_validator("competition")
     @classmethod
@@ -249,60 +325,21 @@ def _load_with_extends(path: Path, seen: tuple = ()) -> dict:
     return deep_merge(_load_with_extends(ppath, seen + (path,)), d)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise PipelineError(f"command line: override {text!r} is not section.key=value")
-    key, raw = text.split("=", 1)
-    keys = key.strip().split(".")
-    if not all(keys):
-        raise PipelineError(f"command line: override {text!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return keys, value
-
-
-def apply_overrides(d: dict, overrides: list[str] | dict) -> dict:
-    d = copy.deepcopy(d)
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides]
-    for keys, value in items:
-        if isinstance(keys, str):
-            keys = keys.split(".")
-        node = d
-        for k in keys[:-1]:
-            if not isinstance(node.get(k), dict):
-                node[k] = {}
-            node = node[k]
-        node[keys[-1]] = value
-    return d
-
-
-def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    out = []
-    for name, f in model.model_fields.items():
-        if name in ("path", "name"):
-            continue
-        ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out += _known_keys(ann, f"{prefix}{name}.")
-        else:
-            out.append(prefix + name)
-    return out
-
-
 def _format_error(path: Path, err: ValidationError) -> str:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(loc, _known_keys(Config), n=3)
+        close = difflib.get_close_matches(loc, known_keys(Config), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         return f"{path}: unknown key '{loc}'{hint}"
     if e["type"] == "missing":
         return f"{path}: missing required key '{loc}'"
     msg = e["msg"].removeprefix("Value error, ")
     got = e.get("input")
-    got_s = "" if isinstance(got, (dict, list)) or "got" in msg else f" (got {got!r})"
+    # not repeated when the message already shows it ("'lion'; did you mean ...", "64; statoil_json ...")
+    shown = (isinstance(got, (dict, list)) or "got" in msg or (isinstance(got, str) and repr(got) in msg)
+             or re.match(rf"{re.escape(str(got))}\b", msg))
+    got_s = "" if shown else f" (got {got!r})"
     return f"{path}: {loc}: {msg}{got_s}"
 
 
@@ -322,13 +359,25 @@ def load_config(path: str | Path, overrides: list[str] | dict | None = None, che
         raise PipelineError(_format_error(path, err)) from None
     except TypeError as err:  # e.g. a top-level key given twice
         raise PipelineError(f"{path}: {err}") from None
-    from .formats import FORMATS
-
-    if cfg.data.format not in FORMATS:
-        raise PipelineError(f"{path}: data.format: unknown format {cfg.data.format!r}; expected one of {', '.join(sorted(FORMATS))}")
+    check_without_data(cfg)
     if check_data and not cfg.data_dir.is_dir():
         raise PipelineError(f"{path}: data.dir: {cfg.data.dir} does not exist (relative paths resolve against {Path.cwd()})")
     return cfg
+
+
+def check_without_data(cfg: Config) -> None:
+    """What the schema cannot check but needs no data either: the augmentation list (names and
+    parameters; a dry run too where the format alone fixes the images' channels and size) and
+    ``tune.space``, each problem one line as the stage that uses it would report it."""
+    spec = cfg.data.image_spec()
+    if cfg.augment:
+        from .augment import validate_augment
+
+        validate_augment(cfg.augment, *spec, where=f"{cfg.path}: augment")
+    if cfg.tune.space:
+        from .search_space import check_augment, parse_space
+
+        check_augment(parse_space(cfg), cfg, *spec)
 
 
 def write_snapshot(cfg: Config, yaml_path: Path, stage: str, resolved: dict | None = None) -> str:

@@ -2,8 +2,9 @@
 
 Reads ``runs/<competition>/<experiment>/oof.csv`` (id,fold,target,p_<class>...) and writes beside it:
 
-  metrics.json        overall figures (from the raw oof.csv): logloss, accuracy, precision, recall,
-                      f1, f1_macro, f1_weighted, roc_auc, ece, confusion_matrix (counts),
+  metrics.json        overall figures (from the raw oof.csv): every metric of ``metrics.METRICS``
+                      (logloss, accuracy, f1, roc_auc, and any registered), precision, recall,
+                      f1_macro, f1_weighted, ece, confusion_matrix (counts),
                       confusion_matrix_normalized (rows sum to 1), per_class; binary runs add
                       ``threshold`` (the F1-optimal cut beside F1 at 0.5). ``folds`` holds the same
                       figures per fold, ``cv_mean``/``cv_std`` their mean and spread across folds,
@@ -32,45 +33,43 @@ from .calibration import calibrate, ece
 from .config import STAGE_SECTIONS, Config, read_stage_hash, write_snapshot
 from .errors import PipelineError
 from .io import atomic_write_json
-from .metrics import GREATER_IS_BETTER, cv_std, logloss
+from .metrics import METRICS, cv_std, logloss
 
 log = logging.getLogger(__name__)
 
-# Per-fold scalars: what cv_mean/cv_std and the terminal table hold.
-SCALARS = ("logloss", "accuracy", "precision", "recall", "f1", "f1_macro", "f1_weighted", "roc_auc", "ece")
-LOWER_IS_BETTER = {"logloss", "ece"}
+# Figures evaluate reports beside the registered metrics (``metrics.METRICS``), True when larger is
+# better; per-fold scalars (cv_mean/cv_std, the terminal table) are both.
+EXTRA_SCALARS = {"precision": True, "recall": True, "f1_macro": True, "f1_weighted": True, "ece": False}
 SUM_TOL = 1e-3  # probabilities written with 8 significant digits sum to 1 far closer than this
+
+
+def scalars() -> list[str]:
+    """Per-fold scalars, read live: a metric registered after import is among them."""
+    return list(METRICS) + [k for k in EXTRA_SCALARS if k not in METRICS]
+
+
+def greater_is_better(name: str) -> bool:
+    m = METRICS.get(name)
+    return m.greater_is_better if m is not None else EXTRA_SCALARS.get(name, True)
 
 
 # ---- metrics ---------------------------------------------------------------------------
 
-def roc_auc(y: np.ndarray, probs: np.ndarray) -> float:
-    """Binary: AUC of P(class 1). Multiclass: one-vs-rest macro AUC. NaN when a class is absent."""
-    k = probs.shape[1]
-    if len(np.unique(y)) < (2 if k == 2 else k):
-        return float("nan")
-    if k == 2:
-        return float(skm.roc_auc_score(y, probs[:, 1]))
-    # scikit-learn insists rows sum to 1 to machine precision; oof.csv is allowed SUM_TOL
-    return float(skm.roc_auc_score(y, probs / probs.sum(1, keepdims=True), multi_class="ovr", labels=np.arange(k)))
-
-
 def classification_metrics(y: np.ndarray, probs: np.ndarray, eps: float = 1e-15, n_bins: int = 10,
                            class_names: list[str] | None = None) -> dict:
-    """Every figure of one set of predictions, computed with scikit-learn."""
+    """Every figure of one set of predictions: each registered metric, and scikit-learn's others."""
     k = probs.shape[1]
     labels = np.arange(k)
     pred = probs.argmax(1)
-    m: dict = {"n": int(len(y)), "logloss": logloss(y, probs, eps), "accuracy": float(skm.accuracy_score(y, pred))}
+    m: dict = {"n": int(len(y)), **{name: metric(y, probs, eps) for name, metric in METRICS.items()}}
     if k == 2:
-        p, r, f, _ = skm.precision_recall_fscore_support(y, pred, average="binary", pos_label=1, zero_division=0)
+        p, r, _, _ = skm.precision_recall_fscore_support(y, pred, average="binary", pos_label=1, zero_division=0)
     else:
-        p, r, f, _ = skm.precision_recall_fscore_support(y, pred, average="macro", labels=labels, zero_division=0)
-    m.update(precision=float(p), recall=float(r), f1=float(f))
+        p, r, _, _ = skm.precision_recall_fscore_support(y, pred, average="macro", labels=labels, zero_division=0)
+    m.update(precision=float(p), recall=float(r))
     for avg in ("macro", "weighted"):
         p, r, f, _ = skm.precision_recall_fscore_support(y, pred, average=avg, labels=labels, zero_division=0)
         m.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
-    m["roc_auc"] = roc_auc(y, probs)
     m["ece"] = ece(y, probs, n_bins)
     m["confusion_matrix"] = skm.confusion_matrix(y, pred, labels=labels).tolist()
     m["confusion_matrix_normalized"] = skm.confusion_matrix(y, pred, labels=labels, normalize="true").tolist()
@@ -116,7 +115,7 @@ def fold_metrics(y, probs, fold, eps, n_bins, class_names) -> tuple[list[dict], 
         m = fold == k
         folds.append({"fold": int(k), **classification_metrics(y[m], probs[m], eps, n_bins, class_names)})
     mean, std = {}, {}
-    for key in SCALARS:
+    for key in scalars():
         v = np.array([f[key] for f in folds], dtype=float)
         ok = v[~np.isnan(v)]
         mean[key] = float(ok.mean()) if len(ok) else float("nan")
@@ -453,7 +452,7 @@ def _compare_text(df: pd.DataFrame, metric: str) -> str:
             return True
         if row.startswith("cv "):
             name = metric
-        return name in LOWER_IS_BETTER or not GREATER_IS_BETTER.get(name, True)
+        return not greater_is_better(name)
 
     text = pd.DataFrame(index=df.index, columns=df.columns, dtype=object)
     for row in df.index:

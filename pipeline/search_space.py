@@ -34,12 +34,15 @@ import hashlib
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from pydantic import BaseModel, ValidationError
 
-from .config import Config, _known_keys, apply_overrides
 from .errors import PipelineError
+from .keys import apply_overrides, known_keys, lookup
+
+if TYPE_CHECKING:  # the schema is type(cfg): the config checks tune.space when it loads, so this module cannot import it
+    from .config import Config
 
 TYPES = ("float", "int", "categorical")
 FIELDS = {"type", "low", "high", "log", "step", "choices", "when"}
@@ -97,16 +100,8 @@ class Space:
     pinned: dict[str, Any] = field(default_factory=dict)  # searched keys given on the command line -> value
 
     @property
-    def keys(self) -> list[str]:
-        return [p.key for p in self.params]
-
-    @property
     def conditional(self) -> bool:
         return any(p.when for p in self.params)
-
-    @property
-    def has_categorical(self) -> bool:
-        return any(p.type == "categorical" for p in self.params)
 
     @property
     def has_augment(self) -> bool:
@@ -155,18 +150,14 @@ def _lookup(d: dict, key: str, space: Space | None = None):
     p = space.get(key) if space is not None else None
     if p is not None and p.augment_index is not None:
         return d["augment"][p.augment_index].get(p.augment_param)
-    node = d
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
+    return lookup(d, key)
 
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _field_annotation(key: str):
-    model: type[BaseModel] = Config
+def _field_annotation(model: type[BaseModel], key: str):
     ann = None
     for part in key.split("."):
         f = model.model_fields.get(part)
@@ -193,12 +184,13 @@ def parse_space(cfg: Config, pinned: Iterable[str] = ()) -> Space:
     path = cfg.path or "config"
     raw = cfg.tune.space or {}
     base = cfg.to_dict()
+    schema = type(cfg)
     pinned = [p for p in pinned if p]
 
     def err(key: str, msg: str) -> PipelineError:
         return PipelineError(f"{path}: tune.space.{key}: {msg}".replace("\n", " "))
 
-    known = [k for k in _known_keys(Config)]
+    known = known_keys(schema)
     params: dict[str, Param] = {}
     dropped: dict[str, Any] = {}
     for key, spec in raw.items():
@@ -218,7 +210,7 @@ def parse_space(cfg: Config, pinned: Iterable[str] = ()) -> Space:
             raise err(key, f"unknown type {typ!r}; expected one of {', '.join(TYPES)}")
         p = _parse_one(key, typ, spec, err, aug_index, aug_param)
         if aug_index is None:
-            _check_values(p, base, err)
+            _check_values(p, base, err, schema)
         if any(key == k or key.startswith(k + ".") for k in pinned):
             dropped[key] = _lookup(base, key, Space([p]))
             continue
@@ -329,24 +321,25 @@ def _parse_when(key: str, when, err) -> tuple[tuple[str, tuple], ...]:
     return tuple(out)
 
 
-def _check_values(p: Param, base: dict, err) -> None:
+def _check_values(p: Param, base: dict, err, schema: type[BaseModel]) -> None:
     """Every bound and choice must be a value the config accepts (augment values: ``check_augment``)."""
-    ann = _field_annotation(p.key)
+    ann = _field_annotation(schema, p.key)
     if p.type == "float" and _int_only(ann):
         raise err(p.key, "the config key holds integers; use type: int")
     candidates = [("choice", c) for c in p.choices] if p.type == "categorical" else [("low", p.low), ("high", p.high)]
     for what, v in candidates:
         try:
-            Config(**apply_overrides(base, {p.key: v}), path="", name="")
+            schema(**apply_overrides(base, {p.key: v}), path="", name="")
         except ValidationError as e:
             first = e.errors()[0]
             raise err(p.key, f"{what} {v!r} is not a valid value: {first['msg'].removeprefix('Value error, ')}") from None
 
 
-def check_augment(space: Space, cfg: Config, value_range, channels: int, image_size) -> None:
+def check_augment(space: Space, cfg: Config, value_range=None, channels: int | None = None, image_size=None) -> None:
     """Build the augmentation with each bound/choice of every searched augment parameter: a value
-    albumentations refuses fails now, naming the key, not in the middle of a trial."""
-    from .augment import build_augment
+    albumentations refuses fails now, naming the key, not in the middle of a trial. What the images
+    are not known yet (the config's check, before any data is read) is left out (``validate_augment``)."""
+    from .augment import validate_augment
 
     base = cfg.to_dict()
     path = cfg.path or "config"
@@ -357,7 +350,7 @@ def check_augment(space: Space, cfg: Config, value_range, channels: int, image_s
         for what, v in candidates:
             d = space.apply(base, {p.key: v})
             try:
-                build_augment(d["augment"], value_range, channels, image_size, seed=0)
+                validate_augment(d["augment"], value_range, channels, image_size)
             except PipelineError as e:
                 raise PipelineError(f"{path}: tune.space.{p.key}: {what} {v!r} is not valid: {e}") from None
 

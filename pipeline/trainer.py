@@ -31,7 +31,7 @@ from .inference import Rows, autocast, features_tensor, predict_logits, softmax
 from .io import atomic_path, atomic_write_csv, atomic_write_json, exclusive, sweep_temps
 from .metrics import logloss, score
 from .models import apply_finetune, build_model, freeze_bn_stats, save_checkpoint, unfreeze_all
-from .optim import build_optimizer, build_scheduler
+from .optim import SCHEDULERS, build_optimizer, build_scheduler
 from .table import Table
 
 log = logging.getLogger(__name__)
@@ -482,7 +482,7 @@ class FoldTrainer:
             val_metric = score(cfg.metric, y_va, probs, cfg.evaluate.eps)
         lr = self.opt.param_groups[0]["lr"]
         if not self.parts.per_step:
-            self.parts.sched.step(val_loss) if cfg.train.scheduler == "plateau" else self.parts.sched.step()
+            self.parts.sched.step(val_loss) if SCHEDULERS[cfg.train.scheduler].on_metric else self.parts.sched.step()
         improved = epoch == cfg.train.epochs if self.refit else val_loss < progress.best["val_loss"] - 1e-7
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, mname: val_metric, "lr": lr,
                "seconds": round(time.time() - t0, 3), "train_img_s": round(img_s, 1)}

@@ -12,13 +12,16 @@ four corners and the centre, and for ``tencrop`` the same five of the mirrored i
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 
 from .errors import PipelineError
+
+if TYPE_CHECKING:  # torch is imported when a transform runs: the config checks names without it
+    import torch
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,8 @@ def _d4(k: int, flip: bool) -> TtaTransform:
              (3, False): "rot270", (2, True): "vflip", (1, True): "rot90+hflip", (3, True): "rot270+hflip"}
 
     def fn(x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         if flip:
             x = torch.flip(x, dims=(-1,))
         return torch.rot90(x, k, dims=(-2, -1)) if k else x
@@ -46,6 +51,8 @@ def _d4(k: int, flip: bool) -> TtaTransform:
 
 def _crop(top: int, left: int, h: int, w: int, flip: bool, name: str) -> TtaTransform:
     def fn(x: torch.Tensor) -> torch.Tensor:
+        import torch
+
         x = x[..., top:top + h, left:left + w]
         return torch.flip(x, dims=(-1,)) if flip else x
 
@@ -103,17 +110,27 @@ TTA: dict[str, Callable] = {
 }
 
 
+def tta_problem(names: list[str]) -> str | None:
+    """What is wrong with ``predict.tta`` before any image is seen (the config checks it), or None."""
+    if not names:
+        return f"empty list; expected at least one of {', '.join(TTA)} (identity = no TTA)"
+    for name in names:
+        if name not in TTA:
+            close = difflib.get_close_matches(str(name), list(TTA), n=3)
+            return f"unknown TTA {name!r}; " + (f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(TTA)}")
+    return None
+
+
 def build_tta(names: list[str], image_size: tuple[int, int], model_size: int | tuple[int, int] | None = None) -> list[TtaTransform]:
     """The transforms named in ``predict.tta``, each once, in declaration order.
 
     ``image_size`` is the test images' (H, W); ``model_size`` the model's input size (crops only).
     """
-    if not names:
-        raise PipelineError(f"predict.tta: empty list; expected at least one of {', '.join(TTA)} (identity = no TTA)")
+    problem = tta_problem(names)
+    if problem:
+        raise PipelineError(f"predict.tta: {problem}")
     out, seen = [], set()
     for name in names:
-        if name not in TTA:
-            raise PipelineError(f"predict.tta: unknown TTA {name!r}; known: {', '.join(TTA)}")
         for t in TTA[name](tuple(image_size), model_size):
             if t.key not in seen:
                 seen.add(t.key)
@@ -130,6 +147,8 @@ def model_input_size(meta: dict) -> tuple[int, int]:
 def predict_tta(model, images, features, transforms: list[TtaTransform], average: str = "prob", batch_size: int = 64,
                 device: torch.device | str = "cpu", channels_last: bool = False, precision: str = "fp32") -> np.ndarray:
     """(N, K) mean over the transforms: of softmax probabilities (``average="prob"``) or of logits (``"logit"``)."""
+    import torch
+
     from .inference import predict_logits, softmax
 
     device = torch.device(device)

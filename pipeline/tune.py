@@ -9,13 +9,13 @@ Objective
     when missing), each fold's value taken at its best epoch as ``pipeline train`` picks it.
     Every trial trains into its own ``runs/<competition>/tune/<study>/trial_<n>/`` (train.log
     there holds its training output) with ``train.seed`` only and no refit.
-Pruning (``tune.pruner``)
+Pruning (``tune.pruner``, a name in ``pipeline.samplers.PRUNERS``)
     ``median`` (default), ``halving``, ``hyperband``: the validation metric after each epoch of
     the first tuned fold, step = epoch; ``wilcoxon``: each fold's value, step = fold number, so
     trials are compared on the same folds (it needs about 4 finished folds before it can reach
     p < 0.1: use it with many folds or repeats); ``none``. A pruned trial stops at once (the
     callback raises ``optuna.TrialPruned`` inside training) and its checkpoints are deleted.
-Samplers (``tune.sampler``)
+Samplers (``tune.sampler``, a name in ``pipeline.samplers.SAMPLERS``)
     ``tpe`` (default; multivariate, grouped when the space has conditions), ``random``,
     ``cmaes`` (numeric spaces only: a categorical or conditional parameter is refused rather than
     silently sampled at random; needs the ``cmaes`` package). The sampler is rebuilt for each
@@ -54,13 +54,13 @@ from pathlib import Path
 from .config import Config
 from .errors import PipelineError
 from .logs import to_file
-from .metrics import GREATER_IS_BETTER, cv_std
-from .search_space import Space, _lookup, check_augment, parse_space, trial_seed
+from .metrics import METRICS, cv_std
+from .samplers import PRUNERS, build_pruner, build_sampler, check_sampler
+from .search_space import Space, _lookup, check_augment, parse_space
 from .tune_report import best_trial, fmt_value, write_best, write_plots, write_trials
 
 log = logging.getLogger(__name__)
 
-EPOCH_PRUNERS = ("median", "halving", "hyperband")
 MAX_FAILS_IN_A_ROW = 3
 
 
@@ -134,96 +134,6 @@ def open_storage(url: str, tc, flag: str = "--storage"):
         raise PipelineError(f"{flag} {shown}: database error ({reason[0] if reason else type(e).__name__})") from None
     except RuntimeError as e:  # optuna's schema version check
         raise PipelineError(f"{flag} {shown}: {str(e).splitlines()[0]} (`optuna storage upgrade --storage URL`)") from None
-
-
-# ---- sampler and pruner ----------------------------------------------------------------
-
-def _sampler_factory(cfg: Config, space: Space):
-    import optuna
-
-    tc = cfg.tune
-    if tc.sampler == "tpe":
-        def make(seed):
-            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tc.n_startup_trials, multivariate=True,
-                                              group=space.conditional, constant_liar=True)
-    elif tc.sampler == "random":
-        def make(seed):
-            return optuna.samplers.RandomSampler(seed=seed)
-    else:
-        def make(seed):
-            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=tc.n_startup_trials,
-                                                independent_sampler=optuna.samplers.RandomSampler(seed=seed),
-                                                warn_independent_sampling=False)
-    return make
-
-
-def check_sampler(cfg: Config, space: Space) -> None:
-    if cfg.tune.sampler != "cmaes":
-        return
-    path = cfg.path or "config"
-    for p in space.params:
-        if p.type == "categorical":
-            raise PipelineError(f"{path}: tune.space.{p.key}: tune.sampler cmaes searches numeric spaces only; "
-                                "use tune.sampler tpe (or random) for categorical parameters")
-        if p.when:
-            raise PipelineError(f"{path}: tune.space.{p.key}: tune.sampler cmaes cannot search conditional parameters; "
-                                "use tune.sampler tpe")
-    if len(space.params) < 2:
-        raise PipelineError(f"{path}: tune.sampler: cmaes needs at least 2 searched parameters; use tpe or random")
-    try:
-        import cmaes  # noqa: F401
-    except ImportError:
-        raise PipelineError(f"{path}: tune.sampler: cmaes needs the 'cmaes' package (pip install cmaes)") from None
-
-
-def make_sampler(cfg: Config, space: Space):
-    import optuna
-
-    factory = _sampler_factory(cfg, space)
-
-    class TrialSeededSampler(optuna.samplers.BaseSampler):
-        """The configured sampler, rebuilt per trial with a seed from (tune.seed, trial number)."""
-
-        def __init__(self):
-            self.inner = factory(cfg.tune.seed)
-
-        def before_trial(self, study, trial):
-            self.inner = factory(trial_seed(cfg.tune.seed, trial.number))
-            self.inner.before_trial(study, trial)
-
-        def infer_relative_search_space(self, study, trial):
-            return self.inner.infer_relative_search_space(study, trial)
-
-        def sample_relative(self, study, trial, search_space):
-            return self.inner.sample_relative(study, trial, search_space)
-
-        def sample_independent(self, study, trial, param_name, param_distribution):
-            return self.inner.sample_independent(study, trial, param_name, param_distribution)
-
-        def after_trial(self, study, trial, state, values):
-            self.inner.after_trial(study, trial, state, values)
-
-        def reseed_rng(self):
-            self.inner.reseed_rng()
-
-    return TrialSeededSampler()
-
-
-def make_pruner(cfg: Config, space: Space, n_folds: int):
-    import optuna
-
-    tc = cfg.tune
-    if tc.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=tc.n_startup_trials, n_warmup_steps=0)
-    if tc.pruner == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
-    if tc.pruner == "hyperband":
-        p = space.get("train.epochs")
-        max_epochs = int(p.high if p is not None and p.type == "int" else max(p.choices) if p is not None else cfg.train.epochs)
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(max_epochs, 1), reduction_factor=3)
-    if tc.pruner == "wilcoxon":
-        return optuna.pruners.WilcoxonPruner(p_threshold=tc.p_threshold, n_startup_steps=2)
-    return optuna.pruners.NopPruner()
 
 
 # ---- study ----------------------------------------------------------------------------
@@ -300,15 +210,53 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
     import optuna
     from optuna.trial import TrialState
 
+    out_dir = Path("runs") / cfg.competition / "tune" / study_name
+    storage = open_storage(storage_url or default_storage(cfg), cfg.tune)
+    shown = storage.engine.url.render_as_string(hide_password=True)
+    table, folds, n_folds = _tuned_folds(cfg)
+    check_augment(space, cfg, table.value_range, table.channels, table.image_size)
+
+    direction = "maximize" if METRICS[cfg.metric].greater_is_better else "minimize"
+    study = open_study(cfg, storage, study_name, direction, build_sampler(cfg, space), build_pruner(cfg, space, n_folds), shown)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL + re-queued before counting
+
+    base = cfg.to_dict()
+    base["train"]["seeds"] = None
+    base["train"]["refit"] = False
+    _log_plan(cfg, space, folds, n_folds, direction, study, shown, out_dir, n_trials, max_trials, timeout)
+
+    objective = Objective(cfg=cfg, space=space, base=base, table=table, folds=folds, study=study,
+                          out_dir=out_dir, study_name=study_name, max_trials=max_trials)
+    progress = Progress(cfg=cfg, space=space, base=base, fixed=fixed, out_dir=out_dir)
+    callbacks = [progress]
+    if max_trials:
+        callbacks.append(optuna.study.MaxTrialsCallback(max_trials, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                            TrialState.RUNNING, TrialState.WAITING)))
+    t0 = time.time()
+    n_run = n_trials if n_trials is not None else (None if timeout else cfg.tune.n_trials)
+    try:
+        if max_trials and _counted(study) >= max_trials:
+            log.info(f"study {study_name!r} already has {_counted(study)} finished, running or queued trials "
+                     f"(--max-trials {max_trials}); nothing to run")
+        else:
+            study.optimize(objective, n_trials=n_run, timeout=timeout, catch=(Exception,), callbacks=callbacks)
+    finally:
+        write_trials(study, out_dir)
+        best_path = write_best(study, out_dir, space, base, cfg, fixed, cfg.metric)
+    _log_outcome(cfg, study, study_name, out_dir, best_path, shown, time.time() - t0)
+    if progress.fails_in_a_row >= MAX_FAILS_IN_A_ROW:
+        raise PipelineError(f"tune stopped: {progress.fails_in_a_row} trials in a row failed; last {progress.last_fail} "
+                            f"(traceback in {out_dir}/trial_<n>/train.log)")
+    return study
+
+
+def _tuned_folds(cfg: Config):
+    """(table, tuned folds, number of folds): the data and folds every trial shares (the folds
+    file is written first when missing)."""
     from .fold import load_folds, run_fold
     from .formats import read_table
 
-    out_dir = Path("runs") / cfg.competition / "tune" / study_name
-    url = storage_url or default_storage(cfg)
-    storage = open_storage(url, cfg.tune)
-    shown = storage.engine.url.render_as_string(hide_password=True)
-
-    # data and folds, shared by every trial
     table = read_table(cfg, "train")
     if not cfg.folds_path.is_file():
         log.info(f"{cfg.folds_path} not found; writing it first (pipeline fold)")
@@ -319,85 +267,70 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
     bad = [k for k in folds if k >= n_folds]
     if bad:
         raise PipelineError(f"{cfg.path}: tune.folds: no fold {bad[0]}; {cfg.folds_path} has folds 0..{n_folds - 1}")
-    check_augment(space, cfg, table.value_range, table.channels, table.image_size)
+    return table, folds, n_folds
 
-    direction = "maximize" if GREATER_IS_BETTER[cfg.metric] else "minimize"
-    sampler, pruner = make_sampler(cfg, space), make_pruner(cfg, space, n_folds)
-    study = open_study(cfg, storage, study_name, direction, sampler, pruner, shown)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL + re-queued before counting
 
-    base = cfg.to_dict()
-    base["train"]["seeds"] = None
-    base["train"]["refit"] = False
-    mname = f"val_{cfg.metric}"
-    epoch_wise = cfg.tune.pruner in EPOCH_PRUNERS
-    first = folds[0]
+def _log_plan(cfg, space, folds, n_folds, direction, study, shown, out_dir, n_trials, max_trials, timeout) -> None:
+    """What this process is about to search, how, and where it writes."""
+    tc = cfg.tune
     subset = "all folds" if len(folds) == n_folds else f"a subset (tune.folds) of {n_folds}"
     n_before = len(study.trials)
-    log.info(f"tune {study_name}: {len(space.params)} parameters; objective {direction} mean {mname} over folds {folds} "
-         f"({subset}) of {cfg.folds_path}")
+    log.info(f"tune {study.study_name}: {len(space.params)} parameters; objective {direction} mean val_{cfg.metric} "
+             f"over folds {folds} ({subset}) of {cfg.folds_path}")
     for p in space.params:
         log.info(f"  {p.describe()}")
-    how = {"median": f"MedianPruner on the epochs of fold {first}", "halving": f"SuccessiveHalvingPruner on the epochs of fold {first}",
-           "hyperband": f"HyperbandPruner on the epochs of fold {first}", "wilcoxon": "WilcoxonPruner on the fold values",
-           "none": "no pruning"}[cfg.tune.pruner]
+    how = PRUNERS[tc.pruner].label.format(fold=folds[0])
     budget = ", ".join(x for x in (f"{n_trials} trials" if n_trials else "", f"timeout {timeout:g}s" if timeout else "",
-                                   f"study capped at {max_trials}" if max_trials else "") if x) or f"{cfg.tune.n_trials} trials (tune.n_trials)"
-    log.info(f"  sampler {cfg.tune.sampler} (seed {cfg.tune.seed}), {how}; this process: {budget}")
-    log.info(f"  storage {shown}, study {study_name!r}: " + (f"resuming with {n_before} trials" if n_before else "new")
-         + f"; heartbeat {cfg.tune.heartbeat_s}s; trial runs and train.log under {out_dir}/trial_<n>/")
-    if cfg.tune.pruner == "wilcoxon" and len(folds) < 4:
-        log.info(f"  note: WilcoxonPruner cannot reach p < {cfg.tune.p_threshold:g} with {len(folds)} folds, so nothing is pruned; "
-             "use tune.pruner median or more folds")
+                                   f"study capped at {max_trials}" if max_trials else "") if x) or f"{tc.n_trials} trials (tune.n_trials)"
+    log.info(f"  sampler {tc.sampler} (seed {tc.seed}), {how}; this process: {budget}")
+    log.info(f"  storage {shown}, study {study.study_name!r}: " + (f"resuming with {n_before} trials" if n_before else "new")
+             + f"; heartbeat {tc.heartbeat_s}s; trial runs and train.log under {out_dir}/trial_<n>/")
+    if tc.pruner == "wilcoxon" and len(folds) < 4:
+        log.info(f"  note: WilcoxonPruner cannot reach p < {tc.p_threshold:g} with {len(folds)} folds, so nothing is pruned; "
+                 "use tune.pruner median or more folds")
 
-    from .cv import train_cv
 
-    def objective(trial):
-        if max_trials and _counted(study, before=trial.number) >= max_trials:
-            study.stop()
-            msg = f"over --max-trials {max_trials}: other workers' trials reached it first; not trained"
+def _log_outcome(cfg, study, study_name, out_dir, best_path, shown, seconds) -> None:
+    from optuna.trial import TrialState
+
+    counts = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
+    log.info(f"study {study_name!r}: {len(study.trials)} trials ({', '.join(f'{n} {k}' for k, n in counts.items() if n)}); "
+             f"this run {seconds:.0f}s; wrote {out_dir / 'trials.csv'}")
+    if cfg.tune.plots:
+        write_plots(study, out_dir)
+    bt = best_trial(study)
+    if bt is not None:
+        log.info(f"best: trial {bt.number}, {cfg.metric} {bt.value:.4f}: "
+                 + " ".join(f"{k}={fmt_value(v)}" for k, v in bt.params.items()))
+        log.info(f"wrote {best_path}; use: pipeline train {cfg.path} --params {best_path}")
+    log.info(f"dashboard: optuna-dashboard {shown}")
+
+
+class Objective:
+    """One trial: sample the space, train the tuned folds into the trial's own run directory
+    (its training output in train.log there) and return the mean fold value. Reports to the
+    pruner as it trains; a pruned trial's checkpoints are deleted, a failed one's reason is kept."""
+
+    def __init__(self, *, cfg: Config, space: Space, base: dict, table, folds: list[int], study,
+                 out_dir: Path, study_name: str, max_trials: int | None):
+        self.cfg, self.space, self.base, self.table, self.folds, self.study = cfg, space, base, table, folds, study
+        self.out_dir, self.study_name, self.max_trials = out_dir, study_name, max_trials
+        self.mname = f"val_{cfg.metric}"
+        self.epoch_wise = PRUNERS[cfg.tune.pruner].epoch_wise
+
+    def __call__(self, trial) -> float:
+        import optuna
+
+        if self.max_trials and _counted(self.study, before=trial.number) >= self.max_trials:
+            self.study.stop()
+            msg = f"over --max-trials {self.max_trials}: other workers' trials reached it first; not trained"
             trial.set_user_attr("error", f"OverBudget: {msg}")
             raise OverBudget(msg)
-        run_dir = out_dir / f"trial_{trial.number}"
+        run_dir = self.out_dir / f"trial_{trial.number}"
         shutil.rmtree(run_dir, ignore_errors=True)  # a trial number is never reused within a study
         run_dir.mkdir(parents=True)
-        trial_log = run_dir / "train.log"
         try:
-            values = space.sample(trial, base)
-            tcfg = _trial_config(cfg, space, base, values, f"tune/{study_name}/trial_{trial.number}")
-            trial.set_user_attr("run_dir", str(run_dir))
-            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-            trial.set_user_attr("folds", folds)
-            fold_values: dict[int, float] = {}
-
-            def on_epoch(job, epoch, row):
-                if epoch_wise and job.fold == first:
-                    v = float(row[mname])
-                    if math.isfinite(v):
-                        trial.report(v, epoch)
-                        if trial.should_prune():
-                            trial.set_user_attr("pruned_at", f"fold {job.fold} epoch {epoch}")
-                            raise optuna.TrialPruned(f"fold {job.fold} epoch {epoch}: {mname} {v:.4f}")
-
-            def on_fold(job, done):
-                v = float(done.get(mname, math.nan))
-                fold_values[job.fold] = v
-                trial.set_user_attr("fold_values", {str(k): x for k, x in fold_values.items()})
-                if not epoch_wise and math.isfinite(v):
-                    trial.report(v, job.fold)
-                    if trial.should_prune():
-                        trial.set_user_attr("pruned_at", f"after fold {job.fold}")
-                        raise optuna.TrialPruned(f"after fold {job.fold}: {mname} {v:.4f}")
-
-            with to_file(trial_log):  # the trial's training lines go to its own log
-                train_cv(tcfg, folds=folds, table=table, on_epoch=on_epoch, on_fold=on_fold)
-            missing = [k for k in folds if k not in fold_values]
-            if missing:
-                raise PipelineError(f"{run_dir}: folds {missing} did not report a value")
-            vals = [fold_values[k] for k in folds]
-            trial.set_user_attr("cv_std", cv_std(vals))
-            return float(sum(vals) / len(vals))
+            return self._train(trial, run_dir)
         except optuna.TrialPruned:
             for f in list(run_dir.rglob("*.pt")) + list(run_dir.rglob("*.safetensors")):
                 f.unlink(missing_ok=True)
@@ -405,71 +338,100 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
         except Exception as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             trial.set_user_attr("error", msg if isinstance(e, PipelineError) else f"{type(e).__name__}: {msg}")
-            with open(trial_log, "a", encoding="utf-8") as f:
+            with open(run_dir / "train.log", "a", encoding="utf-8") as f:
                 f.write(traceback.format_exc())
             raise
 
-    fails = {"row": 0, "last": ""}
+    def _train(self, trial, run_dir: Path) -> float:
+        from .cv import train_cv
 
-    def progress(study, ft):
+        values = self.space.sample(trial, self.base)
+        tcfg = _trial_config(self.cfg, self.space, self.base, values, f"tune/{self.study_name}/trial_{trial.number}")
+        trial.set_user_attr("run_dir", str(run_dir))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("folds", self.folds)
+        fold_values: dict[int, float] = {}
+
+        def on_epoch(job, epoch, row):
+            self._on_epoch(trial, job, epoch, row)
+
+        def on_fold(job, done):
+            self._on_fold(trial, fold_values, job, done)
+
+        with to_file(run_dir / "train.log"):  # the trial's training lines go to its own log
+            train_cv(tcfg, folds=self.folds, table=self.table, on_epoch=on_epoch, on_fold=on_fold)
+        missing = [k for k in self.folds if k not in fold_values]
+        if missing:
+            raise PipelineError(f"{run_dir}: folds {missing} did not report a value")
+        vals = [fold_values[k] for k in self.folds]
+        trial.set_user_attr("cv_std", cv_std(vals))
+        return float(sum(vals) / len(vals))
+
+    def _on_epoch(self, trial, job, epoch: int, row: dict) -> None:
+        """Epoch-wise pruners: the first tuned fold's value after each epoch (step = epoch)."""
+        if not (self.epoch_wise and job.fold == self.folds[0]):
+            return
+        v = float(row[self.mname])
+        if math.isfinite(v):
+            self._report(trial, v, epoch, f"fold {job.fold} epoch {epoch}")
+
+    def _on_fold(self, trial, fold_values: dict, job, done: dict) -> None:
+        """Each finished fold's value; the other pruners see it (step = fold number)."""
+        v = float(done.get(self.mname, math.nan))
+        fold_values[job.fold] = v
+        trial.set_user_attr("fold_values", {str(k): x for k, x in fold_values.items()})
+        if not self.epoch_wise and math.isfinite(v):
+            self._report(trial, v, job.fold, f"after fold {job.fold}")
+
+    def _report(self, trial, value: float, step: int, where: str) -> None:
+        import optuna
+
+        trial.report(value, step)
+        if trial.should_prune():
+            trial.set_user_attr("pruned_at", where)
+            raise optuna.TrialPruned(f"{where}: {self.mname} {value:.4f}")
+
+
+class Progress:
+    """Study callback after every trial: one log line, stop after ``MAX_FAILS_IN_A_ROW`` failures
+    in a row (a trial over --max-trials does not count), and trials.csv / best.yaml rewritten."""
+
+    def __init__(self, *, cfg: Config, space: Space, base: dict, fixed: dict, out_dir: Path):
+        self.cfg, self.space, self.base, self.fixed, self.out_dir = cfg, space, base, fixed, out_dir
+        self.fails_in_a_row, self.last_fail = 0, ""
+
+    def __call__(self, study, ft) -> None:
+        log.info(self.line(study, ft))
         state = ft.state.name
+        over = state == "FAIL" and str(ft.user_attrs.get("error", "")).startswith("OverBudget")
+        if state == "FAIL" and not over:
+            self.fails_in_a_row += 1
+            self.last_fail = f"trial {ft.number}: {ft.user_attrs.get('error', 'failed')}"
+            if self.fails_in_a_row >= MAX_FAILS_IN_A_ROW:
+                study.stop()
+        elif not over:
+            self.fails_in_a_row = 0
+        try:
+            write_trials(study, self.out_dir)
+            write_best(study, self.out_dir, self.space, self.base, self.cfg, self.fixed, self.cfg.metric)
+        except OSError as e:
+            log.info(f"warning: could not write {self.out_dir}: {e}")
+
+    def line(self, study, ft) -> str:
+        metric, state = self.cfg.metric, ft.state.name
         secs = ft.duration.total_seconds() if ft.duration is not None else float("nan")
         ps = " ".join(f"{k}={fmt_value(v)}" for k, v in ft.params.items())
         if state == "COMPLETE":
-            what = f"{cfg.metric} {ft.value:.4f}"
+            what = f"{metric} {ft.value:.4f}"
         elif state == "PRUNED":
-            what = f"at {ft.user_attrs.get('pruned_at', '?')}" + (f" ({cfg.metric} {ft.value:.4f})" if ft.value is not None else "")
+            what = f"at {ft.user_attrs.get('pruned_at', '?')}" + (f" ({metric} {ft.value:.4f})" if ft.value is not None else "")
         else:
             what = ft.user_attrs.get("error", "failed")
         retry = ft.system_attrs.get("failed_trial")
         retry = f" (retry of trial {retry})" if retry is not None else ""
         bt = best_trial(study)
         best = f"best {bt.value:.4f} (trial {bt.number})" if bt is not None else "best -"
-        log.info(f"trial {ft.number:>3} {state:<8} {what}  {secs:.1f}s  {ps}{retry}  | {best}")
-        over = state == "FAIL" and str(ft.user_attrs.get("error", "")).startswith("OverBudget")
-        if state == "FAIL" and not over:
-            fails["row"] += 1
-            fails["last"] = f"trial {ft.number}: {ft.user_attrs.get('error', 'failed')}"
-            if fails["row"] >= MAX_FAILS_IN_A_ROW:
-                study.stop()
-        elif not over:
-            fails["row"] = 0
-        try:
-            write_trials(study, out_dir)
-            write_best(study, out_dir, space, base, cfg, fixed, cfg.metric)
-        except OSError as e:
-            log.info(f"warning: could not write {out_dir}: {e}")
-
-    callbacks = [progress]
-    if max_trials:
-        callbacks.append(optuna.study.MaxTrialsCallback(max_trials, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                                            TrialState.RUNNING, TrialState.WAITING)))
-    t0 = time.time()
-    n_run = n_trials if n_trials is not None else (None if timeout else cfg.tune.n_trials)
-    try:
-        if max_trials and _counted(study) >= max_trials:
-            log.info(f"study {study_name!r} already has {_counted(study)} finished, running or queued trials "
-                 f"(--max-trials {max_trials}); nothing to run")
-        else:
-            study.optimize(objective, n_trials=n_run, timeout=timeout, catch=(Exception,), callbacks=callbacks)
-    finally:
-        write_trials(study, out_dir)
-        best_path = write_best(study, out_dir, space, base, cfg, fixed, cfg.metric)
-    counts = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
-    log.info(f"study {study_name!r}: {len(study.trials)} trials ({', '.join(f'{n} {k}' for k, n in counts.items() if n)}); "
-         f"this run {time.time() - t0:.0f}s; wrote {out_dir / 'trials.csv'}")
-    if cfg.tune.plots:
-        write_plots(study, out_dir)
-    bt = best_trial(study)
-    if bt is not None:
-        log.info(f"best: trial {bt.number}, {cfg.metric} {bt.value:.4f}: "
-             + " ".join(f"{k}={fmt_value(v)}" for k, v in bt.params.items()))
-        log.info(f"wrote {best_path}; use: pipeline train {cfg.path} --params {best_path}")
-    log.info(f"dashboard: optuna-dashboard {shown}")
-    if fails["row"] >= MAX_FAILS_IN_A_ROW:
-        raise PipelineError(f"tune stopped: {fails['row']} trials in a row failed; last {fails['last']} "
-                            f"(traceback in {out_dir}/trial_<n>/train.log)")
-    return study
+        return f"trial {ft.number:>3} {state:<8} {what}  {secs:.1f}s  {ps}{retry}  | {best}"
 
 
 def _trial_config(cfg: Config, space: Space, base: dict, values: dict, name: str) -> Config:

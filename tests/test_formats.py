@@ -197,3 +197,50 @@ def test_cli_bad_data_exit_2(tmp_path, make_config, iceberg_dir, capsys):
     assert run_cli("fold", make_config(d, "statoil_json")) == 2
     err = capsys.readouterr().err
     assert "inc_angle is 'n/a'" in err and err.count("\n") == 1
+
+
+# ---- a format registered in a few lines --------------------------------------------------
+
+def test_registered_format_end_to_end(tmp_path, make_config, iceberg_dir, request):
+    """A reader class and one register_format line: the config validates data: against the
+    reader's own Options (its keys, hashed with the rest), and `pipeline fold` reads it."""
+    from pipeline.formats import FORMATS, register_format
+    from pipeline.formats.base import Reader
+    from pipeline.formats.options import DataOptions
+    from pipeline.table import Table
+
+    class NpzOptions(DataOptions):
+        file: str = "train.npz"
+
+    class Npz(Reader):
+        Options = NpzOptions
+
+        def _read(self, split):
+            d = np.load(self.path(self.cfg.data.file if split == "train" else "test.npz"))
+            return Table(ids=d["ids"].astype(object), images=d["images"], class_names=["a", "b"],
+                         labels=d["labels"] if "labels" in d else None)
+
+    register_format("npz", Npz)
+    request.addfinalizer(lambda: FORMATS.pop("npz"))
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "npz"
+    data.mkdir()
+    np.savez(data / "rows.npz", ids=np.array([f"r{i}" for i in range(30)]), images=rng.random((30, 1, 4, 4), dtype=np.float32),
+             labels=np.arange(30) % 2)
+    path = make_config(data, "npz", folds={"n_splits": 3})
+    with pytest.raises(PipelineError, match=r"data.file: "):  # its own key exists...
+        load_config(path, ["data.file=[1, 2]"])
+    with pytest.raises(PipelineError, match=r"unknown key 'data.sheet'"):  # ...and nothing else
+        load_config(path, ["data.sheet=x"])
+    cfg = load_config(path, ["data.file=rows.npz"])
+    assert isinstance(cfg.data, NpzOptions) and cfg.to_dict()["data"]["file"] == "rows.npz"
+    assert cfg.hash("data") != load_config(path, ["data.file=other.npz"]).hash("data")
+    assert run_cli("fold", path, "data.file=rows.npz") == 0
+    folds = pd.read_csv("folds/comp.csv", dtype={"id": str})
+    assert sorted(folds["id"]) == sorted(f"r{i}" for i in range(30)) and folds["fold"].nunique() == 3
+
+
+def test_built_in_formats_keep_the_data_keys_their_runs_are_hashed_with(make_config, iceberg_dir, digits_dir, folder_dir):
+    for d, fmt in ((iceberg_dir, "statoil_json"), (digits_dir, "pixel_csv"), (folder_dir, "image_folder")):
+        assert list(load_config(make_config(d, fmt)).to_dict()["data"]) == ["format", "dir", "image_size", "channels", "cache"]

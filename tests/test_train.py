@@ -123,7 +123,10 @@ def test_finetune_strategies(digits_config):
     apply_finetune(model, "head", 0)
     assert not any(p.requires_grad for p in model.backbone.parameters())
     opt = build_optimizer(cfg, model)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([cfg.train.lr, cfg.train.lr * 0.1])
+    lr_of = {id(q): g["lr"] for g in opt.param_groups for q in g["params"]}  # head, then backbone x (decayed, not)
+    assert all(lr_of[id(q)] == pytest.approx(cfg.train.lr * (0.1 if n.startswith("backbone.") else 1))
+               for n, q in model.named_parameters())
+    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.train.lr) and len(lr_of) == len(list(model.parameters()))
 
 
 def test_head_only_caches_features_and_keeps_backbone(digits_config, capsys):

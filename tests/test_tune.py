@@ -169,7 +169,7 @@ def test_pruned_trial_stops_training_at_once(tune_config, monkeypatch, capsys):
     import pipeline.tune as tune_mod
 
     path = tune_config(train={"epochs": 3}, tune={"folds": [0, 1]})
-    monkeypatch.setattr(tune_mod, "make_pruner", lambda *a: optuna.pruners.ThresholdPruner(lower=2.0))  # accuracy < 2: always
+    monkeypatch.setattr(tune_mod, "build_pruner", lambda *a: optuna.pruners.ThresholdPruner(lower=2.0))  # accuracy < 2: always
     threads = threading.active_count()
     assert run_cli("tune", path, "--n-trials", 2) == 0
     out = capsys.readouterr().out

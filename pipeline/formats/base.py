@@ -8,10 +8,14 @@ import pandas as pd
 
 from ..errors import PipelineError
 from ..table import Table
+from .options import DataOptions
 
 
 class Reader:
-    """Subclasses set ``submission_columns`` and implement ``_read(split) -> Table``."""
+    """Subclasses set ``submission_columns`` and implement ``_read(split) -> Table``; ``Options``
+    is the model of their ``data:`` section (checked when the config loads)."""
+
+    Options: type[DataOptions] = DataOptions
 
     submission_columns: tuple[str, str] = ("id", "label")
     # "probability" (binary: P(class 1)), "index" (class index) or "name" (class name)

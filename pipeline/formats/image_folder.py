@@ -19,14 +19,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from pydantic import field_validator
 
 from ..errors import PipelineError
 from ..io import atomic_path, cache_dir
 from ..table import Table
 from .base import Reader
+from .options import DataOptions, ImageSpec
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+VALUE_RANGE = (0.0, 255.0)  # uint8 pixels
 CACHE_VERSION = 1
 CHUNK = 64  # files per decode task
 
@@ -78,7 +81,20 @@ def _check_inside(folder: Path, name: str, entry: os.DirEntry | None, where: str
         raise PipelineError(f"{where} resolves to {real}, outside {folder}; expected image files inside the data folder")
 
 
+class ImageFolderOptions(DataOptions):
+    @field_validator("channels")
+    @classmethod
+    def _grey_or_rgb(cls, v):
+        if v not in (None, 1, 3):
+            raise ValueError(f"{v} is not supported by image_folder; expected 1 (grey), 3 (RGB) or null (from the files)")
+        return v
+
+    def image_spec(self) -> ImageSpec:
+        return super().image_spec()._replace(value_range=VALUE_RANGE)
+
+
 class ImageFolder(Reader):
+    Options = ImageFolderOptions
     submission_columns = ("id", "label")
     submission_kind = "name"
 
@@ -94,7 +110,7 @@ class ImageFolder(Reader):
             class_names, labels = _classes(self._rows("train", source=False)[1])[0], None
         images = self._images(split, names, ids)
         return Table(ids=np.asarray(ids, dtype=object), images=images, class_names=class_names,
-                     labels=labels, value_range=(0.0, 255.0))
+                     labels=labels, value_range=VALUE_RANGE)
 
     # ---- rows: ids (and labels) from the CSV, or the test folder itself ----
 
@@ -175,8 +191,6 @@ class ImageFolder(Reader):
 
     def _images(self, split: str, names: list[str], ids: list[str]) -> np.ndarray:
         size, channels = self.cfg.data.image_size, self.cfg.data.channels
-        if channels not in (None, 1, 3):
-            raise PipelineError(f"{self.cfg.path}: data.channels: {channels} is not supported by image_folder; expected 1 (grey), 3 (RGB) or null (from the files)")
         auto = size is None or channels is None
         folder = (self.dir / split).resolve()
         base = str(self.dir / split)

@@ -5,13 +5,30 @@ import math
 
 import numpy as np
 import pandas as pd
+from pydantic import field_validator
 
 from ..errors import PipelineError
 from ..table import Table
 from .base import Reader
+from .options import DataOptions, ImageSpec
+
+VALUE_RANGE = (0.0, 255.0)  # uint8 grey levels
+
+
+class PixelCsvOptions(DataOptions):
+    @field_validator("channels")
+    @classmethod
+    def _grey(cls, v):
+        if v not in (None, 1):
+            raise ValueError(f"{v}; pixel_csv images are grey (1 channel); expected 1 or null")
+        return v
+
+    def image_spec(self) -> ImageSpec:
+        return super().image_spec()._replace(value_range=VALUE_RANGE, channels=1)
 
 
 class PixelCsv(Reader):
+    Options = PixelCsvOptions
     submission_columns = ("ImageId", "Label")
     submission_kind = "name"
 
@@ -65,7 +82,7 @@ class PixelCsv(Reader):
             labels = np.searchsorted(np.asarray(class_names, dtype=np.int64), labels_raw.to_numpy()).astype(np.int64)
         else:
             class_names = self._train_class_names()
-        return Table(ids=ids, images=images, class_names=class_names, labels=labels, value_range=(0.0, 255.0))
+        return Table(ids=ids, images=images, class_names=class_names, labels=labels, value_range=VALUE_RANGE)
 
     def _class_names(self, labels: pd.Series, path) -> list[str]:
         num = pd.to_numeric(labels, errors="coerce")

@@ -6,28 +6,45 @@ import math
 
 import numpy as np
 import pandas as pd
+from pydantic import field_validator
 
 from ..errors import PipelineError
 from ..table import Table
 from .base import Reader
+from .options import DataOptions, ImageSpec
 
 SIDE = 75
 N_PIX = SIDE * SIDE
+VALUE_RANGE = (-50.0, 50.0)  # dB
+
+
+class StatoilOptions(DataOptions):
+    @field_validator("image_size")
+    @classmethod
+    def _native_size(cls, v):
+        if v not in (None, SIDE):
+            raise ValueError(f"{v}; statoil_json images are {SIDE}x{SIDE} (set model.input_size to feed the model another size)")
+        return v
+
+    @field_validator("channels")
+    @classmethod
+    def _bands(cls, v):
+        if v not in (None, 2, 3):
+            raise ValueError(f"{v}; expected 2 (band_1, band_2) or 3 (band_1, band_2 and their mean, for RGB-shaped backbones)")
+        return v
+
+    def image_spec(self) -> ImageSpec:
+        return ImageSpec(VALUE_RANGE, self.channels or 2, (SIDE, SIDE))
 
 
 class StatoilJson(Reader):
+    Options = StatoilOptions
     submission_columns = ("id", "is_iceberg")
     submission_kind = "probability"
     class_names = ["ship", "iceberg"]
 
     def _read(self, split: str) -> Table:
         d = self.cfg.data
-        if d.image_size not in (None, SIDE):
-            raise PipelineError(f"{self.cfg.path}: data.image_size: {d.image_size}; statoil_json images are {SIDE}x{SIDE} "
-                                f"(set model.input_size to feed the model another size)")
-        if d.channels not in (None, 2, 3):
-            raise PipelineError(f"{self.cfg.path}: data.channels: {d.channels}; expected 2 (band_1, band_2) or "
-                                f"3 (band_1, band_2 and their mean, for RGB-shaped backbones)")
         path = self.path(f"{split}.json")
         self.source = path
         try:
@@ -87,7 +104,7 @@ class StatoilJson(Reader):
             features=features,
             feature_names=["inc_angle", "inc_angle_missing"],
             meta=pd.DataFrame({"inc_angle": angles}),
-            value_range=(-50.0, 50.0),
+            value_range=VALUE_RANGE,
         )
 
 
