@@ -2,21 +2,55 @@
 
 Temperature scaling divides the log-probabilities by one number T (softmax(log p / T)); T > 1
 softens over-confident predictions, T < 1 sharpens timid ones, and the predicted class never
-changes. The temperature is applied exactly as the predict stage applies it
-(``predict.apply_temperature``), so the gain measured here is the gain predict delivers.
+changes. This module owns the temperature: ``apply_temperature`` is the one scaling every stage
+uses (so the gain measured here is the gain predict delivers), and ``load_temperature`` reads the
+T the evaluate stage kept in the run's ``calibration.json``. Prediction files hold raw
+probabilities; ``predictions.read_predictions(..., scaled=True)`` applies a kept T.
 """
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
+from .errors import PipelineError
 from .metrics import logloss
-from .predict import apply_temperature
+from .runs import RunDir
 
 # log T is searched in [log 0.05, log 20]: wider than any useful temperature, and bounded so a
 # degenerate fold (e.g. all predictions right with p = 1) cannot send T to 0 or infinity.
 _LOG_T_BOUNDS = (np.log(0.05), np.log(20.0))
+
+
+def apply_temperature(probs: np.ndarray, t: float | None) -> np.ndarray:
+    """softmax(log(p) / T): temperature scaling applied to probabilities (T > 1 softens)."""
+    if t is None or t == 1.0:
+        return probs
+    z = np.log(np.clip(probs, 1e-15, 1.0)) / t
+    z -= z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def load_temperature(run_dir: str | Path) -> float | None:
+    """T from the run's ``calibration.json`` ({"temperature": T, "kept": bool}) when evaluation kept it, else None."""
+    path = RunDir(path=run_dir).calibration_json
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        t, kept = d["temperature"], d.get("kept", False)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise PipelineError(f"{path}: expected JSON {{\"temperature\": T, \"kept\": true|false}}; rerun `pipeline evaluate`") from None
+    if not kept:
+        return None
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+        raise PipelineError(f"{path}: temperature is {t!r}; expected a positive number")
+    return float(t)
 
 
 def ece(y: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> float:
@@ -38,7 +72,7 @@ def ece(y: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> float:
 
 def fit_temperature(y: np.ndarray, probs: np.ndarray) -> float:
     """The T minimising the log-loss of softmax(log p / T) on (y, probs)."""
-    z = np.log(np.clip(probs, 1e-15, 1.0))  # the same clip as predict.apply_temperature
+    z = np.log(np.clip(probs, 1e-15, 1.0))  # the same clip as apply_temperature
     rows = np.arange(len(y))
 
     def nll(log_t: float) -> float:

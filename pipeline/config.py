@@ -104,7 +104,7 @@ class FoldsConfig(_Section):
     seed: int = 42
     repeats: int = Field(1, ge=1)
     group: str | None = Field(None, description="column whose equal values share a fold (StratifiedGroupKFold)")
-    file: str | None = Field(None, description="default folds/<competition>.csv")
+    file: str | None = Field(None, description="default <paths.folds>/<competition>.csv")
 
 
 class ModelConfig(_Section):
@@ -206,6 +206,14 @@ class TuneConfig(_Section):
         return v
 
 
+class PathsConfig(_Section):
+    """Roots of the generated folders, relative to the current directory (``~`` expands)."""
+
+    runs: str = "runs"
+    folds: str = "folds"
+    submissions: str = "submissions"
+
+
 class Config(_Section):
     competition: str
     metric: Annotated[str, _registered("metric", _metrics)] = Field("logloss", description="a name in pipeline.metrics.METRICS")
@@ -217,6 +225,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    paths: PathsConfig = Field(default_factory=PathsConfig)
 
     # Not part of the YAML: where it came from.
     path: str = ""
@@ -241,11 +250,14 @@ class Config(_Section):
     # ---- derived paths (relative to the current directory) ----
     @property
     def folds_path(self) -> Path:
-        return Path(self.folds.file or f"folds/{self.competition}.csv")
+        if self.folds.file:  # an explicit file wins over paths.folds
+            return Path(self.folds.file)
+        return Path(self.paths.folds).expanduser() / f"{self.competition}.csv"
 
     @property
     def run_dir(self) -> Path:
-        return Path("runs") / self.competition / self.name
+        """The run folder; its layout is pipeline/runs.py's (``RunDir``)."""
+        return Path(self.paths.runs).expanduser() / self.competition / self.name
 
     @property
     def data_dir(self) -> Path:
@@ -262,8 +274,11 @@ class Config(_Section):
         ``pipeline train CFG --folds 3 train.device=cuda:1`` joins the same run."""
         d = self.to_dict()
         for key in RUNTIME_KEYS:
-            section, name = key.split(".")
-            d.get(section, {}).pop(name, None)
+            section, _, name = key.partition(".")
+            if name:
+                d.get(section, {}).pop(name, None)
+            else:  # a whole section
+                d.pop(section, None)
         if sections:
             d = {k: d[k] for k in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -271,15 +286,16 @@ class Config(_Section):
 
 # Where the data is read from, which device and how many loader workers or fold processes compute
 # a run do not change what it computes (ids are checked against the folds file; loader workers are
-# seeded per batch; a fold's thread count is fixed by its place in the job list).
-RUNTIME_KEYS = ("data.dir", "data.cache", "train.device", "train.num_workers", "train.fold_jobs")
+# seeded per batch; a fold's thread count is fixed by its place in the job list); nor where the
+# outputs go (``paths``, a whole section).
+RUNTIME_KEYS = ("data.dir", "data.cache", "train.device", "train.num_workers", "train.fold_jobs", "paths")
 
 # Sections each stage's outputs depend on (stage staleness and snapshots).
 STAGE_SECTIONS = {
     "fold": ("competition", "data", "folds"),
     "train": ("competition", "data", "folds", "model", "train", "augment"),
     "evaluate": ("competition", "data", "folds", "model", "train", "augment", "metric", "evaluate"),
-    "predict": ("competition", "data", "folds", "model", "train", "augment", "evaluate", "predict"),
+    "predict": ("competition", "data", "folds", "model", "train", "augment", "metric", "evaluate", "predict"),
 }
 
 

@@ -1,58 +1,38 @@
 """Training stage, the CV driver: one job per fold and seed over an executor, out-of-fold predictions, refit.
 
-Layout under ``runs/<competition>/<experiment>/``:
-  config.train.yaml / .hash   resolved config and its train-stage hash
-  fold_<k>/                   (``fold_<k>_seed<s>/`` when ``train.seeds`` has several)
-      best.safetensors + best.json   best epoch's weights and what built them
-      last.pt                        resume state (weights_only-loadable), removed when done
-      history.csv                    epoch,train_loss,val_loss,val_<metric>,lr,seconds
-      oof.csv                        this fold's validation predictions at the best epoch
-      done.json                      written last: the fold is finished
-      tb/                            TensorBoard scalars
-  oof.csv                     id,fold,target,p_<class>... every training row exactly once
-
 One job is trained by ``pipeline.trainer.FoldTrainer``; this module decides which jobs are left,
 shares the time budget among them, runs them through an executor (``sequential`` in this process,
 or ``processes``: ``train.fold_jobs`` spawned workers, see ``pipeline.fold_jobs``), collects the OOF
-predictions and trains the refit models.
+predictions (``oof.csv``: every training row exactly once) and trains the refit models. Where each
+file goes is ``pipeline.runs``' business; what a prediction file holds, ``pipeline.predictions``'.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .config import STAGE_SECTIONS, Config, write_snapshot
+from .config import Config
 from .device import resolve_device
 from .errors import LockHeld, PipelineError
-from .fold import folds_digest, load_folds
+from .fold import load_folds
 from .inference import features_tensor, to_tensor
-from .io import atomic_write_csv, atomic_write_json, sweep_temps
+from .io import sweep_temps
 from .metrics import logloss, score
 from .models import build_model
+from .predictions import average_predictions, probs_of, write_predictions
+from .runs import JobDir, RunDir
 from .table import Table
-from .trainer import FoldTrainer, Job, derive_seed, seed_everything
+from .trainer import FoldTrainer, derive_seed, seed_everything
 
 log = logging.getLogger(__name__)
 
 
-def job_name(fold: int, seed: int, n_seeds: int) -> str:
-    return f"fold_{fold}" if n_seeds == 1 else f"fold_{fold}_seed{seed}"
-
-
-def job_hash(cfg: Config) -> str:
-    """What a finished fold is valid for: this training config *and* these fold assignments (a
-    regenerated folds file with the same settings, e.g. from changed data, retrains)."""
-    return f"{cfg.hash(*STAGE_SECTIONS['train'])}-{folds_digest(cfg)}"
-
-
-def job_outcome(job: Job, run: Callable[[], dict]) -> dict | None:
+def job_outcome(job: JobDir, run: Callable[[], dict]) -> dict | None:
     """``run()`` a job and say how it ended: its done.json contents, or None when another
     process (GPU, machine) holds the job, which is then left to it."""
     try:
@@ -102,7 +82,7 @@ class SequentialExecutor:
         self.cfg, self.table, self.fold_of, self.device = cfg, table, fold_of, device
         self.run_hash, self.precision, self.deadline, self.on_epoch = run_hash, precision, deadline, on_epoch
 
-    def run(self, jobs: list[Job]) -> Iterator[tuple[Job, dict | None]]:
+    def run(self, jobs: list[JobDir]) -> Iterator[tuple[JobDir, dict | None]]:
         embeddings, emb_seed = None, None
         for j, job in enumerate(jobs):
             if emb_seed != job.seed:
@@ -120,7 +100,7 @@ class ProcessExecutor:
         self.cfg, self.width, self.run_hash, self.precision = cfg, width, run_hash, precision
         self.t_start, self.n_budget_jobs = t_start, n_budget_jobs
 
-    def run(self, jobs: list[Job]) -> Iterator[tuple[Job, dict | None]]:
+    def run(self, jobs: list[JobDir]) -> Iterator[tuple[JobDir, dict | None]]:
         from .fold_jobs import run_parallel
 
         for job, result in run_parallel(self.cfg, jobs, n_par=self.width, run_hash=self.run_hash, precision=self.precision,
@@ -128,15 +108,15 @@ class ProcessExecutor:
             yield job, job_outcome(job, result)
 
 
-def _needs_training(job: Job, run_hash: str, n_seeds: int) -> bool:
+def _needs_training(job: JobDir, run_hash: str) -> bool:
     """False for a job finished under this run hash; a job finished under another one starts over."""
-    done = job.dir / "done.json"
-    if done.exists() and json.loads(done.read_text()).get("hash") == run_hash:
-        log.info(f"fold {job.fold}{'' if n_seeds == 1 else f' seed {job.seed}'}: done, skipping")
+    done = job.read_done()
+    if done is not None and done.get("hash") == run_hash:
+        log.info(f"{job.label}: done, skipping")
         return False
-    if done.exists():
-        log.info(f"fold {job.fold}: finished under another config; retraining")
-        done.unlink()
+    if done is not None:
+        log.info(f"{job.label}: finished under another config; retraining")
+        job.clear_done()
     return True
 
 
@@ -157,22 +137,18 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     if bad:
         raise PipelineError(f"--folds: no fold {bad[0]}; {cfg.folds_path} has folds 0..{n_folds - 1}")
     device = resolve_device(cfg.train.device)
-    run = cfg.run_dir
-    run.mkdir(parents=True, exist_ok=True)
-    for tmp in sweep_temps(run):
+    run = RunDir.of(cfg)
+    run.path.mkdir(parents=True, exist_ok=True)
+    for tmp in sweep_temps(run.path):
         log.info(f"removed {tmp}, left by a killed run")
-    config_hash = cfg.hash(*STAGE_SECTIONS["train"])
-    run_hash = job_hash(cfg)
-    seeds = cfg.train.seeds or [cfg.train.seed]
-    precision = _run_precision(cfg, table, device, run, config_hash)
-    write_snapshot(cfg, run / "config.train.yaml", "train",
-                   {"train.precision": precision} if cfg.train.precision == "auto" else None)
+    run_hash, seeds = run.run_hash(), run.seeds
+    precision = _run_precision(cfg, table, device, run)
+    run.write_snapshot("train", {"train.precision": precision} if cfg.train.precision == "auto" else None)
     n_refit = len(seeds) if cfg.train.refit else 0  # the time budget is shared by the refit models too
     t_start = time.time()
     log.info(f"train {cfg.name}: {cfg.model.backbone} ({'pretrained' if cfg.model.pretrained else 'from scratch'}, finetune {cfg.model.finetune}) "
              f"on {len(table)} images {table.channels}x{table.image_size[0]}x{table.image_size[1]}, folds {wanted}, seeds {seeds}, device {device}")
-    todo = [job for job in (Job(k, seed, run / job_name(k, seed, len(seeds))) for seed in seeds for k in wanted)
-            if _needs_training(job, run_hash, len(seeds))]
+    todo = [job for job in run.jobs(wanted) if _needs_training(job, run_hash)]
     n_par = min(cfg.train.fold_jobs, len(todo))
     if n_par > 1 and device.type == "cpu" and on_epoch is None and on_fold is None and not _caches_embeddings(cfg):
         executor = ProcessExecutor(cfg=cfg, width=n_par, run_hash=run_hash, precision=precision, t_start=t_start,
@@ -187,38 +163,37 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     oof = collect_oof(cfg, table, fold_of, run_hash)
     if oof is not None and cfg.train.refit:
         for i, seed in enumerate(seeds):
-            refit(cfg, table, fold_of, seed, device, run_hash, precision, _deadline(cfg, t_start, len(seeds) - i))
+            refit(cfg, table, fold_of, seed=seed, device=device, run_hash=run_hash, precision=precision,
+                  deadline=_deadline(cfg, t_start, len(seeds) - i))
     return oof
 
 
-def refit(cfg: Config, table: Table, fold_of: np.ndarray, seed: int, device, run_hash: str, precision: str,
+def refit(cfg: Config, table: Table, fold_of: np.ndarray, *, seed: int, device, run_hash: str, precision: str,
           deadline: float | None = None) -> dict:
-    """Train on every row for the epoch count CV chose (median best epoch); saved under ``refit[_seed<s>]/``."""
-    seeds = cfg.train.seeds or [cfg.train.seed]
+    """Train on every row for the epoch count CV chose (median best epoch); saved in ``RunDir.refit_dir``."""
+    run = RunDir.of(cfg)
     n_folds = int(fold_of.max()) + 1
-    best = [json.loads((cfg.run_dir / job_name(k, seed, len(seeds)) / "done.json").read_text())["best_epoch"] for k in range(n_folds)]
+    best = [run.job_dir(k, seed).read_done()["best_epoch"] for k in range(n_folds)]
     epochs = max(1, int(np.median(best)))
-    d = cfg.run_dir / ("refit" if len(seeds) == 1 else f"refit_seed{seed}")
-    done = d / "done.json"
-    if done.exists() and json.loads(done.read_text()).get("hash") == run_hash:
-        log.info(f"refit{'' if len(seeds) == 1 else f' seed {seed}'}: done, skipping")
-        return json.loads(done.read_text())
+    job = run.refit_dir(seed)
+    done = job.read_done()
+    if done is not None and done.get("hash") == run_hash:
+        log.info(f"{job.label}: done, skipping")
+        return done
     log.info(f"refit on all {len(table)} rows for {epochs} epochs (median best epoch of the folds: {best})")
     rcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "patience": 0})})
-    return FoldTrainer(cfg=rcfg, table=table, fold_of=np.full(len(table), 0), job=Job(-1, seed, d), device=device,
+    return FoldTrainer(cfg=rcfg, table=table, fold_of=np.full(len(table), 0), job=job, device=device,
                        run_hash=run_hash, precision=precision, deadline=deadline).run()
 
 
-def _run_precision(cfg: Config, table: Table, device, run: Path, config_hash: str) -> str:
+def _run_precision(cfg: Config, table: Table, device, run: RunDir) -> str:
     """Resolve ``train.precision`` once per run and keep it in ``precision.json`` so resumes (and
     folds trained later, elsewhere) reuse it; a changed config resolves it again."""
     if cfg.train.precision != "auto":
         return cfg.train.precision
-    path = run / "precision.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("hash") == config_hash:
-            return saved["precision"]
+    saved = run.read_precision(run.train_hash)
+    if saved is not None:
+        return saved
     from .precision import resolve_precision
 
     seed_everything(0)
@@ -230,40 +205,25 @@ def _run_precision(cfg: Config, table: Table, device, run: Path, config_hash: st
         model.to(memory_format=torch.channels_last)
     feats = features_tensor(table.features, np.arange(bs), device)
     choice = resolve_precision("auto", model, x, feats, f"{cfg.model.backbone}|cl={cfg.train.channels_last}")
-    atomic_write_json(path, {"precision": choice, "hash": config_hash})
+    run.write_precision(choice, run.train_hash)
     return choice
 
 
 def collect_oof(cfg: Config, table: Table, fold_of: np.ndarray, run_hash: str) -> pd.DataFrame | None:
     """Average seeds per fold and write ``oof.csv`` when every fold is finished."""
-    run = cfg.run_dir
-    seeds = cfg.train.seeds or [cfg.train.seed]
-    n_folds = int(fold_of.max()) + 1
-    frames, waiting = [], []
-    for k in range(n_folds):
-        per_seed = []
-        for s in seeds:
-            d = run / job_name(k, s, len(seeds))
-            ok = (d / "done.json").exists() and json.loads((d / "done.json").read_text()).get("hash") == run_hash
-            if not ok:
-                waiting.append(k)
-                break
-            per_seed.append(pd.read_csv(d / "oof.csv", dtype={"id": str}))
-        else:
-            df = per_seed[0].copy()
-            pcols = [c for c in df.columns if c.startswith("p_")]
-            df[pcols] = np.mean([f[pcols].to_numpy() for f in per_seed], axis=0)
-            frames.append(df)
+    run = RunDir.of(cfg)
+    ready, waiting = run.finished_fold_oofs(int(fold_of.max()) + 1, run_hash)
     if waiting:
-        log.info(f"oof.csv waits for fold(s) {sorted(set(waiting))}")
+        log.info(f"oof.csv waits for fold(s) {waiting}")
         return None
+    hint = f"pipeline train {cfg.path}"
+    frames = [average_predictions(paths, "oof", class_names=table.class_names, hint=hint) for paths in ready.values()]
     oof = pd.concat(frames).set_index("id").reindex(pd.Index(table.ids.astype(str), name="id")).reset_index()
     if oof["fold"].isna().any() or len(oof) != len(table):
-        raise PipelineError(f"{run}: fold predictions do not cover every training row exactly once; rerun `pipeline train {cfg.path}`")
+        raise PipelineError(f"{run}: fold predictions do not cover every training row exactly once; rerun `{hint}`")
     oof["fold"] = oof["fold"].astype(int)
     oof["target"] = oof["target"].astype(int)
-    atomic_write_csv(run / "oof.csv", oof, float_format="%.8g")
-    probs = oof[[f"p_{c}" for c in table.class_names]].to_numpy()
-    log.info(f"wrote {run / 'oof.csv'}: OOF {cfg.metric} {score(cfg.metric, oof['target'].to_numpy(), probs):.4f}, "
-             f"logloss {logloss(oof['target'].to_numpy(), probs):.4f}")
+    write_predictions(run.oof, oof, "oof", class_names=table.class_names)
+    probs, y = probs_of(oof, table.class_names), oof["target"].to_numpy()
+    log.info(f"wrote {run.oof}: OOF {cfg.metric} {score(cfg.metric, y, probs):.4f}, logloss {logloss(y, probs):.4f}")
     return oof

@@ -1,4 +1,4 @@
-"""Ensemble stage: blend experiments that share a folds file -> runs/<competition>/<name>/ + submissions/.
+"""Ensemble stage: blend experiments that share a folds file -> <paths.runs>/<competition>/<name>/ + a submission.
 
 The ensemble YAML (validated; errors are one line naming the key)::
 
@@ -12,7 +12,8 @@ The ensemble YAML (validated; errors are one line naming the key)::
     name: iceberg-blend                # optional; default the file's stem
 
 Each member contributes its test predictions (``test_pred.csv``) and the OOF predictions made the
-same way (``predict.json`` names them: ``oof.csv`` or ``oof_tta.csv``, with the same temperature).
+same way (``predict.json`` names them: ``oof.csv`` or ``oof_tta.csv``), both read through one rule:
+scaled by the temperature the member's evaluation kept (its ``calibration.json``), else raw.
 Members must agree on ids, targets and folds. ``weights`` and ``stack`` are fitted on OOF predictions
 with the folds themselves (for each fold: fit on the other folds, predict this one), so their printed
 OOF scores are honest; the test blend uses the fit on all OOF rows.
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import difflib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +31,13 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .config import Config, _read_yaml, apply_overrides, load_config, read_stage_hash
+from .config import Config, _read_yaml, apply_overrides, load_config
 from .errors import PipelineError
-from .io import atomic_write_csv, atomic_write_json
+from .io import atomic_write_json
 from .metrics import GREATER_IS_BETTER, logloss, score
-from .predict import apply_temperature, clip_probs, fmt_scores, pred_frame
+from .predict import clip_probs, fmt_scores
+from .predictions import pcols, pred_frame, probs_of, read_classes, read_predictions, write_predictions
+from .runs import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +94,31 @@ def _resolve(p: str, base: Path) -> Path | None:
 
 @dataclass
 class Member:
+    """An experiment in the blend: its run folder, predict.json and (once read) its predictions."""
+
     name: str
-    run_dir: Path
-    oof: pd.DataFrame
-    test: pd.DataFrame
+    run: RunDir
     info: dict
+    oof_path: Path
+    test_path: Path
+    oof: pd.DataFrame | None = None
+    test: pd.DataFrame | None = None
 
-    def oof_probs(self, cols) -> np.ndarray:
-        return self.oof[cols].to_numpy(np.float64)
+    @property
+    def run_dir(self) -> Path:
+        return self.run.path
 
-    def test_probs(self, cols) -> np.ndarray:
-        return self.test[cols].to_numpy(np.float64)
+    def read(self, class_names: list[str]) -> None:
+        """OOF and test predictions through the one rule: both scaled by the temperature the member kept."""
+        hint = f"pipeline predict <config of {self.name}>"
+        self.oof = read_predictions(self.oof_path, "oof", class_names=class_names, scaled=True, hint=hint)
+        self.test = read_predictions(self.test_path, "test", class_names=class_names, scaled=True, hint=hint)
+
+    def oof_probs(self, class_names) -> np.ndarray:
+        return probs_of(self.oof, class_names)
+
+    def test_probs(self, class_names) -> np.ndarray:
+        return probs_of(self.test, class_names)
 
 
 def load_ensemble(path: str | Path, overrides: list[str] | None = None) -> tuple[EnsembleConfig, Config]:
@@ -127,46 +143,42 @@ def load_ensemble(path: str | Path, overrides: list[str] | None = None) -> tuple
     return ens, cfg
 
 
-def load_member(entry: str, i: int, path: Path, competition: str) -> Member:
+def load_member(entry: str, i: int, path: Path, competition: str, runs_root: Path) -> Member:
+    """Find member ``i``'s run folder (``entry``: a run folder or an experiment config) and its prediction files."""
     where = f"{path}: members[{i}]"
     found = _resolve(entry, path.parent)
     if found is None:
-        raise PipelineError(f"{where}: {entry} not found; expected a run directory (runs/<competition>/<experiment>) or an experiment config")
+        raise PipelineError(f"{where}: {entry} not found; expected a run directory ({runs_root}/<competition>/<experiment>) or an experiment config")
     if found.is_dir():
-        run = found
-        if run.parent.parent.name == "runs" and run.parent.name != competition:
-            raise PipelineError(f"{where}: {entry} is a run of {run.parent.name!r}; expected a run of {competition!r}")
+        run = RunDir(path=found)
+        if found.parent.parent.name == runs_root.name and found.parent.name != competition:
+            raise PipelineError(f"{where}: {entry} is a run of {found.parent.name!r}; expected a run of {competition!r}")
     elif found.suffix in (".yaml", ".yml"):
         mcfg = load_config(found, check_data=False)
         if mcfg.competition != competition:
             raise PipelineError(f"{where}: {entry} is an experiment of {mcfg.competition!r}; expected {competition!r}")
-        run = mcfg.run_dir
+        run = RunDir.of(mcfg)
     else:
         raise PipelineError(f"{where}: {entry} is neither a run directory nor a YAML config")
-    info = {}
-    if (run / "predict.json").is_file():
-        info = json.loads((run / "predict.json").read_text())
-    for f in ("test_pred.csv", info.get("oof", "oof.csv")):
-        if not (run / f).is_file():
-            raise PipelineError(f"{where}: {run / f} not found; run `pipeline predict` for that experiment first")
-    oof = pd.read_csv(run / info.get("oof", "oof.csv"), dtype={"id": str})
-    test = pd.read_csv(run / "test_pred.csv", dtype={"id": str})
-    t = info.get("temperature")
-    if t:  # the OOF gets the same temperature as the member's test predictions
-        cols = [c for c in oof.columns if c.startswith("p_")]
-        oof[cols] = apply_temperature(oof[cols].to_numpy(np.float64), t)
-    return Member(run.name, run, oof, test, info)
+    info = run.read_predict_info()
+    oof_path, test_path = run.oof_file(info.get("oof", "oof.csv")), run.test_pred
+    for f in (test_path, oof_path):
+        if not f.is_file():
+            raise PipelineError(f"{where}: {f} not found; run `pipeline predict` for that experiment first")
+    return Member(run.name, run, info, oof_path, test_path)
 
 
 def check_members(members: list[Member], path: Path) -> list[str]:
-    """Same classes, ids, targets and folds; aligns every member to the first one's row order."""
+    """Same classes, ids, targets and folds; reads every member and aligns it to the first one's row
+    order. Returns the class names."""
     first = members[0]
-    cols = [c for c in first.oof.columns if c.startswith("p_")]
+    class_names = read_classes(first.oof_path, "oof")
+    for m in members:  # from the headers: a member of other classes is named before its rows are checked
+        mc, tc = read_classes(m.oof_path, "oof"), read_classes(m.test_path, "test")
+        if mc != class_names or tc != class_names:
+            raise PipelineError(f"{path}: member {m.name} predicts classes {pcols(mc or tc)}; expected {pcols(class_names)} like {first.name}")
     for m in members:
-        mc = [c for c in m.oof.columns if c.startswith("p_")]
-        tc = [c for c in m.test.columns if c.startswith("p_")]
-        if mc != cols or tc != cols:
-            raise PipelineError(f"{path}: member {m.name} predicts classes {mc or tc}; expected {cols} like {first.name}")
+        m.read(class_names)
     ids, tids = pd.Index(first.oof["id"]), pd.Index(first.test["id"])
     for m in members[1:]:
         if set(m.oof["id"]) != set(ids) or len(m.oof) != len(ids):
@@ -184,7 +196,7 @@ def check_members(members: list[Member], path: Path) -> list[str]:
                                 f"expected experiments that share one folds file")
         if (m.oof["target"].to_numpy() != first.oof["target"].to_numpy()).any():
             raise PipelineError(f"{path}: members {first.name} and {m.name} disagree on training labels; expected the same training data")
-    return cols
+    return class_names
 
 
 # ---- blenders: (oof (M,N,K), test (M,T,K), y, folds) -> (oof blend, test blend, weights) ----
@@ -296,25 +308,25 @@ def run_ensemble(path: str | Path, overrides: list[str] | None = None) -> Path:
 
     path = Path(path)
     ens, cfg = load_ensemble(path, overrides)
-    out = cfg.run_dir.parent / ens.name
-    if (out / "config.train.yaml").exists():
+    out = RunDir.named(cfg, ens.name)
+    if out.snapshot("train").exists():
         raise PipelineError(f"{path}: name {ens.name!r} is a trained experiment in {out}; give the ensemble another name")
-    members = [load_member(e, i, path, ens.competition) for i, e in enumerate(ens.members)]
+    runs_root = cfg.run_dir.parent.parent
+    members = [load_member(e, i, path, ens.competition, runs_root) for i, e in enumerate(ens.members)]
     names = [m.name for m in members]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise PipelineError(f"{path}: members: experiment {dup!r} is listed twice")
-    cols = check_members(members, path)
+    class_names = check_members(members, path)
     for m in members:  # weights fitted on plain OOF then applied to TTA test predictions do not match
         tta = m.info.get("tta") or ["identity"]
         if tta != ["identity"] and m.info.get("oof", "oof.csv") == "oof.csv":
             log.info(f"warning: member {m.name}'s test predictions use TTA {tta} but its OOF does not; "
                  f"set predict.tta_oof=true and rerun its `pipeline predict` so the blend compares like with like")
-    class_names = [c[2:] for c in cols]
     first = members[0]
     y, folds = first.oof["target"].to_numpy(int), first.oof["fold"].to_numpy(int)
-    oof = np.stack([m.oof_probs(cols) for m in members])
-    test = np.stack([m.test_probs(cols) for m in members])
+    oof = np.stack([m.oof_probs(class_names) for m in members])
+    test = np.stack([m.test_probs(class_names) for m in members])
     metric, better = cfg.metric, GREATER_IS_BETTER[cfg.metric]
 
     member_scores = {}
@@ -337,14 +349,13 @@ def run_ensemble(path: str | Path, overrides: list[str] | None = None) -> Path:
     if not (s > best if better else s < best):
         log.info(f"warning: the blend's OOF {metric} {s:.4f} is not better than the best member's ({best_name}: {best:.4f})")
 
-    atomic_write_csv(out / "oof.csv", pred_frame(first.oof["id"], blend_oof, class_names, {"fold": folds, "target": y}), float_format="%.8g")
-    atomic_write_csv(out / "test_pred.csv", pred_frame(first.test["id"], blend_test, class_names), float_format="%.8g")
-    hashes = {m.name: {"train": read_stage_hash(m.run_dir / "config.train.yaml"),
-                       "predict": read_stage_hash(m.run_dir / "config.predict.yaml")} for m in members}
+    write_predictions(out.oof, pred_frame(first.oof["id"], blend_oof, class_names, fold=folds, target=y), "oof")
+    write_predictions(out.test_pred, pred_frame(first.test["id"], blend_test, class_names), "test")
+    hashes = {m.name: {"train": m.run.snapshot_hash("train"), "predict": m.run.snapshot_hash("predict")} for m in members}
     info = {"experiments": names, "weights": weights, "method": ens.method, "metric": metric, "oof_score": s,
             "oof_logloss": ll, "oof_logloss_clipped": ll_clip, "clip": list(clip) if clip else None,
             "member_scores": {n: {"oof_score": v["value"], "oof_logloss": v["ll"]} for n, v in member_scores.items()},
             "members": [str(m.run_dir) for m in members], "config_hashes": hashes,
             "ensemble_file": str(path)}
-    atomic_write_json(out / "ensemble.json", info)
+    atomic_write_json(out.ensemble_json, info)
     return write_submission(cfg, first.test["id"].to_numpy(), clip_probs(blend_test, clip), class_names, ens.name, info)

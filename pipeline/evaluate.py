@@ -1,6 +1,7 @@
 """Evaluate stage: out-of-fold predictions -> the numbers a competitor decides by, and pictures.
 
-Reads ``runs/<competition>/<experiment>/oof.csv`` (id,fold,target,p_<class>...) and writes beside it:
+Reads the run's ``oof.csv`` (id,fold,target,p_<class>..., raw probabilities; pipeline/predictions.py)
+and writes beside it (layout: pipeline/runs.py):
 
   metrics.json        overall figures (from the raw oof.csv): every metric of ``metrics.METRICS``
                       (logloss, accuracy, f1, roc_auc, and any registered), precision, recall,
@@ -10,7 +11,8 @@ Reads ``runs/<competition>/<experiment>/oof.csv`` (id,fold,target,p_<class>...) 
                       figures per fold, ``cv_mean``/``cv_std`` their mean and spread across folds,
                       ``calibrated`` the temperature-scaled figures, ``metric``/``headline`` the
                       competition's own metric.
-  calibration.json    {"temperature": T, "kept": bool, ...}: the predict stage applies T when kept
+  calibration.json    {"temperature": T, "kept": bool, ...}: the one record of the temperature; readers of
+                      prediction files apply T when kept (``read_predictions(..., scaled=True)``)
   report/             PNG plots and report.html (opens offline; pictures are files beside it)
   config.evaluate.yaml / .hash   written last: the stage is done
 
@@ -30,17 +32,18 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from .calibration import calibrate, ece
-from .config import STAGE_SECTIONS, Config, read_stage_hash, write_snapshot
+from .config import Config
 from .errors import PipelineError
 from .io import atomic_write_json
 from .metrics import METRICS, cv_std, logloss
+from .predictions import check_oof_against_data, class_names_of, csv_line, probs_of, read_predictions
+from .runs import RunDir
 
 log = logging.getLogger(__name__)
 
 # Figures evaluate reports beside the registered metrics (``metrics.METRICS``), True when larger is
 # better; per-fold scalars (cv_mean/cv_std, the terminal table) are both.
 EXTRA_SCALARS = {"precision": True, "recall": True, "f1_macro": True, "f1_weighted": True, "ece": False}
-SUM_TOL = 1e-3  # probabilities written with 8 significant digits sum to 1 far closer than this
 
 
 def scalars() -> list[str]:
@@ -123,134 +126,11 @@ def fold_metrics(y, probs, fold, eps, n_bins, class_names) -> tuple[list[dict], 
     return folds, mean, std
 
 
-# ---- reading oof.csv, checked at the boundary ------------------------------------------
-
-def _line(i: int) -> int:
-    return int(i) + 2  # CSV line of data row i (line 1 is the header)
-
-
-def _show(v) -> str:
-    """A cell as the user wrote it: text quoted, numbers plain (never numpy's repr)."""
-    if isinstance(v, str):
-        return repr(v)
-    try:
-        return f"{float(v):g}"
-    except (TypeError, ValueError):
-        return repr(v)
-
-
-def read_oof(path: Path, class_names: list[str] | None = None, train_hint: str = "pipeline train CONFIG") -> pd.DataFrame:
-    """oof.csv checked for shape and values: id,fold,target,p_<class> with one column per class,
-    integer folds and class indices, finite probabilities in [0, 1] summing to 1 per row.
-
-    ``class_names``: the config's classes (None: take them from the p_ columns, as ``compare`` does).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: file not found; expected out-of-fold predictions from `{train_hint}`")
-    try:
-        df = pd.read_csv(path, dtype={"id": str})
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise PipelineError(f"{path}: not a readable CSV ({str(e).splitlines()[0][:120]}); expected id,fold,target,p_<class>...") from None
-    for col in ("id", "fold", "target"):
-        if col not in df.columns:
-            raise PipelineError(f"{path}: missing column {col!r}; expected id,fold,target,p_<class>...")
-    pcols = [c for c in df.columns if c.startswith("p_")]
-    if class_names is None:
-        if len(pcols) < 2:
-            raise PipelineError(f"{path}: {len(pcols)} p_<class> column(s); expected one per class, at least 2")
-        class_names = [c[2:] for c in pcols]
-    want = [f"p_{c}" for c in class_names]
-    classes = ", ".join(map(str, class_names))
-    for c in pcols:
-        if c not in want:
-            raise PipelineError(f"{path}: column {c!r} is not a class of the config; expected p_<class> for the classes {classes}")
-    for c in want:
-        if c not in pcols:
-            raise PipelineError(f"{path}: missing column {c!r} (class {c[2:]!r}); expected one p_<class> column per class: {', '.join(want)}")
-    if len(df) == 0:
-        raise PipelineError(f"{path}: no rows; expected one row per training image")
-    if df["id"].isna().any():
-        i = int(np.flatnonzero(df["id"].isna())[0])
-        raise PipelineError(f"{path}: line {_line(i)}: id is empty; expected the training image's id")
-    dup = df["id"].duplicated()
-    if dup.any():
-        i = int(np.flatnonzero(dup)[0])
-        raise PipelineError(f"{path}: line {_line(i)}: id {df['id'].iloc[i]!r} appears {int((df['id'] == df['id'].iloc[i]).sum())} times; expected each training id once")
-    k = len(class_names)
-    for col, what in (("fold", "a fold number 0, 1, ..."), ("target", f"a class index 0..{k - 1} (classes {classes})")):
-        v = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
-        bad = np.isnan(v) | (v != np.round(v)) | (v < 0)
-        if col == "target":
-            bad |= v >= k
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raw = df[col].iloc[i]
-            if pd.isna(raw):
-                problem = f"{col} is empty or NaN"
-            elif col == "target" and v[i] == round(v[i]) and v[i] >= k:
-                problem = f"target {_show(raw)} is not a class of the config"
-            else:
-                problem = f"{col} {_show(raw)} is not valid"
-            raise PipelineError(f"{path}: line {_line(i)} (id {df['id'].iloc[i]!r}): {problem}; expected {what}")
-        df[col] = v.astype(np.int64)
-    probs = df[want].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
-    bad = ~np.isfinite(probs)
-    if bad.any():
-        i, j = map(int, np.argwhere(bad)[0])
-        val = df[want[j]].iloc[i]
-        what = "is NaN or empty" if pd.isna(val) else f"is {_show(val)}"
-        raise PipelineError(f"{path}: line {_line(i)} (id {df['id'].iloc[i]!r}): {want[j]} {what}; expected a probability in [0, 1]")
-    bad = (probs < 0) | (probs > 1)
-    if bad.any():
-        i, j = map(int, np.argwhere(bad)[0])
-        raise PipelineError(f"{path}: line {_line(i)} (id {df['id'].iloc[i]!r}): {want[j]} is {probs[i, j]:g}; expected a probability in [0, 1]")
-    s = probs.sum(1)
-    bad = np.abs(s - 1) > SUM_TOL
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise PipelineError(f"{path}: line {_line(i)} (id {df['id'].iloc[i]!r}): probabilities sum to {s[i]:.6g}; "
-                            f"expected 1 (within {SUM_TOL:g}) over {', '.join(want)}")
-    df[want] = probs
-    return df[["id", "fold", "target"] + want]
-
-
-def check_oof_against_data(path: Path, df: pd.DataFrame, ids: np.ndarray, labels: np.ndarray, fold_of: np.ndarray,
-                           class_names: list[str], folds_path: Path, train_hint: str) -> pd.DataFrame:
-    """Every training id exactly once, with the data's label and the folds file's fold; rows in data order."""
-    ids = pd.Index(np.asarray(ids).astype(str))
-    have = pd.Index(df["id"])
-    extra = have.difference(ids, sort=False)
-    if len(extra):
-        i = int(np.flatnonzero(have.isin(extra))[0])
-        raise PipelineError(f"{path}: line {_line(i)}: id {df['id'].iloc[i]!r} is not in the training data "
-                            f"({len(extra)} such ids); expected the training ids; rerun `{train_hint}`")
-    missing = ids.difference(have, sort=False)
-    if len(missing):
-        raise PipelineError(f"{path}: {len(missing)} training row(s) missing (e.g. id {missing[0]!r}); "
-                            f"expected every training id exactly once; rerun `{train_hint}`")
-    pos = have.get_indexer(ids)  # oof row of each training row
-    df = df.iloc[pos].reset_index(drop=True)
-    lines = pos  # CSV row of each (reordered) row, for messages
-    bad = np.flatnonzero(df["target"].to_numpy() != labels)
-    if len(bad):
-        i = int(bad[0])
-        raise PipelineError(f"{path}: line {_line(lines[i])} (id {ids[i]!r}): target {df['target'].iloc[i]} but the training data "
-                            f"has class {labels[i]} ({class_names[labels[i]]!r}); expected oof.csv from this data; rerun `{train_hint}`")
-    bad = np.flatnonzero(df["fold"].to_numpy() != fold_of)
-    if len(bad):
-        i = int(bad[0])
-        raise PipelineError(f"{path}: line {_line(lines[i])} (id {ids[i]!r}): fold {df['fold'].iloc[i]} but {folds_path} puts it "
-                            f"in fold {fold_of[i]}; expected the folds training used; rerun `{train_hint}`")
-    return df
-
-
-def _check_trained_config(cfg: Config) -> None:
+def _check_trained_config(cfg: Config, run: RunDir) -> None:
     """oof.csv must come from this config's training sections (else its figures describe another model)."""
-    snap = cfg.run_dir / "config.train.yaml"
-    have, want = read_stage_hash(snap), cfg.hash(*STAGE_SECTIONS["train"])
+    have, want = run.snapshot_hash("train"), run.train_hash
     if have is not None and have != want:
-        raise PipelineError(f"{snap}: oof.csv was trained under another config (train hash {have}, this config {want}); "
+        raise PipelineError(f"{run.snapshot('train')}: oof.csv was trained under another config (train hash {have}, this config {want}); "
                             f"rerun `pipeline train {cfg.path}` or evaluate with the overrides it was trained with")
 
 
@@ -277,20 +157,20 @@ def evaluate(cfg: Config, report: bool = True) -> dict:
     from .fold import load_folds
     from .formats import read_table
 
-    run = cfg.run_dir
+    run = RunDir.of(cfg)
     hint = f"pipeline train {cfg.path}"
-    oof_path = run / "oof.csv"
+    oof_path = run.oof
     if not oof_path.is_file():  # before reading the data: the common mistake answers at once
         raise PipelineError(f"{oof_path}: file not found; run `{hint}` first (evaluate scores its out-of-fold predictions)")
-    _check_trained_config(cfg)
+    _check_trained_config(cfg, run)
     table = read_table(cfg, "train")
     fold_of = load_folds(cfg, table)
     names = list(table.class_names)
-    df = read_oof(oof_path, names, hint)
+    df = read_predictions(oof_path, "oof", class_names=names, hint=hint)  # raw: the temperature is fitted here
     df = check_oof_against_data(oof_path, df, table.ids, table.labels, fold_of, names, cfg.folds_path, hint)
     y = df["target"].to_numpy()
     fold = df["fold"].to_numpy()
-    probs = df[[f"p_{c}" for c in names]].to_numpy()
+    probs = probs_of(df, names)
     ev = cfg.evaluate
 
     overall = classification_metrics(y, probs, ev.eps, ev.n_bins, names)
@@ -325,11 +205,11 @@ def evaluate(cfg: Config, report: bool = True) -> dict:
         report_path = write_report(cfg, table, df, metrics, calibrated_probs)
         metrics["report"] = str(report_path)
     metrics = _clean(metrics)
-    atomic_write_json(run / "calibration.json", _clean(calib))
-    atomic_write_json(run / "metrics.json", metrics)
+    atomic_write_json(run.calibration_json, _clean(calib))
+    atomic_write_json(run.metrics_json, metrics)
     log.info(summary_table(metrics))
-    write_snapshot(cfg, run / "config.evaluate.yaml", "evaluate")  # last: the stage is done
-    log.info(f"wrote {run / 'metrics.json'} and {run / 'calibration.json'}")
+    run.write_snapshot("evaluate")  # last: the stage is done
+    log.info(f"wrote {run.metrics_json} and {run.calibration_json}")
     if report_path is not None:
         log.info(f"report: {report_path}")
     return metrics
@@ -372,15 +252,16 @@ def _run_settings(run: Path) -> tuple[str, float]:
     """(metric, eps) a run was evaluated or trained with: metrics.json, else the config snapshot."""
     import yaml
 
-    m = run / "metrics.json"
+    rd = RunDir(path=run)
+    m = rd.metrics_json
     metric, eps = None, 1e-15
     if m.is_file():
         try:
             metric = json.loads(m.read_text()).get("metric")
         except json.JSONDecodeError:
             pass
-    for snap in ("config.evaluate.yaml", "config.train.yaml"):
-        p = run / snap
+    for stage in ("evaluate", "train"):
+        p = rd.snapshot(stage)
         if p.is_file():
             try:
                 d = yaml.safe_load(p.read_text()) or {}
@@ -401,15 +282,15 @@ def compare(run_dirs: list[str]) -> pd.DataFrame:
     for r in runs:
         if not r.is_dir():
             raise PipelineError(f"{r}: run directory not found; expected runs/<competition>/<experiment>")
-    frames = [read_oof(r / "oof.csv", train_hint=f"pipeline train <config of {r.name}>") for r in runs]
-    ref, ref_path = frames[0].set_index("id"), runs[0] / "oof.csv"
-    ref_classes = [c for c in ref.columns if c.startswith("p_")]
-    for r, df in zip(runs[1:], frames[1:]):
-        path = r / "oof.csv"
-        classes = [c for c in df.columns if c.startswith("p_")]
+    paths = [RunDir(path=r).oof for r in runs]
+    frames = [read_predictions(p, "oof", hint=f"pipeline train <config of {r.name}>") for r, p in zip(runs, paths)]
+    ref, ref_path = frames[0].set_index("id"), paths[0]
+    ref_classes = class_names_of(frames[0])
+    for path, df in zip(paths[1:], frames[1:]):
+        classes = class_names_of(df)
         if classes != ref_classes:
-            raise PipelineError(f"{path}: classes {', '.join(c[2:] for c in classes)} differ from {ref_path}'s "
-                                f"({', '.join(c[2:] for c in ref_classes)}); expected runs of the same competition")
+            raise PipelineError(f"{path}: classes {', '.join(classes)} differ from {ref_path}'s "
+                                f"({', '.join(ref_classes)}); expected runs of the same competition")
         ids = pd.Index(df["id"])
         if set(ids) != set(ref.index):
             other = ids.symmetric_difference(ref.index)
@@ -419,7 +300,7 @@ def compare(run_dirs: list[str]) -> pd.DataFrame:
         bad = np.flatnonzero(df["fold"].to_numpy() != theirs)
         if len(bad):
             i = int(bad[0])
-            raise PipelineError(f"{path}: fold assignments differ from {ref_path} (line {_line(i)}, id {ids[i]!r}: fold "
+            raise PipelineError(f"{path}: fold assignments differ from {ref_path} (line {csv_line(i)}, id {ids[i]!r}: fold "
                                 f"{df['fold'].iloc[i]} here, {theirs[i]} there); expected runs on the same folds file")
     metric, _ = _run_settings(runs[0])
     labels = [r.name for r in runs]
@@ -430,7 +311,7 @@ def compare(run_dirs: list[str]) -> pd.DataFrame:
     for label, r, df in zip(labels, runs, frames):
         _, eps = _run_settings(r)
         y, fold = df["target"].to_numpy(), df["fold"].to_numpy()
-        probs = df[ref_classes].to_numpy()
+        probs = probs_of(df, ref_classes)
         overall = classification_metrics(y, probs, eps)
         per_fold, mean, std = fold_metrics(y, probs, fold, eps, 10, None)
         col = {name: overall[name] for name in rows}

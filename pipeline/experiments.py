@@ -2,7 +2,8 @@
 
 CV comes from ``metrics.json`` (``cv_mean``/``cv_std`` keyed by metric, written by evaluate) when present,
 else from the per-fold scores of ``oof.csv``, else from the folds' ``done.json``. Leaderboard scores are
-recorded with ``record_lb`` in the submission's JSON and appended to ``submissions/leaderboard.csv``.
+recorded with ``record_lb`` in the submission's JSON and appended to ``leaderboard.csv`` beside it
+(``paths.submissions``). Runs are listed from ``paths.runs`` (``RunDir.list_runs``).
 """
 from __future__ import annotations
 
@@ -19,40 +20,37 @@ from .config import Config
 from .errors import PipelineError
 from .io import atomic_write_csv, atomic_write_json
 from .metrics import cv_std, score
-from .submission import SUBMISSIONS, utc_stamp
+from .predictions import probs_of, read_predictions
+from .runs import RunDir
+from .submission import submissions_dir, utc_stamp
 
 log = logging.getLogger(__name__)
 
 
 def cv_score(run: Path, metric: str) -> tuple[float, float, str]:
     """(mean, std, source) of the run's per-fold CV scores; NaN when nothing is there yet."""
-    mpath = run / "metrics.json"
-    if mpath.is_file():
+    rd = RunDir(path=run)
+    if rd.metrics_json.is_file():
         try:
-            m = json.loads(mpath.read_text())
+            m = json.loads(rd.metrics_json.read_text())
             return float(m["cv_mean"][metric]), float(m["cv_std"][metric]), "metrics.json"
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             pass  # written by another version: fall back to the predictions
-    if (run / "oof.csv").is_file():
-        oof = pd.read_csv(run / "oof.csv", dtype={"id": str})
-        cols = [c for c in oof.columns if c.startswith("p_")]
-        per = [score(metric, g["target"].to_numpy(), g[cols].to_numpy()) for _, g in oof.groupby("fold")]
+    if rd.oof.is_file():
+        oof = read_predictions(rd.oof, "oof", hint=f"pipeline train <config of {rd.name}>")
+        per = [score(metric, g["target"].to_numpy(), probs_of(g)) for _, g in oof.groupby("fold")]
         return float(np.mean(per)), cv_std(per), "oof.csv"
-    per = []
-    for done in sorted(run.glob("fold_*/done.json")):
-        v = json.loads(done.read_text()).get(f"val_{metric}")
-        if v is not None:
-            per.append(v)
+    per = [d[f"val_{metric}"] for d in rd.done_records() if d.get(f"val_{metric}") is not None]
     if per:
         return float(np.mean(per)), cv_std(per), "done.json"
     return math.nan, math.nan, ""
 
 
-def submission_records(competition: str | None = None) -> pd.DataFrame:
-    """One row per submission JSON (file, experiment, CV score, LB score), oldest first."""
-    lb = _leaderboard()
+def submission_records(root: Path, competition: str | None = None) -> pd.DataFrame:
+    """One row per submission JSON in ``root`` (file, experiment, CV score, LB score), oldest first."""
+    lb = _leaderboard(root)
     rows = []
-    for j in sorted(SUBMISSIONS.glob("*.json")):
+    for j in sorted(Path(root).glob("*.json")):
         try:
             d = json.loads(j.read_text())
         except json.JSONDecodeError:
@@ -66,8 +64,8 @@ def submission_records(competition: str | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["file", "experiment", "created_utc", "metric", "cv", "lb"])
 
 
-def _leaderboard() -> dict:
-    p = SUBMISSIONS / "leaderboard.csv"
+def _leaderboard(root: Path) -> dict:
+    p = Path(root) / "leaderboard.csv"
     if not p.is_file():
         return {}
     df = pd.read_csv(p)
@@ -76,17 +74,15 @@ def _leaderboard() -> dict:
 
 def list_experiments(cfg: Config) -> pd.DataFrame:
     """Print and return every run of ``cfg.competition`` with CV mean/std, hash, date and submissions."""
-    root = Path("runs") / cfg.competition
-    # runs are folders with training or ensemble outputs (not tune/ or stray folders)
-    marks = ("config.train.yaml", "oof.csv", "metrics.json", "ensemble.json")
-    runs = sorted(p for p in root.iterdir() if any((p / m).is_file() for m in marks)) if root.is_dir() else []
-    subs = submission_records(cfg.competition)
+    root = cfg.run_dir.parent
+    runs = RunDir.list_runs(cfg)
+    subs = submission_records(submissions_dir(cfg), cfg.competition)
     rows = []
     for run in runs:
-        mean, std, src = cv_score(run, cfg.metric)
-        kind = "ensemble" if (run / "ensemble.json").is_file() else "experiment"
-        h = (run / "config.train.hash").read_text().strip() if (run / "config.train.hash").is_file() else ""
-        stamp = next((p for p in (run / "oof.csv", run / "config.train.yaml", run / "ensemble.json") if p.is_file()), None)
+        mean, std, src = cv_score(run.path, cfg.metric)
+        kind = "ensemble" if run.is_ensemble else "experiment"
+        h = run.snapshot_hash("train") or ""
+        stamp = next((p for p in (run.oof, run.snapshot("train"), run.ensemble_json) if p.is_file()), None)
         date = dt.datetime.fromtimestamp(stamp.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M") if stamp else ""
         mine = subs[subs["experiment"] == run.name]
         files = "; ".join(f + ("" if pd.isna(lb) else f" (LB {lb:g})") for f, lb in zip(mine["file"], mine["lb"]))
@@ -105,7 +101,7 @@ def list_experiments(cfg: Config) -> pd.DataFrame:
 
 
 def record_lb(submission: str | Path, lb_score: float) -> Path:
-    """Record the leaderboard score a submission file got: in its JSON and in submissions/leaderboard.csv."""
+    """Record the leaderboard score a submission file got: in its JSON and in the leaderboard.csv beside it."""
     path = Path(submission)
     if not path.is_file():
         raise PipelineError(f"{path}: submission file not found")

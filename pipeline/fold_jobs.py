@@ -43,12 +43,12 @@ def _start_worker(cfg) -> None:
     _STATE.update(cfg=cfg, table=table, fold_of=load_folds(cfg, table))
 
 
-def _run_job(fold: int, seed: int, job_dir, run_hash: str, precision: str, threads: int, budget: tuple | None) -> dict:
+def _run_job(job, run_hash: str, precision: str, threads: int, budget: tuple | None) -> dict:
     """One fold in a worker; returns done.json's contents (a held fold's LockHeld reaches the parent)."""
     import torch
 
     from .device import resolve_device
-    from .trainer import FoldTrainer, Job
+    from .trainer import FoldTrainer
 
     torch.set_num_threads(threads)
     cfg, table, fold_of = _STATE["cfg"], _STATE["table"], _STATE["fold_of"]
@@ -56,14 +56,14 @@ def _run_job(fold: int, seed: int, job_dir, run_hash: str, precision: str, threa
     if budget is not None:  # this job's share: the budget over the jobs, times the jobs run at once
         t_start, total_s, share_s = budget
         deadline = min(time.time() + share_s, t_start + total_s)
-    return FoldTrainer(cfg=cfg, table=table, fold_of=fold_of, job=Job(fold, seed, job_dir),
+    return FoldTrainer(cfg=cfg, table=table, fold_of=fold_of, job=job,
                        device=resolve_device(cfg.train.device), run_hash=run_hash, precision=precision,
                        deadline=deadline).run()
 
 
 def run_parallel(cfg, jobs: list, *, n_par: int, run_hash: str, precision: str, t_start: float,
                  n_budget_jobs: int) -> Iterator[tuple]:
-    """Train ``jobs`` (``trainer.Job``) in ``n_par`` spawned processes; yields (job, result) as each ends,
+    """Train ``jobs`` (``runs.JobDir``) in ``n_par`` spawned processes; yields (job, result) as each ends,
     ``result()`` returning its done.json contents or raising what the worker raised."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -78,6 +78,6 @@ def run_parallel(cfg, jobs: list, *, n_par: int, run_hash: str, precision: str, 
     log.info(f"fold_jobs {n_par}: {len(jobs)} fold(s) in {n_par} processes, threads per fold {plan}")
     # spawn, not fork: a forked copy of a process that already ran torch ops can deadlock in OpenMP
     with ProcessPoolExecutor(n_par, mp_context=mp.get_context("spawn"), initializer=_start_worker, initargs=(cfg,)) as ex:
-        futures = {ex.submit(_run_job, j.fold, j.seed, j.dir, run_hash, precision, t, budget): j for j, t in zip(jobs, plan)}
+        futures = {ex.submit(_run_job, j, run_hash, precision, t, budget): j for j, t in zip(jobs, plan)}
         for f in as_completed(futures):
             yield futures[f], f.result

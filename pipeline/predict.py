@@ -1,65 +1,44 @@
 """Predict stage: every fold model (and seed) predicts the test set, with test-time augmentation.
 
-Artifacts under ``runs/<competition>/<experiment>/``:
-  test_pred.csv        id,p_<class>...  mean over models and TTA transforms (of probabilities or of
-                       logits: ``predict.average``), temperature-scaled when evaluation kept a temperature
-  oof_tta.csv          with ``predict.tta_oof``: id,fold,target,p_<class>... like oof.csv, each fold's
-                       model on its own validation rows with the same TTA (blends compare like with like)
-  predict.json         how test_pred.csv was made: models, tta, average, temperature, which OOF file
-                       matches it and that OOF's scores (the ensemble stage reads it)
+Artifacts in the run folder (layout: pipeline/runs.py; files: pipeline/predictions.py):
+  test_pred.csv          id,p_<class>...  mean over every fold model and TTA transform (of probabilities
+                         or of logits: ``predict.average``)
+  test_pred_fold<k>.csv  the same from fold k's model(s) alone (averaged over its seeds): with
+                         probability averaging, test_pred.csv is the mean of these
+  oof_tta.csv            with ``predict.tta_oof``: id,fold,target,p_<class>... like oof.csv, each fold's
+                         model on its own validation rows with the same TTA (blends compare like with like)
+  predict.json           how test_pred.csv was made: models, tta, average, the temperature the submission
+                         used, which OOF file matches it and that OOF's scores (the ensemble stage reads it)
   config.predict.yaml / .hash   written last: the stage is done
 
-  test_pred_refit.csv  with ``train.refit``: the same from the model(s) refit on every row, kept beside
-                       the fold models' (it has no OOF of its own; the folds' CV is its estimate)
+  test_pred_refit.csv    with ``train.refit``: the same from the model(s) refit on every row, kept beside
+                         the fold models' (it has no OOF of its own; the folds' CV is its estimate)
 
-``test_pred.csv`` is not clipped; ``predict.clip`` applies to the submission file only.
+Every prediction file holds RAW probabilities. A temperature the evaluate stage kept
+(``calibration.json``) is applied when reading them (``read_predictions(..., scaled=True)``): to the
+submission files and to the OOF scores in predict.json. ``predict.clip`` applies to the submission only.
 """
 from __future__ import annotations
 
 import logging
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .config import STAGE_SECTIONS, Config, read_stage_hash, write_snapshot
+from .calibration import load_temperature
+from .config import Config
 from .errors import PipelineError
-from .io import atomic_write_csv, atomic_write_json
+from .io import atomic_write_json
 from .metrics import logloss, score
+from .predictions import pred_frame, probs_of, read_predictions, write_predictions
+from .runs import JobDir, RunDir
 
 log = logging.getLogger(__name__)
 
 
-# ---- temperature (written by the evaluate stage) and clipping ----------------------------
-
-def load_temperature(run_dir: Path) -> float | None:
-    """T from ``calibration.json`` ({"temperature": T, "kept": bool}) when evaluation kept it, else None."""
-    path = Path(run_dir) / "calibration.json"
-    if not path.is_file():
-        return None
-    try:
-        d = json.loads(path.read_text())
-        t, kept = d["temperature"], d.get("kept", False)
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise PipelineError(f"{path}: expected JSON {{\"temperature\": T, \"kept\": true|false}}; rerun `pipeline evaluate`") from None
-    if not kept:
-        return None
-    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
-        raise PipelineError(f"{path}: temperature is {t!r}; expected a positive number")
-    return float(t)
-
-
-def apply_temperature(probs: np.ndarray, t: float | None) -> np.ndarray:
-    """softmax(log(p) / T): temperature scaling applied to probabilities (T > 1 softens)."""
-    if t is None or t == 1.0:
-        return probs
-    z = np.log(np.clip(probs, 1e-15, 1.0)) / t
-    z -= z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
-
+# ---- clipping and scores -------------------------------------------------------------------
 
 def check_clip(clip, where: str = "predict.clip") -> None:
     if clip is not None and not 0 <= clip[0] < clip[1] <= 1:
@@ -74,19 +53,6 @@ def clip_probs(probs: np.ndarray, clip) -> np.ndarray:
     return p / p.sum(1, keepdims=True)
 
 
-# ---- reading and writing prediction tables ---------------------------------------------
-
-def pcols(class_names) -> list[str]:
-    return [f"p_{c}" for c in class_names]
-
-
-def pred_frame(ids, probs: np.ndarray, class_names, extra: dict | None = None) -> pd.DataFrame:
-    df = pd.DataFrame({"id": np.asarray(ids).astype(str), **(extra or {})})
-    for k, c in enumerate(pcols(class_names)):
-        df[c] = probs[:, k]
-    return df
-
-
 def fmt_scores(metric: str, value: float, ll: float) -> str:
     """'accuracy 0.9500, logloss 0.1700' (log-loss once when it is the metric)."""
     return f"logloss {ll:.4f}" if metric == "logloss" else f"{metric} {value:.4f}, logloss {ll:.4f}"
@@ -99,50 +65,12 @@ def oof_scores(metric: str, y: np.ndarray, probs: np.ndarray, clip=None) -> dict
     return out
 
 
-# ---- which models predict ---------------------------------------------------------------
-
-def model_dirs(cfg: Config, refit: bool | None = None) -> list[Path]:
-    """Finished model directories of the current training config (fold models, or refit ones)."""
-    from .cv import job_hash, job_name
-
-    run = cfg.run_dir
-    snap = run / "config.train.yaml"
-    want = cfg.hash(*STAGE_SECTIONS["train"])
-    have = read_stage_hash(snap)
-    if have is None:
-        raise PipelineError(f"{run}: no trained models; run `pipeline train {cfg.path}` first")
-    if have != want:
-        raise PipelineError(f"{snap}: models were trained under another config (train hash {have}, this config {want}); "
-                            f"rerun `pipeline train {cfg.path}`")
-    seeds = cfg.train.seeds or [cfg.train.seed]
-    refit = cfg.train.refit if refit is None else refit
-    if refit:
-        dirs = [run / ("refit" if len(seeds) == 1 else f"refit_seed{s}") for s in seeds]
-    else:
-        dirs = [run / job_name(k, s, len(seeds)) for k in range(n_folds(cfg)) for s in seeds]
-    want_job = job_hash(cfg) if cfg.folds_path.is_file() else None  # have == want: the same config
-    for d in dirs:
-        done = d / "done.json"
-        if not done.is_file() or json.loads(done.read_text()).get("hash") != want_job:
-            raise PipelineError(f"{d}: model not finished; run `pipeline train {cfg.path}` first")
-    return dirs
-
-
-def n_folds(cfg: Config) -> int:
-    """Folds in the folds file training used (a user-supplied file may differ from folds.n_splits)."""
-    p = cfg.folds_path
-    if p.is_file():
-        try:
-            return int(pd.read_csv(p, usecols=["fold"])["fold"].max()) + 1
-        except (ValueError, KeyError):
-            pass  # not a folds file: training would have refused it
-    return cfg.folds.n_splits
-
+# ---- the models ------------------------------------------------------------------------
 
 class _Models:
     """Loads checkpoints one at a time (keeps memory flat) and predicts with TTA."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, run: RunDir):
         from .device import resolve_device
 
         self.cfg = cfg
@@ -150,26 +78,25 @@ class _Models:
         self.channels_last = cfg.train.channels_last and self.device.type != "mps"
         self.precision = cfg.train.precision
         if self.precision == "auto":  # the run's resolved choice (train writes it)
-            p = cfg.run_dir / "precision.json"
-            self.precision = json.loads(p.read_text())["precision"] if p.is_file() else "fp32"
+            self.precision = run.read_precision() or "fp32"
 
-    def transforms(self, model_dir: Path, image_size):
+    def transforms(self, model: JobDir, image_size):
         from .tta import build_tta, model_input_size
 
-        meta = json.loads((model_dir / "best.json").read_text())
+        meta = json.loads(model.best_meta.read_text())
         return build_tta(self.cfg.predict.tta, image_size, model_input_size(meta))
 
-    def predict(self, model_dir: Path, images, features, table) -> np.ndarray:
+    def predict(self, model_dir: JobDir, images, features, table) -> np.ndarray:
         """Mean over TTA transforms for rows ``images`` (which may be a lazy subset of ``table.images``)."""
         from .models import load_checkpoint
         from .tta import predict_tta
 
-        model, meta = load_checkpoint(model_dir / "best.safetensors")
+        model, meta = load_checkpoint(model_dir.best_weights)
         if list(meta["class_names"]) != list(table.class_names):
-            raise PipelineError(f"{model_dir}/best.json: model classes {meta['class_names']} differ from the data's {list(table.class_names)}; "
+            raise PipelineError(f"{model_dir.best_meta}: model classes {meta['class_names']} differ from the data's {list(table.class_names)}; "
                                 f"retrain with `pipeline train {self.cfg.path}`")
         if meta["in_chans"] != table.channels:
-            raise PipelineError(f"{model_dir}/best.json: model takes {meta['in_chans']} channels but the images have {table.channels}")
+            raise PipelineError(f"{model_dir.best_meta}: model takes {meta['in_chans']} channels but the images have {table.channels}")
         model.to(self.device)
         if self.channels_last:
             import torch
@@ -178,6 +105,14 @@ class _Models:
         return predict_tta(model, images, features, self.transforms(model_dir, table.image_size), self.cfg.predict.average,
                            self.cfg.train.batch_size * 2, self.device, self.channels_last, self.precision)
 
+    def total(self, dirs: list[JobDir], table) -> np.ndarray:
+        """Sum over ``dirs`` of each model's TTA mean (probabilities or logits) on every row of ``table``."""
+        acc = None
+        for d in dirs:
+            p = self.predict(d, table.images, table.features, table)
+            acc = p if acc is None else acc + p
+        return acc
+
 
 def _to_probs(avg: np.ndarray, average: str) -> np.ndarray:
     from .inference import softmax
@@ -185,115 +120,131 @@ def _to_probs(avg: np.ndarray, average: str) -> np.ndarray:
     return softmax(avg) if average == "logit" else avg
 
 
-def _oof_tta(cfg: Config, models: _Models) -> pd.DataFrame:
+def _oof_tta(cfg: Config, run: RunDir, models: _Models) -> pd.DataFrame:
     """Each fold's model(s) on its own validation rows, with the configured TTA."""
     from .fold import load_folds
     from .formats import read_table
-    from .inference import Rows as _Rows
+    from .inference import Rows
 
     table = read_table(cfg, "train")
     fold_of = load_folds(cfg, table)
-    dirs = model_dirs(cfg, refit=False)
-    per_fold = len(cfg.train.seeds or [cfg.train.seed])  # model_dirs lists fold-major: fold k's seeds together
     acc = np.zeros((len(table), table.num_classes))
-    for i, d in enumerate(dirs):
-        k = i // per_fold
+    for k, group in enumerate(run.models_by_fold()):
         idx = np.flatnonzero(fold_of == k)
-        feats = _Rows(table.features, idx) if table.features is not None else None
-        acc[idx] += models.predict(d, _Rows(table.images, idx), feats, table)
-    probs = _to_probs(acc / per_fold, cfg.predict.average)
+        feats = Rows(table.features, idx) if table.features is not None else None
+        for d in group:
+            acc[idx] += models.predict(d, Rows(table.images, idx), feats, table) / len(group)
+    probs = _to_probs(acc, cfg.predict.average)
     log.info(f"OOF with TTA {cfg.predict.tta}: {fmt_scores(cfg.metric, score(cfg.metric, table.labels, probs), logloss(table.labels, probs))}")
-    return pred_frame(table.ids, probs, table.class_names, {"fold": fold_of, "target": table.labels})
+    return pred_frame(table.ids, probs, table.class_names, fold=fold_of, target=table.labels)
 
 
-def predict_test(cfg: Config) -> pd.DataFrame:
-    """Test-set probabilities of the experiment (written to ``test_pred.csv``); returns that frame."""
-    from .formats import read_table
-    from .tta import build_tta, model_input_size
-
-    run = cfg.run_dir
-    check_clip(cfg.predict.clip, f"{cfg.path}: predict.clip")
-    dirs = model_dirs(cfg, refit=False)
-    refit_dirs = model_dirs(cfg, refit=True) if cfg.train.refit else []
-    test = read_table(cfg, "test")
-    models = _Models(cfg)
-    first = json.loads((dirs[0] / "best.json").read_text())
-    transforms = build_tta(cfg.predict.tta, test.image_size, model_input_size(first))  # bad names fail before any work
+def _check_tta(cfg: Config, models: _Models, model: JobDir, test) -> list:
+    """The TTA transforms (bad names fail before any work), with a warning for crops training never saw."""
+    transforms = models.transforms(model, test.image_size)
     crops = [n for n in cfg.predict.tta if n in ("fivecrop", "tencrop")]
     if crops and not any("Crop" in a.get("name", "") for a in cfg.augment):
         log.info(f"warning: predict.tta {crops[0]} feeds the model crops at the images' own scale, but training resized "
              f"whole images (no crop in augment); add e.g. RandomCrop or RandomResizedCrop to the model's input size")
+    return transforms
+
+
+def _write_test_preds(cfg: Config, run: RunDir, models: _Models, by_fold: list[list[JobDir]], test) -> pd.DataFrame:
+    """test_pred.csv (every fold model) and test_pred_fold<k>.csv (fold k's own), raw; returns test_pred.csv's frame."""
+    average, names = cfg.predict.average, test.class_names
+    totals = [models.total(group, test) for group in by_fold]
+    n_models = sum(len(g) for g in by_fold)
+    written = []
+    for k, (t, group) in enumerate(zip(totals, by_fold)):
+        write_predictions(run.test_pred_fold(k), pred_frame(test.ids, _to_probs(t / len(group), average), names), "test")
+        written.append(k)
+    for k, p in run.test_pred_fold_files().items():
+        if k not in written:
+            p.unlink()  # a fold of an earlier folds file
+    return write_predictions(run.test_pred, pred_frame(test.ids, _to_probs(sum(totals) / n_models, average), names), "test")
+
+
+def _write_refit_preds(cfg: Config, run: RunDir, models: _Models, test) -> list[JobDir]:
+    if not cfg.train.refit:
+        run.test_pred_refit.unlink(missing_ok=True)  # a stale refit file must not be submitted
+        return []
+    dirs = run.model_dirs(refit=True)
+    probs = _to_probs(models.total(dirs, test) / len(dirs), cfg.predict.average)
+    write_predictions(run.test_pred_refit, pred_frame(test.ids, probs, test.class_names), "test")
+    log.info(f"wrote {run.test_pred_refit}: {len(test)} rows from {', '.join(d.name for d in dirs)}")
+    return dirs
+
+
+def predict_test(cfg: Config) -> pd.DataFrame:
+    """Raw test-set probabilities of the experiment (written to ``test_pred.csv``, beside each fold's
+    own ``test_pred_fold<k>.csv``); returns test_pred.csv's frame."""
+    from .formats import read_table
+
+    run = RunDir.of(cfg)
+    check_clip(cfg.predict.clip, f"{cfg.path}: predict.clip")
+    by_fold = run.models_by_fold()
+    dirs = [d for group in by_fold for d in group]
+    if cfg.train.refit:
+        run.model_dirs(refit=True)  # unfinished refit models fail before any work
+    if not cfg.predict.tta_oof and not run.oof.is_file():
+        raise PipelineError(f"{run.oof}: not found although every fold is done; rerun `pipeline train {cfg.path}` to collect it")
+    test = read_table(cfg, "test")
+    models = _Models(cfg, run)
+    transforms = _check_tta(cfg, models, dirs[0], test)
     log.info(f"predict {cfg.name}: {len(dirs)} model(s) x {len(transforms)} TTA transform(s) "
          f"({', '.join(t.name for t in transforms)}) on {len(test)} test images, averaging {cfg.predict.average}s")
-    temperature = load_temperature(run)  # fitted on the folds' OOF; applied to refit models too
-    probs = apply_temperature(_mean_prediction(models, dirs, test), temperature)
-    if temperature is not None:
-        log.info(f"applied temperature {temperature:.4f} from {run / 'calibration.json'}")
-    if refit_dirs:
-        refit_probs = apply_temperature(_mean_prediction(models, refit_dirs, test), temperature)
-        atomic_write_csv(run / "test_pred_refit.csv", pred_frame(test.ids, refit_probs, test.class_names), float_format="%.8g")
-        log.info(f"wrote {run / 'test_pred_refit.csv'}: {len(test)} rows from {', '.join(d.name for d in refit_dirs)}")
-    else:
-        (run / "test_pred_refit.csv").unlink(missing_ok=True)  # a stale refit file must not be submitted
+    df = _write_test_preds(cfg, run, models, by_fold, test)
+    refit_dirs = _write_refit_preds(cfg, run, models, test)
 
     if cfg.predict.tta_oof:
-        oof = _oof_tta(cfg, models)
-        atomic_write_csv(run / "oof_tta.csv", oof, float_format="%.8g")
-        oof_name = "oof_tta.csv"
+        oof_path, hint = run.oof_tta, f"pipeline predict {cfg.path}"
+        write_predictions(oof_path, _oof_tta(cfg, run, models), "oof")
     else:
-        oof_name = "oof.csv"
-        if not (run / oof_name).is_file():
-            raise PipelineError(f"{run / oof_name}: not found although every fold is done; rerun `pipeline train {cfg.path}` to collect it")
-        oof = pd.read_csv(run / oof_name, dtype={"id": str})
-    y = oof["target"].to_numpy()
-    oof_probs = apply_temperature(oof[pcols(test.class_names)].to_numpy(), temperature)
-    scores = oof_scores(cfg.metric, y, oof_probs, cfg.predict.clip)
+        oof_path, hint = run.oof, f"pipeline train {cfg.path}"
+    temperature = load_temperature(run.path)  # fitted on the folds' OOF; applied to the refit models' submission too
+    if temperature is not None:
+        log.info(f"temperature {temperature:.4f} from {run.calibration_json}: applied to the OOF scores and the submission "
+                 f"(prediction files stay raw)")
+    oof = read_predictions(oof_path, "oof", class_names=test.class_names, scaled=True, hint=hint)
+    scores = oof_scores(cfg.metric, oof["target"].to_numpy(), probs_of(oof, test.class_names), cfg.predict.clip)
     clip_note = f" (clipped to {list(cfg.predict.clip)}: {scores['oof_logloss_clipped']:.4f})" if cfg.predict.clip else ""
-    log.info(f"OOF ({oof_name}{', temperature-scaled' if temperature else ''}): "
+    log.info(f"OOF ({oof_path.name}{', temperature-scaled' if temperature else ''}): "
          f"{fmt_scores(cfg.metric, scores['oof_score'], scores['oof_logloss'])}{clip_note}")
 
-    df = pred_frame(test.ids, probs, test.class_names)
-    atomic_write_csv(run / "test_pred.csv", df, float_format="%.8g")
-    atomic_write_json(run / "predict.json", {
+    atomic_write_json(run.predict_json, {
         "models": [d.name for d in dirs], "refit_models": [d.name for d in refit_dirs], "tta": [t.name for t in transforms], "average": cfg.predict.average,
         "temperature": temperature, "clip": list(cfg.predict.clip) if cfg.predict.clip else None,
-        "oof": oof_name, "class_names": list(test.class_names), **scores,
-        "train_hash": read_stage_hash(run / "config.train.yaml"),
+        "oof": oof_path.name, "test_pred_folds": [run.test_pred_fold(k).name for k in range(len(by_fold))],
+        "class_names": list(test.class_names), **scores, "train_hash": run.snapshot_hash("train"),
     })
-    write_snapshot(cfg, run / "config.predict.yaml", "predict")  # last: marks the stage done
-    log.info(f"wrote {run / 'test_pred.csv'}: {len(df)} rows")
+    run.write_snapshot("predict")  # last: marks the stage done
+    log.info(f"wrote {run.test_pred}: {len(df)} rows, and {len(by_fold)} test_pred_fold<k>.csv")
     return df
 
 
-def _mean_prediction(models: "_Models", dirs: list[Path], table) -> np.ndarray:
-    acc = None
-    for d in dirs:
-        p = models.predict(d, table.images, table.features, table)
-        acc = p if acc is None else acc + p
-    return _to_probs(acc / len(dirs), models.cfg.predict.average)
-
-
 def submit_experiment(cfg: Config) -> Path:
-    """``predict_test`` then a submission file for this experiment (``predict.clip`` applied); with
-    ``train.refit`` a second one, ``<competition>-<experiment>-refit-<utc>.csv``, from the refit models.
-    Returns the fold models' file."""
+    """``predict_test`` then a submission file for this experiment (temperature and ``predict.clip``
+    applied); with ``train.refit`` a second one, ``<competition>-<experiment>-refit-<utc>.csv``, from
+    the refit models. Returns the fold models' file."""
     from .submission import write_submission
 
-    df = predict_test(cfg)
-    run = cfg.run_dir
-    info = json.loads((run / "predict.json").read_text())
-    class_names = info["class_names"]
-    probs = clip_probs(df[pcols(class_names)].to_numpy(), cfg.predict.clip)
-    hashes = {cfg.name: {"config": cfg.hash(), "train": info["train_hash"], "predict": read_stage_hash(run / "config.predict.yaml")}}
+    predict_test(cfg)
+    run = RunDir.of(cfg)
+    info = run.read_predict_info()
+    names, hint = info["class_names"], f"pipeline predict {cfg.path}"
+    hashes = {cfg.name: {"config": cfg.hash(), "train": info["train_hash"], "predict": run.snapshot_hash("predict")}}
     meta = {"experiments": [cfg.name], "weights": [1.0], "method": "single",
             **{k: info[k] for k in ("metric", "oof_score", "oof_logloss", "tta", "average", "temperature", "clip", "oof")},
             "config_hashes": hashes}
     if "oof_logloss_clipped" in info:
         meta["oof_logloss_clipped"] = info["oof_logloss_clipped"]
-    path = write_submission(cfg, df["id"].to_numpy(), probs, class_names, cfg.name, meta | {"models": info["models"]}, test_ids=df["id"].to_numpy())
+    df = read_predictions(run.test_pred, "test", class_names=names, scaled=True, hint=hint)
+    ids = df["id"].to_numpy()
+    path = write_submission(cfg, ids, clip_probs(probs_of(df, names), cfg.predict.clip), names, cfg.name,
+                            meta | {"models": info["models"]}, test_ids=ids)
     if info.get("refit_models"):
-        refit = pd.read_csv(run / "test_pred_refit.csv", dtype={"id": str})
-        write_submission(cfg, refit["id"].to_numpy(), clip_probs(refit[pcols(class_names)].to_numpy(), cfg.predict.clip),
-                         class_names, f"{cfg.name}-refit", meta | {"method": "refit", "models": info["refit_models"],
-                                                                   "oof_note": "oof scores are the fold models' CV"}, test_ids=refit["id"].to_numpy())
+        refit = read_predictions(run.test_pred_refit, "test", class_names=names, scaled=True, hint=hint)
+        write_submission(cfg, refit["id"].to_numpy(), clip_probs(probs_of(refit, names), cfg.predict.clip),
+                         names, f"{cfg.name}-refit", meta | {"method": "refit", "models": info["refit_models"],
+                                                             "oof_note": "oof scores are the fold models' CV"}, test_ids=refit["id"].to_numpy())
     return path

@@ -324,7 +324,7 @@ def plot_gradcam(figs: Figures, cfg: Config, table: Table, oof: pd.DataFrame, pr
 
     from .inference import features_tensor
     from .models import load_checkpoint
-    from .cv import job_name
+    from .runs import RunDir
 
     y = oof["target"].to_numpy()
     fold = oof["fold"].to_numpy()
@@ -334,11 +334,11 @@ def plot_gradcam(figs: Figures, cfg: Config, table: Table, oof: pd.DataFrame, pr
     if len(rows) == 0:
         figs.note("No samples to explain with Grad-CAM.")
         return
-    seeds = cfg.train.seeds or [cfg.train.seed]
+    run = RunDir.of(cfg)
     cams, layer = {}, None
     for k in np.unique(fold[rows]):
         idx = np.sort(rows[fold[rows] == k])
-        d = cfg.run_dir / job_name(int(k), seeds[0], len(seeds))
+        d = run.job_dir(int(k), run.seeds[0]).path
         try:
             model, meta = load_checkpoint(d / "best.safetensors")
         except PipelineError as e:

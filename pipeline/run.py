@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import Config, read_stage_hash
+from .runs import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +53,9 @@ def _predict(cfg):
 
 STAGES = [
     Stage("fold", lambda c: c.folds_path, lambda c: c.folds_path.with_suffix(".config.yaml"), _fold),
-    Stage("train", lambda c: c.run_dir / "oof.csv", lambda c: c.run_dir / "config.train.yaml", _train),
-    Stage("evaluate", lambda c: c.run_dir / "metrics.json", lambda c: c.run_dir / "config.evaluate.yaml", _evaluate),
-    Stage("predict", lambda c: c.run_dir / "test_pred.csv", lambda c: c.run_dir / "config.predict.yaml", _predict),
+    Stage("train", lambda c: RunDir.of(c).oof, lambda c: RunDir.of(c).snapshot("train"), _train),
+    Stage("evaluate", lambda c: RunDir.of(c).metrics_json, lambda c: RunDir.of(c).snapshot("evaluate"), _evaluate),
+    Stage("predict", lambda c: RunDir.of(c).test_pred, lambda c: RunDir.of(c).snapshot("predict"), _predict),
 ]
 
 

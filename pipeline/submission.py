@@ -1,6 +1,6 @@
 """Submission files: one writer (never overwrites) and one validator (users can run it on any file).
 
-``submissions/<competition>-<experiment>-<UTC YYYYmmddTHHMMSSZ>.csv`` in the competition's columns
+``<paths.submissions>/<competition>-<experiment>-<UTC YYYYmmddTHHMMSSZ>.csv`` in the competition's columns
 (``build_reader(cfg).submission_frame``), with a JSON beside it naming the experiments, weights,
 OOF score and config hashes that made it. A name that exists gets a ``-2``, ``-3``... suffix.
 """
@@ -21,8 +21,12 @@ from .io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
-SUBMISSIONS = Path("submissions")
 _MISSING = {"", "nan", "NaN", "NAN", "NA", "N/A", "null", "NULL", "None", "<NA>"}
+
+
+def submissions_dir(cfg: Config) -> Path:
+    """Where submission files go (``paths.submissions``)."""
+    return Path(cfg.paths.submissions).expanduser()
 
 
 def utc_stamp(now: dt.datetime | None = None) -> str:
@@ -38,9 +42,10 @@ def write_submission(cfg: Config, ids, probs: np.ndarray, class_names: list[str]
     from .formats import build_reader
 
     frame = build_reader(cfg).submission_frame(np.asarray(ids), np.asarray(probs), list(class_names))
-    SUBMISSIONS.mkdir(parents=True, exist_ok=True)
+    root = submissions_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True)
     stamp = utc_stamp(now)
-    fd, tmp = tempfile.mkstemp(prefix=".submission.", suffix=".tmp", dir=SUBMISSIONS)
+    fd, tmp = tempfile.mkstemp(prefix=".submission.", suffix=".tmp", dir=root)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -49,7 +54,7 @@ def write_submission(cfg: Config, ids, probs: np.ndarray, class_names: list[str]
         if problems:  # a bug upstream, not a user error: never leave an invalid file behind
             what = "; ".join(p.removeprefix(f"{tmp}: ") for p in problems)
             raise PipelineError(f"refusing to write an invalid submission for {experiment}: {what}")
-        path = _claim(tmp, f"{cfg.competition}-{experiment}-{stamp}")
+        path = _claim(tmp, root, f"{cfg.competition}-{experiment}-{stamp}")
     finally:
         tmp.unlink(missing_ok=True)
     meta = {"file": path.name, "competition": cfg.competition, "experiment": experiment, "created_utc": stamp,
@@ -59,10 +64,10 @@ def write_submission(cfg: Config, ids, probs: np.ndarray, class_names: list[str]
     return path
 
 
-def _claim(tmp: Path, stem: str) -> Path:
+def _claim(tmp: Path, root: Path, stem: str) -> Path:
     """Hard-link ``tmp`` to the first free name: os.link fails on an existing name, so nothing is overwritten."""
     for i in range(1, 10_000):
-        path = SUBMISSIONS / f"{stem}{'' if i == 1 else f'-{i}'}.csv"
+        path = root / f"{stem}{'' if i == 1 else f'-{i}'}.csv"
         if path.with_suffix(".json").exists():
             continue
         try:
@@ -74,7 +79,7 @@ def _claim(tmp: Path, stem: str) -> Path:
             if not path.exists():
                 os.replace(tmp, path)
                 return path
-    raise PipelineError(f"{SUBMISSIONS}: no free file name for {stem}")  # pragma: no cover
+    raise PipelineError(f"{root}: no free file name for {stem}")  # pragma: no cover
 
 
 # ---- validation --------------------------------------------------------------------------

@@ -28,10 +28,12 @@ from torch import nn
 from .config import Config
 from .errors import PipelineError
 from .inference import Rows, autocast, features_tensor, predict_logits, softmax
-from .io import atomic_path, atomic_write_csv, atomic_write_json, exclusive, sweep_temps
+from .io import atomic_path, atomic_write_csv, exclusive, sweep_temps
 from .metrics import logloss, score
 from .models import apply_finetune, build_model, freeze_bn_stats, save_checkpoint, unfreeze_all
 from .optim import SCHEDULERS, build_optimizer, build_scheduler
+from .predictions import pred_frame, write_predictions
+from .runs import JobDir
 from .table import Table
 
 log = logging.getLogger(__name__)
@@ -44,23 +46,6 @@ def derive_seed(*parts) -> int:
 def seed_everything(seed: int) -> np.random.Generator:
     torch.manual_seed(seed)
     return np.random.default_rng(seed)
-
-
-@dataclass(frozen=True)
-class Job:
-    """One model to train: a fold (``fold < 0``: the refit on every row), a seed, its folder."""
-
-    fold: int
-    seed: int
-    dir: Path
-
-    @property
-    def refit(self) -> bool:
-        return self.fold < 0
-
-    @property
-    def label(self) -> str:
-        return "refit" if self.refit else f"fold {self.fold}"
 
 
 # ---- components ----------------------------------------------------------------------------
@@ -257,17 +242,21 @@ class Progress:
 
 
 class Artifacts:
-    """A job's folder: history.csv, tb/, best.safetensors + best.json, oof.csv, last.pt, done.json."""
+    """What a job writes in its folder (names: ``runs.JobDir``): history, TensorBoard, the best
+    checkpoint and its OOF rows, the resume state, and the done marker last."""
 
-    def __init__(self, *, dir: Path, run_hash: str):
-        self.dir, self.hash = Path(dir), run_hash
-        self.history_path, self.last_path = self.dir / "history.csv", self.dir / "last.pt"
+    def __init__(self, *, job: JobDir, run_hash: str):
+        self.job, self.hash = job, run_hash
         self.tb = None
+
+    @property
+    def last_path(self) -> Path:
+        return self.job.last
 
     def open_tb(self, start_epoch: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(str(self.dir / "tb"), purge_step=start_epoch)
+        self.tb = SummaryWriter(str(self.job.tb), purge_step=start_epoch)
 
     def close(self) -> None:
         if self.tb is not None:  # else its writer thread outlives the fold (one per pruned trial)
@@ -276,34 +265,34 @@ class Artifacts:
 
     def record_epoch(self, progress: Progress, row: dict, scalars) -> None:
         progress.history.append(row)
-        atomic_write_csv(self.history_path, pd.DataFrame(progress.history))
+        atomic_write_csv(self.job.history, pd.DataFrame(progress.history))
         for k in scalars:
             self.tb.add_scalar(k, row[k], row["epoch"])
 
     def history_until(self, epoch: int) -> list:
         """History rows up to ``epoch`` (rows written after the last checkpoint are dropped)."""
-        if not self.history_path.exists():
+        if not self.job.history.exists():
             return []
-        return pd.read_csv(self.history_path).query("epoch <= @epoch").to_dict("records")
+        return pd.read_csv(self.job.history).query("epoch <= @epoch").to_dict("records")
 
     def save_best(self, model: nn.Module, meta: dict) -> None:
-        save_checkpoint(model, self.dir / "best.safetensors", meta)
+        save_checkpoint(model, self.job.best_weights, meta)
 
     def write_oof(self, frame: pd.DataFrame) -> None:
-        atomic_write_csv(self.dir / "oof.csv", frame, float_format="%.8g")
+        write_predictions(self.job.oof, frame, "oof")
 
     def save_last(self, state: dict) -> None:
-        with atomic_path(self.last_path) as tmp:
+        with atomic_path(self.job.last) as tmp:
             torch.save({**state, "hash": self.hash}, tmp)
 
     def load_last(self, device: torch.device, what: str) -> dict | None:
         """The resume state, None when there is none or it is another config's."""
-        if not self.last_path.exists():
+        if not self.job.last.exists():
             return None
         try:
-            st = torch.load(self.last_path, map_location=device, weights_only=True)
+            st = torch.load(self.job.last, map_location=device, weights_only=True)
         except Exception as e:
-            raise PipelineError(f"{self.last_path}: corrupt resume checkpoint ({type(e).__name__}); delete it to restart "
+            raise PipelineError(f"{self.job.last}: corrupt resume checkpoint ({type(e).__name__}); delete it to restart "
                                 f"{what} (finished folds are kept)") from None
         if st.get("hash") != self.hash:
             log.info(f"{what}: resume state is from another config; starting over")
@@ -311,8 +300,8 @@ class Artifacts:
         return st
 
     def finish(self, done: dict) -> dict:
-        atomic_write_json(self.dir / "done.json", done)
-        self.last_path.unlink(missing_ok=True)
+        self.job.write_done(done)
+        self.job.last.unlink(missing_ok=True)
         return done
 
 
@@ -322,7 +311,7 @@ class EarlyStopping:
     def __init__(self, *, patience: int):
         self.patience = patience
 
-    def __call__(self, job: Job, epoch: int, row: dict, progress: Progress) -> str | None:
+    def __call__(self, job: JobDir, epoch: int, row: dict, progress: Progress) -> str | None:
         if self.patience and progress.bad_epochs >= self.patience:
             return f"{job.label}: early stop after {progress.bad_epochs} epochs without val_loss improvement"
         return None
@@ -334,7 +323,7 @@ class Deadline:
     def __init__(self, *, at: float | None, epochs: int):
         self.at, self.epochs = at, epochs
 
-    def __call__(self, job: Job, epoch: int, row: dict, progress: Progress) -> str | None:
+    def __call__(self, job: JobDir, epoch: int, row: dict, progress: Progress) -> str | None:
         if self.at is not None and time.time() >= self.at and epoch < self.epochs:
             return f"{job.label}: time budget share spent after epoch {epoch}; keeping the best epoch ({progress.best['epoch']})"
         return None
@@ -346,7 +335,7 @@ class EpochHook:
     def __init__(self, *, fn: Callable):
         self.fn = fn
 
-    def __call__(self, job: Job, epoch: int, row: dict, progress: Progress) -> None:
+    def __call__(self, job: JobDir, epoch: int, row: dict, progress: Progress) -> None:
         self.fn(job, epoch, row)
 
 
@@ -355,12 +344,12 @@ class EpochHook:
 class FoldTrainer:
     """Trains one job to the end, resuming from its last completed epoch."""
 
-    def __init__(self, *, cfg: Config, table: Table, fold_of: np.ndarray, job: Job, device: torch.device,
+    def __init__(self, *, cfg: Config, table: Table, fold_of: np.ndarray, job: JobDir, device: torch.device,
                  run_hash: str, precision: str = "fp32", embeddings: torch.Tensor | None = None,
                  on_epoch: Callable | None = None, deadline: float | None = None):
         self.cfg, self.table, self.job, self.device, self.hash = cfg, table, job, device, run_hash
         self.precision, self.embeddings = precision, embeddings
-        self.refit = job.refit  # refit on all rows: no validation, the last epoch is kept
+        self.refit = job.is_refit  # refit on all rows: no validation, the last epoch is kept
         self.tr_idx = np.flatnonzero(fold_of != job.fold)
         self.va_idx = np.flatnonzero(fold_of == job.fold)
         if (len(self.va_idx) == 0 and not self.refit) or len(self.tr_idx) == 0:
@@ -369,7 +358,7 @@ class FoldTrainer:
         # order matters: a caller's hook (pruning) runs before the stop rules, as the log lines show
         self.callbacks = ([EpochHook(fn=on_epoch)] if on_epoch is not None else []) + [
             EarlyStopping(patience=cfg.train.patience), Deadline(at=deadline, epochs=cfg.train.epochs)]
-        self.artifacts = Artifacts(dir=job.dir, run_hash=run_hash)
+        self.artifacts = Artifacts(job=job, run_hash=run_hash)
 
     def build(self) -> None:
         self.parts = build_components(cfg=self.cfg, table=self.table, tr_idx=self.tr_idx, seed=self.job.seed,
@@ -431,9 +420,9 @@ class FoldTrainer:
 
     def run(self) -> dict:
         """Train the job to the end (or resume it); one process per job at a time."""
-        self.job.dir.mkdir(parents=True, exist_ok=True)
-        with exclusive(self.job.dir / "lock", self.job.label):
-            for tmp in sweep_temps(self.job.dir, any_owner=True):  # we hold the job's lock: a killed run's leftovers
+        self.job.path.mkdir(parents=True, exist_ok=True)
+        with exclusive(self.job.lock, self.job.label):
+            for tmp in sweep_temps(self.job.path, any_owner=True):  # we hold the job's lock: a killed run's leftovers
                 log.info(f"{self.job.label}: removed {tmp.name}, left by a killed run")
             self.build()
             try:
@@ -525,7 +514,5 @@ class FoldTrainer:
 
     def oof_frame(self, probs: np.ndarray) -> pd.DataFrame:
         t = self.table
-        df = pd.DataFrame({"id": t.ids[self.va_idx], "fold": self.job.fold, "target": t.labels[self.va_idx]})
-        for k, name in enumerate(t.class_names):
-            df[f"p_{name}"] = probs[:, k]
-        return df
+        return pred_frame(t.ids[self.va_idx], probs, t.class_names, fold=np.full(len(self.va_idx), self.job.fold),
+                          target=t.labels[self.va_idx])

@@ -104,8 +104,9 @@ N_TRAIN, N_TEST = 600, 100
 CLASSES = [str(i) for i in range(10)]
 
 
-def fake_member(name, seed, folds=None, quality=0.5, extra=None):
-    """A run dir like predict leaves it: oof.csv, test_pred.csv, predict.json (digits ids and classes)."""
+def fake_member(name, seed, folds=None, quality=0.5, extra=None, temperature=None):
+    """A run dir like predict leaves it: oof.csv, test_pred.csv (raw), predict.json (digits ids and classes);
+    ``temperature``: the one its evaluation kept (calibration.json)."""
     rng = np.random.default_rng(seed)
     y = np.arange(N_TRAIN) % 10
     folds = np.arange(N_TRAIN) % 3 if folds is None else folds
@@ -124,7 +125,9 @@ def fake_member(name, seed, folds=None, quality=0.5, extra=None):
     test = pd.DataFrame({"id": [str(i) for i in range(1, N_TEST + 1)]})
     test[[f"p_{c}" for c in CLASSES]] = probs(N_TEST, np.arange(N_TEST) % 10)
     test.to_csv(run / "test_pred.csv", index=False)
-    (run / "predict.json").write_text(json.dumps({"oof": "oof.csv", "temperature": None, **(extra or {})}))
+    (run / "predict.json").write_text(json.dumps({"oof": "oof.csv", "temperature": temperature, **(extra or {})}))
+    if temperature is not None:
+        (run / "calibration.json").write_text(json.dumps({"temperature": temperature, "kept": True}))
     return run
 
 
@@ -203,12 +206,27 @@ def test_member_mismatches_are_refused(base_cfg):
 
 def test_member_temperature_is_applied_to_its_oof(base_cfg, capsys):
     fake_member("a", 1), fake_member("b", 2)
-    fake_member("c", 2, extra={"temperature": 3.0})  # b's predictions, softened
+    fake_member("c", 2, temperature=3.0)  # b's predictions, softened
     run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"]))
     run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/c"], name="blend2"))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("member ")]
     ll = {line.split()[1]: float(line.split()[-1]) for line in lines}
     assert ll["c"] != pytest.approx(ll["b"])
+
+
+def test_member_temperature_scales_its_oof_and_test_alike(base_cfg):
+    """One rule: a member that kept T contributes scaled OOF *and* scaled test predictions (files stay raw)."""
+    from pipeline.calibration import apply_temperature
+
+    a, c = fake_member("a", 1), fake_member("c", 2, temperature=3.0)
+    run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/c"], method="mean"))
+    blend = Path("runs/comp/blend")
+    for name in ("oof.csv", "test_pred.csv"):
+        raw_a = pd.read_csv(a / name, dtype={"id": str}).filter(like="p_").to_numpy()
+        raw_c = pd.read_csv(c / name, dtype={"id": str}).filter(like="p_").to_numpy()
+        got = pd.read_csv(blend / name, dtype={"id": str}).filter(like="p_").to_numpy()
+        np.testing.assert_allclose(got, (raw_a + apply_temperature(raw_c, 3.0)) / 2, atol=1e-7)
+        assert not np.allclose(got, (raw_a + raw_c) / 2, atol=1e-3)  # the test has teeth
 
 
 SCHEMA_ERRORS = [

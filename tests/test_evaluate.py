@@ -12,7 +12,7 @@ import torch
 from sklearn import metrics as skm
 
 from conftest import TINY_TRAIN, run_cli, write_yaml
-from pipeline.calibration import MIN_GAIN, calibrate, ece, fit_temperature
+from pipeline.calibration import MIN_GAIN, apply_temperature, calibrate, ece, fit_temperature, load_temperature
 from pipeline.config import load_config, write_snapshot
 from pipeline.errors import PipelineError
 from pipeline.evaluate import best_f1_threshold, classification_metrics, compare, evaluate
@@ -21,7 +21,6 @@ from pipeline.formats import read_table
 from pipeline.gradcam import NoFeatureMap, gradcam, mass_inside
 from pipeline.inference import softmax
 from pipeline.models import build_model
-from pipeline.predict import apply_temperature, load_temperature
 
 quiet = lambda *a: None  # noqa: E731
 RUN = Path("runs/comp/exp")

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from conftest import run_cli
+from pipeline.calibration import apply_temperature, load_temperature
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.fold import run_fold
 from pipeline.formats import read_table
 from pipeline.inference import predict_logits, softmax
 from pipeline.models import load_checkpoint
-from pipeline.predict import apply_temperature, load_temperature, predict_test, submit_experiment
+from pipeline.predict import predict_test, submit_experiment
 from pipeline.submission import validate_submission
 from pipeline.cv import train_cv
 
@@ -92,20 +93,46 @@ def test_tta_oof_uses_each_fold_model_on_its_own_rows(digits_config, capsys):
     assert "OOF (oof_tta.csv): accuracy" in capsys.readouterr().out
 
 
-def test_temperature_from_calibration_json(digits_config):
+def test_temperature_from_calibration_json(digits_config, monkeypatch):
+    """Prediction files stay raw; a kept temperature is applied when they are read scaled: to the
+    submission's probabilities and to predict.json's OOF scores."""
+    import pipeline.submission as submission
+    from pipeline.metrics import logloss
+    from pipeline.predict import clip_probs
+    from pipeline.predictions import read_predictions
+
     path = digits_config(train={"epochs": 1}, predict={"clip": [0.01, 0.99]})
     cfg = trained(path)
     plain = predict_test(cfg).filter(like="p_").to_numpy()
     (RUN / "calibration.json").write_text(json.dumps({"temperature": 0.5, "kept": False}))
     np.testing.assert_allclose(predict_test(cfg).filter(like="p_").to_numpy(), plain, atol=1e-7)
+    assert json.loads((RUN / "predict.json").read_text())["temperature"] is None
     (RUN / "calibration.json").write_text(json.dumps({"temperature": 0.5, "kept": True}))
-    sharp = predict_test(cfg).filter(like="p_").to_numpy()
+    np.testing.assert_allclose(predict_test(cfg).filter(like="p_").to_numpy(), plain, atol=1e-7)  # raw
+    file_probs = pd.read_csv(RUN / "test_pred.csv", dtype={"id": str}).filter(like="p_").to_numpy()
+    np.testing.assert_allclose(file_probs, plain, atol=1e-7)
+    info = json.loads((RUN / "predict.json").read_text())
+    assert info["temperature"] == 0.5
+    sharp = read_predictions(RUN / "test_pred.csv", "test", scaled=True).filter(like="p_").to_numpy()
     np.testing.assert_allclose(sharp, apply_temperature(plain, 0.5), atol=1e-6)
-    assert json.loads((RUN / "predict.json").read_text())["temperature"] == 0.5
+    assert not np.allclose(sharp, plain, atol=1e-3)
+    oof = pd.read_csv(RUN / "oof.csv", dtype={"id": str})
+    assert info["oof_logloss"] == pytest.approx(logloss(oof["target"].to_numpy(), apply_temperature(oof.filter(like="p_").to_numpy(), 0.5)))
     # T = 0.5 squares and renormalises the probabilities
     np.testing.assert_allclose(apply_temperature(np.array([[0.25, 0.75]]), 0.5), [[0.1, 0.9]])
+    seen = []
+    real = submission.write_submission
+
+    def spy(cfg, ids, probs, *a, **kw):
+        seen.append(np.asarray(probs))
+        return real(cfg, ids, probs, *a, **kw)
+
+    monkeypatch.setattr(submission, "write_submission", spy)
     sub = submit_experiment(cfg)
-    assert json.loads(sub.with_suffix(".json").read_text())["clip"] == [0.01, 0.99]
+    assert len(seen) == 1
+    np.testing.assert_allclose(seen[0], clip_probs(apply_temperature(plain, 0.5), (0.01, 0.99)), atol=1e-6)
+    meta = json.loads(sub.with_suffix(".json").read_text())
+    assert meta["clip"] == [0.01, 0.99] and meta["temperature"] == 0.5
     (RUN / "calibration.json").write_text(json.dumps({"temperature": -1, "kept": True}))
     with pytest.raises(PipelineError, match=r"calibration.json: temperature is -1; expected a positive number"):
         load_temperature(RUN)
@@ -117,8 +144,21 @@ def test_temperature_from_calibration_json(digits_config):
 def test_seeds_and_refit_models(digits_config):
     path = digits_config(train={"epochs": 1, "seeds": [1, 2]})
     cfg = trained(path)
-    predict_test(cfg)
-    assert json.loads((RUN / "predict.json").read_text())["models"] == [f"fold_{k}_seed{s}" for k in range(3) for s in (1, 2)]
+    df = predict_test(cfg)
+    info = json.loads((RUN / "predict.json").read_text())
+    assert info["models"] == [f"fold_{k}_seed{s}" for k in range(3) for s in (1, 2)]
+    # each fold's own test predictions (its seeds averaged) beside test_pred.csv, which is their mean
+    from pipeline.predictions import read_predictions
+
+    test = read_table(cfg, "test")
+    assert info["test_pred_folds"] == [f"test_pred_fold{k}.csv" for k in range(3)]
+    per_fold = [read_predictions(RUN / f"test_pred_fold{k}.csv", "test", class_names=test.class_names) for k in range(3)]
+    for k, f in enumerate(per_fold):
+        assert f["id"].tolist() == list(test.ids)
+        seeds = [RUN / f"fold_{k}_seed{s}" for s in (1, 2)]
+        np.testing.assert_allclose(f.filter(like="p_").to_numpy(), np.mean([softmax(z) for z in fold_logits(cfg, test.images, seeds)], 0), atol=1e-6)
+    np.testing.assert_allclose(np.mean([f.filter(like="p_").to_numpy() for f in per_fold], 0), df.filter(like="p_").to_numpy(), atol=1e-7)
+    assert not np.allclose(per_fold[0].filter(like="p_").to_numpy(), per_fold[1].filter(like="p_").to_numpy(), atol=1e-4)
     cfg = trained(path, ["train.seeds=null", "train.refit=true"])
     df = predict_test(cfg)
     info = json.loads((RUN / "predict.json").read_text())

@@ -11,7 +11,8 @@ import torch
 from pipeline.config import load_config
 from pipeline.fold import run_fold
 from pipeline.cv import train_cv
-from pipeline.trainer import FoldTrainer, Job, mix_batch, mixed_loss
+from pipeline.runs import RunDir
+from pipeline.trainer import FoldTrainer, mix_batch, mixed_loss
 
 quiet = lambda *a: None  # noqa: E731
 RUN = Path("runs/comp/exp")
@@ -101,7 +102,7 @@ def _trainer(cfg, fold=0):
     from pipeline.formats import read_table
 
     table = read_table(cfg, "train")
-    return FoldTrainer(cfg=cfg, table=table, fold_of=load_folds(cfg, table), job=Job(fold, 42, RUN / f"fold_{fold}"),
+    return FoldTrainer(cfg=cfg, table=table, fold_of=load_folds(cfg, table), job=RunDir.of(cfg).job_dir(fold, 42),
                        device=torch.device("cpu"), run_hash="h")
 
 

@@ -1,0 +1,339 @@
+"""The layout of a run folder, ``<paths.runs>/<competition>/<experiment>/``: the only code that knows it.
+
+  config.<stage>.yaml / .hash   resolved config of a stage and its stage hash, written last (the stage is done)
+  precision.json                ``train.precision: auto`` resolved once per run ({"precision", "hash"})
+  fold_<k>/                     one training job per fold; ``fold_<k>_seed<s>/`` when ``train.seeds`` has several
+      best.safetensors, best.json   best epoch's weights and what built them
+      last.pt                       resume state, removed when the job is done
+      history.csv                   one row per epoch
+      oof.csv                       this job's validation predictions at the best epoch
+      tb/                           TensorBoard scalars
+      lock                          held while a process trains the job
+      done.json                     written last: {"hash": run hash, ...}; the job is finished
+  refit/                        with ``train.refit``: the same files from all rows (``refit_seed<s>/`` per seed)
+  oof.csv, oof_tta.csv          out-of-fold predictions (read and written by pipeline/predictions.py)
+  test_pred.csv                 test predictions of all fold models; test_pred_fold<k>.csv fold k's own;
+                                test_pred_refit.csv the refit models'
+  predict.json, metrics.json, calibration.json, ensemble.json, report/
+
+A job is finished for a config when its ``done.json`` holds that config's *run hash*: the train-stage
+hash and the digest of the folds file it trained on (``RunDir.run_hash``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import STAGE_SECTIONS, read_stage_hash, write_snapshot
+from .errors import PipelineError
+from .io import atomic_write_json
+
+if TYPE_CHECKING:
+    from .config import Config
+
+STAGES = ("train", "evaluate", "predict")
+OOF_FILES = ("oof.csv", "oof_tta.csv")  # the OOF files a predict.json may name
+_MARKS = ("config.train.yaml", "oof.csv", "metrics.json", "ensemble.json")  # what makes a folder a run
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobDir:
+    """One training job's folder (a fold and seed, or a refit with ``fold == -1``) and its files."""
+
+    path: Path
+    fold: int
+    seed: int
+    label: str  # for log lines: "fold 2", "fold 2 seed 7", "refit", "refit seed 7"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def is_refit(self) -> bool:
+        return self.fold < 0
+
+    best_weights = property(lambda self: self.path / "best.safetensors")
+    best_meta = property(lambda self: self.path / "best.json")
+    last = property(lambda self: self.path / "last.pt")
+    history = property(lambda self: self.path / "history.csv")
+    oof = property(lambda self: self.path / "oof.csv")
+    tb = property(lambda self: self.path / "tb")
+    lock = property(lambda self: self.path / "lock")
+    done = property(lambda self: self.path / "done.json")
+
+    def read_done(self) -> dict | None:
+        """done.json's contents; None while the job is not finished."""
+        if not self.done.is_file():
+            return None
+        try:
+            d = json.loads(self.done.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            d = None
+        if not isinstance(d, dict):
+            raise PipelineError(f"{self.done}: not a JSON object; delete it to train {self.label} again")
+        return d
+
+    def is_done(self, run_hash: str | None) -> bool:
+        """Finished under ``run_hash`` (None: finished under any hash)."""
+        d = self.read_done()
+        return d is not None and (run_hash is None or d.get("hash") == run_hash)
+
+    def write_done(self, record: dict) -> None:
+        """Mark the job finished; ``record`` must hold the run hash it is valid for."""
+        if "hash" not in record:
+            raise ValueError("done.json needs the run hash ('hash')")
+        atomic_write_json(self.done, record)
+
+    def clear_done(self) -> None:
+        self.done.unlink(missing_ok=True)
+
+
+class RunDir:
+    """A run folder. ``RunDir.of(cfg)`` for a config's run (knows its seeds and hashes);
+    ``RunDir(path=...)`` for a folder found on disk (file names only: its config is unknown)."""
+
+    def __init__(self, *, path: str | Path, seeds: list[int] | None = None, cfg: Config | None = None):
+        self.path = Path(path)
+        self._seeds = list(seeds) if seeds else None
+        self._cfg = cfg
+
+    @classmethod
+    def of(cls, cfg: Config) -> RunDir:
+        return cls(path=cfg.run_dir, seeds=cfg.train.seeds or [cfg.train.seed], cfg=cfg)
+
+    @classmethod
+    def named(cls, cfg: Config, name: str) -> RunDir:
+        """The folder of experiment (or ensemble) ``name`` of ``cfg``'s competition."""
+        return cls(path=cfg.run_dir.parent / name)
+
+    @classmethod
+    def list_runs(cls, cfg: Config) -> list[RunDir]:
+        """Every run of ``cfg``'s competition: folders with training or ensemble outputs (not tune/)."""
+        root = cfg.run_dir.parent
+        if not root.is_dir():
+            return []
+        return [cls(path=p) for p in sorted(root.iterdir()) if any((p / m).is_file() for m in _MARKS)]
+
+    def __repr__(self) -> str:
+        return f"RunDir(path={str(self.path)!r}, seeds={self._seeds})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def cfg(self) -> Config:
+        if self._cfg is None:
+            raise ValueError(f"{self.path}: a RunDir made from a path has no config; use RunDir.of(cfg)")
+        return self._cfg
+
+    # ---- jobs -------------------------------------------------------------------------
+
+    @property
+    def seeds(self) -> list[int]:
+        """``train.seeds``, or ``[train.seed]`` when it is not set."""
+        if self._seeds is None:
+            raise ValueError(f"{self.path}: seeds are unknown for a RunDir made from a path; use RunDir.of(cfg)")
+        return list(self._seeds)
+
+    def job_label(self, fold: int, seed: int) -> str:
+        """How log lines name a job: ``fold 2`` (``fold 2 seed 7`` with several seeds); ``fold < 0``: refit."""
+        what = "refit" if fold < 0 else f"fold {fold}"
+        return what if len(self.seeds) == 1 else f"{what} seed {seed}"
+
+    def job_dir(self, fold: int, seed: int) -> JobDir:
+        """Fold ``fold``'s job for ``seed`` (``fold < 0``: the refit job)."""
+        if fold < 0:
+            return self.refit_dir(seed)
+        name = f"fold_{fold}" if len(self.seeds) == 1 else f"fold_{fold}_seed{seed}"
+        return JobDir(path=self.path / name, fold=fold, seed=seed, label=self.job_label(fold, seed))
+
+    def refit_dir(self, seed: int) -> JobDir:
+        name = "refit" if len(self.seeds) == 1 else f"refit_seed{seed}"
+        return JobDir(path=self.path / name, fold=-1, seed=seed, label=self.job_label(-1, seed))
+
+    def jobs(self, folds: list[int]) -> list[JobDir]:
+        """The training jobs of ``folds`` in training order: seed-major, then fold."""
+        return [self.job_dir(k, s) for s in self.seeds for k in folds]
+
+    def run_hash(self) -> str:
+        """What a finished job is valid for: this training config *and* these fold assignments (a
+        regenerated folds file with the same settings, e.g. from changed data, retrains)."""
+        from .fold import folds_digest
+
+        return f"{self.train_hash}-{folds_digest(self.cfg)}"
+
+    @property
+    def train_hash(self) -> str:
+        """The config's train-stage hash (what ``config.train.hash`` holds once it has trained)."""
+        return self.cfg.hash(*STAGE_SECTIONS["train"])
+
+    def finished_fold_oofs(self, n_folds: int, run_hash: str) -> tuple[dict[int, list[Path]], list[int]]:
+        """({fold: its jobs' oof.csv, one per seed} for folds whose every seed is done, folds still waiting)."""
+        ready, waiting = {}, []
+        for k in range(n_folds):
+            jobs = [self.job_dir(k, s) for s in self.seeds]
+            if all(j.is_done(run_hash) for j in jobs):
+                ready[k] = [j.oof for j in jobs]
+            else:
+                waiting.append(k)
+        return ready, waiting
+
+    def done_records(self) -> list[dict]:
+        """done.json of every finished fold job, whatever the seed layout (refit jobs excluded)."""
+        out = []
+        for done in sorted(self.path.glob("fold_*/done.json")):
+            d = JobDir(path=done.parent, fold=0, seed=0, label=done.parent.name).read_done()
+            if d is not None:
+                out.append(d)
+        return out
+
+    def history_files(self) -> list[Path]:
+        """history.csv of every fold job that has one."""
+        return sorted(d / "history.csv" for d in self.path.glob("fold_*") if (d / "history.csv").is_file())
+
+    # ---- models for predict -------------------------------------------------------------
+
+    def n_folds(self) -> int:
+        """Folds in the folds file training used (a user-supplied file may differ from folds.n_splits)."""
+        import pandas as pd
+
+        p = self.cfg.folds_path
+        if p.is_file():
+            try:
+                return int(pd.read_csv(p, usecols=["fold"])["fold"].max()) + 1
+            except (ValueError, KeyError):
+                pass  # not a folds file: training would have refused it
+        return self.cfg.folds.n_splits
+
+    def check_trained(self, *, required: bool = True) -> None:
+        """The models (and oof.csv) must come from this config's training sections; ``required``: and exist."""
+        cfg, snap = self.cfg, self.snapshot("train")
+        have, want = self.snapshot_hash("train"), self.train_hash
+        if have is None and required:
+            raise PipelineError(f"{self.path}: no trained models; run `pipeline train {cfg.path}` first")
+        if have is not None and have != want:
+            raise PipelineError(f"{snap}: models were trained under another config (train hash {have}, this config {want}); "
+                                f"rerun `pipeline train {cfg.path}`")
+
+    def models_by_fold(self) -> list[list[JobDir]]:
+        """Finished fold models of the current training config: entry k holds fold k's, one per seed."""
+        self.check_trained()
+        groups = [[self.job_dir(k, s) for s in self.seeds] for k in range(self.n_folds())]
+        self._check_finished([d for g in groups for d in g])
+        return groups
+
+    def model_dirs(self, *, refit: bool = False) -> list[JobDir]:
+        """Finished model folders: the fold models fold-major (each fold's seeds together), or the refit ones."""
+        if not refit:
+            return [d for group in self.models_by_fold() for d in group]
+        self.check_trained()
+        dirs = [self.refit_dir(s) for s in self.seeds]
+        self._check_finished(dirs)
+        return dirs
+
+    def _check_finished(self, dirs: list[JobDir]) -> None:
+        cfg = self.cfg
+        if not cfg.folds_path.is_file():  # the run hash includes the folds file's digest
+            raise PipelineError(f"{cfg.folds_path}: folds file not found, so the models' folds cannot be checked; "
+                                f"run `pipeline fold {cfg.path}` (or restore the file training used)")
+        want = self.run_hash()
+        for d in dirs:
+            if not d.is_done(want):
+                raise PipelineError(f"{d}: model not finished; run `pipeline train {cfg.path}` first")
+
+    # ---- stage snapshots ----------------------------------------------------------------
+
+    def snapshot(self, stage: str) -> Path:
+        """``config.<stage>.yaml``: the resolved config a stage ran with; its hash sits beside it."""
+        if stage not in STAGES:
+            raise ValueError(f"no run-folder stage {stage!r}; expected one of {', '.join(STAGES)}")
+        return self.path / f"config.{stage}.yaml"
+
+    def snapshot_hash(self, stage: str) -> str | None:
+        return read_stage_hash(self.snapshot(stage))
+
+    def write_snapshot(self, stage: str, resolved: dict | None = None) -> str:
+        """Record that ``stage`` ran with this config (last, once its outputs are written); returns its hash."""
+        return write_snapshot(self.cfg, self.snapshot(stage), stage, resolved)
+
+    # ---- precision.json -----------------------------------------------------------------
+
+    @property
+    def precision_json(self) -> Path:
+        return self.path / "precision.json"
+
+    def read_precision(self, train_hash: str | None = None) -> str | None:
+        """The precision resolved for this run (for ``train_hash`` when given); None when not resolved."""
+        p = self.precision_json
+        if not p.is_file():
+            return None
+        try:
+            saved = json.loads(p.read_text())
+            choice = saved["precision"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None  # resolved again
+        return choice if train_hash is None or saved.get("hash") == train_hash else None
+
+    def write_precision(self, precision: str, train_hash: str) -> None:
+        atomic_write_json(self.precision_json, {"precision": precision, "hash": train_hash})
+
+    # ---- artifacts ----------------------------------------------------------------------
+
+    oof = property(lambda self: self.path / "oof.csv")
+    oof_tta = property(lambda self: self.path / "oof_tta.csv")
+    test_pred = property(lambda self: self.path / "test_pred.csv")
+    test_pred_refit = property(lambda self: self.path / "test_pred_refit.csv")
+    predict_json = property(lambda self: self.path / "predict.json")
+    metrics_json = property(lambda self: self.path / "metrics.json")
+    calibration_json = property(lambda self: self.path / "calibration.json")
+    ensemble_json = property(lambda self: self.path / "ensemble.json")
+    report_dir = property(lambda self: self.path / "report")
+
+    def test_pred_fold(self, fold: int) -> Path:
+        """Fold ``fold``'s models' own test predictions (averaged over its seeds)."""
+        return self.path / f"test_pred_fold{fold}.csv"
+
+    def test_pred_fold_files(self) -> dict[int, Path]:
+        """Every ``test_pred_fold<k>.csv`` present, by fold."""
+        out = {}
+        for p in self.path.glob("test_pred_fold*.csv"):
+            k = p.stem.removeprefix("test_pred_fold")
+            if k.isdigit():
+                out[int(k)] = p
+        return dict(sorted(out.items()))
+
+    def oof_file(self, name: str = "oof.csv") -> Path:
+        """The OOF file ``predict.json`` names (``oof.csv`` or ``oof_tta.csv``)."""
+        if name not in OOF_FILES:
+            raise PipelineError(f"{self.predict_json}: oof is {name!r}; expected one of {', '.join(OOF_FILES)}; rerun `pipeline predict`")
+        return self.path / name
+
+    def read_predict_info(self) -> dict:
+        """predict.json (how test_pred.csv was made); {} before the predict stage ran."""
+        p = self.predict_json
+        if not p.is_file():
+            return {}
+        try:
+            d = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            d = None
+        if not isinstance(d, dict):
+            raise PipelineError(f"{p}: not a JSON object; rerun `pipeline predict` for {self.name}")
+        return d
+
+    @property
+    def is_ensemble(self) -> bool:
+        return self.ensemble_json.is_file()
