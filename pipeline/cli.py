@@ -76,11 +76,12 @@ def cmd_augment(args):
 
     from .augment import build_augment, preview_grid
     from .formats import read_table
+    from .runs import RunDir
 
     cfg = _config(args)
     t = read_table(cfg, "train")
     aug = build_augment(cfg.augment, t.value_range, t.channels, t.image_size, seed=cfg.train.seed, where=f"{cfg.path}: augment")
-    out = Path(args.out or cfg.run_dir / "augment_preview.png")
+    out = Path(args.out or RunDir.of(cfg).augment_preview)
     idx = np.random.default_rng(cfg.train.seed).choice(len(t), size=min(args.n, len(t)), replace=False)
     preview_grid(t.images[np.sort(idx)], aug, out, n=len(idx), value_range=t.value_range)
     print(f"wrote {out}")

@@ -24,6 +24,8 @@ from sklearn.calibration import calibration_curve
 from .config import Config
 from .errors import PipelineError
 from .gradcam import NoFeatureMap, gradcam
+from .predictions import probs_of
+from .runs import RunDir
 from .table import Table
 
 log = logging.getLogger(__name__)
@@ -53,14 +55,14 @@ def write_report(cfg: Config, table: Table, oof: pd.DataFrame, metrics: dict, ca
     nested temperature-scaled probabilities (None when calibration is off).
     """
     run = cfg.run_dir
-    final = run / "report"
+    final = RunDir(path=run).report_dir
     tmp = Path(tempfile.mkdtemp(prefix=".report.", dir=run))
     try:
         figs = Figures(tmp)
         names = list(table.class_names)
         y = oof["target"].to_numpy()
         fold = oof["fold"].to_numpy()
-        probs = oof[[f"p_{c}" for c in names]].to_numpy()
+        probs = probs_of(oof, names)
         plot_confusion(figs, metrics, names)
         plot_roc_pr(figs, y, probs, fold, names)
         plot_reliability(figs, y, probs, calibrated, cfg.evaluate.n_bins, metrics)
@@ -188,22 +190,8 @@ def plot_reliability(figs: Figures, y: np.ndarray, probs: np.ndarray, calibrated
               "The histogram shows how many predictions fall in each bin.")
 
 
-def _history_dirs(run: Path) -> list[tuple[str, Path]]:
-    out = []
-    for d in run.glob("fold_*"):
-        h = d / "history.csv"
-        if h.is_file():
-            parts = d.name.split("_")  # fold_<k> or fold_<k>_seed<s>
-            try:
-                key = (int(parts[1]), int(parts[2][4:]) if len(parts) > 2 else 0)
-            except (IndexError, ValueError):
-                continue
-            out.append((key, d.name.replace("_", " ").replace("seed", "seed "), h))
-    return [(label, h) for _, label, h in sorted(out)]
-
-
 def plot_training_curves(figs: Figures, run: Path, metric: str) -> None:
-    items = _history_dirs(run)
+    items = RunDir(path=run).histories()
     if not items:
         figs.note("No fold_*/history.csv found: no training curves.")
         return
@@ -324,7 +312,6 @@ def plot_gradcam(figs: Figures, cfg: Config, table: Table, oof: pd.DataFrame, pr
 
     from .inference import features_tensor
     from .models import load_checkpoint
-    from .runs import RunDir
 
     y = oof["target"].to_numpy()
     fold = oof["fold"].to_numpy()

@@ -200,9 +200,18 @@ class RunDir:
                 out.append(d)
         return out
 
-    def history_files(self) -> list[Path]:
-        """history.csv of every fold job that has one."""
-        return sorted(d / "history.csv" for d in self.path.glob("fold_*") if (d / "history.csv").is_file())
+    def histories(self) -> list[tuple[str, Path]]:
+        """(label, history.csv) of every fold job that has one, by fold then seed: ("fold 2 seed 7", path)."""
+        import re
+
+        found = []
+        for d in self.path.glob("fold_*"):
+            m = re.fullmatch(r"fold_(\d+)(?:_seed(-?\d+))?", d.name)
+            if m and (d / "history.csv").is_file():
+                fold, seed = int(m.group(1)), m.group(2)
+                label = f"fold {fold}" + (f" seed {seed}" if seed is not None else "")
+                found.append(((fold, int(seed or 0)), label, d / "history.csv"))
+        return [(label, h) for _, label, h in sorted(found)]
 
     # ---- models for predict -------------------------------------------------------------
 
@@ -301,6 +310,7 @@ class RunDir:
     calibration_json = property(lambda self: self.path / "calibration.json")
     ensemble_json = property(lambda self: self.path / "ensemble.json")
     report_dir = property(lambda self: self.path / "report")
+    augment_preview = property(lambda self: self.path / "augment_preview.png")
 
     def test_pred_fold(self, fold: int) -> Path:
         """Fold ``fold``'s models' own test predictions (averaged over its seeds)."""
@@ -337,3 +347,16 @@ class RunDir:
     @property
     def is_ensemble(self) -> bool:
         return self.ensemble_json.is_file()
+
+
+# ---- the competition's folder: its runs and the tuning studies beside them -------------------
+
+def competition_dir(cfg: Config) -> Path:
+    """``<paths.runs>/<competition>/``: every run of the competition, and ``tune/``."""
+    return cfg.run_dir.parent
+
+
+def tune_dir(cfg: Config, study: str | None = None) -> Path:
+    """``tune/`` (the default SQLite study storage) or one study's folder (trials.csv, best.yaml, trial runs)."""
+    root = competition_dir(cfg) / "tune"
+    return root if study is None else root / study

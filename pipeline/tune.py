@@ -54,6 +54,7 @@ from pathlib import Path
 from .config import Config
 from .errors import PipelineError
 from .logs import to_file
+from .runs import tune_dir
 from .metrics import METRICS, cv_std
 from .samplers import PRUNERS, build_pruner, build_sampler, check_sampler
 from .search_space import Space, _lookup, check_augment, parse_space
@@ -71,7 +72,7 @@ class OverBudget(Exception):
 # ---- storage --------------------------------------------------------------------------
 
 def default_storage(cfg: Config) -> str:
-    path = (Path("runs") / cfg.competition / "tune" / "optuna.db").resolve()
+    path = (tune_dir(cfg) / "optuna.db").resolve()
     return f"sqlite:///{path}"
 
 
@@ -210,7 +211,7 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
     import optuna
     from optuna.trial import TrialState
 
-    out_dir = Path("runs") / cfg.competition / "tune" / study_name
+    out_dir = tune_dir(cfg, study_name)
     storage = open_storage(storage_url or default_storage(cfg), cfg.tune)
     shown = storage.engine.url.render_as_string(hide_password=True)
     table, folds, n_folds = _tuned_folds(cfg)

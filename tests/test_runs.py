@@ -138,3 +138,17 @@ def test_a_run_writes_only_under_the_configured_roots(digits_config, tmp_path_fa
     assert capsys.readouterr().out.count("done") == 4
     cfg = load_config(path)
     assert pd.read_csv(cfg.folds_path).shape[0] == 600 and json.loads((run / "predict.json").read_text())["models"] == ["fold_0", "fold_1", "fold_2"]
+
+
+def test_tuning_studies_and_histories_follow_the_runs_root(digits_config, tmp_path):
+    from pipeline.runs import RunDir, tune_dir
+    from pipeline.tune import default_storage
+
+    cfg = load_config(digits_config(), [f"paths.runs={tmp_path / 'big-disk'}"])
+    assert tune_dir(cfg, "s1") == tmp_path / "big-disk" / "comp" / "tune" / "s1"
+    assert default_storage(cfg) == f"sqlite:///{(tmp_path / 'big-disk' / 'comp' / 'tune' / 'optuna.db').resolve()}"
+    run = RunDir(path=tmp_path / "r")
+    for name in ("fold_10", "fold_2_seed7", "fold_2_seed3", "fold_x", "refit"):
+        (run.path / name).mkdir(parents=True)
+        (run.path / name / "history.csv").write_text("epoch\n1\n")
+    assert [label for label, _ in run.histories()] == ["fold 2 seed 3", "fold 2 seed 7", "fold 10"]
