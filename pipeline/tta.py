@@ -110,6 +110,15 @@ TTA: dict[str, Callable] = {
 }
 
 
+def register_tta(name: str, transform: Callable[["torch.Tensor"], "torch.Tensor"] | None = None, *,
+                 builder: Callable | None = None) -> None:
+    """Add a TTA name: one image-batch ``transform`` (NCHW tensor -> same shape), or a ``builder(image_size,
+    model_size) -> [TtaTransform]`` for a family. ``predict.tta: [<name>]`` is accepted from then on."""
+    if (transform is None) == (builder is None):
+        raise ValueError("register_tta takes a transform or a builder")
+    TTA[name] = builder or (lambda s, m: [TtaTransform(name, transform, ("custom", name))])
+
+
 def tta_problem(names: list[str]) -> str | None:
     """What is wrong with ``predict.tta`` before any image is seen (the config checks it), or None."""
     if not names:

@@ -226,7 +226,7 @@ def test_registered_format_end_to_end(tmp_path, make_config, iceberg_dir, reques
     rng = np.random.default_rng(0)
     data = tmp_path / "npz"
     data.mkdir()
-    np.savez(data / "rows.npz", ids=np.array([f"r{i}" for i in range(30)]), images=rng.random((30, 1, 4, 4), dtype=np.float32),
+    np.savez(data / "rows.npz", ids=np.array([f"r{i}" for i in range(30)]), images=rng.random((30, 1, 16, 16), dtype=np.float32),
              labels=np.arange(30) % 2)
     path = make_config(data, "npz", folds={"n_splits": 3})
     with pytest.raises(PipelineError, match=r"data.file: "):  # its own key exists...
@@ -239,6 +239,12 @@ def test_registered_format_end_to_end(tmp_path, make_config, iceberg_dir, reques
     assert run_cli("fold", path, "data.file=rows.npz") == 0
     folds = pd.read_csv("folds/comp.csv", dtype={"id": str})
     assert sorted(folds["id"]) == sorted(f"r{i}" for i in range(30)) and folds["fold"].nunique() == 3
+    # ... and it trains like any other format: every row gets an out-of-fold prediction
+    np.savez(data / "test.npz", ids=np.array([f"t{i}" for i in range(5)]), images=rng.random((5, 1, 16, 16), dtype=np.float32))
+    assert run_cli("train", path, "data.file=rows.npz", "model.backbone=simple_cnn", "model.pretrained=false",
+                   "train.epochs=1", "train.batch_size=8", "train.device=cpu") == 0
+    oof = pd.read_csv("runs/comp/exp/oof.csv", dtype={"id": str})
+    assert sorted(oof["id"]) == sorted(folds["id"]) and list(oof.columns) == ["id", "fold", "target", "p_a", "p_b"]
 
 
 def test_built_in_formats_keep_the_data_keys_their_runs_are_hashed_with(make_config, iceberg_dir, digits_dir, folder_dir):

@@ -198,3 +198,21 @@ def test_bad_tta_name_fails_before_any_work(digits_config, capsys):
     assert not (RUN / "test_pred.csv").exists() and not Path("submissions").exists()
     assert run_cli("predict", path, "predict.clip=[0.9,0.1]") == 2
     assert "predict.clip: got [0.9, 0.1]; expected [lo, hi] with 0 <= lo < hi <= 1" in capsys.readouterr().err
+
+
+def test_registered_tta_end_to_end(digits_config, request):
+    """A TTA transform is one register_tta line: the config accepts its name and predict averages it in."""
+    from pipeline.tta import TTA, register_tta
+
+    path = digits_config(train={"epochs": 1})
+    with pytest.raises(PipelineError, match=r"predict.tta: unknown TTA 'transpose'"):
+        load_config(path, ["predict.tta=[identity,transpose]"])
+    register_tta("transpose", lambda x: x.transpose(-2, -1))
+    request.addfinalizer(lambda: TTA.pop("transpose"))
+    cfg = trained(path, ["predict.tta=[identity,transpose]"])
+    df = predict_test(cfg)
+    test = read_table(cfg, "test")
+    plain = [softmax(lg) for lg in fold_logits(cfg, test.images)]
+    transposed = [softmax(lg) for lg in fold_logits(cfg, np.ascontiguousarray(test.images.transpose(0, 1, 3, 2)))]
+    np.testing.assert_allclose(df.filter(like="p_").to_numpy(), (np.mean(plain, 0) + np.mean(transposed, 0)) / 2, atol=1e-6)
+    assert json.loads((RUN / "predict.json").read_text())["tta"] == ["identity", "transpose"]
