@@ -435,6 +435,10 @@ class FoldTrainer:
         if st is None:
             return 1, Progress()
         p = self.parts
+        if len(st.get("opt", {}).get("param_groups", [])) != len(p.opt.param_groups):
+            # written by an older version (one optimizer group for all weights, decay on biases too)
+            log.info(f"{self.job.label}: resume state has another optimizer layout; starting over")
+            return 1, Progress()
         try:
             p.model.load_state_dict(st["model"])
             p.opt.load_state_dict(st["opt"])

@@ -375,3 +375,23 @@ def test_rerun_removes_only_dead_writers_temp_files(digits_config, capsys):
     train_cv(cfg, folds=[0])
     assert {f: f.exists() for f in left} == left
     assert "left by a killed run" in capsys.readouterr().out
+
+
+def test_resume_state_of_an_older_optimizer_layout_starts_over(digits_config, capsys):
+    """A last.pt from before biases were exempt from weight decay (other optimizer groups) restarts the fold."""
+    cfg = _prepare(digits_config(train={"epochs": 2}))
+
+    def stop_after_1(job, epoch, row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_cv(cfg, folds=[0], on_epoch=stop_after_1)
+    last = Path("runs/comp/exp/fold_0/last.pt")
+    st = torch.load(last, weights_only=True)
+    st["opt"]["param_groups"] = st["opt"]["param_groups"][:1]
+    torch.save(st, last)
+    capsys.readouterr()
+    train_cv(cfg, folds=[0])
+    out = capsys.readouterr().out
+    assert "fold 0: resume state has another optimizer layout; starting over" in out and "fold 0 epoch 1/2" in out
+    assert pd.read_csv("runs/comp/exp/fold_0/history.csv")["epoch"].tolist() == [1, 2]
