@@ -58,16 +58,3 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(1, keepdims=True)
-
-
-class Rows:
-    """Lazy row subset of an array (avoids copying a memmap to predict a fold)."""
-
-    def __init__(self, arr, idx):
-        self.arr, self.idx = arr, idx
-
-    def __len__(self):
-        return len(self.idx)
-
-    def __getitem__(self, i):
-        return self.arr[self.idx[i]]
