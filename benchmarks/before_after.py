@@ -41,9 +41,11 @@ print(json.dumps(t.pipeline_loop(steps, base, work, name, fold_jobs)))
 """
 
 
-def measure(checkout: Path, work: Path, name: str, steps: int, fold_jobs: int) -> float:
-    env = {**os.environ, "PYTHONPATH": str(checkout), "PIPELINE_CACHE": str(work / "cache")}
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(work), str(work / "data"), str(work / "folds.csv"), name,
+def measure(checkout: Path, root: Path, name: str, steps: int, fold_jobs: int) -> float:
+    """One measurement in ``root/name`` on the shared ``root/data`` and ``root/folds.csv``."""
+    (root / name).mkdir()
+    env = {**os.environ, "PYTHONPATH": str(checkout), "PIPELINE_CACHE": str(root / "cache")}
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(root / name), str(root / "data"), str(root / "folds.csv"), name,
                           str(steps), str(fold_jobs), str(checkout)],
                          cwd=checkout, env=env, capture_output=True, text=True, check=False)
     if out.returncode:
@@ -80,8 +82,7 @@ def main() -> None:
         for r in range(args.rounds):
             for t, tree in trees.items():
                 for fj in (1, fold_jobs):
-                    (work / f"{t}{r}fj{fj}").mkdir()
-                    v = measure(tree, work / f"{t}{r}fj{fj}", f"{t}{r}fj{fj}", args.steps, fj)
+                    v = measure(tree, work, f"{t}{r}fj{fj}", args.steps, fj)
                     rates[(t, fj)].append(v)
                     print(f"round {r}: {t} ({'HEAD' if t == 'head' else args.base}) fold_jobs {fj}: {v:.1f} img/s "
                           f"(load {os.getloadavg()[0]:.2f})", flush=True)
