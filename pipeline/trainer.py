@@ -50,7 +50,7 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 # ---- components ----------------------------------------------------------------------------
 
-@dataclass
+@dataclass(kw_only=True)
 class Components:
     """What one job trains with; built once per job, in a fixed order (the init RNG stream)."""
 
@@ -179,7 +179,7 @@ def validate(model: nn.Module, *, table: Table, idx: np.ndarray, batch_size: int
 class BatchSource(torch.utils.data.Dataset):
     """Batch ``b`` = rows ``batches[b]``, augmented with its own seed, as a float32 tensor."""
 
-    def __init__(self, images, batches, augment, seeds):
+    def __init__(self, *, images, batches, augment, seeds):
         self.images, self.batches, self.augment, self.seeds = images, batches, augment, seeds
 
     def __len__(self):
@@ -232,7 +232,7 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, t, rng: np.random.Generator):
 
 # ---- artifacts -------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(kw_only=True)
 class Progress:
     """What the loop carries from epoch to epoch, and what resume restores."""
 
@@ -390,8 +390,8 @@ class FoldTrainer:
         """(idx, augmented float batch) pairs. Each batch's augmentation is seeded from (seed, fold,
         epoch, batch number), so results do not depend on ``train.num_workers``."""
         job = self.job
-        ds = BatchSource(self.table.images, batches, self.parts.augment,
-                         [derive_seed("aug", job.seed, job.fold, epoch, b) for b in range(len(batches))])
+        ds = BatchSource(images=self.table.images, batches=batches, augment=self.parts.augment,
+                         seeds=[derive_seed("aug", job.seed, job.fold, epoch, b) for b in range(len(batches))])
         if self.cfg.train.num_workers == 0:
             return (ds[b] for b in range(len(ds)))
         return iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.train.num_workers,
