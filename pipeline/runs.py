@@ -22,6 +22,7 @@ hash and the digest of the folds file it trained on (``RunDir.run_hash``).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -409,9 +410,10 @@ class RunDir:
             raise PipelineError(f"{p}: metric is {d['metric']!r}; expected a metric name; {fix}")
         for key in ("cv_mean", "cv_std"):
             v = d.get(key, {})
-            ok = isinstance(v, dict) and all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool)) for x in v.values())
-            if not ok:
-                raise PipelineError(f"{p}: {key} is not an object of numbers by metric; {fix}")
+            ok = isinstance(v, dict) and all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
+                                             for x in v.values())
+            if not ok:  # evaluate writes a score it could not compute as null
+                raise PipelineError(f"{p}: {key} is not an object of finite numbers (or null) by metric; {fix}")
         return d
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import datetime as dt
 import hashlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -102,8 +103,8 @@ def read_sidecar(path: str | Path) -> dict:
             raise PipelineError(f"{j}: no {key}; {_REMAKE}")
     for key in ("oof_score", "lb_score"):
         v = d.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
-            raise PipelineError(f"{j}: {key} is {v!r}; expected a number; {_REMAKE}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise PipelineError(f"{j}: {key} is {v!r}; expected a finite number; {_REMAKE}")
     return d
 
 
