@@ -304,7 +304,7 @@ def build_blender(method: str) -> Callable:
 
 def run_ensemble(path: str | Path, overrides: list[str] | None = None) -> Path:
     """Blend the members, print member and blend OOF scores, write runs/<comp>/<name>/ and a submission."""
-    from .submission import write_submission
+    from .submission import remove_submission, write_submission
 
     path = Path(path)
     ens, cfg = load_ensemble(path, overrides)
@@ -349,13 +349,20 @@ def run_ensemble(path: str | Path, overrides: list[str] | None = None) -> Path:
     if not (s > best if better else s < best):
         log.info(f"warning: the blend's OOF {metric} {s:.4f} is not better than the best member's ({best_name}: {best:.4f})")
 
-    write_predictions(out.oof, pred_frame(first.oof["id"], blend_oof, class_names, fold=folds, target=y), "oof")
-    write_predictions(out.test_pred, pred_frame(first.test["id"], blend_test, class_names), "test")
     hashes = {m.name: {"train": m.run.snapshot_hash("train"), "predict": m.run.snapshot_hash("predict")} for m in members}
     info = {"experiments": names, "weights": weights, "method": ens.method, "metric": metric, "oof_score": s,
             "oof_logloss": ll, "oof_logloss_clipped": ll_clip, "clip": list(clip) if clip else None,
             "member_scores": {n: {"oof_score": v["value"], "oof_logloss": v["ll"]} for n, v in member_scores.items()},
             "members": [str(m.run_dir) for m in members], "config_hashes": hashes,
             "ensemble_file": str(path)}
-    atomic_write_json(out.ensemble_json, info)
-    return write_submission(cfg, first.test["id"].to_numpy(), clip_probs(blend_test, clip), class_names, ens.name, info)
+    # All or nothing: the blend's files are staged and checked, then the submission is written, then
+    # the files move into place, ensemble.json (what marks the folder an ensemble) last.
+    with out.staged("ensemble") as stage:
+        write_predictions(stage.path(out.oof), pred_frame(first.oof["id"], blend_oof, class_names, fold=folds, target=y), "oof")
+        test_path = stage.path(out.test_pred)
+        write_predictions(test_path, pred_frame(first.test["id"], blend_test, class_names), "test")
+        blend = read_predictions(test_path, "test", class_names=class_names, hint=f"pipeline ensemble {path}")
+        atomic_write_json(stage.path(out.ensemble_json), info)
+        sub = write_submission(cfg, blend["id"].to_numpy(), clip_probs(probs_of(blend, class_names), clip), class_names, ens.name, info)
+        stage.undo(lambda: remove_submission(sub))
+    return sub

@@ -23,7 +23,6 @@ counts the same, like Kaggle's macro-F1), and ``*_weighted`` weigh classes by th
 from __future__ import annotations
 
 import logging
-import json
 import math
 from pathlib import Path
 
@@ -253,22 +252,19 @@ def _run_settings(run: Path) -> tuple[str, float]:
     import yaml
 
     rd = RunDir(path=run)
-    m = rd.metrics_json
-    metric, eps = None, 1e-15
-    if m.is_file():
-        try:
-            metric = json.loads(m.read_text()).get("metric")
-        except json.JSONDecodeError:
-            pass
+    metric, eps = (rd.read_metrics() or {}).get("metric"), 1e-15  # a corrupt metrics.json is refused
     for stage in ("evaluate", "train"):
         p = rd.snapshot(stage)
         if p.is_file():
             try:
-                d = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError:
-                continue
-            metric = metric or d.get("metric")
-            eps = float((d.get("evaluate") or {}).get("eps", eps))
+                d = yaml.safe_load(p.read_text())
+                section = d.get("evaluate") or {}
+                eps = float(section.get("eps", eps))
+                if not 0 < eps < 0.5:
+                    raise ValueError(eps)
+            except (yaml.YAMLError, UnicodeDecodeError, AttributeError, TypeError, ValueError):
+                raise PipelineError(f"{p}: not a config snapshot the pipeline wrote; rerun `pipeline {stage} <config of {rd.name}>`") from None
+            metric = metric or (d.get("metric") if isinstance(d.get("metric"), str) else None)
             break
     return metric or "logloss", eps
 

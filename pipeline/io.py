@@ -22,18 +22,22 @@ def sweep_temps(folder: str | Path, *, any_owner: bool = False) -> list[Path]:
     """Remove the temporary files of atomic writes in ``folder`` whose writer is gone: a process of
     this host that no longer runs, or, with ``any_owner`` (the caller holds the folder's lock, so
     no one else writes there), every one. A live writer's, or another host's, are left alone."""
-    import re
-    import socket
-
-    host = socket.gethostname().replace(".", "_")
     removed = []
     for p in Path(folder).glob(".*.tmp"):
-        m = re.match(r"^\..+\.([^.]+)-(\d+)\.[^.]+\.tmp$", p.name)
-        dead = m is not None and m.group(1) == host and not _alive(int(m.group(2)))
-        if (any_owner or dead) and p.is_file():
+        if (any_owner or _writer_gone(p.name)) and p.is_file():
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+def _writer_gone(name: str) -> bool:
+    """Whether the writer a temporary name records (``.<what>.<host>-<pid>.<random>.tmp``) was a
+    process of this host that no longer runs."""
+    import re
+    import socket
+
+    m = re.match(r"^\..+\.([^.]+)-(\d+)\.[^.]+\.tmp$", name)
+    return m is not None and m.group(1) == socket.gethostname().replace(".", "_") and not _alive(int(m.group(2)))
 
 
 @contextmanager
@@ -68,6 +72,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
@@ -75,6 +84,119 @@ def atomic_write_json(path: str | Path, obj) -> None:
 def atomic_write_csv(path: str | Path, df, **kw) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False, **kw)
+
+
+class Staging:
+    """The files a stage writes, gathered in a hidden folder inside ``folder`` until they all exist
+    (see ``staged``)."""
+
+    def __init__(self, *, folder: Path, dir: Path, last: list[Path]):
+        self.folder, self.dir, self.last = folder, dir, [Path(p) for p in last]
+        self._moves: dict[Path, Path] = {}  # staged file -> where it goes, in the order staged
+        self._removals: list[Path] = []
+        self._undo: list = []
+
+    def path(self, dest: str | Path) -> Path:
+        """Where to write the file that belongs at ``dest`` (a file directly in the folder)."""
+        dest = Path(dest)
+        if dest.parent != self.folder:
+            raise ValueError(f"{dest}: not a file of {self.folder}")
+        tmp = self.dir / dest.name
+        self._moves[tmp] = dest
+        return tmp
+
+    def remove(self, dest: str | Path) -> None:
+        """Delete ``dest`` (a stale file of an earlier run) when the stage commits, not before."""
+        self._removals.append(Path(dest))
+
+    def undo(self, fn) -> None:
+        """Call ``fn()`` if the stage fails after this point (e.g. remove a file written elsewhere)."""
+        self._undo.append(fn)
+
+    def _outside(self, e: BaseException) -> BaseException | None:
+        """The same error naming the artifact rather than its staged copy (None: it names neither)."""
+        from .errors import PipelineError
+
+        inner = str(self.dir)
+        if isinstance(e, OSError) and str(e.filename or "").startswith(inner):
+            return _naming(e, Path(str(e.filename).replace(inner, str(self.folder), 1)))
+        if isinstance(e, PipelineError) and inner in str(e):
+            return type(e)(str(e).replace(inner, str(self.folder)))
+        return None
+
+    def _commit(self) -> None:
+        never = [d for t, d in self._moves.items() if not t.is_file()]
+        if never:  # a bug of the stage: refuse before anything in the folder changes
+            raise RuntimeError(f"{never[0]}: staged but never written")
+        # The done markers go first (so a commit cut short reads as "not done") and come back last.
+        for dest in reversed(self.last):
+            dest.unlink(missing_ok=True)
+        for dest in self._removals:
+            dest.unlink(missing_ok=True)
+        rank = {d: i for i, d in enumerate(self.last)}
+        for tmp, dest in sorted(self._moves.items(), key=lambda move: rank.get(move[1], -1)):
+            try:
+                os.replace(tmp, dest)
+            except OSError as e:
+                raise _naming(e, dest) from None
+
+
+@contextmanager
+def staged(folder: str | Path, *, last: list[str | Path] = ()):
+    """A stage's outputs, all or nothing: yield a ``Staging`` whose ``path(dest)`` is where to write
+    each output; when the block ends normally every staged file is renamed into ``folder``, the
+    ``last`` ones (the stage's done markers) after all others. If the block raises, nothing in
+    ``folder`` has changed: the staging folder is removed and ``undo`` callbacks run."""
+    import shutil
+
+    folder = Path(folder)
+    made = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob(".staging.*.tmp"):  # left by a killed process
+            if _writer_gone(old.name):
+                shutil.rmtree(old, ignore_errors=True)
+        stage = Staging(folder=folder, dir=Path(tempfile.mkdtemp(prefix=f".staging.{_owner()}.", suffix=".tmp", dir=folder)),
+                        last=[Path(p) for p in last])
+    except OSError as e:
+        raise _naming(e, folder) from None
+    try:
+        yield stage
+        stage._commit()
+    except BaseException as e:
+        for fn in reversed(stage._undo):
+            try:
+                fn()
+            except OSError:
+                pass  # the original fault is the one to report
+        outside = stage._outside(e)
+        if outside is not None:
+            raise outside from None
+        raise
+    finally:
+        shutil.rmtree(stage.dir, ignore_errors=True)
+        if made:
+            try:
+                folder.rmdir()  # only when empty: a failed first run leaves no folder behind
+            except OSError:
+                pass
+
+
+def read_json_object(path: Path, fix: str) -> dict:
+    """A JSON object file of the pipeline's own; anything else is one line naming the file and ``fix``
+    (what rebuilds it)."""
+    raw = Path(path).read_bytes()
+    try:
+        d = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        found = "an empty file" if not raw.strip() else f"invalid JSON: {str(e).splitlines()[0][:80]}"
+    else:
+        if isinstance(d, dict):
+            return d
+        found = f"a JSON {type(d).__name__}"
+    from .errors import PipelineError
+
+    raise PipelineError(f"{path}: not a JSON object; {fix} (found {found})")
 
 
 def cache_dir() -> Path:

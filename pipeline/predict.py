@@ -11,6 +11,10 @@ Artifacts in the run folder (layout: pipeline/runs.py; files: pipeline/predictio
                          used, which OOF file matches it and that OOF's scores (the ensemble stage reads it)
   config.predict.yaml / .hash   written last: the stage is done
 
+All or nothing: every file is written into a staging folder inside the run folder and checked,
+then the submission file(s), then the files are moved into place, the done marker last
+(``RunDir.staged``). A failure anywhere before leaves the run folder and submissions/ as they were.
+
   test_pred_refit.csv    with ``train.refit``: the same from the model(s) refit on every row, kept beside
                          the fold models' (it has no OOF of its own; the folds' CV is its estimate)
 
@@ -21,7 +25,7 @@ submission files and to the OOF scores in predict.json. ``predict.clip`` applies
 from __future__ import annotations
 
 import logging
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +34,9 @@ import pandas as pd
 from .calibration import load_temperature
 from .config import Config
 from .errors import PipelineError
-from .io import atomic_write_json
+from .io import Staging, atomic_write_json
 from .metrics import logloss, score
-from .predictions import pred_frame, probs_of, read_predictions, write_predictions
+from .predictions import pred_frame, probs_of, read_predictions, scale, write_predictions
 from .runs import JobDir, RunDir
 
 log = logging.getLogger(__name__)
@@ -83,7 +87,7 @@ class _Models:
     def transforms(self, model: JobDir, image_size):
         from .tta import build_tta, model_input_size
 
-        meta = json.loads(model.best_meta.read_text())
+        meta = model.read_best_meta()
         return build_tta(self.cfg.predict.tta, image_size, model_input_size(meta))
 
     def predict(self, model_dir: JobDir, images, features, table) -> np.ndarray:
@@ -91,6 +95,7 @@ class _Models:
         from .models import load_checkpoint
         from .tta import predict_tta
 
+        model_dir.read_best_meta()  # checked here: load_checkpoint rebuilds the model from it
         model, meta = load_checkpoint(model_dir.best_weights)
         if list(meta["class_names"]) != list(table.class_names):
             raise PipelineError(f"{model_dir.best_meta}: model classes {meta['class_names']} differ from the data's {list(table.class_names)}; "
@@ -149,38 +154,53 @@ def _check_tta(cfg: Config, models: _Models, model: JobDir, test) -> list:
     return transforms
 
 
-def _write_test_preds(cfg: Config, run: RunDir, models: _Models, by_fold: list[list[JobDir]], test) -> pd.DataFrame:
-    """test_pred.csv (every fold model) and test_pred_fold<k>.csv (fold k's own), raw; returns test_pred.csv's frame."""
+def _write_test_preds(cfg: Config, run: RunDir, stage: Staging, models: _Models, by_fold: list[list[JobDir]], test) -> pd.DataFrame:
+    """test_pred.csv (every fold model) and test_pred_fold<k>.csv (fold k's own), raw, into ``stage``;
+    returns test_pred.csv's frame as read back from its file."""
     average, names = cfg.predict.average, test.class_names
     totals = [models.total(group, test) for group in by_fold]
     n_models = sum(len(g) for g in by_fold)
-    written = []
     for k, (t, group) in enumerate(zip(totals, by_fold)):
-        write_predictions(run.test_pred_fold(k), pred_frame(test.ids, _to_probs(t / len(group), average), names), "test")
-        written.append(k)
+        write_predictions(stage.path(run.test_pred_fold(k)), pred_frame(test.ids, _to_probs(t / len(group), average), names), "test")
     for k, p in run.test_pred_fold_files().items():
-        if k not in written:
-            p.unlink()  # a fold of an earlier folds file
-    return write_predictions(run.test_pred, pred_frame(test.ids, _to_probs(sum(totals) / n_models, average), names), "test")
+        if k >= len(by_fold):
+            stage.remove(p)  # a fold of an earlier folds file
+    return _write_and_read(stage.path(run.test_pred), pred_frame(test.ids, _to_probs(sum(totals) / n_models, average), names),
+                           names, f"pipeline predict {cfg.path}")
 
 
-def _write_refit_preds(cfg: Config, run: RunDir, models: _Models, test) -> list[JobDir]:
+def _write_and_read(path: Path, frame: pd.DataFrame, names, hint: str) -> pd.DataFrame:
+    """Write a test prediction file and read it back through the one reader: what later stages will see."""
+    write_predictions(path, frame, "test")
+    return read_predictions(path, "test", class_names=names, hint=hint)
+
+
+def _write_refit_preds(cfg: Config, run: RunDir, stage: Staging, models: _Models, test) -> tuple[list[JobDir], pd.DataFrame | None]:
     if not cfg.train.refit:
-        run.test_pred_refit.unlink(missing_ok=True)  # a stale refit file must not be submitted
-        return []
+        stage.remove(run.test_pred_refit)  # a stale refit file must not be submitted
+        return [], None
     dirs = run.model_dirs(refit=True)
     probs = _to_probs(models.total(dirs, test) / len(dirs), cfg.predict.average)
-    write_predictions(run.test_pred_refit, pred_frame(test.ids, probs, test.class_names), "test")
-    log.info(f"wrote {run.test_pred_refit}: {len(test)} rows from {', '.join(d.name for d in dirs)}")
-    return dirs
+    df = _write_and_read(stage.path(run.test_pred_refit), pred_frame(test.ids, probs, test.class_names), test.class_names,
+                         f"pipeline predict {cfg.path}")
+    log.info(f"{run.test_pred_refit.name}: {len(test)} rows from {', '.join(d.name for d in dirs)}")
+    return dirs, df
 
 
-def predict_test(cfg: Config) -> pd.DataFrame:
-    """Raw test-set probabilities of the experiment (written to ``test_pred.csv``, beside each fold's
-    own ``test_pred_fold<k>.csv``); returns test_pred.csv's frame."""
+@dataclass
+class _Predicted:
+    """What one predict stage made (raw probabilities, as their files hold them) before it is committed."""
+
+    test_pred: pd.DataFrame
+    refit: pd.DataFrame | None
+    info: dict  # predict.json
+    predict_hash: str
+
+
+def _predict_into(cfg: Config, run: RunDir, stage: Staging) -> _Predicted:
+    """Every file of the predict stage, written into ``stage`` (nothing in the run folder changes yet)."""
     from .formats import read_table
 
-    run = RunDir.of(cfg)
     check_clip(cfg.predict.clip, f"{cfg.path}: predict.clip")
     by_fold = run.models_by_fold()
     dirs = [d for group in by_fold for d in group]
@@ -193,58 +213,79 @@ def predict_test(cfg: Config) -> pd.DataFrame:
     transforms = _check_tta(cfg, models, dirs[0], test)
     log.info(f"predict {cfg.name}: {len(dirs)} model(s) x {len(transforms)} TTA transform(s) "
          f"({', '.join(t.name for t in transforms)}) on {len(test)} test images, averaging {cfg.predict.average}s")
-    df = _write_test_preds(cfg, run, models, by_fold, test)
-    refit_dirs = _write_refit_preds(cfg, run, models, test)
+    df = _write_test_preds(cfg, run, stage, models, by_fold, test)
+    refit_dirs, refit = _write_refit_preds(cfg, run, stage, models, test)
 
-    if cfg.predict.tta_oof:
-        oof_path, hint = run.oof_tta, f"pipeline predict {cfg.path}"
-        write_predictions(oof_path, _oof_tta(cfg, run, models), "oof")
-    else:
-        oof_path, hint = run.oof, f"pipeline train {cfg.path}"
     temperature = load_temperature(run.path)  # fitted on the folds' OOF; applied to the refit models' submission too
     if temperature is not None:
         log.info(f"temperature {temperature:.4f} from {run.calibration_json}: applied to the OOF scores and the submission "
                  f"(prediction files stay raw)")
-    oof = read_predictions(oof_path, "oof", class_names=test.class_names, scaled=True, hint=hint)
+    if cfg.predict.tta_oof:
+        oof_path = stage.path(run.oof_tta)
+        write_predictions(oof_path, _oof_tta(cfg, run, models), "oof")
+        oof = scale(read_predictions(oof_path, "oof", class_names=test.class_names, hint=f"pipeline predict {cfg.path}"), temperature)
+    else:
+        oof_path = run.oof
+        oof = scale(read_predictions(oof_path, "oof", class_names=test.class_names, hint=f"pipeline train {cfg.path}"), temperature)
     scores = oof_scores(cfg.metric, oof["target"].to_numpy(), probs_of(oof, test.class_names), cfg.predict.clip)
     clip_note = f" (clipped to {list(cfg.predict.clip)}: {scores['oof_logloss_clipped']:.4f})" if cfg.predict.clip else ""
     log.info(f"OOF ({oof_path.name}{', temperature-scaled' if temperature else ''}): "
          f"{fmt_scores(cfg.metric, scores['oof_score'], scores['oof_logloss'])}{clip_note}")
 
-    atomic_write_json(run.predict_json, {
+    info = {
         "models": [d.name for d in dirs], "refit_models": [d.name for d in refit_dirs], "tta": [t.name for t in transforms], "average": cfg.predict.average,
         "temperature": temperature, "clip": list(cfg.predict.clip) if cfg.predict.clip else None,
         "oof": oof_path.name, "test_pred_folds": [run.test_pred_fold(k).name for k in range(len(by_fold))],
         "class_names": list(test.class_names), **scores, "train_hash": run.snapshot_hash("train"),
-    })
-    run.write_snapshot("predict")  # last: marks the stage done
-    log.info(f"wrote {run.test_pred}: {len(df)} rows, and {len(by_fold)} test_pred_fold<k>.csv")
-    return df
+    }
+    atomic_write_json(stage.path(run.predict_json), info)
+    predict_hash = run.write_snapshot("predict", into=stage)  # moved into place last: marks the stage done
+    return _Predicted(df, refit, info, predict_hash)
+
+
+def _predict_stage(cfg: Config, *, submit: bool) -> tuple[_Predicted, Path | None]:
+    """The predict stage, all or nothing: its files are staged, then the submission(s) written, then
+    the files moved into place (a submission whose run files could not be is removed again)."""
+    run = RunDir.of(cfg)
+    with run.staged("predict") as stage:
+        made = _predict_into(cfg, run, stage)
+        sub = _write_submissions(cfg, stage, made) if submit else None
+    log.info(f"wrote {run.test_pred}: {len(made.test_pred)} rows, and {len(made.info['test_pred_folds'])} test_pred_fold<k>.csv")
+    return made, sub
+
+
+def predict_test(cfg: Config) -> pd.DataFrame:
+    """Raw test-set probabilities of the experiment (written to ``test_pred.csv``, beside each fold's
+    own ``test_pred_fold<k>.csv``); returns test_pred.csv's frame."""
+    return _predict_stage(cfg, submit=False)[0].test_pred
 
 
 def submit_experiment(cfg: Config) -> Path:
-    """``predict_test`` then a submission file for this experiment (temperature and ``predict.clip``
+    """The predict stage and a submission file for this experiment (temperature and ``predict.clip``
     applied); with ``train.refit`` a second one, ``<competition>-<experiment>-refit-<utc>.csv``, from
     the refit models. Returns the fold models' file."""
-    from .submission import write_submission
+    return _predict_stage(cfg, submit=True)[1]
 
-    predict_test(cfg)
-    run = RunDir.of(cfg)
-    info = run.read_predict_info()
-    names, hint = info["class_names"], f"pipeline predict {cfg.path}"
-    hashes = {cfg.name: {"config": cfg.hash(), "train": info["train_hash"], "predict": run.snapshot_hash("predict")}}
+
+def _write_submissions(cfg: Config, stage: Staging, made: _Predicted) -> Path:
+    from .submission import remove_submission, write_submission
+
+    info, clip = made.info, cfg.predict.clip
+    names, t = info["class_names"], info["temperature"]
+    hashes = {cfg.name: {"config": cfg.hash(), "train": info["train_hash"], "predict": made.predict_hash}}
     meta = {"experiments": [cfg.name], "weights": [1.0], "method": "single",
             **{k: info[k] for k in ("metric", "oof_score", "oof_logloss", "tta", "average", "temperature", "clip", "oof")},
             "config_hashes": hashes}
     if "oof_logloss_clipped" in info:
         meta["oof_logloss_clipped"] = info["oof_logloss_clipped"]
-    df = read_predictions(run.test_pred, "test", class_names=names, scaled=True, hint=hint)
-    ids = df["id"].to_numpy()
-    path = write_submission(cfg, ids, clip_probs(probs_of(df, names), cfg.predict.clip), names, cfg.name,
+    ids = made.test_pred["id"].to_numpy()
+    path = write_submission(cfg, ids, clip_probs(probs_of(scale(made.test_pred, t), names), clip), names, cfg.name,
                             meta | {"models": info["models"]}, test_ids=ids)
-    if info.get("refit_models"):
-        refit = read_predictions(run.test_pred_refit, "test", class_names=names, scaled=True, hint=hint)
-        write_submission(cfg, refit["id"].to_numpy(), clip_probs(probs_of(refit, names), cfg.predict.clip),
-                         names, f"{cfg.name}-refit", meta | {"method": "refit", "models": info["refit_models"],
-                                                             "oof_note": "oof scores are the fold models' CV"}, test_ids=refit["id"].to_numpy())
+    stage.undo(lambda: remove_submission(path))
+    if made.refit is not None:
+        rids = made.refit["id"].to_numpy()
+        refit = write_submission(cfg, rids, clip_probs(probs_of(scale(made.refit, t), names), clip), names, f"{cfg.name}-refit",
+                                 meta | {"method": "refit", "models": info["refit_models"], "oof_note": "oof scores are the fold models' CV"},
+                                 test_ids=rids)
+        stage.undo(lambda: remove_submission(refit))
     return path

@@ -113,11 +113,16 @@ def read_predictions(path: str | Path, kind: str, *, class_names=None, scaled: b
     kind, path = _kind(kind), Path(path)
     hint = hint or _HINTS[kind]
     df = check_predictions(_parse(path, kind, hint), kind, class_names=class_names, where=str(path), hint=hint)
-    if scaled:
-        t = load_temperature(path.parent)
-        if t is not None:
-            cols = prob_columns(df)
-            df[cols] = apply_temperature(df[cols].to_numpy(np.float64), t)
+    return scale(df, load_temperature(path.parent)) if scaled else df
+
+
+def scale(df: pd.DataFrame, temperature: float | None) -> pd.DataFrame:
+    """A checked prediction frame with its probabilities scaled by ``temperature`` (None: as it is),
+    the way ``read_predictions(..., scaled=True)`` scales by the temperature a run kept."""
+    if temperature is None:
+        return df
+    df, cols = df.copy(), prob_columns(df)
+    df[cols] = apply_temperature(df[cols].to_numpy(np.float64), temperature)
     return df
 
 

@@ -22,13 +22,14 @@ hash and the digest of the folds file it trained on (``RunDir.run_hash``).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .config import STAGE_SECTIONS, read_stage_hash, write_snapshot
 from .errors import PipelineError
-from .io import atomic_write_json
+from .io import Staging, atomic_write_json, read_json_object, staged
 
 if TYPE_CHECKING:
     from .config import Config
@@ -46,6 +47,7 @@ class JobDir:
     fold: int
     seed: int
     label: str  # for log lines: "fold 2", "fold 2 seed 7", "refit", "refit seed 7"
+    train_cmd: str = "pipeline train CONFIG"  # what retrains the job, for messages
 
     def __str__(self) -> str:
         return str(self.path)
@@ -74,12 +76,17 @@ class JobDir:
         """done.json's contents; None while the job is not finished."""
         if not self.done.is_file():
             return None
-        try:
-            d = json.loads(self.done.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            d = None
-        if not isinstance(d, dict):
-            raise PipelineError(f"{self.done}: not a JSON object; delete it to train {self.label} again")
+        return read_json_object(self.done, f"delete it to train {self.label} again with `{self.train_cmd}`")
+
+    def read_best_meta(self) -> dict:
+        """best.json, checked: what rebuilds the model (``models.load_checkpoint``) and what it was fed."""
+        fix = f"delete {self.done} to train {self.label} again with `{self.train_cmd}`"
+        if not self.best_meta.is_file():
+            raise PipelineError(f"{self.best_meta}: file not found; {fix}")
+        d = read_json_object(self.best_meta, fix)
+        problem = _best_meta_problem(d)
+        if problem:
+            raise PipelineError(f"{self.best_meta}: {problem}; {fix}")
         return d
 
     def is_done(self, run_hash: str | None) -> bool:
@@ -95,6 +102,35 @@ class JobDir:
 
     def clear_done(self) -> None:
         self.done.unlink(missing_ok=True)
+
+
+def _is_int(v, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _best_meta_problem(d: dict) -> str | None:
+    """Why best.json cannot rebuild its model, or None."""
+    model = d.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("backbone"), str):
+        return "model is not an object with a backbone name"
+    if not (model.get("input_size") is None or _is_int(model.get("input_size"), 1)):
+        return f"model.input_size is {model.get('input_size')!r}; expected a positive integer or null"
+    for key in ("pretrained", "use_features"):  # what models.build_model reads besides the above
+        if not isinstance(model.get(key), bool):
+            return f"model.{key} is {model.get(key)!r}; expected true or false"
+    rate = model.get("drop_rate")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        return f"model.drop_rate is {rate!r}; expected a number in [0, 1)"
+    names = d.get("class_names")
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(c, str) for c in names):
+        return "class_names is not a list of at least 2 class names"
+    size = d.get("img_size")
+    if not isinstance(size, list) or len(size) != 2 or not all(_is_int(v, 1) for v in size):
+        return f"img_size is {size!r}; expected [height, width]"
+    for key, lo in (("in_chans", 1), ("n_features", 0)):
+        if not _is_int(d.get(key), lo):
+            return f"{key} is {d.get(key)!r}; expected an integer >= {lo}"
+    return None
 
 
 class RunDir:
@@ -158,11 +194,15 @@ class RunDir:
         if fold < 0:
             return self.refit_dir(seed)
         name = f"fold_{fold}" if len(self.seeds) == 1 else f"fold_{fold}_seed{seed}"
-        return JobDir(path=self.path / name, fold=fold, seed=seed, label=self.job_label(fold, seed))
+        return JobDir(path=self.path / name, fold=fold, seed=seed, label=self.job_label(fold, seed), train_cmd=self._cmd("train"))
 
     def refit_dir(self, seed: int) -> JobDir:
         name = "refit" if len(self.seeds) == 1 else f"refit_seed{seed}"
-        return JobDir(path=self.path / name, fold=-1, seed=seed, label=self.job_label(-1, seed))
+        return JobDir(path=self.path / name, fold=-1, seed=seed, label=self.job_label(-1, seed), train_cmd=self._cmd("train"))
+
+    def _cmd(self, stage: str) -> str:
+        """The command that (re)makes ``stage``'s files here: with the config when it is known."""
+        return f"pipeline {stage} {self._cfg.path if self._cfg is not None else f'<config of {self.name}>'}"
 
     def jobs(self, folds: list[int]) -> list[JobDir]:
         """The training jobs of ``folds`` in training order: seed-major, then fold."""
@@ -193,11 +233,16 @@ class RunDir:
 
     def done_records(self) -> list[dict]:
         """done.json of every finished fold job, whatever the seed layout (refit jobs excluded)."""
+        return [d for _, d in self.done_jobs()]
+
+    def done_jobs(self) -> list[tuple[JobDir, dict]]:
+        """(job, its done.json) of every finished fold job, whatever the seed layout (refit jobs excluded)."""
         out = []
         for done in sorted(self.path.glob("fold_*/done.json")):
-            d = JobDir(path=done.parent, fold=0, seed=0, label=done.parent.name).read_done()
+            job = JobDir(path=done.parent, fold=0, seed=0, label=done.parent.name, train_cmd=self._cmd("train"))
+            d = job.read_done()
             if d is not None:
-                out.append(d)
+                out.append((job, d))
         return out
 
     def histories(self) -> list[tuple[str, Path]]:
@@ -274,9 +319,25 @@ class RunDir:
     def snapshot_hash(self, stage: str) -> str | None:
         return read_stage_hash(self.snapshot(stage))
 
-    def write_snapshot(self, stage: str, resolved: dict | None = None) -> str:
-        """Record that ``stage`` ran with this config (last, once its outputs are written); returns its hash."""
-        return write_snapshot(self.cfg, self.snapshot(stage), stage, resolved)
+    def write_snapshot(self, stage: str, resolved: dict | None = None, *, into: Staging | None = None) -> str:
+        """Record that ``stage`` ran with this config (last, once its outputs are written); returns its hash.
+        ``into``: write it into that staging (``staged``), which moves it into place last."""
+        if into is None:
+            return write_snapshot(self.cfg, self.snapshot(stage), stage, resolved)
+        yaml_path, _ = (into.path(p) for p in self.done_markers(stage))
+        return write_snapshot(self.cfg, yaml_path, stage, resolved)
+
+    def done_markers(self, stage: str) -> list[Path]:
+        """The files that mark ``stage`` done, in the order they are written: a stage snapshot and its
+        hash, or an ensemble's ``ensemble.json``."""
+        if stage == "ensemble":
+            return [self.ensemble_json]
+        snap = self.snapshot(stage)
+        return [snap, snap.with_suffix(".hash")]
+
+    def staged(self, stage: str):
+        """Write ``stage``'s files all or nothing (``io.staged``): its done markers move into place last."""
+        return staged(self.path, last=self.done_markers(stage))
 
     # ---- precision.json -----------------------------------------------------------------
 
@@ -336,12 +397,23 @@ class RunDir:
         p = self.predict_json
         if not p.is_file():
             return {}
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            d = None
-        if not isinstance(d, dict):
-            raise PipelineError(f"{p}: not a JSON object; rerun `pipeline predict` for {self.name}")
+        return read_json_object(p, f"rerun `{self._cmd('predict')}`")
+
+    def read_metrics(self) -> dict | None:
+        """metrics.json, checked (an object; ``cv_mean``/``cv_std`` objects of numbers or nulls);
+        None before the evaluate stage ran."""
+        p, fix = self.metrics_json, f"rerun `{self._cmd('evaluate')}`"
+        if not p.is_file():
+            return None
+        d = read_json_object(p, fix)
+        if not isinstance(d.get("metric", ""), str):
+            raise PipelineError(f"{p}: metric is {d['metric']!r}; expected a metric name; {fix}")
+        for key in ("cv_mean", "cv_std"):
+            v = d.get(key, {})
+            ok = isinstance(v, dict) and all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
+                                             for x in v.values())
+            if not ok:  # evaluate writes a score it could not compute as null
+                raise PipelineError(f"{p}: {key} is not an object of finite numbers (or null) by metric; {fix}")
         return d
 
     @property

@@ -1,13 +1,16 @@
 """Submission files: one writer (never overwrites) and one validator (users can run it on any file).
 
 ``<paths.submissions>/<competition>-<experiment>-<UTC YYYYmmddTHHMMSSZ>.csv`` in the competition's columns
-(``build_reader(cfg).submission_frame``), with a JSON beside it naming the experiments, weights,
-OOF score and config hashes that made it. A name that exists gets a ``-2``, ``-3``... suffix.
+(``build_reader(cfg).submission_frame``), with a JSON beside it (the *sidecar*) naming the experiments,
+weights, OOF score and config hashes that made it, and the CSV's ``sha256``: ``read_sidecar`` tells a
+file the pipeline wrote, unchanged, from any other. A name that exists gets a ``-2``, ``-3``... suffix.
 """
 from __future__ import annotations
 
 import logging
 import datetime as dt
+import hashlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -17,7 +20,7 @@ import pandas as pd
 
 from .config import Config
 from .errors import PipelineError
-from .io import atomic_write_json
+from .io import atomic_write_json, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +57,71 @@ def write_submission(cfg: Config, ids, probs: np.ndarray, class_names: list[str]
         if problems:  # a bug upstream, not a user error: never leave an invalid file behind
             what = "; ".join(p.removeprefix(f"{tmp}: ") for p in problems)
             raise PipelineError(f"refusing to write an invalid submission for {experiment}: {what}")
+        digest = file_sha256(tmp)
         path = _claim(tmp, root, f"{cfg.competition}-{experiment}-{stamp}")
     finally:
         tmp.unlink(missing_ok=True)
     meta = {"file": path.name, "competition": cfg.competition, "experiment": experiment, "created_utc": stamp,
-            "rows": len(frame), "columns": list(frame.columns), **info}
-    atomic_write_json(path.with_suffix(".json"), meta)
+            "rows": len(frame), "columns": list(frame.columns), **info, "sha256": digest}
+    try:
+        atomic_write_json(path.with_suffix(".json"), meta)
+    except BaseException:
+        path.unlink(missing_ok=True)  # a CSV without its sidecar is not a file the pipeline wrote
+        raise
     log.info(f"wrote {path} ({len(frame)} rows, columns {','.join(frame.columns)}) and {path.with_suffix('.json').name}")
     return path
+
+
+def remove_submission(path: str | Path) -> None:
+    """Take back a submission file and its sidecar (a stage that wrote it failed afterwards)."""
+    path = Path(path)
+    path.with_suffix(".json").unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+_REMAKE = "a submission file comes with its JSON from `pipeline predict CONFIG` or `pipeline ensemble FILE`"
+
+
+def read_sidecar(path: str | Path) -> dict:
+    """The JSON beside submission file ``path``, checked: an object naming the file, its experiment
+    and competition, with numbers where scores are (``check_own`` also compares the CSV's sha256)."""
+    path = Path(path)
+    j = path.with_suffix(".json")
+    if not j.is_file():
+        raise PipelineError(f"{j}: not found beside {path.name}; {_REMAKE}")
+    d = read_json_object(j, _REMAKE)
+    for key in ("file", "competition", "experiment"):
+        if not isinstance(d.get(key), str) or not d[key]:
+            raise PipelineError(f"{j}: no {key}; {_REMAKE}")
+    for key in ("oof_score", "lb_score"):
+        v = d.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise PipelineError(f"{j}: {key} is {v!r}; expected a finite number; {_REMAKE}")
+    return d
+
+
+def check_own(path: str | Path) -> dict:
+    """The sidecar of a submission file the pipeline wrote and nobody changed since; else one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: submission file not found")
+    d = read_sidecar(path)
+    if not isinstance(d.get("sha256"), str):
+        raise PipelineError(f"{path.with_suffix('.json')}: no sha256 of {path.name} (written before submission files recorded it); {_REMAKE}")
+    if d["file"] != path.name:
+        raise PipelineError(f"{path.with_suffix('.json')}: describes {d['file']!r}, not {path.name}; {_REMAKE}")
+    if file_sha256(path) != d["sha256"]:
+        raise PipelineError(f"{path}: its sha256 differs from the one {path.with_suffix('.json').name} recorded: the file was "
+                            f"changed after the pipeline wrote it; {_REMAKE}")
+    return d
 
 
 def _claim(tmp: Path, root: Path, stem: str) -> Path:
@@ -107,8 +167,8 @@ def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_n
     if not path.is_file():
         return [f"{path}: file not found"]
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        df = _read_text_csv(path)
+    except (ValueError, OverflowError) as e:  # ParserError, EmptyDataError and UnicodeDecodeError are ValueErrors
         return [f"{path}: cannot parse as CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__}); expected a header line {id_col},{val_col}"]
     cols = [str(c) for c in df.columns]
     if cols != [id_col, val_col]:
@@ -145,7 +205,7 @@ def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_n
             problems.append(f"{path}: {int(out.sum())} probabilities outside [0, 1] in {val_col} "
                             f"(e.g. {_examples(f'{i}: {v}' for i, v in zip(ids[out.index[out]], ok[out]))})")
     else:
-        allowed = [str(i) for i in range(len(class_names))] if kind == "index" else [str(c) for c in class_names]
+        allowed = _allowed_labels(kind, class_names)
         bad = ~ok.isin(allowed)
         if bad.any():
             shown = ", ".join(allowed[:10]) + (", ..." if len(allowed) > 10 else "")
@@ -161,7 +221,10 @@ def check_submission(cfg: Config, path: str | Path, solution: str | Path | None 
     demos' ``solution.csv``) the file is also scored; returns that score."""
     import sys
 
-    problems = validate_submission(cfg, path)
+    from .formats import read_table
+
+    test = read_table(cfg, "test")
+    problems = validate_submission(cfg, path, test_ids=test.ids, class_names=test.class_names)
     if problems:
         for p in problems:
             print(p, file=sys.stderr)
@@ -171,31 +234,83 @@ def check_submission(cfg: Config, path: str | Path, solution: str | Path | None 
     log.info(f"{path}: valid {cfg.competition} submission ({n} rows)")
     if solution is None:
         return None
-    name, value = score_submission(cfg, path, solution)
+    name, value = score_submission(cfg, path, solution, class_names=test.class_names)
     log.info(f"{path}: {name} {value:.5f} against {solution}")
     return value
 
 
-def score_submission(cfg: Config, path: str | Path, solution: str | Path) -> tuple[str, float]:
+def _allowed_labels(kind: str, class_names) -> list[str]:
+    """The values a label submission may hold: class indices or class names."""
+    return [str(i) for i in range(len(class_names))] if kind == "index" else [str(c) for c in class_names]
+
+
+def _read_text_csv(path: Path) -> pd.DataFrame:
+    """A CSV as the text it holds (no NaN guessing; missing cells are empty); raises ValueError when unreadable."""
+    return pd.read_csv(path, dtype=str, keep_default_na=False).fillna("")
+
+
+_SOLUTION_FIX = "expected the true answers in the submission's columns (a demo's solution.csv is rebuilt by `pipeline demo-data KIND --out DIR`)"
+
+
+def read_solution(cfg: Config, solution: str | Path, class_names=None) -> pd.Series:
+    """A checked ``--solution`` file: the true answer of each id (text, stripped), by id. Probability
+    submissions need 0/1 answers; label submissions the class names (or indices) they hold."""
+    from .formats import build_reader
+
+    reader = build_reader(cfg)
+    id_col, val_col = reader.submission_columns
+    solution = Path(solution)
+    if not solution.is_file():
+        raise PipelineError(f"{solution}: solution file not found")
+    try:
+        sol = _read_text_csv(solution)
+    except (ValueError, OverflowError) as e:
+        raise PipelineError(f"{solution}: not a readable CSV ({(str(e).splitlines() or [type(e).__name__])[0][:120]}); {_SOLUTION_FIX}") from None
+    if [str(c) for c in sol.columns] != [id_col, val_col]:
+        raise PipelineError(f"{solution}: columns are {','.join(map(str, sol.columns))}; expected {id_col},{val_col}")
+    if sol.empty:
+        raise PipelineError(f"{solution}: no rows; {_SOLUTION_FIX}")
+    ids, vals = sol[id_col].str.strip(), sol[val_col].str.strip()
+    line = lambda i: int(i) + 2  # noqa: E731 - CSV line of data row i
+    bad = np.flatnonzero(ids.isin(_MISSING).to_numpy())
+    if len(bad):
+        raise PipelineError(f"{solution}: line {line(bad[0])}: {id_col} is empty or NaN; {_SOLUTION_FIX}")
+    dup = np.flatnonzero(ids.duplicated().to_numpy())
+    if len(dup):
+        raise PipelineError(f"{solution}: line {line(dup[0])}: {id_col} {ids.iloc[dup[0]]!r} appears more than once; {_SOLUTION_FIX}")
+    if reader.submission_kind == "probability":
+        allowed = ["0", "1"]
+    else:
+        if class_names is None:
+            from .formats import read_table
+
+            class_names = read_table(cfg, "test").class_names
+        allowed = _allowed_labels(reader.submission_kind, class_names)
+    bad = np.flatnonzero(~vals.isin(allowed).to_numpy())
+    if len(bad):
+        i = bad[0]
+        shown = ", ".join(allowed[:10]) + (", ..." if len(allowed) > 10 else "")
+        what = "is empty or NaN" if vals.iloc[i] in _MISSING else f"{vals.iloc[i]!r} is not a true answer"
+        raise PipelineError(f"{solution}: line {line(i)} ({id_col} {ids.iloc[i]!r}): {val_col} {what}; expected one of {shown}; {_SOLUTION_FIX}")
+    return pd.Series(vals.to_numpy(), index=pd.Index(ids.to_numpy()), name=val_col)
+
+
+def score_submission(cfg: Config, path: str | Path, solution: str | Path, *, class_names=None) -> tuple[str, float]:
     """(metric name, value) of a valid submission against a solution file with the same columns:
     log-loss for probability submissions, accuracy for label submissions."""
     from sklearn.metrics import accuracy_score, log_loss
 
     from .formats import build_reader
 
-    id_col, val_col = build_reader(cfg).submission_columns
-    solution = Path(solution)
-    if not solution.is_file():
-        raise PipelineError(f"{solution}: solution file not found")
-    sol = pd.read_csv(solution, dtype=str)
-    if list(sol.columns) != [id_col, val_col]:
-        raise PipelineError(f"{solution}: columns are {','.join(map(str, sol.columns))}; expected {id_col},{val_col}")
-    sub = pd.read_csv(path, dtype=str).set_index(id_col)[val_col]
-    missing = pd.Index(sol[id_col]).difference(sub.index)
+    reader = build_reader(cfg)
+    id_col, val_col = reader.submission_columns
+    truth = read_solution(cfg, solution, class_names)
+    sub = _read_text_csv(Path(path))
+    sub = pd.Series(sub[val_col].str.strip().to_numpy(), index=sub[id_col].str.strip())
+    missing = truth.index.difference(sub.index)
     if len(missing):
         raise PipelineError(f"{solution}: {len(missing)} ids not in {path} (e.g. {_examples(missing)}); expected the same test ids")
-    pred = sub.reindex(sol[id_col]).to_numpy()
-    if build_reader(cfg).submission_kind == "probability":
-        y = sol[val_col].astype(int).to_numpy()
-        return "logloss", float(log_loss(y, pred.astype(float), labels=[0, 1]))
-    return "accuracy", float(accuracy_score(sol[val_col].str.strip().to_numpy(), np.char.strip(pred.astype(str))))
+    pred = sub.reindex(truth.index).to_numpy()
+    if reader.submission_kind == "probability":
+        return "logloss", float(log_loss(truth.astype(int).to_numpy(), pred.astype(float), labels=[0, 1]))
+    return "accuracy", float(accuracy_score(truth.to_numpy(), pred.astype(str)))

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import run_cli
+from conftest import cli_error, run_cli
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.experiments import cv_score, list_experiments, record_lb
@@ -243,8 +243,11 @@ def test_lb_errors(capsys):
     Path("x.csv").write_text("id,label\n")
     with pytest.raises(PipelineError, match=r"lb: score nan is not a finite number"):
         record_lb("x.csv", float("nan"))
-    assert run_cli("lb", "x.csv", "0.5") == 0  # a file from elsewhere: recorded in leaderboard.csv only
-    assert pd.read_csv("leaderboard.csv")["file"].tolist() == ["x.csv"]
+    # a file from elsewhere (no sidecar JSON recording its sha256) is refused: nothing is recorded
+    assert cli_error(capsys, "lb", "x.csv", "0.5") == (
+        "error: x.json: not found beside x.csv; a submission file comes with its JSON from `pipeline predict CONFIG` "
+        "or `pipeline ensemble FILE`")
+    assert not Path("leaderboard.csv").exists()
 
 
 def test_experiments_without_runs(digits_cfg, capsys):
