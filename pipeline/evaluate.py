@@ -204,10 +204,11 @@ def evaluate(cfg: Config, report: bool = True) -> dict:
         report_path = write_report(cfg, table, df, metrics, calibrated_probs)
         metrics["report"] = str(report_path)
     metrics = _clean(metrics)
-    atomic_write_json(run.calibration_json, _clean(calib))
-    atomic_write_json(run.metrics_json, metrics)
+    with run.staged("evaluate") as stage:  # calibration.json, metrics.json, then the done marker: all or nothing
+        atomic_write_json(stage.path(run.calibration_json), _clean(calib))
+        atomic_write_json(stage.path(run.metrics_json), metrics)
+        run.write_snapshot("evaluate", into=stage)
     log.info(summary_table(metrics))
-    run.write_snapshot("evaluate")  # last: the stage is done
     log.info(f"wrote {run.metrics_json} and {run.calibration_json}")
     if report_path is not None:
         log.info(f"report: {report_path}")

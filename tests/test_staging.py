@@ -267,3 +267,37 @@ def test_predict_test_alone_removes_stale_files_only_on_success(digits_config):
     df = predict_test(cfg)
     assert not stale.exists() and not (RUN / "test_pred_refit.csv").exists()
     assert list(df.columns) == ["id"] + [f"p_{c}" for c in CLASSES] and np.allclose(df.filter(like="p_").sum(1), 1)
+
+
+def test_evaluate_writes_its_files_all_or_nothing(digits_config, monkeypatch, capsys):
+    """A fault while evaluate writes leaves calibration.json, metrics.json and the done marker as they were."""
+    import errno
+    import os
+
+    import pipeline.io as pio
+    from conftest import cli_error, run_cli
+    from pipeline.config import load_config
+    from pipeline.cv import train_cv
+    from pipeline.fold import run_fold
+
+    path = digits_config(train={"epochs": 1})
+    cfg = load_config(path)
+    run_fold(cfg)
+    train_cv(cfg)
+    assert run_cli("evaluate", path, "evaluate.gradcam_samples=0") == 0
+    run = Path("runs/comp/exp")
+    files = ["calibration.json", "metrics.json", "config.evaluate.yaml", "config.evaluate.hash"]
+    before = {f: ((run / f).read_bytes(), (run / f).stat().st_mtime_ns) for f in files}
+    real = os.replace
+
+    def fail_on_metrics(src, dst, *a, **k):
+        if str(dst).endswith("metrics.json"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(pio.os, "replace", fail_on_metrics)
+    err = cli_error(capsys, "evaluate", path, "evaluate.gradcam_samples=0", "evaluate.n_bins=7")
+    assert "metrics.json: No space left on device (ENOSPC)" in err
+    after = {f: ((run / f).read_bytes(), (run / f).stat().st_mtime_ns) for f in files if (run / f).exists()}
+    assert after == before  # the fault hit the staged write: nothing in the run folder moved
+    assert not list(run.glob(".staging.*"))
