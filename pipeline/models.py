@@ -202,9 +202,13 @@ def load_checkpoint(path: Path, cfg=None) -> tuple[Net, dict]:
         raise PipelineError(f"{path}: corrupt checkpoint ({type(e).__name__}: {str(e)[:120]}); retrain this fold") from None
     from types import SimpleNamespace
 
-    mcfg = SimpleNamespace(model=SimpleNamespace(**meta["model"]))
-    model, _ = build_model(mcfg, meta["in_chans"], len(meta["class_names"]), meta["n_features"],
-                           tuple(meta["img_size"]), load_weights=False)
+    try:
+        mcfg = SimpleNamespace(model=SimpleNamespace(**meta["model"]))
+        model, _ = build_model(mcfg, meta["in_chans"], len(meta["class_names"]), meta["n_features"],
+                               tuple(meta["img_size"]), load_weights=False)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:  # a best.json that is not what train wrote
+        raise PipelineError(f"{meta_path}: corrupt checkpoint description ({type(e).__name__}: {str(e)[:120]}); "
+                            f"retrain this fold") from None
     fits = f"{meta['model']['backbone']} with in_chans={meta['in_chans']}, {len(meta['class_names'])} classes"
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
