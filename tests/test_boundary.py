@@ -17,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import cli_error, copy_json, run_cli, write_yaml
+from conftest import cli_error, copy_json, write_yaml
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
 from pipeline.formats import FORMATS, options_model, read_table
