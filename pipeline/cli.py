@@ -34,7 +34,14 @@ def _params_overrides(path: str) -> list[str]:
     from pathlib import Path
 
     d = _read_yaml(Path(path))
-    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in d.items()]
+    out = []
+    for k, v in d.items():
+        if not isinstance(k, str) or "=" in k or not all(part.strip() for part in k.split(".")):
+            raise PipelineError(f"{path}: key {k!r} is not a dotted config key; expected section.key: value lines like train.lr: 0.001")
+        if "." not in k and isinstance(v, dict):  # an override replaces: `train: {lr: ..}` would drop the other train keys
+            raise PipelineError(f"{path}: {k}: a whole section; expected section.key: value lines like {k}.{next(iter(v), 'key')}: ...")
+        out.append(f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}")
+    return out
 
 
 # ---- commands -------------------------------------------------------------------------

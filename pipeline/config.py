@@ -11,22 +11,22 @@ import copy
 import difflib
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
+from pydantic import (AfterValidator, Field, SerializeAsAny, ValidationError, field_validator,
                       model_validator)
 
 from .errors import PipelineError
 from .formats import FORMATS, options_model
-from .formats.options import DataOptions
-from .keys import apply_overrides, known_keys
+from .formats.options import DataOptions, Section
+from .keys import apply_overrides, known_keys, parse_yaml
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+# Seeds go to numpy, scikit-learn and torch generators, which take 0 .. 2**32-1.
+SEED_MAX = 2**32 - 1
 
 
 # ---- names of registered things, checked against the live registry --------------------------
@@ -99,21 +99,27 @@ class _UnknownFormat(DataOptions):
         raise ValueError(unknown_name("format", v, FORMATS))
 
 
-class FoldsConfig(_Section):
+class FoldsConfig(Section):
     n_splits: int = Field(5, ge=2)
-    seed: int = 42
-    repeats: int = Field(1, ge=1)
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="repeat r splits with seed + r")
+    repeats: int = Field(1, ge=1, le=1000)
     group: str | None = Field(None, description="column whose equal values share a fold (StratifiedGroupKFold)")
     file: str | None = Field(None, description="default <paths.folds>/<competition>.csv")
 
+    @model_validator(mode="after")
+    def _last_seed(self):
+        if self.seed + self.repeats - 1 > SEED_MAX:
+            raise ValueError(f"seed {self.seed} + repeats {self.repeats} - 1 exceeds {SEED_MAX}; expected a smaller folds.seed")
+        return self
 
-class ModelConfig(_Section):
+
+class ModelConfig(Section):
     backbone: str = "tf_efficientnet_lite0"
     pretrained: bool = True
     weights: str | None = Field(None, description="checkpoint file tried first for pretrained weights")
     drop_rate: float = Field(0.2, ge=0, lt=1)
     use_features: bool = True
-    input_size: int | None = Field(None, gt=0, description="resize batches to this size before the model")
+    input_size: int | None = Field(None, gt=0, le=8192, description="resize batches to this size before the model")
     finetune: Literal["full", "partial", "head"] = "full"
     unfreeze_stages: int = Field(2, ge=0)
     unfreeze_after: int | None = Field(None, ge=1, description="epoch after which everything is unfrozen")
@@ -126,14 +132,14 @@ class ModelConfig(_Section):
         return self
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     patience: int = Field(5, ge=0, description="epochs without val log-loss improvement before stopping; 0 = never")
     device: str = "auto"
-    seed: int = 42
-    seeds: list[int] | None = None
+    seed: int = Field(42, ge=0, le=SEED_MAX)
+    seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] | None = Field(None, description="one model per fold and seed; None or [] = [seed]")
     optimizer: Annotated[str, _registered("optimizer", _optimizers)] = Field("adamw", description="a name in pipeline.optim.OPTIMIZERS")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
@@ -143,7 +149,7 @@ class TrainConfig(_Section):
     gamma: float = Field(0.1, gt=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     grad_clip: float | None = Field(None, gt=0)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=1024)
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
     channels_last: bool = True
     accum_steps: int = Field(1, ge=1)
@@ -156,8 +162,15 @@ class TrainConfig(_Section):
     refit: bool = False
     time_budget_s: float | None = Field(None, gt=0)
     max_steps_per_epoch: int | None = Field(None, ge=1)
-    fold_jobs: int = Field(1, ge=1, description="CPU: folds trained at once, each in its own process with "
+    fold_jobs: int = Field(1, ge=1, le=1024, description="CPU: folds trained at once, each in its own process with "
                                                 "cores/fold_jobs threads (pipeline/fold_jobs.py)")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v and len(set(v)) != len(v):  # two jobs would share one fold_<k>_seed<s> folder
+            raise ValueError(f"got {v!r}; expected distinct seeds")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -167,21 +180,21 @@ class TrainConfig(_Section):
         return v
 
 
-class EvaluateConfig(_Section):
+class EvaluateConfig(Section):
     eps: float = Field(1e-15, gt=0, lt=0.5)
     calibrate: bool = True
-    n_bins: int = Field(10, ge=2)
+    n_bins: int = Field(10, ge=2, le=10_000)
     gradcam_samples: int = Field(4, ge=0)
 
 
-class PredictConfig(_Section):
+class PredictConfig(Section):
     average: Literal["prob", "logit"] = "prob"
     tta: Annotated[list[str], AfterValidator(_tta_names)] = Field(default_factory=lambda: ["identity"], description="names in pipeline.tta.TTA")
     tta_oof: bool = False
     clip: tuple[float, float] | None = None
 
 
-class TuneConfig(_Section):
+class TuneConfig(Section):
     """``pipeline tune``: Optuna search; ``space`` syntax in ``pipeline/search_space.py``."""
 
     space: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -189,12 +202,12 @@ class TuneConfig(_Section):
     pruner: Annotated[str, _registered("pruner", _pruners)] = Field(
         "median", description="median/halving/hyperband: epoch values of the first tuned fold; wilcoxon: fold values")
     folds: list[int] | None = Field(None, description="folds the objective averages; None = all")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     n_trials: int = Field(20, ge=1, description="trials per process when --n-trials and --timeout are not given")
     n_startup_trials: int = Field(5, ge=0, description="random trials before TPE/CMA-ES model the space and before epoch pruners prune")
     p_threshold: float = Field(0.1, gt=0, lt=1, description="WilcoxonPruner: prune when p < this")
-    heartbeat_s: int = Field(60, ge=1, description="a running trial records a heartbeat this often")
-    grace_s: int | None = Field(None, ge=1, description="a RUNNING trial silent this long is failed and retried; None = 2 x heartbeat_s")
+    heartbeat_s: int = Field(60, ge=1, le=86_400, description="a running trial records a heartbeat this often")
+    grace_s: int | None = Field(None, ge=1, le=30 * 86_400, description="a RUNNING trial silent this long is failed and retried; None = 2 x heartbeat_s")
     max_retry: int = Field(3, ge=0, description="times a trial whose worker died is retried")
     plots: bool = True
 
@@ -206,7 +219,7 @@ class TuneConfig(_Section):
         return v
 
 
-class PathsConfig(_Section):
+class PathsConfig(Section):
     """Roots of the generated folders, relative to the current directory (``~`` expands)."""
 
     runs: str = "runs"
@@ -214,7 +227,7 @@ class PathsConfig(_Section):
     submissions: str = "submissions"
 
 
-class Config(_Section):
+class Config(Section):
     competition: str
     metric: Annotated[str, _registered("metric", _metrics)] = Field("logloss", description="a name in pipeline.metrics.METRICS")
     data: SerializeAsAny[DataOptions]
@@ -299,15 +312,32 @@ STAGE_SECTIONS = {
 }
 
 
+MAX_YAML_BYTES = 4 * 2**20  # a config is a page of settings; a bigger file is the wrong file
+
+
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise PipelineError(f"{path}: config file not found")
+    """A config, ``--params`` or ensemble file as a mapping; anything else is one line naming it."""
     try:
-        d = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise PipelineError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # the name goes into run folders, snapshots and logs
+        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise PipelineError(f"{shown}: the path is not valid UTF-8; rename it") from None
+    if path.is_dir():
+        raise PipelineError(f"{path}: is a directory; expected a YAML file")
+    if not path.exists():
+        raise PipelineError(f"{path}: config file not found")
+    if not path.is_file():
+        raise PipelineError(f"{path}: not a regular file; expected a YAML file")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_YAML_BYTES + 1)
+    if len(raw) > MAX_YAML_BYTES:
+        raise PipelineError(f"{path}: larger than {MAX_YAML_BYTES // 2**20} MiB; expected a YAML config")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise PipelineError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); expected a YAML file in UTF-8") from None
+    d = parse_yaml(text, str(path))
     if d is None:
         d = {}
     if not isinstance(d, dict):
@@ -336,27 +366,30 @@ def _load_with_extends(path: Path, seen: tuple = ()) -> dict:
     if not isinstance(parent, str):
         raise PipelineError(f"{path}: extends: expected a path to another YAML file, got {parent!r}")
     ppath = (path.parent / parent)
-    if not ppath.is_file():
+    if not ppath.exists():  # a directory or a non-UTF-8 file: _read_yaml names the problem
         raise PipelineError(f"{path}: extends: {parent} not found (looked at {ppath})")
     return deep_merge(_load_with_extends(ppath, seen + (path,)), d)
 
 
 def _format_error(path: Path, err: ValidationError) -> str:
+    """The first validation error as one line: ``<file>: <key>: <what is wrong> (got <value>)``."""
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"])
+    # a key as typed, unless it is not printable text (a newline in a key must not break the line)
+    loc = ".".join(p if isinstance(p, str) and p.isprintable() else str(p) if isinstance(p, int) else repr(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
         close = difflib.get_close_matches(loc, known_keys(Config), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        return f"{path}: unknown key '{loc}'{hint}"
+        return f"{path}: unknown key '{loc}'{hint}".replace("\n", "\\n")
     if e["type"] == "missing":
-        return f"{path}: missing required key '{loc}'"
+        return f"{path}: missing required key '{loc}'".replace("\n", "\\n")
     msg = e["msg"].removeprefix("Value error, ")
     got = e.get("input")
     # not repeated when the message already shows it ("'lion'; did you mean ...", "64; statoil_json ...")
     shown = (isinstance(got, (dict, list)) or "got" in msg or (isinstance(got, str) and repr(got) in msg)
              or re.match(rf"{re.escape(str(got))}\b", msg))
-    got_s = "" if shown else f" (got {got!r})"
-    return f"{path}: {loc}: {msg}{got_s}"
+    got_r = repr(got)
+    got_s = "" if shown else f" (got {got_r if len(got_r) <= 80 else got_r[:77] + '...'})"
+    return f"{path}: {loc}: {msg}{got_s}".replace("\n", "\\n")
 
 
 def load_config(path: str | Path, overrides: list[str] | dict | None = None, check_data: bool = True) -> Config:
@@ -370,11 +403,9 @@ def load_config(path: str | Path, overrides: list[str] | dict | None = None, che
             hint = "; this looks like an ensemble file: use `pipeline ensemble`" if "members" in d else ""
             raise PipelineError(f"{path}: unknown key '{k}' (the experiment's name is the file's stem){hint}")
     try:
-        cfg = Config(**d, path=str(path), name=path.stem)
+        cfg = Config.model_validate({**d, "path": str(path), "name": path.stem})
     except ValidationError as err:
         raise PipelineError(_format_error(path, err)) from None
-    except TypeError as err:  # e.g. a top-level key given twice
-        raise PipelineError(f"{path}: {err}") from None
     check_without_data(cfg)
     if check_data and not cfg.data_dir.is_dir():
         raise PipelineError(f"{path}: data.dir: {cfg.data.dir} does not exist (relative paths resolve against {Path.cwd()})")
@@ -385,6 +416,8 @@ def check_without_data(cfg: Config) -> None:
     """What the schema cannot check but needs no data either: the augmentation list (names and
     parameters; a dry run too where the format alone fixes the images' channels and size) and
     ``tune.space``, each problem one line as the stage that uses it would report it."""
+    _no_nonfinite_text(cfg.augment, f"{cfg.path}: augment")
+    _no_nonfinite_text(cfg.tune.space, f"{cfg.path}: tune.space")
     spec = cfg.data.image_spec()
     if cfg.augment:
         from .augment import validate_augment
@@ -394,6 +427,24 @@ def check_without_data(cfg: Config) -> None:
         from .search_space import check_augment, parse_space
 
         check_augment(parse_space(cfg), cfg, *spec)
+
+
+def _no_nonfinite_text(node, where: str) -> None:
+    """Augment parameters and search-space values are free-form, and albumentations reads the text
+    ``nan`` or ``1e999`` as a number: refused here as the schema refuses them in its typed keys."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _no_nonfinite_text(v, f"{where}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _no_nonfinite_text(v, f"{where}[{i}]")
+    elif isinstance(node, str):
+        try:
+            finite = math.isfinite(float(node))
+        except ValueError:
+            return
+        if not finite:
+            raise PipelineError(f"{where}: {node!r} is not a finite number; expected a finite number")
 
 
 def write_snapshot(cfg: Config, yaml_path: Path, stage: str, resolved: dict | None = None) -> str:

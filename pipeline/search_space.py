@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -155,6 +156,14 @@ def _lookup(d: dict, key: str, space: Space | None = None):
 
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _text_hint(v) -> str:
+    """YAML 1.1 reads ``1e-4`` (no dot) as text: say so, and how to write the number."""
+    try:
+        return f" (YAML reads {v} as text; write {float(v):.1e})" if isinstance(v, str) and "e" in v.lower() and math.isfinite(float(v)) else ""
+    except ValueError:
+        return ""
 
 
 def _field_annotation(model: type[BaseModel], key: str):
@@ -284,7 +293,7 @@ def _parse_one(key: str, typ: str, spec: dict, err, aug_index, aug_param) -> Par
             raise err(key, f"missing {f!r}; expected {{type: {typ}, low: ..., high: ...}}")
         v = spec[f]
         if not _is_number(v) or (typ == "int" and not (isinstance(v, int) or float(v).is_integer())):
-            raise err(key, f"{f}: expected {'an integer' if typ == 'int' else 'a number'}, got {v!r}")
+            raise err(key, f"{f}: expected {'an integer' if typ == 'int' else 'a number'}, got {v!r}{_text_hint(v)}")
     low, high = spec["low"], spec["high"]
     if typ == "int":
         low, high = int(low), int(high)

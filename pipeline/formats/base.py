@@ -39,6 +39,10 @@ class Reader:
         if len(t) == 0:
             raise PipelineError(f"{where}: the {split} set is empty; expected at least one row")
         ids = pd.Series(t.ids)
+        blank = ids.map(_blank_id).to_numpy(bool)
+        if blank.any():
+            row = int(np.flatnonzero(blank)[0])
+            raise PipelineError(f"{where}: row {row} has an empty id ({ids.iloc[row]!r}); expected a non-empty id in every row")
         dup = ids[ids.duplicated()]
         if len(dup):
             raise PipelineError(f"{where}: duplicate id {dup.iloc[0]!r} ({len(dup)} duplicates); expected unique ids")
@@ -64,3 +68,8 @@ class Reader:
         else:
             value = np.asarray(class_names, dtype=object)[probs.argmax(1)]
         return pd.DataFrame({id_col: ids, target_col: value})
+
+
+def _blank_id(x) -> bool:
+    """None, NaN or a text of only spaces: no row of a submission can be matched to it."""
+    return x is None or (isinstance(x, float) and x != x) or (isinstance(x, str) and not x.strip())

@@ -10,9 +10,9 @@ config loads, not while the files are read. A format with keys of its own adds f
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class ImageSpec(NamedTuple):
@@ -23,12 +23,42 @@ class ImageSpec(NamedTuple):
     size: tuple[int, int] | None
 
 
-class DataOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+def _leaf_types(ann) -> set:
+    """The plain types an annotation admits (``list[int] | None`` -> {int, NoneType})."""
+    if get_origin(ann) is not None:  # X | None, list[X], tuple[X, Y], Literal[...]
+        return set().union(*(_leaf_types(a) for a in get_args(ann) if a is not Ellipsis))
+    return {ann} if isinstance(ann, type) or ann is Any else set()
+
+
+def _has_bool(v) -> bool:
+    return isinstance(v, bool) or isinstance(v, (list, tuple)) and any(isinstance(x, bool) for x in v)
+
+
+class Section(BaseModel):
+    """The base of every section of the config schema, a format's ``Options`` included: unknown
+    keys fail, numbers are finite (``nan``/``inf``, also written as text, fail), a boolean is not
+    a number (pydantic would read ``true`` as 1) and a number is not a boolean (nor 1 as true)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, v, info: ValidationInfo):
+        leaves = _leaf_types(cls.model_fields[info.field_name].annotation) - {type(None)}
+        if Any in leaves or v is None:
+            return v
+        if leaves & {int, float} and bool not in leaves and _has_bool(v):
+            raise ValueError(f"got {v!r}; expected a number, not true/false")
+        if leaves == {bool} and not isinstance(v, bool):
+            raise ValueError(f"got {v!r}; expected true or false")
+        return v
+
+
+class DataOptions(Section):
 
     format: str
     dir: str
-    image_size: int | None = Field(None, gt=0, description="resize images to this square size; None keeps the files' size")
+    image_size: int | None = Field(None, gt=0, le=8192, description="resize images to this square size; None keeps the files' size")
     channels: int | None = Field(None, ge=1, le=4, description="image_folder: 1 (grey) or 3 (RGB), None = from the files; statoil_json: 2 (the bands) or 3 (+ their mean)")
     cache: bool = True
 

@@ -85,10 +85,13 @@ class PixelCsv(Reader):
         return Table(ids=ids, images=images, class_names=class_names, labels=labels, value_range=VALUE_RANGE)
 
     def _class_names(self, labels: pd.Series, path) -> list[str]:
-        num = pd.to_numeric(labels, errors="coerce")
-        if num.isna().any() or (num != num.round()).any():
-            row = int(np.flatnonzero(num.isna() | (num != num.round()))[0])
-            raise PipelineError(f"{path}: row {row + 1} has label {labels.iloc[row]!r}; expected an integer class")
+        # a true/false column is not a class number, nor inf or 1e300 (no int64 holds them)
+        num = pd.to_numeric(labels, errors="coerce").astype(np.float64) if labels.dtype != bool else pd.Series(np.nan, index=labels.index)
+        bad = num.isna() | ~np.isfinite(num) | (num != num.round()) | (num.abs() >= 2.0**63)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            v = labels.iloc[row]
+            raise PipelineError(f"{path}: row {row + 1} has label {v.item() if hasattr(v, 'item') else v!r}; expected an integer class")
         return [str(v) for v in sorted(num.astype(np.int64).unique())]
 
     def _train_class_names(self) -> list[str]:
