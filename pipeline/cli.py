@@ -165,9 +165,42 @@ def cmd_status(args):
 
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, keeping the one-line error contract (usage goes to ``--help``)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {_one_line(message)}; see `{self.prog} --help`\n")
+
+
+def _one_line(text: str) -> str:
+    return str(text).replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _finite(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v}: expected a positive whole number")
+    return v
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pipeline", description="Kaggle image-classification competition pipeline")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _Parser(prog="pipeline", description="Kaggle image-classification competition pipeline")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def stage(name, fn, help, data=True):
         sp = sub.add_parser(name, help=help, description=help)
@@ -179,8 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo-data", help="write a demo competition in Kaggle's file format")
     d.add_argument("kind", choices=["iceberg", "digits", "folder"])
     d.add_argument("--out", required=True)
-    d.add_argument("--n-train", type=int)
-    d.add_argument("--n-test", type=int)
+    d.add_argument("--n-train", type=_positive_int)
+    d.add_argument("--n-test", type=_positive_int)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_demo_data)
 
@@ -189,7 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--folds", help="comma-separated fold numbers to train (default: all)")
     t.add_argument("--params", help="YAML of section.key: value overrides (e.g. tune's best.yaml)")
     a = stage("augment", cmd_augment, "preview the configured augmentation as a PNG grid")
-    a.add_argument("--n", type=int, default=8, help="number of training images in the grid")
+    a.add_argument("--n", type=_positive_int, default=8, help="number of training images in the grid")
     a.add_argument("--out", help="PNG path (default runs/<competition>/<experiment>/augment_preview.png)")
     e = sub.add_parser("evaluate", help="metrics.json, report/ and a terminal table from oof.csv",
                        description="metrics.json, report/ and a terminal table from oof.csv")
@@ -198,9 +231,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print runs side by side (same folds)")
     e.set_defaults(fn=cmd_evaluate)
     tu = stage("tune", cmd_tune, "Optuna search over tune.space; writes runs/<competition>/tune/")
-    tu.add_argument("--n-trials", type=int, help="trials this process runs (default tune.n_trials)")
-    tu.add_argument("--max-trials", type=int, help="cap on the study's total trials across all workers")
-    tu.add_argument("--timeout", type=float, help="seconds this process may search")
+    tu.add_argument("--n-trials", type=_positive_int, help="trials this process runs (default tune.n_trials)")
+    tu.add_argument("--max-trials", type=_positive_int, help="cap on the study's total trials across all workers")
+    tu.add_argument("--timeout", type=_finite, help="seconds this process may search")
     tu.add_argument("--storage", help="SQLAlchemy URL (e.g. postgresql://...); default a SQLite file under runs/<competition>/tune/")
     tu.add_argument("--study", help="study name (default <experiment>)")
     pr = stage("predict", cmd_predict, "test predictions with TTA -> test_pred.csv and a submission file")
@@ -213,7 +246,7 @@ def _parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("lb", help="record the leaderboard score a submission file got",
                         description="record the leaderboard score a submission file got")
     lb.add_argument("submission")
-    lb.add_argument("score", type=float)
+    lb.add_argument("score", type=_finite)
     lb.set_defaults(fn=cmd_lb, overrides=[])
     stage("run", cmd_run, "fold, train, evaluate, predict and write a submission, skipping fresh stages")
     stage("status", cmd_status, "list the stages as done / stale / missing")
@@ -233,17 +266,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # a fault of the machine, not of the pipeline: the path and the cause
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        print(f"error: {_one_line(describe_os_error(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug: one line here, the traceback in a file for the report
         where = _save_traceback(args.command)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        msg = _one_line(str(e).strip().splitlines()[0]) if str(e).strip() else ""
         print(f"internal error: {type(e).__name__}{': ' + msg if msg else ''} (traceback saved to {where})", file=sys.stderr)
         return 1
     if os.environ.get("PIPELINE_TIMING"):

@@ -29,10 +29,11 @@ from typing import Callable, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from .config import Config, _read_yaml, apply_overrides, load_config
 from .errors import PipelineError
+from .formats.options import Section
 from .io import atomic_write_json
 from .metrics import GREATER_IS_BETTER, logloss, score
 from .predict import clip_probs, fmt_scores
@@ -44,8 +45,7 @@ log = logging.getLogger(__name__)
 EPS = 1e-15
 
 
-class EnsembleConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class EnsembleConfig(Section):  # the config's rules: unknown keys, non-finite numbers, booleans as numbers fail
 
     competition: str
     config: str

@@ -70,3 +70,34 @@ def test_unexpected_error_is_exit_1_with_a_saved_traceback(make_config, iceberg_
     saved = Path(err.split("traceback saved to ")[1].rstrip(")\n"))
     assert saved.is_file() and saved.parent == tmp_path / "cache" / "logs"
     assert "Traceback (most recent call last)" in saved.read_text() and "1 / 0" in saved.read_text()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["lb", "sub.csv", "nan"], "'nan': expected a finite number"),
+    (["lb", "sub.csv", "inf"], "'inf': expected a finite number"),
+    (["tune", "cfg.yaml", "--timeout", "1e999"], "expected a finite number"),
+    (["tune", "cfg.yaml", "--n-trials", "0"], "expected a positive whole number"),
+    (["demo-data", "iceberg", "--out", "x", "--n-train", "-3"], "expected a positive whole number"),
+    (["fold"], "the following arguments are required: config"),
+    (["no-such-stage"], "invalid choice"),
+    (["fold", "cfg.yaml", "--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_command_line_errors_are_one_line(capsys, argv, says, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        run_cli(*argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: pipeline") and says in err, err
+    assert not list(tmp_path.iterdir()) or not Path("x").exists()
+
+
+def test_a_message_with_a_newline_stays_one_line(monkeypatch, capsys, make_config, iceberg_dir):
+    import pipeline.fold as fold
+    from pipeline.errors import PipelineError
+
+    def bad(*a, **k):
+        raise PipelineError("data/evil\nname.csv: broken")
+
+    monkeypatch.setattr(fold, "run_fold", bad)
+    err = cli_error(capsys, "fold", make_config(iceberg_dir))
+    assert err == "error: data/evil\\nname.csv: broken"
