@@ -19,7 +19,7 @@ import torch
 from .config import Config
 from .device import resolve_device
 from .errors import LockHeld, PipelineError
-from .fold import load_folds
+from .fold import check_learnable, load_folds
 from .inference import features_tensor, to_tensor
 from .io import sweep_temps
 from .metrics import logloss, score
@@ -130,6 +130,7 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     from .formats import read_table
 
     table = table if table is not None else read_table(cfg, "train")
+    check_learnable(cfg, table)  # before any done.json of an earlier run is deleted
     fold_of = load_folds(cfg, table)
     n_folds = int(fold_of.max()) + 1
     wanted = list(range(n_folds)) if folds is None else folds

@@ -20,15 +20,22 @@ def fold_column(repeat: int) -> str:
     return "fold" if repeat == 0 else f"fold_{repeat}"
 
 
-def make_folds(cfg: Config, table: Table) -> pd.DataFrame:
-    """Stratified (optionally grouped, repeated) K-fold assignment, seeded."""
-    fc = cfg.folds
+def check_learnable(cfg: Config, table: Table) -> np.ndarray:
+    """Refuse training data with fewer than two classes (nothing to learn); returns the class counts.
+    ``pipeline fold`` and ``pipeline train`` both ask, before they write or delete anything."""
     counts = np.bincount(table.labels, minlength=table.num_classes)
     present = np.flatnonzero(counts)
-    if len(present) < 2:  # nothing to learn: refused before any file is written
+    if len(present) < 2:
         only = f"class {table.class_names[int(present[0])]!r}" if len(present) else "no labelled row"
         raise PipelineError(f"{cfg.data_dir}: the training data has only {only} ({len(table)} rows); "
                             f"expected at least two classes to learn from")
+    return counts
+
+
+def make_folds(cfg: Config, table: Table) -> pd.DataFrame:
+    """Stratified (optionally grouped, repeated) K-fold assignment, seeded."""
+    fc = cfg.folds
+    counts = check_learnable(cfg, table)
     smallest = int(counts[counts > 0].min())
     if smallest < fc.n_splits:
         cls = table.class_names[int(np.flatnonzero(counts == smallest)[0])]

@@ -101,3 +101,30 @@ def test_a_message_with_a_newline_stays_one_line(monkeypatch, capsys, make_confi
     monkeypatch.setattr(fold, "run_fold", bad)
     err = cli_error(capsys, "fold", make_config(iceberg_dir))
     assert err == "error: data/evil\\nname.csv: broken"
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate", "predict"])
+@pytest.mark.parametrize("code, where", [(errno.ENOSPC, "rename"), (errno.EROFS, "create"), (errno.EACCES, "rename")])
+def test_every_stage_turns_a_write_fault_into_one_line(digits_config, monkeypatch, capsys, stage, code, where):
+    """The fault hits the stage's first write of an artifact; the line names it and its cause."""
+    import pipeline.io as pio
+
+    path = digits_config(train={"epochs": 1}, evaluate={"gradcam_samples": 0})
+    assert run_cli("fold", path) == 0
+    if stage != "train":
+        assert run_cli("train", path) == 0
+    if stage == "predict":
+        assert run_cli("evaluate", path) == 0
+    real = {"rename": pio.os.replace, "create": pio.tempfile.mkstemp}[where]
+
+    def fail(*a, **k):
+        target = str(a[1] if where == "rename" else k.get("dir", ""))
+        if "runs" in target or "submissions" in target:
+            raise OSError(code, os.strerror(code), target)
+        return real(*a, **k)
+
+    monkeypatch.setattr(*((pio.os, "replace") if where == "rename" else (pio.tempfile, "mkstemp")), fail)
+    err = cli_error(capsys, stage, path)
+    assert err.startswith("error: ") and f"{os.strerror(code)} ({errno.errorcode[code]})" in err
+    assert "runs/comp/exp" in err or "submissions" in err
+    assert ".tmp" not in err  # the artifact, never its temporary name

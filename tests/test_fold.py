@@ -136,3 +136,24 @@ def test_corrupt_folds_file_is_one_line(make_config, iceberg_dir, capsys, conten
     err = cli_error(capsys, "train", cfg)
     assert err.startswith("error: folds/comp.csv: ") and f"pipeline fold {cfg}" in err
     assert Path("folds/comp.csv").read_bytes() == content and not Path("runs").exists()
+
+
+def test_one_class_after_folding_is_refused_by_train_before_anything_is_deleted(digits_config, capsys):
+    """Labels changed to one class after a run finished: train refuses before touching the run."""
+    from conftest import cli_error, run_cli
+
+    path = digits_config(train={"epochs": 1})
+    assert run_cli("fold", path) == 0 and run_cli("train", path) == 0
+    run = Path("runs/comp/exp")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    data = Path(load_config(path).data.dir)
+    saved = (data / "train.csv").read_bytes()
+    try:
+        df = pd.read_csv(data / "train.csv")
+        df["label"] = 3
+        df.to_csv(data / "train.csv", index=False)
+        err = cli_error(capsys, "train", path, "train.lr=0.002")
+        assert "the training data has only class '3'" in err
+        assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    finally:
+        (data / "train.csv").write_bytes(saved)  # the data folder is shared by the session's tests
