@@ -274,6 +274,11 @@ def _build_one(entry: Any, key: str, lo: float, hi: float, channels: int | None,
             close = difflib.get_close_matches(k, accepted, n=3)
             hint = f"did you mean {', '.join(close)}?" if close else f"expected one of {', '.join(accepted)}"
             raise PipelineError(f"{where}: unknown parameter {k!r}; {hint}")
+    sig = inspect.signature(cls.__init__).parameters
+    for k, v in params.items():  # pydantic in albumentations reads true as 1.0: a typo that silently wins
+        default = sig[k].default
+        if isinstance(v, bool) and isinstance(default, (int, float, tuple)) and not isinstance(default, bool):
+            raise PipelineError(f"{where}: {k}: got {v!r}; expected a number like {default!r}, not true/false")
     params = _translate(params, where, accepted, name, lo, hi, image_size)
     try:
         with warnings.catch_warnings():

@@ -268,3 +268,12 @@ def test_augment_preview_cli(digits_config, capsys):
         assert im.size == (800, 480)  # original + 4 augmented columns, 3 rows
     assert run_cli("augment", path, "augment=[{name: Blurr}]") == 2
     assert "augment[0].name: unknown transform 'Blurr'; did you mean Blur" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entry, key", [({"name": "HorizontalFlip", "p": True}, "p"),
+                                        ({"name": "GaussianBlur", "blur_limit": False}, "blur_limit")])
+def test_a_boolean_is_not_a_number_parameter(entry, key):
+    from pipeline.augment import validate_augment
+
+    with pytest.raises(PipelineError, match=rf"augment\[0\] \({entry['name']}\): {key}: got (True|False); expected a number"):
+        validate_augment([entry])
