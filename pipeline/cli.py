@@ -169,7 +169,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse, keeping the one-line error contract (usage goes to ``--help``)."""
 
     def error(self, message: str):
-        self.exit(2, f"error: {self.prog}: {_one_line(message)}; see `{self.prog} --help`\n")
+        raise _UsageError(f"{self.prog}: {_one_line(message)}; see `{self.prog} --help`")
+
+
+class _UsageError(Exception):
+    """A command line argparse refused; ``main`` prints it as the one line and returns 2."""
 
 
 def _one_line(text: str) -> str:
@@ -231,8 +235,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print runs side by side (same folds)")
     e.set_defaults(fn=cmd_evaluate)
     tu = stage("tune", cmd_tune, "Optuna search over tune.space; writes runs/<competition>/tune/")
-    tu.add_argument("--n-trials", type=_positive_int, help="trials this process runs (default tune.n_trials)")
-    tu.add_argument("--max-trials", type=_positive_int, help="cap on the study's total trials across all workers")
+    tu.add_argument("--n-trials", type=int, help="trials this process runs (default tune.n_trials)")
+    tu.add_argument("--max-trials", type=int, help="cap on the study's total trials across all workers")
     tu.add_argument("--timeout", type=_finite, help="seconds this process may search")
     tu.add_argument("--storage", help="SQLAlchemy URL (e.g. postgresql://...); default a SQLite file under runs/<competition>/tune/")
     tu.add_argument("--study", help="study name (default <experiment>)")
@@ -255,11 +259,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args, extra = parser.parse_known_args(argv)
-    # Overrides may come after options (`train CFG --folds 0 train.lr=1e-3`).
-    bad = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    try:
+        args, extra = parser.parse_known_args(argv)
+        # Overrides may come after options (`train CFG --folds 0 train.lr=1e-3`).
+        bad = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if extra:
         args.overrides = list(args.overrides) + extra
     t0 = time.time()
