@@ -4,6 +4,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests: bounded in the default tier, more examples in the full one (make test-all)
+settings.register_profile("fast", max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+settings.register_profile("slow", max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import cli_error, copy_json, write_yaml
@@ -23,9 +23,6 @@ from pipeline.errors import PipelineError
 from pipeline.formats import FORMATS, options_model, read_table
 from pipeline.formats.options import Section, _leaf_types
 
-settings.register_profile("fast", max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-settings.register_profile("slow", max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 
 @pytest.fixture

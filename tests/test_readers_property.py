@@ -1,23 +1,19 @@
 """Property tests of every data reader: random corruptions of a valid file never end in a traceback,
 and never in a table with wrong content. Bounded examples here; ``HYPOTHESIS_PROFILE=slow`` runs more."""
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.formats import read_table
 
-settings.register_profile("fast", max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
-settings.register_profile("slow", max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 
 CORRUPTIONS = st.one_of(
     st.tuples(st.just("truncate"), st.floats(0, 1)),
