@@ -17,7 +17,8 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import cli_error, copy_json, write_yaml
+from conftest import cli_error, write_yaml
+from test_formats import _bad_statoil, _set
 from pipeline.config import Config, load_config
 from pipeline.errors import PipelineError
 from pipeline.formats import FORMATS, options_model, read_table
@@ -305,22 +306,7 @@ def test_bad_override_is_one_line(base, tmp_path, capsys, override, message):
 
 # ---- Statoil records -------------------------------------------------------------------------
 
-def _statoil(tmp_path, iceberg_dir, mutate, split="train"):
-    d = tmp_path / "bad"
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir()
-    for s in ("train", "test"):
-        if s == split:
-            copy_json(iceberg_dir / f"{s}.json", d / f"{s}.json", mutate)
-        else:
-            shutil.copy(iceberg_dir / f"{s}.json", d / f"{s}.json")
-    return d
-
-
-def _set(i, key, value):
-    def mutate(recs):
-        recs[i][key] = value
-    return mutate
+_statoil = _bad_statoil  # a copy of the demo data with one record changed
 
 
 def _band_item(i, key, j, value):
