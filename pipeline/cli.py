@@ -16,14 +16,21 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from .errors import PipelineError, describe_os_error  # noqa: E402
 
 
-def _config(args, check_data: bool = True):
+def _config(args, check_data: bool = True, plan: bool = True):
+    """The command's config, its ``auto`` values resolved by the run's plan (made now when missing,
+    unless ``plan`` is false: then only an existing plan is applied)."""
     from .config import load_config
+    from .plan import parse_budget, planned
 
     overrides = list(args.overrides)
     params = getattr(args, "params", None)
     if params:
         overrides = _params_overrides(params) + overrides
-    return load_config(args.config, overrides, check_data=check_data)
+    budget = getattr(args, "budget", None)
+    if budget is not None:  # after the overrides: the flag wins over train.time_budget_s=...
+        overrides.append(f"train.time_budget_s={parse_budget(budget)}")
+    cfg = load_config(args.config, overrides, check_data=check_data)
+    return planned(cfg, create=plan)
 
 
 def _params_overrides(path: str) -> list[str]:
@@ -143,7 +150,7 @@ def cmd_validate_submission(args):
 def cmd_experiments(args):
     from .experiments import list_experiments
 
-    list_experiments(_config(args, check_data=False))
+    list_experiments(_config(args, check_data=False, plan=False))
 
 
 def cmd_lb(args):
@@ -161,7 +168,7 @@ def cmd_run(args):
 def cmd_status(args):
     from .run import status
 
-    status(_config(args, check_data=False))
+    status(_config(args, check_data=False, plan=False))
 
 
 
@@ -202,14 +209,19 @@ def _positive_int(text: str) -> int:
     return v
 
 
+BUDGET_HELP = "training time to plan for: 900s, 15m, 1h (the same as train.time_budget_s)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pipeline", description="Kaggle image-classification competition pipeline")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
-    def stage(name, fn, help, data=True):
+    def stage(name, fn, help, data=True, budget=False):
         sp = sub.add_parser(name, help=help, description=help)
         sp.add_argument("config", help="competition/experiment YAML")
         sp.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        if budget:  # every command that finds the run by its config hash takes it, as it takes overrides
+            sp.add_argument("--budget", help=BUDGET_HELP)
         sp.set_defaults(fn=fn)
         return sp
 
@@ -221,11 +233,11 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_demo_data)
 
-    stage("fold", cmd_fold, "write folds/<competition>.csv (id,fold)")
-    t = stage("train", cmd_train, "train one model per fold; writes runs/<competition>/<experiment>/")
+    stage("fold", cmd_fold, "write folds/<competition>.csv (id,fold)", budget=True)
+    t = stage("train", cmd_train, "train one model per fold; writes runs/<competition>/<experiment>/", budget=True)
     t.add_argument("--folds", help="comma-separated fold numbers to train (default: all)")
     t.add_argument("--params", help="YAML of section.key: value overrides (e.g. tune's best.yaml)")
-    a = stage("augment", cmd_augment, "preview the configured augmentation as a PNG grid")
+    a = stage("augment", cmd_augment, "preview the configured augmentation as a PNG grid", budget=True)
     a.add_argument("--n", type=_positive_int, default=8, help="number of training images in the grid")
     a.add_argument("--out", help="PNG path (default runs/<competition>/<experiment>/augment_preview.png)")
     e = sub.add_parser("evaluate", help="metrics.json, report/ and a terminal table from oof.csv",
@@ -233,14 +245,15 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("config", nargs="?", help="competition/experiment YAML")
     e.add_argument("overrides", nargs="*", help="section.key=value overrides")
     e.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print runs side by side (same folds)")
+    e.add_argument("--budget", help=BUDGET_HELP)
     e.set_defaults(fn=cmd_evaluate)
-    tu = stage("tune", cmd_tune, "Optuna search over tune.space; writes runs/<competition>/tune/")
+    tu = stage("tune", cmd_tune, "Optuna search over tune.space; writes runs/<competition>/tune/", budget=True)
     tu.add_argument("--n-trials", type=int, help="trials this process runs (default tune.n_trials)")
     tu.add_argument("--max-trials", type=int, help="cap on the study's total trials across all workers")
     tu.add_argument("--timeout", type=_finite, help="seconds this process may search")
     tu.add_argument("--storage", help="SQLAlchemy URL (e.g. postgresql://...); default a SQLite file under runs/<competition>/tune/")
     tu.add_argument("--study", help="study name (default <experiment>)")
-    pr = stage("predict", cmd_predict, "test predictions with TTA -> test_pred.csv and a submission file")
+    pr = stage("predict", cmd_predict, "test predictions with TTA -> test_pred.csv and a submission file", budget=True)
     pr.add_argument("--params", help="YAML of section.key: value overrides (e.g. tune's best.yaml)")
     stage("ensemble", cmd_ensemble, "blend experiments (ENSEMBLE.yaml) -> runs/ and submissions/")
     v = stage("validate-submission", cmd_validate_submission, "check a submission file against the test data")
@@ -252,8 +265,8 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("submission")
     lb.add_argument("score", type=_finite)
     lb.set_defaults(fn=cmd_lb, overrides=[])
-    stage("run", cmd_run, "fold, train, evaluate, predict and write a submission, skipping fresh stages")
-    stage("status", cmd_status, "list the stages as done / stale / missing")
+    stage("run", cmd_run, "fold, train, evaluate, predict and write a submission, skipping fresh stages", budget=True)
+    stage("status", cmd_status, "list the stages as done / stale / missing", budget=True)
     return p
 
 

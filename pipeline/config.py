@@ -120,7 +120,9 @@ class ModelConfig(Section):
     drop_rate: float = Field(0.2, ge=0, lt=1)
     use_features: bool = True
     input_size: int | None = Field(None, gt=0, le=8192, description="resize batches to this size before the model")
-    finetune: Literal["full", "partial", "head"] = "full"
+    finetune: Literal["full", "partial", "head", "gradual"] = Field(
+        "full", description="gradual: the head alone for the first epoch, then the last unfreeze_stages, then all "
+                            "after unfreeze_after (default a third of the epochs)")
     unfreeze_stages: int = Field(2, ge=0)
     unfreeze_after: int | None = Field(None, ge=1, description="epoch after which everything is unfrozen")
     backbone_lr_mult: float = Field(1.0, gt=0)
@@ -133,7 +135,8 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(20, ge=1)
+    epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="auto: planned from train.time_budget_s (pipeline/plan.py); 20 without a budget")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     patience: int = Field(5, ge=0, description="epochs without val log-loss improvement before stopping; 0 = never")
@@ -160,7 +163,8 @@ class TrainConfig(Section):
     class_weights: Literal["none", "balanced"] = "none"
     balanced_sampling: bool = False
     refit: bool = False
-    time_budget_s: float | None = Field(None, gt=0)
+    time_budget_s: float | None = Field(None, gt=0, description="seconds of training (refit included) the run is planned to "
+                                                                 "spend; also `--budget 15m` (pipeline/plan.py)")
     max_steps_per_epoch: int | None = Field(None, ge=1)
     fold_jobs: int = Field(1, ge=1, le=1024, description="CPU: folds trained at once, each in its own process with "
                                                 "cores/fold_jobs threads (pipeline/fold_jobs.py)")
@@ -240,9 +244,11 @@ class Config(Section):
     tune: TuneConfig = Field(default_factory=TuneConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
 
-    # Not part of the YAML: where it came from.
+    # Not part of the YAML: where it came from, and the plan its ``auto`` values were resolved by
+    # (pipeline/plan.py; None until then).
     path: str = ""
     name: str = ""
+    plan: dict | None = None
 
     @field_validator("data", mode="wrap")
     @classmethod
@@ -278,7 +284,7 @@ class Config(Section):
 
     def to_dict(self) -> dict:
         d = self.model_dump(mode="json")
-        d.pop("path"), d.pop("name")
+        d.pop("path"), d.pop("name"), d.pop("plan")
         return d
 
     def hash(self, *sections: str) -> str:
@@ -373,9 +379,15 @@ def _load_with_extends(path: Path, seen: tuple = ()) -> dict:
 
 def _format_error(path: Path, err: ValidationError) -> str:
     """The first validation error as one line: ``<file>: <key>: <what is wrong> (got <value>)``."""
-    e = err.errors()[0]
-    # a key as typed, unless it is not printable text (a newline in a key must not break the line)
-    loc = ".".join(p if isinstance(p, str) and p.isprintable() else str(p) if isinstance(p, int) else repr(p) for p in e["loc"])
+    errors = err.errors()
+    e = errors[0]
+    # a key as typed, unless it is not printable text (a newline in a key must not break the line);
+    # without the branch tags pydantic adds for a union (``train.epochs.constrained-int``)
+    loc = ".".join(p if isinstance(p, str) and p.isprintable() else str(p) if isinstance(p, int) else repr(p)
+                   for p in _key_path(e["loc"]))
+    literal = next((x for x in errors[1:] if x["type"] == "literal_error" and _key_path(x["loc"]) == _key_path(e["loc"])), None)
+    if literal is not None and e["type"] != "literal_error":  # `int | Literal["auto"]`: say both
+        e = {**e, "msg": f"{e['msg']}, or {literal['ctx']['expected']}"}
     if e["type"] == "extra_forbidden":
         close = difflib.get_close_matches(loc, known_keys(Config), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -392,13 +404,20 @@ def _format_error(path: Path, err: ValidationError) -> str:
     return f"{path}: {loc}: {msg}{got_s}".replace("\n", "\\n")
 
 
+_UNION_TAG = re.compile(r"(constrained-)?(int|float|str|bool|none)$|.*\[")
+
+
+def _key_path(loc: tuple) -> tuple:
+    return tuple(p for p in loc if not (isinstance(p, str) and _UNION_TAG.match(p)))
+
+
 def load_config(path: str | Path, overrides: list[str] | dict | None = None, check_data: bool = True) -> Config:
     """Read a config file, apply ``extends`` and overrides, validate, check the data dir."""
     path = Path(path)
     d = _load_with_extends(path)
     if overrides:
         d = apply_overrides(d, overrides)
-    for k in ("path", "name"):  # derived from the file, never set in it
+    for k in ("path", "name", "plan"):  # derived from the file (and the run), never set in it
         if k in d:
             hint = "; this looks like an ensemble file: use `pipeline ensemble`" if "members" in d else ""
             raise PipelineError(f"{path}: unknown key '{k}' (the experiment's name is the file's stem){hint}")

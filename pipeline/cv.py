@@ -27,7 +27,7 @@ from .models import build_model
 from .predictions import average_predictions, probs_of, write_predictions
 from .runs import JobDir, RunDir
 from .table import Table
-from .trainer import FoldTrainer, derive_seed, seed_everything
+from .trainer import FoldTrainer, caches_embeddings, derive_seed, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,9 @@ def _deadline(cfg: Config, t_start: float, jobs_left: int) -> float | None:
     return time.time() + max(left, 0) / max(jobs_left, 1)
 
 
-def _caches_embeddings(cfg: Config) -> bool:
-    m = cfg.model  # mixing, augmentation and unfreezing all need the images themselves
-    return m.finetune == "head" and not (cfg.augment or m.unfreeze_after or cfg.train.mixup_alpha or cfg.train.cutmix_alpha)
-
-
 def _head_embeddings(cfg: Config, table: Table, device: torch.device, seed: int) -> torch.Tensor | None:
     """With a frozen backbone and no augmentation, features are computed once for every fold."""
-    if not _caches_embeddings(cfg):
+    if not caches_embeddings(cfg):
         return None
     seed_everything(derive_seed("init", seed))  # the same init as each fold's model
     model, _ = build_model(cfg, table.channels, table.num_classes, len(table.feature_names), table.image_size)
@@ -128,7 +123,9 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     finished fold (done.json contents); either may raise to stop training (e.g. optuna.TrialPruned).
     """
     from .formats import read_table
+    from .plan import describe, executor_width, planned
 
+    cfg = planned(cfg)
     table = table if table is not None else read_table(cfg, "train")
     check_learnable(cfg, table)  # before any done.json of an earlier run is deleted
     fold_of = load_folds(cfg, table)
@@ -149,9 +146,11 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     t_start = time.time()
     log.info(f"train {cfg.name}: {cfg.model.backbone} ({'pretrained' if cfg.model.pretrained else 'from scratch'}, finetune {cfg.model.finetune}) "
              f"on {len(table)} images {table.channels}x{table.image_size[0]}x{table.image_size[1]}, folds {wanted}, seeds {seeds}, device {device}")
+    if cfg.plan is not None:
+        log.info(describe(cfg, cfg.plan) + f" ({run.plan_json})")
     todo = [job for job in run.jobs(wanted) if _needs_training(job, run_hash)]
-    n_par = min(cfg.train.fold_jobs, len(todo))
-    if n_par > 1 and device.type == "cpu" and on_epoch is None and on_fold is None and not _caches_embeddings(cfg):
+    n_par = executor_width(cfg, len(todo), device.type, hooks=on_epoch is not None or on_fold is not None)
+    if n_par > 1:
         executor = ProcessExecutor(cfg=cfg, width=n_par, run_hash=run_hash, precision=precision, t_start=t_start,
                                    n_budget_jobs=len(todo) + n_refit)
     else:
@@ -166,7 +165,21 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
         for i, seed in enumerate(seeds):
             refit(cfg, table, fold_of, seed=seed, device=device, run_hash=run_hash, precision=precision,
                   deadline=_deadline(cfg, t_start, len(seeds) - i))
+    _log_spent(cfg, time.time() - t_start, trained=bool(todo))
     return oof
+
+
+def _log_spent(cfg: Config, spent: float, trained: bool) -> None:
+    """The time training took, beside the budget and the plan's expectation."""
+    if not trained:
+        return
+    budget, expected = cfg.train.time_budget_s, (cfg.plan or {}).get("expected_train_s")
+    parts = [f"training took {spent:.0f} s"]
+    if budget:
+        parts.append(f"{spent / budget:.0%} of the {budget:.0f} s budget")
+    if expected:
+        parts.append(f"planned {expected:.0f} s")
+    log.info(", ".join(parts))
 
 
 def refit(cfg: Config, table: Table, fold_of: np.ndarray, *, seed: int, device, run_hash: str, precision: str,

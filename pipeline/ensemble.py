@@ -135,7 +135,9 @@ def load_ensemble(path: str | Path, overrides: list[str] | None = None) -> tuple
     cpath = _resolve(ens.config, path.parent)
     if cpath is None:
         raise PipelineError(f"{path}: config: {ens.config} not found (looked in {Path.cwd()} and {path.parent})")
-    cfg = load_config(cpath)
+    from .plan import planned
+
+    cfg = planned(load_config(cpath), create=False)
     if cfg.competition != ens.competition:
         raise PipelineError(f"{path}: competition is {ens.competition!r} but config {ens.config} is for {cfg.competition!r}")
     if ens.name is None:

@@ -155,12 +155,14 @@ def evaluate(cfg: Config, report: bool = True) -> dict:
     """
     from .fold import load_folds
     from .formats import read_table
+    from .plan import planned
 
     run = RunDir.of(cfg)
     hint = f"pipeline train {cfg.path}"
     oof_path = run.oof
     if not oof_path.is_file():  # before reading the data: the common mistake answers at once
         raise PipelineError(f"{oof_path}: file not found; run `{hint}` first (evaluate scores its out-of-fold predictions)")
+    cfg = planned(cfg)
     _check_trained_config(cfg, run)
     table = read_table(cfg, "train")
     fold_of = load_folds(cfg, table)

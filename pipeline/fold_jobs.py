@@ -22,13 +22,6 @@ log = logging.getLogger(__name__)
 _STATE: dict = {}
 
 
-def thread_plan(n_jobs: int, n_par: int, cores: int) -> list[int]:
-    """Threads for each of ``n_jobs`` jobs run ``n_par`` at a time on ``cores`` cores."""
-    full = (n_jobs // n_par) * n_par
-    rest = n_jobs - full
-    return [max(1, cores // n_par)] * full + [max(1, cores // max(rest, 1))] * rest
-
-
 def _start_worker(cfg) -> None:
     import os
 
@@ -69,6 +62,8 @@ def run_parallel(cfg, jobs: list, *, n_par: int, run_hash: str, precision: str, 
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     import torch
+
+    from .plan import thread_plan
 
     cores = torch.get_num_threads()
     plan = thread_plan(len(jobs), n_par, cores)

@@ -162,9 +162,16 @@ def apply_finetune(model: Net, mode: str, unfreeze_stages: int) -> int:
     return len(keep)
 
 
-def unfreeze_all(model: Net) -> None:
-    for p in model.backbone.parameters():
-        p.requires_grad_(True)
+def finetune_stage(m, epoch: int, epochs: int) -> str:
+    """What of the backbone trains in ``epoch`` (``m`` is the config's model section): ``gradual``
+    trains the head alone for the first epoch, then the last ``unfreeze_stages`` stages, then all of it
+    after ``unfreeze_after`` (default a third of the epochs) - small data first fits a head on
+    pretrained features, then adapts the layers nearest to it; other modes keep theirs until
+    ``unfreeze_after``, if set."""
+    if m.finetune == "gradual":
+        after = m.unfreeze_after or max(2, epochs // 3)
+        return "head" if epoch == 1 else "partial" if epoch <= after else "full"
+    return "full" if m.unfreeze_after and epoch > m.unfreeze_after else m.finetune
 
 
 def freeze_bn_stats(model: Net) -> None:

@@ -246,6 +246,9 @@ def _predict_into(cfg: Config, run: RunDir, stage: Staging) -> _Predicted:
 def _predict_stage(cfg: Config, *, submit: bool) -> tuple[_Predicted, Path | None]:
     """The predict stage, all or nothing: its files are staged, then the submission(s) written, then
     the files moved into place (a submission whose run files could not be is removed again)."""
+    from .plan import planned
+
+    cfg = planned(cfg)
     run = RunDir.of(cfg)
     with run.staged("predict") as stage:
         made = _predict_into(cfg, run, stage)

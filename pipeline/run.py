@@ -82,7 +82,11 @@ def _sections(stage: str):
 
 def run_all(cfg: Config) -> dict[str, float]:
     """Run every stage that is not done; returns seconds per stage (0 for skipped ones)."""
-    times = {}
+    from .plan import planned
+
+    t0 = time.time()
+    cfg = planned(cfg)
+    times = {"plan": time.time() - t0} if cfg.plan is not None else {}
     for st, state in stage_states(cfg):
         if state == "done":
             log.info(f"[{st.name}] up to date ({st.output(cfg)}), skipping")
@@ -98,6 +102,9 @@ def run_all(cfg: Config) -> dict[str, float]:
 
 
 def status(cfg: Config) -> list[tuple[str, str, str]]:
+    from .plan import planned
+
+    cfg = planned(cfg, create=False)
     rows = [(st.name, state, str(st.output(cfg))) for st, state in stage_states(cfg)]
     w = max(len(r[0]) for r in rows)
     for name, state, path in rows:

@@ -2,6 +2,7 @@
 
   config.<stage>.yaml / .hash   resolved config of a stage and its stage hash, written last (the stage is done)
   precision.json                ``train.precision: auto`` resolved once per run ({"precision", "hash"})
+  plan.json, plan.lock          the run plan (pipeline/plan.py): ``auto`` values and the budget resolved once
   fold_<k>/                     one training job per fold; ``fold_<k>_seed<s>/`` when ``train.seeds`` has several
       best.safetensors, best.json   best epoch's weights and what built them
       last.pt                       resume state, removed when the job is done
@@ -359,6 +360,31 @@ class RunDir:
 
     def write_precision(self, precision: str, train_hash: str) -> None:
         atomic_write_json(self.precision_json, {"precision": precision, "hash": train_hash})
+
+    # ---- plan.json ----------------------------------------------------------------------
+
+    @property
+    def plan_json(self) -> Path:
+        return self.path / "plan.json"
+
+    @property
+    def plan_lock(self) -> Path:
+        return self.path / "plan.lock"
+
+    def read_plan(self, config_hash: str) -> dict | None:
+        """The plan made for the config whose plan hash is ``config_hash``; None when there is none
+        (or it was made for another config, or the file is damaged: planned again)."""
+        p = self.plan_json
+        if not p.is_file():
+            return None
+        try:
+            saved = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        return saved if isinstance(saved, dict) and saved.get("config_hash") == config_hash else None
+
+    def write_plan(self, plan: dict) -> None:
+        atomic_write_json(self.plan_json, plan)
 
     # ---- artifacts ----------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from .errors import PipelineError
 from .inference import Rows, autocast, features_tensor, predict_logits, softmax
 from .io import atomic_path, atomic_write_csv, exclusive, sweep_temps
 from .metrics import logloss, score
-from .models import apply_finetune, build_model, freeze_bn_stats, save_checkpoint, unfreeze_all
+from .models import apply_finetune, build_model, finetune_stage, freeze_bn_stats, save_checkpoint
 from .optim import SCHEDULERS, build_optimizer, build_scheduler
 from .predictions import pred_frame, write_predictions
 from .runs import JobDir
@@ -70,6 +70,12 @@ class Components:
         return self.ema.module if self.ema is not None else self.model
 
 
+def caches_embeddings(cfg: Config) -> bool:
+    """A frozen backbone without augmentation: its features are computed once for every fold."""
+    m = cfg.model  # mixing, augmentation and unfreezing all need the images themselves
+    return m.finetune == "head" and not (cfg.augment or m.unfreeze_after or cfg.train.mixup_alpha or cfg.train.cutmix_alpha)
+
+
 def steps_per_epoch(n_rows: int, t) -> int:
     n = n_rows // t.batch_size + (n_rows % t.batch_size > 1)  # a last batch of one is dropped (BatchNorm)
     n = max(n, 1)
@@ -81,7 +87,7 @@ def build_components(*, cfg: Config, table: Table, tr_idx: np.ndarray, seed: int
     seed_everything(derive_seed("init", seed))
     model, weights_source = build_model(cfg, table.channels, table.num_classes, len(table.feature_names), table.image_size)
     model.fit_normalisation(table.images, table.features)
-    apply_finetune(model, cfg.model.finetune, cfg.model.unfreeze_stages)
+    apply_finetune(model, finetune_stage(cfg.model, 1, cfg.train.epochs), cfg.model.unfreeze_stages)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -402,8 +408,8 @@ class FoldTrainer:
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """One pass over the training rows; returns (mean loss, training images per second)."""
         cfg, job = self.cfg, self.job
-        if cfg.model.unfreeze_after and epoch > cfg.model.unfreeze_after:
-            unfreeze_all(self.model)
+        if cfg.model.unfreeze_after or cfg.model.finetune == "gradual":  # set per epoch, so a resumed job matches
+            apply_finetune(self.model, finetune_stage(cfg.model, epoch, cfg.train.epochs), cfg.model.unfreeze_stages)
         rng = seed_everything(derive_seed("epoch", job.seed, job.fold, epoch))
         self.model.train()
         freeze_bn_stats(self.model)

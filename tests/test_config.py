@@ -154,9 +154,9 @@ def test_what_needs_no_data_fails_when_the_config_loads(base, overrides, message
 
 
 @pytest.mark.parametrize("fmt, overrides, message", [
-    ("image_folder", ["data.channels=2"], r"x.yaml: data.channels: 2 is not supported by image_folder; expected 1 \(grey\), 3 \(RGB\) or null"),
+    ("image_folder", ["data.channels=2"], r"x.yaml: data.channels: 2 is not supported by image_folder; expected 1 \(grey\), 3 \(RGB\), null or auto"),
     ("image_folder", ["data.channels=1", "augment=[{name: HueSaturationValue}]"], r"augment\[0\] \(HueSaturationValue\): works on 3-channel images only; these images have 1$"),
-    ("pixel_csv", ["data.channels=3"], r"x.yaml: data.channels: 3; pixel_csv images are grey \(1 channel\); expected 1 or null$"),
+    ("pixel_csv", ["data.channels=3"], r"x.yaml: data.channels: 3; pixel_csv images are grey \(1 channel\); expected 1, null or auto$"),
     ("pixel_csv", ["augment=[{name: RGBShift}]"], r"augment\[0\] \(RGBShift\): works on 3-channel images only; these images have 1$"),
 ])
 def test_each_format_checks_its_own_options(tmp_path, fmt, overrides, message):

@@ -304,7 +304,7 @@ def test_refit_on_all_rows_with_cv_epoch_count(digits_config, capsys):
 
 
 def test_thread_plan_is_fixed_by_the_job_list():
-    from pipeline.fold_jobs import thread_plan
+    from pipeline.plan import thread_plan
 
     assert thread_plan(4, 2, 2) == [1, 1, 1, 1]
     assert thread_plan(3, 2, 2) == [1, 1, 2]  # the last, lone fold gets both cores

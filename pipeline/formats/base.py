@@ -22,6 +22,8 @@ class Reader:
     submission_kind: str = "name"
 
     def __init__(self, cfg):
+        if "auto" in (cfg.data.image_size, cfg.data.channels):  # a caller skipped the plan: a bug, not bad input
+            raise ValueError("data.image_size/channels is auto: resolve the config with pipeline.plan.planned(cfg) first")
         self.cfg = cfg
         self.dir = cfg.data_dir
 
@@ -54,6 +56,12 @@ class Reader:
         if split == "train" and t.labels is None:
             raise PipelineError(f"{where}: training data has no labels")
         return t
+
+    def native_size(self) -> int | None:
+        """The side of the training images as the files hold them (the smaller side when not square,
+        the most common one when the files differ), for ``data.image_size: auto``; None: read the
+        training table at its own size to tell."""
+        return None
 
     def _read(self, split: str) -> Table:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -85,8 +85,8 @@ class ImageFolderOptions(DataOptions):
     @field_validator("channels")
     @classmethod
     def _grey_or_rgb(cls, v):
-        if v not in (None, 1, 3):
-            raise ValueError(f"{v} is not supported by image_folder; expected 1 (grey), 3 (RGB) or null (from the files)")
+        if v not in (None, 1, 3, "auto"):
+            raise ValueError(f"{v} is not supported by image_folder; expected 1 (grey), 3 (RGB), null or auto (from the files)")
         return v
 
     def image_spec(self) -> ImageSpec:
@@ -111,6 +111,28 @@ class ImageFolder(Reader):
         images = self._images(split, names, ids)
         return Table(ids=np.asarray(ids, dtype=object), images=images, class_names=class_names,
                      labels=labels, value_range=VALUE_RANGE)
+
+    def native_size(self) -> int:
+        """The most common smaller side of the training files (headers only: nothing is decoded)."""
+        from collections import Counter
+
+        folder = self.dir / "train"
+        if not folder.is_dir():
+            raise PipelineError(f"{folder}: folder not found (data.dir is {self.cfg.data.dir}); expected train/ holding the train images")
+        paths = [e.path for e in _image_files(folder).values()]
+        if not paths:
+            raise PipelineError(f"{folder}: no image files; expected the training images")
+        def side(p: str) -> int | None:
+            try:
+                return min(_header(p)[0])
+            except Exception:  # an unreadable file is reported, with its id, when the images are decoded
+                return None
+
+        with ThreadPoolExecutor(_workers()) as ex:
+            sides = Counter(s for s in ex.map(side, paths) if s)
+        if not sides:
+            raise PipelineError(f"{folder}: no readable image files; expected images Pillow can decode (PNG, JPEG, ...)")
+        return max(sides.items(), key=lambda kv: (kv[1], kv[0]))[0]
 
     # ---- rows: ids (and labels) from the CSV, or the test folder itself ----
 

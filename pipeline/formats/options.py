@@ -10,7 +10,7 @@ config loads, not while the files are read. A format with keys of its own adds f
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, get_args, get_origin
+from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -58,12 +58,16 @@ class DataOptions(Section):
 
     format: str
     dir: str
-    image_size: int | None = Field(None, gt=0, le=8192, description="resize images to this square size; None keeps the files' size")
-    channels: int | None = Field(None, ge=1, le=4, description="image_folder: 1 (grey) or 3 (RGB), None = from the files; statoil_json: 2 (the bands) or 3 (+ their mean)")
+    image_size: Annotated[int, Field(gt=0, le=8192)] | Literal["auto"] | None = Field(
+        None, description="resize images to this square size; None keeps the files' size; auto: planned from the "
+                          "files' size and the time budget (pipeline/plan.py)")
+    channels: Annotated[int, Field(ge=1, le=4)] | Literal["auto"] | None = Field(
+        None, description="image_folder: 1 (grey) or 3 (RGB), None or auto = from the files; statoil_json: 2 (the bands) "
+                          "or 3 (+ their mean)")
     cache: bool = True
 
     def image_spec(self) -> ImageSpec:
         """Pixel scale, channels and size as far as they follow from the config (augmentations are
         checked against them when the config loads); a format that knows more says so."""
-        size = (self.image_size, self.image_size) if self.image_size else None
-        return ImageSpec(None, self.channels, size)
+        size = (self.image_size, self.image_size) if isinstance(self.image_size, int) else None
+        return ImageSpec(None, self.channels if isinstance(self.channels, int) else None, size)

@@ -19,8 +19,8 @@ class PixelCsvOptions(DataOptions):
     @field_validator("channels")
     @classmethod
     def _grey(cls, v):
-        if v not in (None, 1):
-            raise ValueError(f"{v}; pixel_csv images are grey (1 channel); expected 1 or null")
+        if v not in (None, 1, "auto"):
+            raise ValueError(f"{v}; pixel_csv images are grey (1 channel); expected 1, null or auto")
         return v
 
     def image_spec(self) -> ImageSpec:

@@ -22,22 +22,25 @@ class StatoilOptions(DataOptions):
     @field_validator("image_size")
     @classmethod
     def _native_size(cls, v):
-        if v not in (None, SIDE):
+        if v not in (None, SIDE, "auto"):
             raise ValueError(f"{v}; statoil_json images are {SIDE}x{SIDE} (set model.input_size to feed the model another size)")
         return v
 
     @field_validator("channels")
     @classmethod
     def _bands(cls, v):
-        if v not in (None, 2, 3):
+        if v not in (None, 2, 3, "auto"):
             raise ValueError(f"{v}; expected 2 (band_1, band_2) or 3 (band_1, band_2 and their mean, for RGB-shaped backbones)")
         return v
 
     def image_spec(self) -> ImageSpec:
-        return ImageSpec(VALUE_RANGE, self.channels or 2, (SIDE, SIDE))
+        return ImageSpec(VALUE_RANGE, self.channels if isinstance(self.channels, int) else 2, (SIDE, SIDE))
 
 
 class StatoilJson(Reader):
+    def native_size(self) -> int:
+        return SIDE
+
     Options = StatoilOptions
     submission_columns = ("id", "is_iceberg")
     submission_kind = "probability"

