@@ -271,6 +271,7 @@ class Shape:
     refit: bool
     width: int
     cores: int
+    max_train_rows: int | None = None  # train.max_steps_per_epoch x batch_size
 
     def threads(self) -> list[int]:
         n_jobs = self.n_folds * self.n_seeds
@@ -279,14 +280,15 @@ class Shape:
     def seconds(self, epochs: int, speed: Callable[[int], Speed]) -> float:
         """Expected training time for ``epochs`` per job, ``speed(threads)`` per thread count."""
         n_val = math.ceil(self.n_rows / self.n_folds)
+        n_train = min(self.n_rows - n_val, self.max_train_rows or self.n_rows)
         threads = self.threads()
         total = SPAWN_S if self.width > 1 else 0.0
         for w in range(0, len(threads), self.width):  # waves of ``width`` jobs side by side
-            total += max(speed(th).build_s + epochs * speed(th).epoch_seconds(self.n_rows - n_val, n_val)
+            total += max(speed(th).build_s + epochs * speed(th).epoch_seconds(n_train, n_val)
                          for th in threads[w:w + self.width])
         if self.refit:
             s = speed(self.cores)
-            total += self.n_seeds * (s.build_s + epochs * (self.n_rows / s.train_img_s + s.epoch_s))
+            total += self.n_seeds * (s.build_s + epochs * (min(self.n_rows, self.max_train_rows or self.n_rows) / s.train_img_s + s.epoch_s))
         return total
 
     def epochs_for(self, budget: float, speed: Callable[[int], Speed]) -> int:
@@ -321,8 +323,9 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
     n_folds = cfg.folds.n_splits * cfg.folds.repeats
 
     def shape_of(c: Config) -> Shape:
+        cap = c.train.max_steps_per_epoch and c.train.max_steps_per_epoch * c.train.batch_size
         return Shape(n_rows=facts.n_rows, n_folds=n_folds, n_seeds=len(seeds), refit=c.train.refit, cores=cores,
-                     width=executor_width(c, n_folds * len(seeds), device_type))
+                     width=executor_width(c, n_folds * len(seeds), device_type), max_train_rows=cap or None)
 
     values, why = {}, []
     n_train = facts.n_rows - math.ceil(facts.n_rows / n_folds)

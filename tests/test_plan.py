@@ -1,0 +1,237 @@
+"""The run plan (pipeline/plan.py): budgets, auto values, plan.json reuse. Speeds are injected, so
+these tests are fast and deterministic; one test measures for real on a tiny model."""
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import cli_error, run_cli
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.models import finetune_stage
+from pipeline.plan import MAX_EPOCHS, MIN_EPOCHS, TARGET, Facts, Shape, Speed, choose_model, make_plan, parse_budget, planned
+
+
+# ---- budgets ------------------------------------------------------------------------------
+
+@given(st.floats(min_value=0.01, max_value=1e5, allow_nan=False), st.sampled_from(["", "s", "m", "h"]))
+def test_budget_units(x, unit):
+    text = f"{x:.3f}{unit}"
+    assert parse_budget(text) == pytest.approx(float(f"{x:.3f}") * {"": 1, "s": 1, "m": 60, "h": 3600}[unit])
+
+
+@pytest.mark.parametrize("text", ["", "0", "0s", "-5m", "abc", "15x", "nan", "inf", "1e3", "15 minutes", "m"])
+def test_bad_budget_is_refused(text):
+    with pytest.raises(PipelineError, match=r"^--budget: got .*; expected a positive duration like 900s, 15m or 1h$"):
+        parse_budget(text)
+
+
+def test_bad_budget_on_the_command_line(capsys, make_config, digits_dir, tmp_path):
+    cfg = make_config(digits_dir, fmt="pixel_csv")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    err = cli_error(capsys, "run", cfg, "--budget", "15x")
+    assert "--budget: got '15x'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written: no runs/, folds/, submissions/
+
+
+# ---- the time model -----------------------------------------------------------------------
+
+speeds = st.builds(Speed, train_img_s=st.floats(5, 5000), val_img_s=st.floats(20, 20000),
+                   build_s=st.floats(0, 5), epoch_s=st.floats(0, 2))
+
+
+@given(speeds, st.integers(20, 50_000), st.integers(2, 10), st.integers(1, 3), st.integers(1, 4),
+       st.booleans(), st.floats(30, 20_000))
+def test_epochs_fill_the_budget(speed, n_rows, n_folds, n_seeds, width, refit, budget):
+    shape = Shape(n_rows=n_rows, n_folds=n_folds, n_seeds=n_seeds, refit=refit, width=width, cores=4)
+    e = shape.epochs_for(budget, lambda th: speed)
+    assert 1 <= e <= MAX_EPOCHS
+    if e > 1:  # the plan fits its share of the budget...
+        assert shape.seconds(e, lambda th: speed) <= TARGET * budget + 1e-6
+    if e < MAX_EPOCHS:  # ...and one more epoch would not
+        assert shape.seconds(e + 1, lambda th: speed) > TARGET * budget - 1e-6
+
+
+def test_waves_and_threads_are_those_of_the_executor():
+    # 5 folds, 2 at a time on 2 cores: waves of (1, 1) threads, then the lone last fold on both cores
+    shape = Shape(n_rows=1000, n_folds=5, n_seeds=1, refit=False, width=2, cores=2)
+    assert shape.threads() == [1, 1, 1, 1, 2]
+    sp = {1: Speed(train_img_s=100, val_img_s=1000), 2: Speed(train_img_s=160, val_img_s=1600)}
+    per_epoch_1 = 800 / 100 + 200 / 1000
+    per_epoch_2 = 800 / 160 + 200 / 1600
+    assert shape.seconds(3, sp.__getitem__) == pytest.approx(8.0 + 2 * 3 * per_epoch_1 + 3 * per_epoch_2)
+
+
+# ---- choosing: size, backbone, epochs -----------------------------------------------------
+
+def _facts(native=128, n_rows=4000, channels=1):
+    return Facts(n_rows=n_rows, class_names=tuple("abcdefghij"), channels=channels, native=native, n_features=0,
+                 feature_names=(), value_range=(0.0, 255.0), dtype="uint8")
+
+
+def _pixels_speed(calls=None, base=120.0):
+    """Throughput falling with the pixel count, 1.4x on 2 threads (as measured here for lite0)."""
+    def speed(cfg, size, threads):
+        if calls is not None:
+            calls.append((cfg.model.backbone, size, threads))
+        s = base * (64 / size) ** 2 * (1.4 if threads == 2 else 1.0)
+        return Speed(train_img_s=s, val_img_s=4 * s, build_s=1.0, epoch_s=0.2)
+    return speed
+
+
+def _folder_cfg(make_config, data_dir, **train):
+    p = make_config(data_dir, fmt="image_folder", data={"image_size": "auto", "channels": "auto"},
+                    model={"backbone": "auto"}, train={"epochs": "auto", "fold_jobs": 2, **train})
+    return load_config(p)
+
+
+@pytest.mark.parametrize("budget, size", [(600, 48), (800, 64), (3000, 128)])
+def test_image_size_is_the_largest_that_gets_enough_epochs(make_config, folder_dir, budget, size):
+    cfg = _folder_cfg(make_config, folder_dir, time_budget_s=budget)
+    calls = []
+    plan = make_plan(cfg, _facts(), device_type="cpu", cores=2, speed=_pixels_speed(calls))
+    v = plan["values"]
+    assert v["data.image_size"] == size
+    assert v["train.epochs"] >= MIN_EPOCHS
+    assert all(s <= 128 for _, s, _ in calls)  # never upscaled
+    assert calls[0][1] == 128  # the files' own size is tried first
+    assert plan["expected_train_s"] <= TARGET * budget
+    if size < 128:
+        assert any(f"image size {s}: only" in w for w in plan["why"] for s in (128, 96))
+
+
+def test_no_size_fits_takes_the_smallest(make_config, folder_dir):
+    cfg = _folder_cfg(make_config, folder_dir, time_budget_s=20)
+    plan = make_plan(cfg, _facts(), device_type="cpu", cores=2, speed=_pixels_speed())
+    assert plan["values"]["data.image_size"] == 32 and plan["values"]["train.epochs"] >= 1
+
+
+def test_without_a_budget_nothing_is_measured(make_config, folder_dir):
+    cfg = _folder_cfg(make_config, folder_dir)
+    calls = []
+    plan = make_plan(cfg, _facts(native=100), device_type="cpu", cores=2, speed=_pixels_speed(calls))
+    assert calls == []
+    assert plan["values"]["data.image_size"] == 100 and plan["values"]["train.epochs"] == 20
+    assert plan["expected_train_s"] is None
+
+
+def test_backbone_rule(make_config, folder_dir):
+    cfg = _folder_cfg(make_config, folder_dir)
+    small, why = choose_model(cfg, _facts(native=28), n_train=5000)
+    assert small == {"backbone": "simple_cnn", "pretrained": False} and "28 px" in why[0]
+    big, _ = choose_model(cfg, _facts(native=128), n_train=5000)
+    assert big == {"backbone": "tf_efficientnet_lite0", "pretrained": True, "finetune": "full"}
+    few, why = choose_model(cfg, _facts(native=75), n_train=300)
+    assert few["finetune"] == "gradual" and "head first" in why[0]
+
+
+def test_explicit_epochs_over_budget_warn(make_config, folder_dir):
+    cfg = _folder_cfg(make_config, folder_dir, time_budget_s=60).model_copy()
+    cfg = load_config(cfg.path, ["train.epochs=40", "data.image_size=128"])
+    plan = make_plan(cfg, _facts(), device_type="cpu", cores=2, speed=_pixels_speed())
+    assert "train.epochs" not in plan["values"]
+    assert "set train.epochs=auto" in plan["warning"]
+
+
+def test_gradual_finetune_stages():
+    from pipeline.config import ModelConfig
+
+    m = ModelConfig(finetune="gradual")
+    assert [finetune_stage(m, e, 9) for e in range(1, 10)] == ["head"] + ["partial"] * 2 + ["full"] * 6
+    m = ModelConfig(finetune="gradual", unfreeze_after=5)
+    assert [finetune_stage(m, e, 9) for e in (1, 2, 5, 6)] == ["head", "partial", "partial", "full"]
+    m = ModelConfig(finetune="head", unfreeze_after=2)
+    assert [finetune_stage(m, e, 9) for e in (1, 2, 3)] == ["head", "head", "full"]
+
+
+# ---- plan.json: made once, reused -----------------------------------------------------------
+
+def _digits_cfg(make_config, digits_dir, *overrides):
+    p = make_config(digits_dir, fmt="pixel_csv", folds={"n_splits": 2},
+                    model={"backbone": "auto", "pretrained": False},
+                    train={"epochs": "auto", "time_budget_s": 60, "batch_size": 64, "max_steps_per_epoch": 2})
+    return load_config(p, list(overrides))
+
+
+def test_plan_is_made_once_and_reused(make_config, digits_dir):
+    calls = []
+    cfg = planned(_digits_cfg(make_config, digits_dir), speed=_pixels_speed(calls, base=30))
+    n = len(calls)
+    assert n > 0 and cfg.plan is not None
+    saved = json.loads(cfg.run_dir.joinpath("plan.json").read_text())
+    assert saved["values"] == cfg.plan["values"] and saved["values"]["model.backbone"] == "simple_cnn"
+    # a rerun, a resumed fold, another machine with another fold_jobs (a runtime key): the same plan, the same run
+    again = planned(_digits_cfg(make_config, digits_dir, "train.fold_jobs=1", "train.device=cpu"),
+                    speed=_pixels_speed(calls, base=3000))
+    assert len(calls) == n and again.train.epochs == cfg.train.epochs
+    assert again.hash() == cfg.hash()
+    assert planned(again) is again  # idempotent
+    # a changed budget is another plan
+    other = planned(_digits_cfg(make_config, digits_dir, "train.time_budget_s=600"), speed=_pixels_speed(calls, base=30))
+    assert len(calls) > n and other.train.epochs > cfg.train.epochs and other.hash() != cfg.hash()
+
+
+def test_status_does_not_plan(make_config, digits_dir, capsys):
+    cfg = _digits_cfg(make_config, digits_dir)
+    assert run_cli("status", cfg.path) == 0
+    assert not cfg.run_dir.joinpath("plan.json").exists()
+
+
+def test_planned_run_trains_the_planned_epochs(make_config, digits_dir):
+    from pipeline.cv import train_cv
+    from pipeline.fold import run_fold
+    from pipeline.runs import RunDir
+
+    cfg = planned(_digits_cfg(make_config, digits_dir), speed=_pixels_speed(base=30))
+    import torch
+
+    # 2 folds one after the other on every core, 128 rows trained (2 steps of 64) and 2,400 validated per epoch
+    speed = _pixels_speed(base=30)(cfg, 28, torch.get_num_threads())
+    per_epoch = 2 * (128 / speed.train_img_s + 2400 / speed.val_img_s + speed.epoch_s)
+    assert cfg.train.epochs == int((TARGET * 60 - 2 * speed.build_s) // per_epoch) > 1
+    run_fold(cfg)
+    oof = train_cv(cfg)
+    assert len(oof) == 4800
+    run = RunDir.of(cfg)
+    for k in (0, 1):
+        assert run.job_dir(k, 42).read_done()["epochs_run"] == cfg.train.epochs
+    # the CLI, reading plan.json, finds the run finished
+    assert run_cli("train", cfg.path) == 0
+    assert run.job_dir(0, 42).read_done()["hash"] == run.run_hash()
+
+
+def test_real_measurement_is_cached(make_config, digits_dir):
+    from pipeline.plan import data_facts, measure_speed
+
+    cfg = load_config(make_config(digits_dir, fmt="pixel_csv", model={"backbone": "simple_cnn", "pretrained": False},
+                                  train={"epochs": 1, "batch_size": 16}))
+    facts = data_facts(cfg)
+    assert facts.native == 28 and facts.channels == 1 and facts.n_rows == 4800
+    s = measure_speed(cfg, facts, 28, 1, seconds=0.2)
+    assert s.train_img_s > 0 and s.val_img_s > 0 and math.isfinite(s.build_s)
+    from pipeline.io import cache_dir
+
+    cached = json.loads((cache_dir() / "throughput.json").read_text())
+    assert len(cached) == 1
+    assert measure_speed(cfg, facts, 28, 1, seconds=0.2) == s  # from the cache, not measured again
+
+
+def test_folder_native_size_reads_headers_only(make_config, folder_dir):
+    from pipeline.formats import build_reader
+
+    cfg = load_config(make_config(folder_dir, fmt="image_folder", data={"image_size": 32}))
+    side = build_reader(cfg).native_size()
+    assert 28 <= side <= 48  # the demo folder's digits are 28..48 px
+
+
+def test_auto_config_values_are_checked(make_config, digits_dir):
+    p = make_config(digits_dir, fmt="pixel_csv", train={"epochs": "fast"})
+    with pytest.raises(PipelineError, match=r"train.epochs: .*or 'auto'"):
+        load_config(p)
+    p = make_config(digits_dir, fmt="statoil_json", data={"image_size": 64})
+    with pytest.raises(PipelineError, match=r"data.image_size: 64; statoil_json images are 75x75"):
+        load_config(p)
+    load_config(make_config(digits_dir, fmt="statoil_json", data={"image_size": "auto", "channels": "auto"}))
