@@ -402,33 +402,42 @@ def planned(cfg: Config, *, create: bool = True, speed: SpeedFn | None = None) -
     With ``create=False`` a missing plan is not made: the config comes back as it is."""
     if cfg.plan is not None or not (has_auto(cfg) or cfg.train.time_budget_s):
         return cfg
+    if not cfg.train.time_budget_s and all(getattr(getattr(cfg, s), k) != AUTO for s, k in PLAN_KEYS if k != "epochs"):
+        # only train.epochs: auto and no budget: the default epoch count, nothing to measure or keep
+        from .runs import RunDir
+
+        plan = {"config_hash": plan_hash(cfg), "budget_s": None, "values": {"train.epochs": DEFAULT_EPOCHS},
+                "why": [], "folds": cfg.folds.n_splits * cfg.folds.repeats, "seeds": RunDir.of(cfg).seeds,
+                "expected_train_s": None}
+        return _with(cfg, plan["values"]).model_copy(update={"plan": plan})
     from .runs import RunDir
 
     run, h = RunDir.of(cfg), plan_hash(cfg)
     plan = run.read_plan(h)
     if plan is None and create:
-        plan = _make_locked(cfg, run, h, speed)
+        plan = _keep(run, h, _make(cfg, speed))  # made before any file is written: bad data writes nothing
     if plan is None:
         return cfg
     return _with(cfg, plan["values"]).model_copy(update={"plan": plan})
 
 
-def _make_locked(cfg: Config, run, h: str, speed: SpeedFn | None) -> dict:
-    """Make and write the plan while holding the run's plan lock; a process that finds it held waits
-    and reads what the holder wrote (two machines starting at once share one plan)."""
+def _keep(run, h: str, plan: dict) -> dict:
+    """Write ``plan`` unless another process (machine) wrote one for this config meanwhile: the first
+    written wins, so every worker of the run trains with one plan."""
     from .io import exclusive
 
     run.path.mkdir(parents=True, exist_ok=True)
     while True:
         try:
             with exclusive(run.plan_lock, "the run plan"):
-                plan = run.read_plan(h)
-                if plan is None:
-                    plan = _make(cfg, speed)
-                    run.write_plan(plan)
+                theirs = run.read_plan(h)
+                if theirs is not None:
+                    log.info(f"plan: using the plan another process wrote to {run.plan_json}")
+                    return theirs
+                run.write_plan(plan)
                 return plan
         except LockHeld:
-            time.sleep(0.5)
+            time.sleep(0.2)
 
 
 def _make(cfg: Config, speed: SpeedFn | None) -> dict:

@@ -182,9 +182,12 @@ def _int_only(ann) -> bool:
     """True when the config field holds integers (``int`` or ``int | None``)."""
     if ann is int:
         return True
+    if typing.get_origin(ann) is typing.Annotated:  # Annotated[int, Field(ge=1)]
+        return _int_only(typing.get_args(ann)[0])
     if isinstance(ann, types.UnionType) or typing.get_origin(ann) is typing.Union:
-        args = [a for a in typing.get_args(ann) if a is not type(None)]
-        return args == [int]
+        # int | None, or int | Literal["auto"]: the numbers it holds are integers
+        args = [a for a in typing.get_args(ann) if a is not type(None) and typing.get_origin(a) is not typing.Literal]
+        return len(args) == 1 and _int_only(args[0])
     return False
 
 

@@ -19,7 +19,9 @@ RUN = Path("runs/comp/exp")
 
 
 def _prepare(path, overrides=()):
-    cfg = load_config(path, list(overrides))
+    from pipeline.plan import planned
+
+    cfg = planned(load_config(path, list(overrides)))
     run_fold(cfg)
     return cfg
 
