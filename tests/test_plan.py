@@ -235,3 +235,25 @@ def test_auto_config_values_are_checked(make_config, digits_dir):
     with pytest.raises(PipelineError, match=r"data.image_size: 64; statoil_json images are 75x75"):
         load_config(p)
     load_config(make_config(digits_dir, fmt="statoil_json", data={"image_size": "auto", "channels": "auto"}))
+
+
+def test_gradual_finetune_trains_head_then_stages_then_all(make_config, iceberg_dir, monkeypatch):
+    import pipeline.trainer as trainer_mod
+    from pipeline.cv import train_cv
+    from pipeline.fold import run_fold
+
+    cfg = planned(load_config(make_config(iceberg_dir, folds={"n_splits": 2}, model={
+        "backbone": "tf_efficientnet_lite0", "pretrained": False, "finetune": "gradual", "unfreeze_stages": 1,
+        "unfreeze_after": 2}, train={"epochs": 3, "batch_size": 8, "max_steps_per_epoch": 1, "patience": 0})))
+    run_fold(cfg)
+    seen, real = [], trainer_mod.train_one_epoch
+
+    def spy(parts, **kw):  # what of the backbone trains in each epoch
+        params = list(parts.model.backbone.parameters())
+        seen.append((sum(p.requires_grad for p in params), len(params)))
+        return real(parts, **kw)
+
+    monkeypatch.setattr(trainer_mod, "train_one_epoch", spy)
+    train_cv(cfg, folds=[0])
+    (head, n), (partial, _), (full, _) = seen
+    assert head == 0 and 0 < partial < full == n  # the head alone, then the last stage, then all
