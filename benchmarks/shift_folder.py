@@ -1,0 +1,174 @@
+"""Issue 11's comparison on the shift-folder stand-in: shipped configs vs a hand-written loop, equal budget.
+
+On ``pipeline demo-data shift-folder`` (real MNIST digits at 128 px grey; test drawn with a bolder pen,
+wider scale/rotation/position ranges and low-contrast noisy paper; written to ``--data`` when missing),
+each contestant gets the same ``--budget`` seconds of training:
+
+- every ``--config`` (default ``competitions/folder-demo.yaml`` and ``competitions/image-folder.yaml``;
+  a missing one is skipped with a message) as a user runs it: ``pipeline run CONFIG data.dir=...
+  train.time_budget_s=BUDGET``, in a fresh process with its own ``paths.runs/folds/submissions`` and
+  cache (``PIPELINE_CACHE``) under ``--work``, so nothing is shared between contestants or reused;
+- ``benchmarks/baseline_loop.py`` (the plain timm + albumentations 5-fold Adam script).
+
+Per contestant: training seconds (the pipeline's ``train`` stage; the script's folds), whole-run
+seconds (every stage, or the whole script, after imports), held-out test accuracy (the pipeline's
+submission file scored by ``validate-submission``'s scorer against ``solution.csv``) and log-loss
+(the probabilities the submission was made from: ``test_pred.csv`` with the run's temperature).
+One table, ratios against the baseline, and a last line of JSON.
+
+    .venv/bin/python benchmarks/shift_folder.py --budget 800            # the issue's setting (long)
+    .venv/bin/python benchmarks/shift_folder.py --budget 30 --data /tmp/sf --n-train 340 --n-test 100
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ["competitions/folder-demo.yaml", "competitions/image-folder.yaml"]
+
+CHILD = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import shift_folder
+shift_folder.pipeline_child(sys.argv[2], sys.argv[3], sys.argv[4:])
+"""
+
+
+def pipeline_child(config: str, solution: str, overrides: list[str]) -> None:
+    """In the contestant's own process: ``run_all`` (what ``pipeline run`` does), then score; prints RESULT json."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import log_loss
+
+    from pipeline.config import load_config
+    from pipeline.logs import configure
+    from pipeline.predictions import class_names_of, probs_of, read_predictions
+    from pipeline.run import run_all
+    from pipeline.runs import RunDir
+    from pipeline.submission import check_submission, submissions_dir
+
+    configure()
+    t0 = time.time()
+    cfg = load_config(config, overrides)
+    times = run_all(cfg)
+    whole = time.time() - t0
+    sub = max(submissions_dir(cfg).glob("*.csv"), key=lambda p: p.stat().st_mtime)
+    accuracy = check_submission(cfg, sub, solution)
+    pred = read_predictions(RunDir.of(cfg).test_pred, "test", scaled=True)
+    truth = pd.read_csv(solution, dtype=str).set_index("id")["label"].reindex(pred["id"])
+    classes = class_names_of(pred)
+    y = truth.map({c: i for i, c in enumerate(classes)}).to_numpy()
+    loss = log_loss(y, probs_of(pred, classes), labels=np.arange(len(classes)))
+    print("RESULT " + json.dumps({"train_s": round(times.get("train", 0.0), 1), "total_s": round(whole, 1),
+                                  "stages": {k: round(v, 1) for k, v in times.items()}, "submission": str(sub),
+                                  "test_accuracy": round(float(accuracy), 4), "test_logloss": round(float(loss), 4)}))
+
+
+def _child(cmd: list[str], log: Path, env: dict, prefix: str, result: Path | None = None) -> dict | None:
+    """Run one contestant, its output to ``log``; the JSON it printed after ``prefix``, or the last
+    line of its ``result`` file (None: it failed)."""
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, check=False).returncode
+    if result is not None:
+        lines = [prefix + ln for ln in result.read_text().splitlines()] if result.is_file() else []
+    else:
+        lines = [ln for ln in log.read_text().splitlines() if ln.startswith(prefix)]
+    if rc or not lines:
+        tail = "\n    ".join(log.read_text().splitlines()[-5:])
+        print(f"  failed (exit {rc}); last lines of {log}:\n    {tail}")
+        return None
+    return json.loads(lines[-1][len(prefix):])
+
+
+def _env(root: Path) -> dict:
+    """A contestant's environment: this checkout's pipeline, its own cold cache, no hub."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "PIPELINE_CACHE": str(root / "cache"), "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def run_pipeline(config: Path, data: Path, budget: float, work: Path, extra: list[str]) -> dict | None:
+    root = work / config.stem
+    root.mkdir(parents=True, exist_ok=True)
+    overrides = [f"data.dir={data}", f"train.time_budget_s={budget:g}", f"paths.runs={root / 'runs'}",
+                 f"paths.folds={root / 'folds'}", f"paths.submissions={root / 'submissions'}", *extra]
+    env = _env(root)
+    print(f"[{config.stem}] pipeline run {config} {' '.join(overrides)}  (log: {root / 'run.log'})", flush=True)
+    cmd = [sys.executable, "-c", CHILD, str(ROOT / "benchmarks"), str(config), str(data / "solution.csv"), *overrides]
+    return _child(cmd, root / "run.log", env, "RESULT ")
+
+
+def run_baseline(data: Path, budget: float, work: Path, extra: list[str]) -> dict | None:
+    root = work / "baseline_loop"
+    root.mkdir(parents=True, exist_ok=True)
+    env = _env(root)
+    result = root / "result.jsonl"
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "baseline_loop.py"), "--data", str(data), "--budget", f"{budget:g}",
+           "--json", str(result), *extra]
+    print(f"[baseline_loop] {' '.join(cmd[1:])}  (log: {root / 'run.log'})", flush=True)
+    return _child(cmd, root / "run.log", env, "", result)
+
+
+def table(results: dict[str, dict | None], budget: float) -> str:
+    head = f"{'contestant':<24} {'train s':>8} {'train/budget':>12} {'whole s':>8} {'whole/budget':>12} {'test acc':>9} {'log-loss':>9}"
+    rows = [head, "-" * len(head)]
+    for name, r in results.items():
+        if r is None:
+            rows.append(f"{name:<24} {'failed or skipped':>50}")
+            continue
+        rows.append(f"{name:<24} {r['train_s']:>8.0f} {r['train_s'] / budget:>12.2f} {r['total_s']:>8.0f} "
+                    f"{r['total_s'] / budget:>12.2f} {r['test_accuracy']:>9.4f} {r['test_logloss']:>9.4f}")
+    base = results.get("baseline_loop")
+    if base:
+        for name, r in results.items():
+            if r and name != "baseline_loop":
+                rows.append(f"{name} vs baseline_loop: accuracy {r['test_accuracy'] - base['test_accuracy']:+.4f}, "
+                            f"log-loss x{r['test_logloss'] / base['test_logloss']:.2f}, training time x{r['train_s'] / max(base['train_s'], 1e-9):.2f}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budget", type=float, required=True, help="seconds of training for every contestant")
+    ap.add_argument("--data", type=Path, default=Path("data/shift-folder"), help="shift-folder data (written when missing)")
+    ap.add_argument("--n-train", type=int, default=3400, help="when writing the data")
+    ap.add_argument("--n-test", type=int, default=1000, help="when writing the data")
+    ap.add_argument("--seed", type=int, default=0, help="when writing the data")
+    ap.add_argument("--config", action="append", type=Path, help=f"repeatable; default {' and '.join(CONFIGS)}")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every pipeline run")
+    ap.add_argument("--baseline-arg", action="append", default=[], metavar="ARG", help="extra baseline_loop.py argument, e.g. --baseline-arg=--no-pretrained")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--work", type=Path, help="folder for the runs (default a new temporary folder, kept)")
+    args = ap.parse_args(argv)
+    data = args.data.resolve()
+    if not (data / "solution.csv").is_file():
+        from pipeline.demo_data import write_shift_folder
+
+        print(f"writing {data}: {write_shift_folder(data, n_train=args.n_train, n_test=args.n_test, seed=args.seed)}")
+    else:
+        print(f"using the existing {data} (delete it to regenerate)")
+    work = (args.work or Path(tempfile.mkdtemp(prefix="shift-folder-bench-"))).resolve()
+    results: dict[str, dict | None] = {}
+    for config in args.config or [ROOT / c for c in CONFIGS]:
+        config = Path(config).resolve()
+        if not config.is_file():
+            print(f"[{config.stem}] skipped: {config} does not exist")
+            continue
+        results[config.stem] = run_pipeline(config, data, args.budget, work, args.set)
+    if not args.no_baseline:
+        results["baseline_loop"] = run_baseline(data, args.budget, work, args.baseline_arg)
+    print(f"\nshift-folder ({data}), budget {args.budget:g}s each; runs under {work}")
+    print(table(results, args.budget))
+    print(json.dumps({"budget_s": args.budget, "data": str(data), "results": results}))
+    return results
+
+
+if __name__ == "__main__":
+    main()

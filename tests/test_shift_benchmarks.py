@@ -1,0 +1,51 @@
+"""benchmarks/baseline_loop.py (the hand-written rival of issue 11) and benchmarks/shift_folder.py still run (so they cannot rot)."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def tiny_shift(tmp_path_factory):
+    from pipeline.demo_data import write_shift_folder
+
+    out = tmp_path_factory.mktemp("shift")
+    write_shift_folder(out, n_train=34, n_test=10, seed=0)  # 4 rows per class, 2 in the half-count ones
+    return out
+
+
+def test_baseline_loop_smoke(tiny_shift, tmp_path):
+    res = _load("baseline_loop").main(["--data", str(tiny_shift), "--budget", "60", "--folds", "2", "--epochs", "1",
+                                       "--size", "16", "--model", "resnet10t", "--no-pretrained", "--json", str(tmp_path / "r.jsonl")])
+    assert res["epochs_run"] == [1, 1] and res["folds"] == 2 and res["size"] == 16
+    assert 0 <= res["test_accuracy"] <= 1 and res["test_logloss"] > 0 and res["train_s"] <= res["total_s"]
+    assert json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1]) == res
+
+
+def test_baseline_loop_fits_epochs_to_budget(tiny_shift, capsys):
+    res = _load("baseline_loop").main(["--data", str(tiny_shift), "--budget", "1", "--folds", "2",
+                                       "--size", "16", "--model", "resnet10t", "--no-pretrained"])
+    assert res["epochs"] == 1 and res["epochs_run"] == [1, 1]  # a 1 s budget: one epoch, then each fold stops
+    assert "epochs per fold fit the 1s budget" in capsys.readouterr().out
+
+
+def test_shift_folder_skips_missing_configs_and_tabulates(tmp_path, capsys):
+    bench = _load("shift_folder")
+    data = tmp_path / "sf"
+    assert bench.main(["--budget", "5", "--data", str(data), "--n-train", "20", "--n-test", "10", "--no-baseline",
+                       "--config", str(tmp_path / "missing.yaml"), "--work", str(tmp_path / "w")]) == {}
+    out = capsys.readouterr().out
+    assert f"writing {data}" in out and "[missing] skipped" in out and (data / "solution.csv").is_file()
+    base = {"train_s": 100.0, "total_s": 120.0, "test_accuracy": 0.8, "test_logloss": 0.5}
+    text = bench.table({"auto": {**base, "test_accuracy": 0.9, "test_logloss": 0.25}, "broken": None, "baseline_loop": base}, 100)
+    assert "failed or skipped" in text and "auto vs baseline_loop: accuracy +0.1000, log-loss x0.50, training time x1.00" in text
