@@ -98,6 +98,7 @@ def test_image_size_is_the_largest_that_gets_enough_epochs(make_config, folder_d
     assert v["train.epochs"] >= MIN_EPOCHS
     assert all(s <= 128 for _, s, _ in calls)  # never upscaled
     assert calls[0][1] == 128  # the files' own size is tried first
+    assert len(calls) <= 3 and len({s for _, s, _ in calls}) == len(calls)  # few sizes measured, each at one thread count
     assert plan["expected_train_s"] <= TARGET * budget
     if size < 128:
         assert any(f"image size {s}: only" in w for w in plan["why"] for s in (128, 96))
