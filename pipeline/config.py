@@ -90,6 +90,25 @@ def _tta_names(names: list[str]) -> list[str]:
     return names
 
 
+def auto_or(*fields: str, expected: str):
+    """A validator for keys that take ``auto`` or a value: one message naming both, instead of
+    pydantic's error per member of the union. A value of the right shape keeps its own message
+    (``[spin]``: unknown TTA 'spin')."""
+
+    def wrap(cls, v, handler):
+        try:
+            return handler(v)
+        except ValidationError as e:
+            own = [x for x in e.errors() if "literal" not in str(x["loc"][:1]).lower()]
+            if own and own[0]["type"] == "value_error":  # a registry's or a check's own line
+                raise ValueError(own[0]["msg"].removeprefix("Value error, ")) from None
+            if own and not own[0]["type"].endswith(("_type", "_parsing")) and own[0]["type"] != "missing":
+                raise ValueError(f"{own[0]['msg']}; expected auto or {expected}") from None  # e.g. not finite, too large
+            raise ValueError(f"got {v!r}; expected auto or {expected}") from None
+
+    return field_validator(*fields, mode="wrap")(wrap)
+
+
 class _UnknownFormat(DataOptions):
     """What a ``data:`` section of an unregistered format is validated against: its format fails."""
 
@@ -150,7 +169,9 @@ class TrainConfig(Section):
     warmup_epochs: float = Field(0.0, ge=0)
     step_size: int = Field(10, ge=1)
     gamma: float = Field(0.1, gt=0, le=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] | Literal["auto"] = Field(
+        "auto", description="auto: 0.1 for a log-loss metric with > 2 classes, else 0 (pipeline/defaults.py)")
+    _label_smoothing = auto_or("label_smoothing", expected="a number >= 0 and < 1")
     grad_clip: float | None = Field(None, gt=0)
     num_workers: int = Field(0, ge=0, le=1024)
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
@@ -193,9 +214,13 @@ class EvaluateConfig(Section):
 
 class PredictConfig(Section):
     average: Literal["prob", "logit"] = "prob"
-    tta: Annotated[list[str], AfterValidator(_tta_names)] = Field(default_factory=lambda: ["identity"], description="names in pipeline.tta.TTA")
-    tta_oof: bool = False
-    clip: tuple[float, float] | None = None
+    tta: Annotated[list[str], AfterValidator(_tta_names)] | Literal["auto"] = Field(
+        "auto", description="names in pipeline.tta.TTA; auto: the flips/rotations the augment list trains with (pipeline/defaults.py)")
+    tta_oof: bool = Field(True, description="OOF through the same TTA (evaluate writes oof_tta.csv and calibrates on it)")
+    clip: tuple[float, float] | Literal["auto"] | None = Field(
+        "auto", description="auto: [0.001, 0.999] for a log-loss metric, else none (pipeline/defaults.py)")
+    _auto = auto_or("tta", expected="a list of TTA names like [identity, hflip]")
+    _auto_clip = auto_or("clip", expected="null or [lo, hi] like [0.001, 0.999]")
 
 
 class TuneConfig(Section):
@@ -298,8 +323,8 @@ class Config(Section):
                 d.get(section, {}).pop(name, None)
             else:  # a whole section
                 d.pop(section, None)
-        if sections:
-            d = {k: d[k] for k in sections}
+        if sections:  # a section, or one key of a section ("predict.tta")
+            d = {k: (d[k.partition(".")[0]][k.partition(".")[2]] if "." in k else d[k]) for k in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -313,7 +338,9 @@ RUNTIME_KEYS = ("data.dir", "data.cache", "train.device", "train.num_workers", "
 STAGE_SECTIONS = {
     "fold": ("competition", "data", "folds"),
     "train": ("competition", "data", "folds", "model", "train", "augment"),
-    "evaluate": ("competition", "data", "folds", "model", "train", "augment", "metric", "evaluate"),
+    # evaluate makes and calibrates the TTA OOF (oof_tta.csv): the keys that decide it, not predict.clip
+    "evaluate": ("competition", "data", "folds", "model", "train", "augment", "metric", "evaluate",
+                 "predict.tta", "predict.tta_oof", "predict.average"),
     "predict": ("competition", "data", "folds", "model", "train", "augment", "metric", "evaluate", "predict"),
 }
 

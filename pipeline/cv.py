@@ -115,6 +115,17 @@ def _needs_training(job: JobDir, run_hash: str) -> bool:
     return True
 
 
+def _resolved_train_keys(cfg: Config, table, precision: str) -> dict | None:
+    """``auto`` training keys as this run resolved them, shown in its config snapshot (its hash stays the config's)."""
+    from .defaults import resolve_label_smoothing
+
+    resolved = {"train.precision": precision} if cfg.train.precision == "auto" else {}
+    if cfg.train.label_smoothing == "auto":
+        resolved["train.label_smoothing"] = v = resolve_label_smoothing(cfg, table.num_classes)
+        log.info(f"train.label_smoothing auto -> {v} (metric {cfg.metric}, {table.num_classes} classes)")
+    return resolved or None
+
+
 def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = None,
              on_epoch=None, on_fold=None) -> pd.DataFrame | None:
     """Train every requested fold (skipping finished ones); returns the OOF frame once all folds are done.
@@ -141,7 +152,7 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
         log.info(f"removed {tmp}, left by a killed run")
     run_hash, seeds = run.run_hash(), run.seeds
     precision = _run_precision(cfg, table, device, run)
-    run.write_snapshot("train", {"train.precision": precision} if cfg.train.precision == "auto" else None)
+    run.write_snapshot("train", _resolved_train_keys(cfg, table, precision))
     n_refit = len(seeds) if cfg.train.refit else 0  # the time budget is shared by the refit models too
     t_start = time.time()
     log.info(f"train {cfg.name}: {cfg.model.backbone} ({'pretrained' if cfg.model.pretrained else 'from scratch'}, finetune {cfg.model.finetune}) "

@@ -13,7 +13,7 @@ The ensemble YAML (validated; errors are one line naming the key)::
 
 Each member contributes its test predictions (``test_pred.csv``) and the OOF predictions made the
 same way (``predict.json`` names them: ``oof.csv`` or ``oof_tta.csv``), both read through one rule:
-scaled by the temperature the member's evaluation kept (its ``calibration.json``), else raw.
+calibrated as the member's evaluation kept (temperature and shrink, its ``calibration.json``), else raw.
 Members must agree on ids, targets and folds. ``weights`` and ``stack`` are fitted on OOF predictions
 with the folds themselves (for each fold: fit on the other folds, predict this one), so their printed
 OOF scores are honest; the test blend uses the fit on all OOF rows.
@@ -109,7 +109,7 @@ class Member:
         return self.run.path
 
     def read(self, class_names: list[str]) -> None:
-        """OOF and test predictions through the one rule: both scaled by the temperature the member kept."""
+        """OOF and test predictions through the one rule: both calibrated as the member kept."""
         hint = f"pipeline predict <config of {self.name}>"
         self.oof = read_predictions(self.oof_path, "oof", class_names=class_names, scaled=True, hint=hint)
         self.test = read_predictions(self.test_path, "test", class_names=class_names, scaled=True, hint=hint)
@@ -336,7 +336,9 @@ def run_ensemble(path: str | Path, overrides: list[str] | None = None) -> Path:
         member_scores[m.name] = {"value": score(metric, y, p), "ll": logloss(y, p)}
         log.info(f"member {m.name:<24} OOF {fmt_scores(metric, **member_scores[m.name])}")
     blend_oof, blend_test, weights = build_blender(ens.method)(oof, test, y, folds, stack_c=ens.stack_c)
-    clip = ens.clip if ens.clip is not None else cfg.predict.clip
+    from .defaults import resolve_clip
+
+    clip = ens.clip if ens.clip is not None else resolve_clip(cfg)
     s, ll = score(metric, y, blend_oof), logloss(y, blend_oof)
     how = " (weights/stacker fitted on the other folds)" if ens.method in ("weights", "stack") else ""
     log.info(f"blend  {ens.name} ({ens.method}){how}: OOF {fmt_scores(metric, s, ll)}")

@@ -3,16 +3,24 @@
 Reads the run's ``oof.csv`` (id,fold,target,p_<class>..., raw probabilities; pipeline/predictions.py)
 and writes beside it (layout: pipeline/runs.py):
 
-  metrics.json        overall figures (from the raw oof.csv): every metric of ``metrics.METRICS``
+  oof_tta.csv         when ``predict.tta`` is on (auto: from the augment list) and ``predict.tta_oof``:
+                      each fold's model(s) on its own rows with the predict stage's TTA. Every figure
+                      below, and the calibration, is then of this file: the calibration is fitted on
+                      the kind of prediction it scales (``oof_without_tta`` keeps oof.csv's scores)
+
+  metrics.json        overall figures (of the raw OOF, oof.csv or oof_tta.csv): every metric of ``metrics.METRICS``
                       (logloss, accuracy, f1, roc_auc, and any registered), precision, recall,
                       f1_macro, f1_weighted, ece, confusion_matrix (counts),
                       confusion_matrix_normalized (rows sum to 1), per_class; binary runs add
                       ``threshold`` (the F1-optimal cut beside F1 at 0.5). ``folds`` holds the same
                       figures per fold, ``cv_mean``/``cv_std`` their mean and spread across folds,
-                      ``calibrated`` the temperature-scaled figures, ``metric``/``headline`` the
-                      competition's own metric.
-  calibration.json    {"temperature": T, "kept": bool, ...}: the one record of the temperature; readers of
-                      prediction files apply T when kept (``read_predictions(..., scaled=True)``)
+                      ``calibrated`` the figures with the kept calibration (each fold calibrated by
+                      what was fitted on the other folds), ``calibrated.folds`` per fold: log-loss,
+                      ECE and the confidence gap (mean top probability - accuracy; > 0 is
+                      over-confident), raw and calibrated; ``metric``/``headline`` the competition's own.
+  calibration.json    {"temperature": T, "kept": bool, ..., "shrink": {"a", "prior", "kept", ...}}: the one
+                      record of the calibration (the shrink toward the class prior for log-loss metrics
+                      only); readers of prediction files apply what is kept (``read_predictions(..., scaled=True)``)
   report/             PNG plots and report.html (opens offline; pictures are files beside it)
   config.evaluate.yaml / .hash   written last: the stage is done
 
@@ -30,12 +38,12 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from .calibration import calibrate, ece
+from .calibration import calibrate, confidence_gap, ece
 from .config import Config
 from .errors import PipelineError
 from .io import atomic_write_json
 from .metrics import METRICS, cv_std, logloss
-from .predictions import check_oof_against_data, class_names_of, csv_line, probs_of, read_predictions
+from .predictions import check_oof_against_data, class_names_of, csv_line, probs_of, read_predictions, write_predictions
 from .runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -73,6 +81,7 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, eps: float = 1e-15,
         p, r, f, _ = skm.precision_recall_fscore_support(y, pred, average=avg, labels=labels, zero_division=0)
         m.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
     m["ece"] = ece(y, probs, n_bins)
+    m["confidence_gap"] = confidence_gap(y, probs)
     m["confusion_matrix"] = skm.confusion_matrix(y, pred, labels=labels).tolist()
     m["confusion_matrix_normalized"] = skm.confusion_matrix(y, pred, labels=labels, normalize="true").tolist()
     names = class_names or [str(c) for c in labels]
@@ -148,70 +157,101 @@ def _clean(obj):
     return obj
 
 
+def _calibration(cfg: Config, y, probs, fold) -> tuple[dict, dict, np.ndarray | None]:
+    """(calibration.json, metrics["calibrated"], nested-calibrated probabilities or None)."""
+    from .defaults import is_logloss
+
+    ev = cfg.evaluate
+    if not ev.calibrate:
+        return {"temperature": 1.0, "kept": False, "skipped": True}, {"skipped": True, "temperature": 1.0, "kept": False}, None
+    summary, cal_probs = calibrate(y, probs, fold, ev.eps, ev.n_bins, shrink=is_logloss(cfg.metric))
+    calib = {k: summary[k] for k in ("temperature", "kept", "nested_logloss", "raw_logloss", "in_sample_logloss", "fold_temperatures")}
+    if "shrink" in summary:
+        calib["shrink"] = summary["shrink"]
+    per_fold = []
+    for k in np.unique(fold):
+        m = fold == k
+        per_fold.append({"fold": int(k), "n": int(m.sum()), "logloss": logloss(y[m], cal_probs[m], ev.eps),
+                         "ece": ece(y[m], cal_probs[m], ev.n_bins), "raw_ece": ece(y[m], probs[m], ev.n_bins),
+                         "confidence_gap": confidence_gap(y[m], cal_probs[m]), "raw_confidence_gap": confidence_gap(y[m], probs[m])})
+    # honest calibrated figures: every fold calibrated by what was fitted on the other folds
+    metrics = {**summary, "logloss": summary["calibrated_logloss"], "ece": summary["calibrated_ece"], "folds": per_fold}
+    return calib, metrics, cal_probs
+
+
+def _oof_to_score(cfg: Config, run: RunDir, stage, table, fold_of, df: pd.DataFrame) -> tuple[pd.DataFrame, Path, dict | None]:
+    """The OOF the submission is made like: oof.csv, or with TTA on and ``predict.tta_oof`` the TTA OOF,
+    written into ``stage`` as oof_tta.csv and read back (what predict and blends will read). Returns
+    (frame, its final path, oof.csv's own scores when they differ)."""
+    from .defaults import resolve_tta, uses_tta_oof
+
+    if not uses_tta_oof(cfg):
+        stage.remove(run.oof_tta)  # an earlier TTA's OOF must not be blended
+        return df, run.oof, None
+    from .predict import oof_with_tta
+
+    y, names = df["target"].to_numpy(), list(table.class_names)
+    plain = probs_of(df, names)
+    log.info(f"evaluate {cfg.name}: OOF with predict.tta {resolve_tta(cfg)}{' (auto)' if cfg.predict.tta == 'auto' else ''}, "
+             f"so the calibration is fitted on the kind of prediction the submission gets")
+    path = stage.path(run.oof_tta)
+    write_predictions(path, oof_with_tta(cfg, table, fold_of), "oof", class_names=names)
+    tta = read_predictions(path, "oof", class_names=names, hint=f"pipeline evaluate {cfg.path}")
+    ev = cfg.evaluate
+    without = {"file": run.oof.name, cfg.metric: METRICS[cfg.metric](y, plain, ev.eps), "logloss": logloss(y, plain, ev.eps),
+               "ece": ece(y, plain, ev.n_bins)}
+    return tta, run.oof_tta, without
+
+
 def evaluate(cfg: Config, report: bool = True) -> dict:
-    """Score ``oof.csv``, fit the temperature, write metrics.json, calibration.json and report/.
+    """Score the run's OOF (oof.csv, or the TTA OOF it makes), fit the calibration, write metrics.json,
+    calibration.json and report/ (and oof_tta.csv).
 
     Returns the metrics dict (as written to metrics.json). ``report=False`` skips the pictures.
     """
+    from .defaults import resolve_tta, uses_tta_oof
     from .fold import load_folds
     from .formats import read_table
     from .plan import planned
 
     run = RunDir.of(cfg)
     hint = f"pipeline train {cfg.path}"
-    oof_path = run.oof
-    if not oof_path.is_file():  # before reading the data: the common mistake answers at once
-        raise PipelineError(f"{oof_path}: file not found; run `{hint}` first (evaluate scores its out-of-fold predictions)")
+    if not run.oof.is_file():  # before reading the data: the common mistake answers at once
+        raise PipelineError(f"{run.oof}: file not found; run `{hint}` first (evaluate scores its out-of-fold predictions)")
     cfg = planned(cfg)
     _check_trained_config(cfg, run)
     table = read_table(cfg, "train")
     fold_of = load_folds(cfg, table)
     names = list(table.class_names)
-    df = read_predictions(oof_path, "oof", class_names=names, hint=hint)  # raw: the temperature is fitted here
-    df = check_oof_against_data(oof_path, df, table.ids, table.labels, fold_of, names, cfg.folds_path, hint)
-    y = df["target"].to_numpy()
-    fold = df["fold"].to_numpy()
-    probs = probs_of(df, names)
+    df = read_predictions(run.oof, "oof", class_names=names, hint=hint)  # raw: the calibration is fitted here
+    df = check_oof_against_data(run.oof, df, table.ids, table.labels, fold_of, names, cfg.folds_path, hint)
     ev = cfg.evaluate
+    with run.staged("evaluate") as stage:  # oof_tta.csv, calibration.json, metrics.json, then the done marker: all or nothing
+        df, oof_path, without = _oof_to_score(cfg, run, stage, table, fold_of, df)
+        y, fold, probs = df["target"].to_numpy(), df["fold"].to_numpy(), probs_of(df, names)
+        overall = classification_metrics(y, probs, ev.eps, ev.n_bins, names)
+        folds, cv_mean, cv_std = fold_metrics(y, probs, fold, ev.eps, ev.n_bins, names)
+        metrics = {"competition": cfg.competition, "experiment": cfg.name, "metric": cfg.metric,
+                   "headline": overall[cfg.metric], "classes": names, "oof": str(oof_path),
+                   "tta": resolve_tta(cfg) if uses_tta_oof(cfg) else ["identity"], **overall}
+        if without is not None:
+            metrics["oof_without_tta"] = without
+        if len(names) == 2:
+            metrics["threshold"] = threshold_summary(y, probs, fold)
+        metrics.update(folds=folds, cv_mean=cv_mean, cv_std=cv_std)
+        calib, metrics["calibrated"], calibrated_probs = _calibration(cfg, y, probs, fold)
+        report_path = None
+        if report:  # before the JSON files: if drawing fails, the previous calibration.json and metrics.json stay
+            from .report import write_report
 
-    overall = classification_metrics(y, probs, ev.eps, ev.n_bins, names)
-    folds, cv_mean, cv_std = fold_metrics(y, probs, fold, ev.eps, ev.n_bins, names)
-    metrics = {"competition": cfg.competition, "experiment": cfg.name, "metric": cfg.metric,
-               "headline": overall[cfg.metric], "classes": names, "oof": str(oof_path), **overall}
-    if len(names) == 2:
-        metrics["threshold"] = threshold_summary(y, probs, fold)
-    metrics.update(folds=folds, cv_mean=cv_mean, cv_std=cv_std)
-
-    calibrated_probs = None
-    if ev.calibrate:
-        summary, calibrated_probs = calibrate(y, probs, fold, ev.eps, ev.n_bins)
-        calib = {"temperature": summary["temperature"], "kept": summary["kept"],
-                 "nested_logloss": summary["nested_logloss"], "raw_logloss": summary["raw_logloss"],
-                 "in_sample_logloss": summary["in_sample_logloss"], "fold_temperatures": summary["fold_temperatures"]}
-        metrics["calibrated"] = {
-            **summary,
-            # honest calibrated figures: every fold scaled by the T of the other folds
-            "logloss": summary["nested_logloss"], "ece": summary["nested_ece"],
-            "folds": [{"fold": int(k), "logloss": logloss(y[fold == k], calibrated_probs[fold == k], ev.eps),
-                       "ece": ece(y[fold == k], calibrated_probs[fold == k], ev.n_bins)} for k in np.unique(fold)],
-        }
-    else:
-        calib = {"temperature": 1.0, "kept": False, "skipped": True}
-        metrics["calibrated"] = {"skipped": True, "temperature": 1.0, "kept": False}
-
-    report_path = None
-    if report:  # first: if drawing fails, the previous calibration.json and metrics.json stay as they were
-        from .report import write_report
-
-        report_path = write_report(cfg, table, df, metrics, calibrated_probs)
-        metrics["report"] = str(report_path)
-    metrics = _clean(metrics)
-    with run.staged("evaluate") as stage:  # calibration.json, metrics.json, then the done marker: all or nothing
+            report_path = write_report(cfg, table, df, metrics, calibrated_probs)
+            metrics["report"] = str(report_path)
+        metrics = _clean(metrics)
         atomic_write_json(stage.path(run.calibration_json), _clean(calib))
         atomic_write_json(stage.path(run.metrics_json), metrics)
         run.write_snapshot("evaluate", into=stage)
     log.info(summary_table(metrics))
-    log.info(f"wrote {run.metrics_json} and {run.calibration_json}")
+    log.info(f"wrote {run.metrics_json} and {run.calibration_json}" + (f" and {run.oof_tta}" if without is not None else ""))
     if report_path is not None:
         log.info(f"report: {report_path}")
     return metrics
@@ -224,23 +264,36 @@ def _fmt(v) -> str:
 def summary_table(m: dict) -> str:
     """Per-fold and overall figures, the headline metric first."""
     cols = [m["metric"]] + [c for c in ("logloss", "accuracy", "f1", "roc_auc", "ece") if c != m["metric"]]
-    rows = [[str(f["fold"]), str(f["n"])] + [_fmt(f[c]) for c in cols] for f in m["folds"]]
-    rows.append(["mean", ""] + [_fmt(m["cv_mean"][c]) for c in cols])
-    rows.append(["std", ""] + [_fmt(m["cv_std"][c]) for c in cols])
-    rows.append(["OOF", str(m["n"])] + [_fmt(m[c]) for c in cols])
-    head = ["fold", "n"] + cols
+    c = m.get("calibrated") or {}
+    cal = {f["fold"]: f for f in c.get("folds", [])}  # per-fold calibrated figures, beside the raw ones
+    more = ["cal_ece", "cal_logloss"] if cal else []
+    rows = [[str(f["fold"]), str(f["n"])] + [_fmt(f[col]) for col in cols + ["confidence_gap"]]
+            + [_fmt(cal[f["fold"]][k]) for k in ("ece", "logloss") if cal] for f in m["folds"]]
+    rows.append(["mean", ""] + [_fmt(m["cv_mean"][col]) for col in cols] + [""] * (1 + len(more)))
+    rows.append(["std", ""] + [_fmt(m["cv_std"][col]) for col in cols] + [""] * (1 + len(more)))
+    rows.append(["OOF", str(m["n"])] + [_fmt(m[col]) for col in cols + ["confidence_gap"]] + [_fmt(c[k]) for k in ("ece", "logloss") if cal])
+    head = ["fold", "n"] + cols + ["gap"] + more
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     line = lambda r: "  ".join(s.rjust(w) if i else s.ljust(w) for i, (s, w) in enumerate(zip(r, widths)))  # noqa: E731
     out = [f"evaluate {m['experiment']}: {m['n']} OOF rows, {len(m['folds'])} folds, {len(m['classes'])} classes; "
            f"headline {m['metric']} {_fmt(m['headline'])} (CV {_fmt(m['cv_mean'][m['metric']])} +- {_fmt(m['cv_std'][m['metric']])})",
            line(head)] + [line(r) for r in rows]
-    c = m.get("calibrated") or {}
+    if cal:
+        out.append("gap: mean confidence - accuracy (> 0 over-confident); cal_*: each fold calibrated by what the other folds fitted")
+    w = m.get("oof_without_tta")
+    if w:
+        other = f"{m['metric']} {_fmt(w[m['metric']])}, " if m["metric"] != "logloss" else ""
+        out.append(f"TTA {m['tta']}: scores of oof_tta.csv; without TTA ({w['file']}) {other}logloss {_fmt(w['logloss'])}")
     if c.get("skipped"):
         out.append("calibration: skipped (evaluate.calibrate false)")
     elif c:
         out.append(f"calibration: T = {c['temperature']:.3f}; log-loss {_fmt(c['raw_logloss'])} raw, {_fmt(c['nested_logloss'])} "
                    f"with T fitted on the other folds -> {'kept (predict applies it)' if c['kept'] else 'not kept'}; "
                    f"ECE {_fmt(c['raw_ece'])} -> {_fmt(c['nested_ece'])}")
+        sh = c.get("shrink")
+        if sh:
+            out.append(f"shrink toward the class prior: a = {sh['a']:.4f}; log-loss {_fmt(sh['base_logloss'])} -> {_fmt(sh['nested_logloss'])} "
+                       f"with a fitted on the other folds -> {'kept (predict applies it)' if sh['kept'] else 'not kept'}")
     t = m.get("threshold")
     if t:
         out.append(f"threshold: F1 {_fmt(t['f1_at_0.5'])} at 0.5, {_fmt(t['f1_at_best_threshold'])} at p >= {t['best_threshold']:.3f} "

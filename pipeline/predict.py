@@ -5,8 +5,9 @@ Artifacts in the run folder (layout: pipeline/runs.py; files: pipeline/predictio
                          or of logits: ``predict.average``)
   test_pred_fold<k>.csv  the same from fold k's model(s) alone (averaged over its seeds): with
                          probability averaging, test_pred.csv is the mean of these
-  oof_tta.csv            with ``predict.tta_oof``: id,fold,target,p_<class>... like oof.csv, each fold's
-                         model on its own validation rows with the same TTA (blends compare like with like)
+  (oof_tta.csv           with TTA on and ``predict.tta_oof``, the OOF through the same TTA: written by the
+                         evaluate stage, which calibrates on it (``oof_with_tta`` here makes it); predict
+                         reads it for its OOF scores and names it in predict.json for blends)
   predict.json           how test_pred.csv was made: models, tta, average, the temperature the submission
                          used, which OOF file matches it and that OOF's scores (the ensemble stage reads it)
   config.predict.yaml / .hash   written last: the stage is done
@@ -18,9 +19,11 @@ then the submission file(s), then the files are moved into place, the done marke
   test_pred_refit.csv    with ``train.refit``: the same from the model(s) refit on every row, kept beside
                          the fold models' (it has no OOF of its own; the folds' CV is its estimate)
 
-Every prediction file holds RAW probabilities. A temperature the evaluate stage kept
-(``calibration.json``) is applied when reading them (``read_predictions(..., scaled=True)``): to the
-submission files and to the OOF scores in predict.json. ``predict.clip`` applies to the submission only.
+Every prediction file holds RAW probabilities. The calibration the evaluate stage kept
+(``calibration.json``: temperature, shrink toward the prior) is applied when reading them
+(``read_predictions(..., scaled=True)``): to the submission files and to the OOF scores in
+predict.json. ``predict.clip`` applies to the submission only. ``predict.tta``, ``predict.tta_oof``
+and ``predict.clip`` default to ``auto`` rules (pipeline/defaults.py), logged when resolved.
 """
 from __future__ import annotations
 
@@ -31,8 +34,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .calibration import load_temperature
-from .config import Config
+from .calibration import load_calibration
+from .config import STAGE_SECTIONS, Config, read_stage_hash
+from .defaults import resolve_clip, resolve_tta, tta_is_on, uses_tta_oof
 from .errors import PipelineError
 from .io import Staging, atomic_write_json
 from .metrics import logloss, score
@@ -88,7 +92,7 @@ class _Models:
         from .tta import build_tta, model_input_size
 
         meta = model.read_best_meta()
-        return build_tta(self.cfg.predict.tta, image_size, model_input_size(meta))
+        return build_tta(resolve_tta(self.cfg), image_size, model_input_size(meta))
 
     def predict(self, model_dir: JobDir, images, features, table) -> np.ndarray:
         """Mean over TTA transforms for rows ``images`` (which may be a lazy subset of ``table.images``)."""
@@ -125,14 +129,13 @@ def _to_probs(avg: np.ndarray, average: str) -> np.ndarray:
     return softmax(avg) if average == "logit" else avg
 
 
-def _oof_tta(cfg: Config, run: RunDir, models: _Models) -> pd.DataFrame:
-    """Each fold's model(s) on its own validation rows, with the configured TTA."""
-    from .fold import load_folds
-    from .formats import read_table
+def oof_with_tta(cfg: Config, table, fold_of: np.ndarray) -> pd.DataFrame:
+    """Each fold's model(s) on its own validation rows, with the configured TTA: the OOF frame
+    (raw probabilities) the evaluate stage writes as oof_tta.csv and calibrates on."""
     from .inference import Rows
 
-    table = read_table(cfg, "train")
-    fold_of = load_folds(cfg, table)
+    run = RunDir.of(cfg)
+    models = _Models(cfg, run)
     acc = np.zeros((len(table), table.num_classes))
     for k, group in enumerate(run.models_by_fold()):
         idx = np.flatnonzero(fold_of == k)
@@ -140,14 +143,14 @@ def _oof_tta(cfg: Config, run: RunDir, models: _Models) -> pd.DataFrame:
         for d in group:
             acc[idx] += models.predict(d, Rows(table.images, idx), feats, table) / len(group)
     probs = _to_probs(acc, cfg.predict.average)
-    log.info(f"OOF with TTA {cfg.predict.tta}: {fmt_scores(cfg.metric, score(cfg.metric, table.labels, probs), logloss(table.labels, probs))}")
+    log.info(f"OOF with TTA {resolve_tta(cfg)}: {fmt_scores(cfg.metric, score(cfg.metric, table.labels, probs), logloss(table.labels, probs))}")
     return pred_frame(table.ids, probs, table.class_names, fold=fold_of, target=table.labels)
 
 
 def _check_tta(cfg: Config, models: _Models, model: JobDir, test) -> list:
     """The TTA transforms (bad names fail before any work), with a warning for crops training never saw."""
     transforms = models.transforms(model, test.image_size)
-    crops = [n for n in cfg.predict.tta if n in ("fivecrop", "tencrop")]
+    crops = [n for n in resolve_tta(cfg) if n in ("fivecrop", "tencrop")]
     if crops and not any("Crop" in a.get("name", "") for a in cfg.augment):
         log.info(f"warning: predict.tta {crops[0]} feeds the model crops at the images' own scale, but training resized "
              f"whole images (no crop in augment); add e.g. RandomCrop or RandomResizedCrop to the model's input size")
@@ -195,52 +198,73 @@ class _Predicted:
     refit: pd.DataFrame | None
     info: dict  # predict.json
     predict_hash: str
+    calibration: object = None  # the run's kept Calibration (None: raw)
+
+
+def _oof_file(cfg: Config, run: RunDir) -> Path:
+    """The OOF the submission's scores (and blends) use: oof_tta.csv, made and calibrated by a fresh
+    evaluate stage, when TTA and ``predict.tta_oof`` are on; else oof.csv. Checked before any work."""
+    if not uses_tta_oof(cfg):
+        if not run.oof.is_file():
+            raise PipelineError(f"{run.oof}: not found although every fold is done; rerun `pipeline train {cfg.path}` to collect it")
+        if tta_is_on(cfg):
+            log.info(f"warning: predict.tta_oof is false: the calibration was fitted on OOF without the TTA {resolve_tta(cfg)} "
+                     f"that the test predictions get")
+        return run.oof
+    if not run.oof_tta.is_file() or read_stage_hash(run.snapshot("evaluate")) != cfg.hash(*STAGE_SECTIONS["evaluate"]):
+        raise PipelineError(f"{run.oof_tta}: {'stale' if run.oof_tta.is_file() else 'not found'}; run `pipeline evaluate {cfg.path}` "
+                            f"first: it makes the OOF with the TTA {resolve_tta(cfg)} and fits the calibration on it")
+    return run.oof_tta
 
 
 def _predict_into(cfg: Config, run: RunDir, stage: Staging) -> _Predicted:
     """Every file of the predict stage, written into ``stage`` (nothing in the run folder changes yet)."""
     from .formats import read_table
 
-    check_clip(cfg.predict.clip, f"{cfg.path}: predict.clip")
+    clip = resolve_clip(cfg)
+    check_clip(clip, f"{cfg.path}: predict.clip")
     by_fold = run.models_by_fold()
     dirs = [d for group in by_fold for d in group]
     if cfg.train.refit:
         run.model_dirs(refit=True)  # unfinished refit models fail before any work
-    if not cfg.predict.tta_oof and not run.oof.is_file():
-        raise PipelineError(f"{run.oof}: not found although every fold is done; rerun `pipeline train {cfg.path}` to collect it")
+    oof_path = _oof_file(cfg, run)
     test = read_table(cfg, "test")
     models = _Models(cfg, run)
     transforms = _check_tta(cfg, models, dirs[0], test)
+    auto = []
+    if cfg.predict.tta == "auto":
+        auto.append(f"tta auto -> {resolve_tta(cfg)} from the augment list")
+    if cfg.predict.clip == "auto":
+        auto.append(f"clip auto -> {list(clip) if clip else 'none'} for metric {cfg.metric}")
     log.info(f"predict {cfg.name}: {len(dirs)} model(s) x {len(transforms)} TTA transform(s) "
-         f"({', '.join(t.name for t in transforms)}) on {len(test)} test images, averaging {cfg.predict.average}s")
+             f"({', '.join(t.name for t in transforms)}) on {len(test)} test images, averaging {cfg.predict.average}s"
+             + (f" ({'; '.join(auto)}, pipeline/defaults.py)" if auto else ""))
     df = _write_test_preds(cfg, run, stage, models, by_fold, test)
     refit_dirs, refit = _write_refit_preds(cfg, run, stage, models, test)
 
-    temperature = load_temperature(run.path)  # fitted on the folds' OOF; applied to the refit models' submission too
-    if temperature is not None:
-        log.info(f"temperature {temperature:.4f} from {run.calibration_json}: applied to the OOF scores and the submission "
+    cal = load_calibration(run.path)  # fitted on the folds' OOF; applied to the refit models' submission too
+    if cal is not None:
+        what = [f"temperature {cal.temperature:.4f}"] if cal.temperature is not None else []
+        if cal.shrink:
+            what.append(f"shrink {cal.shrink:.4f} toward the class prior")
+        log.info(f"calibration from {run.calibration_json}: {', '.join(what)}; applied to the OOF scores and the submission "
                  f"(prediction files stay raw)")
-    if cfg.predict.tta_oof:
-        oof_path = stage.path(run.oof_tta)
-        write_predictions(oof_path, _oof_tta(cfg, run, models), "oof")
-        oof = scale(read_predictions(oof_path, "oof", class_names=test.class_names, hint=f"pipeline predict {cfg.path}"), temperature)
-    else:
-        oof_path = run.oof
-        oof = scale(read_predictions(oof_path, "oof", class_names=test.class_names, hint=f"pipeline train {cfg.path}"), temperature)
-    scores = oof_scores(cfg.metric, oof["target"].to_numpy(), probs_of(oof, test.class_names), cfg.predict.clip)
-    clip_note = f" (clipped to {list(cfg.predict.clip)}: {scores['oof_logloss_clipped']:.4f})" if cfg.predict.clip else ""
-    log.info(f"OOF ({oof_path.name}{', temperature-scaled' if temperature else ''}): "
-         f"{fmt_scores(cfg.metric, scores['oof_score'], scores['oof_logloss'])}{clip_note}")
+    remake = f"pipeline {'evaluate' if oof_path == run.oof_tta else 'train'} {cfg.path}"
+    oof = scale(read_predictions(oof_path, "oof", class_names=test.class_names, hint=remake), cal)
+    scores = oof_scores(cfg.metric, oof["target"].to_numpy(), probs_of(oof, test.class_names), clip)
+    clip_note = f" (clipped to {list(clip)}: {scores['oof_logloss_clipped']:.4f})" if clip else ""
+    log.info(f"OOF ({oof_path.name}{', calibrated' if cal else ''}): "
+             f"{fmt_scores(cfg.metric, scores['oof_score'], scores['oof_logloss'])}{clip_note}")
 
     info = {
         "models": [d.name for d in dirs], "refit_models": [d.name for d in refit_dirs], "tta": [t.name for t in transforms], "average": cfg.predict.average,
-        "temperature": temperature, "clip": list(cfg.predict.clip) if cfg.predict.clip else None,
+        "temperature": cal.temperature if cal else None, "shrink": cal.shrink if cal else 0.0, "clip": list(clip) if clip else None,
         "oof": oof_path.name, "test_pred_folds": [run.test_pred_fold(k).name for k in range(len(by_fold))],
         "class_names": list(test.class_names), **scores, "train_hash": run.snapshot_hash("train"),
     }
     atomic_write_json(stage.path(run.predict_json), info)
     predict_hash = run.write_snapshot("predict", into=stage)  # moved into place last: marks the stage done
-    return _Predicted(df, refit, info, predict_hash)
+    return _Predicted(df, refit, info, predict_hash, cal)
 
 
 def _predict_stage(cfg: Config, *, submit: bool) -> tuple[_Predicted, Path | None]:
@@ -273,11 +297,11 @@ def submit_experiment(cfg: Config) -> Path:
 def _write_submissions(cfg: Config, stage: Staging, made: _Predicted) -> Path:
     from .submission import remove_submission, write_submission
 
-    info, clip = made.info, cfg.predict.clip
-    names, t = info["class_names"], info["temperature"]
+    info, clip = made.info, resolve_clip(cfg)
+    names, t = info["class_names"], made.calibration
     hashes = {cfg.name: {"config": cfg.hash(), "train": info["train_hash"], "predict": made.predict_hash}}
     meta = {"experiments": [cfg.name], "weights": [1.0], "method": "single",
-            **{k: info[k] for k in ("metric", "oof_score", "oof_logloss", "tta", "average", "temperature", "clip", "oof")},
+            **{k: info[k] for k in ("metric", "oof_score", "oof_logloss", "tta", "average", "temperature", "shrink", "clip", "oof")},
             "config_hashes": hashes}
     if "oof_logloss_clipped" in info:
         meta["oof_logloss_clipped"] = info["oof_logloss_clipped"]

@@ -9,9 +9,10 @@ within ``SUM_TOL``. The reader refuses anything else with one line naming the fi
 and what to rerun; the writer runs the same checks first (it never writes an invalid file) and
 writes atomically with 8 significant digits.
 
-Files hold RAW probabilities, the models' own. A temperature kept by the evaluate stage lives only
-in the run's ``calibration.json``; ``read_predictions(path, kind, scaled=True)`` returns the
-probabilities scaled by it (``calibration.apply_temperature``), so every stage scales the same way.
+Files hold RAW probabilities, the models' own. The calibration kept by the evaluate stage (a
+temperature, and for log-loss a shrink toward the class prior) lives only in the run's
+``calibration.json``; ``read_predictions(path, kind, scaled=True)`` returns the probabilities
+calibrated by it (``calibration.Calibration.apply``), so every stage scales the same way.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .calibration import apply_temperature, load_temperature
+from .calibration import Calibration, load_calibration
 from .errors import PipelineError
 from .io import atomic_write_csv
 
@@ -107,22 +108,27 @@ def read_predictions(path: str | Path, kind: str, *, class_names=None, scaled: b
     """A checked prediction file: columns id (text), [fold, target (int64)], p_<class> (float64).
 
     ``kind``: "oof" or "test". ``class_names``: the config's classes (None: the file's own p_
-    columns, at least 2). ``scaled``: probabilities scaled by the temperature the run kept
-    (``calibration.json`` beside the file), else raw. ``hint``: the command that remakes the file.
+    columns, at least 2). ``scaled``: probabilities calibrated as the run kept (temperature and
+    shrink, ``calibration.json`` beside the file), else raw. ``hint``: the command that remakes the file.
     """
     kind, path = _kind(kind), Path(path)
     hint = hint or _HINTS[kind]
     df = check_predictions(_parse(path, kind, hint), kind, class_names=class_names, where=str(path), hint=hint)
-    return scale(df, load_temperature(path.parent)) if scaled else df
+    return scale(df, load_calibration(path.parent)) if scaled else df
 
 
-def scale(df: pd.DataFrame, temperature: float | None) -> pd.DataFrame:
-    """A checked prediction frame with its probabilities scaled by ``temperature`` (None: as it is),
-    the way ``read_predictions(..., scaled=True)`` scales by the temperature a run kept."""
-    if temperature is None:
+def scale(df: pd.DataFrame, calibration: Calibration | float | None) -> pd.DataFrame:
+    """A checked prediction frame with its probabilities calibrated (a ``Calibration``, a bare
+    temperature, or None: as it is), the way ``read_predictions(..., scaled=True)`` applies what a run kept."""
+    if calibration is None:
         return df
+    if not isinstance(calibration, Calibration):
+        calibration = Calibration(temperature=float(calibration))
     df, cols = df.copy(), prob_columns(df)
-    df[cols] = apply_temperature(df[cols].to_numpy(np.float64), temperature)
+    if calibration.prior is not None and len(calibration.prior) != len(cols):
+        raise PipelineError(f"calibration.json: shrink.prior has {len(calibration.prior)} classes, the predictions {len(cols)}; "
+                            f"rerun `pipeline evaluate`")
+    df[cols] = calibration.apply(df[cols].to_numpy(np.float64))
     return df
 
 

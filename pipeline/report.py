@@ -51,8 +51,8 @@ class Figures:
 def write_report(cfg: Config, table: Table, oof: pd.DataFrame, metrics: dict, calibrated: np.ndarray | None) -> Path:
     """Draw every picture and write ``report/report.html``; returns its path.
 
-    ``oof`` is the checked oof.csv in the training table's row order; ``calibrated`` the
-    nested temperature-scaled probabilities (None when calibration is off).
+    ``oof`` is the checked OOF (oof.csv or oof_tta.csv) in the training table's row order; ``calibrated``
+    the probabilities with the kept calibration, nested over folds (None when calibration is off).
     """
     run = cfg.run_dir
     final = RunDir(path=run).report_dir
@@ -176,7 +176,8 @@ def plot_reliability(figs: Figures, y: np.ndarray, probs: np.ndarray, calibrated
     c = metrics.get("calibrated") or {}
     if calibrated is not None and not c.get("skipped"):
         frac_c, mean_c = curve(calibrated)
-        ax.plot(mean_c, frac_c, "s--", label=f"temperature-scaled, nested (T {c['temperature']:.2f}, ECE {c['nested_ece']:.4f})")
+        kept = (f"T {c['temperature']:.2f}" if c.get("kept") else "no T") + (f", shrink {c['shrink']['a']:.3f}" if (c.get("shrink") or {}).get("kept") else "")
+        ax.plot(mean_c, frac_c, "s--", label=f"calibrated as kept, nested ({kept}, ECE {c['ece']:.4f})")
     ax.set(ylabel="observed frequency" if k == 2 else "accuracy", xlim=(0, 1), ylim=(0, 1),
            title=f"Reliability diagram ({n_bins} bins)")
     ax.legend(fontsize=8, loc="upper left")
@@ -399,7 +400,12 @@ def render_html(cfg: Config, m: dict, figs: Figures) -> str:
     rows.append(["all OOF rows", str(m["n"])] + [_f(m[c]) for c in cols])
     per_class = [[c, _f(v["precision"]), _f(v["recall"]), _f(v["f1"]), str(v["support"])]
                  for c, v in (m.get("per_class") or {}).items()]
+    cal = m.get("calibrated") or {}
+    cal_rows = [[f"fold {f['fold']}", str(f["n"]), _f(f["raw_confidence_gap"]), _f(f["raw_ece"]), _f(f["confidence_gap"]), _f(f["ece"]),
+                 _f(f["logloss"])] for f in cal.get("folds", [])]
     return _template().render(
+        cal_header=["", "rows", "confidence - accuracy", "ECE", "calibrated: confidence - accuracy", "calibrated: ECE",
+                    "calibrated: log-loss"], cal_rows=cal_rows,
         competition=cfg.competition, name=cfg.name, config_path=str(cfg.path), run_dir=str(cfg.run_dir),
         m=m, metric=metric, classes=list(m["classes"]), f=_f,
         score_header=["", "rows"] + cols, score_rows=rows, per_class_rows=per_class,

@@ -112,7 +112,9 @@ def build_components(*, cfg: Config, table: Table, tr_idx: np.ndarray, seed: int
     weight = None
     if cfg.train.class_weights == "balanced":
         weight = torch.tensor(len(tr_idx) / (table.num_classes * np.maximum(counts, 1)), dtype=torch.float32)
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing).to(device)
+    from .defaults import resolve_label_smoothing
+
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=resolve_label_smoothing(cfg, table.num_classes)).to(device)
     return Components(model=model, ema=ema, opt=opt, sched=sched, per_step=per_step, loss_fn=loss_fn,
                       augment=augment, steps_per_epoch=n_steps, weights_source=weights_source)
 

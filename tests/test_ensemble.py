@@ -274,11 +274,11 @@ def test_ensemble_of_two_real_runs(digits_config, capsys):
     """End to end: train and predict two tiny digit experiments (different seeds, one with TTA), blend them."""
     from pipeline.config import load_config
 
-    paths = [digits_config(name="a", train={"epochs": 1}, predict={"tta_oof": True, "tta": ["identity", "hflip"]}),
+    paths = [digits_config(name="a", train={"epochs": 1}, predict={"tta": ["identity", "hflip"]}),
              digits_config(name="b", train={"epochs": 1, "seed": 7})]
     assert run_cli("fold", paths[0]) == 0
-    for p in paths:
-        assert run_cli("train", p) == 0 and run_cli("predict", p) == 0
+    for p in paths:  # evaluate makes a's TTA OOF (tta_oof is on by default) and calibrates on it
+        assert run_cli("train", p) == 0 and run_cli("evaluate", p) == 0 and run_cli("predict", p) == 0
     write_yaml(Path("blend.yaml"), {"competition": "comp", "config": str(paths[0]), "members": [str(p) for p in paths],
                                     "method": "mean"})
     capsys.readouterr()

@@ -18,6 +18,7 @@ from pipeline.models import load_checkpoint
 from pipeline.predict import predict_test, submit_experiment
 from pipeline.submission import validate_submission
 from pipeline.cv import train_cv
+from pipeline.evaluate import evaluate
 
 quiet = lambda *a: None  # noqa: E731
 RUN = Path("runs/comp/exp")
@@ -72,6 +73,7 @@ def test_predict_end_to_end_submission_validates(digits_config, capsys):
 def test_logit_average_and_tta(digits_config):
     path = digits_config(train={"epochs": 1})
     cfg = trained(path, ["predict.average=logit", "predict.tta=[identity,hflip]"])
+    evaluate(cfg, report=False)  # with TTA on, evaluate makes the TTA OOF that predict scores and calibrates by
     df = predict_test(cfg)
     test = read_table(cfg, "test")
     flipped = test.images[..., ::-1].copy()
@@ -81,16 +83,59 @@ def test_logit_average_and_tta(digits_config):
 
 
 def test_tta_oof_uses_each_fold_model_on_its_own_rows(digits_config, capsys):
-    path = digits_config(train={"epochs": 1}, predict={"tta_oof": True})
+    from pipeline.calibration import calibrate
+    from pipeline.fold import load_folds
+    from pipeline.predict import oof_with_tta
+
+    path = digits_config(train={"epochs": 1})  # predict.tta_oof is on by default
     cfg = trained(path)
-    predict_test(cfg)
-    oof, tta = pd.read_csv(RUN / "oof.csv", dtype={"id": str}), pd.read_csv(RUN / "oof_tta.csv", dtype={"id": str})
+    table = read_table(cfg, "train")
+    fold_of = load_folds(cfg, table)
+    oof = pd.read_csv(RUN / "oof.csv", dtype={"id": str})
+    # with identity TTA it reproduces training's OOF predictions exactly (right model for each fold)
+    same = oof_with_tta(cfg, table, fold_of)
+    pd.testing.assert_frame_equal(same[["id", "fold", "target"]], oof[["id", "fold", "target"]])
+    np.testing.assert_allclose(same.filter(like="p_").to_numpy(), oof.filter(like="p_").to_numpy(), atol=1e-6)
+
+    # with TTA on, evaluate writes oof_tta.csv (each fold's model on its rows and their mirror) and
+    # fits the calibration on it, the kind of prediction the submission gets; predict scores it
+    cfg = load_config(path, ["predict.tta=[identity,hflip]"])
+    evaluate(cfg, report=False)
+    tta = pd.read_csv(RUN / "oof_tta.csv", dtype={"id": str})
     assert list(tta.columns) == list(oof.columns)
     pd.testing.assert_frame_equal(tta[["id", "fold", "target"]], oof[["id", "fold", "target"]])
-    # with identity TTA it reproduces training's OOF predictions exactly (right model for each fold)
-    np.testing.assert_allclose(tta.filter(like="p_").to_numpy(), oof.filter(like="p_").to_numpy(), atol=1e-6)
+    flipped = [softmax(lg) for lg in fold_logits(cfg, np.ascontiguousarray(table.images[..., ::-1]))]
+    plain = [softmax(lg) for lg in fold_logits(cfg, table.images)]
+    want = np.choose(fold_of[:, None], [(p + f) / 2 for p, f in zip(plain, flipped)])
+    np.testing.assert_allclose(tta.filter(like="p_").to_numpy(), want, atol=1e-6)
+    m = json.loads((RUN / "metrics.json").read_text())
+    assert m["oof"].endswith("oof_tta.csv") and m["tta"] == ["identity", "hflip"] and m["oof_without_tta"]["file"] == "oof.csv"
+    summary, _ = calibrate(tta["target"].to_numpy(), tta.filter(like="p_").to_numpy(), tta["fold"].to_numpy())
+    cal = json.loads((RUN / "calibration.json").read_text())
+    assert cal["temperature"] == pytest.approx(summary["temperature"], rel=1e-6)
+    capsys.readouterr()
+    predict_test(cfg)
     assert json.loads((RUN / "predict.json").read_text())["oof"] == "oof_tta.csv"
-    assert "OOF (oof_tta.csv): accuracy" in capsys.readouterr().out
+    assert "OOF (oof_tta.csv" in capsys.readouterr().out
+
+
+def test_predict_with_tta_needs_a_fresh_evaluate(digits_config, capsys):
+    """The TTA OOF and its calibration come from evaluate: predict without it, or after the TTA changed, is refused."""
+    path = digits_config(train={"epochs": 1}, predict={"tta": ["identity", "hflip"]})
+    trained(path)
+    assert run_cli("predict", path) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: runs/comp/exp/oof_tta.csv: not found; run `pipeline evaluate {path}` first: it makes the OOF "
+                   f"with the TTA ['identity', 'hflip'] and fits the calibration on it")
+    assert not (RUN / "test_pred.csv").exists() and not list(Path("submissions").glob("*.csv"))
+    assert run_cli("evaluate", path) == 0
+    assert run_cli("predict", path, "predict.tta=[identity,vflip]") == 2
+    assert "oof_tta.csv: stale; run `pipeline evaluate" in capsys.readouterr().err
+    assert not (RUN / "test_pred.csv").exists()
+    # tta_oof false stays allowed: the plain OOF, with a warning that the calibration did not see the TTA
+    assert run_cli("predict", path, "predict.tta_oof=false") == 0
+    assert "warning: predict.tta_oof is false" in capsys.readouterr().out
+    assert json.loads((RUN / "predict.json").read_text())["oof"] == "oof.csv"
 
 
 def test_temperature_from_calibration_json(digits_config, monkeypatch):
@@ -210,6 +255,7 @@ def test_registered_tta_end_to_end(digits_config, request):
     register_tta("transpose", lambda x: x.transpose(-2, -1))
     request.addfinalizer(lambda: TTA.pop("transpose"))
     cfg = trained(path, ["predict.tta=[identity,transpose]"])
+    evaluate(cfg, report=False)
     df = predict_test(cfg)
     test = read_table(cfg, "test")
     plain = [softmax(lg) for lg in fold_logits(cfg, test.images)]

@@ -66,9 +66,11 @@ def test_status_and_staleness(digits_dir, capsys):
     assert _states(capsys, cfg, base) == {s: "missing" for s in ("fold", "train", "evaluate", "predict")}
     assert run_cli("run", COMPETITIONS / cfg, *base) == 0
     assert _states(capsys, cfg, base) == {s: "done" for s in ("fold", "train", "evaluate", "predict")}
-    # a TTA change only touches predict
+    # a TTA change reaches evaluate (it makes the TTA OOF and calibrates on it), not training; a clip only predict
     tta = base + ["predict.tta=[identity,hflip]"]
-    assert _states(capsys, cfg, tta) == {"fold": "done", "train": "done", "evaluate": "done", "predict": "stale"}
+    assert _states(capsys, cfg, tta) == {"fold": "done", "train": "done", "evaluate": "stale", "predict": "stale"}
+    clip = base + ["predict.clip=[0.01,0.99]"]
+    assert _states(capsys, cfg, clip) == {"fold": "done", "train": "done", "evaluate": "done", "predict": "stale"}
     # a learning-rate change retrains and everything downstream is stale; the folds stay
     lr = base + ["train.lr=0.002"]
     assert _states(capsys, cfg, lr) == {"fold": "done", "train": "stale", "evaluate": "stale", "predict": "stale"}

@@ -205,11 +205,13 @@ def test_predict_faults_leave_the_earlier_predictions(digits_config, monkeypatch
     path = digits_config(train={"epochs": 1, "refit": True})
     assert run_cli("fold", path) == 0 and run_cli("train", path) == 0 and run_cli("predict", path) == 0
     before = _tree("runs", "submissions")
-    # predict.tta=[identity,hflip] below: every prediction file would differ from the earlier ones
+    # TTA below: every prediction file would differ from the earlier ones (scored on plain oof.csv:
+    # with tta_oof on, predict would first need evaluate's oof_tta.csv, which is not this test's point)
+    tta = ["predict.tta=[identity,hflip]", "predict.tta_oof=false"]
     # 1. the first submission's sidecar cannot be written (disk full)
     with monkeypatch.context() as m:
         m.setattr(os, "replace", _enospc_for(lambda d: d.parent.name == "submissions"))
-        err = cli_error(capsys, "predict", path, "predict.tta=[identity,hflip]")
+        err = cli_error(capsys, "predict", path, *tta)
     assert err.endswith(".json: No space left on device (ENOSPC)") and "submissions/comp-exp-" in err
     assert _tree("runs", "submissions") == before
     # 2. the second (refit) submission fails: the first one is taken back
@@ -223,7 +225,7 @@ def test_predict_faults_leave_the_earlier_predictions(digits_config, monkeypatch
 
     with monkeypatch.context() as m:
         m.setattr(submission, "write_submission", second_fails)
-        err = cli_error(capsys, "predict", path, "predict.tta=[identity,hflip]")
+        err = cli_error(capsys, "predict", path, *tta)
     assert err == "error: submissions/refit.csv: No space left on device (ENOSPC)"
     assert len(calls) == 2 and _tree("runs", "submissions") == before
     # 3. the validator refuses the submission
@@ -245,7 +247,7 @@ def test_predict_faults_leave_the_earlier_predictions(digits_config, monkeypatch
     assert dict((st.name, state) for st, state in stage_states(load_config(path)))["predict"] == "stale"
     assert not [p for p in RUN.iterdir() if p.name.startswith(".staging")]
     # and a run that works commits everything, the refit file and each fold's file included
-    assert run_cli("predict", path, "predict.tta=[identity,hflip]") == 0
+    assert run_cli("predict", path, *tta) == 0
     info = json.loads((RUN / "predict.json").read_text())
     assert info["tta"] == ["identity", "hflip"] and (RUN / "config.predict.hash").is_file()
     for name in ("test_pred.csv", "test_pred_refit.csv", "test_pred_fold0.csv", "predict.json"):

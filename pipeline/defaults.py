@@ -1,0 +1,84 @@
+"""The ``auto`` defaults that keep predictions calibrated, each resolved from the config alone.
+
+Every rule reads only keys that are in the config (``augment``, ``metric``) or facts of the data
+the run already records (the number of classes), so a resolved value is the same on every rerun,
+resumed fold and machine, and the stage hashes (which hash ``auto`` as written) stay stable.
+
+  predict.tta: auto        the D4 elements the augmentation trains the model to be invariant to:
+                           HorizontalFlip -> hflip; VerticalFlip -> vflip; both -> hflip, vflip,
+                           rot180 (a group); RandomRotate90 with either flip, Transpose, D4 or
+                           SquareSymmetry -> dihedral; RandomRotate90 alone -> rot90, rot180, rot270;
+                           no such transform (e.g. digits: Affine only) -> identity, since a flip
+                           that training never showed need not preserve the label (a mirrored 7).
+                           Always with identity, and only transforms whose p > 0.
+  predict.tta_oof: true    the OOF goes through the same TTA, so the temperature evaluate fits is
+                           fitted on the kind of prediction it scales (identity TTA: oof.csv itself).
+  predict.clip: auto       [0.001, 0.999] for a log-loss metric (multi-class: clip, then renormalise),
+                           none otherwise: one over-confident mistake cannot cost more than -log(0.001).
+  train.label_smoothing: auto   0.1 for a log-loss metric with more than 2 classes, else 0.0: a soft
+                           target keeps a multi-class model off saturated probabilities; for 2 classes
+                           temperature scaling alone does that job.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import Config
+
+AUTO_CLIP = (1e-3, 1 - 1e-3)
+AUTO_LABEL_SMOOTHING = 0.1
+LOG_LOSS_METRICS = ("logloss",)  # metrics scored on the probabilities themselves
+
+# augment names -> the D4 elements they make label-preserving (names as in albumentations)
+_FLIPS = {"HorizontalFlip": "h", "VerticalFlip": "v", "RandomRotate90": "r", "Transpose": "hvr",
+          "D4": "hvr", "SquareSymmetry": "hvr"}
+
+
+def is_logloss(metric: str) -> bool:
+    return metric in LOG_LOSS_METRICS
+
+
+def auto_tta(augment: list[dict]) -> list[str]:
+    """The TTA names ``predict.tta: auto`` stands for, given a config's ``augment`` list (rule above)."""
+    have = set()
+    for a in augment:
+        p = a.get("p", 1.0)
+        if a.get("name") in _FLIPS and not (isinstance(p, (int, float)) and p <= 0):
+            have |= set(_FLIPS[a["name"]])
+    if "r" in have and have & {"h", "v"}:
+        return ["dihedral"]
+    if "r" in have:
+        return ["identity", "rot90", "rot180", "rot270"]
+    if have == {"h", "v"}:
+        return ["identity", "hflip", "vflip", "rot180"]
+    return ["identity"] + (["hflip"] if "h" in have else []) + (["vflip"] if "v" in have else [])
+
+
+def resolve_tta(cfg: Config) -> list[str]:
+    """``predict.tta`` as names: the list given, or the augment rule's for ``auto``."""
+    return auto_tta(cfg.augment) if cfg.predict.tta == "auto" else list(cfg.predict.tta)
+
+
+def tta_is_on(cfg: Config) -> bool:
+    return resolve_tta(cfg) != ["identity"]
+
+
+def uses_tta_oof(cfg: Config) -> bool:
+    """Whether the run's OOF for calibration, blends and scores is ``oof_tta.csv`` (else ``oof.csv``)."""
+    return cfg.predict.tta_oof and tta_is_on(cfg)
+
+
+def resolve_clip(cfg: Config) -> tuple[float, float] | None:
+    """``predict.clip``: the pair given, None, or for ``auto`` AUTO_CLIP under a log-loss metric."""
+    if cfg.predict.clip == "auto":
+        return AUTO_CLIP if is_logloss(cfg.metric) else None
+    return tuple(cfg.predict.clip) if cfg.predict.clip is not None else None
+
+
+def resolve_label_smoothing(cfg: Config, num_classes: int) -> float:
+    """``train.label_smoothing``: the number given, or for ``auto`` the rule above."""
+    v = cfg.train.label_smoothing
+    if v == "auto":
+        return AUTO_LABEL_SMOOTHING if is_logloss(cfg.metric) and num_classes > 2 else 0.0
+    return float(v)
