@@ -91,15 +91,15 @@ class SequentialExecutor:
 class ProcessExecutor:
     """``train.fold_jobs: N`` on CPU: N jobs at once in spawned processes (``pipeline.fold_jobs``)."""
 
-    def __init__(self, *, cfg: Config, width: int, run_hash: str, precision: str, t_start: float, n_budget_jobs: int):
+    def __init__(self, *, cfg: Config, width: int, run_hash: str, precision: str, t_start: float, n_waves: int):
         self.cfg, self.width, self.run_hash, self.precision = cfg, width, run_hash, precision
-        self.t_start, self.n_budget_jobs = t_start, n_budget_jobs
+        self.t_start, self.n_waves = t_start, n_waves
 
     def run(self, jobs: list[JobDir]) -> Iterator[tuple[JobDir, dict | None]]:
         from .fold_jobs import run_parallel
 
         for job, result in run_parallel(self.cfg, jobs, n_par=self.width, run_hash=self.run_hash, precision=self.precision,
-                                        t_start=self.t_start, n_budget_jobs=self.n_budget_jobs):
+                                        t_start=self.t_start, n_waves=self.n_waves):
             yield job, job_outcome(job, result)
 
 
@@ -163,7 +163,8 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     n_par = executor_width(cfg, len(todo), device.type, hooks=on_epoch is not None or on_fold is not None)
     if n_par > 1:
         executor = ProcessExecutor(cfg=cfg, width=n_par, run_hash=run_hash, precision=precision, t_start=t_start,
-                                   n_budget_jobs=len(todo) + n_refit)
+                                   # waves of n_par jobs side by side, then each refit alone
+                                   n_waves=-(-len(todo) // n_par) + n_refit)
     else:
         executor = SequentialExecutor(cfg=cfg, table=table, fold_of=fold_of, device=device, run_hash=run_hash,
                                       precision=precision, on_epoch=on_epoch,

@@ -55,7 +55,7 @@ def _run_job(job, run_hash: str, precision: str, threads: int, budget: tuple | N
 
 
 def run_parallel(cfg, jobs: list, *, n_par: int, run_hash: str, precision: str, t_start: float,
-                 n_budget_jobs: int) -> Iterator[tuple]:
+                 n_waves: int) -> Iterator[tuple]:
     """Train ``jobs`` (``runs.JobDir``) in ``n_par`` spawned processes; yields (job, result) as each ends,
     ``result()`` returning its done.json contents or raising what the worker raised."""
     import multiprocessing as mp
@@ -69,7 +69,8 @@ def run_parallel(cfg, jobs: list, *, n_par: int, run_hash: str, precision: str, 
     plan = thread_plan(len(jobs), n_par, cores)
     budget = None
     if cfg.train.time_budget_s:
-        budget = (t_start, cfg.train.time_budget_s, cfg.train.time_budget_s * n_par / max(n_budget_jobs, 1))
+        # a job's share is a wave's: the last, partial wave's jobs get as long as the full ones
+        budget = (t_start, cfg.train.time_budget_s, cfg.train.time_budget_s / max(n_waves, 1))
     log.info(f"fold_jobs {n_par}: {len(jobs)} fold(s) in {n_par} processes, threads per fold {plan}")
     # spawn, not fork: a forked copy of a process that already ran torch ops can deadlock in OpenMP
     with ProcessPoolExecutor(n_par, mp_context=mp.get_context("spawn"), initializer=_start_worker, initargs=(cfg,)) as ex:
