@@ -114,6 +114,12 @@ def cmd_evaluate(args):
     evaluate(_config(args))
 
 
+def cmd_adversarial(args):
+    from .adversarial import adversarial
+
+    adversarial(_config(args))
+
+
 def cmd_tune(args):
     from .tune import tune
 
@@ -234,6 +240,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="section.key=value overrides")
     e.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print runs side by side (same folds)")
     e.set_defaults(fn=cmd_evaluate)
+    stage("adversarial", cmd_adversarial, "train-vs-test classifier: shift AUC, test-like rows, duplicate pairs -> adversarial.json")
     tu = stage("tune", cmd_tune, "Optuna search over tune.space; writes runs/<competition>/tune/")
     tu.add_argument("--n-trials", type=int, help="trials this process runs (default tune.n_trials)")
     tu.add_argument("--max-trials", type=int, help="cap on the study's total trials across all workers")

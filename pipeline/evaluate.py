@@ -197,11 +197,17 @@ def evaluate(cfg: Config, report: bool = True) -> dict:
         calib = {"temperature": 1.0, "kept": False, "skipped": True}
         metrics["calibrated"] = {"skipped": True, "temperature": 1.0, "kept": False}
 
+    shift = None
+    if ev.adversarial:
+        from .adversarial import for_evaluate
+
+        shift = for_evaluate(cfg, table, y, probs)
+        metrics["adversarial"] = shift.metrics
     report_path = None
     if report:  # first: if drawing fails, the previous calibration.json and metrics.json stay as they were
         from .report import write_report
 
-        report_path = write_report(cfg, table, df, metrics, calibrated_probs)
+        report_path = write_report(cfg, table, df, metrics, calibrated_probs, shift=shift)
         metrics["report"] = str(report_path)
     metrics = _clean(metrics)
     with run.staged("evaluate") as stage:  # calibration.json, metrics.json, then the done marker: all or nothing
@@ -239,6 +245,15 @@ def summary_table(m: dict) -> str:
         out.append(f"calibration: T = {c['temperature']:.3f}; log-loss {_fmt(c['raw_logloss'])} raw, {_fmt(c['nested_logloss'])} "
                    f"with T fitted on the other folds -> {'kept (predict applies it)' if c['kept'] else 'not kept'}; "
                    f"ECE {_fmt(c['raw_ece'])} -> {_fmt(c['nested_ece'])}")
+    a = m.get("adversarial") or {}
+    if a.get("validation"):
+        v = a["validation"]
+        out.append(f"adversarial validation: train vs test AUC {_fmt(a['auc'])}; {m['metric']} {_fmt(v['headline_top'])} on the "
+                   f"{v['n_top']} most test-like rows (all rows {_fmt(m['headline'])}); importance-weighted log-loss "
+                   f"{_fmt(v['weighted']['logloss'])}, accuracy {_fmt(v['weighted']['accuracy'])} (n_eff {v['weighted']['n_eff']:.0f}); "
+                   f"{a['n_exact_duplicates']} exact, {a['n_near_duplicates']} near train/test duplicates")
+    elif a.get("skipped"):
+        out.append(f"adversarial validation: skipped ({a['skipped']})")
     t = m.get("threshold")
     if t:
         out.append(f"threshold: F1 {_fmt(t['f1_at_0.5'])} at 0.5, {_fmt(t['f1_at_best_threshold'])} at p >= {t['best_threshold']:.3f} "
