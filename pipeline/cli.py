@@ -122,6 +122,12 @@ def cmd_evaluate(args):
     evaluate(_config(args))
 
 
+def cmd_adversarial(args):
+    from .adversarial import adversarial
+
+    adversarial(_config(args))
+
+
 def cmd_tune(args):
     from .tune import tune
 
@@ -248,6 +254,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print runs side by side (same folds)")
     e.add_argument("--budget", help=BUDGET_HELP)
     e.set_defaults(fn=cmd_evaluate)
+    stage("adversarial", cmd_adversarial, "train-vs-test classifier: shift AUC, test-like rows, duplicate pairs -> adversarial.json",
+          budget=True)
     tu = stage("tune", cmd_tune, "Optuna search over tune.space; writes runs/<competition>/tune/", budget=True)
     tu.add_argument("--n-trials", type=int, help="trials this process runs (default tune.n_trials)")
     tu.add_argument("--max-trials", type=int, help="cap on the study's total trials across all workers")

@@ -124,6 +124,9 @@ class FoldsConfig(Section):
     repeats: int = Field(1, ge=1, le=1000)
     group: str | None = Field(None, description="column whose equal values share a fold (StratifiedGroupKFold)")
     file: str | None = Field(None, description="default <paths.folds>/<competition>.csv")
+    adversarial: bool = Field(False, description="stratify by label x quantile bin of the adversarial p(test) "
+                                                 "(pipeline/shift.py), so every fold validates its share of test-like rows")
+    adversarial_bins: int = Field(5, ge=2, le=100, description="quantile bins of p(test) per class for folds.adversarial")
 
     @model_validator(mode="after")
     def _last_seed(self):
@@ -210,6 +213,23 @@ class EvaluateConfig(Section):
     calibrate: bool = True
     n_bins: int = Field(10, ge=2, le=10_000)
     gradcam_samples: int = Field(4, ge=0)
+    adversarial: bool = Field(True, description="train-vs-test classifier, test-like rows, duplicates and the "
+                                                "adversarial validation score in metrics.json and report.html")
+
+
+class AdversarialConfig(Section):
+    """Adversarial validation (``pipeline adversarial``, ``evaluate.adversarial``, ``folds.adversarial``)."""
+
+    embedding: Literal["stats", "auto", "backbone"] = Field(
+        "stats", description="image statistics always; plus the backbone's embedding when its weights are offline (auto) or "
+                             "required (backbone); stats by default: the backbone costs minutes on CPU (lite0: ~3 min for 5,000 images)")
+    backbone: str = Field("tf_efficientnet_lite0", description="pretrained timm model whose pooled features embed the images")
+    image_size: int = Field(64, ge=16, le=1024, description="images are resized to this side for the backbone")
+    n_splits: int = Field(5, ge=2, le=50)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    top_k: int = Field(20, ge=1, le=10_000, description="most test-like train rows reported")
+    near_threshold: float = Field(0.995, gt=0, le=1, description="cosine similarity of mean-centred thumbnails at which a pair is a near duplicate")
+    max_pairs: int = Field(50, ge=1, le=100_000, description="duplicate pairs listed per kind (all are counted)")
 
 
 class PredictConfig(Section):
@@ -265,6 +285,7 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     augment: list[dict[str, Any]] = Field(default_factory=list)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
@@ -343,6 +364,16 @@ STAGE_SECTIONS = {
                  "predict.tta", "predict.tta_oof", "predict.average"),
     "predict": ("competition", "data", "folds", "model", "train", "augment", "metric", "evaluate", "predict"),
 }
+
+
+def stage_sections(cfg: Config, stage: str) -> tuple[str, ...]:
+    """``STAGE_SECTIONS[stage]``, plus ``adversarial`` where that stage uses it (``folds.adversarial``,
+    ``evaluate.adversarial``): otherwise a changed ``adversarial.top_k`` would mark the folds stale and
+    retrain every model."""
+    sections = STAGE_SECTIONS.get(stage, ())
+    if (stage == "fold" and cfg.folds.adversarial) or (stage == "evaluate" and cfg.evaluate.adversarial):
+        sections = sections + ("adversarial",)
+    return sections
 
 
 MAX_YAML_BYTES = 4 * 2**20  # a config is a page of settings; a bigger file is the wrong file
@@ -500,7 +531,7 @@ def write_snapshot(cfg: Config, yaml_path: Path, stage: str, resolved: dict | No
     the snapshot shows it, the hash stays that of the config as written."""
     from .io import atomic_write_text
 
-    h = cfg.hash(*STAGE_SECTIONS.get(stage, ()))
+    h = cfg.hash(*stage_sections(cfg, stage))
     d, notes = cfg.to_dict(), []
     for key, value in (resolved or {}).items():
         section, name = key.split(".")

@@ -240,11 +240,17 @@ def evaluate(cfg: Config, report: bool = True) -> dict:
             metrics["threshold"] = threshold_summary(y, probs, fold)
         metrics.update(folds=folds, cv_mean=cv_mean, cv_std=cv_std)
         calib, metrics["calibrated"], calibrated_probs = _calibration(cfg, y, probs, fold)
+        shift = None
+        if ev.adversarial:
+            from .adversarial import for_evaluate
+
+            shift = for_evaluate(cfg, table, y, probs)
+            metrics["adversarial"] = shift.metrics
         report_path = None
         if report:  # before the JSON files: if drawing fails, the previous calibration.json and metrics.json stay
             from .report import write_report
 
-            report_path = write_report(cfg, table, df, metrics, calibrated_probs)
+            report_path = write_report(cfg, table, df, metrics, calibrated_probs, shift=shift)
             metrics["report"] = str(report_path)
         metrics = _clean(metrics)
         atomic_write_json(stage.path(run.calibration_json), _clean(calib))
@@ -294,6 +300,15 @@ def summary_table(m: dict) -> str:
         if sh:
             out.append(f"shrink toward the class prior: a = {sh['a']:.4f}; log-loss {_fmt(sh['base_logloss'])} -> {_fmt(sh['nested_logloss'])} "
                        f"with a fitted on the other folds -> {'kept (predict applies it)' if sh['kept'] else 'not kept'}")
+    a = m.get("adversarial") or {}
+    if a.get("validation"):
+        v = a["validation"]
+        out.append(f"adversarial validation: train vs test AUC {_fmt(a['auc'])}; {m['metric']} {_fmt(v['headline_top'])} on the "
+                   f"{v['n_top']} most test-like rows (all rows {_fmt(m['headline'])}); importance-weighted log-loss "
+                   f"{_fmt(v['weighted']['logloss'])}, accuracy {_fmt(v['weighted']['accuracy'])} (n_eff {v['weighted']['n_eff']:.0f}); "
+                   f"{a['n_exact_duplicates']} exact, {a['n_near_duplicates']} near train/test duplicates")
+    elif a.get("skipped"):
+        out.append(f"adversarial validation: skipped ({a['skipped']})")
     t = m.get("threshold")
     if t:
         out.append(f"threshold: F1 {_fmt(t['f1_at_0.5'])} at 0.5, {_fmt(t['f1_at_best_threshold'])} at p >= {t['best_threshold']:.3f} "

@@ -44,21 +44,41 @@ def make_folds(cfg: Config, table: Table) -> pd.DataFrame:
     if groups is not None and len(np.unique(groups)) < fc.n_splits:
         raise PipelineError(f"{cfg.path}: folds.group {fc.group!r} has {len(np.unique(groups))} distinct values for "
                             f"{fc.n_splits} folds; expected more groups than folds.n_splits")
+    strata = adversarial_strata(cfg, table) if fc.adversarial else table.labels
+    # scikit-learn numbers strata by first appearance and deals them round-robin in that order: rows
+    # sorted by the (bin-major) stratum make each p(test) bin's share per fold exact
+    order = np.argsort(strata, kind="stable") if fc.adversarial else np.arange(len(table))
     out = pd.DataFrame({"id": table.ids})
     for r in range(fc.repeats):
         seed = fc.seed + r
         if groups is None:
-            split = StratifiedKFold(fc.n_splits, shuffle=True, random_state=seed).split(table.ids, table.labels)
+            split = StratifiedKFold(fc.n_splits, shuffle=True, random_state=seed).split(order, strata[order])
         else:
-            split = StratifiedGroupKFold(fc.n_splits, shuffle=True, random_state=seed).split(table.ids, table.labels, groups)
+            split = StratifiedGroupKFold(fc.n_splits, shuffle=True, random_state=seed).split(order, strata[order], groups[order])
         fold = np.full(len(table), -1, np.int64)
         for k, (_, val) in enumerate(split):
-            fold[val] = k
+            fold[order[val]] = k
         empty = [k for k in range(fc.n_splits) if not (fold == k).any()]
         if empty:
             raise PipelineError(f"{cfg.path}: folds.group {fc.group!r} leaves fold {empty[0]} empty; expected more groups than folds.n_splits")
         out[fold_column(r)] = fold
     return out
+
+
+def adversarial_strata(cfg: Config, table: Table) -> np.ndarray:
+    """``folds.adversarial``: label x quantile bin (within the class) of the adversarial p(test)
+    (pipeline/shift.py, no trained model needed), so every fold's validation part holds its share of
+    the most test-like rows while every row is still validated exactly once. Deterministic: the
+    embedding, the classifier's CV and the rank bins are all seeded or order-stable."""
+    from .formats import read_table
+    from .shift import quantile_bins, shift_scores
+
+    test = read_table(cfg, "test")
+    _, p, auc = shift_scores(table, test, cfg.adversarial)
+    strata = quantile_bins(p[: len(table)], table.labels, cfg.folds.adversarial_bins, cfg.folds.n_splits)
+    log.info(f"folds.adversarial: train vs test ROC AUC {auc:.3f}; stratified by label x {len(np.unique(strata))} "
+             f"strata of p(test) (up to {cfg.folds.adversarial_bins} bins per class)")
+    return strata
 
 
 def _groups(cfg: Config, table: Table) -> np.ndarray:

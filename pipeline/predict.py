@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from .calibration import load_calibration
-from .config import STAGE_SECTIONS, Config, read_stage_hash
+from .config import Config, read_stage_hash, stage_sections
 from .defaults import resolve_clip, resolve_tta, tta_is_on, uses_tta_oof
 from .errors import PipelineError
 from .io import Staging, atomic_write_json
@@ -211,7 +211,7 @@ def _oof_file(cfg: Config, run: RunDir) -> Path:
             log.info(f"warning: predict.tta_oof is false: the calibration was fitted on OOF without the TTA {resolve_tta(cfg)} "
                      f"that the test predictions get")
         return run.oof
-    if not run.oof_tta.is_file() or read_stage_hash(run.snapshot("evaluate")) != cfg.hash(*STAGE_SECTIONS["evaluate"]):
+    if not run.oof_tta.is_file() or read_stage_hash(run.snapshot("evaluate")) != cfg.hash(*stage_sections(cfg, "evaluate")):
         raise PipelineError(f"{run.oof_tta}: {'stale' if run.oof_tta.is_file() else 'not found'}; run `pipeline evaluate {cfg.path}` "
                             f"first: it makes the OOF with the TTA {resolve_tta(cfg)} and fits the calibration on it")
     return run.oof_tta

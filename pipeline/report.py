@@ -48,11 +48,13 @@ class Figures:
         self.notes.append(text)
 
 
-def write_report(cfg: Config, table: Table, oof: pd.DataFrame, metrics: dict, calibrated: np.ndarray | None) -> Path:
+def write_report(cfg: Config, table: Table, oof: pd.DataFrame, metrics: dict, calibrated: np.ndarray | None,
+                 shift=None) -> Path:
     """Draw every picture and write ``report/report.html``; returns its path.
 
     ``oof`` is the checked OOF (oof.csv or oof_tta.csv) in the training table's row order; ``calibrated``
-    the probabilities with the kept calibration, nested over folds (None when calibration is off).
+    the probabilities with the kept calibration, nested over folds (None when calibration is off);
+    ``shift`` evaluate's adversarial analysis (``adversarial.EvaluateShift``) or None.
     """
     run = cfg.run_dir
     final = RunDir(path=run).report_dir
@@ -70,7 +72,8 @@ def write_report(cfg: Config, table: Table, oof: pd.DataFrame, metrics: dict, ca
         plot_confident_errors(figs, table, oof, probs, names)
         if cfg.evaluate.gradcam_samples:
             plot_gradcam(figs, cfg, table, oof, probs, names)
-        (tmp / "report.html").write_text(render_html(cfg, metrics, figs))
+        adv = plot_adversarial(tmp, table, shift) if shift is not None and shift.record is not None else None
+        (tmp / "report.html").write_text(render_html(cfg, metrics, figs, adv))
         for note in figs.notes:
             log.info(f"note: {note}")
         tmp.chmod(0o755)  # mkdtemp makes it private; a report is meant to be shared
@@ -370,6 +373,67 @@ def plot_gradcam(figs: Figures, cfg: Config, table: Table, oof: pd.DataFrame, pr
               "the background rather than the object has learned a shortcut.")
 
 
+# ---- adversarial validation ----------------------------------------------------------------
+
+def plot_adversarial(out: Path, train: Table, shift) -> dict:
+    """The adversarial section's pictures (p(test) histogram; thumbnails of the most test-like train
+    rows and of the duplicate pairs) and its tables, for the template."""
+    rec = shift.record
+    pictures = [("adversarial_hist.png", "p(test) of the training rows", _adversarial_hist(out / "adversarial_hist.png", rec))]
+    rows = pd.Index(train.ids.astype(str)).get_indexer([t["id"] for t in rec["top_test_like"]])
+    tiles = [(train.images[i], f"{_short(t['id'])}\np(test) {t['p_test']:.2f}") for i, t in zip(rows[:GALLERY_SIZE], rec["top_test_like"])]
+    if tiles:
+        _thumbnails(out / "adversarial_top.png", tiles, train.value_range, "Most test-like training rows")
+        pictures.append(("adversarial_top.png", "Most test-like training rows", "Highest out-of-fold p(test) first."))
+    pairs = rec["duplicates"]["exact"] + rec["duplicates"]["near"]
+    if pairs:
+        tr = pd.Index(train.ids.astype(str)).get_indexer([p["train_id"] for p in pairs])
+        te = pd.Index(shift.test.ids.astype(str)).get_indexer([p["test_id"] for p in pairs])
+        tiles = []
+        for i, j, p in list(zip(tr, te, pairs))[: GALLERY_SIZE // 2]:
+            tiles += [(train.images[i], f"train {_short(p['train_id'])}\n{p['train_label']}"),
+                      (shift.test.images[j], f"test {_short(p['test_id'])}\ncos {p['similarity']:.4f}")]
+        _thumbnails(out / "adversarial_pairs.png", tiles, train.value_range, "Train/test duplicate pairs")
+        pictures.append(("adversarial_pairs.png", "Train/test duplicate pairs",
+                         "Each training image beside the test image it duplicates (exact pairs first)."))
+    dup = [[p["train_id"], p["test_id"], p["train_label"] or "", f"{p['similarity']:.4f}", kind]
+           for kind in ("exact", "near") for p in rec["duplicates"][kind]]
+    top = [[t["id"], f"{t['p_test']:.4f}", t["label"] or ""] for t in rec["top_test_like"]]
+    return {"record": rec, "pictures": pictures, "top_rows": top, "dup_rows": dup}
+
+
+def _adversarial_hist(path: Path, rec: dict) -> str:
+    h = rec["p_test_train"]["histogram"]
+    edges = np.asarray(h["edges"])
+    fig = Figure(layout="constrained", figsize=(7, 3.4))
+    ax = fig.add_subplot()
+    width = np.diff(edges)
+    ax.bar(edges[:-1], h["train"], width=width, align="edge", alpha=0.7, label="train rows")
+    ax.bar(edges[:-1], h["test"], width=width, align="edge", alpha=0.5, label="test rows")
+    ax.axvline(0.5, ls=":", color="grey")
+    ax.set(xlabel="out-of-fold p(test)", ylabel="rows", xlim=(0, 1), title=f"Train vs test ROC AUC {rec['auc']:.3f}")
+    ax.legend(fontsize=8)
+    fig.savefig(path, format="png", dpi=110)
+    return ("Without a shift both histograms sit around the same value; training rows far to the right look like "
+            "test and are the ones whose validation predicts the leaderboard best.")
+
+
+def _thumbnails(path: Path, tiles: list, value_range, title: str) -> None:
+    cols = min(len(tiles), 6)
+    rows = -(-len(tiles) // cols)
+    fig = Figure(layout="constrained", figsize=(2.0 * cols, 2.3 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, (img, label) in zip(axes, tiles):
+        im, cmap = display_image(img, value_range)
+        ax.imshow(im, cmap=cmap, vmin=0, vmax=1)
+        ax.set_title(label, fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+    for ax in axes[len(tiles):]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.savefig(path, format="png", dpi=110)
+
+
 # ---- HTML ------------------------------------------------------------------------------
 
 _SCORE_COLUMNS = ("logloss", "accuracy", "precision", "recall", "f1", "f1_macro", "f1_weighted", "roc_auc", "ece")
@@ -390,7 +454,7 @@ def _template():
     return env.get_template("report.html.j2")
 
 
-def render_html(cfg: Config, m: dict, figs: Figures) -> str:
+def render_html(cfg: Config, m: dict, figs: Figures, adv: dict | None = None) -> str:
     """The report page from metrics.json's contents and the pictures drawn; the markup is the template's."""
     metric = m["metric"]
     cols = [metric] + [c for c in _SCORE_COLUMNS if c != metric]
@@ -409,4 +473,5 @@ def render_html(cfg: Config, m: dict, figs: Figures) -> str:
         competition=cfg.competition, name=cfg.name, config_path=str(cfg.path), run_dir=str(cfg.run_dir),
         m=m, metric=metric, classes=list(m["classes"]), f=_f,
         score_header=["", "rows"] + cols, score_rows=rows, per_class_rows=per_class,
-        cal=m.get("calibrated") or {}, threshold=m.get("threshold"), notes=figs.notes, figures=figs.items) + "\n"
+        cal=m.get("calibrated") or {}, threshold=m.get("threshold"), notes=figs.notes, figures=figs.items,
+        adv=adv, adv_metrics=m.get("adversarial") or {}) + "\n"

@@ -65,7 +65,7 @@ def stage_states(cfg: Config) -> list[tuple[Stage, str]]:
     for st in STAGES:
         if not st.output(cfg).exists():
             state = "missing"
-        elif upstream_rerun or read_stage_hash(st.snapshot(cfg)) != cfg.hash(*_sections(st.name)):
+        elif upstream_rerun or read_stage_hash(st.snapshot(cfg)) != cfg.hash(*_sections(cfg, st.name)):
             state = "stale"
         else:
             state = "done"
@@ -74,10 +74,10 @@ def stage_states(cfg: Config) -> list[tuple[Stage, str]]:
     return out
 
 
-def _sections(stage: str):
-    from .config import STAGE_SECTIONS
+def _sections(cfg: Config, stage: str):
+    from .config import stage_sections
 
-    return STAGE_SECTIONS[stage]
+    return stage_sections(cfg, stage)
 
 
 def run_all(cfg: Config) -> dict[str, float]:

@@ -16,6 +16,8 @@
   test_pred.csv                 test predictions of all fold models; test_pred_fold<k>.csv fold k's own;
                                 test_pred_refit.csv the refit models'
   predict.json, metrics.json, calibration.json, ensemble.json, report/
+  adversarial.json              train-vs-test classifier: AUC, test-like rows, duplicate pairs (pipeline/adversarial.py)
+  adversarial_scores.csv        id,p_test: its out-of-fold p(test) for every training row
 
 A job is finished for a config when its ``done.json`` holds that config's *run hash*: the train-stage
 hash and the digest of the folds file it trained on (``RunDir.run_hash``).
@@ -398,6 +400,8 @@ class RunDir:
     ensemble_json = property(lambda self: self.path / "ensemble.json")
     report_dir = property(lambda self: self.path / "report")
     augment_preview = property(lambda self: self.path / "augment_preview.png")
+    adversarial_json = property(lambda self: self.path / "adversarial.json")
+    adversarial_scores = property(lambda self: self.path / "adversarial_scores.csv")
 
     def test_pred_fold(self, fold: int) -> Path:
         """Fold ``fold``'s models' own test predictions (averaged over its seeds)."""

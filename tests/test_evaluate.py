@@ -172,10 +172,10 @@ def test_metrics_json_from_oof(hand_run):
     assert load_temperature(RUN) == pytest.approx(c["temperature"])
     # the stage is recorded as done, and the experiment log reads the CV from metrics.json
     assert (RUN / "config.evaluate.yaml").is_file() and (RUN / "config.evaluate.hash").is_file()
-    from pipeline.config import STAGE_SECTIONS, read_stage_hash
+    from pipeline.config import read_stage_hash, stage_sections
     from pipeline.experiments import cv_score
 
-    assert read_stage_hash(RUN / "config.evaluate.yaml") == cfg.hash(*STAGE_SECTIONS["evaluate"])
+    assert read_stage_hash(RUN / "config.evaluate.yaml") == cfg.hash(*stage_sections(cfg, "evaluate"))
     assert cv_score(RUN, "accuracy") == (pytest.approx(np.mean(per)), pytest.approx(np.std(per, ddof=1)), "metrics.json")
 
 
@@ -324,7 +324,8 @@ def test_report_from_a_trained_run(trained_dir, capsys):
     assert out.rstrip().endswith(f"report: {RUN / 'report' / 'report.html'}")
     report = RUN / "report"
     pngs = sorted(p.name for p in report.glob("*.png"))
-    assert pngs == ["confident_errors.png", "confusion_matrix.png", "gradcam.png", "reliability.png", "roc_pr.png", "training_curves.png"]
+    assert pngs == ["adversarial_hist.png", "adversarial_top.png", "confident_errors.png", "confusion_matrix.png", "gradcam.png",
+                    "reliability.png", "roc_pr.png", "training_curves.png"]
     html = (report / "report.html").read_text()
     for name in pngs:
         assert f"src='{name}'" in html
@@ -438,7 +439,8 @@ def test_binary_sar_report_without_models(make_config, iceberg_dir, capsys):
     assert t["f1_at_0.5"] == m["f1"] and t["f1_at_best_threshold"] >= t["f1_at_0.5"] and len(t["fold_thresholds"]) == 5
     assert "threshold: F1 " in out and "note: No fold_*/history.csv found" in out and "note: Grad-CAM skipped" in out
     report = RUN / "report"
-    assert sorted(p.name for p in report.glob("*.png")) == ["confident_errors.png", "confusion_matrix.png", "reliability.png", "roc_pr.png"]
+    assert sorted(p.name for p in report.glob("*.png")) == ["adversarial_hist.png", "adversarial_top.png", "confident_errors.png",
+                                                            "confusion_matrix.png", "reliability.png", "roc_pr.png"]
     html = (report / "report.html").read_text()
     assert "Grad-CAM skipped" in html and "positive class <b>iceberg</b>" in html
 
