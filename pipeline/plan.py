@@ -93,6 +93,7 @@ class Facts:
     feature_names: tuple[str, ...]
     value_range: tuple[float, float]
     dtype: str
+    n_test: int | None = None  # None: no test data yet (nothing to fit the TTA to)
 
 
 def data_facts(cfg: Config) -> Facts:
@@ -107,10 +108,17 @@ def data_facts(cfg: Config) -> Facts:
     native = build_reader(probe(**own)).native_size()
     if cfg.data.image_size in (AUTO, None) and native and native > 32 and not cfg.data.image_spec().size:
         own["image_size"] = 32
-    t = build_reader(probe(**own)).read("train")
+    reader = build_reader(probe(**own))
+    t = reader.read("train")
+    n_test = None
+    if cfg.train.time_budget_s and cfg.predict.tta == AUTO:  # the TTA is fitted to the budget by the test set's size
+        try:
+            n_test = len(reader.read("test"))
+        except PipelineError:
+            pass  # training needs no test set; predict will say what is wrong with it
     return Facts(n_rows=len(t), class_names=tuple(t.class_names), channels=t.channels, native=native or min(t.image_size),
                  n_features=len(t.feature_names), feature_names=tuple(t.feature_names),
-                 value_range=tuple(map(float, t.value_range)), dtype=str(t.images.dtype))
+                 value_range=tuple(map(float, t.value_range)), dtype=str(t.images.dtype), n_test=n_test)
 
 
 def _weights_offline(backbone: str) -> bool:
@@ -202,8 +210,6 @@ def measure_speed(cfg: Config, facts: Facts, size: int, threads: int, seconds: f
 
 
 def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float) -> dict:
-    import io as _io
-
     import torch
 
     from .device import resolve_device
@@ -235,12 +241,34 @@ def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float) -> dict:
     validate(parts.eval_model, table=table, idx=np.arange(len(table)), batch_size=bs * 2, device=device,
              channels_last=cfg.train.channels_last, precision="fp32")
     val_img_s = len(table) / (time.perf_counter() - t1)
-    t1 = time.perf_counter()
-    torch.save({"model": parts.model.state_dict(), "opt": parts.opt.state_dict()}, _io.BytesIO())
-    epoch_s = 3 * (time.perf_counter() - t1)  # last.pt, best weights and the OOF/history files
+    build_s, epoch_s = _job_overheads(mcfg, table, bs, device, train_img_s, val_img_s, build_s)
     log.info(f"plan: measured {cfg.model.backbone} at {size} px on {torch.get_num_threads()} thread(s): "
              f"{train_img_s:.0f} img/s training, {val_img_s:.0f} img/s validation")
     return {"train_img_s": train_img_s, "val_img_s": val_img_s, "build_s": build_s, "epoch_s": epoch_s}
+
+
+def _job_overheads(cfg: Config, table, bs: int, device, train_img_s: float, val_img_s: float,
+                   build_s: float) -> tuple[float, float]:
+    """What a job costs besides its images, from a real ``FoldTrainer`` of three one-step epochs in a
+    scratch folder: the start (model, weights, TensorBoard) and, per epoch, checkpoints, OOF, history
+    and the loop's bookkeeping; on a small data set these outweigh the images."""
+    import tempfile
+
+    from .runs import RunDir
+    from .trainer import FoldTrainer
+
+    tcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 3, "max_steps_per_epoch": 1, "patience": 0})})
+    fold_of = (np.arange(len(table)) >= bs).astype(int)  # fold 0: the first batch is validated, the rest trains
+    stamps = []
+    with tempfile.TemporaryDirectory(prefix="plan-") as tmp:
+        job = RunDir(path=tmp, seeds=[0], cfg=tcfg).job_dir(0, 0)
+        t0 = time.perf_counter()
+        FoldTrainer(cfg=tcfg, table=table, fold_of=fold_of, job=job, device=device, run_hash="plan",
+                    precision="fp32" if cfg.train.precision == "auto" else cfg.train.precision,
+                    on_epoch=lambda *_: stamps.append(time.perf_counter())).run()
+    images = bs / train_img_s + bs / val_img_s
+    epoch = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    return max(build_s, stamps[0] - t0 - epoch), max(0.0, epoch - images)
 
 
 # ---- the plan --------------------------------------------------------------------------------
@@ -341,7 +369,7 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
     size, epochs, expected, measured = sizes[0], cfg.train.epochs, None, {}
     measure = speed or (lambda c, size, th: measure_speed(c, facts, size, th))
     if budget:
-        size, sp, fit, measured = _search_size(cfg, values, sizes, budget, shape_of, measure, why)
+        size, sp, fit, measured = _search_size(cfg, values, sizes, budget, shape_of, measure, why)  # sp: threads -> Speed
         epochs = fit if cfg.train.epochs == AUTO else cfg.train.epochs
         expected = shape_of(_with(cfg, {**values, "data.image_size": size, "train.epochs": 1})).seconds(epochs, sp)
     elif cfg.train.epochs == AUTO:
@@ -356,6 +384,8 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
         if budget:
             why.append(f"epochs {epochs}: {'the most' if epochs < MAX_EPOCHS else f'capped at {MAX_EPOCHS}, fewer than'} "
                        f"that fit {TARGET:.0%} of the {budget:.0f} s budget at the measured speed")
+    if budget and cfg.predict.tta == AUTO and facts.n_test:
+        values["predict.tta"] = _fit_tta(cfg, facts, size, sp(cores), len(seeds) * (n_folds + cfg.train.refit), budget, why)
     plan = {"config_hash": plan_hash(cfg), "budget_s": budget, "values": values, "why": why,
             "folds": n_folds, "seeds": seeds,
             "expected_train_s": round(expected, 1) if expected is not None else None,
@@ -407,6 +437,37 @@ def _search_size(cfg: Config, values: dict, sizes: list[int], budget: float, sha
             i += 1
 
 
+INFER_SHARE = 0.25  # of the budget, for evaluate's TTA OOF and predict's TTA: the whole run stays within 1.4x
+_TTA_LADDER = (["identity", "hflip", "vflip", "rot180"], ["identity", "rot180"], ["identity", "hflip"],
+               ["identity", "vflip"], ["identity"])  # groups, largest first: an average over one stays invariant
+
+
+def _fit_tta(cfg: Config, facts: Facts, size: int, speed: Speed, n_models: int, budget: float, why: list) -> list[str]:
+    """``predict.tta: auto`` with a budget: the augment rule's TTA (pipeline/defaults.py), or the largest
+    group within it whose inference (every model on the test set, and the OOF through the same TTA)
+    fits ``INFER_SHARE`` of the budget at the measured validation speed."""
+    from .defaults import auto_tta
+    from .tta import build_tta
+
+    def n(names):
+        return len(build_tta(names, (size, size)))
+
+    def seconds(names):
+        rows = n_models * facts.n_test + (facts.n_rows if cfg.predict.tta_oof else 0)
+        return n(names) * rows / speed.val_img_s + 2 * n_models * speed.build_s
+
+    full = auto_tta(cfg.augment)
+    allowed = {t.key for t in build_tta(full, (size, size))}
+    ladder = [full] + [g for g in _TTA_LADDER if n(g) < n(full) and {t.key for t in build_tta(g, (size, size))} <= allowed]
+    chosen = next((g for g in ladder if seconds(g) <= INFER_SHARE * budget), ["identity"])
+    if chosen != full:
+        why.append(f"TTA {chosen} instead of the augmentation's {full}: {n(full)} transforms would take ~{seconds(full):.0f} s "
+                   f"of inference on {facts.n_test} test and {facts.n_rows} OOF images, over {INFER_SHARE:.0%} of the budget")
+    else:
+        why.append(f"TTA {full}: ~{seconds(full):.0f} s of inference, within {INFER_SHARE:.0%} of the budget")
+    return chosen
+
+
 def _with(cfg: Config, values: dict) -> Config:
     """``cfg`` with ``section.key`` values replaced (validated)."""
     d = cfg.to_dict()
@@ -449,7 +510,19 @@ def planned(cfg: Config, *, create: bool = True, speed: SpeedFn | None = None) -
         plan = _keep(run, h, _make(cfg, speed))  # made before any file is written: bad data writes nothing
     if plan is None:
         return cfg
-    return _with(cfg, plan["values"]).model_copy(update={"plan": plan})
+    return _with(cfg, _still_auto(cfg, plan["values"])).model_copy(update={"plan": plan})
+
+
+def _still_auto(cfg: Config, values: dict) -> dict:
+    """The plan's values for keys the config leaves to it: a key given a value (a key outside the plan's
+    hash, e.g. ``predict.tta``) keeps it; ``model.pretrained``/``finetune`` follow ``model.backbone: auto``."""
+    def auto(key: str) -> bool:
+        section, name = key.split(".")
+        if section == "model" and name in ("pretrained", "finetune"):
+            name = "backbone"
+        return getattr(getattr(cfg, section), name) == AUTO
+
+    return {k: v for k, v in values.items() if auto(k)}
 
 
 def _keep(run, h: str, plan: dict) -> dict:

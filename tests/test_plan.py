@@ -258,3 +258,20 @@ def test_gradual_finetune_trains_head_then_stages_then_all(make_config, iceberg_
     train_cv(cfg, folds=[0])
     (head, n), (partial, _), (full, _) = seen
     assert head == 0 and 0 < partial < full == n  # the head alone, then the last stage, then all
+
+
+@pytest.mark.parametrize("budget, tta", [(2000, ["dihedral"]), (600, ["identity", "hflip", "vflip", "rot180"]),
+                                         (200, ["identity", "rot180"]), (60, ["identity"])])
+def test_tta_is_fitted_to_the_budget(make_config, folder_dir, budget, tta):
+    flips = [{"name": "HorizontalFlip", "p": 0.5}, {"name": "VerticalFlip", "p": 0.5}, {"name": "RandomRotate90", "p": 0.5}]
+    p = make_config(folder_dir, fmt="image_folder", data={"image_size": 32}, augment=flips,
+                    model={"backbone": "simple_cnn", "pretrained": False}, train={"time_budget_s": budget})
+    cfg = load_config(p)
+    fast = lambda c, size, th: Speed(train_img_s=1e6, val_img_s=400, build_s=0.0, epoch_s=0.0)  # noqa: E731
+    facts = Facts(**{**_facts(native=32).__dict__, "n_test": 1000})
+    plan = make_plan(cfg, facts, device_type="cpu", cores=1, speed=fast)
+    # 5 fold models on 1,000 test images plus the 4,000 OOF rows: 8 / 4 / 2 / 1 transforms at 400 img/s
+    assert plan["values"]["predict.tta"] == tta
+    # a TTA the config names is the config's, whatever the plan says
+    explicit = planned(load_config(p, ["predict.tta=[identity, hflip]"]), speed=fast)
+    assert explicit.predict.tta == ["identity", "hflip"]
