@@ -35,8 +35,11 @@ def test_baseline_loop_smoke(tiny_shift, tmp_path):
 def test_baseline_loop_fits_epochs_to_budget(tiny_shift, capsys):
     res = _load("baseline_loop").main(["--data", str(tiny_shift), "--budget", "1", "--folds", "2",
                                        "--size", "16", "--model", "resnet10t", "--no-pretrained"])
-    assert res["epochs"] == 1 and res["epochs_run"] == [1, 1]  # a 1 s budget: one epoch, then each fold stops
-    assert "epochs per fold fit the 1s budget" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # the count is fixed from the first epoch's time (how many fit, a fact of this machine's speed) ...
+    assert "one epoch took " in out and f"{res['epochs']} epochs per fold fit the 1s budget" in out
+    # ... and a fold stops at its share of the budget, never past the count
+    assert len(res["epochs_run"]) == 2 and all(1 <= e <= res["epochs"] for e in res["epochs_run"])
 
 
 def test_shift_folder_skips_missing_configs_and_tabulates(tmp_path, capsys):
