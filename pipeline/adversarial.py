@@ -100,6 +100,9 @@ def read_splits(cfg: Config) -> tuple[Table, Table]:
 
 def adversarial(cfg: Config, train: Table | None = None, test: Table | None = None) -> dict:
     """The stage: analyse, write adversarial.json and adversarial_scores.csv, log a summary; returns the record."""
+    from .plan import planned
+
+    cfg = planned(cfg, create=False)
     if train is None or test is None:
         train, test = read_splits(cfg)
     record, p_train = analyse(cfg, train, test)

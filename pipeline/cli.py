@@ -16,9 +16,10 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from .errors import PipelineError, describe_os_error  # noqa: E402
 
 
-def _config(args, check_data: bool = True, plan: bool = True):
-    """The command's config, its ``auto`` values resolved by the run's plan (made now when missing,
-    unless ``plan`` is false: then only an existing plan is applied)."""
+def _config(args, check_data: bool = True, plan: str = "use"):
+    """The command's config, its ``auto`` values resolved by the run's plan: ``make`` it when missing
+    (the commands that train), ``use`` an existing one (one line when there is none), or ``peek``
+    (apply one if there is one: status, experiments)."""
     from .config import load_config
     from .plan import parse_budget, planned
 
@@ -30,7 +31,7 @@ def _config(args, check_data: bool = True, plan: bool = True):
     if budget is not None:  # after the overrides: the flag wins over train.time_budget_s=...
         overrides.append(f"train.time_budget_s={parse_budget(budget)}")
     cfg = load_config(args.config, overrides, check_data=check_data)
-    return planned(cfg, create=plan)
+    return planned(cfg, create=plan == "make", require=plan == "use")
 
 
 def _params_overrides(path: str) -> list[str]:
@@ -74,14 +75,14 @@ def cmd_demo_data(args):
 def cmd_fold(args):
     from .fold import run_fold
 
-    run_fold(_config(args))
+    run_fold(_config(args, plan="make"))
 
 
 def cmd_train(args):
     from .cv import train_cv
 
     folds = _int_list(args.folds, "--folds") if args.folds else None
-    train_cv(_config(args), folds=folds)
+    train_cv(_config(args, plan="make"), folds=folds)
 
 
 def cmd_augment(args):
@@ -93,7 +94,7 @@ def cmd_augment(args):
     from .formats import read_table
     from .runs import RunDir
 
-    cfg = _config(args)
+    cfg = _config(args, plan="make")
     t = read_table(cfg, "train")
     aug = build_augment(cfg.augment, t.value_range, t.channels, t.image_size, seed=cfg.train.seed, where=f"{cfg.path}: augment")
     out = Path(args.out or RunDir.of(cfg).augment_preview)
@@ -132,7 +133,7 @@ def cmd_tune(args):
     from .tune import tune
 
     pinned = [o.split("=", 1)[0].strip() for o in args.overrides]
-    tune(_config(args), n_trials=args.n_trials, max_trials=args.max_trials, timeout=args.timeout,
+    tune(_config(args, plan="make"), n_trials=args.n_trials, max_trials=args.max_trials, timeout=args.timeout,
          storage=args.storage, study_name=args.study, pinned=pinned)
 
 
@@ -157,7 +158,7 @@ def cmd_validate_submission(args):
 def cmd_experiments(args):
     from .experiments import list_experiments
 
-    list_experiments(_config(args, check_data=False, plan=False))
+    list_experiments(_config(args, check_data=False, plan="peek"))
 
 
 def cmd_lb(args):
@@ -169,13 +170,13 @@ def cmd_lb(args):
 def cmd_run(args):
     from .run import run_all
 
-    run_all(_config(args))
+    run_all(_config(args, plan="make"))
 
 
 def cmd_status(args):
     from .run import status
 
-    status(_config(args, check_data=False, plan=False))
+    status(_config(args, check_data=False, plan="peek"))
 
 
 
@@ -265,7 +266,7 @@ def _parser() -> argparse.ArgumentParser:
     pr = stage("predict", cmd_predict, "test predictions with TTA -> test_pred.csv and a submission file", budget=True)
     pr.add_argument("--params", help="YAML of section.key: value overrides (e.g. tune's best.yaml)")
     stage("ensemble", cmd_ensemble, "blend experiments (ENSEMBLE.yaml) -> runs/ and submissions/")
-    v = stage("validate-submission", cmd_validate_submission, "check a submission file against the test data")
+    v = stage("validate-submission", cmd_validate_submission, "check a submission file against the test data", budget=True)
     v.add_argument("file", help="submission CSV")
     v.add_argument("--solution", help="CSV of the true answers in the submission's columns: also score the file")
     stage("experiments", cmd_experiments, "list every run of the competition with CV and LB scores")

@@ -528,7 +528,7 @@ def write_snapshot(cfg: Config, yaml_path: Path, stage: str, resolved: dict | No
     """Save the resolved config beside a stage's outputs (``yaml_path``) and its stage hash
     (``yaml_path`` with suffix ``.hash``); returns the stage hash. ``resolved`` maps keys whose
     value was decided at run time (``{"train.precision": "fp32"}`` for ``auto``) to that value:
-    the snapshot shows it, the hash stays that of the config as written."""
+    the snapshot shows it, the hash stays that of ``cfg`` (the config as the plan resolved it, pipeline/plan.py)."""
     from .io import atomic_write_text
 
     h = cfg.hash(*stage_sections(cfg, stage))

@@ -134,10 +134,11 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     finished fold (done.json contents); either may raise to stop training (e.g. optuna.TrialPruned).
     """
     from .formats import read_table
-    from .plan import describe, executor_width, planned
+    from .plan import check_plan_data, describe, executor_width, planned
 
     cfg = planned(cfg)
     table = table if table is not None else read_table(cfg, "train")
+    check_plan_data(cfg, table)
     check_learnable(cfg, table)  # before any done.json of an earlier run is deleted
     fold_of = load_folds(cfg, table)
     n_folds = int(fold_of.max()) + 1

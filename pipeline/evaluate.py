@@ -214,11 +214,11 @@ def evaluate(cfg: Config, report: bool = True) -> dict:
     from .formats import read_table
     from .plan import planned
 
-    run = RunDir.of(cfg)
     hint = f"pipeline train {cfg.path}"
-    if not run.oof.is_file():  # before reading the data: the common mistake answers at once
-        raise PipelineError(f"{run.oof}: file not found; run `{hint}` first (evaluate scores its out-of-fold predictions)")
-    cfg = planned(cfg)
+    if not RunDir.of(cfg).oof.is_file():  # before reading the data: the common mistake answers at once
+        raise PipelineError(f"{RunDir.of(cfg).oof}: file not found; run `{hint}` first (evaluate scores its out-of-fold predictions)")
+    cfg = planned(cfg, create=False)  # the plan training made: its hash is the one trained under
+    run = RunDir.of(cfg)
     _check_trained_config(cfg, run)
     table = read_table(cfg, "train")
     fold_of = load_folds(cfg, table)

@@ -23,8 +23,12 @@ The rules, each printed with its reason when the plan is made:
 
 Speed is measured, not guessed: a few real training steps (augmentation, forward, backward,
 optimiser) and a validation pass of the model at the candidate size, on synthetic images of the
-data's shape and dtype, at each thread count the executor will give a job (``fold_jobs``), cached per
-machine in ``<cache>/throughput.json``. Tests inject speeds through ``make_plan(speed=...)``.
+data's shape and dtype, at the thread count most jobs get from the executor (``fold_jobs``), and a
+real three-epoch ``FoldTrainer`` for what a job costs besides its images (checkpoints, OOF, history);
+other thread counts and skipped sizes are estimated from it (``THREAD_EXPONENT``, ``SIZE_EXPONENT``).
+Measurements are cached per machine and device in ``<cache>/throughput.json``. Only the commands
+that train make a plan (fold, train, run, tune); the others use it. With a budget, ``predict.tta:
+auto`` is fitted to the budget too (``INFER_SHARE``). Tests inject speeds: ``make_plan(speed=...)``.
 """
 from __future__ import annotations
 
@@ -134,7 +138,16 @@ def _weights_offline(backbone: str) -> bool:
 
 
 def choose_model(cfg: Config, facts: Facts, n_train: int) -> tuple[dict, list[str]]:
-    """``model.backbone: auto``: the backbone, weights and fine-tuning mode, and why."""
+    """``model.backbone: auto``: the backbone, weights and fine-tuning mode, and why; ``pretrained``
+    and ``finetune`` given in the config are the config's."""
+    chosen, why = _model_rule(cfg, facts, n_train)
+    given = [k for k in ("pretrained", "finetune") if k in chosen and k in cfg.model.model_fields_set]
+    for k in given:
+        why.append(f"model.{k} {getattr(cfg.model, k)}: as the config sets it (the rule would give {chosen.pop(k)})")
+    return chosen, why
+
+
+def _model_rule(cfg: Config, facts: Facts, n_train: int) -> tuple[dict, list[str]]:
     side = facts.native if cfg.data.image_size in (AUTO, None) else cfg.data.image_size
     if side < MIN_PRETRAINED_SIDE:
         return ({"backbone": SCRATCH, "pretrained": False},
@@ -190,7 +203,11 @@ def measure_speed(cfg: Config, facts: Facts, size: int, threads: int, seconds: f
     from .precision import _machine
 
     t = cfg.train
-    key = "|".join(map(str, [_machine(), cfg.model.backbone, cfg.model.finetune, cfg.model.input_size, size, facts.channels,
+    from .device import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    key = "|".join(map(str, [_machine(), device.type, gpu, cfg.model.backbone, cfg.model.finetune, cfg.model.input_size, size, facts.channels,
                              facts.n_features, t.batch_size, t.precision, t.channels_last, threads,
                              hashlib.sha256(json.dumps(cfg.augment, sort_keys=True).encode()).hexdigest()[:8]]))
     path = cache_dir() / "throughput.json"
@@ -218,7 +235,10 @@ def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float) -> dict:
     device = resolve_device(cfg.train.device)
     bs = min(cfg.train.batch_size, max(2, facts.n_rows // 2))
     table = _synthetic_table(facts, size, bs * 8)
-    mcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 10})})
+    # timed as most epochs train: gradual (or unfreeze_after) ends with the whole network training
+    mode = "full" if cfg.model.finetune == "gradual" or cfg.model.unfreeze_after else cfg.model.finetune
+    mcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 10}),
+                                  "model": cfg.model.model_copy(update={"finetune": mode, "unfreeze_after": None})})
     t0 = time.perf_counter()
     parts = build_components(cfg=mcfg, table=table, tr_idx=np.arange(len(table)), seed=0, device=device,
                              channels_last=cfg.train.channels_last, with_augment=bool(cfg.augment))
@@ -300,6 +320,7 @@ class Shape:
     width: int
     cores: int
     max_train_rows: int | None = None  # train.max_steps_per_epoch x batch_size
+    n_splits: int | None = None  # the validation share is 1 / n_splits (folds = n_splits x repeats); None: n_folds
 
     def threads(self) -> list[int]:
         n_jobs = self.n_folds * self.n_seeds
@@ -307,7 +328,7 @@ class Shape:
 
     def seconds(self, epochs: int, speed: Callable[[int], Speed]) -> float:
         """Expected training time for ``epochs`` per job, ``speed(threads)`` per thread count."""
-        n_val = math.ceil(self.n_rows / self.n_folds)
+        n_val = math.ceil(self.n_rows / (self.n_splits or self.n_folds))
         n_train = min(self.n_rows - n_val, self.max_train_rows or self.n_rows)
         threads = self.threads()
         total = SPAWN_S if self.width > 1 else 0.0
@@ -353,10 +374,11 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
     def shape_of(c: Config) -> Shape:
         cap = c.train.max_steps_per_epoch and c.train.max_steps_per_epoch * c.train.batch_size
         return Shape(n_rows=facts.n_rows, n_folds=n_folds, n_seeds=len(seeds), refit=c.train.refit, cores=cores,
-                     width=executor_width(c, n_folds * len(seeds), device_type), max_train_rows=cap or None)
+                     width=executor_width(c, n_folds * len(seeds), device_type), max_train_rows=cap or None,
+                     n_splits=c.folds.n_splits)
 
     values, why = {}, []
-    n_train = facts.n_rows - math.ceil(facts.n_rows / n_folds)
+    n_train = facts.n_rows - math.ceil(facts.n_rows / cfg.folds.n_splits)
     if cfg.data.channels == AUTO:
         values["data.channels"] = facts.channels
         why.append(f"channels {facts.channels}: the files' own")
@@ -366,6 +388,8 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
         why += reason
     budget = cfg.train.time_budget_s
     sizes = _candidates(cfg, facts)
+    if values.get("model.pretrained", cfg.model.pretrained and cfg.model.backbone != AUTO):  # ImageNet features need the pixels
+        sizes = [s for s in sizes if s >= MIN_PRETRAINED_SIDE] or sizes[:1]
     size, epochs, expected, measured = sizes[0], cfg.train.epochs, None, {}
     measure = speed or (lambda c, size, th: measure_speed(c, facts, size, th))
     if budget:
@@ -413,6 +437,7 @@ def _search_size(cfg: Config, values: dict, sizes: list[int], budget: float, sha
     other thread counts are estimated by ``THREAD_EXPONENT``, so planning costs two or three
     measurements, not one per size and thread count. Returns (size, speed(threads), epochs, measured)."""
     measured, i = {}, 0
+    need = MIN_EPOCHS if cfg.train.epochs == AUTO else cfg.train.epochs
     while True:
         size = sizes[i]
         c = _with(cfg, {**values, "data.image_size": size, "train.epochs": 1})
@@ -425,13 +450,13 @@ def _search_size(cfg: Config, values: dict, sizes: list[int], budget: float, sha
             return base if th == main else _scaled(base, (th / main) ** THREAD_EXPONENT)
 
         fit = shape.epochs_for(budget, sp)
-        if fit >= MIN_EPOCHS or i == len(sizes) - 1:
+        if fit >= need or i == len(sizes) - 1:
             return size, sp, fit, measured
-        why.append(f"image size {size}: only {fit} epochs per fold fit the budget (< {MIN_EPOCHS})")
+        why.append(f"image size {size}: only {fit} epochs per fold fit the budget (< {need})")
         i += 1
         while i < len(sizes) - 1:  # skip sizes that by estimate fall short too
             est = shape.epochs_for(budget, lambda th, f=(size / sizes[i]) ** SIZE_EXPONENT: _scaled(sp(th), f))
-            if est >= SKIP_BELOW * MIN_EPOCHS:  # near enough to measure: the estimate is rough
+            if est >= SKIP_BELOW * need:  # near enough to measure: the estimate is rough
                 break
             why.append(f"image size {sizes[i]}: about {est} epochs per fold would fit the budget (estimated)")
             i += 1
@@ -489,28 +514,87 @@ def describe(cfg: Config, plan: dict) -> str:
             f"{plan['folds']} folds x {t.epochs} epochs x {len(plan['seeds'])} seed(s){timing}")
 
 
-def planned(cfg: Config, *, create: bool = True, speed: SpeedFn | None = None) -> Config:
+def planned(cfg: Config, *, create: bool = True, require: bool = True, speed: SpeedFn | None = None) -> Config:
     """The config this run trains with: ``cfg`` with its plan's values (see the module docstring).
-    With ``create=False`` a missing plan is not made: the config comes back as it is."""
+
+    ``create``: make the plan when there is none (the commands that train: fold, train, run, tune).
+    Otherwise an existing plan is applied, and with ``require`` a config that needs one and has none
+    is one line naming the command that makes it (evaluate, predict, ensemble); without, it comes back
+    as it is (status)."""
+    from .runs import RunDir
+
     if cfg.plan is not None or not (has_auto(cfg) or cfg.train.time_budget_s):
         return cfg
     if not cfg.train.time_budget_s and all(getattr(getattr(cfg, s), k) != AUTO for s, k in PLAN_KEYS if k != "epochs"):
         # only train.epochs: auto and no budget: the default epoch count, nothing to measure or keep
-        from .runs import RunDir
-
-        plan = {"config_hash": plan_hash(cfg), "budget_s": None, "values": {"train.epochs": DEFAULT_EPOCHS},
-                "why": [], "folds": cfg.folds.n_splits * cfg.folds.repeats, "seeds": RunDir.of(cfg).seeds,
-                "expected_train_s": None}
+        plan = {"config_hash": plan_hash(cfg), "budget_s": None, "values": {"train.epochs": DEFAULT_EPOCHS}, "why": [],
+                "folds": cfg.folds.n_splits * cfg.folds.repeats, "seeds": RunDir.of(cfg).seeds, "expected_train_s": None}
         return _with(cfg, plan["values"]).model_copy(update={"plan": plan})
-    from .runs import RunDir
-
     run, h = RunDir.of(cfg), plan_hash(cfg)
     plan = run.read_plan(h)
     if plan is None and create:
-        plan = _keep(run, h, _make(cfg, speed))  # made before any file is written: bad data writes nothing
+        plan = _keep(cfg, run, h, data_facts(cfg), speed)  # the data is read first: bad data writes nothing
     if plan is None:
+        if require:
+            budget = f" --budget {cfg.train.time_budget_s:g}s" if cfg.train.time_budget_s else ""
+            raise PipelineError(f"{run.plan_json}: no plan for this config (plan hash {h}); run `pipeline train {cfg.path}{budget}` "
+                                f"with the same overrides first (the plan resolves its auto values and budget)")
         return cfg
     return _with(cfg, _still_auto(cfg, plan["values"])).model_copy(update={"plan": plan})
+
+
+def _keep(cfg: Config, run, h: str, facts: Facts, speed: SpeedFn | None) -> dict:
+    """Make and write the plan holding the run's plan lock: a process (machine) that finds it held waits
+    and then reads what the holder wrote, so every worker of a run trains with one plan, and two
+    planners never time each other's load."""
+    from .io import exclusive
+
+    run.path.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            with exclusive(run.plan_lock, "the run plan"):
+                plan = run.read_plan(h)
+                if plan is not None:
+                    log.info(f"plan: using the plan another process wrote to {run.plan_json}")
+                    return plan
+                plan = _make(cfg, facts, speed)
+                run.write_plan(plan)
+                return plan
+        except LockHeld:
+            time.sleep(0.5)
+
+
+def _make(cfg: Config, facts: Facts, speed: SpeedFn | None) -> dict:
+    import torch
+
+    from .device import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    t0 = time.time()
+    plan = make_plan(cfg, facts, device_type=device.type, cores=torch.get_num_threads(), speed=speed)
+    plan["facts"] = {"n_rows": facts.n_rows, "classes": len(facts.class_names), "channels": facts.channels, "native": facts.native}
+    plan["planning_s"] = round(time.time() - t0, 1)
+    for line in plan["why"]:
+        log.info(f"plan: {line}")
+    log.info(describe(_with(cfg, plan["values"]), plan) + f" (planned in {plan['planning_s']:.0f} s)")
+    if "warning" in plan:
+        log.warning(f"plan: {plan['warning']}")
+    return plan
+
+
+def check_plan_data(cfg: Config, table) -> None:
+    """The plan was made for this data: ``data.dir`` is a runtime key, so a plan made on a demo folder
+    would otherwise be reused on the real one."""
+    facts = (cfg.plan or {}).get("facts")
+    if not facts:
+        return
+    have = {"n_rows": len(table), "classes": table.num_classes, "channels": table.channels}
+    diff = [f"{k} {facts[k]} -> {v}" for k, v in have.items() if facts.get(k) != v]
+    if diff:
+        from .runs import RunDir
+
+        raise PipelineError(f"{RunDir.of(cfg).plan_json}: planned for other data ({', '.join(diff)}); delete it (or the run "
+                            f"folder) to plan for {cfg.data.dir}")
 
 
 def _still_auto(cfg: Config, values: dict) -> dict:
@@ -523,41 +607,4 @@ def _still_auto(cfg: Config, values: dict) -> dict:
         return getattr(getattr(cfg, section), name) == AUTO
 
     return {k: v for k, v in values.items() if auto(k)}
-
-
-def _keep(run, h: str, plan: dict) -> dict:
-    """Write ``plan`` unless another process (machine) wrote one for this config meanwhile: the first
-    written wins, so every worker of the run trains with one plan."""
-    from .io import exclusive
-
-    run.path.mkdir(parents=True, exist_ok=True)
-    while True:
-        try:
-            with exclusive(run.plan_lock, "the run plan"):
-                theirs = run.read_plan(h)
-                if theirs is not None:
-                    log.info(f"plan: using the plan another process wrote to {run.plan_json}")
-                    return theirs
-                run.write_plan(plan)
-                return plan
-        except LockHeld:
-            time.sleep(0.2)
-
-
-def _make(cfg: Config, speed: SpeedFn | None) -> dict:
-    import torch
-
-    from .device import resolve_device
-
-    device = resolve_device(cfg.train.device)
-    t0 = time.time()
-    plan = make_plan(cfg, data_facts(cfg), device_type=device.type, cores=torch.get_num_threads(), speed=speed)
-    plan["planning_s"] = round(time.time() - t0, 1)
-    resolved = _with(cfg, plan["values"])
-    for line in plan["why"]:
-        log.info(f"plan: {line}")
-    log.info(describe(resolved, plan) + f" (planned in {plan['planning_s']:.0f} s)")
-    if "warning" in plan:
-        log.warning(f"plan: {plan['warning']}")
-    return plan
 

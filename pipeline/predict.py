@@ -272,7 +272,7 @@ def _predict_stage(cfg: Config, *, submit: bool) -> tuple[_Predicted, Path | Non
     the files moved into place (a submission whose run files could not be is removed again)."""
     from .plan import planned
 
-    cfg = planned(cfg)
+    cfg = planned(cfg, create=False)
     run = RunDir.of(cfg)
     with run.staged("predict") as stage:
         made = _predict_into(cfg, run, stage)

@@ -104,7 +104,7 @@ def run_all(cfg: Config) -> dict[str, float]:
 def status(cfg: Config) -> list[tuple[str, str, str]]:
     from .plan import planned
 
-    cfg = planned(cfg, create=False)
+    cfg = planned(cfg, create=False, require=False)  # not planned yet: every stage shows as missing or stale
     rows = [(st.name, state, str(st.output(cfg))) for st, state in stage_states(cfg)]
     w = max(len(r[0]) for r in rows)
     for name, state, path in rows:

@@ -383,7 +383,8 @@ class RunDir:
             saved = json.loads(p.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None
-        return saved if isinstance(saved, dict) and saved.get("config_hash") == config_hash else None
+        ok = isinstance(saved, dict) and saved.get("config_hash") == config_hash and isinstance(saved.get("values"), dict)
+        return saved if ok else None
 
     def write_plan(self, plan: dict) -> None:
         atomic_write_json(self.plan_json, plan)

@@ -446,7 +446,7 @@ def _trial_config(cfg: Config, space: Space, base: dict, values: dict, name: str
 
     d = space.apply(base, values)
     try:
-        return Config(**d, path=cfg.path, name=name)
+        return Config(**d, path=cfg.path, name=name, plan=cfg.plan)  # the base's plan: trials do not re-plan
     except ValidationError as err:
         raise PipelineError(_format_error(Path(cfg.path or "config"), err).replace(": ", f": trial {name.rsplit('_', 1)[-1]}: ", 1)) from None
 

@@ -67,6 +67,12 @@ def test_waves_and_threads_are_those_of_the_executor():
 
 # ---- choosing: size, backbone, epochs -----------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def _weights_installed(monkeypatch):
+    """The offline ImageNet weights are installed (the rule's other branch is tested on its own)."""
+    monkeypatch.setattr("pipeline.plan._weights_offline", lambda backbone: True)
+
+
 def _facts(native=128, n_rows=4000, channels=1):
     return Facts(n_rows=n_rows, class_names=tuple("abcdefghij"), channels=channels, native=native, n_features=0,
                  feature_names=(), value_range=(0.0, 255.0), dtype="uint8")
@@ -107,7 +113,12 @@ def test_image_size_is_the_largest_that_gets_enough_epochs(make_config, folder_d
 def test_no_size_fits_takes_the_smallest(make_config, folder_dir):
     cfg = _folder_cfg(make_config, folder_dir, time_budget_s=20)
     plan = make_plan(cfg, _facts(), device_type="cpu", cores=2, speed=_pixels_speed())
-    assert plan["values"]["data.image_size"] == 32 and plan["values"]["train.epochs"] >= 1
+    # a pretrained backbone never goes below 48 px (its ImageNet features need the pixels) ...
+    assert plan["values"]["data.image_size"] == 48 and plan["values"]["train.epochs"] >= 1
+    # ... a model from scratch may go down to 32
+    scratch = load_config(cfg.path, ["model.backbone=simple_cnn", "model.pretrained=false", "train.time_budget_s=20"])
+    plan = make_plan(scratch, _facts(), device_type="cpu", cores=2, speed=_pixels_speed())
+    assert plan["values"]["data.image_size"] == 32
 
 
 def test_without_a_budget_nothing_is_measured(make_config, folder_dir):
@@ -127,6 +138,15 @@ def test_backbone_rule(make_config, folder_dir):
     assert big == {"backbone": "tf_efficientnet_lite0", "pretrained": True, "finetune": "full"}
     few, why = choose_model(cfg, _facts(native=75), n_train=300)
     assert few["finetune"] == "gradual" and "head first" in why[0]
+    # what the config sets is the config's
+    mine, why = choose_model(load_config(cfg.path, ["model.finetune=partial"]), _facts(native=75), n_train=300)
+    assert "finetune" not in mine and mine["backbone"] == "tf_efficientnet_lite0" and "as the config sets it" in why[-1]
+
+
+def test_backbone_rule_without_weights(make_config, folder_dir, monkeypatch):
+    monkeypatch.setattr("pipeline.plan._weights_offline", lambda backbone: False)
+    chosen, why = choose_model(_folder_cfg(make_config, folder_dir), _facts(native=128), n_train=5000)
+    assert chosen == {"backbone": "simple_cnn", "pretrained": False} and "no offline weights" in why[0]
 
 
 def test_explicit_epochs_over_budget_warn(make_config, folder_dir):
@@ -275,3 +295,34 @@ def test_tta_is_fitted_to_the_budget(make_config, folder_dir, budget, tta):
     # a TTA the config names is the config's, whatever the plan says
     explicit = planned(load_config(p, ["predict.tta=[identity, hflip]"]), speed=fast)
     assert explicit.predict.tta == ["identity", "hflip"]
+
+
+def test_commands_after_a_budgeted_train(make_config, digits_dir, capsys, tmp_path):
+    """Only the commands that train make a plan; the others use it, or say in one line that there is none."""
+    import shutil
+
+    import pandas as pd
+
+    from pipeline.evaluate import evaluate
+
+    p = make_config(digits_dir, fmt="pixel_csv", folds={"n_splits": 2}, model={"backbone": "auto", "pretrained": False},
+                    train={"batch_size": 64, "max_steps_per_epoch": 2, "patience": 0})
+    assert run_cli("fold", p, "--budget", "6s") == 0 and run_cli("train", p, "--budget", "6s") == 0
+    plan_file = tmp_path / "runs" / "comp" / "exp" / "plan.json"
+    made = plan_file.read_bytes()
+    err = cli_error(capsys, "evaluate", p)  # no budget: another config, which was never planned
+    assert "plan.json: no plan for this config" in err and f"run `pipeline train {p}`" in err
+    assert run_cli("evaluate", p, "--budget", "6s") == 0 and run_cli("predict", p, "--budget", "6s") == 0
+    assert plan_file.read_bytes() == made
+    # the library takes the config as written and finds the same plan
+    assert evaluate(load_config(p, ["train.time_budget_s=6"]), report=False)["experiment"] == "exp"
+    # a damaged plan.json is planned again, not an internal error
+    plan_file.write_text('{"config_hash": "%s", "values": 3}' % json.loads(made)["config_hash"])
+    assert run_cli("train", p, "--budget", "6s") == 0 and json.loads(plan_file.read_text())["values"]
+    # the same run name on other data (data.dir is a runtime key) is refused, not trained with the old plan
+    other = tmp_path / "other"
+    shutil.copytree(digits_dir, other)
+    pd.read_csv(other / "train.csv").iloc[:3000].to_csv(other / "train.csv", index=False)
+    assert run_cli("fold", p, f"data.dir={other}", "--budget", "6s") == 0
+    err = cli_error(capsys, "train", p, f"data.dir={other}", "--budget", "6s")
+    assert "plan.json: planned for other data (n_rows 4800 -> 3000)" in err
