@@ -153,6 +153,9 @@ def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_n
     """Problems of a submission file, one line per failed check (a count and up to 3 examples); [] when valid."""
     from .formats import build_reader
 
+    from .plan import planned
+
+    cfg = planned(cfg, create=False)  # the test images are read at the size the run was planned at
     path = Path(path)
     reader = build_reader(cfg)
     id_col, val_col = reader.submission_columns
@@ -222,8 +225,9 @@ def check_submission(cfg: Config, path: str | Path, solution: str | Path | None 
     import sys
 
     from .formats import read_table
+    from .plan import planned
 
-    test = read_table(cfg, "test")
+    test = read_table(planned(cfg, create=False), "test")
     problems = validate_submission(cfg, path, test_ids=test.ids, class_names=test.class_names)
     if problems:
         for p in problems:

@@ -22,8 +22,6 @@ class Reader:
     submission_kind: str = "name"
 
     def __init__(self, cfg):
-        if "auto" in (cfg.data.image_size, cfg.data.channels):  # a caller skipped the plan: a bug, not bad input
-            raise ValueError("data.image_size/channels is auto: resolve the config with pipeline.plan.planned(cfg) first")
         self.cfg = cfg
         self.dir = cfg.data_dir
 
@@ -36,6 +34,8 @@ class Reader:
     def read(self, split: str) -> Table:
         if split not in ("train", "test"):
             raise ValueError(split)
+        if "auto" in (self.cfg.data.image_size, self.cfg.data.channels):  # a caller skipped the plan: a bug, not bad input
+            raise ValueError("data.image_size/channels is auto: resolve the config with pipeline.plan.planned(cfg) first")
         t = self._read(split)
         where = getattr(self, "source", None) or self.dir
         if len(t) == 0:
