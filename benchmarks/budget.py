@@ -57,7 +57,7 @@ def run_one(name: str, config: Path, data_dir: Path, budget: float, work: Path) 
             "size": v.get("data.image_size", "-"), "folds_x_epochs": f"{plan['folds']}x{v.get('train.epochs', '-')}",
             "planned_s": plan["expected_train_s"], "planning_s": plan.get("planning_s"), "train_s": round(spent, 1),
             "train_over_budget": round(spent / budget, 3), "whole_s": round(whole, 1), "whole_over_budget": round(whole / budget, 3),
-            "longest_epoch_s": max(epoch_s, default=None), "metric": metrics["metric"], "cv": round(metrics["cv_mean"], 4),
+            "longest_epoch_s": max(epoch_s, default=None), "metric": metrics["metric"], "cv": round(metrics["cv_mean"][metrics["metric"]], 4),
             "oof_logloss": round(metrics["logloss"], 4)}
 
 
@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     ap.add_argument("--folder", type=Path, help="also an image-folder competition of your own (competitions/image-folder.yaml)")
     ap.add_argument("--work", type=Path, help="where to run (default a temporary folder)")
     args = ap.parse_args(argv)
-    work = args.work or Path(tempfile.mkdtemp(prefix="budget-"))
+    work = (args.work or Path(tempfile.mkdtemp(prefix="budget-"))).resolve()
+    work.mkdir(parents=True, exist_ok=True)
     jobs = []
     for name in args.only or list(DEMOS):
         config, kind = DEMOS[name]

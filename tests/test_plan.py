@@ -326,3 +326,27 @@ def test_commands_after_a_budgeted_train(make_config, digits_dir, capsys, tmp_pa
     assert run_cli("fold", p, f"data.dir={other}", "--budget", "6s") == 0
     err = cli_error(capsys, "train", p, f"data.dir={other}", "--budget", "6s")
     assert "plan.json: planned for other data (n_rows 4800 -> 3000)" in err
+
+
+def test_gradual_epochs_are_timed_by_stage():
+    from pipeline.config import ModelConfig
+    from pipeline.plan import STAGE_SPEEDUP
+
+    sp = Speed(train_img_s=100, val_img_s=1000)
+    full = Shape(n_rows=500, n_folds=5, n_seeds=1, refit=False, width=1, cores=2)
+    gradual = Shape(n_rows=500, n_folds=5, n_seeds=1, refit=False, width=1, cores=2, model=ModelConfig(finetune="gradual"))
+    # 6 epochs: the head alone, then the last stages for epoch 2, then all for 3..6 (a third of 6 is 2)
+    per = [400 / (100 * STAGE_SPEEDUP[s]) + 100 / 1000 for s in ["head", "partial", "full", "full", "full", "full"]]
+    assert gradual.seconds(6, lambda th: sp) == pytest.approx(5 * sum(per))
+    assert gradual.seconds(6, lambda th: sp) < full.seconds(6, lambda th: sp)
+    assert gradual.epochs_for(300, lambda th: sp) >= full.epochs_for(300, lambda th: sp)
+
+
+def test_auto_size_on_a_folder_of_mixed_sizes(make_config, folder_dir):
+    from pipeline.plan import data_facts
+
+    cfg = load_config(make_config(folder_dir, fmt="image_folder", data={"image_size": "auto", "channels": "auto"}))
+    facts = data_facts(cfg)  # the demo folder's files are 28..48 px, some RGB
+    assert facts.n_rows == 200 and facts.channels == 3 and 28 <= facts.native <= 48
+    resolved = planned(cfg)
+    assert resolved.data.image_size == facts.native and resolved.data.channels == 3
