@@ -506,10 +506,9 @@ def _fit_tta(cfg: Config, facts: Facts, size: int, speed: Speed, n_models: int, 
 
 def _with(cfg: Config, values: dict) -> Config:
     """``cfg`` with ``section.key`` values replaced (validated)."""
-    d = cfg.to_dict()
-    for key, v in values.items():
-        section, name = key.split(".")
-        d[section][name] = v
+    from .keys import apply_overrides
+
+    d = apply_overrides(cfg.to_dict(), values)
     return Config.model_validate({**d, "path": cfg.path, "name": cfg.name, "plan": cfg.plan})
 
 
