@@ -223,20 +223,18 @@ def measure_speed(cfg: Config, facts: Facts, size: int, threads: int, seconds: f
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            cache[key] = _time_steps(cfg, facts, size, seconds)
+            cache[key] = _time_steps(cfg, facts, size, seconds, device)
         finally:
             torch.set_num_threads(before)
         atomic_write_json(path, cache)
     return Speed(**cache[key])
 
 
-def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float) -> dict:
+def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device) -> dict:
     import torch
 
-    from .device import resolve_device
     from .trainer import BatchSource, build_components, train_one_epoch, validate
 
-    device = resolve_device(cfg.train.device)
     bs = min(cfg.train.batch_size, max(2, facts.n_rows // 2))
     table = _synthetic_table(facts, size, bs * 8)
     # timed as most epochs train: gradual (or unfreeze_after) ends with the whole network training
