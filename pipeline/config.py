@@ -177,7 +177,11 @@ class TrainConfig(Section):
     _label_smoothing = auto_or("label_smoothing", expected="a number >= 0 and < 1")
     grad_clip: float | None = Field(None, gt=0)
     num_workers: int = Field(0, ge=0, le=1024)
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="auto: on CUDA bf16 where native else fp16, elsewhere fp32 or bf16 timed once per machine; "
+                            "fp16 (CUDA only) scales the loss with torch.amp.GradScaler (pipeline/device.py)")
+    deterministic: bool = Field(True, description="CUDA: deterministic cuDNN kernels and torch.use_deterministic_algorithms "
+                                                  "(warn_only); false: cudnn.benchmark picks the fastest. No effect on CPU")
     channels_last: bool = True
     accum_steps: int = Field(1, ge=1)
     mixup_alpha: float = Field(0.0, ge=0)
@@ -203,7 +207,7 @@ class TrainConfig(Section):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):  # as pipeline.device.DEVICE_RE (no torch import here)
             raise ValueError(f"got {v!r}; expected auto, cpu, cuda, cuda:N or mps")
         return v
 
@@ -352,8 +356,11 @@ class Config(Section):
 # Where the data is read from, which device and how many loader workers or fold processes compute
 # a run do not change what it computes (ids are checked against the folds file; loader workers are
 # seeded per batch; a fold's thread count is fixed by its place in the job list); nor where the
-# outputs go (``paths``, a whole section).
-RUNTIME_KEYS = ("data.dir", "data.cache", "train.device", "train.num_workers", "train.fold_jobs", "paths")
+# outputs go (``paths``, a whole section). ``train.deterministic`` changes nothing on CPU and on CUDA
+# only which kernels compute the same sums (last digits, as another device does), so it is a runtime
+# key like ``train.device``: flipping it to speed up the remaining folds does not retrain the others.
+RUNTIME_KEYS = ("data.dir", "data.cache", "train.device", "train.num_workers", "train.fold_jobs",
+                "train.deterministic", "paths")
 
 # Sections each stage's outputs depend on (stage staleness and snapshots).
 STAGE_SECTIONS = {

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from .config import Config
-from .device import resolve_device
+from .device import prepare_training_device
 from .errors import LockHeld, PipelineError
 from .fold import check_learnable, load_folds
 from .inference import features_tensor, to_tensor
@@ -137,6 +137,7 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     from .plan import check_plan_data, describe, executor_width, planned
 
     cfg = planned(cfg)
+    device = prepare_training_device(cfg.train)  # before the data is read (its cache) or a run folder is made
     table = table if table is not None else read_table(cfg, "train")
     check_plan_data(cfg, table)
     check_learnable(cfg, table)  # before any done.json of an earlier run is deleted
@@ -146,7 +147,6 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     bad = [k for k in wanted if not 0 <= k < n_folds]
     if bad:
         raise PipelineError(f"--folds: no fold {bad[0]}; {cfg.folds_path} has folds 0..{n_folds - 1}")
-    device = resolve_device(cfg.train.device)
     run = RunDir.of(cfg)
     run.path.mkdir(parents=True, exist_ok=True)
     for tmp in sweep_temps(run.path):

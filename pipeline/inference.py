@@ -4,23 +4,29 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .device import amp_plan, non_blocking
+
 
 def to_tensor(images: np.ndarray, device: torch.device, channels_last: bool = False) -> torch.Tensor:
     """Compact-dtype images (uint8/float16/float32, raw scale) -> float32 tensor on device."""
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device, non_blocking=non_blocking(device))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def features_tensor(features: np.ndarray | None, idx, device) -> torch.Tensor | None:
     if features is None:
         return None
-    return torch.from_numpy(np.asarray(features[idx], np.float32)).to(device)
+    return torch.from_numpy(np.asarray(features[idx], np.float32)).to(device, non_blocking=non_blocking(device))
 
 
 def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return torch.autocast(device.type, enabled=False)
+    """The forward pass's autocast (``pipeline.device.amp_plan``). A model trained in fp16 on a GPU is
+    predicted in fp32 on a device without fp16 (predicting needs no loss scaling); training there is
+    refused at the boundary (``pipeline.device.prepare_training_device``)."""
+    if precision == "fp16" and device.type != "cuda":
+        precision = "fp32"
+    dtype = amp_plan(device.type, precision).dtype
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else torch.autocast(device.type, enabled=False)
 
 
 @torch.no_grad()

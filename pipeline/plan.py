@@ -241,9 +241,10 @@ def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device) ->
     mode = "full" if cfg.model.finetune == "gradual" or cfg.model.unfreeze_after else cfg.model.finetune
     mcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 10}),
                                   "model": cfg.model.model_copy(update={"finetune": mode, "unfreeze_after": None})})
+    precision = _timed_precision(cfg, device)
     t0 = time.perf_counter()
     parts = build_components(cfg=mcfg, table=table, tr_idx=np.arange(len(table)), seed=0, device=device,
-                             channels_last=cfg.train.channels_last, with_augment=bool(cfg.augment))
+                             channels_last=cfg.train.channels_last, with_augment=bool(cfg.augment), precision=precision)
     build_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
 
@@ -252,8 +253,7 @@ def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device) ->
         src = BatchSource(images=table.images, batches=batches, augment=parts.augment, seeds=list(range(n)))
         t1 = time.perf_counter()
         train_one_epoch(parts, source=(src[b] for b in range(n)), n_batches=n, table=table, t=mcfg.train, device=device,
-                        precision="fp32" if cfg.train.precision == "auto" else cfg.train.precision,
-                        channels_last=cfg.train.channels_last, rng=rng)
+                        precision=precision, channels_last=cfg.train.channels_last, rng=rng)
         return time.perf_counter() - t1
 
     first = steps(1)  # warm-up: allocator, kernels
@@ -267,6 +267,16 @@ def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device) ->
     log.info(f"plan: measured {cfg.model.backbone} at {size} px on {torch.get_num_threads()} thread(s): "
              f"{train_img_s:.0f} img/s training, {val_img_s:.0f} img/s validation")
     return {"train_img_s": train_img_s, "val_img_s": val_img_s, "build_s": build_s, "epoch_s": epoch_s}
+
+
+def _timed_precision(cfg: Config, device) -> str:
+    """The precision a plan times: ``auto`` is fp32 on CPU (its measured choice comes after the plan)
+    and the GPU's choice on CUDA (pipeline/device.py), which needs no measurement."""
+    from .device import auto_precision, bf16_supported
+
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return auto_precision(device.type, bf16_supported(device)) or "fp32"
 
 
 def _job_overheads(cfg: Config, table, bs: int, device, train_img_s: float, val_img_s: float,
@@ -286,7 +296,7 @@ def _job_overheads(cfg: Config, table, bs: int, device, train_img_s: float, val_
         job = RunDir(path=tmp, seeds=[0], cfg=tcfg).job_dir(0, 0)
         t0 = time.perf_counter()
         FoldTrainer(cfg=tcfg, table=table, fold_of=fold_of, job=job, device=device, run_hash="plan",
-                    precision="fp32" if cfg.train.precision == "auto" else cfg.train.precision,
+                    precision=_timed_precision(cfg, device),
                     on_epoch=lambda *_: stamps.append(time.perf_counter())).run()
     images = bs / train_img_s + bs / val_img_s
     epoch = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
@@ -541,6 +551,9 @@ def planned(cfg: Config, *, create: bool = True, require: bool = True, speed: Sp
     run, h = RunDir.of(cfg), plan_hash(cfg)
     plan = run.read_plan(h)
     if plan is None and create:
+        from .device import prepare_training_device
+
+        prepare_training_device(cfg.train)  # the plan trains: fp16 off CUDA is one line before the data is read
         plan = _keep(cfg, run, h, data_facts(cfg), speed)  # the data is read first: bad data writes nothing
     if plan is None:
         if require:

@@ -1,4 +1,6 @@
-"""``train.precision: auto``: time a few steps in fp32 and bf16 once per machine, model and shape."""
+"""``train.precision: auto``: on CUDA the GPU's capability decides (bf16 where native, else fp16:
+``pipeline.device.auto_precision``); on CPU and mps a few steps in fp32 and bf16 are timed once per
+machine, model and shape."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .device import auto_precision, bf16_supported
 from .inference import autocast
 from .io import atomic_write_json, cache_dir
 
@@ -57,6 +60,10 @@ def resolve_precision(requested: str, model, x, feats, key: str) -> str:
     """The precision to train in; ``auto`` measures once and caches the choice per machine/model/shape."""
     if requested != "auto":
         return requested
+    decided = auto_precision(x.device.type, bf16_supported(x.device))
+    if decided is not None:
+        log.info(f"precision auto on {x.device}: {decided} (native bf16: {decided == 'bf16'})")
+        return decided
     path = cache_dir() / "precision.json"
     table = json.loads(path.read_text()) if path.is_file() else {}
     full_key = f"{_machine()}|{key}|{tuple(x.shape)}|{x.device.type}"

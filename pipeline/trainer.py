@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from .config import Config
+from .device import amp_plan, loader_kwargs, non_blocking
 from .errors import PipelineError
-from .inference import Rows, autocast, features_tensor, predict_logits, softmax
+from .inference import Rows, features_tensor, predict_logits, softmax
 from .io import atomic_path, atomic_write_csv, exclusive, sweep_temps
 from .metrics import logloss, score
 from .models import apply_finetune, build_model, finetune_stage, freeze_bn_stats, save_checkpoint
@@ -63,6 +64,7 @@ class Components:
     augment: object | None
     steps_per_epoch: int
     weights_source: str
+    scaler: torch.amp.GradScaler  # enabled for fp16 only; disabled, each of its calls passes through
 
     @property
     def eval_model(self) -> nn.Module:
@@ -83,7 +85,7 @@ def steps_per_epoch(n_rows: int, t) -> int:
 
 
 def build_components(*, cfg: Config, table: Table, tr_idx: np.ndarray, seed: int, device: torch.device,
-                     channels_last: bool, with_augment: bool) -> Components:
+                     channels_last: bool, with_augment: bool, precision: str = "fp32") -> Components:
     if cfg.train.epochs == "auto":  # a caller skipped the plan: a bug, not bad input
         raise ValueError("train.epochs is auto: resolve the config with pipeline.plan.planned(cfg) first")
     seed_everything(derive_seed("init", seed))
@@ -115,8 +117,9 @@ def build_components(*, cfg: Config, table: Table, tr_idx: np.ndarray, seed: int
     from .defaults import resolve_label_smoothing
 
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=resolve_label_smoothing(cfg, table.num_classes)).to(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_plan(device.type, precision).scaler)
     return Components(model=model, ema=ema, opt=opt, sched=sched, per_step=per_step, loss_fn=loss_fn,
-                      augment=augment, steps_per_epoch=n_steps, weights_source=weights_source)
+                      augment=augment, steps_per_epoch=n_steps, weights_source=weights_source, scaler=scaler)
 
 
 # ---- one epoch -----------------------------------------------------------------------------
@@ -142,26 +145,31 @@ def train_one_epoch(parts: Components, *, source, n_batches: int, table: Table, 
     """One pass over ``source`` ((idx, image batch or None) pairs); returns (mean loss, images per second)."""
     from tqdm.auto import tqdm
 
-    model, opt, accum = parts.model, parts.opt, t.accum_steps
+    model, opt, accum, scaler = parts.model, parts.opt, t.accum_steps, parts.scaler
+    amp, nb = amp_plan(device.type, precision), non_blocking(device)
+    if amp.scaler != scaler.is_enabled():  # the components were built for another precision: a bug
+        raise ValueError(f"precision {precision} on {device.type} but the GradScaler is {'on' if scaler.is_enabled() else 'off'}")
     total, seen, right, t0 = 0.0, 0, 0, time.perf_counter()
     bar = tqdm(source, total=n_batches, desc=desc, leave=False, disable=None, dynamic_ncols=True)
     opt.zero_grad(set_to_none=True)
     for i, (idx, x) in enumerate(bar):
-        y = torch.from_numpy(table.labels[idx]).to(device)
+        y = torch.from_numpy(table.labels[idx]).to(device, non_blocking=nb)
         f = features_tensor(table.features, idx, device)
         if x is not None:
-            x = x.to(device)
+            x = x.to(device, non_blocking=nb)
             x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
         x, y2, lam = mix_batch(x, y, t, rng) if x is not None else (x, y, 1.0)
-        with autocast(device, precision):
+        with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
             logits = model(x, f) if x is not None else model.forward_head(embeddings[idx], f)
             logits = logits.float()
             loss = mixed_loss(parts.loss_fn, logits, y, y2, lam)
-        (loss / accum).backward()
+        scaler.scale(loss / accum).backward()
         if (i + 1) % accum == 0 or i + 1 == n_batches:  # gradient accumulation
             if t.grad_clip:
+                scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
                 nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-            opt.step()
+            scaler.step(opt)  # skipped when fp16 gradients overflowed; the scale then backs off
+            scaler.update()
             opt.zero_grad(set_to_none=True)
             if parts.ema is not None:
                 parts.ema.update(model)
@@ -373,7 +381,7 @@ class FoldTrainer:
     def build(self) -> None:
         self.parts = build_components(cfg=self.cfg, table=self.table, tr_idx=self.tr_idx, seed=self.job.seed,
                                       device=self.device, channels_last=self.channels_last,
-                                      with_augment=self.embeddings is None)
+                                      with_augment=self.embeddings is None, precision=self.precision)
 
     # attribute access used by tests and tools
     @property
@@ -405,7 +413,7 @@ class FoldTrainer:
         if self.cfg.train.num_workers == 0:
             return (ds[b] for b in range(len(ds)))
         return iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.train.num_workers,
-                                                worker_init_fn=_worker_init, prefetch_factor=4,
+                                                worker_init_fn=_worker_init, prefetch_factor=4, **loader_kwargs(self.device),
                                                 # its own generator, so workers leave the global torch RNG alone
                                                 generator=torch.Generator().manual_seed(derive_seed("loader", epoch))))
 
@@ -455,6 +463,8 @@ class FoldTrainer:
             p.sched.load_state_dict(st["sched"])
             if p.ema is not None:
                 p.ema.load_state_dict(st["ema"])
+            if st.get("scaler"):  # fp16's loss scale; empty from a disabled scaler (and from older versions)
+                p.scaler.load_state_dict(st["scaler"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise PipelineError(f"{self.artifacts.last_path}: corrupt resume checkpoint ({type(e).__name__}); delete it to "
                                 f"restart {self.job.label} (finished folds are kept)") from None
@@ -466,7 +476,7 @@ class FoldTrainer:
     def _state(self, epoch: int, progress: Progress) -> dict:
         p = self.parts
         st = {"model": p.model.state_dict(), "opt": p.opt.state_dict(), "sched": p.sched.state_dict(),
-              "epoch": epoch, "best": progress.best, "bad_epochs": progress.bad_epochs}
+              "epoch": epoch, "best": progress.best, "bad_epochs": progress.bad_epochs, "scaler": p.scaler.state_dict()}
         if p.ema is not None:
             st["ema"] = p.ema.state_dict()
         return st
