@@ -57,7 +57,7 @@ EPS = 1e-15
 
 class GbmConfig(Section):
     """``method: gbm``: LightGBM settings; the defaults suit a few hundred to a few thousand rows
-    (small trees, many rows per leaf kept low so a 300-row fold can still split)."""
+    (small trees, and few rows per leaf so that a fold of 300 rows can still split)."""
 
     num_leaves: int = Field(7, ge=2, le=4096)
     min_data_in_leaf: int = Field(5, ge=1, le=1_000_000)
