@@ -7,16 +7,25 @@ The ensemble YAML (validated; errors are one line naming the key)::
     members:                           # run directories or experiment configs (2 or more)
       - runs/iceberg-demo/iceberg-demo
       - competitions/iceberg-demo-b.yaml
-    method: mean                       # mean | geometric | rank | weights | stack
+    method: mean                       # mean | geometric | rank | weights | stack | hillclimb | gbm
     clip: [0.001, 0.999]               # optional; default the base config's predict.clip
     name: iceberg-blend                # optional; default the file's stem
+    iterations: 50                     # hillclimb: most additions after the best single member
+    gbm: {num_leaves: 7, learning_rate: 0.05, rounds: 500}   # gbm: LightGBM settings (GbmConfig)
 
 Each member contributes its test predictions (``test_pred.csv``) and the OOF predictions made the
 same way (``predict.json`` names them: ``oof.csv`` or ``oof_tta.csv``), both read through one rule:
 calibrated as the member's evaluation kept (temperature and shrink, its ``calibration.json``), else raw.
-Members must agree on ids, targets and folds. ``weights`` and ``stack`` are fitted on OOF predictions
-with the folds themselves (for each fold: fit on the other folds, predict this one), so their printed
-OOF scores are honest; the test blend uses the fit on all OOF rows.
+Members must agree on ids, targets and folds. ``weights``, ``stack``, ``hillclimb`` and ``gbm`` are fitted
+on OOF predictions with the folds themselves (for each fold: fit on the other folds, predict this one), so
+their printed OOF scores are nested and honest; the test blend uses the fit on all OOF rows.
+
+- ``hillclimb``: greedy forward ensemble selection with replacement on the competition's metric
+  (Caruana et al. 2004, AutoGluon's weighted ensemble); prints the chosen members, their weights and,
+  beside the nested score, the optimistic in-sample one (selected and scored on all rows).
+- ``gbm``: LightGBM over the members' log-odds (log-probabilities for more classes) and the table's
+  scalar features (``pipeline/scalars.py``: the incidence angle and band statistics for Statoil, per
+  channel mean and std otherwise), each fold's model early-stopped on an inner split of its own rows.
 """
 from __future__ import annotations
 
@@ -25,16 +34,17 @@ import difflib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Annotated, Callable
 
 import numpy as np
 import pandas as pd
 from pydantic import Field, ValidationError, field_validator
 
-from .config import Config, _read_yaml, apply_overrides, load_config
+from .config import SEED_MAX, Config, _read_yaml, _registered, apply_overrides, load_config
 from .errors import PipelineError
 from .formats.options import Section
 from .io import atomic_write_json
+from .keys import known_keys
 from .metrics import GREATER_IS_BETTER, logloss, score
 from .predict import clip_probs, fmt_scores
 from .predictions import pcols, pred_frame, probs_of, read_classes, read_predictions, write_predictions
@@ -45,15 +55,34 @@ log = logging.getLogger(__name__)
 EPS = 1e-15
 
 
+class GbmConfig(Section):
+    """``method: gbm``: LightGBM settings; the defaults suit a few hundred to a few thousand rows
+    (small trees, and few rows per leaf so that a fold of 300 rows can still split)."""
+
+    num_leaves: int = Field(7, ge=2, le=4096)
+    min_data_in_leaf: int = Field(5, ge=1, le=1_000_000)
+    learning_rate: float = Field(0.05, gt=0, le=1)
+    rounds: int = Field(500, ge=1, le=100_000, description="most boosting rounds; early stopping usually stops sooner")
+    early_stopping: int = Field(50, ge=1, le=100_000, description="rounds without a better inner-split log-loss before stopping")
+    valid_share: float = Field(0.2, gt=0, lt=1, description="share of each fit's rows held out (stratified) to early-stop on")
+    lambda_l2: float = Field(1.0, ge=0)
+    feature_fraction: float = Field(1.0, gt=0, le=1)
+    scalars: bool = Field(True, description="add the table's scalar features (pipeline/scalars.py); false: the members' predictions only")
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+
+
 class EnsembleConfig(Section):  # the config's rules: unknown keys, non-finite numbers, booleans as numbers fail
 
     competition: str
     config: str
     members: list[str] = Field(min_length=2)
-    method: Literal["mean", "geometric", "rank", "weights", "stack"] = "mean"
+    # checked against the live registry (a name is written once, in BLENDERS)
+    method: Annotated[str, _registered("blender", lambda: BLENDERS)] = "mean"
     clip: tuple[float, float] | None = None
     name: str | None = None
     stack_c: float = Field(1.0, gt=0, description="inverse regularisation strength of the stacking logistic regression")
+    iterations: int = Field(50, ge=1, le=100_000, description="hillclimb: most additions after the best single member")
+    gbm: GbmConfig = Field(default_factory=GbmConfig)
 
     @field_validator("competition", "name")
     @classmethod
@@ -74,14 +103,15 @@ def _format_error(path: Path, err: ValidationError) -> str:
     e = err.errors()[0]
     loc = ".".join(str(p) for p in e["loc"])
     if e["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(loc, list(EnsembleConfig.model_fields), n=3)
-        return f"{path}: unknown key '{loc}'" + (f"; did you mean {', '.join(close)}?" if close else
-                                                f"; expected {', '.join(EnsembleConfig.model_fields)}")
+        section = loc.rpartition(".")[0]
+        keys = [k for k in known_keys(EnsembleConfig) if k.rpartition(".")[0] == section]  # the keys beside it
+        close = difflib.get_close_matches(loc, keys, n=3)
+        return f"{path}: unknown key '{loc}'" + (f"; did you mean {', '.join(close)}?" if close else f"; expected {', '.join(keys)}")
     if e["type"] == "missing":
         return f"{path}: missing required key '{loc}'"
-    got = e.get("input")
-    got_s = "" if isinstance(got, (dict, list)) or "got" in e["msg"] else f" (got {got!r})"
-    return f"{path}: {loc}: {e['msg'].removeprefix('Value error, ')}{got_s}"
+    got, msg = e.get("input"), e["msg"].removeprefix("Value error, ")
+    got_s = "" if isinstance(got, (dict, list)) or "got" in msg or repr(got) in msg else f" (got {got!r})"
+    return f"{path}: {loc}: {msg}{got_s}"
 
 
 def _resolve(p: str, base: Path) -> Path | None:
@@ -292,8 +322,128 @@ def blend_stack(oof, test, y, folds, stack_c: float = 1.0, **_):
     return out, _lr_proba(x, y, xt, k, stack_c), None
 
 
+def hillclimb_weights(p: np.ndarray, y: np.ndarray, metric: str = "logloss", iterations: int = 50) -> np.ndarray:
+    """Ensemble selection (Caruana et al. 2004, as AutoGluon's weighted ensemble): start from the best
+    single member, then ``iterations`` times add (with replacement) the member whose addition makes the
+    running average score best on ``metric``, worse or not; the weights are the pick counts of the best
+    prefix of that path, normalised. Ties go to the lower member index and to the shorter prefix, so the
+    same inputs always give the same weights."""
+    m = p.shape[0]
+    sign = 1.0 if GREATER_IS_BETTER[metric] else -1.0
+
+    def value(q):  # larger is better; a NaN score (AUC of rows without one class) counts as the worst
+        v = score(metric, y, q)
+        return -np.inf if np.isnan(v) else sign * v
+
+    first = int(np.argmax([value(p[j]) for j in range(m)]))
+    counts = np.zeros(m, np.int64)
+    counts[first] = 1
+    total = p[first].astype(np.float64)
+    best_value, best_counts = value(total), counts.copy()
+    for n in range(2, iterations + 2):  # n members in the average after this addition
+        cand = [value((total + p[j]) / n) for j in range(m)]
+        j = int(np.argmax(cand))
+        counts[j] += 1
+        total += p[j]
+        if cand[j] > best_value:
+            best_value, best_counts = cand[j], counts.copy()
+    return best_counts / best_counts.sum()
+
+
+def blend_hillclimb(oof, test, y, folds, metric: str = "logloss", iterations: int = 50, details: dict | None = None, **_):
+    """Ensemble selection fitted fold by fold (nested OOF); ``details`` (if given) gets each fold's weights
+    and the in-sample score of the selection on all rows."""
+    out = np.empty(oof.shape[1:])
+    per_fold = {}
+    for k in np.unique(folds):  # fold k's rows are blended by weights selected on the other folds only
+        tr, va = folds != k, folds == k
+        w = hillclimb_weights(oof[:, tr], y[tr], metric, iterations)
+        out[va] = np.tensordot(w, oof[:, va], 1)
+        per_fold[int(k)] = w.tolist()
+    w = hillclimb_weights(oof, y, metric, iterations)
+    if details is not None:
+        details.update(iterations=iterations, fold_weights=per_fold,
+                       in_sample_score=score(metric, y, np.tensordot(w, oof, 1)))
+    return out, np.tensordot(w, test, 1), w.tolist()
+
+
+# ---- gbm: LightGBM over the members' predictions and the table's scalar features --------------
+
+def gbm_feature_names(m: int, k: int, member_names: list[str] | None = None, scalar_names: list[str] | None = None) -> list[str]:
+    """Column names of ``stack_features`` for ``m`` members of ``k`` classes, then the scalar features."""
+    names = member_names or [f"m{i}" for i in range(m)]
+    cols = [f"{n}:logodds" for n in names] if k == 2 else [f"{n}:logp_{c}" for n in names for c in range(k)]
+    return cols + list(scalar_names or [])
+
+
+def _gbm_params(k: int, s: GbmConfig) -> dict:
+    p = {"objective": "binary" if k == 2 else "multiclass", "num_leaves": s.num_leaves, "min_data_in_leaf": s.min_data_in_leaf,
+         "learning_rate": s.learning_rate, "lambda_l2": s.lambda_l2, "feature_fraction": s.feature_fraction, "seed": s.seed,
+         # same inputs, same trees: one thread and LightGBM's deterministic mode
+         "deterministic": True, "force_row_wise": True, "num_threads": 1, "verbose": -1}
+    return p if k == 2 else {**p, "num_class": k}
+
+
+def _inner_split(y: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
+
+    try:
+        return next(StratifiedShuffleSplit(1, test_size=share, random_state=seed).split(y, y))
+    except ValueError:  # a class too small to stratify: a plain shuffle split
+        return next(ShuffleSplit(1, test_size=share, random_state=seed).split(y))
+
+
+def gbm_fit(x: np.ndarray, y: np.ndarray, k: int, s: GbmConfig, rounds: int | None = None):
+    """One LightGBM model on rows ``x``: ``rounds`` boosting rounds, or (None) early-stopped on a stratified
+    ``s.valid_share`` of these rows. Returns (booster, rounds it predicts with)."""
+    import lightgbm as lgb
+
+    params = _gbm_params(k, s)
+    if rounds is not None:
+        return lgb.train(params, lgb.Dataset(x, y), num_boost_round=rounds), rounds
+    fit, stop = _inner_split(y, s.valid_share, s.seed)
+    train = lgb.Dataset(x[fit], y[fit])
+    booster = lgb.train(params, train, num_boost_round=s.rounds, valid_sets=[lgb.Dataset(x[stop], y[stop], reference=train)],
+                        callbacks=[lgb.early_stopping(s.early_stopping, verbose=False)])
+    return booster, int(booster.best_iteration or s.rounds)
+
+
+def gbm_predict(booster, x: np.ndarray, rounds: int, k: int) -> np.ndarray:
+    p = booster.predict(x, num_iteration=rounds)
+    p = np.stack([1 - p, p], 1) if k == 2 else p
+    return _normalise(np.clip(p, EPS, 1))
+
+
+def blend_gbm(oof, test, y, folds, gbm: GbmConfig | dict | None = None, scalars: tuple[np.ndarray, np.ndarray] | None = None,
+              scalar_names: list[str] | None = None, member_names: list[str] | None = None, details: dict | None = None, **_):
+    """LightGBM on ``stack_features`` plus ``scalars`` (train rows, test rows), fitted fold by fold: fold k
+    is predicted by a model that never saw its rows; the test model is fitted on all rows for the median of
+    the folds' early-stopped rounds. ``gbm``: GbmConfig or a dict of its keys."""
+    s = gbm if isinstance(gbm, GbmConfig) else GbmConfig(**(gbm or {}))
+    k = oof.shape[2]
+    x, xt = stack_features(oof), stack_features(test)
+    if scalars is not None:
+        x, xt = np.concatenate([x, scalars[0]], 1), np.concatenate([xt, scalars[1]], 1)
+    out = np.empty((len(y), k))
+    best = {}
+    for f in np.unique(folds):
+        tr, va = folds != f, folds == f
+        booster, best[int(f)] = gbm_fit(x[tr], y[tr], k, s)
+        out[va] = gbm_predict(booster, x[va], best[int(f)], k)
+    rounds = max(1, int(round(float(np.median(list(best.values()))))))
+    booster, _ = gbm_fit(x, y, k, s, rounds=rounds)
+    if details is not None:
+        names = gbm_feature_names(oof.shape[0], k, member_names, scalar_names if scalars is not None else None)
+        gain = booster.feature_importance("gain")
+        details.update(best_iterations=best, test_rounds=rounds, feature_names=names, settings=s.model_dump(),
+                       importance_gain={n: round(float(g), 4) for n, g in zip(names, gain)})
+    return out, gbm_predict(booster, xt, rounds, k), None
+
+
 BLENDERS: dict[str, Callable] = {"mean": blend_mean, "geometric": blend_geometric, "rank": blend_rank,
-                                 "weights": blend_weights, "stack": blend_stack}
+                                 "weights": blend_weights, "stack": blend_stack, "hillclimb": blend_hillclimb,
+                                 "gbm": blend_gbm}
+NESTED = ("weights", "stack", "hillclimb", "gbm")  # fitted on the other folds' OOF rows: their OOF score is nested
 
 
 def build_blender(method: str) -> Callable:
@@ -304,8 +454,45 @@ def build_blender(method: str) -> Callable:
 
 # ---- the stage -----------------------------------------------------------------------------
 
+def blend_inputs(ens: EnsembleConfig, cfg: Config, members: list[Member]) -> dict:
+    """The keyword arguments every blender gets (each takes what it uses); for ``gbm`` the table's scalar
+    features, in the members' row order (read here, so bad data fails before anything is written)."""
+    kw = {"stack_c": ens.stack_c, "metric": cfg.metric, "iterations": ens.iterations, "gbm": ens.gbm,
+          "member_names": [m.name for m in members]}
+    if ens.method == "gbm" and ens.gbm.scalars:
+        from .scalars import scalars_for
+
+        train, names = scalars_for(cfg, "train", members[0].oof["id"])
+        test, _ = scalars_for(cfg, "test", members[0].test["id"])
+        kw.update(scalars=(train, test), scalar_names=names)
+    return kw
+
+
+def _report_blend(ens: EnsembleConfig, metric: str, names: list[str], weights, details: dict, s: float, ll: float,
+                  best_name: str, best: float) -> None:
+    """The blend's lines: its (nested) OOF score beside the best member's, what it chose, and a warning
+    when it does not beat that member."""
+    nested = ens.method in NESTED
+    how = " (fitted on the other folds: nested)" if nested else ""
+    log.info(f"blend  {ens.name} ({ens.method}){how}: OOF {fmt_scores(metric, s, ll)}; best member {best_name}: {metric} {best:.4f}")
+    if "in_sample_score" in details:
+        log.info(f"in-sample {metric} {details['in_sample_score']:.4f} (selected and scored on all rows: optimistic), "
+                 f"nested {s:.4f}")
+    if ens.method == "hillclimb":
+        log.info("chosen: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights) if w > 0))
+    elif weights is not None:
+        log.info("weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights)))
+    if "best_iterations" in details:
+        log.info(f"gbm: best rounds per fold {list(details['best_iterations'].values())}, test model {details['test_rounds']} "
+                 f"rounds on {len(details['feature_names'])} features ({', '.join(details['feature_names'])})")
+    if not (s > best if GREATER_IS_BETTER[metric] else s < best):
+        log.info(f"warning: the blend's OOF {metric} {s:.4f}{' (nested)' if nested else ''} is not better than the best "
+                 f"member's ({best_name}: {best:.4f})")
+
+
 def run_ensemble(path: str | Path, overrides: list[str] | None = None) -> Path:
     """Blend the members, print member and blend OOF scores, write runs/<comp>/<name>/ and a submission."""
+    from .defaults import resolve_clip
     from .submission import remove_submission, write_submission
 
     path = Path(path)
@@ -335,27 +522,21 @@ def run_ensemble(path: str | Path, overrides: list[str] | None = None) -> Path:
     for m, p in zip(members, oof):
         member_scores[m.name] = {"value": score(metric, y, p), "ll": logloss(y, p)}
         log.info(f"member {m.name:<24} OOF {fmt_scores(metric, **member_scores[m.name])}")
-    blend_oof, blend_test, weights = build_blender(ens.method)(oof, test, y, folds, stack_c=ens.stack_c)
-    from .defaults import resolve_clip
-
+    details: dict = {}
+    blend_oof, blend_test, weights = build_blender(ens.method)(oof, test, y, folds, details=details, **blend_inputs(ens, cfg, members))
     clip = ens.clip if ens.clip is not None else resolve_clip(cfg)
     s, ll = score(metric, y, blend_oof), logloss(y, blend_oof)
-    how = " (weights/stacker fitted on the other folds)" if ens.method in ("weights", "stack") else ""
-    log.info(f"blend  {ens.name} ({ens.method}){how}: OOF {fmt_scores(metric, s, ll)}")
-    if weights is not None:
-        log.info("weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights)))
+    best_name = (max if better else min)(member_scores, key=lambda n: member_scores[n]["value"])
+    _report_blend(ens, metric, names, weights, details, s, ll, best_name, member_scores[best_name]["value"])
     ll_clip = None
     if clip is not None:
         ll_clip = logloss(y, clip_probs(blend_oof, clip))
         log.info(f"clipping to {list(clip)}: OOF logloss {ll:.4f} without, {ll_clip:.4f} with")
-    best_name = (max if better else min)(member_scores, key=lambda n: member_scores[n]["value"])
-    best = member_scores[best_name]["value"]
-    if not (s > best if better else s < best):
-        log.info(f"warning: the blend's OOF {metric} {s:.4f} is not better than the best member's ({best_name}: {best:.4f})")
 
     hashes = {m.name: {"train": m.run.snapshot_hash("train"), "predict": m.run.snapshot_hash("predict")} for m in members}
     info = {"experiments": names, "weights": weights, "method": ens.method, "metric": metric, "oof_score": s,
-            "oof_logloss": ll, "oof_logloss_clipped": ll_clip, "clip": list(clip) if clip else None,
+            "oof_nested": ens.method in NESTED, "oof_logloss": ll, "oof_logloss_clipped": ll_clip, "clip": list(clip) if clip else None,
+            "best_member": {"name": best_name, "oof_score": member_scores[best_name]["value"]}, "details": details,
             "member_scores": {n: {"oof_score": v["value"], "oof_logloss": v["ll"]} for n, v in member_scores.items()},
             "members": [str(m.run_dir) for m in members], "config_hashes": hashes,
             "ensemble_file": str(path)}
