@@ -196,6 +196,23 @@ class TrainConfig(Section):
     max_steps_per_epoch: int | None = Field(None, ge=1)
     fold_jobs: int = Field(1, ge=1, le=1024, description="CPU: folds trained at once, each in its own process with "
                                                 "cores/fold_jobs threads (pipeline/fold_jobs.py)")
+    # Where the fold x seed jobs run (runtime keys, out of the run hash). auto is the rule from before
+    # the key existed: processes when fold_jobs > 1, else local.
+    executor: Literal["auto", "local", "processes", "ray"] = Field(
+        "auto", description="local: one job after another in this process; processes: train.fold_jobs spawned processes "
+                            "on CPU; ray: jobs and refits as Ray tasks (pip install -e .[ray]); auto: processes when "
+                            "train.fold_jobs > 1, else local")
+    ray_address: str = Field("auto", min_length=1, description="auto: $RAY_ADDRESS or the cluster `ray start` runs on this "
+                                                               "machine, else a Ray started for this run; or host:port")
+    ray_num_cpus: int = Field(1, ge=1, le=1024, description="CPUs a Ray job requests, and its torch thread count")
+    ray_num_gpus: float = Field(0, ge=0, le=64, description="GPUs a Ray job requests (0.5: two jobs share one)")
+    ray_max_retries: int = Field(3, ge=0, le=100, description="reruns of a Ray job whose worker or node died; it resumes from last.pt")
+
+    @model_validator(mode="after")
+    def _processes_need_width(self):
+        if self.executor == "processes" and self.fold_jobs < 2:  # else "processes" would quietly train in this one
+            raise ValueError("executor is processes but fold_jobs is 1; set train.fold_jobs=2 or more, or train.executor=local")
+        return self
 
     @field_validator("seeds")
     @classmethod
@@ -355,12 +372,14 @@ class Config(Section):
 
 # Where the data is read from, which device and how many loader workers or fold processes compute
 # a run do not change what it computes (ids are checked against the folds file; loader workers are
-# seeded per batch; a fold's thread count is fixed by its place in the job list); nor where the
-# outputs go (``paths``, a whole section). ``train.deterministic`` changes nothing on CPU and on CUDA
-# only which kernels compute the same sums (last digits, as another device does), so it is a runtime
-# key like ``train.device``: flipping it to speed up the remaining folds does not retrain the others.
+# seeded per batch; a fold's thread count is fixed by its place in the job list); nor which executor
+# runs the jobs and on which cluster; nor where the outputs go (``paths``, a whole section).
+# ``train.deterministic`` changes nothing on CPU and on CUDA only which kernels compute the same sums
+# (last digits, as another device does), so it is a runtime key like ``train.device``: flipping it to
+# speed up the remaining folds does not retrain the others.
 RUNTIME_KEYS = ("data.dir", "data.cache", "train.device", "train.num_workers", "train.fold_jobs",
-                "train.deterministic", "paths")
+                "train.deterministic", "train.executor", "train.ray_address", "train.ray_num_cpus",
+                "train.ray_num_gpus", "train.ray_max_retries", "paths")
 
 # Sections each stage's outputs depend on (stage staleness and snapshots).
 STAGE_SECTIONS = {

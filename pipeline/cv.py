@@ -1,14 +1,16 @@
 """Training stage, the CV driver: one job per fold and seed over an executor, out-of-fold predictions, refit.
 
 One job is trained by ``pipeline.trainer.FoldTrainer``; this module decides which jobs are left,
-shares the time budget among them, runs them through an executor (``sequential`` in this process,
-or ``processes``: ``train.fold_jobs`` spawned workers, see ``pipeline.fold_jobs``), collects the OOF
+shares the time budget among them, runs them through an executor (``train.executor``: ``local``,
+one after another in this process; ``processes``, ``train.fold_jobs`` spawned workers, see
+``pipeline.fold_jobs``; ``ray``, Ray tasks on a cluster, refits included), collects the OOF
 predictions (``oof.csv``: every training row exactly once) and trains the refit models. Where each
 file goes is ``pipeline.runs``' business; what a prediction file holds, ``pipeline.predictions``'.
 """
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Callable, Iterator
 
@@ -103,6 +105,120 @@ class ProcessExecutor:
             yield job, job_outcome(job, result)
 
 
+RAY_MISSING = "train.executor: ray needs the ray package, which is not installed; pip install -e .[ray] (or pip install 'ray>=2.9,<3')"
+
+
+def import_ray():
+    """``ray``, imported here only (an optional extra); missing, one line naming the key and the install."""
+    try:
+        import ray
+    except ImportError:
+        raise PipelineError(RAY_MISSING) from None
+    return ray
+
+
+class RayExecutor:
+    """``train.executor: ray``: every job a Ray task asking for ``train.ray_num_cpus`` CPUs (its torch
+    threads) and ``train.ray_num_gpus`` GPUs, on whichever node has them free; results are collected as
+    they finish (``ray.wait``). A task whose worker or node dies is rerun by Ray up to
+    ``train.ray_max_retries`` times and resumes from the job's last.pt; the job's lock keeps a second
+    copy out. The task runs ``pipeline.fold_jobs.run_ray_job`` in the driver's working directory, so
+    every node sees the same data, folds and runs folders at the same paths (a shared mount)."""
+
+    def __init__(self, *, cfg: Config, run_hash: str, precision: str, t_start: float, n_jobs: int, n_refit: int):
+        self.cfg, self.run_hash, self.precision, self.t_start = cfg, run_hash, precision, t_start
+        self.n_jobs, self.n_refit = n_jobs, n_refit
+        self.ray, self.started, self.budget = None, False, None
+
+    def _connect(self):
+        if self.ray is not None:
+            return self.ray
+        ray, t = import_ray(), self.cfg.train
+        if not ray.is_initialized():
+            address = None if t.ray_address == "auto" else t.ray_address  # None: join a running cluster, else start one
+            try:
+                ray.init(address=address, logging_level=logging.WARNING)
+            except (ConnectionError, ValueError, RuntimeError) as e:
+                raise PipelineError(f"train.ray_address: no Ray cluster at {t.ray_address} ({str(e).splitlines()[0][:200]}); "
+                                    "start one with `ray start --head`, or set train.ray_address=auto") from None
+            self.started = True
+        res = ray.cluster_resources()
+        slots = res.get("CPU", 1) // t.ray_num_cpus
+        if t.ray_num_gpus:
+            slots = min(slots, res.get("GPU", 0) // t.ray_num_gpus)
+        slots = max(int(slots), 1)
+        if t.time_budget_s:  # a job's share is a wave's, as with processes (pipeline/fold_jobs.py)
+            n_waves = -(-self.n_jobs // slots) + -(-self.n_refit // slots)
+            self.budget = (self.t_start, t.time_budget_s, t.time_budget_s / max(n_waves, 1))
+        log.info(f"ray: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU {res.get('GPU', 0):g} GPU: "
+                 f"{slots} job(s) at once of {t.ray_num_cpus} CPU {t.ray_num_gpus:g} GPU")
+        self.ray = ray
+        return ray
+
+    def run(self, jobs: list[JobDir], cfgs: list[Config] | None = None) -> Iterator[tuple[JobDir, dict | None]]:
+        """``cfgs``: each job's own config (a refit's epochs), else the run's."""
+        from .fold_jobs import run_ray_job
+
+        if not jobs:
+            return
+        ray, t = self._connect(), self.cfg.train
+        task = ray.remote(num_cpus=t.ray_num_cpus, num_gpus=t.ray_num_gpus, max_retries=t.ray_max_retries)(run_ray_job)
+        cwd = os.getcwd()
+        refs = {task.remote(cwd, c, job, self.run_hash, self.precision, t.ray_num_cpus, self.budget): job
+                for job, c in zip(jobs, cfgs or [self.cfg] * len(jobs))}
+        pending = list(refs)
+        try:
+            while pending:
+                (ref,), pending = ray.wait(pending, num_returns=1)
+                yield refs[ref], job_outcome(refs[ref], lambda: self._result(ref))
+        finally:  # stopped early (an error, Ctrl-C): the jobs still queued or running are ended; each resumes
+            for ref in pending:
+                ray.cancel(ref)
+
+    def _result(self, ref) -> dict:
+        ray = self.ray
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:  # the job raised: its own error, not Ray's wrapper
+            if isinstance(e.cause, PipelineError):
+                raise e.cause from None
+            raise
+        except ray.exceptions.RayError as e:  # retries spent (a node kept dying, out of memory)
+            raise PipelineError(f"ray: {_one_line(e)}; rerun the same command to resume from the jobs' last.pt") from None
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+            self.started = False
+
+
+def _one_line(e: Exception) -> str:
+    """A Ray error as one short line."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+def _executor(cfg: Config, *, todo: list[JobDir], table: Table, fold_of: np.ndarray, device: torch.device, run_hash: str,
+              precision: str, t_start: float, n_refit: int, on_epoch, hooks: bool):
+    """The executor ``train.executor`` asks for, where it can run: per-epoch hooks (tuning) and cached
+    embeddings need this process."""
+    from .plan import executor_width
+
+    if cfg.train.executor == "ray":
+        if not hooks and not caches_embeddings(cfg):
+            return RayExecutor(cfg=cfg, run_hash=run_hash, precision=precision, t_start=t_start, n_jobs=len(todo), n_refit=n_refit)
+        log.info("train.executor ray: " + ("per-epoch hooks run" if hooks else "cached backbone features are shared")
+                 + " in this process; training here")
+    n_par = executor_width(cfg, len(todo), device.type, hooks=hooks)
+    if n_par > 1:
+        return ProcessExecutor(cfg=cfg, width=n_par, run_hash=run_hash, precision=precision, t_start=t_start,
+                               # waves of n_par jobs side by side, then each refit alone
+                               n_waves=-(-len(todo) // n_par) + n_refit)
+    return SequentialExecutor(cfg=cfg, table=table, fold_of=fold_of, device=device, run_hash=run_hash,
+                              precision=precision, on_epoch=on_epoch,
+                              deadline=lambda jobs_left: _deadline(cfg, t_start, jobs_left + n_refit))
+
+
 def _needs_training(job: JobDir, run_hash: str) -> bool:
     """False for a job finished under this run hash; a job finished under another one starts over."""
     done = job.read_done()
@@ -134,8 +250,11 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     finished fold (done.json contents); either may raise to stop training (e.g. optuna.TrialPruned).
     """
     from .formats import read_table
-    from .plan import check_plan_data, describe, executor_width, planned
+    from .plan import check_plan_data, describe, planned
 
+    hooks = on_epoch is not None or on_fold is not None
+    if cfg.train.executor == "ray" and not hooks:
+        import_ray()  # before the plan or anything else is written
     cfg = planned(cfg)
     device = prepare_training_device(cfg.train)  # before the data is read (its cache) or a run folder is made
     table = table if table is not None else read_table(cfg, "train")
@@ -161,23 +280,25 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     if cfg.plan is not None:
         log.info(describe(cfg, cfg.plan) + f" ({run.plan_json})")
     todo = [job for job in run.jobs(wanted) if _needs_training(job, run_hash)]
-    n_par = executor_width(cfg, len(todo), device.type, hooks=on_epoch is not None or on_fold is not None)
-    if n_par > 1:
-        executor = ProcessExecutor(cfg=cfg, width=n_par, run_hash=run_hash, precision=precision, t_start=t_start,
-                                   # waves of n_par jobs side by side, then each refit alone
-                                   n_waves=-(-len(todo) // n_par) + n_refit)
-    else:
-        executor = SequentialExecutor(cfg=cfg, table=table, fold_of=fold_of, device=device, run_hash=run_hash,
-                                      precision=precision, on_epoch=on_epoch,
-                                      deadline=lambda jobs_left: _deadline(cfg, t_start, jobs_left + n_refit))
-    for job, res in executor.run(todo):
-        if res is not None and on_fold is not None:
-            on_fold(job, res)
-    oof = collect_oof(cfg, table, fold_of, run_hash)
-    if oof is not None and cfg.train.refit:
-        for i, seed in enumerate(seeds):
-            refit(cfg, table, fold_of, seed=seed, device=device, run_hash=run_hash, precision=precision,
-                  deadline=_deadline(cfg, t_start, len(seeds) - i))
+    executor = _executor(cfg, todo=todo, table=table, fold_of=fold_of, device=device, run_hash=run_hash, precision=precision,
+                         t_start=t_start, n_refit=n_refit, on_epoch=on_epoch, hooks=hooks)
+    try:
+        for job, res in executor.run(todo):
+            if res is not None and on_fold is not None:
+                on_fold(job, res)
+        oof = collect_oof(cfg, table, fold_of, run_hash)
+        if oof is not None and cfg.train.refit and isinstance(executor, RayExecutor):
+            refits = [r for seed in seeds if (r := _refit_job(cfg, fold_of, seed, run_hash)) is not None]
+            for job, res in executor.run([job for _, job in refits], cfgs=[c for c, _ in refits]):
+                if res is None:
+                    raise LockHeld(f"{job.label}: held by another process; rerun `pipeline train {cfg.path}` when it ends")
+        elif oof is not None and cfg.train.refit:  # local and processes: in this process, with all its threads
+            for i, seed in enumerate(seeds):
+                refit(cfg, table, fold_of, seed=seed, device=device, run_hash=run_hash, precision=precision,
+                      deadline=_deadline(cfg, t_start, len(seeds) - i))
+    finally:
+        if isinstance(executor, RayExecutor):
+            executor.close()
     _log_spent(cfg, time.time() - t_start, trained=bool(todo))
     return oof
 
@@ -198,6 +319,17 @@ def _log_spent(cfg: Config, spent: float, trained: bool) -> None:
 def refit(cfg: Config, table: Table, fold_of: np.ndarray, *, seed: int, device, run_hash: str, precision: str,
           deadline: float | None = None) -> dict:
     """Train on every row for the epoch count CV chose (median best epoch); saved in ``RunDir.refit_dir``."""
+    todo = _refit_job(cfg, fold_of, seed, run_hash)
+    if todo is None:
+        return RunDir.of(cfg).refit_dir(seed).read_done()
+    rcfg, job = todo
+    return FoldTrainer(cfg=rcfg, table=table, fold_of=np.full(len(table), 0), job=job, device=device,
+                       run_hash=run_hash, precision=precision, deadline=deadline).run()
+
+
+def _refit_job(cfg: Config, fold_of: np.ndarray, seed: int, run_hash: str) -> tuple[Config, JobDir] | None:
+    """The refit job of ``seed`` and its config (the median best epoch of the folds, no early stop);
+    None when it is done under ``run_hash``."""
     run = RunDir.of(cfg)
     n_folds = int(fold_of.max()) + 1
     best = [run.job_dir(k, seed).read_done()["best_epoch"] for k in range(n_folds)]
@@ -206,11 +338,9 @@ def refit(cfg: Config, table: Table, fold_of: np.ndarray, *, seed: int, device, 
     done = job.read_done()
     if done is not None and done.get("hash") == run_hash:
         log.info(f"{job.label}: done, skipping")
-        return done
-    log.info(f"refit on all {len(table)} rows for {epochs} epochs (median best epoch of the folds: {best})")
-    rcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "patience": 0})})
-    return FoldTrainer(cfg=rcfg, table=table, fold_of=np.full(len(table), 0), job=job, device=device,
-                       run_hash=run_hash, precision=precision, deadline=deadline).run()
+        return None
+    log.info(f"refit on all {len(fold_of)} rows for {epochs} epochs (median best epoch of the folds: {best})")
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "patience": 0})}), job
 
 
 def _run_precision(cfg: Config, table: Table, device, run: RunDir) -> str:

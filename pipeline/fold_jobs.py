@@ -10,6 +10,9 @@ thread count is a function of its place in the job list, never of timing: jobs i
 N get ``cores // N`` threads; the r jobs of a last partial wave get ``cores // r``. The same
 config gives the same predictions on the same machine. Each worker process reads the training
 table once (memory-mapped formats share their pages).
+
+``run_ray_job`` is the same worker as a Ray task (``train.executor: ray``, ``pipeline.cv.RayExecutor``):
+a Ray worker process may run many jobs, so it keeps the table of the last data it read.
 """
 from __future__ import annotations
 
@@ -36,22 +39,57 @@ def _start_worker(cfg) -> None:
     _STATE.update(cfg=cfg, table=table, fold_of=load_folds(cfg, table))
 
 
-def _run_job(job, run_hash: str, precision: str, threads: int, budget: tuple | None) -> dict:
-    """One fold in a worker; returns done.json's contents (a held fold's LockHeld reaches the parent)."""
+def _run_job(job, run_hash: str, precision: str, threads: int, budget: tuple | None, cfg=None, on_epoch=None) -> dict:
+    """One fold (or, with its own ``cfg``, a refit) in a worker; returns done.json's contents (a held
+    fold's LockHeld reaches the parent)."""
     import torch
 
     from .device import resolve_device
     from .trainer import FoldTrainer
 
     torch.set_num_threads(threads)
-    cfg, table, fold_of = _STATE["cfg"], _STATE["table"], _STATE["fold_of"]
+    cfg, table, fold_of = cfg or _STATE["cfg"], _STATE["table"], _STATE["fold_of"]
     deadline = None
     if budget is not None:  # this job's share: the budget over the jobs, times the jobs run at once
         t_start, total_s, share_s = budget
         deadline = min(time.time() + share_s, t_start + total_s)
+    # a refit job (fold -1) trains on every row whatever the folds say: fold_of != -1 everywhere
     return FoldTrainer(cfg=cfg, table=table, fold_of=fold_of, job=job,
                        device=resolve_device(cfg.train.device), run_hash=run_hash, precision=precision,
-                       deadline=deadline).run()
+                       deadline=deadline, on_epoch=on_epoch).run()
+
+
+def run_ray_job(cwd: str, cfg, job, run_hash: str, precision: str, threads: int, budget: tuple | None) -> dict:
+    """One job as a Ray task, in the driver's working directory ``cwd``: relative paths (data, folds,
+    runs) mean there what they mean to the driver, so every node needs that folder at that path."""
+    import os
+
+    os.chdir(cwd)  # a Ray worker runs one task at a time
+    key = (cwd, cfg.data.model_dump_json(), cfg.folds.model_dump_json(), cfg.paths.model_dump_json())
+    if _STATE.get("key") != key:
+        _start_worker(cfg)
+        _STATE["key"] = key
+    return _run_job(job, run_hash, precision, threads, budget, cfg=cfg, on_epoch=_test_barrier())
+
+
+def _test_barrier():
+    """For tests/test_ray.py only: with ``PIPELINE_TEST_BARRIER=<dir>`` in a node's environment, a job
+    touches ``<dir>/<job folder>.epoch<e>[.<hold>]`` once epoch e's resume state is saved, and with
+    ``PIPELINE_TEST_HOLD=<name>`` as well it then waits after epoch 1 (up to 10 minutes) for the test to
+    kill the node: a barrier made of a file, not of a sleep in the test."""
+    import os
+    from pathlib import Path
+
+    where, hold = os.environ.get("PIPELINE_TEST_BARRIER"), os.environ.get("PIPELINE_TEST_HOLD")
+    if not where:
+        return None
+
+    def touch(job, epoch: int, row: dict) -> None:
+        Path(where, f"{job.name}.epoch{epoch}" + (f".{hold}" if hold else "")).touch()
+        if hold and epoch == 1:
+            time.sleep(600)
+
+    return touch
 
 
 def run_parallel(cfg, jobs: list, *, n_par: int, run_hash: str, precision: str, t_start: float,

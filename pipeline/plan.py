@@ -314,9 +314,13 @@ def thread_plan(n_jobs: int, n_par: int, cores: int) -> list[int]:
 
 
 def executor_width(cfg: Config, n_jobs: int, device_type: str, hooks: bool = False) -> int:
-    """How many jobs run at once: ``train.fold_jobs`` processes on CPU (pipeline/fold_jobs.py), else one."""
+    """How many jobs run at once on this machine: ``train.fold_jobs`` processes on CPU (pipeline/fold_jobs.py)
+    with ``train.executor`` auto or processes, else one. A Ray cluster is not this machine: its jobs are
+    planned as if they ran one after another here, which errs on the long side."""
     from .trainer import caches_embeddings
 
+    if cfg.train.executor not in ("auto", "processes"):
+        return 1
     n_par = min(cfg.train.fold_jobs, n_jobs)
     return n_par if n_par > 1 and device_type == "cpu" and not hooks and not caches_embeddings(cfg) else 1
 
