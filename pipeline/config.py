@@ -221,6 +221,13 @@ class TrainConfig(Section):
             raise ValueError(f"got {v!r}; expected distinct seeds")
         return v
 
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|(ray://)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):\d{1,5}", v):
+            raise ValueError(f"got {v!r}; expected auto, host:port (the head's `ray start --head --port`) or ray://host:port")
+        return v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:

@@ -117,6 +117,22 @@ def import_ray():
     return ray
 
 
+def check_ray(cfg: Config) -> None:
+    """Before anything is written: ray importable, and the head at ``train.ray_address`` listening
+    (ray.init itself retries an address nobody answers for minutes)."""
+    import socket
+
+    import_ray()
+    if cfg.train.ray_address == "auto":
+        return
+    host, _, port = cfg.train.ray_address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        raise PipelineError(f"train.ray_address: nothing answers at {cfg.train.ray_address} ({e.strerror or e}); start the "
+                            "head there with `ray start --head --port=PORT`, or set train.ray_address=auto") from None
+
+
 class RayExecutor:
     """``train.executor: ray``: every job a Ray task asking for ``train.ray_num_cpus`` CPUs (its torch
     threads) and ``train.ray_num_gpus`` GPUs, on whichever node has them free; results are collected as
@@ -254,7 +270,7 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
 
     hooks = on_epoch is not None or on_fold is not None
     if cfg.train.executor == "ray" and not hooks:
-        import_ray()  # before the plan or anything else is written
+        check_ray(cfg)  # before the plan or anything else is written
     cfg = planned(cfg)
     device = prepare_training_device(cfg.train)  # before the data is read (its cache) or a run folder is made
     table = table if table is not None else read_table(cfg, "train")

@@ -74,7 +74,7 @@ def run_ray_job(cwd: str, cfg, job, run_hash: str, precision: str, threads: int,
 
 def _test_barrier():
     """For tests/test_ray.py only: with ``PIPELINE_TEST_BARRIER=<dir>`` in a node's environment, a job
-    touches ``<dir>/<job folder>.epoch<e>[.<hold>]`` once epoch e's resume state is saved, and with
+    writes its pid to ``<dir>/<job folder>.epoch<e>[.<hold>]`` once epoch e's resume state is saved, and with
     ``PIPELINE_TEST_HOLD=<name>`` as well it then waits after epoch 1 (up to 10 minutes) for the test to
     kill the node: a barrier made of a file, not of a sleep in the test."""
     import os
@@ -85,7 +85,7 @@ def _test_barrier():
         return None
 
     def touch(job, epoch: int, row: dict) -> None:
-        Path(where, f"{job.name}.epoch{epoch}" + (f".{hold}" if hold else "")).touch()
+        Path(where, f"{job.name}.epoch{epoch}" + (f".{hold}" if hold else "")).write_text(str(os.getpid()))
         if hold and epoch == 1:
             time.sleep(600)
 
