@@ -44,7 +44,7 @@ def _run_job(job, run_hash: str, precision: str, threads: int, budget: tuple | N
     fold's LockHeld reaches the parent)."""
     import torch
 
-    from .device import resolve_device
+    from .device import prepare_training_device
     from .trainer import FoldTrainer
 
     torch.set_num_threads(threads)
@@ -53,9 +53,10 @@ def _run_job(job, run_hash: str, precision: str, threads: int, budget: tuple | N
     if budget is not None:  # this job's share: the budget over the jobs, times the jobs run at once
         t_start, total_s, share_s = budget
         deadline = min(time.time() + share_s, t_start + total_s)
-    # a refit job (fold -1) trains on every row whatever the folds say: fold_of != -1 everywhere
+    # a refit job (fold -1) trains on every row whatever the folds say: fold_of != -1 everywhere;
+    # the device as the driver prepares its own (a Ray task may be on a GPU node: cuda:K, cuDNN flags)
     return FoldTrainer(cfg=cfg, table=table, fold_of=fold_of, job=job,
-                       device=resolve_device(cfg.train.device), run_hash=run_hash, precision=precision,
+                       device=prepare_training_device(cfg.train), run_hash=run_hash, precision=precision,
                        deadline=deadline, on_epoch=on_epoch).run()
 
 
