@@ -174,6 +174,10 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
         if res is not None and on_fold is not None:
             on_fold(job, res)
     oof = collect_oof(cfg, table, fold_of, run_hash)
+    if oof is not None:  # the run's CV metric is known here: its TensorBoard HParams session
+        from .hparams import write_run_hparams
+
+        write_run_hparams(run, table, oof)
     if oof is not None and cfg.train.refit:
         for i, seed in enumerate(seeds):
             refit(cfg, table, fold_of, seed=seed, device=device, run_hash=run_hash, precision=precision,

@@ -18,6 +18,8 @@
   predict.json, metrics.json, calibration.json, ensemble.json, report/
   adversarial.json              train-vs-test classifier: AUC, test-like rows, duplicate pairs (pipeline/adversarial.py)
   adversarial_scores.csv        id,p_test: its out-of-fold p(test) for every training row
+  tb_hparams/                   TensorBoard HParams: the run's (or tuning trial's) headline keys and CV metric
+                                (pipeline/hparams.py), for `tensorboard --logdir <paths.runs>/<competition>`
 
 A job is finished for a config when its ``done.json`` holds that config's *run hash*: the train-stage
 hash and the digest of the folds file it trained on (``RunDir.run_hash``).
@@ -403,6 +405,7 @@ class RunDir:
     augment_preview = property(lambda self: self.path / "augment_preview.png")
     adversarial_json = property(lambda self: self.path / "adversarial.json")
     adversarial_scores = property(lambda self: self.path / "adversarial_scores.csv")
+    tb_hparams = property(lambda self: self.path / "tb_hparams")
 
     def test_pred_fold(self, fold: int) -> Path:
         """Fold ``fold``'s models' own test predictions (averaged over its seeds)."""
