@@ -214,3 +214,14 @@ def test_tuning_trial_writes_searched_keys_and_cv_metric(digits_config):
     assert hp["train.batch_size"] == 32 and hp["image_size"] == 8
     assert scalars["cv_accuracy"] == pytest.approx(trial.value, abs=1e-6)
     assert scalars["cv_accuracy_std"] == pytest.approx(trial.user_attrs["cv_std"], abs=1e-6)
+
+
+@pytest.mark.parametrize("name, n_members", [("iceberg-demo-zoo", 3), ("iceberg-zoo", 6)])
+def test_shipped_zoos_load(iceberg_dir, name, n_members):
+    root = Path(__file__).resolve().parents[1] / "competitions"
+    z = load_zoo(root / f"{name}.yaml", [f"data.dir={iceberg_dir}"])
+    assert len(z.members) == n_members and z.ensemble["name"] == name
+    assert all(cfg.name == f"{name}-{m}" and cfg.folds_path == z.base.folds_path for m, cfg in z.members.items())
+    if name == "iceberg-zoo":  # the YAML merge keys carry a backbone's keys to its second seed
+        assert {(c.model.backbone, c.train.seed, c.model.finetune) for c in z.members.values()} == {
+            (f"tf_efficientnet_lite{i}", s, "gradual") for i in range(3) for s in (1, 2)}
