@@ -10,7 +10,7 @@ The zoo YAML (validated; every problem is one line naming the key, before anythi
       lite0_s2: {model.backbone: tf_efficientnet_lite0, train.seed: 2}
       cnn: {model.backbone: simple_cnn, model.pretrained: false}
     ensemble:                           # optional: blend the members (pipeline/ensemble.py's keys)
-      method: weights                   # any blender of ensemble.BLENDERS; --ensemble METHOD wins
+      method: hillclimb                 # any blender of ensemble.BLENDERS; --ensemble METHOD wins
       clip: [0.001, 0.999]
 
 Command-line overrides apply to the base; a member's own overrides win over them. Member ``m`` of
@@ -171,11 +171,24 @@ def _ensemble_settings(path: Path, z: ZooFile, base: Config, method: str | None)
     try:
         EnsembleConfig(competition=base.competition, config=base.path, members=list(z.members), **settings)
     except ValidationError as err:
-        msg = _format_error(path, err, "ensemble.", [f for f in EnsembleConfig.model_fields if f not in FILLED])
+        msg = _format_error(path, err, "ensemble.", _fields(EnsembleConfig, FILLED))
         if method is not None and msg.startswith(f"{path}: ensemble.method:"):
             msg = f"command line: --ensemble {method}: " + msg.removeprefix(f"{path}: ensemble.method: ")
         raise PipelineError(msg) from None
     return settings
+
+
+def _fields(model, leave_out=()) -> list[str]:
+    """A schema's keys for hints, one level of nested sections expanded (``gbm.num_leaves``)."""
+    from pydantic import BaseModel
+
+    out = []
+    for name, f in model.model_fields.items():
+        if name in leave_out:
+            continue
+        sub = f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) else None
+        out += [f"{name}.{g}" for g in sub.model_fields] if sub is not None else [name]
+    return out
 
 
 # ---- the stage ----------------------------------------------------------------------------------

@@ -95,6 +95,14 @@ def test_zoo_trains_members_prints_table_blends_and_resumes(zoo, capsys):
     assert {m: mtimes(runs / f"z-{m}") for m in "ab"} == before
     assert "blending" not in out  # no --ensemble and no ensemble: section
 
+    # another blend of the same members: ensemble selection, nothing retrained
+    assert run_cli("zoo", path, "train.epochs=1", "--ensemble", "hillclimb") == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/1" not in out and "in-sample accuracy" in out
+    ens = json.loads((runs / "z/ensemble.json").read_text())
+    assert ens["method"] == "hillclimb" and sum(ens["weights"]) == pytest.approx(1)
+    assert {m: mtimes(runs / f"z-{m}") for m in "ab"} == before
+
     # a member cut short (no oof.csv, one fold unfinished) resumes at that fold alone
     (runs / "z-b/oof.csv").unlink()
     (runs / "z-b/fold_2/done.json").unlink()
@@ -154,6 +162,8 @@ BAD = {
     "not a mapping": (_set(members={"a": [1, 2]}), "members: member a: got [1, 2]; expected a mapping"),
     "member name": (_set(members={"a b": None}), "members: member name 'a b'"),
     "ensemble typo": (_set(ensemble={"methd": "mean"}), "unknown key 'ensemble.methd'; did you mean ensemble.method"),
+    "ensemble nested typo": (_set(ensemble={"method": "gbm", "gbm": {"num_leavs": 3}}),
+                             "unknown key 'ensemble.gbm.num_leavs'; did you mean ensemble.gbm.num_leaves"),
     "ensemble filled": (_set(ensemble={"members": ["x", "y"]}), "ensemble.members: the zoo sets it"),
     "ensemble method": (_set(ensemble={"method": "median"}), "ensemble.method: "),
     "one member blend": (_set(ensemble={"method": "mean"}, members={"a": None}),
