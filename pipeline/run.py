@@ -2,7 +2,9 @@
 
 A stage is *done* when its output exists and the hash of the config sections it depends on
 (``config.STAGE_SECTIONS``) equals the one saved beside that output; *stale* when the output
-exists under another hash (or an upstream stage will rerun); *missing* otherwise.
+exists under another hash (or an upstream stage will rerun); *missing* otherwise. Training is stale too
+when its jobs finished under another run hash (``RunDir.run_hash``: the folds file's bytes, and with
+``pseudo`` the source's prediction files, changed since).
 """
 from __future__ import annotations
 
@@ -65,13 +67,25 @@ def stage_states(cfg: Config) -> list[tuple[Stage, str]]:
     for st in STAGES:
         if not st.output(cfg).exists():
             state = "missing"
-        elif upstream_rerun or read_stage_hash(st.snapshot(cfg)) != cfg.hash(*_sections(cfg, st.name)):
+        elif (upstream_rerun or read_stage_hash(st.snapshot(cfg)) != cfg.hash(*_sections(cfg, st.name))
+              or (st.name == "train" and not _jobs_current(cfg))):
             state = "stale"
         else:
             state = "done"
         upstream_rerun |= state != "done"
         out.append((st, state))
     return out
+
+
+def _jobs_current(cfg: Config) -> bool:
+    """Every fold job finished under the run hash its inputs give now."""
+    from .errors import PipelineError
+
+    run = RunDir.of(cfg)
+    try:
+        return not run.finished_fold_oofs(run.n_folds(), run.run_hash())[1]
+    except PipelineError:  # e.g. a pseudo source without its files: training says what is wrong
+        return False
 
 
 def _sections(cfg: Config, stage: str):
