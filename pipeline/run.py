@@ -78,14 +78,16 @@ def stage_states(cfg: Config) -> list[tuple[Stage, str]]:
 
 
 def _jobs_current(cfg: Config) -> bool:
-    """Every fold job finished under the run hash its inputs give now."""
+    """No finished fold job of this config's folds holds another run hash than its inputs give now."""
     from .errors import PipelineError
 
     run = RunDir.of(cfg)
     try:
-        return not run.finished_fold_oofs(run.n_folds(), run.run_hash())[1]
-    except PipelineError:  # e.g. a pseudo source without its files: training says what is wrong
+        want = run.run_hash()
+    except (PipelineError, OSError):  # e.g. a pseudo source without its files: training says what is wrong
         return False
+    done = (job.read_done() for job in run.jobs(list(range(run.n_folds()))))
+    return all(d is None or d.get("hash") == want for d in done)
 
 
 def _sections(cfg: Config, stage: str):
