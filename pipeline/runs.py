@@ -245,7 +245,10 @@ class RunDir:
             return RunDir(path=found)
         if found.suffix not in (".yaml", ".yml"):
             raise PipelineError(f"{where}: {entry} is neither a run folder nor a YAML experiment config")
-        src = load_config(found, check_data=False)
+        try:
+            src = load_config(found, check_data=False)
+        except PipelineError as e:  # e.g. an ensemble file: named as the culprit of this key
+            raise PipelineError(f"{where}: {e}") from None
         if src.competition != cfg.competition:
             raise PipelineError(f"{where}: {entry} is an experiment of {src.competition!r}; expected one of {cfg.competition!r}")
         return RunDir.of(src)

@@ -194,6 +194,10 @@ def _ensemble(cfg_path):
     (SRC / "ensemble.json").write_text("{}")
 
 
+def _ensemble_file(cfg_path):
+    write_yaml(Path("blend.yaml"), {"competition": "comp", "config": str(cfg_path), "members": ["a.yaml", "b.yaml"]})
+
+
 def _no_all_fold(cfg_path):
     (SRC / "test_pred.csv").unlink()
 
@@ -203,6 +207,7 @@ def _no_all_fold(cfg_path):
     (_no_fold1, [], ["pseudo.from", "test_pred_fold1.csv not found", "fold-k model"]),
     (_other_folds, [], ["pseudo.from", "oof.csv was trained on other folds"]),
     (_ensemble, [], ["pseudo.from", "is an ensemble"]),
+    (_ensemble_file, ["pseudo.from=blend.yaml"], ["pseudo.from", "blend.yaml"]),
     (_no_all_fold, ["train.refit=true"], ["pseudo.from", "test_pred.csv not found", "refit"]),
     (None, ["pseudo.threshold=0"], ["pseudo.threshold"]),
     (None, ["pseudo.threshold=1.5"], ["pseudo.threshold"]),
