@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 _STATE: dict = {}
 
 
-def _start_worker(cfg) -> None:
+def _start_worker(cfg, pseudo=None) -> None:
     import os
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -33,7 +33,9 @@ def _start_worker(cfg) -> None:
     from .formats import read_table
 
     table = read_table(cfg, "train")
-    _STATE.update(cfg=cfg, table=table, fold_of=load_folds(cfg, table))
+    # ``pseudo`` (pipeline.pseudo.PseudoLabels): the rows the driver selected per job, joined to this worker's tables
+    base = pseudo.combine(table, read_table(cfg, "test")) if pseudo is not None else None
+    _STATE.update(cfg=cfg, table=table, fold_of=load_folds(cfg, table), pseudo=pseudo, base=base)
 
 
 def _run_job(job, run_hash: str, precision: str, threads: int, budget: tuple | None) -> dict:
@@ -44,18 +46,22 @@ def _run_job(job, run_hash: str, precision: str, threads: int, budget: tuple | N
     from .trainer import FoldTrainer
 
     torch.set_num_threads(threads)
-    cfg, table, fold_of = _STATE["cfg"], _STATE["table"], _STATE["fold_of"]
+    cfg, table, fold_of, pseudo = _STATE["cfg"], _STATE["table"], _STATE["fold_of"], _STATE["pseudo"]
+    extra = None
+    if pseudo is not None:
+        table, fold_of = pseudo.fold_view(_STATE["base"], fold_of, job.fold)
+        extra = {"pseudo": pseudo.record(job.fold)}
     deadline = None
     if budget is not None:  # this job's share: the budget over the jobs, times the jobs run at once
         t_start, total_s, share_s = budget
         deadline = min(time.time() + share_s, t_start + total_s)
     return FoldTrainer(cfg=cfg, table=table, fold_of=fold_of, job=job,
                        device=resolve_device(cfg.train.device), run_hash=run_hash, precision=precision,
-                       deadline=deadline).run()
+                       deadline=deadline, done_extra=extra).run()
 
 
 def run_parallel(cfg, jobs: list, *, n_par: int, run_hash: str, precision: str, t_start: float,
-                 n_waves: int) -> Iterator[tuple]:
+                 n_waves: int, pseudo=None) -> Iterator[tuple]:
     """Train ``jobs`` (``runs.JobDir``) in ``n_par`` spawned processes; yields (job, result) as each ends,
     ``result()`` returning its done.json contents or raising what the worker raised."""
     import multiprocessing as mp
@@ -73,7 +79,7 @@ def run_parallel(cfg, jobs: list, *, n_par: int, run_hash: str, precision: str, 
         budget = (t_start, cfg.train.time_budget_s, cfg.train.time_budget_s / max(n_waves, 1))
     log.info(f"fold_jobs {n_par}: {len(jobs)} fold(s) in {n_par} processes, threads per fold {plan}")
     # spawn, not fork: a forked copy of a process that already ran torch ops can deadlock in OpenMP
-    with ProcessPoolExecutor(n_par, mp_context=mp.get_context("spawn"), initializer=_start_worker, initargs=(cfg,)) as ex:
+    with ProcessPoolExecutor(n_par, mp_context=mp.get_context("spawn"), initializer=_start_worker, initargs=(cfg, pseudo)) as ex:
         futures = {ex.submit(_run_job, j, run_hash, precision, t, budget): j for j, t in zip(jobs, plan)}
         for f in as_completed(futures):
             yield futures[f], f.result
