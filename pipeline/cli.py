@@ -149,6 +149,12 @@ def cmd_ensemble(args):
     run_ensemble(args.config, list(args.overrides))
 
 
+def cmd_zoo(args):
+    from .zoo import run_zoo
+
+    run_zoo(args.config, list(args.overrides), ensemble=args.ensemble)
+
+
 def cmd_validate_submission(args):
     from .submission import check_submission
 
@@ -266,6 +272,14 @@ def _parser() -> argparse.ArgumentParser:
     pr = stage("predict", cmd_predict, "test predictions with TTA -> test_pred.csv and a submission file", budget=True)
     pr.add_argument("--params", help="YAML of section.key: value overrides (e.g. tune's best.yaml)")
     stage("ensemble", cmd_ensemble, "blend experiments (ENSEMBLE.yaml) -> runs/ and submissions/")
+    z = sub.add_parser("zoo", help="train every member of ZOO.yaml (a base config + per-member overrides) on one folds file",
+                       description="train every member of ZOO.yaml as its own experiment runs/<competition>/<zoo>-<member>/ "
+                                   "(skipping finished ones), print their CV table, optionally blend them")
+    z.add_argument("config", help="zoo YAML: base, members, optional ensemble")
+    z.add_argument("overrides", nargs="*", help="section.key=value overrides of the base (a member's own win)")
+    z.add_argument("--ensemble", metavar="METHOD", help="blend the members with this method (pipeline ensemble's; "
+                                                       "the zoo's ensemble: section gives the other keys)")
+    z.set_defaults(fn=cmd_zoo)
     v = stage("validate-submission", cmd_validate_submission, "check a submission file against the test data", budget=True)
     v.add_argument("file", help="submission CSV")
     v.add_argument("--solution", help="CSV of the true answers in the submission's columns: also score the file")

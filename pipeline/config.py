@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Literal
 
 import yaml
-from pydantic import (AfterValidator, Field, SerializeAsAny, ValidationError, field_validator,
+from pydantic import (AfterValidator, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
                       model_validator)
 
 from .errors import PipelineError
@@ -296,6 +296,20 @@ class TuneConfig(Section):
         return v
 
 
+class PseudoConfig(Section):
+    """Pseudo-labels (pipeline/pseudo.py): confident test rows of a source run join every fold's training part."""
+
+    model_config = ConfigDict(serialize_by_alias=True)  # snapshots say ``from:`` as the user wrote it
+
+    source: str = Field(alias="from", description="the source: an experiment config or its run folder (runs/<competition>/"
+                                                  "<experiment>); its test_pred_fold<k>.csv label fold k's pseudo rows")
+    threshold: float = Field(0.95, gt=0, le=1, description="a test row joins when the source's max probability is at least this")
+    weight: float = Field(0.5, gt=0, description="loss weight of a pseudo row (a real row's is 1)")
+    max_share: float = Field(0.5, gt=0, le=1, description="at most this share of a fold's training part is pseudo rows; "
+                                                         "the most confident are kept")
+    soft: bool = Field(False, description="train on the source's probabilities instead of its argmax")
+
+
 class PathsConfig(Section):
     """Roots of the generated folders, relative to the current directory (``~`` expands)."""
 
@@ -316,6 +330,7 @@ class Config(Section):
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    pseudo: PseudoConfig | None = None
     paths: PathsConfig = Field(default_factory=PathsConfig)
 
     # Not part of the YAML: where it came from, and the plan its ``auto`` values were resolved by
@@ -359,6 +374,8 @@ class Config(Section):
     def to_dict(self) -> dict:
         d = self.model_dump(mode="json")
         d.pop("path"), d.pop("name"), d.pop("plan")
+        if d.get("pseudo") is None:  # absent, so configs without it keep their hashes
+            d.pop("pseudo", None)
         return d
 
     def hash(self, *sections: str) -> str:
@@ -402,10 +419,12 @@ STAGE_SECTIONS = {
 def stage_sections(cfg: Config, stage: str) -> tuple[str, ...]:
     """``STAGE_SECTIONS[stage]``, plus ``adversarial`` where that stage uses it (``folds.adversarial``,
     ``evaluate.adversarial``): otherwise a changed ``adversarial.top_k`` would mark the folds stale and
-    retrain every model."""
+    retrain every model. ``pseudo`` joins the training stages only when it is set (other configs keep their hashes)."""
     sections = STAGE_SECTIONS.get(stage, ())
     if (stage == "fold" and cfg.folds.adversarial) or (stage == "evaluate" and cfg.evaluate.adversarial):
         sections = sections + ("adversarial",)
+    if cfg.pseudo is not None and "train" in sections:
+        sections = sections + ("pseudo",)
     return sections
 
 

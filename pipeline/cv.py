@@ -4,7 +4,9 @@ One job is trained by ``pipeline.trainer.FoldTrainer``; this module decides whic
 shares the time budget among them, runs them through an executor (``train.executor``: ``local``,
 one after another in this process; ``processes``, ``train.fold_jobs`` spawned workers, see
 ``pipeline.fold_jobs``; ``ray``, Ray tasks on a cluster, refits included), collects the OOF
-predictions (``oof.csv``: every training row exactly once) and trains the refit models. Where each
+predictions (``oof.csv``: every training row exactly once) and trains the refit models. It decides
+what each job trains on: the training table, and with ``pseudo`` the test rows the job's fold
+selects (``pipeline.pseudo``), which join its training part and never its validation part. Where each
 file goes is ``pipeline.runs``' business; what a prediction file holds, ``pipeline.predictions``'.
 """
 from __future__ import annotations
@@ -23,15 +25,32 @@ from .device import prepare_training_device
 from .errors import LockHeld, PipelineError
 from .fold import check_learnable, load_folds
 from .inference import features_tensor, to_tensor
-from .io import sweep_temps
+from .io import atomic_write_json, sweep_temps
 from .metrics import logloss, score
 from .models import build_model
 from .predictions import average_predictions, probs_of, write_predictions
+from .pseudo import check_source, prepare as prepare_pseudo
 from .runs import JobDir, RunDir
 from .table import Table
 from .trainer import FoldTrainer, caches_embeddings, derive_seed, seed_everything
 
 log = logging.getLogger(__name__)
+
+# what job ``fold`` trains on: (table, fold_of, facts for its done.json or None)
+JobRows = Callable[[int], tuple[Table, np.ndarray, dict | None]]
+
+
+def _job_rows(table: Table, fold_of: np.ndarray, pseudo=None, base: Table | None = None) -> JobRows:
+    """The training table for every job; with pseudo-labels (``base``: training rows then test rows), each
+    job's own view of it."""
+    if pseudo is None:
+        return lambda fold: (table, fold_of, None)
+
+    def rows(fold: int):
+        t, f = pseudo.fold_view(base, fold_of, fold)
+        return t, f, {"pseudo": pseudo.record(fold)}
+
+    return rows
 
 
 def job_outcome(job: JobDir, run: Callable[[], dict]) -> dict | None:
@@ -74,9 +93,10 @@ def _head_embeddings(cfg: Config, table: Table, device: torch.device, seed: int)
 class SequentialExecutor:
     """Jobs one after another in this process; the only one that takes per-epoch hooks."""
 
-    def __init__(self, *, cfg: Config, table: Table, fold_of: np.ndarray, device: torch.device, run_hash: str,
+    def __init__(self, *, cfg: Config, table: Table, rows: JobRows, device: torch.device, run_hash: str,
                  precision: str, deadline: Callable[[int], float | None], on_epoch: Callable | None = None):
-        self.cfg, self.table, self.fold_of, self.device = cfg, table, fold_of, device
+        # ``table``: every row any job reads (the cached embeddings are of it); ``rows``: each job's view
+        self.cfg, self.table, self.rows, self.device = cfg, table, rows, device
         self.run_hash, self.precision, self.deadline, self.on_epoch = run_hash, precision, deadline, on_epoch
 
     def run(self, jobs: list[JobDir]) -> Iterator[tuple[JobDir, dict | None]]:
@@ -84,24 +104,26 @@ class SequentialExecutor:
         for j, job in enumerate(jobs):
             if emb_seed != job.seed:
                 embeddings, emb_seed = _head_embeddings(self.cfg, self.table, self.device, job.seed), job.seed
-            trainer = FoldTrainer(cfg=self.cfg, table=self.table, fold_of=self.fold_of, job=job, device=self.device,
+            table, fold_of, extra = self.rows(job.fold)
+            trainer = FoldTrainer(cfg=self.cfg, table=table, fold_of=fold_of, job=job, device=self.device,
                                   run_hash=self.run_hash, precision=self.precision, embeddings=embeddings,
-                                  on_epoch=self.on_epoch, deadline=self.deadline(len(jobs) - j))
+                                  on_epoch=self.on_epoch, deadline=self.deadline(len(jobs) - j), done_extra=extra)
             yield job, job_outcome(job, trainer.run)
 
 
 class ProcessExecutor:
     """``train.fold_jobs: N`` on CPU: N jobs at once in spawned processes (``pipeline.fold_jobs``)."""
 
-    def __init__(self, *, cfg: Config, width: int, run_hash: str, precision: str, t_start: float, n_waves: int):
+    def __init__(self, *, cfg: Config, width: int, run_hash: str, precision: str, t_start: float, n_waves: int,
+                 pseudo=None):
         self.cfg, self.width, self.run_hash, self.precision = cfg, width, run_hash, precision
-        self.t_start, self.n_waves = t_start, n_waves
+        self.t_start, self.n_waves, self.pseudo = t_start, n_waves, pseudo
 
     def run(self, jobs: list[JobDir]) -> Iterator[tuple[JobDir, dict | None]]:
         from .fold_jobs import run_parallel
 
         for job, result in run_parallel(self.cfg, jobs, n_par=self.width, run_hash=self.run_hash, precision=self.precision,
-                                        t_start=self.t_start, n_waves=self.n_waves):
+                                        t_start=self.t_start, n_waves=self.n_waves, pseudo=self.pseudo):
             yield job, job_outcome(job, result)
 
 
@@ -141,9 +163,10 @@ class RayExecutor:
     copy out. The task runs ``pipeline.fold_jobs.run_ray_job`` in the driver's working directory, so
     every node sees the same data, folds and runs folders at the same paths (a shared mount)."""
 
-    def __init__(self, *, cfg: Config, run_hash: str, precision: str, t_start: float, n_jobs: int, n_refit: int):
+    def __init__(self, *, cfg: Config, run_hash: str, precision: str, t_start: float, n_jobs: int, n_refit: int,
+                 pseudo=None):
         self.cfg, self.run_hash, self.precision, self.t_start = cfg, run_hash, precision, t_start
-        self.n_jobs, self.n_refit = n_jobs, n_refit
+        self.n_jobs, self.n_refit, self.pseudo = n_jobs, n_refit, pseudo
         self.ray, self.started, self.budget = None, False, None
 
     def _connect(self):
@@ -180,7 +203,8 @@ class RayExecutor:
         ray, t = self._connect(), self.cfg.train
         task = ray.remote(num_cpus=t.ray_num_cpus, num_gpus=t.ray_num_gpus, max_retries=t.ray_max_retries)(run_ray_job)
         cwd = os.getcwd()
-        refs = {task.remote(cwd, c, job, self.run_hash, self.precision, t.ray_num_cpus, self.budget): job
+        pseudo = ray.put(self.pseudo)  # once, not once per job
+        refs = {task.remote(cwd, c, job, self.run_hash, self.precision, t.ray_num_cpus, self.budget, pseudo): job
                 for job, c in zip(jobs, cfgs or [self.cfg] * len(jobs))}
         pending = list(refs)
         try:
@@ -214,23 +238,24 @@ def _one_line(e: Exception) -> str:
     return f"{type(e).__name__}: {first[:200]}"
 
 
-def _executor(cfg: Config, *, todo: list[JobDir], table: Table, fold_of: np.ndarray, device: torch.device, run_hash: str,
-              precision: str, t_start: float, n_refit: int, on_epoch, hooks: bool):
+def _executor(cfg: Config, *, todo: list[JobDir], table: Table, rows: JobRows, device: torch.device, run_hash: str,
+              precision: str, t_start: float, n_refit: int, on_epoch, hooks: bool, pseudo=None):
     """The executor ``train.executor`` asks for, where it can run: per-epoch hooks (tuning) and cached
     embeddings need this process."""
     from .plan import executor_width
 
     if cfg.train.executor == "ray":
         if not hooks and not caches_embeddings(cfg):
-            return RayExecutor(cfg=cfg, run_hash=run_hash, precision=precision, t_start=t_start, n_jobs=len(todo), n_refit=n_refit)
+            return RayExecutor(cfg=cfg, run_hash=run_hash, precision=precision, t_start=t_start, n_jobs=len(todo),
+                               n_refit=n_refit, pseudo=pseudo)
         log.info("train.executor ray: " + ("per-epoch hooks run" if hooks else "cached backbone features are shared")
                  + " in this process; training here")
     n_par = executor_width(cfg, len(todo), device.type, hooks=hooks)
     if n_par > 1:
         return ProcessExecutor(cfg=cfg, width=n_par, run_hash=run_hash, precision=precision, t_start=t_start,
                                # waves of n_par jobs side by side, then each refit alone
-                               n_waves=-(-len(todo) // n_par) + n_refit)
-    return SequentialExecutor(cfg=cfg, table=table, fold_of=fold_of, device=device, run_hash=run_hash,
+                               n_waves=-(-len(todo) // n_par) + n_refit, pseudo=pseudo)
+    return SequentialExecutor(cfg=cfg, table=table, rows=rows, device=device, run_hash=run_hash,
                               precision=precision, on_epoch=on_epoch,
                               deadline=lambda jobs_left: _deadline(cfg, t_start, jobs_left + n_refit))
 
@@ -268,6 +293,7 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     from .formats import read_table
     from .plan import check_plan_data, describe, planned
 
+    source = check_source(cfg) if cfg.pseudo is not None else None  # before the plan writes anything
     hooks = on_epoch is not None or on_fold is not None
     if cfg.train.executor == "ray" and not hooks:
         check_ray(cfg)  # before the plan or anything else is written
@@ -282,10 +308,20 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     bad = [k for k in wanted if not 0 <= k < n_folds]
     if bad:
         raise PipelineError(f"--folds: no fold {bad[0]}; {cfg.folds_path} has folds 0..{n_folds - 1}")
+    pseudo, base = None, table
+    if source is not None:
+        test = read_table(cfg, "test")
+        pseudo = prepare_pseudo(cfg, source, table, fold_of, test)
+        base = pseudo.combine(table, test)
+    rows = _job_rows(table, fold_of, pseudo, base)
     run = RunDir.of(cfg)
     run.path.mkdir(parents=True, exist_ok=True)
     for tmp in sweep_temps(run.path):
         log.info(f"removed {tmp}, left by a killed run")
+    if pseudo is not None:
+        atomic_write_json(run.pseudo_json, pseudo.summary(cfg))
+    else:
+        run.pseudo_json.unlink(missing_ok=True)  # from an earlier config of this experiment
     run_hash, seeds = run.run_hash(), run.seeds
     precision = _run_precision(cfg, table, device, run)
     run.write_snapshot("train", _resolved_train_keys(cfg, table, precision))
@@ -295,28 +331,43 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
              f"on {len(table)} images {table.channels}x{table.image_size[0]}x{table.image_size[1]}, folds {wanted}, seeds {seeds}, device {device}")
     if cfg.plan is not None:
         log.info(describe(cfg, cfg.plan) + f" ({run.plan_json})")
+    for line in pseudo.describe() if pseudo is not None else []:
+        log.info(line)
     todo = [job for job in run.jobs(wanted) if _needs_training(job, run_hash)]
-    executor = _executor(cfg, todo=todo, table=table, fold_of=fold_of, device=device, run_hash=run_hash, precision=precision,
-                         t_start=t_start, n_refit=n_refit, on_epoch=on_epoch, hooks=hooks)
+    executor = _executor(cfg, todo=todo, table=base, rows=rows, device=device, run_hash=run_hash, precision=precision,
+                         t_start=t_start, n_refit=n_refit, on_epoch=on_epoch, hooks=hooks, pseudo=pseudo)
     try:
         for job, res in executor.run(todo):
             if res is not None and on_fold is not None:
                 on_fold(job, res)
         oof = collect_oof(cfg, table, fold_of, run_hash)
-        if oof is not None and cfg.train.refit and isinstance(executor, RayExecutor):
-            refits = [r for seed in seeds if (r := _refit_job(cfg, fold_of, seed, run_hash)) is not None]
-            for job, res in executor.run([job for _, job in refits], cfgs=[c for c, _ in refits]):
-                if res is None:
-                    raise LockHeld(f"{job.label}: held by another process; rerun `pipeline train {cfg.path}` when it ends")
-        elif oof is not None and cfg.train.refit:  # local and processes: in this process, with all its threads
-            for i, seed in enumerate(seeds):
-                refit(cfg, table, fold_of, seed=seed, device=device, run_hash=run_hash, precision=precision,
-                      deadline=_deadline(cfg, t_start, len(seeds) - i))
+        if oof is not None:  # the run's CV metric is known here: its TensorBoard HParams session
+            from .hparams import write_run_hparams
+
+            write_run_hparams(run, table, oof)
+        if oof is not None and cfg.train.refit:
+            _refits(cfg, executor, table, fold_of, seeds=seeds, device=device, run_hash=run_hash, precision=precision,
+                    t_start=t_start, rows=rows, pseudo=pseudo)
     finally:
         if isinstance(executor, RayExecutor):
             executor.close()
     _log_spent(cfg, time.time() - t_start, trained=bool(todo))
     return oof
+
+
+def _refits(cfg: Config, executor, table: Table, fold_of: np.ndarray, *, seeds: list[int], device, run_hash: str,
+            precision: str, t_start: float, rows: JobRows, pseudo) -> None:
+    """One refit per seed: Ray tasks side by side with the ray executor, else one after another in this
+    process with all its threads (local and processes)."""
+    if isinstance(executor, RayExecutor):
+        todo = [r for seed in seeds if (r := _refit_job(cfg, fold_of, seed, run_hash, pseudo)) is not None]
+        for job, res in executor.run([job for _, job in todo], cfgs=[c for c, _ in todo]):
+            if res is None:  # as a held refit in this process raises LockHeld
+                raise LockHeld(f"{job.label}: held by another process; rerun `pipeline train {cfg.path}` when it ends")
+        return
+    for i, seed in enumerate(seeds):
+        refit(cfg, table, fold_of, seed=seed, device=device, run_hash=run_hash, precision=precision,
+              deadline=_deadline(cfg, t_start, len(seeds) - i), rows=rows if pseudo is not None else None, pseudo=pseudo)
 
 
 def _log_spent(cfg: Config, spent: float, trained: bool) -> None:
@@ -333,17 +384,20 @@ def _log_spent(cfg: Config, spent: float, trained: bool) -> None:
 
 
 def refit(cfg: Config, table: Table, fold_of: np.ndarray, *, seed: int, device, run_hash: str, precision: str,
-          deadline: float | None = None) -> dict:
-    """Train on every row for the epoch count CV chose (median best epoch); saved in ``RunDir.refit_dir``."""
-    todo = _refit_job(cfg, fold_of, seed, run_hash)
+          deadline: float | None = None, rows: JobRows | None = None, pseudo=None) -> dict:
+    """Train on every row for the epoch count CV chose (median best epoch); saved in ``RunDir.refit_dir``.
+    ``rows``: the jobs' views of the table (``_job_rows``), when the refit trains on ``pseudo`` rows too."""
+    todo = _refit_job(cfg, fold_of, seed, run_hash, pseudo)
     if todo is None:
         return RunDir.of(cfg).refit_dir(seed).read_done()
     rcfg, job = todo
-    return FoldTrainer(cfg=rcfg, table=table, fold_of=np.full(len(table), 0), job=job, device=device,
-                       run_hash=run_hash, precision=precision, deadline=deadline).run()
+    # the refit job's fold (< 0) is none of the rows': every real row (and every selected pseudo row) trains
+    rtable, rfold, extra = rows(job.fold) if rows is not None else (table, np.full(len(table), 0), None)
+    return FoldTrainer(cfg=rcfg, table=rtable, fold_of=rfold, job=job, device=device,
+                       run_hash=run_hash, precision=precision, deadline=deadline, done_extra=extra).run()
 
 
-def _refit_job(cfg: Config, fold_of: np.ndarray, seed: int, run_hash: str) -> tuple[Config, JobDir] | None:
+def _refit_job(cfg: Config, fold_of: np.ndarray, seed: int, run_hash: str, pseudo=None) -> tuple[Config, JobDir] | None:
     """The refit job of ``seed`` and its config (the median best epoch of the folds, no early stop);
     None when it is done under ``run_hash``."""
     run = RunDir.of(cfg)
@@ -355,7 +409,8 @@ def _refit_job(cfg: Config, fold_of: np.ndarray, seed: int, run_hash: str) -> tu
     if done is not None and done.get("hash") == run_hash:
         log.info(f"{job.label}: done, skipping")
         return None
-    log.info(f"refit on all {len(fold_of)} rows for {epochs} epochs (median best epoch of the folds: {best})")
+    more = f" and {pseudo.record(job.fold)['rows']} pseudo-labelled test rows" if pseudo is not None else ""
+    log.info(f"refit on all {len(fold_of)} rows{more} for {epochs} epochs (median best epoch of the folds: {best})")
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs, "patience": 0})}), job
 
 

@@ -490,13 +490,17 @@ def _report_blend(ens: EnsembleConfig, metric: str, names: list[str], weights, d
                  f"member's ({best_name}: {best:.4f})")
 
 
-def run_ensemble(path: str | Path, overrides: list[str] | None = None) -> Path:
-    """Blend the members, print member and blend OOF scores, write runs/<comp>/<name>/ and a submission."""
+def run_ensemble(path: str | Path, overrides: list[str] | None = None, *, ens: EnsembleConfig | None = None,
+                 cfg: Config | None = None) -> Path:
+    """Blend the members, print member and blend OOF scores, write runs/<comp>/<name>/ and a submission.
+
+    ``ens`` and ``cfg`` given (``pipeline zoo``): that blend, built in memory with its name set; ``path`` is
+    then the file it came from, named in messages (members resolve against the cwd, then its folder)."""
     from .defaults import resolve_clip
     from .submission import remove_submission, write_submission
 
     path = Path(path)
-    ens, cfg = load_ensemble(path, overrides)
+    ens, cfg = (ens, cfg) if ens is not None and cfg is not None else load_ensemble(path, overrides)
     out = RunDir.named(cfg, ens.name)
     if out.snapshot("train").exists():
         raise PipelineError(f"{path}: name {ens.name!r} is a trained experiment in {out}; give the ensemble another name")

@@ -12,7 +12,7 @@ config gives the same predictions on the same machine. Each worker process reads
 table once (memory-mapped formats share their pages).
 
 ``run_ray_job`` is the same worker as a Ray task (``train.executor: ray``, ``pipeline.cv.RayExecutor``):
-a Ray worker process may run many jobs, so it keeps the table of the last data it read.
+a Ray worker process may run many jobs, so it keeps the tables of the last data it read.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 _STATE: dict = {}
 
 
-def _start_worker(cfg) -> None:
+def _start_worker(cfg, pseudo=None) -> None:
     import os
 
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -36,7 +36,9 @@ def _start_worker(cfg) -> None:
     from .formats import read_table
 
     table = read_table(cfg, "train")
-    _STATE.update(cfg=cfg, table=table, fold_of=load_folds(cfg, table))
+    # ``pseudo`` (pipeline.pseudo.PseudoLabels): the rows the driver selected per job, joined to this worker's tables
+    base = pseudo.combine(table, read_table(cfg, "test")) if pseudo is not None else None
+    _STATE.update(cfg=cfg, table=table, fold_of=load_folds(cfg, table), pseudo=pseudo, base=base)
 
 
 def _run_job(job, run_hash: str, precision: str, threads: int, budget: tuple | None, cfg=None, on_epoch=None) -> dict:
@@ -48,7 +50,11 @@ def _run_job(job, run_hash: str, precision: str, threads: int, budget: tuple | N
     from .trainer import FoldTrainer
 
     torch.set_num_threads(threads)
-    cfg, table, fold_of = cfg or _STATE["cfg"], _STATE["table"], _STATE["fold_of"]
+    cfg, table, fold_of, pseudo = cfg or _STATE["cfg"], _STATE["table"], _STATE["fold_of"], _STATE["pseudo"]
+    extra = None
+    if pseudo is not None:
+        table, fold_of = pseudo.fold_view(_STATE["base"], fold_of, job.fold)
+        extra = {"pseudo": pseudo.record(job.fold)}
     deadline = None
     if budget is not None:  # this job's share: the budget over the jobs, times the jobs run at once
         t_start, total_s, share_s = budget
@@ -57,18 +63,20 @@ def _run_job(job, run_hash: str, precision: str, threads: int, budget: tuple | N
     # the device as the driver prepares its own (a Ray task may be on a GPU node: cuda:K, cuDNN flags)
     return FoldTrainer(cfg=cfg, table=table, fold_of=fold_of, job=job,
                        device=prepare_training_device(cfg.train), run_hash=run_hash, precision=precision,
-                       deadline=deadline, on_epoch=on_epoch).run()
+                       deadline=deadline, done_extra=extra, on_epoch=on_epoch).run()
 
 
-def run_ray_job(cwd: str, cfg, job, run_hash: str, precision: str, threads: int, budget: tuple | None) -> dict:
+def run_ray_job(cwd: str, cfg, job, run_hash: str, precision: str, threads: int, budget: tuple | None,
+                pseudo=None) -> dict:
     """One job as a Ray task, in the driver's working directory ``cwd``: relative paths (data, folds,
     runs) mean there what they mean to the driver, so every node needs that folder at that path."""
     import os
 
     os.chdir(cwd)  # a Ray worker runs one task at a time
-    key = (cwd, cfg.data.model_dump_json(), cfg.folds.model_dump_json(), cfg.paths.model_dump_json())
+    key = (cwd, cfg.data.model_dump_json(), cfg.folds.model_dump_json(), cfg.paths.model_dump_json(),
+           pseudo and pseudo.digest)
     if _STATE.get("key") != key:
-        _start_worker(cfg)
+        _start_worker(cfg, pseudo)
         _STATE["key"] = key
     return _run_job(job, run_hash, precision, threads, budget, cfg=cfg, on_epoch=_test_barrier())
 
@@ -94,7 +102,7 @@ def _test_barrier():
 
 
 def run_parallel(cfg, jobs: list, *, n_par: int, run_hash: str, precision: str, t_start: float,
-                 n_waves: int) -> Iterator[tuple]:
+                 n_waves: int, pseudo=None) -> Iterator[tuple]:
     """Train ``jobs`` (``runs.JobDir``) in ``n_par`` spawned processes; yields (job, result) as each ends,
     ``result()`` returning its done.json contents or raising what the worker raised."""
     import multiprocessing as mp
@@ -112,7 +120,7 @@ def run_parallel(cfg, jobs: list, *, n_par: int, run_hash: str, precision: str, 
         budget = (t_start, cfg.train.time_budget_s, cfg.train.time_budget_s / max(n_waves, 1))
     log.info(f"fold_jobs {n_par}: {len(jobs)} fold(s) in {n_par} processes, threads per fold {plan}")
     # spawn, not fork: a forked copy of a process that already ran torch ops can deadlock in OpenMP
-    with ProcessPoolExecutor(n_par, mp_context=mp.get_context("spawn"), initializer=_start_worker, initargs=(cfg,)) as ex:
+    with ProcessPoolExecutor(n_par, mp_context=mp.get_context("spawn"), initializer=_start_worker, initargs=(cfg, pseudo)) as ex:
         futures = {ex.submit(_run_job, j, run_hash, precision, t, budget): j for j, t in zip(jobs, plan)}
         for f in as_completed(futures):
             yield futures[f], f.result

@@ -2,7 +2,9 @@
 
 A stage is *done* when its output exists and the hash of the config sections it depends on
 (``config.STAGE_SECTIONS``) equals the one saved beside that output; *stale* when the output
-exists under another hash (or an upstream stage will rerun); *missing* otherwise.
+exists under another hash (or an upstream stage will rerun); *missing* otherwise. Training is stale too
+when its jobs finished under another run hash (``RunDir.run_hash``: the folds file's bytes, and with
+``pseudo`` the source's prediction files, changed since).
 """
 from __future__ import annotations
 
@@ -65,13 +67,27 @@ def stage_states(cfg: Config) -> list[tuple[Stage, str]]:
     for st in STAGES:
         if not st.output(cfg).exists():
             state = "missing"
-        elif upstream_rerun or read_stage_hash(st.snapshot(cfg)) != cfg.hash(*_sections(cfg, st.name)):
+        elif (upstream_rerun or read_stage_hash(st.snapshot(cfg)) != cfg.hash(*_sections(cfg, st.name))
+              or (st.name == "train" and not _jobs_current(cfg))):
             state = "stale"
         else:
             state = "done"
         upstream_rerun |= state != "done"
         out.append((st, state))
     return out
+
+
+def _jobs_current(cfg: Config) -> bool:
+    """No finished fold job of this config's folds holds another run hash than its inputs give now."""
+    from .errors import PipelineError
+
+    run = RunDir.of(cfg)
+    try:
+        want = run.run_hash()
+    except (PipelineError, OSError):  # e.g. a pseudo source without its files: training says what is wrong
+        return False
+    done = (job.read_done() for job in run.jobs(list(range(run.n_folds()))))
+    return all(d is None or d.get("hash") == want for d in done)
 
 
 def _sections(cfg: Config, stage: str):

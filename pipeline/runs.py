@@ -18,6 +18,8 @@
   predict.json, metrics.json, calibration.json, ensemble.json, report/
   adversarial.json              train-vs-test classifier: AUC, test-like rows, duplicate pairs (pipeline/adversarial.py)
   adversarial_scores.csv        id,p_test: its out-of-fold p(test) for every training row
+  tb_hparams/                   TensorBoard HParams: the run's (or tuning trial's) headline keys and CV metric
+                                (pipeline/hparams.py), for `tensorboard --logdir <paths.runs>/<competition>`
 
 A job is finished for a config when its ``done.json`` holds that config's *run hash*: the train-stage
 hash and the digest of the folds file it trained on (``RunDir.run_hash``).
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import STAGE_SECTIONS, read_stage_hash, write_snapshot
+from .config import load_config, read_stage_hash, stage_sections, write_snapshot
 from .errors import PipelineError
 from .io import Staging, atomic_write_json, read_json_object, staged
 
@@ -213,15 +215,63 @@ class RunDir:
 
     def run_hash(self) -> str:
         """What a finished job is valid for: this training config *and* these fold assignments (a
-        regenerated folds file with the same settings, e.g. from changed data, retrains)."""
+        regenerated folds file with the same settings, e.g. from changed data, retrains) *and*, with
+        ``pseudo``, the source's prediction files (a re-predicted source retrains)."""
         from .fold import folds_digest
 
-        return f"{self.train_hash}-{folds_digest(self.cfg)}"
+        h = f"{self.train_hash}-{folds_digest(self.cfg)}"
+        return h if self.cfg.pseudo is None else f"{h}-p{self.pseudo_digest()}"
 
     @property
     def train_hash(self) -> str:
         """The config's train-stage hash (what ``config.train.hash`` holds once it has trained)."""
-        return self.cfg.hash(*STAGE_SECTIONS["train"])
+        return self.cfg.hash(*stage_sections(self.cfg, "train"))
+
+    # ---- pseudo-labels: the source run and its files (what they mean: pipeline/pseudo.py) ----
+
+    @property
+    def pseudo_json(self) -> Path:
+        """What a pseudo-labelled run trained on besides its rows: the source, its digest, rows per class and fold."""
+        return self.path / "pseudo.json"
+
+    def pseudo_source(self) -> RunDir:
+        """The run ``pseudo.from`` names: a run folder, or an experiment config's run; a path as written
+        (relative to the current directory), else relative to this config's folder."""
+        cfg = self.cfg
+        entry, where = cfg.pseudo.source, f"{cfg.path}: pseudo.from"
+        found = next((p for p in (Path(entry).expanduser(), Path(cfg.path).parent / entry) if p.exists()), None)
+        if found is None:
+            raise PipelineError(f"{where}: {entry} not found (looked in {Path.cwd()} and {Path(cfg.path).parent}); "
+                                f"expected a run folder or an experiment config")
+        if found.is_dir():
+            return RunDir(path=found)
+        if found.suffix not in (".yaml", ".yml"):
+            raise PipelineError(f"{where}: {entry} is neither a run folder nor a YAML experiment config")
+        try:
+            src = load_config(found, check_data=False)
+        except PipelineError as e:  # e.g. an ensemble file: named as the culprit of this key
+            raise PipelineError(f"{where}: {e}") from None
+        if src.competition != cfg.competition:
+            raise PipelineError(f"{where}: {entry} is an experiment of {src.competition!r}; expected one of {cfg.competition!r}")
+        return RunDir.of(src)
+
+    def pseudo_files(self) -> list[Path]:
+        """The source's files pseudo-labels come from: fold k's own ``test_pred_fold<k>.csv`` for each
+        fold, and with ``train.refit`` its all-fold ``test_pred.csv`` (the refit has no validation rows)."""
+        src = self.pseudo_source()
+        files = [src.test_pred_fold(k) for k in range(self.n_folds())]
+        return files + [src.test_pred] if self.cfg.train.refit else files
+
+    def pseudo_digest(self) -> str:
+        """Short digest of the source's pseudo-label files (names and bytes)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for p in self.pseudo_files():
+            if not p.is_file():
+                raise PipelineError(f"{self.cfg.path}: pseudo.from: {p} not found; run `pipeline predict` for the source first")
+            h.update(p.name.encode() + b"\0" + p.read_bytes())
+        return h.hexdigest()[:8]
 
     def finished_fold_oofs(self, n_folds: int, run_hash: str) -> tuple[dict[int, list[Path]], list[int]]:
         """({fold: its jobs' oof.csv, one per seed} for folds whose every seed is done, folds still waiting)."""
@@ -403,6 +453,7 @@ class RunDir:
     augment_preview = property(lambda self: self.path / "augment_preview.png")
     adversarial_json = property(lambda self: self.path / "adversarial.json")
     adversarial_scores = property(lambda self: self.path / "adversarial_scores.csv")
+    tb_hparams = property(lambda self: self.path / "tb_hparams")
 
     def test_pred_fold(self, fold: int) -> Path:
         """Fold ``fold``'s models' own test predictions (averaged over its seeds)."""

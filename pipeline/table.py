@@ -20,6 +20,8 @@ class Table:
     class_names: label names in class-index order
     meta:       per-row raw columns (e.g. the raw ``inc_angle`` with NaN) for grouping
     value_range: (lo, hi) of the pixel scale, used to normalise and to map augmentations
+    sample_weights: (N,) float32 loss weight per row, or None (1 each); set for pseudo-labelled rows
+    soft_targets: (N, K) float32 training target per row, or None (one-hot of labels)
     """
 
     ids: np.ndarray
@@ -30,12 +32,18 @@ class Table:
     feature_names: list[str] = field(default_factory=list)
     meta: pd.DataFrame | None = None
     value_range: tuple[float, float] = (0.0, 255.0)
+    sample_weights: np.ndarray | None = None
+    soft_targets: np.ndarray | None = None
 
     def __post_init__(self):
         n = len(self.ids)
         assert self.images.ndim == 4 and len(self.images) == n, (self.images.shape, n)
         if self.labels is not None:
             assert len(self.labels) == n
+        if self.sample_weights is not None:
+            assert self.sample_weights.shape == (n,)
+        if self.soft_targets is not None:
+            assert self.soft_targets.shape == (n, len(self.class_names))
         if self.features is not None:
             assert self.features.shape == (n, len(self.feature_names))
 

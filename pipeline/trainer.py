@@ -40,6 +40,11 @@ from .table import Table
 log = logging.getLogger(__name__)
 
 
+# fold_of values besides a real row's fold (>= 0): a row every job trains on and none validates
+# (a pseudo-labelled test row, pipeline/pseudo.py), and a row this job does not use at all
+TRAIN_ONLY, UNUSED = -2, -3
+
+
 def derive_seed(*parts) -> int:
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:4], "little")
 
@@ -110,16 +115,26 @@ def build_components(*, cfg: Config, table: Table, tr_idx: np.ndarray, seed: int
 
         augment = build_augment(cfg.augment, table.value_range, table.channels, table.image_size, seed=seed,
                                 where=f"{cfg.path}: augment")
-    counts = np.bincount(table.labels[tr_idx], minlength=table.num_classes)
+    counts = class_mass(table, tr_idx)
     weight = None
     if cfg.train.class_weights == "balanced":
-        weight = torch.tensor(len(tr_idx) / (table.num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+        weight = torch.tensor(counts.sum() / (table.num_classes * np.maximum(counts, 1)), dtype=torch.float32)
     from .defaults import resolve_label_smoothing
 
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=resolve_label_smoothing(cfg, table.num_classes)).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_plan(device.type, precision).scaler)
     return Components(model=model, ema=ema, opt=opt, sched=sched, per_step=per_step, loss_fn=loss_fn,
                       augment=augment, steps_per_epoch=n_steps, weights_source=weights_source, scaler=scaler)
+
+
+def class_mass(table: Table, idx: np.ndarray) -> np.ndarray:
+    """Rows per class among ``idx``, each counted with its loss weight and (soft) target: plain counts
+    for a table without them."""
+    if table.sample_weights is None and table.soft_targets is None:
+        return np.bincount(table.labels[idx], minlength=table.num_classes)
+    w = table.sample_weights[idx] if table.sample_weights is not None else np.ones(len(idx))
+    t = table.soft_targets[idx] if table.soft_targets is not None else np.eye(table.num_classes)[table.labels[idx]]
+    return (w[:, None] * t).sum(0)
 
 
 # ---- one epoch -----------------------------------------------------------------------------
@@ -158,11 +173,12 @@ def train_one_epoch(parts: Components, *, source, n_batches: int, table: Table, 
         if x is not None:
             x = x.to(device, non_blocking=nb)
             x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-        x, y2, lam = mix_batch(x, y, t, rng) if x is not None else (x, y, 1.0)
+        pos = torch.arange(len(idx), device=device)  # mix_batch permutes any per-row tensor: the partners' positions
+        x, partner, lam = mix_batch(x, pos, t, rng) if x is not None else (x, pos, 1.0)
         with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
             logits = model(x, f) if x is not None else model.forward_head(embeddings[idx], f)
             logits = logits.float()
-            loss = mixed_loss(parts.loss_fn, logits, y, y2, lam)
+            loss = batch_loss(parts.loss_fn, logits, table, idx, y, partner, lam)
         scaler.scale(loss / accum).backward()
         if (i + 1) % accum == 0 or i + 1 == n_batches:  # gradient accumulation
             if t.grad_clip:
@@ -225,6 +241,29 @@ def mixed_loss(loss_fn, logits: torch.Tensor, y: torch.Tensor, y2: torch.Tensor,
     if lam == 1.0:
         return loss_fn(logits, y)
     return lam * loss_fn(logits, y) + (1 - lam) * loss_fn(logits, y2)
+
+
+def batch_loss(loss_fn, logits: torch.Tensor, table: Table, idx: np.ndarray, y: torch.Tensor, partner: torch.Tensor,
+               lam: float) -> torch.Tensor:
+    """The loss of batch ``idx`` (``partner``: each row's mixing partner's position). A table with per-row
+    weights or soft targets (pseudo-labelled rows): each row's cross-entropy against its target (label
+    smoothing and class weights as ``loss_fn`` has them) times its weight, over the batch's class-weight
+    mass, so weights of 1 and one-hot targets give ``mixed_loss`` exactly; a mixed row takes lam of its
+    own weighted loss and 1 - lam of its partner's."""
+    if table.sample_weights is None and table.soft_targets is None:
+        return mixed_loss(loss_fn, logits, y, y[partner], lam)
+    dev, cw = logits.device, loss_fn.weight
+    s = torch.from_numpy(np.asarray(table.sample_weights[idx], np.float32)).to(dev) if table.sample_weights is not None \
+        else torch.ones(len(idx), device=dev)
+    target = torch.from_numpy(np.asarray(table.soft_targets[idx], np.float32)).to(dev) if table.soft_targets is not None \
+        else nn.functional.one_hot(y, logits.shape[1]).float()
+
+    def weighted(tgt, w):
+        per_row = nn.functional.cross_entropy(logits, tgt, weight=cw, label_smoothing=loss_fn.label_smoothing, reduction="none")
+        mass = tgt @ cw if cw is not None else torch.ones_like(w)
+        return (w * per_row).sum() / mass.sum()
+
+    return weighted(target, s) if lam == 1.0 else lam * weighted(target, s) + (1 - lam) * weighted(target[partner], s[partner])
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, t, rng: np.random.Generator):
@@ -364,11 +403,12 @@ class FoldTrainer:
 
     def __init__(self, *, cfg: Config, table: Table, fold_of: np.ndarray, job: JobDir, device: torch.device,
                  run_hash: str, precision: str = "fp32", embeddings: torch.Tensor | None = None,
-                 on_epoch: Callable | None = None, deadline: float | None = None):
+                 on_epoch: Callable | None = None, deadline: float | None = None, done_extra: dict | None = None):
         self.cfg, self.table, self.job, self.device, self.hash = cfg, table, job, device, run_hash
         self.precision, self.embeddings = precision, embeddings
+        self.done_extra = done_extra or {}  # the caller's facts for done.json (e.g. its pseudo rows)
         self.refit = job.is_refit  # refit on all rows: no validation, the last epoch is kept
-        self.tr_idx = np.flatnonzero(fold_of != job.fold)
+        self.tr_idx = np.flatnonzero((fold_of != job.fold) & (fold_of != UNUSED))
         self.va_idx = np.flatnonzero(fold_of == job.fold)
         if (len(self.va_idx) == 0 and not self.refit) or len(self.tr_idx) == 0:
             raise PipelineError(f"{cfg.folds_path}: fold {job.fold} is empty; rerun `pipeline fold {cfg.path}`")
@@ -526,7 +566,8 @@ class FoldTrainer:
         best = progress.best
         return self.artifacts.finish({"hash": self.hash, "fold": job.fold, "seed": job.seed, "best_epoch": best["epoch"],
                                       "val_loss": best["val_loss"], mname: best.get(mname),
-                                      "epochs_run": len(progress.history), "weights": self.parts.weights_source})
+                                      "epochs_run": len(progress.history), "weights": self.parts.weights_source,
+                                      **self.done_extra})
 
     def meta(self, best: dict) -> dict:
         t = self.table

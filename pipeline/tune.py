@@ -369,7 +369,19 @@ class Objective:
             raise PipelineError(f"{run_dir}: folds {missing} did not report a value")
         vals = [fold_values[k] for k in self.folds]
         trial.set_user_attr("cv_std", cv_std(vals))
+        self._write_hparams(tcfg, values, vals)
         return float(sum(vals) / len(vals))
+
+    def _write_hparams(self, tcfg: Config, values: dict, fold_scores: list[float]) -> None:
+        """The trial's TensorBoard HParams session: headline and searched keys, the tuned folds' CV metric."""
+        from .hparams import cv_metrics, headline, write_hparams
+        from .runs import RunDir
+
+        run = RunDir.of(tcfg)
+        try:
+            write_hparams(run.tb_hparams, {**headline(tcfg, self.table.image_size), **values}, cv_metrics(tcfg.metric, fold_scores))
+        except OSError as e:  # the trial's value stands without it
+            log.info(f"warning: could not write TensorBoard HParams to {run.tb_hparams}: {e}")
 
     def _on_epoch(self, trial, job, epoch: int, row: dict) -> None:
         """Epoch-wise pruners: the first tuned fold's value after each epoch (step = epoch)."""

@@ -32,7 +32,7 @@ def _iceberg(make_config, iceberg_dir, **train):
 
 
 def _chosen(cfg, n_jobs=4, hooks=False):
-    ex = _executor(cfg, todo=[None] * n_jobs, table=None, fold_of=None, device=torch.device("cpu"), run_hash="h",
+    ex = _executor(cfg, todo=[None] * n_jobs, table=None, rows=None, device=torch.device("cpu"), run_hash="h",
                    precision="fp32", t_start=0.0, n_refit=0, on_epoch=None, hooks=hooks)
     return type(ex)
 
