@@ -225,3 +225,42 @@ def test_ray_cluster_survives_a_killed_worker_node(make_config, iceberg_dir, tmp
 
     a, b = (load_file(f"{root}/runs/comp/exp/refit/best.safetensors") for root in (tmp_path / "ray_run", "."))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+@pytest.mark.slow  # a one-node Ray cluster starts: about a minute on a loaded 2-core machine
+def test_ray_pseudo_labels_and_refit_match_local(make_config, iceberg_dir, tmp_path, monkeypatch):
+    """Pseudo-labels reach the Ray tasks as they reach fold_jobs' processes (the same rows, the same
+    done.json record), and the refit, a Ray task too, trains on them."""
+    pytest.importorskip("ray")
+    from test_pseudo import RUN, SRC, TRAIN, confident, craft_source
+
+    path = make_config(iceberg_dir, folds={"n_splits": 3, "seed": 0}, pseudo={"from": str(SRC), "threshold": 0.95},
+                       model={"backbone": "simple_cnn", "pretrained": False, "drop_rate": 0.0},
+                       train={**TRAIN, "refit": True})
+    assert run_cli("fold", path) == 0
+    n_test = len(read_table(load_config(path), "test"))
+    craft_source(path, all_probs=confident(n_test, range(0, n_test, 2), [0, 1] * n_test))  # the refit's rows
+    assert run_cli("train", path) == 0
+    a = pd.read_csv(RUN / "oof.csv", dtype={"id": str})
+    done = {d: (RUN / d / "done.json").read_text() for d in ("fold_1", "refit")}
+    for d in ("fold_0", "fold_1", "fold_2", "refit"):
+        (RUN / d / "done.json").unlink()
+    port, temp = _free_port(), tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    head = None
+    try:
+        head = _Node(["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}"],
+                     env, tmp_path / "head.log")
+        assert run_cli("train", path, "train.executor=ray", f"train.ray_address=127.0.0.1:{port}") == 0
+    finally:
+        if head is not None:
+            head.kill()
+        subprocess.run(["rm", "-rf", temp], check=False)
+    b = pd.read_csv(RUN / "oof.csv", dtype={"id": str})
+    pd.testing.assert_frame_equal(a, b, atol=1e-4)  # 1 thread per Ray job against all cores here
+    import json
+
+    for d, text in done.items():
+        assert json.loads((RUN / d / "done.json").read_text())["pseudo"] == json.loads(text)["pseudo"], d
+    assert json.loads(done["refit"])["pseudo"]["rows"] > 0
