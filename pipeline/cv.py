@@ -186,7 +186,7 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     source = check_source(cfg) if cfg.pseudo is not None else None  # before the plan writes anything
     cfg = planned(cfg)
     device = dist.check(cfg)  # before the data is read (its cache) or a run folder is made
-    table = table if table is not None else read_table(cfg, "train")
+    table = table if table is not None else dist.main_first(lambda: read_table(cfg, "train"))
     check_plan_data(cfg, table)
     check_learnable(cfg, table)  # before any done.json of an earlier run is deleted
     fold_of = load_folds(cfg, table)

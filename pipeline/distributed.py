@@ -193,6 +193,15 @@ class DistContext:
             raise error if error is not None else value
         return value
 
+    def main_first(self, make: Callable[[], T]) -> T:
+        """``make()`` on rank 0, then on the other ranks, which find what it made (a decoded-image
+        cache) instead of making it again side by side; rank 0's error is every rank's."""
+        if not self.active:
+            return make()
+        made: list = []
+        self.broadcast_decision(lambda: made.append(make()))
+        return made[0] if self.is_main else make()
+
     def shard(self, rows: np.ndarray) -> np.ndarray:
         """This rank's contiguous share of ``rows`` (sizes differ by at most one)."""
         if not self.active:

@@ -40,6 +40,8 @@ def test_one_process_is_inert():
     assert d.shard(rows) is rows and d.gather_rows(rows) is rows
     assert d.shard_batches(batches) == (batches, None)
     assert d.broadcast_decision(lambda: "stop") == "stop" and d.all_reduce_sum([1.5, 2]) == [1.5, 2]
+    made = []
+    assert d.main_first(lambda: made.append(1) or "table") == "table" and made == [1]  # once, not twice
     with pytest.raises(ValueError):  # a decision's exception is raised as it is
         d.broadcast_decision(lambda: int("x"))
     d.barrier()
@@ -118,6 +120,8 @@ for name, fn in (("pipeline", lambda: (_ for _ in ()).throw(PipelineError("runs/
 rows = np.arange(11)
 out["gathered"] = d.gather_rows(rows[d.shard(rows)] * 10).tolist()
 out["sum"] = d.all_reduce_sum([d.rank + 1.0, 1.0])
+marker = sys.argv[1].rsplit("/", 1)[0] + "/made"  # one file both ranks see
+out["first"] = d.main_first(lambda: (open(marker, "a").write(f"{d.rank} "), open(marker).read())[1])
 d.barrier()
 d.teardown()
 json.dump(out, open(sys.argv[1], "w"))
@@ -139,6 +143,7 @@ def test_two_real_ranks_agree_on_rank_0s_decisions(tmp_path):
         assert r["decision"] == "stop at epoch 3 (decided by rank 0)"
         assert r["pipeline"] == "PipelineError: runs/x: held by another machine"
         assert r["gathered"] == list(range(0, 110, 10)) and r["sum"] == [3.0, 2.0]
+    assert (r0["first"], r1["first"]) == ("0 ", "0 1 ")  # rank 1 ran after rank 0 had made it
     assert r0["unpicklable"] == "Local: no pickle"  # rank 0 raises its own; rank 1 gets its text
     assert r1["unpicklable"] == "RuntimeError: rank 0: Local: no pickle"
 
