@@ -192,6 +192,27 @@ def test_bad_torchrun_environment_is_one_line(make_config, iceberg_dir, monkeypa
     assert "environment: RANK='x' is not a whole number" in cli_error(capsys, "train", path)
 
 
+def test_each_rank_trains_on_its_local_gpu(make_config, iceberg_dir, monkeypatch):
+    """CUDA faked as far as the decisions can tell: rank r of a node uses cuda:LOCAL_RANK (made current),
+    sync_bn is allowed there, and an explicit cuda:K (every rank on one GPU) is refused."""
+    from pipeline import device as dev
+    from pipeline.config import load_config
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    monkeypatch.setattr(dev, "apply_cudnn_flags", lambda d, det: None)
+    path = make_config(iceberg_dir, **TINY)
+    for device in ("auto", "cuda"):
+        cfg = load_config(path, [f"train.device={device}", "train.sync_bn=true"])
+        assert DistContext(rank=3, world_size=4, local_rank=1).check(cfg) == torch.device("cuda:1")
+    assert calls == [torch.device("cuda:1")] * 2
+    cfg = load_config(path, ["train.device=cpu", "train.sync_bn=true"])  # gloo on a GPU box: refused as on CPU
+    with pytest.raises(PipelineError, match="train.sync_bn: true on cpu"):
+        DistContext(rank=0, world_size=2).check(cfg)
+
+
 def test_sync_bn_in_one_process_changes_nothing(make_config, iceberg_dir):
     """Without torchrun there is nothing to synchronise: the key is accepted and leaves the model alone."""
     from pipeline.config import load_config
