@@ -148,6 +148,31 @@ def test_two_real_ranks_agree_on_rank_0s_decisions(tmp_path):
     assert r1["unpicklable"] == "RuntimeError: rank 0: Local: no pickle"
 
 
+def test_freeze_bn_keeps_running_statistics_while_weights_train(make_config, iceberg_dir):
+    """``train.freeze_bn``: what makes per-rank shares compute what the global batch does."""
+    from pipeline.config import load_config
+    from pipeline.fold import load_folds, run_fold
+    from pipeline.formats import read_table
+    from pipeline.plan import planned
+    from pipeline.runs import RunDir
+    from pipeline.trainer import FoldTrainer
+
+    path = make_config(iceberg_dir, folds={"n_splits": 2, "seed": 0}, **TINY)
+    run_fold(load_config(path))
+    for freeze in (True, False):
+        cfg = planned(load_config(path, [f"train.freeze_bn={str(freeze).lower()}", "train.max_steps_per_epoch=2"]))
+        table = read_table(cfg, "train")
+        tr = FoldTrainer(cfg=cfg, table=table, fold_of=load_folds(cfg, table), job=RunDir.of(cfg).job_dir(0, 42),
+                         device=torch.device("cpu"), run_hash="test")
+        tr.build()
+        stats = lambda: [b.clone() for n, b in tr.model.named_buffers() if n.endswith("running_mean")]  # noqa: E731
+        weights = lambda: [p.detach().clone() for n, p in tr.model.named_parameters() if "bn" in n]  # noqa: E731
+        s0, w0 = stats(), weights()
+        tr.train_epoch(1)
+        assert s0 and all(torch.equal(a, b) for a, b in zip(s0, stats())) == freeze
+        assert not all(torch.equal(a, b) for a, b in zip(w0, weights()))  # BatchNorm's own weights still learn
+
+
 # ---- what a world refuses, before any process group (env-faked main) ------------------------------
 
 @pytest.fixture
