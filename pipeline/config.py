@@ -508,6 +508,8 @@ def load_config(path: str | Path, overrides: list[str] | dict | None = None, che
     d = _load_with_extends(path)
     if overrides:
         d = apply_overrides(d, overrides)
+    if isinstance(d.get("members"), dict) and "base" in d:  # a zoo file (pipeline/zoo.py), not an experiment
+        raise PipelineError(f"{path}: is a zoo file (base, members); use `pipeline zoo {path}`")
     for k in ("path", "name", "plan"):  # derived from the file (and the run), never set in it
         if k in d:
             hint = "; this looks like an ensemble file: use `pipeline ensemble`" if "members" in d else ""
