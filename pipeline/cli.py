@@ -80,9 +80,21 @@ def cmd_fold(args):
 
 def cmd_train(args):
     from .cv import train_cv
+    from .distributed import DistContext
 
     folds = _int_list(args.folds, "--folds") if args.folds else None
-    train_cv(_config(args, plan="make"), folds=folds)
+    dist = DistContext.from_env()
+    if not dist.active:  # no torchrun (or a world of one): no process group
+        train_cv(_config(args, plan="make"), folds=folds)
+        return
+    from .plan import planned
+
+    cfg = _config(args, plan="none")
+    device = dist.check(cfg)  # what a world cannot run is one line before any process group
+    with dist.running(device):
+        # rank 0 makes the plan (it may time the model); every rank trains the config it planned
+        cfg = dist.broadcast_decision(lambda: planned(cfg, create=True, require=False))
+        train_cv(cfg, folds=folds, dist=dist)
 
 
 def cmd_augment(args):
@@ -309,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     t0 = time.time()
     try:
+        _refuse_torchrun(args.command)
         args.fn(args)
     except PipelineError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
@@ -327,6 +340,16 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("PIPELINE_TIMING"):
         print(f"[{args.command}] {time.time() - t0:.1f}s", file=sys.stderr)
     return 0
+
+
+def _refuse_torchrun(command: str) -> None:
+    """Under torchrun only ``train`` runs data-parallel; N copies of another stage would race for its files."""
+    from .distributed import DistContext
+
+    dist = DistContext.from_env()
+    if dist.active and command != "train":
+        raise PipelineError(f"torchrun: `pipeline {command}` runs in one process (WORLD_SIZE={dist.world_size}); "
+                            "only `pipeline train` trains data-parallel, run the other stages without torchrun")
 
 
 def _save_traceback(command: str) -> str:

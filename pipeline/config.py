@@ -196,6 +196,11 @@ class TrainConfig(Section):
     max_steps_per_epoch: int | None = Field(None, ge=1)
     fold_jobs: int = Field(1, ge=1, le=1024, description="CPU: folds trained at once, each in its own process with "
                                                 "cores/fold_jobs threads (pipeline/fold_jobs.py)")
+    sync_bn: bool = Field(False, description="under torchrun on CUDA: BatchNorm statistics over the global batch "
+                                             "(SyncBatchNorm) instead of each rank's share (pipeline/distributed.py)")
+    freeze_bn: bool = Field(False, description="BatchNorm uses and keeps its running statistics while training (its "
+                                               "weights still learn): a pretrained backbone's statistics survive small "
+                                               "batches, and a torchrun run computes what one process does")
     # Where the fold x seed jobs run (runtime keys, out of the run hash). auto is the rule from before
     # the key existed: processes when fold_jobs > 1, else local.
     executor: Literal["auto", "local", "processes", "ray"] = Field(
@@ -401,6 +406,8 @@ class Config(Section):
 # ``train.deterministic`` changes nothing on CPU and on CUDA only which kernels compute the same sums
 # (last digits, as another device does), so it is a runtime key like ``train.device``: flipping it to
 # speed up the remaining folds does not retrain the others.
+# Nor does torchrun's world size, which is no config key at all: train.batch_size is the global batch
+# however many ranks share it (pipeline/distributed.py).
 RUNTIME_KEYS = ("data.dir", "data.cache", "train.device", "train.num_workers", "train.fold_jobs",
                 "train.deterministic", "train.executor", "train.ray_address", "train.ray_num_cpus",
                 "train.ray_num_gpus", "train.ray_max_retries", "paths")
@@ -527,6 +534,8 @@ def load_config(path: str | Path, overrides: list[str] | dict | None = None, che
     d = _load_with_extends(path)
     if overrides:
         d = apply_overrides(d, overrides)
+    if isinstance(d.get("members"), dict) and "base" in d:  # a zoo file (pipeline/zoo.py), not an experiment
+        raise PipelineError(f"{path}: is a zoo file (base, members); use `pipeline zoo {path}`")
     for k in ("path", "name", "plan"):  # derived from the file (and the run), never set in it
         if k in d:
             hint = "; this looks like an ensemble file: use `pipeline ensemble`" if "members" in d else ""

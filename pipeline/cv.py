@@ -8,6 +8,10 @@ predictions (``oof.csv``: every training row exactly once) and trains the refit 
 what each job trains on: the training table, and with ``pseudo`` the test rows the job's fold
 selects (``pipeline.pseudo``), which join its training part and never its validation part. Where each
 file goes is ``pipeline.runs``' business; what a prediction file holds, ``pipeline.predictions``'.
+
+Under torchrun (``dist``: ``pipeline.distributed.DistContext``) every rank runs this same driver
+over the same job list, one job at a time, each job trained by all ranks together; what is decided
+once (which jobs are left, the precision, the OOF file) is done on rank 0 and broadcast.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import pandas as pd
 import torch
 
 from .config import Config
-from .device import prepare_training_device
+from .distributed import DistContext
 from .errors import LockHeld, PipelineError
 from .fold import check_learnable, load_folds
 from .inference import features_tensor, to_tensor
@@ -61,7 +65,8 @@ def job_outcome(job: JobDir, run: Callable[[], dict]) -> dict | None:
     except LockHeld as e:
         log.info(f"{job.label}: skipping, {e}")
         return None
-    log.info(f"{job.label}: best epoch {res['best_epoch']}, val_loss {res['val_loss']:.4f}")
+    world = f", world_size {res['world_size']}" if res.get("world_size", 1) > 1 else ""
+    log.info(f"{job.label}: best epoch {res['best_epoch']}, val_loss {res['val_loss']:.4f}{world}")
     return res
 
 
@@ -94,10 +99,12 @@ class SequentialExecutor:
     """Jobs one after another in this process; the only one that takes per-epoch hooks."""
 
     def __init__(self, *, cfg: Config, table: Table, rows: JobRows, device: torch.device, run_hash: str,
-                 precision: str, deadline: Callable[[int], float | None], on_epoch: Callable | None = None):
+                 precision: str, deadline: Callable[[int], float | None], on_epoch: Callable | None = None,
+                 dist: DistContext = DistContext()):
         # ``table``: every row any job reads (the cached embeddings are of it); ``rows``: each job's view
         self.cfg, self.table, self.rows, self.device = cfg, table, rows, device
         self.run_hash, self.precision, self.deadline, self.on_epoch = run_hash, precision, deadline, on_epoch
+        self.dist = dist  # under torchrun: every rank runs the same jobs in the same order, together
 
     def run(self, jobs: list[JobDir]) -> Iterator[tuple[JobDir, dict | None]]:
         embeddings, emb_seed = None, None
@@ -107,7 +114,8 @@ class SequentialExecutor:
             table, fold_of, extra = self.rows(job.fold)
             trainer = FoldTrainer(cfg=self.cfg, table=table, fold_of=fold_of, job=job, device=self.device,
                                   run_hash=self.run_hash, precision=self.precision, embeddings=embeddings,
-                                  on_epoch=self.on_epoch, deadline=self.deadline(len(jobs) - j), done_extra=extra)
+                                  on_epoch=self.on_epoch, deadline=self.deadline(len(jobs) - j), done_extra=extra,
+                                  dist=self.dist)
             yield job, job_outcome(job, trainer.run)
 
 
@@ -239,7 +247,8 @@ def _one_line(e: Exception) -> str:
 
 
 def _executor(cfg: Config, *, todo: list[JobDir], table: Table, rows: JobRows, device: torch.device, run_hash: str,
-              precision: str, t_start: float, n_refit: int, on_epoch, hooks: bool, pseudo=None):
+              precision: str, t_start: float, n_refit: int, on_epoch, hooks: bool, pseudo=None,
+              dist: DistContext = DistContext()):
     """The executor ``train.executor`` asks for, where it can run: per-epoch hooks (tuning) and cached
     embeddings need this process."""
     from .plan import executor_width
@@ -256,7 +265,7 @@ def _executor(cfg: Config, *, todo: list[JobDir], table: Table, rows: JobRows, d
                                # waves of n_par jobs side by side, then each refit alone
                                n_waves=-(-len(todo) // n_par) + n_refit, pseudo=pseudo)
     return SequentialExecutor(cfg=cfg, table=table, rows=rows, device=device, run_hash=run_hash,
-                              precision=precision, on_epoch=on_epoch,
+                              precision=precision, on_epoch=on_epoch, dist=dist,
                               deadline=lambda jobs_left: _deadline(cfg, t_start, jobs_left + n_refit))
 
 
@@ -283,12 +292,29 @@ def _resolved_train_keys(cfg: Config, table, precision: str) -> dict | None:
     return resolved or None
 
 
+def _start_run(cfg: Config, table: Table, device: torch.device, run: RunDir, pseudo) -> str:
+    """The run folder made and swept, its pseudo-label summary, the precision resolved and the config
+    snapshot written (on rank 0 under torchrun); returns the precision."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    for tmp in sweep_temps(run.path):
+        log.info(f"removed {tmp}, left by a killed run")
+    if pseudo is not None:
+        atomic_write_json(run.pseudo_json, pseudo.summary(cfg))
+    else:
+        run.pseudo_json.unlink(missing_ok=True)  # from an earlier config of this experiment
+    precision = _run_precision(cfg, table, device, run)
+    run.write_snapshot("train", _resolved_train_keys(cfg, table, precision))
+    return precision
+
+
 def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = None,
-             on_epoch=None, on_fold=None) -> pd.DataFrame | None:
+             on_epoch=None, on_fold=None, dist: DistContext = DistContext()) -> pd.DataFrame | None:
     """Train every requested fold (skipping finished ones); returns the OOF frame once all folds are done.
 
     ``on_epoch(job, epoch, history_row)`` runs after each epoch and ``on_fold(job, done)`` after each
     finished fold (done.json contents); either may raise to stop training (e.g. optuna.TrialPruned).
+    ``dist``: this process's place in a torchrun world (every rank calls ``train_cv`` alike; the
+    hooks run on rank 0).
     """
     from .formats import read_table
     from .plan import check_plan_data, describe, planned
@@ -298,8 +324,8 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     if cfg.train.executor == "ray" and not hooks:
         check_ray(cfg)  # before the plan or anything else is written
     cfg = planned(cfg)
-    device = prepare_training_device(cfg.train)  # before the data is read (its cache) or a run folder is made
-    table = table if table is not None else read_table(cfg, "train")
+    device = dist.check(cfg)  # before the data is read (its cache) or a run folder is made
+    table = table if table is not None else dist.main_first(lambda: read_table(cfg, "train"))
     check_plan_data(cfg, table)
     check_learnable(cfg, table)  # before any done.json of an earlier run is deleted
     fold_of = load_folds(cfg, table)
@@ -315,39 +341,28 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
         base = pseudo.combine(table, test)
     rows = _job_rows(table, fold_of, pseudo, base)
     run = RunDir.of(cfg)
-    run.path.mkdir(parents=True, exist_ok=True)
-    for tmp in sweep_temps(run.path):
-        log.info(f"removed {tmp}, left by a killed run")
-    if pseudo is not None:
-        atomic_write_json(run.pseudo_json, pseudo.summary(cfg))
-    else:
-        run.pseudo_json.unlink(missing_ok=True)  # from an earlier config of this experiment
     run_hash, seeds = run.run_hash(), run.seeds
-    precision = _run_precision(cfg, table, device, run)
-    run.write_snapshot("train", _resolved_train_keys(cfg, table, precision))
+    precision = dist.broadcast_decision(lambda: _start_run(cfg, table, device, run, pseudo))
     n_refit = len(seeds) if cfg.train.refit else 0  # the time budget is shared by the refit models too
     t_start = time.time()
     log.info(f"train {cfg.name}: {cfg.model.backbone} ({'pretrained' if cfg.model.pretrained else 'from scratch'}, finetune {cfg.model.finetune}) "
-             f"on {len(table)} images {table.channels}x{table.image_size[0]}x{table.image_size[1]}, folds {wanted}, seeds {seeds}, device {device}")
+             f"on {len(table)} images {table.channels}x{table.image_size[0]}x{table.image_size[1]}, folds {wanted}, seeds {seeds}, device {device}"
+             + (f", {dist.describe()} (global batch {cfg.train.batch_size})" if dist.active else ""))
     if cfg.plan is not None:
         log.info(describe(cfg, cfg.plan) + f" ({run.plan_json})")
     for line in pseudo.describe() if pseudo is not None else []:
         log.info(line)
-    todo = [job for job in run.jobs(wanted) if _needs_training(job, run_hash)]
+    todo = dist.broadcast_decision(lambda: [job for job in run.jobs(wanted) if _needs_training(job, run_hash)])
     executor = _executor(cfg, todo=todo, table=base, rows=rows, device=device, run_hash=run_hash, precision=precision,
-                         t_start=t_start, n_refit=n_refit, on_epoch=on_epoch, hooks=hooks, pseudo=pseudo)
+                         t_start=t_start, n_refit=n_refit, on_epoch=on_epoch, hooks=hooks, pseudo=pseudo, dist=dist)
     try:
         for job, res in executor.run(todo):
             if res is not None and on_fold is not None:
-                on_fold(job, res)
-        oof = collect_oof(cfg, table, fold_of, run_hash)
-        if oof is not None:  # the run's CV metric is known here: its TensorBoard HParams session
-            from .hparams import write_run_hparams
-
-            write_run_hparams(run, table, oof)
+                dist.broadcast_decision(lambda: on_fold(job, res))
+        oof = dist.broadcast_decision(lambda: _finish_cv(cfg, table, fold_of, run_hash, run))
         if oof is not None and cfg.train.refit:
             _refits(cfg, executor, table, fold_of, seeds=seeds, device=device, run_hash=run_hash, precision=precision,
-                    t_start=t_start, rows=rows, pseudo=pseudo)
+                    t_start=t_start, rows=rows, pseudo=pseudo, dist=dist)
     finally:
         if isinstance(executor, RayExecutor):
             executor.close()
@@ -356,7 +371,7 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
 
 
 def _refits(cfg: Config, executor, table: Table, fold_of: np.ndarray, *, seeds: list[int], device, run_hash: str,
-            precision: str, t_start: float, rows: JobRows, pseudo) -> None:
+            precision: str, t_start: float, rows: JobRows, pseudo, dist: DistContext) -> None:
     """One refit per seed: Ray tasks side by side with the ray executor, else one after another in this
     process with all its threads (local and processes)."""
     if isinstance(executor, RayExecutor):
@@ -367,7 +382,19 @@ def _refits(cfg: Config, executor, table: Table, fold_of: np.ndarray, *, seeds: 
         return
     for i, seed in enumerate(seeds):
         refit(cfg, table, fold_of, seed=seed, device=device, run_hash=run_hash, precision=precision,
-              deadline=_deadline(cfg, t_start, len(seeds) - i), rows=rows if pseudo is not None else None, pseudo=pseudo)
+              deadline=_deadline(cfg, t_start, len(seeds) - i), rows=rows if pseudo is not None else None,
+              pseudo=pseudo, dist=dist)
+
+
+def _finish_cv(cfg: Config, table: Table, fold_of: np.ndarray, run_hash: str, run: RunDir) -> pd.DataFrame | None:
+    """``oof.csv`` once every fold is finished, and the run's TensorBoard HParams session (its CV metric
+    is known here); on rank 0 under torchrun."""
+    oof = collect_oof(cfg, table, fold_of, run_hash)
+    if oof is not None:
+        from .hparams import write_run_hparams
+
+        write_run_hparams(run, table, oof)
+    return oof
 
 
 def _log_spent(cfg: Config, spent: float, trained: bool) -> None:
@@ -384,28 +411,30 @@ def _log_spent(cfg: Config, spent: float, trained: bool) -> None:
 
 
 def refit(cfg: Config, table: Table, fold_of: np.ndarray, *, seed: int, device, run_hash: str, precision: str,
-          deadline: float | None = None, rows: JobRows | None = None, pseudo=None) -> dict:
+          deadline: float | None = None, rows: JobRows | None = None, pseudo=None,
+          dist: DistContext = DistContext()) -> dict:
     """Train on every row for the epoch count CV chose (median best epoch); saved in ``RunDir.refit_dir``.
     ``rows``: the jobs' views of the table (``_job_rows``), when the refit trains on ``pseudo`` rows too."""
-    todo = _refit_job(cfg, fold_of, seed, run_hash, pseudo)
+    todo = _refit_job(cfg, fold_of, seed, run_hash, pseudo, dist)
     if todo is None:
-        return RunDir.of(cfg).refit_dir(seed).read_done()
+        return dist.broadcast_decision(RunDir.of(cfg).refit_dir(seed).read_done)
     rcfg, job = todo
     # the refit job's fold (< 0) is none of the rows': every real row (and every selected pseudo row) trains
     rtable, rfold, extra = rows(job.fold) if rows is not None else (table, np.full(len(table), 0), None)
-    return FoldTrainer(cfg=rcfg, table=rtable, fold_of=rfold, job=job, device=device,
-                       run_hash=run_hash, precision=precision, deadline=deadline, done_extra=extra).run()
+    return FoldTrainer(cfg=rcfg, table=rtable, fold_of=rfold, job=job, device=device, run_hash=run_hash,
+                       precision=precision, deadline=deadline, done_extra=extra, dist=dist).run()
 
 
-def _refit_job(cfg: Config, fold_of: np.ndarray, seed: int, run_hash: str, pseudo=None) -> tuple[Config, JobDir] | None:
+def _refit_job(cfg: Config, fold_of: np.ndarray, seed: int, run_hash: str, pseudo=None,
+               dist: DistContext = DistContext()) -> tuple[Config, JobDir] | None:
     """The refit job of ``seed`` and its config (the median best epoch of the folds, no early stop);
     None when it is done under ``run_hash``."""
     run = RunDir.of(cfg)
     n_folds = int(fold_of.max()) + 1
-    best = [run.job_dir(k, seed).read_done()["best_epoch"] for k in range(n_folds)]
+    best = dist.broadcast_decision(lambda: [run.job_dir(k, seed).read_done()["best_epoch"] for k in range(n_folds)])
     epochs = max(1, int(np.median(best)))
     job = run.refit_dir(seed)
-    done = job.read_done()
+    done = dist.broadcast_decision(job.read_done)
     if done is not None and done.get("hash") == run_hash:
         log.info(f"{job.label}: done, skipping")
         return None

@@ -174,12 +174,13 @@ def finetune_stage(m, epoch: int, epochs: int) -> str:
     return "full" if m.unfreeze_after and epoch > m.unfreeze_after else m.finetune
 
 
-def freeze_bn_stats(model: Net) -> None:
-    """BatchNorm of frozen layers keeps its pretrained statistics (call after ``model.train()``)."""
+def freeze_bn_stats(model: Net, every: bool = False) -> None:
+    """BatchNorm of frozen layers keeps its pretrained statistics (call after ``model.train()``);
+    ``every`` (``train.freeze_bn``): all BatchNorm layers do, their weights still training."""
     for mod in model.backbone.modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
             params = list(mod.parameters(recurse=False))
-            if params and not any(p.requires_grad for p in params):
+            if every or (params and not any(p.requires_grad for p in params)):
                 mod.eval()
 
 

@@ -8,7 +8,9 @@ such as an Optuna pruner) decide when to stop. ``FoldTrainer`` runs the loop. Th
 (``pipeline.cv``) decides which jobs run where; this module never imports it.
 
 Randomness is derived from (seed, fold, epoch) at each epoch start, so a resumed fold replays
-exactly what an uninterrupted one would.
+exactly what an uninterrupted one would. Under torchrun (``dist``, a ``pipeline.distributed.DistContext``)
+the ranks train one job together: each its share of every global batch through DDP, rank 0 writing
+the files and taking the decisions; in one process ``dist`` passes everything through.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import hashlib
 import logging
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -27,6 +30,7 @@ from torch import nn
 
 from .config import Config
 from .device import amp_plan, loader_kwargs, non_blocking
+from .distributed import DistContext, convert_sync_bn
 from .errors import PipelineError
 from .inference import Rows, features_tensor, predict_logits, softmax
 from .io import atomic_path, atomic_write_csv, exclusive, sweep_temps
@@ -70,6 +74,7 @@ class Components:
     steps_per_epoch: int
     weights_source: str
     scaler: torch.amp.GradScaler  # enabled for fp16 only; disabled, each of its calls passes through
+    ddp: nn.Module | None = None  # under torchrun: DistributedDataParallel over a TrainStep of ``model``
 
     @property
     def eval_model(self) -> nn.Module:
@@ -83,14 +88,15 @@ def caches_embeddings(cfg: Config) -> bool:
     return m.finetune == "head" and not (cfg.augment or m.unfreeze_after or cfg.train.mixup_alpha or cfg.train.cutmix_alpha)
 
 
-def steps_per_epoch(n_rows: int, t) -> int:
-    n = n_rows // t.batch_size + (n_rows % t.batch_size > 1)  # a last batch of one is dropped (BatchNorm)
+def steps_per_epoch(n_rows: int, t, world_size: int = 1) -> int:
+    # a last batch of fewer than 2 rows per rank is dropped (BatchNorm)
+    n = n_rows // t.batch_size + (n_rows % t.batch_size >= 2 * world_size)
     n = max(n, 1)
     return min(n, t.max_steps_per_epoch or n)
 
 
 def build_components(*, cfg: Config, table: Table, tr_idx: np.ndarray, seed: int, device: torch.device,
-                     channels_last: bool, with_augment: bool, precision: str = "fp32") -> Components:
+                     channels_last: bool, with_augment: bool, precision: str = "fp32", world_size: int = 1) -> Components:
     if cfg.train.epochs == "auto":  # a caller skipped the plan: a bug, not bad input
         raise ValueError("train.epochs is auto: resolve the config with pipeline.plan.planned(cfg) first")
     seed_everything(derive_seed("init", seed))
@@ -106,7 +112,7 @@ def build_components(*, cfg: Config, table: Table, tr_idx: np.ndarray, seed: int
 
         ema = ModelEmaV3(model, decay=cfg.train.ema_decay)
     opt = build_optimizer(cfg, model)
-    n_steps = steps_per_epoch(len(tr_idx), cfg.train)
+    n_steps = steps_per_epoch(len(tr_idx), cfg.train, world_size)
     # per-step schedules advance once per optimizer step, i.e. every accum_steps batches
     sched, per_step = build_scheduler(cfg, opt, math.ceil(n_steps / cfg.train.accum_steps))
     augment = None
@@ -140,7 +146,8 @@ def class_mass(table: Table, idx: np.ndarray) -> np.ndarray:
 # ---- one epoch -----------------------------------------------------------------------------
 
 def epoch_batches(*, tr_idx: np.ndarray, labels: np.ndarray, num_classes: int, t, n_steps: int,
-                  rng: np.random.Generator) -> list[np.ndarray]:
+                  rng: np.random.Generator, world_size: int = 1) -> list[np.ndarray]:
+    """The epoch's global batches (a torchrun rank trains its share of each: ``DistContext.shard_batches``)."""
     bs = t.batch_size
     if t.balanced_sampling:  # each class drawn equally often, with replacement
         y = labels[tr_idx]
@@ -149,15 +156,17 @@ def epoch_batches(*, tr_idx: np.ndarray, labels: np.ndarray, num_classes: int, t
     else:
         order = rng.permutation(tr_idx)
     batches = [np.sort(order[i:i + bs]) for i in range(0, len(order), bs)]  # sorted: memmap-friendly
-    if len(batches) > 1 and len(batches[-1]) < 2:  # BatchNorm cannot train on one sample
+    if len(batches) > 1 and len(batches[-1]) < 2 * world_size:  # BatchNorm cannot train on one sample (per rank)
         batches = batches[:-1]
     return batches[:n_steps]
 
 
 def train_one_epoch(parts: Components, *, source, n_batches: int, table: Table, t, device: torch.device,
                     precision: str, channels_last: bool, rng: np.random.Generator,
-                    embeddings: torch.Tensor | None = None, desc: str = "") -> tuple[float, float]:
-    """One pass over ``source`` ((idx, image batch or None) pairs); returns (mean loss, images per second)."""
+                    embeddings: torch.Tensor | None = None, desc: str = "",
+                    grad_weights: list[float] | None = None) -> tuple[float, float]:
+    """One pass over ``source`` ((idx, image batch or None) pairs); returns (mean loss, images per second).
+    ``grad_weights[i]`` scales batch i's gradient (a torchrun rank's share of the global batch)."""
     from tqdm.auto import tqdm
 
     model, opt, accum, scaler = parts.model, parts.opt, t.accum_steps, parts.scaler
@@ -176,10 +185,10 @@ def train_one_epoch(parts: Components, *, source, n_batches: int, table: Table, 
         pos = torch.arange(len(idx), device=device)  # mix_batch permutes any per-row tensor: the partners' positions
         x, partner, lam = mix_batch(x, pos, t, rng) if x is not None else (x, pos, 1.0)
         with torch.autocast(device.type, dtype=amp.dtype, enabled=amp.dtype is not None):
-            logits = model(x, f) if x is not None else model.forward_head(embeddings[idx], f)
+            logits = train_forward(parts, x, f, embeddings[idx] if x is None else None)
             logits = logits.float()
             loss = batch_loss(parts.loss_fn, logits, table, idx, y, partner, lam)
-        scaler.scale(loss / accum).backward()
+        scaler.scale(loss * (grad_weights[i] if grad_weights is not None else 1.0) / accum).backward()
         if (i + 1) % accum == 0 or i + 1 == n_batches:  # gradient accumulation
             if t.grad_clip:
                 scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
@@ -196,6 +205,25 @@ def train_one_epoch(parts: Components, *, source, n_batches: int, table: Table, 
         right += (logits.argmax(1) == y).sum().item()  # against the batch's own labels (mixed or not)
         bar.set_postfix(loss=f"{total / seen:.4f}", acc=f"{right / seen:.3f}")
     return total / max(seen, 1), seen / (time.perf_counter() - t0)
+
+
+class TrainStep(nn.Module):
+    """The training forward as one module, which DDP wraps: it syncs gradients only through ``forward``,
+    so the head-only path (cached embeddings) must go through it too."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, f, emb=None):
+        return self.model(x, f) if emb is None else self.model.forward_head(emb, f)
+
+
+def train_forward(parts: Components, x, f, emb):
+    """Training logits of image batch ``x`` (or cached embeddings ``emb``), through DDP under torchrun."""
+    if parts.ddp is not None:
+        return parts.ddp(x, f, emb)
+    return parts.model(x, f) if emb is None else parts.model.forward_head(emb, f)
 
 
 def validate(model: nn.Module, *, table: Table, idx: np.ndarray, batch_size: int, device: torch.device,
@@ -300,10 +328,11 @@ class Progress:
 
 class Artifacts:
     """What a job writes in its folder (names: ``runs.JobDir``): history, TensorBoard, the best
-    checkpoint and its OOF rows, the resume state, and the done marker last."""
+    checkpoint and its OOF rows, the resume state, and the done marker last. With ``writes`` false
+    (a torchrun rank other than 0) it keeps the history in memory and writes nothing."""
 
-    def __init__(self, *, job: JobDir, run_hash: str):
-        self.job, self.hash = job, run_hash
+    def __init__(self, *, job: JobDir, run_hash: str, writes: bool = True):
+        self.job, self.hash, self.writes = job, run_hash, writes
         self.tb = None
 
     @property
@@ -311,6 +340,8 @@ class Artifacts:
         return self.job.last
 
     def open_tb(self, start_epoch: int) -> None:
+        if not self.writes:
+            return
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(self.job.tb), purge_step=start_epoch)
@@ -322,6 +353,8 @@ class Artifacts:
 
     def record_epoch(self, progress: Progress, row: dict, scalars) -> None:
         progress.history.append(row)
+        if not self.writes:
+            return
         atomic_write_csv(self.job.history, pd.DataFrame(progress.history))
         for k in scalars:
             self.tb.add_scalar(k, row[k], row["epoch"])
@@ -333,12 +366,16 @@ class Artifacts:
         return pd.read_csv(self.job.history).query("epoch <= @epoch").to_dict("records")
 
     def save_best(self, model: nn.Module, meta: dict) -> None:
-        save_checkpoint(model, self.job.best_weights, meta)
+        if self.writes:
+            save_checkpoint(model, self.job.best_weights, meta)
 
     def write_oof(self, frame: pd.DataFrame) -> None:
-        write_predictions(self.job.oof, frame, "oof")
+        if self.writes:
+            write_predictions(self.job.oof, frame, "oof")
 
     def save_last(self, state: dict) -> None:
+        if not self.writes:
+            return
         with atomic_path(self.job.last) as tmp:
             torch.save({**state, "hash": self.hash}, tmp)
 
@@ -357,8 +394,9 @@ class Artifacts:
         return st
 
     def finish(self, done: dict) -> dict:
-        self.job.write_done(done)
-        self.job.last.unlink(missing_ok=True)
+        if self.writes:
+            self.job.write_done(done)
+            self.job.last.unlink(missing_ok=True)
         return done
 
 
@@ -403,8 +441,10 @@ class FoldTrainer:
 
     def __init__(self, *, cfg: Config, table: Table, fold_of: np.ndarray, job: JobDir, device: torch.device,
                  run_hash: str, precision: str = "fp32", embeddings: torch.Tensor | None = None,
-                 on_epoch: Callable | None = None, deadline: float | None = None, done_extra: dict | None = None):
+                 on_epoch: Callable | None = None, deadline: float | None = None, done_extra: dict | None = None,
+                 dist: DistContext = DistContext()):
         self.cfg, self.table, self.job, self.device, self.hash = cfg, table, job, device, run_hash
+        self.dist = dist
         self.precision, self.embeddings = precision, embeddings
         self.done_extra = done_extra or {}  # the caller's facts for done.json (e.g. its pseudo rows)
         self.refit = job.is_refit  # refit on all rows: no validation, the last epoch is kept
@@ -416,12 +456,24 @@ class FoldTrainer:
         # order matters: a caller's hook (pruning) runs before the stop rules, as the log lines show
         self.callbacks = ([EpochHook(fn=on_epoch)] if on_epoch is not None else []) + [
             EarlyStopping(patience=cfg.train.patience), Deadline(at=deadline, epochs=cfg.train.epochs)]
-        self.artifacts = Artifacts(job=job, run_hash=run_hash)
+        self.artifacts = Artifacts(job=job, run_hash=run_hash, writes=dist.is_main)
+        self._trainable = None  # which weights trained when DDP was last wrapped around the model
 
     def build(self) -> None:
         self.parts = build_components(cfg=self.cfg, table=self.table, tr_idx=self.tr_idx, seed=self.job.seed,
                                       device=self.device, channels_last=self.channels_last,
-                                      with_augment=self.embeddings is None, precision=self.precision)
+                                      with_augment=self.embeddings is None, precision=self.precision,
+                                      world_size=self.dist.world_size)
+        if self.dist.active and self.cfg.train.sync_bn:  # in place: the optimizer keeps the same weights
+            self.parts.model = convert_sync_bn(self.parts.model)
+
+    def _wrap_ddp(self) -> None:
+        """Under torchrun, (re)build DDP when the set of trainable weights changed (a finetune stage)."""
+        if not self.dist.active:
+            return
+        trainable = tuple(p.requires_grad for p in self.model.parameters())
+        if trainable != self._trainable:
+            self.parts.ddp, self._trainable = self.dist.wrap(TrainStep(self.model), self.device), trainable
 
     # attribute access used by tests and tools
     @property
@@ -442,14 +494,15 @@ class FoldTrainer:
 
     def epoch_batches(self, epoch: int, rng: np.random.Generator) -> list[np.ndarray]:
         return epoch_batches(tr_idx=self.tr_idx, labels=self.table.labels, num_classes=self.table.num_classes,
-                             t=self.cfg.train, n_steps=self.parts.steps_per_epoch, rng=rng)
+                             t=self.cfg.train, n_steps=self.parts.steps_per_epoch, rng=rng, world_size=self.dist.world_size)
 
     def loader(self, batches: list[np.ndarray], epoch: int):
         """(idx, augmented float batch) pairs. Each batch's augmentation is seeded from (seed, fold,
         epoch, batch number), so results do not depend on ``train.num_workers``."""
         job = self.job
+        rank = (self.dist.rank,) if self.dist.active else ()  # ranks draw their own augmentations of their shares
         ds = BatchSource(images=self.table.images, batches=batches, augment=self.parts.augment,
-                         seeds=[derive_seed("aug", job.seed, job.fold, epoch, b) for b in range(len(batches))])
+                         seeds=[derive_seed("aug", job.seed, job.fold, epoch, b, *rank) for b in range(len(batches))])
         if self.cfg.train.num_workers == 0:
             return (ds[b] for b in range(len(ds)))
         return iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.train.num_workers,
@@ -464,29 +517,46 @@ class FoldTrainer:
             apply_finetune(self.model, finetune_stage(cfg.model, epoch, cfg.train.epochs), cfg.model.unfreeze_stages)
         rng = seed_everything(derive_seed("epoch", job.seed, job.fold, epoch))
         self.model.train()
-        freeze_bn_stats(self.model)
-        batches = self.epoch_batches(epoch, rng)
+        freeze_bn_stats(self.model, every=cfg.train.freeze_bn)
+        self._wrap_ddp()
+        batches, weights = self.dist.shard_batches(self.epoch_batches(epoch, rng))  # one process: all of each batch
         source = self.loader(batches, epoch) if self.embeddings is None else ((idx, None) for idx in batches)
-        return train_one_epoch(self.parts, source=source, n_batches=len(batches), table=self.table, t=cfg.train,
-                               device=self.device, precision=self.precision, channels_last=self.channels_last,
-                               rng=rng, embeddings=self.embeddings, desc=f"fold {job.fold} epoch {epoch}")
+        loss, img_s = train_one_epoch(self.parts, source=source, n_batches=len(batches), table=self.table, t=cfg.train,
+                                      device=self.device, precision=self.precision, channels_last=self.channels_last,
+                                      rng=rng, embeddings=self.embeddings, desc=f"fold {job.fold} epoch {epoch}",
+                                      grad_weights=weights)
+        if not self.dist.active:
+            return loss, img_s
+        seen = sum(len(b) for b in batches)  # the world's mean loss and images per second
+        total, seen, img_s = self.dist.all_reduce_sum([loss * seen, seen, img_s])
+        return total / max(seen, 1), img_s
 
     def validate(self) -> np.ndarray:
-        return validate(self.parts.eval_model, table=self.table, idx=self.va_idx, batch_size=self.cfg.train.batch_size * 2,
-                        device=self.device, channels_last=self.channels_last, precision=self.precision,
-                        embeddings=self.embeddings)
+        """Probabilities of the validation rows; under torchrun each rank predicts its share, and every
+        rank gets all of them (the same val_loss everywhere: the scheduler and stop rules agree)."""
+        idx = self.dist.shard(self.va_idx)
+        if len(idx) == 0:  # more ranks than validation rows
+            return self.dist.gather_rows(np.zeros((0, self.table.num_classes)))
+        probs = validate(self.parts.eval_model, table=self.table, idx=idx, batch_size=self.cfg.train.batch_size * 2,
+                         device=self.device, channels_last=self.channels_last, precision=self.precision,
+                         embeddings=self.embeddings)
+        return self.dist.gather_rows(probs)
 
     def run(self) -> dict:
-        """Train the job to the end (or resume it); one process per job at a time."""
-        self.job.path.mkdir(parents=True, exist_ok=True)
-        with exclusive(self.job.lock, self.job.label):
-            for tmp in sweep_temps(self.job.path, any_owner=True):  # we hold the job's lock: a killed run's leftovers
-                log.info(f"{self.job.label}: removed {tmp.name}, left by a killed run")
+        """Train the job to the end (or resume it); one process (one torchrun world) per job at a time."""
+        with ExitStack() as held:
+            self.dist.broadcast_decision(lambda: self._claim(held))  # rank 0 holds the lock: LockHeld on every rank
             self.build()
             try:
                 return self._loop(self._resume())
             finally:
                 self.artifacts.close()
+
+    def _claim(self, held: ExitStack) -> None:
+        self.job.path.mkdir(parents=True, exist_ok=True)
+        held.enter_context(exclusive(self.job.lock, self.job.label))
+        for tmp in sweep_temps(self.job.path, any_owner=True):  # we hold the job's lock: a killed run's leftovers
+            log.info(f"{self.job.label}: removed {tmp.name}, left by a killed run")
 
     def _resume(self) -> tuple[int, Progress]:
         st = self.artifacts.load_last(self.device, self.job.label)
@@ -558,16 +628,19 @@ class FoldTrainer:
         for epoch in range(start, cfg.train.epochs + 1):
             row = self._epoch(epoch, progress)
             self.artifacts.save_last(self._state(epoch, progress))
-            reasons = [r for cb in self.callbacks if (r := cb(job, epoch, row, progress))]
+            # decided on rank 0 (its clock, its hook) and broadcast, so all ranks stop at the same epoch
+            reasons = self.dist.broadcast_decision(lambda: [r for cb in self.callbacks if (r := cb(job, epoch, row, progress))])
             if reasons:
                 log.info(reasons[0])
                 break
         mname = f"val_{cfg.metric}"
         best = progress.best
-        return self.artifacts.finish({"hash": self.hash, "fold": job.fold, "seed": job.seed, "best_epoch": best["epoch"],
+        done = self.artifacts.finish({"hash": self.hash, "fold": job.fold, "seed": job.seed, "best_epoch": best["epoch"],
                                       "val_loss": best["val_loss"], mname: best.get(mname),
                                       "epochs_run": len(progress.history), "weights": self.parts.weights_source,
-                                      **self.done_extra})
+                                      "world_size": self.dist.world_size, **self.done_extra})
+        self.dist.barrier()  # the job's files are written when any rank moves on
+        return done
 
     def meta(self, best: dict) -> dict:
         t = self.table
@@ -575,7 +648,7 @@ class FoldTrainer:
                 "class_names": t.class_names, "feature_names": t.feature_names, "n_features": len(t.feature_names),
                 "value_range": list(t.value_range), "fold": self.job.fold, "seed": self.job.seed,
                 "config_hash": self.hash, "weights": self.parts.weights_source, "precision": self.precision,
-                "ema": self.parts.ema is not None, **best}
+                "ema": self.parts.ema is not None, "world_size": self.dist.world_size, **best}
 
     def oof_frame(self, probs: np.ndarray) -> pd.DataFrame:
         t = self.table

@@ -264,3 +264,14 @@ def test_ray_pseudo_labels_and_refit_match_local(make_config, iceberg_dir, tmp_p
     for d, text in done.items():
         assert json.loads((RUN / d / "done.json").read_text())["pseudo"] == json.loads(text)["pseudo"], d
     assert json.loads(done["refit"])["pseudo"]["rows"] > 0
+
+
+def test_ray_under_torchrun_is_refused_before_any_process_group(make_config, iceberg_dir, capsys, monkeypatch):
+    path = _iceberg(make_config, iceberg_dir)
+    assert run_cli("fold", path) == 0
+    before = sorted(p for p in Path.cwd().rglob("*"))
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():  # what torchrun sets
+        monkeypatch.setenv(k, v)
+    err = cli_error(capsys, "train", path, "train.executor=ray")
+    assert "train.executor: ray with torchrun (world_size 2)" in err and "train.executor=local" in err
+    assert sorted(p for p in Path.cwd().rglob("*")) == before

@@ -187,7 +187,7 @@ def test_gradient_accumulation_equals_one_larger_batch(digits_config, monkeypatc
     """Two accumulated half batches give the same update as one full batch (dropout off, plain SGD)."""
     import pipeline.trainer as tr
 
-    monkeypatch.setattr(tr, "freeze_bn_stats", lambda model: model.eval())  # no dropout: the two runs are comparable
+    monkeypatch.setattr(tr, "freeze_bn_stats", lambda model, every=False: model.eval())  # no dropout: the two runs are comparable
     sgd = {"optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0, "scheduler": "none", "lr": 0.05, "epochs": 1}
 
     def weights_after(batch_size, accum, steps):
