@@ -36,7 +36,7 @@ COMPETITIONS = {
     "digits": ("competitions/digits-demo.yaml", "digits", {
         "cnn_s1": {"train.seed": 1},
         "cnn_s2": {"train.seed": 2},
-        "cnn_wide_aug": {"train.seed": 3, "augment.Affine.rotate": [-15, 15], "train.lr": 3.0e-3},
+        "cnn_lr3e-3": {"train.seed": 3, "train.lr": 3.0e-3},
     }, 0.99),
 }
 METHODS = ("mean", "hillclimb", "gbm")
