@@ -49,12 +49,7 @@ def _job_rows(table: Table, fold_of: np.ndarray, pseudo=None, base: Table | None
     job's own view of it."""
     if pseudo is None:
         return lambda fold: (table, fold_of, None)
-
-    def rows(fold: int):
-        t, f = pseudo.fold_view(base, fold_of, fold)
-        return t, f, {"pseudo": pseudo.record(fold)}
-
-    return rows
+    return lambda fold: pseudo.job_view(base, fold_of, fold)
 
 
 def job_outcome(job: JobDir, run: Callable[[], dict]) -> dict | None:
@@ -382,7 +377,7 @@ def _refits(cfg: Config, executor, table: Table, fold_of: np.ndarray, *, seeds: 
         return
     for i, seed in enumerate(seeds):
         refit(cfg, table, fold_of, seed=seed, device=device, run_hash=run_hash, precision=precision,
-              deadline=_deadline(cfg, t_start, len(seeds) - i), rows=rows if pseudo is not None else None,
+              deadline=_deadline(cfg, t_start, len(seeds) - i), rows=rows,
               pseudo=pseudo, dist=dist)
 
 
@@ -414,13 +409,13 @@ def refit(cfg: Config, table: Table, fold_of: np.ndarray, *, seed: int, device, 
           deadline: float | None = None, rows: JobRows | None = None, pseudo=None,
           dist: DistContext = DistContext()) -> dict:
     """Train on every row for the epoch count CV chose (median best epoch); saved in ``RunDir.refit_dir``.
-    ``rows``: the jobs' views of the table (``_job_rows``), when the refit trains on ``pseudo`` rows too."""
+    ``rows``: the jobs' views of the table (``_job_rows``: with ``pseudo``, the refit's rows too)."""
     todo = _refit_job(cfg, fold_of, seed, run_hash, pseudo, dist)
     if todo is None:
         return dist.broadcast_decision(RunDir.of(cfg).refit_dir(seed).read_done)
     rcfg, job = todo
     # the refit job's fold (< 0) is none of the rows': every real row (and every selected pseudo row) trains
-    rtable, rfold, extra = rows(job.fold) if rows is not None else (table, np.full(len(table), 0), None)
+    rtable, rfold, extra = rows(job.fold) if rows is not None else (table, fold_of, None)
     return FoldTrainer(cfg=rcfg, table=rtable, fold_of=rfold, job=job, device=device, run_hash=run_hash,
                        precision=precision, deadline=deadline, done_extra=extra, dist=dist).run()
 

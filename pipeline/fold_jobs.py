@@ -53,8 +53,7 @@ def _run_job(job, run_hash: str, precision: str, threads: int, budget: tuple | N
     cfg, table, fold_of, pseudo = cfg or _STATE["cfg"], _STATE["table"], _STATE["fold_of"], _STATE["pseudo"]
     extra = None
     if pseudo is not None:
-        table, fold_of = pseudo.fold_view(_STATE["base"], fold_of, job.fold)
-        extra = {"pseudo": pseudo.record(job.fold)}
+        table, fold_of, extra = pseudo.job_view(_STATE["base"], fold_of, job.fold)
     deadline = None
     if budget is not None:  # this job's share: the budget over the jobs, times the jobs run at once
         t_start, total_s, share_s = budget

@@ -161,6 +161,11 @@ class PseudoLabels:
             targets[at] = sel.targets
         return dataclasses.replace(base, labels=labels, sample_weights=weights, soft_targets=targets), where
 
+    def job_view(self, base: Table, fold_of: np.ndarray, fold: int) -> tuple[Table, np.ndarray, dict]:
+        """What job ``fold`` trains on (``fold_view``) and what its done.json says of it (``record``)."""
+        table, where = self.fold_view(base, fold_of, fold)
+        return table, where, {"pseudo": self.record(fold)}
+
     def record(self, fold: int) -> dict:
         """What job ``fold`` trained on besides its rows (its done.json's ``pseudo``)."""
         sel = self.by_fold[fold]
