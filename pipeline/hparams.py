@@ -31,9 +31,8 @@ from .metrics import cv_std
 
 log = logging.getLogger(__name__)
 
-# hyperparameter name -> config key ("image_size" is the size the model sees, from the data)
-HEADLINE = {"model.backbone": "model.backbone", "image_size": None, "train.lr": "train.lr",
-            "train.batch_size": "train.batch_size", "train.epochs": "train.epochs", "train.optimizer": "train.optimizer"}
+# the headline config keys, named as in the config; ``image_size`` (the size the model sees, from the data) joins them
+HEADLINE = ("model.backbone", "train.lr", "train.batch_size", "train.epochs", "train.optimizer")
 
 
 def headline(cfg, image_size: tuple[int, int]) -> dict:
@@ -41,7 +40,7 @@ def headline(cfg, image_size: tuple[int, int]) -> dict:
     from .keys import lookup
 
     d = cfg.to_dict()
-    out = {name: lookup(d, key) for name, key in HEADLINE.items() if key is not None}
+    out = {key: lookup(d, key) for key in HEADLINE}
     h, w = cfg.model.input_size or image_size[0], cfg.model.input_size or image_size[1]
     out["image_size"] = int(h) if h == w else f"{h}x{w}"  # one number for square inputs, the usual case
     return out
