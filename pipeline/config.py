@@ -306,8 +306,8 @@ class PseudoConfig(Section):
 
     model_config = ConfigDict(serialize_by_alias=True)  # snapshots say ``from:`` as the user wrote it
 
-    source: str = Field(alias="from", description="the source: an experiment config or its run folder (runs/<competition>/"
-                                                  "<experiment>); its test_pred_fold<k>.csv label fold k's pseudo rows")
+    source: str = Field(alias="from", description="the source: an experiment config, or an experiment's or ensemble's run "
+                                                  "folder (runs/<competition>/<name>); its test_pred_fold<k>.csv label fold k's pseudo rows")
     threshold: float = Field(0.95, gt=0, le=1, description="a test row joins when the source's max probability is at least this")
     weight: float = Field(0.5, gt=0, description="loss weight of a pseudo row (a real row's is 1)")
     max_share: float = Field(0.5, gt=0, le=1, description="at most this share of a fold's training part is pseudo rows; "

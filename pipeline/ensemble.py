@@ -26,6 +26,10 @@ their printed OOF scores are nested and honest; the test blend uses the fit on a
 - ``gbm``: LightGBM over the members' log-odds (log-probabilities for more classes) and the table's
   scalar features (``pipeline/scalars.py``: the incidence angle and band statistics for Statoil, per
   channel mean and std otherwise), each fold's model early-stopped on an inner split of its own rows.
+
+When every member kept its folds' own test predictions (``test_pred_fold<k>.csv``), the ensemble keeps
+its own too: fold k's members' models blended by the method as fitted without fold k (``fold_blends``),
+so an ensemble can be the source of a training run's pseudo-labels (``pseudo.from``) without a leak.
 """
 from __future__ import annotations
 
@@ -150,6 +154,14 @@ class Member:
     def test_probs(self, class_names) -> np.ndarray:
         return probs_of(self.test, class_names)
 
+    def raw_probs(self, path: Path, kind: str, ids: pd.Series, class_names) -> np.ndarray:
+        """A prediction file's uncalibrated probabilities in the row order of ``ids``."""
+        df = read_predictions(path, kind, class_names=class_names, hint=f"pipeline predict <config of {self.name}>")
+        if len(df) != len(ids) or set(df["id"]) != set(ids):
+            raise PipelineError(f"{path}: predicts other ids than {self.oof_path if kind == 'oof' else self.test_path}; "
+                                f"rerun `pipeline predict <config of {self.name}>`")
+        return probs_of(df.set_index("id").reindex(ids), class_names)
+
 
 def load_ensemble(path: str | Path, overrides: list[str] | None = None) -> tuple[EnsembleConfig, Config]:
     path = Path(path)
@@ -237,15 +249,33 @@ def _normalise(p: np.ndarray) -> np.ndarray:
     return p / p.sum(-1, keepdims=True)
 
 
-def blend_mean(oof, test, y=None, folds=None, **_):
+def _fold_test(details: dict | None, fold_tests: dict | None, k: int, apply: Callable) -> None:
+    """Fold k's blend of the members' fold-k test predictions (``fold_tests[k]``: (M, T, K)) by ``apply``,
+    the blender as fitted for fold k's OOF rows (on the other folds), into ``details["fold_test"]``; what
+    an ensemble's ``test_pred_fold<k>.csv`` holds, so it can label fold k's pseudo rows (pipeline/pseudo.py)."""
+    if fold_tests is not None and details is not None:
+        details.setdefault("fold_test", {})[int(k)] = apply(fold_tests[int(k)])
+
+
+def _fold_tests_unfitted(details, fold_tests, fn: Callable) -> None:
+    for k in fold_tests or {}:  # nothing fitted: every fold blends by the same rule
+        _fold_test(details, fold_tests, k, fn)
+
+
+def blend_mean(oof, test, y=None, folds=None, details=None, fold_tests=None, **_):
     m = oof.shape[0]
+    _fold_tests_unfitted(details, fold_tests, lambda p: p.mean(0))
     return oof.mean(0), test.mean(0), [1 / m] * m
 
 
-def blend_geometric(oof, test, y=None, folds=None, **_):
-    g = lambda p: _normalise(np.exp(np.log(np.clip(p, EPS, 1)).mean(0)))  # noqa: E731
+def _geometric(p: np.ndarray) -> np.ndarray:
+    return _normalise(np.exp(np.log(np.clip(p, EPS, 1)).mean(0)))
+
+
+def blend_geometric(oof, test, y=None, folds=None, details=None, fold_tests=None, **_):
     m = oof.shape[0]
-    return g(oof), g(test), [1 / m] * m
+    _fold_tests_unfitted(details, fold_tests, _geometric)
+    return _geometric(oof), _geometric(test), [1 / m] * m
 
 
 def rank_average(p: np.ndarray) -> np.ndarray:
@@ -263,8 +293,9 @@ def rank_average(p: np.ndarray) -> np.ndarray:
     return _normalise(out)
 
 
-def blend_rank(oof, test, y=None, folds=None, **_):
+def blend_rank(oof, test, y=None, folds=None, details=None, fold_tests=None, **_):
     m = oof.shape[0]
+    _fold_tests_unfitted(details, fold_tests, rank_average)
     return rank_average(oof), rank_average(test), [1 / m] * m
 
 
@@ -285,11 +316,13 @@ def optimise_weights(p: np.ndarray, y: np.ndarray) -> np.ndarray:
     return w / w.sum()
 
 
-def blend_weights(oof, test, y, folds, **_):
+def blend_weights(oof, test, y, folds, details=None, fold_tests=None, **_):
     out = np.empty(oof.shape[1:])
     for k in np.unique(folds):  # honest OOF: weights fitted on the other folds
         tr, va = folds != k, folds == k
-        out[va] = np.tensordot(optimise_weights(oof[:, tr], y[tr]), oof[:, va], 1)
+        wk = optimise_weights(oof[:, tr], y[tr])
+        out[va] = np.tensordot(wk, oof[:, va], 1)
+        _fold_test(details, fold_tests, k, lambda p: np.tensordot(wk, p, 1))
     w = optimise_weights(oof, y)
     return out, np.tensordot(w, test, 1), w.tolist()
 
@@ -302,24 +335,31 @@ def stack_features(p: np.ndarray) -> np.ndarray:
     return np.concatenate(list(lp), axis=1)
 
 
-def _lr_proba(x_tr, y_tr, x, k, c):
+def _lr_fit(x_tr, y_tr, k, c) -> Callable:
+    """A logistic regression fitted on (x_tr, y_tr): features -> (n, k) probabilities."""
     from sklearn.linear_model import LogisticRegression
 
     lr = LogisticRegression(C=c, max_iter=2000).fit(x_tr, y_tr)
-    out = np.full((len(x), k), EPS)
-    out[:, lr.classes_] = lr.predict_proba(x)
-    return _normalise(out)
+
+    def proba(x):
+        out = np.full((len(x), k), EPS)
+        out[:, lr.classes_] = lr.predict_proba(x)
+        return _normalise(out)
+
+    return proba
 
 
-def blend_stack(oof, test, y, folds, stack_c: float = 1.0, **_):
+def blend_stack(oof, test, y, folds, stack_c: float = 1.0, details=None, fold_tests=None, **_):
     """Logistic regression on the members' OOF predictions; its own OOF from the same folds."""
     k = oof.shape[2]
     x, xt = stack_features(oof), stack_features(test)
     out = np.empty((len(y), k))
     for f in np.unique(folds):
         tr, va = folds != f, folds == f
-        out[va] = _lr_proba(x[tr], y[tr], x[va], k, stack_c)
-    return out, _lr_proba(x, y, xt, k, stack_c), None
+        proba = _lr_fit(x[tr], y[tr], k, stack_c)
+        out[va] = proba(x[va])
+        _fold_test(details, fold_tests, f, lambda p: proba(stack_features(p)))
+    return out, _lr_fit(x, y, k, stack_c)(xt), None
 
 
 def hillclimb_weights(p: np.ndarray, y: np.ndarray, metric: str = "logloss", iterations: int = 50) -> np.ndarray:
@@ -350,7 +390,8 @@ def hillclimb_weights(p: np.ndarray, y: np.ndarray, metric: str = "logloss", ite
     return best_counts / best_counts.sum()
 
 
-def blend_hillclimb(oof, test, y, folds, metric: str = "logloss", iterations: int = 50, details: dict | None = None, **_):
+def blend_hillclimb(oof, test, y, folds, metric: str = "logloss", iterations: int = 50, details: dict | None = None,
+                    fold_tests=None, **_):
     """Ensemble selection fitted fold by fold (nested OOF); ``details`` (if given) gets each fold's weights
     and the in-sample score of the selection on all rows."""
     out = np.empty(oof.shape[1:])
@@ -360,6 +401,7 @@ def blend_hillclimb(oof, test, y, folds, metric: str = "logloss", iterations: in
         w = hillclimb_weights(oof[:, tr], y[tr], metric, iterations)
         out[va] = np.tensordot(w, oof[:, va], 1)
         per_fold[int(k)] = w.tolist()
+        _fold_test(details, fold_tests, k, lambda p: np.tensordot(w, p, 1))
     w = hillclimb_weights(oof, y, metric, iterations)
     if details is not None:
         details.update(iterations=iterations, fold_weights=per_fold,
@@ -415,21 +457,26 @@ def gbm_predict(booster, x: np.ndarray, rounds: int, k: int) -> np.ndarray:
 
 
 def blend_gbm(oof, test, y, folds, gbm: GbmConfig | dict | None = None, scalars: tuple[np.ndarray, np.ndarray] | None = None,
-              scalar_names: list[str] | None = None, member_names: list[str] | None = None, details: dict | None = None, **_):
+              scalar_names: list[str] | None = None, member_names: list[str] | None = None, details: dict | None = None,
+              fold_tests=None, **_):
     """LightGBM on ``stack_features`` plus ``scalars`` (train rows, test rows), fitted fold by fold: fold k
     is predicted by a model that never saw its rows; the test model is fitted on all rows for the median of
     the folds' early-stopped rounds. ``gbm``: GbmConfig or a dict of its keys."""
     s = gbm if isinstance(gbm, GbmConfig) else GbmConfig(**(gbm or {}))
     k = oof.shape[2]
-    x, xt = stack_features(oof), stack_features(test)
-    if scalars is not None:
-        x, xt = np.concatenate([x, scalars[0]], 1), np.concatenate([xt, scalars[1]], 1)
+
+    def features(p, part):  # part: 0 with the training rows' scalars, 1 with the test rows'
+        f = stack_features(p)
+        return f if scalars is None else np.concatenate([f, scalars[part]], 1)
+
+    x, xt = features(oof, 0), features(test, 1)
     out = np.empty((len(y), k))
     best = {}
     for f in np.unique(folds):
         tr, va = folds != f, folds == f
         booster, best[int(f)] = gbm_fit(x[tr], y[tr], k, s)
         out[va] = gbm_predict(booster, x[va], best[int(f)], k)
+        _fold_test(details, fold_tests, f, lambda p: gbm_predict(booster, features(p, 1), best[int(f)], k))
     rounds = max(1, int(round(float(np.median(list(best.values()))))))
     booster, _ = gbm_fit(x, y, k, s, rounds=rounds)
     if details is not None:
@@ -466,6 +513,30 @@ def blend_inputs(ens: EnsembleConfig, cfg: Config, members: list[Member]) -> dic
         test, _ = scalars_for(cfg, "test", members[0].test["id"])
         kw.update(scalars=(train, test), scalar_names=names)
     return kw
+
+
+def fold_blends(ens: EnsembleConfig, members: list[Member], class_names: list[str], y: np.ndarray, folds: np.ndarray,
+                kw: dict) -> dict[int, np.ndarray] | None:
+    """Fold k's test prediction of the ensemble, for each fold: the members' fold-k models' own test
+    predictions (``test_pred_fold<k>.csv``), blended by the method fitted on the other folds' OOF rows. No
+    input saw fold k's validation labels, so it may label fold k's pseudo rows (pipeline/pseudo.py). Raw
+    probabilities throughout, the blender refitted on raw OOF: a member's calibration was fitted on every
+    fold's OOF labels. ``kw``: ``blend_inputs``. None (and a line saying so) when a member keeps no per-fold
+    test predictions."""
+    ks = [int(k) for k in np.unique(folds)]
+    for m in members:
+        missing = next((m.run.test_pred_fold(k) for k in ks if not m.run.test_pred_fold(k).is_file()), None)
+        if missing is not None:
+            log.info(f"note: member {m.name} has no {missing.name}; this ensemble keeps no per-fold test predictions "
+                     f"and cannot be a pseudo-label source (rerun that member's `pipeline predict`)")
+            return None
+    ids, tids = members[0].oof["id"], members[0].test["id"]
+    oof = np.stack([m.raw_probs(m.oof_path, "oof", ids, class_names) for m in members])
+    test = np.stack([m.raw_probs(m.test_path, "test", tids, class_names) for m in members])
+    fold_tests = {k: np.stack([m.raw_probs(m.run.test_pred_fold(k), "test", tids, class_names) for m in members]) for k in ks}
+    details: dict = {}
+    build_blender(ens.method)(oof, test, y, folds, details=details, fold_tests=fold_tests, **kw)
+    return details["fold_test"]
 
 
 def _report_blend(ens: EnsembleConfig, metric: str, names: list[str], weights, details: dict, s: float, ll: float,
@@ -527,7 +598,8 @@ def run_ensemble(path: str | Path, overrides: list[str] | None = None, *, ens: E
         member_scores[m.name] = {"value": score(metric, y, p), "ll": logloss(y, p)}
         log.info(f"member {m.name:<24} OOF {fmt_scores(metric, **member_scores[m.name])}")
     details: dict = {}
-    blend_oof, blend_test, weights = build_blender(ens.method)(oof, test, y, folds, details=details, **blend_inputs(ens, cfg, members))
+    kw = blend_inputs(ens, cfg, members)
+    blend_oof, blend_test, weights = build_blender(ens.method)(oof, test, y, folds, details=details, **kw)
     clip = ens.clip if ens.clip is not None else resolve_clip(cfg)
     s, ll = score(metric, y, blend_oof), logloss(y, blend_oof)
     best_name = (max if better else min)(member_scores, key=lambda n: member_scores[n]["value"])
@@ -537,12 +609,15 @@ def run_ensemble(path: str | Path, overrides: list[str] | None = None, *, ens: E
         ll_clip = logloss(y, clip_probs(blend_oof, clip))
         log.info(f"clipping to {list(clip)}: OOF logloss {ll:.4f} without, {ll_clip:.4f} with")
 
+    fold_test = fold_blends(ens, members, class_names, y, folds, kw)
+
     hashes = {m.name: {"train": m.run.snapshot_hash("train"), "predict": m.run.snapshot_hash("predict")} for m in members}
     info = {"experiments": names, "weights": weights, "method": ens.method, "metric": metric, "oof_score": s,
             "oof_nested": ens.method in NESTED, "oof_logloss": ll, "oof_logloss_clipped": ll_clip, "clip": list(clip) if clip else None,
             "best_member": {"name": best_name, "oof_score": member_scores[best_name]["value"]}, "details": details,
             "member_scores": {n: {"oof_score": v["value"], "oof_logloss": v["ll"]} for n, v in member_scores.items()},
             "members": [str(m.run_dir) for m in members], "config_hashes": hashes,
+            "test_pred_folds": [out.test_pred_fold(k).name for k in fold_test] if fold_test else [],
             "ensemble_file": str(path)}
     # All or nothing: the blend's files are staged and checked, then the submission is written, then
     # the files move into place, ensemble.json (what marks the folder an ensemble) last.
@@ -550,6 +625,11 @@ def run_ensemble(path: str | Path, overrides: list[str] | None = None, *, ens: E
         write_predictions(stage.path(out.oof), pred_frame(first.oof["id"], blend_oof, class_names, fold=folds, target=y), "oof")
         test_path = stage.path(out.test_pred)
         write_predictions(test_path, pred_frame(first.test["id"], blend_test, class_names), "test")
+        for k, p in (fold_test or {}).items():  # fold k's own: a pseudo-label source's labels for fold k
+            write_predictions(stage.path(out.test_pred_fold(k)), pred_frame(first.test["id"], p, class_names), "test")
+        for k, p in out.test_pred_fold_files().items():
+            if k not in (fold_test or {}):
+                stage.remove(p)  # an earlier blend's
         blend = read_predictions(test_path, "test", class_names=class_names, hint=f"pipeline ensemble {path}")
         atomic_write_json(stage.path(out.ensemble_json), info)
         sub = write_submission(cfg, blend["id"].to_numpy(), clip_probs(probs_of(blend, class_names), clip), class_names, ens.name, info)

@@ -1,12 +1,14 @@
-"""Pseudo-labels: confident test rows of a source experiment join the training part of every fold.
+"""Pseudo-labels: confident test rows of a source experiment or ensemble join the training part of every fold.
 
 ``pseudo: {from: SOURCE, threshold: 0.95, weight: 0.5, max_share: 0.5, soft: false}`` in a training
-config (``config.PseudoConfig``; the source is an experiment config or its run folder, found by
+config (``config.PseudoConfig``; the source is an experiment config, or an experiment's or ensemble's run folder, found by
 ``runs.RunDir.pseudo_source``). What keeps every OOF score honest:
 
 - fold k's pseudo rows are labelled by the source's fold-k model alone (its ``test_pred_fold<k>.csv``),
   which never saw fold k's validation rows. The all-fold ``test_pred.csv`` averages models that did,
-  and would make fold k's OOF optimistic; an ensemble keeps only such an average, so it is refused.
+  and would make fold k's OOF optimistic. An ensemble source's fold-k file blends its members' fold-k
+  models by weights (or a second stage) fitted without fold k (``ensemble.fold_blends``); an ensemble
+  whose members kept no per-fold files has none, and is refused like any source missing them;
 - the source was trained on our folds file (its oof.csv's fold of every id is ours);
 - pseudo rows are in every fold's training part and in no validation part (``trainer.TRAIN_ONLY``),
   so oof.csv holds exactly the training rows, scored on their real labels;
@@ -45,16 +47,15 @@ def check_source(cfg: Config) -> RunDir:
     src, where = run.pseudo_source(), f"{cfg.path}: pseudo.from"
     if src.path.resolve() == run.path.resolve():
         raise PipelineError(f"{where}: {cfg.pseudo.source} is this experiment's own run; expected another experiment")
-    if src.is_ensemble:
-        raise PipelineError(f"{where}: {src} is an ensemble, which keeps only the all-fold test_pred.csv (its models saw "
-                            f"every fold's validation rows); expected one of its member experiments, whose fold k model labels fold k")
     if not src.oof.is_file():
         raise PipelineError(f"{where}: {src} has no oof.csv; train the source first (`pipeline train <config of {src.name}>`)")
     for p in run.pseudo_files():
         if not p.is_file():
             why = ("the refit's labels come from the source's all-fold test predictions" if p == src.test_pred else
                    "fold k's pseudo-labels come from the source's fold-k model alone, never the all-fold average")
-            raise PipelineError(f"{where}: {p} not found ({why}); run `pipeline predict <config of {src.name}>` first")
+            how = (f"rerun `pipeline ensemble` for {src.name} once every member's `pipeline predict` wrote its "
+                   f"test_pred_fold<k>.csv" if src.is_ensemble else f"run `pipeline predict <config of {src.name}>` first")
+            raise PipelineError(f"{where}: {p} not found ({why}); {how}")
     return src
 
 

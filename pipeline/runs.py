@@ -250,7 +250,8 @@ class RunDir:
         try:
             src = load_config(found, check_data=False)
         except PipelineError as e:  # e.g. an ensemble file: named as the culprit of this key
-            raise PipelineError(f"{where}: {e}") from None
+            hint = "; an ensemble source is named by its run folder (runs/<competition>/<name>)" if "ensemble" in str(e) else ""
+            raise PipelineError(f"{where}: {e}{hint}") from None
         if src.competition != cfg.competition:
             raise PipelineError(f"{where}: {entry} is an experiment of {src.competition!r}; expected one of {cfg.competition!r}")
         return RunDir.of(src)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import run_cli, write_yaml
-from pipeline.ensemble import (BLENDERS, EnsembleConfig, _lr_proba, blend_geometric, blend_mean, blend_rank, blend_stack,
+from pipeline.ensemble import (BLENDERS, EnsembleConfig, _lr_fit, blend_geometric, blend_mean, blend_rank, blend_stack,
                                blend_weights, build_blender, optimise_weights, rank_average, run_ensemble, stack_features)
 from pipeline.errors import PipelineError
 from pipeline.metrics import logloss
@@ -73,7 +73,7 @@ def test_stacking_on_noise_is_not_better_than_chance():
     noise = binary(rng.uniform(0.05, 0.95, (m, n)))
     oof, test, _ = blend_stack(noise, noise[:, :20], y, folds)
     chance = logloss(y, np.tile(np.bincount(y) / n, (n, 1)))
-    leaky = _lr_proba(stack_features(noise), y, stack_features(noise), 2, 1.0)
+    leaky = _lr_fit(stack_features(noise), y, 2, 1.0)(stack_features(noise))
     assert logloss(y, oof) > chance
     assert logloss(y, leaky) < chance - 0.03  # the test has teeth
     assert test.shape == (20, 2)

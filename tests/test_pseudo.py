@@ -190,8 +190,9 @@ def _other_folds(cfg_path):
     df.to_csv(SRC / "oof.csv", index=False)
 
 
-def _ensemble(cfg_path):
+def _ensemble(cfg_path):  # an ensemble is a source like any other, and is refused like any other without fold k's file
     (SRC / "ensemble.json").write_text("{}")
+    (SRC / "test_pred_fold1.csv").unlink()
 
 
 def _ensemble_file(cfg_path):
@@ -206,7 +207,7 @@ def _no_all_fold(cfg_path):
     (None, ["pseudo.from=nowhere"], ["pseudo.from", "nowhere not found"]),
     (_no_fold1, [], ["pseudo.from", "test_pred_fold1.csv not found", "fold-k model"]),
     (_other_folds, [], ["pseudo.from", "oof.csv was trained on other folds"]),
-    (_ensemble, [], ["pseudo.from", "is an ensemble"]),
+    (_ensemble, [], ["pseudo.from", "test_pred_fold1.csv not found", "pipeline ensemble"]),
     (_ensemble_file, ["pseudo.from=blend.yaml"], ["pseudo.from", "blend.yaml"]),
     (_no_all_fold, ["train.refit=true"], ["pseudo.from", "test_pred.csv not found", "refit"]),
     (None, ["pseudo.threshold=0"], ["pseudo.threshold"]),
@@ -249,8 +250,12 @@ def test_real_source_then_predict_and_blend(ice_config, capsys):
     blend = write_yaml(Path("blend.yaml"), {"competition": "comp", "config": "src.yaml", "members": ["src.yaml", "exp.yaml"]})
     assert run_cli("ensemble", blend) == 0
     assert "member exp" in capsys.readouterr().out
-    err = cli_error(capsys, "train", path, "pseudo.from=runs/comp/blend")
-    assert "is an ensemble" in err and "runs/comp/blend" in err
+    # the blend kept each fold's test blend (by weights fitted without that fold), so it is a source too
+    assert all(Path(f"runs/comp/blend/test_pred_fold{k}.csv").is_file() for k in (0, 1))
+    assert run_cli("train", path, "pseudo.from=runs/comp/blend") == 0
+    info = json.loads((RUN / "pseudo.json").read_text())
+    assert info["source"] == "runs/comp/blend" and all(v["rows"] > 0 for v in info["jobs"].values())
+    assert len(read_predictions(RUN / "oof.csv", "oof")) == len(train)
 
 
 @pytest.mark.slow

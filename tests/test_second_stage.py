@@ -14,6 +14,7 @@ from pipeline.ensemble import blend_gbm, blend_hillclimb, hillclimb_weights, sta
 from pipeline.errors import PipelineError
 from pipeline.formats import read_table
 from pipeline.metrics import logloss, score
+from pipeline.predictions import read_predictions
 from pipeline.scalars import scalars_for, table_scalars
 from pipeline.table import Table
 from test_ensemble import N_TEST, N_TRAIN, base_cfg, binary, ens_file, fake_member  # noqa: F401 (base_cfg: a fixture)
@@ -226,6 +227,28 @@ def test_gbm_never_trains_on_the_rows_it_predicts(monkeypatch):
     assert fits[4][1] >= 1
 
 
+# ---- per-fold test blends: what an ensemble pseudo-label source keeps --------------------------
+
+@pytest.mark.parametrize("method", sorted(ens_mod.BLENDERS))
+@pytest.mark.parametrize("k", [2, 3])
+def test_fold_k_test_blend_is_the_blender_fitted_without_fold_k(method, k):
+    """With fold k's 'test' being the OOF rows themselves, fold k's test blend must give fold k's rows
+    exactly the nested OOF blend: the same fitted-on-the-other-folds model, never the all-rows one."""
+    p, y, folds, scal = gbm_data(k=k)
+    fold_tests = {f: p.copy() for f in range(4)}
+    details = {}
+    oof, _, _ = ens_mod.build_blender(method)(p, p, y, folds, details=details, fold_tests=fold_tests, metric="logloss",
+                                             scalars=(scal, scal), gbm={"rounds": 60})
+    assert set(details["fold_test"]) == {0, 1, 2, 3}
+    for f, blend in details["fold_test"].items():
+        assert blend.shape == (len(y), k)
+        np.testing.assert_allclose(blend.sum(1), 1, atol=1e-9)
+        np.testing.assert_allclose(blend[folds == f], oof[folds == f], atol=1e-12)
+    if method in ("stack", "gbm"):  # models of real-valued parameters differ by fold: fold 0's blend of fold 1's
+        # rows is not fold 1's (weights here sit at a corner, and hillclimb's pick counts may agree across folds)
+        assert not np.allclose(details["fold_test"][0][folds == 1], oof[folds == 1])
+
+
 # ---- the stage: bad settings, and runs through the CLI -----------------------------------------
 
 BAD = [
@@ -326,3 +349,17 @@ def test_second_stage_on_two_real_runs(digits_config, capsys):
     gbm = json.loads(Path("runs/comp/gbm/ensemble.json").read_text())["details"]
     assert gbm["feature_names"][-2:] == ["c0_mean", "c0_std"] and len(gbm["feature_names"]) == 2 * 10 + 2
     assert len(list(Path("submissions").glob("comp-climb-*.csv"))) == 1 and len(list(Path("submissions").glob("comp-gbm-*.csv"))) == 1
+    # every member kept its folds' own test predictions, so each blend keeps its own: fold k's members'
+    # raw fold-k predictions, blended by the weights selected on the other folds' raw OOF
+    info = json.loads(Path("runs/comp/climb/ensemble.json").read_text())
+    assert info["test_pred_folds"] == [f"test_pred_fold{k}.csv" for k in range(3)]
+    runs = [Path(f"runs/comp/{n}") for n in ("a", "b")]
+    raw_oof = np.stack([pd.read_csv(r / "oof.csv", dtype={"id": str}).sort_values("id").filter(like="p_").to_numpy() for r in runs])
+    oof = pd.read_csv(runs[0] / "oof.csv", dtype={"id": str}).sort_values("id")
+    for k in range(3):
+        tr = oof["fold"].to_numpy() != k
+        w = hillclimb_weights(raw_oof[:, tr], oof["target"].to_numpy()[tr], "accuracy", 50)
+        got = read_predictions(Path(f"runs/comp/climb/test_pred_fold{k}.csv"), "test").sort_values("id")
+        fold_k = [read_predictions(r / f"test_pred_fold{k}.csv", "test").sort_values("id") for r in runs]
+        want = np.tensordot(w, np.stack([f.filter(like="p_").to_numpy() for f in fold_k]), 1)
+        np.testing.assert_allclose(got.filter(like="p_").to_numpy(), want / want.sum(1, keepdims=True), atol=1e-6)
