@@ -164,7 +164,9 @@ class TrainConfig(Section):
     patience: int = Field(5, ge=0, description="epochs without val log-loss improvement before stopping; 0 = never")
     device: str = "auto"
     seed: int = Field(42, ge=0, le=SEED_MAX)
-    seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] | None = Field(None, description="one model per fold and seed; None or [] = [seed]")
+    seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] | Literal["auto"] | None = Field(
+        None, description="one model per fold and seed; None or [] = [seed]; auto: seed, seed+1, ... as many as the "
+                          "budget gives every job enough epochs for (pipeline/plan.py)")
     optimizer: Annotated[str, _registered("optimizer", _optimizers)] = Field("adamw", description="a name in pipeline.optim.OPTIMIZERS")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
@@ -221,8 +223,8 @@ class TrainConfig(Section):
 
     @field_validator("seeds")
     @classmethod
-    def _distinct_seeds(cls, v: list[int] | None) -> list[int] | None:
-        if v and len(set(v)) != len(v):  # two jobs would share one fold_<k>_seed<s> folder
+    def _distinct_seeds(cls, v: list[int] | str | None) -> list[int] | str | None:
+        if isinstance(v, list) and len(set(v)) != len(v):  # two jobs would share one fold_<k>_seed<s> folder
             raise ValueError(f"got {v!r}; expected distinct seeds")
         return v
 

@@ -20,6 +20,10 @@ The rules, each printed with its reason when the plan is made:
   ``MIN_EPOCHS`` epochs, by the measured speed; the smallest candidate when none does.
 - ``train.epochs: auto``: without a budget ``DEFAULT_EPOCHS``; with one, as many as fill ``TARGET``
   of it at the measured speed (at most ``MAX_EPOCHS``), so the schedule is sized to them.
+- ``train.seeds: auto``: ``[seed]`` without a budget; with one, ``seed, seed+1, ...``: the most seeds
+  (at most ``MAX_SEEDS``) at which every fold x seed job still gets ``SEED_EPOCHS`` epochs (or the
+  config's fixed ``train.epochs``), so a budget beyond what one model per fold needs buys an average
+  of several instead of epochs past the point of use (or of ``MAX_EPOCHS``, nothing at all).
 
 Speed is measured, not guessed: a few real training steps (augmentation, forward, backward,
 optimiser) and a validation pass of the model at the candidate size, on synthetic images of the
@@ -43,7 +47,7 @@ from typing import Callable
 
 import numpy as np
 
-from .config import Config
+from .config import SEED_MAX, Config
 from .errors import LockHeld, PipelineError
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,8 @@ AUTO = "auto"
 DEFAULT_EPOCHS = 20       # train.epochs: auto without a budget (the schema's old default)
 MIN_EPOCHS = 8            # image_size: auto keeps the largest size that still gets these per fold
 MAX_EPOCHS = 60           # more than this rarely helps a fine-tune; a bigger budget is left to seeds or tuning
+SEED_EPOCHS = DEFAULT_EPOCHS  # train.seeds: auto adds a seed only while every job still gets this many epochs
+MAX_SEEDS = 5             # ... and at most this many: past it another seed adds little to the average
 TARGET = 0.93             # share of the budget the plan fills: the measurement's error stays inside it
 MIN_PRETRAINED_SIDE = 48  # below it ImageNet features do not transfer: the CNN from scratch
 SMALL_DATA = 2000         # fewer training rows: a pretrained backbone is fine-tuned gradually
@@ -63,7 +69,7 @@ SIZES = (512, 448, 384, 320, 288, 256, 224, 192, 160, 128, 112, 96, 80, 64, 48, 
 STAGE_SPEEDUP = {"full": 1.0, "partial": 1.6, "head": 2.5}
 SPAWN_S = 8.0             # a fold_jobs worker's start: a fresh interpreter imports torch and timm, reads the table
 PLAN_KEYS = (("data", "image_size"), ("data", "channels"), ("model", "backbone"), ("model", "pretrained"),
-             ("model", "finetune"), ("train", "epochs"))
+             ("model", "finetune"), ("train", "epochs"), ("train", "seeds"))
 
 
 def parse_budget(text: str) -> float:
@@ -368,6 +374,32 @@ class Shape:
         return max(fits, default=1)
 
 
+def _plan_seeds(cfg: Config, shape_of: Callable[[int], Shape], budget: float, sp, fit: int, epochs: int,
+                why: list) -> tuple[list[int], int]:
+    """``train.seeds: auto`` with a budget: the most seeds (at most ``MAX_SEEDS``) at which every job still
+    gets ``SEED_EPOCHS`` epochs (a fixed ``train.epochs``: at which those fit ``TARGET`` of the budget), and
+    the epochs that then fill it. ``fit``: the epochs one seed would get. Returns (seeds, epochs)."""
+    fixed = cfg.train.epochs != AUTO
+    need = epochs if fixed else SEED_EPOCHS
+
+    def fits(n: int) -> bool:
+        s = shape_of(n)
+        return s.seconds(epochs, sp) <= TARGET * budget if fixed else s.epochs_for(budget, sp) >= need
+
+    n = max([k for k in range(1, MAX_SEEDS + 1) if fits(k)], default=1)
+    seeds = [(cfg.train.seed + i) % (SEED_MAX + 1) for i in range(n)]
+    if not fixed:
+        epochs = shape_of(n).epochs_for(budget, sp)
+    if n == 1:
+        why.append(f"seeds {seeds}: one seed per fold; a second would leave each job under {need} epochs "
+                   f"(one seed gets {fit})" if not fixed else f"seeds {seeds}: two seeds of {need} epochs would not fit")
+    else:
+        why.append(f"seeds {seeds}: the most seeds (at most {MAX_SEEDS}) at which every job still gets "
+                   f"{need} epochs; one seed alone would get {fit}" + (f" (capped at {MAX_EPOCHS}: the rest of the budget "
+                                                                          f"would go unused)" if fit >= MAX_EPOCHS else ""))
+    return seeds, epochs
+
+
 def _candidates(cfg: Config, facts: Facts) -> list[int]:
     if cfg.data.image_size != AUTO:
         return [cfg.data.image_size or facts.native]
@@ -391,13 +423,15 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
     """The plan for ``cfg`` on data ``facts``: the values every ``auto`` takes, and why."""
     from .runs import RunDir
 
-    seeds = RunDir.of(cfg).seeds
+    auto_seeds = cfg.train.seeds == AUTO
+    seeds = [cfg.train.seed] if auto_seeds else RunDir.of(cfg).seeds  # auto: one seed until the budget says more
     n_folds = cfg.folds.n_splits * cfg.folds.repeats
 
-    def shape_of(c: Config) -> Shape:
+    def shape_of(c: Config, n_seeds: int | None = None) -> Shape:
         cap = c.train.max_steps_per_epoch and c.train.max_steps_per_epoch * c.train.batch_size
-        return Shape(n_rows=facts.n_rows, n_folds=n_folds, n_seeds=len(seeds), refit=c.train.refit, cores=cores,
-                     width=executor_width(c, n_folds * len(seeds), device_type), max_train_rows=cap or None,
+        n = n_seeds or len(seeds)
+        return Shape(n_rows=facts.n_rows, n_folds=n_folds, n_seeds=n, refit=c.train.refit, cores=cores,
+                     width=executor_width(c, n_folds * n, device_type), max_train_rows=cap or None,
                      n_splits=c.folds.n_splits, model=c.model)
 
     values, why = {}, []
@@ -418,10 +452,17 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
     if budget:
         size, sp, fit, measured = _search_size(cfg, values, sizes, budget, shape_of, measure, why)  # sp: threads -> Speed
         epochs = fit if cfg.train.epochs == AUTO else cfg.train.epochs
-        expected = shape_of(_with(cfg, {**values, "data.image_size": size, "train.epochs": 1})).seconds(epochs, sp)
+        sized = _with(cfg, {**values, "data.image_size": size, "train.epochs": 1})
+        if auto_seeds:
+            seeds, epochs = _plan_seeds(cfg, lambda n: shape_of(sized, n), budget, sp, fit, epochs, why)
+        expected = shape_of(sized).seconds(epochs, sp)
     elif cfg.train.epochs == AUTO:
         epochs = DEFAULT_EPOCHS
         why.append(f"epochs {DEFAULT_EPOCHS}: no time budget (train.time_budget_s or --budget) to plan by")
+    if auto_seeds:
+        values["train.seeds"] = seeds
+        if not budget:
+            why.append(f"seeds {seeds}: no time budget to plan more by")
     if cfg.data.image_size == AUTO:
         values["data.image_size"] = size
         why.append(f"image size {size}: the files are {facts.native} px" + (
@@ -547,11 +588,14 @@ def planned(cfg: Config, *, create: bool = True, require: bool = True, speed: Sp
 
     if cfg.plan is not None or not (has_auto(cfg) or cfg.train.time_budget_s):
         return cfg
-    if not cfg.train.time_budget_s and all(getattr(getattr(cfg, s), k) != AUTO for s, k in PLAN_KEYS if k != "epochs"):
-        # only train.epochs: auto and no budget: the default epoch count, nothing to measure or keep
-        plan = {"config_hash": plan_hash(cfg), "budget_s": None, "values": {"train.epochs": DEFAULT_EPOCHS}, "why": [],
-                "folds": cfg.folds.n_splits * cfg.folds.repeats, "seeds": RunDir.of(cfg).seeds, "expected_train_s": None}
-        return _with(cfg, plan["values"]).model_copy(update={"plan": plan})
+    if not cfg.train.time_budget_s and all(getattr(getattr(cfg, s), k) != AUTO for s, k in PLAN_KEYS if s != "train"):
+        # only train.epochs or seeds auto and no budget: their defaults, nothing to measure or keep
+        values = {"train.epochs": DEFAULT_EPOCHS, "train.seeds": [cfg.train.seed]}
+        values = {k: v for k, v in values.items() if getattr(cfg.train, k.split(".")[1]) == AUTO}
+        plan = {"config_hash": plan_hash(cfg), "budget_s": None, "values": values, "why": [],
+                "folds": cfg.folds.n_splits * cfg.folds.repeats, "seeds": RunDir.of(_with(cfg, values)).seeds,
+                "expected_train_s": None}
+        return _with(cfg, values).model_copy(update={"plan": plan})
     run, h = RunDir.of(cfg), plan_hash(cfg)
     plan = run.read_plan(h)
     if plan is None and create:

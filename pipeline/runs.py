@@ -149,7 +149,8 @@ class RunDir:
 
     @classmethod
     def of(cls, cfg: Config) -> RunDir:
-        return cls(path=cfg.run_dir, seeds=cfg.train.seeds or [cfg.train.seed], cfg=cfg)
+        seeds = cfg.train.seeds or [cfg.train.seed]
+        return cls(path=cfg.run_dir, seeds=None if seeds == "auto" else seeds, cfg=cfg)
 
     @classmethod
     def named(cls, cfg: Config, name: str) -> RunDir:
@@ -186,6 +187,9 @@ class RunDir:
     def seeds(self) -> list[int]:
         """``train.seeds``, or ``[train.seed]`` when it is not set."""
         if self._seeds is None:
+            if self._cfg is not None:  # train.seeds: auto, and no plan applied yet
+                raise PipelineError(f"{self._cfg.path}: train.seeds is auto, which the run's plan resolves; run "
+                                    f"`pipeline train {self._cfg.path}` with the same overrides first")
             raise ValueError(f"{self.path}: seeds are unknown for a RunDir made from a path; use RunDir.of(cfg)")
         return list(self._seeds)
 

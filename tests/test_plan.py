@@ -12,7 +12,7 @@ from conftest import cli_error, run_cli
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.models import finetune_stage
-from pipeline.plan import MAX_EPOCHS, MIN_EPOCHS, TARGET, Facts, Shape, Speed, choose_model, make_plan, parse_budget, planned
+from pipeline.plan import MAX_EPOCHS, MAX_SEEDS, MIN_EPOCHS, SEED_EPOCHS, TARGET, Facts, Shape, Speed, choose_model, make_plan, parse_budget, planned
 
 
 # ---- budgets ------------------------------------------------------------------------------
@@ -128,6 +128,57 @@ def test_without_a_budget_nothing_is_measured(make_config, folder_dir):
     assert calls == []
     assert plan["values"]["data.image_size"] == 100 and plan["values"]["train.epochs"] == 20
     assert plan["expected_train_s"] is None
+
+
+def _seeds_plan(make_config, folder_dir, budget, **train):
+    cfg = _folder_cfg(make_config, folder_dir, seeds="auto", seed=7, time_budget_s=budget, **train)
+    return cfg, make_plan(cfg, _facts(), device_type="cpu", cores=2, speed=_pixels_speed(base=600))
+
+
+def test_seeds_auto_spends_a_big_budget_on_seeds(make_config, folder_dir):
+    """One seed while a second would leave jobs under SEED_EPOCHS; past that as many as still get them,
+    at most MAX_SEEDS; each plan fits its budget, and a bigger budget never plans fewer seeds."""
+    counts = []
+    for budget in (300, 1500, 3000, 6000, 40_000):
+        cfg, plan = _seeds_plan(make_config, folder_dir, budget)
+        v, n = plan["values"], len(plan["values"]["train.seeds"])
+        assert v["train.seeds"] == list(range(7, 7 + n)) and plan["seeds"] == v["train.seeds"]
+        assert plan["expected_train_s"] <= TARGET * budget
+        if n > 1:  # every job still gets its epochs ...
+            assert v["train.epochs"] >= SEED_EPOCHS
+        if n < MAX_SEEDS:  # ... and one more seed would leave them short
+            more = load_config(cfg.path, [f"train.seeds={list(range(7, 8 + n))}", f"train.time_budget_s={budget}"])
+            assert make_plan(more, _facts(), device_type="cpu", cores=2, speed=_pixels_speed(base=600))["values"]["train.epochs"] < SEED_EPOCHS
+        assert any(w.startswith(f"seeds {v['train.seeds']}") for w in plan["why"])
+        counts.append(n)
+    assert counts == sorted(counts) and counts[0] == 1 and counts[-1] == MAX_SEEDS, counts
+
+
+def test_seeds_auto_with_fixed_epochs_and_without_budget(make_config, folder_dir):
+    _, plan = _seeds_plan(make_config, folder_dir, 6000, epochs=10)
+    n = len(plan["values"]["train.seeds"])
+    assert 1 < n <= MAX_SEEDS and "train.epochs" not in plan["values"] and plan["expected_train_s"] <= TARGET * 6000
+    cfg = _folder_cfg(make_config, folder_dir, seeds="auto")
+    plan = make_plan(cfg, _facts(), device_type="cpu", cores=2, speed=_pixels_speed())
+    assert plan["values"]["train.seeds"] == [42] and plan["expected_train_s"] is None
+
+
+def test_seeds_auto_is_resolved_before_any_job(make_config, digits_dir, capsys):
+    from pipeline.runs import RunDir
+
+    cfg = _digits_cfg(make_config, digits_dir, "train.seeds=auto", "train.time_budget_s=2000")
+    assert run_cli("status", cfg.path, "train.seeds=auto", "train.time_budget_s=2000") == 0  # unplanned: nothing to list
+    with pytest.raises(PipelineError, match="train.seeds is auto"):
+        RunDir.of(cfg).seeds
+    run = RunDir.of(planned(cfg, speed=_pixels_speed(base=3000)))
+    assert len(run.seeds) > 1 and run.job_dir(0, run.seeds[1]).path.name.endswith(f"seed{run.seeds[1]}")
+    # without a budget: the one seed, nothing measured
+    plain = planned(_digits_cfg(make_config, digits_dir, "train.seeds=auto", "model.backbone=simple_cnn", "train.epochs=3",
+                                "train.time_budget_s=null"), speed=lambda *a: pytest.fail("measured"))
+    assert plain.train.seeds == [42]
+    err = cli_error(capsys, "train", cfg.path, "train.seeds=some")
+    assert "train.seeds: Input should be a valid list, or 'auto'" in err, err
+    assert "distinct" in cli_error(capsys, "train", cfg.path, "train.seeds=[1,1]")
 
 
 def test_backbone_rule(make_config, folder_dir):
