@@ -42,7 +42,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -59,6 +59,7 @@ MAX_EPOCHS = 60           # more than this rarely helps a fine-tune; a bigger bu
 SEED_EPOCHS = DEFAULT_EPOCHS  # train.seeds: auto adds a seed only while every job still gets this many epochs
 MAX_SEEDS = 5             # ... and at most this many: past it another seed adds little to the average
 TARGET = 0.93             # share of the budget the plan fills: the measurement's error stays inside it
+FILL = 0.85               # whole epochs filling less than this: one more, each cut to fewer steps (_fill_steps)
 MIN_PRETRAINED_SIDE = 48  # below it ImageNet features do not transfer: the CNN from scratch
 SMALL_DATA = 2000         # fewer training rows: a pretrained backbone is fine-tuned gradually
 PRETRAINED = "tf_efficientnet_lite0"
@@ -349,12 +350,18 @@ class Shape:
         n_jobs = self.n_folds * self.n_seeds
         return thread_plan(n_jobs, self.width, self.cores) if self.width > 1 else [self.cores] * n_jobs
 
+    def val_rows(self) -> int:
+        return math.ceil(self.n_rows / (self.n_splits or self.n_folds))
+
+    def train_rows(self) -> int:
+        """Rows a fold job trains on per epoch."""
+        return min(self.n_rows - self.val_rows(), self.max_train_rows or self.n_rows)
+
     def seconds(self, epochs: int, speed: Callable[[int], Speed]) -> float:
         """Expected training time for ``epochs`` per job, ``speed(threads)`` per thread count."""
         from .models import finetune_stage
 
-        n_val = math.ceil(self.n_rows / (self.n_splits or self.n_folds))
-        n_train = min(self.n_rows - n_val, self.max_train_rows or self.n_rows)
+        n_val, n_train = self.val_rows(), self.train_rows()
         stages = [finetune_stage(self.model, e, epochs) if self.model is not None else "full" for e in range(1, epochs + 1)]
 
         def job(s: Speed, rows: int, n_val: int) -> float:
@@ -398,6 +405,23 @@ def _plan_seeds(cfg: Config, shape_of: Callable[[int], Shape], budget: float, sp
                    f"{need} epochs; one seed alone would get {fit}" + (f" (capped at {MAX_EPOCHS}: the rest of the budget "
                                                                           f"would go unused)" if fit >= MAX_EPOCHS else ""))
     return seeds, epochs
+
+
+def _fill_steps(shape: Shape, budget: float, sp, epochs: int, batch_size: int, why: list) -> int | None:
+    """``train.epochs: auto`` when whole epochs fill less than ``FILL`` of the budget (a few long epochs):
+    one epoch more, each cut to the most steps that fit ``TARGET`` of it (the first batches of the epoch's
+    own shuffled order, so each epoch trains another random subset, and the schedule is sized to the
+    steps). None when whole epochs fill enough, or the cut epochs would train fewer rows in all."""
+    if epochs >= MAX_EPOCHS or shape.seconds(epochs, sp) >= FILL * budget:
+        return None
+    full = max(1, shape.train_rows() // batch_size)
+    steps = next((k for k in range(full - 1, 0, -1)
+                  if replace(shape, max_train_rows=k * batch_size).seconds(epochs + 1, sp) <= TARGET * budget), 0)
+    if (epochs + 1) * steps <= epochs * full:
+        return None
+    why.append(f"epochs {epochs + 1} of {steps} of the {full} steps each: {epochs} whole epochs would fill "
+               f"{shape.seconds(epochs, sp) / budget:.0%} of the budget, {epochs + 1} whole ones more than {TARGET:.0%}")
+    return steps
 
 
 def _candidates(cfg: Config, facts: Facts) -> list[int]:
@@ -455,7 +479,14 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
         sized = _with(cfg, {**values, "data.image_size": size, "train.epochs": 1})
         if auto_seeds:
             seeds, epochs = _plan_seeds(cfg, lambda n: shape_of(sized, n), budget, sp, fit, epochs, why)
-        expected = shape_of(sized).seconds(epochs, sp)
+        shape = shape_of(sized)
+        if cfg.train.epochs == AUTO and not cfg.train.max_steps_per_epoch:
+            steps = _fill_steps(shape, budget, sp, epochs, cfg.train.batch_size, why)
+            if steps:
+                epochs += 1
+                values["train.max_steps_per_epoch"] = steps
+                shape = replace(shape, max_train_rows=steps * cfg.train.batch_size)
+        expected = shape.seconds(epochs, sp)
     elif cfg.train.epochs == AUTO:
         epochs = DEFAULT_EPOCHS
         why.append(f"epochs {DEFAULT_EPOCHS}: no time budget (train.time_budget_s or --budget) to plan by")
@@ -469,7 +500,7 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
             "; never upscaled" if size == facts.native else f"; the largest size below at which {epochs} epochs per fold fit the budget"))
     if cfg.train.epochs == AUTO:
         values["train.epochs"] = int(epochs)
-        if budget:
+        if budget and "train.max_steps_per_epoch" not in values:  # else _fill_steps said why
             why.append(f"epochs {epochs}: {'the most' if epochs < MAX_EPOCHS else f'capped at {MAX_EPOCHS}, fewer than'} "
                        f"that fit {TARGET:.0%} of the {budget:.0f} s budget at the measured speed")
     if budget and cfg.predict.tta == AUTO and facts.n_test:
@@ -571,10 +602,11 @@ def describe(cfg: Config, plan: dict) -> str:
     size = cfg.data.image_size or "native"
     exp = plan.get("expected_train_s")
     budget = plan.get("budget_s")
+    steps = f" of {t.max_steps_per_epoch} steps" if t.max_steps_per_epoch else ""
     timing = (f"; expected {exp / 60:.1f} min of training for a {budget / 60:.1f} min budget" if exp is not None and budget
               else "")
     return (f"plan: {m.backbone} ({'pretrained' if m.pretrained else 'from scratch'}, finetune {m.finetune}) at {size} px, "
-            f"{plan['folds']} folds x {t.epochs} epochs x {len(plan['seeds'])} seed(s){timing}")
+            f"{plan['folds']} folds x {t.epochs} epochs{steps} x {len(plan['seeds'])} seed(s){timing}")
 
 
 def planned(cfg: Config, *, create: bool = True, require: bool = True, speed: SpeedFn | None = None) -> Config:
@@ -673,6 +705,8 @@ def _still_auto(cfg: Config, values: dict) -> dict:
         section, name = key.split(".")
         if section == "model" and name in ("pretrained", "finetune"):
             name = "backbone"
+        if key == "train.max_steps_per_epoch":  # the cut epochs of train.epochs: auto (_fill_steps)
+            name = "epochs"
         return getattr(getattr(cfg, section), name) == AUTO
 
     return {k: v for k, v in values.items() if auto(k)}

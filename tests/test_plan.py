@@ -55,6 +55,32 @@ def test_epochs_fill_the_budget(speed, n_rows, n_folds, n_seeds, width, refit, b
         assert shape.seconds(e + 1, lambda th: speed) > TARGET * budget - 1e-6
 
 
+@given(speeds, st.integers(200, 50_000), st.integers(2, 10), st.integers(1, 3), st.booleans(), st.sampled_from([16, 32, 64]),
+       st.floats(10, 5_000))
+def test_few_long_epochs_are_cut_to_fill_the_budget(speed, n_rows, n_folds, width, refit, batch, budget):
+    """Whole epochs filling under FILL of the budget: one more, each cut to the most steps that fit; only
+    when that trains more rows in all, and never past TARGET of the budget."""
+    from dataclasses import replace
+
+    from pipeline.plan import FILL, _fill_steps
+
+    shape = Shape(n_rows=n_rows, n_folds=n_folds, n_seeds=1, refit=refit, width=width, cores=4)
+    sp = lambda th: speed  # noqa: E731
+    e = shape.epochs_for(budget, sp)
+    why = []
+    steps = _fill_steps(shape, budget, sp, e, batch, why)
+    full = max(1, shape.train_rows() // batch)
+    if shape.seconds(e, sp) >= FILL * budget or e == MAX_EPOCHS:
+        assert steps is None and not why
+    if steps is not None:
+        cut = replace(shape, max_train_rows=steps * batch)
+        assert 1 <= steps < full and (e + 1) * steps > e * full
+        assert cut.seconds(e + 1, sp) <= TARGET * budget + 1e-6
+        assert cut.seconds(e + 1, sp) > shape.seconds(e, sp)  # more of the budget is spent
+        assert replace(shape, max_train_rows=(steps + 1) * batch).seconds(e + 1, sp) > TARGET * budget - 1e-6 or steps + 1 == full
+        assert why and why[0].startswith(f"epochs {e + 1} of {steps} of the {full} steps")
+
+
 def test_waves_and_threads_are_those_of_the_executor():
     # 5 folds, 2 at a time on 2 cores: waves of (1, 1) threads, then the lone last fold on both cores
     shape = Shape(n_rows=1000, n_folds=5, n_seeds=1, refit=False, width=2, cores=2)
@@ -179,6 +205,25 @@ def test_seeds_auto_is_resolved_before_any_job(make_config, digits_dir, capsys):
     err = cli_error(capsys, "train", cfg.path, "train.seeds=some")
     assert "train.seeds: Input should be a valid list, or 'auto'" in err, err
     assert "distinct" in cli_error(capsys, "train", cfg.path, "train.seeds=[1,1]")
+
+
+def test_cut_epochs_reach_the_trainer(make_config, digits_dir):
+    """A budget that fits 2.x whole epochs of 2 folds: the plan trains 3 epochs of fewer steps, and the
+    trainer's epoch is those steps."""
+    from pipeline.trainer import steps_per_epoch
+
+    cfg = load_config(make_config(digits_dir, fmt="pixel_csv", folds={"n_splits": 2}, model={"backbone": "auto", "pretrained": False},
+                                  train={"epochs": "auto", "time_budget_s": 60, "batch_size": 64}))
+    def speed(c, size, threads):  # ~2.5 whole epochs of 2,400 rows (x 2 folds) fit 93% of 60 s
+        return Speed(train_img_s=240, val_img_s=24_000, build_s=1.0, epoch_s=0.1)
+    p = planned(cfg, speed=speed)
+    whole = 2400 // 64 + 1
+    assert p.train.epochs == 3 and 0 < p.train.max_steps_per_epoch < whole
+    assert steps_per_epoch(2400, p.train) == p.train.max_steps_per_epoch
+    assert p.plan["expected_train_s"] <= TARGET * 60 and p.plan["expected_train_s"] > 0.85 * 60
+    assert any(w.startswith("epochs 3 of ") for w in p.plan["why"])
+    again = planned(load_config(cfg.path), speed=lambda *a: pytest.fail("planned twice"))
+    assert again.train.max_steps_per_epoch == p.train.max_steps_per_epoch and again.hash() == p.hash()
 
 
 def test_backbone_rule(make_config, folder_dir):
