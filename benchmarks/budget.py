@@ -54,7 +54,8 @@ def run_one(name: str, config: Path, data_dir: Path, budget: float, work: Path) 
     epoch_s = [float(m) for m in re.findall(r"epoch \d+/\d+ .*?([\d.]+)s(?:  \*)?$", log, re.M)]
     v = plan["values"]
     return {"competition": name, "budget_s": budget, "model": v.get("model.backbone", "-"),
-            "size": v.get("data.image_size", "-"), "folds_x_epochs": f"{plan['folds']}x{v.get('train.epochs', '-')}",
+            "size": v.get("data.image_size", "-"), "folds_x_epochs": f"{plan['folds']}x{v.get('train.epochs', '-')}"
+            + (f" of {v['train.max_steps_per_epoch']} steps" if v.get("train.max_steps_per_epoch") else ""),
             "planned_s": plan["expected_train_s"], "planning_s": plan.get("planning_s"), "train_s": round(spent, 1),
             "train_over_budget": round(spent / budget, 3), "whole_s": round(whole, 1), "whole_over_budget": round(whole / budget, 3),
             "longest_epoch_s": max(epoch_s, default=None), "metric": metrics["metric"], "cv": round(metrics["cv_mean"][metrics["metric"]], 4),
