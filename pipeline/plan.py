@@ -108,6 +108,7 @@ class Facts:
     value_range: tuple[float, float]
     dtype: str
     n_test: int | None = None  # None: no test data yet (nothing to fit the TTA to)
+    n_pseudo: int = 0  # test rows a job trains on besides its own (pseudo-labels: the most of any fold)
 
 
 def data_facts(cfg: Config) -> Facts:
@@ -124,15 +125,21 @@ def data_facts(cfg: Config) -> Facts:
         own["image_size"] = min(native, 32)  # small and one size: a folder of mixed sizes reads too
     reader = build_reader(probe(**own))
     t = reader.read("train")
-    n_test = None
-    if cfg.train.time_budget_s and cfg.predict.tta == AUTO:  # the TTA is fitted to the budget by the test set's size
+    n_test, n_pseudo = None, 0
+    if cfg.train.time_budget_s and cfg.pseudo is not None:  # its rows are trained on, so timed: the test set is needed
+        from .pseudo import planned_rows
+
+        test = reader.read("test")
+        n_test = len(test)
+        n_pseudo = planned_rows(cfg, test, list(t.class_names), n_real=len(t) - math.ceil(len(t) / cfg.folds.n_splits))
+    elif cfg.train.time_budget_s and cfg.predict.tta == AUTO:  # the TTA is fitted to the budget by the test set's size
         try:
             n_test = len(reader.read("test"))
         except PipelineError:
             pass  # training needs no test set; predict will say what is wrong with it
     return Facts(n_rows=len(t), class_names=tuple(t.class_names), channels=t.channels, native=native or min(t.image_size),
                  n_features=len(t.feature_names), feature_names=tuple(t.feature_names),
-                 value_range=tuple(map(float, t.value_range)), dtype=str(t.images.dtype), n_test=n_test)
+                 value_range=tuple(map(float, t.value_range)), dtype=str(t.images.dtype), n_test=n_test, n_pseudo=n_pseudo)
 
 
 def _weights_offline(backbone: str) -> bool:
@@ -343,6 +350,7 @@ class Shape:
     width: int
     cores: int
     max_train_rows: int | None = None  # train.max_steps_per_epoch x batch_size
+    extra_rows: int = 0  # pseudo-labelled test rows in every job's training part (Facts.n_pseudo)
     n_splits: int | None = None  # the validation share is 1 / n_splits (folds = n_splits x repeats); None: n_folds
     model: object = None  # the config's model section: which epochs train a frozen backbone (models.finetune_stage)
 
@@ -355,7 +363,8 @@ class Shape:
 
     def train_rows(self) -> int:
         """Rows a fold job trains on per epoch."""
-        return min(self.n_rows - self.val_rows(), self.max_train_rows or self.n_rows)
+        rows = self.n_rows - self.val_rows() + self.extra_rows
+        return min(rows, self.max_train_rows or rows)
 
     def seconds(self, epochs: int, speed: Callable[[int], Speed]) -> float:
         """Expected training time for ``epochs`` per job, ``speed(threads)`` per thread count."""
@@ -372,7 +381,8 @@ class Shape:
         for w in range(0, len(threads), self.width):  # waves of ``width`` jobs side by side
             total += max(job(speed(th), n_train, n_val) for th in threads[w:w + self.width])
         if self.refit:
-            total += self.n_seeds * job(speed(self.cores), min(self.n_rows, self.max_train_rows or self.n_rows), 0)
+            rows = self.n_rows + self.extra_rows
+            total += self.n_seeds * job(speed(self.cores), min(rows, self.max_train_rows or rows), 0)
         return total
 
     def epochs_for(self, budget: float, speed: Callable[[int], Speed]) -> int:
@@ -454,7 +464,7 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
     def shape_of(c: Config, n_seeds: int | None = None) -> Shape:
         cap = c.train.max_steps_per_epoch and c.train.max_steps_per_epoch * c.train.batch_size
         n = n_seeds or len(seeds)
-        return Shape(n_rows=facts.n_rows, n_folds=n_folds, n_seeds=n, refit=c.train.refit, cores=cores,
+        return Shape(n_rows=facts.n_rows, extra_rows=facts.n_pseudo, n_folds=n_folds, n_seeds=n, refit=c.train.refit, cores=cores,
                      width=executor_width(c, n_folds * n, device_type), max_train_rows=cap or None,
                      n_splits=c.folds.n_splits, model=c.model)
 

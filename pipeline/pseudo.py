@@ -206,6 +206,15 @@ def _source_probs(path, src: RunDir, test: Table, class_names: list[str]) -> np.
     return probs_of(df.set_index("id").reindex(ids), class_names)
 
 
+def planned_rows(cfg: Config, test: Table, class_names: list[str], *, n_real: int) -> int:
+    """The most pseudo rows any fold job of ``cfg`` will train on, from the source's fold files, for the
+    run plan to time (``n_real``: a fold's real training rows). The source is checked as training checks it."""
+    src, p = check_source(cfg), cfg.pseudo
+    return max(len(select(_source_probs(src.test_pred_fold(k), src, test, class_names), test.ids, threshold=p.threshold,
+                          max_share=p.max_share, n_real=n_real, soft=p.soft).rows)
+               for k in range(cfg.folds.n_splits * cfg.folds.repeats))
+
+
 def prepare(cfg: Config, src: RunDir, table: Table, fold_of: np.ndarray, test: Table) -> PseudoLabels:
     """Every job's pseudo rows from the source's files, after checking the source trained on our folds."""
     _check_folds(cfg, src, table, fold_of)

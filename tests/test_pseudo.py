@@ -360,3 +360,32 @@ def test_fold_view_marks_rows(ice_config):
     assert t.labels[n + 4] == 1 and t.labels[n + 1] == 0 and t.soft_targets is None
     np.testing.assert_array_equal(t.images[[n + 4]], test.images[[4]])
     assert base.images is t.images  # one stacked view shared by every job, never a copy per fold
+
+
+def test_the_plan_times_the_pseudo_rows(ice_config):
+    """A budgeted pseudo-labelled run is planned for its real rows plus the most pseudo rows any fold takes
+    (counted from the source's fold files as training counts them): fewer epochs than without them."""
+    from pipeline.plan import Speed, data_facts, make_plan
+    from pipeline.pseudo import check_source, prepare
+
+    path = ice_config(pseudo={"from": str(SRC), "threshold": 0.95, "max_share": 1.0},
+                      train={"epochs": "auto", "time_budget_s": 60, "max_steps_per_epoch": None})
+    assert run_cli("fold", path, "pseudo=null", "train.time_budget_s=null") == 0  # the folds file the source trained on
+    train, test, fold_of = craft_source(path)
+    cfg = load_config(path)
+    facts = data_facts(cfg)
+    want = prepare(cfg, check_source(cfg), train, fold_of, test).by_fold
+    assert facts.n_pseudo == max(len(s.rows) for s in want.values()) > 0 and facts.n_test == len(test)
+    plain = data_facts(load_config(path, ["pseudo=null"]))
+    assert plain.n_pseudo == 0
+
+    def speed(c, size, threads):
+        return Speed(train_img_s=200, val_img_s=2000, build_s=0.5, epoch_s=0.0)
+    with_rows = make_plan(cfg, facts, device_type="cpu", cores=2, speed=speed)
+    without = make_plan(cfg, plain, device_type="cpu", cores=2, speed=speed)
+    per_epoch = lambda rows: 3 * (rows / 200 + 40 / 2000)  # noqa: E731 (3 folds of 80 real rows, 40 validated)
+    for plan, rows in ((with_rows, 80 + facts.n_pseudo), (without, 80)):
+        e = plan["values"]["train.epochs"]
+        assert "train.max_steps_per_epoch" not in plan["values"]  # many short epochs: none is cut
+        assert plan["expected_train_s"] == pytest.approx(3 * 0.5 + e * per_epoch(rows), abs=0.1)
+    assert with_rows["values"]["train.epochs"] < without["values"]["train.epochs"]
