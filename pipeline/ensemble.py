@@ -525,6 +525,10 @@ def fold_blends(ens: EnsembleConfig, members: list[Member], class_names: list[st
     test predictions."""
     ks = [int(k) for k in np.unique(folds)]
     for m in members:
+        stale = m.run.stale_predictions()
+        if stale:
+            log.info(f"note: {stale}; this ensemble keeps no per-fold test predictions (rerun `pipeline predict` for {m.name})")
+            return None
         missing = next((m.run.test_pred_fold(k) for k in ks if not m.run.test_pred_fold(k).is_file()), None)
         if missing is not None:
             log.info(f"note: member {m.name} has no {missing.name}; this ensemble keeps no per-fold test predictions "
@@ -533,7 +537,11 @@ def fold_blends(ens: EnsembleConfig, members: list[Member], class_names: list[st
     ids, tids = members[0].oof["id"], members[0].test["id"]
     oof = np.stack([m.raw_probs(m.oof_path, "oof", ids, class_names) for m in members])
     test = np.stack([m.raw_probs(m.test_path, "test", tids, class_names) for m in members])
-    fold_tests = {k: np.stack([m.raw_probs(m.run.test_pred_fold(k), "test", tids, class_names) for m in members]) for k in ks}
+    try:  # optional files: a bad one costs the per-fold blends, not the blend
+        fold_tests = {k: np.stack([m.raw_probs(m.run.test_pred_fold(k), "test", tids, class_names) for m in members]) for k in ks}
+    except PipelineError as e:
+        log.info(f"note: {e}; this ensemble keeps no per-fold test predictions and cannot be a pseudo-label source")
+        return None
     details: dict = {}
     build_blender(ens.method)(oof, test, y, folds, details=details, fold_tests=fold_tests, **kw)
     return details["fold_test"]

@@ -1,6 +1,7 @@
 """Atomic file writes (a crash never leaves a half-written artifact under the real name) and job locks."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -180,6 +181,14 @@ def staged(folder: str | Path, *, last: list[str | Path] = ()):
                 folder.rmdir()  # only when empty: a failed first run leaves no folder behind
             except OSError:
                 pass
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json_object(path: Path, fix: str) -> dict:

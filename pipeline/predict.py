@@ -38,7 +38,7 @@ from .calibration import load_calibration
 from .config import Config, read_stage_hash, stage_sections
 from .defaults import resolve_clip, resolve_tta, tta_is_on, uses_tta_oof
 from .errors import PipelineError
-from .io import Staging, atomic_write_json
+from .io import Staging, atomic_write_json, file_sha256
 from .metrics import logloss, score
 from .predictions import pred_frame, probs_of, read_predictions, scale, write_predictions
 from .runs import JobDir, RunDir
@@ -261,6 +261,7 @@ def _predict_into(cfg: Config, run: RunDir, stage: Staging) -> _Predicted:
         "temperature": cal.temperature if cal else None, "shrink": cal.shrink if cal else 0.0, "clip": list(clip) if clip else None,
         "oof": oof_path.name, "test_pred_folds": [run.test_pred_fold(k).name for k in range(len(by_fold))],
         "class_names": list(test.class_names), **scores, "train_hash": run.snapshot_hash("train"),
+        "oof_sha256": file_sha256(run.oof),  # the training these predictions belong to (RunDir.stale_predictions)
     }
     atomic_write_json(stage.path(run.predict_json), info)
     predict_hash = run.write_snapshot("predict", into=stage)  # moved into place last: marks the stage done

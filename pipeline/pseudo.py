@@ -49,6 +49,9 @@ def check_source(cfg: Config) -> RunDir:
         raise PipelineError(f"{where}: {cfg.pseudo.source} is this experiment's own run; expected another experiment")
     if not src.oof.is_file():
         raise PipelineError(f"{where}: {src} has no oof.csv; train the source first (`pipeline train <config of {src.name}>`)")
+    stale = src.stale_predictions()
+    if stale:
+        raise PipelineError(f"{where}: {stale}; rerun `pipeline predict <config of {src.name}>`")
     for p in run.pseudo_files():
         if not p.is_file():
             why = ("the refit's labels come from the source's all-fold test predictions" if p == src.test_pred else

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from .config import load_config, read_stage_hash, stage_sections, write_snapshot
 from .errors import PipelineError
-from .io import Staging, atomic_write_json, read_json_object, staged
+from .io import Staging, atomic_write_json, file_sha256, read_json_object, staged
 
 if TYPE_CHECKING:
     from .config import Config
@@ -259,6 +259,17 @@ class RunDir:
         if src.competition != cfg.competition:
             raise PipelineError(f"{where}: {entry} is an experiment of {src.competition!r}; expected one of {cfg.competition!r}")
         return RunDir.of(src)
+
+    def stale_predictions(self) -> str | None:
+        """Why this run's test predictions are not of its current models (it trained again after `pipeline
+        predict`: oof.csv is not the one predict.json recorded), or None. Fold k's file of an older training
+        may come from a model that saw today's fold k."""
+        if not (self.predict_json.is_file() and self.oof.is_file()):
+            return None
+        want = read_json_object(self.predict_json, f"rerun `pipeline predict` for {self.name}").get("oof_sha256")
+        if want and file_sha256(self.oof) != want:
+            return f"{self.path}: its test predictions are older than its training (oof.csv changed since `pipeline predict`)"
+        return None
 
     def pseudo_files(self) -> list[Path]:
         """The source's files pseudo-labels come from: fold k's own ``test_pred_fold<k>.csv`` for each

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import datetime as dt
-import hashlib
 import math
 import os
 import tempfile
@@ -20,7 +19,7 @@ import pandas as pd
 
 from .config import Config
 from .errors import PipelineError
-from .io import atomic_write_json, read_json_object
+from .io import atomic_write_json, file_sha256, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +76,6 @@ def remove_submission(path: str | Path) -> None:
     path = Path(path)
     path.with_suffix(".json").unlink(missing_ok=True)
     path.unlink(missing_ok=True)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 _REMAKE = "a submission file comes with its JSON from `pipeline predict CONFIG` or `pipeline ensemble FILE`"

@@ -225,9 +225,7 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
     out_dir.mkdir(parents=True, exist_ok=True)
     optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL + re-queued before counting
 
-    base = cfg.to_dict()
-    base["train"]["seeds"] = None
-    base["train"]["refit"] = False
+    base = trial_base(cfg, space)
     _log_plan(cfg, space, folds, n_folds, direction, study, shown, out_dir, n_trials, max_trials, timeout)
 
     objective = Objective(cfg=cfg, space=space, base=base, table=table, folds=folds, study=study,
@@ -253,6 +251,17 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
         raise PipelineError(f"tune stopped: {progress.fails_in_a_row} trials in a row failed; last {progress.last_fail} "
                             f"(traceback in {out_dir}/trial_<n>/train.log)")
     return study
+
+
+def trial_base(cfg: Config, space: Space) -> dict:
+    """The config dict every trial starts from: one seed, no refit, and no epoch cut of the plan's when
+    the epochs or the batch are searched (it was sized for the plan's own count and batch, not a trial's)."""
+    base = cfg.to_dict()
+    base["train"]["seeds"] = None
+    base["train"]["refit"] = False
+    if "train.max_steps_per_epoch" in (cfg.plan or {}).get("values", {}) and any(space.get(k) for k in ("train.epochs", "train.batch_size")):
+        base["train"]["max_steps_per_epoch"] = None
+    return base
 
 
 def _tuned_folds(cfg: Config):

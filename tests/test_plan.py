@@ -12,7 +12,8 @@ from conftest import cli_error, run_cli
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.models import finetune_stage
-from pipeline.plan import MAX_EPOCHS, MAX_SEEDS, MIN_EPOCHS, SEED_EPOCHS, TARGET, Facts, Shape, Speed, choose_model, make_plan, parse_budget, planned
+from pipeline.plan import (MAX_EPOCHS, MAX_SEEDS, MIN_EPOCHS, SEED_EPOCHS, TARGET, Facts, Shape, Speed, auto_seeds, choose_model,
+                           make_plan, parse_budget, planned)
 
 
 # ---- budgets ------------------------------------------------------------------------------
@@ -69,12 +70,12 @@ def test_few_long_epochs_are_cut_to_fill_the_budget(speed, n_rows, n_folds, widt
     e = shape.epochs_for(budget, sp)
     why = []
     steps = _fill_steps(shape, budget, sp, e, batch, why)
-    full = max(1, shape.train_rows() // batch)
+    full = math.ceil(shape.train_rows() / batch)
     if shape.seconds(e, sp) >= FILL * budget or e == MAX_EPOCHS:
         assert steps is None and not why
     if steps is not None:
         cut = replace(shape, max_train_rows=steps * batch)
-        assert 1 <= steps < full and (e + 1) * steps > e * full
+        assert 1 <= steps < full and (e + 1) * steps * batch > e * shape.train_rows()
         assert cut.seconds(e + 1, sp) <= TARGET * budget + 1e-6
         assert cut.seconds(e + 1, sp) > shape.seconds(e, sp)  # more of the budget is spent
         assert replace(shape, max_train_rows=(steps + 1) * batch).seconds(e + 1, sp) > TARGET * budget - 1e-6 or steps + 1 == full
@@ -167,15 +168,17 @@ def test_seeds_auto_spends_a_big_budget_on_seeds(make_config, folder_dir):
     counts = []
     for budget in (300, 1500, 3000, 6000, 40_000):
         cfg, plan = _seeds_plan(make_config, folder_dir, budget)
-        v, n = plan["values"], len(plan["values"]["train.seeds"])
-        assert v["train.seeds"] == list(range(7, 7 + n)) and plan["seeds"] == v["train.seeds"]
+        v = plan["values"]
+        seeds = v["train.seeds"] or [7]  # one seed is stored unset: the run and hash of a config without seeds
+        n = len(seeds)
+        assert seeds == auto_seeds(7, n) and plan["seeds"] == seeds and (v["train.seeds"] is None) == (n == 1)
         assert plan["expected_train_s"] <= TARGET * budget
         if n > 1:  # every job still gets its epochs ...
             assert v["train.epochs"] >= SEED_EPOCHS
         if n < MAX_SEEDS:  # ... and one more seed would leave them short
-            more = load_config(cfg.path, [f"train.seeds={list(range(7, 8 + n))}", f"train.time_budget_s={budget}"])
+            more = load_config(cfg.path, [f"train.seeds={auto_seeds(7, n + 1)}", f"train.time_budget_s={budget}"])
             assert make_plan(more, _facts(), device_type="cpu", cores=2, speed=_pixels_speed(base=600))["values"]["train.epochs"] < SEED_EPOCHS
-        assert any(w.startswith(f"seeds {v['train.seeds']}") for w in plan["why"])
+        assert any(w.startswith(f"seeds {seeds}") for w in plan["why"])
         counts.append(n)
     assert counts == sorted(counts) and counts[0] == 1 and counts[-1] == MAX_SEEDS, counts
 
@@ -186,7 +189,9 @@ def test_seeds_auto_with_fixed_epochs_and_without_budget(make_config, folder_dir
     assert 1 < n <= MAX_SEEDS and "train.epochs" not in plan["values"] and plan["expected_train_s"] <= TARGET * 6000
     cfg = _folder_cfg(make_config, folder_dir, seeds="auto")
     plan = make_plan(cfg, _facts(), device_type="cpu", cores=2, speed=_pixels_speed())
-    assert plan["values"]["train.seeds"] == [42] and plan["expected_train_s"] is None
+    assert plan["values"]["train.seeds"] is None and plan["seeds"] == [42] and plan["expected_train_s"] is None
+    # seeds 1 and 2 (a zoo's two members) plan disjoint sets, not 1, 2, 3 and 2, 3, 4
+    assert auto_seeds(1, 3)[0] == 1 and not set(auto_seeds(1, 3)) & set(auto_seeds(2, 3))
 
 
 def test_seeds_auto_is_resolved_before_any_job(make_config, digits_dir, capsys):
@@ -201,7 +206,9 @@ def test_seeds_auto_is_resolved_before_any_job(make_config, digits_dir, capsys):
     # without a budget: the one seed, nothing measured
     plain = planned(_digits_cfg(make_config, digits_dir, "train.seeds=auto", "model.backbone=simple_cnn", "train.epochs=3",
                                 "train.time_budget_s=null"), speed=lambda *a: pytest.fail("measured"))
-    assert plain.train.seeds == [42]
+    assert plain.train.seeds is None and RunDir.of(plain).seeds == [42]
+    assert plain.hash() == load_config(plain.path, ["train.seeds=null", "model.backbone=simple_cnn", "train.epochs=3",
+                                                    "train.time_budget_s=null"]).hash()  # as if seeds were left unset
     err = cli_error(capsys, "train", cfg.path, "train.seeds=some")
     assert "train.seeds: Input should be a valid list, or 'auto'" in err, err
     assert "distinct" in cli_error(capsys, "train", cfg.path, "train.seeds=[1,1]")

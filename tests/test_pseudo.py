@@ -256,6 +256,18 @@ def test_real_source_then_predict_and_blend(ice_config, capsys):
     info = json.loads((RUN / "pseudo.json").read_text())
     assert info["source"] == "runs/comp/blend" and all(v["rows"] > 0 for v in info["jobs"].values())
     assert len(read_predictions(RUN / "oof.csv", "oof")) == len(train)
+    # the source trains again (its oof.csv rewritten) and is not re-predicted: its fold files may be of models
+    # that saw today's fold k, so it is refused as a source, and a blend of it keeps no fold files
+    src_oof = Path("runs/comp/src/oof.csv")
+    pd.read_csv(src_oof, dtype={"id": str}).iloc[::-1].to_csv(src_oof, index=False)
+    capsys.readouterr()
+    before = _files()
+    err = cli_error(capsys, "train", path, "pseudo.threshold=0.6")
+    assert "pseudo.from" in err and "older than its training" in err and "pipeline predict" in err, err
+    assert _files() == before
+    assert run_cli("ensemble", blend) == 0
+    assert "keeps no per-fold test predictions" in capsys.readouterr().out
+    assert not list(Path("runs/comp/blend").glob("test_pred_fold*.csv"))
 
 
 @pytest.mark.slow

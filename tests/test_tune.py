@@ -315,3 +315,20 @@ def test_failing_trials_stop_the_search(tune_config, capsys):
     assert captured.out.count(" FAIL ") == 3
     assert "tune stopped: 3 trials in a row failed; last trial 2:" in captured.err
     assert len(load().trials) == 3
+
+
+@pytest.mark.parametrize("searched, cut_kept", [(SPACE, True), ({**SPACE, "train.epochs": {"type": "int", "low": 1, "high": 9}}, False),
+                                                ({"train.batch_size": {"type": "categorical", "choices": [16, 32]}}, False)])
+def test_trials_drop_the_plans_epoch_cut_when_epochs_or_batch_are_searched(tune_config, searched, cut_kept):
+    """The plan cut each epoch to fit its own epoch count and batch (plan._fill_steps); a trial that
+    searches either trains whole epochs, as the final `pipeline train --params` of its best values does."""
+    from pipeline.search_space import parse_space
+    from pipeline.tune import trial_base
+
+    cfg = load_config(tune_config(space=searched, train={"max_steps_per_epoch": 7, "seeds": [1, 2], "refit": True}))
+    planned_cut = cfg.model_copy(update={"plan": {"values": {"train.epochs": 3, "train.max_steps_per_epoch": 7}}})
+    base = trial_base(planned_cut, parse_space(planned_cut))
+    assert base["train"]["seeds"] is None and base["train"]["refit"] is False
+    assert base["train"]["max_steps_per_epoch"] == (7 if cut_kept else None)
+    # a cut the user set (not the plan's) is theirs to keep
+    assert trial_base(cfg, parse_space(cfg))["train"]["max_steps_per_epoch"] == 7
