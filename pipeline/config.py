@@ -165,7 +165,7 @@ class TrainConfig(Section):
     device: str = "auto"
     seed: int = Field(42, ge=0, le=SEED_MAX)
     seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] | Literal["auto"] | None = Field(
-        None, description="one model per fold and seed; None or [] = [seed]; auto: seed, seed+1, ... as many as the "
+        None, description="one model per fold and seed; None or [] = [seed]; auto: seed and seeds derived from it, as many as the "
                           "budget gives every job enough epochs for (pipeline/plan.py)")
     optimizer: Annotated[str, _registered("optimizer", _optimizers)] = Field("adamw", description="a name in pipeline.optim.OPTIMIZERS")
     momentum: float = Field(0.9, ge=0, lt=1)

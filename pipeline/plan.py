@@ -19,11 +19,13 @@ The rules, each printed with its reason when the plan is made:
   one, the largest of the files' size and the standard sizes below it at which every fold still gets
   ``MIN_EPOCHS`` epochs, by the measured speed; the smallest candidate when none does.
 - ``train.epochs: auto``: without a budget ``DEFAULT_EPOCHS``; with one, as many as fill ``TARGET``
-  of it at the measured speed (at most ``MAX_EPOCHS``), so the schedule is sized to them.
-- ``train.seeds: auto``: ``[seed]`` without a budget; with one, ``seed, seed+1, ...``: the most seeds
-  (at most ``MAX_SEEDS``) at which every fold x seed job still gets ``SEED_EPOCHS`` epochs (or the
-  config's fixed ``train.epochs``), so a budget beyond what one model per fold needs buys an average
-  of several instead of epochs past the point of use (or of ``MAX_EPOCHS``, nothing at all).
+  of it at the measured speed (at most ``MAX_EPOCHS``), so the schedule is sized to them; when whole
+  epochs fill under ``FILL`` of it, one more, each cut to fewer steps (``_fill_steps``).
+- ``train.seeds: auto``: ``[seed]`` without a budget; with one, ``seed`` and seeds derived from it
+  (``auto_seeds``): the most seeds (at most ``MAX_SEEDS``) at which every fold x seed job still gets
+  ``SEED_EPOCHS`` epochs (or the config's fixed ``train.epochs``), so a budget beyond what one model
+  per fold needs buys an average of several instead of epochs past the point of use (or of
+  ``MAX_EPOCHS``, nothing at all).
 
 Speed is measured, not guessed: a few real training steps (augmentation, forward, backward,
 optimiser) and a validation pass of the model at the candidate size, on synthetic images of the
