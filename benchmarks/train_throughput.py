@@ -129,7 +129,8 @@ def pipeline_loop(steps: int, base_cfg: Path, work: Path, name: str, fold_jobs: 
 
     cfg_path = work / f"{name}.yaml"  # a new experiment per measurement: nothing is skipped or resumed
     cfg_path.write_text(yaml.safe_dump({"extends": str(base_cfg)}))
-    cfg = load_config(cfg_path, ["train.epochs=2", f"train.max_steps_per_epoch={steps}", f"train.fold_jobs={fold_jobs}"])
+    cfg = load_config(cfg_path, ["train.epochs=2", f"train.max_steps_per_epoch={steps}", f"train.fold_jobs={fold_jobs}",
+                                 "train.seeds=null"])  # one model per fold (the config to copy plans its seeds)
     folds = list(range(fold_jobs))
     train_cv(cfg, folds=folds)
     rate = sum(float(pd.read_csv(cfg.run_dir / f"fold_{k}" / "history.csv")["train_img_s"].iloc[-1]) for k in folds)

@@ -235,3 +235,4 @@ def test_shipped_zoos_load(iceberg_dir, name, n_members):
     if name == "iceberg-zoo":  # the YAML merge keys carry a backbone's keys to its second seed
         assert {(c.model.backbone, c.train.seed, c.model.finetune) for c in z.members.values()} == {
             (f"tf_efficientnet_lite{i}", s, "gradual") for i in range(3) for s in (1, 2)}
+        assert z.base.train.seeds == "auto" and all(c.train.seeds is None for c in z.members.values())  # the zoo's seeds
