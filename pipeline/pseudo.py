@@ -212,10 +212,16 @@ def _source_probs(path, src: RunDir, test: Table, class_names: list[str]) -> np.
 def planned_rows(cfg: Config, test: Table, class_names: list[str], *, n_real: int) -> int:
     """The most pseudo rows any fold job of ``cfg`` will train on, from the source's fold files, for the
     run plan to time (``n_real``: a fold's real training rows). The source is checked as training checks it."""
-    src, p = check_source(cfg), cfg.pseudo
-    return max(len(select(_source_probs(src.test_pred_fold(k), src, test, class_names), test.ids, threshold=p.threshold,
-                          max_share=p.max_share, n_real=n_real, soft=p.soft).rows)
+    src = check_source(cfg)
+    return max(len(_select(cfg, src, src.test_pred_fold(k), test, class_names, n_real).rows)
                for k in range(cfg.folds.n_splits * cfg.folds.repeats))
+
+
+def _select(cfg: Config, src: RunDir, path, test: Table, class_names: list[str], n_real: int) -> Selection:
+    """The pseudo rows a job with ``n_real`` real rows takes from the source's prediction file ``path``."""
+    p = cfg.pseudo
+    return select(_source_probs(path, src, test, class_names), test.ids, threshold=p.threshold, max_share=p.max_share,
+                  n_real=n_real, soft=p.soft)
 
 
 def prepare(cfg: Config, src: RunDir, table: Table, fold_of: np.ndarray, test: Table) -> PseudoLabels:
@@ -226,7 +232,6 @@ def prepare(cfg: Config, src: RunDir, table: Table, fold_of: np.ndarray, test: T
     jobs = {k: (src.test_pred_fold(k), int((fold_of != k).sum())) for k in range(n_folds)}
     if cfg.train.refit:
         jobs[REFIT] = (src.test_pred, len(table))
-    by_fold = {k: select(_source_probs(path, src, test, names), test.ids, threshold=p.threshold, max_share=p.max_share,
-                         n_real=n_real, soft=p.soft) for k, (path, n_real) in jobs.items()}
+    by_fold = {k: _select(cfg, src, path, test, names, n_real) for k, (path, n_real) in jobs.items()}
     return PseudoLabels(source=str(src.path), digest=RunDir.of(cfg).pseudo_digest(), weight=p.weight, soft=p.soft,
                         threshold=p.threshold, max_share=p.max_share, class_names=list(names), by_fold=by_fold)

@@ -264,9 +264,9 @@ class RunDir:
         """Why this run's test predictions are not of its current models (it trained again after `pipeline
         predict`: oof.csv is not the one predict.json recorded), or None. Fold k's file of an older training
         may come from a model that saw today's fold k."""
-        if not (self.predict_json.is_file() and self.oof.is_file()):
+        if not self.oof.is_file():
             return None
-        want = read_json_object(self.predict_json, f"rerun `pipeline predict` for {self.name}").get("oof_sha256")
+        want = self.read_predict_info().get("oof_sha256")
         if want and file_sha256(self.oof) != want:
             return f"{self.path}: its test predictions are older than its training (oof.csv changed since `pipeline predict`)"
         return None
