@@ -270,7 +270,8 @@ class AdversarialConfig(Section):
 class PredictConfig(Section):
     average: Literal["prob", "logit"] = "prob"
     tta: Annotated[list[str], AfterValidator(_tta_names)] | Literal["auto"] = Field(
-        "auto", description="names in pipeline.tta.TTA; auto: the flips/rotations the augment list trains with (pipeline/defaults.py)")
+        "auto", description="names in pipeline.tta.TTA, rotate<D>, zoom<P>; auto: the flips, quarter turns and small affine "
+                           "views the augment list trains with (pipeline/defaults.py)")
     tta_oof: bool = Field(True, description="OOF through the same TTA (evaluate writes oof_tta.csv and calibrates on it)")
     clip: tuple[float, float] | Literal["auto"] | None = Field(
         "auto", description="auto: [0.001, 0.999] for a log-loss metric, else none (pipeline/defaults.py)")

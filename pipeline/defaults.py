@@ -10,7 +10,13 @@ resumed fold and machine, and the stage hashes (which hash ``auto`` as written) 
                            SquareSymmetry -> dihedral; RandomRotate90 alone -> rot90, rot180, rot270;
                            no such transform (e.g. digits: Affine only) -> identity, since a flip
                            that training never showed need not preserve the label (a mirrored 7).
-                           Always with identity, and only transforms whose p > 0.
+                           Always with identity, and only transforms whose p > 0. Then the small
+                           affine views within what an Affine / ShiftScaleRotate / Rotate /
+                           SafeRotate trains with: rotate<D> at half its rotation range (the
+                           smaller side of it, when that range spans both signs) and zoom<P> at half
+                           its scale range, each when at least AFFINE_TTA_MIN (e.g. Affine rotate
+                           [-12, 12], scale [0.85, 1.15] -> rotate6, zoom7). Half, not all: views
+                           well inside what training showed, where the model is still sure.
   predict.tta_oof: true    the OOF goes through the same TTA, so the temperature evaluate fits is
                            fitted on the kind of prediction it scales (identity TTA: oof.csv itself).
   predict.clip: auto       [0.001, 0.999] for a log-loss metric (multi-class: clip, then renormalise),
@@ -27,6 +33,7 @@ if TYPE_CHECKING:
     from .config import Config
 
 AUTO_CLIP = (1e-3, 1 - 1e-3)
+AFFINE_TTA_MIN = 3  # degrees or percent: smaller views differ from the identity by less than a pixel's interpolation
 AUTO_LABEL_SMOOTHING = 0.1
 LOG_LOSS_METRICS = ("logloss",)  # metrics scored on the probabilities themselves
 
@@ -39,12 +46,48 @@ def is_logloss(metric: str) -> bool:
     return metric in LOG_LOSS_METRICS
 
 
-def auto_tta(augment: list[dict]) -> list[str]:
-    """The TTA names ``predict.tta: auto`` stands for, given a config's ``augment`` list (rule above)."""
+def _on(a: dict) -> bool:
+    p = a.get("p", 1.0)
+    return not (isinstance(p, (int, float)) and p <= 0)
+
+
+def _half_span(v, around: float, default=None) -> float:
+    """Half the smaller side of a range around ``around`` (a number n stands for around +- n); 0 when the
+    range does not reach both sides or is not numbers (e.g. Affine's per-axis dict)."""
+    v = default if v is None else v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return abs(float(v)) / 2
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        lo, hi = sorted(float(x) for x in v)
+        return min(around - lo, hi - around) / 2 if lo < around < hi else 0.0
+    return 0.0
+
+
+def affine_tta(augment: list[dict]) -> list[str]:
+    """The ``rotate<D>`` / ``zoom<P>`` views the augment list's affine transforms make safe (rule above)."""
+    turn = zoom = 0.0
+    for a in augment:
+        if not _on(a):
+            continue
+        name = a.get("name")
+        if name == "Affine":
+            turn = max(turn, _half_span(a.get("rotate"), 0.0))
+            zoom = max(zoom, 100 * _half_span(a.get("scale"), 1.0))
+        elif name == "ShiftScaleRotate":  # limits are +- values; scale_limit is relative to 1
+            turn = max(turn, _half_span(a.get("rotate_limit"), 0.0, 45))
+            zoom = max(zoom, 100 * _half_span(a.get("scale_limit"), 0.0, 0.1))
+        elif name in ("Rotate", "SafeRotate"):
+            turn = max(turn, _half_span(a.get("limit"), 0.0, 90))
+    turn, zoom = round(turn, 6), round(zoom, 6)  # 100 * (1.1 - 1) / 2 is 4.999...: 5
+    return ([f"rotate{min(int(turn), 45)}"] if turn >= AFFINE_TTA_MIN else []) + \
+        ([f"zoom{min(int(zoom), 50)}"] if zoom >= AFFINE_TTA_MIN else [])
+
+
+def d4_tta(augment: list[dict]) -> list[str]:
+    """The flips and quarter turns of ``predict.tta: auto`` (rule above), identity first or ``dihedral``."""
     have = set()
     for a in augment:
-        p = a.get("p", 1.0)
-        if a.get("name") in _FLIPS and not (isinstance(p, (int, float)) and p <= 0):
+        if a.get("name") in _FLIPS and _on(a):
             have |= set(_FLIPS[a["name"]])
     if "r" in have and have & {"h", "v"}:
         return ["dihedral"]
@@ -53,6 +96,11 @@ def auto_tta(augment: list[dict]) -> list[str]:
     if have == {"h", "v"}:
         return ["identity", "hflip", "vflip", "rot180"]
     return ["identity"] + (["hflip"] if "h" in have else []) + (["vflip"] if "v" in have else [])
+
+
+def auto_tta(augment: list[dict]) -> list[str]:
+    """The TTA names ``predict.tta: auto`` stands for, given a config's ``augment`` list (rule above)."""
+    return d4_tta(augment) + affine_tta(augment)
 
 
 def resolve_tta(cfg: Config) -> list[str]:

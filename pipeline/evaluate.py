@@ -290,6 +290,9 @@ def summary_table(m: dict) -> str:
     if w:
         other = f"{m['metric']} {_fmt(w[m['metric']])}, " if m["metric"] != "logloss" else ""
         out.append(f"TTA {m['tta']}: scores of oof_tta.csv; without TTA ({w['file']}) {other}logloss {_fmt(w['logloss'])}")
+        if w["logloss"] < m["logloss"]:  # raw OOF: a transform the models were not trained to ignore blurs them
+            out.append(f"warning: the TTA raises the OOF log-loss ({_fmt(w['logloss'])} without, {_fmt(m['logloss'])} with); "
+                       f"predict.tta: [identity] or fewer transforms may score better")
     if c.get("skipped"):
         out.append("calibration: skipped (evaluate.calibrate false)")
     elif c:

@@ -590,9 +590,11 @@ _TTA_LADDER = (["identity", "hflip", "vflip", "rot180"], ["identity", "rot180"],
 
 def _fit_tta(cfg: Config, facts: Facts, size: int, speed: Speed, n_models: int, budget: float, why: list) -> list[str]:
     """``predict.tta: auto`` with a budget: the augment rule's TTA (pipeline/defaults.py), or the largest
-    group within it whose inference (every model on the test set, and the OOF through the same TTA)
-    fits ``INFER_SHARE`` of the budget at the measured validation speed."""
-    from .defaults import auto_tta
+    cut of it whose inference (every model on the test set, and the OOF through the same TTA) fits
+    ``INFER_SHARE`` of the budget at the measured validation speed. The flips and quarter turns come
+    first (exact symmetries, when the augmentation has them): the largest group within them, with the
+    affine views, then without, then the next group down."""
+    from .defaults import affine_tta, auto_tta, d4_tta
     from .tta import build_tta
 
     def n(names):
@@ -602,9 +604,10 @@ def _fit_tta(cfg: Config, facts: Facts, size: int, speed: Speed, n_models: int, 
         rows = n_models * facts.n_test + (facts.n_rows if cfg.predict.tta_oof else 0)
         return n(names) * rows / speed.val_img_s + 2 * n_models * speed.build_s
 
-    full = auto_tta(cfg.augment)
-    allowed = {t.key for t in build_tta(full, (size, size))}
-    ladder = [full] + [g for g in _TTA_LADDER if n(g) < n(full) and {t.key for t in build_tta(g, (size, size))} <= allowed]
+    full, d4, affine = auto_tta(cfg.augment), d4_tta(cfg.augment), affine_tta(cfg.augment)
+    allowed = {t.key for t in build_tta(d4, (size, size))}
+    groups = [d4] + [g for g in _TTA_LADDER if n(g) < n(d4) and {t.key for t in build_tta(g, (size, size))} <= allowed]
+    ladder = [c for g in groups for c in ([g + affine, g] if affine else [g])]
     chosen = next((g for g in ladder if seconds(g) <= INFER_SHARE * budget), ["identity"])
     if chosen != full:
         why.append(f"TTA {chosen} instead of the augmentation's {full}: {n(full)} transforms would take ~{seconds(full):.0f} s "

@@ -9,10 +9,20 @@ averaged prediction exactly invariant under its elements.
 
 Crops (``fivecrop``, ``tencrop``) cut the model's input size out of larger test images:
 four corners and the centre, and for ``tencrop`` the same five of the mirrored image too.
+
+Small affine views are families named with their amount: ``rotate<D>`` is two views turned by +D
+and -D degrees (1 <= D <= 45), ``zoom<P>`` two views scaled by 1 - P/100 and 1 + P/100 (1 <= P <=
+50), about the centre, borders reflected as the augmentation's default border. They average over
+the small rotations and scales an ``Affine`` augmentation trained the model to ignore, which flips
+cannot: a digit or a letter has no mirror symmetry, but the same digit turned by 6 degrees or drawn
+7% larger is the same class (``predict.tta: auto`` derives them from the augment list,
+pipeline/defaults.py).
 """
 from __future__ import annotations
 
 import difflib
+import math
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -78,6 +88,38 @@ def _crops(image_size, model_size, flips: tuple[bool, ...], what: str) -> list[T
             for f in flips for s, (t, l) in spots.items()]
 
 
+def _affine(angle: float, scale: float, name: str) -> TtaTransform:
+    """Turn by ``angle`` degrees and scale by ``scale`` about the centre (bilinear, reflected borders)."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
+        h, w = x.shape[-2:]
+        a = math.radians(angle)
+        c, s = math.cos(a) / scale, math.sin(a) / scale
+        # affine_grid works in [-1, 1] coordinates per axis: the aspect terms keep a turn a turn on a
+        # non-square image. The grid maps each output pixel to where it samples the input.
+        theta = torch.tensor([[c, -s * h / w, 0.0], [s * w / h, c, 0.0]], dtype=torch.float32, device=x.device)
+        grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+        return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False).to(x.dtype)
+
+    return TtaTransform(name, fn, ("affine", round(angle, 6), round(scale, 6)))
+
+
+# family name -> (lowest amount, highest amount, the pair of views of amount n)
+_FAMILIES: dict[str, tuple[int, int, Callable[[int], list[TtaTransform]]]] = {
+    "rotate": (1, 45, lambda d: [_affine(d, 1.0, f"rotate+{d}"), _affine(-d, 1.0, f"rotate-{d}")]),
+    "zoom": (1, 50, lambda p: [_affine(0.0, 1 - p / 100, f"zoom-{p}"), _affine(0.0, 1 + p / 100, f"zoom+{p}")]),
+}
+_FAMILY_NAME = re.compile(r"([a-z]+)(\d+)")
+
+
+def _family(name) -> tuple[str, int] | None:
+    """(family, amount) for a name like ``rotate6``, or None."""
+    m = _FAMILY_NAME.fullmatch(str(name))
+    return (m.group(1), int(m.group(2))) if m and m.group(1) in _FAMILIES else None
+
+
 def _needs_square(name, image_size):
     if image_size[0] != image_size[1]:
         raise PipelineError(f"predict.tta: {name} rotates by 90 degrees, which needs square images; "
@@ -124,9 +166,15 @@ def tta_problem(names: list[str]) -> str | None:
     if not names:
         return f"empty list; expected at least one of {', '.join(TTA)} (identity = no TTA)"
     for name in names:
-        if name not in TTA:
-            close = difflib.get_close_matches(str(name), list(TTA), n=3)
-            return f"unknown TTA {name!r}; " + (f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(TTA)}")
+        fam = _family(name)
+        if fam is not None:
+            lo, hi, _ = _FAMILIES[fam[0]]
+            if not lo <= fam[1] <= hi:
+                return f"{name!r}: {fam[0]}<N> takes N from {lo} to {hi}"
+        elif name not in TTA:
+            known = list(TTA) + [f"{f}<N>" for f in _FAMILIES]
+            close = difflib.get_close_matches(str(name), list(TTA) + list(_FAMILIES), n=3)
+            return f"unknown TTA {name!r}; " + (f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known)}")
     return None
 
 
@@ -140,7 +188,9 @@ def build_tta(names: list[str], image_size: tuple[int, int], model_size: int | t
         raise PipelineError(f"predict.tta: {problem}")
     out, seen = [], set()
     for name in names:
-        for t in TTA[name](tuple(image_size), model_size):
+        fam = _family(name)
+        made = _FAMILIES[fam[0]][2](fam[1]) if fam else TTA[name](tuple(image_size), model_size)
+        for t in made:
             if t.key not in seen:
                 seen.add(t.key)
                 out.append(t)

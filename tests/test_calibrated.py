@@ -35,15 +35,25 @@ AFFINE = {"name": "Affine", "rotate": [-10, 10], "p": 0.5}
 
 @pytest.mark.parametrize("augment, want", [
     ([], ["identity"]),
-    ([AFFINE], ["identity"]),  # digits: a mirrored digit is another digit
-    ([FLIP, AFFINE], ["identity", "hflip"]),
+    ([AFFINE], ["identity", "rotate5"]),  # digits: a mirrored digit is another digit, a slightly turned one is not
+    ([FLIP, AFFINE], ["identity", "hflip", "rotate5"]),
     ([VFLIP], ["identity", "vflip"]),
     ([FLIP, VFLIP], ["identity", "hflip", "vflip", "rot180"]),  # the group the two flips generate
-    ([FLIP, VFLIP, ROT, AFFINE], ["dihedral"]),  # the iceberg config
+    ([FLIP, VFLIP, ROT, AFFINE], ["dihedral", "rotate5"]),  # the iceberg config
     ([ROT, FLIP], ["dihedral"]),
     ([ROT], ["identity", "rot90", "rot180", "rot270"]),
     ([{"name": "D4", "p": 1.0}], ["dihedral"]),
-    ([{"name": "HorizontalFlip", "p": 0.0}, AFFINE], ["identity"]),  # never applied: training saw no mirror
+    ([{"name": "HorizontalFlip", "p": 0.0}, AFFINE], ["identity", "rotate5"]),  # never applied: training saw no mirror
+    # the affine views: half of the smaller side of each range, from 3 degrees / 3% up
+    ([{"name": "Affine", "rotate": [-12, 12], "scale": [0.85, 1.15], "p": 0.8}], ["identity", "rotate6", "zoom7"]),
+    ([{"name": "Affine", "rotate": 15, "scale": [0.9, 1.1]}], ["identity", "rotate7", "zoom5"]),
+    ([{"name": "Affine", "rotate": [-20, 8], "scale": [0.8, 1.05]}], ["identity", "rotate4"]),  # 1.05: 2.5% < 3%
+    ([{"name": "Affine", "rotate": [0, 30], "scale": {"x": [0.8, 1.2], "y": [0.9, 1.1]}}], ["identity"]),  # one-sided; per axis
+    ([{"name": "Affine", "rotate": [-5, 5]}], ["identity"]),  # 2.5 degrees: under the smallest view
+    ([{"name": "Affine", "rotate": [-30, 30], "p": 0.0}], ["identity"]),
+    ([{"name": "Affine", "rotate": [-10, 10]}, {"name": "SafeRotate", "limit": 30}], ["identity", "rotate15"]),  # the widest
+    ([{"name": "ShiftScaleRotate"}], ["identity", "rotate22", "zoom5"]),  # its defaults: +-45 degrees, +-10%
+    ([{"name": "Rotate", "limit": [-120, 120]}], ["identity", "rotate45"]),  # capped at the family's largest
 ])
 def test_auto_tta_from_the_augment_list(augment, want):
     assert auto_tta(augment) == want

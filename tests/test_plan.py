@@ -404,6 +404,28 @@ def test_tta_is_fitted_to_the_budget(make_config, folder_dir, budget, tta):
     assert explicit.predict.tta == ["identity", "hflip"]
 
 
+AFFINE = {"name": "Affine", "rotate": [-10, 10], "scale": [0.9, 1.1], "p": 0.5}  # -> rotate5, zoom5: 4 views
+
+
+@pytest.mark.parametrize("flips, budget, tta", [
+    (True, 2000, ["dihedral", "rotate5", "zoom5"]),  # 12 transforms
+    (True, 1000, ["dihedral"]),  # 11 fit: the exact symmetries before the affine views
+    (True, 600, ["identity", "hflip", "vflip", "rot180"]),  # 6 fit: the group of 4 (with the views it would be 8)
+    (True, 300, ["identity", "rot180"]),
+    (False, 600, ["identity", "rotate5", "zoom5"]),  # no flips: identity and the 4 views
+    (False, 250, ["identity"]),
+])
+def test_affine_views_are_cut_before_the_symmetries(make_config, folder_dir, flips, budget, tta):
+    augment = ([{"name": n, "p": 0.5} for n in ("HorizontalFlip", "VerticalFlip", "RandomRotate90")] if flips else []) + [AFFINE]
+    p = make_config(folder_dir, fmt="image_folder", data={"image_size": 32}, augment=augment,
+                    model={"backbone": "simple_cnn", "pretrained": False}, train={"time_budget_s": budget})
+    fast = lambda c, size, th: Speed(train_img_s=1e6, val_img_s=400, build_s=0.0, epoch_s=0.0)  # noqa: E731
+    facts = Facts(**{**_facts(native=32).__dict__, "n_test": 1000})
+    # 22.5 s per transform (5 models x 1,000 test + 4,000 OOF rows at 400 img/s) against a quarter of the budget
+    plan = make_plan(load_config(p), facts, device_type="cpu", cores=1, speed=fast)
+    assert plan["values"]["predict.tta"] == tta
+
+
 def test_commands_after_a_budgeted_train(make_config, digits_dir, capsys, tmp_path):
     """Only the commands that train make a plan; the others use it, or say in one line that there is none."""
     import shutil

@@ -110,6 +110,12 @@ def test_tta_oof_uses_each_fold_model_on_its_own_rows(digits_config, capsys):
     np.testing.assert_allclose(tta.filter(like="p_").to_numpy(), want, atol=1e-6)
     m = json.loads((RUN / "metrics.json").read_text())
     assert m["oof"].endswith("oof_tta.csv") and m["tta"] == ["identity", "hflip"] and m["oof_without_tta"]["file"] == "oof.csv"
+    # a TTA that raises the raw OOF log-loss is flagged in evaluate's summary (a mirrored digit is no digit)
+    from pipeline.evaluate import summary_table
+
+    for without, flagged in ((m["logloss"] - 0.01, True), (m["logloss"] + 0.01, False)):
+        text = summary_table({**m, "oof_without_tta": {**m["oof_without_tta"], "logloss": without}})
+        assert ("warning: the TTA raises the OOF log-loss" in text) == flagged, text
     summary, _ = calibrate(tta["target"].to_numpy(), tta.filter(like="p_").to_numpy(), tta["fold"].to_numpy())
     cal = json.loads((RUN / "calibration.json").read_text())
     assert cal["temperature"] == pytest.approx(summary["temperature"], rel=1e-6)

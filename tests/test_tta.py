@@ -29,8 +29,14 @@ def apply(t, x: np.ndarray) -> np.ndarray:
 
 
 def test_unknown_name_lists_known_ones():
-    with pytest.raises(PipelineError, match=r"^predict.tta: unknown TTA 'spin'; known: identity, hflip, vflip, rot90, rot180, rot270, dihedral, fivecrop, tencrop$"):
+    with pytest.raises(PipelineError, match=r"^predict.tta: unknown TTA 'spin'; known: identity, hflip, vflip, rot90, rot180, rot270, dihedral, "
+                                            r"fivecrop, tencrop, rotate<N>, zoom<N>$"):
         build_tta(["identity", "spin"], (8, 8))
+    with pytest.raises(PipelineError, match=r"^predict.tta: unknown TTA 'rotat6'; did you mean rotate"):
+        build_tta(["rotat6"], (8, 8))
+    for bad, family, hi in (("rotate0", "rotate", 45), ("rotate46", "rotate", 45), ("zoom0", "zoom", 50), ("zoom51", "zoom", 50)):
+        with pytest.raises(PipelineError, match=rf"^predict.tta: '{bad}': {family}<N> takes N from 1 to {hi}$"):
+            build_tta(["identity", bad], (8, 8))
     with pytest.raises(PipelineError, match=r"predict.tta: empty list; expected at least one of identity"):
         build_tta([], (8, 8))
 
@@ -50,6 +56,39 @@ def test_dihedral_has_8_distinct_elements_and_names_dedupe():
     np.testing.assert_array_equal(apply(named["rot180"], x), x[..., ::-1, ::-1])
     np.testing.assert_array_equal(apply(named["rot90"], x), np.rot90(x, 1, axes=(-2, -1)))
     np.testing.assert_array_equal(apply(named["rot270"], x), np.rot90(x, 3, axes=(-2, -1)))
+
+
+def _blob(h, w, dy, dx, sd=1.5):
+    """(1, 1, h, w) image: a Gaussian spot at (dy, dx) px from the centre."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return np.exp(-((yy - (h - 1) / 2 - dy) ** 2 + (xx - (w - 1) / 2 - dx) ** 2) / (2 * sd ** 2))[None, None].astype(np.float32)
+
+
+def _centroid(img):
+    """(dy, dx) of an image's mass from its centre."""
+    h, w = img.shape[-2:]
+    yy, xx = np.mgrid[0:h, 0:w]
+    m = img[0, 0] / img[0, 0].sum()
+    return float((m * yy).sum() - (h - 1) / 2), float((m * xx).sum() - (w - 1) / 2)
+
+
+@pytest.mark.parametrize("h, w", [(41, 41), (41, 61)])  # non-square too: a turn stays a turn, no shear
+def test_affine_views_turn_and_scale_about_the_centre(h, w):
+    views = build_tta(["identity", "rotate30", "zoom20", "rotate30"], (h, w))
+    assert [t.name for t in views] == ["identity", "rotate+30", "rotate-30", "zoom-20", "zoom+20"]  # declared twice, made once
+    x = _blob(h, w, 0.0, 12.0)
+    np.testing.assert_array_equal(apply(views[0], x), x)
+    (py, px), (my, mx) = (_centroid(apply(t, x)) for t in views[1:3])
+    for dy, dx in ((py, px), (my, mx)):  # the spot moved along its circle by 30 degrees, the views in opposite senses
+        assert np.hypot(dy, dx) == pytest.approx(12.0, abs=0.3)
+        assert abs(np.degrees(np.arctan2(dy, dx))) == pytest.approx(30.0, abs=1.5)
+    assert np.sign(py) == -np.sign(my)
+    for t, factor in zip(views[3:], (0.8, 1.2)):  # zoom-P shrinks the content about the centre, zoom+P enlarges it
+        dy, dx = _centroid(apply(t, x))
+        assert dx == pytest.approx(12.0 * factor, abs=0.3) and abs(dy) < 0.05
+    flat = np.full((2, 3, h, w), 7.0, np.float32)  # reflected borders: no dark frame of zeros
+    for t in views:
+        np.testing.assert_allclose(apply(t, flat), flat, rtol=1e-5)
 
 
 def test_crops_cut_the_model_size_from_larger_images():
