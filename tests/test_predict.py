@@ -245,7 +245,9 @@ def test_bad_tta_name_fails_before_any_work(digits_config, capsys):
     trained(path)
     assert run_cli("predict", path, "predict.tta=[identity,spin]") == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"error: {path}: predict.tta: unknown TTA 'spin'; known: identity, hflip, vflip, rot90, rot180, rot270, dihedral, fivecrop, tencrop"
+    assert err.strip() == f"error: {path}: predict.tta: unknown TTA 'spin'; known: identity, hflip, vflip, rot90, rot180, rot270, dihedral, fivecrop, tencrop, rotate<N>, zoom<N>"
+    assert run_cli("predict", path, "predict.tta=[identity,zoom60]") == 2  # a view family out of its range
+    assert capsys.readouterr().err.strip() == f"error: {path}: predict.tta: 'zoom60': zoom<N> takes N from 1 to 50"
     assert not (RUN / "test_pred.csv").exists() and not Path("submissions").exists()
     assert run_cli("predict", path, "predict.clip=[0.9,0.1]") == 2
     assert "predict.clip: got [0.9, 0.1]; expected [lo, hi] with 0 <= lo < hi <= 1" in capsys.readouterr().err
