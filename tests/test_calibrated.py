@@ -6,17 +6,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import run_cli
 from pipeline.calibration import (MIN_GAIN, SHRINK_MAX, Calibration, apply_shrink, apply_temperature, calibrate,
                                   class_prior, fit_shrink, load_calibration, nested_shrink, nested_temperature)
 from pipeline.config import STAGE_SECTIONS, load_config
-from pipeline.defaults import (AUTO_CLIP, auto_tta, resolve_clip, resolve_label_smoothing, resolve_tta, tta_is_on,
+from pipeline.defaults import (AFFINE_TTA_MIN, AUTO_CLIP, auto_tta, resolve_clip, resolve_label_smoothing, resolve_tta, tta_is_on,
                                uses_tta_oof)
 from pipeline.errors import PipelineError
 from pipeline.inference import softmax
 from pipeline.metrics import logloss
 from pipeline.predictions import read_predictions
+from pipeline.tta import build_tta
 
 RUN = Path("runs/comp/exp")
 
@@ -57,6 +60,27 @@ AFFINE = {"name": "Affine", "rotate": [-10, 10], "p": 0.5}
 ])
 def test_auto_tta_from_the_augment_list(augment, want):
     assert auto_tta(augment) == want
+
+
+@given(lo=st.floats(-120, 0), hi=st.floats(0, 120), s_lo=st.floats(0.3, 1.0), s_hi=st.floats(1.0, 2.0),
+       p=st.sampled_from([0.0, 0.5, 1.0]))
+def test_affine_views_stay_inside_what_training_showed(lo, hi, s_lo, s_hi, p):
+    """Any Affine: a view's turn or scale is at most half the smaller side of its range (never one
+    training did not show), at least AFFINE_TTA_MIN, within the family's limits; none when p is 0."""
+    got = auto_tta([{"name": "Affine", "rotate": [lo, hi], "scale": [s_lo, s_hi], "p": p}])
+    assert got[0] == "identity"
+    views = {n.rstrip("0123456789"): int(n[len(n.rstrip("0123456789")):]) for n in got[1:]}
+    assert set(views) <= {"rotate", "zoom"}
+    if p == 0:
+        assert not views
+        return
+    turn, zoom = min(-lo, hi) / 2, 100 * min(1 - s_lo, s_hi - 1) / 2
+    for family, half, cap in (("rotate", turn, 45), ("zoom", zoom, 50)):
+        if family in views:
+            assert AFFINE_TTA_MIN <= views[family] <= min(half + 1e-6, cap)
+        else:
+            assert half < AFFINE_TTA_MIN + 1e-6
+    build_tta(got, (16, 16))  # every name it makes is a valid TTA
 
 
 def test_auto_keys_resolve_from_the_config(digits_config):
