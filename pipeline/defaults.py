@@ -16,7 +16,10 @@ resumed fold and machine, and the stage hashes (which hash ``auto`` as written) 
                            smaller side of it, when that range spans both signs) and zoom<P> at half
                            its scale range, each when at least AFFINE_TTA_MIN (e.g. Affine rotate
                            [-12, 12], scale [0.85, 1.15] -> rotate6, zoom7). Half, not all: views
-                           well inside what training showed, where the model is still sure.
+                           well inside what training showed, where the model is still sure. The
+                           evaluate stage keeps these views only when they lower the raw OOF
+                           log-loss (an interpolated view can blur a small image or a model from
+                           scratch more than averaging helps); predict uses what it kept.
   predict.tta_oof: true    the OOF goes through the same TTA, so the temperature evaluate fits is
                            fitted on the kind of prediction it scales (identity TTA: oof.csv itself).
   predict.clip: auto       [0.001, 0.999] for a log-loss metric (multi-class: clip, then renormalise),

@@ -179,28 +179,45 @@ def _calibration(cfg: Config, y, probs, fold) -> tuple[dict, dict, np.ndarray | 
     return calib, metrics, cal_probs
 
 
-def _oof_to_score(cfg: Config, run: RunDir, stage, table, fold_of, df: pd.DataFrame) -> tuple[pd.DataFrame, Path, dict | None]:
+def _oof_to_score(cfg: Config, run: RunDir, stage, table, fold_of, df: pd.DataFrame) -> tuple[pd.DataFrame, Path, dict | None, dict | None]:
     """The OOF the submission is made like: oof.csv, or with TTA on and ``predict.tta_oof`` the TTA OOF,
     written into ``stage`` as oof_tta.csv and read back (what predict and blends will read). Returns
-    (frame, its final path, oof.csv's own scores when they differ)."""
-    from .defaults import resolve_tta, uses_tta_oof
+    (frame, its final path, oof.csv's own scores when they differ, the affine views' check or None).
+
+    Under ``predict.tta: auto`` the affine views (``rotate<D>``, ``zoom<P>``: pipeline/defaults.py) are
+    kept only when they lower the raw OOF log-loss; otherwise the OOF, the calibration and the
+    submission use the TTA without them (the check is in metrics.json, ``tta_views``). A small image or
+    a model from scratch can be blurred by an interpolated view more than averaging helps it."""
+    from .defaults import affine_tta, resolve_tta, uses_tta_oof
 
     if not uses_tta_oof(cfg):
         stage.remove(run.oof_tta)  # an earlier TTA's OOF must not be blended
-        return df, run.oof, None
+        return df, run.oof, None, None
     from .predict import oof_with_tta
 
     y, names = df["target"].to_numpy(), list(table.class_names)
     plain = probs_of(df, names)
-    log.info(f"evaluate {cfg.name}: OOF with predict.tta {resolve_tta(cfg)}{' (auto)' if cfg.predict.tta == 'auto' else ''}, "
+    tta = resolve_tta(cfg)
+    log.info(f"evaluate {cfg.name}: OOF with predict.tta {tta}{' (auto)' if cfg.predict.tta == 'auto' else ''}, "
              f"so the calibration is fitted on the kind of prediction the submission gets")
+    frame = oof_with_tta(cfg, table, fold_of, tta)
+    views = [v for v in affine_tta(cfg.augment) if v in tta] if cfg.predict.tta == "auto" else []
+    check = None
+    if views:
+        fewer = [n for n in tta if n not in views]
+        other = df if fewer == ["identity"] else oof_with_tta(cfg, table, fold_of, fewer)
+        with_ll, without_ll = logloss(y, probs_of(frame, names)), logloss(y, probs_of(other, names))
+        check = {"views": views, "logloss_with": with_ll, "logloss_without": without_ll, "kept": bool(with_ll < without_ll),
+                 "tta": tta if with_ll < without_ll else fewer}
+        if not check["kept"]:
+            frame = other
     path = stage.path(run.oof_tta)
-    write_predictions(path, oof_with_tta(cfg, table, fold_of), "oof", class_names=names)
-    tta = read_predictions(path, "oof", class_names=names, hint=f"pipeline evaluate {cfg.path}")
+    write_predictions(path, frame, "oof", class_names=names)
+    tta_df = read_predictions(path, "oof", class_names=names, hint=f"pipeline evaluate {cfg.path}")
     ev = cfg.evaluate
     without = {"file": run.oof.name, cfg.metric: METRICS[cfg.metric](y, plain, ev.eps), "logloss": logloss(y, plain, ev.eps),
                "ece": ece(y, plain, ev.n_bins)}
-    return tta, run.oof_tta, without
+    return tta_df, run.oof_tta, without, check
 
 
 def evaluate(cfg: Config, report: bool = True) -> dict:
@@ -227,15 +244,17 @@ def evaluate(cfg: Config, report: bool = True) -> dict:
     df = check_oof_against_data(run.oof, df, table.ids, table.labels, fold_of, names, cfg.folds_path, hint)
     ev = cfg.evaluate
     with run.staged("evaluate") as stage:  # oof_tta.csv, calibration.json, metrics.json, then the done marker: all or nothing
-        df, oof_path, without = _oof_to_score(cfg, run, stage, table, fold_of, df)
+        df, oof_path, without, views = _oof_to_score(cfg, run, stage, table, fold_of, df)
         y, fold, probs = df["target"].to_numpy(), df["fold"].to_numpy(), probs_of(df, names)
         overall = classification_metrics(y, probs, ev.eps, ev.n_bins, names)
         folds, cv_mean, cv_std = fold_metrics(y, probs, fold, ev.eps, ev.n_bins, names)
         metrics = {"competition": cfg.competition, "experiment": cfg.name, "metric": cfg.metric,
                    "headline": overall[cfg.metric], "classes": names, "oof": str(oof_path),
-                   "tta": resolve_tta(cfg) if uses_tta_oof(cfg) else ["identity"], **overall}
+                   "tta": (views["tta"] if views else resolve_tta(cfg)) if uses_tta_oof(cfg) else ["identity"], **overall}
         if without is not None:
             metrics["oof_without_tta"] = without
+        if views is not None:
+            metrics["tta_views"] = views
         if len(names) == 2:
             metrics["threshold"] = threshold_summary(y, probs, fold)
         metrics.update(folds=folds, cv_mean=cv_mean, cv_std=cv_std)
@@ -286,6 +305,10 @@ def summary_table(m: dict) -> str:
            line(head)] + [line(r) for r in rows]
     if cal:
         out.append("gap: mean confidence - accuracy (> 0 over-confident); cal_*: each fold calibrated by what the other folds fitted")
+    v = m.get("tta_views")
+    if v:
+        out.append(f"TTA views {', '.join(v['views'])}: OOF log-loss {_fmt(v['logloss_with'])} with, {_fmt(v['logloss_without'])} "
+                   f"without -> {'kept' if v['kept'] else 'dropped (predict uses ' + str(v['tta']) + ')'}")
     w = m.get("oof_without_tta")
     if w:
         other = f"{m['metric']} {_fmt(w[m['metric']])}, " if m["metric"] != "logloss" else ""

@@ -76,12 +76,14 @@ def oof_scores(metric: str, y: np.ndarray, probs: np.ndarray, clip=None) -> dict
 # ---- the models ------------------------------------------------------------------------
 
 class _Models:
-    """Loads checkpoints one at a time (keeps memory flat) and predicts with TTA."""
+    """Loads checkpoints one at a time (keeps memory flat) and predicts with the TTA ``names`` (default:
+    ``predict.tta`` as resolved)."""
 
-    def __init__(self, cfg: Config, run: RunDir):
+    def __init__(self, cfg: Config, run: RunDir, names: list[str] | None = None):
         from .device import resolve_device
 
         self.cfg = cfg
+        self.names = list(names) if names else resolve_tta(cfg)
         self.device = resolve_device(cfg.train.device)
         self.channels_last = cfg.train.channels_last and self.device.type != "mps"
         self.precision = cfg.train.precision
@@ -92,7 +94,7 @@ class _Models:
         from .tta import build_tta, model_input_size
 
         meta = model.read_best_meta()
-        return build_tta(resolve_tta(self.cfg), image_size, model_input_size(meta))
+        return build_tta(self.names, image_size, model_input_size(meta))
 
     def predict(self, model_dir: JobDir, images, features, table) -> np.ndarray:
         """Mean over TTA transforms for rows ``images`` (which may be a lazy subset of ``table.images``)."""
@@ -129,13 +131,13 @@ def _to_probs(avg: np.ndarray, average: str) -> np.ndarray:
     return softmax(avg) if average == "logit" else avg
 
 
-def oof_with_tta(cfg: Config, table, fold_of: np.ndarray) -> pd.DataFrame:
-    """Each fold's model(s) on its own validation rows, with the configured TTA: the OOF frame
-    (raw probabilities) the evaluate stage writes as oof_tta.csv and calibrates on."""
+def oof_with_tta(cfg: Config, table, fold_of: np.ndarray, names: list[str] | None = None) -> pd.DataFrame:
+    """Each fold's model(s) on its own validation rows, with the TTA ``names`` (default the configured
+    one): the OOF frame (raw probabilities) the evaluate stage writes as oof_tta.csv and calibrates on."""
     from .inference import Rows
 
     run = RunDir.of(cfg)
-    models = _Models(cfg, run)
+    models = _Models(cfg, run, names)
     acc = np.zeros((len(table), table.num_classes))
     for k, group in enumerate(run.models_by_fold()):
         idx = np.flatnonzero(fold_of == k)
@@ -143,14 +145,14 @@ def oof_with_tta(cfg: Config, table, fold_of: np.ndarray) -> pd.DataFrame:
         for d in group:
             acc[idx] += models.predict(d, Rows(table.images, idx), feats, table) / len(group)
     probs = _to_probs(acc, cfg.predict.average)
-    log.info(f"OOF with TTA {resolve_tta(cfg)}: {fmt_scores(cfg.metric, score(cfg.metric, table.labels, probs), logloss(table.labels, probs))}")
+    log.info(f"OOF with TTA {models.names}: {fmt_scores(cfg.metric, score(cfg.metric, table.labels, probs), logloss(table.labels, probs))}")
     return pred_frame(table.ids, probs, table.class_names, fold=fold_of, target=table.labels)
 
 
 def _check_tta(cfg: Config, models: _Models, model: JobDir, test) -> list:
     """The TTA transforms (bad names fail before any work), with a warning for crops training never saw."""
     transforms = models.transforms(model, test.image_size)
-    crops = [n for n in resolve_tta(cfg) if n in ("fivecrop", "tencrop")]
+    crops = [n for n in models.names if n in ("fivecrop", "tencrop")]
     if crops and not any("Crop" in a.get("name", "") for a in cfg.augment):
         log.info(f"warning: predict.tta {crops[0]} feeds the model crops at the images' own scale, but training resized "
              f"whole images (no crop in augment); add e.g. RandomCrop or RandomResizedCrop to the model's input size")
@@ -217,6 +219,19 @@ def _oof_file(cfg: Config, run: RunDir) -> Path:
     return run.oof_tta
 
 
+def _evaluated_tta(cfg: Config, run: RunDir) -> list[str]:
+    """The TTA the submission gets: ``predict.tta`` as resolved; under ``auto`` with the TTA OOF, the
+    names the evaluate stage kept of it (it drops the affine views when they do not lower the OOF
+    log-loss; its freshness is checked by ``_oof_file`` first)."""
+    names = resolve_tta(cfg)
+    if cfg.predict.tta != "auto" or not uses_tta_oof(cfg):
+        return names
+    kept = (run.read_metrics() or {}).get("tta")
+    if not isinstance(kept, list) or not kept or not set(kept) <= set(names):
+        raise PipelineError(f"{run.metrics_json}: tta is {kept!r}; expected names among {names}; rerun `pipeline evaluate {cfg.path}`")
+    return kept
+
+
 def _predict_into(cfg: Config, run: RunDir, stage: Staging) -> _Predicted:
     """Every file of the predict stage, written into ``stage`` (nothing in the run folder changes yet)."""
     from .formats import read_table
@@ -229,11 +244,13 @@ def _predict_into(cfg: Config, run: RunDir, stage: Staging) -> _Predicted:
         run.model_dirs(refit=True)  # unfinished refit models fail before any work
     oof_path = _oof_file(cfg, run)
     test = read_table(cfg, "test")
-    models = _Models(cfg, run)
+    models = _Models(cfg, run, _evaluated_tta(cfg, run))
     transforms = _check_tta(cfg, models, dirs[0], test)
     auto = []
     if cfg.predict.tta == "auto":
-        auto.append(f"tta auto -> {resolve_tta(cfg)} from the augment list")
+        dropped = [n for n in resolve_tta(cfg) if n not in models.names]
+        auto.append(f"tta auto -> {models.names} from the augment list"
+                    + (f" ({', '.join(dropped)} dropped by evaluate: no lower OOF log-loss)" if dropped else ""))
     if cfg.predict.clip == "auto":
         auto.append(f"clip auto -> {list(clip) if clip else 'none'} for metric {cfg.metric}")
     log.info(f"predict {cfg.name}: {len(dirs)} model(s) x {len(transforms)} TTA transform(s) "

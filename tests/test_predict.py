@@ -270,3 +270,44 @@ def test_registered_tta_end_to_end(digits_config, request):
     transposed = [softmax(lg) for lg in fold_logits(cfg, np.ascontiguousarray(test.images.transpose(0, 1, 3, 2)))]
     np.testing.assert_allclose(df.filter(like="p_").to_numpy(), (np.mean(plain, 0) + np.mean(transposed, 0)) / 2, atol=1e-6)
     assert json.loads((RUN / "predict.json").read_text())["tta"] == ["identity", "transpose"]
+
+
+@pytest.mark.parametrize("views_help", [False, True])
+def test_auto_tta_keeps_the_affine_views_only_when_they_lower_the_oof_logloss(digits_config, monkeypatch, capsys, views_help):
+    """Evaluate judges the affine views on the OOF; the calibration and the submission use what it kept."""
+    import pipeline.predict as predict_mod
+    from pipeline.tta import build_tta
+    from pipeline.tta import predict_tta as tta_mean
+
+    path = digits_config(train={"epochs": 1}, augment=[{"name": "Affine", "rotate": [-20, 20], "p": 0.5}])
+    cfg = trained(path)
+    assert predict_mod.resolve_tta(cfg) == ["identity", "rotate10"]
+    real = predict_mod.oof_with_tta
+
+    def judged(cfg, table, fold_of, names=None):
+        """The views' OOF made perfect (they help) or uniform (they do not): either way a clear verdict."""
+        frame = real(cfg, table, fold_of, names)
+        if names and "rotate10" in names:
+            cols = [c for c in frame.columns if c.startswith("p_")]
+            frame[cols] = np.eye(len(cols))[frame["target"].to_numpy()] * 0.98 + 0.02 / len(cols) if views_help else 1 / len(cols)
+        return frame
+
+    monkeypatch.setattr(predict_mod, "oof_with_tta", judged)
+    m = evaluate(cfg, report=False)
+    kept = ["identity", "rotate10"] if views_help else ["identity"]
+    assert m["tta_views"]["views"] == ["rotate10"] and m["tta_views"]["kept"] is views_help and m["tta"] == kept
+    assert (m["tta_views"]["logloss_with"] < m["tta_views"]["logloss_without"]) is views_help
+    out = capsys.readouterr().out
+    assert ("without -> kept" in out) is views_help and ("dropped (predict uses ['identity'])" in out) is not views_help
+    oof, oof_tta = (pd.read_csv(RUN / f, dtype={"id": str}) for f in ("oof.csv", "oof_tta.csv"))
+    if not views_help:  # the calibration is fitted on the OOF the submission is made like: the plain one here
+        np.testing.assert_allclose(oof_tta.filter(like="p_").to_numpy(), oof.filter(like="p_").to_numpy(), atol=1e-6)
+    predict_test(cfg)
+    info = json.loads((RUN / "predict.json").read_text())
+    assert info["tta"] == [t.name for t in build_tta(kept, (8, 8))]
+    test = read_table(cfg, "test")
+    models = [load_checkpoint(RUN / f"fold_{k}" / "best.safetensors")[0] for k in range(cfg.folds.n_splits)]
+    want = np.mean([tta_mean(mdl, test.images, None, build_tta(kept, (8, 8))) for mdl in models], axis=0)
+    got = pd.read_csv(RUN / "test_pred.csv", dtype={"id": str}).filter(like="p_").to_numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert ("dropped by evaluate" in capsys.readouterr().out) is not views_help
