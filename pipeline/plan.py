@@ -445,6 +445,10 @@ def _fill_steps(shape: Shape, budget: float, sp, epochs: int, batch_size: int, w
                   if replace(shape, max_train_rows=k * batch_size).seconds(epochs + 1, sp) <= TARGET * budget), 0)
     if (epochs + 1) * steps * batch_size <= epochs * rows:  # the cut epochs must train more rows in all
         return None
+    # ... and spend more of the budget: the cut shortens the refit's epochs too (on every row, so more
+    # than a fold's), which can leave the whole plan shorter than the whole epochs were
+    if replace(shape, max_train_rows=steps * batch_size).seconds(epochs + 1, sp) <= shape.seconds(epochs, sp):
+        return None
     why.append(f"epochs {epochs + 1} of {steps} of the {full} steps each: {epochs} whole epochs would fill "
                f"{shape.seconds(epochs, sp) / budget:.0%} of the budget, {epochs + 1} whole ones more than {TARGET:.0%}")
     return steps
