@@ -106,6 +106,11 @@ def auto_tta(augment: list[dict]) -> list[str]:
     return d4_tta(augment) + affine_tta(augment)
 
 
+def tta_auto(cfg: Config) -> bool:
+    """``predict.tta: auto`` as written, or as the run's plan filled it in (fitted to the budget)."""
+    return cfg.predict.tta == "auto" or "predict.tta" in ((cfg.plan or {}).get("values") or {})
+
+
 def resolve_tta(cfg: Config) -> list[str]:
     """``predict.tta`` as names: the list given, or the augment rule's for ``auto``."""
     return auto_tta(cfg.augment) if cfg.predict.tta == "auto" else list(cfg.predict.tta)

@@ -188,7 +188,7 @@ def _oof_to_score(cfg: Config, run: RunDir, stage, table, fold_of, df: pd.DataFr
     kept only when they lower the raw OOF log-loss; otherwise the OOF, the calibration and the
     submission use the TTA without them (the check is in metrics.json, ``tta_views``). A small image or
     a model from scratch can be blurred by an interpolated view more than averaging helps it."""
-    from .defaults import affine_tta, resolve_tta, uses_tta_oof
+    from .defaults import affine_tta, resolve_tta, tta_auto, uses_tta_oof
 
     if not uses_tta_oof(cfg):
         stage.remove(run.oof_tta)  # an earlier TTA's OOF must not be blended
@@ -201,7 +201,7 @@ def _oof_to_score(cfg: Config, run: RunDir, stage, table, fold_of, df: pd.DataFr
     log.info(f"evaluate {cfg.name}: OOF with predict.tta {tta}{' (auto)' if cfg.predict.tta == 'auto' else ''}, "
              f"so the calibration is fitted on the kind of prediction the submission gets")
     frame = oof_with_tta(cfg, table, fold_of, tta)
-    views = [v for v in affine_tta(cfg.augment) if v in tta] if cfg.predict.tta == "auto" else []
+    views = [v for v in affine_tta(cfg.augment) if v in tta] if tta_auto(cfg) else []
     check = None
     if views:
         fewer = [n for n in tta if n not in views]

@@ -36,7 +36,7 @@ import pandas as pd
 
 from .calibration import load_calibration
 from .config import Config, read_stage_hash, stage_sections
-from .defaults import resolve_clip, resolve_tta, tta_is_on, uses_tta_oof
+from .defaults import resolve_clip, resolve_tta, tta_auto, tta_is_on, uses_tta_oof
 from .errors import PipelineError
 from .io import Staging, atomic_write_json, file_sha256
 from .metrics import logloss, score
@@ -224,7 +224,7 @@ def _evaluated_tta(cfg: Config, run: RunDir) -> list[str]:
     names the evaluate stage kept of it (it drops the affine views when they do not lower the OOF
     log-loss; its freshness is checked by ``_oof_file`` first)."""
     names = resolve_tta(cfg)
-    if cfg.predict.tta != "auto" or not uses_tta_oof(cfg):
+    if not tta_auto(cfg) or not uses_tta_oof(cfg):
         return names
     kept = (run.read_metrics() or {}).get("tta")
     if not isinstance(kept, list) or not kept or not set(kept) <= set(names):

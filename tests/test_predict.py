@@ -293,6 +293,12 @@ def test_auto_tta_keeps_the_affine_views_only_when_they_lower_the_oof_logloss(di
         return frame
 
     monkeypatch.setattr(predict_mod, "oof_with_tta", judged)
+    # a budgeted run's plan writes the auto TTA out as a list: still auto, still judged
+    from pipeline.defaults import tta_auto
+
+    assert tta_auto(cfg) and tta_auto(cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"tta": ["identity", "rotate10"]}),
+                                                          "plan": {"values": {"predict.tta": ["identity", "rotate10"]}}}))
+    assert not tta_auto(load_config(path, ["predict.tta=[identity,rotate10]"]))
     m = evaluate(cfg, report=False)
     kept = ["identity", "rotate10"] if views_help else ["identity"]
     assert m["tta_views"]["views"] == ["rotate10"] and m["tta_views"]["kept"] is views_help and m["tta"] == kept
