@@ -193,19 +193,23 @@ def _oof_to_score(cfg: Config, run: RunDir, stage, table, fold_of, df: pd.DataFr
     if not uses_tta_oof(cfg):
         stage.remove(run.oof_tta)  # an earlier TTA's OOF must not be blended
         return df, run.oof, None, None
-    from .predict import oof_with_tta
+    from .predict import oof_with_tta, oof_with_tta_subsets
 
     y, names = df["target"].to_numpy(), list(table.class_names)
     plain = probs_of(df, names)
     tta = resolve_tta(cfg)
     log.info(f"evaluate {cfg.name}: OOF with predict.tta {tta}{' (auto)' if cfg.predict.tta == 'auto' else ''}, "
              f"so the calibration is fitted on the kind of prediction the submission gets")
-    frame = oof_with_tta(cfg, table, fold_of, tta)
     views = [v for v in affine_tta(cfg.augment) if v in tta] if tta_auto(cfg) else []
+    fewer = [n for n in tta if n not in views]
+    if not views:
+        frame = oof_with_tta(cfg, table, fold_of, tta)
+    elif fewer == ["identity"]:
+        frame, other = oof_with_tta(cfg, table, fold_of, tta), df
+    else:  # every view predicted once, both TTAs averaged from them
+        frame, other = oof_with_tta_subsets(cfg, table, fold_of, [tta, fewer])
     check = None
     if views:
-        fewer = [n for n in tta if n not in views]
-        other = df if fewer == ["identity"] else oof_with_tta(cfg, table, fold_of, fewer)
         with_ll, without_ll = logloss(y, probs_of(frame, names)), logloss(y, probs_of(other, names))
         check = {"views": views, "logloss_with": with_ll, "logloss_without": without_ll, "kept": bool(with_ll < without_ll),
                  "tta": tta if with_ll < without_ll else fewer}

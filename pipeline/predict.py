@@ -98,8 +98,13 @@ class _Models:
 
     def predict(self, model_dir: JobDir, images, features, table) -> np.ndarray:
         """Mean over TTA transforms for rows ``images`` (which may be a lazy subset of ``table.images``)."""
+        parts = self.predict_parts(model_dir, images, features, table)
+        return sum(parts.values()) / len(parts)
+
+    def predict_parts(self, model_dir: JobDir, images, features, table) -> dict:
+        """Each TTA transform's own prediction by its key (``tta.predict_tta_parts``)."""
         from .models import load_checkpoint
-        from .tta import predict_tta
+        from .tta import predict_tta_parts
 
         model_dir.read_best_meta()  # checked here: load_checkpoint rebuilds the model from it
         model, meta = load_checkpoint(model_dir.best_weights)
@@ -113,8 +118,8 @@ class _Models:
             import torch
 
             model.to(memory_format=torch.channels_last)
-        return predict_tta(model, images, features, self.transforms(model_dir, table.image_size), self.cfg.predict.average,
-                           self.cfg.train.batch_size * 2, self.device, self.channels_last, self.precision)
+        return predict_tta_parts(model, images, features, self.transforms(model_dir, table.image_size), self.cfg.predict.average,
+                                 self.cfg.train.batch_size * 2, self.device, self.channels_last, self.precision)
 
     def total(self, dirs: list[JobDir], table) -> np.ndarray:
         """Sum over ``dirs`` of each model's TTA mean (probabilities or logits) on every row of ``table``."""
@@ -134,19 +139,34 @@ def _to_probs(avg: np.ndarray, average: str) -> np.ndarray:
 def oof_with_tta(cfg: Config, table, fold_of: np.ndarray, names: list[str] | None = None) -> pd.DataFrame:
     """Each fold's model(s) on its own validation rows, with the TTA ``names`` (default the configured
     one): the OOF frame (raw probabilities) the evaluate stage writes as oof_tta.csv and calibrates on."""
+    return oof_with_tta_subsets(cfg, table, fold_of, [names or resolve_tta(cfg)])[0]
+
+
+def oof_with_tta_subsets(cfg: Config, table, fold_of: np.ndarray, subsets: list[list[str]]) -> list[pd.DataFrame]:
+    """``oof_with_tta`` for each of several TTAs from one pass per view: every view any of them names is
+    predicted once and each TTA averages its own (evaluate judges a TTA with and without views)."""
     from .inference import Rows
+    from .tta import build_tta, model_input_size
 
     run = RunDir.of(cfg)
-    models = _Models(cfg, run, names)
-    acc = np.zeros((len(table), table.num_classes))
+    union = list(dict.fromkeys(n for s in subsets for n in s))
+    models = _Models(cfg, run, union)
+    accs = [np.zeros((len(table), table.num_classes)) for _ in subsets]
     for k, group in enumerate(run.models_by_fold()):
         idx = np.flatnonzero(fold_of == k)
         feats = Rows(table.features, idx) if table.features is not None else None
         for d in group:
-            acc[idx] += models.predict(d, Rows(table.images, idx), feats, table) / len(group)
-    probs = _to_probs(acc, cfg.predict.average)
-    log.info(f"OOF with TTA {models.names}: {fmt_scores(cfg.metric, score(cfg.metric, table.labels, probs), logloss(table.labels, probs))}")
-    return pred_frame(table.ids, probs, table.class_names, fold=fold_of, target=table.labels)
+            parts = models.predict_parts(d, Rows(table.images, idx), feats, table)
+            size = model_input_size(d.read_best_meta())
+            for acc, names in zip(accs, subsets):
+                keys = [t.key for t in build_tta(names, table.image_size, size)]
+                acc[idx] += sum(parts[key] for key in keys) / len(keys) / len(group)
+    frames = []
+    for acc, names in zip(accs, subsets):
+        probs = _to_probs(acc, cfg.predict.average)
+        log.info(f"OOF with TTA {names}: {fmt_scores(cfg.metric, score(cfg.metric, table.labels, probs), logloss(table.labels, probs))}")
+        frames.append(pred_frame(table.ids, probs, table.class_names, fold=fold_of, target=table.labels))
+    return frames
 
 
 def _check_tta(cfg: Config, models: _Models, model: JobDir, test) -> list:
@@ -247,9 +267,9 @@ def _predict_into(cfg: Config, run: RunDir, stage: Staging) -> _Predicted:
     models = _Models(cfg, run, _evaluated_tta(cfg, run))
     transforms = _check_tta(cfg, models, dirs[0], test)
     auto = []
-    if cfg.predict.tta == "auto":
+    if tta_auto(cfg):  # a plan writes auto out as a list (defaults.tta_auto)
         dropped = [n for n in resolve_tta(cfg) if n not in models.names]
-        auto.append(f"tta auto -> {models.names} from the augment list"
+        auto.append(f"tta auto -> {models.names} from the augment list" + ("" if cfg.predict.tta == "auto" else " and the plan")
                     + (f" ({', '.join(dropped)} dropped by evaluate: no lower OOF log-loss)" if dropped else ""))
     if cfg.predict.clip == "auto":
         auto.append(f"clip auto -> {list(clip) if clip else 'none'} for metric {cfg.metric}")

@@ -203,17 +203,24 @@ def model_input_size(meta: dict) -> tuple[int, int]:
     return (int(s), int(s)) if s else (int(meta["img_size"][0]), int(meta["img_size"][1]))
 
 
-def predict_tta(model, images, features, transforms: list[TtaTransform], average: str = "prob", batch_size: int = 64,
-                device: torch.device | str = "cpu", channels_last: bool = False, precision: str = "fp32") -> np.ndarray:
-    """(N, K) mean over the transforms: of softmax probabilities (``average="prob"``) or of logits (``"logit"``)."""
+def predict_tta_parts(model, images, features, transforms: list[TtaTransform], average: str = "prob", batch_size: int = 64,
+                      device: torch.device | str = "cpu", channels_last: bool = False, precision: str = "fp32") -> dict:
+    """Each transform's own (N, K) prediction by its key: softmax probabilities (``average="prob"``) or
+    logits (``"logit"``), so that several TTA subsets can be averaged from one pass per view."""
     import torch
 
     from .inference import predict_logits, softmax
 
     device = torch.device(device)
-    total = None
+    out = {}
     for t in transforms:
         logits = predict_logits(model, images, features, batch_size, device, channels_last, precision, transform=t)
-        part = softmax(logits) if average == "prob" else logits
-        total = part if total is None else total + part
-    return total / len(transforms)
+        out[t.key] = softmax(logits) if average == "prob" else logits
+    return out
+
+
+def predict_tta(model, images, features, transforms: list[TtaTransform], average: str = "prob", batch_size: int = 64,
+                device: torch.device | str = "cpu", channels_last: bool = False, precision: str = "fp32") -> np.ndarray:
+    """(N, K) mean over the transforms: of softmax probabilities (``average="prob"``) or of logits (``"logit"``)."""
+    parts = predict_tta_parts(model, images, features, transforms, average, batch_size, device, channels_last, precision)
+    return sum(parts.values()) / len(parts)

@@ -317,3 +317,42 @@ def test_auto_tta_keeps_the_affine_views_only_when_they_lower_the_oof_logloss(di
     got = pd.read_csv(RUN / "test_pred.csv", dtype={"id": str}).filter(like="p_").to_numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert ("dropped by evaluate" in capsys.readouterr().out) is not views_help
+
+
+def test_judging_the_views_predicts_each_view_once(digits_config, monkeypatch, capsys):
+    """With flips and affine views, evaluate averages both TTAs (with and without the views) from one
+    pass per view, and each equals its own ``oof_with_tta``; a plan's list is still logged as auto."""
+    import pipeline.inference as inference
+    from pipeline.defaults import resolve_tta as predict_mod_resolve
+    from pipeline.predict import oof_with_tta, oof_with_tta_subsets
+
+    path = digits_config(train={"epochs": 1}, augment=[{"name": "HorizontalFlip", "p": 0.5},
+                                                       {"name": "Affine", "rotate": [-20, 20], "p": 0.5}])
+    cfg = trained(path)
+    tta = ["identity", "hflip", "rotate10"]
+    assert predict_mod_resolve(cfg) == tta
+    real, calls = inference.predict_logits, []
+
+    def counted(*a, transform=None, **k):
+        calls.append(transform.key)
+        return real(*a, transform=transform, **k)
+
+    monkeypatch.setattr(inference, "predict_logits", counted)
+    m = evaluate(cfg, report=False)
+    assert m["tta_views"]["views"] == ["rotate10"]
+    assert len(calls) == 4 * cfg.folds.n_splits and len(set(calls)) == 4  # identity, hflip, rotate+10, rotate-10
+    table = read_table(cfg, "train")
+    monkeypatch.setattr(inference, "predict_logits", real)
+    oof = pd.read_csv(RUN / "oof.csv", dtype={"id": str})
+    fold_of = oof.set_index("id").loc[list(table.ids), "fold"].to_numpy()
+    both = oof_with_tta_subsets(cfg, table, fold_of, [tta, ["identity", "hflip"]])
+    for frame, names in zip(both, [tta, ["identity", "hflip"]]):
+        alone = oof_with_tta(cfg, table, fold_of, names)
+        np.testing.assert_allclose(frame.filter(like="p_").to_numpy(), alone.filter(like="p_").to_numpy(), atol=1e-6)
+    kept = m["tta"]
+    planned_cfg = cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"tta": tta}),
+                                         "plan": {"values": {"predict.tta": tta}}})
+    evaluate(planned_cfg, report=False)
+    capsys.readouterr()
+    predict_test(planned_cfg)
+    assert f"tta auto -> {kept} from the augment list and the plan" in capsys.readouterr().out
