@@ -29,7 +29,8 @@ The rules, each printed with its reason when the plan is made:
 
 Speed is measured, not guessed: a few real training steps (augmentation, forward, backward,
 optimiser) and a validation pass of the model at the candidate size, on synthetic images of the
-data's shape and dtype, at the thread count most jobs get from the executor (``fold_jobs``), and a
+data's shape and dtype, at the thread count most jobs get from the executor (``fold_jobs``) and
+beside as many sibling jobs as run with them (``_Siblings``), the median of five timed chunks, and a
 real three-epoch ``FoldTrainer`` for what a job costs besides its images (checkpoints, OOF, history);
 other thread counts and skipped sizes are estimated from it (``THREAD_EXPONENT``, ``SIZE_EXPONENT``).
 Measurements are cached per machine and device in ``<cache>/throughput.json``. Only the commands
@@ -214,12 +215,13 @@ def _synthetic_table(facts: Facts, size: int, n: int):
                  features=feats, feature_names=list(facts.feature_names), value_range=facts.value_range)
 
 
-MEASURE_VERSION = 2  # in the cache key: a changed way of measuring measures again
+MEASURE_VERSION = 3  # in the cache key: a changed way of measuring measures again
 
 
-def measure_speed(cfg: Config, facts: Facts, size: int, threads: int, seconds: float = 2.5) -> Speed:
+def measure_speed(cfg: Config, facts: Facts, size: int, threads: int, seconds: float = 2.5, siblings: int = 0) -> Speed:
     """Time real training steps and a validation pass of ``cfg``'s model at ``size`` px on ``threads``
-    threads; cached per machine, model, shape, batch, augmentation and precision."""
+    threads, beside ``siblings`` copies of the same training (the jobs that run side by side:
+    ``train.fold_jobs``); cached per machine, model, shape, batch, augmentation and precision."""
     import torch
 
     from .io import atomic_write_json, cache_dir
@@ -231,7 +233,7 @@ def measure_speed(cfg: Config, facts: Facts, size: int, threads: int, seconds: f
     device = resolve_device(cfg.train.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     key = "|".join(map(str, [MEASURE_VERSION, _machine(), device.type, gpu, cfg.model.backbone, cfg.model.finetune, cfg.model.input_size, size, facts.channels,
-                             facts.n_features, t.batch_size, t.precision, t.channels_last, threads,
+                             facts.n_features, t.batch_size, t.precision, t.channels_last, threads, siblings,
                              hashlib.sha256(json.dumps(cfg.augment, sort_keys=True).encode()).hexdigest()[:8]]))
     path = cache_dir() / "throughput.json"
     try:
@@ -242,14 +244,55 @@ def measure_speed(cfg: Config, facts: Facts, size: int, threads: int, seconds: f
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            cache[key] = _time_steps(cfg, facts, size, seconds, device)
+            cache[key] = _time_steps(cfg, facts, size, seconds, device, siblings)
         finally:
             torch.set_num_threads(before)
         atomic_write_json(path, cache)
     return Speed(**cache[key])
 
 
-def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device) -> dict:
+class _Siblings:
+    """``n`` threads training copies of the measured job while it is timed, so the measurement sees the
+    contention (shared caches, memory bandwidth, SMT siblings) of ``train.fold_jobs`` processes side by
+    side: timed alone, lite0 at 75 px measured ~10% faster than its folds then trained beside each other.
+    Threads, not processes: no interpreter to start; the work runs in torch and OpenCV, outside the GIL."""
+
+    def __init__(self, *, n: int, make_steps: Callable[[], Callable[[int], float]]):
+        import threading
+
+        self.stop, self.ready, self.errors = threading.Event(), threading.Barrier(n + 1), []
+        self.threads = [threading.Thread(target=self._work, args=(make_steps,), daemon=True) for _ in range(n)]
+
+    def _work(self, make_steps) -> None:
+        try:
+            steps = make_steps()
+            steps(1)  # warm, then in step with the timed job
+        except BaseException as e:  # raised in the timed thread, by __enter__
+            self.errors.append(e)
+            return
+        finally:
+            self.ready.wait()
+        while not self.stop.is_set():
+            steps(1)
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        self.ready.wait()
+        if self.errors:
+            self.__exit__()
+            raise self.errors[0]
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device, siblings: int = 0) -> dict:
+    import contextlib
+
     import torch
 
     from .trainer import BatchSource, build_components, train_one_epoch, validate
@@ -261,32 +304,42 @@ def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device) ->
     mcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 10}),
                                   "model": cfg.model.model_copy(update={"finetune": mode, "unfreeze_after": None})})
     precision = _timed_precision(cfg, device)
+
+    def make_steps() -> Callable[[int], float]:
+        parts = build_components(cfg=mcfg, table=table, tr_idx=np.arange(len(table)), seed=0, device=device,
+                                 channels_last=cfg.train.channels_last, with_augment=bool(cfg.augment), precision=precision)
+        rng = np.random.default_rng(0)
+
+        def steps(n: int) -> float:
+            batches = [np.arange(i * bs, (i + 1) * bs) % len(table) for i in range(n)]
+            src = BatchSource(images=table.images, batches=batches, augment=parts.augment, seeds=list(range(n)))
+            t1 = time.perf_counter()
+            train_one_epoch(parts, source=(src[b] for b in range(n)), n_batches=n, table=table, t=mcfg.train, device=device,
+                            precision=precision, channels_last=cfg.train.channels_last, rng=rng)
+            return time.perf_counter() - t1
+
+        steps.parts = parts
+        return steps
+
     t0 = time.perf_counter()
-    parts = build_components(cfg=mcfg, table=table, tr_idx=np.arange(len(table)), seed=0, device=device,
-                             channels_last=cfg.train.channels_last, with_augment=bool(cfg.augment), precision=precision)
+    steps = make_steps()
     build_s = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
-
-    def steps(n: int) -> float:
-        batches = [np.arange(i * bs, (i + 1) * bs) % len(table) for i in range(n)]
-        src = BatchSource(images=table.images, batches=batches, augment=parts.augment, seeds=list(range(n)))
+    parts = steps.parts
+    with _Siblings(n=siblings, make_steps=make_steps) if siblings else contextlib.nullcontext():
+        warm = [steps(1) for _ in range(3)]  # allocator, kernels: a fresh process's first steps run slow
+        step = min(warm)
+        chunk = int(min(7, max(2, seconds / 5 / max(step, 1e-3))))
+        # the median of five chunks: one burst of another process slows one chunk only, and beside
+        # siblings the fastest chunk is the one that ran while they paused
+        times = sorted(steps(chunk) for _ in range(5))
+        train_img_s = chunk * bs / times[2]
         t1 = time.perf_counter()
-        train_one_epoch(parts, source=(src[b] for b in range(n)), n_batches=n, table=table, t=mcfg.train, device=device,
-                        precision=precision, channels_last=cfg.train.channels_last, rng=rng)
-        return time.perf_counter() - t1
-
-    first = steps(1) + steps(1)  # warm-up: allocator, kernels (the second step still is one, at small sizes)
-    chunk = int(min(7, max(2, seconds / 3 / max(first / 2, 1e-3))))
-    # the fastest of three chunks: another process's burst only ever slows a chunk, and one timing of the
-    # whole measured 20% under what training then ran at (digits, 461 vs ~570 img/s)
-    train_img_s = chunk * bs / min(steps(chunk) for _ in range(3))
-    t1 = time.perf_counter()
-    validate(parts.eval_model, table=table, idx=np.arange(len(table)), batch_size=bs * 2, device=device,
-             channels_last=cfg.train.channels_last, precision="fp32")
-    val_img_s = len(table) / (time.perf_counter() - t1)
+        validate(parts.eval_model, table=table, idx=np.arange(len(table)), batch_size=bs * 2, device=device,
+                 channels_last=cfg.train.channels_last, precision="fp32")
+        val_img_s = len(table) / (time.perf_counter() - t1)
     build_s, epoch_s = _job_overheads(mcfg, table, bs, device, train_img_s, val_img_s, build_s)
-    log.info(f"plan: measured {cfg.model.backbone} at {size} px on {torch.get_num_threads()} thread(s): "
-             f"{train_img_s:.0f} img/s training, {val_img_s:.0f} img/s validation")
+    log.info(f"plan: measured {cfg.model.backbone} at {size} px on {torch.get_num_threads()} thread(s)"
+             f"{f' beside {siblings} more' if siblings else ''}: {train_img_s:.0f} img/s training, {val_img_s:.0f} img/s validation")
     return {"train_img_s": train_img_s, "val_img_s": val_img_s, "build_s": build_s, "epoch_s": epoch_s}
 
 
@@ -502,7 +555,11 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
     if values.get("model.pretrained", cfg.model.pretrained and cfg.model.backbone != AUTO):  # ImageNet features need the pixels
         sizes = [s for s in sizes if s >= MIN_PRETRAINED_SIDE] or sizes[:1]
     size, epochs, expected, measured = sizes[0], cfg.train.epochs, None, {}
-    measure = speed or (lambda c, size, th: measure_speed(c, facts, size, th))
+    def measure(c: Config, size: int, th: int) -> Speed:
+        width = shape_of(c).width  # jobs side by side, each on ``th`` threads: timed beside each other
+        return measure_speed(c, facts, size, th, siblings=width - 1 if width > 1 and th * width <= cores else 0)
+
+    measure = speed or measure
     if budget:
         size, sp, fit, measured = _search_size(cfg, values, sizes, budget, shape_of, measure, why)  # sp: threads -> Speed
         epochs = fit if cfg.train.epochs == AUTO else cfg.train.epochs

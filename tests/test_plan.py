@@ -350,6 +350,57 @@ def test_real_measurement_is_cached(make_config, digits_dir):
     assert measure_speed(cfg, facts, 28, 1, seconds=0.2) == s  # from the cache, not measured again
 
 
+def test_side_by_side_jobs_are_timed_beside_each_other(make_config, digits_dir, monkeypatch):
+    """With fold_jobs 2 on 2 cores the 1-thread speed is measured while a sibling thread trains the same
+    model; its own cache entry; fold_jobs 1 measures alone."""
+    import threading
+
+    import pipeline.trainer as trainer
+    from pipeline.io import cache_dir
+    from pipeline.plan import data_facts, measure_speed
+
+    cfg = load_config(make_config(digits_dir, fmt="pixel_csv", model={"backbone": "simple_cnn", "pretrained": False},
+                                  train={"epochs": 1, "batch_size": 16}))
+    facts = data_facts(cfg)
+    real, seen, threads = trainer.train_one_epoch, set(), threading.active_count()
+
+    def spy(*a, **k):
+        seen.add(threading.get_ident())
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", spy)
+    alone = measure_speed(cfg, facts, 28, 1, seconds=0.2)
+    assert len(seen) == 1
+    beside = measure_speed(cfg, facts, 28, 1, seconds=0.2, siblings=1)
+    assert len(seen) == 2 and beside.train_img_s > 0 and threading.active_count() == threads  # the sibling stopped
+    assert len(json.loads((cache_dir() / "throughput.json").read_text())) == 2
+    assert measure_speed(cfg, facts, 28, 1, seconds=0.2, siblings=1) == beside and alone != beside
+
+    asked = []
+    monkeypatch.setattr("pipeline.plan.measure_speed", lambda c, f, size, th, siblings=0: asked.append((th, siblings)) or alone)
+    for jobs, want in ((2, (1, 1)), (1, (2, 0))):
+        c = load_config(make_config(digits_dir, fmt="pixel_csv", model={"backbone": "simple_cnn", "pretrained": False},
+                                    train={"epochs": "auto", "fold_jobs": jobs, "time_budget_s": 60}))
+        asked.clear()
+        make_plan(c, facts, device_type="cpu", cores=2)
+        assert asked[0] == want
+
+
+def test_a_sibling_that_fails_to_start_fails_the_measurement():
+    import threading
+
+    from pipeline.plan import _Siblings
+
+    def broken():
+        raise ValueError("no model")
+
+    threads = threading.active_count()
+    with pytest.raises(ValueError, match="no model"):
+        with _Siblings(n=2, make_steps=broken):
+            pytest.fail("entered")
+    assert threading.active_count() == threads
+
+
 def test_folder_native_size_reads_headers_only(make_config, folder_dir):
     from pipeline.formats import build_reader
 
