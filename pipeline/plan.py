@@ -216,7 +216,7 @@ def _synthetic_table(facts: Facts, size: int, n: int):
                  features=feats, feature_names=list(facts.feature_names), value_range=facts.value_range)
 
 
-MEASURE_VERSION = 3  # in the cache key: a changed way of measuring measures again
+MEASURE_VERSION = 4  # in the cache key: a changed way of measuring measures again
 
 
 def measure_speed(cfg: Config, facts: Facts, size: int, threads: int, seconds: float = 2.5, siblings: int = 0) -> Speed:
@@ -256,13 +256,15 @@ class _Siblings:
     """``n`` threads training copies of the measured job while it is timed, so the measurement sees the
     contention (shared caches, memory bandwidth, SMT siblings) of ``train.fold_jobs`` processes side by
     side: timed alone, lite0 at 75 px measured ~10% faster than its folds then trained beside each other.
-    Threads, not processes: no interpreter to start; the work runs in torch and OpenCV, outside the GIL."""
+    Threads, not processes: no interpreter to start; they train without augmentation (below), so their
+    Python holds the interpreter lock only to dispatch torch's kernels, which run outside it."""
 
     def __init__(self, *, n: int, make_steps: Callable[[], Callable[[int], float]]):
         import threading
 
         self.stop, self.ready, self.errors = threading.Event(), threading.Barrier(n + 1), []
-        self.threads = [threading.Thread(target=self._work, args=(make_steps,), daemon=True) for _ in range(n)]
+        self.threads = [threading.Thread(target=self._work, args=(make_steps,), name="plan-sibling", daemon=True)
+                        for _ in range(n)]
 
     def _work(self, make_steps) -> None:
         try:
@@ -306,9 +308,10 @@ def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device, si
                                   "model": cfg.model.model_copy(update={"finetune": mode, "unfreeze_after": None})})
     precision = _timed_precision(cfg, device)
 
-    def make_steps() -> Callable[[int], float]:
+    def make_steps(augment: bool = True) -> Callable[[int], float]:
         parts = build_components(cfg=mcfg, table=table, tr_idx=np.arange(len(table)), seed=0, device=device,
-                                 channels_last=cfg.train.channels_last, with_augment=bool(cfg.augment), precision=precision)
+                                 channels_last=cfg.train.channels_last, with_augment=augment and bool(cfg.augment),
+                                 precision=precision)
         rng = np.random.default_rng(0)
 
         def steps(n: int) -> float:
@@ -326,7 +329,10 @@ def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device, si
     steps = make_steps()
     build_s = time.perf_counter() - t0
     parts = steps.parts
-    with _Siblings(n=siblings, make_steps=make_steps) if siblings else contextlib.nullcontext():
+    # the siblings train without augmentation: its Python code would hold the one interpreter lock the
+    # timed thread needs too (two processes share none), which timed a small CNN with four augmentations
+    # 15% under its run (the folder demo, 500 vs 540-650 img/s)
+    with _Siblings(n=siblings, make_steps=lambda: make_steps(augment=False)) if siblings else contextlib.nullcontext():
         warm = [steps(1) for _ in range(3)]  # allocator, kernels: a fresh process's first steps run slow
         step = min(warm)
         chunk = int(min(7, max(2, seconds / 5 / max(step, 1e-3))))

@@ -350,9 +350,16 @@ def test_real_measurement_is_cached(make_config, digits_dir):
     assert measure_speed(cfg, facts, 28, 1, seconds=0.2) == s  # from the cache, not measured again
 
 
+def _siblings_alive() -> bool:
+    import threading
+
+    return any(t.name == "plan-sibling" for t in threading.enumerate())
+
+
 def test_side_by_side_jobs_are_timed_beside_each_other(make_config, digits_dir, monkeypatch):
     """With fold_jobs 2 on 2 cores the 1-thread speed is measured while a sibling thread trains the same
-    model; its own cache entry; fold_jobs 1 measures alone."""
+    model (without augmentation: the timed thread's augmentation would wait on its interpreter lock);
+    its own cache entry; fold_jobs 1 measures alone."""
     import threading
 
     import pipeline.trainer as trainer
@@ -360,19 +367,26 @@ def test_side_by_side_jobs_are_timed_beside_each_other(make_config, digits_dir, 
     from pipeline.plan import data_facts, measure_speed
 
     cfg = load_config(make_config(digits_dir, fmt="pixel_csv", model={"backbone": "simple_cnn", "pretrained": False},
-                                  train={"epochs": 1, "batch_size": 16}))
+                                  train={"epochs": 1, "batch_size": 16}, augment=[{"name": "HorizontalFlip", "p": 0.5}]))
     facts = data_facts(cfg)
-    real, seen, threads = trainer.train_one_epoch, set(), threading.active_count()
+    real, seen = trainer.train_one_epoch, set()
+    real_build, augmented = trainer.build_components, {}
 
     def spy(*a, **k):
         seen.add(threading.get_ident())
         return real(*a, **k)
 
+    def build_spy(**k):
+        augmented.setdefault(threading.get_ident(), set()).add(k["with_augment"])
+        return real_build(**k)
+
     monkeypatch.setattr(trainer, "train_one_epoch", spy)
+    monkeypatch.setattr(trainer, "build_components", build_spy)
     alone = measure_speed(cfg, facts, 28, 1, seconds=0.2)
     assert len(seen) == 1
     beside = measure_speed(cfg, facts, 28, 1, seconds=0.2, siblings=1)
-    assert len(seen) == 2 and beside.train_img_s > 0 and threading.active_count() == threads  # the sibling stopped
+    assert len(seen) == 2 and beside.train_img_s > 0 and not _siblings_alive()  # the sibling stopped
+    assert sorted(map(sorted, augmented.values())) == [[False], [True]]  # the timed thread augments, its sibling not
     assert len(json.loads((cache_dir() / "throughput.json").read_text())) == 2
     assert measure_speed(cfg, facts, 28, 1, seconds=0.2, siblings=1) == beside and alone != beside
 
@@ -387,18 +401,15 @@ def test_side_by_side_jobs_are_timed_beside_each_other(make_config, digits_dir, 
 
 
 def test_a_sibling_that_fails_to_start_fails_the_measurement():
-    import threading
-
     from pipeline.plan import _Siblings
 
     def broken():
         raise ValueError("no model")
 
-    threads = threading.active_count()
     with pytest.raises(ValueError, match="no model"):
         with _Siblings(n=2, make_steps=broken):
             pytest.fail("entered")
-    assert threading.active_count() == threads
+    assert not _siblings_alive()
 
 
 def test_folder_native_size_reads_headers_only(make_config, folder_dir):
