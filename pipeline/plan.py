@@ -32,7 +32,8 @@ optimiser) and a validation pass of the model at the candidate size, on syntheti
 data's shape and dtype, at the thread count most jobs get from the executor (``fold_jobs``) and
 beside as many sibling jobs as run with them (``_Siblings``), the median of five timed chunks, and a
 real three-epoch ``FoldTrainer`` for what a job costs besides its images (checkpoints, OOF, history);
-other thread counts and skipped sizes are estimated from it (``THREAD_EXPONENT``, ``SIZE_EXPONENT``).
+at the size chosen, the speed on every core too (a last partial wave's jobs, the refit); other thread
+counts and skipped sizes are estimated from it (``THREAD_EXPONENT``, ``SIZE_EXPONENT``).
 Measurements are cached per machine and device in ``<cache>/throughput.json``. Only the commands
 that train make a plan (fold, train, run, tune); the others use it. With a budget, ``predict.tta:
 auto`` is fitted to the budget too (``INFER_SHARE``). Tests inject speeds: ``make_plan(speed=...)``.
@@ -622,8 +623,9 @@ def _scaled(s: Speed, factor: float) -> Speed:
 def _search_size(cfg: Config, values: dict, sizes: list[int], budget: float, shape_of, measure, why: list):
     """The largest of ``sizes`` (descending) at which every fold gets ``MIN_EPOCHS``; the smallest when
     none does. Speed is measured at the size tried and at the thread count most jobs run with; a size
-    whose estimate (``SIZE_EXPONENT`` from the last measurement) falls short is skipped unmeasured,
-    other thread counts are estimated by ``THREAD_EXPONENT``, so planning costs two or three
+    whose estimate (``SIZE_EXPONENT`` from the last measurement) falls short is skipped unmeasured;
+    at the size chosen, jobs side by side are timed on every core too (the last wave's, the refit),
+    other thread counts are estimated by ``THREAD_EXPONENT``, so planning costs three or four
     measurements, not one per size and thread count. Returns (size, speed(threads), epochs, measured)."""
     measured, i = {}, 0
     need = MIN_EPOCHS if cfg.train.epochs == AUTO else cfg.train.epochs
@@ -640,6 +642,16 @@ def _search_size(cfg: Config, values: dict, sizes: list[int], budget: float, sha
 
         fit = shape.epochs_for(budget, sp)
         if fit >= need or i == len(sizes) - 1:
+            if shape.width > 1 and shape.cores != main:
+                # a last partial wave's jobs and the refit run on every core: timed too, at the size
+                # chosen (simple_cnn trained 1.84x as fast on 2 threads as on 1, not the 1.41x estimated)
+                wide = measure(c, size, shape.cores)
+                measured[size]["on_every_core"] = {"threads": shape.cores, **wide.__dict__}
+
+                def sp(th, base=base, main=main, wide=wide, cores=shape.cores):
+                    return base if th == main else wide if th == cores else _scaled(base, (th / main) ** THREAD_EXPONENT)
+
+                fit = shape.epochs_for(budget, sp)
             return size, sp, fit, measured
         why.append(f"image size {size}: only {fit} epochs per fold fit the budget (< {need})")
         i += 1

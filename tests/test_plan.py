@@ -124,6 +124,24 @@ def _folder_cfg(make_config, data_dir, **train):
     return load_config(p)
 
 
+def test_the_last_waves_job_on_every_core_is_timed_not_estimated(make_config, folder_dir):
+    """5 folds 2 at a time on 2 cores: the fifth runs alone on both; its measured speed sets the plan."""
+    cfg = _folder_cfg(make_config, folder_dir, time_budget_s=600)
+
+    def speed(two):
+        def at(c, size, threads):
+            s = 120.0 * (64 / size) ** 2 * (two if threads == 2 else 1.0)
+            return Speed(train_img_s=s, val_img_s=4 * s, build_s=1.0, epoch_s=0.2)
+        return at
+
+    slow, fast = (make_plan(cfg, _facts(), device_type="cpu", cores=2, speed=speed(two)) for two in (1.0, 1.9))
+    size = str(fast["values"]["data.image_size"])
+    assert fast["measured"][size]["on_every_core"]["threads"] == 2
+    assert fast["measured"][size]["on_every_core"]["train_img_s"] > 1.8 * fast["measured"][size]["train_img_s"]
+    assert fast["values"]["train.epochs"] > slow["values"]["train.epochs"]
+    assert fast["expected_train_s"] <= TARGET * 600
+
+
 @pytest.mark.parametrize("budget, size", [(600, 48), (800, 64), (3000, 128)])
 def test_image_size_is_the_largest_that_gets_enough_epochs(make_config, folder_dir, budget, size):
     cfg = _folder_cfg(make_config, folder_dir, time_budget_s=budget)
@@ -134,7 +152,10 @@ def test_image_size_is_the_largest_that_gets_enough_epochs(make_config, folder_d
     assert v["train.epochs"] >= MIN_EPOCHS
     assert all(s <= 128 for _, s, _ in calls)  # never upscaled
     assert calls[0][1] == 128  # the files' own size is tried first
-    assert len(calls) <= 3 and len({s for _, s, _ in calls}) == len(calls)  # few sizes measured, each at one thread count
+    # few sizes measured, each at the jobs' thread count; the size chosen also on every core (the last wave, the refit)
+    tried = [c for c in calls if c[2] == 1]
+    assert len(tried) <= 3 and len({s for _, s, _ in tried}) == len(tried)
+    assert [c[1:] for c in calls if c[2] != 1] == [(size, 2)] and calls[-1][1:] == (size, 2)
     assert plan["expected_train_s"] <= TARGET * budget
     if size < 128:
         assert any(f"image size {s}: only" in w for w in plan["why"] for s in (128, 96))
