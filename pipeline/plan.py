@@ -218,6 +218,8 @@ def _synthetic_table(facts: Facts, size: int, n: int):
 
 
 MEASURE_VERSION = 4  # in the cache key: a changed way of measuring measures again
+MEASURE_TTL_S = 600  # a cached speed older than this is timed again: this machine's speed drifted 25%
+                     # within half an hour (lite0 at 75 px timed 75 img/s, trained at 100-110 19 min later)
 
 
 def measure_speed(cfg: Config, facts: Facts, size: int, threads: int, seconds: float = 2.5, siblings: int = 0) -> Speed:
@@ -242,15 +244,16 @@ def measure_speed(cfg: Config, facts: Facts, size: int, threads: int, seconds: f
         cache = json.loads(path.read_text()) if path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError):
         cache = {}
-    if key not in cache:
+    entry = cache.get(key)
+    if not isinstance(entry, dict) or not time.time() - entry.get("at", 0) < MEASURE_TTL_S:
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            cache[key] = _time_steps(cfg, facts, size, seconds, device, siblings)
+            entry = cache[key] = {**_time_steps(cfg, facts, size, seconds, device, siblings), "at": round(time.time(), 1)}
         finally:
             torch.set_num_threads(before)
         atomic_write_json(path, cache)
-    return Speed(**cache[key])
+    return Speed(**{k: v for k, v in entry.items() if k != "at"})
 
 
 class _Siblings:

@@ -2,6 +2,7 @@
 these tests are fast and deterministic; one test measures for real on a tiny model."""
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -355,7 +356,7 @@ def test_planned_run_trains_the_planned_epochs(make_config, digits_dir, monkeypa
     assert run.job_dir(0, 42).read_done()["hash"] == run.run_hash()
 
 
-def test_real_measurement_is_cached(make_config, digits_dir):
+def test_real_measurement_is_cached(make_config, digits_dir, monkeypatch):
     from pipeline.plan import data_facts, measure_speed
 
     cfg = load_config(make_config(digits_dir, fmt="pixel_csv", model={"backbone": "simple_cnn", "pretrained": False},
@@ -369,6 +370,16 @@ def test_real_measurement_is_cached(make_config, digits_dir):
     cached = json.loads((cache_dir() / "throughput.json").read_text())
     assert len(cached) == 1
     assert measure_speed(cfg, facts, 28, 1, seconds=0.2) == s  # from the cache, not measured again
+    import pipeline.plan as plan_mod
+
+    calls = []
+    real = plan_mod._time_steps
+    monkeypatch.setattr(plan_mod, "_time_steps", lambda *a: calls.append(a) or real(*a))
+    assert measure_speed(cfg, facts, 28, 1, seconds=0.2) == s and not calls
+    now = time.time()
+    monkeypatch.setattr(plan_mod.time, "time", lambda: now + plan_mod.MEASURE_TTL_S + 1)  # the machine's speed drifts
+    measure_speed(cfg, facts, 28, 1, seconds=0.2)
+    assert len(calls) == 1
 
 
 def _siblings_alive() -> bool:
