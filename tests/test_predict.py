@@ -323,14 +323,14 @@ def test_judging_the_views_predicts_each_view_once(digits_config, monkeypatch, c
     """With flips and affine views, evaluate averages both TTAs (with and without the views) from one
     pass per view, and each equals its own ``oof_with_tta``; a plan's list is still logged as auto."""
     import pipeline.inference as inference
-    from pipeline.defaults import resolve_tta as predict_mod_resolve
+    from pipeline.defaults import resolve_tta
     from pipeline.predict import oof_with_tta, oof_with_tta_subsets
 
     path = digits_config(train={"epochs": 1}, augment=[{"name": "HorizontalFlip", "p": 0.5},
                                                        {"name": "Affine", "rotate": [-20, 20], "p": 0.5}])
     cfg = trained(path)
     tta = ["identity", "hflip", "rotate10"]
-    assert predict_mod_resolve(cfg) == tta
+    assert resolve_tta(cfg) == tta
     real, calls = inference.predict_logits, []
 
     def counted(*a, transform=None, **k):
