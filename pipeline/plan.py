@@ -312,7 +312,8 @@ def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device, si
                                   "model": cfg.model.model_copy(update={"finetune": mode, "unfreeze_after": None})})
     precision = _timed_precision(cfg, device)
 
-    def make_steps(augment: bool = True) -> Callable[[int], float]:
+    def make_steps(augment: bool = True) -> tuple[Callable[[int], float], object]:
+        """(steps(n): seconds n training steps take, the components they train)."""
         parts = build_components(cfg=mcfg, table=table, tr_idx=np.arange(len(table)), seed=0, device=device,
                                  channels_last=cfg.train.channels_last, with_augment=augment and bool(cfg.augment),
                                  precision=precision)
@@ -326,17 +327,15 @@ def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device, si
                             precision=precision, channels_last=cfg.train.channels_last, rng=rng)
             return time.perf_counter() - t1
 
-        steps.parts = parts
-        return steps
+        return steps, parts
 
     t0 = time.perf_counter()
-    steps = make_steps()
+    steps, parts = make_steps()
     build_s = time.perf_counter() - t0
-    parts = steps.parts
     # the siblings train without augmentation: its Python code would hold the one interpreter lock the
     # timed thread needs too (two processes share none), which timed a small CNN with four augmentations
     # 15% under its run (the folder demo, 500 vs 540-650 img/s)
-    with _Siblings(n=siblings, make_steps=lambda: make_steps(augment=False)) if siblings else contextlib.nullcontext():
+    with _Siblings(n=siblings, make_steps=lambda: make_steps(augment=False)[0]) if siblings else contextlib.nullcontext():
         warm = [steps(1) for _ in range(3)]  # allocator, kernels: a fresh process's first steps run slow
         step = min(warm)
         chunk = int(min(7, max(2, seconds / 5 / max(step, 1e-3))))
