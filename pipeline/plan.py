@@ -565,11 +565,11 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
     if values.get("model.pretrained", cfg.model.pretrained and cfg.model.backbone != AUTO):  # ImageNet features need the pixels
         sizes = [s for s in sizes if s >= MIN_PRETRAINED_SIDE] or sizes[:1]
     size, epochs, expected, measured = sizes[0], cfg.train.epochs, None, {}
-    def measure(c: Config, size: int, th: int) -> Speed:
+    def timed(c: Config, size: int, th: int) -> Speed:
         width = shape_of(c).width  # jobs side by side, each on ``th`` threads: timed beside each other
         return measure_speed(c, facts, size, th, siblings=width - 1 if width > 1 and th * width <= cores else 0)
 
-    measure = speed or measure
+    measure = speed or timed
     if budget:
         size, sp, fit, measured = _search_size(cfg, values, sizes, budget, shape_of, measure, why)  # sp: threads -> Speed
         epochs = fit if cfg.train.epochs == AUTO else cfg.train.epochs
@@ -622,6 +622,11 @@ def _scaled(s: Speed, factor: float) -> Speed:
     return Speed(train_img_s=s.train_img_s * factor, val_img_s=s.val_img_s * factor, build_s=s.build_s, epoch_s=s.epoch_s)
 
 
+def _thread_speeds(timed: dict[int, Speed], main: int) -> Callable[[int], Speed]:
+    """threads -> Speed: as timed where timed, else estimated from ``main``'s by ``THREAD_EXPONENT``."""
+    return lambda th: timed[th] if th in timed else _scaled(timed[main], (th / main) ** THREAD_EXPONENT)
+
+
 def _search_size(cfg: Config, values: dict, sizes: list[int], budget: float, shape_of, measure, why: list):
     """The largest of ``sizes`` (descending) at which every fold gets ``MIN_EPOCHS``; the smallest when
     none does. Speed is measured at the size tried and at the thread count most jobs run with; a size
@@ -638,10 +643,7 @@ def _search_size(cfg: Config, values: dict, sizes: list[int], budget: float, sha
         main = shape.threads()[0]
         base = measure(c, size, main)
         measured[size] = {"threads": main, **base.__dict__}
-
-        def sp(th, base=base, main=main):
-            return base if th == main else _scaled(base, (th / main) ** THREAD_EXPONENT)
-
+        sp = _thread_speeds({main: base}, main)
         fit = shape.epochs_for(budget, sp)
         if fit >= need or i == len(sizes) - 1:
             if shape.width > 1 and shape.cores != main:
@@ -649,10 +651,7 @@ def _search_size(cfg: Config, values: dict, sizes: list[int], budget: float, sha
                 # chosen (simple_cnn trained 1.84x as fast on 2 threads as on 1, not the 1.41x estimated)
                 wide = measure(c, size, shape.cores)
                 measured[size]["on_every_core"] = {"threads": shape.cores, **wide.__dict__}
-
-                def sp(th, base=base, main=main, wide=wide, cores=shape.cores):
-                    return base if th == main else wide if th == cores else _scaled(base, (th / main) ** THREAD_EXPONENT)
-
+                sp = _thread_speeds({main: base, shape.cores: wide}, main)
                 fit = shape.epochs_for(budget, sp)
             return size, sp, fit, measured
         why.append(f"image size {size}: only {fit} epochs per fold fit the budget (< {need})")
