@@ -306,10 +306,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _place_file(args, extra: list[str]) -> None:
+    """``validate-submission CFG key=v --budget 90s FILE``: argparse fills ``file`` with the last override
+    before the option and leaves FILE over; the one bare word left over is the file, that override an
+    override again (in its place, before the ones after the option)."""
+    loose = [x for x in extra if not x.startswith("-") and "=" not in x]
+    if getattr(args, "file", None) and "=" in args.file and len(loose) == 1:
+        args.overrides = list(args.overrides) + [args.file]
+        args.file = loose[0]
+        extra.remove(loose[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     try:
         args, extra = parser.parse_known_args(argv)
+        _place_file(args, extra)
         # Overrides may come after options (`train CFG --folds 0 train.lr=1e-3`).
         bad = [x for x in extra if x.startswith("-") or "=" not in x or not hasattr(args, "overrides")]
         if bad:

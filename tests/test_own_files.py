@@ -268,3 +268,8 @@ def test_unreadable_solution_files(digits_cfg_path, make_config, iceberg_dir, ca
     pd.DataFrame({"id": ids, "is_iceberg": np.arange(len(ids)) % 2}).to_csv("s.csv", index=False)
     assert run_cli("validate-submission", cfg, "p.csv", "--solution", "s.csv") == 0
     assert f"logloss {np.log(2):.5f} against s.csv" in capsys.readouterr().out
+    # the file after an option that follows overrides (argparse alone took the last override for the file)
+    assert run_cli("validate-submission", cfg, "predict.clip=[0.001,0.999]", "--solution", "s.csv", "p.csv") == 0
+    assert f"logloss {np.log(2):.5f} against s.csv" in capsys.readouterr().out
+    err = cli_error(capsys, "validate-submission", cfg, "data.dir=nowhere", "--solution", "s.csv", "p.csv")
+    assert "nowhere" in err, err  # the override is applied, not dropped
