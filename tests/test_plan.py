@@ -537,7 +537,7 @@ def test_tta_leaves_the_whole_run_within_its_cap(make_config, folder_dir, planni
     plan = make_plan(load_config(p), facts, device_type="cpu", cores=1, speed=speed, planning_s=planning_s)
     # 22.5 s per transform; evaluate 6 + 5,000 / 400 s and 5 s of start: 0.95 x 1.4 x 600 - train - 23.5 - planning_s
     left = 0.95 * 1.4 * 600 - plan["expected_train_s"] - 23.5 - planning_s
-    assert FILL * 600 <= plan["expected_train_s"] <= TARGET * 600 and 22.5 * len(build_tta(tta, (32, 32))) <= max(left, 22.5)
+    assert FILL * 600 <= plan["expected_train_s"] <= TARGET * 600 + 0.05 and 22.5 * len(build_tta(tta, (32, 32))) <= max(left, 22.5)
     assert plan["values"]["predict.tta"] == tta
     why = " ".join(plan["why"])
     assert ("of 1.33x the budget" in why) == (planning_s > 0)  # the quarter of the budget (150 s) is the limit without
