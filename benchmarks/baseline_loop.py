@@ -1,4 +1,4 @@
-"""The plain script a competitor writes for an image-folder competition (issue 11's "150-line script").
+"""The plain script a competitor writes for an image-folder or digit-CSV competition (issue 11's "150-line script").
 
 timm model, albumentations, 5-fold StratifiedKFold, Adam, cross-entropy, the best-validation-loss
 epoch of each fold kept, test predicted as the fold average; no TTA, no calibration, no scheduler.
@@ -43,6 +43,28 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 def load_images(folder: Path, ids, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.open(folder / i).convert("L").resize((size, size), Image.BILINEAR)) for i in ids])
+
+
+def load_pixels(frame: pd.DataFrame, size: int) -> np.ndarray:
+    x = frame[[f"pixel{i}" for i in range(784)]].to_numpy(np.uint8).reshape(-1, 28, 28)
+    return x if size == 28 else np.stack([np.asarray(Image.fromarray(a).resize((size, size), Image.BILINEAR)) for a in x])
+
+
+def load_data(data: Path, size: int):
+    """(X, y, classes, X_test, y_test or None): an image folder (train/, test/, train.csv id,label) or
+    digit-recognizer CSVs (train.csv label,pixel0..783; test.csv; solution.csv ImageId,Label)."""
+    train, test = pd.read_csv(data / "train.csv"), pd.read_csv(data / "test.csv")
+    sol = pd.read_csv(data / "solution.csv", dtype=str) if (data / "solution.csv").is_file() else None
+    if "pixel0" in train.columns:
+        labels, X, X_test = train["label"].astype(str), load_pixels(train, size), load_pixels(test, size)
+        y_test = None if sol is None else sol["Label"]
+    else:
+        labels, test_ids = train["label"].astype(str), test["id"].astype(str)
+        X, X_test = load_images(data / "train", train["id"].astype(str), size), load_images(data / "test", test_ids, size)
+        y_test = None if sol is None else sol.set_index("id")["label"].reindex(test_ids)
+    classes = sorted(labels.unique())
+    code = {c: i for i, c in enumerate(classes)}
+    return X, labels.map(code).to_numpy(), classes, X_test, None if y_test is None else y_test.map(code).to_numpy()
 
 
 class Images(Dataset):
@@ -110,7 +132,8 @@ def train_fold(args, model, train_dl, val_dl, y_val, epochs, deadline):
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", required=True, type=Path, help="folder with train/, test/, train.csv, test.csv [, solution.csv]")
+    ap.add_argument("--data", required=True, type=Path, help="folder with train/, test/, train.csv, test.csv [, solution.csv], "
+                    "or digit-recognizer CSVs")
     ap.add_argument("--budget", type=float, default=800, help="seconds of training (all folds)")
     ap.add_argument("--model", default="tf_efficientnet_lite0")
     ap.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True)
@@ -124,10 +147,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     t_start = time.time()
     torch.manual_seed(args.seed)
-    train, test = pd.read_csv(args.data / "train.csv", dtype=str), pd.read_csv(args.data / "test.csv", dtype=str)
-    classes = sorted(train["label"].unique())
-    y = train["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
-    X, X_test = load_images(args.data / "train", train["id"], args.size), load_images(args.data / "test", test["id"], args.size)
+    X, y, classes, X_test, y_test = load_data(args.data, args.size)
     test_dl = DataLoader(Images(X_test, np.zeros(len(X_test)), TEST_TF), batch_size=256)
     oof, test_probs, epochs, used = np.zeros((len(X), len(classes))), np.zeros((len(X_test), len(classes))), args.epochs, []
     t_train = time.time()
@@ -145,9 +165,7 @@ def main(argv=None) -> dict:
     res = {"script": "baseline_loop", "model": args.model, "pretrained": args.pretrained, "size": args.size,
            "folds": args.folds, "epochs": epochs, "epochs_run": used, "budget_s": args.budget, "train_s": round(train_s, 1),
            "oof_accuracy": round(float(accuracy_score(y, oof.argmax(1))), 4)}
-    if (args.data / "solution.csv").is_file():
-        sol = pd.read_csv(args.data / "solution.csv", dtype=str).set_index("id")["label"].reindex(test["id"])
-        y_test = sol.map({c: i for i, c in enumerate(classes)}).to_numpy()
+    if y_test is not None:
         res["test_accuracy"] = round(float(accuracy_score(y_test, test_probs.argmax(1))), 4)
         res["test_logloss"] = round(float(log_loss(y_test, test_probs, labels=range(len(classes)))), 4)
     res["total_s"] = round(time.time() - t_start, 1)

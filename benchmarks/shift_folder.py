@@ -1,11 +1,13 @@
-"""Issue 11's comparison on the shift-folder stand-in: shipped configs vs a hand-written loop, equal budget.
+"""Issue 11's comparison on the shift stand-ins: shipped configs vs a hand-written loop, equal budget.
 
 On ``pipeline demo-data shift-folder`` (real MNIST digits at 128 px grey; test drawn with a bolder pen,
 wider scale/rotation/position ranges and low-contrast noisy paper; written to ``--data`` when missing),
-each contestant gets the same ``--budget`` seconds of training:
+or with ``--kind shift-digits`` the same shift scanned at 28 px as digit-recognizer CSVs, each
+contestant gets the same ``--budget`` seconds of training:
 
-- every ``--config`` (default ``competitions/folder-demo.yaml`` and ``competitions/image-folder.yaml``;
-  a missing one is skipped with a message) as a user runs it: ``pipeline run CONFIG data.dir=...
+- every ``--config`` (default: shift-folder ``competitions/folder-demo.yaml`` and ``competitions/image-folder.yaml``,
+  shift-digits ``competitions/digits-demo.yaml`` and ``competitions/digits.yaml``; a missing one is
+  skipped with a message) as a user runs it: ``pipeline run CONFIG data.dir=...
   train.time_budget_s=BUDGET``, in a fresh process with its own ``paths.runs/folds/submissions`` and
   cache (``PIPELINE_CACHE``) under ``--work``, so nothing is shared between contestants or reused;
 - ``benchmarks/baseline_loop.py`` (the plain timm + albumentations 5-fold Adam script).
@@ -18,6 +20,8 @@ One table, ratios against the baseline, and a last line of JSON.
 
     .venv/bin/python benchmarks/shift_folder.py --budget 800            # the issue's setting (long)
     .venv/bin/python benchmarks/shift_folder.py --budget 30 --data /tmp/sf --n-train 340 --n-test 100
+    .venv/bin/python benchmarks/shift_folder.py --kind shift-digits --budget 520 --data /tmp/sd \
+        --baseline-arg=--size=28 --baseline-arg=--no-pretrained --baseline-arg=--model=resnet10t
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ["competitions/folder-demo.yaml", "competitions/image-folder.yaml"]
+CONFIGS = {"shift-folder": ["competitions/folder-demo.yaml", "competitions/image-folder.yaml"],
+           "shift-digits": ["competitions/digits-demo.yaml", "competitions/digits.yaml"]}
 
 CHILD = r"""
 import sys
@@ -62,7 +67,8 @@ def pipeline_child(config: str, solution: str, overrides: list[str]) -> None:
     sub = max(submissions_dir(cfg).glob("*.csv"), key=lambda p: p.stat().st_mtime)
     accuracy = check_submission(cfg, sub, solution)
     pred = read_predictions(RunDir.of(cfg).test_pred, "test", scaled=True)
-    truth = pd.read_csv(solution, dtype=str).set_index("id")["label"].reindex(pred["id"])
+    sol = pd.read_csv(solution, dtype=str)  # id,label (image folder) or ImageId,Label (digit CSVs)
+    truth = sol.set_index(sol.columns[0])[sol.columns[1]].reindex(pred["id"].astype(str))
     classes = class_names_of(pred)
     y = truth.map({c: i for i, c in enumerate(classes)}).to_numpy()
     loss = log_loss(y, probs_of(pred, classes), labels=np.arange(len(classes)))
@@ -137,26 +143,28 @@ def table(results: dict[str, dict | None], budget: float) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, required=True, help="seconds of training for every contestant")
-    ap.add_argument("--data", type=Path, default=Path("data/shift-folder"), help="shift-folder data (written when missing)")
+    ap.add_argument("--kind", choices=sorted(CONFIGS), default="shift-folder", help="the stand-in (pipeline demo-data KIND)")
+    ap.add_argument("--data", type=Path, help="the stand-in's data (written when missing; default data/KIND)")
     ap.add_argument("--n-train", type=int, default=3400, help="when writing the data")
     ap.add_argument("--n-test", type=int, default=1000, help="when writing the data")
     ap.add_argument("--seed", type=int, default=0, help="when writing the data")
-    ap.add_argument("--config", action="append", type=Path, help=f"repeatable; default {' and '.join(CONFIGS)}")
+    ap.add_argument("--config", action="append", type=Path, help="repeatable; default the kind's demo config and the one to copy")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every pipeline run")
     ap.add_argument("--baseline-arg", action="append", default=[], metavar="ARG", help="extra baseline_loop.py argument, e.g. --baseline-arg=--no-pretrained")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--work", type=Path, help="folder for the runs (default a new temporary folder, kept)")
     args = ap.parse_args(argv)
-    data = args.data.resolve()
+    data = (args.data or Path("data") / args.kind).resolve()
     if not (data / "solution.csv").is_file():
-        from pipeline.demo_data import write_shift_folder
+        from pipeline import demo_data
 
-        print(f"writing {data}: {write_shift_folder(data, n_train=args.n_train, n_test=args.n_test, seed=args.seed)}")
+        write = {"shift-folder": demo_data.write_shift_folder, "shift-digits": demo_data.write_shift_digits}[args.kind]
+        print(f"writing {data}: {write(data, n_train=args.n_train, n_test=args.n_test, seed=args.seed)}")
     else:
         print(f"using the existing {data} (delete it to regenerate)")
-    work = (args.work or Path(tempfile.mkdtemp(prefix="shift-folder-bench-"))).resolve()
+    work = (args.work or Path(tempfile.mkdtemp(prefix=f"{args.kind}-bench-"))).resolve()
     results: dict[str, dict | None] = {}
-    for config in args.config or [ROOT / c for c in CONFIGS]:
+    for config in args.config or [ROOT / c for c in CONFIGS[args.kind]]:
         config = Path(config).resolve()
         if not config.is_file():
             print(f"[{config.stem}] skipped: {config} does not exist")
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[config.stem] = run_pipeline(config, data, args.budget, work, args.set)
     if not args.no_baseline:
         results["baseline_loop"] = run_baseline(data, args.budget, work, args.baseline_arg)
-    print(f"\nshift-folder ({data}), budget {args.budget:g}s each; runs under {work}")
+    print(f"\n{args.kind} ({data}), budget {args.budget:g}s each; runs under {work}")
     print(table(results, args.budget))
     print(json.dumps({"budget_s": args.budget, "data": str(data), "results": results}))
     return results

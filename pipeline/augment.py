@@ -74,6 +74,8 @@ REGISTRY: dict[str, tuple[int, ...] | None] = {
     "RandomBrightnessContrast": None, "RandomGamma": None, "GaussNoise": None, "MultiplicativeNoise": None,
     "GaussianBlur": None, "Blur": None, "MedianBlur": None, "MotionBlur": None, "Defocus": None,
     "Sharpen": None, "UnsharpMask": None, "Downscale": None,
+    # stroke width: grey-level dilation or erosion (a bolder or finer pen, a blotchier scan)
+    "Morphological": None,
     # dropout
     "CoarseDropout": None, "GridDropout": None, "XYMasking": None, "Erasing": None, "PixelDropout": None,
     "ChannelDropout": (2, 3, 4), "ChannelShuffle": (2, 3, 4),

@@ -142,6 +142,10 @@ class ModelConfig(Section):
     drop_rate: float = Field(0.2, ge=0, lt=1)
     use_features: bool = True
     input_size: int | None = Field(None, gt=0, le=8192, description="resize batches to this size before the model")
+    input_norm: Literal["dataset", "image"] = Field(
+        "dataset", description="dataset: each channel by the training images' mean and std; image: each image first by "
+                               "its own mean and std (over all its channels), so a test set scanned brighter, darker or "
+                               "at another contrast than train reaches the model as train did")
     finetune: Literal["full", "partial", "head", "gradual"] = Field(
         "full", description="gradual: the head alone for the first epoch, then the last unfreeze_stages, then all "
                             "after unfreeze_after (default a third of the epochs)")
@@ -384,6 +388,8 @@ class Config(Section):
         d.pop("path"), d.pop("name"), d.pop("plan")
         if d.get("pseudo") is None:  # absent, so configs without it keep their hashes
             d.pop("pseudo", None)
+        if d["model"].get("input_norm") == "dataset":  # the same for model.input_norm's default
+            d["model"].pop("input_norm")
         return d
 
     def hash(self, *sections: str) -> str:

@@ -1,4 +1,4 @@
-"""Demo competitions in Kaggle's exact file formats (``pipeline demo-data iceberg|digits|folder|shift-folder``).
+"""Demo competitions in Kaggle's exact file formats (``pipeline demo-data iceberg|digits|folder|shift-folder|shift-digits``).
 
 - iceberg: SYNTHETIC Sentinel-1-like ship/iceberg chips as the Statoil/C-CORE ``train.json`` /
   ``test.json`` (the real data cannot be downloaded here). No label noise: classes overlap in
@@ -7,6 +7,7 @@
 - folder: the same digits as an ``image_folder`` competition (PNG files of mixed sizes/modes).
 - shift-folder: the same digits as 128 px grey PNGs, test drawn under other conditions than train
   (bolder strokes, wider scale/rotation/position ranges, low contrast and noise; see ``write_shift_folder``).
+- shift-digits: the same shift scanned at 28 px as digit-recognizer CSVs (``write_shift_digits``).
 
 Each ``write_*`` returns a one-line summary; ``solution.csv`` holds the test labels for scoring only.
 """
@@ -291,10 +292,9 @@ def describe_shift() -> str:
     return "; ".join(f"{split}: {one(c)}" for split, c in SHIFT_CONDITIONS.items())
 
 
-def _shift_png(digit: np.ndarray, rng, cond: dict):
-    """One 128x128 grey PNG of a 28x28 digit drawn under ``cond`` (one of SHIFT_CONDITIONS)."""
+def _shift_ink(digit: np.ndarray, rng, cond: dict) -> np.ndarray:
+    """The ink of a 28x28 digit drawn under ``cond`` (one of SHIFT_CONDITIONS) on a SHIFT_SIDE square, in [0, 1]."""
     import cv2
-    from PIL import Image
 
     box = int(round(SHIFT_BOX * rng.uniform(*cond["scale"])))
     ink = np.clip(cv2.resize(digit.reshape(28, 28).astype(np.float32), (box, box), interpolation=cv2.INTER_CUBIC), 0, 255)
@@ -306,10 +306,30 @@ def _shift_png(digit: np.ndarray, rng, cond: dict):
     dx, dy = rng.uniform(-cond["jitter"], cond["jitter"], 2)
     m = cv2.getRotationMatrix2D((box / 2, box / 2), angle, 1.0)
     m[:, 2] += (SHIFT_SIDE / 2 - box / 2 + dx, SHIFT_SIDE / 2 - box / 2 + dy)
-    ink = cv2.warpAffine(ink, m, (SHIFT_SIDE, SHIFT_SIDE), flags=cv2.INTER_LINEAR, borderValue=0) / 255.0
+    return cv2.warpAffine(ink, m, (SHIFT_SIDE, SHIFT_SIDE), flags=cv2.INTER_LINEAR, borderValue=0) / 255.0
+
+
+def _shift_paper(ink: np.ndarray, rng, cond: dict) -> np.ndarray:
+    """``ink`` in [0, 1] put on ``cond``'s paper with its ink grey and noise: uint8 grey levels."""
     bg, fg, sd = rng.uniform(*cond["background"]), rng.uniform(*cond["ink"]), rng.uniform(*cond["noise"])
     img = bg + (fg - bg) * ink + rng.normal(0.0, sd, ink.shape)
-    return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "L")
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _shift_png(digit: np.ndarray, rng, cond: dict):
+    """One 128x128 grey PNG of a 28x28 digit drawn under ``cond`` (one of SHIFT_CONDITIONS)."""
+    from PIL import Image
+
+    return Image.fromarray(_shift_paper(_shift_ink(digit, rng, cond), rng, cond), "L")
+
+
+def _shift_pixels(digit: np.ndarray, rng, cond: dict) -> np.ndarray:
+    """The same drawing scanned at 28x28 (the ink area-averaged down, then the paper and its noise at
+    28 px, so the noise is not averaged away): 784 uint8 pixels, a digit-recognizer row."""
+    import cv2
+
+    ink = cv2.resize(_shift_ink(digit, rng, cond).astype(np.float32), (28, 28), interpolation=cv2.INTER_AREA)
+    return _shift_paper(ink, rng, cond).ravel()
 
 
 def _quota(n: int, weights: np.ndarray) -> np.ndarray:
@@ -320,7 +340,7 @@ def _quota(n: int, weights: np.ndarray) -> np.ndarray:
     return out
 
 
-def _shift_split(y: np.ndarray, n_train: int, n_test: int, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _shift_split(y: np.ndarray, n_train: int, n_test: int, rng, kind: str = "shift-folder") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(train rows, test rows, the half-count classes): test balanced, train with
     SHIFT_HALF_CLASSES classes at half weight. Raises when the 500 digits of a class do not suffice."""
     classes = np.unique(y)
@@ -337,7 +357,7 @@ def _shift_split(y: np.ndarray, n_train: int, n_test: int, rng) -> tuple[np.ndar
         most = int(np.floor(min(left / w) * w.sum())) if (left > 0).all() else 0
         while most > 0 and not fits(most):
             most -= 1
-        raise PipelineError(f"demo-data shift-folder: --n-train {n_train} / --n-test {n_test}; expected --n-test "
+        raise PipelineError(f"demo-data {kind}: --n-train {n_train} / --n-test {n_test}; expected --n-test "
                             f"{len(classes)}..{avail.min() * len(classes)} and --n-train {2 * len(classes)}..{most} "
                             f"(the {len(y)} bundled digits, test balanced, {SHIFT_HALF_CLASSES} train classes at half count)")
     n_tr = _quota(n_train, w)
@@ -373,3 +393,27 @@ def write_shift_folder(out: Path, n_train: int = 3400, n_test: int = 1000, seed:
     return (f"{n_train} train and {n_test} test 128x128 grey PNGs (real MNIST digits), seed {seed}; "
             f"train and test acquired differently ({describe_shift()}); train classes {', '.join(names[half])} "
             f"at half count, test balanced; labels zero..nine; solution.csv holds the test labels")
+
+
+def write_shift_digits(out: Path, n_train: int = 3400, n_test: int = 1000, seed: int = 0) -> str:
+    """A digit-recognizer competition (``train.csv`` label,pixel0..783; ``test.csv``; ``solution.csv``
+    ImageId,Label) whose train and test were acquired under different conditions: the shift of
+    ``write_shift_folder`` (SHIFT_CONDITIONS: bold pen, wider scale, rotation and position, low-contrast
+    noisy paper for test), each digit drawn at 128 px and scanned at 28 px. Train has three classes at
+    half count, test is balanced. Same seed, same bytes."""
+    X, y = _mnist()
+    rng = np.random.default_rng([seed, 13])
+    tr, te, half = _shift_split(y, n_train, n_test, rng, kind="shift-digits")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cols = [f"pixel{i}" for i in range(784)]
+    draw = {split: np.stack([_shift_pixels(X[i], rng, SHIFT_CONDITIONS[split]) for i in rows])
+            for split, rows in (("train", tr), ("test", te))}
+    train = pd.DataFrame(draw["train"], columns=cols)
+    train.insert(0, "label", y[tr])
+    atomic_write_csv(out / "train.csv", train)
+    atomic_write_csv(out / "test.csv", pd.DataFrame(draw["test"], columns=cols))
+    atomic_write_csv(out / "solution.csv", pd.DataFrame({"ImageId": np.arange(1, n_test + 1), "Label": y[te]}))
+    return (f"{n_train} train and {n_test} test 28x28 digit-recognizer rows (real MNIST digits), seed {seed}; train and "
+            f"test acquired differently ({describe_shift()}); train digits {', '.join(map(str, half))} at half count, "
+            f"test balanced; solution.csv holds the test labels")

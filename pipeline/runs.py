@@ -120,6 +120,8 @@ def _best_meta_problem(d: dict) -> str | None:
         return "model is not an object with a backbone name"
     if not (model.get("input_size") is None or _is_int(model.get("input_size"), 1)):
         return f"model.input_size is {model.get('input_size')!r}; expected a positive integer or null"
+    if model.get("input_norm", "dataset") not in ("dataset", "image"):
+        return f"model.input_norm is {model.get('input_norm')!r}; expected dataset or image"
     for key in ("pretrained", "use_features"):  # what models.build_model reads besides the above
         if not isinstance(model.get(key), bool):
             return f"model.{key} is {model.get(key)!r}; expected true or false"

@@ -77,6 +77,15 @@ def test_every_transform_keeps_range_shape_and_content(name, kind):
     assert one.dtype == np.float32 and one.shape == y.shape[1:]
 
 
+@pytest.mark.parametrize("operation, grows", [("dilation", True), ("erosion", False)])
+def test_morphological_changes_the_stroke_width(operation, grows):
+    """A bolder or finer pen: the white stroke's area grows under dilation and shrinks under erosion."""
+    x = grey_images()
+    aug = build_augment([{"name": "Morphological", "scale": [3, 3], "operation": operation, "p": 1.0}], (0.0, 255.0), 1, (28, 28), seed=0)
+    before, after = (x > 127).sum((1, 2, 3)), (aug.batch(x) > 127).sum((1, 2, 3))
+    assert ((after > before) if grows else (after < before)).all(), (before, after)
+
+
 def test_brightness_works_in_db_instead_of_zeroing():
     """albumentations alone returns zeros on raw dB floats; mapped, +0.1 brightness is +10 dB."""
     x = sar_images()

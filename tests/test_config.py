@@ -59,6 +59,7 @@ def test_data_dir_override_reads_elsewhere(base, tmp_path):
     (["train.optimizer=lion"], r"train.optimizer: unknown optimizer 'lion'; expected one of adadelta, adam, adamw, rmsprop, sgd$"),
     (["nosection=1"], r"unknown key 'nosection'"),
     (["train.lr"], r"override 'train.lr' is not section.key=value"),
+    (["model.input_norm=per_image"], r"base.yaml: model.input_norm: Input should be 'dataset' or 'image'"),
     (["model.weights=w.safetensors", "model.pretrained=false"],
      r"base.yaml: model: weights is 'w.safetensors' but pretrained is false; set model.pretrained=true to load it"),
 ])
@@ -99,6 +100,9 @@ def test_hash_changes_with_config_and_sections(base):
     a, b = load_config(base), load_config(base, ["train.lr=0.1"])
     assert a.hash() != b.hash()
     assert a.hash("data", "folds") == b.hash("data", "folds")
+    # model.input_norm's default leaves the hash of a config written before the key existed as it was
+    assert load_config(base, ["model.input_norm=dataset"]).hash() == a.hash() != load_config(base, ["model.input_norm=image"]).hash()
+    assert a.hash() == "cbeceb4cbd8c"  # the hash this config had before model.input_norm
 
 
 def test_shipped_configs_validate(monkeypatch):

@@ -283,3 +283,38 @@ def test_shift_folder_cli(tmp_path, capsys):
         err = cli_error(capsys, "demo-data", "shift-folder", "--out", bad, *argv)
         assert err.startswith("error: demo-data shift-folder:") and culprit in err, err
         assert not bad.exists()
+
+
+# ---- shift-digits -----------------------------------------------------------------------
+
+def test_shift_digits_are_digit_recognizer_files_with_the_shift(make_config, tmp_path):
+    from pipeline.demo_data import write_shift_digits
+
+    out = tmp_path / "sd"
+    write_shift_digits(out, n_train=85, n_test=60, seed=2)
+    train, test, sol = (pd.read_csv(out / f) for f in ("train.csv", "test.csv", "solution.csv"))
+    assert list(train.columns) == ["label"] + [f"pixel{i}" for i in range(784)] and list(test.columns) == train.columns[1:].tolist()
+    assert list(sol.columns) == ["ImageId", "Label"] and sol["ImageId"].tolist() == list(range(1, 61))
+    assert (sol["Label"].value_counts() == 6).all() and sorted(train["label"].value_counts().tolist()) == [5, 5, 5] + [10] * 7
+    cfg = load_config(make_config(out, "pixel_csv"))
+    tr, te = read_table(cfg, "train"), read_table(cfg, "test")
+    assert tr.images.shape == (85, 1, 28, 28) and te.images.shape == (60, 1, 28, 28)
+    # test on greyer, noisier paper with a bolder pen: the border rows (paper) and the ink area
+    paper = lambda x: np.median(np.concatenate([x[:, 0, :3].reshape(len(x), -1), x[:, 0, -3:].reshape(len(x), -1)], 1), 1)  # noqa: E731
+    p_tr, p_te = paper(tr.images), paper(te.images)
+    assert p_te.min() > p_tr.max()
+    ink = lambda x, p: ((x[:, 0].reshape(len(x), -1) - p[:, None]) > 60).mean(1)  # noqa: E731
+    assert ink(te.images.astype(float), p_te).mean() > 1.2 * ink(tr.images.astype(float), p_tr).mean()
+
+
+def test_shift_digits_seeded_and_cli(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        assert run_cli("demo-data", "shift-digits", "--out", d, "--n-train", 20, "--n-test", 10, "--seed", 3) == 0
+    said = capsys.readouterr().out
+    assert "28x28 digit-recognizer rows" in said and "test: stroke +2..+4 px" in said
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in ("train.csv", "test.csv", "solution.csv"))
+    bad = tmp_path / "bad"
+    err = cli_error(capsys, "demo-data", "shift-digits", "--out", bad, "--n-train", 4000, "--n-test", 1000)
+    assert err.startswith("error: demo-data shift-digits:") and "--n-train 20..3400" in err, err
+    assert not bad.exists()

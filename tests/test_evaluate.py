@@ -367,7 +367,7 @@ class _Tokens(torch.nn.Module):
 def test_gradcam_feature_map_choice():
     torch.manual_seed(0)
     x = torch.randn(2, 2, 64, 64)
-    for backbone, layer in (("simple_cnn", "features.3 (60x60)"), ("tf_efficientnet_lite0", "bn2.act (2x2)")):
+    for backbone, layer in (("simple_cnn", "features.3 (60x60)"), ("bn_cnn", "features.18 (16x16)"), ("tf_efficientnet_lite0", "bn2.act (2x2)")):
         net = _net(backbone, 2, 64)
         torch.nn.init.normal_(net.head[1].weight)
         cam, logits, name = gradcam(net, x)

@@ -29,7 +29,8 @@ def test_corrupt_model_files_name_the_file_and_the_retrain(digits_config, capsys
     retrain = f"to train fold 1 again with `pipeline train {path}`"
     wrong_shapes = {"img_size": lambda d: d.update(img_size=[8]), "class_names": lambda d: d.update(class_names="0123456789"),
                     "in_chans": lambda d: d.update(in_chans="1"), "model": lambda d: d.update(model=["simple_cnn"]),
-                    "drop_rate": lambda d: d["model"].update(drop_rate=None), "pretrained": lambda d: d["model"].pop("pretrained")}
+                    "drop_rate": lambda d: d["model"].update(drop_rate=None), "pretrained": lambda d: d["model"].pop("pretrained"),
+                    "input_norm": lambda d: d["model"].update(input_norm="per_image")}
     good = (job / "best.json").read_bytes()
     cases = [(what, data) for what, data in BROKEN_JSON.items()]
     for what, change in wrong_shapes.items():

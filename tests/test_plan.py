@@ -263,7 +263,7 @@ def test_cut_epochs_reach_the_trainer(make_config, digits_dir):
 def test_backbone_rule(make_config, folder_dir):
     cfg = _folder_cfg(make_config, folder_dir)
     small, why = choose_model(cfg, _facts(native=28), n_train=5000)
-    assert small == {"backbone": "simple_cnn", "pretrained": False} and "28 px" in why[0]
+    assert small == {"backbone": "bn_cnn", "pretrained": False} and "28 px" in why[0]
     big, _ = choose_model(cfg, _facts(native=128), n_train=5000)
     assert big == {"backbone": "tf_efficientnet_lite0", "pretrained": True, "finetune": "full"}
     few, why = choose_model(cfg, _facts(native=75), n_train=300)
@@ -276,7 +276,7 @@ def test_backbone_rule(make_config, folder_dir):
 def test_backbone_rule_without_weights(make_config, folder_dir, monkeypatch):
     monkeypatch.setattr("pipeline.plan._weights_offline", lambda backbone: False)
     chosen, why = choose_model(_folder_cfg(make_config, folder_dir), _facts(native=128), n_train=5000)
-    assert chosen == {"backbone": "simple_cnn", "pretrained": False} and "no offline weights" in why[0]
+    assert chosen == {"backbone": "bn_cnn", "pretrained": False} and "no offline weights" in why[0]
 
 
 def test_explicit_epochs_over_budget_warn(make_config, folder_dir):
@@ -313,7 +313,7 @@ def test_plan_is_made_once_and_reused(make_config, digits_dir):
     n = len(calls)
     assert n > 0 and cfg.plan is not None
     saved = json.loads(cfg.run_dir.joinpath("plan.json").read_text())
-    assert saved["values"] == cfg.plan["values"] and saved["values"]["model.backbone"] == "simple_cnn"
+    assert saved["values"] == cfg.plan["values"] and saved["values"]["model.backbone"] == "bn_cnn"
     # a rerun, a resumed fold, another machine with another fold_jobs (a runtime key): the same plan, the same run
     again = planned(_digits_cfg(make_config, digits_dir, "train.fold_jobs=1", "train.device=cpu"),
                     speed=_pixels_speed(calls, base=3000))

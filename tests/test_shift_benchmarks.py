@@ -52,3 +52,15 @@ def test_shift_folder_skips_missing_configs_and_tabulates(tmp_path, capsys):
     base = {"train_s": 100.0, "total_s": 120.0, "test_accuracy": 0.8, "test_logloss": 0.5}
     text = bench.table({"auto": {**base, "test_accuracy": 0.9, "test_logloss": 0.25}, "broken": None, "baseline_loop": base}, 100)
     assert "failed or skipped" in text and "auto vs baseline_loop: accuracy +0.1000, log-loss x0.50, training time x1.00" in text
+
+
+def test_both_read_the_digit_csv_stand_in(tmp_path, capsys):
+    """--kind shift-digits: the stand-in written as digit-recognizer CSVs; the plain loop reads and scores them."""
+    bench = _load("shift_folder")
+    data = tmp_path / "sd"
+    assert bench.main(["--kind", "shift-digits", "--budget", "5", "--data", str(data), "--n-train", "20", "--n-test", "10",
+                       "--no-baseline", "--config", str(tmp_path / "missing.yaml"), "--work", str(tmp_path / "w")]) == {}
+    assert f"writing {data}: 20 train and 10 test 28x28 digit-recognizer rows" in capsys.readouterr().out
+    res = _load("baseline_loop").main(["--data", str(data), "--budget", "60", "--folds", "2", "--epochs", "1",
+                                       "--size", "16", "--model", "resnet10t", "--no-pretrained"])
+    assert res["epochs_run"] == [1, 1] and 0 <= res["test_accuracy"] <= 1 and res["test_logloss"] > 0

@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from conftest import lock_held_elsewhere, run_cli
 from pipeline.config import load_config
@@ -110,6 +112,61 @@ def test_new_head_starts_calibrated(digits_config):
     with torch.no_grad():
         p = torch.softmax(model(torch.rand(4, 1, 8, 8) * 255), 1)
     np.testing.assert_allclose(p.numpy(), 0.1, atol=1e-6)
+
+
+@pytest.mark.parametrize("size, chans", [(4, 1), (8, 1), (28, 1), (29, 2), (47, 3)])
+def test_bn_cnn_takes_any_small_size_and_channel_count(digits_config, size, chans):
+    """The from-scratch CNN for small images (plan.SCRATCH): pooled, so any side from 4 px; its coarse
+    groups cover every parameter (gradual fine-tuning and Grad-CAM rely on them)."""
+    cfg = load_config(digits_config(model={"backbone": "bn_cnn"}))
+    model, source = build_model(cfg, chans, 10, 0, (size, size))
+    assert source == "random init" and model.backbone.num_features == 128
+    assert model(torch.rand(3, chans, size, size) * 255).shape == (3, 10)
+    groups = backbone_groups(model.backbone)
+    assert len(groups) >= 3 and sorted(n for g in groups for n in g) == sorted(n for n, _ in model.backbone.named_parameters())
+    with pytest.raises(PipelineError, match="no pretrained weights for .bn_cnn."):
+        build_model(load_config(digits_config(model={"backbone": "bn_cnn", "pretrained": True})), chans, 10, 0, (size, size))
+
+
+def test_bn_cnn_learns_the_digits(digits_config):
+    """Three epochs on 400 of the 8x8 digits: the held-out fold well above chance (0.54), the loss falling."""
+    cfg = _prepare(digits_config(model={"backbone": "bn_cnn"}, train={"epochs": 3}))
+    train_cv(cfg, folds=[0])
+    hist = pd.read_csv("runs/comp/exp/fold_0/history.csv")
+    assert hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0] and hist["val_accuracy"].max() > 0.4, hist  # chance: 0.1
+
+
+@given(scale=st.floats(0.05, 20), offset=st.floats(-200, 200), chans=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_per_image_input_norm_ignores_brightness_and_contrast(digits_config, scale, offset, chans, seed):
+    """model.input_norm: image: an image scanned brighter, darker or at another contrast (a x + b, a > 0)
+    gives the same prediction; the dataset statistics are fitted on the standardised images."""
+    torch.manual_seed(seed)
+    cfg = load_config(digits_config(model={"backbone": "bn_cnn", "input_norm": "image"}))
+    model, _ = build_model(cfg, chans, 10, 0, (12, 12))
+    torch.nn.init.normal_(model.head[1].weight)
+    x = torch.rand(4, chans, 12, 12) * 255
+    model.fit_normalisation(x.numpy(), None)  # the statistics of the standardised images: any scale gives them
+    stats = model.img_mean.clone(), model.img_std.clone()
+    model.fit_normalisation(x.numpy() * 3 + 7, None)
+    assert torch.allclose(stats[0], model.img_mean, atol=1e-5) and torch.allclose(stats[1], model.img_std, rtol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x), model(x * scale + offset)
+    assert torch.allclose(a, b, rtol=1e-3, atol=1e-3 * a.abs().max().item())
+    flat = model(torch.full((1, chans, 12, 12), 9.0)).detach()  # a flat image: zeros in, no NaN out
+    assert torch.isfinite(flat).all()
+
+
+def test_input_norm_is_kept_with_the_checkpoint(digits_config):
+    """A run trained with input_norm: image predicts with it from its checkpoint alone; a checkpoint
+    written before the key existed rebuilds with the dataset normalisation."""
+    cfg = _prepare(digits_config(model={"backbone": "bn_cnn", "input_norm": "image"}, train={"epochs": 1}))
+    train_cv(cfg, folds=[0])
+    model, meta = load_checkpoint("runs/comp/exp/fold_0/best.safetensors")
+    assert meta["model"]["input_norm"] == "image" and model.per_image
+    meta["model"].pop("input_norm")
+    Path("runs/comp/exp/fold_0/best.json").write_text(json.dumps(meta))
+    assert not load_checkpoint("runs/comp/exp/fold_0/best.safetensors")[0].per_image
 
 
 def test_finetune_strategies(digits_config):
