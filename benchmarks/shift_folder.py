@@ -2,11 +2,12 @@
 
 On ``pipeline demo-data shift-folder`` (real MNIST digits at 128 px grey; test drawn with a bolder pen,
 wider scale/rotation/position ranges and low-contrast noisy paper; written to ``--data`` when missing),
-or with ``--kind shift-digits`` the same shift scanned at 28 px as digit-recognizer CSVs, each
-contestant gets the same ``--budget`` seconds of training:
+or with ``--kind shift-digits`` the same shift scanned at 28 px as digit-recognizer CSVs (``--kind
+hard-digits``: both splits drawn as that test, no shift), each contestant gets the same ``--budget``
+seconds of training:
 
 - every ``--config`` (default: shift-folder ``competitions/folder-demo.yaml`` and ``competitions/image-folder.yaml``,
-  shift-digits ``competitions/digits-demo.yaml`` and ``competitions/digits.yaml``; a missing one is
+  shift-digits and hard-digits ``competitions/digits-demo.yaml`` and ``competitions/digits.yaml``; a missing one is
   skipped with a message) as a user runs it: ``pipeline run CONFIG data.dir=...
   train.time_budget_s=BUDGET``, in a fresh process with its own ``paths.runs/folds/submissions`` and
   cache (``PIPELINE_CACHE``) under ``--work``, so nothing is shared between contestants or reused;
@@ -26,6 +27,7 @@ One table, ratios against the baseline, and a last line of JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -36,7 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"shift-folder": ["competitions/folder-demo.yaml", "competitions/image-folder.yaml"],
-           "shift-digits": ["competitions/digits-demo.yaml", "competitions/digits.yaml"]}
+           "shift-digits": ["competitions/digits-demo.yaml", "competitions/digits.yaml"],
+           "hard-digits": ["competitions/digits-demo.yaml", "competitions/digits.yaml"]}
 
 CHILD = r"""
 import sys
@@ -158,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not (data / "solution.csv").is_file():
         from pipeline import demo_data
 
-        write = {"shift-folder": demo_data.write_shift_folder, "shift-digits": demo_data.write_shift_digits}[args.kind]
+        write = {"shift-folder": demo_data.write_shift_folder, "shift-digits": demo_data.write_shift_digits,
+                 "hard-digits": functools.partial(demo_data.write_shift_digits, hard=True)}[args.kind]
         print(f"writing {data}: {write(data, n_train=args.n_train, n_test=args.n_test, seed=args.seed)}")
     else:
         print(f"using the existing {data} (delete it to regenerate)")

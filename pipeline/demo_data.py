@@ -1,4 +1,4 @@
-"""Demo competitions in Kaggle's exact file formats (``pipeline demo-data iceberg|digits|folder|shift-folder|shift-digits``).
+"""Demo competitions in Kaggle's exact file formats (``pipeline demo-data KIND``: iceberg, digits, folder, shift-folder, shift-digits, hard-digits).
 
 - iceberg: SYNTHETIC Sentinel-1-like ship/iceberg chips as the Statoil/C-CORE ``train.json`` /
   ``test.json`` (the real data cannot be downloaded here). No label noise: classes overlap in
@@ -7,7 +7,8 @@
 - folder: the same digits as an ``image_folder`` competition (PNG files of mixed sizes/modes).
 - shift-folder: the same digits as 128 px grey PNGs, test drawn under other conditions than train
   (bolder strokes, wider scale/rotation/position ranges, low contrast and noise; see ``write_shift_folder``).
-- shift-digits: the same shift scanned at 28 px as digit-recognizer CSVs (``write_shift_digits``).
+- shift-digits: the same shift scanned at 28 px as digit-recognizer CSVs (``write_shift_digits``);
+  hard-digits: both splits drawn as shift-digits' test (hard, not shifted).
 
 Each ``write_*`` returns a one-line summary; ``solution.csv`` holds the test labels for scoring only.
 """
@@ -395,25 +396,29 @@ def write_shift_folder(out: Path, n_train: int = 3400, n_test: int = 1000, seed:
             f"at half count, test balanced; labels zero..nine; solution.csv holds the test labels")
 
 
-def write_shift_digits(out: Path, n_train: int = 3400, n_test: int = 1000, seed: int = 0) -> str:
+def write_shift_digits(out: Path, n_train: int = 3400, n_test: int = 1000, seed: int = 0, hard: bool = False) -> str:
     """A digit-recognizer competition (``train.csv`` label,pixel0..783; ``test.csv``; ``solution.csv``
     ImageId,Label) whose train and test were acquired under different conditions: the shift of
     ``write_shift_folder`` (SHIFT_CONDITIONS: bold pen, wider scale, rotation and position, low-contrast
     noisy paper for test), each digit drawn at 128 px and scanned at 28 px. Train has three classes at
-    half count, test is balanced. Same seed, same bytes."""
+    half count, test is balanced. ``hard`` (``pipeline demo-data hard-digits``): train drawn under the
+    test's conditions too, a harder competition without a shift. Same seed, same bytes."""
     X, y = _mnist()
     rng = np.random.default_rng([seed, 13])
-    tr, te, half = _shift_split(y, n_train, n_test, rng, kind="shift-digits")
+    kind = "hard-digits" if hard else "shift-digits"
+    tr, te, half = _shift_split(y, n_train, n_test, rng, kind=kind)
+    conditions = {"train": SHIFT_CONDITIONS["test" if hard else "train"], "test": SHIFT_CONDITIONS["test"]}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cols = [f"pixel{i}" for i in range(784)]
-    draw = {split: np.stack([_shift_pixels(X[i], rng, SHIFT_CONDITIONS[split]) for i in rows])
+    draw = {split: np.stack([_shift_pixels(X[i], rng, conditions[split]) for i in rows])
             for split, rows in (("train", tr), ("test", te))}
     train = pd.DataFrame(draw["train"], columns=cols)
     train.insert(0, "label", y[tr])
     atomic_write_csv(out / "train.csv", train)
     atomic_write_csv(out / "test.csv", pd.DataFrame(draw["test"], columns=cols))
     atomic_write_csv(out / "solution.csv", pd.DataFrame({"ImageId": np.arange(1, n_test + 1), "Label": y[te]}))
-    return (f"{n_train} train and {n_test} test 28x28 digit-recognizer rows (real MNIST digits), seed {seed}; train and "
-            f"test acquired differently ({describe_shift()}); train digits {', '.join(map(str, half))} at half count, "
-            f"test balanced; solution.csv holds the test labels")
+    how = (f"both drawn as the shift's test ({describe_shift().split('; test: ')[1]}): hard, not shifted" if hard
+           else f"train and test acquired differently ({describe_shift()})")
+    return (f"{n_train} train and {n_test} test 28x28 digit-recognizer rows (real MNIST digits), seed {seed}; {how}; "
+            f"train digits {', '.join(map(str, half))} at half count, test balanced; solution.csv holds the test labels")

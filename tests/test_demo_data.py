@@ -318,3 +318,16 @@ def test_shift_digits_seeded_and_cli(tmp_path, capsys):
     err = cli_error(capsys, "demo-data", "shift-digits", "--out", bad, "--n-train", 4000, "--n-test", 1000)
     assert err.startswith("error: demo-data shift-digits:") and "--n-train 20..3400" in err, err
     assert not bad.exists()
+
+
+def test_hard_digits_draw_train_as_the_shifts_test(tmp_path, capsys):
+    """hard-digits: the same rows and draws as shift-digits, but train on the test's greyer paper too (no shift)."""
+    hard, shift = tmp_path / "h", tmp_path / "s"
+    assert run_cli("demo-data", "hard-digits", "--out", hard, "--n-train", 40, "--n-test", 20) == 0
+    assert "hard, not shifted" in capsys.readouterr().out
+    assert run_cli("demo-data", "shift-digits", "--out", shift, "--n-train", 40, "--n-test", 20) == 0
+    h, s = (pd.read_csv(d / "train.csv") for d in (hard, shift))
+    assert h["label"].tolist() == s["label"].tolist()
+    paper = lambda frame: np.median(frame.iloc[:, 1:29].to_numpy(), 1)  # noqa: E731  (the top row)
+    test_paper = np.median(pd.read_csv(hard / "test.csv").iloc[:, :28].to_numpy(), 1)
+    assert paper(h).min() >= 25 and paper(s).max() <= 35 and abs(np.median(paper(h)) - np.median(test_paper)) < 15
