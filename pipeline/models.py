@@ -108,7 +108,7 @@ def create_backbone(name: str, in_chans: int, img_size: tuple[int, int]) -> nn.M
 
 class Net(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int, in_chans: int, n_features: int,
-                 input_size: int | None = None, drop_rate: float = 0.2, input_norm: str = "dataset"):
+                 input_size: int | None = None, drop_rate: float = 0.2, input_norm: str = "dataset", zero_head: bool = True):
         super().__init__()
         self.backbone = backbone
         self.input_size = input_size
@@ -123,9 +123,12 @@ class Net(nn.Module):
             self.feat_net = nn.Sequential(nn.Linear(n_features, 16), nn.ReLU(inplace=True))
             dim += 16
         self.head = nn.Sequential(nn.Dropout(drop_rate), nn.Linear(dim, num_classes))
-        # A zero last layer predicts the uniform distribution: a new head starts calibrated.
-        nn.init.zeros_(self.head[1].weight)
-        nn.init.zeros_(self.head[1].bias)
+        # On pretrained features a zero last layer predicts the uniform distribution: a new head starts
+        # calibrated. A network from scratch keeps the default init: a zero head passes no gradient to
+        # layers that have everything to learn (bn_cnn on 3,200 digits: 77% after 80 steps, 95% without).
+        if zero_head:
+            nn.init.zeros_(self.head[1].weight)
+            nn.init.zeros_(self.head[1].bias)
 
     def fit_normalisation(self, images: np.ndarray, features: np.ndarray | None, max_rows: int = 2000) -> None:
         """Per-channel image mean/std (of the per-image standardised images with ``input_norm: image``)
@@ -191,7 +194,8 @@ def build_model(cfg, in_chans: int, num_classes: int, n_features: int, img_size:
         source = load_pretrained(backbone, m.backbone, m.weights, in_chans)
     n_feat = n_features if m.use_features else 0
     # checkpoints written before model.input_norm existed normalised by the dataset's statistics
-    return Net(backbone, num_classes, in_chans, n_feat, m.input_size, m.drop_rate, getattr(m, "input_norm", "dataset")), source
+    return Net(backbone, num_classes, in_chans, n_feat, m.input_size, m.drop_rate, getattr(m, "input_norm", "dataset"),
+               zero_head=m.pretrained), source
 
 
 # ---- fine-tuning strategies ------------------------------------------------------------

@@ -8,6 +8,7 @@ rows, so the per-share loss weights are exercised too.
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -349,7 +350,7 @@ def test_torchrun_two_ranks_match_one_process(make_config, iceberg_dir, tmp_path
     for k in (0, 1):
         assert json.loads((run / f"fold_{k}" / "best.json").read_text())["world_size"] == 2
         assert json.loads((run / f"fold_{k}" / "done.json").read_text())["world_size"] == 2
-        assert f"fold {k}: best epoch 2, val_loss" in res.stdout
+        assert re.search(rf"fold {k}: best epoch \d, val_loss", res.stdout), res.stdout
     assert res.stdout.count("world_size 2") >= 3  # the run's header line and each fold's line, printed once (rank 0)
     assert res.stdout.count("wrote runs/comp/exp/oof.csv") == 1
     audit = tmp_path / "audit"

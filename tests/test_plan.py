@@ -337,7 +337,7 @@ def test_planned_run_trains_the_planned_epochs(make_config, digits_dir, monkeypa
     from pipeline.fold import run_fold
     from pipeline.runs import RunDir
 
-    cfg = planned(_digits_cfg(make_config, digits_dir), speed=_pixels_speed(base=30))
+    cfg = planned(_digits_cfg(make_config, digits_dir, "train.patience=0"), speed=_pixels_speed(base=30))  # no early stop
     import torch
 
     # 2 folds one after the other on every core, 128 rows trained (2 steps of 64) and 2,400 validated per epoch
@@ -354,7 +354,7 @@ def test_planned_run_trains_the_planned_epochs(make_config, digits_dir, monkeypa
     for k in (0, 1):
         assert run.job_dir(k, 42).read_done()["epochs_run"] == cfg.train.epochs
     # the CLI, reading plan.json, finds the run finished
-    assert run_cli("train", cfg.path) == 0
+    assert run_cli("train", cfg.path, "train.patience=0") == 0
     assert run.job_dir(0, 42).read_done()["hash"] == run.run_hash()
 
 

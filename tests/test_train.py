@@ -106,12 +106,15 @@ def test_optimizers_and_schedulers(digits_config, opt, sched):
 
 
 def test_new_head_starts_calibrated(digits_config):
-    cfg = load_config(digits_config())
-    tr = read_table(cfg, "train")
-    model, _ = build_model(cfg, 1, 10, 0, tr.image_size)
-    with torch.no_grad():
-        p = torch.softmax(model(torch.rand(4, 1, 8, 8) * 255), 1)
-    np.testing.assert_allclose(p.numpy(), 0.1, atol=1e-6)
+    """On pretrained features a new head predicts the uniform distribution; from scratch it keeps
+    PyTorch's init (a zero head would pass no gradient back to layers that have everything to learn)."""
+    for pretrained in (True, False):
+        cfg = load_config(digits_config(model={"backbone": "tf_efficientnet_lite0", "pretrained": pretrained}))
+        model, source = build_model(cfg, 1, 10, 0, (32, 32))
+        assert (source != "random init") == pretrained
+        with torch.no_grad():
+            p = torch.softmax(model.eval()(torch.rand(4, 1, 32, 32) * 255), 1).numpy()
+        assert np.allclose(p, 0.1, atol=1e-6) == pretrained and (model.head[1].weight.abs().sum() > 0) != pretrained
 
 
 @pytest.mark.parametrize("size, chans", [(4, 1), (8, 1), (28, 1), (29, 2), (47, 3)])
