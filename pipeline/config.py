@@ -164,7 +164,9 @@ class TrainConfig(Section):
     epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="auto: planned from train.time_budget_s (pipeline/plan.py); 20 without a budget")
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-3, gt=0)
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        1e-3, description="auto: 1e-3 fine-tuning pretrained weights, 3e-3 from scratch (pipeline/defaults.py)")
+    _lr = auto_or("lr", expected="a number > 0")
     patience: int = Field(5, ge=0, description="epochs without val log-loss improvement before stopping; 0 = never")
     device: str = "auto"
     seed: int = Field(42, ge=0, le=SEED_MAX)

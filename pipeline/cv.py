@@ -278,12 +278,15 @@ def _needs_training(job: JobDir, run_hash: str) -> bool:
 
 def _resolved_train_keys(cfg: Config, table, precision: str) -> dict | None:
     """``auto`` training keys as this run resolved them, shown in its config snapshot (its hash stays the config's)."""
-    from .defaults import resolve_label_smoothing
+    from .defaults import resolve_label_smoothing, resolve_lr
 
     resolved = {"train.precision": precision} if cfg.train.precision == "auto" else {}
     if cfg.train.label_smoothing == "auto":
         resolved["train.label_smoothing"] = v = resolve_label_smoothing(cfg, table.num_classes)
         log.info(f"train.label_smoothing auto -> {v} (metric {cfg.metric}, {table.num_classes} classes)")
+    if cfg.train.lr == "auto":
+        resolved["train.lr"] = v = resolve_lr(cfg)
+        log.info(f"train.lr auto -> {v:g} ({'fine-tuning pretrained weights' if cfg.model.pretrained else 'from scratch'})")
     return resolved or None
 
 

@@ -37,10 +37,12 @@ HEADLINE = ("model.backbone", "train.lr", "train.batch_size", "train.epochs", "t
 
 def headline(cfg, image_size: tuple[int, int]) -> dict:
     """The headline hyperparameters of a (planned) config; ``image_size`` the training table's (h, w)."""
+    from .defaults import resolve_lr
     from .keys import lookup
 
     d = cfg.to_dict()
     out = {key: lookup(d, key) for key in HEADLINE}
+    out["train.lr"] = resolve_lr(cfg)  # the rate trained with, also for auto (a number for the hparams plugin)
     h, w = cfg.model.input_size or image_size[0], cfg.model.input_size or image_size[1]
     out["image_size"] = int(h) if h == w else f"{h}x{w}"  # one number for square inputs, the usual case
     return out

@@ -2,7 +2,7 @@
 ``build_*`` each.
 
 Optimizers come from timm's factory (``timm.optim.create_optimizer_v2``), fed our parameter
-groups: the head at ``train.lr`` and the ``backbone.*`` parameters at ``train.lr x
+groups: the head at ``train.lr`` (``auto``: pipeline/defaults.py) and the ``backbone.*`` parameters at ``train.lr x
 model.backbone_lr_mult`` (discriminative LR), each split into decayed weights and undecayed biases
 and norm weights (1-d parameters, and the backbone's ``no_weight_decay()`` names), as timm's own
 grouping does. Frozen parameters are included (timm's grouping skips them) so gradual unfreezing
@@ -71,11 +71,13 @@ def build_optimizer(cfg, model):
     """The configured optimizer over ``param_groups`` (``param_groups[0]`` is the head's lr)."""
     from timm.optim import create_optimizer_v2
 
-    t = cfg.train
+    from .defaults import resolve_lr
+
+    t, lr = cfg.train, resolve_lr(cfg)
     spec = OPTIMIZERS[t.optimizer]
-    groups = param_groups(model, t.lr, t.weight_decay, cfg.model.backbone_lr_mult)
+    groups = param_groups(model, lr, t.weight_decay, cfg.model.backbone_lr_mult)
     fused = {"fused": True} if spec.fused and next(model.parameters()).device.type in ("cpu", "cuda") else {}
-    return create_optimizer_v2(model, opt=spec.timm_name, lr=t.lr, weight_decay=t.weight_decay,
+    return create_optimizer_v2(model, opt=spec.timm_name, lr=lr, weight_decay=t.weight_decay,
                                param_group_fn=lambda m: groups, **spec.options(t), **fused)
 
 

@@ -103,6 +103,10 @@ def test_auto_keys_resolve_from_the_config(digits_config):
         load_config(path, ["predict.tta=automatic"])
     with pytest.raises(PipelineError, match=r"train.label_smoothing: Input should be less than 1; expected auto or a number >= 0 and < 1 \(got 1.5\)"):
         load_config(path, ["train.label_smoothing=1.5"])
+    with pytest.raises(PipelineError, match=r"train.lr: got 'fast'; expected auto or a number > 0"):
+        load_config(path, ["train.lr=fast"])
+    with pytest.raises(PipelineError, match=r"train.lr: Input should be greater than 0; expected auto or a number > 0"):
+        load_config(path, ["train.lr=0"])
 
 
 @pytest.mark.parametrize("metric, k, given, want", [
@@ -231,11 +235,13 @@ def test_shrink_applied_on_read(tmp_path):
 def test_logloss_run_with_auto_defaults(digits_config, capsys):
     """Multi-class log-loss with a flip in augment: label smoothing 0.1 in training, evaluate makes and
     calibrates the TTA OOF, per-fold ECE in metrics.json, the table and report.html, predict clips."""
-    path = digits_config(metric="logloss", train={"epochs": 1}, augment=[FLIP], evaluate={"gradcam_samples": 0})
+    path = digits_config(metric="logloss", train={"epochs": 1, "lr": "auto"}, augment=[FLIP], evaluate={"gradcam_samples": 0})
     assert run_cli("fold", path) == 0 and run_cli("train", path) == 0
     out = capsys.readouterr().out
     assert "train.label_smoothing auto -> 0.1 (metric logloss, 10 classes)" in out
-    assert "# train.label_smoothing: auto resolved to 0.1" in (RUN / "config.train.yaml").read_text()
+    assert "train.lr auto -> 0.003 (from scratch)" in out
+    snapshot = (RUN / "config.train.yaml").read_text()
+    assert "# train.label_smoothing: auto resolved to 0.1" in snapshot and "# train.lr: auto resolved to 0.003" in snapshot
     assert run_cli("evaluate", path) == 0
     out = capsys.readouterr().out
     assert "OOF with predict.tta ['identity', 'hflip'] (auto)" in out and "cal_ece" in out and "shrink toward the class prior" in out

@@ -9,6 +9,7 @@ from pipeline import optim
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.fold import run_fold
+from pipeline.hparams import headline
 from pipeline.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler, register_optimizer
 
 
@@ -53,6 +54,19 @@ def test_backbone_lr_multiplier_and_frozen_params_included(digits_config):
     for name, p in model.named_parameters():
         assert groups[id(p)]["lr"] == pytest.approx(0.001 if name.startswith("backbone.") else 0.01), name
     assert opt.param_groups[0]["lr"] == 0.01 and opt.param_groups[0]["weight_decay"] == cfg.train.weight_decay  # the head's
+
+
+@pytest.mark.parametrize("pretrained, want", [(False, 3e-3), (True, 1e-3)])
+def test_lr_auto_follows_pretrained(digits_config, pretrained, want):
+    """train.lr: auto is 1e-3 fine-tuning pretrained weights and 3e-3 from scratch; the backbone
+    multiplier still applies to it."""
+    cfg = load_config(digits_config(train={"lr": "auto"}, model={"backbone_lr_mult": 0.5, "pretrained": pretrained}))
+    model = Tiny()
+    groups = _group_of(build_optimizer(cfg, model))
+    for name, p in model.named_parameters():
+        assert groups[id(p)]["lr"] == pytest.approx(want * (0.5 if name.startswith("backbone.") else 1.0)), name
+    assert cfg.train.lr == "auto"  # resolved when the optimizer is built, hashed as written
+    assert headline(cfg, (8, 8))["train.lr"] == want  # the TensorBoard hparams row gets the rate trained with
 
 
 def test_optimizer_settings_kept_from_before_timm(digits_config):
