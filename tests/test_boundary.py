@@ -287,9 +287,9 @@ def test_ensemble_file_goes_through_the_same_reader(tmp_path, capsys):
 
 @pytest.mark.parametrize("override, message", [
     ("nosection.key=1", r"base.yaml: unknown key 'nosection'"),
-    ("train.lr=", r"base.yaml: train.lr: Input should be a valid number \(got None\)"),
+    ("train.lr=", r"base.yaml: train.lr: got None; expected auto or a number > 0"),
     ("competition=", r"base.yaml: competition: Input should be a valid string"),
-    ("train.lr={a: 1}", r"base.yaml: train.lr: Input should be a valid number"),
+    ("train.lr={a: 1}", r"base.yaml: train.lr: got \{'a': 1\}; expected auto or a number > 0"),
     ("train.device=[cpu]", r"base.yaml: train.device: Input should be a valid string"),
     ("train=3", r"base.yaml: train: Input should be a valid dictionary"),
     ("train. =1", r"override 'train. =1' has an empty key"),
