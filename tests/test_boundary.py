@@ -290,6 +290,8 @@ def test_ensemble_file_goes_through_the_same_reader(tmp_path, capsys):
     ("train.lr=", r"base.yaml: train.lr: got None; expected auto or a number > 0"),
     ("competition=", r"base.yaml: competition: Input should be a valid string"),
     ("train.lr={a: 1}", r"base.yaml: train.lr: got \{'a': 1\}; expected auto or a number > 0"),
+    ("train.lr=automatic", r"base.yaml: train.lr: got 'automatic'; expected auto or a number > 0"),
+    ("train.lr=-0.1", r"base.yaml: train.lr: Input should be greater than 0; expected auto or a number > 0"),
     ("train.device=[cpu]", r"base.yaml: train.device: Input should be a valid string"),
     ("train=3", r"base.yaml: train: Input should be a valid dictionary"),
     ("train. =1", r"override 'train. =1' has an empty key"),
