@@ -53,14 +53,17 @@ def load_pixels(frame: pd.DataFrame, size: int) -> np.ndarray:
 def load_data(data: Path, size: int):
     """(X, y, classes, X_test, y_test or None): an image folder (train/, test/, train.csv id,label) or
     digit-recognizer CSVs (train.csv label,pixel0..783; test.csv; solution.csv ImageId,Label)."""
-    train, test = pd.read_csv(data / "train.csv"), pd.read_csv(data / "test.csv")
+    pixels = "pixel0" in pd.read_csv(data / "train.csv", nrows=0).columns
+    # ids and labels as text ("007", a file name without extension); pixels as numbers
+    train, test = (pd.read_csv(data / f, dtype=None if pixels else str) for f in ("train.csv", "test.csv"))
     sol = pd.read_csv(data / "solution.csv", dtype=str) if (data / "solution.csv").is_file() else None
-    if "pixel0" in train.columns:
+    if pixels:
         labels, X, X_test = train["label"].astype(str), load_pixels(train, size), load_pixels(test, size)
-        y_test = None if sol is None else sol["Label"]
+        # ImageId is the test row's position from 1 (Kaggle's digit recognizer)
+        y_test = None if sol is None else sol.set_index("ImageId")["Label"].reindex([str(i) for i in range(1, len(test) + 1)])
     else:
-        labels, test_ids = train["label"].astype(str), test["id"].astype(str)
-        X, X_test = load_images(data / "train", train["id"].astype(str), size), load_images(data / "test", test_ids, size)
+        labels, test_ids = train["label"], test["id"]
+        X, X_test = load_images(data / "train", train["id"], size), load_images(data / "test", test_ids, size)
         y_test = None if sol is None else sol.set_index("id")["label"].reindex(test_ids)
     classes = sorted(labels.unique())
     code = {c: i for i, c in enumerate(classes)}

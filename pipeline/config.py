@@ -390,8 +390,6 @@ class Config(Section):
         d.pop("path"), d.pop("name"), d.pop("plan")
         if d.get("pseudo") is None:  # absent, so configs without it keep their hashes
             d.pop("pseudo", None)
-        if d["model"].get("input_norm") == "dataset":  # the same for model.input_norm's default
-            d["model"].pop("input_norm")
         return d
 
     def hash(self, *sections: str) -> str:
@@ -399,6 +397,8 @@ class Config(Section):
         what a run happens, not what it computes (``RUNTIME_KEYS``), are left out, so
         ``pipeline train CFG --folds 3 train.device=cuda:1`` joins the same run."""
         d = self.to_dict()
+        if d["model"].get("input_norm") == "dataset":  # model.input_norm's default: configs from before it keep their hashes
+            d["model"].pop("input_norm")
         for key in RUNTIME_KEYS:
             section, _, name = key.partition(".")
             if name:

@@ -67,11 +67,12 @@ class BnCNN(nn.Module):
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
         a, b, c = widths
-        self.features = nn.Sequential(
-            *conv(in_chans, a), *conv(a, a), nn.MaxPool2d(2), nn.Dropout(drop),
-            *conv(a, b), *conv(b, b), nn.MaxPool2d(2), nn.Dropout(drop),
-            *conv(b, c), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
+        stages = [conv(in_chans, a),  # the stem
+                  [*conv(a, a), nn.MaxPool2d(2), nn.Dropout(drop)],
+                  [*conv(a, b), *conv(b, b), nn.MaxPool2d(2), nn.Dropout(drop)],
+                  [*conv(b, c), nn.AdaptiveAvgPool2d(1), nn.Flatten()]]
+        self.features = nn.Sequential(*(m for stage in stages for m in stage))  # flat: layer names as features.<i>
+        self._stage_sizes = [len(stage) for stage in stages]
         self.num_features = c
         self.classifier = nn.Linear(c, num_classes) if num_classes else nn.Identity()
 
@@ -82,7 +83,13 @@ class BnCNN(nn.Module):
         return self.classifier(self.forward_features(x))
 
     def group_matcher(self, coarse: bool = False):
-        return {"stem": r"^features\.[0-2]\.", "blocks": [(r"^features\.(\d+)", None)]}
+        """The stem, then one group per stage (``model.unfreeze_stages`` counts these from the end)."""
+        bounds = np.cumsum([0, *self._stage_sizes])
+
+        def layers(i: int) -> str:
+            return r"^features\.(?:" + "|".join(map(str, range(bounds[i], bounds[i + 1]))) + r")\."
+
+        return {"stem": layers(0), "blocks": [(layers(i), (i - 1,)) for i in range(1, len(self._stage_sizes))]}
 
 
 @register_model

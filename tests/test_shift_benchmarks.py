@@ -64,3 +64,36 @@ def test_both_read_the_digit_csv_stand_in(tmp_path, capsys):
     res = _load("baseline_loop").main(["--data", str(data), "--budget", "60", "--folds", "2", "--epochs", "1",
                                        "--size", "16", "--model", "resnet10t", "--no-pretrained"])
     assert res["epochs_run"] == [1, 1] and 0 <= res["test_accuracy"] <= 1 and res["test_logloss"] > 0
+
+
+def test_baseline_loop_reads_ids_and_labels_as_text(tmp_path):
+    """Folder ids without an extension and labels like "007" stay text; a digit solution.csv in another
+    row order is matched by ImageId, not by position."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    load_data = _load("baseline_loop").load_data
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+    ids, labels = ["001", "002", "003", "004"], ["007", "010", "007", "010"]
+    for i, name in enumerate(ids):
+        Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(tmp_path / "train" / name, format="PNG")
+        Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(tmp_path / "test" / f"t{name}", format="PNG")
+    pd.DataFrame({"id": ids, "label": labels}).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame({"id": [f"t{i}" for i in ids]}).to_csv(tmp_path / "test.csv", index=False)
+    pd.DataFrame({"id": [f"t{i}" for i in ids[::-1]], "label": labels[::-1]}).to_csv(tmp_path / "solution.csv", index=False)
+    X, y, classes, X_test, y_test = load_data(tmp_path, 8)
+    assert classes == ["007", "010"] and y.tolist() == [0, 1, 0, 1] and y_test.tolist() == [0, 1, 0, 1]
+    assert X.shape == X_test.shape == (4, 8, 8) and X[3, 0, 0] == 180
+
+    digits = tmp_path / "digits"
+    digits.mkdir()
+    cols = [f"pixel{i}" for i in range(784)]
+    train = pd.DataFrame(np.zeros((4, 784), np.uint8), columns=cols)
+    train.insert(0, "label", [3, 5, 3, 5])
+    train.to_csv(digits / "train.csv", index=False)
+    pd.DataFrame(np.zeros((3, 784), np.uint8), columns=cols).to_csv(digits / "test.csv", index=False)
+    pd.DataFrame({"ImageId": [3, 1, 2], "Label": [5, 3, 3]}).to_csv(digits / "solution.csv", index=False)
+    X, y, classes, X_test, y_test = load_data(digits, 28)
+    assert classes == ["3", "5"] and y.tolist() == [0, 1, 0, 1] and y_test.tolist() == [0, 0, 1]

@@ -126,7 +126,9 @@ def test_bn_cnn_takes_any_small_size_and_channel_count(digits_config, size, chan
     assert source == "random init" and model.backbone.num_features == 128
     assert model(torch.rand(3, chans, size, size) * 255).shape == (3, 10)
     groups = backbone_groups(model.backbone)
-    assert len(groups) >= 3 and sorted(n for g in groups for n in g) == sorted(n for n, _ in model.backbone.named_parameters())
+    assert sorted(n for g in groups for n in g) == sorted(n for n, _ in model.backbone.named_parameters())
+    # the stem and three stages (unfreeze_stages: 1 is the last conv-BN, not one BatchNorm)
+    assert [sorted({n.split(".")[1] for n in g}, key=int) for g in groups] == [["0", "1"], ["3", "4"], ["8", "9", "11", "12"], ["16", "17"]]
     with pytest.raises(PipelineError, match="no pretrained weights for .bn_cnn."):
         build_model(load_config(digits_config(model={"backbone": "bn_cnn", "pretrained": True})), chans, 10, 0, (size, size))
 
