@@ -27,7 +27,6 @@ One table, ratios against the baseline, and a last line of JSON.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import subprocess
@@ -159,11 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     data = (args.data or Path("data") / args.kind).resolve()
     if not (data / "solution.csv").is_file():
-        from pipeline import demo_data
+        from pipeline.demo_data import WRITERS
 
-        write = {"shift-folder": demo_data.write_shift_folder, "shift-digits": demo_data.write_shift_digits,
-                 "hard-digits": functools.partial(demo_data.write_shift_digits, hard=True)}[args.kind]
-        print(f"writing {data}: {write(data, n_train=args.n_train, n_test=args.n_test, seed=args.seed)}")
+        print(f"writing {data}: {WRITERS[args.kind](data, n_train=args.n_train, n_test=args.n_test, seed=args.seed)}")
     else:
         print(f"using the existing {data} (delete it to regenerate)")
     work = (args.work or Path(tempfile.mkdtemp(prefix=f"{args.kind}-bench-"))).resolve()

@@ -66,12 +66,7 @@ def cmd_demo_data(args):
         if args.kind == "digits":
             raise PipelineError("demo-data digits: --n-train is fixed by the 5,000 bundled digits; use --n-test")
         kw["n_train"] = args.n_train
-    if args.kind == "hard-digits":
-        kw["hard"] = True
-    writer = {"iceberg": demo_data.write_iceberg, "digits": demo_data.write_digits, "folder": demo_data.write_folder,
-              "shift-folder": demo_data.write_shift_folder, "shift-digits": demo_data.write_shift_digits,
-              "hard-digits": demo_data.write_shift_digits}[args.kind]
-    summary = writer(Path(args.out), **kw)
+    summary = demo_data.WRITERS[args.kind](Path(args.out), **kw)
     print(f"wrote {args.kind} demo data to {args.out}: {summary}")
 
 
@@ -255,6 +250,7 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     d = sub.add_parser("demo-data", help="write a demo competition in Kaggle's file format")
+    # demo_data.WRITERS's names, spelt out: importing demo_data (pandas, scipy) would slow every command's start
     d.add_argument("kind", choices=["iceberg", "digits", "folder", "shift-folder", "shift-digits", "hard-digits"])
     d.add_argument("--out", required=True)
     d.add_argument("--n-train", type=_positive_int)

@@ -422,3 +422,8 @@ def write_shift_digits(out: Path, n_train: int = 3400, n_test: int = 1000, seed:
            else f"train and test acquired differently ({describe_shift()})")
     return (f"{n_train} train and {n_test} test 28x28 digit-recognizer rows (real MNIST digits), seed {seed}; {how}; "
             f"train digits {', '.join(map(str, half))} at half count, test balanced; solution.csv holds the test labels")
+
+
+# ``pipeline demo-data KIND``: the one map from a kind to its writer (the CLI's choices list the same names)
+WRITERS = {"iceberg": write_iceberg, "digits": write_digits, "folder": write_folder, "shift-folder": write_shift_folder,
+           "shift-digits": write_shift_digits, "hard-digits": functools.partial(write_shift_digits, hard=True)}

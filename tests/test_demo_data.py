@@ -1,6 +1,7 @@
 import pytest
 """Demo generators: exact Kaggle file formats, read back by the readers, seeded, and (for the
 synthetic icebergs) hard enough that band statistics lose clearly to a small CNN."""
+import argparse
 import json
 import re
 
@@ -9,8 +10,9 @@ import pandas as pd
 from PIL import Image
 
 from conftest import cli_error, run_cli
+from pipeline import cli
 from pipeline.config import load_config
-from pipeline.demo_data import DIGIT_NAMES, iceberg_arrays, write_folder, write_iceberg
+from pipeline.demo_data import DIGIT_NAMES, WRITERS, iceberg_arrays, write_folder, write_iceberg
 from pipeline.formats import read_table
 
 
@@ -331,3 +333,10 @@ def test_hard_digits_draw_train_as_the_shifts_test(tmp_path, capsys):
     paper = lambda frame: np.median(frame.iloc[:, 1:29].to_numpy(), 1)  # noqa: E731  (the top row)
     test_paper = np.median(pd.read_csv(hard / "test.csv").iloc[:, :28].to_numpy(), 1)
     assert paper(h).min() >= 25 and paper(s).max() <= 35 and abs(np.median(paper(h)) - np.median(test_paper)) < 15
+
+
+def test_cli_kinds_are_the_writers():
+    """The CLI spells out demo_data.WRITERS's names (so it starts without pandas): the two lists agree."""
+    sub = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    kind = next(a for a in sub.choices["demo-data"]._actions if a.dest == "kind")
+    assert sorted(kind.choices) == sorted(WRITERS)
