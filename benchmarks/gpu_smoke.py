@@ -9,7 +9,7 @@ real. A user with a GPU runs it once:
     .venv/bin/python benchmarks/gpu_smoke.py --device cuda:1 --no-deterministic --epochs 3
 
 It writes synthetic iceberg data (``pipeline demo-data iceberg``) to a temporary folder, folds it, and
-per precision trains fold 0 through ``pipeline.cv.train_cv`` (the library path ``pipeline train`` takes)
+per precision trains fold 0 through ``pipeline.train.cv.train_cv`` (the library path ``pipeline train`` takes)
 in its own run folder; then it checks the fold's outputs (done marker, finite validation log-loss, OOF
 rows that are probabilities) and prints the last epoch's training img/s (the first epoch pays for
 cuDNN's autotuning and the allocator). A precision the device cannot do is skipped with the reason
@@ -38,8 +38,8 @@ def skip_reason(device, precision: str) -> str | None:
     """Why ``device`` cannot train in ``precision`` (None: it can), from the pipeline's own decisions."""
     import torch
 
-    from pipeline.device import amp_plan, bf16_supported
-    from pipeline.errors import PipelineError
+    from pipeline.core.device import amp_plan, bf16_supported
+    from pipeline.core.errors import PipelineError
 
     try:
         amp_plan(device.type, precision)
@@ -71,10 +71,10 @@ def run_one(config: Path, work: Path, precision: str) -> dict:
     import numpy as np
     import pandas as pd
 
-    from pipeline.config import load_config
-    from pipeline.cv import train_cv
-    from pipeline.predictions import probs_of, read_predictions
-    from pipeline.runs import RunDir
+    from pipeline.config.schema import load_config
+    from pipeline.train.cv import train_cv
+    from pipeline.runs.predictions import probs_of, read_predictions
+    from pipeline.runs.layout import RunDir
 
     cfg = load_config(config, [f"train.precision={precision}", f"paths.runs={work / ('runs-' + precision)}",
                                f"paths.folds={work / 'folds'}"])
@@ -136,11 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
     bad = [p for p in wanted if p not in PRECISIONS]
     if bad:
         raise SystemExit(f"--precisions: {bad[0]!r}; expected a subset of {','.join(PRECISIONS)}")
-    from pipeline.demo_data import write_iceberg
-    from pipeline.device import resolve_device
-    from pipeline.fold import run_fold
-    from pipeline.config import load_config
-    from pipeline.logs import configure
+    from pipeline.data.demo import write_iceberg
+    from pipeline.core.device import resolve_device
+    from pipeline.data.folds import run_fold
+    from pipeline.config.schema import load_config
+    from pipeline.core.logs import configure
 
     configure()
     device = resolve_device(args.device)

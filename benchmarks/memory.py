@@ -78,8 +78,8 @@ def rss() -> dict:
 
 
 def phase_decode(cfg_path: Path) -> dict:
-    from pipeline.config import load_config
-    from pipeline.formats import read_table
+    from pipeline.config.schema import load_config
+    from pipeline.data.formats import read_table
 
     t0 = time.perf_counter()
     t = read_table(load_config(cfg_path), "train")
@@ -87,10 +87,10 @@ def phase_decode(cfg_path: Path) -> dict:
 
 
 def phase_train(cfg_path: Path) -> dict:
-    from pipeline.config import load_config
-    from pipeline.fold import run_fold
-    from pipeline.formats import read_table
-    from pipeline.cv import train_cv
+    from pipeline.config.schema import load_config
+    from pipeline.data.folds import run_fold
+    from pipeline.data.formats import read_table
+    from pipeline.train.cv import train_cv
 
     cfg = load_config(cfg_path)
     t0 = time.perf_counter()

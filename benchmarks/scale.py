@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="scale-"))
     work.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(ROOT))
-    from pipeline.demo_data import write_iceberg
+    from pipeline.data.demo import write_iceberg
 
     data = work / "data"
     if not (data / "train.json").is_file():

@@ -53,9 +53,9 @@ def held_out(cfg, run_dir: Path, solution: Path) -> tuple[float, float]:
     """(metric, log-loss) of a run's calibrated test predictions against the solution file."""
     import numpy as np
 
-    from pipeline.metrics import logloss, score
-    from pipeline.predictions import class_names_of, probs_of, read_predictions
-    from pipeline.submission import read_solution
+    from pipeline.core.metrics import logloss, score
+    from pipeline.runs.predictions import class_names_of, probs_of, read_predictions
+    from pipeline.predict.submission import read_solution
 
     pred = read_predictions(run_dir / "test_pred.csv", "test", scaled=True)
     classes = class_names_of(pred)
@@ -68,8 +68,8 @@ def held_out(cfg, run_dir: Path, solution: Path) -> tuple[float, float]:
 
 def oof_score(cfg, run_dir: Path) -> float:
     """The run's OOF score as its predictions are used: calibrated OOF of the TTA kind predict names."""
-    from pipeline.metrics import score
-    from pipeline.predictions import class_names_of, probs_of, read_predictions
+    from pipeline.core.metrics import score
+    from pipeline.runs.predictions import class_names_of, probs_of, read_predictions
 
     ens = run_dir / "ensemble.json"
     if ens.is_file():
@@ -80,11 +80,11 @@ def oof_score(cfg, run_dir: Path) -> float:
 
 
 def run_competition(key: str, args, work: Path) -> list[dict]:
-    from pipeline import demo_data
-    from pipeline.config import load_config
-    from pipeline.ensemble import run_ensemble
-    from pipeline.metrics import GREATER_IS_BETTER
-    from pipeline.run import run_all
+    from pipeline.data import demo as demo_data
+    from pipeline.config.schema import load_config
+    from pipeline.ensemble.blend import run_ensemble
+    from pipeline.core.metrics import GREATER_IS_BETTER
+    from pipeline.stages import run_all
     from pipeline.zoo import run_zoo
 
     base, kind, members, threshold = COMPETITIONS[key]
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=None, help="held-out test images")
     ap.add_argument("--seed", type=int, default=0, help="demo data seed")
     args = ap.parse_args(argv)
-    from pipeline.logs import configure
+    from pipeline.core.logs import configure
 
     configure()
     import tempfile

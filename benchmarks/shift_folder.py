@@ -54,12 +54,12 @@ def pipeline_child(config: str, solution: str, overrides: list[str]) -> None:
     import pandas as pd
     from sklearn.metrics import log_loss
 
-    from pipeline.config import load_config
-    from pipeline.logs import configure
-    from pipeline.predictions import class_names_of, probs_of, read_predictions
-    from pipeline.run import run_all
-    from pipeline.runs import RunDir
-    from pipeline.submission import check_submission, submissions_dir
+    from pipeline.config.schema import load_config
+    from pipeline.core.logs import configure
+    from pipeline.runs.predictions import class_names_of, probs_of, read_predictions
+    from pipeline.stages import run_all
+    from pipeline.runs.layout import RunDir
+    from pipeline.predict.submission import check_submission, submissions_dir
 
     configure()
     t0 = time.time()
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     data = (args.data or Path("data") / args.kind).resolve()
     if not (data / "solution.csv").is_file():
-        from pipeline.demo_data import WRITERS
+        from pipeline.data.demo import WRITERS
 
         print(f"writing {data}: {WRITERS[args.kind](data, n_train=args.n_train, n_test=args.n_test, seed=args.seed)}")
     else:

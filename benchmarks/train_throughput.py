@@ -12,7 +12,7 @@ images). Rounds are interleaved (a, b, c, a, b, c, ...) and medians reported:
   (b) naive: the loop a typical Kaggle kernel runs: fp32 NCHW, torch.set_num_threads(2), a
       DataLoader(num_workers=2, batch_size=32, shuffle=True) over a per-sample albumentations
       Dataset (HorizontalFlip, VerticalFlip, Affine)
-  (c) pipeline: pipeline.cv.train_cv on competitions/iceberg.yaml as it is (its four
+  (c) pipeline: pipeline.train.cv.train_cv on competitions/iceberg.yaml as it is (its four
       augmentations, feature head, AdamW, cosine schedule, precision: auto, fold_jobs: 2: two
       folds at once, one process and cores/2 threads each) except model.pretrained=false;
       training-loop images per training-loop second (``train_img_s`` of history.csv; validation
@@ -124,8 +124,8 @@ def pipeline_loop(steps: int, base_cfg: Path, work: Path, name: str, fold_jobs: 
     import pandas as pd
     import yaml
 
-    from pipeline.config import load_config
-    from pipeline.cv import train_cv
+    from pipeline.config.schema import load_config
+    from pipeline.train.cv import train_cv
 
     cfg_path = work / f"{name}.yaml"  # a new experiment per measurement: nothing is skipped or resumed
     cfg_path.write_text(yaml.safe_dump({"extends": str(base_cfg)}))
@@ -146,10 +146,10 @@ def main() -> None:
 
     import yaml
 
-    from pipeline.config import load_config
-    from pipeline.demo_data import write_iceberg
-    from pipeline.fold import load_folds, run_fold
-    from pipeline.formats import read_table
+    from pipeline.config.schema import load_config
+    from pipeline.data.demo import write_iceberg
+    from pipeline.data.folds import load_folds, run_fold
+    from pipeline.data.formats import read_table
 
     work = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
     os.chdir(work)  # runs/ and folds/ resolve here

@@ -52,11 +52,11 @@ def main() -> int:
     import torch
     from optuna.trial import TrialState
 
-    from pipeline.config import load_config
-    from pipeline.demo_data import write_iceberg
-    from pipeline.fold import run_fold
-    from pipeline.logs import to_file
-    from pipeline.tune import tune
+    from pipeline.config.schema import load_config
+    from pipeline.data.demo import write_iceberg
+    from pipeline.data.folds import run_fold
+    from pipeline.core.logs import to_file
+    from pipeline.tune.tuner import tune
 
     torch.set_num_threads(1)  # the machine is shared; both arms alike
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tune-pruning-")).resolve()

@@ -1,6 +1,6 @@
-"""Kaggle image-classification competition pipeline: library first, CLI thin."""
+"""Kaggle image-competition pipeline: library first, CLI thin."""
 __version__ = "0.1.0"
 
-from . import logs as _logs
+from pipeline.core import logs as _logs
 
 _logs.configure()

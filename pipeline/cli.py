@@ -13,15 +13,15 @@ import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from .errors import PipelineError, describe_os_error  # noqa: E402
+from pipeline.core.errors import PipelineError, describe_os_error  # noqa: E402
 
 
 def _config(args, check_data: bool = True, plan: str = "use"):
     """The command's config, its ``auto`` values resolved by the run's plan: ``make`` it when missing
     (the commands that train), ``use`` an existing one (one line when there is none), ``peek``
     (apply one if there is one: status, experiments), or ``none`` (the stage function plans and times it)."""
-    from .config import load_config
-    from .plan import parse_budget, planned
+    from pipeline.config.schema import load_config
+    from pipeline.plan.planner import parse_budget, planned
 
     overrides = list(args.overrides)
     params = getattr(args, "params", None)
@@ -38,7 +38,7 @@ def _params_overrides(path: str) -> list[str]:
     """A YAML of ``section.key: value`` (as ``tune`` writes best.yaml) as override strings."""
     import yaml
 
-    from .config import _read_yaml
+    from pipeline.config.schema import _read_yaml
     from pathlib import Path
 
     d = _read_yaml(Path(path))
@@ -57,7 +57,7 @@ def _params_overrides(path: str) -> list[str]:
 def cmd_demo_data(args):
     from pathlib import Path
 
-    from . import demo_data
+    from pipeline.data import demo as demo_data
 
     kw = {"seed": args.seed}
     if args.n_test is not None:
@@ -71,21 +71,21 @@ def cmd_demo_data(args):
 
 
 def cmd_fold(args):
-    from .fold import run_fold
+    from pipeline.data.folds import run_fold
 
     run_fold(_config(args, plan="make"))
 
 
 def cmd_train(args):
-    from .cv import train_cv
-    from .distributed import DistContext
+    from pipeline.train.cv import train_cv
+    from pipeline.train.distributed import DistContext
 
     folds = _int_list(args.folds, "--folds") if args.folds else None
     dist = DistContext.from_env()
     if not dist.active:  # no torchrun (or a world of one): no process group
         train_cv(_config(args, plan="make"), folds=folds)
         return
-    from .plan import planned
+    from pipeline.plan.planner import planned
 
     cfg = _config(args, plan="none")
     device = dist.check(cfg)  # what a world cannot run is one line before any process group
@@ -100,9 +100,9 @@ def cmd_augment(args):
 
     import numpy as np
 
-    from .augment import build_augment, preview_grid
-    from .formats import read_table
-    from .runs import RunDir
+    from pipeline.data.augment import build_augment, preview_grid
+    from pipeline.data.formats import read_table
+    from pipeline.runs.layout import RunDir
 
     cfg = _config(args, plan="make")
     t = read_table(cfg, "train")
@@ -121,7 +121,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def cmd_evaluate(args):
-    from .evaluate import compare, evaluate
+    from pipeline.evaluate.evaluator import compare, evaluate
 
     if args.compare:
         if args.config or args.overrides:
@@ -134,13 +134,13 @@ def cmd_evaluate(args):
 
 
 def cmd_adversarial(args):
-    from .adversarial import adversarial
+    from pipeline.evaluate.adversarial import adversarial
 
     adversarial(_config(args))
 
 
 def cmd_tune(args):
-    from .tune import tune
+    from pipeline.tune.tuner import tune
 
     pinned = [o.split("=", 1)[0].strip() for o in args.overrides]
     tune(_config(args, plan="make"), n_trials=args.n_trials, max_trials=args.max_trials, timeout=args.timeout,
@@ -148,49 +148,49 @@ def cmd_tune(args):
 
 
 def cmd_predict(args):
-    from .predict import submit_experiment
+    from pipeline.predict.predictor import submit_experiment
 
     submit_experiment(_config(args))
 
 
 def cmd_ensemble(args):
-    from .ensemble import run_ensemble
+    from pipeline.ensemble.blend import run_ensemble
 
     run_ensemble(args.config, list(args.overrides))
 
 
 def cmd_zoo(args):
-    from .zoo import run_zoo
+    from pipeline.zoo import run_zoo
 
     run_zoo(args.config, list(args.overrides), ensemble=args.ensemble)
 
 
 def cmd_validate_submission(args):
-    from .submission import check_submission
+    from pipeline.predict.submission import check_submission
 
     check_submission(_config(args), args.file, solution=args.solution)
 
 
 def cmd_experiments(args):
-    from .experiments import list_experiments
+    from pipeline.evaluate.experiments import list_experiments
 
     list_experiments(_config(args, check_data=False, plan="peek"))
 
 
 def cmd_lb(args):
-    from .experiments import record_lb
+    from pipeline.evaluate.experiments import record_lb
 
     record_lb(args.submission, args.score)
 
 
 def cmd_run(args):
-    from .run import run_all
+    from pipeline.stages import run_all
 
     run_all(_config(args, plan="none"))  # run_all makes the plan and counts its time among the stages
 
 
 def cmd_status(args):
-    from .run import status
+    from pipeline.stages import status
 
     status(_config(args, check_data=False, plan="peek"))
 
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _refuse_torchrun(command: str) -> None:
     """Under torchrun only ``train`` runs data-parallel; N copies of another stage would race for its files."""
-    from .distributed import DistContext
+    from pipeline.train.distributed import DistContext
 
     dist = DistContext.from_env()
     if dist.active and command != "train":
@@ -370,7 +370,7 @@ def _save_traceback(command: str) -> str:
     import traceback
     from pathlib import Path
 
-    from .io import cache_dir
+    from pipeline.core.io import cache_dir
 
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     text = f"pipeline {command} ({' '.join(sys.argv)})\n{traceback.format_exc()}"

@@ -9,7 +9,7 @@ The zoo YAML (validated; every problem is one line naming the key, before anythi
       lite0_s1: {model.backbone: tf_efficientnet_lite0, train.seed: 1}
       lite0_s2: {model.backbone: tf_efficientnet_lite0, train.seed: 2}
       cnn: {model.backbone: simple_cnn, model.pretrained: false}
-    ensemble:                           # optional: blend the members (pipeline/ensemble.py's keys)
+    ensemble:                           # optional: blend the members (pipeline/ensemble/blend.py's keys)
       method: hillclimb                 # any blender of ensemble.BLENDERS; --ensemble METHOD wins
       clip: [0.001, 0.999]
 
@@ -37,11 +37,11 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
-from .config import Config, _read_yaml, load_config
-from .errors import PipelineError
-from .formats.options import Section
-from .keys import known_keys, parse_override
-from .runs import RunDir
+from pipeline.config.schema import Config, _read_yaml, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.config.options import Section
+from pipeline.core.keys import known_keys, parse_override
+from pipeline.runs.layout import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ FILLED = ("competition", "config", "members")  # ensemble keys the zoo fills in 
 class ZooFile(Section):
     base: str = Field(description="competition config the members start from")
     members: dict[str, dict[str, Any] | None] = Field(description="member name -> section.key overrides")
-    ensemble: dict[str, Any] | None = Field(None, description="pipeline/ensemble.py keys for the blend of the members")
+    ensemble: dict[str, Any] | None = Field(None, description="pipeline/ensemble/blend.py keys for the blend of the members")
 
     @field_validator("members", mode="before")
     @classmethod
@@ -155,7 +155,7 @@ def load_zoo(path: str | Path, overrides: list[str] | None = None, ensemble: str
 
 def _ensemble_settings(path: Path, z: ZooFile, base: Config, method: str | None) -> dict | None:
     """The blend's EnsembleConfig keys, checked now (not after an hour of training); None: no blend."""
-    from .ensemble import EnsembleConfig
+    from pipeline.ensemble.blend import EnsembleConfig
 
     if method is None and z.ensemble is None:
         return None
@@ -195,7 +195,7 @@ def _fields(model, leave_out=()) -> list[str]:
 
 def run_zoo(path: str | Path, overrides: list[str] | None = None, ensemble: str | None = None) -> list[dict]:
     """Train (or skip) every member, print the members' table, blend them when asked; returns the table's rows."""
-    from .run import run_all
+    from pipeline.stages import run_all
 
     zoo = load_zoo(path, overrides, ensemble)
     log.info(f"zoo {zoo.name}: {len(zoo.members)} members on {zoo.base.folds_path} (base {zoo.base.path}): "
@@ -214,7 +214,7 @@ def run_zoo(path: str | Path, overrides: list[str] | None = None, ensemble: str 
 
 def member_row(name: str, cfg: Config, seconds: float, trained: bool) -> dict:
     """A member's line of the table: CV mean and std, training seconds and img/s over its folds."""
-    from .experiments import cv_score
+    from pipeline.evaluate.experiments import cv_score
 
     run = RunDir.of(cfg)
     mean, std, _ = cv_score(run.path, cfg.metric)
@@ -240,7 +240,7 @@ def history_speed(run: RunDir) -> tuple[float, float]:
 
 def members_table(rows: list[dict], metric: str) -> str:
     """The members side by side (best CV mean marked '*')."""
-    from .metrics import GREATER_IS_BETTER
+    from pipeline.core.metrics import GREATER_IS_BETTER
 
     fmt = lambda v, spec: "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)  # noqa: E731
     scores = [r["cv_mean"] for r in rows if math.isfinite(r["cv_mean"])]
@@ -257,7 +257,7 @@ def members_table(rows: list[dict], metric: str) -> str:
 
 def blend(zoo: Zoo) -> Path:
     """Blend every member with ``ensemble.run_ensemble`` into ``runs/<competition>/<name>/``; the submission's path."""
-    from .ensemble import EnsembleConfig, run_ensemble
+    from pipeline.ensemble.blend import EnsembleConfig, run_ensemble
 
     members = [str(RunDir.of(cfg).path) for cfg in zoo.members.values()]
     ens = EnsembleConfig(competition=zoo.base.competition, config=zoo.base.path, members=members, **zoo.ensemble)

@@ -24,7 +24,7 @@ def _cwd_and_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def iceberg_dir(tmp_path_factory) -> Path:
-    from pipeline.demo_data import write_iceberg
+    from pipeline.data.demo import write_iceberg
 
     out = tmp_path_factory.mktemp("iceberg")
     write_iceberg(out, n_train=120, n_test=30, seed=1)
@@ -33,7 +33,7 @@ def iceberg_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
-    from pipeline.demo_data import write_digits
+    from pipeline.data.demo import write_digits
 
     out = tmp_path_factory.mktemp("digits")
     write_digits(out, n_test=200, seed=1)
@@ -42,7 +42,7 @@ def digits_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def folder_dir(tmp_path_factory) -> Path:
-    from pipeline.demo_data import write_folder
+    from pipeline.data.demo import write_folder
 
     out = tmp_path_factory.mktemp("folder")
     write_folder(out, n_train=200, n_test=40, seed=1)
@@ -128,12 +128,12 @@ def digits_config(make_config, sk_digits_dir):
 
 @contextmanager
 def lock_held_elsewhere(path, what: str):
-    """``pipeline.io.exclusive(path, what)`` held by another live process; yields its Popen (kill it to
+    """``pipeline.core.io.exclusive(path, what)`` held by another live process; yields its Popen (kill it to
     simulate a crash; otherwise it is ended on exit)."""
     import subprocess
     import sys
 
-    code = ("import sys, time\nfrom pipeline.io import exclusive\n"
+    code = ("import sys, time\nfrom pipeline.core.io import exclusive\n"
             "with exclusive(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(600)\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.Popen([sys.executable, "-c", code, str(path), what], stdout=subprocess.PIPE, text=True, env=env)

@@ -9,14 +9,14 @@ import pandas as pd
 import pytest
 
 from conftest import cli_error, run_cli
-from pipeline.adversarial import adversarial, validation_scores
-from pipeline.config import load_config
-from pipeline.demo_data import _mnist
-from pipeline.evaluate import evaluate
-from pipeline.fold import load_folds, run_fold
-from pipeline.formats import read_table
-from pipeline.metrics import METRICS
-from pipeline.shift import quantile_bins, shift_scores
+from pipeline.evaluate.adversarial import adversarial, validation_scores
+from pipeline.config.schema import load_config
+from pipeline.data.demo import _mnist
+from pipeline.evaluate.evaluator import evaluate
+from pipeline.data.folds import load_folds, run_fold
+from pipeline.data.formats import read_table
+from pipeline.core.metrics import METRICS
+from pipeline.data.shift import quantile_bins, shift_scores
 
 RUN = Path("runs/comp/exp")
 
@@ -193,7 +193,7 @@ def test_evaluate_section_report_and_skip(make_config, tmp_path, digits, capsys)
     html = (report / "report.html").read_text()
     assert "<h2>Adversarial validation</h2>" in html and "ROC AUC" in html and "most test-like OOF rows" in html
     # the section's ids and labels are text, never markup
-    from pipeline.report import Figures, render_html
+    from pipeline.evaluate.report import Figures, render_html
 
     rec = json.loads((RUN / "adversarial.json").read_text())
     adv = {"record": rec, "pictures": [], "top_rows": [["<script>x</script>", "0.9", "a&b"]], "dup_rows": []}
@@ -225,7 +225,7 @@ def test_stage_cli_and_bad_input(make_config, tmp_path, folder_dir, capsys):
 
 
 def test_stage_hashes_include_adversarial_only_where_used(make_config, iceberg_dir):
-    from pipeline.config import stage_sections
+    from pipeline.config.schema import stage_sections
 
     path = make_config(iceberg_dir)
     base, changed = load_config(path), load_config(path, ["adversarial.top_k=5"])

@@ -80,9 +80,9 @@ def test_cycle_check_can_fail():
 
 
 def test_fold_jobs_imports_the_trainer_never_the_driver():
-    assert "pipeline.cv" not in _imports("pipeline.fold_jobs", MODULES["pipeline.fold_jobs"])
-    assert "pipeline.trainer" in _imports("pipeline.fold_jobs", MODULES["pipeline.fold_jobs"])
-    assert "pipeline.cv" not in _imports("pipeline.trainer", MODULES["pipeline.trainer"])
+    assert "pipeline.train.cv" not in _imports("pipeline.train.executors", MODULES["pipeline.train.executors"])
+    assert "pipeline.train.trainer" in _imports("pipeline.train.executors", MODULES["pipeline.train.executors"])
+    assert "pipeline.train.cv" not in _imports("pipeline.train.trainer", MODULES["pipeline.train.trainer"])
 
 
 def test_every_module_imports_on_its_own():

@@ -8,8 +8,8 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.augment import REGISTRY, build_augment, preview_grid, worker_init_fn
-from pipeline.errors import PipelineError
+from pipeline.data.augment import REGISTRY, build_augment, preview_grid, worker_init_fn
+from pipeline.core.errors import PipelineError
 
 SAR_RANGE = (-50.0, 50.0)
 
@@ -282,7 +282,7 @@ def test_augment_preview_cli(digits_config, capsys):
 @pytest.mark.parametrize("entry, key", [({"name": "HorizontalFlip", "p": True}, "p"),
                                         ({"name": "GaussianBlur", "blur_limit": False}, "blur_limit")])
 def test_a_boolean_is_not_a_number_parameter(entry, key):
-    from pipeline.augment import validate_augment
+    from pipeline.data.augment import validate_augment
 
     with pytest.raises(PipelineError, match=rf"augment\[0\] \({entry['name']}\): {key}: got (True|False); expected a number"):
         validate_augment([entry])

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 
 from conftest import cli_error, write_yaml
 from test_formats import _bad_statoil, _set
-from pipeline.config import Config, load_config
-from pipeline.errors import PipelineError
-from pipeline.formats import FORMATS, options_model, read_table
-from pipeline.formats.options import Section, _leaf_types
+from pipeline.config.schema import Config, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.formats import FORMATS, options_model, read_table
+from pipeline.config.options import Section, _leaf_types
 
 
 
@@ -138,9 +138,9 @@ def test_integers_fractions_huge_and_seeds(base):
 
 
 def test_a_registered_formats_float_option_refuses_non_finite(base, request):
-    from pipeline.formats import register_format
-    from pipeline.formats.base import Reader
-    from pipeline.formats.options import DataOptions
+    from pipeline.data.formats import register_format
+    from pipeline.data.formats.base import Reader
+    from pipeline.config.options import DataOptions
 
     class GainOptions(DataOptions):
         gain: float = 1.0
@@ -376,9 +376,9 @@ def test_statoil_edges_that_are_accepted(tmp_path, make_config, iceberg_dir):
 
 
 def test_any_format_refuses_blank_ids(tmp_path, make_config, request):
-    from pipeline.formats import register_format
-    from pipeline.formats.base import Reader
-    from pipeline.table import Table
+    from pipeline.data.formats import register_format
+    from pipeline.data.formats.base import Reader
+    from pipeline.data.table import Table
 
     class Rows(Reader):
         def _read(self, split):

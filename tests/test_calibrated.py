@@ -10,16 +10,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import run_cli
-from pipeline.calibration import (MIN_GAIN, SHRINK_MAX, Calibration, apply_shrink, apply_temperature, calibrate,
+from pipeline.tasks.calibration import (MIN_GAIN, SHRINK_MAX, Calibration, apply_shrink, apply_temperature, calibrate,
                                   class_prior, fit_shrink, load_calibration, nested_shrink, nested_temperature)
-from pipeline.config import STAGE_SECTIONS, load_config
-from pipeline.defaults import (AFFINE_TTA_MIN, AUTO_CLIP, auto_tta, resolve_clip, resolve_label_smoothing, resolve_tta, tta_is_on,
+from pipeline.config.schema import STAGE_SECTIONS, load_config
+from pipeline.config.auto import (AFFINE_TTA_MIN, AUTO_CLIP, auto_tta, resolve_clip, resolve_label_smoothing, resolve_tta, tta_is_on,
                                uses_tta_oof)
-from pipeline.errors import PipelineError
-from pipeline.inference import softmax
-from pipeline.metrics import logloss
-from pipeline.predictions import read_predictions
-from pipeline.tta import build_tta
+from pipeline.core.errors import PipelineError
+from pipeline.models.inference import softmax
+from pipeline.core.metrics import logloss
+from pipeline.runs.predictions import read_predictions
+from pipeline.models.tta import build_tta
 
 RUN = Path("runs/comp/exp")
 

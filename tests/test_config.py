@@ -2,8 +2,8 @@ import yaml
 import pytest
 
 from conftest import run_cli, write_yaml
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
+from pipeline.config.schema import load_config
+from pipeline.core.errors import PipelineError
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_shipped_configs_validate(monkeypatch):
     from pathlib import Path
 
     root = Path(__file__).parents[1] / "competitions"
-    from pipeline.ensemble import EnsembleConfig
+    from pipeline.ensemble.blend import EnsembleConfig
 
     for p in sorted(root.glob("*.yaml")):
         d = yaml.safe_load(p.read_text())
@@ -188,7 +188,7 @@ def test_loading_a_config_imports_no_torch(base):
     import subprocess
     import sys
 
-    code = ("import sys; from pipeline.config import load_config; "
+    code = ("import sys; from pipeline.config.schema import load_config; "
             f"cfg = load_config({str(base)!r}, ['predict.tta=[identity,hflip]', 'train.optimizer=sgd', 'metric=roc_auc'], check_data=False); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     from pathlib import Path
@@ -205,10 +205,10 @@ def test_registered_metric_end_to_end(digits_config, request):
     import numpy as np
     import pandas as pd
 
-    from pipeline.evaluate import evaluate
-    from pipeline.fold import run_fold
-    from pipeline.metrics import METRICS, register_metric
-    from pipeline.cv import train_cv
+    from pipeline.evaluate.evaluator import evaluate
+    from pipeline.data.folds import run_fold
+    from pipeline.core.metrics import METRICS, register_metric
+    from pipeline.train.cv import train_cv
 
     path = digits_config(metric="brier", train={"epochs": 1, "max_steps_per_epoch": 2})
     with pytest.raises(PipelineError, match=r"metric: unknown metric 'brier'"):

@@ -11,9 +11,9 @@ from PIL import Image
 
 from conftest import cli_error, run_cli
 from pipeline import cli
-from pipeline.config import load_config
-from pipeline.demo_data import DIGIT_NAMES, WRITERS, iceberg_arrays, write_folder, write_iceberg
-from pipeline.formats import read_table
+from pipeline.config.schema import load_config
+from pipeline.data.demo import DIGIT_NAMES, WRITERS, iceberg_arrays, write_folder, write_iceberg
+from pipeline.data.formats import read_table
 
 
 # ---- iceberg --------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def test_digits_files(make_config, digits_dir):
 
 
 def test_digits_cli_and_seed(tmp_path, capsys):
-    from pipeline.demo_data import _mnist, _split
+    from pipeline.data.demo import _mnist, _split
 
     out = tmp_path / "d"
     assert run_cli("demo-data", "digits", "--out", out, "--n-test", 4990, "--seed", 2) == 0
@@ -231,7 +231,7 @@ def _acquisition(folder, ids) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def shift_dir(tmp_path_factory):
-    from pipeline.demo_data import write_shift_folder
+    from pipeline.data.demo import write_shift_folder
 
     out = tmp_path_factory.mktemp("shift")
     write_shift_folder(out, n_train=85, n_test=60, seed=2)
@@ -262,7 +262,7 @@ def test_shift_is_there(shift_dir):
 
 
 def test_shift_folder_seeded(tmp_path):
-    from pipeline.demo_data import write_shift_folder
+    from pipeline.data.demo import write_shift_folder
 
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for d, seed in ((a, 3), (b, 3), (c, 4)):
@@ -290,7 +290,7 @@ def test_shift_folder_cli(tmp_path, capsys):
 # ---- shift-digits -----------------------------------------------------------------------
 
 def test_shift_digits_are_digit_recognizer_files_with_the_shift(make_config, tmp_path):
-    from pipeline.demo_data import write_shift_digits
+    from pipeline.data.demo import write_shift_digits
 
     out = tmp_path / "sd"
     write_shift_digits(out, n_train=85, n_test=60, seed=2)

@@ -8,11 +8,11 @@ import pytest
 import yaml
 
 from conftest import run_cli, write_yaml
-from pipeline.ensemble import (BLENDERS, EnsembleConfig, _lr_fit, blend_geometric, blend_mean, blend_rank, blend_stack,
+from pipeline.ensemble.blend import (BLENDERS, EnsembleConfig, _lr_fit, blend_geometric, blend_mean, blend_rank, blend_stack,
                                blend_weights, build_blender, optimise_weights, rank_average, run_ensemble, stack_features)
-from pipeline.errors import PipelineError
-from pipeline.metrics import logloss
-from pipeline.submission import validate_submission
+from pipeline.core.errors import PipelineError
+from pipeline.core.metrics import logloss
+from pipeline.predict.submission import validate_submission
 
 quiet = lambda *a: None  # noqa: E731
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def test_ensemble_stage_writes_valid_submission(base_cfg, method, capsys):
     out = capsys.readouterr().out
     assert "member a" in out and "member b" in out and f"blend  blend ({method})" in out
     assert "clipping to [0.001, 0.999]: OOF logloss" in out and " without, " in out
-    from pipeline.config import load_config
+    from pipeline.config.schema import load_config
 
     assert validate_submission(load_config(base_cfg), sub) == []
     meta = json.loads(sub.with_suffix(".json").read_text())
@@ -160,8 +160,8 @@ def test_ensemble_stage_writes_valid_submission(base_cfg, method, capsys):
     np.testing.assert_allclose(oof.filter(like="p_").sum(1), 1, atol=1e-6)
     assert len(pd.read_csv(run / "test_pred.csv")) == N_TEST
     # the clipped OOF log-loss is measured on the blend's OOF, as printed
-    from pipeline.metrics import logloss
-    from pipeline.predict import clip_probs
+    from pipeline.core.metrics import logloss
+    from pipeline.predict.predictor import clip_probs
 
     blend = oof.filter(like="p_").to_numpy()
     want = logloss(oof["target"].to_numpy(), clip_probs(blend, (0.001, 0.999)))
@@ -217,7 +217,7 @@ def test_member_temperature_is_applied_to_its_oof(base_cfg, capsys):
 
 def test_member_temperature_scales_its_oof_and_test_alike(base_cfg):
     """One rule: a member that kept T contributes scaled OOF *and* scaled test predictions (files stay raw)."""
-    from pipeline.calibration import apply_temperature
+    from pipeline.tasks.calibration import apply_temperature
 
     a, c = fake_member("a", 1), fake_member("c", 2, temperature=3.0)
     run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/c"], method="mean"))
@@ -273,7 +273,7 @@ def test_example_blend_file_is_valid():
 
 def test_ensemble_of_two_real_runs(digits_config, capsys):
     """End to end: train and predict two tiny digit experiments (different seeds, one with TTA), blend them."""
-    from pipeline.config import load_config
+    from pipeline.config.schema import load_config
 
     paths = [digits_config(name="a", train={"epochs": 1}, predict={"tta": ["identity", "hflip"]}),
              digits_config(name="b", train={"epochs": 1, "seed": 7})]

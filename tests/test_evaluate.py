@@ -12,15 +12,15 @@ import torch
 from sklearn import metrics as skm
 
 from conftest import TINY_TRAIN, run_cli, write_yaml
-from pipeline.calibration import MIN_GAIN, apply_temperature, calibrate, ece, fit_temperature, load_temperature
-from pipeline.config import load_config, write_snapshot
-from pipeline.errors import PipelineError
-from pipeline.evaluate import best_f1_threshold, classification_metrics, compare, evaluate
-from pipeline.fold import load_folds, run_fold
-from pipeline.formats import read_table
-from pipeline.gradcam import NoFeatureMap, gradcam, mass_inside
-from pipeline.inference import softmax
-from pipeline.models import build_model
+from pipeline.tasks.calibration import MIN_GAIN, apply_temperature, calibrate, ece, fit_temperature, load_temperature
+from pipeline.config.schema import load_config, write_snapshot
+from pipeline.core.errors import PipelineError
+from pipeline.evaluate.evaluator import best_f1_threshold, classification_metrics, compare, evaluate
+from pipeline.data.folds import load_folds, run_fold
+from pipeline.data.formats import read_table
+from pipeline.models.gradcam import NoFeatureMap, gradcam, mass_inside
+from pipeline.models.inference import softmax
+from pipeline.models.backbones import build_model
 
 quiet = lambda *a: None  # noqa: E731
 RUN = Path("runs/comp/exp")
@@ -172,8 +172,8 @@ def test_metrics_json_from_oof(hand_run):
     assert load_temperature(RUN) == pytest.approx(c["temperature"])
     # the stage is recorded as done, and the experiment log reads the CV from metrics.json
     assert (RUN / "config.evaluate.yaml").is_file() and (RUN / "config.evaluate.hash").is_file()
-    from pipeline.config import read_stage_hash, stage_sections
-    from pipeline.experiments import cv_score
+    from pipeline.config.schema import read_stage_hash, stage_sections
+    from pipeline.evaluate.experiments import cv_score
 
     assert read_stage_hash(RUN / "config.evaluate.yaml") == cfg.hash(*stage_sections(cfg, "evaluate"))
     assert cv_score(RUN, "accuracy") == (pytest.approx(np.mean(per)), pytest.approx(np.std(per, ddof=1)), "metrics.json")
@@ -306,7 +306,7 @@ def trained_dir(tmp_path_factory, sk_digits_dir):
     old = os.getcwd()
     os.chdir(base)
     try:
-        from pipeline.cv import train_cv
+        from pipeline.train.cv import train_cv
 
         c = load_config("exp.yaml")
         run_fold(c)

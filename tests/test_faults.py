@@ -26,7 +26,7 @@ def _fail_with(code: int):
 def test_fold_write_fault_is_one_line_and_leaves_nothing(make_config, iceberg_dir, tmp_path, monkeypatch, capsys, code, where):
     import pandas as pd
 
-    import pipeline.io as pio
+    import pipeline.core.io as pio
 
     cfg = make_config(iceberg_dir)
     before = _tree(tmp_path)
@@ -41,7 +41,7 @@ def test_fold_write_fault_is_one_line_and_leaves_nothing(make_config, iceberg_di
 
 
 def test_fault_keeps_an_earlier_artifact(make_config, iceberg_dir, monkeypatch, capsys):
-    import pipeline.io as pio
+    import pipeline.core.io as pio
 
     cfg = make_config(iceberg_dir)
     assert run_cli("fold", cfg) == 0
@@ -54,7 +54,7 @@ def test_fault_keeps_an_earlier_artifact(make_config, iceberg_dir, monkeypatch, 
 
 
 def test_unexpected_error_is_exit_1_with_a_saved_traceback(make_config, iceberg_dir, monkeypatch, capsys, tmp_path):
-    import pipeline.fold as fold
+    import pipeline.data.folds as fold
 
     monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "cache"))
 
@@ -91,8 +91,8 @@ def test_command_line_errors_are_one_line(capsys, argv, says, tmp_path):
 
 
 def test_a_message_with_a_newline_stays_one_line(monkeypatch, capsys, make_config, iceberg_dir):
-    import pipeline.fold as fold
-    from pipeline.errors import PipelineError
+    import pipeline.data.folds as fold
+    from pipeline.core.errors import PipelineError
 
     def bad(*a, **k):
         raise PipelineError("data/evil\nname.csv: broken")
@@ -106,7 +106,7 @@ def test_a_message_with_a_newline_stays_one_line(monkeypatch, capsys, make_confi
 @pytest.mark.parametrize("code, where", [(errno.ENOSPC, "rename"), (errno.EROFS, "create"), (errno.EACCES, "rename")])
 def test_every_stage_turns_a_write_fault_into_one_line(digits_config, monkeypatch, capsys, stage, code, where):
     """The fault hits the stage's first write of an artifact; the line names it and its cause."""
-    import pipeline.io as pio
+    import pipeline.core.io as pio
 
     path = digits_config(train={"epochs": 1}, evaluate={"gradcam_samples": 0})
     assert run_cli("fold", path) == 0

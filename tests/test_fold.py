@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 
 from conftest import run_cli
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.fold import load_folds, make_folds, run_fold
-from pipeline.formats import read_table
+from pipeline.config.schema import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.folds import load_folds, make_folds, run_fold
+from pipeline.data.formats import read_table
 
 
 def test_fold_cli_writes_stratified_deterministic_file(make_config, iceberg_dir, capsys):

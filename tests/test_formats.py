@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 
 from conftest import cli_error, copy_json, run_cli
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.formats import build_reader, read_table
+from pipeline.config.schema import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.formats import build_reader, read_table
 
 
 def _cfg(make_config, d, fmt, **kw):
@@ -204,10 +204,10 @@ def test_cli_bad_data_exit_2(tmp_path, make_config, iceberg_dir, capsys):
 def test_registered_format_end_to_end(tmp_path, make_config, iceberg_dir, request):
     """A reader class and one register_format line: the config validates data: against the
     reader's own Options (its keys, hashed with the rest), and `pipeline fold` reads it."""
-    from pipeline.formats import FORMATS, register_format
-    from pipeline.formats.base import Reader
-    from pipeline.formats.options import DataOptions
-    from pipeline.table import Table
+    from pipeline.data.formats import FORMATS, register_format
+    from pipeline.data.formats.base import Reader
+    from pipeline.config.options import DataOptions
+    from pipeline.data.table import Table
 
     class NpzOptions(DataOptions):
         file: str = "train.npz"

@@ -57,7 +57,7 @@ def _machine() -> dict:
 
 
 def _write_data(kind: str, out: Path) -> Path:
-    from pipeline.demo_data import write_folder, write_iceberg
+    from pipeline.data.demo import write_folder, write_iceberg
 
     if kind == "iceberg":
         write_iceberg(out, n_train=90, n_test=24, seed=11)

@@ -17,12 +17,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import cli_error, run_cli
-from pipeline import device as dev
-from pipeline.config import load_config
-from pipeline.cv import train_cv
-from pipeline.device import Amp, amp_plan, auto_precision, cudnn_flags, loader_kwargs, non_blocking, parse_device
-from pipeline.errors import PipelineError
-from pipeline.fold import run_fold
+from pipeline.core import device as dev
+from pipeline.config.schema import load_config
+from pipeline.train.cv import train_cv
+from pipeline.core.device import Amp, amp_plan, auto_precision, cudnn_flags, loader_kwargs, non_blocking, parse_device
+from pipeline.core.errors import PipelineError
+from pipeline.data.folds import run_fold
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = Path("runs/comp/exp")
@@ -69,7 +69,7 @@ def test_fp16_off_cuda_is_refused_and_auto_there_is_measured(device_type):
 
 
 def test_auto_on_cuda_follows_native_bf16_without_measuring(monkeypatch):
-    import pipeline.precision as prec
+    import pipeline.train.precision as prec
 
     monkeypatch.setattr(prec, "measure", lambda *a, **k: pytest.fail("measured on CUDA"))
 
@@ -84,7 +84,7 @@ def test_auto_on_cuda_follows_native_bf16_without_measuring(monkeypatch):
 
 
 def test_a_budget_plan_times_the_precision_the_gpu_will_train_in(monkeypatch, digits_config):
-    from pipeline.plan import _timed_precision
+    from pipeline.plan.planner import _timed_precision
 
     cfg = load_config(digits_config(train={"precision": "auto"}))
     assert _timed_precision(cfg, torch.device("cpu")) == "fp32"  # the CPU's choice is measured after the plan
@@ -95,7 +95,7 @@ def test_a_budget_plan_times_the_precision_the_gpu_will_train_in(monkeypatch, di
 
 def test_inference_autocast_runs_fp16_weights_in_fp32_off_cuda():
     """Trained in fp16 on a GPU, predicted here: no scaler is needed, so fp32 instead of a refusal."""
-    from pipeline.inference import autocast
+    from pipeline.models.inference import autocast
 
     a, b = torch.randn(4, 4), torch.randn(4, 4)
     for precision, dtype in (("fp16", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -137,7 +137,7 @@ def test_device_strings_parse(name):
 
 @given(st.one_of(DEVICES, st.text(alphabet="acdpumsto:0123456789 ", max_size=8)))
 def test_config_and_device_module_accept_the_same_device_strings(name):
-    from pipeline.config import TrainConfig
+    from pipeline.config.schema import TrainConfig
 
     try:
         TrainConfig(device=name)
@@ -180,9 +180,9 @@ def test_pinned_batches_and_non_blocking_copies_only_for_cuda(name, pinned):
 
 def test_loader_pins_memory_on_cuda_only(monkeypatch, digits_config):
     """The trainer's DataLoader gets ``pin_memory`` from the device (inspected, not iterated)."""
-    from pipeline import trainer
-    from pipeline.formats import read_table
-    from pipeline.runs import RunDir
+    from pipeline.train import trainer
+    from pipeline.data.formats import read_table
+    from pipeline.runs.layout import RunDir
 
     cfg = load_config(digits_config(train={"num_workers": 1}))
     table = read_table(cfg, "train")
@@ -266,8 +266,8 @@ def _reference_epoch(parts, batches, table, t) -> float:
 
 
 def test_a_disabled_scaler_trains_exactly_as_no_scaler(digits_config):
-    from pipeline.formats import read_table
-    from pipeline.trainer import BatchSource, build_components, train_one_epoch
+    from pipeline.data.formats import read_table
+    from pipeline.train.trainer import BatchSource, build_components, train_one_epoch
 
     cfg = load_config(digits_config(train={"grad_clip": 0.5, "accum_steps": 2, "channels_last": False}))
     table = read_table(cfg, "train")
@@ -293,8 +293,8 @@ def test_a_disabled_scaler_trains_exactly_as_no_scaler(digits_config):
 
 
 def test_components_for_another_precision_are_a_bug_not_a_silent_fp32(digits_config):
-    from pipeline.formats import read_table
-    from pipeline.trainer import build_components, train_one_epoch
+    from pipeline.data.formats import read_table
+    from pipeline.train.trainer import build_components, train_one_epoch
 
     cfg = load_config(digits_config())
     table = read_table(cfg, "train")
@@ -326,7 +326,7 @@ def _scaled_run(digits_config, stop_after: int | None = None) -> tuple[list, pd.
 
 
 def test_scaler_state_is_saved_in_the_resume_state_and_restored(digits_config, monkeypatch, tmp_path):
-    from pipeline import trainer
+    from pipeline.train import trainer
 
     # fp16 as a GPU runs it, minus the half-precision compute: the scaler on, on a CPU
     monkeypatch.setattr(trainer, "amp_plan", lambda device_type, precision, bf16_supported=True: Amp(None, True))

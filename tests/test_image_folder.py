@@ -9,10 +9,10 @@ import pytest
 from PIL import Image
 
 from conftest import cli_error, run_cli
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.formats import build_reader, read_table
-from pipeline.formats import image_folder as imf
+from pipeline.config.schema import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.formats import build_reader, read_table
+from pipeline.data.formats import image_folder as imf
 
 
 def _cfg(make_config, d, *overrides, **data):

@@ -1,4 +1,4 @@
-"""Job locks (pipeline.io.exclusive): one holder at a time, named in the refusal; a dead holder frees it."""
+"""Job locks (pipeline.core.io.exclusive): one holder at a time, named in the refusal; a dead holder frees it."""
 import os
 import signal
 import socket
@@ -7,8 +7,8 @@ import threading
 import pytest
 
 from conftest import lock_held_elsewhere
-from pipeline.errors import LockHeld, PipelineError
-from pipeline.io import exclusive
+from pipeline.core.errors import LockHeld, PipelineError
+from pipeline.core.io import exclusive
 
 
 def test_a_live_holder_in_another_process_is_named(tmp_path):

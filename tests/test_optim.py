@@ -1,20 +1,20 @@
-"""pipeline.optim: timm-built optimizers over our parameter groups, the schedule registry, and a
+"""pipeline.train.optim: timm-built optimizers over our parameter groups, the schedule registry, and a
 newly registered optimizer end to end."""
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from pipeline import optim
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.fold import run_fold
-from pipeline.hparams import headline
-from pipeline.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler, register_optimizer
+from pipeline.train import optim
+from pipeline.config.schema import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.folds import run_fold
+from pipeline.train.hparams import headline
+from pipeline.train.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler, register_optimizer
 
 
 class Tiny(nn.Module):
-    """A backbone (conv + batch norm) and a head (linear), named like pipeline.models.Net."""
+    """A backbone (conv + batch norm) and a head (linear), named like pipeline.models.backbones.Net."""
 
     def __init__(self):
         super().__init__()
@@ -145,7 +145,7 @@ def test_registered_optimizer_end_to_end(digits_config, request):
     request.addfinalizer(lambda: OPTIMIZERS.pop("nadamw"))
     cfg = load_config(path)
     run_fold(cfg)
-    from pipeline.cv import train_cv
+    from pipeline.train.cv import train_cv
 
     assert train_cv(cfg, folds=[0]) is None  # one of three folds: no oof.csv yet
     assert built == ["nadamw"]

@@ -120,8 +120,8 @@ def test_corrupt_predict_json_of_an_ensemble_member(make_config, sk_digits_dir, 
 
 @pytest.fixture
 def submission(digits_cfg_path):
-    from pipeline.config import load_config
-    from pipeline.submission import write_submission
+    from pipeline.config.schema import load_config
+    from pipeline.predict.submission import write_submission
 
     _two_runs()
     return write_submission(load_config(digits_cfg_path), [str(i) for i in range(1, 101)], digits_probs(), DIGITS, "alpha",
@@ -256,8 +256,8 @@ def test_unreadable_solution_files(digits_cfg_path, make_config, iceberg_dir, ca
         err = cli_error(capsys, "validate-submission", digits_cfg_path, "good.csv", "--solution", "solution.csv")
         assert err.startswith("error: solution.csv: "), err
     # probability submissions are scored against 0/1 answers
-    from pipeline.config import load_config
-    from pipeline.formats import read_table
+    from pipeline.config.schema import load_config
+    from pipeline.data.formats import read_table
 
     cfg = make_config(iceberg_dir, "statoil_json", name="ice")
     ids = read_table(load_config(cfg), "test").ids

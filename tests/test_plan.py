@@ -1,4 +1,4 @@
-"""The run plan (pipeline/plan.py): budgets, auto values, plan.json reuse. Speeds are injected, so
+"""The run plan (pipeline/plan/planner.py): budgets, auto values, plan.json reuse. Speeds are injected, so
 these tests are fast and deterministic; one test measures for real on a tiny model."""
 import json
 import math
@@ -10,12 +10,12 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from conftest import cli_error, run_cli
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.models import finetune_stage
-from pipeline.plan import (FILL, MAX_EPOCHS, MAX_SEEDS, MIN_EPOCHS, SEED_EPOCHS, TARGET, Facts, Shape, Speed, auto_seeds, choose_model,
+from pipeline.config.schema import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.models.backbones import finetune_stage
+from pipeline.plan.planner import (FILL, MAX_EPOCHS, MAX_SEEDS, MIN_EPOCHS, SEED_EPOCHS, TARGET, Facts, Shape, Speed, auto_seeds, choose_model,
                            make_plan, parse_budget, planned)
-from pipeline.tta import build_tta
+from pipeline.models.tta import build_tta
 
 
 # ---- budgets ------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def test_few_long_epochs_are_cut_to_fill_the_budget(speed, n_rows, n_folds, widt
     when that trains more rows in all, and never past TARGET of the budget."""
     from dataclasses import replace
 
-    from pipeline.plan import _fill_steps
+    from pipeline.plan.planner import _fill_steps
 
     shape = Shape(n_rows=n_rows, n_folds=n_folds, n_seeds=1, refit=refit, width=width, cores=4)
     sp = lambda th: speed  # noqa: E731
@@ -102,7 +102,7 @@ def test_waves_and_threads_are_those_of_the_executor():
 @pytest.fixture(autouse=True)
 def _weights_installed(monkeypatch):
     """The offline ImageNet weights are installed (the rule's other branch is tested on its own)."""
-    monkeypatch.setattr("pipeline.plan._weights_offline", lambda backbone: True)
+    monkeypatch.setattr("pipeline.plan.planner._weights_offline", lambda backbone: True)
 
 
 def _facts(native=128, n_rows=4000, channels=1):
@@ -222,7 +222,7 @@ def test_seeds_auto_with_fixed_epochs_and_without_budget(make_config, folder_dir
 
 
 def test_seeds_auto_is_resolved_before_any_job(make_config, digits_dir, capsys):
-    from pipeline.runs import RunDir
+    from pipeline.runs.layout import RunDir
 
     cfg = _digits_cfg(make_config, digits_dir, "train.seeds=auto", "train.time_budget_s=2000")
     assert run_cli("status", cfg.path, "train.seeds=auto", "train.time_budget_s=2000") == 0  # unplanned: nothing to list
@@ -244,7 +244,7 @@ def test_seeds_auto_is_resolved_before_any_job(make_config, digits_dir, capsys):
 def test_cut_epochs_reach_the_trainer(make_config, digits_dir):
     """A budget that fits 2.x whole epochs of 2 folds: the plan trains 3 epochs of fewer steps, and the
     trainer's epoch is those steps."""
-    from pipeline.trainer import steps_per_epoch
+    from pipeline.train.trainer import steps_per_epoch
 
     cfg = load_config(make_config(digits_dir, fmt="pixel_csv", folds={"n_splits": 2}, model={"backbone": "auto", "pretrained": False},
                                   train={"epochs": "auto", "time_budget_s": 60, "batch_size": 64}))
@@ -274,7 +274,7 @@ def test_backbone_rule(make_config, folder_dir):
 
 
 def test_backbone_rule_without_weights(make_config, folder_dir, monkeypatch):
-    monkeypatch.setattr("pipeline.plan._weights_offline", lambda backbone: False)
+    monkeypatch.setattr("pipeline.plan.planner._weights_offline", lambda backbone: False)
     chosen, why = choose_model(_folder_cfg(make_config, folder_dir), _facts(native=128), n_train=5000)
     assert chosen == {"backbone": "bn_cnn", "pretrained": False} and "no offline weights" in why[0]
 
@@ -288,7 +288,7 @@ def test_explicit_epochs_over_budget_warn(make_config, folder_dir):
 
 
 def test_gradual_finetune_stages():
-    from pipeline.config import ModelConfig
+    from pipeline.config.schema import ModelConfig
 
     m = ModelConfig(finetune="gradual")
     assert [finetune_stage(m, e, 9) for e in range(1, 10)] == ["head"] + ["partial"] * 2 + ["full"] * 6
@@ -332,10 +332,10 @@ def test_status_does_not_plan(make_config, digits_dir, capsys):
 
 
 def test_planned_run_trains_the_planned_epochs(make_config, digits_dir, monkeypatch):
-    from pipeline import cv
-    from pipeline.cv import train_cv
-    from pipeline.fold import run_fold
-    from pipeline.runs import RunDir
+    from pipeline.train import cv
+    from pipeline.train.cv import train_cv
+    from pipeline.data.folds import run_fold
+    from pipeline.runs.layout import RunDir
 
     cfg = planned(_digits_cfg(make_config, digits_dir, "train.patience=0"), speed=_pixels_speed(base=30))  # no early stop
     import torch
@@ -359,7 +359,7 @@ def test_planned_run_trains_the_planned_epochs(make_config, digits_dir, monkeypa
 
 
 def test_real_measurement_is_cached(make_config, digits_dir, monkeypatch):
-    from pipeline.plan import data_facts, measure_speed
+    from pipeline.plan.planner import data_facts, measure_speed
 
     cfg = load_config(make_config(digits_dir, fmt="pixel_csv", model={"backbone": "simple_cnn", "pretrained": False},
                                   train={"epochs": 1, "batch_size": 16}))
@@ -367,12 +367,12 @@ def test_real_measurement_is_cached(make_config, digits_dir, monkeypatch):
     assert facts.native == 28 and facts.channels == 1 and facts.n_rows == 4800
     s = measure_speed(cfg, facts, 28, 1, seconds=0.2)
     assert s.train_img_s > 0 and s.val_img_s > 0 and math.isfinite(s.build_s)
-    from pipeline.io import cache_dir
+    from pipeline.core.io import cache_dir
 
     cached = json.loads((cache_dir() / "throughput.json").read_text())
     assert len(cached) == 1
     assert measure_speed(cfg, facts, 28, 1, seconds=0.2) == s  # from the cache, not measured again
-    import pipeline.plan as plan_mod
+    import pipeline.plan.planner as plan_mod
 
     calls = []
     real = plan_mod._time_steps
@@ -396,9 +396,9 @@ def test_side_by_side_jobs_are_timed_beside_each_other(make_config, digits_dir, 
     its own cache entry; fold_jobs 1 measures alone."""
     import threading
 
-    import pipeline.trainer as trainer
-    from pipeline.io import cache_dir
-    from pipeline.plan import data_facts, measure_speed
+    import pipeline.train.trainer as trainer
+    from pipeline.core.io import cache_dir
+    from pipeline.plan.planner import data_facts, measure_speed
 
     cfg = load_config(make_config(digits_dir, fmt="pixel_csv", model={"backbone": "simple_cnn", "pretrained": False},
                                   train={"epochs": 1, "batch_size": 16}, augment=[{"name": "HorizontalFlip", "p": 0.5}]))
@@ -425,7 +425,7 @@ def test_side_by_side_jobs_are_timed_beside_each_other(make_config, digits_dir, 
     assert measure_speed(cfg, facts, 28, 1, seconds=0.2, siblings=1) == beside and alone != beside
 
     asked = []
-    monkeypatch.setattr("pipeline.plan.measure_speed", lambda c, f, size, th, siblings=0: asked.append((th, siblings)) or alone)
+    monkeypatch.setattr("pipeline.plan.planner.measure_speed", lambda c, f, size, th, siblings=0: asked.append((th, siblings)) or alone)
     for jobs, want in ((2, (1, 1)), (1, (2, 0))):
         c = load_config(make_config(digits_dir, fmt="pixel_csv", model={"backbone": "simple_cnn", "pretrained": False},
                                     train={"epochs": "auto", "fold_jobs": jobs, "time_budget_s": 60}))
@@ -435,7 +435,7 @@ def test_side_by_side_jobs_are_timed_beside_each_other(make_config, digits_dir, 
 
 
 def test_a_sibling_that_fails_to_start_fails_the_measurement():
-    from pipeline.plan import _Siblings
+    from pipeline.plan.planner import _Siblings
 
     def broken():
         raise ValueError("no model")
@@ -447,7 +447,7 @@ def test_a_sibling_that_fails_to_start_fails_the_measurement():
 
 
 def test_folder_native_size_reads_headers_only(make_config, folder_dir):
-    from pipeline.formats import build_reader
+    from pipeline.data.formats import build_reader
 
     cfg = load_config(make_config(folder_dir, fmt="image_folder", data={"image_size": 32}))
     side = build_reader(cfg).native_size()
@@ -465,9 +465,9 @@ def test_auto_config_values_are_checked(make_config, digits_dir):
 
 
 def test_gradual_finetune_trains_head_then_stages_then_all(make_config, iceberg_dir, monkeypatch):
-    import pipeline.trainer as trainer_mod
-    from pipeline.cv import train_cv
-    from pipeline.fold import run_fold
+    import pipeline.train.trainer as trainer_mod
+    from pipeline.train.cv import train_cv
+    from pipeline.data.folds import run_fold
 
     cfg = planned(load_config(make_config(iceberg_dir, folds={"n_splits": 2}, model={
         "backbone": "tf_efficientnet_lite0", "pretrained": False, "finetune": "gradual", "unfreeze_stages": 1,
@@ -550,7 +550,7 @@ def test_commands_after_a_budgeted_train(make_config, digits_dir, capsys, tmp_pa
 
     import pandas as pd
 
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluate.evaluator import evaluate
 
     p = make_config(digits_dir, fmt="pixel_csv", folds={"n_splits": 2}, model={"backbone": "auto", "pretrained": False},
                     train={"batch_size": 64, "max_steps_per_epoch": 2, "patience": 0})
@@ -576,8 +576,8 @@ def test_commands_after_a_budgeted_train(make_config, digits_dir, capsys, tmp_pa
 
 
 def test_gradual_epochs_are_timed_by_stage():
-    from pipeline.config import ModelConfig
-    from pipeline.plan import STAGE_SPEEDUP
+    from pipeline.config.schema import ModelConfig
+    from pipeline.plan.planner import STAGE_SPEEDUP
 
     sp = Speed(train_img_s=100, val_img_s=1000)
     full = Shape(n_rows=500, n_folds=5, n_seeds=1, refit=False, width=1, cores=2)
@@ -590,7 +590,7 @@ def test_gradual_epochs_are_timed_by_stage():
 
 
 def test_auto_size_on_a_folder_of_mixed_sizes(make_config, folder_dir):
-    from pipeline.plan import data_facts
+    from pipeline.plan.planner import data_facts
 
     cfg = load_config(make_config(folder_dir, fmt="image_folder", data={"image_size": "auto", "channels": "auto"}))
     facts = data_facts(cfg)  # the demo folder's files are 28..48 px, some RGB

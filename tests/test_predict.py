@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from conftest import run_cli
-from pipeline.calibration import apply_temperature, load_temperature
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.fold import run_fold
-from pipeline.formats import read_table
-from pipeline.inference import predict_logits, softmax
-from pipeline.models import load_checkpoint
-from pipeline.predict import predict_test, submit_experiment
-from pipeline.submission import validate_submission
-from pipeline.cv import train_cv
-from pipeline.evaluate import evaluate
+from pipeline.tasks.calibration import apply_temperature, load_temperature
+from pipeline.config.schema import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.folds import run_fold
+from pipeline.data.formats import read_table
+from pipeline.models.inference import predict_logits, softmax
+from pipeline.models.backbones import load_checkpoint
+from pipeline.predict.predictor import predict_test, submit_experiment
+from pipeline.predict.submission import validate_submission
+from pipeline.train.cv import train_cv
+from pipeline.evaluate.evaluator import evaluate
 
 quiet = lambda *a: None  # noqa: E731
 RUN = Path("runs/comp/exp")
@@ -83,9 +83,9 @@ def test_logit_average_and_tta(digits_config):
 
 
 def test_tta_oof_uses_each_fold_model_on_its_own_rows(digits_config, capsys):
-    from pipeline.calibration import calibrate
-    from pipeline.fold import load_folds
-    from pipeline.predict import oof_with_tta
+    from pipeline.tasks.calibration import calibrate
+    from pipeline.data.folds import load_folds
+    from pipeline.predict.predictor import oof_with_tta
 
     path = digits_config(train={"epochs": 1})  # predict.tta_oof is on by default
     cfg = trained(path)
@@ -111,7 +111,7 @@ def test_tta_oof_uses_each_fold_model_on_its_own_rows(digits_config, capsys):
     m = json.loads((RUN / "metrics.json").read_text())
     assert m["oof"].endswith("oof_tta.csv") and m["tta"] == ["identity", "hflip"] and m["oof_without_tta"]["file"] == "oof.csv"
     # a TTA that raises the raw OOF log-loss is flagged in evaluate's summary (a mirrored digit is no digit)
-    from pipeline.evaluate import summary_table
+    from pipeline.evaluate.evaluator import summary_table
 
     for without, flagged in ((m["logloss"] - 0.01, True), (m["logloss"] + 0.01, False)):
         text = summary_table({**m, "oof_without_tta": {**m["oof_without_tta"], "logloss": without}})
@@ -147,10 +147,10 @@ def test_predict_with_tta_needs_a_fresh_evaluate(digits_config, capsys):
 def test_temperature_from_calibration_json(digits_config, monkeypatch):
     """Prediction files stay raw; a kept temperature is applied when they are read scaled: to the
     submission's probabilities and to predict.json's OOF scores."""
-    import pipeline.submission as submission
-    from pipeline.metrics import logloss
-    from pipeline.predict import clip_probs
-    from pipeline.predictions import read_predictions
+    import pipeline.predict.submission as submission
+    from pipeline.core.metrics import logloss
+    from pipeline.predict.predictor import clip_probs
+    from pipeline.runs.predictions import read_predictions
 
     path = digits_config(train={"epochs": 1}, predict={"clip": [0.01, 0.99]})
     cfg = trained(path)
@@ -199,7 +199,7 @@ def test_seeds_and_refit_models(digits_config):
     info = json.loads((RUN / "predict.json").read_text())
     assert info["models"] == [f"fold_{k}_seed{s}" for k in range(3) for s in (1, 2)]
     # each fold's own test predictions (its seeds averaged) beside test_pred.csv, which is their mean
-    from pipeline.predictions import read_predictions
+    from pipeline.runs.predictions import read_predictions
 
     test = read_table(cfg, "test")
     assert info["test_pred_folds"] == [f"test_pred_fold{k}.csv" for k in range(3)]
@@ -255,7 +255,7 @@ def test_bad_tta_name_fails_before_any_work(digits_config, capsys):
 
 def test_registered_tta_end_to_end(digits_config, request):
     """A TTA transform is one register_tta line: the config accepts its name and predict averages it in."""
-    from pipeline.tta import TTA, register_tta
+    from pipeline.models.tta import TTA, register_tta
 
     path = digits_config(train={"epochs": 1})
     with pytest.raises(PipelineError, match=r"predict.tta: unknown TTA 'transpose'"):
@@ -275,9 +275,9 @@ def test_registered_tta_end_to_end(digits_config, request):
 @pytest.mark.parametrize("views_help", [False, True])
 def test_auto_tta_keeps_the_affine_views_only_when_they_lower_the_oof_logloss(digits_config, monkeypatch, capsys, views_help):
     """Evaluate judges the affine views on the OOF; the calibration and the submission use what it kept."""
-    import pipeline.predict as predict_mod
-    from pipeline.tta import build_tta
-    from pipeline.tta import predict_tta as tta_mean
+    import pipeline.predict.predictor as predict_mod
+    from pipeline.models.tta import build_tta
+    from pipeline.models.tta import predict_tta as tta_mean
 
     path = digits_config(train={"epochs": 1}, augment=[{"name": "Affine", "rotate": [-20, 20], "p": 0.5}])
     cfg = trained(path)
@@ -294,7 +294,7 @@ def test_auto_tta_keeps_the_affine_views_only_when_they_lower_the_oof_logloss(di
 
     monkeypatch.setattr(predict_mod, "oof_with_tta", judged)
     # a budgeted run's plan writes the auto TTA out as a list: still auto, still judged
-    from pipeline.defaults import tta_auto
+    from pipeline.config.auto import tta_auto
 
     assert tta_auto(cfg) and tta_auto(cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"tta": ["identity", "rotate10"]}),
                                                           "plan": {"values": {"predict.tta": ["identity", "rotate10"]}}}))
@@ -322,9 +322,9 @@ def test_auto_tta_keeps_the_affine_views_only_when_they_lower_the_oof_logloss(di
 def test_judging_the_views_predicts_each_view_once(digits_config, monkeypatch, capsys):
     """With flips and affine views, evaluate averages both TTAs (with and without the views) from one
     pass per view, and each equals its own ``oof_with_tta``; a plan's list is still logged as auto."""
-    import pipeline.inference as inference
-    from pipeline.defaults import resolve_tta
-    from pipeline.predict import oof_with_tta, oof_with_tta_subsets
+    import pipeline.models.inference as inference
+    from pipeline.config.auto import resolve_tta
+    from pipeline.predict.predictor import oof_with_tta, oof_with_tta_subsets
 
     path = digits_config(train={"epochs": 1}, augment=[{"name": "HorizontalFlip", "p": 0.5},
                                                        {"name": "Affine", "rotate": [-20, 20], "p": 0.5}])

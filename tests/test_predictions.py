@@ -1,4 +1,4 @@
-"""Prediction files: one reader and one writer (pipeline/predictions.py), checked at the boundary;
+"""Prediction files: one reader and one writer (pipeline/runs/predictions.py), checked at the boundary;
 a property test corrupts valid files at random."""
 import json
 from pathlib import Path
@@ -9,9 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.calibration import apply_temperature
-from pipeline.errors import PipelineError
-from pipeline.predictions import (SUM_TOL, average_predictions, check_predictions, pred_frame, probs_of, read_classes,
+from pipeline.tasks.calibration import apply_temperature
+from pipeline.core.errors import PipelineError
+from pipeline.runs.predictions import (SUM_TOL, average_predictions, check_predictions, pred_frame, probs_of, read_classes,
                                   read_predictions, write_predictions)
 
 NAMES = ["ship", "iceberg", "other"]

@@ -1,4 +1,4 @@
-"""Pseudo-labels (pipeline/pseudo.py) on the tiny iceberg demo with simple_cnn: fold k's pseudo rows come from
+"""Pseudo-labels (pipeline/train/pseudo.py) on the tiny iceberg demo with simple_cnn: fold k's pseudo rows come from
 the source's fold-k model, never enter validation, respect threshold and max_share, and are recorded; a
 changed source retrains; bad input is one line and exit 2."""
 import copy
@@ -12,15 +12,15 @@ import torch
 from hypothesis import given, strategies as st
 from hypothesis.extra.numpy import arrays
 
-import pipeline.cv as cv
+import pipeline.train.cv as cv
 from conftest import cli_error, run_cli, write_yaml
-from pipeline.config import load_config
-from pipeline.fold import load_folds
-from pipeline.formats import read_table
-from pipeline.predictions import pred_frame, read_predictions, write_predictions
-from pipeline.pseudo import StackedImages, select
-from pipeline.table import Table
-from pipeline.trainer import TRAIN_ONLY, UNUSED, FoldTrainer, batch_loss, mixed_loss
+from pipeline.config.schema import load_config
+from pipeline.data.folds import load_folds
+from pipeline.data.formats import read_table
+from pipeline.runs.predictions import pred_frame, read_predictions, write_predictions
+from pipeline.train.pseudo import StackedImages, select
+from pipeline.data.table import Table
+from pipeline.train.trainer import TRAIN_ONLY, UNUSED, FoldTrainer, batch_loss, mixed_loss
 
 SRC = Path("runs/comp/src")
 RUN = Path("runs/comp/exp")
@@ -162,7 +162,7 @@ def test_changed_source_or_settings_retrain(ice_config, capsys):
     assert run_cli("train", path) == 0
     assert capsys.readouterr().out.count("done, skipping") == 3
     plain = load_config(path).model_copy(update={"pseudo": None})
-    from pipeline.runs import RunDir
+    from pipeline.runs.layout import RunDir
     assert RunDir.of(plain).train_hash != RunDir.of(load_config(path)).train_hash  # the section is in the train hash
     f1 = SRC / "test_pred_fold1.csv"
     df = pd.read_csv(f1, dtype={"id": str})
@@ -356,7 +356,7 @@ def test_soft_weighted_loss_by_hand():
 
 def test_fold_view_marks_rows(ice_config):
     """Unit view of the driver's data: real rows keep their folds, selected test rows TRAIN_ONLY, the rest UNUSED."""
-    from pipeline.pseudo import PseudoLabels, Selection
+    from pipeline.train.pseudo import PseudoLabels, Selection
 
     path = ice_config()
     assert run_cli("fold", path) == 0
@@ -377,8 +377,8 @@ def test_fold_view_marks_rows(ice_config):
 def test_the_plan_times_the_pseudo_rows(ice_config):
     """A budgeted pseudo-labelled run is planned for its real rows plus the most pseudo rows any fold takes
     (counted from the source's fold files as training counts them): fewer epochs than without them."""
-    from pipeline.plan import Speed, data_facts, make_plan
-    from pipeline.pseudo import check_source, prepare
+    from pipeline.plan.planner import Speed, data_facts, make_plan
+    from pipeline.train.pseudo import check_source, prepare
 
     path = ice_config(pseudo={"from": str(SRC), "threshold": 0.95, "max_share": 1.0},
                       train={"epochs": "auto", "time_budget_s": 60, "max_steps_per_epoch": None})

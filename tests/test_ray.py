@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from conftest import cli_error, run_cli
-from pipeline.config import load_config
-from pipeline.formats import read_table
-from pipeline.cv import ProcessExecutor, RayExecutor, SequentialExecutor, _executor
-from pipeline.plan import executor_width
+from pipeline.config.schema import load_config
+from pipeline.data.formats import read_table
+from pipeline.train.cv import ProcessExecutor, RayExecutor, SequentialExecutor, _executor
+from pipeline.plan.planner import executor_width
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -157,7 +157,7 @@ def test_ray_cluster_survives_a_killed_worker_node(make_config, iceberg_dir, tmp
     try:
         nodes.append(_Node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp}"],
                            env, tmp_path / "head.log"))
-        # only the first worker node holds its job after epoch 1 (pipeline.fold_jobs._test_barrier)
+        # only the first worker node holds its job after epoch 1 (pipeline.train.executors._test_barrier)
         nodes.append(_Node(worker_args, {**env, "PIPELINE_TEST_HOLD": "held"}, tmp_path / "worker.log"))
         ray.init(address=f"127.0.0.1:{port}", logging_level="WARNING")
         _wait_for("2 live nodes", lambda: sum(n["Alive"] for n in ray.nodes()) == 2, 120)

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.formats import read_table
+from pipeline.config.schema import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.formats import read_table
 
 
 CORRUPTIONS = st.one_of(

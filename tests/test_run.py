@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from conftest import run_cli
-from pipeline.config import load_config
-from pipeline.submission import validate_submission
+from pipeline.config.schema import load_config
+from pipeline.predict.submission import validate_submission
 
 COMPETITIONS = Path(__file__).parents[1] / "competitions"
 FAST = ["folds.n_splits=2", "train.epochs=1", "evaluate.gradcam_samples=1"]
@@ -43,7 +43,7 @@ def test_run_end_to_end_writes_a_valid_submission(config, fixture, extra, min_ac
     meta = json.loads(subs[0].with_suffix(".json").read_text())
     assert meta["experiments"] == [cfg.name] and meta["metric"] == cfg.metric
     if min_accuracy is not None:  # the digit demos hold out answers: the file scores against them
-        from pipeline.submission import score_submission
+        from pipeline.predict.submission import score_submission
 
         name, value = score_submission(cfg, subs[0], data_dir / "solution.csv")
         assert name == "accuracy" and value > min_accuracy

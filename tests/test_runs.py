@@ -1,4 +1,4 @@
-"""Run folders have one owner (pipeline/runs.py); their roots (paths.*) are runtime keys."""
+"""Run folders have one owner (pipeline/runs/layout.py); their roots (paths.*) are runtime keys."""
 import json
 from pathlib import Path
 
@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 
 from conftest import run_cli
-from pipeline.config import STAGE_SECTIONS, load_config
-from pipeline.errors import PipelineError
-from pipeline.runs import JobDir, RunDir
+from pipeline.config.schema import STAGE_SECTIONS, load_config
+from pipeline.core.errors import PipelineError
+from pipeline.runs.layout import JobDir, RunDir
 
 
 def test_job_and_refit_folders_with_one_and_several_seeds(digits_config):
@@ -96,7 +96,7 @@ def test_paths_are_runtime_keys(digits_config, tmp_path):
 
 def test_metric_joins_the_predict_hash(digits_config):
     """A changed metric changes predict.json's scores: predict must be stale even where evaluate is not."""
-    from pipeline.run import stage_states
+    from pipeline.stages import stage_states
 
     path = digits_config()
     acc, ll = load_config(path), load_config(path, ["metric=logloss"])
@@ -105,7 +105,7 @@ def test_metric_joins_the_predict_hash(digits_config):
     for f in (acc.folds_path, run.oof, run.metrics_json, run.test_pred):
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text("x")
-    from pipeline.config import write_snapshot
+    from pipeline.config.schema import write_snapshot
 
     write_snapshot(acc, acc.folds_path.with_suffix(".config.yaml"), "fold")
     run.write_snapshot("train")
@@ -141,8 +141,8 @@ def test_a_run_writes_only_under_the_configured_roots(digits_config, tmp_path_fa
 
 
 def test_tuning_studies_and_histories_follow_the_runs_root(digits_config, tmp_path):
-    from pipeline.runs import RunDir, tune_dir
-    from pipeline.tune import default_storage
+    from pipeline.runs.layout import RunDir, tune_dir
+    from pipeline.tune.tuner import default_storage
 
     cfg = load_config(digits_config(), [f"paths.runs={tmp_path / 'big-disk'}"])
     assert tune_dir(cfg, "s1") == tmp_path / "big-disk" / "comp" / "tune" / "s1"

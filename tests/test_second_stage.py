@@ -7,16 +7,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import pipeline.ensemble as ens_mod
+import pipeline.ensemble.blend as ens_mod
 from conftest import cli_error, run_cli, write_yaml
-from pipeline.config import load_config
-from pipeline.ensemble import blend_gbm, blend_hillclimb, hillclimb_weights, stack_features
-from pipeline.errors import PipelineError
-from pipeline.formats import read_table
-from pipeline.metrics import logloss, score
-from pipeline.predictions import read_predictions
-from pipeline.scalars import scalars_for, table_scalars
-from pipeline.table import Table
+from pipeline.config.schema import load_config
+from pipeline.ensemble.blend import blend_gbm, blend_hillclimb, hillclimb_weights, stack_features
+from pipeline.core.errors import PipelineError
+from pipeline.data.formats import read_table
+from pipeline.core.metrics import logloss, score
+from pipeline.runs.predictions import read_predictions
+from pipeline.ensemble.scalars import scalars_for, table_scalars
+from pipeline.data.table import Table
 from test_ensemble import N_TEST, N_TRAIN, base_cfg, binary, ens_file, fake_member  # noqa: F401 (base_cfg: a fixture)
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from conftest import cli_error, run_cli, write_yaml
-from pipeline.io import staged
+from pipeline.core.io import staged
 from test_ensemble import CLASSES, fake_member
 
 
@@ -166,7 +166,7 @@ def test_a_members_bad_predictions_are_refused_and_nothing_changes(two_members, 
 
 
 def test_ensemble_submission_fault_leaves_the_earlier_blend(two_members, monkeypatch, capsys):
-    import pipeline.ensemble as ensemble
+    import pipeline.ensemble.blend as ensemble
 
     before = _tree("runs", "submissions")
     with monkeypatch.context() as m:  # the sidecar JSON of the new submission cannot be written
@@ -200,7 +200,7 @@ RUN = Path("runs/comp/exp")
 
 
 def test_predict_faults_leave_the_earlier_predictions(digits_config, monkeypatch, capsys):
-    import pipeline.submission as submission
+    import pipeline.predict.submission as submission
 
     path = digits_config(train={"epochs": 1, "refit": True})
     assert run_cli("fold", path) == 0 and run_cli("train", path) == 0 and run_cli("predict", path) == 0
@@ -241,8 +241,8 @@ def test_predict_faults_leave_the_earlier_predictions(digits_config, monkeypatch
     assert err == "error: runs/comp/exp/config.predict.hash: No space left on device (ENOSPC)"
     assert sorted(Path("submissions").iterdir()) == sorted(Path(p) for p in before if p.startswith("submissions"))
     assert not (RUN / "config.predict.hash").exists()  # the stage reads as not done, never as done with mixed files
-    from pipeline.config import load_config
-    from pipeline.run import stage_states
+    from pipeline.config.schema import load_config
+    from pipeline.stages import stage_states
 
     assert dict((st.name, state) for st, state in stage_states(load_config(path)))["predict"] == "stale"
     assert not [p for p in RUN.iterdir() if p.name.startswith(".staging")]
@@ -256,8 +256,8 @@ def test_predict_faults_leave_the_earlier_predictions(digits_config, monkeypatch
 
 
 def test_predict_test_alone_removes_stale_files_only_on_success(digits_config):
-    from pipeline.config import load_config
-    from pipeline.predict import predict_test
+    from pipeline.config.schema import load_config
+    from pipeline.predict.predictor import predict_test
 
     path = digits_config(train={"epochs": 1})
     assert run_cli("fold", path) == 0 and run_cli("train", path) == 0
@@ -276,11 +276,11 @@ def test_evaluate_writes_its_files_all_or_nothing(digits_config, monkeypatch, ca
     import errno
     import os
 
-    import pipeline.io as pio
+    import pipeline.core.io as pio
     from conftest import cli_error, run_cli
-    from pipeline.config import load_config
-    from pipeline.cv import train_cv
-    from pipeline.fold import run_fold
+    from pipeline.config.schema import load_config
+    from pipeline.train.cv import train_cv
+    from pipeline.data.folds import run_fold
 
     path = digits_config(train={"epochs": 1})
     cfg = load_config(path)

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 
 from conftest import cli_error, run_cli
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.experiments import cv_score, list_experiments, record_lb
-from pipeline.submission import validate_submission, write_submission
+from pipeline.config.schema import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.evaluate.experiments import cv_score, list_experiments, record_lb
+from pipeline.predict.submission import validate_submission, write_submission
 
 quiet = lambda *a: None  # noqa: E731
 NOW = dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
@@ -175,7 +175,7 @@ def test_validate_submission_scores_against_a_solution(digits_cfg, statoil_dir, 
     cfg = load_config(make_config(statoil_dir, "statoil_json"))
     pd.DataFrame({"id": [f"img{i}" for i in range(5)], "is_iceberg": [0.9, 0.1, 0.8, 0.2, 0.5]}).to_csv("p.csv", index=False)
     pd.DataFrame({"id": [f"img{i}" for i in range(5)], "is_iceberg": [1, 0, 1, 0, 1]}).to_csv("s.csv", index=False)
-    from pipeline.submission import score_submission
+    from pipeline.predict.submission import score_submission
 
     name, value = score_submission(cfg, "p.csv", "s.csv")
     expect = -np.mean(np.log([0.9, 0.9, 0.8, 0.8, 0.5]))

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
+from pipeline.config.schema import load_config
+from pipeline.core.errors import PipelineError
 from test_readers_property import CORRUPTIONS, corrupt  # noqa: F401 - also loads the hypothesis profiles
 
 _CACHE: dict = {}
@@ -48,7 +48,7 @@ def _one_line(e: PipelineError) -> None:
 def kinds(make_config, sk_digits_dir, iceberg_dir):
     """(config, test ids, class names, a valid submission's bytes) of a label and a probability competition."""
     if "kinds" not in _CACHE:
-        from pipeline.formats import build_reader, read_table
+        from pipeline.data.formats import build_reader, read_table
 
         out = {}
         for kind, (d, fmt) in {"label": (sk_digits_dir, "pixel_csv"), "probability": (iceberg_dir, "statoil_json")}.items():
@@ -66,7 +66,7 @@ def kinds(make_config, sk_digits_dir, iceberg_dir):
 def _valid_submission(data: bytes, cfg, test_ids, class_names) -> None:
     """An independent look at an accepted file: exactly the competition's columns, every test id
     once, and a valid value in every row."""
-    from pipeline.formats import build_reader
+    from pipeline.data.formats import build_reader
 
     reader = build_reader(cfg)
     id_col, val_col = reader.submission_columns
@@ -83,7 +83,7 @@ def _valid_submission(data: bytes, cfg, test_ids, class_names) -> None:
 
 
 def _validate_corrupted(kinds, how, kind):
-    from pipeline.submission import validate_submission
+    from pipeline.predict.submission import validate_submission
 
     cfg, test_ids, class_names, good = kinds[kind]
     data = corrupt_any(good, how)
@@ -107,8 +107,8 @@ def test_submission_validator_bad_cells(kinds, how, kind):
 
 @given(how=SUB_CORRUPTIONS, kind=st.sampled_from(["label", "probability"]))
 def test_solution_reader_corruptions(kinds, how, kind):
-    from pipeline.formats import build_reader
-    from pipeline.submission import read_solution
+    from pipeline.data.formats import build_reader
+    from pipeline.predict.submission import read_solution
 
     cfg, test_ids, class_names, _ = kinds[kind]
     id_col, val_col = build_reader(cfg).submission_columns
@@ -130,7 +130,7 @@ def test_solution_reader_corruptions(kinds, how, kind):
 def own_submission(kinds):
     """A submission the pipeline wrote (CSV and sidecar), as bytes: copied afresh for every example."""
     if "own" not in _CACHE:
-        from pipeline.submission import write_submission
+        from pipeline.predict.submission import write_submission
 
         cfg, test_ids, class_names, _ = kinds["label"]
         probs = np.random.default_rng(1).dirichlet(np.ones(len(class_names)), len(test_ids))
@@ -149,7 +149,7 @@ def _fresh(name: str) -> Path:
 
 @given(how=CORRUPTIONS, which=st.sampled_from(["csv", "json"]))
 def test_lb_corruptions(own_submission, how, which):
-    from pipeline.experiments import record_lb
+    from pipeline.evaluate.experiments import record_lb
 
     name, csv, side = own_submission
     d = _fresh("lbcase")
@@ -170,7 +170,7 @@ def test_lb_corruptions(own_submission, how, which):
 
 @given(how=SUB_CORRUPTIONS)
 def test_leaderboard_corruptions(own_submission, how):
-    from pipeline.experiments import LEADERBOARD_COLUMNS, read_leaderboard, record_lb
+    from pipeline.evaluate.experiments import LEADERBOARD_COLUMNS, read_leaderboard, record_lb
 
     if "board" not in _CACHE:
         name, csv, side = own_submission
@@ -194,7 +194,7 @@ def test_leaderboard_corruptions(own_submission, how):
 
 @given(how=CORRUPTIONS)
 def test_metrics_json_corruptions(how):
-    from pipeline.experiments import cv_score
+    from pipeline.evaluate.experiments import cv_score
 
     good = json.dumps({"metric": "accuracy", "headline": 0.8, "cv_mean": {"accuracy": 0.8, "logloss": 0.4},
                        "cv_std": {"accuracy": 0.05, "logloss": None}}, indent=2).encode()

@@ -14,13 +14,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import lock_held_elsewhere, run_cli
-from pipeline.config import load_config
-from pipeline.errors import PipelineError
-from pipeline.fold import run_fold
-from pipeline.formats import read_table
-from pipeline.models import apply_finetune, backbone_groups, build_model, load_checkpoint
-from pipeline.cv import train_cv
-from pipeline.optim import build_optimizer
+from pipeline.config.schema import load_config
+from pipeline.core.errors import PipelineError
+from pipeline.data.folds import run_fold
+from pipeline.data.formats import read_table
+from pipeline.models.backbones import apply_finetune, backbone_groups, build_model, load_checkpoint
+from pipeline.train.cv import train_cv
+from pipeline.train.optim import build_optimizer
 
 quiet = lambda *a: None  # noqa: E731
 
@@ -198,7 +198,7 @@ def test_head_only_caches_features_and_keeps_backbone(digits_config, capsys):
     assert "head-only: cached backbone features of 600 images" in capsys.readouterr().out
     trained, _ = load_checkpoint("runs/comp/exp/fold_0/best.safetensors")
     torch.manual_seed(0)
-    from pipeline.trainer import derive_seed, seed_everything
+    from pipeline.train.trainer import derive_seed, seed_everything
 
     seed_everything(derive_seed("init", cfg.train.seed))
     fresh, _ = build_model(cfg, 1, 10, 0, (32, 32))
@@ -211,7 +211,7 @@ def test_gradual_unfreeze(digits_config):
                                  data={"image_size": 16}, train={"max_steps_per_epoch": 2}))
     train_cv(cfg, folds=[0])
     trained, _ = load_checkpoint("runs/comp/exp/fold_0/best.safetensors")
-    from pipeline.trainer import derive_seed, seed_everything
+    from pipeline.train.trainer import derive_seed, seed_everything
 
     seed_everything(derive_seed("init", cfg.train.seed))
     fresh, _ = build_model(cfg, 1, 10, 0, (16, 16))

@@ -8,18 +8,18 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.fold import run_fold
-from pipeline.cv import train_cv
-from pipeline.runs import RunDir
-from pipeline.trainer import FoldTrainer, mix_batch, mixed_loss
+from pipeline.config.schema import load_config
+from pipeline.data.folds import run_fold
+from pipeline.train.cv import train_cv
+from pipeline.runs.layout import RunDir
+from pipeline.train.trainer import FoldTrainer, mix_batch, mixed_loss
 
 quiet = lambda *a: None  # noqa: E731
 RUN = Path("runs/comp/exp")
 
 
 def _prepare(path, overrides=()):
-    from pipeline.plan import planned
+    from pipeline.plan.planner import planned
 
     cfg = planned(load_config(path, list(overrides)))
     run_fold(cfg)
@@ -100,8 +100,8 @@ def test_interrupted_run_with_tricks_resumes_identically(digits_config, tmp_path
 
 
 def _trainer(cfg, fold=0):
-    from pipeline.fold import load_folds
-    from pipeline.formats import read_table
+    from pipeline.data.folds import load_folds
+    from pipeline.data.formats import read_table
 
     table = read_table(cfg, "train")
     return FoldTrainer(cfg=cfg, table=table, fold_of=load_folds(cfg, table), job=RunDir.of(cfg).job_dir(fold, 42),
@@ -123,8 +123,8 @@ def test_tricks_on_are_deterministic(digits_config, tmp_path):
 
 
 def test_ema_weights_are_evaluated_and_checkpointed(digits_config):
-    from pipeline.inference import predict_logits, softmax
-    from pipeline.models import load_checkpoint
+    from pipeline.models.inference import predict_logits, softmax
+    from pipeline.models.backbones import load_checkpoint
 
     cfg = _prepare(digits_config(train={"ema_decay": 0.5, "epochs": 1}))
     trainer = _trainer(cfg)
@@ -185,7 +185,7 @@ def test_gradient_accumulation_keeps_the_schedule_length(digits_config):
 
 def test_gradient_accumulation_equals_one_larger_batch(digits_config, monkeypatch):
     """Two accumulated half batches give the same update as one full batch (dropout off, plain SGD)."""
-    import pipeline.trainer as tr
+    import pipeline.train.trainer as tr
 
     monkeypatch.setattr(tr, "freeze_bn_stats", lambda model, every=False: model.eval())  # no dropout: the two runs are comparable
     sgd = {"optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0, "scheduler": "none", "lr": 0.05, "epochs": 1}
@@ -244,7 +244,7 @@ def test_time_budget_stops_at_epoch_boundary_with_complete_oof(digits_config, ca
 
 def test_time_budget_share_counts_the_refit_jobs(digits_config, monkeypatch):
     """What is left of the budget is split equally over the jobs left, refit models included."""
-    import pipeline.cv as tr
+    import pipeline.train.cv as tr
 
     cfg = load_config(digits_config(train={"time_budget_s": 100.0}))
     with monkeypatch.context() as m:
@@ -270,7 +270,7 @@ def test_num_workers_do_not_change_results(digits_config, tmp_path):
 
 
 def test_precision_auto_measures_once_and_is_reused(digits_config, monkeypatch, capsys):
-    import pipeline.precision as prec
+    import pipeline.train.precision as prec
 
     cfg = _prepare(digits_config(train={"precision": "auto", "epochs": 1}))
     train_cv(cfg, folds=[0])
@@ -306,7 +306,7 @@ def test_refit_on_all_rows_with_cv_epoch_count(digits_config, capsys):
 
 
 def test_thread_plan_is_fixed_by_the_job_list():
-    from pipeline.plan import thread_plan
+    from pipeline.plan.planner import thread_plan
 
     assert thread_plan(4, 2, 2) == [1, 1, 1, 1]
     assert thread_plan(3, 2, 2) == [1, 1, 2]  # the last, lone fold gets both cores
@@ -334,7 +334,7 @@ def test_fold_jobs_train_folds_in_parallel_processes_deterministically(digits_co
     (RUN / "fold_0" / "done.json").unlink()
     (RUN / "fold_1" / "done.json").unlink()
     (RUN / "fold_1").joinpath("last.pt").write_bytes(b"not a checkpoint")
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match=r"fold_1/last.pt: corrupt resume checkpoint"):
         train_cv(_prepare(path))

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import PipelineError
-from pipeline.models import build_model
-from pipeline.tta import TTA, build_tta, model_input_size, predict_tta
+from pipeline.core.errors import PipelineError
+from pipeline.models.backbones import build_model
+from pipeline.models.tta import TTA, build_tta, model_input_size, predict_tta
 
 
 def real_model(img_size=(8, 8), in_chans=1, num_classes=4, seed=0):

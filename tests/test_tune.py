@@ -13,7 +13,7 @@ import yaml
 from optuna.trial import TrialState
 
 from conftest import run_cli
-from pipeline.config import load_config
+from pipeline.config.schema import load_config
 
 SPACE = {
     "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
@@ -145,7 +145,7 @@ def test_max_trials_caps_the_study(tune_config, capsys):
 
 def test_trial_over_the_cap_in_a_race_is_failed_without_training(tune_config, monkeypatch, capsys):
     """Another worker's trial started between this worker's budget check and its ask(): the cap holds."""
-    import pipeline.tune as tune_mod
+    import pipeline.tune.tuner as tune_mod
 
     path = tune_config(tune={"heartbeat_s": 600})
     DB.parent.mkdir(parents=True)
@@ -166,7 +166,7 @@ def test_trial_over_the_cap_in_a_race_is_failed_without_training(tune_config, mo
 # ---- pruning ------------------------------------------------------------------------------
 
 def test_pruned_trial_stops_training_at_once(tune_config, monkeypatch, capsys):
-    import pipeline.tune as tune_mod
+    import pipeline.tune.tuner as tune_mod
 
     path = tune_config(train={"epochs": 3}, tune={"folds": [0, 1]})
     monkeypatch.setattr(tune_mod, "build_pruner", lambda *a: optuna.pruners.ThresholdPruner(lower=2.0))  # accuracy < 2: always
@@ -285,7 +285,7 @@ def test_best_yaml_round_trips_through_train_params(tune_config, capsys):
 def test_stale_running_trial_is_failed_and_retried(tune_config, capsys):
     """A trial left RUNNING by a killed process (heartbeat long silent) is marked FAIL and re-run
     with the same parameters by the next worker."""
-    import pipeline.tune as tune_mod
+    import pipeline.tune.tuner as tune_mod
 
     path = tune_config(tune={"heartbeat_s": 1})
     DB.parent.mkdir(parents=True)
@@ -322,8 +322,8 @@ def test_failing_trials_stop_the_search(tune_config, capsys):
 def test_trials_drop_the_plans_epoch_cut_when_epochs_or_batch_are_searched(tune_config, searched, cut_kept):
     """The plan cut each epoch to fit its own epoch count and batch (plan._fill_steps); a trial that
     searches either trains whole epochs, as the final `pipeline train --params` of its best values does."""
-    from pipeline.search_space import parse_space
-    from pipeline.tune import trial_base
+    from pipeline.tune.space import parse_space
+    from pipeline.tune.tuner import trial_base
 
     cfg = load_config(tune_config(space=searched, train={"max_steps_per_epoch": 7, "seeds": [1, 2], "refit": True}))
     planned_cut = cfg.model_copy(update={"plan": {"values": {"train.epochs": 3, "train.max_steps_per_epoch": 7}}})

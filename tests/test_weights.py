@@ -11,10 +11,10 @@ from safetensors.torch import load_file, save_file
 from timm.models import adapt_input_conv
 
 from conftest import run_cli
-from pipeline import weights as W
-from pipeline.config import ModelConfig
-from pipeline.errors import PipelineError
-from pipeline.models import build_model, create_backbone
+from pipeline.models import weights as W
+from pipeline.config.schema import ModelConfig
+from pipeline.core.errors import PipelineError
+from pipeline.models.backbones import build_model, create_backbone
 
 CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 LITE0 = "tf_efficientnet_lite0"
@@ -311,9 +311,9 @@ def test_first_run_on_an_empty_cache_gives_the_same_oof_as_later_runs(make_confi
 
     import pandas as pd
 
-    from pipeline.config import load_config
-    from pipeline.cv import train_cv
-    from pipeline.fold import run_fold
+    from pipeline.config.schema import load_config
+    from pipeline.train.cv import train_cv
+    from pipeline.data.folds import run_fold
 
     monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "fresh-cache"))
     path = make_config(iceberg_dir, folds={"n_splits": 2, "seed": 0},

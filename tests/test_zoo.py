@@ -196,7 +196,7 @@ def test_bad_command_line_is_one_line_and_writes_nothing(zoo, tmp_path, capsys):
 # ---- HParams ------------------------------------------------------------------------------------
 
 def test_hparams_folder_is_replaced_not_appended(tmp_path):
-    from pipeline.hparams import write_hparams
+    from pipeline.train.hparams import write_hparams
 
     folder = tmp_path / "run/tb_hparams"
     write_hparams(folder, {"train.lr": 0.1, "model.backbone": "x", "augment": [1, 2]}, {"cv_logloss": 0.5})

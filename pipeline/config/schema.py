@@ -1,0 +1,620 @@
+"""Competition/experiment configs: YAML with ``extends:``, CLI overrides, typed validation.
+
+A config is data. ``load_config(path, overrides)`` returns a validated ``Config``; every
+problem (unknown key, wrong type, missing value, a name no registry holds, a data format's own
+rules, a bad augmentation or search space, missing data path) is one ``PipelineError`` line
+naming the file and the key. Everything that needs no data is checked here, before any is read.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Callable, Iterable, Literal
+
+import yaml
+from pydantic import (AfterValidator, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
+                      model_validator)
+
+from pipeline.core.errors import PipelineError
+from pipeline.data.formats import FORMATS, options_model
+from pipeline.config.options import DataOptions, Section
+from pipeline.core.keys import apply_overrides, known_keys, parse_yaml
+
+# Seeds go to numpy, scikit-learn and torch generators, which take 0 .. 2**32-1.
+SEED_MAX = 2**32 - 1
+
+
+# ---- names of registered things, checked against the live registry --------------------------
+# Each registry lives with what it builds and is imported when a name is checked (not when this
+# module is), so a name registered after import is accepted and loading a config stays light.
+
+def unknown_name(what: str, name, known: Iterable[str]) -> str:
+    """``unknown <what> 'x'; did you mean y?`` (or the known names when none is close)."""
+    known = list(known)
+    close = difflib.get_close_matches(str(name), known, n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else f"expected one of {', '.join(sorted(known))}"
+    return f"unknown {what} {name!r}; {hint}"
+
+
+def _registered(what: str, registry: Callable[[], Iterable[str]]):
+    def check(v: str) -> str:
+        known = registry()
+        if v not in known:
+            raise ValueError(unknown_name(what, v, known))
+        return v
+
+    return AfterValidator(check)
+
+
+def _metrics():
+    from pipeline.core.metrics import METRICS
+
+    return METRICS
+
+
+def _optimizers():
+    from pipeline.train.optim import OPTIMIZERS
+
+    return OPTIMIZERS
+
+
+def _schedulers():
+    from pipeline.train.optim import SCHEDULERS
+
+    return SCHEDULERS
+
+
+def _samplers():
+    from pipeline.tune.samplers import SAMPLERS
+
+    return SAMPLERS
+
+
+def _pruners():
+    from pipeline.tune.samplers import PRUNERS
+
+    return PRUNERS
+
+
+def _tta_names(names: list[str]) -> list[str]:
+    from pipeline.models.tta import tta_problem
+
+    problem = tta_problem(names)
+    if problem:
+        raise ValueError(problem)
+    return names
+
+
+def auto_or(*fields: str, expected: str):
+    """A validator for keys that take ``auto`` or a value: one message naming both, instead of
+    pydantic's error per member of the union. A value of the right shape keeps its own message
+    (``[spin]``: unknown TTA 'spin')."""
+
+    def wrap(cls, v, handler):
+        try:
+            return handler(v)
+        except ValidationError as e:
+            own = [x for x in e.errors() if "literal" not in str(x["loc"][:1]).lower()]
+            if own and own[0]["type"] == "value_error":  # a registry's or a check's own line
+                raise ValueError(own[0]["msg"].removeprefix("Value error, ")) from None
+            if own and not own[0]["type"].endswith(("_type", "_parsing")) and own[0]["type"] != "missing":
+                raise ValueError(f"{own[0]['msg']}; expected auto or {expected}") from None  # e.g. not finite, too large
+            raise ValueError(f"got {v!r}; expected auto or {expected}") from None
+
+    return field_validator(*fields, mode="wrap")(wrap)
+
+
+class _UnknownFormat(DataOptions):
+    """What a ``data:`` section of an unregistered format is validated against: its format fails."""
+
+    @field_validator("format")
+    @classmethod
+    def _unknown(cls, v: str) -> str:
+        raise ValueError(unknown_name("format", v, FORMATS))
+
+
+class FoldsConfig(Section):
+    n_splits: int = Field(5, ge=2)
+    seed: int = Field(42, ge=0, le=SEED_MAX, description="repeat r splits with seed + r")
+    repeats: int = Field(1, ge=1, le=1000)
+    group: str | None = Field(None, description="column whose equal values share a fold (StratifiedGroupKFold)")
+    file: str | None = Field(None, description="default <paths.folds>/<competition>.csv")
+    adversarial: bool = Field(False, description="stratify by label x quantile bin of the adversarial p(test) "
+                                                 "(pipeline/data/shift.py), so every fold validates its share of test-like rows")
+    adversarial_bins: int = Field(5, ge=2, le=100, description="quantile bins of p(test) per class for folds.adversarial")
+
+    @model_validator(mode="after")
+    def _last_seed(self):
+        if self.seed + self.repeats - 1 > SEED_MAX:
+            raise ValueError(f"seed {self.seed} + repeats {self.repeats} - 1 exceeds {SEED_MAX}; expected a smaller folds.seed")
+        return self
+
+
+class ModelConfig(Section):
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: bool = True
+    weights: str | None = Field(None, description="checkpoint file tried first for pretrained weights")
+    drop_rate: float = Field(0.2, ge=0, lt=1)
+    use_features: bool = True
+    input_size: int | None = Field(None, gt=0, le=8192, description="resize batches to this size before the model")
+    input_norm: Literal["dataset", "image"] = Field(
+        "dataset", description="dataset: each channel by the training images' mean and std; image: each image first by "
+                               "its own mean and std (over all its channels), so a test set scanned brighter, darker or "
+                               "at another contrast than train reaches the model as train did")
+    finetune: Literal["full", "partial", "head", "gradual"] = Field(
+        "full", description="gradual: the head alone for the first epoch, then the last unfreeze_stages, then all "
+                            "after unfreeze_after (default a third of the epochs)")
+    unfreeze_stages: int = Field(2, ge=0)
+    unfreeze_after: int | None = Field(None, ge=1, description="epoch after which everything is unfrozen")
+    backbone_lr_mult: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _weights_need_pretrained(self):
+        if self.weights and not self.pretrained:  # else the file would be ignored silently
+            raise ValueError(f"weights is {self.weights!r} but pretrained is false; set model.pretrained=true to load it, or drop model.weights")
+        return self
+
+
+class TrainConfig(Section):
+    epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="auto: planned from train.time_budget_s (pipeline/plan/planner.py); 20 without a budget")
+    batch_size: int = Field(32, ge=1)
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        1e-3, description="auto: 1e-3 fine-tuning pretrained weights, 3e-3 from scratch (pipeline/config/auto.py)")
+    _lr = auto_or("lr", expected="a number > 0")
+    patience: int = Field(5, ge=0, description="epochs without val log-loss improvement before stopping; 0 = never")
+    device: str = "auto"
+    seed: int = Field(42, ge=0, le=SEED_MAX)
+    seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] | Literal["auto"] | None = Field(
+        None, description="one model per fold and seed; None or [] = [seed]; auto: seed and seeds derived from it, as many as the "
+                          "budget gives every job enough epochs for (pipeline/plan/planner.py)")
+    optimizer: Annotated[str, _registered("optimizer", _optimizers)] = Field("adamw", description="a name in pipeline.train.optim.OPTIMIZERS")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    scheduler: Annotated[str, _registered("scheduler", _schedulers)] = Field("cosine", description="a name in pipeline.train.optim.SCHEDULERS")
+    warmup_epochs: float = Field(0.0, ge=0)
+    step_size: int = Field(10, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] | Literal["auto"] = Field(
+        "auto", description="auto: 0.1 for a log-loss metric with > 2 classes, else 0 (pipeline/config/auto.py)")
+    _label_smoothing = auto_or("label_smoothing", expected="a number >= 0 and < 1")
+    grad_clip: float | None = Field(None, gt=0)
+    num_workers: int = Field(0, ge=0, le=1024)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="auto: on CUDA bf16 where native else fp16, elsewhere fp32 or bf16 timed once per machine; "
+                            "fp16 (CUDA only) scales the loss with torch.amp.GradScaler (pipeline/core/device.py)")
+    deterministic: bool = Field(True, description="CUDA: deterministic cuDNN kernels and torch.use_deterministic_algorithms "
+                                                  "(warn_only); false: cudnn.benchmark picks the fastest. No effect on CPU")
+    channels_last: bool = True
+    accum_steps: int = Field(1, ge=1)
+    mixup_alpha: float = Field(0.0, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
+    mix_prob: float = Field(1.0, ge=0, le=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    class_weights: Literal["none", "balanced"] = "none"
+    balanced_sampling: bool = False
+    refit: bool = False
+    time_budget_s: float | None = Field(None, gt=0, description="seconds of training (refit included) the run is planned to "
+                                                                 "spend; also `--budget 15m` (pipeline/plan/planner.py)")
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    fold_jobs: int = Field(1, ge=1, le=1024, description="CPU: folds trained at once, each in its own process with "
+                                                "cores/fold_jobs threads (pipeline/train/executors.py)")
+    sync_bn: bool = Field(False, description="under torchrun on CUDA: BatchNorm statistics over the global batch "
+                                             "(SyncBatchNorm) instead of each rank's share (pipeline/train/distributed.py)")
+    freeze_bn: bool = Field(False, description="BatchNorm uses and keeps its running statistics while training (its "
+                                               "weights still learn): a pretrained backbone's statistics survive small "
+                                               "batches, and a torchrun run computes what one process does")
+    # Where the fold x seed jobs run (runtime keys, out of the run hash). auto is the rule from before
+    # the key existed: processes when fold_jobs > 1, else local.
+    executor: Literal["auto", "local", "processes", "ray"] = Field(
+        "auto", description="local: one job after another in this process; processes: train.fold_jobs spawned processes "
+                            "on CPU; ray: jobs and refits as Ray tasks (pip install -e .[ray]); auto: processes when "
+                            "train.fold_jobs > 1, else local")
+    ray_address: str = Field("auto", min_length=1, description="auto: $RAY_ADDRESS or the cluster `ray start` runs on this "
+                                                               "machine, else a Ray started for this run; or host:port")
+    ray_num_cpus: int = Field(1, ge=1, le=1024, description="CPUs a Ray job requests, and its torch thread count")
+    ray_num_gpus: float = Field(0, ge=0, le=64, description="GPUs a Ray job requests (0.5: two jobs share one)")
+    ray_max_retries: int = Field(3, ge=0, le=100, description="reruns of a Ray job whose worker or node died; it resumes from last.pt")
+
+    @model_validator(mode="after")
+    def _processes_need_width(self):
+        if self.executor == "processes" and self.fold_jobs < 2:  # else "processes" would quietly train in this one
+            raise ValueError("executor is processes but fold_jobs is 1; set train.fold_jobs=2 or more, or train.executor=local")
+        return self
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v: list[int] | str | None) -> list[int] | str | None:
+        if isinstance(v, list) and len(set(v)) != len(v):  # two jobs would share one fold_<k>_seed<s> folder
+            raise ValueError(f"got {v!r}; expected distinct seeds")
+        return v
+
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|(ray://)?(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+):\d{1,5}", v):
+            raise ValueError(f"got {v!r}; expected auto, host:port (the head's `ray start --head --port`) or ray://host:port")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):  # as pipeline.core.device.DEVICE_RE (no torch import here)
+            raise ValueError(f"got {v!r}; expected auto, cpu, cuda, cuda:N or mps")
+        return v
+
+
+class EvaluateConfig(Section):
+    eps: float = Field(1e-15, gt=0, lt=0.5)
+    calibrate: bool = True
+    n_bins: int = Field(10, ge=2, le=10_000)
+    gradcam_samples: int = Field(4, ge=0)
+    adversarial: bool = Field(True, description="train-vs-test classifier, test-like rows, duplicates and the "
+                                                "adversarial validation score in metrics.json and report.html")
+
+
+class AdversarialConfig(Section):
+    """Adversarial validation (``pipeline adversarial``, ``evaluate.adversarial``, ``folds.adversarial``)."""
+
+    embedding: Literal["stats", "auto", "backbone"] = Field(
+        "stats", description="image statistics always; plus the backbone's embedding when its weights are offline (auto) or "
+                             "required (backbone); stats by default: the backbone costs minutes on CPU (lite0: ~3 min for 5,000 images)")
+    backbone: str = Field("tf_efficientnet_lite0", description="pretrained timm model whose pooled features embed the images")
+    image_size: int = Field(64, ge=16, le=1024, description="images are resized to this side for the backbone")
+    n_splits: int = Field(5, ge=2, le=50)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    top_k: int = Field(20, ge=1, le=10_000, description="most test-like train rows reported")
+    near_threshold: float = Field(0.995, gt=0, le=1, description="cosine similarity of mean-centred thumbnails at which a pair is a near duplicate")
+    max_pairs: int = Field(50, ge=1, le=100_000, description="duplicate pairs listed per kind (all are counted)")
+
+
+class PredictConfig(Section):
+    average: Literal["prob", "logit"] = "prob"
+    tta: Annotated[list[str], AfterValidator(_tta_names)] | Literal["auto"] = Field(
+        "auto", description="names in pipeline.models.tta.TTA, rotate<D>, zoom<P>; auto: the flips, quarter turns and small affine "
+                           "views the augment list trains with (pipeline/config/auto.py)")
+    tta_oof: bool = Field(True, description="OOF through the same TTA (evaluate writes oof_tta.csv and calibrates on it)")
+    clip: tuple[float, float] | Literal["auto"] | None = Field(
+        "auto", description="auto: [0.001, 0.999] for a log-loss metric, else none (pipeline/config/auto.py)")
+    _auto = auto_or("tta", expected="a list of TTA names like [identity, hflip]")
+    _auto_clip = auto_or("clip", expected="null or [lo, hi] like [0.001, 0.999]")
+
+
+class TuneConfig(Section):
+    """``pipeline tune``: Optuna search; ``space`` syntax in ``pipeline/tune/space.py``."""
+
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    sampler: Annotated[str, _registered("sampler", _samplers)] = Field("tpe", description="a name in pipeline.tune.samplers.SAMPLERS")
+    pruner: Annotated[str, _registered("pruner", _pruners)] = Field(
+        "median", description="median/halving/hyperband: epoch values of the first tuned fold; wilcoxon: fold values")
+    folds: list[int] | None = Field(None, description="folds the objective averages; None = all")
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    n_trials: int = Field(20, ge=1, description="trials per process when --n-trials and --timeout are not given")
+    n_startup_trials: int = Field(5, ge=0, description="random trials before TPE/CMA-ES model the space and before epoch pruners prune")
+    p_threshold: float = Field(0.1, gt=0, lt=1, description="WilcoxonPruner: prune when p < this")
+    heartbeat_s: int = Field(60, ge=1, le=86_400, description="a running trial records a heartbeat this often")
+    grace_s: int | None = Field(None, ge=1, le=30 * 86_400, description="a RUNNING trial silent this long is failed and retried; None = 2 x heartbeat_s")
+    max_retry: int = Field(3, ge=0, description="times a trial whose worker died is retried")
+    plots: bool = True
+
+    @field_validator("folds")
+    @classmethod
+    def _folds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v) or min(v) < 0):
+            raise ValueError(f"got {v!r}; expected distinct fold numbers like [0, 1], or null for all folds")
+        return v
+
+
+class PseudoConfig(Section):
+    """Pseudo-labels (pipeline/train/pseudo.py): confident test rows of a source run join every fold's training part."""
+
+    model_config = ConfigDict(serialize_by_alias=True)  # snapshots say ``from:`` as the user wrote it
+
+    source: str = Field(alias="from", description="the source: an experiment config, or an experiment's or ensemble's run "
+                                                  "folder (runs/<competition>/<name>); its test_pred_fold<k>.csv label fold k's pseudo rows")
+    threshold: float = Field(0.95, gt=0, le=1, description="a test row joins when the source's max probability is at least this")
+    weight: float = Field(0.5, gt=0, description="loss weight of a pseudo row (a real row's is 1)")
+    max_share: float = Field(0.5, gt=0, le=1, description="at most this share of a fold's training part is pseudo rows; "
+                                                         "the most confident are kept")
+    soft: bool = Field(False, description="train on the source's probabilities instead of its argmax")
+
+
+class PathsConfig(Section):
+    """Roots of the generated folders, relative to the current directory (``~`` expands)."""
+
+    runs: str = "runs"
+    folds: str = "folds"
+    submissions: str = "submissions"
+
+
+class Config(Section):
+    competition: str
+    metric: Annotated[str, _registered("metric", _metrics)] = Field("logloss", description="a name in pipeline.core.metrics.METRICS")
+    data: SerializeAsAny[DataOptions]
+    folds: FoldsConfig = Field(default_factory=FoldsConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    augment: list[dict[str, Any]] = Field(default_factory=list)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    pseudo: PseudoConfig | None = None
+    paths: PathsConfig = Field(default_factory=PathsConfig)
+
+    # Not part of the YAML: where it came from, and the plan its ``auto`` values were resolved by
+    # (pipeline/plan/planner.py; None until then).
+    path: str = ""
+    name: str = ""
+    plan: dict | None = None
+
+    @field_validator("data", mode="wrap")
+    @classmethod
+    def _data_by_format(cls, v, handler):
+        """A union keyed on data.format: each registered format's reader brings its options model."""
+        if isinstance(v, dict) and isinstance(v.get("format"), str):
+            model = options_model(v["format"]) if v["format"] in FORMATS else _UnknownFormat
+            return model.model_validate(v)
+        return handler(v)
+
+    @field_validator("competition")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"got {v!r}; expected a name of letters, digits, '.', '_' or '-'")
+        return v
+
+    # ---- derived paths (relative to the current directory) ----
+    @property
+    def folds_path(self) -> Path:
+        if self.folds.file:  # an explicit file wins over paths.folds
+            return Path(self.folds.file)
+        return Path(self.paths.folds).expanduser() / f"{self.competition}.csv"
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder; its layout is pipeline/runs/layout.py's (``RunDir``)."""
+        return Path(self.paths.runs).expanduser() / self.competition / self.name
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir).expanduser()
+
+    def to_dict(self) -> dict:
+        d = self.model_dump(mode="json")
+        d.pop("path"), d.pop("name"), d.pop("plan")
+        if d.get("pseudo") is None:  # absent, so configs without it keep their hashes
+            d.pop("pseudo", None)
+        return d
+
+    def hash(self, *sections: str) -> str:
+        """Short hash of the resolved config, or of some of its sections. Keys that say where or on
+        what a run happens, not what it computes (``RUNTIME_KEYS``), are left out, so
+        ``pipeline train CFG --folds 3 train.device=cuda:1`` joins the same run."""
+        d = self.to_dict()
+        if d["model"].get("input_norm") == "dataset":  # model.input_norm's default: configs from before it keep their hashes
+            d["model"].pop("input_norm")
+        for key in RUNTIME_KEYS:
+            section, _, name = key.partition(".")
+            if name:
+                d.get(section, {}).pop(name, None)
+            else:  # a whole section
+                d.pop(section, None)
+        if sections:  # a section, or one key of a section ("predict.tta")
+            d = {k: (d[k.partition(".")[0]][k.partition(".")[2]] if "." in k else d[k]) for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# Where the data is read from, which device and how many loader workers or fold processes compute
+# a run do not change what it computes (ids are checked against the folds file; loader workers are
+# seeded per batch; a fold's thread count is fixed by its place in the job list); nor which executor
+# runs the jobs and on which cluster; nor where the outputs go (``paths``, a whole section).
+# ``train.deterministic`` changes nothing on CPU and on CUDA only which kernels compute the same sums
+# (last digits, as another device does), so it is a runtime key like ``train.device``: flipping it to
+# speed up the remaining folds does not retrain the others.
+# Nor does torchrun's world size, which is no config key at all: train.batch_size is the global batch
+# however many ranks share it (pipeline/train/distributed.py).
+RUNTIME_KEYS = ("data.dir", "data.cache", "train.device", "train.num_workers", "train.fold_jobs",
+                "train.deterministic", "train.executor", "train.ray_address", "train.ray_num_cpus",
+                "train.ray_num_gpus", "train.ray_max_retries", "paths")
+
+# Sections each stage's outputs depend on (stage staleness and snapshots).
+STAGE_SECTIONS = {
+    "fold": ("competition", "data", "folds"),
+    "train": ("competition", "data", "folds", "model", "train", "augment"),
+    # evaluate makes and calibrates the TTA OOF (oof_tta.csv): the keys that decide it, not predict.clip
+    "evaluate": ("competition", "data", "folds", "model", "train", "augment", "metric", "evaluate",
+                 "predict.tta", "predict.tta_oof", "predict.average"),
+    "predict": ("competition", "data", "folds", "model", "train", "augment", "metric", "evaluate", "predict"),
+}
+
+
+def stage_sections(cfg: Config, stage: str) -> tuple[str, ...]:
+    """``STAGE_SECTIONS[stage]``, plus ``adversarial`` where that stage uses it (``folds.adversarial``,
+    ``evaluate.adversarial``): otherwise a changed ``adversarial.top_k`` would mark the folds stale and
+    retrain every model. ``pseudo`` joins the training stages only when it is set (other configs keep their hashes)."""
+    sections = STAGE_SECTIONS.get(stage, ())
+    if (stage == "fold" and cfg.folds.adversarial) or (stage == "evaluate" and cfg.evaluate.adversarial):
+        sections = sections + ("adversarial",)
+    if cfg.pseudo is not None and "train" in sections:
+        sections = sections + ("pseudo",)
+    return sections
+
+
+MAX_YAML_BYTES = 4 * 2**20  # a config is a page of settings; a bigger file is the wrong file
+
+
+def _read_yaml(path: Path) -> dict:
+    """A config, ``--params`` or ensemble file as a mapping; anything else is one line naming it."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # the name goes into run folders, snapshots and logs
+        shown = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise PipelineError(f"{shown}: the path is not valid UTF-8; rename it") from None
+    if path.is_dir():
+        raise PipelineError(f"{path}: is a directory; expected a YAML file")
+    if not path.exists():
+        raise PipelineError(f"{path}: config file not found")
+    if not path.is_file():
+        raise PipelineError(f"{path}: not a regular file; expected a YAML file")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_YAML_BYTES + 1)
+    if len(raw) > MAX_YAML_BYTES:
+        raise PipelineError(f"{path}: larger than {MAX_YAML_BYTES // 2**20} MiB; expected a YAML config")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise PipelineError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); expected a YAML file in UTF-8") from None
+    d = parse_yaml(text, str(path))
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise PipelineError(f"{path}: expected a mapping of sections at the top level, got {type(d).__name__}")
+    return d
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _load_with_extends(path: Path, seen: tuple = ()) -> dict:
+    path = path.resolve() if path.exists() else path
+    if path in seen:
+        raise PipelineError(f"{path}: extends: cycle ({' -> '.join(map(str, seen + (path,)))})")
+    d = _read_yaml(path)
+    parent = d.pop("extends", None)
+    if parent is None:
+        return d
+    if not isinstance(parent, str):
+        raise PipelineError(f"{path}: extends: expected a path to another YAML file, got {parent!r}")
+    ppath = (path.parent / parent)
+    if not ppath.exists():  # a directory or a non-UTF-8 file: _read_yaml names the problem
+        raise PipelineError(f"{path}: extends: {parent} not found (looked at {ppath})")
+    return deep_merge(_load_with_extends(ppath, seen + (path,)), d)
+
+
+def _format_error(path: Path, err: ValidationError) -> str:
+    """The first validation error as one line: ``<file>: <key>: <what is wrong> (got <value>)``."""
+    errors = err.errors()
+    e = errors[0]
+    # a key as typed, unless it is not printable text (a newline in a key must not break the line);
+    # without the branch tags pydantic adds for a union (``train.epochs.constrained-int``)
+    loc = ".".join(p if isinstance(p, str) and p.isprintable() else str(p) if isinstance(p, int) else repr(p)
+                   for p in _key_path(e["loc"]))
+    literal = next((x for x in errors[1:] if x["type"] == "literal_error" and _key_path(x["loc"]) == _key_path(e["loc"])), None)
+    if literal is not None and e["type"] != "literal_error":  # `int | Literal["auto"]`: say both
+        e = {**e, "msg": f"{e['msg']}, or {literal['ctx']['expected']}"}
+    if e["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc, known_keys(Config), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        return f"{path}: unknown key '{loc}'{hint}".replace("\n", "\\n")
+    if e["type"] == "missing":
+        return f"{path}: missing required key '{loc}'".replace("\n", "\\n")
+    msg = e["msg"].removeprefix("Value error, ")
+    got = e.get("input")
+    # not repeated when the message already shows it ("'lion'; did you mean ...", "64; statoil_json ...")
+    shown = (isinstance(got, (dict, list)) or "got" in msg or (isinstance(got, str) and repr(got) in msg)
+             or re.match(rf"{re.escape(str(got))}\b", msg))
+    got_r = repr(got)
+    got_s = "" if shown else f" (got {got_r if len(got_r) <= 80 else got_r[:77] + '...'})"
+    return f"{path}: {loc}: {msg}{got_s}".replace("\n", "\\n")
+
+
+_UNION_TAG = re.compile(r"(constrained-)?(int|float|str|bool|none)$|.*\[")
+
+
+def _key_path(loc: tuple) -> tuple:
+    return tuple(p for p in loc if not (isinstance(p, str) and _UNION_TAG.match(p)))
+
+
+def load_config(path: str | Path, overrides: list[str] | dict | None = None, check_data: bool = True) -> Config:
+    """Read a config file, apply ``extends`` and overrides, validate, check the data dir."""
+    path = Path(path)
+    d = _load_with_extends(path)
+    if overrides:
+        d = apply_overrides(d, overrides)
+    if isinstance(d.get("members"), dict) and "base" in d:  # a zoo file (pipeline/zoo.py), not an experiment
+        raise PipelineError(f"{path}: is a zoo file (base, members); use `pipeline zoo {path}`")
+    for k in ("path", "name", "plan"):  # derived from the file (and the run), never set in it
+        if k in d:
+            hint = "; this looks like an ensemble file: use `pipeline ensemble`" if "members" in d else ""
+            raise PipelineError(f"{path}: unknown key '{k}' (the experiment's name is the file's stem){hint}")
+    try:
+        cfg = Config.model_validate({**d, "path": str(path), "name": path.stem})
+    except ValidationError as err:
+        raise PipelineError(_format_error(path, err)) from None
+    check_without_data(cfg)
+    if check_data and not cfg.data_dir.is_dir():
+        raise PipelineError(f"{path}: data.dir: {cfg.data.dir} does not exist (relative paths resolve against {Path.cwd()})")
+    return cfg
+
+
+def check_without_data(cfg: Config) -> None:
+    """What the schema cannot check but needs no data either: the augmentation list (names and
+    parameters; a dry run too where the format alone fixes the images' channels and size) and
+    ``tune.space``, each problem one line as the stage that uses it would report it."""
+    _no_nonfinite_text(cfg.augment, f"{cfg.path}: augment")
+    _no_nonfinite_text(cfg.tune.space, f"{cfg.path}: tune.space")
+    spec = cfg.data.image_spec()
+    if cfg.augment:
+        from pipeline.data.augment import validate_augment
+
+        validate_augment(cfg.augment, *spec, where=f"{cfg.path}: augment")
+    if cfg.tune.space:
+        from pipeline.tune.space import check_augment, parse_space
+
+        check_augment(parse_space(cfg), cfg, *spec)
+
+
+def _no_nonfinite_text(node, where: str) -> None:
+    """Augment parameters and search-space values are free-form, and albumentations reads the text
+    ``nan`` or ``1e999`` as a number: refused here as the schema refuses them in its typed keys."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _no_nonfinite_text(v, f"{where}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _no_nonfinite_text(v, f"{where}[{i}]")
+    elif isinstance(node, str):
+        try:
+            finite = math.isfinite(float(node))
+        except ValueError:
+            return
+        if not finite:
+            raise PipelineError(f"{where}: {node!r} is not a finite number; expected a finite number")
+
+
+def write_snapshot(cfg: Config, yaml_path: Path, stage: str, resolved: dict | None = None) -> str:
+    """Save the resolved config beside a stage's outputs (``yaml_path``) and its stage hash
+    (``yaml_path`` with suffix ``.hash``); returns the stage hash. ``resolved`` maps keys whose
+    value was decided at run time (``{"train.precision": "fp32"}`` for ``auto``) to that value:
+    the snapshot shows it, the hash stays that of ``cfg`` (the config as the plan resolved it, pipeline/plan/planner.py)."""
+    from pipeline.core.io import atomic_write_text
+
+    h = cfg.hash(*stage_sections(cfg, stage))
+    d, notes = cfg.to_dict(), []
+    for key, value in (resolved or {}).items():
+        section, name = key.split(".")
+        notes.append(f"# {key}: {d[section][name]} resolved to {value}\n")
+        d[section][name] = value
+    text = f"# resolved from {cfg.path}; config hash {cfg.hash()}; {stage} hash {h}\n" + "".join(notes) + yaml.safe_dump(d, sort_keys=False)
+    atomic_write_text(yaml_path, text)
+    atomic_write_text(Path(yaml_path).with_suffix(".hash"), h + "\n")
+    return h
+
+
+def read_stage_hash(yaml_path: Path) -> str | None:
+    p = Path(yaml_path).with_suffix(".hash")
+    return p.read_text().strip() if p.is_file() else None

@@ -1,0 +1,119 @@
+"""Scores from class probabilities, via scikit-learn. ``probs`` is (N, K) in class-index order.
+
+``METRICS`` is the one registry of competition metrics: the config's ``metric:`` is checked against
+it when the config loads, training reports it per epoch, evaluate, tune and ensemble score with it.
+Adding a metric is one line::
+
+    register_metric("brier", lambda y, p: float(((p - np.eye(p.shape[1])[y]) ** 2).sum(1).mean()),
+                    greater_is_better=False)
+
+A metric function takes ``(y, probs)``, or ``(y, probs, eps)`` when it clips probabilities.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_eps(fn: Callable) -> bool:  # once per function: inspect costs more than a numpy log-loss
+    return "eps" in inspect.signature(fn).parameters
+
+
+@dataclass(frozen=True)
+class Metric:
+    fn: Callable[..., float]
+    greater_is_better: bool
+
+    def __call__(self, y: np.ndarray, probs: np.ndarray, eps: float = 1e-15) -> float:
+        if _takes_eps(self.fn):
+            return float(self.fn(y, probs, eps=eps))
+        return float(self.fn(y, probs))
+
+
+# logloss and accuracy in numpy, with scikit-learn's definitions: its input checks cost ~10 ms a call,
+# and ensemble selection (pipeline/ensemble/blend.py, hillclimb) scores thousands of candidate blends.
+
+def logloss(y: np.ndarray, probs: np.ndarray, eps: float = 1e-15) -> float:
+    """Mean negative log-probability of the true class, probabilities clipped to [eps, 1 - eps] and renormalised."""
+    p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
+    p = p / p.sum(1, keepdims=True)
+    y = np.asarray(y, dtype=np.int64)
+    return float(-np.log(p[np.arange(len(y)), y]).mean())
+
+
+def accuracy(y: np.ndarray, probs: np.ndarray) -> float:
+    return float((np.asarray(probs).argmax(1) == np.asarray(y)).mean())
+
+
+def f1(y: np.ndarray, probs: np.ndarray) -> float:
+    """Binary: F1 of class 1 at argmax. Multiclass: macro F1 (every class counts the same)."""
+    k = probs.shape[1]
+    if k == 2:
+        return float(skm.f1_score(y, probs.argmax(1), zero_division=0))
+    return float(skm.f1_score(y, probs.argmax(1), average="macro", labels=np.arange(k), zero_division=0))
+
+
+def roc_auc(y: np.ndarray, probs: np.ndarray) -> float:
+    """Binary: AUC of P(class 1). Multiclass: one-vs-rest macro AUC. NaN when a class is absent
+    (a fold without one class has no AUC, rather than an error mid-training)."""
+    k = probs.shape[1]
+    if len(np.unique(y)) < (2 if k == 2 else k):
+        return float("nan")
+    if k == 2:
+        return float(skm.roc_auc_score(y, probs[:, 1]))
+    # scikit-learn insists rows sum to 1 to machine precision; oof.csv is written with 8 digits
+    return float(skm.roc_auc_score(y, probs / probs.sum(1, keepdims=True), multi_class="ovr", labels=np.arange(k)))
+
+
+METRICS: dict[str, Metric] = {
+    "logloss": Metric(logloss, greater_is_better=False),
+    "accuracy": Metric(accuracy, greater_is_better=True),
+    "f1": Metric(f1, greater_is_better=True),
+    "roc_auc": Metric(roc_auc, greater_is_better=True),
+}
+
+
+def register_metric(name: str, fn: Callable[..., float], greater_is_better: bool) -> Metric:
+    """Add (or replace) a metric; ``metric: <name>`` is accepted from then on."""
+    METRICS[name] = Metric(fn, greater_is_better)
+    return METRICS[name]
+
+
+def build_metric(name: str) -> Metric:
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise ValueError(f"unknown metric {name!r}; expected one of {', '.join(METRICS)}") from None
+
+
+def score(metric: str, y: np.ndarray, probs: np.ndarray, eps: float = 1e-15) -> float:
+    return build_metric(metric)(y, probs, eps)
+
+
+class _Directions(Mapping):
+    """metric -> True when larger is better, read live from ``METRICS`` (a metric registered later is in it)."""
+
+    def __getitem__(self, name: str) -> bool:
+        return METRICS[name].greater_is_better
+
+    def __iter__(self):
+        return iter(METRICS)
+
+    def __len__(self) -> int:
+        return len(METRICS)
+
+
+GREATER_IS_BETTER: Mapping[str, bool] = _Directions()  # ensemble.py reads it by this name
+
+
+def cv_std(values) -> float:
+    """The CV spread every stage reports: sample standard deviation (ddof 1) of per-fold scores; 0 for one fold."""
+    v = np.asarray(values, dtype=float)
+    return float(v.std(ddof=1)) if len(v) > 1 else 0.0

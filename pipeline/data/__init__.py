@@ -1,0 +1,1 @@
+"""Competition files -> ``Table`` (formats), augmentation, folds, demo data and train/test shift."""

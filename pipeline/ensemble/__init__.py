@@ -1,0 +1,1 @@
+"""Blends of experiments, second stages over their predictions."""

@@ -1,0 +1,1 @@
+"""Metrics, calibration, the report, adversarial validation and the experiment log."""

@@ -1,0 +1,1 @@
+"""Backbones (timm), offline weights, batched inference, TTA transforms and Grad-CAM."""

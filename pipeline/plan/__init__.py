@@ -1,0 +1,1 @@
+"""``auto`` values and the time budget resolved once per run, kept in ``plan.json``."""

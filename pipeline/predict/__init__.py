@@ -1,0 +1,1 @@
+"""Test predictions with TTA; the submission writer and validator."""

@@ -1,0 +1,1 @@
+"""The layout of ``runs/<competition>/<experiment>/`` and the prediction files in it."""

@@ -1,0 +1,1 @@
+"""The target kind of a competition: one owner per kind."""

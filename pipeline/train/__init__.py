@@ -1,0 +1,1 @@
+"""Training: one job (trainer), the CV driver over an executor, optimisers, precision, pseudo-labels."""

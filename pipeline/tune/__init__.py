@@ -1,0 +1,1 @@
+"""Optuna search over the CV objective."""
