@@ -21,7 +21,8 @@ from conftest import cli_error, write_yaml
 from test_formats import _bad_statoil, _set
 from pipeline.config.schema import Config, load_config
 from pipeline.core.errors import PipelineError
-from pipeline.data.formats import FORMATS, options_model, read_table
+from pipeline.config.registries import FORMATS
+from pipeline.data.formats import options_model, read_table
 from pipeline.config.options import Section, _leaf_types
 
 
@@ -138,7 +139,6 @@ def test_integers_fractions_huge_and_seeds(base):
 
 
 def test_a_registered_formats_float_option_refuses_non_finite(base, request):
-    from pipeline.data.formats import register_format
     from pipeline.data.formats.base import Reader
     from pipeline.config.options import DataOptions
 
@@ -149,8 +149,8 @@ def test_a_registered_formats_float_option_refuses_non_finite(base, request):
     class Gain(Reader):
         Options = GainOptions
 
-    register_format("gain", Gain)
-    request.addfinalizer(lambda: FORMATS.pop("gain"))
+    FORMATS.register("gain", Gain)
+    request.addfinalizer(lambda: FORMATS.unregister("gain"))
     for override in ("data.gain=nan", "data.gain=1e999", "data.crops=[0.5, inf]", "data.gain=true"):
         with pytest.raises(PipelineError, match=r"data\.(gain|crops)"):
             load_config(base, ["data.format=gain", override])
@@ -376,7 +376,6 @@ def test_statoil_edges_that_are_accepted(tmp_path, make_config, iceberg_dir):
 
 
 def test_any_format_refuses_blank_ids(tmp_path, make_config, request):
-    from pipeline.data.formats import register_format
     from pipeline.data.formats.base import Reader
     from pipeline.data.table import Table
 
@@ -385,8 +384,8 @@ def test_any_format_refuses_blank_ids(tmp_path, make_config, request):
             ids = np.array(["a", " ", "c"] if split == "train" else ["a", None, "c"], dtype=object)
             return Table(ids=ids, images=np.zeros((3, 1, 4, 4), np.float32), class_names=["x", "y"], labels=np.array([0, 1, 0]))
 
-    register_format("rows", Rows)
-    request.addfinalizer(lambda: FORMATS.pop("rows"))
+    FORMATS.register("rows", Rows)
+    request.addfinalizer(lambda: FORMATS.unregister("rows"))
     (tmp_path / "rows").mkdir()
     cfg = load_config(make_config(tmp_path / "rows", "rows"))
     with pytest.raises(PipelineError, match=r"rows: row 1 has an empty id \(' '\); expected a non-empty id in every row"):

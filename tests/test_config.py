@@ -197,7 +197,7 @@ def test_loading_a_config_imports_no_torch(base):
 
 
 def test_registered_metric_end_to_end(digits_config, request):
-    """A metric is one register_metric line: the config accepts it, training reports it per
+    """A metric is one METRICS.register line: the config accepts it, training reports it per
     epoch, evaluate makes it the headline, tune knows its direction."""
     import json
     from pathlib import Path
@@ -207,14 +207,14 @@ def test_registered_metric_end_to_end(digits_config, request):
 
     from pipeline.evaluate.evaluator import evaluate
     from pipeline.data.folds import run_fold
-    from pipeline.core.metrics import METRICS, register_metric
+    from pipeline.core.metrics import METRICS, Metric
     from pipeline.train.cv import train_cv
 
     path = digits_config(metric="brier", train={"epochs": 1, "max_steps_per_epoch": 2})
     with pytest.raises(PipelineError, match=r"metric: unknown metric 'brier'"):
         load_config(path)
-    register_metric("brier", lambda y, p: float(((p - np.eye(p.shape[1])[y]) ** 2).sum(1).mean()), greater_is_better=False)
-    request.addfinalizer(lambda: METRICS.pop("brier"))
+    METRICS.register("brier", Metric(lambda y, p: float(((p - np.eye(p.shape[1])[y]) ** 2).sum(1).mean()), greater_is_better=False))
+    request.addfinalizer(lambda: METRICS.unregister("brier"))
     cfg = load_config(path)
     run_fold(cfg)
     oof = train_cv(cfg)

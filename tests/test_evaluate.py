@@ -12,7 +12,8 @@ import torch
 from sklearn import metrics as skm
 
 from conftest import TINY_TRAIN, run_cli, write_yaml
-from pipeline.tasks.calibration import MIN_GAIN, apply_temperature, calibrate, ece, fit_temperature, load_temperature
+from pipeline.runs.predictions import load_temperature
+from pipeline.tasks.calibration import MIN_GAIN, apply_temperature, calibrate, ece, fit_temperature
 from pipeline.config.schema import load_config, write_snapshot
 from pipeline.core.errors import PipelineError
 from pipeline.evaluate.evaluator import best_f1_threshold, classification_metrics, compare, evaluate

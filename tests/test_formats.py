@@ -202,9 +202,9 @@ def test_cli_bad_data_exit_2(tmp_path, make_config, iceberg_dir, capsys):
 # ---- a format registered in a few lines --------------------------------------------------
 
 def test_registered_format_end_to_end(tmp_path, make_config, iceberg_dir, request):
-    """A reader class and one register_format line: the config validates data: against the
+    """A reader class and one FORMATS.register line: the config validates data: against the
     reader's own Options (its keys, hashed with the rest), and `pipeline fold` reads it."""
-    from pipeline.data.formats import FORMATS, register_format
+    from pipeline.config.registries import FORMATS
     from pipeline.data.formats.base import Reader
     from pipeline.config.options import DataOptions
     from pipeline.data.table import Table
@@ -220,8 +220,8 @@ def test_registered_format_end_to_end(tmp_path, make_config, iceberg_dir, reques
             return Table(ids=d["ids"].astype(object), images=d["images"], class_names=["a", "b"],
                          labels=d["labels"] if "labels" in d else None)
 
-    register_format("npz", Npz)
-    request.addfinalizer(lambda: FORMATS.pop("npz"))
+    FORMATS.register("npz", Npz)
+    request.addfinalizer(lambda: FORMATS.unregister("npz"))
 
     rng = np.random.default_rng(0)
     data = tmp_path / "npz"

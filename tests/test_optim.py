@@ -10,7 +10,8 @@ from pipeline.config.schema import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.folds import run_fold
 from pipeline.train.hparams import headline
-from pipeline.train.optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler, register_optimizer
+from pipeline.config.registries import OPTIMIZERS, SCHEDULERS
+from pipeline.train.optim import OptimizerSpec, build_optimizer, build_scheduler
 
 
 class Tiny(nn.Module):
@@ -121,11 +122,11 @@ def test_each_schedule_builds_and_resumes_exactly(digits_config, name):
 
     def step(opt, sched, per_step):
         opt.step()
-        sched.step(1.0) if SCHEDULERS[name].on_metric else sched.step()
+        sched.step(1.0) if SCHEDULERS.get(name).on_metric else sched.step()
         return [g["lr"] for g in opt.param_groups]
 
     opt, sched, per_step = fresh()
-    assert per_step == SCHEDULERS[name].per_step
+    assert per_step == SCHEDULERS.get(name).per_step
     whole = [step(opt, sched, per_step) for _ in range(8)]
     opt, sched, _ = fresh()
     first = [step(opt, sched, per_step) for _ in range(3)]
@@ -141,8 +142,8 @@ def test_registered_optimizer_end_to_end(digits_config, request):
     with pytest.raises(PipelineError, match=r"train.optimizer: unknown optimizer 'nadamw'; did you mean"):
         load_config(path)
     built = []
-    register_optimizer("nadamw", options=lambda t: built.append(t.optimizer) or {})  # timm's name; one line
-    request.addfinalizer(lambda: OPTIMIZERS.pop("nadamw"))
+    OPTIMIZERS.register("nadamw", OptimizerSpec("nadamw", options=lambda t: built.append(t.optimizer) or {}))  # one line
+    request.addfinalizer(lambda: OPTIMIZERS.unregister("nadamw"))
     cfg = load_config(path)
     run_fold(cfg)
     from pipeline.train.cv import train_cv

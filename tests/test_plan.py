@@ -347,7 +347,8 @@ def test_planned_run_trains_the_planned_epochs(make_config, digits_dir, monkeypa
     run_fold(cfg)
     # the planned epochs reach the trainer; the budget's own deadline (tested elsewhere) would cut
     # this short on a loaded machine, where the injected speed is not the real one
-    monkeypatch.setattr(cv, "_deadline", lambda *a, **k: None)
+    monkeypatch.setattr(cv, "job_deadline", lambda *a, **k: None)
+    monkeypatch.setattr("pipeline.train.executors.job_deadline", lambda *a, **k: None)
     oof = train_cv(cfg)
     assert len(oof) == 4800
     run = RunDir.of(cfg)

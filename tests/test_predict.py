@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from pipeline.tasks.calibration import apply_temperature, load_temperature
+from pipeline.runs.predictions import load_temperature
+from pipeline.tasks.calibration import apply_temperature
 from pipeline.config.schema import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.folds import run_fold
@@ -254,14 +255,15 @@ def test_bad_tta_name_fails_before_any_work(digits_config, capsys):
 
 
 def test_registered_tta_end_to_end(digits_config, request):
-    """A TTA transform is one register_tta line: the config accepts its name and predict averages it in."""
-    from pipeline.models.tta import TTA, register_tta
+    """A TTA transform is one TTA.register line: the config accepts its name and predict averages it in."""
+    from pipeline.config.registries import TTA
+    from pipeline.models.tta import TtaTransform
 
     path = digits_config(train={"epochs": 1})
     with pytest.raises(PipelineError, match=r"predict.tta: unknown TTA 'transpose'"):
         load_config(path, ["predict.tta=[identity,transpose]"])
-    register_tta("transpose", lambda x: x.transpose(-2, -1))
-    request.addfinalizer(lambda: TTA.pop("transpose"))
+    TTA.register("transpose", lambda s, m: [TtaTransform("transpose", lambda x: x.transpose(-2, -1), ("custom", "transpose"))])
+    request.addfinalizer(lambda: TTA.unregister("transpose"))
     cfg = trained(path, ["predict.tta=[identity,transpose]"])
     evaluate(cfg, report=False)
     df = predict_test(cfg)

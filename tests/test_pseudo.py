@@ -88,7 +88,8 @@ def spy(monkeypatch):
             super().__init__(**kw)
             seen[self.job.fold] = (self.table, self.tr_idx, self.va_idx)
 
-    monkeypatch.setattr(cv, "FoldTrainer", Spy)
+    monkeypatch.setattr(cv, "FoldTrainer", Spy)  # the refits
+    monkeypatch.setattr("pipeline.train.executors.FoldTrainer", Spy)  # the fold jobs
     return seen
 
 

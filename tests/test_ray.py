@@ -18,8 +18,7 @@ import torch
 from conftest import cli_error, run_cli
 from pipeline.config.schema import load_config
 from pipeline.data.formats import read_table
-from pipeline.train.cv import ProcessExecutor, RayExecutor, SequentialExecutor, _executor
-from pipeline.plan.planner import executor_width
+from pipeline.train.executors import ProcessExecutor, RayExecutor, SequentialExecutor, build_executor, executor_width
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +31,7 @@ def _iceberg(make_config, iceberg_dir, **train):
 
 
 def _chosen(cfg, n_jobs=4, hooks=False):
-    ex = _executor(cfg, todo=[None] * n_jobs, table=None, rows=None, device=torch.device("cpu"), run_hash="h",
+    ex = build_executor(cfg, todo=[None] * n_jobs, table=None, rows=None, device=torch.device("cpu"), run_hash="h",
                    precision="fp32", t_start=0.0, n_refit=0, on_epoch=None, hooks=hooks)
     return type(ex)
 

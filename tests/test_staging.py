@@ -174,9 +174,12 @@ def test_ensemble_submission_fault_leaves_the_earlier_blend(two_members, monkeyp
         err = cli_error(capsys, "ensemble", "blend.yaml")
     assert err.startswith("error: submissions/comp-blend-") and err.endswith(".json: No space left on device (ENOSPC)")
     assert _tree("runs", "submissions") == before
-    with monkeypatch.context() as m:  # the blend's test predictions are invalid (a bug upstream), its OOF fine
-        m.setitem(ensemble.BLENDERS, "mean", lambda oof, test, y, folds, **_: (oof.mean(0), test.mean(0) * 2, None))
+    mean = ensemble.BLENDERS.get("mean")  # the blend's test predictions are invalid (a bug upstream), its OOF fine
+    ensemble.BLENDERS.register("mean", lambda oof, test, y, folds, **_: (oof.mean(0), test.mean(0) * 2, None))
+    try:
         err = cli_error(capsys, "ensemble", "blend.yaml")
+    finally:
+        ensemble.BLENDERS.register("mean", mean)
     assert err.startswith("error: refusing to write invalid predictions: runs/comp/blend/test_pred.csv: line 2 (id '1'): p_")
     assert err.endswith("expected a probability in [0, 1]")
     assert _tree("runs", "submissions") == before

@@ -243,17 +243,20 @@ def test_time_budget_stops_at_epoch_boundary_with_complete_oof(digits_config, ca
 
 
 def test_time_budget_share_counts_the_refit_jobs(digits_config, monkeypatch):
-    """What is left of the budget is split equally over the jobs left, refit models included."""
-    import pipeline.train.cv as tr
+    """What is left of the budget is split equally over the jobs left, refit models included: one rule
+    (``budget.job_deadline``) for every executor."""
+    import pipeline.train.cv as cv
+    import pipeline.train.executors as executors
+    from pipeline.train.budget import job_deadline, waves
 
+    assert job_deadline(100.0, 1000.0, 3, now=1040.0) == pytest.approx(1040.0 + 60.0 / 3)
+    assert job_deadline(100.0, 900.0, 2, now=1040.0) == pytest.approx(1040.0)  # spent: stop after the next epoch
+    assert job_deadline(None, 1000.0, 3, now=1040.0) is None
+    assert [waves(n, 2) for n in (1, 2, 3, 4, 5)] == [1, 1, 2, 2, 3]
     cfg = load_config(digits_config(train={"time_budget_s": 100.0}))
-    with monkeypatch.context() as m:
-        m.setattr(tr.time, "time", lambda: 1040.0)
-        assert tr._deadline(cfg, 1000.0, 3) == pytest.approx(1040.0 + 60.0 / 3)
-        assert tr._deadline(cfg, 900.0, 2) == pytest.approx(1040.0)  # spent: stop after the next epoch
-        assert tr._deadline(load_config(cfg.path, ["train.time_budget_s=null"]), 1000.0, 3) is None
     seen = []
-    monkeypatch.setattr(tr, "_deadline", lambda c, t0, left: seen.append(left) or None)
+    for module in (cv, executors):
+        monkeypatch.setattr(module, "job_deadline", lambda b, t0, left, **_: seen.append(left) or None)
     train_cv(_prepare(cfg.path, ["train.epochs=1", "train.refit=true", "train.seeds=[1,2]"]))
     assert seen == [8, 7, 6, 5, 4, 3, 2, 1]  # 3 folds x 2 seeds, then 2 refits
 
@@ -306,7 +309,7 @@ def test_refit_on_all_rows_with_cv_epoch_count(digits_config, capsys):
 
 
 def test_thread_plan_is_fixed_by_the_job_list():
-    from pipeline.plan.planner import thread_plan
+    from pipeline.train.executors import thread_plan
 
     assert thread_plan(4, 2, 2) == [1, 1, 1, 1]
     assert thread_plan(3, 2, 2) == [1, 1, 2]  # the last, lone fold gets both cores

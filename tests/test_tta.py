@@ -7,7 +7,8 @@ import torch
 
 from pipeline.core.errors import PipelineError
 from pipeline.models.backbones import build_model
-from pipeline.models.tta import TTA, build_tta, model_input_size, predict_tta
+from pipeline.config.registries import TTA
+from pipeline.models.tta import build_tta, model_input_size, predict_tta
 
 
 def real_model(img_size=(8, 8), in_chans=1, num_classes=4, seed=0):

@@ -27,6 +27,9 @@ resumed fold and machine, and the stage hashes (which hash ``auto`` as written) 
   train.label_smoothing: auto   0.1 for a log-loss metric with more than 2 classes, else 0.0: a soft
                            target keeps a multi-class model off saturated probabilities; for 2 classes
                            temperature scaling alone does that job.
+  train.epochs, train.seeds: auto   without a budget, 20 epochs and one seed (``without_plan``); with a
+                           budget, and for every ``auto`` read from the data (image size, channels,
+                           backbone), the run's plan decides (pipeline/plan/).
   train.lr: auto           1e-3 when the backbone starts from pretrained weights (fine-tuning), 3e-3
                            from scratch: a config whose ``model.backbone: auto`` may get either (the
                            plan picks bn_cnn under 48 px). On the 29 px folder demo at 120 s, bn_cnn
@@ -36,8 +39,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline.core.errors import PipelineError
+
 if TYPE_CHECKING:
     from pipeline.config.schema import Config
+
+AUTO = "auto"
+DEFAULT_EPOCHS = 20  # train.epochs: auto without a budget (the schema's old default)
+# the keys whose ``auto`` the run's plan resolves (pipeline/plan/)
+PLAN_KEYS = (("data", "image_size"), ("data", "channels"), ("model", "backbone"), ("model", "pretrained"),
+             ("model", "finetune"), ("train", "epochs"), ("train", "seeds"))
 
 AUTO_CLIP = (1e-3, 1 - 1e-3)
 AFFINE_TTA_MIN = 3  # degrees or percent: smaller views differ from the identity by less than a pixel's interpolation
@@ -149,3 +160,31 @@ def resolve_lr(cfg: Config) -> float:
     """``train.lr``: the number given, or for ``auto`` AUTO_LR by ``model.pretrained`` (as the plan set it)."""
     v = cfg.train.lr
     return AUTO_LR[bool(cfg.model.pretrained)] if v == "auto" else float(v)
+
+
+def has_auto(cfg: Config) -> bool:
+    return any(getattr(getattr(cfg, s), k) == AUTO for s, k in PLAN_KEYS)
+
+
+def needs_planner(cfg: Config) -> bool:
+    """A budget, or an ``auto`` only the data decides (image size, channels, backbone): the run's plan resolves it."""
+    return bool(cfg.train.time_budget_s) or any(getattr(getattr(cfg, s), k) == AUTO for s, k in PLAN_KEYS if s != "train")
+
+
+def without_plan(cfg: Config) -> Config:
+    """The config a run trains with when it needs no planner: ``cfg`` itself, or with ``train.epochs: auto``
+    at ``DEFAULT_EPOCHS`` and ``train.seeds: auto`` at one seed (nothing to measure or keep). A config that
+    needs the planner and has no plan yet is one line: the stages below the planner receive a planned config."""
+    from pipeline.config.schema import STAGE_SECTIONS, with_values
+
+    if cfg.plan is not None or not has_auto(cfg) and not cfg.train.time_budget_s:
+        return cfg
+    if needs_planner(cfg):
+        raise PipelineError(f"{cfg.path}: the time budget or the auto values read from the data are resolved by the run's "
+                            f"plan; run `pipeline train {cfg.path}` (or pass pipeline.plan.planned(cfg) to the library)")
+    values = {k: v for k, v in (("train.epochs", DEFAULT_EPOCHS), ("train.seeds", None)) if getattr(cfg.train, k[6:]) == AUTO}
+    resolved = with_values(cfg, values)
+    plan = {"config_hash": cfg.hash(*STAGE_SECTIONS["train"]), "budget_s": None, "values": values, "why": [],
+            "folds": cfg.folds.n_splits * cfg.folds.repeats, "seeds": resolved.train.seeds or [resolved.train.seed],
+            "expected_train_s": None}
+    return resolved.model_copy(update={"plan": plan})

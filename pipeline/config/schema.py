@@ -14,76 +14,49 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterable, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (AfterValidator, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator,
                       model_validator)
 
-from pipeline.core.errors import PipelineError
-from pipeline.data.formats import FORMATS, options_model
 from pipeline.config.options import DataOptions, Section
+from pipeline.config.registries import CHECKS, FORMATS, OPTIMIZERS, PRUNERS, SAMPLERS, SCHEDULERS, TTA, TTA_FAMILIES
+from pipeline.core.errors import PipelineError
 from pipeline.core.keys import apply_overrides, known_keys, parse_yaml
+from pipeline.core.metrics import METRICS
+from pipeline.core.registry import Registry
 
 # Seeds go to numpy, scikit-learn and torch generators, which take 0 .. 2**32-1.
 SEED_MAX = 2**32 - 1
 
 
-# ---- names of registered things, checked against the live registry --------------------------
-# Each registry lives with what it builds and is imported when a name is checked (not when this
-# module is), so a name registered after import is accepted and loading a config stays light.
+# ---- names of registered things, checked against the registries (no family is imported) -----
 
-def unknown_name(what: str, name, known: Iterable[str]) -> str:
-    """``unknown <what> 'x'; did you mean y?`` (or the known names when none is close)."""
-    known = list(known)
-    close = difflib.get_close_matches(str(name), known, n=3)
-    hint = f"did you mean {', '.join(close)}?" if close else f"expected one of {', '.join(sorted(known))}"
-    return f"unknown {what} {name!r}; {hint}"
+def registered(registry: Registry):
+    """A validator: the value is a name in ``registry`` (one registered later is accepted too)."""
+    return AfterValidator(registry.check)
 
 
-def _registered(what: str, registry: Callable[[], Iterable[str]]):
-    def check(v: str) -> str:
-        known = registry()
-        if v not in known:
-            raise ValueError(unknown_name(what, v, known))
-        return v
-
-    return AfterValidator(check)
-
-
-def _metrics():
-    from pipeline.core.metrics import METRICS
-
-    return METRICS
-
-
-def _optimizers():
-    from pipeline.train.optim import OPTIMIZERS
-
-    return OPTIMIZERS
-
-
-def _schedulers():
-    from pipeline.train.optim import SCHEDULERS
-
-    return SCHEDULERS
-
-
-def _samplers():
-    from pipeline.tune.samplers import SAMPLERS
-
-    return SAMPLERS
-
-
-def _pruners():
-    from pipeline.tune.samplers import PRUNERS
-
-    return PRUNERS
+def tta_problem(names: list[str]) -> str | None:
+    """What is wrong with ``predict.tta`` before any image is seen, or None: each name is in ``TTA`` or
+    is a family name with an amount in the family's range (``rotate6``)."""
+    if not names:
+        return f"empty list; expected at least one of {', '.join(TTA)} (identity = no TTA)"
+    for name in names:
+        m = re.fullmatch(r"([a-z]+)(\d+)", str(name))
+        if m and m.group(1) in TTA_FAMILIES:
+            family = TTA_FAMILIES.get(m.group(1))
+            if not family.lo <= int(m.group(2)) <= family.hi:
+                return f"{name!r}: {m.group(1)}<N> takes N from {family.lo} to {family.hi}"
+        elif name not in TTA:
+            known = list(TTA) + [f"{f}<N>" for f in TTA_FAMILIES]
+            close = difflib.get_close_matches(str(name), list(TTA) + list(TTA_FAMILIES), n=3)
+            return f"unknown TTA {name!r}; " + (f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known)}")
+    return None
 
 
 def _tta_names(names: list[str]) -> list[str]:
-    from pipeline.models.tta import tta_problem
-
     problem = tta_problem(names)
     if problem:
         raise ValueError(problem)
@@ -115,7 +88,7 @@ class _UnknownFormat(DataOptions):
     @field_validator("format")
     @classmethod
     def _unknown(cls, v: str) -> str:
-        raise ValueError(unknown_name("format", v, FORMATS))
+        raise ValueError(FORMATS.unknown(v))
 
 
 class FoldsConfig(Section):
@@ -173,10 +146,10 @@ class TrainConfig(Section):
     seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] | Literal["auto"] | None = Field(
         None, description="one model per fold and seed; None or [] = [seed]; auto: seed and seeds derived from it, as many as the "
                           "budget gives every job enough epochs for (pipeline/plan/planner.py)")
-    optimizer: Annotated[str, _registered("optimizer", _optimizers)] = Field("adamw", description="a name in pipeline.train.optim.OPTIMIZERS")
+    optimizer: Annotated[str, registered(OPTIMIZERS)] = Field("adamw", description="a name in OPTIMIZERS (pipeline/config/registries.py)")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
-    scheduler: Annotated[str, _registered("scheduler", _schedulers)] = Field("cosine", description="a name in pipeline.train.optim.SCHEDULERS")
+    scheduler: Annotated[str, registered(SCHEDULERS)] = Field("cosine", description="a name in SCHEDULERS (pipeline/config/registries.py)")
     warmup_epochs: float = Field(0.0, ge=0)
     step_size: int = Field(10, ge=1)
     gamma: float = Field(0.1, gt=0, le=1)
@@ -289,8 +262,8 @@ class TuneConfig(Section):
     """``pipeline tune``: Optuna search; ``space`` syntax in ``pipeline/tune/space.py``."""
 
     space: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    sampler: Annotated[str, _registered("sampler", _samplers)] = Field("tpe", description="a name in pipeline.tune.samplers.SAMPLERS")
-    pruner: Annotated[str, _registered("pruner", _pruners)] = Field(
+    sampler: Annotated[str, registered(SAMPLERS)] = Field("tpe", description="a name in SAMPLERS (pipeline/config/registries.py)")
+    pruner: Annotated[str, registered(PRUNERS)] = Field(
         "median", description="median/halving/hyperband: epoch values of the first tuned fold; wilcoxon: fold values")
     folds: list[int] | None = Field(None, description="folds the objective averages; None = all")
     seed: int = Field(0, ge=0, le=SEED_MAX)
@@ -334,7 +307,7 @@ class PathsConfig(Section):
 
 class Config(Section):
     competition: str
-    metric: Annotated[str, _registered("metric", _metrics)] = Field("logloss", description="a name in pipeline.core.metrics.METRICS")
+    metric: Annotated[str, registered(METRICS)] = Field("logloss", description="a name in pipeline.core.metrics.METRICS")
     data: SerializeAsAny[DataOptions]
     folds: FoldsConfig = Field(default_factory=FoldsConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -358,7 +331,7 @@ class Config(Section):
     def _data_by_format(cls, v, handler):
         """A union keyed on data.format: each registered format's reader brings its options model."""
         if isinstance(v, dict) and isinstance(v.get("format"), str):
-            model = options_model(v["format"]) if v["format"] in FORMATS else _UnknownFormat
+            model = FORMATS.get(v["format"]).Options if v["format"] in FORMATS else _UnknownFormat
             return model.model_validate(v)
         return handler(v)
 
@@ -408,6 +381,12 @@ class Config(Section):
         if sections:  # a section, or one key of a section ("predict.tta")
             d = {k: (d[k.partition(".")[0]][k.partition(".")[2]] if "." in k else d[k]) for k in sections}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def with_values(cfg: Config, values: dict) -> Config:
+    """``cfg`` with ``section.key`` values replaced, validated again (its path, name and plan kept)."""
+    d = apply_overrides(cfg.to_dict(), values)
+    return Config.model_validate({**d, "path": cfg.path, "name": cfg.name, "plan": cfg.plan})
 
 
 # Where the data is read from, which device and how many loader workers or fold processes compute
@@ -567,15 +546,8 @@ def check_without_data(cfg: Config) -> None:
     ``tune.space``, each problem one line as the stage that uses it would report it."""
     _no_nonfinite_text(cfg.augment, f"{cfg.path}: augment")
     _no_nonfinite_text(cfg.tune.space, f"{cfg.path}: tune.space")
-    spec = cfg.data.image_spec()
-    if cfg.augment:
-        from pipeline.data.augment import validate_augment
-
-        validate_augment(cfg.augment, *spec, where=f"{cfg.path}: augment")
-    if cfg.tune.space:
-        from pipeline.tune.space import check_augment, parse_space
-
-        check_augment(parse_space(cfg), cfg, *spec)
+    for name in CHECKS:  # the families' own checks (pipeline/config/registries.py), in order
+        CHECKS.get(name)(cfg)
 
 
 def _no_nonfinite_text(node, where: str) -> None:

@@ -4,8 +4,8 @@
 it when the config loads, training reports it per epoch, evaluate, tune and ensemble score with it.
 Adding a metric is one line::
 
-    register_metric("brier", lambda y, p: float(((p - np.eye(p.shape[1])[y]) ** 2).sum(1).mean()),
-                    greater_is_better=False)
+    METRICS.register("brier", Metric(lambda y, p: float(((p - np.eye(p.shape[1])[y]) ** 2).sum(1).mean()),
+                                     greater_is_better=False))
 
 A metric function takes ``(y, probs)``, or ``(y, probs, eps)`` when it clips probabilities.
 """
@@ -19,6 +19,8 @@ from typing import Callable
 
 import numpy as np
 from sklearn import metrics as skm
+
+from pipeline.core.registry import Registry
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,25 +74,17 @@ def roc_auc(y: np.ndarray, probs: np.ndarray) -> float:
     return float(skm.roc_auc_score(y, probs / probs.sum(1, keepdims=True), multi_class="ovr", labels=np.arange(k)))
 
 
-METRICS: dict[str, Metric] = {
+# ``metric: <name>``; a new one is ``METRICS.register("my_score", Metric(fn, greater_is_better=True))``
+METRICS = Registry("metric", entries={
     "logloss": Metric(logloss, greater_is_better=False),
     "accuracy": Metric(accuracy, greater_is_better=True),
     "f1": Metric(f1, greater_is_better=True),
     "roc_auc": Metric(roc_auc, greater_is_better=True),
-}
-
-
-def register_metric(name: str, fn: Callable[..., float], greater_is_better: bool) -> Metric:
-    """Add (or replace) a metric; ``metric: <name>`` is accepted from then on."""
-    METRICS[name] = Metric(fn, greater_is_better)
-    return METRICS[name]
+})
 
 
 def build_metric(name: str) -> Metric:
-    try:
-        return METRICS[name]
-    except KeyError:
-        raise ValueError(f"unknown metric {name!r}; expected one of {', '.join(METRICS)}") from None
+    return METRICS.get(name)
 
 
 def score(metric: str, y: np.ndarray, probs: np.ndarray, eps: float = 1e-15) -> float:
@@ -101,7 +95,7 @@ class _Directions(Mapping):
     """metric -> True when larger is better, read live from ``METRICS`` (a metric registered later is in it)."""
 
     def __getitem__(self, name: str) -> bool:
-        return METRICS[name].greater_is_better
+        return METRICS.get(name).greater_is_better
 
     def __iter__(self):
         return iter(METRICS)

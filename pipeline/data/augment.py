@@ -1,7 +1,7 @@
 """Training augmentation: albumentations transforms declared in the config, one factory ``build_augment``.
 
 The config's ``augment:`` is a list of ``{name: <Transform>, **params}``. Only transforms in
-``REGISTRY`` are allowed; the list is validated when it is built (unknown names, unknown or
+``AUGMENTS`` are allowed; the list is validated when it is built (unknown names, unknown or
 bad parameters, transforms that cannot handle the images' channel count or size), each
 problem as one ``PipelineError`` line naming ``augment[i]``. ``validate_augment`` runs the same
 checks when the config loads, as far as the data format alone fixes the images.
@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.errors import PipelineError
+from pipeline.core.registry import Registry
 
 _ALB = None
 
@@ -62,7 +63,7 @@ def _albumentations():
 
 # name -> channel counts it supports (None = any). Add a line to allow a new transform;
 # the build-time dry run catches the ones that fail on the images anyway.
-REGISTRY: dict[str, tuple[int, ...] | None] = {
+AUGMENTS = Registry("transform", entries={
     # geometric, size-preserving
     "HorizontalFlip": None, "VerticalFlip": None, "Transpose": None, "RandomRotate90": None, "D4": None,
     "Rotate": None, "SafeRotate": None, "Affine": None, "ShiftScaleRotate": None, "Perspective": None,
@@ -81,7 +82,7 @@ REGISTRY: dict[str, tuple[int, ...] | None] = {
     "ChannelDropout": (2, 3, 4), "ChannelShuffle": (2, 3, 4),
     # colour: albumentations 2.0.8 raises on 2-channel images for these (measured)
     "ColorJitter": (1, 3), "HueSaturationValue": (3,), "CLAHE": (1, 3), "RGBShift": (3,), "ToGray": (3,),
-}
+})
 
 VALUE_PARAMS = ("fill", "drop_value")  # given in the images' units, mapped into [0, 1]
 _SIZE_DEFAULTS = {"RandomResizedCrop": ("size",), "RandomSizedCrop": ("size",), "Resize": ("height", "width")}
@@ -259,12 +260,10 @@ def _build_one(entry: Any, key: str, lo: float, hi: float, channels: int | None,
     if "name" not in entry:
         raise PipelineError(f"{key}: missing 'name'; expected the transform's name, e.g. {{name: HorizontalFlip, p: 0.5}}")
     name = entry["name"]
-    if not isinstance(name, str) or name not in REGISTRY:
-        close = difflib.get_close_matches(str(name), list(REGISTRY), n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else f"expected one of {', '.join(sorted(REGISTRY))}"
-        raise PipelineError(f"{key}.name: unknown transform {name!r}; {hint}")
+    if not isinstance(name, str) or name not in AUGMENTS:
+        raise PipelineError(f"{key}.name: {AUGMENTS.unknown(name)}")
     where = f"{key} ({name})"
-    allowed = REGISTRY[name]
+    allowed = AUGMENTS.get(name)
     if allowed is not None and channels is not None and channels not in allowed:
         need = " or ".join(map(str, allowed))
         raise PipelineError(f"{where}: works on {need}-channel images only; these images have {channels}")
@@ -424,3 +423,10 @@ def preview_grid(images: np.ndarray, augmenter: Augmenter, out_png: str | Path, 
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")
     return out_png
+
+
+def check_config(cfg) -> None:
+    """``load_config``'s check of the augmentation list (pipeline/config/registries.py ``CHECKS``): names
+    and parameters, and a dry run where the data format alone fixes the images' channels and size."""
+    if cfg.augment:
+        validate_augment(cfg.augment, *cfg.data.image_spec(), where=f"{cfg.path}: augment")

@@ -44,8 +44,9 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, ValidationError, field_validator
 
-from pipeline.config.schema import SEED_MAX, Config, _read_yaml, _registered, apply_overrides, load_config
+from pipeline.config.schema import SEED_MAX, Config, _read_yaml, registered, apply_overrides, load_config
 from pipeline.core.errors import PipelineError
+from pipeline.core.registry import Registry
 from pipeline.config.options import Section
 from pipeline.core.io import atomic_write_json
 from pipeline.core.keys import known_keys
@@ -75,13 +76,16 @@ class GbmConfig(Section):
     seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
+# ``method:``: (oof, test, y, folds, **kw) -> (blended oof, blended test, weights); the blenders register below
+BLENDERS = Registry("blender")
+
+
 class EnsembleConfig(Section):  # the config's rules: unknown keys, non-finite numbers, booleans as numbers fail
 
     competition: str
     config: str
     members: list[str] = Field(min_length=2)
-    # checked against the live registry (a name is written once, in BLENDERS)
-    method: Annotated[str, _registered("blender", lambda: BLENDERS)] = "mean"
+    method: Annotated[str, registered(BLENDERS)] = "mean"
     clip: tuple[float, float] | None = None
     name: str | None = None
     stack_c: float = Field(1.0, gt=0, description="inverse regularisation strength of the stacking logistic regression")
@@ -487,16 +491,16 @@ def blend_gbm(oof, test, y, folds, gbm: GbmConfig | dict | None = None, scalars:
     return out, gbm_predict(booster, xt, rounds, k), None
 
 
-BLENDERS: dict[str, Callable] = {"mean": blend_mean, "geometric": blend_geometric, "rank": blend_rank,
-                                 "weights": blend_weights, "stack": blend_stack, "hillclimb": blend_hillclimb,
-                                 "gbm": blend_gbm}
+for _name, _blend in (("mean", blend_mean), ("geometric", blend_geometric), ("rank", blend_rank), ("weights", blend_weights),
+                     ("stack", blend_stack), ("hillclimb", blend_hillclimb), ("gbm", blend_gbm)):
+    BLENDERS.register(_name, _blend)
 NESTED = ("weights", "stack", "hillclimb", "gbm")  # fitted on the other folds' OOF rows: their OOF score is nested
 
 
 def build_blender(method: str) -> Callable:
     if method not in BLENDERS:
-        raise PipelineError(f"method: unknown blender {method!r}; known: {', '.join(BLENDERS)}")
-    return BLENDERS[method]
+        raise PipelineError(f"method: {BLENDERS.unknown(method)}")
+    return BLENDERS.get(method)
 
 
 # ---- the stage -----------------------------------------------------------------------------

@@ -59,8 +59,7 @@ def scalars() -> list[str]:
 
 
 def greater_is_better(name: str) -> bool:
-    m = METRICS.get(name)
-    return m.greater_is_better if m is not None else EXTRA_SCALARS.get(name, True)
+    return METRICS.get(name).greater_is_better if name in METRICS else EXTRA_SCALARS.get(name, True)
 
 
 # ---- metrics ---------------------------------------------------------------------------
@@ -219,7 +218,7 @@ def _oof_to_score(cfg: Config, run: RunDir, stage, table, fold_of, df: pd.DataFr
     write_predictions(path, frame, "oof", class_names=names)
     tta_df = read_predictions(path, "oof", class_names=names, hint=f"pipeline evaluate {cfg.path}")
     ev = cfg.evaluate
-    without = {"file": run.oof.name, cfg.metric: METRICS[cfg.metric](y, plain, ev.eps), "logloss": logloss(y, plain, ev.eps),
+    without = {"file": run.oof.name, cfg.metric: METRICS.get(cfg.metric)(y, plain, ev.eps), "logloss": logloss(y, plain, ev.eps),
                "ece": ece(y, plain, ev.n_bins)}
     return tta_df, run.oof_tta, without, check
 

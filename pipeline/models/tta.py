@@ -1,4 +1,4 @@
-"""Test-time augmentation: a registry of named transform sets and one factory, ``build_tta``.
+"""Test-time augmentation: the transform sets the registry ``TTA`` names, and one factory, ``build_tta``.
 
 Every transform maps an NCHW float batch to another batch the model accepts; a prediction
 with TTA is the mean over the transforms (of probabilities or of logits). Flips and
@@ -20,7 +20,6 @@ pipeline/config/auto.py).
 """
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from pipeline.config.registries import TTA, TTA_FAMILIES
+from pipeline.config.schema import tta_problem
 from pipeline.core.errors import PipelineError
 
 if TYPE_CHECKING:  # torch is imported when a transform runs: the config checks names without it
@@ -106,18 +107,24 @@ def _affine(angle: float, scale: float, name: str) -> TtaTransform:
     return TtaTransform(name, fn, ("affine", round(angle, 6), round(scale, 6)))
 
 
-# family name -> (lowest amount, highest amount, the pair of views of amount n)
-_FAMILIES: dict[str, tuple[int, int, Callable[[int], list[TtaTransform]]]] = {
-    "rotate": (1, 45, lambda d: [_affine(d, 1.0, f"rotate+{d}"), _affine(-d, 1.0, f"rotate-{d}")]),
-    "zoom": (1, 50, lambda p: [_affine(0.0, 1 - p / 100, f"zoom-{p}"), _affine(0.0, 1 + p / 100, f"zoom+{p}")]),
-}
+@dataclass(frozen=True)
+class Family:
+    """A TTA family: ``<name><N>`` is two views of amount N, ``lo <= N <= hi`` (``TTA_FAMILIES``)."""
+
+    lo: int
+    hi: int
+    views: Callable[[int], list[TtaTransform]]
+
+
+ROTATE = Family(1, 45, lambda d: [_affine(d, 1.0, f"rotate+{d}"), _affine(-d, 1.0, f"rotate-{d}")])
+ZOOM = Family(1, 50, lambda p: [_affine(0.0, 1 - p / 100, f"zoom-{p}"), _affine(0.0, 1 + p / 100, f"zoom+{p}")])
 _FAMILY_NAME = re.compile(r"([a-z]+)(\d+)")
 
 
 def _family(name) -> tuple[str, int] | None:
     """(family, amount) for a name like ``rotate6``, or None."""
     m = _FAMILY_NAME.fullmatch(str(name))
-    return (m.group(1), int(m.group(2))) if m and m.group(1) in _FAMILIES else None
+    return (m.group(1), int(m.group(2))) if m and m.group(1) in TTA_FAMILIES else None
 
 
 def _needs_square(name, image_size):
@@ -126,56 +133,46 @@ def _needs_square(name, image_size):
                             f"the test images are {image_size[0]}x{image_size[1]}")
 
 
-def _rot(k):
-    def make(image_size, model_size):
-        _needs_square(f"rot{90 * k}", image_size)
-        return [_d4(k, False)]
-    return make
+# The built-in entries of TTA (pipeline/config/registries.py): builder(image_size, model_size) -> transforms.
+# A new entry is one registration: ``TTA.register("mine", lambda s, m: [TtaTransform("mine", fn, ("custom", "mine"))])``.
+
+def identity(image_size, model_size):
+    return [_d4(0, False)]
 
 
-def _dihedral(image_size, model_size):
+def hflip(image_size, model_size):
+    return [_d4(0, True)]
+
+
+def vflip(image_size, model_size):
+    return [_d4(2, True)]
+
+
+def rot180(image_size, model_size):
+    return [_d4(2, False)]
+
+
+def rot90(image_size, model_size):
+    _needs_square("rot90", image_size)
+    return [_d4(1, False)]
+
+
+def rot270(image_size, model_size):
+    _needs_square("rot270", image_size)
+    return [_d4(3, False)]
+
+
+def dihedral(image_size, model_size):
     _needs_square("dihedral", image_size)
     return [_d4(k, f) for f in (False, True) for k in range(4)]
 
 
-# name -> builder(image_size, model_size) -> transforms
-TTA: dict[str, Callable] = {
-    "identity": lambda s, m: [_d4(0, False)],
-    "hflip": lambda s, m: [_d4(0, True)],
-    "vflip": lambda s, m: [_d4(2, True)],
-    "rot90": _rot(1),
-    "rot180": lambda s, m: [_d4(2, False)],
-    "rot270": _rot(3),
-    "dihedral": _dihedral,
-    "fivecrop": lambda s, m: _crops(s, m, (False,), "fivecrop"),
-    "tencrop": lambda s, m: _crops(s, m, (False, True), "tencrop"),
-}
+def fivecrop(image_size, model_size):
+    return _crops(image_size, model_size, (False,), "fivecrop")
 
 
-def register_tta(name: str, transform: Callable[["torch.Tensor"], "torch.Tensor"] | None = None, *,
-                 builder: Callable | None = None) -> None:
-    """Add a TTA name: one image-batch ``transform`` (NCHW tensor -> same shape), or a ``builder(image_size,
-    model_size) -> [TtaTransform]`` for a family. ``predict.tta: [<name>]`` is accepted from then on."""
-    if (transform is None) == (builder is None):
-        raise ValueError("register_tta takes a transform or a builder")
-    TTA[name] = builder or (lambda s, m: [TtaTransform(name, transform, ("custom", name))])
-
-
-def tta_problem(names: list[str]) -> str | None:
-    """What is wrong with ``predict.tta`` before any image is seen (the config checks it), or None."""
-    if not names:
-        return f"empty list; expected at least one of {', '.join(TTA)} (identity = no TTA)"
-    for name in names:
-        fam = _family(name)
-        if fam is not None:
-            lo, hi, _ = _FAMILIES[fam[0]]
-            if not lo <= fam[1] <= hi:
-                return f"{name!r}: {fam[0]}<N> takes N from {lo} to {hi}"
-        elif name not in TTA:
-            known = list(TTA) + [f"{f}<N>" for f in _FAMILIES]
-            close = difflib.get_close_matches(str(name), list(TTA) + list(_FAMILIES), n=3)
-            return f"unknown TTA {name!r}; " + (f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known)}")
-    return None
+def tencrop(image_size, model_size):
+    return _crops(image_size, model_size, (False, True), "tencrop")
 
 
 def build_tta(names: list[str], image_size: tuple[int, int], model_size: int | tuple[int, int] | None = None) -> list[TtaTransform]:
@@ -189,7 +186,7 @@ def build_tta(names: list[str], image_size: tuple[int, int], model_size: int | t
     out, seen = [], set()
     for name in names:
         fam = _family(name)
-        made = _FAMILIES[fam[0]][2](fam[1]) if fam else TTA[name](tuple(image_size), model_size)
+        made = TTA_FAMILIES.get(fam[0]).views(fam[1]) if fam else TTA.get(name)(tuple(image_size), model_size)
         for t in made:
             if t.key not in seen:
                 seen.add(t.key)

@@ -52,13 +52,12 @@ from typing import Callable
 
 import numpy as np
 
+from pipeline.config.auto import AUTO, DEFAULT_EPOCHS, PLAN_KEYS, has_auto, needs_planner, without_plan
 from pipeline.config.schema import SEED_MAX, Config
 from pipeline.core.errors import LockHeld, PipelineError
 
 log = logging.getLogger(__name__)
 
-AUTO = "auto"
-DEFAULT_EPOCHS = 20       # train.epochs: auto without a budget (the schema's old default)
 MIN_EPOCHS = 8            # image_size: auto keeps the largest size that still gets these per fold
 MAX_EPOCHS = 60           # more than this rarely helps a fine-tune; a bigger budget is left to seeds or tuning
 SEED_EPOCHS = DEFAULT_EPOCHS  # train.seeds: auto adds a seed only while every job still gets this many epochs
@@ -78,8 +77,6 @@ SIZES = (512, 448, 384, 320, 288, 256, 224, 192, 160, 128, 112, 96, 80, 64, 48, 
 # lite0 at 75 px here trained 3.5-4.5x as fast head-only and ~2x with the last stages (history.csv)
 STAGE_SPEEDUP = {"full": 1.0, "partial": 1.6, "head": 2.5}
 SPAWN_S = 8.0             # a fold_jobs worker's start: a fresh interpreter imports torch and timm, reads the table
-PLAN_KEYS = (("data", "image_size"), ("data", "channels"), ("model", "backbone"), ("model", "pretrained"),
-             ("model", "finetune"), ("train", "epochs"), ("train", "seeds"))
 
 
 def parse_budget(text: str) -> float:
@@ -89,10 +86,6 @@ def parse_budget(text: str) -> float:
     if not m or not math.isfinite(seconds) or seconds <= 0:
         raise PipelineError(f"--budget: got {text!r}; expected a positive duration like 900s, 15m or 1h")
     return seconds
-
-
-def has_auto(cfg: Config) -> bool:
-    return any(getattr(getattr(cfg, s), k) == AUTO for s, k in PLAN_KEYS)
 
 
 def plan_hash(cfg: Config) -> str:
@@ -393,26 +386,6 @@ def _job_overheads(cfg: Config, table, bs: int, device, train_img_s: float, val_
 
 # ---- the plan --------------------------------------------------------------------------------
 
-def thread_plan(n_jobs: int, n_par: int, cores: int) -> list[int]:
-    """Threads for each of ``n_jobs`` jobs run ``n_par`` at a time on ``cores`` cores (pipeline/train/executors.py:
-    a function of a job's place in the list, never of timing, so results are reproducible)."""
-    full = (n_jobs // n_par) * n_par
-    rest = n_jobs - full
-    return [max(1, cores // n_par)] * full + [max(1, cores // max(rest, 1))] * rest
-
-
-def executor_width(cfg: Config, n_jobs: int, device_type: str, hooks: bool = False) -> int:
-    """How many jobs run at once on this machine: ``train.fold_jobs`` processes on CPU (pipeline/train/executors.py)
-    with ``train.executor`` auto or processes, else one. A Ray cluster is not this machine: its jobs are
-    planned as if they ran one after another here, which errs on the long side."""
-    from pipeline.train.trainer import caches_embeddings
-
-    if cfg.train.executor not in ("auto", "processes"):
-        return 1
-    n_par = min(cfg.train.fold_jobs, n_jobs)
-    return n_par if n_par > 1 and device_type == "cpu" and not hooks and not caches_embeddings(cfg) else 1
-
-
 @dataclass(frozen=True)
 class Shape:
     """The jobs a plan times: folds x seeds (+ refits), and how they run."""
@@ -430,6 +403,8 @@ class Shape:
 
     def threads(self) -> list[int]:
         n_jobs = self.n_folds * self.n_seeds
+        from pipeline.train.executors import thread_plan
+
         return thread_plan(n_jobs, self.width, self.cores) if self.width > 1 else [self.cores] * n_jobs
 
     def val_rows(self) -> int:
@@ -545,6 +520,7 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
     """The plan for ``cfg`` on data ``facts``: the values every ``auto`` takes, and why. ``planning_s``:
     the seconds planning takes, for the whole run's time (default: as this call measures them)."""
     from pipeline.runs.layout import RunDir
+    from pipeline.train.executors import executor_width
 
     t0 = time.time()
     seeds_auto = cfg.train.seeds == AUTO
@@ -758,14 +734,8 @@ def planned(cfg: Config, *, create: bool = True, require: bool = True, speed: Sp
 
     if cfg.plan is not None or not (has_auto(cfg) or cfg.train.time_budget_s):
         return cfg
-    if not cfg.train.time_budget_s and all(getattr(getattr(cfg, s), k) != AUTO for s, k in PLAN_KEYS if s != "train"):
-        # only train.epochs or seeds auto and no budget: their defaults, nothing to measure or keep
-        values = {"train.epochs": DEFAULT_EPOCHS, "train.seeds": None}  # seeds: one, as when left unset
-        values = {k: v for k, v in values.items() if getattr(cfg.train, k.split(".")[1]) == AUTO}
-        plan = {"config_hash": plan_hash(cfg), "budget_s": None, "values": values, "why": [],
-                "folds": cfg.folds.n_splits * cfg.folds.repeats, "seeds": RunDir.of(_with(cfg, values)).seeds,
-                "expected_train_s": None}
-        return _with(cfg, values).model_copy(update={"plan": plan})
+    if not needs_planner(cfg):  # only train.epochs or seeds auto and no budget: their defaults
+        return without_plan(cfg)
     run, h = RunDir.of(cfg), plan_hash(cfg)
     plan = run.read_plan(h)
     if plan is None and create:
@@ -813,27 +783,13 @@ def _make(cfg: Config, facts: Facts, speed: SpeedFn | None) -> dict:
     plan = make_plan(cfg, facts, device_type=device.type, cores=torch.get_num_threads(), speed=speed)
     plan["facts"] = {"n_rows": facts.n_rows, "classes": len(facts.class_names), "channels": facts.channels, "native": facts.native}
     plan["planning_s"] = round(time.time() - t0, 1)
+    plan["line"] = describe(_with(cfg, plan["values"]), plan)
     for line in plan["why"]:
         log.info(f"plan: {line}")
-    log.info(describe(_with(cfg, plan["values"]), plan) + f" (planned in {plan['planning_s']:.0f} s)")
+    log.info(plan["line"] + f" (planned in {plan['planning_s']:.0f} s)")
     if "warning" in plan:
         log.warning(f"plan: {plan['warning']}")
     return plan
-
-
-def check_plan_data(cfg: Config, table) -> None:
-    """The plan was made for this data: ``data.dir`` is a runtime key, so a plan made on a demo folder
-    would otherwise be reused on the real one."""
-    facts = (cfg.plan or {}).get("facts")
-    if not facts:
-        return
-    have = {"n_rows": len(table), "classes": table.num_classes, "channels": table.channels}
-    diff = [f"{k} {facts[k]} -> {v}" for k, v in have.items() if facts.get(k) != v]
-    if diff:
-        from pipeline.runs.layout import RunDir
-
-        raise PipelineError(f"{RunDir.of(cfg).plan_json}: planned for other data ({', '.join(diff)}); delete it (or the run "
-                            f"folder) to plan for {cfg.data.dir}")
 
 
 def _still_auto(cfg: Config, values: dict) -> dict:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.tasks.calibration import load_calibration
+from pipeline.runs.predictions import load_calibration
 from pipeline.config.schema import Config, read_stage_hash, stage_sections
 from pipeline.config.auto import resolve_clip, resolve_tta, tta_auto, tta_is_on, uses_tta_oof
 from pipeline.core.errors import PipelineError

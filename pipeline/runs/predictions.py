@@ -16,14 +16,17 @@ calibrated by it (``calibration.Calibration.apply``), so every stage scales the 
 """
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from pipeline.tasks.calibration import Calibration, load_calibration
+from pipeline.tasks.calibration import SHRINK_MAX, Calibration
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_csv
+from pipeline.runs.layout import RunDir
 
 PREFIX = "p_"
 SUM_TOL = 1e-3  # probabilities written with 8 significant digits sum to 1 far closer than this
@@ -304,3 +307,40 @@ def check_oof_against_data(path: Path, df: pd.DataFrame, ids: np.ndarray, labels
         raise PipelineError(f"{path}: line {csv_line(lines[i])} (id {ids[i]!r}): fold {df['fold'].iloc[i]} but {folds_path} puts it "
                             f"in fold {fold_of[i]}; expected the folds training used; rerun `{train_hint}`")
     return df
+
+
+# ---- calibration.json: what evaluate kept, applied by every reader of prediction files ----
+
+def load_temperature(run_dir: str | Path) -> float | None:
+    """T from the run's ``calibration.json`` ({"temperature": T, "kept": bool}) when evaluation kept it, else None."""
+    path = RunDir(path=run_dir).calibration_json
+    if not path.is_file():
+        return None
+    try:
+        d = json.loads(path.read_text())
+        t, kept = d["temperature"], d.get("kept", False)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        raise PipelineError(f"{path}: expected JSON {{\"temperature\": T, \"kept\": true|false}}; rerun `pipeline evaluate`") from None
+    if not kept:
+        return None
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+        raise PipelineError(f"{path}: temperature is {t!r}; expected a positive number")
+    return float(t)
+
+
+def load_calibration(run_dir: str | Path) -> Calibration | None:
+    """The run's kept calibration (``calibration.json``), or None when it kept nothing or has none."""
+    t = load_temperature(run_dir)
+    path = RunDir(path=run_dir).calibration_json
+    d = json.loads(path.read_text()) if path.is_file() else {}  # readable: load_temperature checked it
+    shrink = d.get("shrink") if isinstance(d.get("shrink"), dict) else {}
+    if not shrink.get("kept"):
+        return Calibration(temperature=t) if t is not None else None
+    a, prior = shrink.get("a"), shrink.get("prior")
+    if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 <= a <= SHRINK_MAX:
+        raise PipelineError(f"{path}: shrink.a is {a!r}; expected a number in [0, {SHRINK_MAX}]; rerun `pipeline evaluate`")
+    if (not isinstance(prior, list) or len(prior) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                                 and 0 <= v <= 1 for v in prior)
+            or abs(sum(prior) - 1) > 1e-6):
+        raise PipelineError(f"{path}: shrink.prior is {prior!r}; expected class frequencies summing to 1; rerun `pipeline evaluate`")
+    return Calibration(temperature=t, shrink=float(a), prior=tuple(float(v) for v in prior))

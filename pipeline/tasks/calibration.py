@@ -4,24 +4,21 @@ shrink toward the class prior.
 Temperature scaling divides the log-probabilities by one number T (softmax(log p / T)); T > 1
 softens over-confident predictions, T < 1 sharpens timid ones, and the predicted class never
 changes. This module owns the temperature: ``apply_temperature`` is the one scaling every stage
-uses (so the gain measured here is the gain predict delivers), and ``load_temperature`` reads the
-T the evaluate stage kept in the run's ``calibration.json``. Prediction files hold raw
-probabilities; ``predictions.read_predictions(..., scaled=True)`` applies a kept T.
+uses (so the gain measured here is the gain predict delivers). The run's ``calibration.json``, what
+the evaluate stage kept, is read by ``pipeline.runs.predictions.load_calibration``. Prediction files
+hold raw probabilities; ``predictions.read_predictions(..., scaled=True)`` applies what was kept.
 
 For a log-loss metric a second, optional step follows the temperature: p' = (1 - a) p + a prior,
 with ``prior`` the training labels' class frequencies and a in [0, SHRINK_MAX]. It floors every
 probability at a * prior_k, so a confident mistake on test data unlike the training data costs at
 most -log(a prior_k). It is fitted and judged like the temperature: nested over folds (fold k's a
 from the other folds' rows, after their T), kept only when that honest gain beats MIN_GAIN.
-``Calibration`` is what a run kept (T and a); ``load_calibration`` reads it and ``Calibration.apply``
-is the one code path that applies it.
+``Calibration`` is what a run kept (T and a); ``Calibration.apply`` is the one code path that applies it.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -29,7 +26,6 @@ from scipy.special import log_softmax
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import logloss
-from pipeline.runs.layout import RunDir
 
 # log T is searched in [log 0.05, log 20]: wider than any useful temperature, and bounded so a
 # degenerate fold (e.g. all predictions right with p = 1) cannot send T to 0 or infinity.
@@ -44,23 +40,6 @@ def apply_temperature(probs: np.ndarray, t: float | None) -> np.ndarray:
     z -= z.max(1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(1, keepdims=True)
-
-
-def load_temperature(run_dir: str | Path) -> float | None:
-    """T from the run's ``calibration.json`` ({"temperature": T, "kept": bool}) when evaluation kept it, else None."""
-    path = RunDir(path=run_dir).calibration_json
-    if not path.is_file():
-        return None
-    try:
-        d = json.loads(path.read_text())
-        t, kept = d["temperature"], d.get("kept", False)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-        raise PipelineError(f"{path}: expected JSON {{\"temperature\": T, \"kept\": true|false}}; rerun `pipeline evaluate`") from None
-    if not kept:
-        return None
-    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
-        raise PipelineError(f"{path}: temperature is {t!r}; expected a positive number")
-    return float(t)
 
 
 def apply_shrink(probs: np.ndarray, a: float, prior) -> np.ndarray:
@@ -80,24 +59,6 @@ class Calibration:
 
     def apply(self, probs: np.ndarray) -> np.ndarray:
         return apply_shrink(apply_temperature(probs, self.temperature), self.shrink, self.prior)
-
-
-def load_calibration(run_dir: str | Path) -> Calibration | None:
-    """The run's kept calibration (``calibration.json``), or None when it kept nothing or has none."""
-    t = load_temperature(run_dir)
-    path = RunDir(path=run_dir).calibration_json
-    d = json.loads(path.read_text()) if path.is_file() else {}  # readable: load_temperature checked it
-    shrink = d.get("shrink") if isinstance(d.get("shrink"), dict) else {}
-    if not shrink.get("kept"):
-        return Calibration(temperature=t) if t is not None else None
-    a, prior = shrink.get("a"), shrink.get("prior")
-    if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 <= a <= SHRINK_MAX:
-        raise PipelineError(f"{path}: shrink.a is {a!r}; expected a number in [0, {SHRINK_MAX}]; rerun `pipeline evaluate`")
-    if (not isinstance(prior, list) or len(prior) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                                 and 0 <= v <= 1 for v in prior)
-            or abs(sum(prior) - 1) > 1e-6):
-        raise PipelineError(f"{path}: shrink.prior is {prior!r}; expected class frequencies summing to 1; rerun `pipeline evaluate`")
-    return Calibration(temperature=t, shrink=float(a), prior=tuple(float(v) for v in prior))
 
 
 def ece(y: np.ndarray, probs: np.ndarray, n_bins: int = 10) -> float:

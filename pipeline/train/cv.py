@@ -16,252 +16,43 @@ once (which jobs are left, the precision, the OOF file) is done on rank 0 and br
 from __future__ import annotations
 
 import logging
-import os
 import time
-from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.config.auto import without_plan
 from pipeline.config.schema import Config
-from pipeline.train.distributed import DistContext
 from pipeline.core.errors import LockHeld, PipelineError
-from pipeline.data.folds import check_learnable, load_folds
-from pipeline.models.inference import features_tensor, to_tensor
 from pipeline.core.io import atomic_write_json, sweep_temps
 from pipeline.core.metrics import logloss, score
-from pipeline.models.backbones import build_model
-from pipeline.runs.predictions import average_predictions, probs_of, write_predictions
-from pipeline.train.pseudo import check_source, prepare as prepare_pseudo
-from pipeline.runs.layout import JobDir, RunDir
+from pipeline.data.folds import check_learnable, load_folds
 from pipeline.data.table import Table
-from pipeline.train.trainer import FoldTrainer, caches_embeddings, derive_seed, seed_everything
+from pipeline.models.backbones import build_model
+from pipeline.models.inference import features_tensor, to_tensor
+from pipeline.runs.layout import JobDir, RunDir
+from pipeline.runs.predictions import average_predictions, probs_of, write_predictions
+from pipeline.train.budget import job_deadline
+from pipeline.train.distributed import DistContext
+from pipeline.train.executors import JobRows, RayExecutor, build_executor, check_ray, job_rows
+from pipeline.train.pseudo import check_source
+from pipeline.train.pseudo import prepare as prepare_pseudo
+from pipeline.train.trainer import FoldTrainer, seed_everything
 
 log = logging.getLogger(__name__)
 
-# what job ``fold`` trains on: (table, fold_of, facts for its done.json or None)
-JobRows = Callable[[int], tuple[Table, np.ndarray, dict | None]]
-
-
-def _job_rows(table: Table, fold_of: np.ndarray, pseudo=None, base: Table | None = None) -> JobRows:
-    """The training table for every job; with pseudo-labels (``base``: training rows then test rows), each
-    job's own view of it."""
-    if pseudo is None:
-        return lambda fold: (table, fold_of, None)
-    return lambda fold: pseudo.job_view(base, fold_of, fold)
-
-
-def job_outcome(job: JobDir, run: Callable[[], dict]) -> dict | None:
-    """``run()`` a job and say how it ended: its done.json contents, or None when another
-    process (GPU, machine) holds the job, which is then left to it."""
-    try:
-        res = run()
-    except LockHeld as e:
-        log.info(f"{job.label}: skipping, {e}")
-        return None
-    world = f", world_size {res['world_size']}" if res.get("world_size", 1) > 1 else ""
-    log.info(f"{job.label}: best epoch {res['best_epoch']}, val_loss {res['val_loss']:.4f}{world}")
-    return res
-
-
-def _deadline(cfg: Config, t_start: float, jobs_left: int) -> float | None:
-    """When the next job must stop: the budget left, shared equally by the jobs left."""
-    if not cfg.train.time_budget_s:
-        return None
-    left = cfg.train.time_budget_s - (time.time() - t_start)
-    return time.time() + max(left, 0) / max(jobs_left, 1)
-
-
-def _head_embeddings(cfg: Config, table: Table, device: torch.device, seed: int) -> torch.Tensor | None:
-    """With a frozen backbone and no augmentation, features are computed once for every fold."""
-    if not caches_embeddings(cfg):
-        return None
-    seed_everything(derive_seed("init", seed))  # the same init as each fold's model
-    model, _ = build_model(cfg, table.channels, table.num_classes, len(table.feature_names), table.image_size)
-    model.fit_normalisation(table.images, table.features)
-    model.to(device).eval()
-    t0 = time.time()
-    with torch.no_grad():
-        out = [model.embed(to_tensor(table.images[s:s + 256], device)) for s in range(0, len(table), 256)]
-    log.info(f"head-only: cached backbone features of {len(table)} images in {time.time() - t0:.1f}s")
-    return torch.cat(out)
-
-
-# ---- executors: run a list of jobs, yield (job, done.json contents or None when held elsewhere) ----
-
-class SequentialExecutor:
-    """Jobs one after another in this process; the only one that takes per-epoch hooks."""
-
-    def __init__(self, *, cfg: Config, table: Table, rows: JobRows, device: torch.device, run_hash: str,
-                 precision: str, deadline: Callable[[int], float | None], on_epoch: Callable | None = None,
-                 dist: DistContext = DistContext()):
-        # ``table``: every row any job reads (the cached embeddings are of it); ``rows``: each job's view
-        self.cfg, self.table, self.rows, self.device = cfg, table, rows, device
-        self.run_hash, self.precision, self.deadline, self.on_epoch = run_hash, precision, deadline, on_epoch
-        self.dist = dist  # under torchrun: every rank runs the same jobs in the same order, together
-
-    def run(self, jobs: list[JobDir]) -> Iterator[tuple[JobDir, dict | None]]:
-        embeddings, emb_seed = None, None
-        for j, job in enumerate(jobs):
-            if emb_seed != job.seed:
-                embeddings, emb_seed = _head_embeddings(self.cfg, self.table, self.device, job.seed), job.seed
-            table, fold_of, extra = self.rows(job.fold)
-            trainer = FoldTrainer(cfg=self.cfg, table=table, fold_of=fold_of, job=job, device=self.device,
-                                  run_hash=self.run_hash, precision=self.precision, embeddings=embeddings,
-                                  on_epoch=self.on_epoch, deadline=self.deadline(len(jobs) - j), done_extra=extra,
-                                  dist=self.dist)
-            yield job, job_outcome(job, trainer.run)
-
-
-class ProcessExecutor:
-    """``train.fold_jobs: N`` on CPU: N jobs at once in spawned processes (``pipeline.train.executors``)."""
-
-    def __init__(self, *, cfg: Config, width: int, run_hash: str, precision: str, t_start: float, n_waves: int,
-                 pseudo=None):
-        self.cfg, self.width, self.run_hash, self.precision = cfg, width, run_hash, precision
-        self.t_start, self.n_waves, self.pseudo = t_start, n_waves, pseudo
-
-    def run(self, jobs: list[JobDir]) -> Iterator[tuple[JobDir, dict | None]]:
-        from pipeline.train.executors import run_parallel
-
-        for job, result in run_parallel(self.cfg, jobs, n_par=self.width, run_hash=self.run_hash, precision=self.precision,
-                                        t_start=self.t_start, n_waves=self.n_waves, pseudo=self.pseudo):
-            yield job, job_outcome(job, result)
-
-
-RAY_MISSING = "train.executor: ray needs the ray package, which is not installed; pip install -e .[ray] (or pip install 'ray>=2.9,<3')"
-
-
-def import_ray():
-    """``ray``, imported here only (an optional extra); missing, one line naming the key and the install."""
-    try:
-        import ray
-    except ImportError:
-        raise PipelineError(RAY_MISSING) from None
-    return ray
-
-
-def check_ray(cfg: Config) -> None:
-    """Before anything is written: ray importable, and the head at ``train.ray_address`` listening
-    (ray.init itself retries an address nobody answers for minutes)."""
-    import socket
-
-    import_ray()
-    if cfg.train.ray_address == "auto":
+def _check_plan_data(cfg: Config, table: Table) -> None:
+    """The plan was made for this data: ``data.dir`` is a runtime key, so a plan made on a demo folder
+    would otherwise be reused on the real one."""
+    facts = (cfg.plan or {}).get("facts")
+    if not facts:
         return
-    host, _, port = cfg.train.ray_address.removeprefix("ray://").rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
-    except OSError as e:
-        raise PipelineError(f"train.ray_address: nothing answers at {cfg.train.ray_address} ({e.strerror or e}); start the "
-                            "head there with `ray start --head --port=PORT`, or set train.ray_address=auto") from None
-
-
-class RayExecutor:
-    """``train.executor: ray``: every job a Ray task asking for ``train.ray_num_cpus`` CPUs (its torch
-    threads) and ``train.ray_num_gpus`` GPUs, on whichever node has them free; results are collected as
-    they finish (``ray.wait``). A task whose worker or node dies is rerun by Ray up to
-    ``train.ray_max_retries`` times and resumes from the job's last.pt; the job's lock keeps a second
-    copy out. The task runs ``pipeline.train.executors.run_ray_job`` in the driver's working directory, so
-    every node sees the same data, folds and runs folders at the same paths (a shared mount)."""
-
-    def __init__(self, *, cfg: Config, run_hash: str, precision: str, t_start: float, n_jobs: int, n_refit: int,
-                 pseudo=None):
-        self.cfg, self.run_hash, self.precision, self.t_start = cfg, run_hash, precision, t_start
-        self.n_jobs, self.n_refit, self.pseudo = n_jobs, n_refit, pseudo
-        self.ray, self.started, self.budget = None, False, None
-
-    def _connect(self):
-        if self.ray is not None:
-            return self.ray
-        ray, t = import_ray(), self.cfg.train
-        if not ray.is_initialized():
-            address = None if t.ray_address == "auto" else t.ray_address  # None: join a running cluster, else start one
-            try:
-                ray.init(address=address, logging_level=logging.WARNING)
-            except (ConnectionError, ValueError, RuntimeError) as e:
-                raise PipelineError(f"train.ray_address: no Ray cluster at {t.ray_address} ({str(e).splitlines()[0][:200]}); "
-                                    "start one with `ray start --head`, or set train.ray_address=auto") from None
-            self.started = True
-        res = ray.cluster_resources()
-        slots = res.get("CPU", 1) // t.ray_num_cpus
-        if t.ray_num_gpus:
-            slots = min(slots, res.get("GPU", 0) // t.ray_num_gpus)
-        slots = max(int(slots), 1)
-        if t.time_budget_s:  # a job's share is a wave's, as with processes (pipeline/train/executors.py)
-            n_waves = -(-self.n_jobs // slots) + -(-self.n_refit // slots)
-            self.budget = (self.t_start, t.time_budget_s, t.time_budget_s / max(n_waves, 1))
-        log.info(f"ray: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU {res.get('GPU', 0):g} GPU: "
-                 f"{slots} job(s) at once of {t.ray_num_cpus} CPU {t.ray_num_gpus:g} GPU")
-        self.ray = ray
-        return ray
-
-    def run(self, jobs: list[JobDir], cfgs: list[Config] | None = None) -> Iterator[tuple[JobDir, dict | None]]:
-        """``cfgs``: each job's own config (a refit's epochs), else the run's."""
-        from pipeline.train.executors import run_ray_job
-
-        if not jobs:
-            return
-        ray, t = self._connect(), self.cfg.train
-        task = ray.remote(num_cpus=t.ray_num_cpus, num_gpus=t.ray_num_gpus, max_retries=t.ray_max_retries)(run_ray_job)
-        cwd = os.getcwd()
-        pseudo = ray.put(self.pseudo)  # once, not once per job
-        refs = {task.remote(cwd, c, job, self.run_hash, self.precision, t.ray_num_cpus, self.budget, pseudo): job
-                for job, c in zip(jobs, cfgs or [self.cfg] * len(jobs))}
-        pending = list(refs)
-        try:
-            while pending:
-                (ref,), pending = ray.wait(pending, num_returns=1)
-                yield refs[ref], job_outcome(refs[ref], lambda: self._result(ref))
-        finally:  # stopped early (an error, Ctrl-C): the jobs still queued or running are ended; each resumes
-            for ref in pending:
-                ray.cancel(ref)
-
-    def _result(self, ref) -> dict:
-        ray = self.ray
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayTaskError as e:  # the job raised: its own error, not Ray's wrapper
-            if isinstance(e.cause, PipelineError):
-                raise e.cause from None
-            raise
-        except ray.exceptions.RayError as e:  # retries spent (a node kept dying, out of memory)
-            raise PipelineError(f"ray: {_one_line(e)}; rerun the same command to resume from the jobs' last.pt") from None
-
-    def close(self) -> None:
-        if self.started:
-            self.ray.shutdown()
-            self.started = False
-
-
-def _one_line(e: Exception) -> str:
-    """A Ray error as one short line."""
-    first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-    return f"{type(e).__name__}: {first[:200]}"
-
-
-def _executor(cfg: Config, *, todo: list[JobDir], table: Table, rows: JobRows, device: torch.device, run_hash: str,
-              precision: str, t_start: float, n_refit: int, on_epoch, hooks: bool, pseudo=None,
-              dist: DistContext = DistContext()):
-    """The executor ``train.executor`` asks for, where it can run: per-epoch hooks (tuning) and cached
-    embeddings need this process."""
-    from pipeline.plan.planner import executor_width
-
-    if cfg.train.executor == "ray":
-        if not hooks and not caches_embeddings(cfg):
-            return RayExecutor(cfg=cfg, run_hash=run_hash, precision=precision, t_start=t_start, n_jobs=len(todo),
-                               n_refit=n_refit, pseudo=pseudo)
-        log.info("train.executor ray: " + ("per-epoch hooks run" if hooks else "cached backbone features are shared")
-                 + " in this process; training here")
-    n_par = executor_width(cfg, len(todo), device.type, hooks=hooks)
-    if n_par > 1:
-        return ProcessExecutor(cfg=cfg, width=n_par, run_hash=run_hash, precision=precision, t_start=t_start,
-                               # waves of n_par jobs side by side, then each refit alone
-                               n_waves=-(-len(todo) // n_par) + n_refit, pseudo=pseudo)
-    return SequentialExecutor(cfg=cfg, table=table, rows=rows, device=device, run_hash=run_hash,
-                              precision=precision, on_epoch=on_epoch, dist=dist,
-                              deadline=lambda jobs_left: _deadline(cfg, t_start, jobs_left + n_refit))
+    have = {"n_rows": len(table), "classes": table.num_classes, "channels": table.channels}
+    diff = [f"{k} {facts[k]} -> {v}" for k, v in have.items() if facts.get(k) != v]
+    if diff:
+        raise PipelineError(f"{RunDir.of(cfg).plan_json}: planned for other data ({', '.join(diff)}); delete it (or the run "
+                            f"folder) to plan for {cfg.data.dir}")
 
 
 def _needs_training(job: JobDir, run_hash: str) -> bool:
@@ -315,16 +106,15 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     hooks run on rank 0).
     """
     from pipeline.data.formats import read_table
-    from pipeline.plan.planner import check_plan_data, describe, planned
 
-    source = check_source(cfg) if cfg.pseudo is not None else None  # before the plan writes anything
+    cfg = without_plan(cfg)
+    source = check_source(cfg) if cfg.pseudo is not None else None
     hooks = on_epoch is not None or on_fold is not None
     if cfg.train.executor == "ray" and not hooks:
-        check_ray(cfg)  # before the plan or anything else is written
-    cfg = planned(cfg)
+        check_ray(cfg)  # before anything is written
     device = dist.check(cfg)  # before the data is read (its cache) or a run folder is made
     table = table if table is not None else dist.main_first(lambda: read_table(cfg, "train"))
-    check_plan_data(cfg, table)
+    _check_plan_data(cfg, table)
     check_learnable(cfg, table)  # before any done.json of an earlier run is deleted
     fold_of = load_folds(cfg, table)
     n_folds = int(fold_of.max()) + 1
@@ -337,7 +127,7 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
         test = read_table(cfg, "test")
         pseudo = prepare_pseudo(cfg, source, table, fold_of, test)
         base = pseudo.combine(table, test)
-    rows = _job_rows(table, fold_of, pseudo, base)
+    rows = job_rows(table, fold_of, pseudo, base)
     run = RunDir.of(cfg)
     run_hash, seeds = run.run_hash(), run.seeds
     precision = dist.broadcast_decision(lambda: _start_run(cfg, table, device, run, pseudo))
@@ -346,12 +136,12 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     log.info(f"train {cfg.name}: {cfg.model.backbone} ({'pretrained' if cfg.model.pretrained else 'from scratch'}, finetune {cfg.model.finetune}) "
              f"on {len(table)} images {table.channels}x{table.image_size[0]}x{table.image_size[1]}, folds {wanted}, seeds {seeds}, device {device}"
              + (f", {dist.describe()} (global batch {cfg.train.batch_size})" if dist.active else ""))
-    if cfg.plan is not None:
-        log.info(describe(cfg, cfg.plan) + f" ({run.plan_json})")
+    if (cfg.plan or {}).get("line"):
+        log.info(cfg.plan["line"] + f" ({run.plan_json})")
     for line in pseudo.describe() if pseudo is not None else []:
         log.info(line)
     todo = dist.broadcast_decision(lambda: [job for job in run.jobs(wanted) if _needs_training(job, run_hash)])
-    executor = _executor(cfg, todo=todo, table=base, rows=rows, device=device, run_hash=run_hash, precision=precision,
+    executor = build_executor(cfg, todo=todo, table=base, rows=rows, device=device, run_hash=run_hash, precision=precision,
                          t_start=t_start, n_refit=n_refit, on_epoch=on_epoch, hooks=hooks, pseudo=pseudo, dist=dist)
     try:
         for job, res in executor.run(todo):
@@ -380,7 +170,7 @@ def _refits(cfg: Config, executor, table: Table, fold_of: np.ndarray, *, seeds: 
         return
     for i, seed in enumerate(seeds):
         refit(cfg, table, fold_of, seed=seed, device=device, run_hash=run_hash, precision=precision,
-              deadline=_deadline(cfg, t_start, len(seeds) - i), rows=rows,
+              deadline=job_deadline(cfg.train.time_budget_s, t_start, len(seeds) - i), rows=rows,
               pseudo=pseudo, dist=dist)
 
 
@@ -412,7 +202,7 @@ def refit(cfg: Config, table: Table, fold_of: np.ndarray, *, seed: int, device, 
           deadline: float | None = None, rows: JobRows | None = None, pseudo=None,
           dist: DistContext = DistContext()) -> dict:
     """Train on every row for the epoch count CV chose (median best epoch); saved in ``RunDir.refit_dir``.
-    ``rows``: the jobs' views of the table (``_job_rows``: with ``pseudo``, the refit's rows too)."""
+    ``rows``: the jobs' views of the table (``executors.job_rows``: with ``pseudo``, the refit's rows too)."""
     todo = _refit_job(cfg, fold_of, seed, run_hash, pseudo, dist)
     if todo is None:
         return dist.broadcast_decision(RunDir.of(cfg).refit_dir(seed).read_done)

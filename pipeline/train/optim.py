@@ -1,5 +1,5 @@
-"""Optimizers and learning-rate schedules: the registries ``OPTIMIZERS`` and ``SCHEDULERS``, one
-``build_*`` each.
+"""Optimizers and learning-rate schedules: the entries of the registries ``OPTIMIZERS`` and
+``SCHEDULERS`` (pipeline/config/registries.py), one ``build_*`` each.
 
 Optimizers come from timm's factory (``timm.optim.create_optimizer_v2``), fed our parameter
 groups: the head at ``train.lr`` (``auto``: pipeline/config/auto.py) and the ``backbone.*`` parameters at ``train.lr x
@@ -8,8 +8,8 @@ and norm weights (1-d parameters, and the backbone's ``no_weight_decay()`` names
 grouping does. Frozen parameters are included (timm's grouping skips them) so gradual unfreezing
 needs no rebuild. Adding an optimizer timm knows is one line::
 
-    register_optimizer("nadamw")                        # timm's name, or
-    register_optimizer("lamb", options=lambda t: {"betas": (0.9, 0.99)})
+    OPTIMIZERS.register("nadamw", OptimizerSpec("nadamw"))        # timm's name, or
+    OPTIMIZERS.register("lamb", OptimizerSpec("lamb", options=lambda t: {"betas": (0.9, 0.99)}))
 
 Schedules are built here by hand (timm has no one-cycle, and a resumed fold replays exactly from
 the LambdaLR / OneCycleLR ``state_dict``). torch and timm are imported only when something is
@@ -21,6 +21,8 @@ import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
+
+from pipeline.config.registries import OPTIMIZERS, SCHEDULERS
 
 
 def _no_options(t) -> dict:
@@ -36,21 +38,12 @@ class OptimizerSpec:
     fused: bool = False
 
 
-OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "sgd": OptimizerSpec("sgd", lambda t: {"momentum": t.momentum, "nesterov": t.momentum > 0}, fused=True),
-    "adam": OptimizerSpec("adam", fused=True),
-    "adamw": OptimizerSpec("adamw", fused=True),
-    # torch's alpha, as before timm built it (timm's rmsprop default is 0.9)
-    "rmsprop": OptimizerSpec("rmsprop", lambda t: {"momentum": t.momentum, "alpha": 0.99}),
-    "adadelta": OptimizerSpec("adadelta"),
-}
-
-
-def register_optimizer(name: str, timm_name: str | None = None, options: Callable[[Any], dict] | None = None,
-                       fused: bool = False) -> OptimizerSpec:
-    """Add (or replace) an optimizer; ``train.optimizer: <name>`` is accepted from then on."""
-    OPTIMIZERS[name] = OptimizerSpec(timm_name or name, options or _no_options, fused)
-    return OPTIMIZERS[name]
+# the built-in entries of OPTIMIZERS (pipeline/config/registries.py)
+SGD = OptimizerSpec("sgd", lambda t: {"momentum": t.momentum, "nesterov": t.momentum > 0}, fused=True)
+ADAM = OptimizerSpec("adam", fused=True)
+ADAMW = OptimizerSpec("adamw", fused=True)
+RMSPROP = OptimizerSpec("rmsprop", lambda t: {"momentum": t.momentum, "alpha": 0.99})  # torch's alpha (timm's is 0.9)
+ADADELTA = OptimizerSpec("adadelta")
 
 
 def param_groups(model, lr: float, weight_decay: float, backbone_lr_mult: float) -> list[dict]:
@@ -74,7 +67,7 @@ def build_optimizer(cfg, model):
     from pipeline.config.auto import resolve_lr
 
     t, lr = cfg.train, resolve_lr(cfg)
-    spec = OPTIMIZERS[t.optimizer]
+    spec = OPTIMIZERS.get(t.optimizer)
     groups = param_groups(model, lr, t.weight_decay, cfg.model.backbone_lr_mult)
     fused = {"fused": True} if spec.fused and next(model.parameters()).device.type in ("cpu", "cuda") else {}
     return create_optimizer_v2(model, opt=spec.timm_name, lr=lr, weight_decay=t.weight_decay,
@@ -130,22 +123,15 @@ def _constant(t, opt, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
 
-SCHEDULERS: dict[str, SchedulerSpec] = {
-    "cosine": SchedulerSpec(_cosine, per_step=True),
-    "onecycle": SchedulerSpec(_onecycle, per_step=True),
-    "step": SchedulerSpec(_step, per_step=False),
-    "plateau": SchedulerSpec(_plateau, per_step=False, on_metric=True),
-    "none": SchedulerSpec(_constant, per_step=True),
-}
-
-
-def register_scheduler(name: str, build: Callable[[Any, Any, int], Any], per_step: bool, on_metric: bool = False) -> SchedulerSpec:
-    """Add (or replace) a schedule; ``train.scheduler: <name>`` is accepted from then on."""
-    SCHEDULERS[name] = SchedulerSpec(build, per_step, on_metric)
-    return SCHEDULERS[name]
+# the built-in entries of SCHEDULERS (pipeline/config/registries.py)
+COSINE = SchedulerSpec(_cosine, per_step=True)
+ONECYCLE = SchedulerSpec(_onecycle, per_step=True)
+STEP = SchedulerSpec(_step, per_step=False)
+PLATEAU = SchedulerSpec(_plateau, per_step=False, on_metric=True)
+NONE = SchedulerSpec(_constant, per_step=True)
 
 
 def build_scheduler(cfg, opt, steps_per_epoch: int):
     """Returns (scheduler, per_step). Cosine and one-cycle step per batch, the others per epoch."""
-    spec = SCHEDULERS[cfg.train.scheduler]
+    spec = SCHEDULERS.get(cfg.train.scheduler)
     return spec.build(cfg.train, opt, steps_per_epoch), spec.per_step

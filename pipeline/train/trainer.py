@@ -36,7 +36,8 @@ from pipeline.models.inference import Rows, features_tensor, predict_logits, sof
 from pipeline.core.io import atomic_path, atomic_write_csv, exclusive, sweep_temps
 from pipeline.core.metrics import logloss, score
 from pipeline.models.backbones import apply_finetune, build_model, finetune_stage, freeze_bn_stats, save_checkpoint
-from pipeline.train.optim import SCHEDULERS, build_optimizer, build_scheduler
+from pipeline.config.registries import SCHEDULERS
+from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.runs.predictions import pred_frame, write_predictions
 from pipeline.runs.layout import JobDir
 from pipeline.data.table import Table
@@ -605,7 +606,7 @@ class FoldTrainer:
             val_metric = score(cfg.metric, y_va, probs, cfg.evaluate.eps)
         lr = self.opt.param_groups[0]["lr"]
         if not self.parts.per_step:
-            self.parts.sched.step(val_loss) if SCHEDULERS[cfg.train.scheduler].on_metric else self.parts.sched.step()
+            self.parts.sched.step(val_loss) if SCHEDULERS.get(cfg.train.scheduler).on_metric else self.parts.sched.step()
         improved = epoch == cfg.train.epochs if self.refit else val_loss < progress.best["val_loss"] - 1e-7
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, mname: val_metric, "lr": lr,
                "seconds": round(time.time() - t0, 3), "train_img_s": round(img_s, 1)}

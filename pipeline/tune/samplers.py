@@ -1,6 +1,6 @@
-"""Optuna samplers and pruners for ``pipeline tune``: the registries ``SAMPLERS`` and ``PRUNERS``,
-one ``build_*`` each. Optuna is imported when one is built, so the config checks ``tune.sampler``
-and ``tune.pruner`` against these registries without it.
+"""Optuna samplers and pruners for ``pipeline tune``: the entries of the registries ``SAMPLERS`` and
+``PRUNERS`` (pipeline/config/registries.py), one ``build_*`` each. Optuna is imported when one is
+built, so the config checks ``tune.sampler`` and ``tune.pruner`` without it.
 
 The sampler is rebuilt for each trial with a seed derived from (``tune.seed``, trial number): one
 worker repeats its search exactly, and parallel workers started with the same seed do not draw
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from pipeline.config.registries import PRUNERS, SAMPLERS
 from pipeline.core.errors import PipelineError
 from pipeline.tune.space import trial_seed
 
@@ -67,16 +68,15 @@ def _check_cmaes(cfg, space: Space) -> None:
         raise PipelineError(f"{path}: tune.sampler: cmaes needs the 'cmaes' package (pip install cmaes)") from None
 
 
-SAMPLERS: dict[str, SamplerSpec] = {
-    "tpe": SamplerSpec(_tpe),  # multivariate, grouped when the space has conditions
-    "random": SamplerSpec(_random),
-    "cmaes": SamplerSpec(_cmaes, _check_cmaes),
-}
+# the built-in entries of SAMPLERS (pipeline/config/registries.py)
+TPE = SamplerSpec(_tpe)  # multivariate, grouped when the space has conditions
+RANDOM = SamplerSpec(_random)
+CMAES = SamplerSpec(_cmaes, _check_cmaes)
 
 
 def check_sampler(cfg, space: Space) -> None:
     """The sampler can search this space (after the command line's pinned keys left it)."""
-    check = SAMPLERS[cfg.tune.sampler].check
+    check = SAMPLERS.get(cfg.tune.sampler).check
     if check is not None:
         check(cfg, space)
 
@@ -84,7 +84,7 @@ def check_sampler(cfg, space: Space) -> None:
 def build_sampler(cfg, space: Space):
     import optuna
 
-    make, tc = SAMPLERS[cfg.tune.sampler].make, cfg.tune
+    make, tc = SAMPLERS.get(cfg.tune.sampler).make, cfg.tune
 
     class TrialSeededSampler(optuna.samplers.BaseSampler):
         """The configured sampler, rebuilt per trial with a seed from (tune.seed, trial number)."""
@@ -155,15 +155,14 @@ def _nop(cfg, space: Space, n_folds: int):
     return optuna.pruners.NopPruner()
 
 
-PRUNERS: dict[str, PrunerSpec] = {
-    "median": PrunerSpec(_median, True, "MedianPruner on the epochs of fold {fold}"),
-    "halving": PrunerSpec(_halving, True, "SuccessiveHalvingPruner on the epochs of fold {fold}"),
-    "hyperband": PrunerSpec(_hyperband, True, "HyperbandPruner on the epochs of fold {fold}"),
-    # about 4 finished folds before it can reach p < 0.1: use it with many folds or repeats
-    "wilcoxon": PrunerSpec(_wilcoxon, False, "WilcoxonPruner on the fold values"),
-    "none": PrunerSpec(_nop, False, "no pruning"),
-}
+# the built-in entries of PRUNERS (pipeline/config/registries.py)
+MEDIAN = PrunerSpec(_median, True, "MedianPruner on the epochs of fold {fold}")
+HALVING = PrunerSpec(_halving, True, "SuccessiveHalvingPruner on the epochs of fold {fold}")
+HYPERBAND = PrunerSpec(_hyperband, True, "HyperbandPruner on the epochs of fold {fold}")
+# about 4 finished folds before it can reach p < 0.1: use it with many folds or repeats
+WILCOXON = PrunerSpec(_wilcoxon, False, "WilcoxonPruner on the fold values")
+NONE = PrunerSpec(_nop, False, "no pruning")
 
 
 def build_pruner(cfg, space: Space, n_folds: int):
-    return PRUNERS[cfg.tune.pruner].make(cfg, space, n_folds)
+    return PRUNERS.get(cfg.tune.pruner).make(cfg, space, n_folds)

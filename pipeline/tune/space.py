@@ -392,3 +392,10 @@ def _ordered(params: dict[str, Param], err) -> list[Param]:
 def trial_seed(seed: int, number: int) -> int:
     """A 32-bit seed per (tune.seed, trial number)."""
     return int.from_bytes(hashlib.sha256(f"tune|{seed}|{number}".encode()).digest()[:4], "little")
+
+
+def check_config(cfg: Config) -> None:
+    """``load_config``'s check of ``tune.space`` (pipeline/config/registries.py ``CHECKS``): its grammar,
+    its keys, and the augmentation parameters it searches."""
+    if cfg.tune.space:
+        check_augment(parse_space(cfg), cfg, *cfg.data.image_spec())

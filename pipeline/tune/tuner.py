@@ -9,13 +9,13 @@ Objective
     when missing), each fold's value taken at its best epoch as ``pipeline train`` picks it.
     Every trial trains into its own ``runs/<competition>/tune/<study>/trial_<n>/`` (train.log
     there holds its training output) with ``train.seed`` only and no refit.
-Pruning (``tune.pruner``, a name in ``pipeline.tune.samplers.PRUNERS``)
+Pruning (``tune.pruner``, a name in ``PRUNERS``, pipeline/config/registries.py)
     ``median`` (default), ``halving``, ``hyperband``: the validation metric after each epoch of
     the first tuned fold, step = epoch; ``wilcoxon``: each fold's value, step = fold number, so
     trials are compared on the same folds (it needs about 4 finished folds before it can reach
     p < 0.1: use it with many folds or repeats); ``none``. A pruned trial stops at once (the
     callback raises ``optuna.TrialPruned`` inside training) and its checkpoints are deleted.
-Samplers (``tune.sampler``, a name in ``pipeline.tune.samplers.SAMPLERS``)
+Samplers (``tune.sampler``, a name in ``SAMPLERS``, pipeline/config/registries.py)
     ``tpe`` (default; multivariate, grouped when the space has conditions), ``random``,
     ``cmaes`` (numeric spaces only: a categorical or conditional parameter is refused rather than
     silently sampled at random; needs the ``cmaes`` package). The sampler is rebuilt for each
@@ -220,7 +220,7 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
     table, folds, n_folds = _tuned_folds(cfg)
     check_augment(space, cfg, table.value_range, table.channels, table.image_size)
 
-    direction = "maximize" if METRICS[cfg.metric].greater_is_better else "minimize"
+    direction = "maximize" if METRICS.get(cfg.metric).greater_is_better else "minimize"
     study = open_study(cfg, storage, study_name, direction, build_sampler(cfg, space), build_pruner(cfg, space, n_folds), shown)
     out_dir.mkdir(parents=True, exist_ok=True)
     optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL + re-queued before counting
@@ -292,7 +292,7 @@ def _log_plan(cfg, space, folds, n_folds, direction, study, shown, out_dir, n_tr
              f"over folds {folds} ({subset}) of {cfg.folds_path}")
     for p in space.params:
         log.info(f"  {p.describe()}")
-    how = PRUNERS[tc.pruner].label.format(fold=folds[0])
+    how = PRUNERS.get(tc.pruner).label.format(fold=folds[0])
     budget = ", ".join(x for x in (f"{n_trials} trials" if n_trials else "", f"timeout {timeout:g}s" if timeout else "",
                                    f"study capped at {max_trials}" if max_trials else "") if x) or f"{tc.n_trials} trials (tune.n_trials)"
     log.info(f"  sampler {tc.sampler} (seed {tc.seed}), {how}; this process: {budget}")
@@ -329,7 +329,7 @@ class Objective:
         self.cfg, self.space, self.base, self.table, self.folds, self.study = cfg, space, base, table, folds, study
         self.out_dir, self.study_name, self.max_trials = out_dir, study_name, max_trials
         self.mname = f"val_{cfg.metric}"
-        self.epoch_wise = PRUNERS[cfg.tune.pruner].epoch_wise
+        self.epoch_wise = PRUNERS.get(cfg.tune.pruner).epoch_wise
 
     def __call__(self, trial) -> float:
         import optuna
