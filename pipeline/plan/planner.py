@@ -54,6 +54,7 @@ import numpy as np
 
 from pipeline.config.auto import AUTO, DEFAULT_EPOCHS, PLAN_KEYS, has_auto, needs_planner, without_plan
 from pipeline.config.schema import SEED_MAX, Config
+from pipeline.train.executors import executor_width, thread_plan
 from pipeline.core.errors import LockHeld, PipelineError
 
 log = logging.getLogger(__name__)
@@ -403,8 +404,6 @@ class Shape:
 
     def threads(self) -> list[int]:
         n_jobs = self.n_folds * self.n_seeds
-        from pipeline.train.executors import thread_plan
-
         return thread_plan(n_jobs, self.width, self.cores) if self.width > 1 else [self.cores] * n_jobs
 
     def val_rows(self) -> int:
@@ -520,7 +519,6 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
     """The plan for ``cfg`` on data ``facts``: the values every ``auto`` takes, and why. ``planning_s``:
     the seconds planning takes, for the whole run's time (default: as this call measures them)."""
     from pipeline.runs.layout import RunDir
-    from pipeline.train.executors import executor_width
 
     t0 = time.time()
     seeds_auto = cfg.train.seeds == AUTO
