@@ -11,13 +11,14 @@ from hypothesis import strategies as st
 
 from conftest import run_cli
 from pipeline.runs.predictions import load_calibration
+from pipeline.tasks import build_task
 from pipeline.tasks.calibration import (MIN_GAIN, SHRINK_MAX, Calibration, apply_shrink, apply_temperature, calibrate,
                                         class_prior, fit_shrink, nested_shrink, nested_temperature)
 from pipeline.config.schema import STAGE_SECTIONS, load_config
 from pipeline.config.auto import (AFFINE_TTA_MIN, AUTO_CLIP, auto_tta, resolve_clip, resolve_label_smoothing, resolve_tta, tta_is_on,
                                uses_tta_oof)
 from pipeline.core.errors import PipelineError
-from pipeline.models.inference import softmax
+from pipeline.tasks.classification import softmax
 from pipeline.core.metrics import logloss
 from pipeline.runs.predictions import read_predictions
 from pipeline.models.tta import build_tta
@@ -116,7 +117,7 @@ def test_auto_keys_resolve_from_the_config(digits_config):
 ])
 def test_label_smoothing_auto(digits_config, metric, k, given, want):
     cfg = load_config(digits_config(metric=metric, train={"label_smoothing": given}))
-    assert resolve_label_smoothing(cfg, k) == want
+    assert resolve_label_smoothing(cfg, build_task(k)) == want
 
 
 @pytest.mark.parametrize("metric, given, want", [

@@ -16,11 +16,12 @@ from pipeline.runs.predictions import load_temperature
 from pipeline.tasks.calibration import MIN_GAIN, apply_temperature, calibrate, ece, fit_temperature
 from pipeline.config.schema import load_config, write_snapshot
 from pipeline.core.errors import PipelineError
-from pipeline.evaluate.evaluator import best_f1_threshold, classification_metrics, compare, evaluate
+from pipeline.evaluate.evaluator import classification_metrics, compare, evaluate
+from pipeline.tasks.classification import best_f1_threshold
 from pipeline.data.folds import load_folds, run_fold
 from pipeline.data.formats import read_table
 from pipeline.models.gradcam import NoFeatureMap, gradcam, mass_inside
-from pipeline.models.inference import softmax
+from pipeline.tasks.classification import softmax
 from pipeline.models.backbones import build_model
 
 quiet = lambda *a: None  # noqa: E731

@@ -14,7 +14,8 @@ from pipeline.config.schema import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.folds import run_fold
 from pipeline.data.formats import read_table
-from pipeline.models.inference import predict_logits, softmax
+from pipeline.models.inference import predict_logits
+from pipeline.tasks.classification import softmax
 from pipeline.models.backbones import load_checkpoint
 from pipeline.predict.predictor import predict_test, submit_experiment
 from pipeline.predict.submission import validate_submission

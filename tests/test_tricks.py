@@ -123,7 +123,8 @@ def test_tricks_on_are_deterministic(digits_config, tmp_path):
 
 
 def test_ema_weights_are_evaluated_and_checkpointed(digits_config):
-    from pipeline.models.inference import predict_logits, softmax
+    from pipeline.models.inference import predict_logits
+    from pipeline.tasks.classification import softmax
     from pipeline.models.backbones import load_checkpoint
 
     cfg = _prepare(digits_config(train={"ema_decay": 0.5, "epochs": 1}))

@@ -24,9 +24,9 @@ resumed fold and machine, and the stage hashes (which hash ``auto`` as written) 
                            fitted on the kind of prediction it scales (identity TTA: oof.csv itself).
   predict.clip: auto       [0.001, 0.999] for a log-loss metric (multi-class: clip, then renormalise),
                            none otherwise: one over-confident mistake cannot cost more than -log(0.001).
-  train.label_smoothing: auto   0.1 for a log-loss metric with more than 2 classes, else 0.0: a soft
-                           target keeps a multi-class model off saturated probabilities; for 2 classes
-                           temperature scaling alone does that job.
+  train.label_smoothing: auto   the run's task decides (pipeline/tasks/): 0.1 for a log-loss metric with
+                           more than 2 classes, else 0.0: a soft target keeps a multi-class model off
+                           saturated probabilities; for 2 classes temperature scaling alone does that job.
   train.epochs, train.seeds: auto   without a budget, 20 epochs and one seed (``without_plan``); with a
                            budget, and for every ``auto`` read from the data (image size, channels,
                            backbone), the run's plan decides (pipeline/plan/).
@@ -52,7 +52,6 @@ PLAN_KEYS = (("data", "image_size"), ("data", "channels"), ("model", "backbone")
 
 AUTO_CLIP = (1e-3, 1 - 1e-3)
 AFFINE_TTA_MIN = 3  # degrees or percent: smaller views differ from the identity by less than a pixel's interpolation
-AUTO_LABEL_SMOOTHING = 0.1
 AUTO_LR = {True: 1e-3, False: 3e-3}  # model.pretrained -> train.lr: auto
 LOG_LOSS_METRICS = ("logloss",)  # metrics scored on the probabilities themselves
 
@@ -148,12 +147,11 @@ def resolve_clip(cfg: Config) -> tuple[float, float] | None:
     return tuple(cfg.predict.clip) if cfg.predict.clip is not None else None
 
 
-def resolve_label_smoothing(cfg: Config, num_classes: int) -> float:
-    """``train.label_smoothing``: the number given, or for ``auto`` the rule above."""
+def resolve_label_smoothing(cfg: Config, task) -> float:
+    """``train.label_smoothing``: the number given, or for ``auto`` the run's task's rule
+    (``pipeline.tasks``: 0.1 for a multi-class log-loss, else 0)."""
     v = cfg.train.label_smoothing
-    if v == "auto":
-        return AUTO_LABEL_SMOOTHING if is_logloss(cfg.metric) and num_classes > 2 else 0.0
-    return float(v)
+    return task.auto_label_smoothing(cfg.metric) if v == "auto" else float(v)
 
 
 def resolve_lr(cfg: Config) -> float:

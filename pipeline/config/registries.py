@@ -52,6 +52,10 @@ TTA = Registry(
 # ``rotate<D>``, ``zoom<P>``: families of two views each, an amount in the family's range
 TTA_FAMILIES = Registry("TTA family", lazy={"rotate": "pipeline.models.tta:ROTATE", "zoom": "pipeline.models.tta:ZOOM"})
 
+# the target kinds (pipeline/tasks/): what a run's labels are and everything that follows from them
+TASKS = Registry("task", lazy={"binary": "pipeline.tasks.classification:BINARY",
+                               "multiclass": "pipeline.tasks.classification:MULTICLASS"})
+
 CHECKS = Registry(
     "config check",
     lazy={"augment": "pipeline.data.augment:check_config", "tune.space": "pipeline.tune.space:check_config"},

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-from sklearn import metrics as skm
 
 from pipeline.core.registry import Registry
 
@@ -54,33 +53,14 @@ def accuracy(y: np.ndarray, probs: np.ndarray) -> float:
     return float((np.asarray(probs).argmax(1) == np.asarray(y)).mean())
 
 
-def f1(y: np.ndarray, probs: np.ndarray) -> float:
-    """Binary: F1 of class 1 at argmax. Multiclass: macro F1 (every class counts the same)."""
-    k = probs.shape[1]
-    if k == 2:
-        return float(skm.f1_score(y, probs.argmax(1), zero_division=0))
-    return float(skm.f1_score(y, probs.argmax(1), average="macro", labels=np.arange(k), zero_division=0))
-
-
-def roc_auc(y: np.ndarray, probs: np.ndarray) -> float:
-    """Binary: AUC of P(class 1). Multiclass: one-vs-rest macro AUC. NaN when a class is absent
-    (a fold without one class has no AUC, rather than an error mid-training)."""
-    k = probs.shape[1]
-    if len(np.unique(y)) < (2 if k == 2 else k):
-        return float("nan")
-    if k == 2:
-        return float(skm.roc_auc_score(y, probs[:, 1]))
-    # scikit-learn insists rows sum to 1 to machine precision; oof.csv is written with 8 digits
-    return float(skm.roc_auc_score(y, probs / probs.sum(1, keepdims=True), multi_class="ovr", labels=np.arange(k)))
-
-
 # ``metric: <name>``; a new one is ``METRICS.register("my_score", Metric(fn, greater_is_better=True))``
 METRICS = Registry("metric", entries={
     "logloss": Metric(logloss, greater_is_better=False),
     "accuracy": Metric(accuracy, greater_is_better=True),
-    "f1": Metric(f1, greater_is_better=True),
-    "roc_auc": Metric(roc_auc, greater_is_better=True),
 })
+# what "F1" and "AUC" mean depends on the target kind: its task scores them (pipeline/tasks/)
+METRICS.register_lazy("f1", "pipeline.tasks.metrics:F1")
+METRICS.register_lazy("roc_auc", "pipeline.tasks.metrics:ROC_AUC")
 
 
 def build_metric(name: str) -> Metric:

@@ -54,6 +54,7 @@ from pipeline.core.metrics import GREATER_IS_BETTER, logloss, score
 from pipeline.predict.predictor import clip_probs, fmt_scores
 from pipeline.runs.predictions import pcols, pred_frame, probs_of, read_classes, read_predictions, write_predictions
 from pipeline.runs.layout import RunDir
+from pipeline.tasks import build_task
 
 log = logging.getLogger(__name__)
 
@@ -332,11 +333,9 @@ def blend_weights(oof, test, y, folds, details=None, fold_tests=None, **_):
 
 
 def stack_features(p: np.ndarray) -> np.ndarray:
-    """Members' log-odds (binary) or log-probabilities (multi-class), side by side: (N, M*K')."""
-    lp = np.log(np.clip(p, 1e-6, 1))
-    if p.shape[2] == 2:
-        lp = lp[:, :, 1:] - lp[:, :, :1]
-    return np.concatenate(list(lp), axis=1)
+    """Members' predictions (M, N, K) as the task's second-stage columns, side by side: (N, M*K')
+    (binary: log-odds; multiclass: log-probabilities)."""
+    return build_task(p.shape[2]).stack_features(p)
 
 
 def _lr_fit(x_tr, y_tr, k, c) -> Callable:
@@ -418,16 +417,14 @@ def blend_hillclimb(oof, test, y, folds, metric: str = "logloss", iterations: in
 def gbm_feature_names(m: int, k: int, member_names: list[str] | None = None, scalar_names: list[str] | None = None) -> list[str]:
     """Column names of ``stack_features`` for ``m`` members of ``k`` classes, then the scalar features."""
     names = member_names or [f"m{i}" for i in range(m)]
-    cols = [f"{n}:logodds" for n in names] if k == 2 else [f"{n}:logp_{c}" for n in names for c in range(k)]
-    return cols + list(scalar_names or [])
+    return build_task(k).stack_names(names, k) + list(scalar_names or [])
 
 
 def _gbm_params(k: int, s: GbmConfig) -> dict:
-    p = {"objective": "binary" if k == 2 else "multiclass", "num_leaves": s.num_leaves, "min_data_in_leaf": s.min_data_in_leaf,
-         "learning_rate": s.learning_rate, "lambda_l2": s.lambda_l2, "feature_fraction": s.feature_fraction, "seed": s.seed,
-         # same inputs, same trees: one thread and LightGBM's deterministic mode
-         "deterministic": True, "force_row_wise": True, "num_threads": 1, "verbose": -1}
-    return p if k == 2 else {**p, "num_class": k}
+    return {**build_task(k).gbm_params(k), "num_leaves": s.num_leaves, "min_data_in_leaf": s.min_data_in_leaf,
+            "learning_rate": s.learning_rate, "lambda_l2": s.lambda_l2, "feature_fraction": s.feature_fraction, "seed": s.seed,
+            # same inputs, same trees: one thread and LightGBM's deterministic mode
+            "deterministic": True, "force_row_wise": True, "num_threads": 1, "verbose": -1}
 
 
 def _inner_split(y: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -455,9 +452,7 @@ def gbm_fit(x: np.ndarray, y: np.ndarray, k: int, s: GbmConfig, rounds: int | No
 
 
 def gbm_predict(booster, x: np.ndarray, rounds: int, k: int) -> np.ndarray:
-    p = booster.predict(x, num_iteration=rounds)
-    p = np.stack([1 - p, p], 1) if k == 2 else p
-    return _normalise(np.clip(p, EPS, 1))
+    return _normalise(np.clip(build_task(k).gbm_probs(booster.predict(x, num_iteration=rounds)), EPS, 1))
 
 
 def blend_gbm(oof, test, y, folds, gbm: GbmConfig | dict | None = None, scalars: tuple[np.ndarray, np.ndarray] | None = None,

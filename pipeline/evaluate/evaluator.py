@@ -45,6 +45,7 @@ from pipeline.core.io import atomic_write_json
 from pipeline.core.metrics import METRICS, cv_std, logloss
 from pipeline.runs.predictions import check_oof_against_data, class_names_of, csv_line, probs_of, read_predictions, write_predictions
 from pipeline.runs.layout import RunDir
+from pipeline.tasks import build_task
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +72,8 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, eps: float = 1e-15,
     labels = np.arange(k)
     pred = probs.argmax(1)
     m: dict = {"n": int(len(y)), **{name: metric(y, probs, eps) for name, metric in METRICS.items()}}
-    if k == 2:
-        p, r, _, _ = skm.precision_recall_fscore_support(y, pred, average="binary", pos_label=1, zero_division=0)
-    else:
-        p, r, _, _ = skm.precision_recall_fscore_support(y, pred, average="macro", labels=labels, zero_division=0)
-    m.update(precision=float(p), recall=float(r))
+    p, r = build_task(k).precision_recall(y, pred, k)  # binary: of the positive class; multiclass: macro
+    m.update(precision=p, recall=r)
     for avg in ("macro", "weighted"):
         p, r, f, _ = skm.precision_recall_fscore_support(y, pred, average=avg, labels=labels, zero_division=0)
         m.update({f"precision_{avg}": float(p), f"recall_{avg}": float(r), f"f1_{avg}": float(f)})
@@ -88,34 +86,6 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, eps: float = 1e-15,
     m["per_class"] = {names[c]: {"precision": float(p[c]), "recall": float(r[c]), "f1": float(f[c]), "support": int(s[c])}
                       for c in labels}
     return m
-
-
-def best_f1_threshold(y: np.ndarray, p1: np.ndarray) -> tuple[float, float]:
-    """(t, F1) for the cut ``p1 >= t`` with the highest F1 (binary)."""
-    prec, rec, thr = skm.precision_recall_curve(y, p1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.nan_to_num(2 * prec * rec / (prec + rec))[:-1]  # the last point has no threshold
-    if len(thr) == 0:
-        return 0.5, 0.0
-    i = int(np.argmax(f1))
-    return float(thr[i]), float(f1[i])
-
-
-def threshold_summary(y: np.ndarray, probs: np.ndarray, fold: np.ndarray) -> dict:
-    """F1 at 0.5 (argmax) beside F1 at the OOF-optimal threshold, and that gain nested over folds:
-    each fold cut at the threshold chosen on the other folds, so the gain is not in-sample."""
-    p1 = probs[:, 1]
-    t, f1_best = best_f1_threshold(y, p1)
-    pred_nested = np.zeros(len(y), dtype=int)
-    fold_t = []
-    for k in np.unique(fold):
-        m = fold == k
-        tk, _ = best_f1_threshold(y[~m], p1[~m])
-        fold_t.append(tk)
-        pred_nested[m] = p1[m] >= tk
-    return {"f1_at_0.5": float(skm.f1_score(y, probs.argmax(1), zero_division=0)), "best_threshold": t,
-            "f1_at_best_threshold": f1_best, "f1_nested": float(skm.f1_score(y, pred_nested, zero_division=0)),
-            "fold_thresholds": fold_t}
 
 
 def fold_metrics(y, probs, fold, eps, n_bins, class_names) -> tuple[list[dict], dict, dict]:
@@ -160,10 +130,11 @@ def _calibration(cfg: Config, y, probs, fold) -> tuple[dict, dict, np.ndarray | 
     """(calibration.json, metrics["calibrated"], nested-calibrated probabilities or None)."""
     from pipeline.config.auto import is_logloss
 
-    ev = cfg.evaluate
-    if not ev.calibrate:
+    ev, task = cfg.evaluate, build_task(probs.shape[1])
+    if not ev.calibrate or "temperature" not in task.calibrations:
         return {"temperature": 1.0, "kept": False, "skipped": True}, {"skipped": True, "temperature": 1.0, "kept": False}, None
-    summary, cal_probs = calibrate(y, probs, fold, ev.eps, ev.n_bins, shrink=is_logloss(cfg.metric))
+    # the shrink toward the prior guards a log-loss against confident mistakes; other metrics do not score it
+    summary, cal_probs = calibrate(y, probs, fold, ev.eps, ev.n_bins, shrink=is_logloss(cfg.metric) and "shrink" in task.calibrations)
     calib = {k: summary[k] for k in ("temperature", "kept", "nested_logloss", "raw_logloss", "in_sample_logloss", "fold_temperatures")}
     if "shrink" in summary:
         calib["shrink"] = summary["shrink"]
@@ -258,8 +229,9 @@ def evaluate(cfg: Config, report: bool = True) -> dict:
             metrics["oof_without_tta"] = without
         if views is not None:
             metrics["tta_views"] = views
-        if len(names) == 2:
-            metrics["threshold"] = threshold_summary(y, probs, fold)
+        threshold = build_task(len(names)).threshold_summary(y, probs, fold)
+        if threshold is not None:
+            metrics["threshold"] = threshold
         metrics.update(folds=folds, cv_mean=cv_mean, cv_std=cv_std)
         calib, metrics["calibrated"], calibrated_probs = _calibration(cfg, y, probs, fold)
         shift = None

@@ -26,6 +26,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.models.gradcam import NoFeatureMap, gradcam
 from pipeline.runs.predictions import probs_of
 from pipeline.runs.layout import RunDir
+from pipeline.tasks import build_task
 from pipeline.data.table import Table
 
 log = logging.getLogger(__name__)
@@ -118,38 +119,31 @@ def plot_confusion(figs: Figures, metrics: dict, names: list[str]) -> None:
 def plot_roc_pr(figs: Figures, y: np.ndarray, probs: np.ndarray, fold: np.ndarray, names: list[str]) -> None:
     fig = Figure(layout="constrained", figsize=(11, 4.8))
     ax_roc, ax_pr = fig.subplots(1, 2)
-    k = len(names)
-    if k == 2:
+    task = build_task(len(names))
+    thin, (label, truth, scores), pos = task.curves(y, probs, names)  # what the curves are is the task's
+    if task.per_fold_curves:
         for f in np.unique(fold):  # thin per-fold curves show the spread behind the CV score
             m = fold == f
-            if len(np.unique(y[m])) == 2:
-                fpr, tpr, _ = skm.roc_curve(y[m], probs[m, 1])
+            if len(np.unique(truth[m])) == 2:
+                fpr, tpr, _ = skm.roc_curve(truth[m], scores[m])
                 ax_roc.plot(fpr, tpr, lw=0.8, alpha=0.45, label=f"fold {f}")
-                pr, rc, _ = skm.precision_recall_curve(y[m], probs[m, 1])
+                pr, rc, _ = skm.precision_recall_curve(truth[m], scores[m])
                 ax_pr.plot(rc, pr, lw=0.8, alpha=0.45, label=f"fold {f}")
-        if len(np.unique(y)) == 2:
-            fpr, tpr, _ = skm.roc_curve(y, probs[:, 1])
-            ax_roc.plot(fpr, tpr, lw=2.2, color="black", label=f"OOF (AUC {skm.auc(fpr, tpr):.4f})")
-            pr, rc, _ = skm.precision_recall_curve(y, probs[:, 1])
-            ax_pr.plot(rc, pr, lw=2.2, color="black", label=f"OOF (AP {skm.average_precision_score(y, probs[:, 1]):.4f})")
-        ax_pr.axhline(y.mean(), ls=":", color="grey", label=f"chance ({y.mean():.2f})")
-        pos = f" (positive class: {names[1]})"
-    else:
-        legend = k <= MAX_LEGEND_CLASSES
-        for c in range(k):
-            t = (y == c).astype(int)
-            if 0 < t.sum() < len(t):
-                fpr, tpr, _ = skm.roc_curve(t, probs[:, c])
-                pr, rc, _ = skm.precision_recall_curve(t, probs[:, c])
-                kw = dict(lw=1.1, label=f"{names[c]} (AUC {skm.auc(fpr, tpr):.3f})") if legend else dict(lw=0.6, color="grey", alpha=0.5)
-                ax_roc.plot(fpr, tpr, **kw)
-                ax_pr.plot(rc, pr, **({**kw, "label": f"{names[c]} (AP {skm.average_precision_score(t, probs[:, c]):.3f})"} if legend else kw))
-        onehot = np.eye(k)[y]  # micro average: every (row, class) pair is one binary decision
-        fpr, tpr, _ = skm.roc_curve(onehot.ravel(), probs.ravel())
-        ax_roc.plot(fpr, tpr, lw=2.2, color="black", label=f"micro-average (AUC {skm.auc(fpr, tpr):.4f})")
-        pr, rc, _ = skm.precision_recall_curve(onehot.ravel(), probs.ravel())
-        ax_pr.plot(rc, pr, lw=2.2, color="black", label=f"micro-average (AP {skm.average_precision_score(onehot.ravel(), probs.ravel()):.4f})")
-        pos = " (one class vs the rest)"
+    legend = len(thin) <= MAX_LEGEND_CLASSES
+    for name, t, sc in thin:
+        if 0 < t.sum() < len(t):
+            fpr, tpr, _ = skm.roc_curve(t, sc)
+            pr, rc, _ = skm.precision_recall_curve(t, sc)
+            kw = dict(lw=1.1, label=f"{name} (AUC {skm.auc(fpr, tpr):.3f})") if legend else dict(lw=0.6, color="grey", alpha=0.5)
+            ax_roc.plot(fpr, tpr, **kw)
+            ax_pr.plot(rc, pr, **({**kw, "label": f"{name} (AP {skm.average_precision_score(t, sc):.3f})"} if legend else kw))
+    if len(np.unique(truth)) == 2:
+        fpr, tpr, _ = skm.roc_curve(truth, scores)
+        ax_roc.plot(fpr, tpr, lw=2.2, color="black", label=f"{label} (AUC {skm.auc(fpr, tpr):.4f})")
+        pr, rc, _ = skm.precision_recall_curve(truth, scores)
+        ax_pr.plot(rc, pr, lw=2.2, color="black", label=f"{label} (AP {skm.average_precision_score(truth, scores):.4f})")
+    if task.per_fold_curves:
+        ax_pr.axhline(truth.mean(), ls=":", color="grey", label=f"chance ({truth.mean():.2f})")
     ax_roc.plot([0, 1], [0, 1], ls=":", color="grey", label="chance")
     ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC" + pos, xlim=(0, 1), ylim=(0, 1.01))
     ax_pr.set(xlabel="recall", ylabel="precision", title="Precision-recall" + pos, xlim=(0, 1), ylim=(0, 1.01))
@@ -157,22 +151,20 @@ def plot_roc_pr(figs: Figures, y: np.ndarray, probs: np.ndarray, fold: np.ndarra
         ax.legend(fontsize=7, loc="lower right" if ax is ax_roc else "lower left")
         ax.grid(alpha=0.3)
     figs.save(fig, "roc_pr.png", "ROC and precision-recall curves",
-              "Out-of-fold predictions of every fold" + (" (thin: each fold; black: all OOF rows)." if k == 2 else
+              "Out-of-fold predictions of every fold" + (" (thin: each fold; black: all OOF rows)." if task.per_fold_curves else
               "; one curve per class against the rest, black the micro-average."))
 
 
 def plot_reliability(figs: Figures, y: np.ndarray, probs: np.ndarray, calibrated: np.ndarray | None, n_bins: int, metrics: dict) -> None:
-    k = probs.shape[1]
     fig = Figure(layout="constrained", figsize=(6, 6.4))
     ax, hx = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
-    if k == 2:  # P(positive class) against the observed positive rate
-        def curve(p):
-            return calibration_curve(y, p[:, 1], n_bins=n_bins, strategy="uniform")
-        what, xs = f"predicted P({metrics['classes'][1]})", probs[:, 1]
-    else:  # top-label: confidence of the predicted class against how often it is right
-        def curve(p):
-            return calibration_curve((p.argmax(1) == y).astype(int), p.max(1), n_bins=n_bins, strategy="uniform")
-        what, xs = "confidence of the predicted class", probs.max(1)
+    task = build_task(probs.shape[1])  # binary: P(positive class); multiclass: the top label's confidence
+
+    def curve(p):
+        x, hit, *_ = task.reliability(y, p, metrics["classes"])
+        return calibration_curve(hit, x, n_bins=n_bins, strategy="uniform")
+
+    xs, _, what, ylabel, reading = task.reliability(y, probs, metrics["classes"])
     frac, mean = curve(probs)
     ax.plot([0, 1], [0, 1], ls=":", color="grey", label="perfectly calibrated")
     ax.plot(mean, frac, "o-", label=f"OOF (ECE {metrics['ece']:.4f})")
@@ -181,16 +173,13 @@ def plot_reliability(figs: Figures, y: np.ndarray, probs: np.ndarray, calibrated
         frac_c, mean_c = curve(calibrated)
         kept = (f"T {c['temperature']:.2f}" if c.get("kept") else "no T") + (f", shrink {c['shrink']['a']:.3f}" if (c.get("shrink") or {}).get("kept") else "")
         ax.plot(mean_c, frac_c, "s--", label=f"calibrated as kept, nested ({kept}, ECE {c['ece']:.4f})")
-    ax.set(ylabel="observed frequency" if k == 2 else "accuracy", xlim=(0, 1), ylim=(0, 1),
-           title=f"Reliability diagram ({n_bins} bins)")
+    ax.set(ylabel=ylabel, xlim=(0, 1), ylim=(0, 1), title=f"Reliability diagram ({n_bins} bins)")
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
     hx.hist(xs, bins=n_bins, range=(0, 1), color="tab:blue", alpha=0.7)
     hx.set(xlabel=what, ylabel="rows")
     figs.save(fig, "reliability.png", "Reliability diagram",
-              "Points on the diagonal are calibrated. " +
-              (f"Below it, {metrics['classes'][1]} is predicted more often than it occurs; above it, less often. " if k == 2 else
-               "Below it the model is over-confident, above it under-confident. ") +
+              "Points on the diagonal are calibrated. " + reading +
               "The histogram shows how many predictions fall in each bin.")
 
 
@@ -471,7 +460,7 @@ def render_html(cfg: Config, m: dict, figs: Figures, adv: dict | None = None) ->
         cal_header=["", "rows", "confidence - accuracy", "ECE", "calibrated: confidence - accuracy", "calibrated: ECE",
                     "calibrated: log-loss"], cal_rows=cal_rows,
         competition=cfg.competition, name=cfg.name, config_path=str(cfg.path), run_dir=str(cfg.run_dir),
-        m=m, metric=metric, classes=list(m["classes"]), f=_f,
+        m=m, metric=metric, classes=list(m["classes"]), f=_f, scores_note=build_task(len(m["classes"])).scores_note(list(m["classes"])),
         score_header=["", "rows"] + cols, score_rows=rows, per_class_rows=per_class,
         cal=m.get("calibrated") or {}, threshold=m.get("threshold"), notes=figs.notes, figures=figs.items,
         adv=adv, adv_metrics=m.get("adversarial") or {}) + "\n"

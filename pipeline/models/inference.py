@@ -59,8 +59,3 @@ class Rows:
     def __getitem__(self, i):
         return self.arr[self.idx[i]]
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)

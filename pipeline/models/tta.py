@@ -34,6 +34,8 @@ from pipeline.core.errors import PipelineError
 if TYPE_CHECKING:  # torch is imported when a transform runs: the config checks names without it
     import torch
 
+    from pipeline.tasks.base import Task
+
 
 @dataclass(frozen=True)
 class TtaTransform:
@@ -201,23 +203,28 @@ def model_input_size(meta: dict) -> tuple[int, int]:
 
 
 def predict_tta_parts(model, images, features, transforms: list[TtaTransform], average: str = "prob", batch_size: int = 64,
-                      device: torch.device | str = "cpu", channels_last: bool = False, precision: str = "fp32") -> dict:
-    """Each transform's own (N, K) prediction by its key: softmax probabilities (``average="prob"``) or
-    logits (``"logit"``), so that several TTA subsets can be averaged from one pass per view."""
+                      device: torch.device | str = "cpu", channels_last: bool = False, precision: str = "fp32",
+                      task: Task | None = None) -> dict:
+    """Each transform's own (N, K) prediction by its key: the task's predictions (``average="prob"``) or
+    logits (``"logit"``), so that several TTA subsets can be averaged from one pass per view. ``task``: the
+    run's target kind (pipeline/tasks/), whose activation turns logits into predictions; by default the
+    classification task of the model's head."""
     import torch
 
-    from pipeline.models.inference import predict_logits, softmax
+    from pipeline.models.inference import predict_logits
+    from pipeline.tasks import build_task
 
     device = torch.device(device)
     out = {}
     for t in transforms:
         logits = predict_logits(model, images, features, batch_size, device, channels_last, precision, transform=t)
-        out[t.key] = softmax(logits) if average == "prob" else logits
+        out[t.key] = (task or build_task(logits.shape[1])).activate(logits) if average == "prob" else logits
     return out
 
 
 def predict_tta(model, images, features, transforms: list[TtaTransform], average: str = "prob", batch_size: int = 64,
-                device: torch.device | str = "cpu", channels_last: bool = False, precision: str = "fp32") -> np.ndarray:
-    """(N, K) mean over the transforms: of softmax probabilities (``average="prob"``) or of logits (``"logit"``)."""
-    parts = predict_tta_parts(model, images, features, transforms, average, batch_size, device, channels_last, precision)
+                device: torch.device | str = "cpu", channels_last: bool = False, precision: str = "fp32",
+                task: Task | None = None) -> np.ndarray:
+    """(N, K) mean over the transforms: of the task's predictions (``average="prob"``) or of logits (``"logit"``)."""
+    parts = predict_tta_parts(model, images, features, transforms, average, batch_size, device, channels_last, precision, task)
     return sum(parts.values()) / len(parts)

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.runs.predictions import load_calibration
+from pipeline.tasks import build_task
 from pipeline.config.schema import Config, read_stage_hash, stage_sections
 from pipeline.config.auto import resolve_clip, resolve_tta, tta_auto, tta_is_on, uses_tta_oof
 from pipeline.core.errors import PipelineError
@@ -119,7 +120,8 @@ class _Models:
 
             model.to(memory_format=torch.channels_last)
         return predict_tta_parts(model, images, features, self.transforms(model_dir, table.image_size), self.cfg.predict.average,
-                                 self.cfg.train.batch_size * 2, self.device, self.channels_last, self.precision)
+                                 self.cfg.train.batch_size * 2, self.device, self.channels_last, self.precision,
+                                 task=build_task(len(table.class_names)))
 
     def total(self, dirs: list[JobDir], table) -> np.ndarray:
         """Sum over ``dirs`` of each model's TTA mean (probabilities or logits) on every row of ``table``."""
@@ -131,9 +133,8 @@ class _Models:
 
 
 def _to_probs(avg: np.ndarray, average: str) -> np.ndarray:
-    from pipeline.models.inference import softmax
-
-    return softmax(avg) if average == "logit" else avg
+    """The averaged TTA views as predictions: logits averaged are activated by the task of their width."""
+    return build_task(avg.shape[1]).activate(avg) if average == "logit" else avg
 
 
 def oof_with_tta(cfg: Config, table, fold_of: np.ndarray, names: list[str] | None = None) -> pd.DataFrame:

@@ -33,6 +33,7 @@ from pipeline.models.backbones import build_model
 from pipeline.models.inference import features_tensor, to_tensor
 from pipeline.runs.layout import JobDir, RunDir
 from pipeline.runs.predictions import average_predictions, probs_of, write_predictions
+from pipeline.tasks import build_task
 from pipeline.train.budget import job_deadline
 from pipeline.train.distributed import DistContext
 from pipeline.train.executors import JobRows, RayExecutor, build_executor, check_ray, job_rows
@@ -73,7 +74,7 @@ def _resolved_train_keys(cfg: Config, table, precision: str) -> dict | None:
 
     resolved = {"train.precision": precision} if cfg.train.precision == "auto" else {}
     if cfg.train.label_smoothing == "auto":
-        resolved["train.label_smoothing"] = v = resolve_label_smoothing(cfg, table.num_classes)
+        resolved["train.label_smoothing"] = v = resolve_label_smoothing(cfg, build_task(table.num_classes))
         log.info(f"train.label_smoothing auto -> {v} (metric {cfg.metric}, {table.num_classes} classes)")
     if cfg.train.lr == "auto":
         resolved["train.lr"] = v = resolve_lr(cfg)

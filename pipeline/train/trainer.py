@@ -32,7 +32,8 @@ from pipeline.config.schema import Config
 from pipeline.core.device import amp_plan, loader_kwargs, non_blocking
 from pipeline.train.distributed import DistContext, convert_sync_bn
 from pipeline.core.errors import PipelineError
-from pipeline.models.inference import Rows, features_tensor, predict_logits, softmax
+from pipeline.models.inference import Rows, features_tensor, predict_logits
+from pipeline.tasks import build_task
 from pipeline.core.io import atomic_path, atomic_write_csv, exclusive, sweep_temps
 from pipeline.core.metrics import logloss, score
 from pipeline.models.backbones import apply_finetune, build_model, finetune_stage, freeze_bn_stats, save_checkpoint
@@ -128,7 +129,8 @@ def build_components(*, cfg: Config, table: Table, tr_idx: np.ndarray, seed: int
         weight = torch.tensor(counts.sum() / (table.num_classes * np.maximum(counts, 1)), dtype=torch.float32)
     from pipeline.config.auto import resolve_label_smoothing
 
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=resolve_label_smoothing(cfg, table.num_classes)).to(device)
+    task = build_task(table.num_classes)
+    loss_fn = task.loss(weight=weight, label_smoothing=resolve_label_smoothing(cfg, task)).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_plan(device.type, precision).scaler)
     return Components(model=model, ema=ema, opt=opt, sched=sched, per_step=per_step, loss_fn=loss_fn,
                       augment=augment, steps_per_epoch=n_steps, weights_source=weights_source, scaler=scaler)
@@ -229,14 +231,15 @@ def train_forward(parts: Components, x, f, emb):
 
 def validate(model: nn.Module, *, table: Table, idx: np.ndarray, batch_size: int, device: torch.device,
              channels_last: bool, precision: str, embeddings: torch.Tensor | None = None) -> np.ndarray:
-    """Class probabilities of rows ``idx``."""
+    """The task's predictions (class probabilities) of rows ``idx``."""
+    task = build_task(table.num_classes)
     if embeddings is not None:
         with torch.no_grad():
             model.eval()
             logits = model.forward_head(embeddings[idx], features_tensor(table.features, idx, device))
-        return softmax(logits.double().cpu().numpy())
+        return task.activate(logits.double().cpu().numpy())
     feats = Rows(table.features, idx) if table.features is not None else None
-    return softmax(predict_logits(model, Rows(table.images, idx), feats, batch_size, device, channels_last, precision))
+    return task.activate(predict_logits(model, Rows(table.images, idx), feats, batch_size, device, channels_last, precision))
 
 
 class BatchSource(torch.utils.data.Dataset):
@@ -287,8 +290,10 @@ def batch_loss(loss_fn, logits: torch.Tensor, table: Table, idx: np.ndarray, y: 
     target = torch.from_numpy(np.asarray(table.soft_targets[idx], np.float32)).to(dev) if table.soft_targets is not None \
         else nn.functional.one_hot(y, logits.shape[1]).float()
 
+    task = build_task(logits.shape[1])
+
     def weighted(tgt, w):
-        per_row = nn.functional.cross_entropy(logits, tgt, weight=cw, label_smoothing=loss_fn.label_smoothing, reduction="none")
+        per_row = task.row_loss(logits, tgt, weight=cw, label_smoothing=loss_fn.label_smoothing)
         mass = tgt @ cw if cw is not None else torch.ones_like(w)
         return (w * per_row).sum() / mass.sum()
 

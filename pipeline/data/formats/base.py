@@ -67,14 +67,11 @@ class Reader:
         raise NotImplementedError
 
     def submission_frame(self, ids, probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
-        """Turn (N, K) class probabilities into the competition's submission columns."""
+        """Turn (N, K) class probabilities into the competition's submission columns (the task encodes them)."""
+        from pipeline.tasks import build_task
+
         id_col, target_col = self.submission_columns
-        if self.submission_kind == "probability":
-            value = probs[:, 1]
-        elif self.submission_kind == "index":
-            value = probs.argmax(1)
-        else:
-            value = np.asarray(class_names, dtype=object)[probs.argmax(1)]
+        value = build_task(len(class_names)).encode(probs, class_names, self.submission_kind)
         return pd.DataFrame({id_col: ids, target_col: value})
 
 
