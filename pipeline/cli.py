@@ -21,7 +21,7 @@ def _config(args, check_data: bool = True, plan: str = "use"):
     (the commands that train), ``use`` an existing one (one line when there is none), ``peek``
     (apply one if there is one: status, experiments), or ``none`` (the stage function plans and times it)."""
     from pipeline.config.schema import load_config
-    from pipeline.plan.planner import parse_budget, planned
+    from pipeline.plan.store import parse_budget, planned
 
     overrides = list(args.overrides)
     params = getattr(args, "params", None)
@@ -85,7 +85,7 @@ def cmd_train(args):
     if not dist.active:  # no torchrun (or a world of one): no process group
         train_cv(_config(args, plan="make"), folds=folds)
         return
-    from pipeline.plan.planner import planned
+    from pipeline.plan.store import planned
 
     cfg = _config(args, plan="none")
     device = dist.check(cfg)  # what a world cannot run is one line before any process group

@@ -16,6 +16,8 @@ from typing import Callable
 
 from pipeline.config.schema import Config, read_stage_hash
 from pipeline.runs.layout import RunDir
+from pipeline.data.folds import n_folds
+from pipeline.train.finished import run_hash
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +85,10 @@ def _jobs_current(cfg: Config) -> bool:
 
     run = RunDir.of(cfg)
     try:
-        want = run.run_hash()
+        want = run_hash(cfg)
     except (PipelineError, OSError):  # e.g. a pseudo source without its files: training says what is wrong
         return False
-    done = (job.read_done() for job in run.jobs(list(range(run.n_folds()))))
+    done = (job.read_done() for job in run.jobs(list(range(n_folds(cfg)))))
     return all(d is None or d.get("hash") == want for d in done)
 
 
@@ -98,7 +100,7 @@ def _sections(cfg: Config, stage: str):
 
 def run_all(cfg: Config) -> dict[str, float]:
     """Run every stage that is not done; returns seconds per stage (0 for skipped ones)."""
-    from pipeline.plan.planner import planned
+    from pipeline.plan.store import planned
 
     t0 = time.time()
     cfg = planned(cfg)
@@ -118,7 +120,7 @@ def run_all(cfg: Config) -> dict[str, float]:
 
 
 def status(cfg: Config) -> list[tuple[str, str, str]]:
-    from pipeline.plan.planner import planned
+    from pipeline.plan.store import planned
 
     cfg = planned(cfg, create=False, require=False)  # not planned yet: every stage shows as missing or stale
     rows = [(st.name, state, str(st.output(cfg))) for st, state in stage_states(cfg)]

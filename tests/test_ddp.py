@@ -154,7 +154,7 @@ def test_freeze_bn_keeps_running_statistics_while_weights_train(make_config, ice
     from pipeline.config.schema import load_config
     from pipeline.data.folds import load_folds, run_fold
     from pipeline.data.formats import read_table
-    from pipeline.plan.planner import planned
+    from pipeline.plan.store import planned
     from pipeline.runs.layout import RunDir
     from pipeline.train.trainer import FoldTrainer
 

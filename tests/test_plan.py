@@ -1,4 +1,4 @@
-"""The run plan (pipeline/plan/planner.py): budgets, auto values, plan.json reuse. Speeds are injected, so
+"""The run plan (pipeline/plan/): budgets, auto values, plan.json reuse. Speeds are injected, so
 these tests are fast and deterministic; one test measures for real on a tiny model."""
 import json
 import math
@@ -13,8 +13,11 @@ from conftest import cli_error, run_cli
 from pipeline.config.schema import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.models.backbones import finetune_stage
-from pipeline.plan.planner import (FILL, MAX_EPOCHS, MAX_SEEDS, MIN_EPOCHS, SEED_EPOCHS, TARGET, Facts, Shape, Speed, auto_seeds, choose_model,
-                           make_plan, parse_budget, planned)
+from pipeline.plan.facts import Facts, choose_model
+from pipeline.plan.search import FILL, MAX_EPOCHS, MAX_SEEDS, MIN_EPOCHS, SEED_EPOCHS, TARGET, Shape, auto_seeds, make_plan
+from pipeline.plan.speed import Speed
+from pipeline.plan.store import parse_budget, planned
+from pipeline.train.finished import run_hash
 from pipeline.models.tta import build_tta
 
 
@@ -68,7 +71,7 @@ def test_few_long_epochs_are_cut_to_fill_the_budget(speed, n_rows, n_folds, widt
     when that trains more rows in all, and never past TARGET of the budget."""
     from dataclasses import replace
 
-    from pipeline.plan.planner import _fill_steps
+    from pipeline.plan.search import _fill_steps
 
     shape = Shape(n_rows=n_rows, n_folds=n_folds, n_seeds=1, refit=refit, width=width, cores=4)
     sp = lambda th: speed  # noqa: E731
@@ -102,7 +105,7 @@ def test_waves_and_threads_are_those_of_the_executor():
 @pytest.fixture(autouse=True)
 def _weights_installed(monkeypatch):
     """The offline ImageNet weights are installed (the rule's other branch is tested on its own)."""
-    monkeypatch.setattr("pipeline.plan.planner._weights_offline", lambda backbone: True)
+    monkeypatch.setattr("pipeline.plan.facts._weights_offline", lambda backbone: True)
 
 
 def _facts(native=128, n_rows=4000, channels=1):
@@ -274,7 +277,7 @@ def test_backbone_rule(make_config, folder_dir):
 
 
 def test_backbone_rule_without_weights(make_config, folder_dir, monkeypatch):
-    monkeypatch.setattr("pipeline.plan.planner._weights_offline", lambda backbone: False)
+    monkeypatch.setattr("pipeline.plan.facts._weights_offline", lambda backbone: False)
     chosen, why = choose_model(_folder_cfg(make_config, folder_dir), _facts(native=128), n_train=5000)
     assert chosen == {"backbone": "bn_cnn", "pretrained": False} and "no offline weights" in why[0]
 
@@ -356,11 +359,12 @@ def test_planned_run_trains_the_planned_epochs(make_config, digits_dir, monkeypa
         assert run.job_dir(k, 42).read_done()["epochs_run"] == cfg.train.epochs
     # the CLI, reading plan.json, finds the run finished
     assert run_cli("train", cfg.path, "train.patience=0") == 0
-    assert run.job_dir(0, 42).read_done()["hash"] == run.run_hash()
+    assert run.job_dir(0, 42).read_done()["hash"] == run_hash(cfg)
 
 
 def test_real_measurement_is_cached(make_config, digits_dir, monkeypatch):
-    from pipeline.plan.planner import data_facts, measure_speed
+    from pipeline.plan.facts import data_facts
+    from pipeline.plan.speed import measure_speed
 
     cfg = load_config(make_config(digits_dir, fmt="pixel_csv", model={"backbone": "simple_cnn", "pretrained": False},
                                   train={"epochs": 1, "batch_size": 16}))
@@ -373,7 +377,7 @@ def test_real_measurement_is_cached(make_config, digits_dir, monkeypatch):
     cached = json.loads((cache_dir() / "throughput.json").read_text())
     assert len(cached) == 1
     assert measure_speed(cfg, facts, 28, 1, seconds=0.2) == s  # from the cache, not measured again
-    import pipeline.plan.planner as plan_mod
+    import pipeline.plan.speed as plan_mod
 
     calls = []
     real = plan_mod._time_steps
@@ -399,7 +403,8 @@ def test_side_by_side_jobs_are_timed_beside_each_other(make_config, digits_dir, 
 
     import pipeline.train.trainer as trainer
     from pipeline.core.io import cache_dir
-    from pipeline.plan.planner import data_facts, measure_speed
+    from pipeline.plan.facts import data_facts
+    from pipeline.plan.speed import measure_speed
 
     cfg = load_config(make_config(digits_dir, fmt="pixel_csv", model={"backbone": "simple_cnn", "pretrained": False},
                                   train={"epochs": 1, "batch_size": 16}, augment=[{"name": "HorizontalFlip", "p": 0.5}]))
@@ -426,7 +431,7 @@ def test_side_by_side_jobs_are_timed_beside_each_other(make_config, digits_dir, 
     assert measure_speed(cfg, facts, 28, 1, seconds=0.2, siblings=1) == beside and alone != beside
 
     asked = []
-    monkeypatch.setattr("pipeline.plan.planner.measure_speed", lambda c, f, size, th, siblings=0: asked.append((th, siblings)) or alone)
+    monkeypatch.setattr("pipeline.plan.search.measure_speed", lambda c, f, size, th, siblings=0: asked.append((th, siblings)) or alone)
     for jobs, want in ((2, (1, 1)), (1, (2, 0))):
         c = load_config(make_config(digits_dir, fmt="pixel_csv", model={"backbone": "simple_cnn", "pretrained": False},
                                     train={"epochs": "auto", "fold_jobs": jobs, "time_budget_s": 60}))
@@ -436,7 +441,7 @@ def test_side_by_side_jobs_are_timed_beside_each_other(make_config, digits_dir, 
 
 
 def test_a_sibling_that_fails_to_start_fails_the_measurement():
-    from pipeline.plan.planner import _Siblings
+    from pipeline.plan.speed import _Siblings
 
     def broken():
         raise ValueError("no model")
@@ -578,7 +583,7 @@ def test_commands_after_a_budgeted_train(make_config, digits_dir, capsys, tmp_pa
 
 def test_gradual_epochs_are_timed_by_stage():
     from pipeline.config.schema import ModelConfig
-    from pipeline.plan.planner import STAGE_SPEEDUP
+    from pipeline.plan.speed import STAGE_SPEEDUP
 
     sp = Speed(train_img_s=100, val_img_s=1000)
     full = Shape(n_rows=500, n_folds=5, n_seeds=1, refit=False, width=1, cores=2)
@@ -591,7 +596,7 @@ def test_gradual_epochs_are_timed_by_stage():
 
 
 def test_auto_size_on_a_folder_of_mixed_sizes(make_config, folder_dir):
-    from pipeline.plan.planner import data_facts
+    from pipeline.plan.facts import data_facts
 
     cfg = load_config(make_config(folder_dir, fmt="image_folder", data={"image_size": "auto", "channels": "auto"}))
     facts = data_facts(cfg)  # the demo folder's files are 28..48 px, some RGB

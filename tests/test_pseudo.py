@@ -378,7 +378,9 @@ def test_fold_view_marks_rows(ice_config):
 def test_the_plan_times_the_pseudo_rows(ice_config):
     """A budgeted pseudo-labelled run is planned for its real rows plus the most pseudo rows any fold takes
     (counted from the source's fold files as training counts them): fewer epochs than without them."""
-    from pipeline.plan.planner import Speed, data_facts, make_plan
+    from pipeline.plan.facts import data_facts
+    from pipeline.plan.search import make_plan
+    from pipeline.plan.speed import Speed
     from pipeline.train.pseudo import check_source, prepare
 
     path = ice_config(pseudo={"from": str(SRC), "threshold": 0.95, "max_share": 1.0},

@@ -9,6 +9,7 @@ from conftest import run_cli
 from pipeline.config.schema import STAGE_SECTIONS, load_config
 from pipeline.core.errors import PipelineError
 from pipeline.runs.layout import JobDir, RunDir
+from pipeline.train.precision import read_precision, write_precision
 
 
 def test_job_and_refit_folders_with_one_and_several_seeds(digits_config):
@@ -73,9 +74,9 @@ def test_done_markers(digits_config):
 
 def test_precision_record(digits_config):
     run = RunDir.of(load_config(digits_config()))
-    assert run.read_precision() is None
-    run.write_precision("bf16", "abc")
-    assert run.read_precision() == "bf16" and run.read_precision("abc") == "bf16" and run.read_precision("other") is None
+    assert read_precision(run) is None
+    write_precision(run, "bf16", "abc")
+    assert read_precision(run) == "bf16" and read_precision(run, "abc") == "bf16" and read_precision(run, "other") is None
 
 
 # ---- paths.* -----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ RUN = Path("runs/comp/exp")
 
 
 def _prepare(path, overrides=()):
-    from pipeline.plan.planner import planned
+    from pipeline.plan.store import planned
 
     cfg = planned(load_config(path, list(overrides)))
     run_fold(cfg)

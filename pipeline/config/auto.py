@@ -169,11 +169,18 @@ def needs_planner(cfg: Config) -> bool:
     return bool(cfg.train.time_budget_s) or any(getattr(getattr(cfg, s), k) == AUTO for s, k in PLAN_KEYS if s != "train")
 
 
+def plan_hash(cfg: Config) -> str:
+    """What a plan is valid for: the training config as written (``auto`` and the budget included)."""
+    from pipeline.config.schema import STAGE_SECTIONS
+
+    return cfg.hash(*STAGE_SECTIONS["train"])
+
+
 def without_plan(cfg: Config) -> Config:
     """The config a run trains with when it needs no planner: ``cfg`` itself, or with ``train.epochs: auto``
     at ``DEFAULT_EPOCHS`` and ``train.seeds: auto`` at one seed (nothing to measure or keep). A config that
     needs the planner and has no plan yet is one line: the stages below the planner receive a planned config."""
-    from pipeline.config.schema import STAGE_SECTIONS, with_values
+    from pipeline.config.schema import with_values
 
     if cfg.plan is not None or not has_auto(cfg) and not cfg.train.time_budget_s:
         return cfg
@@ -182,7 +189,7 @@ def without_plan(cfg: Config) -> Config:
                             f"plan; run `pipeline train {cfg.path}` (or pass pipeline.plan.planned(cfg) to the library)")
     values = {k: v for k, v in (("train.epochs", DEFAULT_EPOCHS), ("train.seeds", None)) if getattr(cfg.train, k[6:]) == AUTO}
     resolved = with_values(cfg, values)
-    plan = {"config_hash": cfg.hash(*STAGE_SECTIONS["train"]), "budget_s": None, "values": values, "why": [],
-            "folds": cfg.folds.n_splits * cfg.folds.repeats, "seeds": resolved.train.seeds or [resolved.train.seed],
+    plan = {"config_hash": plan_hash(cfg), "budget_s": None, "values": values, "why": [],
+            "folds": cfg.folds.n_splits * cfg.folds.repeats, "seeds": resolved.train.seed_list,
             "expected_train_s": None}
     return resolved.model_copy(update={"plan": plan})

@@ -60,7 +60,7 @@ class DataOptions(Section):
     dir: str
     image_size: Annotated[int, Field(gt=0, le=8192)] | Literal["auto"] | None = Field(
         None, description="resize images to this square size; None keeps the files' size; auto: planned from the "
-                          "files' size and the time budget (pipeline/plan/planner.py)")
+                          "files' size and the time budget (pipeline/plan/)")
     channels: Annotated[int, Field(ge=1, le=4)] | Literal["auto"] | None = Field(
         None, description="image_folder: 1 (grey) or 3 (RGB), None or auto = from the files; statoil_json: 2 (the bands) "
                           "or 3 (+ their mean)")

@@ -135,7 +135,7 @@ class ModelConfig(Section):
 
 class TrainConfig(Section):
     epochs: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        "auto", description="auto: planned from train.time_budget_s (pipeline/plan/planner.py); 20 without a budget")
+        "auto", description="auto: planned from train.time_budget_s (pipeline/plan/); 20 without a budget")
     batch_size: int = Field(32, ge=1)
     lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         1e-3, description="auto: 1e-3 fine-tuning pretrained weights, 3e-3 from scratch (pipeline/config/auto.py)")
@@ -145,7 +145,7 @@ class TrainConfig(Section):
     seed: int = Field(42, ge=0, le=SEED_MAX)
     seeds: list[Annotated[int, Field(ge=0, le=SEED_MAX)]] | Literal["auto"] | None = Field(
         None, description="one model per fold and seed; None or [] = [seed]; auto: seed and seeds derived from it, as many as the "
-                          "budget gives every job enough epochs for (pipeline/plan/planner.py)")
+                          "budget gives every job enough epochs for (pipeline/plan/)")
     optimizer: Annotated[str, registered(OPTIMIZERS)] = Field("adamw", description="a name in OPTIMIZERS (pipeline/config/registries.py)")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
@@ -173,7 +173,7 @@ class TrainConfig(Section):
     balanced_sampling: bool = False
     refit: bool = False
     time_budget_s: float | None = Field(None, gt=0, description="seconds of training (refit included) the run is planned to "
-                                                                 "spend; also `--budget 15m` (pipeline/plan/planner.py)")
+                                                                 "spend; also `--budget 15m` (pipeline/plan/)")
     max_steps_per_epoch: int | None = Field(None, ge=1)
     fold_jobs: int = Field(1, ge=1, le=1024, description="CPU: folds trained at once, each in its own process with "
                                                 "cores/fold_jobs threads (pipeline/train/executors.py)")
@@ -193,6 +193,12 @@ class TrainConfig(Section):
     ray_num_cpus: int = Field(1, ge=1, le=1024, description="CPUs a Ray job requests, and its torch thread count")
     ray_num_gpus: float = Field(0, ge=0, le=64, description="GPUs a Ray job requests (0.5: two jobs share one)")
     ray_max_retries: int = Field(3, ge=0, le=100, description="reruns of a Ray job whose worker or node died; it resumes from last.pt")
+
+    @property
+    def seed_list(self) -> list[int] | None:
+        """The seeds a run trains each fold with: ``seeds``, or ``[seed]`` when unset; None while ``auto``."""
+        seeds = self.seeds or [self.seed]
+        return None if seeds == "auto" else list(seeds)
 
     @model_validator(mode="after")
     def _processes_need_width(self):
@@ -321,7 +327,7 @@ class Config(Section):
     paths: PathsConfig = Field(default_factory=PathsConfig)
 
     # Not part of the YAML: where it came from, and the plan its ``auto`` values were resolved by
-    # (pipeline/plan/planner.py; None until then).
+    # (pipeline/plan/; None until then).
     path: str = ""
     name: str = ""
     plan: dict | None = None
@@ -572,7 +578,7 @@ def write_snapshot(cfg: Config, yaml_path: Path, stage: str, resolved: dict | No
     """Save the resolved config beside a stage's outputs (``yaml_path``) and its stage hash
     (``yaml_path`` with suffix ``.hash``); returns the stage hash. ``resolved`` maps keys whose
     value was decided at run time (``{"train.precision": "fp32"}`` for ``auto``) to that value:
-    the snapshot shows it, the hash stays that of ``cfg`` (the config as the plan resolved it, pipeline/plan/planner.py)."""
+    the snapshot shows it, the hash stays that of ``cfg`` (the config as the plan resolved it, pipeline/plan/)."""
     from pipeline.core.io import atomic_write_text
 
     h = cfg.hash(*stage_sections(cfg, stage))

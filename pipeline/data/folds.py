@@ -150,3 +150,14 @@ def load_folds(cfg: Config, table: Table, repeat: int = 0) -> np.ndarray:
     if empty:
         raise PipelineError(f"{path}: fold {empty[0]} is empty; expected every fold 0..{n - 1} to have rows")
     return fold.astype(np.int64)
+
+
+def n_folds(cfg: Config) -> int:
+    """Folds in the folds file training used (a user-supplied file may differ from folds.n_splits)."""
+    p = cfg.folds_path
+    if p.is_file():
+        try:
+            return int(pd.read_csv(p, usecols=["fold"])["fold"].max()) + 1
+        except (ValueError, KeyError):
+            pass  # not a folds file: training would have refused it
+    return cfg.folds.n_splits

@@ -55,6 +55,7 @@ from pipeline.predict.predictor import clip_probs, fmt_scores
 from pipeline.runs.predictions import pcols, pred_frame, probs_of, read_classes, read_predictions, write_predictions
 from pipeline.runs.layout import RunDir
 from pipeline.tasks import build_task
+from pipeline.runs.records import read_predict_info, stale_predictions
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +183,7 @@ def load_ensemble(path: str | Path, overrides: list[str] | None = None) -> tuple
     cpath = _resolve(ens.config, path.parent)
     if cpath is None:
         raise PipelineError(f"{path}: config: {ens.config} not found (looked in {Path.cwd()} and {path.parent})")
-    from pipeline.plan.planner import planned
+    from pipeline.plan.store import planned
 
     cfg = planned(load_config(cpath), create=False)
     if cfg.competition != ens.competition:
@@ -209,7 +210,7 @@ def load_member(entry: str, i: int, path: Path, competition: str, runs_root: Pat
         run = RunDir.of(mcfg)
     else:
         raise PipelineError(f"{where}: {entry} is neither a run directory nor a YAML config")
-    info = run.read_predict_info()
+    info = read_predict_info(run)
     oof_path, test_path = run.oof_file(info.get("oof", "oof.csv")), run.test_pred
     for f in (test_path, oof_path):
         if not f.is_file():
@@ -524,7 +525,7 @@ def fold_blends(ens: EnsembleConfig, members: list[Member], class_names: list[st
     test predictions."""
     ks = [int(k) for k in np.unique(folds)]
     for m in members:
-        stale = m.run.stale_predictions()
+        stale = stale_predictions(m.run)
         if stale:
             log.info(f"note: {stale}; this ensemble keeps no per-fold test predictions (rerun `pipeline predict` for {m.name})")
             return None

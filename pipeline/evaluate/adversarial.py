@@ -100,7 +100,7 @@ def read_splits(cfg: Config) -> tuple[Table, Table]:
 
 def adversarial(cfg: Config, train: Table | None = None, test: Table | None = None) -> dict:
     """The stage: analyse, write adversarial.json and adversarial_scores.csv, log a summary; returns the record."""
-    from pipeline.plan.planner import planned
+    from pipeline.plan.store import planned
 
     cfg = planned(cfg, create=False)
     if train is None or test is None:

@@ -46,6 +46,7 @@ from pipeline.core.metrics import METRICS, cv_std, logloss
 from pipeline.runs.predictions import check_oof_against_data, class_names_of, csv_line, probs_of, read_predictions, write_predictions
 from pipeline.runs.layout import RunDir
 from pipeline.tasks import build_task
+from pipeline.runs.records import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def evaluate(cfg: Config, report: bool = True) -> dict:
     from pipeline.config.auto import resolve_tta, uses_tta_oof
     from pipeline.data.folds import load_folds
     from pipeline.data.formats import read_table
-    from pipeline.plan.planner import planned
+    from pipeline.plan.store import planned
 
     hint = f"pipeline train {cfg.path}"
     if not RunDir.of(cfg).oof.is_file():  # before reading the data: the common mistake answers at once
@@ -324,7 +325,7 @@ def _run_settings(run: Path) -> tuple[str, float]:
     import yaml
 
     rd = RunDir(path=run)
-    metric, eps = (rd.read_metrics() or {}).get("metric"), 1e-15  # a corrupt metrics.json is refused
+    metric, eps = (read_metrics(rd) or {}).get("metric"), 1e-15  # a corrupt metrics.json is refused
     for stage in ("evaluate", "train"):
         p = rd.snapshot(stage)
         if p.is_file():

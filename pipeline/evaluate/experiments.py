@@ -24,6 +24,7 @@ from pipeline.core.metrics import cv_std, score
 from pipeline.runs.predictions import probs_of, read_predictions
 from pipeline.runs.layout import RunDir
 from pipeline.predict.submission import check_own, read_sidecar, submissions_dir, utc_stamp
+from pipeline.runs.records import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 def cv_score(run: Path, metric: str) -> tuple[float, float, str]:
     """(mean, std, source) of the run's per-fold CV scores; NaN when nothing is there yet."""
     rd = RunDir(path=run)
-    m = rd.read_metrics()  # a corrupt file is refused; one of another metric (or NaN) falls back
+    m = read_metrics(rd)  # a corrupt file is refused; one of another metric (or NaN) falls back
     if m is not None:
         mean, std = m.get("cv_mean", {}).get(metric), m.get("cv_std", {}).get(metric)
         if mean is not None and std is not None:

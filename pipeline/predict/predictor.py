@@ -43,6 +43,9 @@ from pipeline.core.io import Staging, atomic_write_json, file_sha256
 from pipeline.core.metrics import logloss, score
 from pipeline.runs.predictions import pred_frame, probs_of, read_predictions, scale, write_predictions
 from pipeline.runs.layout import JobDir, RunDir
+from pipeline.runs.records import read_metrics
+from pipeline.train.finished import model_dirs, models_by_fold
+from pipeline.train.precision import read_precision
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,7 @@ class _Models:
         self.channels_last = cfg.train.channels_last and self.device.type != "mps"
         self.precision = cfg.train.precision
         if self.precision == "auto":  # the run's resolved choice (train writes it)
-            self.precision = run.read_precision() or "fp32"
+            self.precision = read_precision(run) or "fp32"
 
     def transforms(self, model: JobDir, image_size):
         from pipeline.models.tta import build_tta, model_input_size
@@ -153,7 +156,7 @@ def oof_with_tta_subsets(cfg: Config, table, fold_of: np.ndarray, subsets: list[
     union = list(dict.fromkeys(n for s in subsets for n in s))
     models = _Models(cfg, run, union)
     accs = [np.zeros((len(table), table.num_classes)) for _ in subsets]
-    for k, group in enumerate(run.models_by_fold()):
+    for k, group in enumerate(models_by_fold(cfg)):
         idx = np.flatnonzero(fold_of == k)
         feats = Rows(table.features, idx) if table.features is not None else None
         for d in group:
@@ -205,7 +208,7 @@ def _write_refit_preds(cfg: Config, run: RunDir, stage: Staging, models: _Models
     if not cfg.train.refit:
         stage.remove(run.test_pred_refit)  # a stale refit file must not be submitted
         return [], None
-    dirs = run.model_dirs(refit=True)
+    dirs = model_dirs(cfg, refit=True)
     probs = _to_probs(models.total(dirs, test) / len(dirs), cfg.predict.average)
     df = _write_and_read(stage.path(run.test_pred_refit), pred_frame(test.ids, probs, test.class_names), test.class_names,
                          f"pipeline predict {cfg.path}")
@@ -247,7 +250,7 @@ def _evaluated_tta(cfg: Config, run: RunDir) -> list[str]:
     names = resolve_tta(cfg)
     if not tta_auto(cfg) or not uses_tta_oof(cfg):
         return names
-    kept = (run.read_metrics() or {}).get("tta")
+    kept = (read_metrics(run) or {}).get("tta")
     if not isinstance(kept, list) or not kept or not set(kept) <= set(names):
         raise PipelineError(f"{run.metrics_json}: tta is {kept!r}; expected names among {names}; rerun `pipeline evaluate {cfg.path}`")
     return kept
@@ -259,10 +262,10 @@ def _predict_into(cfg: Config, run: RunDir, stage: Staging) -> _Predicted:
 
     clip = resolve_clip(cfg)
     check_clip(clip, f"{cfg.path}: predict.clip")
-    by_fold = run.models_by_fold()
+    by_fold = models_by_fold(cfg)
     dirs = [d for group in by_fold for d in group]
     if cfg.train.refit:
-        run.model_dirs(refit=True)  # unfinished refit models fail before any work
+        model_dirs(cfg, refit=True)  # unfinished refit models fail before any work
     oof_path = _oof_file(cfg, run)
     test = read_table(cfg, "test")
     models = _Models(cfg, run, _evaluated_tta(cfg, run))
@@ -309,7 +312,7 @@ def _predict_into(cfg: Config, run: RunDir, stage: Staging) -> _Predicted:
 def _predict_stage(cfg: Config, *, submit: bool) -> tuple[_Predicted, Path | None]:
     """The predict stage, all or nothing: its files are staged, then the submission(s) written, then
     the files moved into place (a submission whose run files could not be is removed again)."""
-    from pipeline.plan.planner import planned
+    from pipeline.plan.store import planned
 
     cfg = planned(cfg, create=False)
     run = RunDir.of(cfg)

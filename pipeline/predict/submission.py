@@ -144,7 +144,7 @@ def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_n
     """Problems of a submission file, one line per failed check (a count and up to 3 examples); [] when valid."""
     from pipeline.data.formats import build_reader
 
-    from pipeline.plan.planner import planned
+    from pipeline.plan.store import planned
 
     cfg = planned(cfg, create=False)  # the test images are read at the size the run was planned at
     path = Path(path)
@@ -216,7 +216,7 @@ def check_submission(cfg: Config, path: str | Path, solution: str | Path | None 
     import sys
 
     from pipeline.data.formats import read_table
-    from pipeline.plan.planner import planned
+    from pipeline.plan.store import planned
 
     test = read_table(planned(cfg, create=False), "test")
     problems = validate_submission(cfg, path, test_ids=test.ids, class_names=test.class_names)

@@ -2,7 +2,7 @@
 
   config.<stage>.yaml / .hash   resolved config of a stage and its stage hash, written last (the stage is done)
   precision.json                ``train.precision: auto`` resolved once per run ({"precision", "hash"})
-  plan.json, plan.lock          the run plan (pipeline/plan/planner.py): ``auto`` values and the budget resolved once
+  plan.json, plan.lock          the run plan (pipeline/plan/): ``auto`` values and the budget resolved once
   fold_<k>/                     one training job per fold; ``fold_<k>_seed<s>/`` when ``train.seeds`` has several
       best.safetensors, best.json   best epoch's weights and what built them
       last.pt                       resume state, removed when the job is done
@@ -26,15 +26,13 @@ hash and the digest of the folds file it trained on (``RunDir.run_hash``).
 """
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config.schema import load_config, read_stage_hash, stage_sections, write_snapshot
+from pipeline.config.schema import read_stage_hash, stage_sections, write_snapshot
 from pipeline.core.errors import PipelineError
-from pipeline.core.io import Staging, atomic_write_json, file_sha256, read_json_object, staged
+from pipeline.core.io import Staging, atomic_write_json, read_json_object, staged
 
 if TYPE_CHECKING:
     from pipeline.config.schema import Config
@@ -151,8 +149,7 @@ class RunDir:
 
     @classmethod
     def of(cls, cfg: Config) -> RunDir:
-        seeds = cfg.train.seeds or [cfg.train.seed]
-        return cls(path=cfg.run_dir, seeds=None if seeds == "auto" else seeds, cfg=cfg)
+        return cls(path=cfg.run_dir, seeds=cfg.train.seed_list, cfg=cfg)
 
     @classmethod
     def named(cls, cfg: Config, name: str) -> RunDir:
@@ -205,28 +202,19 @@ class RunDir:
         if fold < 0:
             return self.refit_dir(seed)
         name = f"fold_{fold}" if len(self.seeds) == 1 else f"fold_{fold}_seed{seed}"
-        return JobDir(path=self.path / name, fold=fold, seed=seed, label=self.job_label(fold, seed), train_cmd=self._cmd("train"))
+        return JobDir(path=self.path / name, fold=fold, seed=seed, label=self.job_label(fold, seed), train_cmd=self.command("train"))
 
     def refit_dir(self, seed: int) -> JobDir:
         name = "refit" if len(self.seeds) == 1 else f"refit_seed{seed}"
-        return JobDir(path=self.path / name, fold=-1, seed=seed, label=self.job_label(-1, seed), train_cmd=self._cmd("train"))
+        return JobDir(path=self.path / name, fold=-1, seed=seed, label=self.job_label(-1, seed), train_cmd=self.command("train"))
 
-    def _cmd(self, stage: str) -> str:
+    def command(self, stage: str) -> str:
         """The command that (re)makes ``stage``'s files here: with the config when it is known."""
         return f"pipeline {stage} {self._cfg.path if self._cfg is not None else f'<config of {self.name}>'}"
 
     def jobs(self, folds: list[int]) -> list[JobDir]:
         """The training jobs of ``folds`` in training order: seed-major, then fold."""
         return [self.job_dir(k, s) for s in self.seeds for k in folds]
-
-    def run_hash(self) -> str:
-        """What a finished job is valid for: this training config *and* these fold assignments (a
-        regenerated folds file with the same settings, e.g. from changed data, retrains) *and*, with
-        ``pseudo``, the source's prediction files (a re-predicted source retrains)."""
-        from pipeline.data.folds import folds_digest
-
-        h = f"{self.train_hash}-{folds_digest(self.cfg)}"
-        return h if self.cfg.pseudo is None else f"{h}-p{self.pseudo_digest()}"
 
     @property
     def train_hash(self) -> str:
@@ -239,57 +227,6 @@ class RunDir:
     def pseudo_json(self) -> Path:
         """What a pseudo-labelled run trained on besides its rows: the source, its digest, rows per class and fold."""
         return self.path / "pseudo.json"
-
-    def pseudo_source(self) -> RunDir:
-        """The run ``pseudo.from`` names: a run folder, or an experiment config's run; a path as written
-        (relative to the current directory), else relative to this config's folder."""
-        cfg = self.cfg
-        entry, where = cfg.pseudo.source, f"{cfg.path}: pseudo.from"
-        found = next((p for p in (Path(entry).expanduser(), Path(cfg.path).parent / entry) if p.exists()), None)
-        if found is None:
-            raise PipelineError(f"{where}: {entry} not found (looked in {Path.cwd()} and {Path(cfg.path).parent}); "
-                                f"expected a run folder or an experiment config")
-        if found.is_dir():
-            return RunDir(path=found)
-        if found.suffix not in (".yaml", ".yml"):
-            raise PipelineError(f"{where}: {entry} is neither a run folder nor a YAML experiment config")
-        try:
-            src = load_config(found, check_data=False)
-        except PipelineError as e:  # e.g. an ensemble file: named as the culprit of this key
-            hint = "; an ensemble source is named by its run folder (runs/<competition>/<name>)" if "ensemble" in str(e) else ""
-            raise PipelineError(f"{where}: {e}{hint}") from None
-        if src.competition != cfg.competition:
-            raise PipelineError(f"{where}: {entry} is an experiment of {src.competition!r}; expected one of {cfg.competition!r}")
-        return RunDir.of(src)
-
-    def stale_predictions(self) -> str | None:
-        """Why this run's test predictions are not of its current models (it trained again after `pipeline
-        predict`: oof.csv is not the one predict.json recorded), or None. Fold k's file of an older training
-        may come from a model that saw today's fold k."""
-        if not self.oof.is_file():
-            return None
-        want = self.read_predict_info().get("oof_sha256")
-        if want and file_sha256(self.oof) != want:
-            return f"{self.path}: its test predictions are older than its training (oof.csv changed since `pipeline predict`)"
-        return None
-
-    def pseudo_files(self) -> list[Path]:
-        """The source's files pseudo-labels come from: fold k's own ``test_pred_fold<k>.csv`` for each
-        fold, and with ``train.refit`` its all-fold ``test_pred.csv`` (the refit has no validation rows)."""
-        src = self.pseudo_source()
-        files = [src.test_pred_fold(k) for k in range(self.n_folds())]
-        return files + [src.test_pred] if self.cfg.train.refit else files
-
-    def pseudo_digest(self) -> str:
-        """Short digest of the source's pseudo-label files (names and bytes)."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for p in self.pseudo_files():
-            if not p.is_file():
-                raise PipelineError(f"{self.cfg.path}: pseudo.from: {p} not found; run `pipeline predict` for the source first")
-            h.update(p.name.encode() + b"\0" + p.read_bytes())
-        return h.hexdigest()[:8]
 
     def finished_fold_oofs(self, n_folds: int, run_hash: str) -> tuple[dict[int, list[Path]], list[int]]:
         """({fold: its jobs' oof.csv, one per seed} for folds whose every seed is done, folds still waiting)."""
@@ -310,7 +247,7 @@ class RunDir:
         """(job, its done.json) of every finished fold job, whatever the seed layout (refit jobs excluded)."""
         out = []
         for done in sorted(self.path.glob("fold_*/done.json")):
-            job = JobDir(path=done.parent, fold=0, seed=0, label=done.parent.name, train_cmd=self._cmd("train"))
+            job = JobDir(path=done.parent, fold=0, seed=0, label=done.parent.name, train_cmd=self.command("train"))
             d = job.read_done()
             if d is not None:
                 out.append((job, d))
@@ -328,56 +265,6 @@ class RunDir:
                 label = f"fold {fold}" + (f" seed {seed}" if seed is not None else "")
                 found.append(((fold, int(seed or 0)), label, d / "history.csv"))
         return [(label, h) for _, label, h in sorted(found)]
-
-    # ---- models for predict -------------------------------------------------------------
-
-    def n_folds(self) -> int:
-        """Folds in the folds file training used (a user-supplied file may differ from folds.n_splits)."""
-        import pandas as pd
-
-        p = self.cfg.folds_path
-        if p.is_file():
-            try:
-                return int(pd.read_csv(p, usecols=["fold"])["fold"].max()) + 1
-            except (ValueError, KeyError):
-                pass  # not a folds file: training would have refused it
-        return self.cfg.folds.n_splits
-
-    def check_trained(self, *, required: bool = True) -> None:
-        """The models (and oof.csv) must come from this config's training sections; ``required``: and exist."""
-        cfg, snap = self.cfg, self.snapshot("train")
-        have, want = self.snapshot_hash("train"), self.train_hash
-        if have is None and required:
-            raise PipelineError(f"{self.path}: no trained models; run `pipeline train {cfg.path}` first")
-        if have is not None and have != want:
-            raise PipelineError(f"{snap}: models were trained under another config (train hash {have}, this config {want}); "
-                                f"rerun `pipeline train {cfg.path}`")
-
-    def models_by_fold(self) -> list[list[JobDir]]:
-        """Finished fold models of the current training config: entry k holds fold k's, one per seed."""
-        self.check_trained()
-        groups = [[self.job_dir(k, s) for s in self.seeds] for k in range(self.n_folds())]
-        self._check_finished([d for g in groups for d in g])
-        return groups
-
-    def model_dirs(self, *, refit: bool = False) -> list[JobDir]:
-        """Finished model folders: the fold models fold-major (each fold's seeds together), or the refit ones."""
-        if not refit:
-            return [d for group in self.models_by_fold() for d in group]
-        self.check_trained()
-        dirs = [self.refit_dir(s) for s in self.seeds]
-        self._check_finished(dirs)
-        return dirs
-
-    def _check_finished(self, dirs: list[JobDir]) -> None:
-        cfg = self.cfg
-        if not cfg.folds_path.is_file():  # the run hash includes the folds file's digest
-            raise PipelineError(f"{cfg.folds_path}: folds file not found, so the models' folds cannot be checked; "
-                                f"run `pipeline fold {cfg.path}` (or restore the file training used)")
-        want = self.run_hash()
-        for d in dirs:
-            if not d.is_done(want):
-                raise PipelineError(f"{d}: model not finished; run `pipeline train {cfg.path}` first")
 
     # ---- stage snapshots ----------------------------------------------------------------
 
@@ -416,21 +303,6 @@ class RunDir:
     def precision_json(self) -> Path:
         return self.path / "precision.json"
 
-    def read_precision(self, train_hash: str | None = None) -> str | None:
-        """The precision resolved for this run (for ``train_hash`` when given); None when not resolved."""
-        p = self.precision_json
-        if not p.is_file():
-            return None
-        try:
-            saved = json.loads(p.read_text())
-            choice = saved["precision"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return None  # resolved again
-        return choice if train_hash is None or saved.get("hash") == train_hash else None
-
-    def write_precision(self, precision: str, train_hash: str) -> None:
-        atomic_write_json(self.precision_json, {"precision": precision, "hash": train_hash})
-
     # ---- plan.json ----------------------------------------------------------------------
 
     @property
@@ -440,22 +312,6 @@ class RunDir:
     @property
     def plan_lock(self) -> Path:
         return self.path / "plan.lock"
-
-    def read_plan(self, config_hash: str) -> dict | None:
-        """The plan made for the config whose plan hash is ``config_hash``; None when there is none
-        (or it was made for another config, or the file is damaged: planned again)."""
-        p = self.plan_json
-        if not p.is_file():
-            return None
-        try:
-            saved = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        ok = isinstance(saved, dict) and saved.get("config_hash") == config_hash and isinstance(saved.get("values"), dict)
-        return saved if ok else None
-
-    def write_plan(self, plan: dict) -> None:
-        atomic_write_json(self.plan_json, plan)
 
     # ---- artifacts ----------------------------------------------------------------------
 
@@ -491,30 +347,6 @@ class RunDir:
         if name not in OOF_FILES:
             raise PipelineError(f"{self.predict_json}: oof is {name!r}; expected one of {', '.join(OOF_FILES)}; rerun `pipeline predict`")
         return self.path / name
-
-    def read_predict_info(self) -> dict:
-        """predict.json (how test_pred.csv was made); {} before the predict stage ran."""
-        p = self.predict_json
-        if not p.is_file():
-            return {}
-        return read_json_object(p, f"rerun `{self._cmd('predict')}`")
-
-    def read_metrics(self) -> dict | None:
-        """metrics.json, checked (an object; ``cv_mean``/``cv_std`` objects of numbers or nulls);
-        None before the evaluate stage ran."""
-        p, fix = self.metrics_json, f"rerun `{self._cmd('evaluate')}`"
-        if not p.is_file():
-            return None
-        d = read_json_object(p, fix)
-        if not isinstance(d.get("metric", ""), str):
-            raise PipelineError(f"{p}: metric is {d['metric']!r}; expected a metric name; {fix}")
-        for key in ("cv_mean", "cv_std"):
-            v = d.get(key, {})
-            ok = isinstance(v, dict) and all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
-                                             for x in v.values())
-            if not ok:  # evaluate writes a score it could not compute as null
-                raise PipelineError(f"{p}: {key} is not an object of finite numbers (or null) by metric; {fix}")
-        return d
 
     @property
     def is_ensemble(self) -> bool:

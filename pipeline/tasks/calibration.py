@@ -17,14 +17,12 @@ from the other folds' rows, after their T), kept only when that honest gain beat
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
-from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import logloss
 
 # log T is searched in [log 0.05, log 20]: wider than any useful temperature, and bounded so a

@@ -40,6 +40,8 @@ from pipeline.train.executors import JobRows, RayExecutor, build_executor, check
 from pipeline.train.pseudo import check_source
 from pipeline.train.pseudo import prepare as prepare_pseudo
 from pipeline.train.trainer import FoldTrainer, seed_everything
+from pipeline.train.finished import run_hash as finished_run_hash
+from pipeline.train.precision import read_precision, write_precision
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
         base = pseudo.combine(table, test)
     rows = job_rows(table, fold_of, pseudo, base)
     run = RunDir.of(cfg)
-    run_hash, seeds = run.run_hash(), run.seeds
+    run_hash, seeds = finished_run_hash(cfg), run.seeds
     precision = dist.broadcast_decision(lambda: _start_run(cfg, table, device, run, pseudo))
     n_refit = len(seeds) if cfg.train.refit else 0  # the time budget is shared by the refit models too
     t_start = time.time()
@@ -237,7 +239,7 @@ def _run_precision(cfg: Config, table: Table, device, run: RunDir) -> str:
     folds trained later, elsewhere) reuse it; a changed config resolves it again."""
     if cfg.train.precision != "auto":
         return cfg.train.precision
-    saved = run.read_precision(run.train_hash)
+    saved = read_precision(run, run.train_hash)
     if saved is not None:
         return saved
     from pipeline.train.precision import resolve_precision
@@ -251,7 +253,7 @@ def _run_precision(cfg: Config, table: Table, device, run: RunDir) -> str:
         model.to(memory_format=torch.channels_last)
     feats = features_tensor(table.features, np.arange(bs), device)
     choice = resolve_precision("auto", model, x, feats, f"{cfg.model.backbone}|cl={cfg.train.channels_last}")
-    run.write_precision(choice, run.train_hash)
+    write_precision(run, choice, run.train_hash)
     return choice
 
 

@@ -6,16 +6,15 @@ from __future__ import annotations
 import logging
 import json
 import math
-import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 
 from pipeline.core.device import auto_precision, bf16_supported
 from pipeline.models.inference import autocast
 from pipeline.core.io import atomic_write_json, cache_dir
+from pipeline.runs.layout import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -75,3 +74,20 @@ def resolve_precision(requested: str, model, x, feats, key: str) -> str:
         atomic_write_json(path, table)
         log.info(f"precision auto: fp32 {t['fp32'] * 1e3:.0f} ms/step, bf16 {t['bf16'] * 1e3:.0f} ms/step -> {choice} (cached in {path})")
     return table[full_key]["choice"]
+
+
+def read_precision(run: RunDir, train_hash: str | None = None) -> str | None:
+    """The precision resolved for ``run`` (``precision.json``; for ``train_hash`` when given); None when not resolved."""
+    p = run.precision_json
+    if not p.is_file():
+        return None
+    try:
+        saved = json.loads(p.read_text())
+        choice = saved["precision"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None  # resolved again
+    return choice if train_hash is None or saved.get("hash") == train_hash else None
+
+
+def write_precision(run: RunDir, precision: str, train_hash: str) -> None:
+    atomic_write_json(run.precision_json, {"precision": precision, "hash": train_hash})

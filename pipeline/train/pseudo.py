@@ -25,17 +25,21 @@ sees a Table with per-row weights (and soft targets) and a fold_of where test ro
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline.config.schema import Config
 from pipeline.core.errors import PipelineError
-from pipeline.runs.predictions import probs_of, read_predictions
-from pipeline.runs.layout import RunDir
+from pipeline.data.folds import n_folds
 from pipeline.data.table import Table
+from pipeline.runs.layout import RunDir
+from pipeline.runs.predictions import probs_of, read_predictions
+from pipeline.runs.records import stale_predictions
 from pipeline.train.trainer import TRAIN_ONLY, UNUSED
 
 REFIT = -1  # the refit job's fold (``runs.JobDir``): its selection comes from the all-fold test_pred.csv
@@ -44,15 +48,15 @@ REFIT = -1  # the refit job's fold (``runs.JobDir``): its selection comes from t
 def check_source(cfg: Config) -> RunDir:
     """The source run, with the files pseudo-labels need; checked before anything is read or written."""
     run = RunDir.of(cfg)
-    src, where = run.pseudo_source(), f"{cfg.path}: pseudo.from"
+    src, where = pseudo_source(cfg), f"{cfg.path}: pseudo.from"
     if src.path.resolve() == run.path.resolve():
         raise PipelineError(f"{where}: {cfg.pseudo.source} is this experiment's own run; expected another experiment")
     if not src.oof.is_file():
         raise PipelineError(f"{where}: {src} has no oof.csv; train the source first (`pipeline train <config of {src.name}>`)")
-    stale = src.stale_predictions()
+    stale = stale_predictions(src)
     if stale:
         raise PipelineError(f"{where}: {stale}; rerun `pipeline predict <config of {src.name}>`")
-    for p in run.pseudo_files():
+    for p in pseudo_files(cfg):
         if not p.is_file():
             why = ("the refit's labels come from the source's all-fold test predictions" if p == src.test_pred else
                    "fold k's pseudo-labels come from the source's fold-k model alone, never the all-fold average")
@@ -233,5 +237,49 @@ def prepare(cfg: Config, src: RunDir, table: Table, fold_of: np.ndarray, test: T
     if cfg.train.refit:
         jobs[REFIT] = (src.test_pred, len(table))
     by_fold = {k: _select(cfg, src, path, test, names, n_real) for k, (path, n_real) in jobs.items()}
-    return PseudoLabels(source=str(src.path), digest=RunDir.of(cfg).pseudo_digest(), weight=p.weight, soft=p.soft,
+    return PseudoLabels(source=str(src.path), digest=pseudo_digest(cfg), weight=p.weight, soft=p.soft,
                         threshold=p.threshold, max_share=p.max_share, class_names=list(names), by_fold=by_fold)
+
+
+# ---- the source run and its files -------------------------------------------------------------
+
+def pseudo_source(cfg: Config) -> RunDir:
+    """The run ``pseudo.from`` names: a run folder, or an experiment config's run; a path as written
+    (relative to the current directory), else relative to this config's folder."""
+    from pipeline.config.schema import load_config
+
+    entry, where = cfg.pseudo.source, f"{cfg.path}: pseudo.from"
+    found = next((p for p in (Path(entry).expanduser(), Path(cfg.path).parent / entry) if p.exists()), None)
+    if found is None:
+        raise PipelineError(f"{where}: {entry} not found (looked in {Path.cwd()} and {Path(cfg.path).parent}); "
+                            f"expected a run folder or an experiment config")
+    if found.is_dir():
+        return RunDir(path=found)
+    if found.suffix not in (".yaml", ".yml"):
+        raise PipelineError(f"{where}: {entry} is neither a run folder nor a YAML experiment config")
+    try:
+        src = load_config(found, check_data=False)
+    except PipelineError as e:  # e.g. an ensemble file: named as the culprit of this key
+        hint = "; an ensemble source is named by its run folder (runs/<competition>/<name>)" if "ensemble" in str(e) else ""
+        raise PipelineError(f"{where}: {e}{hint}") from None
+    if src.competition != cfg.competition:
+        raise PipelineError(f"{where}: {entry} is an experiment of {src.competition!r}; expected one of {cfg.competition!r}")
+    return RunDir.of(src)
+
+
+def pseudo_files(cfg: Config) -> list[Path]:
+    """The source's files pseudo-labels come from: fold k's own ``test_pred_fold<k>.csv`` for each
+    fold, and with ``train.refit`` its all-fold ``test_pred.csv`` (the refit has no validation rows)."""
+    src = pseudo_source(cfg)
+    files = [src.test_pred_fold(k) for k in range(n_folds(cfg))]
+    return files + [src.test_pred] if cfg.train.refit else files
+
+
+def pseudo_digest(cfg: Config) -> str:
+    """Short digest of the source's pseudo-label files (names and bytes)."""
+    h = hashlib.sha256()
+    for p in pseudo_files(cfg):
+        if not p.is_file():
+            raise PipelineError(f"{cfg.path}: pseudo.from: {p} not found; run `pipeline predict` for the source first")
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()[:8]

@@ -100,7 +100,7 @@ def steps_per_epoch(n_rows: int, t, world_size: int = 1) -> int:
 def build_components(*, cfg: Config, table: Table, tr_idx: np.ndarray, seed: int, device: torch.device,
                      channels_last: bool, with_augment: bool, precision: str = "fp32", world_size: int = 1) -> Components:
     if cfg.train.epochs == "auto":  # a caller skipped the plan: a bug, not bad input
-        raise ValueError("train.epochs is auto: resolve the config with pipeline.plan.planner.planned(cfg) first")
+        raise ValueError("train.epochs is auto: resolve the config with pipeline.plan.store.planned(cfg) first")
     seed_everything(derive_seed("init", seed))
     model, weights_source = build_model(cfg, table.channels, table.num_classes, len(table.feature_names), table.image_size)
     model.fit_normalisation(table.images, table.features)

@@ -180,7 +180,7 @@ def tune(cfg: Config, n_trials: int | None = None, max_trials: int | None = None
             raise PipelineError(f"command line: {flag} {v}; expected a positive number of trials")
     if timeout is not None and not timeout > 0:
         raise PipelineError(f"command line: --timeout {timeout:g}; expected a positive number of seconds")
-    from pipeline.plan.planner import planned
+    from pipeline.plan.store import planned
 
     cfg = planned(cfg)  # trials start from the base config's plan (a trial's own budget is a cap)
     study_name = study_name or cfg.name

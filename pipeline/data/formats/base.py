@@ -35,7 +35,7 @@ class Reader:
         if split not in ("train", "test"):
             raise ValueError(split)
         if "auto" in (self.cfg.data.image_size, self.cfg.data.channels):  # a caller skipped the plan: a bug, not bad input
-            raise ValueError("data.image_size/channels is auto: resolve the config with pipeline.plan.planner.planned(cfg) first")
+            raise ValueError("data.image_size/channels is auto: resolve the config with pipeline.plan.store.planned(cfg) first")
         t = self._read(split)
         where = getattr(self, "source", None) or self.dir
         if len(t) == 0:

