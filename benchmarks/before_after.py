@@ -62,7 +62,7 @@ def main() -> None:
 
     sys.path.insert(0, str(ROOT))
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.data.demo import write_iceberg
     from pipeline.data.folds import make_folds
     from pipeline.data.formats import read_table

@@ -71,7 +71,7 @@ def run_one(config: Path, work: Path, precision: str) -> dict:
     import numpy as np
     import pandas as pd
 
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.train.cv import train_cv
     from pipeline.runs.predictions import probs_of, read_predictions
     from pipeline.runs.layout import RunDir
@@ -139,10 +139,10 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.data.demo import write_iceberg
     from pipeline.core.device import resolve_device
     from pipeline.data.folds import run_fold
-    from pipeline.config.schema import load_config
-    from pipeline.core.logs import configure
+    from pipeline.config.load import load_config
+    from pipeline.core.logs import to_stdout
 
-    configure()
+    to_stdout()
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory(prefix="gpu-smoke-") as tmp:
         work = Path(args.work or tmp)

@@ -78,7 +78,7 @@ def rss() -> dict:
 
 
 def phase_decode(cfg_path: Path) -> dict:
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.data.formats import read_table
 
     t0 = time.perf_counter()
@@ -87,7 +87,7 @@ def phase_decode(cfg_path: Path) -> dict:
 
 
 def phase_train(cfg_path: Path) -> dict:
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.data.folds import run_fold
     from pipeline.data.formats import read_table
     from pipeline.train.cv import train_cv

@@ -81,7 +81,7 @@ def oof_score(cfg, run_dir: Path) -> float:
 
 def run_competition(key: str, args, work: Path) -> list[dict]:
     from pipeline.data import demo as demo_data
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.ensemble.blend import run_ensemble
     from pipeline.core.metrics import GREATER_IS_BETTER
     from pipeline.stages import run_all
@@ -157,9 +157,9 @@ def main(argv=None) -> int:
     ap.add_argument("--n-test", type=int, default=None, help="held-out test images")
     ap.add_argument("--seed", type=int, default=0, help="demo data seed")
     args = ap.parse_args(argv)
-    from pipeline.core.logs import configure
+    from pipeline.core.logs import to_stdout
 
-    configure()
+    to_stdout()
     import tempfile
 
     work = args.work or Path(tempfile.mkdtemp(prefix="second_stage-"))

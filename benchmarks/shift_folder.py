@@ -54,14 +54,14 @@ def pipeline_child(config: str, solution: str, overrides: list[str]) -> None:
     import pandas as pd
     from sklearn.metrics import log_loss
 
-    from pipeline.config.schema import load_config
-    from pipeline.core.logs import configure
+    from pipeline.config.load import load_config
+    from pipeline.core.logs import to_stdout
     from pipeline.runs.predictions import class_names_of, probs_of, read_predictions
     from pipeline.stages import run_all
     from pipeline.runs.layout import RunDir
     from pipeline.predict.submission import check_submission, submissions_dir
 
-    configure()
+    to_stdout()
     t0 = time.time()
     cfg = load_config(config, overrides)
     times = run_all(cfg)

@@ -124,7 +124,7 @@ def pipeline_loop(steps: int, base_cfg: Path, work: Path, name: str, fold_jobs: 
     import pandas as pd
     import yaml
 
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.train.cv import train_cv
 
     cfg_path = work / f"{name}.yaml"  # a new experiment per measurement: nothing is skipped or resumed
@@ -146,7 +146,7 @@ def main() -> None:
 
     import yaml
 
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.data.demo import write_iceberg
     from pipeline.data.folds import load_folds, run_fold
     from pipeline.data.formats import read_table

@@ -52,7 +52,7 @@ def main() -> int:
     import torch
     from optuna.trial import TrialState
 
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.data.demo import write_iceberg
     from pipeline.data.folds import run_fold
     from pipeline.core.logs import to_file

@@ -20,7 +20,7 @@ def _config(args, check_data: bool = True, plan: str = "use"):
     """The command's config, its ``auto`` values resolved by the run's plan: ``make`` it when missing
     (the commands that train), ``use`` an existing one (one line when there is none), ``peek``
     (apply one if there is one: status, experiments), or ``none`` (the stage function plans and times it)."""
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.plan.store import parse_budget, planned
 
     overrides = list(args.overrides)
@@ -38,7 +38,7 @@ def _params_overrides(path: str) -> list[str]:
     """A YAML of ``section.key: value`` (as ``tune`` writes best.yaml) as override strings."""
     import yaml
 
-    from pipeline.config.schema import _read_yaml
+    from pipeline.config.load import _read_yaml
     from pathlib import Path
 
     d = _read_yaml(Path(path))
@@ -317,6 +317,9 @@ def _place_file(args, extra: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.core.logs import to_stdout
+
+    to_stdout()
     parser = _parser()
     try:
         args, extra = parser.parse_known_args(argv)

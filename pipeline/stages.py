@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config.schema import Config, read_stage_hash
+from pipeline.config.schema import Config
+from pipeline.config.load import read_stage_hash
 from pipeline.runs.layout import RunDir
 from pipeline.data.folds import n_folds
 from pipeline.train.finished import run_hash

@@ -37,7 +37,8 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
-from pipeline.config.schema import Config, _read_yaml, load_config
+from pipeline.config.schema import Config
+from pipeline.config.load import _read_yaml, load_config
 from pipeline.core.errors import PipelineError
 from pipeline.config.options import Section
 from pipeline.core.keys import known_keys, parse_override

@@ -15,6 +15,14 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _lines_to_stdout():
+    """The tests read the pipeline's lines as the CLI prints them (the library alone prints nothing)."""
+    from pipeline.core.logs import to_stdout
+
+    to_stdout()
+
+
 @pytest.fixture(autouse=True)
 def _cwd_and_cache(tmp_path, monkeypatch):
     """Every test runs in its own directory (outputs resolve against the cwd) with its own cache."""

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import cli_error, run_cli
 from pipeline.evaluate.adversarial import adversarial, validation_scores
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.data.demo import _mnist
 from pipeline.evaluate.evaluator import evaluate
 from pipeline.data.folds import load_folds, run_fold

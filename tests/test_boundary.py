@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 
 from conftest import cli_error, write_yaml
 from test_formats import _bad_statoil, _set
-from pipeline.config.schema import Config, load_config
+from pipeline.config.schema import Config
+from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.config.registries import FORMATS
 from pipeline.data.formats import options_model, read_table

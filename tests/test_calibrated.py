@@ -14,7 +14,8 @@ from pipeline.runs.predictions import load_calibration
 from pipeline.tasks import build_task
 from pipeline.tasks.calibration import (MIN_GAIN, SHRINK_MAX, Calibration, apply_shrink, apply_temperature, calibrate,
                                         class_prior, fit_shrink, nested_shrink, nested_temperature)
-from pipeline.config.schema import STAGE_SECTIONS, load_config
+from pipeline.config.schema import STAGE_SECTIONS
+from pipeline.config.load import load_config
 from pipeline.config.auto import (AFFINE_TTA_MIN, AUTO_CLIP, auto_tta, resolve_clip, resolve_label_smoothing, resolve_tta, tta_is_on,
                                uses_tta_oof)
 from pipeline.core.errors import PipelineError

@@ -2,7 +2,7 @@ import yaml
 import pytest
 
 from conftest import run_cli, write_yaml
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 
 
@@ -188,7 +188,7 @@ def test_loading_a_config_imports_no_torch(base):
     import subprocess
     import sys
 
-    code = ("import sys; from pipeline.config.schema import load_config; "
+    code = ("import sys; from pipeline.config.load import load_config; "
             f"cfg = load_config({str(base)!r}, ['predict.tta=[identity,hflip]', 'train.optimizer=sgd', 'metric=roc_auc'], check_data=False); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     from pathlib import Path

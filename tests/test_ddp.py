@@ -80,7 +80,7 @@ def test_shares_cover_each_global_batch_and_weight_to_its_mean(sizes, world, see
 
 def test_sync_bn_conversion_keeps_weights_activations_and_checkpoint_keys(make_config, iceberg_dir):
     """SyncBatchNorm runs on CUDA only, so the conversion is what is tested on CPU."""
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.models.backbones import build_model
     from pipeline.train.optim import build_optimizer
 
@@ -151,12 +151,12 @@ def test_two_real_ranks_agree_on_rank_0s_decisions(tmp_path):
 
 def test_freeze_bn_keeps_running_statistics_while_weights_train(make_config, iceberg_dir):
     """``train.freeze_bn``: what makes per-rank shares compute what the global batch does."""
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.data.folds import load_folds, run_fold
     from pipeline.data.formats import read_table
     from pipeline.plan.store import planned
     from pipeline.runs.layout import RunDir
-    from pipeline.train.trainer import FoldTrainer
+    from pipeline.train.job import FoldTrainer
 
     path = make_config(iceberg_dir, folds={"n_splits": 2, "seed": 0}, **TINY)
     run_fold(load_config(path))
@@ -222,7 +222,7 @@ def test_each_rank_trains_on_its_local_gpu(make_config, iceberg_dir, monkeypatch
     """CUDA faked as far as the decisions can tell: rank r of a node uses cuda:LOCAL_RANK (made current),
     sync_bn is allowed there, and an explicit cuda:K (every rank on one GPU) is refused."""
     from pipeline.core import device as dev
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -241,7 +241,7 @@ def test_each_rank_trains_on_its_local_gpu(make_config, iceberg_dir, monkeypatch
 
 def test_sync_bn_in_one_process_changes_nothing(make_config, iceberg_dir):
     """Without torchrun there is nothing to synchronise: the key is accepted and leaves the model alone."""
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
 
     cfg = load_config(make_config(iceberg_dir, **{**TINY, "train": {**TINY["train"], "sync_bn": True}}))
     assert DistContext().check(cfg) == torch.device("cpu")
@@ -312,7 +312,7 @@ def _torchrun(tmp_path, path, *args, **extra) -> subprocess.CompletedProcess:
 def _one_process(path, *overrides) -> pd.DataFrame:
     """The same config and folds trained in this process on one thread (as each rank), into another
     runs folder (``paths`` is a runtime key: the same run hash)."""
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.train.cv import train_cv
 
     threads = torch.get_num_threads()

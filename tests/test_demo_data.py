@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import cli_error, run_cli
 from pipeline import cli
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.data.demo import DIGIT_NAMES, WRITERS, iceberg_arrays, write_folder, write_iceberg
 from pipeline.data.formats import read_table
 

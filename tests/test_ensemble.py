@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from conftest import run_cli, write_yaml
-from pipeline.ensemble.blend import (BLENDERS, EnsembleConfig, _lr_fit, blend_geometric, blend_mean, blend_rank, blend_stack,
-                               blend_weights, build_blender, optimise_weights, rank_average, run_ensemble, stack_features)
+from pipeline.ensemble.blend import EnsembleConfig, run_ensemble
+from pipeline.ensemble.blenders import BLENDERS, _lr_fit, blend_geometric, blend_mean, blend_rank, blend_stack, blend_weights, build_blender, optimise_weights, rank_average, stack_features
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import logloss
 from pipeline.predict.submission import validate_submission
@@ -148,7 +148,7 @@ def test_ensemble_stage_writes_valid_submission(base_cfg, method, capsys):
     out = capsys.readouterr().out
     assert "member a" in out and "member b" in out and f"blend  blend ({method})" in out
     assert "clipping to [0.001, 0.999]: OOF logloss" in out and " without, " in out
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
 
     assert validate_submission(load_config(base_cfg), sub) == []
     meta = json.loads(sub.with_suffix(".json").read_text())
@@ -273,7 +273,7 @@ def test_example_blend_file_is_valid():
 
 def test_ensemble_of_two_real_runs(digits_config, capsys):
     """End to end: train and predict two tiny digit experiments (different seeds, one with TTA), blend them."""
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
 
     paths = [digits_config(name="a", train={"epochs": 1}, predict={"tta": ["identity", "hflip"]}),
              digits_config(name="b", train={"epochs": 1, "seed": 7})]

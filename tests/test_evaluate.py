@@ -14,7 +14,7 @@ from sklearn import metrics as skm
 from conftest import TINY_TRAIN, run_cli, write_yaml
 from pipeline.runs.predictions import load_temperature
 from pipeline.tasks.calibration import MIN_GAIN, apply_temperature, calibrate, ece, fit_temperature
-from pipeline.config.schema import load_config, write_snapshot
+from pipeline.config.load import load_config, write_snapshot
 from pipeline.core.errors import PipelineError
 from pipeline.evaluate.evaluator import classification_metrics, compare, evaluate
 from pipeline.tasks.classification import best_f1_threshold
@@ -174,7 +174,8 @@ def test_metrics_json_from_oof(hand_run):
     assert load_temperature(RUN) == pytest.approx(c["temperature"])
     # the stage is recorded as done, and the experiment log reads the CV from metrics.json
     assert (RUN / "config.evaluate.yaml").is_file() and (RUN / "config.evaluate.hash").is_file()
-    from pipeline.config.schema import read_stage_hash, stage_sections
+    from pipeline.config.schema import stage_sections
+    from pipeline.config.load import read_stage_hash
     from pipeline.evaluate.experiments import cv_score
 
     assert read_stage_hash(RUN / "config.evaluate.yaml") == cfg.hash(*stage_sections(cfg, "evaluate"))

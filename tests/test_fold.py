@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_cli
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.folds import load_folds, make_folds, run_fold
 from pipeline.data.formats import read_table

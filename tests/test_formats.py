@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import cli_error, copy_json, run_cli
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.formats import build_reader, read_table
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from conftest import cli_error, run_cli
 from pipeline.core import device as dev
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.train.cv import train_cv
 from pipeline.core.device import Amp, amp_plan, auto_precision, cudnn_flags, loader_kwargs, non_blocking, parse_device
 from pipeline.core.errors import PipelineError
@@ -180,7 +180,7 @@ def test_pinned_batches_and_non_blocking_copies_only_for_cuda(name, pinned):
 
 def test_loader_pins_memory_on_cuda_only(monkeypatch, digits_config):
     """The trainer's DataLoader gets ``pin_memory`` from the device (inspected, not iterated)."""
-    from pipeline.train import trainer
+    from pipeline.train import job
     from pipeline.data.formats import read_table
     from pipeline.runs.layout import RunDir
 
@@ -189,7 +189,7 @@ def test_loader_pins_memory_on_cuda_only(monkeypatch, digits_config):
     seen = []
     monkeypatch.setattr(torch.utils.data, "DataLoader", lambda ds, **kw: seen.append(kw["pin_memory"]) or [])
     for name in ("cpu", "cuda:1"):
-        ft = trainer.FoldTrainer(cfg=cfg, table=table, fold_of=np.arange(len(table)) % 3, job=RunDir.of(cfg).job_dir(0, 42),
+        ft = job.FoldTrainer(cfg=cfg, table=table, fold_of=np.arange(len(table)) % 3, job=RunDir.of(cfg).job_dir(0, 42),
                                  device=torch.device(name), run_hash="h")
         ft.parts = type("P", (), {"augment": None})()
         ft.loader([np.arange(4)], 1)

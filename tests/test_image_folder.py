@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import cli_error, run_cli
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.formats import build_reader, read_table
 from pipeline.data.formats import image_folder as imf

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from pipeline.train import optim
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.folds import run_fold
 from pipeline.train.hparams import headline

@@ -120,7 +120,7 @@ def test_corrupt_predict_json_of_an_ensemble_member(make_config, sk_digits_dir, 
 
 @pytest.fixture
 def submission(digits_cfg_path):
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.predict.submission import write_submission
 
     _two_runs()
@@ -256,7 +256,7 @@ def test_unreadable_solution_files(digits_cfg_path, make_config, iceberg_dir, ca
         err = cli_error(capsys, "validate-submission", digits_cfg_path, "good.csv", "--solution", "solution.csv")
         assert err.startswith("error: solution.csv: "), err
     # probability submissions are scored against 0/1 answers
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.data.formats import read_table
 
     cfg = make_config(iceberg_dir, "statoil_json", name="ice")

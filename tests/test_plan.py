@@ -10,7 +10,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from conftest import cli_error, run_cli
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.models.backbones import finetune_stage
 from pipeline.plan.facts import Facts, choose_model
@@ -471,7 +471,7 @@ def test_auto_config_values_are_checked(make_config, digits_dir):
 
 
 def test_gradual_finetune_trains_head_then_stages_then_all(make_config, iceberg_dir, monkeypatch):
-    import pipeline.train.trainer as trainer_mod
+    import pipeline.train.job as trainer_mod
     from pipeline.train.cv import train_cv
     from pipeline.data.folds import run_fold
 

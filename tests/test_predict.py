@@ -10,7 +10,7 @@ import torch
 from conftest import run_cli
 from pipeline.runs.predictions import load_temperature
 from pipeline.tasks.calibration import apply_temperature
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.folds import run_fold
 from pipeline.data.formats import read_table

@@ -14,13 +14,14 @@ from hypothesis.extra.numpy import arrays
 
 import pipeline.train.cv as cv
 from conftest import cli_error, run_cli, write_yaml
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.data.folds import load_folds
 from pipeline.data.formats import read_table
 from pipeline.runs.predictions import pred_frame, read_predictions, write_predictions
 from pipeline.train.pseudo import StackedImages, select
 from pipeline.data.table import Table
-from pipeline.train.trainer import TRAIN_ONLY, UNUSED, FoldTrainer, batch_loss, mixed_loss
+from pipeline.train.trainer import TRAIN_ONLY, UNUSED, batch_loss, mixed_loss
+from pipeline.train.job import FoldTrainer
 
 SRC = Path("runs/comp/src")
 RUN = Path("runs/comp/exp")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import cli_error, run_cli
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.data.formats import read_table
 from pipeline.train.executors import ProcessExecutor, RayExecutor, SequentialExecutor, build_executor, executor_width
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.formats import read_table
 

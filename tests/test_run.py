@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from conftest import run_cli
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.predict.submission import validate_submission
 
 COMPETITIONS = Path(__file__).parents[1] / "competitions"

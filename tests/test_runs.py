@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from conftest import run_cli
-from pipeline.config.schema import STAGE_SECTIONS, load_config
+from pipeline.config.schema import STAGE_SECTIONS
+from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.runs.layout import JobDir, RunDir
 from pipeline.train.precision import read_precision, write_precision
@@ -106,7 +107,7 @@ def test_metric_joins_the_predict_hash(digits_config):
     for f in (acc.folds_path, run.oof, run.metrics_json, run.test_pred):
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text("x")
-    from pipeline.config.schema import write_snapshot
+    from pipeline.config.load import write_snapshot
 
     write_snapshot(acc, acc.folds_path.with_suffix(".config.yaml"), "fold")
     run.write_snapshot("train")

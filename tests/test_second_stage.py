@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import pipeline.ensemble.blend as ens_mod
+import pipeline.ensemble.blenders as ens_mod
 from conftest import cli_error, run_cli, write_yaml
-from pipeline.config.schema import load_config
-from pipeline.ensemble.blend import blend_gbm, blend_hillclimb, hillclimb_weights, stack_features
+from pipeline.config.load import load_config
+from pipeline.ensemble.blenders import blend_gbm, blend_hillclimb, hillclimb_weights, stack_features
 from pipeline.core.errors import PipelineError
 from pipeline.data.formats import read_table
 from pipeline.core.metrics import logloss, score

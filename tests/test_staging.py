@@ -244,7 +244,7 @@ def test_predict_faults_leave_the_earlier_predictions(digits_config, monkeypatch
     assert err == "error: runs/comp/exp/config.predict.hash: No space left on device (ENOSPC)"
     assert sorted(Path("submissions").iterdir()) == sorted(Path(p) for p in before if p.startswith("submissions"))
     assert not (RUN / "config.predict.hash").exists()  # the stage reads as not done, never as done with mixed files
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.stages import stage_states
 
     assert dict((st.name, state) for st, state in stage_states(load_config(path)))["predict"] == "stale"
@@ -259,7 +259,7 @@ def test_predict_faults_leave_the_earlier_predictions(digits_config, monkeypatch
 
 
 def test_predict_test_alone_removes_stale_files_only_on_success(digits_config):
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.predict.predictor import predict_test
 
     path = digits_config(train={"epochs": 1})
@@ -281,7 +281,7 @@ def test_evaluate_writes_its_files_all_or_nothing(digits_config, monkeypatch, ca
 
     import pipeline.core.io as pio
     from conftest import cli_error, run_cli
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.train.cv import train_cv
     from pipeline.data.folds import run_fold
 

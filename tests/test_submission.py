@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import cli_error, run_cli
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.evaluate.experiments import cv_score, list_experiments, record_lb
 from pipeline.predict.submission import validate_submission, write_submission

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from test_readers_property import CORRUPTIONS, corrupt  # noqa: F401 - also loads the hypothesis profiles
 

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import lock_held_elsewhere, run_cli
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.folds import run_fold
 from pipeline.data.formats import read_table

@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 from pipeline.data.folds import run_fold
 from pipeline.train.cv import train_cv
 from pipeline.runs.layout import RunDir
-from pipeline.train.trainer import FoldTrainer, mix_batch, mixed_loss
+from pipeline.train.trainer import mix_batch, mixed_loss
+from pipeline.train.job import FoldTrainer
 
 quiet = lambda *a: None  # noqa: E731
 RUN = Path("runs/comp/exp")
@@ -186,7 +187,7 @@ def test_gradient_accumulation_keeps_the_schedule_length(digits_config):
 
 def test_gradient_accumulation_equals_one_larger_batch(digits_config, monkeypatch):
     """Two accumulated half batches give the same update as one full batch (dropout off, plain SGD)."""
-    import pipeline.train.trainer as tr
+    import pipeline.train.job as tr
 
     monkeypatch.setattr(tr, "freeze_bn_stats", lambda model, every=False: model.eval())  # no dropout: the two runs are comparable
     sgd = {"optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0, "scheduler": "none", "lr": 0.05, "epochs": 1}

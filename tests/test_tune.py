@@ -13,7 +13,7 @@ import yaml
 from optuna.trial import TrialState
 
 from conftest import run_cli
-from pipeline.config.schema import load_config
+from pipeline.config.load import load_config
 
 SPACE = {
     "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},

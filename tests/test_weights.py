@@ -311,7 +311,7 @@ def test_first_run_on_an_empty_cache_gives_the_same_oof_as_later_runs(make_confi
 
     import pandas as pd
 
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
     from pipeline.train.cv import train_cv
     from pipeline.data.folds import run_fold
 

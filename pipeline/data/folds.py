@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from pipeline.config.schema import Config, write_snapshot
+from pipeline.config.schema import Config
+from pipeline.config.load import write_snapshot
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_csv
 from pipeline.data.table import Table

@@ -218,7 +218,7 @@ def _job_overheads(cfg: Config, table, bs: int, device, train_img_s: float, val_
     import tempfile
 
     from pipeline.runs.layout import RunDir
-    from pipeline.train.trainer import FoldTrainer
+    from pipeline.train.job import FoldTrainer
 
     tcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 3, "max_steps_per_epoch": 1, "patience": 0})})
     fold_of = (np.arange(len(table)) >= bs).astype(int)  # fold 0: the first batch is validated, the rest trains

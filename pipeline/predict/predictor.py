@@ -36,7 +36,8 @@ import pandas as pd
 
 from pipeline.runs.predictions import load_calibration
 from pipeline.tasks import build_task
-from pipeline.config.schema import Config, read_stage_hash, stage_sections
+from pipeline.config.schema import Config, stage_sections
+from pipeline.config.load import read_stage_hash
 from pipeline.config.auto import resolve_clip, resolve_tta, tta_auto, tta_is_on, uses_tta_oof
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import Staging, atomic_write_json, file_sha256

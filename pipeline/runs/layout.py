@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config.schema import read_stage_hash, stage_sections, write_snapshot
+from pipeline.config.schema import stage_sections
+from pipeline.config.load import read_stage_hash, write_snapshot
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import Staging, atomic_write_json, read_json_object, staged
 

@@ -39,7 +39,8 @@ from pipeline.train.distributed import DistContext
 from pipeline.train.executors import JobRows, RayExecutor, build_executor, check_ray, job_rows
 from pipeline.train.pseudo import check_source
 from pipeline.train.pseudo import prepare as prepare_pseudo
-from pipeline.train.trainer import FoldTrainer, seed_everything
+from pipeline.train.trainer import seed_everything
+from pipeline.train.job import FoldTrainer
 from pipeline.train.finished import run_hash as finished_run_hash
 from pipeline.train.precision import read_precision, write_precision
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from pipeline.config.schema import Config
+from pipeline.core import logs
 from pipeline.core.errors import LockHeld, PipelineError
 from pipeline.data.table import Table
 from pipeline.models.backbones import build_model
@@ -34,7 +35,8 @@ from pipeline.models.inference import to_tensor
 from pipeline.runs.layout import JobDir
 from pipeline.train.budget import job_deadline, waves
 from pipeline.train.distributed import DistContext
-from pipeline.train.trainer import FoldTrainer, caches_embeddings, derive_seed, seed_everything
+from pipeline.train.trainer import caches_embeddings, derive_seed, seed_everything
+from pipeline.train.job import FoldTrainer
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +170,7 @@ class ProcessExecutor:
         queue = list(zip(jobs, plan))
         # spawn, not fork: a forked copy of a process that already ran torch ops can deadlock in OpenMP
         with ProcessPoolExecutor(self.width, mp_context=mp.get_context("spawn"), initializer=_start_worker,
-                                 initargs=(self.cfg, self.pseudo)) as ex:
+                                 initargs=(self.cfg, self.pseudo, logs.on_stdout())) as ex:
             running: dict = {}
 
             def submit():
@@ -261,6 +263,7 @@ class RayExecutor:
         task = ray.remote(num_cpus=t.ray_num_cpus, num_gpus=t.ray_num_gpus, max_retries=t.ray_max_retries)(run_ray_job)
         cwd = os.getcwd()
         pseudo = ray.put(self.pseudo)  # once, not once per job
+        stdout = logs.on_stdout()
         queue = list(zip(jobs, cfgs or [self.cfg] * len(jobs)))
         refs: dict = {}
 
@@ -269,7 +272,7 @@ class RayExecutor:
             # the refits run after these jobs, one wave of them
             left = waves(len(queue) + 1, self.slots) + (waves(self.n_refit, self.slots) if c is self.cfg else 0)
             budget = (t.time_budget_s, self.t_start, left) if t.time_budget_s else None
-            refs[task.remote(cwd, c, job, self.run_hash, self.precision, t.ray_num_cpus, budget, pseudo)] = job
+            refs[task.remote(cwd, c, job, self.run_hash, self.precision, t.ray_num_cpus, budget, pseudo, stdout)] = job
 
         try:
             while queue and len(refs) < self.slots:
@@ -309,10 +312,9 @@ def _one_line(e: Exception) -> str:
 
 # ---- the worker side: a spawned process, or a Ray task -----------------------------------------
 
-def _start_worker(cfg, pseudo=None) -> None:
-    import os
-
+def _start_worker(cfg, pseudo=None, stdout: bool = False) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    logs.worker_setup(stdout)  # the parent's output: the CLI's stdout, or the library's NullHandler
     import cv2
 
     cv2.setNumThreads(0)  # augmentation stays in this worker's own thread budget (albumentations #1246)
@@ -344,7 +346,7 @@ def _run_job(job, run_hash: str, precision: str, threads: int, budget: tuple | N
 
 
 def run_ray_job(cwd: str, cfg, job, run_hash: str, precision: str, threads: int, budget: tuple | None,
-                pseudo=None) -> dict:
+                pseudo=None, stdout: bool = False) -> dict:
     """One job as a Ray task, in the driver's working directory ``cwd``: relative paths (data, folds,
     runs) mean there what they mean to the driver, so every node needs that folder at that path."""
     import os
@@ -353,7 +355,7 @@ def run_ray_job(cwd: str, cfg, job, run_hash: str, precision: str, threads: int,
     key = (cwd, cfg.data.model_dump_json(), cfg.folds.model_dump_json(), cfg.paths.model_dump_json(),
            pseudo and pseudo.digest)
     if _STATE.get("key") != key:
-        _start_worker(cfg, pseudo)
+        _start_worker(cfg, pseudo, stdout)
         _STATE["key"] = key
     return _run_job(job, run_hash, precision, threads, budget, cfg=cfg, on_epoch=_test_barrier())
 

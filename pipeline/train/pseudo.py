@@ -246,7 +246,7 @@ def prepare(cfg: Config, src: RunDir, table: Table, fold_of: np.ndarray, test: T
 def pseudo_source(cfg: Config) -> RunDir:
     """The run ``pseudo.from`` names: a run folder, or an experiment config's run; a path as written
     (relative to the current directory), else relative to this config's folder."""
-    from pipeline.config.schema import load_config
+    from pipeline.config.load import load_config
 
     entry, where = cfg.pseudo.source, f"{cfg.path}: pseudo.from"
     found = next((p for p in (Path(entry).expanduser(), Path(cfg.path).parent / entry) if p.exists()), None)

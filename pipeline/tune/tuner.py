@@ -463,7 +463,7 @@ def _trial_config(cfg: Config, space: Space, base: dict, values: dict, name: str
     """The trial's config, validated like any config (a bad combination is one clear line)."""
     from pydantic import ValidationError
 
-    from pipeline.config.schema import _format_error
+    from pipeline.config.load import _format_error
 
     d = space.apply(base, values)
     try:
