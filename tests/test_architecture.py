@@ -125,3 +125,69 @@ def _source_lines(pattern: str) -> list[str]:
 
 def test_seed_list_is_computed_in_one_place():
     assert len(_source_lines("seeds or [")) <= 1, _source_lines("seeds or [")
+
+
+# ---- the package stack: imports point down ---------------------------------------------------
+
+# bottom to top; a module may import its own package and the ones below, never one above
+STACK = ["core", "config", "tasks", "models", "data", "runs", "train", "plan", "tune", "predict", "evaluate",
+         "ensemble", "stages", "zoo", "cli", "__main__"]
+MAX_MODULE_LINES = 500
+MAX_CLASS_LINES = 250
+
+
+def _rank(module: str) -> int:
+    parts = module.split(".")
+    return -1 if len(parts) == 1 else STACK.index(parts[1])
+
+
+def test_every_module_is_in_a_package_of_the_stack():
+    stray = [n for n in MODULES if n != "pipeline" and n.split(".")[1] not in STACK]
+    assert not stray, f"modules outside the stack {STACK}: {stray}"
+
+
+def test_imports_point_down_the_stack():
+    """Lazy imports and package re-exports included; only ``if TYPE_CHECKING:`` imports are exempt."""
+    up = [f"{n} -> {m}" for n, p in MODULES.items() if n != "pipeline"
+          for m in _imports(n, p) - {"pipeline"} if _rank(m) > _rank(n)]
+    assert not up, "imports up the stack:\n" + "\n".join(up)
+
+
+def test_the_stack_check_can_fail():
+    assert _rank("pipeline.train.cv") > _rank("pipeline.runs.layout") > _rank("pipeline.config.schema")
+    assert _rank("pipeline.cli") == STACK.index("cli")
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_modules_and_classes_stay_small(name):
+    text = MODULES[name].read_text()
+    assert text.count("\n") <= MAX_MODULE_LINES, f"{name}: {text.count(chr(10))} lines"
+    big = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(ast.parse(text))
+           if isinstance(n, ast.ClassDef) and n.end_lineno - n.lineno + 1 > MAX_CLASS_LINES]
+    assert not big, f"{name}: " + ", ".join(big)
+
+
+def test_import_pipeline_adds_only_a_null_handler():
+    code = ("import logging, pipeline, pipeline.cli, pipeline.train.cv\n"
+            "hs = logging.getLogger('pipeline').handlers\n"
+            "assert all(type(h) is logging.NullHandler for h in hs), hs\n"
+            "assert logging.getLogger('pipeline').propagate and not logging.getLogger().handlers\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=PKG.parent, capture_output=True, text=True, timeout=120,
+                         env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+
+
+def test_every_lazy_registry_entry_resolves():
+    """Each built-in ``"module:attr"`` entry names something that exists (imported here, in a fresh process)."""
+    code = ("from pipeline.config import registries as r\n"
+            "from pipeline.core.metrics import METRICS\n"
+            "regs = [v for v in vars(r).values() if type(v).__name__ == 'Registry'] + [METRICS]\n"
+            "paths = [(reg.kind, n, p) for reg in regs for n, p in reg.lazy_paths().items()]\n"
+            "assert len(paths) > 30, paths\n"
+            "for reg in regs:\n"
+            "    for name, _ in reg.items():\n"
+            "        pass\n"
+            "print(len(paths))\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=PKG.parent, capture_output=True, text=True, timeout=300,
+                         env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr

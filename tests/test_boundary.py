@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import cli_error, write_yaml
-from test_formats import _bad_statoil, _set
+from helpers import _bad_statoil, _set
 from pipeline.config.schema import Config
 from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError

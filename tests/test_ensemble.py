@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from conftest import run_cli, write_yaml
+from helpers import N_TEST, N_TRAIN, binary, ens_file, fake_member, make_base_cfg
 from pipeline.ensemble.blend import EnsembleConfig, run_ensemble
 from pipeline.ensemble.blenders import BLENDERS, _lr_fit, blend_geometric, blend_mean, blend_rank, blend_stack, blend_weights, build_blender, optimise_weights, rank_average, stack_features
 from pipeline.core.errors import PipelineError
@@ -16,12 +17,6 @@ from pipeline.predict.submission import validate_submission
 
 quiet = lambda *a: None  # noqa: E731
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def binary(p1):
-    """(M, N) probabilities of class 1 -> (M, N, 2)."""
-    p1 = np.asarray(p1, float)
-    return np.stack([1 - p1, p1], -1)
 
 
 # ---- blenders, by hand -----------------------------------------------------------------------
@@ -100,44 +95,9 @@ def test_blender_registry():
 
 # ---- the stage on fabricated members ----------------------------------------------------------
 
-N_TRAIN, N_TEST = 600, 100
-CLASSES = [str(i) for i in range(10)]
-
-
-def fake_member(name, seed, folds=None, quality=0.5, extra=None, temperature=None):
-    """A run dir like predict leaves it: oof.csv, test_pred.csv (raw), predict.json (digits ids and classes);
-    ``temperature``: the one its evaluation kept (calibration.json)."""
-    rng = np.random.default_rng(seed)
-    y = np.arange(N_TRAIN) % 10
-    folds = np.arange(N_TRAIN) % 3 if folds is None else folds
-    run = Path("runs/comp") / name
-    run.mkdir(parents=True, exist_ok=True)
-
-    def probs(n, labels):
-        p = rng.dirichlet(np.ones(10), n)
-        if labels is not None:
-            p = (1 - quality) * p + quality * np.eye(10)[labels]
-        return p
-
-    oof = pd.DataFrame({"id": [str(i) for i in range(1, N_TRAIN + 1)], "fold": folds, "target": y})
-    oof[[f"p_{c}" for c in CLASSES]] = probs(N_TRAIN, y)
-    oof.to_csv(run / "oof.csv", index=False)
-    test = pd.DataFrame({"id": [str(i) for i in range(1, N_TEST + 1)]})
-    test[[f"p_{c}" for c in CLASSES]] = probs(N_TEST, np.arange(N_TEST) % 10)
-    test.to_csv(run / "test_pred.csv", index=False)
-    (run / "predict.json").write_text(json.dumps({"oof": "oof.csv", "temperature": temperature, **(extra or {})}))
-    if temperature is not None:
-        (run / "calibration.json").write_text(json.dumps({"temperature": temperature, "kept": True}))
-    return run
-
-
 @pytest.fixture
 def base_cfg(make_config, sk_digits_dir):
-    return make_config(sk_digits_dir, "pixel_csv", name="base", metric="logloss")
-
-
-def ens_file(base_cfg, members, **kw):
-    return write_yaml(Path("blend.yaml"), {"competition": "comp", "config": str(base_cfg), "members": members, **kw})
+    return make_base_cfg(make_config, sk_digits_dir)
 
 
 @pytest.mark.parametrize("method", list(BLENDERS))

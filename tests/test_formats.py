@@ -1,13 +1,13 @@
 """Readers on real files written by the demo generators, and every bad input named in the issue."""
 import json
 import re
-import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import cli_error, copy_json, run_cli
+from conftest import cli_error, run_cli
+from helpers import _bad_statoil, _set
 from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.formats import build_reader, read_table
@@ -33,23 +33,6 @@ def test_statoil_reads_demo_files(make_config, iceberg_dir):
     np.testing.assert_array_equal(tr.features[:, 1] == 1, na)
     assert np.isnan(tr.meta["inc_angle"].to_numpy()[na]).all()
     assert te.labels is None and te.images.shape[1:] == (2, 75, 75)
-
-
-def _bad_statoil(tmp_path, iceberg_dir, mutate, split="train"):
-    d = tmp_path / "bad"
-    d.mkdir(exist_ok=True)
-    for s in ("train", "test"):
-        if s == split:
-            copy_json(iceberg_dir / f"{s}.json", d / f"{s}.json", mutate)
-        else:
-            shutil.copy(iceberg_dir / f"{s}.json", d / f"{s}.json")
-    return d
-
-
-def _set(i, key, value):
-    def mutate(recs):
-        recs[i][key] = value
-    return mutate
 
 
 @pytest.mark.parametrize("mutate, message", [

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from conftest import cli_error, run_cli, write_yaml
-from test_submission import DIGITS, NOW, digits_probs, fake_run
+from helpers import DIGITS, NOW, digits_probs, fake_member, fake_run
 
 BROKEN_JSON = {"empty": b"", "garbage": b"\xff\xfe{not json", "truncated": b'{"hash": "ab', "a list": b"[1, 2, 3]",
                "a number": b"3"}
@@ -104,8 +104,6 @@ def test_corrupt_done_json_and_config_snapshot_in_listings(digits_cfg_path, caps
 
 
 def test_corrupt_predict_json_of_an_ensemble_member(make_config, sk_digits_dir, capsys):
-    from test_ensemble import fake_member
-
     cfg = make_config(sk_digits_dir, "pixel_csv", name="base", metric="logloss")
     fake_member("a", 1), fake_member("b", 2)
     write_yaml(Path("blend.yaml"), {"competition": "comp", "config": str(cfg), "members": ["runs/comp/a", "runs/comp/b"]})

@@ -14,19 +14,14 @@ from hypothesis.extra.numpy import arrays
 
 import pipeline.train.cv as cv
 from conftest import cli_error, run_cli, write_yaml
+from helpers import RUN, SRC, TRAIN, _tables, confident, craft_source, fold_pattern
 from pipeline.config.load import load_config
-from pipeline.data.folds import load_folds
 from pipeline.data.formats import read_table
-from pipeline.runs.predictions import pred_frame, read_predictions, write_predictions
+from pipeline.runs.predictions import read_predictions
 from pipeline.train.pseudo import StackedImages, select
 from pipeline.data.table import Table
 from pipeline.train.trainer import TRAIN_ONLY, UNUSED, batch_loss, mixed_loss
 from pipeline.train.job import FoldTrainer
-
-SRC = Path("runs/comp/src")
-RUN = Path("runs/comp/exp")
-TRAIN = {"epochs": 1, "batch_size": 32, "lr": 3e-3, "optimizer": "adam", "patience": 0, "device": "cpu",
-         "max_steps_per_epoch": 1}
 
 
 @pytest.fixture
@@ -41,42 +36,6 @@ def ice_config(make_config, iceberg_dir):
         return make_config(iceberg_dir, "statoil_json", name=name, **base)
 
     return make
-
-
-def _tables(path):
-    cfg = load_config(path)
-    train, test = read_table(cfg, "train"), read_table(cfg, "test")
-    return cfg, train, test, load_folds(cfg, train)
-
-
-def confident(n: int, rows, labels, conf=0.99, rest=0.6) -> np.ndarray:
-    """(n, 2) probabilities: ``conf`` for ``labels`` on ``rows``, ``rest`` for class 0 elsewhere."""
-    p = np.tile([rest, 1 - rest], (n, 1))
-    for i, c in zip(rows, labels):
-        p[i] = [conf, 1 - conf] if c == 0 else [1 - conf, conf]
-    return p
-
-
-def fold_pattern(n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fold k's own confident rows (i % 3 == k) and labels ((i + k) % 2): each fold's file differs."""
-    rows = np.arange(n)[np.arange(n) % 3 == k]
-    return rows, (rows + k) % 2
-
-
-def craft_source(path, fold_probs=None, all_probs=None):
-    """A source run folder as train + predict leave it: oof.csv on our folds, test_pred_fold<k>.csv, test_pred.csv."""
-    cfg, train, test, fold_of = _tables(path)
-    names = train.class_names
-    if fold_probs is None:
-        fold_probs = {k: confident(len(test), *fold_pattern(len(test), k)) for k in range(3)}
-    SRC.mkdir(parents=True, exist_ok=True)
-    uniform = np.full((len(train), 2), 0.5)
-    write_predictions(SRC / "oof.csv", pred_frame(train.ids, uniform, names, fold=fold_of, target=train.labels), "oof")
-    for k, p in fold_probs.items():
-        write_predictions(SRC / f"test_pred_fold{k}.csv", pred_frame(test.ids, p, names), "test")
-    mean = np.mean(list(fold_probs.values()), 0) if all_probs is None else all_probs
-    write_predictions(SRC / "test_pred.csv", pred_frame(test.ids, mean, names), "test")
-    return train, test, fold_of
 
 
 @pytest.fixture

@@ -231,7 +231,7 @@ def test_ray_pseudo_labels_and_refit_match_local(make_config, iceberg_dir, tmp_p
     """Pseudo-labels reach the Ray tasks as they reach fold_jobs' processes (the same rows, the same
     done.json record), and the refit, a Ray task too, trains on them."""
     pytest.importorskip("ray")
-    from test_pseudo import RUN, SRC, TRAIN, confident, craft_source
+    from helpers import RUN, SRC, TRAIN, confident, craft_source
 
     path = make_config(iceberg_dir, folds={"n_splits": 3, "seed": 0}, pseudo={"from": str(SRC), "threshold": 0.95},
                        model={"backbone": "simple_cnn", "pretrained": False, "drop_rate": 0.0},

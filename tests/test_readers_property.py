@@ -13,48 +13,7 @@ from hypothesis import strategies as st
 from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.formats import read_table
-
-
-CORRUPTIONS = st.one_of(
-    st.tuples(st.just("truncate"), st.floats(0, 1)),
-    st.tuples(st.just("flip"), st.lists(st.tuples(st.floats(0, 1), st.integers(0, 255)), min_size=1, max_size=8)),
-    st.tuples(st.just("delete_line"), st.floats(0, 1)),
-    st.tuples(st.just("duplicate_line"), st.floats(0, 1)),
-    st.tuples(st.just("swap_columns"), st.tuples(st.integers(0, 5), st.integers(0, 5))),
-    st.tuples(st.just("nonfinite"), st.tuples(st.floats(0, 1), st.sampled_from(["nan", "inf", "-inf", "1e999", ""]))),
-)
-
-
-def corrupt(data: bytes, how) -> bytes:
-    kind, arg = how
-    if kind == "truncate":
-        return data[: int(len(data) * arg)]
-    if kind == "flip":
-        b = bytearray(data)
-        for where, value in arg:
-            if b:
-                b[min(int(where * len(b)), len(b) - 1)] = value
-        return bytes(b)
-    lines = data.split(b"\n")
-    i = min(int(arg * len(lines)) if kind != "swap_columns" and kind != "nonfinite" else 0, len(lines) - 1)
-    if kind == "delete_line":
-        return b"\n".join(lines[:i] + lines[i + 1:])
-    if kind == "duplicate_line":
-        return b"\n".join(lines[: i + 1] + lines[i:])
-    if kind == "swap_columns":
-        a, c = arg
-        out = []
-        for line in lines:
-            cells = line.split(b",")
-            if max(a, c) < len(cells):
-                cells[a], cells[c] = cells[c], cells[a]
-            out.append(b",".join(cells))
-        return b"\n".join(out)
-    where, token = arg  # a number replaced by a non-finite or empty one
-    cells = data.split(b",")
-    j = min(int(where * len(cells)), len(cells) - 1)
-    cells[j] = token.encode()
-    return b",".join(cells)
+from helpers import CORRUPTIONS, corrupt
 
 
 def _read_both(cfg):

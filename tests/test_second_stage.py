@@ -17,7 +17,12 @@ from pipeline.core.metrics import logloss, score
 from pipeline.runs.predictions import read_predictions
 from pipeline.ensemble.scalars import scalars_for, table_scalars
 from pipeline.data.table import Table
-from test_ensemble import N_TEST, N_TRAIN, base_cfg, binary, ens_file, fake_member  # noqa: F401 (base_cfg: a fixture)
+from helpers import binary, ens_file, fake_member, make_base_cfg
+
+
+@pytest.fixture
+def base_cfg(make_config, sk_digits_dir):
+    return make_base_cfg(make_config, sk_digits_dir)
 
 
 def members_with_noise(seed, n=300, n_noise=30, lo=0.05, hi=0.95):
@@ -264,7 +269,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("change,message", BAD)
-def test_bad_settings_exit_2_naming_the_key(base_cfg, capsys, change, message):  # noqa: F811
+def test_bad_settings_exit_2_naming_the_key(base_cfg, capsys, change, message):
     fake_member("a", 1), fake_member("b", 2)
     ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"], **{"method": "gbm", **change})
     before = sorted(Path(".").rglob("*"))
@@ -276,7 +281,7 @@ def test_bad_settings_exit_2_naming_the_key(base_cfg, capsys, change, message): 
 @pytest.mark.parametrize("override,message", [("iterations=-3", "iterations: Input should be greater than or equal to 1"),
                                               ("gbm.rounds=0", "gbm.rounds: Input should be greater than or equal to 1"),
                                               ("gbm.num_leafs=3", "unknown key 'gbm.num_leafs'; did you mean gbm.num_leaves")])
-def test_bad_overrides_exit_2(base_cfg, capsys, override, message):  # noqa: F811
+def test_bad_overrides_exit_2(base_cfg, capsys, override, message):
     fake_member("a", 1), fake_member("b", 2)
     ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"])
     err = cli_error(capsys, "ensemble", "blend.yaml", "method=hillclimb", override)

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import cli_error, run_cli, write_yaml
 from pipeline.core.io import staged
-from test_ensemble import CLASSES, fake_member
+from helpers import CLASSES, fake_member
 
 
 def _tree(*roots) -> dict:

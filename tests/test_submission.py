@@ -1,5 +1,4 @@
 """Submission writer (never overwrites), validator on broken files (each check's message), lb and experiments."""
-import datetime as dt
 import json
 from pathlib import Path
 
@@ -8,14 +7,13 @@ import pandas as pd
 import pytest
 
 from conftest import cli_error, run_cli
+from helpers import DIGITS, NOW, digits_probs, fake_run
 from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.evaluate.experiments import cv_score, list_experiments, record_lb
 from pipeline.predict.submission import validate_submission, write_submission
 
 quiet = lambda *a: None  # noqa: E731
-NOW = dt.datetime(2024, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
-DIGITS = [str(i) for i in range(10)]
 
 
 @pytest.fixture
@@ -39,10 +37,6 @@ def statoil_dir(tmp_path_factory):
     (out / "train.json").write_text(json.dumps([rec(100 + i, i % 2) for i in range(4)]))
     (out / "test.json").write_text(json.dumps([rec(i) for i in range(5)]))
     return out
-
-
-def digits_probs(n=100, seed=0):
-    return np.random.default_rng(seed).dirichlet(np.ones(10), n)
 
 
 def good_digits(path="good.csv"):
@@ -183,19 +177,6 @@ def test_validate_submission_scores_against_a_solution(digits_cfg, statoil_dir, 
 
 
 # ---- experiment log and leaderboard ---------------------------------------------------------
-
-def fake_run(name, probs, y, folds, metrics=None):
-    run = Path("runs/comp") / name
-    run.mkdir(parents=True)
-    df = pd.DataFrame({"id": [str(i) for i in range(len(y))], "fold": folds, "target": y})
-    for k in range(probs.shape[1]):
-        df[f"p_{k}"] = probs[:, k]
-    df.to_csv(run / "oof.csv", index=False)
-    (run / "config.train.hash").write_text(f"hash{name}\n")
-    if metrics:
-        (run / "metrics.json").write_text(json.dumps(metrics))
-    return run
-
 
 def test_cv_score_sources(tmp_path):
     y, folds = np.array([0, 1, 0, 1, 1, 0]), np.array([0, 0, 0, 1, 1, 1])

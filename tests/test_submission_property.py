@@ -1,6 +1,6 @@
 """Property tests of the submission-side readers: the submission validator, the ``--solution``
 reader, ``pipeline lb`` (sidecar JSON and sha256), leaderboard.csv and metrics.json. Random
-corruptions of a valid file (``test_readers_property.corrupt``) never end in a traceback, and never
+corruptions of a valid file (``helpers.corrupt``) never end in a traceback, and never
 in an accepted file with wrong content. ``HYPOTHESIS_PROFILE=slow`` runs more examples."""
 import io
 import json
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
-from test_readers_property import CORRUPTIONS, corrupt  # noqa: F401 - also loads the hypothesis profiles
+from helpers import CORRUPTIONS, corrupt
 
 _CACHE: dict = {}
 

@@ -1,20 +1,13 @@
 """pipeline tune against a real PostgreSQL server: concurrent workers share one study.
 
-The session fixture starts a throwaway cluster (initdb in a temp dir as the ``postgres`` user,
-trust auth, a free loopback port, its unix socket in the temp dir), installing Debian's
-``postgresql`` first when ``initdb`` is missing, and removes it at the end. Without PostgreSQL
-the tests skip, unless ``REQUIRE_PG=1`` (as ``.ci/run`` sets), when they fail.
+The server is a throwaway cluster that ``scripts/pg.sh start`` runs on loopback (``.ci/run`` starts
+one and sets ``REQUIRE_PG=1``); its URL arrives in ``PIPELINE_TEST_PG``. Without it the tests skip
+with one line, unless ``REQUIRE_PG=1``, when they fail.
 """
-import glob
 import os
-import pwd
-import shlex
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,74 +22,16 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]  # a real server and real 
 WORKER_TIMEOUT = 900  # a hang guard, not a speed claim: CI machines may be loaded
 
 
-def _initdb() -> Path | None:
-    found = shutil.which("initdb")
-    if found:
-        return Path(found).resolve().parent
-    cands = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
-    return Path(cands[-1]).parent if cands else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def pg_url():
-    def unavailable(why: str):
+    """The server ``scripts/pg.sh start`` runs (``.ci/run`` starts one): its URL in ``PIPELINE_TEST_PG``."""
+    url = os.environ.get("PIPELINE_TEST_PG")
+    if not url:
+        why = "PIPELINE_TEST_PG is not set; run eval \"$(bash scripts/pg.sh start)\" first"
         if os.environ.get("REQUIRE_PG") == "1":
             pytest.fail(f"PostgreSQL unavailable and REQUIRE_PG=1: {why}")
         pytest.skip(f"PostgreSQL unavailable: {why}")
-
-    bindir = _initdb()
-    if bindir is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        r = subprocess.run("apt-get update -qq && apt-get install -y -qq postgresql", shell=True, env=env,
-                           capture_output=True, text=True, timeout=900)
-        if r.returncode:
-            unavailable(f"apt-get install postgresql failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
-        bindir = _initdb()
-    if bindir is None:
-        unavailable("initdb not found (apt-get install postgresql)")
-
-    root = os.geteuid() == 0
-    if root:
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            unavailable("no 'postgres' user to run the server as (initdb refuses root)")
-        runas = ["runuser", "-u", "postgres", "--"] if shutil.which("runuser") else None
-    base = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
-    if root:
-        os.chown(base, pw.pw_uid, pw.pw_gid)
-
-    def run(*cmd, **kw):
-        argv = [str(c) for c in cmd]
-        if root:
-            argv = runas + argv if runas else ["su", "postgres", "-s", "/bin/sh", "-c", shlex.join(argv)]
-        return subprocess.run(argv, cwd=base, capture_output=True, text=True, timeout=120, **kw)
-
-    data, port = base / "data", _free_port()
-    r = run(bindir / "initdb", "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
-    if r.returncode:
-        shutil.rmtree(base, ignore_errors=True)
-        unavailable(f"initdb failed: {r.stderr.strip()[-300:]}")
-    opts = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
-    r = run(bindir / "pg_ctl", "-D", data, "-o", opts, "-l", base / "server.log", "-w", "-t", "60", "start")
-    if r.returncode:
-        log = (base / "server.log").read_text()[-300:] if (base / "server.log").exists() else r.stderr
-        shutil.rmtree(base, ignore_errors=True)
-        unavailable(f"pg_ctl start failed: {log.strip()}")
-    try:
-        r = run(bindir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "tune")
-        if r.returncode:
-            unavailable(f"createdb failed: {r.stderr.strip()}")
-        yield f"postgresql://postgres@127.0.0.1:{port}/tune"
-    finally:
-        run(bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop")
-        shutil.rmtree(base, ignore_errors=True)
+    return url
 
 
 @pytest.fixture
