@@ -4,6 +4,7 @@ Heavy modules (torch, timm, albumentations) are imported inside each command so 
 ``--help`` and config errors answer at once. ``main(argv)`` returns the exit code, so tests
 call it in-process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,23 +37,31 @@ def _config(args, check_data: bool = True, plan: str = "use"):
 
 def _params_overrides(path: str) -> list[str]:
     """A YAML of ``section.key: value`` (as ``tune`` writes best.yaml) as override strings."""
+    from pathlib import Path
+
     import yaml
 
     from pipeline.config.load import _read_yaml
-    from pathlib import Path
 
     d = _read_yaml(Path(path))
     out = []
     for k, v in d.items():
         if not isinstance(k, str) or "=" in k or not all(part.strip() for part in k.split(".")):
-            raise PipelineError(f"{path}: key {k!r} is not a dotted config key; expected section.key: value lines like train.lr: 0.001")
-        if "." not in k and isinstance(v, dict):  # an override replaces: `train: {lr: ..}` would drop the other train keys
-            raise PipelineError(f"{path}: {k}: a whole section; expected section.key: value lines like {k}.{next(iter(v), 'key')}: ...")
+            raise PipelineError(
+                f"{path}: key {k!r} is not a dotted config key; expected section.key: value lines like train.lr: 0.001"
+            )
+        if "." not in k and isinstance(
+            v, dict
+        ):  # an override replaces: `train: {lr: ..}` would drop the other train keys
+            raise PipelineError(
+                f"{path}: {k}: a whole section; expected section.key: value lines like {k}.{next(iter(v), 'key')}: ..."
+            )
         out.append(f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}")
     return out
 
 
 # ---- commands -------------------------------------------------------------------------
+
 
 def cmd_demo_data(args):
     from pathlib import Path
@@ -106,7 +115,9 @@ def cmd_augment(args):
 
     cfg = _config(args, plan="make")
     t = read_table(cfg, "train")
-    aug = build_augment(cfg.augment, t.value_range, t.channels, t.image_size, seed=cfg.train.seed, where=f"{cfg.path}: augment")
+    aug = build_augment(
+        cfg.augment, t.value_range, t.channels, t.image_size, seed=cfg.train.seed, where=f"{cfg.path}: augment"
+    )
     out = Path(args.out or RunDir.of(cfg).augment_preview)
     idx = np.random.default_rng(cfg.train.seed).choice(len(t), size=min(args.n, len(t)), replace=False)
     preview_grid(t.images[np.sort(idx)], aug, out, n=len(idx), value_range=t.value_range)
@@ -143,8 +154,15 @@ def cmd_tune(args):
     from pipeline.tune.tuner import tune
 
     pinned = [o.split("=", 1)[0].strip() for o in args.overrides]
-    tune(_config(args, plan="make"), n_trials=args.n_trials, max_trials=args.max_trials, timeout=args.timeout,
-         storage=args.storage, study_name=args.study, pinned=pinned)
+    tune(
+        _config(args, plan="make"),
+        n_trials=args.n_trials,
+        max_trials=args.max_trials,
+        timeout=args.timeout,
+        storage=args.storage,
+        study_name=args.study,
+        pinned=pinned,
+    )
 
 
 def cmd_predict(args):
@@ -193,7 +211,6 @@ def cmd_status(args):
     from pipeline.stages import status
 
     status(_config(args, check_data=False, plan="peek"))
-
 
 
 class _Parser(argparse.ArgumentParser):
@@ -265,38 +282,59 @@ def _parser() -> argparse.ArgumentParser:
     a = stage("augment", cmd_augment, "preview the configured augmentation as a PNG grid", budget=True)
     a.add_argument("--n", type=_positive_int, default=8, help="number of training images in the grid")
     a.add_argument("--out", help="PNG path (default runs/<competition>/<experiment>/augment_preview.png)")
-    e = sub.add_parser("evaluate", help="metrics.json, report/ and a terminal table from oof.csv",
-                       description="metrics.json, report/ and a terminal table from oof.csv")
+    e = sub.add_parser(
+        "evaluate",
+        help="metrics.json, report/ and a terminal table from oof.csv",
+        description="metrics.json, report/ and a terminal table from oof.csv",
+    )
     e.add_argument("config", nargs="?", help="competition/experiment YAML")
     e.add_argument("overrides", nargs="*", help="section.key=value overrides")
     e.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print runs side by side (same folds)")
     e.add_argument("--budget", help=BUDGET_HELP)
     e.set_defaults(fn=cmd_evaluate)
-    stage("adversarial", cmd_adversarial, "train-vs-test classifier: shift AUC, test-like rows, duplicate pairs -> adversarial.json",
-          budget=True)
+    stage(
+        "adversarial",
+        cmd_adversarial,
+        "train-vs-test classifier: shift AUC, test-like rows, duplicate pairs -> adversarial.json",
+        budget=True,
+    )
     tu = stage("tune", cmd_tune, "Optuna search over tune.space; writes runs/<competition>/tune/", budget=True)
     tu.add_argument("--n-trials", type=int, help="trials this process runs (default tune.n_trials)")
     tu.add_argument("--max-trials", type=int, help="cap on the study's total trials across all workers")
     tu.add_argument("--timeout", type=_finite, help="seconds this process may search")
-    tu.add_argument("--storage", help="SQLAlchemy URL (e.g. postgresql://...); default a SQLite file under runs/<competition>/tune/")
+    tu.add_argument(
+        "--storage", help="SQLAlchemy URL (e.g. postgresql://...); default a SQLite file under runs/<competition>/tune/"
+    )
     tu.add_argument("--study", help="study name (default <experiment>)")
     pr = stage("predict", cmd_predict, "test predictions with TTA -> test_pred.csv and a submission file", budget=True)
     pr.add_argument("--params", help="YAML of section.key: value overrides (e.g. tune's best.yaml)")
     stage("ensemble", cmd_ensemble, "blend experiments (ENSEMBLE.yaml) -> runs/ and submissions/")
-    z = sub.add_parser("zoo", help="train every member of ZOO.yaml (a base config + per-member overrides) on one folds file",
-                       description="train every member of ZOO.yaml as its own experiment runs/<competition>/<zoo>-<member>/ "
-                                   "(skipping finished ones), print their CV table, optionally blend them")
+    z = sub.add_parser(
+        "zoo",
+        help="train every member of ZOO.yaml (a base config + per-member overrides) on one folds file",
+        description="train every member of ZOO.yaml as its own experiment runs/<competition>/<zoo>-<member>/ "
+        "(skipping finished ones), print their CV table, optionally blend them",
+    )
     z.add_argument("config", help="zoo YAML: base, members, optional ensemble")
     z.add_argument("overrides", nargs="*", help="section.key=value overrides of the base (a member's own win)")
-    z.add_argument("--ensemble", metavar="METHOD", help="blend the members with this method (pipeline ensemble's; "
-                                                       "the zoo's ensemble: section gives the other keys)")
+    z.add_argument(
+        "--ensemble",
+        metavar="METHOD",
+        help="blend the members with this method (pipeline ensemble's; "
+        "the zoo's ensemble: section gives the other keys)",
+    )
     z.set_defaults(fn=cmd_zoo)
-    v = stage("validate-submission", cmd_validate_submission, "check a submission file against the test data", budget=True)
+    v = stage(
+        "validate-submission", cmd_validate_submission, "check a submission file against the test data", budget=True
+    )
     v.add_argument("file", help="submission CSV")
     v.add_argument("--solution", help="CSV of the true answers in the submission's columns: also score the file")
     stage("experiments", cmd_experiments, "list every run of the competition with CV and LB scores")
-    lb = sub.add_parser("lb", help="record the leaderboard score a submission file got",
-                        description="record the leaderboard score a submission file got")
+    lb = sub.add_parser(
+        "lb",
+        help="record the leaderboard score a submission file got",
+        description="record the leaderboard score a submission file got",
+    )
     lb.add_argument("submission")
     lb.add_argument("score", type=_finite)
     lb.set_defaults(fn=cmd_lb, overrides=[])
@@ -349,7 +387,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: one line here, the traceback in a file for the report
         where = _save_traceback(args.command)
         msg = _one_line(str(e).strip().splitlines()[0]) if str(e).strip() else ""
-        print(f"internal error: {type(e).__name__}{': ' + msg if msg else ''} (traceback saved to {where})", file=sys.stderr)
+        print(
+            f"internal error: {type(e).__name__}{': ' + msg if msg else ''} (traceback saved to {where})",
+            file=sys.stderr,
+        )
         return 1
     if os.environ.get("PIPELINE_TIMING"):
         print(f"[{args.command}] {time.time() - t0:.1f}s", file=sys.stderr)
@@ -362,8 +403,10 @@ def _refuse_torchrun(command: str) -> None:
 
     dist = DistContext.from_env()
     if dist.active and command != "train":
-        raise PipelineError(f"torchrun: `pipeline {command}` runs in one process (WORLD_SIZE={dist.world_size}); "
-                            "only `pipeline train` trains data-parallel, run the other stages without torchrun")
+        raise PipelineError(
+            f"torchrun: `pipeline {command}` runs in one process (WORLD_SIZE={dist.world_size}); "
+            "only `pipeline train` trains data-parallel, run the other stages without torchrun"
+        )
 
 
 def _save_traceback(command: str) -> str:

@@ -6,18 +6,19 @@ exists under another hash (or an upstream stage will rerun); *missing* otherwise
 when its jobs finished under another run hash (``RunDir.run_hash``: the folds file's bytes, and with
 ``pseudo`` the source's prediction files, changed since).
 """
+
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from pipeline.config.schema import Config
 from pipeline.config.load import read_stage_hash
-from pipeline.runs.layout import RunDir
+from pipeline.config.schema import Config
 from pipeline.data.folds import n_folds
+from pipeline.runs.layout import RunDir
 from pipeline.train.finished import run_hash
 
 log = logging.getLogger(__name__)
@@ -70,8 +71,11 @@ def stage_states(cfg: Config) -> list[tuple[Stage, str]]:
     for st in STAGES:
         if not st.output(cfg).exists():
             state = "missing"
-        elif (upstream_rerun or read_stage_hash(st.snapshot(cfg)) != cfg.hash(*_sections(cfg, st.name))
-              or (st.name == "train" and not _jobs_current(cfg))):
+        elif (
+            upstream_rerun
+            or read_stage_hash(st.snapshot(cfg)) != cfg.hash(*_sections(cfg, st.name))
+            or (st.name == "train" and not _jobs_current(cfg))
+        ):
             state = "stale"
         else:
             state = "done"
@@ -116,7 +120,9 @@ def run_all(cfg: Config) -> dict[str, float]:
         st.run(cfg)
         times[st.name] = time.time() - t0
         log.info(f"[{st.name}] done in {times[st.name]:.1f}s")
-    log.info("stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + f"; total {sum(times.values()):.1f}s")
+    log.info(
+        "stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + f"; total {sum(times.values()):.1f}s"
+    )
     return times
 
 

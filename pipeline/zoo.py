@@ -25,6 +25,7 @@ std from metrics.json, training seconds and img/s from the folds' history.csv) a
 ``--ensemble`` or an ``ensemble:`` section, the blend of all members into ``runs/<competition>/<zoo stem>/``
 and a submission (``ensemble.run_ensemble``).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -37,10 +38,10 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
-from pipeline.config.schema import Config
 from pipeline.config.load import _read_yaml, load_config
-from pipeline.core.errors import PipelineError
 from pipeline.config.options import Section
+from pipeline.config.schema import Config
+from pipeline.core.errors import PipelineError
 from pipeline.core.keys import known_keys, parse_override
 from pipeline.runs.layout import RunDir
 
@@ -55,7 +56,9 @@ FILLED = ("competition", "config", "members")  # ensemble keys the zoo fills in 
 class ZooFile(Section):
     base: str = Field(description="competition config the members start from")
     members: dict[str, dict[str, Any] | None] = Field(description="member name -> section.key overrides")
-    ensemble: dict[str, Any] | None = Field(None, description="pipeline/ensemble/blend.py keys for the blend of the members")
+    ensemble: dict[str, Any] | None = Field(
+        None, description="pipeline/ensemble/blend.py keys for the blend of the members"
+    )
 
     @field_validator("members", mode="before")
     @classmethod
@@ -67,7 +70,9 @@ class ZooFile(Section):
                 if not isinstance(name, str) or not NAME.fullmatch(name):
                     raise ValueError(f"member name {name!r}; expected a name of letters, digits, '.', '_' or '-'")
                 if over is not None and not isinstance(over, dict):
-                    raise ValueError(f"member {name}: got {over!r}; expected a mapping of section.key: value (or nothing)")
+                    raise ValueError(
+                        f"member {name}: got {over!r}; expected a mapping of section.key: value (or nothing)"
+                    )
         return v
 
 
@@ -98,7 +103,9 @@ def _format_error(path: Path, err: ValidationError, prefix: str = "", fields=())
     if e["type"] == "extra_forbidden":
         known = [prefix + f for f in fields]
         close = difflib.get_close_matches(loc, known, n=3)
-        return f"{path}: unknown key '{loc}'; " + (f"did you mean {', '.join(close)}?" if close else f"expected {', '.join(known)}")
+        return f"{path}: unknown key '{loc}'; " + (
+            f"did you mean {', '.join(close)}?" if close else f"expected {', '.join(known)}"
+        )
     if e["type"] == "missing":
         return f"{path}: missing required key '{loc}'"
     return f"{path}: {loc}: {e['msg'].removeprefix('Value error, ')}"
@@ -119,11 +126,15 @@ def _member_overrides(path: Path, name: str, over: dict, known: list[str]) -> di
         if not isinstance(key, str) or not all(p.strip() for p in key.split(".")):
             raise PipelineError(f"{where}: key {key!r} is not a config key; expected section.key like model.backbone")
         if key.split(".")[0] in SHARED:
-            raise PipelineError(f"{where}: {key}: members share the base's competition, metric, data, folds and paths; "
-                                f"set it in the base or on the command line")
+            raise PipelineError(
+                f"{where}: {key}: members share the base's competition, metric, data, folds and paths; "
+                f"set it in the base or on the command line"
+            )
         if key not in known and not any(key.startswith(k + ".") for k in known):
             close = difflib.get_close_matches(key, known, n=3)
-            raise PipelineError(f"{where}: unknown config key '{key}'" + (f"; did you mean {', '.join(close)}?" if close else ""))
+            raise PipelineError(
+                f"{where}: unknown config key '{key}'" + (f"; did you mean {', '.join(close)}?" if close else "")
+            )
         out[key] = over[key]
     return out
 
@@ -194,13 +205,16 @@ def _fields(model, leave_out=()) -> list[str]:
 
 # ---- the stage ----------------------------------------------------------------------------------
 
+
 def run_zoo(path: str | Path, overrides: list[str] | None = None, ensemble: str | None = None) -> list[dict]:
     """Train (or skip) every member, print the members' table, blend them when asked; returns the table's rows."""
     from pipeline.stages import run_all
 
     zoo = load_zoo(path, overrides, ensemble)
-    log.info(f"zoo {zoo.name}: {len(zoo.members)} members on {zoo.base.folds_path} (base {zoo.base.path}): "
-             + ", ".join(zoo.members))
+    log.info(
+        f"zoo {zoo.name}: {len(zoo.members)} members on {zoo.base.folds_path} (base {zoo.base.path}): "
+        + ", ".join(zoo.members)
+    )
     rows = []
     for name, cfg in zoo.members.items():
         shown = " ".join(f"{k}={v}" for k, v in zoo.overrides[name].items()) or "the base as it is"
@@ -220,8 +234,17 @@ def member_row(name: str, cfg: Config, seconds: float, trained: bool) -> dict:
     run = RunDir.of(cfg)
     mean, std, _ = cv_score(run.path, cfg.metric)
     train_s, img_s = history_speed(run)
-    return {"member": name, "experiment": cfg.name, "backbone": cfg.model.backbone, "cv_mean": mean, "cv_std": std,
-            "train_s": train_s, "img_s": img_s, "this_run_s": seconds, "trained": trained}
+    return {
+        "member": name,
+        "experiment": cfg.name,
+        "backbone": cfg.model.backbone,
+        "cv_mean": mean,
+        "cv_std": std,
+        "train_s": train_s,
+        "img_s": img_s,
+        "this_run_s": seconds,
+        "trained": trained,
+    }
 
 
 def history_speed(run: RunDir) -> tuple[float, float]:
@@ -247,13 +270,25 @@ def members_table(rows: list[dict], metric: str) -> str:
     scores = [r["cv_mean"] for r in rows if math.isfinite(r["cv_mean"])]
     best = (max if GREATER_IS_BETTER[metric] else min)(scores) if scores else None
     head = ["member", "experiment", "backbone", f"cv {metric}", "cv std", "train s", "img/s", "this run"]
-    body = [[r["member"] + ("*" if best is not None and r["cv_mean"] == best and len(rows) > 1 else ""), r["experiment"],
-             r["backbone"], fmt(r["cv_mean"], ".4f"), fmt(r["cv_std"], ".4f"), fmt(r["train_s"], ".1f"), fmt(r["img_s"], ".1f"),
-             f"{r['this_run_s']:.1f}s" if r["trained"] else "up to date"] for r in rows]
+    body = [
+        [
+            r["member"] + ("*" if best is not None and r["cv_mean"] == best and len(rows) > 1 else ""),
+            r["experiment"],
+            r["backbone"],
+            fmt(r["cv_mean"], ".4f"),
+            fmt(r["cv_std"], ".4f"),
+            fmt(r["train_s"], ".1f"),
+            fmt(r["img_s"], ".1f"),
+            f"{r['this_run_s']:.1f}s" if r["trained"] else "up to date",
+        ]
+        for r in rows
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join(["zoo members (CV: mean and std of the per-fold scores; train s: summed over folds)", line(head)]
-                     + [line(b) for b in body])
+    return "\n".join(
+        ["zoo members (CV: mean and std of the per-fold scores; train s: summed over folds)", line(head)]
+        + [line(b) for b in body]
+    )
 
 
 def blend(zoo: Zoo) -> Path:

@@ -124,9 +124,12 @@ def digits_config(make_config, sk_digits_dir):
     """A config for the 8x8 digits with simple_cnn; pass section dicts to change it."""
 
     def make(name="exp", **sections):
-        base = {"metric": "accuracy", "folds": {"n_splits": 3, "seed": 0},
-                "model": {"backbone": "simple_cnn", "pretrained": False, "drop_rate": 0.0},
-                "train": dict(TINY_TRAIN)}
+        base = {
+            "metric": "accuracy",
+            "folds": {"n_splits": 3, "seed": 0},
+            "model": {"backbone": "simple_cnn", "pretrained": False, "drop_rate": 0.0},
+            "train": dict(TINY_TRAIN),
+        }
         for k, v in sections.items():
             base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
         return make_config(sk_digits_dir, "pixel_csv", name=name, **base)
@@ -141,8 +144,10 @@ def lock_held_elsewhere(path, what: str):
     import subprocess
     import sys
 
-    code = ("import sys, time\nfrom pipeline.core.io import exclusive\n"
-            "with exclusive(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(600)\n")
+    code = (
+        "import sys, time\nfrom pipeline.core.io import exclusive\n"
+        "with exclusive(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(600)\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.Popen([sys.executable, "-c", code, str(path), what], stdout=subprocess.PIPE, text=True, env=env)
     try:

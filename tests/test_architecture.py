@@ -1,5 +1,6 @@
 """The shape of the library: no import cycles (lazy imports included), every module importable on its
 own, no function over 80 lines, and the single owners of run folders and prediction files."""
+
 import ast
 import subprocess
 import sys
@@ -26,8 +27,12 @@ def _imports(name: str, path: Path) -> set[str]:
     """Every pipeline module ``name`` imports, at the top or inside a function (lazily)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     tree = ast.parse(path.read_text())
-    typing_only = {id(n) for b in ast.walk(tree) if isinstance(b, ast.If) and "TYPE_CHECKING" in ast.unparse(b.test)
-                   for n in ast.walk(b)}  # annotations only: never executed
+    typing_only = {
+        id(n)
+        for b in ast.walk(tree)
+        if isinstance(b, ast.If) and "TYPE_CHECKING" in ast.unparse(b.test)
+        for n in ast.walk(b)
+    }  # annotations only: never executed
     out = set()
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -55,7 +60,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(n)
         for m in sorted(graph[n]):
             if state.get(m) == "open":
-                return stack[stack.index(m):] + [m]
+                return stack[stack.index(m) :] + [m]
             if m not in state and (found := visit(m)):
                 return found
         stack.pop()
@@ -101,16 +106,24 @@ def test_every_module_imports_on_its_own():
         "print('\\n'.join(bad))\n"
         "sys.exit(1 if bad else 0)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], cwd=PKG.parent, capture_output=True, text=True,
-                         env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PKG.parent,
+        capture_output=True,
+        text=True,
+        env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_no_function_over_80_lines(name):
-    long = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines, line {n.lineno})"
-            for n in ast.walk(ast.parse(MODULES[name].read_text()))
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
+    long = [
+        f"{n.name} ({n.end_lineno - n.lineno + 1} lines, line {n.lineno})"
+        for n in ast.walk(ast.parse(MODULES[name].read_text()))
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES
+    ]
     assert not long, f"{name}: " + ", ".join(long)
 
 
@@ -130,8 +143,24 @@ def test_seed_list_is_computed_in_one_place():
 # ---- the package stack: imports point down ---------------------------------------------------
 
 # bottom to top; a module may import its own package and the ones below, never one above
-STACK = ["core", "config", "tasks", "models", "data", "runs", "train", "plan", "tune", "predict", "evaluate",
-         "ensemble", "stages", "zoo", "cli", "__main__"]
+STACK = [
+    "core",
+    "config",
+    "tasks",
+    "models",
+    "data",
+    "runs",
+    "train",
+    "plan",
+    "tune",
+    "predict",
+    "evaluate",
+    "ensemble",
+    "stages",
+    "zoo",
+    "cli",
+    "__main__",
+]
 MAX_MODULE_LINES = 500
 MAX_CLASS_LINES = 250
 
@@ -148,8 +177,13 @@ def test_every_module_is_in_a_package_of_the_stack():
 
 def test_imports_point_down_the_stack():
     """Lazy imports and package re-exports included; only ``if TYPE_CHECKING:`` imports are exempt."""
-    up = [f"{n} -> {m}" for n, p in MODULES.items() if n != "pipeline"
-          for m in _imports(n, p) - {"pipeline"} if _rank(m) > _rank(n)]
+    up = [
+        f"{n} -> {m}"
+        for n, p in MODULES.items()
+        if n != "pipeline"
+        for m in _imports(n, p) - {"pipeline"}
+        if _rank(m) > _rank(n)
+    ]
     assert not up, "imports up the stack:\n" + "\n".join(up)
 
 
@@ -162,32 +196,51 @@ def test_the_stack_check_can_fail():
 def test_modules_and_classes_stay_small(name):
     text = MODULES[name].read_text()
     assert text.count("\n") <= MAX_MODULE_LINES, f"{name}: {text.count(chr(10))} lines"
-    big = [f"{n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(ast.parse(text))
-           if isinstance(n, ast.ClassDef) and n.end_lineno - n.lineno + 1 > MAX_CLASS_LINES]
+    big = [
+        f"{n.name} ({n.end_lineno - n.lineno + 1} lines)"
+        for n in ast.walk(ast.parse(text))
+        if isinstance(n, ast.ClassDef) and n.end_lineno - n.lineno + 1 > MAX_CLASS_LINES
+    ]
     assert not big, f"{name}: " + ", ".join(big)
 
 
 def test_import_pipeline_adds_only_a_null_handler():
-    code = ("import logging, pipeline, pipeline.cli, pipeline.train.cv\n"
-            "hs = logging.getLogger('pipeline').handlers\n"
-            "assert all(type(h) is logging.NullHandler for h in hs), hs\n"
-            "assert logging.getLogger('pipeline').propagate and not logging.getLogger().handlers\n")
-    res = subprocess.run([sys.executable, "-c", code], cwd=PKG.parent, capture_output=True, text=True, timeout=120,
-                         env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"})
+    code = (
+        "import logging, pipeline, pipeline.cli, pipeline.train.cv\n"
+        "hs = logging.getLogger('pipeline').handlers\n"
+        "assert all(type(h) is logging.NullHandler for h in hs), hs\n"
+        "assert logging.getLogger('pipeline').propagate and not logging.getLogger().handlers\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PKG.parent,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert res.returncode == 0, res.stderr
 
 
 def test_every_lazy_registry_entry_resolves():
     """Each built-in ``"module:attr"`` entry names something that exists (imported here, in a fresh process)."""
-    code = ("from pipeline.config import registries as r\n"
-            "from pipeline.core.metrics import METRICS\n"
-            "regs = [v for v in vars(r).values() if type(v).__name__ == 'Registry'] + [METRICS]\n"
-            "paths = [(reg.kind, n, p) for reg in regs for n, p in reg.lazy_paths().items()]\n"
-            "assert len(paths) > 30, paths\n"
-            "for reg in regs:\n"
-            "    for name, _ in reg.items():\n"
-            "        pass\n"
-            "print(len(paths))\n")
-    res = subprocess.run([sys.executable, "-c", code], cwd=PKG.parent, capture_output=True, text=True, timeout=300,
-                         env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"})
+    code = (
+        "from pipeline.config import registries as r\n"
+        "from pipeline.core.metrics import METRICS\n"
+        "regs = [v for v in vars(r).values() if type(v).__name__ == 'Registry'] + [METRICS]\n"
+        "paths = [(reg.kind, n, p) for reg in regs for n, p in reg.lazy_paths().items()]\n"
+        "assert len(paths) > 30, paths\n"
+        "for reg in regs:\n"
+        "    for name, _ in reg.items():\n"
+        "        pass\n"
+        "print(len(paths))\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=PKG.parent,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"NO_ALBUMENTATIONS_UPDATE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert res.returncode == 0, res.stderr

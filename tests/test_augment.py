@@ -1,5 +1,6 @@
 """Augmentation pipelines: every registry transform on SAR dB, grey and RGB images; value mapping
 (the zeros bug), border fills, seeding (also across DataLoader workers), messages, preview."""
+
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,8 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.data.augment import AUGMENTS, build_augment, preview_grid, worker_init_fn
 from pipeline.core.errors import PipelineError
+from pipeline.data.augment import AUGMENTS, build_augment, preview_grid, worker_init_fn
 
 SAR_RANGE = (-50.0, 50.0)
 
@@ -30,7 +31,7 @@ def grey_images(n=4, seed=0):
     x = np.zeros((n, 1, 28, 28), np.uint8)
     for i in range(n):
         r = rng.integers(6, 12)
-        x[i, 0, 6:22, r:r + 4] = 255
+        x[i, 0, 6:22, r : r + 4] = 255
         x[i, 0, 6:9, 8:20] = 200
     return x
 
@@ -48,9 +49,12 @@ KINDS = {"sar": (sar_images, SAR_RANGE), "grey": (grey_images, (0.0, 255.0)), "r
 def params_for(name, size):
     h, w = size
     extra = {
-        "RandomCrop": {"height": h - 4, "width": w - 4}, "CenterCrop": {"height": h - 4, "width": w - 4},
-        "PadIfNeeded": {"min_height": h + 4, "min_width": w + 4}, "CropAndPad": {"percent": 0.1},
-        "RandomSizedCrop": {"min_max_height": [h // 2, h]}, "XYMasking": {"num_masks_x": 1, "mask_x_length": 5},
+        "RandomCrop": {"height": h - 4, "width": w - 4},
+        "CenterCrop": {"height": h - 4, "width": w - 4},
+        "PadIfNeeded": {"min_height": h + 4, "min_width": w + 4},
+        "CropAndPad": {"percent": 0.1},
+        "RandomSizedCrop": {"min_max_height": [h // 2, h]},
+        "XYMasking": {"num_masks_x": 1, "mask_x_length": 5},
     }
     return {"name": name, "p": 1.0, **extra.get(name, {})}
 
@@ -63,7 +67,9 @@ def test_every_transform_keeps_range_shape_and_content(name, kind):
     c, size = x.shape[1], x.shape[2:]
     allowed = AUGMENTS.get(name)
     if allowed is not None and c not in allowed:
-        with pytest.raises(PipelineError, match=rf"^augment\[0\] \({name}\): works on .*-channel images only; these images have {c}$"):
+        with pytest.raises(
+            PipelineError, match=rf"^augment\[0\] \({name}\): works on .*-channel images only; these images have {c}$"
+        ):
             build_augment([params_for(name, size)], vr, c, size, seed=0)
         return
     aug = build_augment([params_for(name, size)], vr, c, size, seed=0)
@@ -81,7 +87,13 @@ def test_every_transform_keeps_range_shape_and_content(name, kind):
 def test_morphological_changes_the_stroke_width(operation, grows):
     """A bolder or finer pen: the white stroke's area grows under dilation and shrinks under erosion."""
     x = grey_images()
-    aug = build_augment([{"name": "Morphological", "scale": [3, 3], "operation": operation, "p": 1.0}], (0.0, 255.0), 1, (28, 28), seed=0)
+    aug = build_augment(
+        [{"name": "Morphological", "scale": [3, 3], "operation": operation, "p": 1.0}],
+        (0.0, 255.0),
+        1,
+        (28, 28),
+        seed=0,
+    )
     before, after = (x > 127).sum((1, 2, 3)), (aug.batch(x) > 127).sum((1, 2, 3))
     assert ((after > before) if grows else (after < before)).all(), (before, after)
 
@@ -89,8 +101,13 @@ def test_morphological_changes_the_stroke_width(operation, grows):
 def test_brightness_works_in_db_instead_of_zeroing():
     """albumentations alone returns zeros on raw dB floats; mapped, +0.1 brightness is +10 dB."""
     x = sar_images()
-    aug = build_augment([{"name": "RandomBrightnessContrast", "brightness_limit": [0.1, 0.1],
-                          "contrast_limit": 0.0, "p": 1.0}], SAR_RANGE, 2, (75, 75), seed=0)
+    aug = build_augment(
+        [{"name": "RandomBrightnessContrast", "brightness_limit": [0.1, 0.1], "contrast_limit": 0.0, "p": 1.0}],
+        SAR_RANGE,
+        2,
+        (75, 75),
+        seed=0,
+    )
     y = aug.batch(x)
     np.testing.assert_allclose(y, x + 10, atol=1e-3)
 
@@ -103,10 +120,13 @@ def test_gauss_noise_is_a_fraction_of_the_range():
     assert np.all(aug.batch(x) != 0)
 
 
-@pytest.mark.parametrize("spec", [
-    {"name": "Affine", "translate_percent": [0.2, 0.2], "p": 1.0},
-    {"name": "ShiftScaleRotate", "shift_limit": [0.2, 0.2], "scale_limit": 0.0, "rotate_limit": 0, "p": 1.0},
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "Affine", "translate_percent": [0.2, 0.2], "p": 1.0},
+        {"name": "ShiftScaleRotate", "shift_limit": [0.2, 0.2], "scale_limit": 0.0, "rotate_limit": 0, "p": 1.0},
+    ],
+)
 def test_shift_makes_no_bright_frame(spec):
     x = sar_images()
     y = build_augment([spec], SAR_RANGE, 2, (75, 75), seed=0).batch(x)
@@ -133,9 +153,12 @@ def test_identity_is_cheap_and_float32():
     assert aug(g[0]).dtype == np.float32
 
 
-SPEC = [{"name": "HorizontalFlip", "p": 0.5}, {"name": "VerticalFlip", "p": 0.5},
-        {"name": "Affine", "rotate": [-20, 20], "scale": [0.9, 1.1], "p": 0.8},
-        {"name": "GaussNoise", "std_range": [0.01, 0.03], "p": 0.5}]
+SPEC = [
+    {"name": "HorizontalFlip", "p": 0.5},
+    {"name": "VerticalFlip", "p": 0.5},
+    {"name": "Affine", "rotate": [-20, 20], "scale": [0.9, 1.1], "p": 0.8},
+    {"name": "GaussNoise", "std_range": [0.01, 0.03], "p": 0.5},
+]
 
 
 def test_same_seed_same_outputs_different_seed_different():
@@ -153,12 +176,18 @@ def test_same_seed_same_outputs_different_seed_different():
 def test_flips_fire_independently():
     """Compose(seed=s) seeds each transform alike, so two p=0.5 flips always fired together."""
     x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
-    aug = build_augment([{"name": "HorizontalFlip", "p": 0.5}, {"name": "VerticalFlip", "p": 0.5}], (0, 15), 1, (4, 4), seed=1)
+    aug = build_augment(
+        [{"name": "HorizontalFlip", "p": 0.5}, {"name": "VerticalFlip", "p": 0.5}], (0, 15), 1, (4, 4), seed=1
+    )
     seen = set()
     for _ in range(64):
         y = aug(x[0])[0]
-        seen.add((bool(np.allclose(y[0], x[0, 0, 0, ::-1]) or np.allclose(y[0], x[0, 0, 3, ::-1])),
-                  bool(np.allclose(y[0], x[0, 0, 3]) or np.allclose(y[0], x[0, 0, 3, ::-1]))))
+        seen.add(
+            (
+                bool(np.allclose(y[0], x[0, 0, 0, ::-1]) or np.allclose(y[0], x[0, 0, 3, ::-1])),
+                bool(np.allclose(y[0], x[0, 0, 3]) or np.allclose(y[0], x[0, 0, 3, ::-1])),
+            )
+        )
     assert seen == {(False, False), (True, False), (False, True), (True, True)}
 
 
@@ -202,25 +231,66 @@ def test_explicit_seed_in_worker_wins():
     torch.testing.assert_close(torch.cat(_batches(ds, 5, worker_init_fn)), local, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ([{"name": "HorizontalFlipp", "p": 0.5}], r"^augment\[0\]\.name: unknown transform 'HorizontalFlipp'; did you mean HorizontalFlip\?$"),
-    ([{"name": "HorizontalFlip"}, {"name": "Zoomify"}], r"^augment\[1\]\.name: unknown transform 'Zoomify'; expected one of .*Affine.*"),
-    (["HorizontalFlip"], r"^augment\[0\]: expected a mapping like \{name: HorizontalFlip, p: 0\.5\}, got 'HorizontalFlip'$"),
-    ([{"p": 0.5}], r"^augment\[0\]: missing 'name'; expected the transform's name"),
-    ({"name": "HorizontalFlip"}, r"^augment: expected a list of \{name: Transform, \.\.\.\} entries, got dict$"),
-    ([{"name": "Affine", "scal": [0.9, 1.1]}], r"^augment\[0\] \(Affine\): unknown parameter 'scal'; did you mean scale\?$"),
-    ([{"name": "Affine", "scale": "big"}], r"^augment\[0\] \(Affine\): scale: got 'big'; expected a valid tuple or a valid number"),
-    ([{"name": "Affine", "p": 2}], r"^augment\[0\] \(Affine\): p: Input should be less than or equal to 1 \(got 2\)$"),
-    ([{"name": "GaussNoise", "std_range": [0.5, 0.1]}], r"^augment\[0\] \(GaussNoise\): std_range: First value should be less than the second"),
-    ([{"name": "CropAndPad"}], r"^augment\[0\] \(CropAndPad\): Both px and percent parameters cannot be None"),
-    ([{"name": "Affine", "border_mode": "mirror"}], r"^augment\[0\] \(Affine\): border_mode: unknown 'mirror'; expected one of constant, "),
-    ([{"name": "Affine", "fill": {"a": 1}}], r"^augment\[0\] \(Affine\): fill: got \{'a': 1\}; expected a number .* between -50 and 50$"),
-    ([{"name": "MedianBlur", "blur_limit": 7}], r"^augment\[0\] \(MedianBlur\): blur_limit: got 7; expected kernel sizes of at most 5"),
-    ([{"name": "ColorJitter"}], r"^augment\[0\] \(ColorJitter\): works on 1 or 3-channel images only; these images have 2$"),
-    ([{"name": "RandomCrop", "height": 64, "width": 64, "p": 0.5}],
-     r"^augment\[0\] \(RandomCrop\): changes the image size 75x75 -> 64x64 with p=0\.5, so a batch would mix sizes; expected p: 1"),
-    ([{"name": "RandomCrop", "height": 80, "width": 80}], r"^augment\[0\] \(RandomCrop\): fails on 2-channel 75x75 images: Crop size"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            [{"name": "HorizontalFlipp", "p": 0.5}],
+            r"^augment\[0\]\.name: unknown transform 'HorizontalFlipp'; did you mean HorizontalFlip\?$",
+        ),
+        (
+            [{"name": "HorizontalFlip"}, {"name": "Zoomify"}],
+            r"^augment\[1\]\.name: unknown transform 'Zoomify'; expected one of .*Affine.*",
+        ),
+        (
+            ["HorizontalFlip"],
+            r"^augment\[0\]: expected a mapping like \{name: HorizontalFlip, p: 0\.5\}, got 'HorizontalFlip'$",
+        ),
+        ([{"p": 0.5}], r"^augment\[0\]: missing 'name'; expected the transform's name"),
+        ({"name": "HorizontalFlip"}, r"^augment: expected a list of \{name: Transform, \.\.\.\} entries, got dict$"),
+        (
+            [{"name": "Affine", "scal": [0.9, 1.1]}],
+            r"^augment\[0\] \(Affine\): unknown parameter 'scal'; did you mean scale\?$",
+        ),
+        (
+            [{"name": "Affine", "scale": "big"}],
+            r"^augment\[0\] \(Affine\): scale: got 'big'; expected a valid tuple or a valid number",
+        ),
+        (
+            [{"name": "Affine", "p": 2}],
+            r"^augment\[0\] \(Affine\): p: Input should be less than or equal to 1 \(got 2\)$",
+        ),
+        (
+            [{"name": "GaussNoise", "std_range": [0.5, 0.1]}],
+            r"^augment\[0\] \(GaussNoise\): std_range: First value should be less than the second",
+        ),
+        ([{"name": "CropAndPad"}], r"^augment\[0\] \(CropAndPad\): Both px and percent parameters cannot be None"),
+        (
+            [{"name": "Affine", "border_mode": "mirror"}],
+            r"^augment\[0\] \(Affine\): border_mode: unknown 'mirror'; expected one of constant, ",
+        ),
+        (
+            [{"name": "Affine", "fill": {"a": 1}}],
+            r"^augment\[0\] \(Affine\): fill: got \{'a': 1\}; expected a number .* between -50 and 50$",
+        ),
+        (
+            [{"name": "MedianBlur", "blur_limit": 7}],
+            r"^augment\[0\] \(MedianBlur\): blur_limit: got 7; expected kernel sizes of at most 5",
+        ),
+        (
+            [{"name": "ColorJitter"}],
+            r"^augment\[0\] \(ColorJitter\): works on 1 or 3-channel images only; these images have 2$",
+        ),
+        (
+            [{"name": "RandomCrop", "height": 64, "width": 64, "p": 0.5}],
+            r"^augment\[0\] \(RandomCrop\): changes the image size 75x75 -> 64x64 with p=0\.5, so a batch would mix sizes; expected p: 1",
+        ),
+        (
+            [{"name": "RandomCrop", "height": 80, "width": 80}],
+            r"^augment\[0\] \(RandomCrop\): fails on 2-channel 75x75 images: Crop size",
+        ),
+    ],
+)
 def test_bad_spec_is_one_line(spec, message):
     with pytest.raises(PipelineError, match=message) as err:
         build_augment(spec, SAR_RANGE, 2, (75, 75))
@@ -230,15 +300,21 @@ def test_bad_spec_is_one_line(spec, message):
 def test_where_prefix_and_size_changing_pipeline():
     with pytest.raises(PipelineError, match=r"^train\.augment\[0\]\.name: unknown"):
         build_augment([{"name": "Nope"}], SAR_RANGE, 2, (75, 75), where="train.augment")
-    aug = build_augment([{"name": "PadIfNeeded", "min_height": 80, "min_width": 80},
-                         {"name": "RandomCrop", "height": 64, "width": 64}], SAR_RANGE, 2, (75, 75), seed=0)
+    aug = build_augment(
+        [{"name": "PadIfNeeded", "min_height": 80, "min_width": 80}, {"name": "RandomCrop", "height": 64, "width": 64}],
+        SAR_RANGE,
+        2,
+        (75, 75),
+        seed=0,
+    )
     assert aug.output_size == (64, 64) and aug.batch(sar_images()).shape == (4, 2, 64, 64)
 
 
 def test_shipped_configs_and_brief_example_build():
     root = Path(__file__).resolve().parents[1] / "competitions"
     specs = [yaml.safe_load(p.read_text()).get("augment") or [] for p in sorted(root.glob("*.yaml"))]
-    specs.append(yaml.safe_load("""
+    specs.append(
+        yaml.safe_load("""
 - {name: HorizontalFlip, p: 0.5}
 - {name: VerticalFlip, p: 0.5}
 - {name: RandomRotate90, p: 0.5}
@@ -247,7 +323,8 @@ def test_shipped_configs_and_brief_example_build():
 - {name: GaussNoise, std_range: [0.01, 0.03], p: 0.2}
 - {name: CoarseDropout, num_holes_range: [1, 4], hole_height_range: [0.05, 0.15], hole_width_range: [0.05, 0.15], p: 0.3}
 - {name: RandomResizedCrop, size: [75, 75], scale: [0.8, 1.0], p: 0.3}
-"""))
+""")
+    )
     x = sar_images(8)
     for spec in specs:
         y = build_augment(spec, SAR_RANGE, 2, (75, 75), seed=0).batch(x)
@@ -279,10 +356,14 @@ def test_augment_preview_cli(digits_config, capsys):
     assert "augment[0].name: unknown transform 'Blurr'; did you mean Blur" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("entry, key", [({"name": "HorizontalFlip", "p": True}, "p"),
-                                        ({"name": "GaussianBlur", "blur_limit": False}, "blur_limit")])
+@pytest.mark.parametrize(
+    "entry, key",
+    [({"name": "HorizontalFlip", "p": True}, "p"), ({"name": "GaussianBlur", "blur_limit": False}, "blur_limit")],
+)
 def test_a_boolean_is_not_a_number_parameter(entry, key):
     from pipeline.data.augment import validate_augment
 
-    with pytest.raises(PipelineError, match=rf"augment\[0\] \({entry['name']}\): {key}: got (True|False); expected a number"):
+    with pytest.raises(
+        PipelineError, match=rf"augment\[0\] \({entry['name']}\): {key}: got (True|False); expected a number"
+    ):
         validate_augment([entry])

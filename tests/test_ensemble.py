@@ -1,4 +1,5 @@
 """Blenders against hand-computed values, stacking without leakage, member checks, the ensemble stage."""
+
 import json
 from pathlib import Path
 
@@ -6,13 +7,25 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import run_cli, write_yaml
 from helpers import N_TEST, N_TRAIN, binary, ens_file, fake_member, make_base_cfg
-from pipeline.ensemble.blend import EnsembleConfig, run_ensemble
-from pipeline.ensemble.blenders import BLENDERS, _lr_fit, blend_geometric, blend_mean, blend_rank, blend_stack, blend_weights, build_blender, optimise_weights, rank_average, stack_features
+
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import logloss
+from pipeline.ensemble.blend import EnsembleConfig, run_ensemble
+from pipeline.ensemble.blenders import (
+    BLENDERS,
+    _lr_fit,
+    blend_geometric,
+    blend_mean,
+    blend_rank,
+    blend_stack,
+    blend_weights,
+    build_blender,
+    optimise_weights,
+    rank_average,
+    stack_features,
+)
 from pipeline.predict.submission import validate_submission
 
 quiet = lambda *a: None  # noqa: E731
@@ -20,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- blenders, by hand -----------------------------------------------------------------------
+
 
 def test_mean_and_geometric_by_hand():
     p = binary([[0.2, 0.1], [0.8, 0.4]])  # members A, B on two rows
@@ -95,6 +109,7 @@ def test_blender_registry():
 
 # ---- the stage on fabricated members ----------------------------------------------------------
 
+
 @pytest.fixture
 def base_cfg(make_config, sk_digits_dir):
     return make_base_cfg(make_config, sk_digits_dir)
@@ -103,8 +118,9 @@ def base_cfg(make_config, sk_digits_dir):
 @pytest.mark.parametrize("method", list(BLENDERS))
 def test_ensemble_stage_writes_valid_submission(base_cfg, method, capsys):
     fake_member("a", 1, quality=0.3), fake_member("b", 2, quality=0.5)
-    sub = run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"], method=method, clip=[0.001, 0.999],
-                                gbm={"rounds": 60}))  # gbm: 10 classes x 500 rounds would dominate the file's time
+    sub = run_ensemble(
+        ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"], method=method, clip=[0.001, 0.999], gbm={"rounds": 60})
+    )  # gbm: 10 classes x 500 rounds would dominate the file's time
     out = capsys.readouterr().out
     assert "member a" in out and "member b" in out and f"blend  blend ({method})" in out
     assert "clipping to [0.001, 0.999]: OOF logloss" in out and " without, " in out
@@ -138,7 +154,10 @@ def test_blend_of_a_member_with_itself_warns(base_cfg, capsys):
 def test_members_with_different_folds_are_refused(base_cfg):
     fake_member("a", 1)
     fake_member("c", 3, folds=(np.arange(N_TRAIN) + 1) % 3)
-    with pytest.raises(PipelineError, match=r"blend.yaml: members a and c were trained on different folds \(600 rows differ, e.g. id '1': fold 0 vs 1\); expected experiments that share one folds file"):
+    with pytest.raises(
+        PipelineError,
+        match=r"blend.yaml: members a and c were trained on different folds \(600 rows differ, e.g. id '1': fold 0 vs 1\); expected experiments that share one folds file",
+    ):
         run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/c"]))
     assert not Path("submissions").exists()
 
@@ -157,11 +176,15 @@ def test_member_mismatches_are_refused(base_cfg):
     with pytest.raises(PipelineError, match=r"member b predicts classes \['p_0', .*'p_8'\]; expected"):
         run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"]))
     (b / "test_pred.csv").unlink()
-    with pytest.raises(PipelineError, match=r"blend.yaml: members\[1\]: runs/comp/b/test_pred.csv not found; run `pipeline predict`"):
+    with pytest.raises(
+        PipelineError, match=r"blend.yaml: members\[1\]: runs/comp/b/test_pred.csv not found; run `pipeline predict`"
+    ):
         run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"]))
     with pytest.raises(PipelineError, match=r"blend.yaml: members: experiment 'a' is listed twice"):
         run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/a"]))
-    with pytest.raises(PipelineError, match=r"blend.yaml: members\[1\]: runs/comp/zz not found; expected a run directory"):
+    with pytest.raises(
+        PipelineError, match=r"blend.yaml: members\[1\]: runs/comp/zz not found; expected a run directory"
+    ):
         run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/zz"]))
 
 
@@ -215,12 +238,17 @@ def test_missing_key_and_name_collision(base_cfg, capsys):
     assert capsys.readouterr().err.strip() == "error: blend.yaml: missing required key 'config'"
     fake_member("a", 1), fake_member("b", 2)
     Path("runs/comp/a/config.train.yaml").write_text("x")
-    with pytest.raises(PipelineError, match=r"name 'a' is a trained experiment in runs/comp/a; give the ensemble another name"):
+    with pytest.raises(
+        PipelineError, match=r"name 'a' is a trained experiment in runs/comp/a; give the ensemble another name"
+    ):
         run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"], name="a"))
 
 
 def test_competition_config_given_to_ensemble(base_cfg):
-    with pytest.raises(PipelineError, match=r"base.yaml: is a competition config, not an ensemble file; expected keys competition, config, members"):
+    with pytest.raises(
+        PipelineError,
+        match=r"base.yaml: is a competition config, not an ensemble file; expected keys competition, config, members",
+    ):
         run_ensemble(base_cfg)
 
 
@@ -235,13 +263,17 @@ def test_ensemble_of_two_real_runs(digits_config, capsys):
     """End to end: train and predict two tiny digit experiments (different seeds, one with TTA), blend them."""
     from pipeline.config.load import load_config
 
-    paths = [digits_config(name="a", train={"epochs": 1}, predict={"tta": ["identity", "hflip"]}),
-             digits_config(name="b", train={"epochs": 1, "seed": 7})]
+    paths = [
+        digits_config(name="a", train={"epochs": 1}, predict={"tta": ["identity", "hflip"]}),
+        digits_config(name="b", train={"epochs": 1, "seed": 7}),
+    ]
     assert run_cli("fold", paths[0]) == 0
     for p in paths:  # evaluate makes a's TTA OOF (tta_oof is on by default) and calibrates on it
         assert run_cli("train", p) == 0 and run_cli("evaluate", p) == 0 and run_cli("predict", p) == 0
-    write_yaml(Path("blend.yaml"), {"competition": "comp", "config": str(paths[0]), "members": [str(p) for p in paths],
-                                    "method": "mean"})
+    write_yaml(
+        Path("blend.yaml"),
+        {"competition": "comp", "config": str(paths[0]), "members": [str(p) for p in paths], "method": "mean"},
+    )
     capsys.readouterr()
     assert run_cli("ensemble", "blend.yaml", "method=stack") == 0
     out = capsys.readouterr().out

@@ -1,4 +1,5 @@
 """Evaluate stage: metrics against scikit-learn, calibration both ways, report, Grad-CAM, bad input, compare."""
+
 import json
 import os
 import shutil
@@ -9,20 +10,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_TRAIN, run_cli, write_yaml
 from sklearn import metrics as skm
 
-from conftest import TINY_TRAIN, run_cli, write_yaml
-from pipeline.runs.predictions import load_temperature
-from pipeline.tasks.calibration import MIN_GAIN, apply_temperature, calibrate, ece, fit_temperature
 from pipeline.config.load import load_config, write_snapshot
 from pipeline.core.errors import PipelineError
-from pipeline.evaluate.evaluator import classification_metrics, compare, evaluate
-from pipeline.tasks.classification import best_f1_threshold
 from pipeline.data.folds import load_folds, run_fold
 from pipeline.data.formats import read_table
-from pipeline.models.gradcam import NoFeatureMap, gradcam, mass_inside
-from pipeline.tasks.classification import softmax
+from pipeline.evaluate.evaluator import classification_metrics, compare, evaluate
 from pipeline.models.backbones import build_model
+from pipeline.models.gradcam import NoFeatureMap, gradcam, mass_inside
+from pipeline.runs.predictions import load_temperature
+from pipeline.tasks.calibration import MIN_GAIN, apply_temperature, calibrate, ece, fit_temperature
+from pipeline.tasks.classification import best_f1_threshold, softmax
 
 quiet = lambda *a: None  # noqa: E731
 RUN = Path("runs/comp/exp")
@@ -40,6 +40,7 @@ def drawn(rng, probs):
 
 
 # ---- metrics against scikit-learn --------------------------------------------------------
+
 
 def test_binary_metrics_match_sklearn():
     rng = np.random.default_rng(0)
@@ -97,6 +98,7 @@ def test_ece_by_hand():
 
 # ---- calibration both ways ------------------------------------------------------------------
 
+
 def test_temperature_helps_overconfident_predictions():
     rng = np.random.default_rng(2)
     logits = rng.normal(0, 1.2, (3000, 3))
@@ -108,8 +110,9 @@ def test_temperature_helps_overconfident_predictions():
     assert summary["nested_ece"] < summary["raw_ece"] / 2
     assert (nested.argmax(1) == over.argmax(1)).all()  # temperature never changes the predicted class
     # the scaling evaluate measures is exactly the one predict applies
-    np.testing.assert_allclose(apply_temperature(over, summary["temperature"]),
-                               softmax(np.log(over) / summary["temperature"]), atol=1e-9)
+    np.testing.assert_allclose(
+        apply_temperature(over, summary["temperature"]), softmax(np.log(over) / summary["temperature"]), atol=1e-9
+    )
 
 
 @pytest.mark.parametrize("seed", [3, 4, 5, 6, 7])
@@ -124,6 +127,7 @@ def test_temperature_near_one_and_dropped_on_calibrated_predictions(seed):
 
 
 # ---- the stage on hand-made oof.csv files --------------------------------------------------
+
 
 @pytest.fixture
 def hand_run(digits_config):
@@ -154,17 +158,39 @@ def test_metrics_json_from_oof(hand_run):
     m = evaluate(cfg, report=False)
     assert json.loads((RUN / "metrics.json").read_text()) == m
     y, probs = df["target"].to_numpy(), df.filter(like="p_").to_numpy()
-    for key in ("logloss", "accuracy", "f1", "roc_auc", "confusion_matrix", "confusion_matrix_normalized",
-                "folds", "cv_mean", "cv_std", "calibrated", "metric", "headline", "ece", "f1_macro", "f1_weighted"):
+    for key in (
+        "logloss",
+        "accuracy",
+        "f1",
+        "roc_auc",
+        "confusion_matrix",
+        "confusion_matrix_normalized",
+        "folds",
+        "cv_mean",
+        "cv_std",
+        "calibrated",
+        "metric",
+        "headline",
+        "ece",
+        "f1_macro",
+        "f1_weighted",
+    ):
         assert key in m, key
-    assert m["metric"] == "accuracy" and m["headline"] == m["accuracy"] == pytest.approx(skm.accuracy_score(y, probs.argmax(1)))
+    assert m["metric"] == "accuracy" and m["headline"] == m["accuracy"] == pytest.approx(
+        skm.accuracy_score(y, probs.argmax(1))
+    )
     assert m["logloss"] == pytest.approx(sk_logloss(y, probs))
     assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, probs, multi_class="ovr"), abs=1e-6)
     per = [skm.accuracy_score(g["target"], g.filter(like="p_").to_numpy().argmax(1)) for _, g in df.groupby("fold")]
     assert [f["fold"] for f in m["folds"]] == [0, 1, 2]
     assert [f["accuracy"] for f in m["folds"]] == pytest.approx(per)
-    assert m["cv_mean"]["accuracy"] == pytest.approx(np.mean(per)) and m["cv_std"]["accuracy"] == pytest.approx(np.std(per, ddof=1))
-    assert sum(f["n"] for f in m["folds"]) == 600 and np.array(m["folds"][0]["confusion_matrix"]).sum() == m["folds"][0]["n"]
+    assert m["cv_mean"]["accuracy"] == pytest.approx(np.mean(per)) and m["cv_std"]["accuracy"] == pytest.approx(
+        np.std(per, ddof=1)
+    )
+    assert (
+        sum(f["n"] for f in m["folds"]) == 600
+        and np.array(m["folds"][0]["confusion_matrix"]).sum() == m["folds"][0]["n"]
+    )
     # over-confident by construction: the temperature is kept, saved, and predict reads it
     c = m["calibrated"]
     assert c["kept"] and c["temperature"] > 1.5 and c["logloss"] < m["logloss"]
@@ -174,12 +200,16 @@ def test_metrics_json_from_oof(hand_run):
     assert load_temperature(RUN) == pytest.approx(c["temperature"])
     # the stage is recorded as done, and the experiment log reads the CV from metrics.json
     assert (RUN / "config.evaluate.yaml").is_file() and (RUN / "config.evaluate.hash").is_file()
-    from pipeline.config.schema import stage_sections
     from pipeline.config.load import read_stage_hash
+    from pipeline.config.schema import stage_sections
     from pipeline.evaluate.experiments import cv_score
 
     assert read_stage_hash(RUN / "config.evaluate.yaml") == cfg.hash(*stage_sections(cfg, "evaluate"))
-    assert cv_score(RUN, "accuracy") == (pytest.approx(np.mean(per)), pytest.approx(np.std(per, ddof=1)), "metrics.json")
+    assert cv_score(RUN, "accuracy") == (
+        pytest.approx(np.mean(per)),
+        pytest.approx(np.std(per, ddof=1)),
+        "metrics.json",
+    )
 
 
 def test_calibrate_false_writes_kept_false(hand_run):
@@ -202,30 +232,54 @@ def _set(df, row, col, value):
 
 
 BAD = {
-    "missing rows": (lambda df: df.drop(index=[3, 4]),
-                     r"oof.csv: 2 training row\(s\) missing \(e.g. id '4'\); expected every training id exactly once"),
-    "nan": (lambda df: _set(df, 5, "p_3", np.nan),
-            r"oof.csv: line 7 \(id '6'\): p_3 is NaN or empty; expected a probability in \[0, 1\]"),
-    "sum": (lambda df: _set(df, 0, "p_0", df.loc[0, "p_0"] + 0.2),
-            r"oof.csv: line 2 \(id '1'\): probabilities sum to 1.2; expected 1 \(within 0.001\)"),
-    "above one": (lambda df: _set(df, 1, "p_2", 1.5),
-                  r"oof.csv: line 3 \(id '2'\): p_2 is 1.5; expected a probability in \[0, 1\]"),
-    "extra class column": (lambda df: df.assign(p_cat=0.0),
-                           r"oof.csv: column 'p_cat' is not a class of the config; expected p_<class> for the classes 0, 1, 2"),
-    "missing class column": (lambda df: df.drop(columns=["p_9"]),
-                             r"oof.csv: missing column 'p_9' \(class '9'\); expected one p_<class> column per class"),
-    "target not a class": (lambda df: _set(df, 2, "target", 12),
-                           r"oof.csv: line 4 \(id '3'\): target 12 is not a class of the config; expected a class index 0..9 \(classes 0, 1,"),
-    "target differs": (lambda df: _set(df, 2, "target", (df.loc[2, "target"] + 1) % 10),
-                       r"oof.csv: line 4 \(id '3'\): target \d but the training data has class \d"),
-    "unknown id": (lambda df: _set(df, 0, "id", "9999"),
-                   r"oof.csv: line 2: id '9999' is not in the training data \(1 such ids\)"),
-    "fold differs": (lambda df: _set(df, 0, "fold", (df.loc[0, "fold"] + 1) % 3),
-                     r"oof.csv: line 2 \(id '1'\): fold \d but folds/comp.csv puts it in fold \d; expected the folds training used"),
-    "duplicate id": (lambda df: pd.concat([df, df.iloc[[7]]]),
-                     r"oof.csv: line 602: id '8' appears 2 times; expected each training id once"),
-    "missing column": (lambda df: df.drop(columns=["fold"]),
-                       r"oof.csv: missing column 'fold'; expected id,fold,target,p_<class>"),
+    "missing rows": (
+        lambda df: df.drop(index=[3, 4]),
+        r"oof.csv: 2 training row\(s\) missing \(e.g. id '4'\); expected every training id exactly once",
+    ),
+    "nan": (
+        lambda df: _set(df, 5, "p_3", np.nan),
+        r"oof.csv: line 7 \(id '6'\): p_3 is NaN or empty; expected a probability in \[0, 1\]",
+    ),
+    "sum": (
+        lambda df: _set(df, 0, "p_0", df.loc[0, "p_0"] + 0.2),
+        r"oof.csv: line 2 \(id '1'\): probabilities sum to 1.2; expected 1 \(within 0.001\)",
+    ),
+    "above one": (
+        lambda df: _set(df, 1, "p_2", 1.5),
+        r"oof.csv: line 3 \(id '2'\): p_2 is 1.5; expected a probability in \[0, 1\]",
+    ),
+    "extra class column": (
+        lambda df: df.assign(p_cat=0.0),
+        r"oof.csv: column 'p_cat' is not a class of the config; expected p_<class> for the classes 0, 1, 2",
+    ),
+    "missing class column": (
+        lambda df: df.drop(columns=["p_9"]),
+        r"oof.csv: missing column 'p_9' \(class '9'\); expected one p_<class> column per class",
+    ),
+    "target not a class": (
+        lambda df: _set(df, 2, "target", 12),
+        r"oof.csv: line 4 \(id '3'\): target 12 is not a class of the config; expected a class index 0..9 \(classes 0, 1,",
+    ),
+    "target differs": (
+        lambda df: _set(df, 2, "target", (df.loc[2, "target"] + 1) % 10),
+        r"oof.csv: line 4 \(id '3'\): target \d but the training data has class \d",
+    ),
+    "unknown id": (
+        lambda df: _set(df, 0, "id", "9999"),
+        r"oof.csv: line 2: id '9999' is not in the training data \(1 such ids\)",
+    ),
+    "fold differs": (
+        lambda df: _set(df, 0, "fold", (df.loc[0, "fold"] + 1) % 3),
+        r"oof.csv: line 2 \(id '1'\): fold \d but folds/comp.csv puts it in fold \d; expected the folds training used",
+    ),
+    "duplicate id": (
+        lambda df: pd.concat([df, df.iloc[[7]]]),
+        r"oof.csv: line 602: id '8' appears 2 times; expected each training id once",
+    ),
+    "missing column": (
+        lambda df: df.drop(columns=["fold"]),
+        r"oof.csv: missing column 'fold'; expected id,fold,target,p_<class>",
+    ),
 }
 
 
@@ -256,6 +310,7 @@ def test_missing_oof_and_stale_training_via_cli(hand_run, capsys):
 
 
 # ---- compare -----------------------------------------------------------------------------
+
 
 def _oof(dirname, y, fold, probs):
     d = Path(dirname)
@@ -290,7 +345,10 @@ def test_compare_side_by_side_and_refuses_other_folds(capsys):
     assert "fold 2 logloss" in capsys.readouterr().out
     # another fold assignment makes the CV scores incomparable
     c = _oof("runs/c/c", y, (np.arange(n) + 1) % 3, np.c_[1 - good, good])
-    with pytest.raises(PipelineError, match=r"runs/c/c/oof.csv: fold assignments differ from runs/c/a/oof.csv \(line 2, id 'r0': fold 1 here, 0 there\); expected runs on the same folds file"):
+    with pytest.raises(
+        PipelineError,
+        match=r"runs/c/c/oof.csv: fold assignments differ from runs/c/a/oof.csv \(line 2, id 'r0': fold 1 here, 0 there\); expected runs on the same folds file",
+    ):
         compare([str(a), str(c)])
     assert run_cli("evaluate", "--compare", a, "runs/c/missing") == 2
     assert "runs/c/missing: run directory not found" in capsys.readouterr().err
@@ -298,13 +356,20 @@ def test_compare_side_by_side_and_refuses_other_folds(capsys):
 
 # ---- a real tiny run: report and CLI ----------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory, sk_digits_dir):
     """fold + train (3 folds x 2 epochs of simple_cnn on 600 8x8 digits), once for the module."""
     base = tmp_path_factory.mktemp("evaltrained")
-    cfg = {"competition": "comp", "metric": "accuracy", "data": {"format": "pixel_csv", "dir": str(sk_digits_dir)},
-           "folds": {"n_splits": 3, "seed": 0}, "model": {"backbone": "simple_cnn", "pretrained": False, "drop_rate": 0.0},
-           "train": dict(TINY_TRAIN), "evaluate": {"gradcam_samples": 3}}
+    cfg = {
+        "competition": "comp",
+        "metric": "accuracy",
+        "data": {"format": "pixel_csv", "dir": str(sk_digits_dir)},
+        "folds": {"n_splits": 3, "seed": 0},
+        "model": {"backbone": "simple_cnn", "pretrained": False, "drop_rate": 0.0},
+        "train": dict(TINY_TRAIN),
+        "evaluate": {"gradcam_samples": 3},
+    }
     write_yaml(base / "exp.yaml", cfg)
     old = os.getcwd()
     os.chdir(base)
@@ -327,8 +392,16 @@ def test_report_from_a_trained_run(trained_dir, capsys):
     assert out.rstrip().endswith(f"report: {RUN / 'report' / 'report.html'}")
     report = RUN / "report"
     pngs = sorted(p.name for p in report.glob("*.png"))
-    assert pngs == ["adversarial_hist.png", "adversarial_top.png", "confident_errors.png", "confusion_matrix.png", "gradcam.png",
-                    "reliability.png", "roc_pr.png", "training_curves.png"]
+    assert pngs == [
+        "adversarial_hist.png",
+        "adversarial_top.png",
+        "confident_errors.png",
+        "confusion_matrix.png",
+        "gradcam.png",
+        "reliability.png",
+        "roc_pr.png",
+        "training_curves.png",
+    ]
     html = (report / "report.html").read_text()
     for name in pngs:
         assert f"src='{name}'" in html
@@ -350,9 +423,13 @@ def test_report_from_a_trained_run(trained_dir, capsys):
 
 # ---- Grad-CAM --------------------------------------------------------------------------------
 
+
 def _net(backbone, in_chans, size):
-    cfg = SimpleNamespace(model=SimpleNamespace(backbone=backbone, pretrained=False, weights=None, use_features=False,
-                                                input_size=None, drop_rate=0.0))
+    cfg = SimpleNamespace(
+        model=SimpleNamespace(
+            backbone=backbone, pretrained=False, weights=None, use_features=False, input_size=None, drop_rate=0.0
+        )
+    )
     return build_model(cfg, in_chans, 2, 0, (size, size))[0]
 
 
@@ -370,7 +447,11 @@ class _Tokens(torch.nn.Module):
 def test_gradcam_feature_map_choice():
     torch.manual_seed(0)
     x = torch.randn(2, 2, 64, 64)
-    for backbone, layer in (("simple_cnn", "features.3 (60x60)"), ("bn_cnn", "features.18 (16x16)"), ("tf_efficientnet_lite0", "bn2.act (2x2)")):
+    for backbone, layer in (
+        ("simple_cnn", "features.3 (60x60)"),
+        ("bn_cnn", "features.18 (16x16)"),
+        ("tf_efficientnet_lite0", "bn2.act (2x2)"),
+    ):
         net = _net(backbone, 2, 64)
         torch.nn.init.normal_(net.head[1].weight)
         cam, logits, name = gradcam(net, x)
@@ -391,7 +472,7 @@ def test_gradcam_mass_falls_on_the_patch_that_decides_the_label():
         y = rng.integers(0, 2, n)
         pos = rng.integers(0, size - patch + 1, (n, 2))
         for i in np.flatnonzero(y):
-            x[i, 0, pos[i, 0]:pos[i, 0] + patch, pos[i, 1]:pos[i, 1] + patch] += 2.5
+            x[i, 0, pos[i, 0] : pos[i, 0] + patch, pos[i, 1] : pos[i, 1] + patch] += 2.5
         return x, y, pos
 
     x, y, _ = make(400)
@@ -403,7 +484,7 @@ def test_gradcam_mass_falls_on_the_patch_that_decides_the_label():
         net.train()
         perm = torch.randperm(len(X))
         for s in range(0, len(X), 64):
-            i = perm[s:s + 64]
+            i = perm[s : s + 64]
             loss = torch.nn.functional.cross_entropy(net(X[i]), Y[i])
             opt.zero_grad()
             loss.backward()
@@ -415,7 +496,7 @@ def test_gradcam_mass_falls_on_the_patch_that_decides_the_label():
     shares = []
     for c, (r, q) in zip(cam, pos[pos_rows]):
         mask = np.zeros((size, size), bool)
-        mask[r:r + patch, q:q + patch] = True
+        mask[r : r + patch, q : q + patch] = True
         shares.append(mass_inside(c, mask))
     # the patch is 6% of the image; most of the map's mass falls inside it
     assert np.median(shares) > 0.5, shares
@@ -442,8 +523,14 @@ def test_binary_sar_report_without_models(make_config, iceberg_dir, capsys):
     assert t["f1_at_0.5"] == m["f1"] and t["f1_at_best_threshold"] >= t["f1_at_0.5"] and len(t["fold_thresholds"]) == 5
     assert "threshold: F1 " in out and "note: No fold_*/history.csv found" in out and "note: Grad-CAM skipped" in out
     report = RUN / "report"
-    assert sorted(p.name for p in report.glob("*.png")) == ["adversarial_hist.png", "adversarial_top.png", "confident_errors.png",
-                                                            "confusion_matrix.png", "reliability.png", "roc_pr.png"]
+    assert sorted(p.name for p in report.glob("*.png")) == [
+        "adversarial_hist.png",
+        "adversarial_top.png",
+        "confident_errors.png",
+        "confusion_matrix.png",
+        "reliability.png",
+        "roc_pr.png",
+    ]
     html = (report / "report.html").read_text()
     assert "Grad-CAM skipped" in html and "positive class <b>iceberg</b>" in html
 
@@ -456,15 +543,24 @@ def test_report_escapes_class_names_and_ids(make_config, folder_dir, tmp_path):
     tr = pd.read_csv(data / "train.csv")
     tr["label"] = tr["label"].replace({"zero": evil, "one": "a&b"})
     tr.to_csv(data / "train.csv", index=False)
-    cfg = load_config(make_config(data, "image_folder", data={"image_size": 16},
-                                  model={"backbone": "simple_cnn", "pretrained": False}))
+    cfg = load_config(
+        make_config(
+            data, "image_folder", data={"image_size": 16}, model={"backbone": "simple_cnn", "pretrained": False}
+        )
+    )
     table = read_table(cfg, "train")
     assert evil in table.class_names
     run_fold(cfg, table)
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(len(table.class_names)), len(table))
-    df = pd.DataFrame({"id": table.ids, "fold": load_folds(cfg, table), "target": table.labels,
-                       **{f"p_{c}": probs[:, i] for i, c in enumerate(table.class_names)}})
+    df = pd.DataFrame(
+        {
+            "id": table.ids,
+            "fold": load_folds(cfg, table),
+            "target": table.labels,
+            **{f"p_{c}": probs[:, i] for i, c in enumerate(table.class_names)},
+        }
+    )
     RUN.mkdir(parents=True)
     df.to_csv(RUN / "oof.csv", index=False)
     evaluate(cfg)

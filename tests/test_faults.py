@@ -1,11 +1,11 @@
 """Operating-system faults and bugs through ``main(argv)``: one line, a documented exit code, nothing
 half-written. This machine runs as root, so permission bits cannot make a write fail: faults are injected."""
+
 import errno
 import os
 from pathlib import Path
 
 import pytest
-
 from conftest import cli_error, run_cli
 
 
@@ -23,17 +23,23 @@ def _fail_with(code: int):
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 @pytest.mark.parametrize("where", ["create", "write", "rename"])
-def test_fold_write_fault_is_one_line_and_leaves_nothing(make_config, iceberg_dir, tmp_path, monkeypatch, capsys, code, where):
+def test_fold_write_fault_is_one_line_and_leaves_nothing(
+    make_config, iceberg_dir, tmp_path, monkeypatch, capsys, code, where
+):
     import pandas as pd
 
     import pipeline.core.io as pio
 
     cfg = make_config(iceberg_dir)
     before = _tree(tmp_path)
-    target = {"create": (pio.tempfile, "mkstemp"), "write": (pd.DataFrame, "to_csv"), "rename": (pio.os, "replace")}[where]
+    target = {"create": (pio.tempfile, "mkstemp"), "write": (pd.DataFrame, "to_csv"), "rename": (pio.os, "replace")}[
+        where
+    ]
     monkeypatch.setattr(*target, _fail_with(code))
     err = cli_error(capsys, "fold", cfg)
-    assert err == f"error: folds/comp.csv: {os.strerror(code)} ({errno.errorcode[code]})"  # the artifact, not a temp name
+    assert (
+        err == f"error: folds/comp.csv: {os.strerror(code)} ({errno.errorcode[code]})"
+    )  # the artifact, not a temp name
     monkeypatch.undo()
     after = _tree(tmp_path)
     assert not [p for p in after if p not in before], "a failed write left files behind"
@@ -72,16 +78,19 @@ def test_unexpected_error_is_exit_1_with_a_saved_traceback(make_config, iceberg_
     assert "Traceback (most recent call last)" in saved.read_text() and "1 / 0" in saved.read_text()
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["lb", "sub.csv", "nan"], "'nan': expected a finite number"),
-    (["lb", "sub.csv", "inf"], "'inf': expected a finite number"),
-    (["tune", "cfg.yaml", "--timeout", "1e999"], "expected a finite number"),
-    (["augment", "cfg.yaml", "--n", "0"], "expected a positive whole number"),
-    (["demo-data", "iceberg", "--out", "x", "--n-train", "-3"], "expected a positive whole number"),
-    (["fold"], "the following arguments are required: config"),
-    (["no-such-stage"], "invalid choice"),
-    (["fold", "cfg.yaml", "--bogus"], "unrecognized arguments: --bogus"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["lb", "sub.csv", "nan"], "'nan': expected a finite number"),
+        (["lb", "sub.csv", "inf"], "'inf': expected a finite number"),
+        (["tune", "cfg.yaml", "--timeout", "1e999"], "expected a finite number"),
+        (["augment", "cfg.yaml", "--n", "0"], "expected a positive whole number"),
+        (["demo-data", "iceberg", "--out", "x", "--n-train", "-3"], "expected a positive whole number"),
+        (["fold"], "the following arguments are required: config"),
+        (["no-such-stage"], "invalid choice"),
+        (["fold", "cfg.yaml", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
 def test_command_line_errors_are_one_line(capsys, argv, says, tmp_path):
     capsys.readouterr()
     assert run_cli(*argv) == 2  # main(argv) returns the code; it does not exit

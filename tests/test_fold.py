@@ -3,8 +3,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import run_cli
+
 from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.folds import load_folds, make_folds, run_fold
@@ -56,7 +56,9 @@ def test_repeats_add_columns(make_config, iceberg_dir):
 
 def test_bad_fold_inputs(make_config, iceberg_dir, digits_dir):
     cfg = load_config(make_config(iceberg_dir, folds={"group": "angle"}))
-    with pytest.raises(PipelineError, match=r"folds.group: column 'angle' is not in the statoil_json data; available: inc_angle"):
+    with pytest.raises(
+        PipelineError, match=r"folds.group: column 'angle' is not in the statoil_json data; available: inc_angle"
+    ):
         make_folds(cfg, read_table(cfg, "train"))
     cfg = load_config(make_config(iceberg_dir, folds={"n_splits": 200}))
     with pytest.raises(PipelineError, match=r"folds.n_splits is 200 but class '\w+' has only \d+ rows"):
@@ -70,7 +72,9 @@ def test_load_folds_refuses_other_data(make_config, iceberg_dir, digits_dir):
         load_folds(cfg, tr)
     run_fold(cfg, tr)
     written = pd.read_csv("folds/comp.csv", dtype={"id": str}).set_index("id")["fold"]
-    np.testing.assert_array_equal(load_folds(cfg, tr), written.loc[tr.ids.astype(str)].to_numpy())  # aligned to the table's rows
+    np.testing.assert_array_equal(
+        load_folds(cfg, tr), written.loc[tr.ids.astype(str)].to_numpy()
+    )  # aligned to the table's rows
     other = load_config(make_config(digits_dir, "pixel_csv", name="other"))
     with pytest.raises(PipelineError, match=r"folds/comp.csv: folds file does not match the training data"):
         load_folds(other, read_table(other, "train"))
@@ -85,7 +89,11 @@ def test_too_few_groups_is_one_line_error(tmp_path, make_config, iceberg_dir, ca
     from conftest import copy_json, run_cli
 
     d = tmp_path / "angles"
-    copy_json(iceberg_dir / "train.json", d / "train.json", lambda recs: [r.update(inc_angle=30.0 + i % 3) for i, r in enumerate(recs)])
+    copy_json(
+        iceberg_dir / "train.json",
+        d / "train.json",
+        lambda recs: [r.update(inc_angle=30.0 + i % 3) for i, r in enumerate(recs)],
+    )
     (d / "test.json").write_text((iceberg_dir / "test.json").read_text())
     path = make_config(d, folds={"group": "inc_angle", "n_splits": 5})
     assert run_cli("fold", path) == 2
@@ -110,8 +118,9 @@ def _one_class_copy(fmt, src, dst):
         df.to_csv(dst / "train.csv", index=False)
 
 
-@pytest.mark.parametrize("fmt, fixture", [("statoil_json", "iceberg_dir"), ("pixel_csv", "digits_dir"),
-                                          ("image_folder", "folder_dir")])
+@pytest.mark.parametrize(
+    "fmt, fixture", [("statoil_json", "iceberg_dir"), ("pixel_csv", "digits_dir"), ("image_folder", "folder_dir")]
+)
 def test_one_class_is_refused_at_fold_before_anything_is_written(fmt, fixture, request, make_config, tmp_path, capsys):
     from conftest import cli_error
 
@@ -121,12 +130,16 @@ def test_one_class_is_refused_at_fold_before_anything_is_written(fmt, fixture, r
     cfg = make_config(data, fmt, **extra)
     before = sorted(p for p in tmp_path.rglob("*") if ".cache" not in p.parts)
     err = cli_error(capsys, "fold", cfg)
-    assert err.startswith(f"error: {data}: the training data has only class ") and "expected at least two classes" in err
+    assert (
+        err.startswith(f"error: {data}: the training data has only class ") and "expected at least two classes" in err
+    )
     assert not Path("folds").exists() or not any(Path("folds").iterdir())
     assert sorted(p for p in tmp_path.rglob("*") if ".cache" not in p.parts) == before
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00\xff\xfe garbage\n\x81", b"id,fold\n", b"id,fold\n1,0\n2", b"id\tfold\nx\t0\n"])
+@pytest.mark.parametrize(
+    "content", [b"", b"\x00\xff\xfe garbage\n\x81", b"id,fold\n", b"id,fold\n1,0\n2", b"id\tfold\nx\t0\n"]
+)
 def test_corrupt_folds_file_is_one_line(make_config, iceberg_dir, capsys, content):
     from conftest import cli_error
 

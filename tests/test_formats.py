@@ -1,13 +1,14 @@
 """Readers on real files written by the demo generators, and every bad input named in the issue."""
+
 import json
 import re
 
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import cli_error, run_cli
 from helpers import _bad_statoil, _set
+
 from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.formats import build_reader, read_table
@@ -18,6 +19,7 @@ def _cfg(make_config, d, fmt, **kw):
 
 
 # ---- statoil_json ---------------------------------------------------------------------
+
 
 def test_statoil_reads_demo_files(make_config, iceberg_dir):
     cfg = _cfg(make_config, iceberg_dir, "statoil_json")
@@ -35,15 +37,21 @@ def test_statoil_reads_demo_files(make_config, iceberg_dir):
     assert te.labels is None and te.images.shape[1:] == (2, 75, 75)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (_set(2, "band_1", [0.0] * 5624), r"train.json: id '\w+': band_1 has 5624 values; expected 5625 \(75x75\)"),
-    (_set(1, "inc_angle", "unknown"), r"train.json: id '\w+': inc_angle is 'unknown'; expected a number or \"na\""),
-    (_set(0, "band_2", ["x"] * 5625), r"band_2 has non-numeric values"),
-    (_set(4, "is_iceberg", 2), r"is_iceberg is 2; expected 0 or 1"),
-    (lambda recs: recs[1].update(id=recs[0]["id"]), r"train.json: duplicate id '\w+' \(1 duplicates\); expected unique ids"),
-    (lambda recs: recs.clear(), r"train.json: the train set is empty"),
-    (lambda recs: recs[0].pop("band_2"), r"missing or non-list 'band_2'"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (_set(2, "band_1", [0.0] * 5624), r"train.json: id '\w+': band_1 has 5624 values; expected 5625 \(75x75\)"),
+        (_set(1, "inc_angle", "unknown"), r"train.json: id '\w+': inc_angle is 'unknown'; expected a number or \"na\""),
+        (_set(0, "band_2", ["x"] * 5625), r"band_2 has non-numeric values"),
+        (_set(4, "is_iceberg", 2), r"is_iceberg is 2; expected 0 or 1"),
+        (
+            lambda recs: recs[1].update(id=recs[0]["id"]),
+            r"train.json: duplicate id '\w+' \(1 duplicates\); expected unique ids",
+        ),
+        (lambda recs: recs.clear(), r"train.json: the train set is empty"),
+        (lambda recs: recs[0].pop("band_2"), r"missing or non-list 'band_2'"),
+    ],
+)
 def test_statoil_bad_train(tmp_path, make_config, iceberg_dir, mutate, message, capsys):
     d = _bad_statoil(tmp_path, iceberg_dir, mutate)
     assert re.search(message, cli_error(capsys, "fold", make_config(d, "statoil_json")))
@@ -52,6 +60,7 @@ def test_statoil_bad_train(tmp_path, make_config, iceberg_dir, mutate, message, 
 def test_statoil_nan_pixels_and_empty_test(tmp_path, make_config, iceberg_dir):
     def nan(recs):
         recs[0]["band_1"][10] = float("nan")
+
     d = _bad_statoil(tmp_path, iceberg_dir, nan)  # json.dumps writes NaN, json.load reads it
     with pytest.raises(PipelineError, match=r"band_1 has NaN or inf pixels; expected finite dB values"):
         read_table(_cfg(make_config, d, "statoil_json"), "train")
@@ -62,13 +71,19 @@ def test_statoil_nan_pixels_and_empty_test(tmp_path, make_config, iceberg_dir):
 
 def test_statoil_missing_label_and_inf_pixels(tmp_path, make_config, iceberg_dir):
     d = _bad_statoil(tmp_path, iceberg_dir, lambda recs: recs[3].pop("is_iceberg"))
-    with pytest.raises(PipelineError, match=r"train.json: id '\w+': missing 'is_iceberg'; expected the label 0 or 1 in every train record"):
+    with pytest.raises(
+        PipelineError,
+        match=r"train.json: id '\w+': missing 'is_iceberg'; expected the label 0 or 1 in every train record",
+    ):
         read_table(_cfg(make_config, d, "statoil_json"), "train")
 
     def inf(recs):
         recs[5]["band_2"][7] = float("-inf")  # json.dumps writes -Infinity, json.load reads it
+
     d = _bad_statoil(tmp_path, iceberg_dir, inf, split="test")
-    with pytest.raises(PipelineError, match=r"test.json: id '\w+': band_2 has NaN or inf pixels; expected finite dB values"):
+    with pytest.raises(
+        PipelineError, match=r"test.json: id '\w+': band_2 has NaN or inf pixels; expected finite dB values"
+    ):
         read_table(_cfg(make_config, d, "statoil_json"), "test")
 
 
@@ -106,6 +121,7 @@ def test_statoil_submission_frame(make_config, iceberg_dir):
 
 # ---- pixel_csv ------------------------------------------------------------------------
 
+
 def test_pixel_csv_reads_demo_files(make_config, digits_dir):
     cfg = _cfg(make_config, digits_dir, "pixel_csv")
     tr, te = read_table(cfg, "train"), read_table(cfg, "test")
@@ -136,15 +152,38 @@ def _bad_csv(tmp_path, digits_dir, split, mutate):
     return d
 
 
-@pytest.mark.parametrize("split, mutate, message", [
-    ("train", lambda df: df.drop(columns="label"), r"train.csv: missing column 'label'; expected columns label,pixel0..pixelN"),
-    ("train", lambda df: df.assign(label=df["label"].astype(object).where(df.index != 3, "seven")), r"train.csv: row 4 has label 'seven'; expected an integer class"),
-    ("train", lambda df: df.assign(pixel5=df["pixel5"].where(df.index != 7, np.nan)), r"train.csv: row 8 has a pixel that is missing or outside 0..255"),
-    ("train", lambda df: df.assign(pixel5=df["pixel5"].where(df.index != 2, 300)), r"row 3 has a pixel that is missing or outside 0..255"),
-    ("test", lambda df: df.drop(columns="pixel783"), r"test.csv: 783 pixel columns is not a square image"),
-    ("test", lambda df: df.iloc[:0], r"test.csv: the test set is empty"),
-    ("test", lambda df: df.assign(pixel0=df["pixel0"].astype(object).where(df.index != 1, "x")), r"test.csv: row 2 has a non-numeric pixel"),
-])
+@pytest.mark.parametrize(
+    "split, mutate, message",
+    [
+        (
+            "train",
+            lambda df: df.drop(columns="label"),
+            r"train.csv: missing column 'label'; expected columns label,pixel0..pixelN",
+        ),
+        (
+            "train",
+            lambda df: df.assign(label=df["label"].astype(object).where(df.index != 3, "seven")),
+            r"train.csv: row 4 has label 'seven'; expected an integer class",
+        ),
+        (
+            "train",
+            lambda df: df.assign(pixel5=df["pixel5"].where(df.index != 7, np.nan)),
+            r"train.csv: row 8 has a pixel that is missing or outside 0..255",
+        ),
+        (
+            "train",
+            lambda df: df.assign(pixel5=df["pixel5"].where(df.index != 2, 300)),
+            r"row 3 has a pixel that is missing or outside 0..255",
+        ),
+        ("test", lambda df: df.drop(columns="pixel783"), r"test.csv: 783 pixel columns is not a square image"),
+        ("test", lambda df: df.iloc[:0], r"test.csv: the test set is empty"),
+        (
+            "test",
+            lambda df: df.assign(pixel0=df["pixel0"].astype(object).where(df.index != 1, "x")),
+            r"test.csv: row 2 has a non-numeric pixel",
+        ),
+    ],
+)
 def test_pixel_csv_bad_input(tmp_path, make_config, digits_dir, split, mutate, message, capsys):
     d = _bad_csv(tmp_path, digits_dir, split, mutate)
     if split == "train":  # through the CLI, as a user meets it
@@ -156,8 +195,13 @@ def test_pixel_csv_bad_input(tmp_path, make_config, digits_dir, split, mutate, m
 def test_pixel_csv_malformed_and_truncated(tmp_path, make_config, digits_dir):
     d = _bad_csv(tmp_path, digits_dir, "train", lambda df: df)
     lines = (d / "train.csv").read_text().splitlines()
-    (d / "train.csv").write_text("\n".join(lines[:4] + [lines[4] + ",0,0"] + lines[5:]) + "\n")  # a row with extra fields
-    with pytest.raises(PipelineError, match=r"train.csv: cannot parse CSV \(Error tokenizing data.*line 5.*\); expected a header and one row per image"):
+    (d / "train.csv").write_text(
+        "\n".join(lines[:4] + [lines[4] + ",0,0"] + lines[5:]) + "\n"
+    )  # a row with extra fields
+    with pytest.raises(
+        PipelineError,
+        match=r"train.csv: cannot parse CSV \(Error tokenizing data.*line 5.*\); expected a header and one row per image",
+    ):
         read_table(_cfg(make_config, d, "pixel_csv"), "train")
     text = "\n".join(lines) + "\n"
     (d / "train.csv").write_text(text[: len(text) - 40])  # cut inside the last row, as an interrupted download
@@ -171,7 +215,10 @@ def test_pixel_csv_train_test_sizes_differ(tmp_path, make_config, digits_dir):
     pd.read_csv(digits_dir / "train.csv", nrows=20).to_csv(d / "train.csv", index=False)
     test = pd.DataFrame(np.zeros((5, 16 * 16), np.uint8), columns=[f"pixel{i}" for i in range(256)])
     test.to_csv(d / "test.csv", index=False)
-    with pytest.raises(PipelineError, match=r"train.csv: images are 28x28 but test.csv has 256 pixel columns; expected train and test of the same size"):
+    with pytest.raises(
+        PipelineError,
+        match=r"train.csv: images are 28x28 but test.csv has 256 pixel columns; expected train and test of the same size",
+    ):
         read_table(_cfg(make_config, d, "pixel_csv"), "train")
 
 
@@ -184,12 +231,13 @@ def test_cli_bad_data_exit_2(tmp_path, make_config, iceberg_dir, capsys):
 
 # ---- a format registered in a few lines --------------------------------------------------
 
+
 def test_registered_format_end_to_end(tmp_path, make_config, iceberg_dir, request):
     """A reader class and one FORMATS.register line: the config validates data: against the
     reader's own Options (its keys, hashed with the rest), and `pipeline fold` reads it."""
+    from pipeline.config.options import DataOptions
     from pipeline.config.registries import FORMATS
     from pipeline.data.formats.base import Reader
-    from pipeline.config.options import DataOptions
     from pipeline.data.table import Table
 
     class NpzOptions(DataOptions):
@@ -200,8 +248,12 @@ def test_registered_format_end_to_end(tmp_path, make_config, iceberg_dir, reques
 
         def _read(self, split):
             d = np.load(self.path(self.cfg.data.file if split == "train" else "test.npz"))
-            return Table(ids=d["ids"].astype(object), images=d["images"], class_names=["a", "b"],
-                         labels=d["labels"] if "labels" in d else None)
+            return Table(
+                ids=d["ids"].astype(object),
+                images=d["images"],
+                class_names=["a", "b"],
+                labels=d["labels"] if "labels" in d else None,
+            )
 
     FORMATS.register("npz", Npz)
     request.addfinalizer(lambda: FORMATS.unregister("npz"))
@@ -209,8 +261,12 @@ def test_registered_format_end_to_end(tmp_path, make_config, iceberg_dir, reques
     rng = np.random.default_rng(0)
     data = tmp_path / "npz"
     data.mkdir()
-    np.savez(data / "rows.npz", ids=np.array([f"r{i}" for i in range(30)]), images=rng.random((30, 1, 16, 16), dtype=np.float32),
-             labels=np.arange(30) % 2)
+    np.savez(
+        data / "rows.npz",
+        ids=np.array([f"r{i}" for i in range(30)]),
+        images=rng.random((30, 1, 16, 16), dtype=np.float32),
+        labels=np.arange(30) % 2,
+    )
     path = make_config(data, "npz", folds={"n_splits": 3})
     with pytest.raises(PipelineError, match=r"data.file: "):  # its own key exists...
         load_config(path, ["data.file=[1, 2]"])
@@ -223,13 +279,36 @@ def test_registered_format_end_to_end(tmp_path, make_config, iceberg_dir, reques
     folds = pd.read_csv("folds/comp.csv", dtype={"id": str})
     assert sorted(folds["id"]) == sorted(f"r{i}" for i in range(30)) and folds["fold"].nunique() == 3
     # ... and it trains like any other format: every row gets an out-of-fold prediction
-    np.savez(data / "test.npz", ids=np.array([f"t{i}" for i in range(5)]), images=rng.random((5, 1, 16, 16), dtype=np.float32))
-    assert run_cli("train", path, "data.file=rows.npz", "model.backbone=simple_cnn", "model.pretrained=false",
-                   "train.epochs=1", "train.batch_size=8", "train.device=cpu") == 0
+    np.savez(
+        data / "test.npz",
+        ids=np.array([f"t{i}" for i in range(5)]),
+        images=rng.random((5, 1, 16, 16), dtype=np.float32),
+    )
+    assert (
+        run_cli(
+            "train",
+            path,
+            "data.file=rows.npz",
+            "model.backbone=simple_cnn",
+            "model.pretrained=false",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "train.device=cpu",
+        )
+        == 0
+    )
     oof = pd.read_csv("runs/comp/exp/oof.csv", dtype={"id": str})
     assert sorted(oof["id"]) == sorted(folds["id"]) and list(oof.columns) == ["id", "fold", "target", "p_a", "p_b"]
 
 
-def test_built_in_formats_keep_the_data_keys_their_runs_are_hashed_with(make_config, iceberg_dir, digits_dir, folder_dir):
+def test_built_in_formats_keep_the_data_keys_their_runs_are_hashed_with(
+    make_config, iceberg_dir, digits_dir, folder_dir
+):
     for d, fmt in ((iceberg_dir, "statoil_json"), (digits_dir, "pixel_csv"), (folder_dir, "image_folder")):
-        assert list(load_config(make_config(d, fmt)).to_dict()["data"]) == ["format", "dir", "image_size", "channels", "cache"]
+        assert list(load_config(make_config(d, fmt)).to_dict()["data"]) == [
+            "format",
+            "dir",
+            "image_size",
+            "channels",
+            "cache",
+        ]

@@ -7,6 +7,7 @@ compared byte for byte on the CPU and torch release they were made on (``tests/g
 with 2 threads, and to 1e-5 elsewhere, where the last digits of a float may differ.
 ``python tests/test_golden.py --write`` writes them again (only when a change is meant to change them).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,24 +24,36 @@ FILES = ("oof.csv", "oof_tta.csv", "test_pred.csv")
 TINY = {"epochs": 2, "batch_size": 32, "patience": 0, "device": "cpu", "fold_jobs": 1}
 CASES = {
     # the Statoil format: two SAR bands and the incidence angle as scalar features, a timm backbone
-    "iceberg": {"fmt": "statoil_json", "metric": "logloss", "folds": {"n_splits": 3, "seed": 0},
-                "model": {"backbone": "test_efficientnet", "pretrained": False},
-                "train": {**TINY, "lr": 3e-3, "optimizer": "adamw", "scheduler": "cosine", "warmup_epochs": 1},
-                "augment": [{"name": "HorizontalFlip", "p": 0.5}, {"name": "RandomRotate90", "p": 0.5}],
-                "predict": {"tta": ["identity", "hflip"]}},
+    "iceberg": {
+        "fmt": "statoil_json",
+        "metric": "logloss",
+        "folds": {"n_splits": 3, "seed": 0},
+        "model": {"backbone": "test_efficientnet", "pretrained": False},
+        "train": {**TINY, "lr": 3e-3, "optimizer": "adamw", "scheduler": "cosine", "warmup_epochs": 1},
+        "augment": [{"name": "HorizontalFlip", "p": 0.5}, {"name": "RandomRotate90", "p": 0.5}],
+        "predict": {"tta": ["identity", "hflip"]},
+    },
     # digit-recognizer CSVs: the seeds' CNN, one-cycle, label smoothing auto (multi-class log-loss)
-    "digits": {"fmt": "pixel_csv", "metric": "logloss", "folds": {"n_splits": 3, "seed": 1},
-               "model": {"backbone": "simple_cnn", "pretrained": False, "drop_rate": 0.0},
-               "train": {**TINY, "lr": 4e-3, "optimizer": "adam", "scheduler": "onecycle"},
-               "augment": [{"name": "Affine", "rotate": [-10, 10], "scale": [0.9, 1.1], "p": 0.5}],
-               "predict": {"tta": ["identity", "rotate5"]}},
+    "digits": {
+        "fmt": "pixel_csv",
+        "metric": "logloss",
+        "folds": {"n_splits": 3, "seed": 1},
+        "model": {"backbone": "simple_cnn", "pretrained": False, "drop_rate": 0.0},
+        "train": {**TINY, "lr": 4e-3, "optimizer": "adam", "scheduler": "onecycle"},
+        "augment": [{"name": "Affine", "rotate": [-10, 10], "scale": [0.9, 1.1], "p": 0.5}],
+        "predict": {"tta": ["identity", "rotate5"]},
+    },
     # an image folder: bn_cnn with per-image input norm and photometric augmentation, accuracy
-    "folder": {"fmt": "image_folder", "metric": "accuracy", "folds": {"n_splits": 3, "seed": 2},
-               "data": {"image_size": 32, "channels": 1},
-               "model": {"backbone": "bn_cnn", "pretrained": False, "input_norm": "image"},
-               "train": {**TINY, "lr": 3e-3, "optimizer": "adamw", "scheduler": "cosine"},
-               "augment": [{"name": "RandomBrightnessContrast", "p": 0.5}],
-               "predict": {"tta": ["identity", "zoom5"]}},
+    "folder": {
+        "fmt": "image_folder",
+        "metric": "accuracy",
+        "folds": {"n_splits": 3, "seed": 2},
+        "data": {"image_size": 32, "channels": 1},
+        "model": {"backbone": "bn_cnn", "pretrained": False, "input_norm": "image"},
+        "train": {**TINY, "lr": 3e-3, "optimizer": "adamw", "scheduler": "cosine"},
+        "augment": [{"name": "RandomBrightnessContrast", "p": 0.5}],
+        "predict": {"tta": ["identity", "zoom5"]},
+    },
 }
 
 
@@ -49,8 +62,11 @@ def _machine() -> dict:
 
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "torch": torch.__version__.split("+")[0], "threads": 2}
@@ -86,8 +102,12 @@ def _run(kind: str, work: Path) -> Path:
 
     spec = {k: v for k, v in CASES[kind].items() if k != "fmt"}
     data = _write_data(kind, work / "data")
-    cfg = {"competition": f"golden-{kind}", "data": {"format": CASES[kind]["fmt"], "dir": str(data), **spec.pop("data", {})},
-           **spec, "evaluate": {"adversarial": False, "gradcam_samples": 0}}
+    cfg = {
+        "competition": f"golden-{kind}",
+        "data": {"format": CASES[kind]["fmt"], "dir": str(data), **spec.pop("data", {})},
+        **spec,
+        "evaluate": {"adversarial": False, "gradcam_samples": 0},
+    }
     path = work / "golden.yaml"
     path.write_text(yaml.safe_dump(cfg))
     before = torch.get_num_threads()

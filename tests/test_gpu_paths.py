@@ -4,6 +4,7 @@ in the training step and in the resume state, and benchmarks/gpu_smoke.py's CPU 
 
 CUDA is faked where a decision reads it (``torch.cuda.is_available`` & co. monkeypatched); nothing
 here allocates on a GPU, so the suite means the same on a machine with or without one."""
+
 import functools
 import importlib.util
 import os
@@ -13,16 +14,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import cli_error, run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import cli_error, run_cli
-from pipeline.core import device as dev
 from pipeline.config.load import load_config
-from pipeline.train.cv import train_cv
+from pipeline.core import device as dev
 from pipeline.core.device import Amp, amp_plan, auto_precision, cudnn_flags, loader_kwargs, non_blocking, parse_device
 from pipeline.core.errors import PipelineError
 from pipeline.data.folds import run_fold
+from pipeline.train.cv import train_cv
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = Path("runs/comp/exp")
@@ -45,23 +46,29 @@ def _files(root: Path) -> dict:
 
 # ---- precision ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("device_type,precision,bf16,expected", [
-    ("cpu", "fp32", True, Amp(None, False)),
-    ("cpu", "bf16", True, Amp(torch.bfloat16, False)),
-    ("mps", "bf16", True, Amp(torch.bfloat16, False)),
-    ("cuda", "fp32", True, Amp(None, False)),
-    ("cuda", "bf16", True, Amp(torch.bfloat16, False)),  # bf16 has fp32's exponent range: no scaler
-    ("cuda", "fp16", True, Amp(torch.float16, True)),  # fp16 underflows small gradients: scaled
-    ("cuda", "auto", True, Amp(torch.bfloat16, False)),
-    ("cuda", "auto", False, Amp(torch.float16, True)),  # a GPU without native bf16 (V100, T4)
-])
+
+@pytest.mark.parametrize(
+    "device_type,precision,bf16,expected",
+    [
+        ("cpu", "fp32", True, Amp(None, False)),
+        ("cpu", "bf16", True, Amp(torch.bfloat16, False)),
+        ("mps", "bf16", True, Amp(torch.bfloat16, False)),
+        ("cuda", "fp32", True, Amp(None, False)),
+        ("cuda", "bf16", True, Amp(torch.bfloat16, False)),  # bf16 has fp32's exponent range: no scaler
+        ("cuda", "fp16", True, Amp(torch.float16, True)),  # fp16 underflows small gradients: scaled
+        ("cuda", "auto", True, Amp(torch.bfloat16, False)),
+        ("cuda", "auto", False, Amp(torch.float16, True)),  # a GPU without native bf16 (V100, T4)
+    ],
+)
 def test_amp_plan(device_type, precision, bf16, expected):
     assert amp_plan(device_type, precision, bf16) == expected
 
 
 @pytest.mark.parametrize("device_type", ["cpu", "mps"])
 def test_fp16_off_cuda_is_refused_and_auto_there_is_measured(device_type):
-    with pytest.raises(PipelineError, match=f"train.precision: fp16 needs a CUDA device .* the device is {device_type}"):
+    with pytest.raises(
+        PipelineError, match=f"train.precision: fp16 needs a CUDA device .* the device is {device_type}"
+    ):
         amp_plan(device_type, "fp16")
     assert auto_precision(device_type, True) is None and auto_precision(device_type, False) is None
     with pytest.raises(ValueError, match="resolve it first"):  # a caller that skipped the measurement: a bug
@@ -112,7 +119,10 @@ def test_fp16_training_on_cpu_is_one_line_and_writes_nothing(digits_config, caps
     before = _files(tmp_path)
     for extra in ([], ["--budget", "60"]):  # the budget's plan trains too: refused before it is made
         err = cli_error(capsys, "train", path, f"train.device={device_flag}", "train.precision=fp16", *extra)
-        assert "train.precision: fp16 needs a CUDA device" in err and f"the device is {dev.resolve_device(device_flag).type}" in err
+        assert (
+            "train.precision: fp16 needs a CUDA device" in err
+            and f"the device is {dev.resolve_device(device_flag).type}" in err
+        )
     assert _files(tmp_path) == before and not RUN.exists()
 
 
@@ -180,17 +190,23 @@ def test_pinned_batches_and_non_blocking_copies_only_for_cuda(name, pinned):
 
 def test_loader_pins_memory_on_cuda_only(monkeypatch, digits_config):
     """The trainer's DataLoader gets ``pin_memory`` from the device (inspected, not iterated)."""
-    from pipeline.train import job
     from pipeline.data.formats import read_table
     from pipeline.runs.layout import RunDir
+    from pipeline.train import job
 
     cfg = load_config(digits_config(train={"num_workers": 1}))
     table = read_table(cfg, "train")
     seen = []
     monkeypatch.setattr(torch.utils.data, "DataLoader", lambda ds, **kw: seen.append(kw["pin_memory"]) or [])
     for name in ("cpu", "cuda:1"):
-        ft = job.FoldTrainer(cfg=cfg, table=table, fold_of=np.arange(len(table)) % 3, job=RunDir.of(cfg).job_dir(0, 42),
-                                 device=torch.device(name), run_hash="h")
+        ft = job.FoldTrainer(
+            cfg=cfg,
+            table=table,
+            fold_of=np.arange(len(table)) % 3,
+            job=RunDir.of(cfg).job_dir(0, 42),
+            device=torch.device(name),
+            run_hash="h",
+        )
         ft.parts = type("P", (), {"augment": None})()
         ft.loader([np.arange(4)], 1)
     assert seen == [False, True]
@@ -198,9 +214,20 @@ def test_loader_pins_memory_on_cuda_only(monkeypatch, digits_config):
 
 # ---- determinism ---------------------------------------------------------------------------
 
+
 def test_cudnn_flags():
-    assert cudnn_flags(True) == {"benchmark": False, "deterministic": True, "use_deterministic_algorithms": True, "warn_only": True}
-    assert cudnn_flags(False) == {"benchmark": True, "deterministic": False, "use_deterministic_algorithms": False, "warn_only": True}
+    assert cudnn_flags(True) == {
+        "benchmark": False,
+        "deterministic": True,
+        "use_deterministic_algorithms": True,
+        "warn_only": True,
+    }
+    assert cudnn_flags(False) == {
+        "benchmark": True,
+        "deterministic": False,
+        "use_deterministic_algorithms": False,
+        "warn_only": True,
+    }
 
 
 def test_flags_touch_nothing_on_cpu_and_are_applied_on_cuda(monkeypatch):
@@ -246,6 +273,7 @@ def test_deterministic_is_a_runtime_key(digits_config):
 
 # ---- the GradScaler in the step and in the resume state ------------------------------------
 
+
 def _reference_epoch(parts, batches, table, t) -> float:
     """The training step as it was before the scaler: backward, clip, step."""
     model, opt = parts.model, parts.opt
@@ -272,19 +300,34 @@ def test_a_disabled_scaler_trains_exactly_as_no_scaler(digits_config):
     cfg = load_config(digits_config(train={"grad_clip": 0.5, "accum_steps": 2, "channels_last": False}))
     table = read_table(cfg, "train")
     idx = np.arange(len(table))
-    batches = [idx[i:i + 64] for i in range(0, 320, 64)]
+    batches = [idx[i : i + 64] for i in range(0, 320, 64)]
     runs = []
     for with_scaler in (True, False):
-        parts = build_components(cfg=cfg, table=table, tr_idx=idx, seed=0, device=torch.device("cpu"),
-                                 channels_last=False, with_augment=False)
+        parts = build_components(
+            cfg=cfg,
+            table=table,
+            tr_idx=idx,
+            seed=0,
+            device=torch.device("cpu"),
+            channels_last=False,
+            with_augment=False,
+        )
         assert not parts.scaler.is_enabled()
         parts.model.train()
         src = BatchSource(images=table.images, batches=batches, augment=None, seeds=[0] * len(batches))
         source = [src[b] for b in range(len(batches))]
         if with_scaler:
-            loss, _ = train_one_epoch(parts, source=source, n_batches=len(batches), table=table, t=cfg.train,
-                                      device=torch.device("cpu"), precision="fp32", channels_last=False,
-                                      rng=np.random.default_rng(0))
+            loss, _ = train_one_epoch(
+                parts,
+                source=source,
+                n_batches=len(batches),
+                table=table,
+                t=cfg.train,
+                device=torch.device("cpu"),
+                precision="fp32",
+                channels_last=False,
+                rng=np.random.default_rng(0),
+            )
         else:
             loss = _reference_epoch(parts, source, table, cfg.train)
         runs.append((loss, [p.detach().clone() for p in parts.model.parameters()]))
@@ -298,12 +341,28 @@ def test_components_for_another_precision_are_a_bug_not_a_silent_fp32(digits_con
 
     cfg = load_config(digits_config())
     table = read_table(cfg, "train")
-    parts = build_components(cfg=cfg, table=table, tr_idx=np.arange(len(table)), seed=0, device=torch.device("cpu"),
-                             channels_last=False, with_augment=False)
+    parts = build_components(
+        cfg=cfg,
+        table=table,
+        tr_idx=np.arange(len(table)),
+        seed=0,
+        device=torch.device("cpu"),
+        channels_last=False,
+        with_augment=False,
+    )
     parts.scaler = torch.amp.GradScaler("cpu", enabled=True)
     with pytest.raises(ValueError, match="GradScaler is on"):
-        train_one_epoch(parts, source=[], n_batches=0, table=table, t=cfg.train, device=torch.device("cpu"),
-                        precision="fp32", channels_last=False, rng=np.random.default_rng(0))
+        train_one_epoch(
+            parts,
+            source=[],
+            n_batches=0,
+            table=table,
+            t=cfg.train,
+            device=torch.device("cpu"),
+            precision="fp32",
+            channels_last=False,
+            rng=np.random.default_rng(0),
+        )
 
 
 def _scaled_run(digits_config, stop_after: int | None = None) -> tuple[list, pd.DataFrame]:
@@ -361,6 +420,7 @@ def test_a_resume_state_without_scaler_state_resumes(digits_config, capsys):
 
 # ---- benchmarks/gpu_smoke.py ---------------------------------------------------------------
 
+
 def _smoke():
     spec = importlib.util.spec_from_file_location("gpu_smoke", ROOT / "benchmarks" / "gpu_smoke.py")
     mod = importlib.util.module_from_spec(spec)
@@ -369,9 +429,30 @@ def _smoke():
 
 
 def test_gpu_smoke_cpu_mode_runs_one_fold_per_precision(tmp_path, capsys):
-    res = _smoke().main(["--device", "cpu", "--backbone", "simple_cnn", "--input-size", "16", "--n-train", "40",
-                         "--folds", "2", "--epochs", "1", "--batch-size", "16", "--num-workers", "0",
-                         "--work", str(tmp_path / "w"), "--json", str(tmp_path / "r.jsonl")])
+    res = _smoke().main(
+        [
+            "--device",
+            "cpu",
+            "--backbone",
+            "simple_cnn",
+            "--input-size",
+            "16",
+            "--n-train",
+            "40",
+            "--folds",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--num-workers",
+            "0",
+            "--work",
+            str(tmp_path / "w"),
+            "--json",
+            str(tmp_path / "r.jsonl"),
+        ]
+    )
     out = capsys.readouterr().out
     rows = {r["precision"]: r for r in res["rows"]}
     assert res["ok"] and rows["fp32"]["ok"] and rows["bf16"]["ok"] and rows["fp32"]["train_img_s"] > 0

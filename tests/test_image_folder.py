@@ -1,4 +1,5 @@
 """image_folder reader: the demo folder, id styles, the memory-mapped cache and every bad input."""
+
 import os
 import re
 import shutil
@@ -6,9 +7,9 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import cli_error, run_cli
 from PIL import Image
 
-from conftest import cli_error, run_cli
 from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.formats import build_reader, read_table
@@ -68,7 +69,9 @@ def test_ids_as_stems_integer_labels_and_test_folder_listing(make_config, small)
     tr = pd.read_csv(small / "train.csv")
     before = read_table(_cfg(make_config, small), "train")
     # Stems (histopathologic style) and integer labels (numeric class order, not string order).
-    pd.DataFrame({"id": tr["id"].str.removesuffix(".png"), "label": [10, 2] * 6}).to_csv(small / "train.csv", index=False)
+    pd.DataFrame({"id": tr["id"].str.removesuffix(".png"), "label": [10, 2] * 6}).to_csv(
+        small / "train.csv", index=False
+    )
     (small / "test.csv").unlink()
     cfg = _cfg(make_config, small)
     after = read_table(cfg, "train")
@@ -145,6 +148,7 @@ def test_killed_decode_leaves_no_cache(make_config, small, monkeypatch, tmp_path
 
 # ---- bad input: one line naming the file, row or id ---------------------------------------
 
+
 def _first(d, split="train"):
     return pd.read_csv(d / f"{split}.csv")["id"][0]
 
@@ -152,6 +156,7 @@ def _first(d, split="train"):
 def _edit_csv(split, fn):
     def mutate(d):
         fn(pd.read_csv(d / f"{split}.csv")).to_csv(d / f"{split}.csv", index=False)
+
     return mutate
 
 
@@ -160,6 +165,7 @@ def _set_cell(split, row, col, value):
         df = df.astype(object)
         df.loc[row, col] = value
         return df
+
     return _edit_csv(split, fn)
 
 
@@ -167,6 +173,7 @@ def _write(split, data):
     def mutate(d):
         p = d / split / _first(d, split)
         p.write_bytes(data(p.read_bytes()))
+
     return mutate
 
 
@@ -180,30 +187,98 @@ def _two_images_one_stem(d):
 
 BAD = [
     (lambda d: (d / "train.csv").unlink(), "train", r"train.csv: file not found"),
-    (lambda d: shutil.rmtree(d / "train"), "train", r"train: folder not found \(data.dir is .*\); expected train/ holding the train images"),
-    (_edit_csv("train", lambda df: df.drop(columns="label")), "train", r"train.csv: missing column 'label'; expected columns id,label \(found id\)"),
-    (_edit_csv("train", lambda df: df.rename(columns={"id": "file"})), "train", r"train.csv: missing column 'id'; expected columns id,label"),
-    (_edit_csv("test", lambda df: df.rename(columns={"id": "name"})), "test", r"test.csv: missing column 'id'; expected columns id \(found name\)"),
-    (_set_cell("train", 2, "id", "nope.png"), "train", r"train.csv: row 3: id 'nope.png' has no image file in .*train; expected train/nope.png"),
-    (_set_cell("test", 1, "id", "nope"), "test", r"test.csv: row 2: id 'nope' has no image file in .*test; expected test/nope or test/nope.<png\|jpg\|jpeg\|...>"),
+    (
+        lambda d: shutil.rmtree(d / "train"),
+        "train",
+        r"train: folder not found \(data.dir is .*\); expected train/ holding the train images",
+    ),
+    (
+        _edit_csv("train", lambda df: df.drop(columns="label")),
+        "train",
+        r"train.csv: missing column 'label'; expected columns id,label \(found id\)",
+    ),
+    (
+        _edit_csv("train", lambda df: df.rename(columns={"id": "file"})),
+        "train",
+        r"train.csv: missing column 'id'; expected columns id,label",
+    ),
+    (
+        _edit_csv("test", lambda df: df.rename(columns={"id": "name"})),
+        "test",
+        r"test.csv: missing column 'id'; expected columns id \(found name\)",
+    ),
+    (
+        _set_cell("train", 2, "id", "nope.png"),
+        "train",
+        r"train.csv: row 3: id 'nope.png' has no image file in .*train; expected train/nope.png",
+    ),
+    (
+        _set_cell("test", 1, "id", "nope"),
+        "test",
+        r"test.csv: row 2: id 'nope' has no image file in .*test; expected test/nope or test/nope.<png\|jpg\|jpeg\|...>",
+    ),
     (_set_cell("train", 1, "id", ""), "train", r"train.csv: row 2 has an empty id"),
-    (_set_cell("train", 3, "label", ""), "train", r"train.csv: row 4 \(id '\w+.png'\) has an empty label; expected a class name or integer"),
-    (lambda d: _set_cell("train", 4, "id", _first(d))(d), "train", r"train.csv: duplicate id '\w+.png' \(rows 1 and 5\); expected unique ids"),
-    (_write("train", lambda b: b"not an image"), "train", r"train/\w+.png: id '\w+.png': cannot read image \(UnidentifiedImageError: .*\); expected an image file Pillow can decode"),
-    (_write("test", lambda b: b[: len(b) // 2]), "test", r"test/\w+.png: id '\w+.png': cannot read image \(OSError: image file is truncated\)"),
+    (
+        _set_cell("train", 3, "label", ""),
+        "train",
+        r"train.csv: row 4 \(id '\w+.png'\) has an empty label; expected a class name or integer",
+    ),
+    (
+        lambda d: _set_cell("train", 4, "id", _first(d))(d),
+        "train",
+        r"train.csv: duplicate id '\w+.png' \(rows 1 and 5\); expected unique ids",
+    ),
+    (
+        _write("train", lambda b: b"not an image"),
+        "train",
+        r"train/\w+.png: id '\w+.png': cannot read image \(UnidentifiedImageError: .*\); expected an image file Pillow can decode",
+    ),
+    (
+        _write("test", lambda b: b[: len(b) // 2]),
+        "test",
+        r"test/\w+.png: id '\w+.png': cannot read image \(OSError: image file is truncated\)",
+    ),
     (_edit_csv("test", lambda df: df.iloc[:0]), "test", r"test.csv: the test set is empty; expected at least one row"),
-    (lambda d: [(d / "test.csv").unlink(), shutil.rmtree(d / "test"), (d / "test").mkdir()], "test",
-     r"test: the test set is empty \(no test.csv and no image files\); expected image files \(.png, .jpg, ...\)"),
-    (_two_images_one_stem, "train", r"train.csv: row 1: id 'twin' matches twin.jpg and twin.png in train/; expected one image file per id"),
-    (lambda d: (d / "train.csv").write_text('id,label\n"a.png,one\nb.png,two,extra\n'), "train",
-     r"train.csv: cannot parse CSV \(.*\); expected"),
+    (
+        lambda d: [(d / "test.csv").unlink(), shutil.rmtree(d / "test"), (d / "test").mkdir()],
+        "test",
+        r"test: the test set is empty \(no test.csv and no image files\); expected image files \(.png, .jpg, ...\)",
+    ),
+    (
+        _two_images_one_stem,
+        "train",
+        r"train.csv: row 1: id 'twin' matches twin.jpg and twin.png in train/; expected one image file per id",
+    ),
+    (
+        lambda d: (d / "train.csv").write_text('id,label\n"a.png,one\nb.png,two,extra\n'),
+        "train",
+        r"train.csv: cannot parse CSV \(.*\); expected",
+    ),
 ]
 
 
-@pytest.mark.parametrize("mutate, split, message", BAD, ids=[
-    "no-train-csv", "no-train-folder", "no-label-column", "no-id-column", "no-test-id-column", "missing-file",
-    "missing-stem", "empty-id", "empty-label", "duplicate-id", "unreadable", "truncated", "empty-test-csv",
-    "empty-test-folder", "ambiguous-stem", "malformed-csv"])
+@pytest.mark.parametrize(
+    "mutate, split, message",
+    BAD,
+    ids=[
+        "no-train-csv",
+        "no-train-folder",
+        "no-label-column",
+        "no-id-column",
+        "no-test-id-column",
+        "missing-file",
+        "missing-stem",
+        "empty-id",
+        "empty-label",
+        "duplicate-id",
+        "unreadable",
+        "truncated",
+        "empty-test-csv",
+        "empty-test-folder",
+        "ambiguous-stem",
+        "malformed-csv",
+    ],
+)
 def test_bad_input(make_config, small, mutate, split, message, capsys):
     mutate(small)
     cfg = _cfg(make_config, small)
@@ -216,9 +291,14 @@ def test_bad_input(make_config, small, mutate, split, message, capsys):
 
 def test_sizes_differ_without_image_size(make_config, small):
     cfg = load_config(_cfg(make_config, small).path, ["data.image_size=null"])
-    with pytest.raises(PipelineError, match=r"\w+.png: image is (\d+)x\1 but .*\w+.png is (\d+)x\2; expected data.image_size set to resize"):
+    with pytest.raises(
+        PipelineError,
+        match=r"\w+.png: image is (\d+)x\1 but .*\w+.png is (\d+)x\2; expected data.image_size set to resize",
+    ):
         read_table(cfg, "train")
-    with pytest.raises(PipelineError, match=r"data.channels: 2 is not supported by image_folder; expected 1 \(grey\), 3 \(RGB\)"):
+    with pytest.raises(
+        PipelineError, match=r"data.channels: 2 is not supported by image_folder; expected 1 \(grey\), 3 \(RGB\)"
+    ):
         read_table(load_config(cfg.path, ["data.channels=2", "data.image_size=32"]), "train")
 
 

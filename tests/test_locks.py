@@ -1,12 +1,13 @@
 """Job locks (pipeline.core.io.exclusive): one holder at a time, named in the refusal; a dead holder frees it."""
+
 import os
 import signal
 import socket
 import threading
 
 import pytest
-
 from conftest import lock_held_elsewhere
+
 from pipeline.core.errors import LockHeld, PipelineError
 from pipeline.core.io import exclusive
 
@@ -19,7 +20,9 @@ def test_a_live_holder_in_another_process_is_named(tmp_path):
             with exclusive(lock, "fold 1"):
                 pytest.fail("took a lock another process holds")
         assert isinstance(e.value, PipelineError)
-        assert str(e.value).startswith(f"{lock}: fold 1 is being worked on by {socket.gethostname()} {holder.pid} (host pid)")
+        assert str(e.value).startswith(
+            f"{lock}: fold 1 is being worked on by {socket.gethostname()} {holder.pid} (host pid)"
+        )
         assert "\n" not in str(e.value)
         assert lock.read_text() == f"{socket.gethostname()} {holder.pid}"  # the refused attempt did not touch it
 

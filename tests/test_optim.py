@@ -1,16 +1,16 @@
 """pipeline.train.optim: timm-built optimizers over our parameter groups, the schedule registry, and a
 newly registered optimizer end to end."""
+
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from pipeline.train import optim
 from pipeline.config.load import load_config
+from pipeline.config.registries import OPTIMIZERS, SCHEDULERS
 from pipeline.core.errors import PipelineError
 from pipeline.data.folds import run_fold
 from pipeline.train.hparams import headline
-from pipeline.config.registries import OPTIMIZERS, SCHEDULERS
 from pipeline.train.optim import OptimizerSpec, build_optimizer, build_scheduler
 
 
@@ -19,8 +19,9 @@ class Tiny(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.backbone = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.backbone = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
         self.head = nn.Linear(4, 3)
 
     def forward(self, x):
@@ -54,7 +55,9 @@ def test_backbone_lr_multiplier_and_frozen_params_included(digits_config):
     groups = _group_of(opt)
     for name, p in model.named_parameters():
         assert groups[id(p)]["lr"] == pytest.approx(0.001 if name.startswith("backbone.") else 0.01), name
-    assert opt.param_groups[0]["lr"] == 0.01 and opt.param_groups[0]["weight_decay"] == cfg.train.weight_decay  # the head's
+    assert (
+        opt.param_groups[0]["lr"] == 0.01 and opt.param_groups[0]["weight_decay"] == cfg.train.weight_decay
+    )  # the head's
 
 
 @pytest.mark.parametrize("pretrained, want", [(False, 3e-3), (True, 1e-3)])
@@ -142,7 +145,9 @@ def test_registered_optimizer_end_to_end(digits_config, request):
     with pytest.raises(PipelineError, match=r"train.optimizer: unknown optimizer 'nadamw'; did you mean"):
         load_config(path)
     built = []
-    OPTIMIZERS.register("nadamw", OptimizerSpec("nadamw", options=lambda t: built.append(t.optimizer) or {}))  # one line
+    OPTIMIZERS.register(
+        "nadamw", OptimizerSpec("nadamw", options=lambda t: built.append(t.optimizer) or {})
+    )  # one line
     request.addfinalizer(lambda: OPTIMIZERS.unregister("nadamw"))
     cfg = load_config(path)
     run_fold(cfg)

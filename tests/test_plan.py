@@ -1,27 +1,37 @@
 """The run plan (pipeline/plan/): budgets, auto values, plan.json reuse. Speeds are injected, so
 these tests are fast and deterministic; one test measures for real on a tiny model."""
+
 import json
 import math
 import time
 
-import numpy as np
 import pytest
+from conftest import cli_error, run_cli
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from conftest import cli_error, run_cli
 from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.models.backbones import finetune_stage
+from pipeline.models.tta import build_tta
 from pipeline.plan.facts import Facts, choose_model
-from pipeline.plan.search import FILL, MAX_EPOCHS, MAX_SEEDS, MIN_EPOCHS, SEED_EPOCHS, TARGET, Shape, auto_seeds, make_plan
+from pipeline.plan.search import (
+    FILL,
+    MAX_EPOCHS,
+    MAX_SEEDS,
+    MIN_EPOCHS,
+    SEED_EPOCHS,
+    TARGET,
+    Shape,
+    auto_seeds,
+    make_plan,
+)
 from pipeline.plan.speed import Speed
 from pipeline.plan.store import parse_budget, planned
 from pipeline.train.finished import run_hash
-from pipeline.models.tta import build_tta
-
 
 # ---- budgets ------------------------------------------------------------------------------
+
 
 @given(st.floats(min_value=0.01, max_value=1e5, allow_nan=False), st.sampled_from(["", "s", "m", "h"]))
 def test_budget_units(x, unit):
@@ -45,12 +55,24 @@ def test_bad_budget_on_the_command_line(capsys, make_config, digits_dir, tmp_pat
 
 # ---- the time model -----------------------------------------------------------------------
 
-speeds = st.builds(Speed, train_img_s=st.floats(5, 5000), val_img_s=st.floats(20, 20000),
-                   build_s=st.floats(0, 5), epoch_s=st.floats(0, 2))
+speeds = st.builds(
+    Speed,
+    train_img_s=st.floats(5, 5000),
+    val_img_s=st.floats(20, 20000),
+    build_s=st.floats(0, 5),
+    epoch_s=st.floats(0, 2),
+)
 
 
-@given(speeds, st.integers(20, 50_000), st.integers(2, 10), st.integers(1, 3), st.integers(1, 4),
-       st.booleans(), st.floats(30, 20_000))
+@given(
+    speeds,
+    st.integers(20, 50_000),
+    st.integers(2, 10),
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.booleans(),
+    st.floats(30, 20_000),
+)
 def test_epochs_fill_the_budget(speed, n_rows, n_folds, n_seeds, width, refit, budget):
     shape = Shape(n_rows=n_rows, n_folds=n_folds, n_seeds=n_seeds, refit=refit, width=width, cores=4)
     e = shape.epochs_for(budget, lambda th: speed)
@@ -61,8 +83,15 @@ def test_epochs_fill_the_budget(speed, n_rows, n_folds, n_seeds, width, refit, b
         assert shape.seconds(e + 1, lambda th: speed) > TARGET * budget - 1e-6
 
 
-@given(speeds, st.integers(200, 50_000), st.integers(2, 10), st.integers(1, 3), st.booleans(), st.sampled_from([16, 32, 64]),
-       st.floats(10, 5_000))
+@given(
+    speeds,
+    st.integers(200, 50_000),
+    st.integers(2, 10),
+    st.integers(1, 3),
+    st.booleans(),
+    st.sampled_from([16, 32, 64]),
+    st.floats(10, 5_000),
+)
 # found by CI's slow profile: the cut also shortened the refit's epochs on all 4,466 rows, so the cut
 # plan, though it trained the folds on more rows, was shorter than the whole epochs
 @example(Speed(train_img_s=475.0, val_img_s=242.0, build_s=0.0, epoch_s=2.0), 4466, 2, 2, True, 16, 183.0)
@@ -86,7 +115,10 @@ def test_few_long_epochs_are_cut_to_fill_the_budget(speed, n_rows, n_folds, widt
         assert 1 <= steps < full and (e + 1) * steps * batch > e * shape.train_rows()
         assert cut.seconds(e + 1, sp) <= TARGET * budget + 1e-6
         assert cut.seconds(e + 1, sp) > shape.seconds(e, sp)  # more of the budget is spent
-        assert replace(shape, max_train_rows=(steps + 1) * batch).seconds(e + 1, sp) > TARGET * budget - 1e-6 or steps + 1 == full
+        assert (
+            replace(shape, max_train_rows=(steps + 1) * batch).seconds(e + 1, sp) > TARGET * budget - 1e-6
+            or steps + 1 == full
+        )
         assert why and why[0].startswith(f"epochs {e + 1} of {steps} of the {full} steps")
 
 
@@ -102,6 +134,7 @@ def test_waves_and_threads_are_those_of_the_executor():
 
 # ---- choosing: size, backbone, epochs -----------------------------------------------------
 
+
 @pytest.fixture(autouse=True)
 def _weights_installed(monkeypatch):
     """The offline ImageNet weights are installed (the rule's other branch is tested on its own)."""
@@ -109,23 +142,38 @@ def _weights_installed(monkeypatch):
 
 
 def _facts(native=128, n_rows=4000, channels=1):
-    return Facts(n_rows=n_rows, class_names=tuple("abcdefghij"), channels=channels, native=native, n_features=0,
-                 feature_names=(), value_range=(0.0, 255.0), dtype="uint8")
+    return Facts(
+        n_rows=n_rows,
+        class_names=tuple("abcdefghij"),
+        channels=channels,
+        native=native,
+        n_features=0,
+        feature_names=(),
+        value_range=(0.0, 255.0),
+        dtype="uint8",
+    )
 
 
 def _pixels_speed(calls=None, base=120.0):
     """Throughput falling with the pixel count, 1.4x on 2 threads (as measured here for lite0)."""
+
     def speed(cfg, size, threads):
         if calls is not None:
             calls.append((cfg.model.backbone, size, threads))
         s = base * (64 / size) ** 2 * (1.4 if threads == 2 else 1.0)
         return Speed(train_img_s=s, val_img_s=4 * s, build_s=1.0, epoch_s=0.2)
+
     return speed
 
 
 def _folder_cfg(make_config, data_dir, **train):
-    p = make_config(data_dir, fmt="image_folder", data={"image_size": "auto", "channels": "auto"},
-                    model={"backbone": "auto"}, train={"epochs": "auto", "fold_jobs": 2, **train})
+    p = make_config(
+        data_dir,
+        fmt="image_folder",
+        data={"image_size": "auto", "channels": "auto"},
+        model={"backbone": "auto"},
+        train={"epochs": "auto", "fold_jobs": 2, **train},
+    )
     return load_config(p)
 
 
@@ -137,6 +185,7 @@ def test_the_last_waves_job_on_every_core_is_timed_not_estimated(make_config, fo
         def at(c, size, threads):
             s = 120.0 * (64 / size) ** 2 * (two if threads == 2 else 1.0)
             return Speed(train_img_s=s, val_img_s=4 * s, build_s=1.0, epoch_s=0.2)
+
         return at
 
     slow, fast = (make_plan(cfg, _facts(), device_type="cpu", cores=2, speed=speed(two)) for two in (1.0, 1.9))
@@ -207,7 +256,9 @@ def test_seeds_auto_spends_a_big_budget_on_seeds(make_config, folder_dir):
         if n < MAX_SEEDS:  # ... and one more seed would leave them short
             more = load_config(cfg.path, [f"train.seeds={auto_seeds(7, n + 1)}", f"train.time_budget_s={budget}"])
             mv = make_plan(more, _facts(), device_type="cpu", cores=2, speed=_pixels_speed(base=600))["values"]
-            assert mv["train.epochs"] - ("train.max_steps_per_epoch" in mv) < SEED_EPOCHS  # whole epochs: a cut one is not
+            assert (
+                mv["train.epochs"] - ("train.max_steps_per_epoch" in mv) < SEED_EPOCHS
+            )  # whole epochs: a cut one is not
         assert any(w.startswith(f"seeds {seeds}") for w in plan["why"])
         counts.append(n)
     assert counts == sorted(counts) and counts[0] == 1 and counts[-1] == MAX_SEEDS, counts
@@ -228,17 +279,32 @@ def test_seeds_auto_is_resolved_before_any_job(make_config, digits_dir, capsys):
     from pipeline.runs.layout import RunDir
 
     cfg = _digits_cfg(make_config, digits_dir, "train.seeds=auto", "train.time_budget_s=2000")
-    assert run_cli("status", cfg.path, "train.seeds=auto", "train.time_budget_s=2000") == 0  # unplanned: nothing to list
+    assert (
+        run_cli("status", cfg.path, "train.seeds=auto", "train.time_budget_s=2000") == 0
+    )  # unplanned: nothing to list
     with pytest.raises(PipelineError, match="train.seeds is auto"):
         RunDir.of(cfg).seeds
     run = RunDir.of(planned(cfg, speed=_pixels_speed(base=3000)))
     assert len(run.seeds) > 1 and run.job_dir(0, run.seeds[1]).path.name.endswith(f"seed{run.seeds[1]}")
     # without a budget: the one seed, nothing measured
-    plain = planned(_digits_cfg(make_config, digits_dir, "train.seeds=auto", "model.backbone=simple_cnn", "train.epochs=3",
-                                "train.time_budget_s=null"), speed=lambda *a: pytest.fail("measured"))
+    plain = planned(
+        _digits_cfg(
+            make_config,
+            digits_dir,
+            "train.seeds=auto",
+            "model.backbone=simple_cnn",
+            "train.epochs=3",
+            "train.time_budget_s=null",
+        ),
+        speed=lambda *a: pytest.fail("measured"),
+    )
     assert plain.train.seeds is None and RunDir.of(plain).seeds == [42]
-    assert plain.hash() == load_config(plain.path, ["train.seeds=null", "model.backbone=simple_cnn", "train.epochs=3",
-                                                    "train.time_budget_s=null"]).hash()  # as if seeds were left unset
+    assert (
+        plain.hash()
+        == load_config(
+            plain.path, ["train.seeds=null", "model.backbone=simple_cnn", "train.epochs=3", "train.time_budget_s=null"]
+        ).hash()
+    )  # as if seeds were left unset
     err = cli_error(capsys, "train", cfg.path, "train.seeds=some")
     assert "train.seeds: Input should be a valid list, or 'auto'" in err, err
     assert "distinct" in cli_error(capsys, "train", cfg.path, "train.seeds=[1,1]")
@@ -249,10 +315,19 @@ def test_cut_epochs_reach_the_trainer(make_config, digits_dir):
     trainer's epoch is those steps."""
     from pipeline.train.trainer import steps_per_epoch
 
-    cfg = load_config(make_config(digits_dir, fmt="pixel_csv", folds={"n_splits": 2}, model={"backbone": "auto", "pretrained": False},
-                                  train={"epochs": "auto", "time_budget_s": 60, "batch_size": 64}))
+    cfg = load_config(
+        make_config(
+            digits_dir,
+            fmt="pixel_csv",
+            folds={"n_splits": 2},
+            model={"backbone": "auto", "pretrained": False},
+            train={"epochs": "auto", "time_budget_s": 60, "batch_size": 64},
+        )
+    )
+
     def speed(c, size, threads):  # ~2.5 whole epochs of 2,400 rows (x 2 folds) fit TARGET of 60 s
         return Speed(train_img_s=240, val_img_s=24_000, build_s=1.0, epoch_s=0.1)
+
     p = planned(cfg, speed=speed)
     whole = 2400 // 64 + 1
     assert p.train.epochs == 3 and 0 < p.train.max_steps_per_epoch < whole
@@ -303,10 +378,15 @@ def test_gradual_finetune_stages():
 
 # ---- plan.json: made once, reused -----------------------------------------------------------
 
+
 def _digits_cfg(make_config, digits_dir, *overrides):
-    p = make_config(digits_dir, fmt="pixel_csv", folds={"n_splits": 2},
-                    model={"backbone": "auto", "pretrained": False},
-                    train={"epochs": "auto", "time_budget_s": 60, "batch_size": 64, "max_steps_per_epoch": 2})
+    p = make_config(
+        digits_dir,
+        fmt="pixel_csv",
+        folds={"n_splits": 2},
+        model={"backbone": "auto", "pretrained": False},
+        train={"epochs": "auto", "time_budget_s": 60, "batch_size": 64, "max_steps_per_epoch": 2},
+    )
     return load_config(p, list(overrides))
 
 
@@ -318,13 +398,17 @@ def test_plan_is_made_once_and_reused(make_config, digits_dir):
     saved = json.loads(cfg.run_dir.joinpath("plan.json").read_text())
     assert saved["values"] == cfg.plan["values"] and saved["values"]["model.backbone"] == "bn_cnn"
     # a rerun, a resumed fold, another machine with another fold_jobs (a runtime key): the same plan, the same run
-    again = planned(_digits_cfg(make_config, digits_dir, "train.fold_jobs=1", "train.device=cpu"),
-                    speed=_pixels_speed(calls, base=3000))
+    again = planned(
+        _digits_cfg(make_config, digits_dir, "train.fold_jobs=1", "train.device=cpu"),
+        speed=_pixels_speed(calls, base=3000),
+    )
     assert len(calls) == n and again.train.epochs == cfg.train.epochs
     assert again.hash() == cfg.hash()
     assert planned(again) is again  # idempotent
     # a changed budget is another plan
-    other = planned(_digits_cfg(make_config, digits_dir, "train.time_budget_s=600"), speed=_pixels_speed(calls, base=30))
+    other = planned(
+        _digits_cfg(make_config, digits_dir, "train.time_budget_s=600"), speed=_pixels_speed(calls, base=30)
+    )
     assert len(calls) > n and other.train.epochs > cfg.train.epochs and other.hash() != cfg.hash()
 
 
@@ -335,12 +419,14 @@ def test_status_does_not_plan(make_config, digits_dir, capsys):
 
 
 def test_planned_run_trains_the_planned_epochs(make_config, digits_dir, monkeypatch):
-    from pipeline.train import cv
-    from pipeline.train.cv import train_cv
     from pipeline.data.folds import run_fold
     from pipeline.runs.layout import RunDir
+    from pipeline.train import cv
+    from pipeline.train.cv import train_cv
 
-    cfg = planned(_digits_cfg(make_config, digits_dir, "train.patience=0"), speed=_pixels_speed(base=30))  # no early stop
+    cfg = planned(
+        _digits_cfg(make_config, digits_dir, "train.patience=0"), speed=_pixels_speed(base=30)
+    )  # no early stop
     import torch
 
     # 2 folds one after the other on every core, 128 rows trained (2 steps of 64) and 2,400 validated per epoch
@@ -366,8 +452,14 @@ def test_real_measurement_is_cached(make_config, digits_dir, monkeypatch):
     from pipeline.plan.facts import data_facts
     from pipeline.plan.speed import measure_speed
 
-    cfg = load_config(make_config(digits_dir, fmt="pixel_csv", model={"backbone": "simple_cnn", "pretrained": False},
-                                  train={"epochs": 1, "batch_size": 16}))
+    cfg = load_config(
+        make_config(
+            digits_dir,
+            fmt="pixel_csv",
+            model={"backbone": "simple_cnn", "pretrained": False},
+            train={"epochs": 1, "batch_size": 16},
+        )
+    )
     facts = data_facts(cfg)
     assert facts.native == 28 and facts.channels == 1 and facts.n_rows == 4800
     s = measure_speed(cfg, facts, 28, 1, seconds=0.2)
@@ -406,8 +498,15 @@ def test_side_by_side_jobs_are_timed_beside_each_other(make_config, digits_dir, 
     from pipeline.plan.facts import data_facts
     from pipeline.plan.speed import measure_speed
 
-    cfg = load_config(make_config(digits_dir, fmt="pixel_csv", model={"backbone": "simple_cnn", "pretrained": False},
-                                  train={"epochs": 1, "batch_size": 16}, augment=[{"name": "HorizontalFlip", "p": 0.5}]))
+    cfg = load_config(
+        make_config(
+            digits_dir,
+            fmt="pixel_csv",
+            model={"backbone": "simple_cnn", "pretrained": False},
+            train={"epochs": 1, "batch_size": 16},
+            augment=[{"name": "HorizontalFlip", "p": 0.5}],
+        )
+    )
     facts = data_facts(cfg)
     real, seen = trainer.train_one_epoch, set()
     real_build, augmented = trainer.build_components, {}
@@ -431,10 +530,18 @@ def test_side_by_side_jobs_are_timed_beside_each_other(make_config, digits_dir, 
     assert measure_speed(cfg, facts, 28, 1, seconds=0.2, siblings=1) == beside and alone != beside
 
     asked = []
-    monkeypatch.setattr("pipeline.plan.search.measure_speed", lambda c, f, size, th, siblings=0: asked.append((th, siblings)) or alone)
+    monkeypatch.setattr(
+        "pipeline.plan.search.measure_speed", lambda c, f, size, th, siblings=0: asked.append((th, siblings)) or alone
+    )
     for jobs, want in ((2, (1, 1)), (1, (2, 0))):
-        c = load_config(make_config(digits_dir, fmt="pixel_csv", model={"backbone": "simple_cnn", "pretrained": False},
-                                    train={"epochs": "auto", "fold_jobs": jobs, "time_budget_s": 60}))
+        c = load_config(
+            make_config(
+                digits_dir,
+                fmt="pixel_csv",
+                model={"backbone": "simple_cnn", "pretrained": False},
+                train={"epochs": "auto", "fold_jobs": jobs, "time_budget_s": 60},
+            )
+        )
         asked.clear()
         make_plan(c, facts, device_type="cpu", cores=2)
         assert asked[0] == want
@@ -472,12 +579,25 @@ def test_auto_config_values_are_checked(make_config, digits_dir):
 
 def test_gradual_finetune_trains_head_then_stages_then_all(make_config, iceberg_dir, monkeypatch):
     import pipeline.train.job as trainer_mod
-    from pipeline.train.cv import train_cv
     from pipeline.data.folds import run_fold
+    from pipeline.train.cv import train_cv
 
-    cfg = planned(load_config(make_config(iceberg_dir, folds={"n_splits": 2}, model={
-        "backbone": "tf_efficientnet_lite0", "pretrained": False, "finetune": "gradual", "unfreeze_stages": 1,
-        "unfreeze_after": 2}, train={"epochs": 3, "batch_size": 8, "max_steps_per_epoch": 1, "patience": 0})))
+    cfg = planned(
+        load_config(
+            make_config(
+                iceberg_dir,
+                folds={"n_splits": 2},
+                model={
+                    "backbone": "tf_efficientnet_lite0",
+                    "pretrained": False,
+                    "finetune": "gradual",
+                    "unfreeze_stages": 1,
+                    "unfreeze_after": 2,
+                },
+                train={"epochs": 3, "batch_size": 8, "max_steps_per_epoch": 1, "patience": 0},
+            )
+        )
+    )
     run_fold(cfg)
     seen, real = [], trainer_mod.train_one_epoch
 
@@ -492,12 +612,29 @@ def test_gradual_finetune_trains_head_then_stages_then_all(make_config, iceberg_
     assert head == 0 and 0 < partial < full == n  # the head alone, then the last stage, then all
 
 
-@pytest.mark.parametrize("budget, tta", [(2000, ["dihedral"]), (600, ["identity", "hflip", "vflip", "rot180"]),
-                                         (200, ["identity", "rot180"]), (60, ["identity"])])
+@pytest.mark.parametrize(
+    "budget, tta",
+    [
+        (2000, ["dihedral"]),
+        (600, ["identity", "hflip", "vflip", "rot180"]),
+        (200, ["identity", "rot180"]),
+        (60, ["identity"]),
+    ],
+)
 def test_tta_is_fitted_to_the_budget(make_config, folder_dir, budget, tta):
-    flips = [{"name": "HorizontalFlip", "p": 0.5}, {"name": "VerticalFlip", "p": 0.5}, {"name": "RandomRotate90", "p": 0.5}]
-    p = make_config(folder_dir, fmt="image_folder", data={"image_size": 32}, augment=flips,
-                    model={"backbone": "simple_cnn", "pretrained": False}, train={"time_budget_s": budget})
+    flips = [
+        {"name": "HorizontalFlip", "p": 0.5},
+        {"name": "VerticalFlip", "p": 0.5},
+        {"name": "RandomRotate90", "p": 0.5},
+    ]
+    p = make_config(
+        folder_dir,
+        fmt="image_folder",
+        data={"image_size": 32},
+        augment=flips,
+        model={"backbone": "simple_cnn", "pretrained": False},
+        train={"time_budget_s": budget},
+    )
     cfg = load_config(p)
     fast = lambda c, size, th: Speed(train_img_s=1e6, val_img_s=400, build_s=0.0, epoch_s=0.0)  # noqa: E731
     facts = Facts(**{**_facts(native=32).__dict__, "n_test": 1000})
@@ -512,18 +649,29 @@ def test_tta_is_fitted_to_the_budget(make_config, folder_dir, budget, tta):
 AFFINE = {"name": "Affine", "rotate": [-10, 10], "scale": [0.9, 1.1], "p": 0.5}  # -> rotate5, zoom5: 4 views
 
 
-@pytest.mark.parametrize("flips, budget, tta", [
-    (True, 2000, ["dihedral", "rotate5", "zoom5"]),  # 12 transforms
-    (True, 1000, ["dihedral"]),  # 11 fit: the exact symmetries before the affine views
-    (True, 600, ["identity", "hflip", "vflip", "rot180"]),  # 6 fit: the group of 4 (with the views it would be 8)
-    (True, 300, ["identity", "rot180"]),
-    (False, 600, ["identity", "rotate5", "zoom5"]),  # no flips: identity and the 4 views
-    (False, 250, ["identity"]),
-])
+@pytest.mark.parametrize(
+    "flips, budget, tta",
+    [
+        (True, 2000, ["dihedral", "rotate5", "zoom5"]),  # 12 transforms
+        (True, 1000, ["dihedral"]),  # 11 fit: the exact symmetries before the affine views
+        (True, 600, ["identity", "hflip", "vflip", "rot180"]),  # 6 fit: the group of 4 (with the views it would be 8)
+        (True, 300, ["identity", "rot180"]),
+        (False, 600, ["identity", "rotate5", "zoom5"]),  # no flips: identity and the 4 views
+        (False, 250, ["identity"]),
+    ],
+)
 def test_affine_views_are_cut_before_the_symmetries(make_config, folder_dir, flips, budget, tta):
-    augment = ([{"name": n, "p": 0.5} for n in ("HorizontalFlip", "VerticalFlip", "RandomRotate90")] if flips else []) + [AFFINE]
-    p = make_config(folder_dir, fmt="image_folder", data={"image_size": 32}, augment=augment,
-                    model={"backbone": "simple_cnn", "pretrained": False}, train={"time_budget_s": budget})
+    augment = (
+        [{"name": n, "p": 0.5} for n in ("HorizontalFlip", "VerticalFlip", "RandomRotate90")] if flips else []
+    ) + [AFFINE]
+    p = make_config(
+        folder_dir,
+        fmt="image_folder",
+        data={"image_size": 32},
+        augment=augment,
+        model={"backbone": "simple_cnn", "pretrained": False},
+        train={"time_budget_s": budget},
+    )
     fast = lambda c, size, th: Speed(train_img_s=1e6, val_img_s=400, build_s=0.0, epoch_s=0.0)  # noqa: E731
     facts = Facts(**{**_facts(native=32).__dict__, "n_test": 1000})
     # 22.5 s per transform (5 models x 1,000 test + 4,000 OOF rows at 400 img/s) against a quarter of the budget
@@ -531,19 +679,29 @@ def test_affine_views_are_cut_before_the_symmetries(make_config, folder_dir, fli
     assert plan["values"]["predict.tta"] == tta
 
 
-@pytest.mark.parametrize("planning_s, tta", [(0.0, ["identity", "hflip", "vflip", "rot180"]), (150.0, ["identity", "rot180"]),
-                                              (200.0, ["identity"])])
+@pytest.mark.parametrize(
+    "planning_s, tta",
+    [(0.0, ["identity", "hflip", "vflip", "rot180"]), (150.0, ["identity", "rot180"]), (200.0, ["identity"])],
+)
 def test_tta_leaves_the_whole_run_within_its_cap(make_config, folder_dir, planning_s, tta):
     """Training fills the budget, so the TTA gets what starting, planning and evaluating leave of 1.4x it."""
     flips = [{"name": n, "p": 0.5} for n in ("HorizontalFlip", "VerticalFlip", "RandomRotate90")]
-    p = make_config(folder_dir, fmt="image_folder", data={"image_size": 32}, augment=flips,
-                    model={"backbone": "simple_cnn", "pretrained": False}, train={"time_budget_s": 600})
+    p = make_config(
+        folder_dir,
+        fmt="image_folder",
+        data={"image_size": 32},
+        augment=flips,
+        model={"backbone": "simple_cnn", "pretrained": False},
+        train={"time_budget_s": 600},
+    )
     speed = lambda c, size, th: Speed(train_img_s=200, val_img_s=400, build_s=0.0, epoch_s=0.0)  # noqa: E731
     facts = Facts(**{**_facts(native=32).__dict__, "n_test": 1000})
     plan = make_plan(load_config(p), facts, device_type="cpu", cores=1, speed=speed, planning_s=planning_s)
     # 22.5 s per transform; evaluate 6 + 5,000 / 400 s and 5 s of start: 0.95 x 1.4 x 600 - train - 23.5 - planning_s
     left = 0.95 * 1.4 * 600 - plan["expected_train_s"] - 23.5 - planning_s
-    assert FILL * 600 <= plan["expected_train_s"] <= TARGET * 600 + 0.05 and 22.5 * len(build_tta(tta, (32, 32))) <= max(left, 22.5)
+    assert FILL * 600 <= plan["expected_train_s"] <= TARGET * 600 + 0.05 and 22.5 * len(
+        build_tta(tta, (32, 32))
+    ) <= max(left, 22.5)
     assert plan["values"]["predict.tta"] == tta
     why = " ".join(plan["why"])
     assert ("of 1.33x the budget" in why) == (planning_s > 0)  # the quarter of the budget (150 s) is the limit without
@@ -558,8 +716,13 @@ def test_commands_after_a_budgeted_train(make_config, digits_dir, capsys, tmp_pa
 
     from pipeline.evaluate.evaluator import evaluate
 
-    p = make_config(digits_dir, fmt="pixel_csv", folds={"n_splits": 2}, model={"backbone": "auto", "pretrained": False},
-                    train={"batch_size": 64, "max_steps_per_epoch": 2, "patience": 0})
+    p = make_config(
+        digits_dir,
+        fmt="pixel_csv",
+        folds={"n_splits": 2},
+        model={"backbone": "auto", "pretrained": False},
+        train={"batch_size": 64, "max_steps_per_epoch": 2, "patience": 0},
+    )
     assert run_cli("fold", p, "--budget", "6s") == 0 and run_cli("train", p, "--budget", "6s") == 0
     plan_file = tmp_path / "runs" / "comp" / "exp" / "plan.json"
     made = plan_file.read_bytes()
@@ -587,7 +750,9 @@ def test_gradual_epochs_are_timed_by_stage():
 
     sp = Speed(train_img_s=100, val_img_s=1000)
     full = Shape(n_rows=500, n_folds=5, n_seeds=1, refit=False, width=1, cores=2)
-    gradual = Shape(n_rows=500, n_folds=5, n_seeds=1, refit=False, width=1, cores=2, model=ModelConfig(finetune="gradual"))
+    gradual = Shape(
+        n_rows=500, n_folds=5, n_seeds=1, refit=False, width=1, cores=2, model=ModelConfig(finetune="gradual")
+    )
     # 6 epochs: the head alone, then the last stages for epoch 2, then all for 3..6 (a third of 6 is 2)
     per = [400 / (100 * STAGE_SPEEDUP[s]) + 100 / 1000 for s in ["head", "partial", "full", "full", "full", "full"]]
     assert gradual.seconds(6, lambda th: sp) == pytest.approx(5 * sum(per))

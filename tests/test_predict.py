@@ -1,4 +1,5 @@
 """Predict stage on tiny real runs (scikit-learn's 8x8 digits, simple_cnn): averages, TTA OOF, temperature, submission."""
+
 import json
 from pathlib import Path
 
@@ -6,21 +7,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import run_cli
-from pipeline.runs.predictions import load_temperature
-from pipeline.tasks.calibration import apply_temperature
+
 from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.folds import run_fold
 from pipeline.data.formats import read_table
-from pipeline.models.inference import predict_logits
-from pipeline.tasks.classification import softmax
+from pipeline.evaluate.evaluator import evaluate
 from pipeline.models.backbones import load_checkpoint
+from pipeline.models.inference import predict_logits
 from pipeline.predict.predictor import predict_test, submit_experiment
 from pipeline.predict.submission import validate_submission
+from pipeline.runs.predictions import load_temperature
+from pipeline.tasks.calibration import apply_temperature
+from pipeline.tasks.classification import softmax
 from pipeline.train.cv import train_cv
-from pipeline.evaluate.evaluator import evaluate
 
 quiet = lambda *a: None  # noqa: E731
 RUN = Path("runs/comp/exp")
@@ -85,9 +86,9 @@ def test_logit_average_and_tta(digits_config):
 
 
 def test_tta_oof_uses_each_fold_model_on_its_own_rows(digits_config, capsys):
-    from pipeline.tasks.calibration import calibrate
     from pipeline.data.folds import load_folds
     from pipeline.predict.predictor import oof_with_tta
+    from pipeline.tasks.calibration import calibrate
 
     path = digits_config(train={"epochs": 1})  # predict.tta_oof is on by default
     cfg = trained(path)
@@ -111,7 +112,11 @@ def test_tta_oof_uses_each_fold_model_on_its_own_rows(digits_config, capsys):
     want = np.choose(fold_of[:, None], [(p + f) / 2 for p, f in zip(plain, flipped)])
     np.testing.assert_allclose(tta.filter(like="p_").to_numpy(), want, atol=1e-6)
     m = json.loads((RUN / "metrics.json").read_text())
-    assert m["oof"].endswith("oof_tta.csv") and m["tta"] == ["identity", "hflip"] and m["oof_without_tta"]["file"] == "oof.csv"
+    assert (
+        m["oof"].endswith("oof_tta.csv")
+        and m["tta"] == ["identity", "hflip"]
+        and m["oof_without_tta"]["file"] == "oof.csv"
+    )
     # a TTA that raises the raw OOF log-loss is flagged in evaluate's summary (a mirrored digit is no digit)
     from pipeline.evaluate.evaluator import summary_table
 
@@ -133,8 +138,10 @@ def test_predict_with_tta_needs_a_fresh_evaluate(digits_config, capsys):
     trained(path)
     assert run_cli("predict", path) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: runs/comp/exp/oof_tta.csv: not found; run `pipeline evaluate {path}` first: it makes the OOF "
-                   f"with the TTA ['identity', 'hflip'] and fits the calibration on it")
+    assert err == (
+        f"error: runs/comp/exp/oof_tta.csv: not found; run `pipeline evaluate {path}` first: it makes the OOF "
+        f"with the TTA ['identity', 'hflip'] and fits the calibration on it"
+    )
     assert not (RUN / "test_pred.csv").exists() and not list(Path("submissions").glob("*.csv"))
     assert run_cli("evaluate", path) == 0
     assert run_cli("predict", path, "predict.tta=[identity,vflip]") == 2
@@ -170,7 +177,9 @@ def test_temperature_from_calibration_json(digits_config, monkeypatch):
     np.testing.assert_allclose(sharp, apply_temperature(plain, 0.5), atol=1e-6)
     assert not np.allclose(sharp, plain, atol=1e-3)
     oof = pd.read_csv(RUN / "oof.csv", dtype={"id": str})
-    assert info["oof_logloss"] == pytest.approx(logloss(oof["target"].to_numpy(), apply_temperature(oof.filter(like="p_").to_numpy(), 0.5)))
+    assert info["oof_logloss"] == pytest.approx(
+        logloss(oof["target"].to_numpy(), apply_temperature(oof.filter(like="p_").to_numpy(), 0.5))
+    )
     # T = 0.5 squares and renormalises the probabilities
     np.testing.assert_allclose(apply_temperature(np.array([[0.25, 0.75]]), 0.5), [[0.1, 0.9]])
     seen = []
@@ -205,13 +214,23 @@ def test_seeds_and_refit_models(digits_config):
 
     test = read_table(cfg, "test")
     assert info["test_pred_folds"] == [f"test_pred_fold{k}.csv" for k in range(3)]
-    per_fold = [read_predictions(RUN / f"test_pred_fold{k}.csv", "test", class_names=test.class_names) for k in range(3)]
+    per_fold = [
+        read_predictions(RUN / f"test_pred_fold{k}.csv", "test", class_names=test.class_names) for k in range(3)
+    ]
     for k, f in enumerate(per_fold):
         assert f["id"].tolist() == list(test.ids)
         seeds = [RUN / f"fold_{k}_seed{s}" for s in (1, 2)]
-        np.testing.assert_allclose(f.filter(like="p_").to_numpy(), np.mean([softmax(z) for z in fold_logits(cfg, test.images, seeds)], 0), atol=1e-6)
-    np.testing.assert_allclose(np.mean([f.filter(like="p_").to_numpy() for f in per_fold], 0), df.filter(like="p_").to_numpy(), atol=1e-7)
-    assert not np.allclose(per_fold[0].filter(like="p_").to_numpy(), per_fold[1].filter(like="p_").to_numpy(), atol=1e-4)
+        np.testing.assert_allclose(
+            f.filter(like="p_").to_numpy(),
+            np.mean([softmax(z) for z in fold_logits(cfg, test.images, seeds)], 0),
+            atol=1e-6,
+        )
+    np.testing.assert_allclose(
+        np.mean([f.filter(like="p_").to_numpy() for f in per_fold], 0), df.filter(like="p_").to_numpy(), atol=1e-7
+    )
+    assert not np.allclose(
+        per_fold[0].filter(like="p_").to_numpy(), per_fold[1].filter(like="p_").to_numpy(), atol=1e-4
+    )
     cfg = trained(path, ["train.seeds=null", "train.refit=true"])
     df = predict_test(cfg)
     info = json.loads((RUN / "predict.json").read_text())
@@ -221,7 +240,9 @@ def test_seeds_and_refit_models(digits_config):
     folds = np.mean([softmax(z) for z in fold_logits(cfg, test.images)], axis=0)
     np.testing.assert_allclose(df.filter(like="p_").to_numpy(), folds, atol=1e-6)
     refit = pd.read_csv(RUN / "test_pred_refit.csv", dtype={"id": str})
-    np.testing.assert_allclose(refit.filter(like="p_").to_numpy(), softmax(fold_logits(cfg, test.images, [RUN / "refit"])[0]), atol=1e-6)
+    np.testing.assert_allclose(
+        refit.filter(like="p_").to_numpy(), softmax(fold_logits(cfg, test.images, [RUN / "refit"])[0]), atol=1e-6
+    )
     sub = submit_experiment(cfg)
     refit_sub = [p for p in Path("submissions").glob("comp-exp-refit-*.csv")]
     assert len(refit_sub) == 1 and validate_submission(cfg, refit_sub[0]) == []
@@ -235,7 +256,10 @@ def test_predict_refuses_missing_or_stale_models(digits_config, capsys):
     with pytest.raises(PipelineError, match=r"runs/comp/exp: no trained models; run `pipeline train .*exp.yaml` first"):
         predict_test(cfg)
     trained(path)
-    with pytest.raises(PipelineError, match=r"config.train.yaml: models were trained under another config \(train hash \w+, this config \w+\); rerun `pipeline train"):
+    with pytest.raises(
+        PipelineError,
+        match=r"config.train.yaml: models were trained under another config \(train hash \w+, this config \w+\); rerun `pipeline train",
+    ):
         predict_test(load_config(path, ["train.lr=0.1"]))
     (RUN / "fold_1" / "done.json").unlink()
     with pytest.raises(PipelineError, match=r"runs/comp/exp/fold_1: model not finished"):
@@ -247,7 +271,10 @@ def test_bad_tta_name_fails_before_any_work(digits_config, capsys):
     trained(path)
     assert run_cli("predict", path, "predict.tta=[identity,spin]") == 2
     err = capsys.readouterr().err
-    assert err.strip() == f"error: {path}: predict.tta: unknown TTA 'spin'; known: identity, hflip, vflip, rot90, rot180, rot270, dihedral, fivecrop, tencrop, rotate<N>, zoom<N>"
+    assert (
+        err.strip()
+        == f"error: {path}: predict.tta: unknown TTA 'spin'; known: identity, hflip, vflip, rot90, rot180, rot270, dihedral, fivecrop, tencrop, rotate<N>, zoom<N>"
+    )
     assert run_cli("predict", path, "predict.tta=[identity,zoom60]") == 2  # a view family out of its range
     assert capsys.readouterr().err.strip() == f"error: {path}: predict.tta: 'zoom60': zoom<N> takes N from 1 to 50"
     assert not (RUN / "test_pred.csv").exists() and not Path("submissions").exists()
@@ -263,7 +290,9 @@ def test_registered_tta_end_to_end(digits_config, request):
     path = digits_config(train={"epochs": 1})
     with pytest.raises(PipelineError, match=r"predict.tta: unknown TTA 'transpose'"):
         load_config(path, ["predict.tta=[identity,transpose]"])
-    TTA.register("transpose", lambda s, m: [TtaTransform("transpose", lambda x: x.transpose(-2, -1), ("custom", "transpose"))])
+    TTA.register(
+        "transpose", lambda s, m: [TtaTransform("transpose", lambda x: x.transpose(-2, -1), ("custom", "transpose"))]
+    )
     request.addfinalizer(lambda: TTA.unregister("transpose"))
     cfg = trained(path, ["predict.tta=[identity,transpose]"])
     evaluate(cfg, report=False)
@@ -271,12 +300,16 @@ def test_registered_tta_end_to_end(digits_config, request):
     test = read_table(cfg, "test")
     plain = [softmax(lg) for lg in fold_logits(cfg, test.images)]
     transposed = [softmax(lg) for lg in fold_logits(cfg, np.ascontiguousarray(test.images.transpose(0, 1, 3, 2)))]
-    np.testing.assert_allclose(df.filter(like="p_").to_numpy(), (np.mean(plain, 0) + np.mean(transposed, 0)) / 2, atol=1e-6)
+    np.testing.assert_allclose(
+        df.filter(like="p_").to_numpy(), (np.mean(plain, 0) + np.mean(transposed, 0)) / 2, atol=1e-6
+    )
     assert json.loads((RUN / "predict.json").read_text())["tta"] == ["identity", "transpose"]
 
 
 @pytest.mark.parametrize("views_help", [False, True])
-def test_auto_tta_keeps_the_affine_views_only_when_they_lower_the_oof_logloss(digits_config, monkeypatch, capsys, views_help):
+def test_auto_tta_keeps_the_affine_views_only_when_they_lower_the_oof_logloss(
+    digits_config, monkeypatch, capsys, views_help
+):
     """Evaluate judges the affine views on the OOF; the calibration and the submission use what it kept."""
     import pipeline.predict.predictor as predict_mod
     from pipeline.models.tta import build_tta
@@ -292,15 +325,23 @@ def test_auto_tta_keeps_the_affine_views_only_when_they_lower_the_oof_logloss(di
         frame = real(cfg, table, fold_of, names)
         if names and "rotate10" in names:
             cols = [c for c in frame.columns if c.startswith("p_")]
-            frame[cols] = np.eye(len(cols))[frame["target"].to_numpy()] * 0.98 + 0.02 / len(cols) if views_help else 1 / len(cols)
+            frame[cols] = (
+                np.eye(len(cols))[frame["target"].to_numpy()] * 0.98 + 0.02 / len(cols) if views_help else 1 / len(cols)
+            )
         return frame
 
     monkeypatch.setattr(predict_mod, "oof_with_tta", judged)
     # a budgeted run's plan writes the auto TTA out as a list: still auto, still judged
     from pipeline.config.auto import tta_auto
 
-    assert tta_auto(cfg) and tta_auto(cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"tta": ["identity", "rotate10"]}),
-                                                          "plan": {"values": {"predict.tta": ["identity", "rotate10"]}}}))
+    assert tta_auto(cfg) and tta_auto(
+        cfg.model_copy(
+            update={
+                "predict": cfg.predict.model_copy(update={"tta": ["identity", "rotate10"]}),
+                "plan": {"values": {"predict.tta": ["identity", "rotate10"]}},
+            }
+        )
+    )
     assert not tta_auto(load_config(path, ["predict.tta=[identity,rotate10]"]))
     m = evaluate(cfg, report=False)
     kept = ["identity", "rotate10"] if views_help else ["identity"]
@@ -329,8 +370,10 @@ def test_judging_the_views_predicts_each_view_once(digits_config, monkeypatch, c
     from pipeline.config.auto import resolve_tta
     from pipeline.predict.predictor import oof_with_tta, oof_with_tta_subsets
 
-    path = digits_config(train={"epochs": 1}, augment=[{"name": "HorizontalFlip", "p": 0.5},
-                                                       {"name": "Affine", "rotate": [-20, 20], "p": 0.5}])
+    path = digits_config(
+        train={"epochs": 1},
+        augment=[{"name": "HorizontalFlip", "p": 0.5}, {"name": "Affine", "rotate": [-20, 20], "p": 0.5}],
+    )
     cfg = trained(path)
     tta = ["identity", "hflip", "rotate10"]
     assert resolve_tta(cfg) == tta
@@ -353,8 +396,9 @@ def test_judging_the_views_predicts_each_view_once(digits_config, monkeypatch, c
         alone = oof_with_tta(cfg, table, fold_of, names)
         np.testing.assert_allclose(frame.filter(like="p_").to_numpy(), alone.filter(like="p_").to_numpy(), atol=1e-6)
     kept = m["tta"]
-    planned_cfg = cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"tta": tta}),
-                                         "plan": {"values": {"predict.tta": tta}}})
+    planned_cfg = cfg.model_copy(
+        update={"predict": cfg.predict.model_copy(update={"tta": tta}), "plan": {"values": {"predict.tta": tta}}}
+    )
     evaluate(planned_cfg, report=False)
     capsys.readouterr()
     predict_test(planned_cfg)

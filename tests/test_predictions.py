@@ -1,5 +1,6 @@
 """Prediction files: one reader and one writer (pipeline/runs/predictions.py), checked at the boundary;
 a property test corrupts valid files at random."""
+
 import json
 from pathlib import Path
 
@@ -9,10 +10,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.tasks.calibration import apply_temperature
 from pipeline.core.errors import PipelineError
-from pipeline.runs.predictions import (SUM_TOL, average_predictions, check_predictions, pred_frame, probs_of, read_classes,
-                                  read_predictions, write_predictions)
+from pipeline.runs.predictions import (
+    SUM_TOL,
+    average_predictions,
+    check_predictions,
+    pred_frame,
+    probs_of,
+    read_classes,
+    read_predictions,
+    write_predictions,
+)
+from pipeline.tasks.calibration import apply_temperature
 
 NAMES = ["ship", "iceberg", "other"]
 
@@ -30,9 +39,13 @@ def test_round_trip_canonical_columns_and_types():
     written = write_predictions("run/oof.csv", df, "oof")
     back = read_predictions("run/oof.csv", "oof", class_names=NAMES)
     assert list(back.columns) == ["id", "fold", "target", "p_ship", "p_iceberg", "p_other"]
-    assert back["fold"].dtype == np.int64 and back["target"].dtype == np.int64 and back["id"].tolist() == df["id"].tolist()
+    assert (
+        back["fold"].dtype == np.int64 and back["target"].dtype == np.int64 and back["id"].tolist() == df["id"].tolist()
+    )
     np.testing.assert_allclose(probs_of(back, NAMES), probs_of(df, NAMES), rtol=1e-7)
-    pd.testing.assert_frame_equal(written.drop(columns=["p_ship", "p_iceberg", "p_other"]), back.drop(columns=["p_ship", "p_iceberg", "p_other"]))
+    pd.testing.assert_frame_equal(
+        written.drop(columns=["p_ship", "p_iceberg", "p_other"]), back.drop(columns=["p_ship", "p_iceberg", "p_other"])
+    )
     assert Path("run/oof.csv").read_text().splitlines()[0] == "id,fold,target,p_ship,p_iceberg,p_other"
     assert read_classes("run/oof.csv", "oof") == NAMES
     # test files: id and probabilities only; columns in any order come back in the canonical one
@@ -49,14 +62,23 @@ def test_ids_are_text_as_written():
     assert read_predictions("t.csv", "test")["id"].tolist() == ["007", "NA", "nan ", "1e3"]
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.assign(p_ship=np.nan), r"t.csv: line 2 \(id 'r0'\): p_ship is NaN or empty; expected a probability in \[0, 1\]"),
-    (lambda d: d.assign(p_ship=d["p_ship"] + 0.01), r"t.csv: line 2 \(id 'r0'\): probabilities sum to 1.01; expected 1 \(within 0.001\)"),
-    (lambda d: pd.concat([d, d.iloc[[2]]]), r"t.csv: line 8: id 'r2' appears 2 times; expected each test id once"),
-    (lambda d: d.assign(id=[""] + list(d["id"][1:])), r"t.csv: line 2: id is empty; expected the test image's id"),
-    (lambda d: d.drop(columns="p_other"), r"t.csv: missing column 'p_other' \(class 'other'\)"),
-    (lambda d: d.iloc[:0], r"t.csv: no rows; expected one row per test image"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda d: d.assign(p_ship=np.nan),
+            r"t.csv: line 2 \(id 'r0'\): p_ship is NaN or empty; expected a probability in \[0, 1\]",
+        ),
+        (
+            lambda d: d.assign(p_ship=d["p_ship"] + 0.01),
+            r"t.csv: line 2 \(id 'r0'\): probabilities sum to 1.01; expected 1 \(within 0.001\)",
+        ),
+        (lambda d: pd.concat([d, d.iloc[[2]]]), r"t.csv: line 8: id 'r2' appears 2 times; expected each test id once"),
+        (lambda d: d.assign(id=[""] + list(d["id"][1:])), r"t.csv: line 2: id is empty; expected the test image's id"),
+        (lambda d: d.drop(columns="p_other"), r"t.csv: missing column 'p_other' \(class 'other'\)"),
+        (lambda d: d.iloc[:0], r"t.csv: no rows; expected one row per test image"),
+    ],
+)
 def test_writer_refuses_invalid_frames_and_writes_nothing(mutate, message):
     with pytest.raises(PipelineError, match="refusing to write invalid predictions: " + message) as e:
         write_predictions("t.csv", mutate(frame("test")), "test", class_names=NAMES)
@@ -71,12 +93,19 @@ def test_reader_messages_name_file_line_and_rerun():
     df.to_csv("oof.csv", index=False)
     with pytest.raises(PipelineError) as e:
         read_predictions("oof.csv", "oof", hint="pipeline train exp.yaml")
-    assert str(e.value) == ("oof.csv: line 5 (id 'r3'): fold 'x' is not valid; expected a fold number 0, 1, ...; "
-                            "rerun `pipeline train exp.yaml`")
-    with pytest.raises(PipelineError, match=r"^nope.csv: file not found; expected test predictions from `pipeline predict CONFIG`$"):
+    assert str(e.value) == (
+        "oof.csv: line 5 (id 'r3'): fold 'x' is not valid; expected a fold number 0, 1, ...; "
+        "rerun `pipeline train exp.yaml`"
+    )
+    with pytest.raises(
+        PipelineError, match=r"^nope.csv: file not found; expected test predictions from `pipeline predict CONFIG`$"
+    ):
         read_predictions("nope.csv", "test")
     Path("bin.csv").write_bytes(b"id,p_a,p_b\n\xff\xfe,0.5,0.5\n")
-    with pytest.raises(PipelineError, match=r"^bin.csv: not a readable CSV .*; expected id,p_<class>...; rerun `pipeline predict CONFIG`$"):
+    with pytest.raises(
+        PipelineError,
+        match=r"^bin.csv: not a readable CSV .*; expected id,p_<class>...; rerun `pipeline predict CONFIG`$",
+    ):
         read_predictions("bin.csv", "test")
     pd.DataFrame({"id": ["a"], "p_a": [1.0]}).to_csv("one.csv", index=False)
     with pytest.raises(PipelineError, match=r"one.csv: 1 p_<class> column\(s\); expected one per class, at least 2"):
@@ -87,7 +116,9 @@ def test_scaled_reads_the_runs_calibration():
     run = Path("runs/c/e")
     write_predictions(run / "test_pred.csv", frame("test"), "test")
     raw = probs_of(read_predictions(run / "test_pred.csv", "test"))
-    np.testing.assert_allclose(probs_of(read_predictions(run / "test_pred.csv", "test", scaled=True)), raw)  # no calibration.json
+    np.testing.assert_allclose(
+        probs_of(read_predictions(run / "test_pred.csv", "test", scaled=True)), raw
+    )  # no calibration.json
     (run / "calibration.json").write_text(json.dumps({"temperature": 2.0, "kept": False}))
     np.testing.assert_allclose(probs_of(read_predictions(run / "test_pred.csv", "test", scaled=True)), raw)
     (run / "calibration.json").write_text(json.dumps({"temperature": 2.0, "kept": True}))
@@ -133,10 +164,25 @@ def _invariants(df, kind, k):
 def corruption(draw):
     kind = draw(st.sampled_from(["oof", "test"]))
     n, k = draw(st.integers(2, 6)), draw(st.integers(2, 3))
-    ids = draw(st.lists(st.text("ab1 ._-", min_size=1, max_size=3).filter(lambda s: s.strip()), min_size=n, max_size=n, unique=True))
-    ops = draw(st.lists(st.tuples(st.sampled_from(["delete", "duplicate", "swap", "nonfinite"]), st.integers(0, 99),
-                                  st.integers(0, 99), st.sampled_from(NONFINITE)), max_size=2))
-    byte_op = draw(st.one_of(st.none(), st.tuples(st.sampled_from(["truncate", "flip"]), st.floats(0, 1), st.integers(1, 255))))
+    ids = draw(
+        st.lists(
+            st.text("ab1 ._-", min_size=1, max_size=3).filter(lambda s: s.strip()), min_size=n, max_size=n, unique=True
+        )
+    )
+    ops = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["delete", "duplicate", "swap", "nonfinite"]),
+                st.integers(0, 99),
+                st.integers(0, 99),
+                st.sampled_from(NONFINITE),
+            ),
+            max_size=2,
+        )
+    )
+    byte_op = draw(
+        st.one_of(st.none(), st.tuples(st.sampled_from(["truncate", "flip"]), st.floats(0, 1), st.integers(1, 255)))
+    )
     return kind, n, k, ids, draw(st.integers(0, 2**16)), ops, byte_op
 
 
@@ -176,7 +222,7 @@ def test_corrupted_files_are_refused_or_read_right(tmp_path, case):
     if byte_op is not None:
         what, where, x = byte_op
         pos = min(int(where * len(data)), len(data) - 1)
-        data = data[:pos] if what == "truncate" else data[:pos] + bytes([data[pos] ^ x]) + data[pos + 1:]
+        data = data[:pos] if what == "truncate" else data[:pos] + bytes([data[pos] ^ x]) + data[pos + 1 :]
     bad = tmp_path / "bad.csv"
     bad.write_bytes(data)
     try:
@@ -196,7 +242,9 @@ def test_corrupted_files_are_refused_or_read_right(tmp_path, case):
     header_intact = text_df.to_csv(index=False).encode().splitlines()[0] in intact
     for _, row in got.iterrows():  # a row whose line survived intact reads as it was written
         if header_intact and row["id"] in lines and lines[row["id"]] in intact:
-            np.testing.assert_array_equal(row.drop("id").to_numpy(float), ref.loc[row["id"]][got.columns[1:]].to_numpy(float))
+            np.testing.assert_array_equal(
+                row.drop("id").to_numpy(float), ref.loc[row["id"]][got.columns[1:]].to_numpy(float)
+            )
 
 
 def test_check_predictions_accepts_in_memory_frames():

@@ -1,7 +1,7 @@
 """Pseudo-labels (pipeline/train/pseudo.py) on the tiny iceberg demo with simple_cnn: fold k's pseudo rows come from
 the source's fold-k model, never enter validation, respect threshold and max_share, and are recorded; a
 changed source retrains; bad input is one line and exit 2."""
-import copy
+
 import json
 from pathlib import Path
 
@@ -9,19 +9,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from conftest import cli_error, run_cli, write_yaml
+from helpers import RUN, SRC, TRAIN, _tables, confident, craft_source, fold_pattern
+from hypothesis import given
+from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 import pipeline.train.cv as cv
-from conftest import cli_error, run_cli, write_yaml
-from helpers import RUN, SRC, TRAIN, _tables, confident, craft_source, fold_pattern
 from pipeline.config.load import load_config
 from pipeline.data.formats import read_table
-from pipeline.runs.predictions import read_predictions
-from pipeline.train.pseudo import StackedImages, select
 from pipeline.data.table import Table
-from pipeline.train.trainer import TRAIN_ONLY, UNUSED, batch_loss, mixed_loss
+from pipeline.runs.predictions import read_predictions
 from pipeline.train.job import FoldTrainer
+from pipeline.train.pseudo import StackedImages, select
+from pipeline.train.trainer import TRAIN_ONLY, UNUSED, batch_loss, mixed_loss
 
 
 @pytest.fixture
@@ -29,8 +30,11 @@ def ice_config(make_config, iceberg_dir):
     """A config for the 120-row iceberg demo (3 folds, simple_cnn, one step per epoch)."""
 
     def make(name="exp", **sections):
-        base = {"folds": {"n_splits": 3, "seed": 0}, "model": {"backbone": "simple_cnn", "pretrained": False, "drop_rate": 0.0},
-                "train": dict(TRAIN)}
+        base = {
+            "folds": {"n_splits": 3, "seed": 0},
+            "model": {"backbone": "simple_cnn", "pretrained": False, "drop_rate": 0.0},
+            "train": dict(TRAIN),
+        }
         for k, v in sections.items():
             base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
         return make_config(iceberg_dir, "statoil_json", name=name, **base)
@@ -54,8 +58,9 @@ def spy(monkeypatch):
 
 
 def test_fold_k_trains_on_fold_k_labels_never_validates_them(ice_config, spy, capsys):
-    path = ice_config(pseudo={"from": str(SRC), "threshold": 0.95, "weight": 0.3, "max_share": 1.0},
-                      train={"refit": True})
+    path = ice_config(
+        pseudo={"from": str(SRC), "threshold": 0.95, "weight": 0.3, "max_share": 1.0}, train={"refit": True}
+    )
     assert run_cli("fold", path) == 0
     n_test = len(read_table(load_config(path), "test"))
     refit_rows = np.arange(0, n_test, 5)
@@ -76,7 +81,9 @@ def test_fold_k_trains_on_fold_k_labels_never_validates_them(ice_config, spy, ca
         assert (table.sample_weights[tr[np.isin(table.ids[tr], list(real))]] == 1).all()
         done = json.loads((RUN / f"fold_{k}" / "done.json").read_text())
         assert done["pseudo"]["rows"] == len(rows) and done["pseudo"]["per_class"] == {
-            "ship": int((labels == 0).sum()), "iceberg": int((labels == 1).sum())}
+            "ship": int((labels == 0).sum()),
+            "iceberg": int((labels == 1).sum()),
+        }
     table, tr, va = spy[-1]  # the refit: every real row and the all-fold file's confident rows
     assert len(va) == 0 and sorted(table.ids[tr]) == sorted(list(train.ids) + list(test.ids[refit_rows]))
     oof = read_predictions(RUN / "oof.csv", "oof")
@@ -84,13 +91,20 @@ def test_fold_k_trains_on_fold_k_labels_never_validates_them(ice_config, spy, ca
     assert (oof.set_index("id").loc[train.ids, "target"].to_numpy() == train.labels).all()
     info = json.loads((RUN / "pseudo.json").read_text())
     assert info["source"] == str(SRC) and info["threshold"] == 0.95 and info["weight"] == 0.3
-    assert {k: v["rows"] for k, v in info["jobs"].items()} == {"fold_0": 10, "fold_1": 10, "fold_2": 10, "refit": len(refit_rows)}
+    assert {k: v["rows"] for k, v in info["jobs"].items()} == {
+        "fold_0": 10,
+        "fold_1": 10,
+        "fold_2": 10,
+        "refit": len(refit_rows),
+    }
     assert "from: runs/comp/src" in (RUN / "config.train.yaml").read_text()
 
 
 def test_soft_labels_max_share_with_mixup_smoothing_class_weights(ice_config, spy):
-    path = ice_config(pseudo={"from": str(SRC), "threshold": 0.7, "max_share": 0.1, "soft": True},
-                      train={"mixup_alpha": 0.4, "label_smoothing": 0.1, "class_weights": "balanced"})
+    path = ice_config(
+        pseudo={"from": str(SRC), "threshold": 0.7, "max_share": 0.1, "soft": True},
+        train={"mixup_alpha": 0.4, "label_smoothing": 0.1, "class_weights": "balanced"},
+    )
     assert run_cli("fold", path) == 0
     n_test = len(read_table(load_config(path), "test"))
     rng = np.random.default_rng(0)
@@ -124,6 +138,7 @@ def test_changed_source_or_settings_retrain(ice_config, capsys):
     assert capsys.readouterr().out.count("done, skipping") == 3
     plain = load_config(path).model_copy(update={"pseudo": None})
     from pipeline.runs.layout import RunDir
+
     assert RunDir.of(plain).train_hash != RunDir.of(load_config(path)).train_hash  # the section is in the train hash
     f1 = SRC / "test_pred_fold1.csv"
     df = pd.read_csv(f1, dtype={"id": str})
@@ -164,22 +179,25 @@ def _no_all_fold(cfg_path):
     (SRC / "test_pred.csv").unlink()
 
 
-@pytest.mark.parametrize("mutate,overrides,culprits", [
-    (None, ["pseudo.from=nowhere"], ["pseudo.from", "nowhere not found"]),
-    (_no_fold1, [], ["pseudo.from", "test_pred_fold1.csv not found", "fold-k model"]),
-    (_other_folds, [], ["pseudo.from", "oof.csv was trained on other folds"]),
-    (_ensemble, [], ["pseudo.from", "test_pred_fold1.csv not found", "pipeline ensemble"]),
-    (_ensemble_file, ["pseudo.from=blend.yaml"], ["pseudo.from", "blend.yaml"]),
-    (_no_all_fold, ["train.refit=true"], ["pseudo.from", "test_pred.csv not found", "refit"]),
-    (None, ["pseudo.threshold=0"], ["pseudo.threshold"]),
-    (None, ["pseudo.threshold=1.5"], ["pseudo.threshold"]),
-    (None, ["pseudo.weight=0"], ["pseudo.weight"]),
-    (None, ["pseudo.weight=-1"], ["pseudo.weight"]),
-    (None, ["pseudo.max_share=0"], ["pseudo.max_share"]),
-    (None, ["pseudo.max_share=1.5"], ["pseudo.max_share"]),
-    (None, ["pseudo.soft=1"], ["pseudo.soft"]),
-    (None, ["pseudo.source=x"], ["pseudo.source"]),
-])
+@pytest.mark.parametrize(
+    "mutate,overrides,culprits",
+    [
+        (None, ["pseudo.from=nowhere"], ["pseudo.from", "nowhere not found"]),
+        (_no_fold1, [], ["pseudo.from", "test_pred_fold1.csv not found", "fold-k model"]),
+        (_other_folds, [], ["pseudo.from", "oof.csv was trained on other folds"]),
+        (_ensemble, [], ["pseudo.from", "test_pred_fold1.csv not found", "pipeline ensemble"]),
+        (_ensemble_file, ["pseudo.from=blend.yaml"], ["pseudo.from", "blend.yaml"]),
+        (_no_all_fold, ["train.refit=true"], ["pseudo.from", "test_pred.csv not found", "refit"]),
+        (None, ["pseudo.threshold=0"], ["pseudo.threshold"]),
+        (None, ["pseudo.threshold=1.5"], ["pseudo.threshold"]),
+        (None, ["pseudo.weight=0"], ["pseudo.weight"]),
+        (None, ["pseudo.weight=-1"], ["pseudo.weight"]),
+        (None, ["pseudo.max_share=0"], ["pseudo.max_share"]),
+        (None, ["pseudo.max_share=1.5"], ["pseudo.max_share"]),
+        (None, ["pseudo.soft=1"], ["pseudo.soft"]),
+        (None, ["pseudo.source=x"], ["pseudo.source"]),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(ice_config, capsys, mutate, overrides, culprits):
     path = ice_config(pseudo={"from": str(SRC)})
     assert run_cli("fold", path) == 0
@@ -208,7 +226,9 @@ def test_real_source_then_predict_and_blend(ice_config, capsys):
     assert len(oof) == len(train) and set(oof["id"]) == set(train.ids)
     info = json.loads((RUN / "pseudo.json").read_text())
     assert info["source"] == "runs/comp/src" and all(v["rows"] > 0 for v in info["jobs"].values())
-    blend = write_yaml(Path("blend.yaml"), {"competition": "comp", "config": "src.yaml", "members": ["src.yaml", "exp.yaml"]})
+    blend = write_yaml(
+        Path("blend.yaml"), {"competition": "comp", "config": "src.yaml", "members": ["src.yaml", "exp.yaml"]}
+    )
     assert run_cli("ensemble", blend) == 0
     assert "member exp" in capsys.readouterr().out
     # the blend kept each fold's test blend (by weights fitted without that fold), so it is a source too
@@ -248,8 +268,13 @@ def test_fold_jobs_match_sequential(ice_config, tmp_path):
 
 # ---- the parts, without training -------------------------------------------------------------
 
-@given(probs=arrays(np.float64, st.tuples(st.integers(1, 40), st.just(3)), elements=st.floats(0.01, 1)),
-       threshold=st.floats(0.3, 1.0), max_share=st.floats(0.05, 1.0), n_real=st.integers(1, 100))
+
+@given(
+    probs=arrays(np.float64, st.tuples(st.integers(1, 40), st.just(3)), elements=st.floats(0.01, 1)),
+    threshold=st.floats(0.3, 1.0),
+    max_share=st.floats(0.05, 1.0),
+    n_real=st.integers(1, 100),
+)
 def test_select_keeps_the_most_confident_within_threshold_and_share(probs, threshold, max_share, n_real):
     probs = probs / probs.sum(1, keepdims=True)
     ids = np.array([f"id{i:03d}" for i in range(len(probs))])
@@ -278,15 +303,23 @@ def test_stacked_images_read_like_a_concatenation(a, b, idx, data):
     assert s.shape == both.shape and len(s) == len(both) and s.ndim == 4
     np.testing.assert_array_equal(s[idx], both[idx])
     lo = data.draw(st.integers(0, a + b))
-    np.testing.assert_array_equal(s[lo:lo + 3], both[lo:lo + 3])
+    np.testing.assert_array_equal(s[lo : lo + 3], both[lo : lo + 3])
 
 
 def _table(n, k, weights=None, targets=None) -> Table:
-    return Table(ids=np.arange(n).astype(str), images=np.zeros((n, 1, 2, 2), np.float32), class_names=[f"c{i}" for i in range(k)],
-                 labels=np.arange(n) % k, sample_weights=weights, soft_targets=targets)
+    return Table(
+        ids=np.arange(n).astype(str),
+        images=np.zeros((n, 1, 2, 2), np.float32),
+        class_names=[f"c{i}" for i in range(k)],
+        labels=np.arange(n) % k,
+        sample_weights=weights,
+        soft_targets=targets,
+    )
 
 
-@pytest.mark.parametrize("class_weight,smoothing,lam", [(None, 0.0, 1.0), ([0.5, 2.0, 1.0], 0.1, 1.0), ([0.5, 2.0, 1.0], 0.1, 0.7)])
+@pytest.mark.parametrize(
+    "class_weight,smoothing,lam", [(None, 0.0, 1.0), ([0.5, 2.0, 1.0], 0.1, 1.0), ([0.5, 2.0, 1.0], 0.1, 0.7)]
+)
 def test_weights_of_one_and_one_hot_targets_give_the_plain_loss(class_weight, smoothing, lam):
     n, k = 8, 3
     g = torch.Generator().manual_seed(0)
@@ -294,7 +327,9 @@ def test_weights_of_one_and_one_hot_targets_give_the_plain_loss(class_weight, sm
     idx = np.arange(n)
     y = torch.from_numpy(idx % k)
     partner = torch.from_numpy(np.random.default_rng(0).permutation(n))
-    fn = torch.nn.CrossEntropyLoss(weight=None if class_weight is None else torch.tensor(class_weight), label_smoothing=smoothing)
+    fn = torch.nn.CrossEntropyLoss(
+        weight=None if class_weight is None else torch.tensor(class_weight), label_smoothing=smoothing
+    )
     plain = mixed_loss(fn, logits, y, y[partner], lam)
     table = _table(n, k, np.ones(n, np.float32), np.eye(k, dtype=np.float32)[idx % k])
     torch.testing.assert_close(batch_loss(fn, logits, table, idx, y, partner, lam), plain)
@@ -323,8 +358,16 @@ def test_fold_view_marks_rows(ice_config):
     assert run_cli("fold", path) == 0
     cfg, train, test, fold_of = _tables(path)
     sel = Selection(rows=np.array([4, 1]), targets=np.eye(2, dtype=np.float32)[[1, 0]], candidates=2)
-    p = PseudoLabels(source="s", digest="d", weight=0.5, soft=False, threshold=0.9, max_share=0.5,
-                     class_names=train.class_names, by_fold={0: sel})
+    p = PseudoLabels(
+        source="s",
+        digest="d",
+        weight=0.5,
+        soft=False,
+        threshold=0.9,
+        max_share=0.5,
+        class_names=train.class_names,
+        by_fold={0: sel},
+    )
     base = p.combine(train, test)
     t, f = p.fold_view(base, fold_of, 0)
     n = len(train)
@@ -343,8 +386,10 @@ def test_the_plan_times_the_pseudo_rows(ice_config):
     from pipeline.plan.speed import Speed
     from pipeline.train.pseudo import check_source, prepare
 
-    path = ice_config(pseudo={"from": str(SRC), "threshold": 0.95, "max_share": 1.0},
-                      train={"epochs": "auto", "time_budget_s": 60, "max_steps_per_epoch": None})
+    path = ice_config(
+        pseudo={"from": str(SRC), "threshold": 0.95, "max_share": 1.0},
+        train={"epochs": "auto", "time_budget_s": 60, "max_steps_per_epoch": None},
+    )
     assert run_cli("fold", path, "pseudo=null", "train.time_budget_s=null") == 0  # the folds file the source trained on
     train, test, fold_of = craft_source(path)
     cfg = load_config(path)
@@ -356,6 +401,7 @@ def test_the_plan_times_the_pseudo_rows(ice_config):
 
     def speed(c, size, threads):
         return Speed(train_img_s=200, val_img_s=2000, build_s=0.5, epoch_s=0.0)
+
     with_rows = make_plan(cfg, facts, device_type="cpu", cores=2, speed=speed)
     without = make_plan(cfg, plain, device_type="cpu", cores=2, speed=speed)
     per_epoch = lambda rows: 3 * (rows / 200 + 40 / 2000)  # noqa: E731 (3 folds of 80 real rows, 40 validated)

@@ -1,5 +1,6 @@
 """``train.executor``: which executor runs the jobs (``auto`` keeps the old ``fold_jobs`` rule), its keys
 out of the run hash, the one-line errors, and a real two-node Ray cluster losing a node mid-job."""
+
 import os
 import signal
 import socket
@@ -14,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import cli_error, run_cli
+
 from pipeline.config.load import load_config
 from pipeline.data.formats import read_table
 from pipeline.train.executors import ProcessExecutor, RayExecutor, SequentialExecutor, build_executor, executor_width
@@ -24,15 +25,37 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _iceberg(make_config, iceberg_dir, **train):
-    return make_config(iceberg_dir, folds={"n_splits": 2, "seed": 0},
-                       model={"backbone": "simple_cnn", "pretrained": False, "drop_rate": 0.0},
-                       train={"epochs": 2, "batch_size": 32, "lr": 3e-3, "optimizer": "adam", "patience": 0,
-                              "device": "cpu", "precision": "fp32", **train})
+    return make_config(
+        iceberg_dir,
+        folds={"n_splits": 2, "seed": 0},
+        model={"backbone": "simple_cnn", "pretrained": False, "drop_rate": 0.0},
+        train={
+            "epochs": 2,
+            "batch_size": 32,
+            "lr": 3e-3,
+            "optimizer": "adam",
+            "patience": 0,
+            "device": "cpu",
+            "precision": "fp32",
+            **train,
+        },
+    )
 
 
 def _chosen(cfg, n_jobs=4, hooks=False):
-    ex = build_executor(cfg, todo=[None] * n_jobs, table=None, rows=None, device=torch.device("cpu"), run_hash="h",
-                   precision="fp32", t_start=0.0, n_refit=0, on_epoch=None, hooks=hooks)
+    ex = build_executor(
+        cfg,
+        todo=[None] * n_jobs,
+        table=None,
+        rows=None,
+        device=torch.device("cpu"),
+        run_hash="h",
+        precision="fp32",
+        t_start=0.0,
+        n_refit=0,
+        on_epoch=None,
+        hooks=hooks,
+    )
     return type(ex)
 
 
@@ -59,8 +82,17 @@ def test_executor_follows_train_executor_and_fold_jobs_as_before(make_config, ic
 def test_executor_keys_are_out_of_the_run_hash(make_config, iceberg_dir):
     path = _iceberg(make_config, iceberg_dir)
     base = load_config(path)
-    for o in (["train.executor=ray", "train.ray_address=10.0.0.1:6379", "train.ray_num_cpus=4", "train.ray_num_gpus=0.5",
-               "train.ray_max_retries=0"], ["train.executor=processes", "train.fold_jobs=3"], ["train.executor=local"]):
+    for o in (
+        [
+            "train.executor=ray",
+            "train.ray_address=10.0.0.1:6379",
+            "train.ray_num_cpus=4",
+            "train.ray_num_gpus=0.5",
+            "train.ray_max_retries=0",
+        ],
+        ["train.executor=processes", "train.fold_jobs=3"],
+        ["train.executor=local"],
+    ):
         cfg = load_config(path, o)
         assert cfg.hash() == base.hash() and cfg.hash("train") == base.hash("train"), o
     assert load_config(path, ["train.epochs=3"]).hash() != base.hash()  # the hash still sees what is computed
@@ -81,7 +113,9 @@ def test_bad_executor_keys_are_one_line(make_config, iceberg_dir, capsys):
         port = s.getsockname()[1]
     pytest.importorskip("ray")
     err = cli_error(capsys, "train", path, "train.executor=ray", f"train.ray_address=127.0.0.1:{port}")
-    assert err.startswith(f"error: train.ray_address: nothing answers at 127.0.0.1:{port}") and "ray start --head" in err
+    assert (
+        err.startswith(f"error: train.ray_address: nothing answers at 127.0.0.1:{port}") and "ray start --head" in err
+    )
     assert sorted(p for p in Path.cwd().rglob("*")) == before  # no plan, snapshot or run folder
 
 
@@ -120,10 +154,19 @@ class _Node:
 
     def __init__(self, args: list[str], env: dict, log: Path):
         self.log = log
-        self.proc = subprocess.Popen([str(RAY), "start", "--block", "--disable-usage-stats", *args], env=env,
-                                     stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        _wait_for(f"{log.stem} to start", lambda: "Ray runtime started" in log.read_text() or self.proc.poll() is not None,
-                  240, [log])
+        self.proc = subprocess.Popen(
+            [str(RAY), "start", "--block", "--disable-usage-stats", *args],
+            env=env,
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _wait_for(
+            f"{log.stem} to start",
+            lambda: "Ray runtime started" in log.read_text() or self.proc.poll() is not None,
+            240,
+            [log],
+        )
         assert self.proc.poll() is None, log.read_text()[-3000:]
 
     def kill(self) -> None:
@@ -147,15 +190,26 @@ def test_ray_cluster_survives_a_killed_worker_node(make_config, iceberg_dir, tmp
     port, barrier = _free_port(), tmp_path / "barrier"
     barrier.mkdir()
     temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "RAY_USAGE_STATS_ENABLED": "0", "PIPELINE_TEST_BARRIER": str(barrier),
-           "RAY_AUTH_MODE": "disabled"}  # loopback only; else a token left in ~/.ray by another cluster is demanded
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PIPELINE_TEST_BARRIER": str(barrier),
+        "RAY_AUTH_MODE": "disabled",
+    }  # loopback only; else a token left in ~/.ray by another cluster is demanded
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the driver, this process
     worker_args = [f"--address=127.0.0.1:{port}", "--num-cpus=1"]
     nodes, held = [], []
     try:
-        nodes.append(_Node(["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp}"],
-                           env, tmp_path / "head.log"))
+        nodes.append(
+            _Node(
+                ["--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false", f"--temp-dir={temp}"],
+                env,
+                tmp_path / "head.log",
+            )
+        )
         # only the first worker node holds its job after epoch 1 (pipeline.train.executors._test_barrier)
         nodes.append(_Node(worker_args, {**env, "PIPELINE_TEST_HOLD": "held"}, tmp_path / "worker.log"))
         ray.init(address=f"127.0.0.1:{port}", logging_level="WARNING")
@@ -164,8 +218,12 @@ def test_ray_cluster_survives_a_killed_worker_node(make_config, iceberg_dir, tmp
 
         def kill_worker_when_its_job_is_mid_way():
             try:
-                _wait_for("the worker node's job to finish epoch 1", lambda: any(barrier.glob("*.epoch1.held")), 300,
-                          [tmp_path / "head.log", tmp_path / "worker.log"])
+                _wait_for(
+                    "the worker node's job to finish epoch 1",
+                    lambda: any(barrier.glob("*.epoch1.held")),
+                    300,
+                    [tmp_path / "head.log", tmp_path / "worker.log"],
+                )
                 f = next(barrier.glob("*.epoch1.held"))
                 held.append((f.name.split(".")[0], int(f.read_text())))
                 nodes[1].kill()  # the worker node goes away with its job in flight (the job's last.pt is on disk)
@@ -233,9 +291,13 @@ def test_ray_pseudo_labels_and_refit_match_local(make_config, iceberg_dir, tmp_p
     pytest.importorskip("ray")
     from helpers import RUN, SRC, TRAIN, confident, craft_source
 
-    path = make_config(iceberg_dir, folds={"n_splits": 3, "seed": 0}, pseudo={"from": str(SRC), "threshold": 0.95},
-                       model={"backbone": "simple_cnn", "pretrained": False, "drop_rate": 0.0},
-                       train={**TRAIN, "refit": True})
+    path = make_config(
+        iceberg_dir,
+        folds={"n_splits": 3, "seed": 0},
+        pseudo={"from": str(SRC), "threshold": 0.95},
+        model={"backbone": "simple_cnn", "pretrained": False, "drop_rate": 0.0},
+        train={**TRAIN, "refit": True},
+    )
     assert run_cli("fold", path) == 0
     n_test = len(read_table(load_config(path), "test"))
     craft_source(path, all_probs=confident(n_test, range(0, n_test, 2), [0, 1] * n_test))  # the refit's rows
@@ -245,12 +307,21 @@ def test_ray_pseudo_labels_and_refit_match_local(make_config, iceberg_dir, tmp_p
     for d in ("fold_0", "fold_1", "fold_2", "refit"):
         (RUN / d / "done.json").unlink()
     port, temp = _free_port(), tempfile.mkdtemp(prefix="ray", dir="/tmp")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+    }
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     head = None
     try:
-        head = _Node(["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}"],
-                     env, tmp_path / "head.log")
+        head = _Node(
+            ["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}"],
+            env,
+            tmp_path / "head.log",
+        )
         assert run_cli("train", path, "train.executor=ray", f"train.ray_address=127.0.0.1:{port}") == 0
     finally:
         if head is not None:

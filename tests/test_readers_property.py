@@ -1,19 +1,19 @@
 """Property tests of every data reader: random corruptions of a valid file never end in a traceback,
 and never in a table with wrong content. Bounded examples here; ``HYPOTHESIS_PROFILE=slow`` runs more."""
+
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
+from helpers import CORRUPTIONS, corrupt
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.formats import read_table
-from helpers import CORRUPTIONS, corrupt
 
 
 def _read_both(cfg):
@@ -60,7 +60,9 @@ def test_statoil_json_corruptions(iceberg_dir, tmp_path_factory, make_config, ho
         assert len(tr) == len(recs) and [r["id"] for r in recs] == list(tr.ids)
         assert np.isfinite(tr.images).all()
         assert tr.labels.tolist() == [int(r["is_iceberg"]) for r in recs]
-        np.testing.assert_allclose(tr.images[:, 0].reshape(len(tr), -1), np.array([r["band_1"] for r in recs]), rtol=1e-6)
+        np.testing.assert_allclose(
+            tr.images[:, 0].reshape(len(tr), -1), np.array([r["band_1"] for r in recs]), rtol=1e-6
+        )
 
 
 @given(how=CORRUPTIONS, split=st.sampled_from(["train", "test"]))

@@ -1,4 +1,5 @@
 """The one Registry class: registering, listing, lazy entries imported on first look-up, one-line errors."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -44,26 +45,30 @@ def test_unknown_names_say_what_is_close_or_what_is_known():
 
 
 def test_a_lazy_entry_is_imported_on_first_look_up_only():
-    code = ("import sys\n"
-            "from pipeline.core.registry import Registry\n"
-            "reg = Registry('dump', lazy={'dumps': 'json.decoder:JSONDecoder', 'deep': 'os.path:join'})\n"
-            "sys.modules.pop('json.decoder', None); sys.modules.pop('json', None)\n"
-            "assert 'dumps' in reg and reg.names() == ['dumps', 'deep'] and 'json.decoder' not in sys.modules\n"
-            "assert reg.lazy_paths() == {'dumps': 'json.decoder:JSONDecoder', 'deep': 'os.path:join'}\n"
-            "assert reg.get('dumps').__name__ == 'JSONDecoder' and 'json.decoder' in sys.modules\n"
-            "assert reg.lazy_paths() == {'deep': 'os.path:join'} and reg.names() == ['dumps', 'deep']\n")
+    code = (
+        "import sys\n"
+        "from pipeline.core.registry import Registry\n"
+        "reg = Registry('dump', lazy={'dumps': 'json.decoder:JSONDecoder', 'deep': 'os.path:join'})\n"
+        "sys.modules.pop('json.decoder', None); sys.modules.pop('json', None)\n"
+        "assert 'dumps' in reg and reg.names() == ['dumps', 'deep'] and 'json.decoder' not in sys.modules\n"
+        "assert reg.lazy_paths() == {'dumps': 'json.decoder:JSONDecoder', 'deep': 'os.path:join'}\n"
+        "assert reg.get('dumps').__name__ == 'JSONDecoder' and 'json.decoder' in sys.modules\n"
+        "assert reg.lazy_paths() == {'deep': 'os.path:join'} and reg.names() == ['dumps', 'deep']\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
 
 
 def test_config_checks_names_without_importing_the_families():
-    code = ("import sys\n"
-            "from pipeline.config.registries import OPTIMIZERS, SAMPLERS, TASKS, TTA, FORMATS\n"
-            "assert 'adamw' in OPTIMIZERS and 'tpe' in SAMPLERS and 'binary' in TASKS and 'dihedral' in TTA\n"
-            "assert 'pixel_csv' in FORMATS\n"
-            "bad = [m for m in ('pipeline.train.optim', 'pipeline.tune.samplers', 'pipeline.models.tta', "
-            "'pipeline.tasks.classification', 'pipeline.data.formats.pixel_csv', 'torch', 'optuna') if m in sys.modules]\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys\n"
+        "from pipeline.config.registries import OPTIMIZERS, SAMPLERS, TASKS, TTA, FORMATS\n"
+        "assert 'adamw' in OPTIMIZERS and 'tpe' in SAMPLERS and 'binary' in TASKS and 'dihedral' in TTA\n"
+        "assert 'pixel_csv' in FORMATS\n"
+        "bad = [m for m in ('pipeline.train.optim', 'pipeline.tune.samplers', 'pipeline.models.tta', "
+        "'pipeline.tasks.classification', 'pipeline.data.formats.pixel_csv', 'torch', 'optuna') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
 

@@ -1,12 +1,13 @@
 """`pipeline run` end to end on each demo format with the shipped configs (scaled down), and
 stage skipping / staleness through `pipeline status`."""
+
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import run_cli
+
 from pipeline.config.load import load_config
 from pipeline.predict.submission import validate_submission
 
@@ -20,13 +21,23 @@ def _run(config: str, data_dir: Path, extra=()) -> list[str]:
     return overrides
 
 
-@pytest.mark.parametrize("config, fixture, extra, min_accuracy", [
-    # the real iceberg config (pretrained tf_efficientnet_lite0, angle features, TTA, clipping)
-    pytest.param("iceberg-demo.yaml", "iceberg_dir", ["predict.tta=[identity,hflip]"], None, marks=pytest.mark.slow),
-    # digits: one short epoch on 2 folds; chance is 0.1
-    pytest.param("digits-demo.yaml", "digits_dir", ["train.max_steps_per_epoch=40"], 0.5, marks=pytest.mark.slow),
-    ("folder-demo.yaml", "folder_dir", ["train.epochs=6"], 0.3),  # 100 training images per fold; the fast tier's end-to-end run
-])
+@pytest.mark.parametrize(
+    "config, fixture, extra, min_accuracy",
+    [
+        # the real iceberg config (pretrained tf_efficientnet_lite0, angle features, TTA, clipping)
+        pytest.param(
+            "iceberg-demo.yaml", "iceberg_dir", ["predict.tta=[identity,hflip]"], None, marks=pytest.mark.slow
+        ),
+        # digits: one short epoch on 2 folds; chance is 0.1
+        pytest.param("digits-demo.yaml", "digits_dir", ["train.max_steps_per_epoch=40"], 0.5, marks=pytest.mark.slow),
+        (
+            "folder-demo.yaml",
+            "folder_dir",
+            ["train.epochs=6"],
+            0.3,
+        ),  # 100 training images per fold; the fast tier's end-to-end run
+    ],
+)
 def test_run_end_to_end_writes_a_valid_submission(config, fixture, extra, min_accuracy, request, capsys):
     data_dir = request.getfixturevalue(fixture)
     overrides = _run(config, data_dir, extra)

@@ -1,13 +1,14 @@
 """Run folders have one owner (pipeline/runs/layout.py); their roots (paths.*) are runtime keys."""
+
 import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import run_cli
-from pipeline.config.schema import STAGE_SECTIONS
+
 from pipeline.config.load import load_config
+from pipeline.config.schema import STAGE_SECTIONS
 from pipeline.core.errors import PipelineError
 from pipeline.runs.layout import JobDir, RunDir
 from pipeline.train.precision import read_precision, write_precision
@@ -26,14 +27,49 @@ def test_job_and_refit_folders_with_one_and_several_seeds(digits_config):
     assert [(j.fold, j.seed) for j in many.jobs([0, 1])] == [(0, 1), (1, 1), (0, 2), (1, 2)]  # seed-major, as trained
     j = many.job_dir(1, 2)
     assert [p.name for p in (j.best_weights, j.best_meta, j.last, j.history, j.oof, j.tb, j.lock, j.done)] == [
-        "best.safetensors", "best.json", "last.pt", "history.csv", "oof.csv", "tb", "lock", "done.json"]
+        "best.safetensors",
+        "best.json",
+        "last.pt",
+        "history.csv",
+        "oof.csv",
+        "tb",
+        "lock",
+        "done.json",
+    ]
     assert str(j) == str(j.path) and Path(j) == j.path
-    names = [p.name for p in (many.oof, many.oof_tta, many.test_pred, many.test_pred_refit, many.test_pred_fold(3), many.predict_json,
-                              many.metrics_json, many.calibration_json, many.precision_json, many.ensemble_json, many.report_dir,
-                              many.snapshot("train"), many.snapshot("predict"))]
-    assert names == ["oof.csv", "oof_tta.csv", "test_pred.csv", "test_pred_refit.csv", "test_pred_fold3.csv", "predict.json",
-                     "metrics.json", "calibration.json", "precision.json", "ensemble.json", "report", "config.train.yaml",
-                     "config.predict.yaml"]
+    names = [
+        p.name
+        for p in (
+            many.oof,
+            many.oof_tta,
+            many.test_pred,
+            many.test_pred_refit,
+            many.test_pred_fold(3),
+            many.predict_json,
+            many.metrics_json,
+            many.calibration_json,
+            many.precision_json,
+            many.ensemble_json,
+            many.report_dir,
+            many.snapshot("train"),
+            many.snapshot("predict"),
+        )
+    ]
+    assert names == [
+        "oof.csv",
+        "oof_tta.csv",
+        "test_pred.csv",
+        "test_pred_refit.csv",
+        "test_pred_fold3.csv",
+        "predict.json",
+        "metrics.json",
+        "calibration.json",
+        "precision.json",
+        "ensemble.json",
+        "report",
+        "config.train.yaml",
+        "config.predict.yaml",
+    ]
 
 
 def test_constructor_is_keyword_only_and_a_bare_folder_knows_no_seeds():
@@ -56,7 +92,12 @@ def test_done_markers(digits_config):
     job = run.job_dir(0, 1)
     assert job.read_done() is None and not job.is_done("h")
     job.write_done({"hash": "h", "best_epoch": 3})
-    assert job.read_done() == {"hash": "h", "best_epoch": 3} and job.is_done("h") and not job.is_done("other") and job.is_done(None)
+    assert (
+        job.read_done() == {"hash": "h", "best_epoch": 3}
+        and job.is_done("h")
+        and not job.is_done("other")
+        and job.is_done(None)
+    )
     with pytest.raises(ValueError):
         job.write_done({"best_epoch": 3})
     # fold 0 waits for its second seed; fold 1 has not started
@@ -67,7 +108,9 @@ def test_done_markers(digits_config):
     assert ready == {0: [run.job_dir(0, 1).oof, run.job_dir(0, 2).oof]} and waiting == [1]
     assert run.done_records() == [{"hash": "h", "best_epoch": 3}, {"hash": "h"}]
     job.done.write_text("{half")
-    with pytest.raises(PipelineError, match=r"fold_0_seed1/done.json: not a JSON object; delete it to train fold 0 seed 1 again"):
+    with pytest.raises(
+        PipelineError, match=r"fold_0_seed1/done.json: not a JSON object; delete it to train fold 0 seed 1 again"
+    ):
         job.is_done("h")
     job.clear_done()
     assert job.read_done() is None
@@ -77,10 +120,13 @@ def test_precision_record(digits_config):
     run = RunDir.of(load_config(digits_config()))
     assert read_precision(run) is None
     write_precision(run, "bf16", "abc")
-    assert read_precision(run) == "bf16" and read_precision(run, "abc") == "bf16" and read_precision(run, "other") is None
+    assert (
+        read_precision(run) == "bf16" and read_precision(run, "abc") == "bf16" and read_precision(run, "other") is None
+    )
 
 
 # ---- paths.* -----------------------------------------------------------------------------------
+
 
 def test_paths_are_runtime_keys(digits_config, tmp_path):
     path = digits_config()
@@ -120,14 +166,24 @@ def test_metric_joins_the_predict_hash(digits_config):
 def test_a_run_writes_only_under_the_configured_roots(digits_config, tmp_path_factory, capsys):
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     roots = {k: elsewhere / k for k in ("runs", "folds", "submissions")}
-    path = digits_config(train={"epochs": 1}, evaluate={"gradcam_samples": 1},
-                         paths={k: str(v) for k, v in roots.items()})
+    path = digits_config(
+        train={"epochs": 1}, evaluate={"gradcam_samples": 1}, paths={k: str(v) for k, v in roots.items()}
+    )
     assert run_cli("run", path) == 0
     for d in ("runs", "folds", "submissions"):
         assert not Path(d).exists(), d
     run = roots["runs"] / "comp" / "exp"
-    for f in ("oof.csv", "metrics.json", "calibration.json", "report/report.html", "test_pred.csv", "test_pred_fold0.csv",
-              "predict.json", "fold_0/done.json", "config.predict.yaml"):
+    for f in (
+        "oof.csv",
+        "metrics.json",
+        "calibration.json",
+        "report/report.html",
+        "test_pred.csv",
+        "test_pred_fold0.csv",
+        "predict.json",
+        "fold_0/done.json",
+        "config.predict.yaml",
+    ):
         assert (run / f).exists(), f
     assert (roots["folds"] / "comp.csv").is_file()
     subs = list(roots["submissions"].glob("comp-exp-*.csv"))
@@ -139,7 +195,11 @@ def test_a_run_writes_only_under_the_configured_roots(digits_config, tmp_path_fa
     assert run_cli("status", path) == 0
     assert capsys.readouterr().out.count("done") == 4
     cfg = load_config(path)
-    assert pd.read_csv(cfg.folds_path).shape[0] == 600 and json.loads((run / "predict.json").read_text())["models"] == ["fold_0", "fold_1", "fold_2"]
+    assert pd.read_csv(cfg.folds_path).shape[0] == 600 and json.loads((run / "predict.json").read_text())["models"] == [
+        "fold_0",
+        "fold_1",
+        "fold_2",
+    ]
 
 
 def test_tuning_studies_and_histories_follow_the_runs_root(digits_config, tmp_path):

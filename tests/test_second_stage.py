@@ -1,23 +1,24 @@
 """Second-stage blenders: ensemble selection (hillclimb) and LightGBM (gbm) over the members' OOF, fitted
 fold by fold; tests that would catch a leak, the scalar features, bad settings, and the stage end to end."""
+
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import cli_error, run_cli, write_yaml
+from helpers import binary, ens_file, fake_member, make_base_cfg
 
 import pipeline.ensemble.blenders as ens_mod
-from conftest import cli_error, run_cli, write_yaml
 from pipeline.config.load import load_config
-from pipeline.ensemble.blenders import blend_gbm, blend_hillclimb, hillclimb_weights, stack_features
 from pipeline.core.errors import PipelineError
-from pipeline.data.formats import read_table
 from pipeline.core.metrics import logloss, score
-from pipeline.runs.predictions import read_predictions
-from pipeline.ensemble.scalars import scalars_for, table_scalars
+from pipeline.data.formats import read_table
 from pipeline.data.table import Table
-from helpers import binary, ens_file, fake_member, make_base_cfg
+from pipeline.ensemble.blenders import blend_gbm, blend_hillclimb, hillclimb_weights, stack_features
+from pipeline.ensemble.scalars import scalars_for, table_scalars
+from pipeline.runs.predictions import read_predictions
 
 
 @pytest.fixture
@@ -34,6 +35,7 @@ def members_with_noise(seed, n=300, n_noise=30, lo=0.05, hi=0.95):
 
 
 # ---- hillclimb ------------------------------------------------------------------------------
+
 
 def test_hillclimb_weights_are_a_distribution_and_deterministic():
     p, y, folds = members_with_noise(0, n_noise=5)
@@ -118,6 +120,7 @@ def test_member_perfect_on_one_fold_gets_no_weight_there_from_that_fold():
 
 # ---- scalar features --------------------------------------------------------------------------
 
+
 def _statoil_record(rid, band_1, band_2, angle, label=None):
     rec = {"id": rid, "band_1": band_1, "band_2": band_2, "inc_angle": angle}
     return rec if label is None else {**rec, "is_iceberg": label}
@@ -133,10 +136,23 @@ def test_statoil_scalars_by_hand(make_config, tmp_path, channels):
     recs = [_statoil_record("a", a1, a2, 40.5, 1), _statoil_record("b", a2, a2, "na", 0)]
     (d / "train.json").write_text(json.dumps(recs))
     (d / "test.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "is_iceberg"} for r in recs]))
-    cfg = load_config(make_config(d, "statoil_json", data={"format": "statoil_json", "dir": str(d), "channels": channels}))
+    cfg = load_config(
+        make_config(d, "statoil_json", data={"format": "statoil_json", "dir": str(d), "channels": channels})
+    )
     x, names = table_scalars(read_table(cfg, "train"), "statoil_json")
-    assert names == ["inc_angle", "inc_angle_missing", "band_1_min", "band_1_max", "band_1_mean", "band_1_std",
-                     "band_2_min", "band_2_max", "band_2_mean", "band_2_std", "band_mean_diff"]
+    assert names == [
+        "inc_angle",
+        "inc_angle_missing",
+        "band_1_min",
+        "band_1_max",
+        "band_1_mean",
+        "band_1_std",
+        "band_2_min",
+        "band_2_max",
+        "band_2_mean",
+        "band_2_std",
+        "band_mean_diff",
+    ]
     m1 = 1000 / n
     std1 = np.std(np.asarray(a1, np.float32).astype(np.float64))
     np.testing.assert_allclose(x[0], [40.5, 0, -4624, 1, m1, std1, 2, 2, 2, 0, m1 - 2], rtol=1e-6)
@@ -150,13 +166,19 @@ def test_statoil_scalars_by_hand(make_config, tmp_path, channels):
 
 
 def test_pixel_and_folder_scalars_are_channel_mean_and_std(sk_digits_dir, make_config):
-    grey = Table(ids=np.array(["1", "2"], dtype=object), images=np.array([[[[0, 2], [4, 6]]], [[[5, 5], [5, 5]]]], np.uint8),
-                 class_names=["0", "1"])
+    grey = Table(
+        ids=np.array(["1", "2"], dtype=object),
+        images=np.array([[[[0, 2], [4, 6]]], [[[5, 5], [5, 5]]]], np.uint8),
+        class_names=["0", "1"],
+    )
     x, names = table_scalars(grey, "pixel_csv")
     assert names == ["c0_mean", "c0_std"]
     np.testing.assert_allclose(x, [[3, np.sqrt(5)], [5, 0]])
-    rgb = Table(ids=np.array(["a"], dtype=object), images=np.stack([np.full((3, 3), v, np.uint8) for v in (10, 20, 30)])[None],
-                class_names=["x"])
+    rgb = Table(
+        ids=np.array(["a"], dtype=object),
+        images=np.stack([np.full((3, 3), v, np.uint8) for v in (10, 20, 30)])[None],
+        class_names=["x"],
+    )
     x, names = table_scalars(rgb, "image_folder")
     assert names == ["c0_mean", "c0_std", "c1_mean", "c1_std", "c2_mean", "c2_std"]
     np.testing.assert_allclose(x, [[10, 0, 20, 0, 30, 0]])
@@ -168,6 +190,7 @@ def test_pixel_and_folder_scalars_are_channel_mean_and_std(sk_digits_dir, make_c
 
 # ---- gbm ----------------------------------------------------------------------------------------
 
+
 def gbm_data(seed=0, n=240, k=2):
     """Two members of signal; a scalar feature that holds more (the label's own noise-free driver)."""
     rng = np.random.default_rng(seed)
@@ -176,7 +199,7 @@ def gbm_data(seed=0, n=240, k=2):
     folds = np.arange(n) % 4
     p = []
     for s in (0.8, 1.2):
-        logits = np.stack([-(z - c) ** 2 for c in np.linspace(-1, 1, k)], 1) * 2 + rng.normal(0, s, (n, k))
+        logits = np.stack([-((z - c) ** 2) for c in np.linspace(-1, 1, k)], 1) * 2 + rng.normal(0, s, (n, k))
         e = np.exp(logits - logits.max(1, keepdims=True))
         p.append(e / e.sum(1, keepdims=True))
     scal = np.stack([z + rng.normal(0, 0.05, n), rng.normal(size=n)], 1)
@@ -188,8 +211,17 @@ def test_gbm_rows_sum_to_one_deterministic_and_uses_scalars(k):
     p, y, folds, scal = gbm_data(k=k)
     test, scal_t = p[:, :30], scal[:30]
     details = {}
-    oof, tb, w = blend_gbm(p, test, y, folds, scalars=(scal, scal_t), scalar_names=["z", "junk"], member_names=["a", "b"],
-                           gbm={"rounds": 200}, details=details)
+    oof, tb, w = blend_gbm(
+        p,
+        test,
+        y,
+        folds,
+        scalars=(scal, scal_t),
+        scalar_names=["z", "junk"],
+        member_names=["a", "b"],
+        gbm={"rounds": 200},
+        details=details,
+    )
     assert w is None and oof.shape == (len(y), k) and tb.shape == (30, k)
     np.testing.assert_allclose(oof.sum(1), 1)
     np.testing.assert_allclose(tb.sum(1), 1)
@@ -234,6 +266,7 @@ def test_gbm_never_trains_on_the_rows_it_predicts(monkeypatch):
 
 # ---- per-fold test blends: what an ensemble pseudo-label source keeps --------------------------
 
+
 @pytest.mark.parametrize("method", sorted(ens_mod.BLENDERS))
 @pytest.mark.parametrize("k", [2, 3])
 def test_fold_k_test_blend_is_the_blender_fitted_without_fold_k(method, k):
@@ -242,8 +275,17 @@ def test_fold_k_test_blend_is_the_blender_fitted_without_fold_k(method, k):
     p, y, folds, scal = gbm_data(k=k)
     fold_tests = {f: p.copy() for f in range(4)}
     details = {}
-    oof, _, _ = ens_mod.build_blender(method)(p, p, y, folds, details=details, fold_tests=fold_tests, metric="logloss",
-                                             scalars=(scal, scal), gbm={"rounds": 60})
+    oof, _, _ = ens_mod.build_blender(method)(
+        p,
+        p,
+        y,
+        folds,
+        details=details,
+        fold_tests=fold_tests,
+        metric="logloss",
+        scalars=(scal, scal),
+        gbm={"rounds": 60},
+    )
     assert set(details["fold_test"]) == {0, 1, 2, 3}
     for f, blend in details["fold_test"].items():
         assert blend.shape == (len(y), k)
@@ -278,9 +320,14 @@ def test_bad_settings_exit_2_naming_the_key(base_cfg, capsys, change, message):
     assert sorted(Path(".").rglob("*")) == before  # nothing created
 
 
-@pytest.mark.parametrize("override,message", [("iterations=-3", "iterations: Input should be greater than or equal to 1"),
-                                              ("gbm.rounds=0", "gbm.rounds: Input should be greater than or equal to 1"),
-                                              ("gbm.num_leafs=3", "unknown key 'gbm.num_leafs'; did you mean gbm.num_leaves")])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("iterations=-3", "iterations: Input should be greater than or equal to 1"),
+        ("gbm.rounds=0", "gbm.rounds: Input should be greater than or equal to 1"),
+        ("gbm.num_leafs=3", "unknown key 'gbm.num_leafs'; did you mean gbm.num_leaves"),
+    ],
+)
 def test_bad_overrides_exit_2(base_cfg, capsys, override, message):
     fake_member("a", 1), fake_member("b", 2)
     ens_file(base_cfg, ["runs/comp/a", "runs/comp/b"])
@@ -296,7 +343,12 @@ def iceberg_member(name, seed, train, test, quality):
     run.mkdir(parents=True)
 
     def frame(ids, y):
-        p1 = np.clip(quality * (y if y is not None else rng.integers(0, 2, len(ids))) + (1 - quality) * rng.uniform(size=len(ids)), 0.01, 0.99)
+        p1 = np.clip(
+            quality * (y if y is not None else rng.integers(0, 2, len(ids)))
+            + (1 - quality) * rng.uniform(size=len(ids)),
+            0.01,
+            0.99,
+        )
         return pd.DataFrame({"id": ids, "p_ship": 1 - p1, "p_iceberg": p1})
 
     oof = frame(train.ids, train.labels)
@@ -312,18 +364,32 @@ def test_gbm_and_hillclimb_on_statoil_through_the_cli(make_config, iceberg_dir, 
     cfg = load_config(cfg_path)
     train, test = read_table(cfg, "train"), read_table(cfg, "test")
     iceberg_member("a", 1, train, test, 0.5), iceberg_member("b", 2, train, test, 0.3)
-    write_yaml(Path("blend.yaml"), {"competition": "comp", "config": str(cfg_path), "members": ["runs/comp/a", "runs/comp/b"],
-                                    "method": "gbm", "gbm": {"rounds": 100}})
+    write_yaml(
+        Path("blend.yaml"),
+        {
+            "competition": "comp",
+            "config": str(cfg_path),
+            "members": ["runs/comp/a", "runs/comp/b"],
+            "method": "gbm",
+            "gbm": {"rounds": 100},
+        },
+    )
     capsys.readouterr()
     assert run_cli("ensemble", "blend.yaml") == 0
     out = capsys.readouterr().out
-    assert "blend  blend (gbm) (fitted on the other folds: nested): OOF logloss" in out and "best member a: logloss" in out
+    assert (
+        "blend  blend (gbm) (fitted on the other folds: nested): OOF logloss" in out and "best member a: logloss" in out
+    )
     assert "gbm: best rounds per fold [" in out and "inc_angle_missing" in out
     info = json.loads(Path("runs/comp/blend/ensemble.json").read_text())
     assert info["method"] == "gbm" and info["oof_nested"] and info["best_member"]["name"] == "a"
     d = info["details"]
     assert d["feature_names"][:2] == ["a:logodds", "b:logodds"] and "band_mean_diff" in d["feature_names"]
-    assert d["feature_names"][2:4] == ["inc_angle", "inc_angle_missing"] and set(d["best_iterations"]) == {"0", "1", "2"}
+    assert d["feature_names"][2:4] == ["inc_angle", "inc_angle_missing"] and set(d["best_iterations"]) == {
+        "0",
+        "1",
+        "2",
+    }
     assert d["settings"]["rounds"] == 100
     assert run_cli("ensemble", "blend.yaml", "method=hillclimb", "name=climb") == 0
     out = capsys.readouterr().out
@@ -335,7 +401,10 @@ def test_gbm_and_hillclimb_on_statoil_through_the_cli(make_config, iceberg_dir, 
 
 def test_second_stage_on_two_real_runs(digits_config, capsys):
     """End to end: two tiny digit experiments trained and predicted, then hillclimb and gbm over them."""
-    paths = [digits_config(name=n, train={"epochs": 1, "seed": s, "max_steps_per_epoch": 3}, predict={"tta": ["identity"]}) for n, s in (("a", 0), ("b", 7))]
+    paths = [
+        digits_config(name=n, train={"epochs": 1, "seed": s, "max_steps_per_epoch": 3}, predict={"tta": ["identity"]})
+        for n, s in (("a", 0), ("b", 7))
+    ]
     assert run_cli("fold", paths[0]) == 0
     for p in paths:
         assert run_cli("train", p) == 0 and run_cli("predict", p) == 0
@@ -350,16 +419,23 @@ def test_second_stage_on_two_real_runs(digits_config, capsys):
         oof = pd.read_csv(f"runs/comp/{name}/oof.csv", dtype={"id": str})
         assert info["metric"] == "accuracy" and info["oof_nested"] and len(oof) == 600
         np.testing.assert_allclose(oof.filter(like="p_").sum(1), 1, atol=1e-6)
-        assert info["oof_score"] == pytest.approx(score("accuracy", oof["target"].to_numpy(), oof.filter(like="p_").to_numpy()), abs=1e-6)
+        assert info["oof_score"] == pytest.approx(
+            score("accuracy", oof["target"].to_numpy(), oof.filter(like="p_").to_numpy()), abs=1e-6
+        )
     gbm = json.loads(Path("runs/comp/gbm/ensemble.json").read_text())["details"]
     assert gbm["feature_names"][-2:] == ["c0_mean", "c0_std"] and len(gbm["feature_names"]) == 2 * 10 + 2
-    assert len(list(Path("submissions").glob("comp-climb-*.csv"))) == 1 and len(list(Path("submissions").glob("comp-gbm-*.csv"))) == 1
+    assert (
+        len(list(Path("submissions").glob("comp-climb-*.csv"))) == 1
+        and len(list(Path("submissions").glob("comp-gbm-*.csv"))) == 1
+    )
     # every member kept its folds' own test predictions, so each blend keeps its own: fold k's members'
     # raw fold-k predictions, blended by the weights selected on the other folds' raw OOF
     info = json.loads(Path("runs/comp/climb/ensemble.json").read_text())
     assert info["test_pred_folds"] == [f"test_pred_fold{k}.csv" for k in range(3)]
     runs = [Path(f"runs/comp/{n}") for n in ("a", "b")]
-    raw_oof = np.stack([pd.read_csv(r / "oof.csv", dtype={"id": str}).sort_values("id").filter(like="p_").to_numpy() for r in runs])
+    raw_oof = np.stack(
+        [pd.read_csv(r / "oof.csv", dtype={"id": str}).sort_values("id").filter(like="p_").to_numpy() for r in runs]
+    )
     oof = pd.read_csv(runs[0] / "oof.csv", dtype={"id": str}).sort_values("id")
     for k in range(3):
         tr = oof["fold"].to_numpy() != k

@@ -1,4 +1,5 @@
 """benchmarks/baseline_loop.py (the hand-written rival of issue 11) and benchmarks/shift_folder.py still run (so they cannot rot)."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -25,16 +26,46 @@ def tiny_shift(tmp_path_factory):
 
 
 def test_baseline_loop_smoke(tiny_shift, tmp_path):
-    res = _load("baseline_loop").main(["--data", str(tiny_shift), "--budget", "60", "--folds", "2", "--epochs", "1",
-                                       "--size", "16", "--model", "resnet10t", "--no-pretrained", "--json", str(tmp_path / "r.jsonl")])
+    res = _load("baseline_loop").main(
+        [
+            "--data",
+            str(tiny_shift),
+            "--budget",
+            "60",
+            "--folds",
+            "2",
+            "--epochs",
+            "1",
+            "--size",
+            "16",
+            "--model",
+            "resnet10t",
+            "--no-pretrained",
+            "--json",
+            str(tmp_path / "r.jsonl"),
+        ]
+    )
     assert res["epochs_run"] == [1, 1] and res["folds"] == 2 and res["size"] == 16
     assert 0 <= res["test_accuracy"] <= 1 and res["test_logloss"] > 0 and res["train_s"] <= res["total_s"]
     assert json.loads((tmp_path / "r.jsonl").read_text().splitlines()[-1]) == res
 
 
 def test_baseline_loop_fits_epochs_to_budget(tiny_shift, capsys):
-    res = _load("baseline_loop").main(["--data", str(tiny_shift), "--budget", "1", "--folds", "2",
-                                       "--size", "16", "--model", "resnet10t", "--no-pretrained"])
+    res = _load("baseline_loop").main(
+        [
+            "--data",
+            str(tiny_shift),
+            "--budget",
+            "1",
+            "--folds",
+            "2",
+            "--size",
+            "16",
+            "--model",
+            "resnet10t",
+            "--no-pretrained",
+        ]
+    )
     out = capsys.readouterr().out
     # the count is fixed from the first epoch's time (how many fit, a fact of this machine's speed) ...
     assert "one epoch took " in out and f"{res['epochs']} epochs per fold fit the 1s budget" in out
@@ -45,24 +76,82 @@ def test_baseline_loop_fits_epochs_to_budget(tiny_shift, capsys):
 def test_shift_folder_skips_missing_configs_and_tabulates(tmp_path, capsys):
     bench = _load("shift_folder")
     data = tmp_path / "sf"
-    assert bench.main(["--budget", "5", "--data", str(data), "--n-train", "20", "--n-test", "10", "--no-baseline",
-                       "--config", str(tmp_path / "missing.yaml"), "--work", str(tmp_path / "w")]) == {}
+    assert (
+        bench.main(
+            [
+                "--budget",
+                "5",
+                "--data",
+                str(data),
+                "--n-train",
+                "20",
+                "--n-test",
+                "10",
+                "--no-baseline",
+                "--config",
+                str(tmp_path / "missing.yaml"),
+                "--work",
+                str(tmp_path / "w"),
+            ]
+        )
+        == {}
+    )
     out = capsys.readouterr().out
     assert f"writing {data}" in out and "[missing] skipped" in out and (data / "solution.csv").is_file()
     base = {"train_s": 100.0, "total_s": 120.0, "test_accuracy": 0.8, "test_logloss": 0.5}
-    text = bench.table({"auto": {**base, "test_accuracy": 0.9, "test_logloss": 0.25}, "broken": None, "baseline_loop": base}, 100)
-    assert "failed or skipped" in text and "auto vs baseline_loop: accuracy +0.1000, log-loss x0.50, training time x1.00" in text
+    text = bench.table(
+        {"auto": {**base, "test_accuracy": 0.9, "test_logloss": 0.25}, "broken": None, "baseline_loop": base}, 100
+    )
+    assert (
+        "failed or skipped" in text
+        and "auto vs baseline_loop: accuracy +0.1000, log-loss x0.50, training time x1.00" in text
+    )
 
 
 def test_both_read_the_digit_csv_stand_in(tmp_path, capsys):
     """--kind shift-digits: the stand-in written as digit-recognizer CSVs; the plain loop reads and scores them."""
     bench = _load("shift_folder")
     data = tmp_path / "sd"
-    assert bench.main(["--kind", "shift-digits", "--budget", "5", "--data", str(data), "--n-train", "20", "--n-test", "10",
-                       "--no-baseline", "--config", str(tmp_path / "missing.yaml"), "--work", str(tmp_path / "w")]) == {}
+    assert (
+        bench.main(
+            [
+                "--kind",
+                "shift-digits",
+                "--budget",
+                "5",
+                "--data",
+                str(data),
+                "--n-train",
+                "20",
+                "--n-test",
+                "10",
+                "--no-baseline",
+                "--config",
+                str(tmp_path / "missing.yaml"),
+                "--work",
+                str(tmp_path / "w"),
+            ]
+        )
+        == {}
+    )
     assert f"writing {data}: 20 train and 10 test 28x28 digit-recognizer rows" in capsys.readouterr().out
-    res = _load("baseline_loop").main(["--data", str(data), "--budget", "60", "--folds", "2", "--epochs", "1",
-                                       "--size", "16", "--model", "resnet10t", "--no-pretrained"])
+    res = _load("baseline_loop").main(
+        [
+            "--data",
+            str(data),
+            "--budget",
+            "60",
+            "--folds",
+            "2",
+            "--epochs",
+            "1",
+            "--size",
+            "16",
+            "--model",
+            "resnet10t",
+            "--no-pretrained",
+        ]
+    )
     assert res["epochs_run"] == [1, 1] and 0 <= res["test_accuracy"] <= 1 and res["test_logloss"] > 0
 
 
@@ -82,7 +171,9 @@ def test_baseline_loop_reads_ids_and_labels_as_text(tmp_path):
         Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(tmp_path / "test" / f"t{name}", format="PNG")
     pd.DataFrame({"id": ids, "label": labels}).to_csv(tmp_path / "train.csv", index=False)
     pd.DataFrame({"id": [f"t{i}" for i in ids]}).to_csv(tmp_path / "test.csv", index=False)
-    pd.DataFrame({"id": [f"t{i}" for i in ids[::-1]], "label": labels[::-1]}).to_csv(tmp_path / "solution.csv", index=False)
+    pd.DataFrame({"id": [f"t{i}" for i in ids[::-1]], "label": labels[::-1]}).to_csv(
+        tmp_path / "solution.csv", index=False
+    )
     X, y, classes, X_test, y_test = load_data(tmp_path, 8)
     assert classes == ["007", "010"] and y.tolist() == [0, 1, 0, 1] and y_test.tolist() == [0, 1, 0, 1]
     assert X.shape == X_test.shape == (4, 8, 8) and X[3, 0, 0] == 180

@@ -1,6 +1,7 @@
 """All or nothing: a stage's files are written into a staging folder and checked, the submission is
 written, then the files move into place with the done marker last. A failure anywhere before leaves
 every earlier artifact byte for byte as it was; a member's bad prediction file is refused by name."""
+
 import errno
 import json
 import os
@@ -11,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import cli_error, run_cli, write_yaml
-from pipeline.core.io import staged
 from helpers import CLASSES, fake_member
+
+from pipeline.core.io import staged
 
 
 def _tree(*roots) -> dict:
@@ -42,6 +43,7 @@ def _enospc_for(match):
 
 # ---- io.staged ------------------------------------------------------------------------------
 
+
 def test_staged_moves_everything_with_the_markers_last(tmp_path, monkeypatch):
     folder = tmp_path / "run"
     folder.mkdir()
@@ -55,7 +57,12 @@ def test_staged_moves_everything_with_the_markers_last(tmp_path, monkeypatch):
         stage.remove(folder / "stale.csv")
         assert not (folder / "a.csv").exists() and (folder / "stale.csv").exists()  # nothing moves before the end
     assert order == ["a.csv", "b.json", "marker.yaml", "marker.hash"]
-    assert sorted(p.name for p in folder.iterdir()) == ["a.csv", "b.json", "marker.hash", "marker.yaml"]  # no staging folder left
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "a.csv",
+        "b.json",
+        "marker.hash",
+        "marker.yaml",
+    ]  # no staging folder left
     with pytest.raises(ValueError, match="not a file of"):
         with staged(folder) as stage:
             stage.path(tmp_path / "elsewhere.csv")
@@ -126,11 +133,14 @@ def test_a_killed_writers_staging_folder_is_swept(tmp_path):
 
 # ---- ensemble ---------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def two_members(make_config, sk_digits_dir):
     cfg = make_config(sk_digits_dir, "pixel_csv", name="base", metric="logloss")
     a, b = fake_member("a", 1), fake_member("b", 2)
-    write_yaml(Path("blend.yaml"), {"competition": "comp", "config": str(cfg), "members": ["runs/comp/a", "runs/comp/b"]})
+    write_yaml(
+        Path("blend.yaml"), {"competition": "comp", "config": str(cfg), "members": ["runs/comp/a", "runs/comp/b"]}
+    )
     assert run_cli("ensemble", "blend.yaml") == 0  # an earlier blend, which a failed one must leave alone
     return a, b
 
@@ -142,10 +152,21 @@ def _spoil(path: Path, row: int, change):
 
 
 SPOILS = [  # (what, change, message after "line 7 (id '6'): ")
-    ("above 1", lambda df, i: df.__setitem__("p_3", df["p_3"].where(df.index != i, "1.5")), "p_3 is 1.5; expected a probability in [0, 1]"),
-    ("NaN", lambda df, i: df.__setitem__("p_4", df["p_4"].where(df.index != i, "nan")), "p_4 is NaN or empty; expected a probability in [0, 1]"),
-    ("not summing to 1", lambda df, i: df.__setitem__("p_0", df["p_0"].where(df.index != i, "0")),
-     "probabilities sum to"),
+    (
+        "above 1",
+        lambda df, i: df.__setitem__("p_3", df["p_3"].where(df.index != i, "1.5")),
+        "p_3 is 1.5; expected a probability in [0, 1]",
+    ),
+    (
+        "NaN",
+        lambda df, i: df.__setitem__("p_4", df["p_4"].where(df.index != i, "nan")),
+        "p_4 is NaN or empty; expected a probability in [0, 1]",
+    ),
+    (
+        "not summing to 1",
+        lambda df, i: df.__setitem__("p_0", df["p_0"].where(df.index != i, "0")),
+        "probabilities sum to",
+    ),
 ]
 
 
@@ -180,7 +201,9 @@ def test_ensemble_submission_fault_leaves_the_earlier_blend(two_members, monkeyp
         err = cli_error(capsys, "ensemble", "blend.yaml")
     finally:
         ensemble.BLENDERS.register("mean", mean)
-    assert err.startswith("error: refusing to write invalid predictions: runs/comp/blend/test_pred.csv: line 2 (id '1'): p_")
+    assert err.startswith(
+        "error: refusing to write invalid predictions: runs/comp/blend/test_pred.csv: line 2 (id '1'): p_"
+    )
     assert err.endswith("expected a probability in [0, 1]")
     assert _tree("runs", "submissions") == before
 
@@ -188,7 +211,9 @@ def test_ensemble_submission_fault_leaves_the_earlier_blend(two_members, monkeyp
 def test_ensemble_commit_fault_takes_the_submission_back(two_members, monkeypatch, capsys):
     subs = sorted(Path("submissions").iterdir())
     with monkeypatch.context() as m:
-        m.setattr(os, "replace", _enospc_for(lambda d: d == Path("runs/comp/blend/ensemble.json")))  # the move, not the staged write
+        m.setattr(
+            os, "replace", _enospc_for(lambda d: d == Path("runs/comp/blend/ensemble.json"))
+        )  # the move, not the staged write
         err = cli_error(capsys, "ensemble", "blend.yaml")
     assert err == "error: runs/comp/blend/ensemble.json: No space left on device (ENOSPC)"
     assert sorted(Path("submissions").iterdir()) == subs  # the new submission (and its JSON) were removed
@@ -233,13 +258,17 @@ def test_predict_faults_leave_the_earlier_predictions(digits_config, monkeypatch
     assert len(calls) == 2 and _tree("runs", "submissions") == before
     # 3. the validator refuses the submission
     with monkeypatch.context() as m:
-        m.setattr(submission, "validate_submission", lambda cfg, path, **kw: [f"{path}: 1 labels not among the classes"])
+        m.setattr(
+            submission, "validate_submission", lambda cfg, path, **kw: [f"{path}: 1 labels not among the classes"]
+        )
         err = cli_error(capsys, "predict", path)
     assert "refusing to write an invalid submission for exp: 1 labels not among the classes" in err
     assert _tree("runs", "submissions") == before
     # 4. the run folder's done marker cannot be moved into place: the new submissions are taken back
     with monkeypatch.context() as m:
-        m.setattr(os, "replace", _enospc_for(lambda d: d == RUN / "config.predict.hash"))  # the move, not the staged write
+        m.setattr(
+            os, "replace", _enospc_for(lambda d: d == RUN / "config.predict.hash")
+        )  # the move, not the staged write
         err = cli_error(capsys, "predict", path)
     assert err == "error: runs/comp/exp/config.predict.hash: No space left on device (ENOSPC)"
     assert sorted(Path("submissions").iterdir()) == sorted(Path(p) for p in before if p.startswith("submissions"))
@@ -279,11 +308,12 @@ def test_evaluate_writes_its_files_all_or_nothing(digits_config, monkeypatch, ca
     import errno
     import os
 
-    import pipeline.core.io as pio
     from conftest import cli_error, run_cli
+
+    import pipeline.core.io as pio
     from pipeline.config.load import load_config
-    from pipeline.train.cv import train_cv
     from pipeline.data.folds import run_fold
+    from pipeline.train.cv import train_cv
 
     path = digits_config(train={"epochs": 1})
     cfg = load_config(path)

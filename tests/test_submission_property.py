@@ -2,6 +2,7 @@
 reader, ``pipeline lb`` (sidecar JSON and sha256), leaderboard.csv and metrics.json. Random
 corruptions of a valid file (``helpers.corrupt``) never end in a traceback, and never
 in an accepted file with wrong content. ``HYPOTHESIS_PROFILE=slow`` runs more examples."""
+
 import io
 import json
 import math
@@ -11,19 +12,47 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import CORRUPTIONS, corrupt
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
-from helpers import CORRUPTIONS, corrupt
 
 _CACHE: dict = {}
 
 # Besides the generic ones: one cell (of any column) replaced by a value a byte flip rarely makes.
-CELLS = st.tuples(st.just("cell"), st.tuples(st.floats(0, 1), st.integers(0, 5), st.sampled_from(
-    ["1.5", "-0.1", "12", "10", "2", "-1", "1.0001", "x", "1e999", "-inf", " 3 ", "0x1", "1,2", '"', "nan", "", "1e-3", "zero",
-     "img0", "1"])))
+CELLS = st.tuples(
+    st.just("cell"),
+    st.tuples(
+        st.floats(0, 1),
+        st.integers(0, 5),
+        st.sampled_from(
+            [
+                "1.5",
+                "-0.1",
+                "12",
+                "10",
+                "2",
+                "-1",
+                "1.0001",
+                "x",
+                "1e999",
+                "-inf",
+                " 3 ",
+                "0x1",
+                "1,2",
+                '"',
+                "nan",
+                "",
+                "1e-3",
+                "zero",
+                "img0",
+                "1",
+            ]
+        ),
+    ),
+)
 SUB_CORRUPTIONS = st.one_of(CORRUPTIONS, CELLS)
 
 
@@ -51,12 +80,20 @@ def kinds(make_config, sk_digits_dir, iceberg_dir):
         from pipeline.data.formats import build_reader, read_table
 
         out = {}
-        for kind, (d, fmt) in {"label": (sk_digits_dir, "pixel_csv"), "probability": (iceberg_dir, "statoil_json")}.items():
+        for kind, (d, fmt) in {
+            "label": (sk_digits_dir, "pixel_csv"),
+            "probability": (iceberg_dir, "statoil_json"),
+        }.items():
             cfg = load_config(make_config(d, fmt, name=kind))
             test = read_table(cfg, "test")
             probs = np.random.default_rng(0).dirichlet(np.ones(test.num_classes), len(test))
             frame = build_reader(cfg).submission_frame(np.asarray(test.ids), probs, list(test.class_names))
-            out[kind] = (cfg, list(map(str, test.ids)), list(test.class_names), frame.to_csv(index=False, float_format="%.8g").encode())
+            out[kind] = (
+                cfg,
+                list(map(str, test.ids)),
+                list(test.class_names),
+                frame.to_csv(index=False, float_format="%.8g").encode(),
+            )
         _CACHE["kinds"] = out
     else:  # the configs name files of this test's folder only by absolute data paths: still valid here
         out = _CACHE["kinds"]
@@ -134,7 +171,9 @@ def own_submission(kinds):
 
         cfg, test_ids, class_names, _ = kinds["label"]
         probs = np.random.default_rng(1).dirichlet(np.ones(len(class_names)), len(test_ids))
-        p = write_submission(cfg, test_ids, probs, class_names, "alpha", {"metric": "accuracy", "oof_score": 0.9}, test_ids=test_ids)
+        p = write_submission(
+            cfg, test_ids, probs, class_names, "alpha", {"metric": "accuracy", "oof_score": 0.9}, test_ids=test_ids
+        )
         _CACHE["own"] = (p.name, p.read_bytes(), p.with_suffix(".json").read_bytes())
     return _CACHE["own"]
 
@@ -196,8 +235,15 @@ def test_leaderboard_corruptions(own_submission, how):
 def test_metrics_json_corruptions(how):
     from pipeline.evaluate.experiments import cv_score
 
-    good = json.dumps({"metric": "accuracy", "headline": 0.8, "cv_mean": {"accuracy": 0.8, "logloss": 0.4},
-                       "cv_std": {"accuracy": 0.05, "logloss": None}}, indent=2).encode()
+    good = json.dumps(
+        {
+            "metric": "accuracy",
+            "headline": 0.8,
+            "cv_mean": {"accuracy": 0.8, "logloss": 0.4},
+            "cv_std": {"accuracy": 0.05, "logloss": None},
+        },
+        indent=2,
+    ).encode()
     run = _fresh("runs_metrics")
     (run / "metrics.json").write_bytes(corrupt(good, how))
     try:

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import lock_held_elsewhere, run_cli
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import lock_held_elsewhere, run_cli
 from pipeline.config.load import load_config
 from pipeline.core.errors import PipelineError
 from pipeline.data.folds import run_fold
@@ -93,11 +93,25 @@ def test_config_change_retrains(digits_config, capsys):
     assert "fold 0: finished under another config; retraining" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("opt,sched", [("sgd", "step"), ("adam", "onecycle"), ("adamw", "cosine"), ("rmsprop", "plateau")])
+@pytest.mark.parametrize(
+    "opt,sched", [("sgd", "step"), ("adam", "onecycle"), ("adamw", "cosine"), ("rmsprop", "plateau")]
+)
 def test_optimizers_and_schedulers(digits_config, opt, sched):
-    cfg = _prepare(digits_config(train={"optimizer": opt, "scheduler": sched, "warmup_epochs": 0.5, "epochs": 2,
-                                        "weight_decay": 1e-4, "label_smoothing": 0.1, "grad_clip": 1.0, "step_size": 1,
-                                        "max_steps_per_epoch": 3}))
+    cfg = _prepare(
+        digits_config(
+            train={
+                "optimizer": opt,
+                "scheduler": sched,
+                "warmup_epochs": 0.5,
+                "epochs": 2,
+                "weight_decay": 1e-4,
+                "label_smoothing": 0.1,
+                "grad_clip": 1.0,
+                "step_size": 1,
+                "max_steps_per_epoch": 3,
+            }
+        )
+    )
     oof = train_cv(cfg, folds=None)
     assert np.isfinite(oof.filter(like="p_").to_numpy()).all()
     hist = pd.read_csv("runs/comp/exp/fold_0/history.csv")
@@ -128,9 +142,16 @@ def test_bn_cnn_takes_any_small_size_and_channel_count(digits_config, size, chan
     groups = backbone_groups(model.backbone)
     assert sorted(n for g in groups for n in g) == sorted(n for n, _ in model.backbone.named_parameters())
     # the stem and three stages (unfreeze_stages: 1 is the last conv-BN, not one BatchNorm)
-    assert [sorted({n.split(".")[1] for n in g}, key=int) for g in groups] == [["0", "1"], ["3", "4"], ["8", "9", "11", "12"], ["16", "17"]]
+    assert [sorted({n.split(".")[1] for n in g}, key=int) for g in groups] == [
+        ["0", "1"],
+        ["3", "4"],
+        ["8", "9", "11", "12"],
+        ["16", "17"],
+    ]
     with pytest.raises(PipelineError, match="no pretrained weights for .bn_cnn."):
-        build_model(load_config(digits_config(model={"backbone": "bn_cnn", "pretrained": True})), chans, 10, 0, (size, size))
+        build_model(
+            load_config(digits_config(model={"backbone": "bn_cnn", "pretrained": True})), chans, 10, 0, (size, size)
+        )
 
 
 def test_bn_cnn_learns_the_digits(digits_config):
@@ -138,7 +159,9 @@ def test_bn_cnn_learns_the_digits(digits_config):
     cfg = _prepare(digits_config(model={"backbone": "bn_cnn"}, train={"epochs": 3}))
     train_cv(cfg, folds=[0])
     hist = pd.read_csv("runs/comp/exp/fold_0/history.csv")
-    assert hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0] and hist["val_accuracy"].max() > 0.4, hist  # chance: 0.1
+    assert hist["train_loss"].iloc[-1] < hist["train_loss"].iloc[0] and hist["val_accuracy"].max() > 0.4, (
+        hist
+    )  # chance: 0.1
 
 
 @given(scale=st.floats(0.05, 20), offset=st.floats(-200, 200), chans=st.integers(1, 3), seed=st.integers(0, 2**16))
@@ -175,8 +198,17 @@ def test_input_norm_is_kept_with_the_checkpoint(digits_config):
 
 
 def test_finetune_strategies(digits_config):
-    cfg = load_config(digits_config(model={"backbone": "resnet18", "pretrained": False, "finetune": "partial",
-                                           "unfreeze_stages": 2, "backbone_lr_mult": 0.1}))
+    cfg = load_config(
+        digits_config(
+            model={
+                "backbone": "resnet18",
+                "pretrained": False,
+                "finetune": "partial",
+                "unfreeze_stages": 2,
+                "backbone_lr_mult": 0.1,
+            }
+        )
+    )
     model, _ = build_model(cfg, 1, 10, 0, (8, 8))
     groups = backbone_groups(model.backbone)
     n = apply_finetune(model, "partial", 2)
@@ -186,14 +218,17 @@ def test_finetune_strategies(digits_config):
     assert not any(p.requires_grad for p in model.backbone.parameters())
     opt = build_optimizer(cfg, model)
     lr_of = {id(q): g["lr"] for g in opt.param_groups for q in g["params"]}  # head, then backbone x (decayed, not)
-    assert all(lr_of[id(q)] == pytest.approx(cfg.train.lr * (0.1 if n.startswith("backbone.") else 1))
-               for n, q in model.named_parameters())
+    assert all(
+        lr_of[id(q)] == pytest.approx(cfg.train.lr * (0.1 if n.startswith("backbone.") else 1))
+        for n, q in model.named_parameters()
+    )
     assert opt.param_groups[0]["lr"] == pytest.approx(cfg.train.lr) and len(lr_of) == len(list(model.parameters()))
 
 
 def test_head_only_caches_features_and_keeps_backbone(digits_config, capsys):
-    cfg = _prepare(digits_config(model={"backbone": "resnet18", "pretrained": False, "finetune": "head"},
-                                 data={"image_size": 32}))
+    cfg = _prepare(
+        digits_config(model={"backbone": "resnet18", "pretrained": False, "finetune": "head"}, data={"image_size": 32})
+    )
     train_cv(cfg, folds=[0])
     assert "head-only: cached backbone features of 600 images" in capsys.readouterr().out
     trained, _ = load_checkpoint("runs/comp/exp/fold_0/best.safetensors")
@@ -207,8 +242,13 @@ def test_head_only_caches_features_and_keeps_backbone(digits_config, capsys):
 
 
 def test_gradual_unfreeze(digits_config):
-    cfg = _prepare(digits_config(model={"backbone": "resnet18", "pretrained": False, "finetune": "head", "unfreeze_after": 1},
-                                 data={"image_size": 16}, train={"max_steps_per_epoch": 2}))
+    cfg = _prepare(
+        digits_config(
+            model={"backbone": "resnet18", "pretrained": False, "finetune": "head", "unfreeze_after": 1},
+            data={"image_size": 16},
+            train={"max_steps_per_epoch": 2},
+        )
+    )
     train_cv(cfg, folds=[0])
     trained, _ = load_checkpoint("runs/comp/exp/fold_0/best.safetensors")
     from pipeline.train.trainer import derive_seed, seed_everything
@@ -236,7 +276,9 @@ def test_checkpoint_that_does_not_fit(digits_config, tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["in_chans"] = 3
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(PipelineError, match=r"best.safetensors: checkpoint does not fit simple_cnn with in_chans=3, 10 classes"):
+    with pytest.raises(
+        PipelineError, match=r"best.safetensors: checkpoint does not fit simple_cnn with in_chans=3, 10 classes"
+    ):
         load_checkpoint("runs/comp/exp/fold_0/best.safetensors")
     Path("runs/comp/exp/fold_0/best.safetensors").write_bytes(b"garbage")
     with pytest.raises(PipelineError, match=r"corrupt checkpoint"):
@@ -268,12 +310,20 @@ def test_cuda_requested_without_gpu(digits_config, capsys):
 @pytest.mark.slow  # heavy: full tier (make test-all)
 def test_killed_fold_resumes_to_same_oof(digits_config, tmp_path, capsys):
     """A real subprocess killed with SIGKILL mid-fold resumes from its last completed epoch."""
-    path = digits_config(folds={"n_splits": 2, "seed": 0}, train={"epochs": 6, "lr": 1e-3},
-                         model={"backbone": "resnet18", "pretrained": False}, data={"image_size": 24})
+    path = digits_config(
+        folds={"n_splits": 2, "seed": 0},
+        train={"epochs": 6, "lr": 1e-3},
+        model={"backbone": "resnet18", "pretrained": False},
+        data={"image_size": 24},
+    )
     cfg = _prepare(path)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "train", str(path), "--folds", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", str(path), "--folds", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     hist = Path("runs/comp/exp/fold_0/history.csv")
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -368,7 +418,9 @@ def test_a_fold_held_by_another_live_process_is_skipped(digits_config, capsys):
     with lock_held_elsewhere(d / "lock", "fold 1"):  # a live process holds the fold
         assert train_cv(cfg) is None
     out = capsys.readouterr().out
-    assert "fold 1: skipping, " in out and "fold 1 is being worked on by" in out and "oof.csv waits for fold(s) [1]" in out
+    assert (
+        "fold 1: skipping, " in out and "fold 1 is being worked on by" in out and "oof.csv waits for fold(s) [1]" in out
+    )
     assert not (d / "done.json").exists() and Path("runs/comp/exp/fold_2/done.json").exists()
     (d / "lock").write_text(f"{socket.gethostname()} 999999999")  # its process is gone: taken over
     assert train_cv(cfg) is not None and not (d / "lock").exists()
@@ -396,8 +448,13 @@ def test_regenerated_folds_retrain_finished_folds(digits_config, capsys):
 
 
 def test_mixup_turns_the_head_only_feature_cache_off(digits_config, capsys):
-    cfg = _prepare(digits_config(model={"backbone": "resnet18", "pretrained": False, "finetune": "head"},
-                                 data={"image_size": 16}, train={"mixup_alpha": 0.4, "max_steps_per_epoch": 2, "epochs": 1}))
+    cfg = _prepare(
+        digits_config(
+            model={"backbone": "resnet18", "pretrained": False, "finetune": "head"},
+            data={"image_size": 16},
+            train={"mixup_alpha": 0.4, "max_steps_per_epoch": 2, "epochs": 1},
+        )
+    )
     train_cv(cfg, folds=[0])
     assert "cached backbone features" not in capsys.readouterr().out
 
@@ -407,12 +464,16 @@ def test_exit_codes_of_real_processes(digits_config, tmp_path):
     """The installed entry point: 0 on success, 2 with one line on stderr (no traceback) on bad input."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     good = digits_config()
-    run = lambda *a: subprocess.run([sys.executable, "-m", "pipeline", *map(str, a)], capture_output=True, text=True, env=env)  # noqa: E731
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, a)], capture_output=True, text=True, env=env
+    )  # noqa: E731
     ok = run("fold", good)
     assert ok.returncode == 0 and "wrote folds/comp.csv" in ok.stdout
-    for argv, needle in [(("fold", good, "train.lr=fast"), "train.lr"),
-                         (("fold", tmp_path / "nope.yaml"), "nope.yaml: config file not found"),
-                         (("train", good, "model.backbone=resnet181"), "close matches: resnet18")]:
+    for argv, needle in [
+        (("fold", good, "train.lr=fast"), "train.lr"),
+        (("fold", tmp_path / "nope.yaml"), "nope.yaml: config file not found"),
+        (("train", good, "model.backbone=resnet181"), "close matches: resnet18"),
+    ]:
         r = run(*argv)
         assert r.returncode == 2, (argv, r.stderr)
         assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr and needle in r.stderr, r.stderr
@@ -427,11 +488,13 @@ def test_rerun_removes_only_dead_writers_temp_files(digits_config, capsys):
     host, dead_pid = socket.gethostname().replace(".", "_"), int(dead.stdout)
     run, job = Path("runs/comp/exp"), Path("runs/comp/exp/fold_0")
     job.mkdir(parents=True)
-    left = {job / f".last.pt.{host}-{dead_pid}.abc123.tmp": False,  # the fold's lock is ours: every leftover goes
-            job / f".best.safetensors.otherhost-12.abc123.tmp": False,
-            run / f".oof.csv.{host}-{dead_pid}.zz9_xy.tmp": False,  # run folder: only a dead local writer's
-            run / f".oof.csv.{host}-{os.getpid()}.zz9_xy.tmp": True,
-            run / f".oof.csv.otherhost-{dead_pid}.zz9_xy.tmp": True}
+    left = {
+        job / f".last.pt.{host}-{dead_pid}.abc123.tmp": False,  # the fold's lock is ours: every leftover goes
+        job / ".best.safetensors.otherhost-12.abc123.tmp": False,
+        run / f".oof.csv.{host}-{dead_pid}.zz9_xy.tmp": False,  # run folder: only a dead local writer's
+        run / f".oof.csv.{host}-{os.getpid()}.zz9_xy.tmp": True,
+        run / f".oof.csv.otherhost-{dead_pid}.zz9_xy.tmp": True,
+    }
     for f in left:
         f.write_bytes(b"x" * 1000)
     train_cv(cfg, folds=[0])

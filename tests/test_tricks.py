@@ -1,4 +1,5 @@
 """Competition tricks: each does what it says, and resume/determinism still hold with them on."""
+
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,10 +11,10 @@ import torch
 
 from pipeline.config.load import load_config
 from pipeline.data.folds import run_fold
-from pipeline.train.cv import train_cv
 from pipeline.runs.layout import RunDir
-from pipeline.train.trainer import mix_batch, mixed_loss
+from pipeline.train.cv import train_cv
 from pipeline.train.job import FoldTrainer
+from pipeline.train.trainer import mix_batch, mixed_loss
 
 quiet = lambda *a: None  # noqa: E731
 RUN = Path("runs/comp/exp")
@@ -63,7 +64,9 @@ def test_mixed_loss_is_soft_target_cross_entropy(k, mode):
     for binary (2 softmax classes) and multiclass alike."""
     g = torch.Generator().manual_seed(k)
     x, y = torch.rand(16, 2, 8, 8, generator=g), torch.randint(0, k, (16,), generator=g)
-    t = SimpleNamespace(mixup_alpha=0.4 if mode == "mixup" else 0.0, cutmix_alpha=1.0 if mode == "cutmix" else 0.0, mix_prob=1.0)
+    t = SimpleNamespace(
+        mixup_alpha=0.4 if mode == "mixup" else 0.0, cutmix_alpha=1.0 if mode == "cutmix" else 0.0, mix_prob=1.0
+    )
     _, y2, lam = mix_batch(x, y, t, np.random.default_rng(3))
     assert 0 < lam < 1 and not torch.equal(y, y2)
     logits = torch.randn(16, k, generator=g)
@@ -74,9 +77,17 @@ def test_mixed_loss_is_soft_target_cross_entropy(k, mode):
 
 def test_interrupted_run_with_tricks_resumes_identically(digits_config, tmp_path, capsys):
     """Mixup, CutMix, EMA, accumulation and an augmentation: stopped after epoch 2, resumed, equal to a clean run."""
-    path = digits_config(train={"epochs": 4, "mixup_alpha": 0.4, "cutmix_alpha": 1.0, "mix_prob": 0.8,
-                                "ema_decay": 0.9, "accum_steps": 2},
-                         augment=[{"name": "HorizontalFlip", "p": 0.5}])
+    path = digits_config(
+        train={
+            "epochs": 4,
+            "mixup_alpha": 0.4,
+            "cutmix_alpha": 1.0,
+            "mix_prob": 0.8,
+            "ema_decay": 0.9,
+            "accum_steps": 2,
+        },
+        augment=[{"name": "HorizontalFlip", "p": 0.5}],
+    )
     cfg = _prepare(path)
 
     def stop_at_2(job, epoch, row):
@@ -105,15 +116,32 @@ def _trainer(cfg, fold=0):
     from pipeline.data.formats import read_table
 
     table = read_table(cfg, "train")
-    return FoldTrainer(cfg=cfg, table=table, fold_of=load_folds(cfg, table), job=RunDir.of(cfg).job_dir(fold, 42),
-                       device=torch.device("cpu"), run_hash="h")
+    return FoldTrainer(
+        cfg=cfg,
+        table=table,
+        fold_of=load_folds(cfg, table),
+        job=RunDir.of(cfg).job_dir(fold, 42),
+        device=torch.device("cpu"),
+        run_hash="h",
+    )
 
 
 def test_tricks_on_are_deterministic(digits_config, tmp_path):
     """Same config and seed with every trick on gives identical OOF predictions."""
-    path = digits_config(train={"epochs": 2, "mixup_alpha": 0.4, "cutmix_alpha": 1.0, "mix_prob": 0.8, "ema_decay": 0.9,
-                                "accum_steps": 2, "balanced_sampling": True, "class_weights": "balanced", "seeds": [1, 2]},
-                         augment=[{"name": "HorizontalFlip", "p": 0.5}, {"name": "Affine", "rotate": [-10, 10], "p": 0.5}])
+    path = digits_config(
+        train={
+            "epochs": 2,
+            "mixup_alpha": 0.4,
+            "cutmix_alpha": 1.0,
+            "mix_prob": 0.8,
+            "ema_decay": 0.9,
+            "accum_steps": 2,
+            "balanced_sampling": True,
+            "class_weights": "balanced",
+            "seeds": [1, 2],
+        },
+        augment=[{"name": "HorizontalFlip", "p": 0.5}, {"name": "Affine", "rotate": [-10, 10], "p": 0.5}],
+    )
     a = train_cv(_prepare(path))
     import os
 
@@ -124,9 +152,9 @@ def test_tricks_on_are_deterministic(digits_config, tmp_path):
 
 
 def test_ema_weights_are_evaluated_and_checkpointed(digits_config):
+    from pipeline.models.backbones import load_checkpoint
     from pipeline.models.inference import predict_logits
     from pipeline.tasks.classification import softmax
-    from pipeline.models.backbones import load_checkpoint
 
     cfg = _prepare(digits_config(train={"ema_decay": 0.5, "epochs": 1}))
     trainer = _trainer(cfg)
@@ -189,11 +217,15 @@ def test_gradient_accumulation_equals_one_larger_batch(digits_config, monkeypatc
     """Two accumulated half batches give the same update as one full batch (dropout off, plain SGD)."""
     import pipeline.train.job as tr
 
-    monkeypatch.setattr(tr, "freeze_bn_stats", lambda model, every=False: model.eval())  # no dropout: the two runs are comparable
+    monkeypatch.setattr(
+        tr, "freeze_bn_stats", lambda model, every=False: model.eval()
+    )  # no dropout: the two runs are comparable
     sgd = {"optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0, "scheduler": "none", "lr": 0.05, "epochs": 1}
 
     def weights_after(batch_size, accum, steps):
-        cfg = _prepare(digits_config(train={**sgd, "batch_size": batch_size, "accum_steps": accum, "max_steps_per_epoch": steps}))
+        cfg = _prepare(
+            digits_config(train={**sgd, "batch_size": batch_size, "accum_steps": accum, "max_steps_per_epoch": steps})
+        )
         trainer = _trainer(cfg)
         trainer.build()
         trainer.train_epoch(1)
@@ -213,8 +245,13 @@ def test_balanced_sampling_and_class_weights(digits_config, sk_digits_dir, tmp_p
     d.mkdir()
     skew.to_csv(d / "train.csv", index=False)
     (d / "test.csv").write_text((sk_digits_dir / "test.csv").read_text())
-    path = make_config(d, "pixel_csv", folds={"n_splits": 3}, model={"backbone": "simple_cnn", "pretrained": False},
-                       train={"balanced_sampling": True, "class_weights": "balanced", "batch_size": 32})
+    path = make_config(
+        d,
+        "pixel_csv",
+        folds={"n_splits": 3},
+        model={"backbone": "simple_cnn", "pretrained": False},
+        train={"balanced_sampling": True, "class_weights": "balanced", "batch_size": 32},
+    )
     cfg = _prepare(path)
     trainer = _trainer(cfg)
     trainer.build()
@@ -291,7 +328,9 @@ def test_precision_auto_measures_once_and_is_reused(digits_config, monkeypatch, 
     train_cv(cfg, folds=[2])
     assert json.loads((RUN / "precision.json").read_text())["precision"] == choice
     # another model is another key: measured again, not the stale choice of this run
-    other = _prepare(digits_config(train={"precision": "auto", "epochs": 1}, model={"drop_rate": 0.1}, data={"image_size": 12}))
+    other = _prepare(
+        digits_config(train={"precision": "auto", "epochs": 1}, model={"drop_rate": 0.1}, data={"image_size": 12})
+    )
     with pytest.raises(AssertionError, match="measured again"):
         train_cv(other, folds=[0])
 

@@ -1,21 +1,25 @@
 """TTA registry: names, de-duplication, crops, errors, and invariance of group-averaged predictions."""
+
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.config.registries import TTA
 from pipeline.core.errors import PipelineError
 from pipeline.models.backbones import build_model
-from pipeline.config.registries import TTA
 from pipeline.models.tta import build_tta, model_input_size, predict_tta
 
 
 def real_model(img_size=(8, 8), in_chans=1, num_classes=4, seed=0):
     """A real simple_cnn Net with a random (non-zero) head, so its predictions depend on orientation."""
     torch.manual_seed(seed)
-    cfg = SimpleNamespace(model=SimpleNamespace(backbone="simple_cnn", pretrained=False, weights=None, use_features=True,
-                                                input_size=None, drop_rate=0.0))
+    cfg = SimpleNamespace(
+        model=SimpleNamespace(
+            backbone="simple_cnn", pretrained=False, weights=None, use_features=True, input_size=None, drop_rate=0.0
+        )
+    )
     model, _ = build_model(cfg, in_chans, num_classes, 0, img_size, load_weights=False)
     torch.nn.init.normal_(model.head[1].weight, std=0.5)
     return model.eval()
@@ -30,12 +34,20 @@ def apply(t, x: np.ndarray) -> np.ndarray:
 
 
 def test_unknown_name_lists_known_ones():
-    with pytest.raises(PipelineError, match=r"^predict.tta: unknown TTA 'spin'; known: identity, hflip, vflip, rot90, rot180, rot270, dihedral, "
-                                            r"fivecrop, tencrop, rotate<N>, zoom<N>$"):
+    with pytest.raises(
+        PipelineError,
+        match=r"^predict.tta: unknown TTA 'spin'; known: identity, hflip, vflip, rot90, rot180, rot270, dihedral, "
+        r"fivecrop, tencrop, rotate<N>, zoom<N>$",
+    ):
         build_tta(["identity", "spin"], (8, 8))
     with pytest.raises(PipelineError, match=r"^predict.tta: unknown TTA 'rotat6'; did you mean rotate"):
         build_tta(["rotat6"], (8, 8))
-    for bad, family, hi in (("rotate0", "rotate", 45), ("rotate46", "rotate", 45), ("zoom0", "zoom", 50), ("zoom51", "zoom", 50)):
+    for bad, family, hi in (
+        ("rotate0", "rotate", 45),
+        ("rotate46", "rotate", 45),
+        ("zoom0", "zoom", 50),
+        ("zoom51", "zoom", 50),
+    ):
         with pytest.raises(PipelineError, match=rf"^predict.tta: '{bad}': {family}<N> takes N from 1 to {hi}$"):
             build_tta(["identity", bad], (8, 8))
     with pytest.raises(PipelineError, match=r"predict.tta: empty list; expected at least one of identity"):
@@ -62,7 +74,9 @@ def test_dihedral_has_8_distinct_elements_and_names_dedupe():
 def _blob(h, w, dy, dx, sd=1.5):
     """(1, 1, h, w) image: a Gaussian spot at (dy, dx) px from the centre."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    return np.exp(-((yy - (h - 1) / 2 - dy) ** 2 + (xx - (w - 1) / 2 - dx) ** 2) / (2 * sd ** 2))[None, None].astype(np.float32)
+    return np.exp(-((yy - (h - 1) / 2 - dy) ** 2 + (xx - (w - 1) / 2 - dx) ** 2) / (2 * sd**2))[None, None].astype(
+        np.float32
+    )
 
 
 def _centroid(img):
@@ -76,7 +90,13 @@ def _centroid(img):
 @pytest.mark.parametrize("h, w", [(41, 41), (41, 61)])  # non-square too: a turn stays a turn, no shear
 def test_affine_views_turn_and_scale_about_the_centre(h, w):
     views = build_tta(["identity", "rotate30", "zoom20", "rotate30"], (h, w))
-    assert [t.name for t in views] == ["identity", "rotate+30", "rotate-30", "zoom-20", "zoom+20"]  # declared twice, made once
+    assert [t.name for t in views] == [
+        "identity",
+        "rotate+30",
+        "rotate-30",
+        "zoom-20",
+        "zoom+20",
+    ]  # declared twice, made once
     x = _blob(h, w, 0.0, 12.0)
     np.testing.assert_array_equal(apply(views[0], x), x)
     (py, px), (my, mx) = (_centroid(apply(t, x)) for t in views[1:3])
@@ -98,7 +118,7 @@ def test_crops_cut_the_model_size_from_larger_images():
     assert [t.name for t in five] == ["crop_tl", "crop_tr", "crop_bl", "crop_br", "crop_c"]
     got = [apply(t, x) for t in five]
     for g, (r, c) in zip(got, [(0, 0), (0, 2), (2, 0), (2, 2), (1, 1)]):
-        np.testing.assert_array_equal(g, x[..., r:r + 8, c:c + 8])
+        np.testing.assert_array_equal(g, x[..., r : r + 8, c : c + 8])
     ten = build_tta(["tencrop"], (10, 10), (8, 8))
     assert len(ten) == 10 and ten[5].name == "crop_tl+hflip"
     np.testing.assert_array_equal(apply(ten[5], x), x[..., ::-1][..., 0:8, 0:8])  # the mirror's top-left corner
@@ -107,11 +127,17 @@ def test_crops_cut_the_model_size_from_larger_images():
 
 
 def test_bad_geometry_is_one_line_error():
-    with pytest.raises(PipelineError, match=r"predict.tta: fivecrop cuts 8x8 crops \(the model's input size\) from the test images, which are 8x8; expected test images larger"):
+    with pytest.raises(
+        PipelineError,
+        match=r"predict.tta: fivecrop cuts 8x8 crops \(the model's input size\) from the test images, which are 8x8; expected test images larger",
+    ):
         build_tta(["fivecrop"], (8, 8), (8, 8))
     with pytest.raises(PipelineError, match=r"predict.tta: tencrop cuts 12x12 crops .* which are 8x8"):
         build_tta(["tencrop"], (8, 8), 12)
-    with pytest.raises(PipelineError, match=r"predict.tta: rot90 rotates by 90 degrees, which needs square images; the test images are 75x60"):
+    with pytest.raises(
+        PipelineError,
+        match=r"predict.tta: rot90 rotates by 90 degrees, which needs square images; the test images are 75x60",
+    ):
         build_tta(["rot90"], (75, 60))
     with pytest.raises(PipelineError, match=r"predict.tta: dihedral rotates"):
         build_tta(["dihedral"], (75, 60))
@@ -137,7 +163,9 @@ def test_tta_prediction_is_invariant_under_its_group(declared, elements, side, m
     ts = build_tta(declared, (side, side), model_side)
     ref = predict_tta(model, x, None, ts, average)
     assert ref.shape == (6, 4)
-    plain = predict_tta(model, x, None, build_tta(["identity"], (side, side)) if model_side is None else ts[:1], average)
+    plain = predict_tta(
+        model, x, None, build_tta(["identity"], (side, side)) if model_side is None else ts[:1], average
+    )
     assert not np.allclose(plain, ref, atol=1e-4)  # TTA changes the prediction: the model is orientation-sensitive
     g_all = {t.name: t for t in build_tta(["dihedral"], (side, side))}
     for name in elements:

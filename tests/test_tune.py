@@ -2,6 +2,7 @@
 
 Trials are tiny: sklearn's 8x8 digits, simple_cnn, 1-2 epochs of 2 steps, one fold.
 """
+
 import sqlite3
 import threading
 from pathlib import Path
@@ -10,9 +11,9 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
+from conftest import run_cli
 from optuna.trial import TrialState
 
-from conftest import run_cli
 from pipeline.config.load import load_config
 
 SPACE = {
@@ -27,7 +28,13 @@ DB = Path("runs/comp/tune/optuna.db")
 @pytest.fixture
 def tune_config(digits_config):
     def make(space=None, train=None, tune=None, **sections):
-        t = {"folds": [0], "plots": False, "n_startup_trials": 2, "space": SPACE if space is None else space, **(tune or {})}
+        t = {
+            "folds": [0],
+            "plots": False,
+            "n_startup_trials": 2,
+            "space": SPACE if space is None else space,
+            **(tune or {}),
+        }
         return digits_config(train={**FAST, **(train or {})}, tune=t, **sections)
 
     return make
@@ -45,21 +52,64 @@ def one_line_error(capsys) -> str:
 
 # ---- space validation -------------------------------------------------------------------
 
-@pytest.mark.parametrize("key, spec, expected", [
-    ("train.lrr", {"type": "float", "low": 1e-4, "high": 1e-2}, "tune.space.train.lrr: not a config key; did you mean train.lr"),
-    ("train.optimizer", {"type": "categorical", "choices": []}, "tune.space.train.optimizer: choices: empty"),
-    ("train.lr", {"type": "float", "low": 0.1, "high": 0.01}, "tune.space.train.lr: low 0.1 > high 0.01"),
-    ("train.lr", {"type": "float", "low": 0.0, "high": 0.01, "log": True}, "tune.space.train.lr: log range needs low > 0, got low 0"),
-    ("train.lr", {"type": "gaussian", "low": 0.0, "high": 0.01}, "tune.space.train.lr: unknown type 'gaussian'; expected one of float, int, categorical"),
-    ("train.lr", {"type": "float", "lo": 0.0, "high": 0.01}, "tune.space.train.lr: unknown field 'lo'; did you mean low?"),
-    ("train.lr", {"type": "float", "low": -1.0, "high": 0.01}, "tune.space.train.lr: low -1.0 is not a valid value: Input should be greater than 0"),
-    ("train.optimizer", {"type": "categorical", "choices": ["adamw", "sgdd"]}, "tune.space.train.optimizer: choice 'sgdd' is not a valid value"),
-    ("train.epochs", {"type": "float", "low": 1, "high": 5}, "tune.space.train.epochs: the config key holds integers; use type: int"),
-    ("folds.seed", {"type": "int", "low": 1, "high": 5}, "tune.space.folds.seed: cannot be searched: every trial must use the same folds"),
-    ("augment.Rotate.limit", {"type": "int", "low": 1, "high": 5}, "tune.space.augment.Rotate.limit: no augment entry named 'Rotate'"),
-    ("train.momentum", {"type": "float", "low": 0.8, "high": 0.9, "when": {"train.optimiser": "sgd"}},
-     "tune.space.train.momentum: when: unknown key 'train.optimiser'; did you mean train.optimizer?"),
-])
+
+@pytest.mark.parametrize(
+    "key, spec, expected",
+    [
+        (
+            "train.lrr",
+            {"type": "float", "low": 1e-4, "high": 1e-2},
+            "tune.space.train.lrr: not a config key; did you mean train.lr",
+        ),
+        ("train.optimizer", {"type": "categorical", "choices": []}, "tune.space.train.optimizer: choices: empty"),
+        ("train.lr", {"type": "float", "low": 0.1, "high": 0.01}, "tune.space.train.lr: low 0.1 > high 0.01"),
+        (
+            "train.lr",
+            {"type": "float", "low": 0.0, "high": 0.01, "log": True},
+            "tune.space.train.lr: log range needs low > 0, got low 0",
+        ),
+        (
+            "train.lr",
+            {"type": "gaussian", "low": 0.0, "high": 0.01},
+            "tune.space.train.lr: unknown type 'gaussian'; expected one of float, int, categorical",
+        ),
+        (
+            "train.lr",
+            {"type": "float", "lo": 0.0, "high": 0.01},
+            "tune.space.train.lr: unknown field 'lo'; did you mean low?",
+        ),
+        (
+            "train.lr",
+            {"type": "float", "low": -1.0, "high": 0.01},
+            "tune.space.train.lr: low -1.0 is not a valid value: Input should be greater than 0",
+        ),
+        (
+            "train.optimizer",
+            {"type": "categorical", "choices": ["adamw", "sgdd"]},
+            "tune.space.train.optimizer: choice 'sgdd' is not a valid value",
+        ),
+        (
+            "train.epochs",
+            {"type": "float", "low": 1, "high": 5},
+            "tune.space.train.epochs: the config key holds integers; use type: int",
+        ),
+        (
+            "folds.seed",
+            {"type": "int", "low": 1, "high": 5},
+            "tune.space.folds.seed: cannot be searched: every trial must use the same folds",
+        ),
+        (
+            "augment.Rotate.limit",
+            {"type": "int", "low": 1, "high": 5},
+            "tune.space.augment.Rotate.limit: no augment entry named 'Rotate'",
+        ),
+        (
+            "train.momentum",
+            {"type": "float", "low": 0.8, "high": 0.9, "when": {"train.optimiser": "sgd"}},
+            "tune.space.train.momentum: when: unknown key 'train.optimiser'; did you mean train.optimizer?",
+        ),
+    ],
+)
 def test_bad_space_is_one_line_naming_file_and_key(tune_config, capsys, key, spec, expected):
     path = tune_config(space={key: spec}, augment=[{"name": "Affine", "rotate": [-10, 10], "p": 0.5}])
     assert run_cli("tune", path, "--n-trials", 1) == 2
@@ -69,8 +119,10 @@ def test_bad_space_is_one_line_naming_file_and_key(tune_config, capsys, key, spe
 
 
 def test_augment_value_checked_against_albumentations(tune_config, capsys):
-    path = tune_config(space={"augment.Affine.p": {"type": "float", "low": 0.0, "high": 1.5}},
-                       augment=[{"name": "Affine", "rotate": [-10, 10], "p": 0.5}])
+    path = tune_config(
+        space={"augment.Affine.p": {"type": "float", "low": 0.0, "high": 1.5}},
+        augment=[{"name": "Affine", "rotate": [-10, 10], "p": 0.5}],
+    )
     assert run_cli("tune", path, "--n-trials", 1) == 2
     err = one_line_error(capsys)
     assert f"{path}: tune.space.augment.Affine.p: high 1.5 is not valid" in err, err
@@ -88,11 +140,15 @@ def test_empty_space_and_bad_flags(tune_config, capsys):
 
 # ---- storage errors ---------------------------------------------------------------------
 
+
 def test_unreachable_or_bad_storage_is_one_line(tune_config, capsys):
     path = tune_config()
     assert run_cli("tune", path, "--n-trials", 1, "--storage", "postgresql://nobody:secret@127.0.0.1:1/nodb") == 2
     err = one_line_error(capsys)
-    assert err.startswith("error: --storage postgresql+psycopg://nobody:***@127.0.0.1:1/nodb: cannot connect (") and "secret" not in err, err
+    assert (
+        err.startswith("error: --storage postgresql+psycopg://nobody:***@127.0.0.1:1/nodb: cannot connect (")
+        and "secret" not in err
+    ), err
     assert run_cli("tune", path, "--n-trials", 1, "--storage", "not a url") == 2
     assert "--storage 'not a url': not a database URL" in one_line_error(capsys)
     assert run_cli("tune", path, "--n-trials", 1, "--storage", "nosuchdb://x/y") == 2
@@ -105,10 +161,14 @@ def test_study_with_other_direction_is_refused(tune_config, capsys):
     optuna.create_study(study_name="exp", storage=f"sqlite:///{DB.resolve()}", direction="minimize")
     assert run_cli("tune", path, "--n-trials", 1) == 2
     err = one_line_error(capsys)
-    assert "--study exp: exists in sqlite:///" in err and "and minimizes, but metric accuracy is maximized; use another --study name" in err
+    assert (
+        "--study exp: exists in sqlite:///" in err
+        and "and minimizes, but metric accuracy is maximized; use another --study name" in err
+    )
 
 
 # ---- resume, pinning, budget ------------------------------------------------------------
+
 
 def test_resume_and_pinned_key(tune_config, capsys):
     path = tune_config()
@@ -165,11 +225,14 @@ def test_trial_over_the_cap_in_a_race_is_failed_without_training(tune_config, mo
 
 # ---- pruning ------------------------------------------------------------------------------
 
+
 def test_pruned_trial_stops_training_at_once(tune_config, monkeypatch, capsys):
     import pipeline.tune.tuner as tune_mod
 
     path = tune_config(train={"epochs": 3}, tune={"folds": [0, 1]})
-    monkeypatch.setattr(tune_mod, "build_pruner", lambda *a: optuna.pruners.ThresholdPruner(lower=2.0))  # accuracy < 2: always
+    monkeypatch.setattr(
+        tune_mod, "build_pruner", lambda *a: optuna.pruners.ThresholdPruner(lower=2.0)
+    )  # accuracy < 2: always
     threads = threading.active_count()
     assert run_cli("tune", path, "--n-trials", 2) == 0
     out = capsys.readouterr().out
@@ -195,8 +258,9 @@ def test_intermediate_values_per_epoch_or_per_fold(tune_config):
     assert t.user_attrs["folds"] == [2, 0]
 
 
-@pytest.mark.parametrize("pruner, cls", [("halving", optuna.pruners.SuccessiveHalvingPruner),
-                                         ("hyperband", optuna.pruners.HyperbandPruner)])
+@pytest.mark.parametrize(
+    "pruner, cls", [("halving", optuna.pruners.SuccessiveHalvingPruner), ("hyperband", optuna.pruners.HyperbandPruner)]
+)
 def test_halving_and_hyperband_prune_on_epochs(tune_config, pruner, cls, capsys):
     path = tune_config(train={"epochs": 3}, tune={"pruner": pruner, "n_startup_trials": 1})
     assert run_cli("tune", path, "--n-trials", 4, "--study", pruner) == 0
@@ -218,6 +282,7 @@ def test_timeout_budget(tune_config, capsys):
 
 # ---- samplers -----------------------------------------------------------------------------
 
+
 def test_tpe_is_seeded_and_conditions_switch_parameters_off(tune_config, capsys):
     path = tune_config(tune={"sampler": "tpe", "seed": 3, "n_startup_trials": 2})
     for study in ("t1", "t2"):
@@ -231,7 +296,10 @@ def test_tpe_is_seeded_and_conditions_switch_parameters_off(tune_config, capsys)
 
 
 def test_sampler_choice_and_seeding(tune_config, capsys):
-    space = {"train.lr": SPACE["train.lr"], "train.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True}}
+    space = {
+        "train.lr": SPACE["train.lr"],
+        "train.weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+    }
     path = tune_config(space=space, tune={"sampler": "random", "seed": 7})
     assert run_cli("tune", path, "--n-trials", 2, "--study", "r1") == 0
     assert run_cli("tune", path, "--n-trials", 2, "--study", "r2") == 0
@@ -252,23 +320,43 @@ def test_sampler_choice_and_seeding(tune_config, capsys):
 
 # ---- outputs ------------------------------------------------------------------------------
 
+
 def test_best_yaml_round_trips_through_train_params(tune_config, capsys):
-    space = {**SPACE, "augment.Affine.p": {"type": "float", "low": 0.1, "high": 0.9},
-             "augment.0.rotate": {"type": "int", "low": 0, "high": 20}}
-    path = tune_config(space=space, augment=[{"name": "Affine", "rotate": [-10, 10], "p": 0.5}], tune={"plots": True},
-                       train={"max_steps_per_epoch": 6, "batch_size": 64})
+    space = {
+        **SPACE,
+        "augment.Affine.p": {"type": "float", "low": 0.1, "high": 0.9},
+        "augment.0.rotate": {"type": "int", "low": 0, "high": 20},
+    }
+    path = tune_config(
+        space=space,
+        augment=[{"name": "Affine", "rotate": [-10, 10], "p": 0.5}],
+        tune={"plots": True},
+        train={"max_steps_per_epoch": 6, "batch_size": 64},
+    )
     assert run_cli("tune", path, "--n-trials", 3) == 0
     out = capsys.readouterr().out
     study = load()
     best = study.best_trial
     best_yaml = Path("runs/comp/tune/exp/best.yaml")
     d = yaml.safe_load(best_yaml.read_text())
-    assert d["train.lr"] == pytest.approx(best.params["train.lr"]) and d["train.optimizer"] == best.params["train.optimizer"]
-    assert d["augment"] == [{"name": "Affine", "rotate": best.params["augment.0.rotate"], "p": pytest.approx(best.params["augment.Affine.p"])}]
+    assert (
+        d["train.lr"] == pytest.approx(best.params["train.lr"])
+        and d["train.optimizer"] == best.params["train.optimizer"]
+    )
+    assert d["augment"] == [
+        {
+            "name": "Affine",
+            "rotate": best.params["augment.0.rotate"],
+            "p": pytest.approx(best.params["augment.Affine.p"]),
+        }
+    ]
     assert f"use: pipeline train {path} --params {best_yaml}" in out
     assert run_cli("train", path, "--params", best_yaml, "--folds", "0") == 0
     snap = yaml.safe_load(Path("runs/comp/exp/config.train.yaml").read_text())
-    assert snap["train"]["lr"] == pytest.approx(best.params["train.lr"]) and snap["train"]["optimizer"] == best.params["train.optimizer"]
+    assert (
+        snap["train"]["lr"] == pytest.approx(best.params["train.lr"])
+        and snap["train"]["optimizer"] == best.params["train.optimizer"]
+    )
     assert snap["augment"][0]["rotate"] == best.params["augment.0.rotate"]
     # trials.csv lists the study; plots as HTML (offline plotly) and PNG
     df = pd.read_csv("runs/comp/tune/exp/trials.csv")
@@ -281,6 +369,7 @@ def test_best_yaml_round_trips_through_train_params(tune_config, capsys):
 
 
 # ---- dead workers ---------------------------------------------------------------------------
+
 
 def test_stale_running_trial_is_failed_and_retried(tune_config, capsys):
     """A trial left RUNNING by a killed process (heartbeat long silent) is marked FAIL and re-run
@@ -308,8 +397,10 @@ def test_stale_running_trial_is_failed_and_retried(tune_config, capsys):
 
 
 def test_failing_trials_stop_the_search(tune_config, capsys):
-    path = tune_config(space={"train.batch_size": {"type": "categorical", "choices": [100000]},
-                              "train.lr": SPACE["train.lr"]}, model={"backbone": "no_such_net"})
+    path = tune_config(
+        space={"train.batch_size": {"type": "categorical", "choices": [100000]}, "train.lr": SPACE["train.lr"]},
+        model={"backbone": "no_such_net"},
+    )
     assert run_cli("tune", path, "--n-trials", 10) == 2
     captured = capsys.readouterr()
     assert captured.out.count(" FAIL ") == 3
@@ -317,8 +408,14 @@ def test_failing_trials_stop_the_search(tune_config, capsys):
     assert len(load().trials) == 3
 
 
-@pytest.mark.parametrize("searched, cut_kept", [(SPACE, True), ({**SPACE, "train.epochs": {"type": "int", "low": 1, "high": 9}}, False),
-                                                ({"train.batch_size": {"type": "categorical", "choices": [16, 32]}}, False)])
+@pytest.mark.parametrize(
+    "searched, cut_kept",
+    [
+        (SPACE, True),
+        ({**SPACE, "train.epochs": {"type": "int", "low": 1, "high": 9}}, False),
+        ({"train.batch_size": {"type": "categorical", "choices": [16, 32]}}, False),
+    ],
+)
 def test_trials_drop_the_plans_epoch_cut_when_epochs_or_batch_are_searched(tune_config, searched, cut_kept):
     """The plan cut each epoch to fit its own epoch count and batch (plan._fill_steps); a trial that
     searches either trains whole epochs, as the final `pipeline train --params` of its best values does."""

@@ -4,6 +4,7 @@ The server is a throwaway cluster that ``scripts/pg.sh start`` runs on loopback 
 one and sets ``REQUIRE_PG=1``); its URL arrives in ``PIPELINE_TEST_PG``. Without it the tests skip
 with one line, unless ``REQUIRE_PG=1``, when they fail.
 """
+
 import os
 import signal
 import subprocess
@@ -13,9 +14,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import TrialState
-
 from conftest import run_cli
+from optuna.trial import TrialState
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]  # a real server and real workers: full tier
 
@@ -27,7 +27,7 @@ def pg_url():
     """The server ``scripts/pg.sh start`` runs (``.ci/run`` starts one): its URL in ``PIPELINE_TEST_PG``."""
     url = os.environ.get("PIPELINE_TEST_PG")
     if not url:
-        why = "PIPELINE_TEST_PG is not set; run eval \"$(bash scripts/pg.sh start)\" first"
+        why = 'PIPELINE_TEST_PG is not set; run eval "$(bash scripts/pg.sh start)" first'
         if os.environ.get("REQUIRE_PG") == "1":
             pytest.fail(f"PostgreSQL unavailable and REQUIRE_PG=1: {why}")
         pytest.skip(f"PostgreSQL unavailable: {why}")
@@ -39,11 +39,22 @@ def pg_config(digits_config):
     """A config whose trials take about a second; the folds file written once up front."""
 
     def make(epochs=1, steps=2, **tune):
-        path = digits_config(train={"epochs": epochs, "max_steps_per_epoch": steps, "batch_size": 32},
-                             tune={"folds": [0], "plots": False, "n_startup_trials": 2, "heartbeat_s": 1, "grace_s": 2,
-                                   "pruner": "none",
-                                   "space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-                                             "model.drop_rate": {"type": "float", "low": 0.0, "high": 0.5}}, **tune})
+        path = digits_config(
+            train={"epochs": epochs, "max_steps_per_epoch": steps, "batch_size": 32},
+            tune={
+                "folds": [0],
+                "plots": False,
+                "n_startup_trials": 2,
+                "heartbeat_s": 1,
+                "grace_s": 2,
+                "pruner": "none",
+                "space": {
+                    "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                    "model.drop_rate": {"type": "float", "low": 0.0, "high": 0.5},
+                },
+                **tune,
+            },
+        )
         assert run_cli("fold", path) == 0
         return path
 
@@ -73,7 +84,9 @@ def finish(*procs):
 
 
 def trials(url, study):
-    return optuna.load_study(study_name=study, storage=url.replace("postgresql://", "postgresql+psycopg://")).get_trials()
+    return optuna.load_study(
+        study_name=study, storage=url.replace("postgresql://", "postgresql+psycopg://")
+    ).get_trials()
 
 
 def test_two_workers_share_one_study(pg_config, pg_url):
@@ -90,7 +103,9 @@ def test_two_workers_share_one_study(pg_config, pg_url):
         by_worker.setdefault(t.user_attrs["worker"], []).append(t)
     assert sorted(map(len, by_worker.values())) == [2, 2]
     ta, tb = by_worker.values()
-    assert any(x.datetime_start < y.datetime_complete and y.datetime_start < x.datetime_complete for x in ta for y in tb)
+    assert any(
+        x.datetime_start < y.datetime_complete and y.datetime_start < x.datetime_complete for x in ta for y in tb
+    )
     assert all(Path(f"runs/comp/tune/pair/trial_{t.number}/fold_0/done.json").exists() for t in ts)
     assert len({t.params["train.lr"] for t in ts}) == 4  # same seed on both workers, yet different draws
 

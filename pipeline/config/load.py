@@ -47,7 +47,9 @@ def _read_yaml(path: Path) -> dict:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
-        raise PipelineError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); expected a YAML file in UTF-8") from None
+        raise PipelineError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); expected a YAML file in UTF-8"
+        ) from None
     d = parse_yaml(text, str(path))
     if d is None:
         d = {}
@@ -76,7 +78,7 @@ def _load_with_extends(path: Path, seen: tuple = ()) -> dict:
         return d
     if not isinstance(parent, str):
         raise PipelineError(f"{path}: extends: expected a path to another YAML file, got {parent!r}")
-    ppath = (path.parent / parent)
+    ppath = path.parent / parent
     if not ppath.exists():  # a directory or a non-UTF-8 file: _read_yaml names the problem
         raise PipelineError(f"{path}: extends: {parent} not found (looked at {ppath})")
     return deep_merge(_load_with_extends(ppath, seen + (path,)), d)
@@ -88,9 +90,13 @@ def _format_error(path: Path, err: ValidationError) -> str:
     e = errors[0]
     # a key as typed, unless it is not printable text (a newline in a key must not break the line);
     # without the branch tags pydantic adds for a union (``train.epochs.constrained-int``)
-    loc = ".".join(p if isinstance(p, str) and p.isprintable() else str(p) if isinstance(p, int) else repr(p)
-                   for p in _key_path(e["loc"]))
-    literal = next((x for x in errors[1:] if x["type"] == "literal_error" and _key_path(x["loc"]) == _key_path(e["loc"])), None)
+    loc = ".".join(
+        p if isinstance(p, str) and p.isprintable() else str(p) if isinstance(p, int) else repr(p)
+        for p in _key_path(e["loc"])
+    )
+    literal = next(
+        (x for x in errors[1:] if x["type"] == "literal_error" and _key_path(x["loc"]) == _key_path(e["loc"])), None
+    )
     if literal is not None and e["type"] != "literal_error":  # `int | Literal["auto"]`: say both
         e = {**e, "msg": f"{e['msg']}, or {literal['ctx']['expected']}"}
     if e["type"] == "extra_forbidden":
@@ -102,8 +108,12 @@ def _format_error(path: Path, err: ValidationError) -> str:
     msg = e["msg"].removeprefix("Value error, ")
     got = e.get("input")
     # not repeated when the message already shows it ("'lion'; did you mean ...", "64; statoil_json ...")
-    shown = (isinstance(got, (dict, list)) or "got" in msg or (isinstance(got, str) and repr(got) in msg)
-             or re.match(rf"{re.escape(str(got))}\b", msg))
+    shown = (
+        isinstance(got, (dict, list))
+        or "got" in msg
+        or (isinstance(got, str) and repr(got) in msg)
+        or re.match(rf"{re.escape(str(got))}\b", msg)
+    )
     got_r = repr(got)
     got_s = "" if shown else f" (got {got_r if len(got_r) <= 80 else got_r[:77] + '...'})"
     return f"{path}: {loc}: {msg}{got_s}".replace("\n", "\\n")
@@ -134,7 +144,9 @@ def load_config(path: str | Path, overrides: list[str] | dict | None = None, che
         raise PipelineError(_format_error(path, err)) from None
     check_without_data(cfg)
     if check_data and not cfg.data_dir.is_dir():
-        raise PipelineError(f"{path}: data.dir: {cfg.data.dir} does not exist (relative paths resolve against {Path.cwd()})")
+        raise PipelineError(
+            f"{path}: data.dir: {cfg.data.dir} does not exist (relative paths resolve against {Path.cwd()})"
+        )
     return cfg
 
 
@@ -179,7 +191,11 @@ def write_snapshot(cfg: Config, yaml_path: Path, stage: str, resolved: dict | No
         section, name = key.split(".")
         notes.append(f"# {key}: {d[section][name]} resolved to {value}\n")
         d[section][name] = value
-    text = f"# resolved from {cfg.path}; config hash {cfg.hash()}; {stage} hash {h}\n" + "".join(notes) + yaml.safe_dump(d, sort_keys=False)
+    text = (
+        f"# resolved from {cfg.path}; config hash {cfg.hash()}; {stage} hash {h}\n"
+        + "".join(notes)
+        + yaml.safe_dump(d, sort_keys=False)
+    )
     atomic_write_text(yaml_path, text)
     atomic_write_text(Path(yaml_path).with_suffix(".hash"), h + "\n")
     return h

@@ -8,6 +8,7 @@ config loads, not while the files are read. A format with keys of its own adds f
     class Options(DataOptions):
         sheet: str = "train"
 """
+
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, NamedTuple, get_args, get_origin
@@ -55,15 +56,18 @@ class Section(BaseModel):
 
 
 class DataOptions(Section):
-
     format: str
     dir: str
     image_size: Annotated[int, Field(gt=0, le=8192)] | Literal["auto"] | None = Field(
-        None, description="resize images to this square size; None keeps the files' size; auto: planned from the "
-                          "files' size and the time budget (pipeline/plan/)")
+        None,
+        description="resize images to this square size; None keeps the files' size; auto: planned from the "
+        "files' size and the time budget (pipeline/plan/)",
+    )
     channels: Annotated[int, Field(ge=1, le=4)] | Literal["auto"] | None = Field(
-        None, description="image_folder: 1 (grey) or 3 (RGB), None or auto = from the files; statoil_json: 2 (the bands) "
-                          "or 3 (+ their mean)")
+        None,
+        description="image_folder: 1 (grey) or 3 (RGB), None or auto = from the files; statoil_json: 2 (the bands) "
+        "or 3 (+ their mean)",
+    )
     cache: bool = True
 
     def image_spec(self) -> ImageSpec:

@@ -33,11 +33,16 @@ SCHEDULERS = Registry(
     lazy={name: f"pipeline.train.optim:{name.upper()}" for name in ("cosine", "onecycle", "step", "plateau", "none")},
 )
 
-SAMPLERS = Registry("sampler", lazy={name: f"pipeline.tune.samplers:{name.upper()}" for name in ("tpe", "random", "cmaes")})
+SAMPLERS = Registry(
+    "sampler", lazy={name: f"pipeline.tune.samplers:{name.upper()}" for name in ("tpe", "random", "cmaes")}
+)
 
 PRUNERS = Registry(
     "pruner",
-    lazy={name: f"pipeline.tune.samplers:{name.upper()}" for name in ("median", "halving", "hyperband", "wilcoxon", "none")},
+    lazy={
+        name: f"pipeline.tune.samplers:{name.upper()}"
+        for name in ("median", "halving", "hyperband", "wilcoxon", "none")
+    },
 )
 
 # predict.tta names: each a builder (image size, model size) -> [TtaTransform] (pipeline/models/tta.py)
@@ -53,8 +58,10 @@ TTA = Registry(
 TTA_FAMILIES = Registry("TTA family", lazy={"rotate": "pipeline.models.tta:ROTATE", "zoom": "pipeline.models.tta:ZOOM"})
 
 # the target kinds (pipeline/tasks/): what a run's labels are and everything that follows from them
-TASKS = Registry("task", lazy={"binary": "pipeline.tasks.classification:BINARY",
-                               "multiclass": "pipeline.tasks.classification:MULTICLASS"})
+TASKS = Registry(
+    "task",
+    lazy={"binary": "pipeline.tasks.classification:BINARY", "multiclass": "pipeline.tasks.classification:MULTICLASS"},
+)
 
 CHECKS = Registry(
     "config check",

@@ -5,6 +5,7 @@ plain values (device type, precision name, a capability flag), unit-tested on CP
 types (tests/test_gpu_paths.py); the few lines with side effects (``prepare_training_device``) only
 apply what these functions decided. ``benchmarks/gpu_smoke.py`` runs them on a real GPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,7 +41,9 @@ def resolve_device(name: str) -> torch.device:
     kind, idx = parse_device(name)
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise PipelineError(f"train.device: {name} requested but CUDA is not available; use train.device=cpu or auto")
+            raise PipelineError(
+                f"train.device: {name} requested but CUDA is not available; use train.device=cpu or auto"
+            )
         n = torch.cuda.device_count()
         if (idx or 0) >= n:
             raise PipelineError(f"train.device: {name} but only {n} CUDA device(s); expected cuda:0..{n - 1}")
@@ -50,6 +53,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 # ---- precision -----------------------------------------------------------------------------
+
 
 class Amp(NamedTuple):
     """How a step runs: the autocast dtype (None: fp32, autocast off) and whether the loss is scaled."""
@@ -82,8 +86,10 @@ def amp_plan(device_type: str, precision: str, bf16_supported: bool = True) -> A
         return Amp(torch.bfloat16, False)
     if precision == "fp16":
         if device_type != "cuda":
-            raise PipelineError(f"train.precision: fp16 needs a CUDA device (loss scaling with torch.amp.GradScaler) but "
-                                f"the device is {device_type}; use train.precision=bf16, fp32 or auto")
+            raise PipelineError(
+                f"train.precision: fp16 needs a CUDA device (loss scaling with torch.amp.GradScaler) but "
+                f"the device is {device_type}; use train.precision=bf16, fp32 or auto"
+            )
         return Amp(torch.float16, True)
     raise ValueError(f"unknown precision {precision!r}")
 
@@ -95,6 +101,7 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 # ---- copies and loaders --------------------------------------------------------------------
+
 
 def non_blocking(device: torch.device) -> bool:
     """Host-to-GPU copies overlap with compute; on CPU a copy is a no-op and the flag means nothing."""
@@ -109,14 +116,19 @@ def loader_kwargs(device: torch.device) -> dict:
 
 # ---- determinism ---------------------------------------------------------------------------
 
+
 def cudnn_flags(deterministic: bool) -> dict:
     """``train.deterministic``: true (default) picks deterministic cuDNN kernels and asks torch for
     deterministic algorithms; ``warn_only`` because some CUDA backward ops (adaptive average pooling,
     which most timm heads use) have no deterministic kernel and would otherwise stop training with an
     error: they warn instead. false lets cuDNN benchmark and pick the fastest kernel per shape (faster,
     run-to-run differences in the last digits)."""
-    return {"benchmark": not deterministic, "deterministic": deterministic,
-            "use_deterministic_algorithms": deterministic, "warn_only": True}
+    return {
+        "benchmark": not deterministic,
+        "deterministic": deterministic,
+        "use_deterministic_algorithms": deterministic,
+        "warn_only": True,
+    }
 
 
 def apply_cudnn_flags(device: torch.device, deterministic: bool) -> dict | None:

@@ -1,9 +1,9 @@
 """What a user sees when a command fails: one line on stderr and a documented exit code.
 
-  2  bad input (``PipelineError``) or an operating-system fault (``OSError``: full disk, read-only
-     folder, missing permission), the line naming the file and the cause
-  1  an unexpected error (a bug): ``internal error: ... (traceback saved to <file>)``
-  130  interrupted (Ctrl-C)
+2  bad input (``PipelineError``) or an operating-system fault (``OSError``: full disk, read-only
+   folder, missing permission), the line naming the file and the cause
+1  an unexpected error (a bug): ``internal error: ... (traceback saved to <file>)``
+130  interrupted (Ctrl-C)
 """
 
 

@@ -1,4 +1,5 @@
 """Atomic file writes (a crash never leaves a half-written artifact under the real name) and job locks."""
+
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,9 @@ def _owner() -> str:
     import socket
 
     return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
-  # a temp file's name says who writes it, so a sweep can tell a dead writer's
+
+
+# a temp file's name says who writes it, so a sweep can tell a dead writer's
 
 
 def sweep_temps(folder: str | Path, *, any_owner: bool = False) -> list[Path]:
@@ -157,8 +160,11 @@ def staged(folder: str | Path, *, last: list[str | Path] = ()):
         for old in folder.glob(".staging.*.tmp"):  # left by a killed process
             if _writer_gone(old.name):
                 shutil.rmtree(old, ignore_errors=True)
-        stage = Staging(folder=folder, dir=Path(tempfile.mkdtemp(prefix=f".staging.{_owner()}.", suffix=".tmp", dir=folder)),
-                        last=[Path(p) for p in last])
+        stage = Staging(
+            folder=folder,
+            dir=Path(tempfile.mkdtemp(prefix=f".staging.{_owner()}.", suffix=".tmp", dir=folder)),
+            last=[Path(p) for p in last],
+        )
     except OSError as e:
         raise _naming(e, folder) from None
     try:
@@ -254,12 +260,16 @@ def exclusive(path: str | Path, what: str):
             owner = path.read_text().strip()
         except OSError:  # released (and removed) meanwhile
             owner = ""
-        raise LockHeld(f"{path}: {what} is being worked on by {owner or 'another process'} (host pid); "
-                       "wait for it to finish (a process that dies releases its lock)") from None
+        raise LockHeld(
+            f"{path}: {what} is being worked on by {owner or 'another process'} (host pid); "
+            "wait for it to finish (a process that dies releases its lock)"
+        ) from None
     except OSError as e:
         if e.errno in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP):
-            raise PipelineError(f"{path}: this filesystem does not support file locks ({e.strerror}); "
-                                "put the run folder on a local disk or a lock-capable NFS mount") from None
+            raise PipelineError(
+                f"{path}: this filesystem does not support file locks ({e.strerror}); "
+                "put the run folder on a local disk or a lock-capable NFS mount"
+            ) from None
         raise
     try:
         yield

@@ -4,6 +4,7 @@ and the one YAML reader every config document and override value goes through (`
 Shared by the config (which owns the schema) and the search space (which searches its keys), so
 neither imports the other's module for them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -49,8 +50,11 @@ class _ConfigLoader(yaml.SafeLoader):
                 except TypeError:
                     continue  # unhashable: SafeLoader's own error names it
                 if first is not key_node:
-                    raise _Refused(f"duplicate key {key!r} (first at line {first.start_mark.line + 1}); "
-                                   "expected each key once in a mapping", key_node.start_mark)
+                    raise _Refused(
+                        f"duplicate key {key!r} (first at line {first.start_mark.line + 1}); "
+                        "expected each key once in a mapping",
+                        key_node.start_mark,
+                    )
         return super().construct_mapping(node, deep=deep)
 
     def construct_yaml_float(self, node):
@@ -65,8 +69,11 @@ class _ConfigLoader(yaml.SafeLoader):
         except ValueError:  # more digits than Python converts
             value = INT64
         if not -INT64 <= value < INT64:
-            raise _Refused(f"integer {node.value[:30]}{'...' if len(node.value) > 30 else ''} is out of range; "
-                           "expected an integer between -2**63 and 2**63-1", node.start_mark)
+            raise _Refused(
+                f"integer {node.value[:30]}{'...' if len(node.value) > 30 else ''} is out of range; "
+                "expected an integer between -2**63 and 2**63-1",
+                node.start_mark,
+            )
         return value
 
     def construct_yaml_str(self, node):
@@ -77,8 +84,11 @@ class _ConfigLoader(yaml.SafeLoader):
 
     def construct_undefined(self, node):
         tag = str(node.tag).replace("tag:yaml.org,2002:", "!!")
-        raise _Refused(f"tag {tag} is not allowed in a config; expected plain values (numbers, text, "
-                       "true/false, null, lists, mappings)", node.start_mark)
+        raise _Refused(
+            f"tag {tag} is not allowed in a config; expected plain values (numbers, text, "
+            "true/false, null, lists, mappings)",
+            node.start_mark,
+        )
 
 
 for _tag in list(yaml.SafeLoader.yaml_constructors):
@@ -97,17 +107,28 @@ def _size(node, memo: dict, open_: set) -> tuple[int, int]:
     if id(node) in open_:
         raise _Refused("an alias refers to the value that contains it; expected a finite document", node.start_mark)
     open_.add(id(node))
-    children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else \
-        node.value if isinstance(node, yaml.SequenceNode) else []
+    children = (
+        [c for pair in node.value for c in pair]
+        if isinstance(node, yaml.MappingNode)
+        else node.value
+        if isinstance(node, yaml.SequenceNode)
+        else []
+    )
     sizes = [_size(c, memo, open_) for c in children]
     n, levels = 1 + sum(s for s, _ in sizes), 1 + max((h for _, h in sizes), default=0)
     open_.discard(id(node))
     memo[id(node)] = n, levels
     if n > MAX_YAML_VALUES:
-        raise _Refused(f"the document expands to more than {MAX_YAML_VALUES} values (YAML aliases?); "
-                       "expected a config of ordinary size", node.start_mark)
+        raise _Refused(
+            f"the document expands to more than {MAX_YAML_VALUES} values (YAML aliases?); "
+            "expected a config of ordinary size",
+            node.start_mark,
+        )
     if levels > MAX_YAML_DEPTH:
-        raise _Refused(f"values nested more than {MAX_YAML_DEPTH} levels deep; expected a config of ordinary depth", node.start_mark)
+        raise _Refused(
+            f"values nested more than {MAX_YAML_DEPTH} levels deep; expected a config of ordinary depth",
+            node.start_mark,
+        )
     return n, levels
 
 

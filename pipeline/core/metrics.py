@@ -9,20 +9,20 @@ Adding a metric is one line::
 
 A metric function takes ``(y, probs)``, or ``(y, probs, eps)`` when it clips probabilities.
 """
+
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
 from pipeline.core.registry import Registry
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _takes_eps(fn: Callable) -> bool:  # once per function: inspect costs more than a numpy log-loss
     return "eps" in inspect.signature(fn).parameters
 
@@ -41,6 +41,7 @@ class Metric:
 # logloss and accuracy in numpy, with scikit-learn's definitions: its input checks cost ~10 ms a call,
 # and ensemble selection (pipeline/ensemble/blend.py, hillclimb) scores thousands of candidate blends.
 
+
 def logloss(y: np.ndarray, probs: np.ndarray, eps: float = 1e-15) -> float:
     """Mean negative log-probability of the true class, probabilities clipped to [eps, 1 - eps] and renormalised."""
     p = np.clip(np.asarray(probs, dtype=np.float64), eps, 1 - eps)
@@ -54,10 +55,10 @@ def accuracy(y: np.ndarray, probs: np.ndarray) -> float:
 
 
 # ``metric: <name>``; a new one is ``METRICS.register("my_score", Metric(fn, greater_is_better=True))``
-METRICS = Registry("metric", entries={
-    "logloss": Metric(logloss, greater_is_better=False),
-    "accuracy": Metric(accuracy, greater_is_better=True),
-})
+METRICS = Registry(
+    "metric",
+    entries={"logloss": Metric(logloss, greater_is_better=False), "accuracy": Metric(accuracy, greater_is_better=True)},
+)
 # what "F1" and "AUC" mean depends on the target kind: its task scores them (pipeline/tasks/)
 METRICS.register_lazy("f1", "pipeline.tasks.metrics:F1")
 METRICS.register_lazy("roc_auc", "pipeline.tasks.metrics:ROC_AUC")

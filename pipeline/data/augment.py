@@ -30,6 +30,7 @@ repeat its siblings' stream; it reseeds itself on first use in a worker from (se
 torch worker seed), unless ``set_seed`` was called inside that worker (as the train loop
 does per batch). ``worker_init_fn`` does the same explicitly and also sets up cv2/numpy.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -63,26 +64,62 @@ def _albumentations():
 
 # name -> channel counts it supports (None = any). Add a line to allow a new transform;
 # the build-time dry run catches the ones that fail on the images anyway.
-AUGMENTS = Registry("transform", entries={
-    # geometric, size-preserving
-    "HorizontalFlip": None, "VerticalFlip": None, "Transpose": None, "RandomRotate90": None, "D4": None,
-    "Rotate": None, "SafeRotate": None, "Affine": None, "ShiftScaleRotate": None, "Perspective": None,
-    "ElasticTransform": None, "GridDistortion": None, "OpticalDistortion": None,
-    # crops and pads (a size change must be applied always, p: 1, so a batch has one size)
-    "RandomResizedCrop": None, "RandomSizedCrop": None, "RandomCrop": None, "CenterCrop": None,
-    "PadIfNeeded": None, "CropAndPad": None, "Resize": None,
-    # intensity
-    "RandomBrightnessContrast": None, "RandomGamma": None, "GaussNoise": None, "MultiplicativeNoise": None,
-    "GaussianBlur": None, "Blur": None, "MedianBlur": None, "MotionBlur": None, "Defocus": None,
-    "Sharpen": None, "UnsharpMask": None, "Downscale": None,
-    # stroke width: grey-level dilation or erosion (a bolder or finer pen, a blotchier scan)
-    "Morphological": None,
-    # dropout
-    "CoarseDropout": None, "GridDropout": None, "XYMasking": None, "Erasing": None, "PixelDropout": None,
-    "ChannelDropout": (2, 3, 4), "ChannelShuffle": (2, 3, 4),
-    # colour: albumentations 2.0.8 raises on 2-channel images for these (measured)
-    "ColorJitter": (1, 3), "HueSaturationValue": (3,), "CLAHE": (1, 3), "RGBShift": (3,), "ToGray": (3,),
-})
+AUGMENTS = Registry(
+    "transform",
+    entries={
+        # geometric, size-preserving
+        "HorizontalFlip": None,
+        "VerticalFlip": None,
+        "Transpose": None,
+        "RandomRotate90": None,
+        "D4": None,
+        "Rotate": None,
+        "SafeRotate": None,
+        "Affine": None,
+        "ShiftScaleRotate": None,
+        "Perspective": None,
+        "ElasticTransform": None,
+        "GridDistortion": None,
+        "OpticalDistortion": None,
+        # crops and pads (a size change must be applied always, p: 1, so a batch has one size)
+        "RandomResizedCrop": None,
+        "RandomSizedCrop": None,
+        "RandomCrop": None,
+        "CenterCrop": None,
+        "PadIfNeeded": None,
+        "CropAndPad": None,
+        "Resize": None,
+        # intensity
+        "RandomBrightnessContrast": None,
+        "RandomGamma": None,
+        "GaussNoise": None,
+        "MultiplicativeNoise": None,
+        "GaussianBlur": None,
+        "Blur": None,
+        "MedianBlur": None,
+        "MotionBlur": None,
+        "Defocus": None,
+        "Sharpen": None,
+        "UnsharpMask": None,
+        "Downscale": None,
+        # stroke width: grey-level dilation or erosion (a bolder or finer pen, a blotchier scan)
+        "Morphological": None,
+        # dropout
+        "CoarseDropout": None,
+        "GridDropout": None,
+        "XYMasking": None,
+        "Erasing": None,
+        "PixelDropout": None,
+        "ChannelDropout": (2, 3, 4),
+        "ChannelShuffle": (2, 3, 4),
+        # colour: albumentations 2.0.8 raises on 2-channel images for these (measured)
+        "ColorJitter": (1, 3),
+        "HueSaturationValue": (3,),
+        "CLAHE": (1, 3),
+        "RGBShift": (3,),
+        "ToGray": (3,),
+    },
+)
 
 VALUE_PARAMS = ("fill", "drop_value")  # given in the images' units, mapped into [0, 1]
 _SIZE_DEFAULTS = {"RandomResizedCrop": ("size",), "RandomSizedCrop": ("size",), "Resize": ("height", "width")}
@@ -98,9 +135,16 @@ class Augmenter:
     units as the input, shape ``(C, *output_size)``. An empty spec is the identity.
     """
 
-    def __init__(self, transforms: list, value_range: tuple[float, float], channels: int,
-                 image_size: tuple[int, int], output_size: tuple[int, int], seed: int | None,
-                 spec: list[dict] | None = None):
+    def __init__(
+        self,
+        transforms: list,
+        value_range: tuple[float, float],
+        channels: int,
+        image_size: tuple[int, int],
+        output_size: tuple[int, int],
+        seed: int | None,
+        spec: list[dict] | None = None,
+    ):
         self.transforms = transforms
         self.lo, self.hi = float(value_range[0]), float(value_range[1])
         self.channels, self.image_size, self.output_size = channels, tuple(image_size), tuple(output_size)
@@ -217,16 +261,27 @@ def _find_augmenters(obj, depth: int = 3) -> list[Augmenter]:
 
 
 # ---------------------------------------------------------------------------- building
-def build_augment(spec: list[dict] | None, value_range: tuple[float, float], channels: int,
-                  image_size: tuple[int, int], seed: int | None = None, where: str = "augment") -> Augmenter:
+def build_augment(
+    spec: list[dict] | None,
+    value_range: tuple[float, float],
+    channels: int,
+    image_size: tuple[int, int],
+    seed: int | None = None,
+    where: str = "augment",
+) -> Augmenter:
     """Validate ``spec`` and build its Augmenter; every problem is one PipelineError line."""
     spec, transforms, p_of, (lo, hi), image_size = _build_all(spec, value_range, channels, image_size, where)
     out_size = _dry_run(transforms, p_of, spec, where, channels, image_size)
     return Augmenter(transforms, (lo, hi), channels, image_size, out_size, seed, spec=[dict(e) for e in spec])
 
 
-def validate_augment(spec: list[dict] | None, value_range: tuple[float, float] | None = None, channels: int | None = None,
-                     image_size: tuple[int, int] | None = None, where: str = "augment") -> None:
+def validate_augment(
+    spec: list[dict] | None,
+    value_range: tuple[float, float] | None = None,
+    channels: int | None = None,
+    image_size: tuple[int, int] | None = None,
+    where: str = "augment",
+) -> None:
     """``build_augment``'s checks with what is known before the images are read (the config's
     check): names and parameters always; channel support when ``channels`` is known; the dry run
     when the channels and the size are. Unknown ``value_range``: fills are checked for type only."""
@@ -245,7 +300,9 @@ def _build_all(spec, value_range, channels: int | None, image_size, where: str):
     lo, hi = float(value_range[0]), float(value_range[1])
     if not hi > lo:
         raise PipelineError(f"{where}: value_range {value_range!r} is empty; expected (lo, hi) with lo < hi")
-    image_size = (int(image_size[0]), int(image_size[1])) if not isinstance(image_size, int) else (image_size, image_size)
+    image_size = (
+        (int(image_size[0]), int(image_size[1])) if not isinstance(image_size, int) else (image_size, image_size)
+    )
     transforms, p_of = [], []
     for i, entry in enumerate(spec):
         t, p = _build_one(entry, f"{where}[{i}]", lo, hi, channels, image_size)
@@ -258,7 +315,9 @@ def _build_one(entry: Any, key: str, lo: float, hi: float, channels: int | None,
     if not isinstance(entry, dict):
         raise PipelineError(f"{key}: expected a mapping like {{name: HorizontalFlip, p: 0.5}}, got {entry!r}")
     if "name" not in entry:
-        raise PipelineError(f"{key}: missing 'name'; expected the transform's name, e.g. {{name: HorizontalFlip, p: 0.5}}")
+        raise PipelineError(
+            f"{key}: missing 'name'; expected the transform's name, e.g. {{name: HorizontalFlip, p: 0.5}}"
+        )
     name = entry["name"]
     if not isinstance(name, str) or name not in AUGMENTS:
         raise PipelineError(f"{key}.name: {AUGMENTS.unknown(name)}")
@@ -291,8 +350,9 @@ def _build_one(entry: Any, key: str, lo: float, hi: float, channels: int | None,
     return t, float(getattr(t, "p", 1.0))
 
 
-def _translate(params: dict, where: str, accepted: list[str], name: str, lo: float, hi: float,
-               image_size: tuple[int, int]) -> dict:
+def _translate(
+    params: dict, where: str, accepted: list[str], name: str, lo: float, hi: float, image_size: tuple[int, int]
+) -> dict:
     """Config values -> albumentations values: names for cv2 flags, fills in image units, defaults."""
     out = dict(params)
     for k, table in (("border_mode", _BORDERS), ("interpolation", _INTERP), ("mask_interpolation", _INTERP)):
@@ -312,8 +372,10 @@ def _translate(params: dict, where: str, accepted: list[str], name: str, lo: flo
         out.setdefault("blur_limit", (3, 5))
         bl = out["blur_limit"]
         if isinstance(bl, (int, float, list, tuple)) and max(bl if isinstance(bl, (list, tuple)) else [bl]) > 5:
-            raise PipelineError(f"{where}: blur_limit: got {bl!r}; expected kernel sizes of at most 5 "
-                                "(OpenCV's median blur of float images)")
+            raise PipelineError(
+                f"{where}: blur_limit: got {bl!r}; expected kernel sizes of at most 5 "
+                "(OpenCV's median blur of float images)"
+            )
     for k in _SIZE_DEFAULTS.get(name, ()):
         if k not in out:
             out[k] = {"size": image_size, "height": image_size[0], "width": image_size[1]}[k]
@@ -327,7 +389,9 @@ def _to_unit(v, lo: float, hi: float, where: str):
         return (float(v) - lo) / (hi - lo)
     if isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
         return tuple((float(x) - lo) / (hi - lo) for x in v)
-    raise PipelineError(f"{where}: got {v!r}; expected a number (or one per channel) in the images' units, between {lo:g} and {hi:g}")
+    raise PipelineError(
+        f"{where}: got {v!r}; expected a number (or one per channel) in the images' units, between {lo:g} and {hi:g}"
+    )
 
 
 def _one_line(e: Exception, params: dict | None = None) -> str:
@@ -353,8 +417,9 @@ def _one_line(e: Exception, params: dict | None = None) -> str:
     return f"{key}: {msgs[0]}" + ("" if "got" in msgs[0] else f" (got {got!r})")
 
 
-def _dry_run(transforms: list, p_of: list[float], spec: list, where: str, channels: int,
-             image_size: tuple[int, int]) -> tuple[int, int]:
+def _dry_run(
+    transforms: list, p_of: list[float], spec: list, where: str, channels: int, image_size: tuple[int, int]
+) -> tuple[int, int]:
     """Apply every transform once (forced) to a dummy image: a transform that fails on these
     images fails now, with its key, not deep in the training loop. A transform that changes
     the size must have p: 1, or one batch would mix sizes. Returns the output (H, W)."""
@@ -369,20 +434,33 @@ def _dry_run(transforms: list, p_of: list[float], spec: list, where: str, channe
                 warnings.simplefilter("ignore")
                 img = t(image=img, force_apply=True)["image"]
         except Exception as e:
-            raise PipelineError(f"{key}: fails on {channels}-channel {before[0]}x{before[1]} images: {_one_line(e)}") from None
+            raise PipelineError(
+                f"{key}: fails on {channels}-channel {before[0]}x{before[1]} images: {_one_line(e)}"
+            ) from None
         if img.ndim == 2:
             img = img[..., None]
         if img.shape[2] != channels:
-            raise PipelineError(f"{key}: turns {channels}-channel images into {img.shape[2]}-channel ones; expected the channel count kept")
+            raise PipelineError(
+                f"{key}: turns {channels}-channel images into {img.shape[2]}-channel ones; expected the channel count kept"
+            )
         if img.shape[:2] != before[:2] and p < 1:
-            raise PipelineError(f"{key}: changes the image size {before[0]}x{before[1]} -> {img.shape[0]}x{img.shape[1]} "
-                                f"with p={p:g}, so a batch would mix sizes; expected p: 1 (or a size-keeping transform)")
+            raise PipelineError(
+                f"{key}: changes the image size {before[0]}x{before[1]} -> {img.shape[0]}x{img.shape[1]} "
+                f"with p={p:g}, so a batch would mix sizes; expected p: 1 (or a size-keeping transform)"
+            )
     return int(img.shape[0]), int(img.shape[1])
 
 
 # ---------------------------------------------------------------------------- preview
-def preview_grid(images: np.ndarray, augmenter: Augmenter, out_png: str | Path, n: int = 8, per_image: int = 4,
-                 value_range: tuple[float, float] | None = None, channel: int = 0) -> Path:
+def preview_grid(
+    images: np.ndarray,
+    augmenter: Augmenter,
+    out_png: str | Path,
+    n: int = 8,
+    per_image: int = 4,
+    value_range: tuple[float, float] | None = None,
+    channel: int = 0,
+) -> Path:
     """PNG grid: one row per image, the original first, then ``per_image`` augmented draws.
 
     3-channel images are shown as RGB scaled by value_range; others as greyscale of

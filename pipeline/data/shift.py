@@ -11,6 +11,7 @@ found by hash of the raw pixels (exact) and by cosine similarity of mean-centred
 
 Nothing here knows run folders or configs beyond ``cfg.adversarial``, so the fold stage can call it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,14 +47,14 @@ class Embedding:
 
 def _float_chunks(images: np.ndarray):
     for s in range(0, len(images), CHUNK):
-        yield np.asarray(images[s:s + CHUNK], dtype=np.float32)
+        yield np.asarray(images[s : s + CHUNK], dtype=np.float32)
 
 
 def image_hashes(images: np.ndarray) -> np.ndarray:
     """sha1 of each image's raw bytes (dtype and shape included): equal hashes, identical pixels."""
     out = []
     for s in range(0, len(images), CHUNK):
-        block = np.ascontiguousarray(images[s:s + CHUNK])
+        block = np.ascontiguousarray(images[s : s + CHUNK])
         out += [hashlib.sha1(img.tobytes()).hexdigest() for img in block]
     return np.asarray(out, dtype=object)
 
@@ -104,8 +105,9 @@ def scalar_features(train: Table, test: Table) -> np.ndarray | None:
     return np.concatenate([f, flags], 1).astype(np.float32)
 
 
-def backbone_embeddings(train: Table, test: Table, *, name: str, size: int, batch_size: int = 64,
-                        hashes: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+def backbone_embeddings(
+    train: Table, test: Table, *, name: str, size: int, batch_size: int = 64, hashes: np.ndarray | None = None
+) -> tuple[np.ndarray, str]:
     """(n_train + n_test, D) pooled embeddings of a pretrained backbone (offline weights only) and
     where its weights came from. Inputs are standardised per channel on the train rows and resized
     to ``size``; the result is cached by the images' hashes, so evaluate and fold reruns are free."""
@@ -121,7 +123,9 @@ def backbone_embeddings(train: Table, test: Table, *, name: str, size: int, batc
     source = load_pretrained(backbone, name, None, c)
     if hashes is None:
         hashes = np.concatenate([image_hashes(train.images), image_hashes(test.images)])
-    key = hashlib.sha256("|".join([name, str(size), str(c), source, torch.__version__, *hashes]).encode()).hexdigest()[:20]
+    key = hashlib.sha256("|".join([name, str(size), str(c), source, torch.__version__, *hashes]).encode()).hexdigest()[
+        :20
+    ]
     path = cache_dir() / "adversarial" / f"{name}-{key}.npy"
     if path.is_file():
         try:
@@ -135,7 +139,7 @@ def backbone_embeddings(train: Table, test: Table, *, name: str, size: int, batc
         for images in (train.images, test.images):
             for x in _float_chunks(images):
                 for s in range(0, len(x), batch_size):
-                    out.append(net.embed(torch.from_numpy(np.ascontiguousarray(x[s:s + batch_size]))).numpy())
+                    out.append(net.embed(torch.from_numpy(np.ascontiguousarray(x[s : s + batch_size]))).numpy())
     emb = np.concatenate(out).astype(np.float32)
     from pipeline.core.io import atomic_path
 
@@ -150,8 +154,10 @@ def backbone_embeddings(train: Table, test: Table, *, name: str, size: int, batc
 def embed(train: Table, test: Table, acfg) -> Embedding:
     """Everything the classifier and the duplicate search need, for ``cfg.adversarial`` settings."""
     if train.channels != test.channels or train.image_size != test.image_size:
-        raise PipelineError(f"adversarial: train images are {train.channels}x{train.image_size} and test images "
-                            f"{test.channels}x{test.image_size}; expected the same channels and size")
+        raise PipelineError(
+            f"adversarial: train images are {train.channels}x{train.image_size} and test images "
+            f"{test.channels}x{test.image_size}; expected the same channels and size"
+        )
     images = (train.images, test.images)
     hashes = np.concatenate([image_hashes(a) for a in images])
     parts_x = [np.concatenate([image_stats(a) for a in images])]
@@ -175,12 +181,20 @@ def embed(train: Table, test: Table, acfg) -> Embedding:
         blocks.append(("scalar", feats.shape[1]))
         parts.append(f"scalar features {', '.join(train.feature_names)} ({feats.shape[1]})")
     near = np.concatenate([near_vectors(a) for a in images])
-    return Embedding(X=np.concatenate(parts_x, 1), near=near, hashes=hashes, n_train=len(train), parts=parts,
-                     blocks=blocks, backbone_source=source)
+    return Embedding(
+        X=np.concatenate(parts_x, 1),
+        near=near,
+        hashes=hashes,
+        n_train=len(train),
+        parts=parts,
+        blocks=blocks,
+        backbone_source=source,
+    )
 
 
-def adversarial_scores(X: np.ndarray, n_train: int, *, blocks: list[tuple[str, int]], n_splits: int,
-                       seed: int) -> tuple[np.ndarray, float]:
+def adversarial_scores(
+    X: np.ndarray, n_train: int, *, blocks: list[tuple[str, int]], n_splits: int, seed: int
+) -> tuple[np.ndarray, float]:
     """Out-of-fold p(test) of every row (train rows first) and the classifier's ROC AUC.
 
     Each image block is standardised and PCA-reduced to at most 32 components (a thousand embedding
@@ -199,8 +213,9 @@ def adversarial_scores(X: np.ndarray, n_train: int, *, blocks: list[tuple[str, i
     n_test = len(X) - n_train
     k = min(n_splits, n_train, n_test)
     if k < 2:
-        raise PipelineError(f"adversarial: {n_train} train and {n_test} test rows; expected at least 2 of each "
-                            f"to tell them apart")
+        raise PipelineError(
+            f"adversarial: {n_train} train and {n_test} test rows; expected at least 2 of each to tell them apart"
+        )
     cols, parts = 0, []
     for b, (kind, width) in enumerate(blocks):
         dims = min(32, width, len(X) - len(X) // k - 1)
@@ -227,7 +242,7 @@ def duplicate_pairs(emb: Embedding, *, threshold: float, limit: int) -> dict:
     if n:
         train = emb.near[:n]
         for s in range(n, len(emb.near), 1024):  # a (1024, n_train) block of similarities at a time
-            sim = emb.near[s:s + 1024] @ train.T
+            sim = emb.near[s : s + 1024] @ train.T
             best = sim.argmax(1)
             for r, (i, v) in enumerate(zip(best, sim[np.arange(len(best)), best])):
                 j = s + r

@@ -1,4 +1,5 @@
 """The in-memory table every data format produces and every stage consumes."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -31,10 +31,11 @@ When every member kept its folds' own test predictions (``test_pred_fold<k>.csv`
 its own too: fold k's members' models blended by the method as fitted without fold k (``fold_blends``),
 so an ensemble can be the source of a training run's pseudo-labels (``pseudo.from``) without a leak.
 """
+
 from __future__ import annotations
 
-import logging
 import difflib
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,25 +45,23 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, ValidationError, field_validator
 
-from pipeline.config.schema import Config, registered, apply_overrides
 from pipeline.config.load import _read_yaml, load_config
-from pipeline.core.errors import PipelineError
-from pipeline.ensemble.blenders import BLENDERS, NESTED, GbmConfig, build_blender
 from pipeline.config.options import Section
+from pipeline.config.schema import Config, apply_overrides, registered
+from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json
 from pipeline.core.keys import known_keys
 from pipeline.core.metrics import GREATER_IS_BETTER, logloss, score
+from pipeline.ensemble.blenders import BLENDERS, NESTED, GbmConfig, build_blender
 from pipeline.predict.predictor import clip_probs, fmt_scores
-from pipeline.runs.predictions import pcols, pred_frame, probs_of, read_classes, read_predictions, write_predictions
 from pipeline.runs.layout import RunDir
+from pipeline.runs.predictions import pcols, pred_frame, probs_of, read_classes, read_predictions, write_predictions
 from pipeline.runs.records import read_predict_info, stale_predictions
 
 log = logging.getLogger(__name__)
 
 
-
 class EnsembleConfig(Section):  # the config's rules: unknown keys, non-finite numbers, booleans as numbers fail
-
     competition: str
     config: str
     members: list[str] = Field(min_length=2)
@@ -95,7 +94,9 @@ def _format_error(path: Path, err: ValidationError) -> str:
         section = loc.rpartition(".")[0]
         keys = [k for k in known_keys(EnsembleConfig) if k.rpartition(".")[0] == section]  # the keys beside it
         close = difflib.get_close_matches(loc, keys, n=3)
-        return f"{path}: unknown key '{loc}'" + (f"; did you mean {', '.join(close)}?" if close else f"; expected {', '.join(keys)}")
+        return f"{path}: unknown key '{loc}'" + (
+            f"; did you mean {', '.join(close)}?" if close else f"; expected {', '.join(keys)}"
+        )
     if e["type"] == "missing":
         return f"{path}: missing required key '{loc}'"
     got, msg = e.get("input"), e["msg"].removeprefix("Value error, ")
@@ -143,8 +144,10 @@ class Member:
         """A prediction file's uncalibrated probabilities in the row order of ``ids``."""
         df = read_predictions(path, kind, class_names=class_names, hint=f"pipeline predict <config of {self.name}>")
         if len(df) != len(ids) or set(df["id"]) != set(ids):
-            raise PipelineError(f"{path}: predicts other ids than {self.oof_path if kind == 'oof' else self.test_path}; "
-                                f"rerun `pipeline predict <config of {self.name}>`")
+            raise PipelineError(
+                f"{path}: predicts other ids than {self.oof_path if kind == 'oof' else self.test_path}; "
+                f"rerun `pipeline predict <config of {self.name}>`"
+            )
         return probs_of(df.set_index("id").reindex(ids), class_names)
 
 
@@ -154,7 +157,9 @@ def load_ensemble(path: str | Path, overrides: list[str] | None = None) -> tuple
     if overrides:
         d = apply_overrides(d, overrides)
     if "members" not in d and "data" in d:
-        raise PipelineError(f"{path}: is a competition config, not an ensemble file; expected keys competition, config, members, method")
+        raise PipelineError(
+            f"{path}: is a competition config, not an ensemble file; expected keys competition, config, members, method"
+        )
     try:
         ens = EnsembleConfig(**d)
     except ValidationError as err:
@@ -166,7 +171,9 @@ def load_ensemble(path: str | Path, overrides: list[str] | None = None) -> tuple
 
     cfg = planned(load_config(cpath), create=False)
     if cfg.competition != ens.competition:
-        raise PipelineError(f"{path}: competition is {ens.competition!r} but config {ens.config} is for {cfg.competition!r}")
+        raise PipelineError(
+            f"{path}: competition is {ens.competition!r} but config {ens.config} is for {cfg.competition!r}"
+        )
     if ens.name is None:
         ens.name = path.stem.replace(" ", "_")
     return ens, cfg
@@ -177,11 +184,15 @@ def load_member(entry: str, i: int, path: Path, competition: str, runs_root: Pat
     where = f"{path}: members[{i}]"
     found = _resolve(entry, path.parent)
     if found is None:
-        raise PipelineError(f"{where}: {entry} not found; expected a run directory ({runs_root}/<competition>/<experiment>) or an experiment config")
+        raise PipelineError(
+            f"{where}: {entry} not found; expected a run directory ({runs_root}/<competition>/<experiment>) or an experiment config"
+        )
     if found.is_dir():
         run = RunDir(path=found)
         if found.parent.parent.name == runs_root.name and found.parent.name != competition:
-            raise PipelineError(f"{where}: {entry} is a run of {found.parent.name!r}; expected a run of {competition!r}")
+            raise PipelineError(
+                f"{where}: {entry} is a run of {found.parent.name!r}; expected a run of {competition!r}"
+            )
     elif found.suffix in (".yaml", ".yml"):
         mcfg = load_config(found, check_data=False)
         if mcfg.competition != competition:
@@ -205,26 +216,36 @@ def check_members(members: list[Member], path: Path) -> list[str]:
     for m in members:  # from the headers: a member of other classes is named before its rows are checked
         mc, tc = read_classes(m.oof_path, "oof"), read_classes(m.test_path, "test")
         if mc != class_names or tc != class_names:
-            raise PipelineError(f"{path}: member {m.name} predicts classes {pcols(mc or tc)}; expected {pcols(class_names)} like {first.name}")
+            raise PipelineError(
+                f"{path}: member {m.name} predicts classes {pcols(mc or tc)}; expected {pcols(class_names)} like {first.name}"
+            )
     for m in members:
         m.read(class_names)
     ids, tids = pd.Index(first.oof["id"]), pd.Index(first.test["id"])
     for m in members[1:]:
         if set(m.oof["id"]) != set(ids) or len(m.oof) != len(ids):
-            raise PipelineError(f"{path}: member {m.name} has OOF predictions for other training ids than {first.name}; "
-                                f"expected experiments of the same training data")
+            raise PipelineError(
+                f"{path}: member {m.name} has OOF predictions for other training ids than {first.name}; "
+                f"expected experiments of the same training data"
+            )
         if set(m.test["id"]) != set(tids) or len(m.test) != len(tids):
-            raise PipelineError(f"{path}: member {m.name} predicts other test ids than {first.name}; rerun its `pipeline predict`")
+            raise PipelineError(
+                f"{path}: member {m.name} predicts other test ids than {first.name}; rerun its `pipeline predict`"
+            )
         m.oof = m.oof.set_index("id").reindex(ids).reset_index()
         m.test = m.test.set_index("id").reindex(tids).reset_index()
         diff = m.oof["fold"].to_numpy() != first.oof["fold"].to_numpy()
         if diff.any():
             j = int(np.flatnonzero(diff)[0])
-            raise PipelineError(f"{path}: members {first.name} and {m.name} were trained on different folds "
-                                f"({int(diff.sum())} rows differ, e.g. id {ids[j]!r}: fold {first.oof['fold'][j]} vs {m.oof['fold'][j]}); "
-                                f"expected experiments that share one folds file")
+            raise PipelineError(
+                f"{path}: members {first.name} and {m.name} were trained on different folds "
+                f"({int(diff.sum())} rows differ, e.g. id {ids[j]!r}: fold {first.oof['fold'][j]} vs {m.oof['fold'][j]}); "
+                f"expected experiments that share one folds file"
+            )
         if (m.oof["target"].to_numpy() != first.oof["target"].to_numpy()).any():
-            raise PipelineError(f"{path}: members {first.name} and {m.name} disagree on training labels; expected the same training data")
+            raise PipelineError(
+                f"{path}: members {first.name} and {m.name} disagree on training labels; expected the same training data"
+            )
     return class_names
 
 
@@ -232,11 +253,17 @@ def check_members(members: list[Member], path: Path) -> list[str]:
 
 # ---- the stage -----------------------------------------------------------------------------
 
+
 def blend_inputs(ens: EnsembleConfig, cfg: Config, members: list[Member]) -> dict:
     """The keyword arguments every blender gets (each takes what it uses); for ``gbm`` the table's scalar
     features, in the members' row order (read here, so bad data fails before anything is written)."""
-    kw = {"stack_c": ens.stack_c, "metric": cfg.metric, "iterations": ens.iterations, "gbm": ens.gbm,
-          "member_names": [m.name for m in members]}
+    kw = {
+        "stack_c": ens.stack_c,
+        "metric": cfg.metric,
+        "iterations": ens.iterations,
+        "gbm": ens.gbm,
+        "member_names": [m.name for m in members],
+    }
     if ens.method == "gbm" and ens.gbm.scalars:
         from pipeline.ensemble.scalars import scalars_for
 
@@ -246,8 +273,9 @@ def blend_inputs(ens: EnsembleConfig, cfg: Config, members: list[Member]) -> dic
     return kw
 
 
-def fold_blends(ens: EnsembleConfig, members: list[Member], class_names: list[str], y: np.ndarray, folds: np.ndarray,
-                kw: dict) -> dict[int, np.ndarray] | None:
+def fold_blends(
+    ens: EnsembleConfig, members: list[Member], class_names: list[str], y: np.ndarray, folds: np.ndarray, kw: dict
+) -> dict[int, np.ndarray] | None:
     """Fold k's test prediction of the ensemble, for each fold: the members' fold-k models' own test
     predictions (``test_pred_fold<k>.csv``), blended by the method fitted on the other folds' OOF rows. No
     input saw fold k's validation labels, so it may label fold k's pseudo rows (pipeline/train/pseudo.py). Raw
@@ -258,18 +286,24 @@ def fold_blends(ens: EnsembleConfig, members: list[Member], class_names: list[st
     for m in members:
         stale = stale_predictions(m.run)
         if stale:
-            log.info(f"note: {stale}; this ensemble keeps no per-fold test predictions (rerun `pipeline predict` for {m.name})")
+            log.info(
+                f"note: {stale}; this ensemble keeps no per-fold test predictions (rerun `pipeline predict` for {m.name})"
+            )
             return None
         missing = next((m.run.test_pred_fold(k) for k in ks if not m.run.test_pred_fold(k).is_file()), None)
         if missing is not None:
-            log.info(f"note: member {m.name} has no {missing.name}; this ensemble keeps no per-fold test predictions "
-                     f"and cannot be a pseudo-label source (rerun that member's `pipeline predict`)")
+            log.info(
+                f"note: member {m.name} has no {missing.name}; this ensemble keeps no per-fold test predictions "
+                f"and cannot be a pseudo-label source (rerun that member's `pipeline predict`)"
+            )
             return None
     ids, tids = members[0].oof["id"], members[0].test["id"]
     oof = np.stack([m.raw_probs(m.oof_path, "oof", ids, class_names) for m in members])
     test = np.stack([m.raw_probs(m.test_path, "test", tids, class_names) for m in members])
     try:  # optional files: a bad one costs the per-fold blends, not the blend
-        fold_tests = {k: np.stack([m.raw_probs(m.run.test_pred_fold(k), "test", tids, class_names) for m in members]) for k in ks}
+        fold_tests = {
+            k: np.stack([m.raw_probs(m.run.test_pred_fold(k), "test", tids, class_names) for m in members]) for k in ks
+        }
     except PipelineError as e:
         log.info(f"note: {e}; this ensemble keeps no per-fold test predictions and cannot be a pseudo-label source")
         return None
@@ -278,30 +312,52 @@ def fold_blends(ens: EnsembleConfig, members: list[Member], class_names: list[st
     return details["fold_test"]
 
 
-def _report_blend(ens: EnsembleConfig, metric: str, names: list[str], weights, details: dict, s: float, ll: float,
-                  best_name: str, best: float) -> None:
+def _report_blend(
+    ens: EnsembleConfig,
+    metric: str,
+    names: list[str],
+    weights,
+    details: dict,
+    s: float,
+    ll: float,
+    best_name: str,
+    best: float,
+) -> None:
     """The blend's lines: its (nested) OOF score beside the best member's, what it chose, and a warning
     when it does not beat that member."""
     nested = ens.method in NESTED
     how = " (fitted on the other folds: nested)" if nested else ""
-    log.info(f"blend  {ens.name} ({ens.method}){how}: OOF {fmt_scores(metric, s, ll)}; best member {best_name}: {metric} {best:.4f}")
+    log.info(
+        f"blend  {ens.name} ({ens.method}){how}: OOF {fmt_scores(metric, s, ll)}; best member {best_name}: {metric} {best:.4f}"
+    )
     if "in_sample_score" in details:
-        log.info(f"in-sample {metric} {details['in_sample_score']:.4f} (selected and scored on all rows: optimistic), "
-                 f"nested {s:.4f}")
+        log.info(
+            f"in-sample {metric} {details['in_sample_score']:.4f} (selected and scored on all rows: optimistic), "
+            f"nested {s:.4f}"
+        )
     if ens.method == "hillclimb":
         log.info("chosen: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights) if w > 0))
     elif weights is not None:
         log.info("weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights)))
     if "best_iterations" in details:
-        log.info(f"gbm: best rounds per fold {list(details['best_iterations'].values())}, test model {details['test_rounds']} "
-                 f"rounds on {len(details['feature_names'])} features ({', '.join(details['feature_names'])})")
+        log.info(
+            f"gbm: best rounds per fold {list(details['best_iterations'].values())}, test model {details['test_rounds']} "
+            f"rounds on {len(details['feature_names'])} features ({', '.join(details['feature_names'])})"
+        )
     if not (s > best if GREATER_IS_BETTER[metric] else s < best):
-        log.info(f"warning: the blend's OOF {metric} {s:.4f}{' (nested)' if nested else ''} is not better than the best "
-                 f"member's ({best_name}: {best:.4f})")
+        log.info(
+            f"warning: the blend's OOF {metric} {s:.4f}{' (nested)' if nested else ''} is not better than the best "
+            f"member's ({best_name}: {best:.4f})"
+        )
 
 
-def run_ensemble(path: str | Path, overrides: list[str] | None = None, *, ens: EnsembleConfig | None = None,
-                 cfg: Config | None = None) -> Path:
+def run_ensemble(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    ens: EnsembleConfig | None = None,
+    cfg: Config | None = None,
+) -> Path:
     """Blend the members, print member and blend OOF scores, write runs/<comp>/<name>/ and a submission.
 
     ``ens`` and ``cfg`` given (``pipeline zoo``): that blend, built in memory with its name set; ``path`` is
@@ -313,7 +369,9 @@ def run_ensemble(path: str | Path, overrides: list[str] | None = None, *, ens: E
     ens, cfg = (ens, cfg) if ens is not None and cfg is not None else load_ensemble(path, overrides)
     out = RunDir.named(cfg, ens.name)
     if out.snapshot("train").exists():
-        raise PipelineError(f"{path}: name {ens.name!r} is a trained experiment in {out}; give the ensemble another name")
+        raise PipelineError(
+            f"{path}: name {ens.name!r} is a trained experiment in {out}; give the ensemble another name"
+        )
     runs_root = cfg.run_dir.parent.parent
     members = [load_member(e, i, path, ens.competition, runs_root) for i, e in enumerate(ens.members)]
     names = [m.name for m in members]
@@ -324,8 +382,10 @@ def run_ensemble(path: str | Path, overrides: list[str] | None = None, *, ens: E
     for m in members:  # weights fitted on plain OOF then applied to TTA test predictions do not match
         tta = m.info.get("tta") or ["identity"]
         if tta != ["identity"] and m.info.get("oof", "oof.csv") == "oof.csv":
-            log.info(f"warning: member {m.name}'s test predictions use TTA {tta} but its OOF does not; "
-                 f"set predict.tta_oof=true and rerun its `pipeline predict` so the blend compares like with like")
+            log.info(
+                f"warning: member {m.name}'s test predictions use TTA {tta} but its OOF does not; "
+                f"set predict.tta_oof=true and rerun its `pipeline predict` so the blend compares like with like"
+            )
     first = members[0]
     y, folds = first.oof["target"].to_numpy(int), first.oof["fold"].to_numpy(int)
     oof = np.stack([m.oof_probs(class_names) for m in members])
@@ -350,18 +410,33 @@ def run_ensemble(path: str | Path, overrides: list[str] | None = None, *, ens: E
 
     fold_test = fold_blends(ens, members, class_names, y, folds, kw)
 
-    hashes = {m.name: {"train": m.run.snapshot_hash("train"), "predict": m.run.snapshot_hash("predict")} for m in members}
-    info = {"experiments": names, "weights": weights, "method": ens.method, "metric": metric, "oof_score": s,
-            "oof_nested": ens.method in NESTED, "oof_logloss": ll, "oof_logloss_clipped": ll_clip, "clip": list(clip) if clip else None,
-            "best_member": {"name": best_name, "oof_score": member_scores[best_name]["value"]}, "details": details,
-            "member_scores": {n: {"oof_score": v["value"], "oof_logloss": v["ll"]} for n, v in member_scores.items()},
-            "members": [str(m.run_dir) for m in members], "config_hashes": hashes,
-            "test_pred_folds": [out.test_pred_fold(k).name for k in fold_test] if fold_test else [],
-            "ensemble_file": str(path)}
+    hashes = {
+        m.name: {"train": m.run.snapshot_hash("train"), "predict": m.run.snapshot_hash("predict")} for m in members
+    }
+    info = {
+        "experiments": names,
+        "weights": weights,
+        "method": ens.method,
+        "metric": metric,
+        "oof_score": s,
+        "oof_nested": ens.method in NESTED,
+        "oof_logloss": ll,
+        "oof_logloss_clipped": ll_clip,
+        "clip": list(clip) if clip else None,
+        "best_member": {"name": best_name, "oof_score": member_scores[best_name]["value"]},
+        "details": details,
+        "member_scores": {n: {"oof_score": v["value"], "oof_logloss": v["ll"]} for n, v in member_scores.items()},
+        "members": [str(m.run_dir) for m in members],
+        "config_hashes": hashes,
+        "test_pred_folds": [out.test_pred_fold(k).name for k in fold_test] if fold_test else [],
+        "ensemble_file": str(path),
+    }
     # All or nothing: the blend's files are staged and checked, then the submission is written, then
     # the files move into place, ensemble.json (what marks the folder an ensemble) last.
     with out.staged("ensemble") as stage:
-        write_predictions(stage.path(out.oof), pred_frame(first.oof["id"], blend_oof, class_names, fold=folds, target=y), "oof")
+        write_predictions(
+            stage.path(out.oof), pred_frame(first.oof["id"], blend_oof, class_names, fold=folds, target=y), "oof"
+        )
         test_path = stage.path(out.test_pred)
         write_predictions(test_path, pred_frame(first.test["id"], blend_test, class_names), "test")
         for k, p in (fold_test or {}).items():  # fold k's own: a pseudo-label source's labels for fold k
@@ -371,6 +446,8 @@ def run_ensemble(path: str | Path, overrides: list[str] | None = None, *, ens: E
                 stage.remove(p)  # an earlier blend's
         blend = read_predictions(test_path, "test", class_names=class_names, hint=f"pipeline ensemble {path}")
         atomic_write_json(stage.path(out.ensemble_json), info)
-        sub = write_submission(cfg, blend["id"].to_numpy(), clip_probs(probs_of(blend, class_names), clip), class_names, ens.name, info)
+        sub = write_submission(
+            cfg, blend["id"].to_numpy(), clip_probs(probs_of(blend, class_names), clip), class_names, ens.name, info
+        )
         stage.undo(lambda: remove_submission(sub))
     return sub

@@ -7,7 +7,7 @@ own blend of the members' fold-k test predictions.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 from pydantic import Field
@@ -30,11 +30,18 @@ class GbmConfig(Section):
     min_data_in_leaf: int = Field(5, ge=1, le=1_000_000)
     learning_rate: float = Field(0.05, gt=0, le=1)
     rounds: int = Field(500, ge=1, le=100_000, description="most boosting rounds; early stopping usually stops sooner")
-    early_stopping: int = Field(50, ge=1, le=100_000, description="rounds without a better inner-split log-loss before stopping")
-    valid_share: float = Field(0.2, gt=0, lt=1, description="share of each fit's rows held out (stratified) to early-stop on")
+    early_stopping: int = Field(
+        50, ge=1, le=100_000, description="rounds without a better inner-split log-loss before stopping"
+    )
+    valid_share: float = Field(
+        0.2, gt=0, lt=1, description="share of each fit's rows held out (stratified) to early-stop on"
+    )
     lambda_l2: float = Field(1.0, ge=0)
     feature_fraction: float = Field(1.0, gt=0, le=1)
-    scalars: bool = Field(True, description="add the table's scalar features (pipeline/ensemble/scalars.py); false: the members' predictions only")
+    scalars: bool = Field(
+        True,
+        description="add the table's scalar features (pipeline/ensemble/scalars.py); false: the members' predictions only",
+    )
     seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
@@ -107,8 +114,14 @@ def optimise_weights(p: np.ndarray, y: np.ndarray) -> np.ndarray:
         q = np.tensordot(w, p, 1)
         return -np.mean(np.log(np.clip(q[rows, y] / q.sum(1), EPS, 1)))
 
-    res = minimize(loss, np.full(m, 1 / m), method="SLSQP", bounds=[(0, 1)] * m,
-                   constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}], options={"ftol": 1e-12, "maxiter": 500})
+    res = minimize(
+        loss,
+        np.full(m, 1 / m),
+        method="SLSQP",
+        bounds=[(0, 1)] * m,
+        constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
+        options={"ftol": 1e-12, "maxiter": 500},
+    )
     w = np.clip(res.x, 0, None)
     return w / w.sum()
 
@@ -185,8 +198,17 @@ def hillclimb_weights(p: np.ndarray, y: np.ndarray, metric: str = "logloss", ite
     return best_counts / best_counts.sum()
 
 
-def blend_hillclimb(oof, test, y, folds, metric: str = "logloss", iterations: int = 50, details: dict | None = None,
-                    fold_tests=None, **_):
+def blend_hillclimb(
+    oof,
+    test,
+    y,
+    folds,
+    metric: str = "logloss",
+    iterations: int = 50,
+    details: dict | None = None,
+    fold_tests=None,
+    **_,
+):
     """Ensemble selection fitted fold by fold (nested OOF); ``details`` (if given) gets each fold's weights
     and the in-sample score of the selection on all rows."""
     out = np.empty(oof.shape[1:])
@@ -199,24 +221,38 @@ def blend_hillclimb(oof, test, y, folds, metric: str = "logloss", iterations: in
         _fold_test(details, fold_tests, k, lambda p: np.tensordot(w, p, 1))
     w = hillclimb_weights(oof, y, metric, iterations)
     if details is not None:
-        details.update(iterations=iterations, fold_weights=per_fold,
-                       in_sample_score=score(metric, y, np.tensordot(w, oof, 1)))
+        details.update(
+            iterations=iterations, fold_weights=per_fold, in_sample_score=score(metric, y, np.tensordot(w, oof, 1))
+        )
     return out, np.tensordot(w, test, 1), w.tolist()
 
 
 # ---- gbm: LightGBM over the members' predictions and the table's scalar features --------------
 
-def gbm_feature_names(m: int, k: int, member_names: list[str] | None = None, scalar_names: list[str] | None = None) -> list[str]:
+
+def gbm_feature_names(
+    m: int, k: int, member_names: list[str] | None = None, scalar_names: list[str] | None = None
+) -> list[str]:
     """Column names of ``stack_features`` for ``m`` members of ``k`` classes, then the scalar features."""
     names = member_names or [f"m{i}" for i in range(m)]
     return build_task(k).stack_names(names, k) + list(scalar_names or [])
 
 
 def _gbm_params(k: int, s: GbmConfig) -> dict:
-    return {**build_task(k).gbm_params(k), "num_leaves": s.num_leaves, "min_data_in_leaf": s.min_data_in_leaf,
-            "learning_rate": s.learning_rate, "lambda_l2": s.lambda_l2, "feature_fraction": s.feature_fraction, "seed": s.seed,
-            # same inputs, same trees: one thread and LightGBM's deterministic mode
-            "deterministic": True, "force_row_wise": True, "num_threads": 1, "verbose": -1}
+    return {
+        **build_task(k).gbm_params(k),
+        "num_leaves": s.num_leaves,
+        "min_data_in_leaf": s.min_data_in_leaf,
+        "learning_rate": s.learning_rate,
+        "lambda_l2": s.lambda_l2,
+        "feature_fraction": s.feature_fraction,
+        "seed": s.seed,
+        # same inputs, same trees: one thread and LightGBM's deterministic mode
+        "deterministic": True,
+        "force_row_wise": True,
+        "num_threads": 1,
+        "verbose": -1,
+    }
 
 
 def _inner_split(y: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -238,8 +274,13 @@ def gbm_fit(x: np.ndarray, y: np.ndarray, k: int, s: GbmConfig, rounds: int | No
         return lgb.train(params, lgb.Dataset(x, y), num_boost_round=rounds), rounds
     fit, stop = _inner_split(y, s.valid_share, s.seed)
     train = lgb.Dataset(x[fit], y[fit])
-    booster = lgb.train(params, train, num_boost_round=s.rounds, valid_sets=[lgb.Dataset(x[stop], y[stop], reference=train)],
-                        callbacks=[lgb.early_stopping(s.early_stopping, verbose=False)])
+    booster = lgb.train(
+        params,
+        train,
+        num_boost_round=s.rounds,
+        valid_sets=[lgb.Dataset(x[stop], y[stop], reference=train)],
+        callbacks=[lgb.early_stopping(s.early_stopping, verbose=False)],
+    )
     return booster, int(booster.best_iteration or s.rounds)
 
 
@@ -247,9 +288,19 @@ def gbm_predict(booster, x: np.ndarray, rounds: int, k: int) -> np.ndarray:
     return _normalise(np.clip(build_task(k).gbm_probs(booster.predict(x, num_iteration=rounds)), EPS, 1))
 
 
-def blend_gbm(oof, test, y, folds, gbm: GbmConfig | dict | None = None, scalars: tuple[np.ndarray, np.ndarray] | None = None,
-              scalar_names: list[str] | None = None, member_names: list[str] | None = None, details: dict | None = None,
-              fold_tests=None, **_):
+def blend_gbm(
+    oof,
+    test,
+    y,
+    folds,
+    gbm: GbmConfig | dict | None = None,
+    scalars: tuple[np.ndarray, np.ndarray] | None = None,
+    scalar_names: list[str] | None = None,
+    member_names: list[str] | None = None,
+    details: dict | None = None,
+    fold_tests=None,
+    **_,
+):
     """LightGBM on ``stack_features`` plus ``scalars`` (train rows, test rows), fitted fold by fold: fold k
     is predicted by a model that never saw its rows; the test model is fitted on all rows for the median of
     the folds' early-stopped rounds. ``gbm``: GbmConfig or a dict of its keys."""
@@ -273,13 +324,25 @@ def blend_gbm(oof, test, y, folds, gbm: GbmConfig | dict | None = None, scalars:
     if details is not None:
         names = gbm_feature_names(oof.shape[0], k, member_names, scalar_names if scalars is not None else None)
         gain = booster.feature_importance("gain")
-        details.update(best_iterations=best, test_rounds=rounds, feature_names=names, settings=s.model_dump(),
-                       importance_gain={n: round(float(g), 4) for n, g in zip(names, gain)})
+        details.update(
+            best_iterations=best,
+            test_rounds=rounds,
+            feature_names=names,
+            settings=s.model_dump(),
+            importance_gain={n: round(float(g), 4) for n, g in zip(names, gain)},
+        )
     return out, gbm_predict(booster, xt, rounds, k), None
 
 
-for _name, _blend in (("mean", blend_mean), ("geometric", blend_geometric), ("rank", blend_rank), ("weights", blend_weights),
-                     ("stack", blend_stack), ("hillclimb", blend_hillclimb), ("gbm", blend_gbm)):
+for _name, _blend in (
+    ("mean", blend_mean),
+    ("geometric", blend_geometric),
+    ("rank", blend_rank),
+    ("weights", blend_weights),
+    ("stack", blend_stack),
+    ("hillclimb", blend_hillclimb),
+    ("gbm", blend_gbm),
+):
     BLENDERS.register(_name, _blend)
 NESTED = ("weights", "stack", "hillclimb", "gbm")  # fitted on the other folds' OOF rows: their OOF score is nested
 
@@ -288,5 +351,3 @@ def build_blender(method: str) -> Callable:
     if method not in BLENDERS:
         raise PipelineError(f"method: {BLENDERS.unknown(method)}")
     return BLENDERS.get(method)
-
-

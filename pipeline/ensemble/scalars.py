@@ -10,6 +10,7 @@ One owner, so a benchmark or a notebook computes the same columns the ensemble f
 - every other format (pixel_csv, image_folder, ...): the table's own scalar features if it has any,
   then per channel mean and std, in the pixels' own scale.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -31,12 +32,14 @@ def _channel_stats(images: np.ndarray, stats: tuple[str, ...]) -> np.ndarray:
     fns = {"min": np.min, "max": np.max, "mean": np.mean, "std": np.std}
     out = []
     for s in range(0, len(images), CHUNK):
-        flat = np.asarray(images[s:s + CHUNK], dtype=np.float64).reshape(min(CHUNK, len(images) - s), images.shape[1], -1)
+        flat = np.asarray(images[s : s + CHUNK], dtype=np.float64).reshape(
+            min(CHUNK, len(images) - s), images.shape[1], -1
+        )
         out.append(np.stack([fns[name](flat, axis=2) for name in stats], -1))
     return np.concatenate(out)
 
 
-def table_scalars(table: "Table", fmt: str) -> tuple[np.ndarray, list[str]]:
+def table_scalars(table: Table, fmt: str) -> tuple[np.ndarray, list[str]]:
     """(N, F) float64 scalar features of ``table`` read by format ``fmt``, and their names."""
     parts, names = [], []
     if table.features is not None:
@@ -59,7 +62,7 @@ def table_scalars(table: "Table", fmt: str) -> tuple[np.ndarray, list[str]]:
     return np.concatenate(parts, 1), names
 
 
-def scalars_for(cfg: "Config", split: str, ids) -> tuple[np.ndarray, list[str]]:
+def scalars_for(cfg: Config, split: str, ids) -> tuple[np.ndarray, list[str]]:
     """The split's scalar features (``table_scalars``) in the row order of ``ids`` (e.g. an OOF file's);
     an id the data does not hold is one line naming it."""
     import pandas as pd
@@ -71,6 +74,8 @@ def scalars_for(cfg: "Config", split: str, ids) -> tuple[np.ndarray, list[str]]:
     pos = pd.Index(table.ids.astype(str)).get_indexer(pd.Index(np.asarray(ids).astype(str)))
     if (pos < 0).any():
         missing = [str(i) for i in np.asarray(ids)[pos < 0]]
-        raise PipelineError(f"{cfg.data.dir}: the {split} data has no row for id {missing[0]!r} ({len(missing)} ids missing) "
-                            f"that the predictions name; expected predictions of this data")
+        raise PipelineError(
+            f"{cfg.data.dir}: the {split} data has no row for id {missing[0]!r} ({len(missing)} ids missing) "
+            f"that the predictions name; expected predictions of this data"
+        )
     return x[pos], names

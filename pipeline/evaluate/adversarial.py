@@ -15,6 +15,7 @@ evaluate reports beside the plain one: the metric on the most test-like fifth of
 log-loss / accuracy importance-weighted by p/(1-p) (the test/train density ratio, as the
 classifier's classes are balanced).
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,9 +28,9 @@ from pipeline.config.schema import Config
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_csv, atomic_write_json, staged
 from pipeline.core.metrics import METRICS
-from pipeline.runs.layout import RunDir
 from pipeline.data.shift import Embedding, duplicate_pairs, shift_scores
 from pipeline.data.table import Table
+from pipeline.runs.layout import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +58,34 @@ def analyse(cfg: Config, train: Table, test: Table) -> tuple[dict, np.ndarray]:
     top = np.argsort(-p_train, kind="stable")[: acfg.top_k]
     names = np.asarray(train.class_names, dtype=object)
     record = {
-        "competition": cfg.competition, "experiment": cfg.name, "auc": auc, "verdict": verdict(auc),
-        "n_train": n, "n_test": len(test), "embedding": emb.parts, "backbone_weights": emb.backbone_source,
+        "competition": cfg.competition,
+        "experiment": cfg.name,
+        "auc": auc,
+        "verdict": verdict(auc),
+        "n_train": n,
+        "n_test": len(test),
+        "embedding": emb.parts,
+        "backbone_weights": emb.backbone_source,
         "classifier": f"standardise, PCA (at most 32 components), logistic regression (C 0.1, balanced classes), "
-                      f"{acfg.n_splits}-fold CV, seed {acfg.seed}",
-        "p_test_train": {"mean": float(p_train.mean()), "test_mean": float(p[n:].mean()),  # train rows' and test rows' mean
-                         "quantiles": {str(q): float(v) for q, v in zip((0.5, 0.8, 0.95), np.quantile(p_train, (0.5, 0.8, 0.95)))},
-                         "histogram": {"edges": np.round(edges, 6).tolist(), "train": counts.tolist(),
-                                       "test": np.histogram(p[n:], bins=HIST_BINS, range=(0, 1))[0].tolist()}},
-        "top_test_like": [{"id": str(train.ids[i]), "p_test": float(p_train[i]),
-                           "label": str(names[train.labels[i]]) if train.labels is not None else None} for i in top],
+        f"{acfg.n_splits}-fold CV, seed {acfg.seed}",
+        "p_test_train": {
+            "mean": float(p_train.mean()),
+            "test_mean": float(p[n:].mean()),  # train rows' and test rows' mean
+            "quantiles": {str(q): float(v) for q, v in zip((0.5, 0.8, 0.95), np.quantile(p_train, (0.5, 0.8, 0.95)))},
+            "histogram": {
+                "edges": np.round(edges, 6).tolist(),
+                "train": counts.tolist(),
+                "test": np.histogram(p[n:], bins=HIST_BINS, range=(0, 1))[0].tolist(),
+            },
+        },
+        "top_test_like": [
+            {
+                "id": str(train.ids[i]),
+                "p_test": float(p_train[i]),
+                "label": str(names[train.labels[i]]) if train.labels is not None else None,
+            }
+            for i in top
+        ],
         "duplicates": _pairs(emb, train, test, acfg),
     }
     return record, p_train
@@ -77,18 +96,32 @@ def _pairs(emb: Embedding, train: Table, test: Table, acfg) -> dict:
     names = np.asarray(train.class_names, dtype=object)
 
     def rows(pairs):
-        return [{"train_id": str(train.ids[i]), "test_id": str(test.ids[j]), "similarity": s,
-                 "train_label": str(names[train.labels[i]]) if train.labels is not None else None} for i, j, s in pairs]
+        return [
+            {
+                "train_id": str(train.ids[i]),
+                "test_id": str(test.ids[j]),
+                "similarity": s,
+                "train_label": str(names[train.labels[i]]) if train.labels is not None else None,
+            }
+            for i, j, s in pairs
+        ]
 
-    return {"near_threshold": acfg.near_threshold, "n_exact": d["n_exact"], "n_near": d["n_near"],
-            "exact": rows(d["exact"]), "near": rows(d["near"])}
+    return {
+        "near_threshold": acfg.near_threshold,
+        "n_exact": d["n_exact"],
+        "n_near": d["n_near"],
+        "exact": rows(d["exact"]),
+        "near": rows(d["near"]),
+    }
 
 
 def write_artifacts(cfg: Config, record: dict, train: Table, p_train: np.ndarray) -> None:
     """adversarial.json and adversarial_scores.csv, both or neither."""
     run = RunDir.of(cfg)
     with staged(run.path, last=[run.adversarial_json]) as stage:
-        atomic_write_csv(stage.path(run.adversarial_scores), pd.DataFrame({"id": train.ids, "p_test": np.round(p_train, 6)}))
+        atomic_write_csv(
+            stage.path(run.adversarial_scores), pd.DataFrame({"id": train.ids, "p_test": np.round(p_train, 6)})
+        )
         atomic_write_json(stage.path(run.adversarial_json), record)
 
 
@@ -115,10 +148,12 @@ def adversarial(cfg: Config, train: Table | None = None, test: Table | None = No
 def summary(r: dict) -> str:
     d = r["duplicates"]
     top = ", ".join(f"{t['id']} ({t['p_test']:.2f})" for t in r["top_test_like"][:5])
-    return (f"adversarial validation: train vs test ROC AUC {r['auc']:.3f} ({r['verdict']}); "
-            f"{r['n_train']} train and {r['n_test']} test rows on {'; '.join(r['embedding'])}\n"
-            f"  most test-like train rows: {top}\n"
-            f"  duplicates: {d['n_exact']} exact and {d['n_near']} near (cosine >= {d['near_threshold']}) train/test pairs")
+    return (
+        f"adversarial validation: train vs test ROC AUC {r['auc']:.3f} ({r['verdict']}); "
+        f"{r['n_train']} train and {r['n_test']} test rows on {'; '.join(r['embedding'])}\n"
+        f"  most test-like train rows: {top}\n"
+        f"  duplicates: {d['n_exact']} exact and {d['n_near']} near (cosine >= {d['near_threshold']}) train/test pairs"
+    )
 
 
 def validation_scores(y: np.ndarray, probs: np.ndarray, p_test: np.ndarray, metric: str, eps: float) -> dict:
@@ -134,11 +169,19 @@ def validation_scores(y: np.ndarray, probs: np.ndarray, p_test: np.ndarray, metr
     q = np.clip(p_test, *WEIGHT_CLIP)
     w = q / (1 - q)
     pk = np.clip(probs[np.arange(n), y], eps, 1)
-    weighted = {"logloss": float(np.average(-np.log(pk), weights=w)),
-                "accuracy": float(np.average(probs.argmax(1) == y, weights=w)),
-                "n_eff": float(w.sum() ** 2 / (w ** 2).sum())}
-    return {"metric": metric, "top_share": TOP_SHARE, "n_top": int(k), "top": top_scores,
-            "headline_top": top_scores.get(metric), "weighted": weighted}
+    weighted = {
+        "logloss": float(np.average(-np.log(pk), weights=w)),
+        "accuracy": float(np.average(probs.argmax(1) == y, weights=w)),
+        "n_eff": float(w.sum() ** 2 / (w**2).sum()),
+    }
+    return {
+        "metric": metric,
+        "top_share": TOP_SHARE,
+        "n_top": int(k),
+        "top": top_scores,
+        "headline_top": top_scores.get(metric),
+        "weighted": weighted,
+    }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,9 +208,14 @@ def for_evaluate(cfg: Config, train: Table, y: np.ndarray, probs: np.ndarray) ->
         return EvaluateShift(metrics={"skipped": str(e)})
     write_artifacts(cfg, record, train, p_train)
     d = record["duplicates"]
-    m = {"auc": record["auc"], "verdict": record["verdict"], "embedding": record["embedding"],
-         "n_exact_duplicates": d["n_exact"], "n_near_duplicates": d["n_near"],
-         "validation": validation_scores(y, probs, p_train, cfg.metric, cfg.evaluate.eps),
-         "file": str(RunDir.of(cfg).adversarial_json)}
+    m = {
+        "auc": record["auc"],
+        "verdict": record["verdict"],
+        "embedding": record["embedding"],
+        "n_exact_duplicates": d["n_exact"],
+        "n_near_duplicates": d["n_near"],
+        "validation": validation_scores(y, probs, p_train, cfg.metric, cfg.evaluate.eps),
+        "file": str(RunDir.of(cfg).adversarial_json),
+    }
     log.info(summary(record))
     return EvaluateShift(metrics=m, record=record, p_train=p_train, test=test)

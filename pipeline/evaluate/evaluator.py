@@ -28,6 +28,7 @@ Binary tasks: the positive class is class index 1 (``iceberg`` for the Statoil d
 recall and f1 are the positive class's. Multiclass: those three are macro averages (every class
 counts the same, like Kaggle's macro-F1), and ``*_weighted`` weigh classes by their support.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,15 +39,22 @@ import numpy as np
 import pandas as pd
 from sklearn import metrics as skm
 
-from pipeline.tasks.calibration import calibrate, confidence_gap, ece
 from pipeline.config.schema import Config
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json
 from pipeline.core.metrics import METRICS, cv_std, logloss
-from pipeline.runs.predictions import check_oof_against_data, class_names_of, csv_line, probs_of, read_predictions, write_predictions
 from pipeline.runs.layout import RunDir
-from pipeline.tasks import build_task
+from pipeline.runs.predictions import (
+    check_oof_against_data,
+    class_names_of,
+    csv_line,
+    probs_of,
+    read_predictions,
+    write_predictions,
+)
 from pipeline.runs.records import read_metrics
+from pipeline.tasks import build_task
+from pipeline.tasks.calibration import calibrate, confidence_gap, ece
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +74,10 @@ def greater_is_better(name: str) -> bool:
 
 # ---- metrics ---------------------------------------------------------------------------
 
-def classification_metrics(y: np.ndarray, probs: np.ndarray, eps: float = 1e-15, n_bins: int = 10,
-                           class_names: list[str] | None = None) -> dict:
+
+def classification_metrics(
+    y: np.ndarray, probs: np.ndarray, eps: float = 1e-15, n_bins: int = 10, class_names: list[str] | None = None
+) -> dict:
     """Every figure of one set of predictions: each registered metric, and scikit-learn's others."""
     k = probs.shape[1]
     labels = np.arange(k)
@@ -84,8 +94,10 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray, eps: float = 1e-15,
     m["confusion_matrix_normalized"] = skm.confusion_matrix(y, pred, labels=labels, normalize="true").tolist()
     names = class_names or [str(c) for c in labels]
     p, r, f, s = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
-    m["per_class"] = {names[c]: {"precision": float(p[c]), "recall": float(r[c]), "f1": float(f[c]), "support": int(s[c])}
-                      for c in labels}
+    m["per_class"] = {
+        names[c]: {"precision": float(p[c]), "recall": float(r[c]), "f1": float(f[c]), "support": int(s[c])}
+        for c in labels
+    }
     return m
 
 
@@ -108,11 +120,14 @@ def _check_trained_config(cfg: Config, run: RunDir) -> None:
     """oof.csv must come from this config's training sections (else its figures describe another model)."""
     have, want = run.snapshot_hash("train"), run.train_hash
     if have is not None and have != want:
-        raise PipelineError(f"{run.snapshot('train')}: oof.csv was trained under another config (train hash {have}, this config {want}); "
-                            f"rerun `pipeline train {cfg.path}` or evaluate with the overrides it was trained with")
+        raise PipelineError(
+            f"{run.snapshot('train')}: oof.csv was trained under another config (train hash {have}, this config {want}); "
+            f"rerun `pipeline train {cfg.path}` or evaluate with the overrides it was trained with"
+        )
 
 
 # ---- the stage -------------------------------------------------------------------------
+
 
 def _clean(obj):
     """JSON-safe: numpy scalars to Python, NaN/inf to null."""
@@ -133,24 +148,43 @@ def _calibration(cfg: Config, y, probs, fold) -> tuple[dict, dict, np.ndarray | 
 
     ev, task = cfg.evaluate, build_task(probs.shape[1])
     if not ev.calibrate or "temperature" not in task.calibrations:
-        return {"temperature": 1.0, "kept": False, "skipped": True}, {"skipped": True, "temperature": 1.0, "kept": False}, None
+        return (
+            {"temperature": 1.0, "kept": False, "skipped": True},
+            {"skipped": True, "temperature": 1.0, "kept": False},
+            None,
+        )
     # the shrink toward the prior guards a log-loss against confident mistakes; other metrics do not score it
-    summary, cal_probs = calibrate(y, probs, fold, ev.eps, ev.n_bins, shrink=is_logloss(cfg.metric) and "shrink" in task.calibrations)
-    calib = {k: summary[k] for k in ("temperature", "kept", "nested_logloss", "raw_logloss", "in_sample_logloss", "fold_temperatures")}
+    summary, cal_probs = calibrate(
+        y, probs, fold, ev.eps, ev.n_bins, shrink=is_logloss(cfg.metric) and "shrink" in task.calibrations
+    )
+    calib = {
+        k: summary[k]
+        for k in ("temperature", "kept", "nested_logloss", "raw_logloss", "in_sample_logloss", "fold_temperatures")
+    }
     if "shrink" in summary:
         calib["shrink"] = summary["shrink"]
     per_fold = []
     for k in np.unique(fold):
         m = fold == k
-        per_fold.append({"fold": int(k), "n": int(m.sum()), "logloss": logloss(y[m], cal_probs[m], ev.eps),
-                         "ece": ece(y[m], cal_probs[m], ev.n_bins), "raw_ece": ece(y[m], probs[m], ev.n_bins),
-                         "confidence_gap": confidence_gap(y[m], cal_probs[m]), "raw_confidence_gap": confidence_gap(y[m], probs[m])})
+        per_fold.append(
+            {
+                "fold": int(k),
+                "n": int(m.sum()),
+                "logloss": logloss(y[m], cal_probs[m], ev.eps),
+                "ece": ece(y[m], cal_probs[m], ev.n_bins),
+                "raw_ece": ece(y[m], probs[m], ev.n_bins),
+                "confidence_gap": confidence_gap(y[m], cal_probs[m]),
+                "raw_confidence_gap": confidence_gap(y[m], probs[m]),
+            }
+        )
     # honest calibrated figures: every fold calibrated by what was fitted on the other folds
     metrics = {**summary, "logloss": summary["calibrated_logloss"], "ece": summary["calibrated_ece"], "folds": per_fold}
     return calib, metrics, cal_probs
 
 
-def _oof_to_score(cfg: Config, run: RunDir, stage, table, fold_of, df: pd.DataFrame) -> tuple[pd.DataFrame, Path, dict | None, dict | None]:
+def _oof_to_score(
+    cfg: Config, run: RunDir, stage, table, fold_of, df: pd.DataFrame
+) -> tuple[pd.DataFrame, Path, dict | None, dict | None]:
     """The OOF the submission is made like: oof.csv, or with TTA on and ``predict.tta_oof`` the TTA OOF,
     written into ``stage`` as oof_tta.csv and read back (what predict and blends will read). Returns
     (frame, its final path, oof.csv's own scores when they differ, the affine views' check or None).
@@ -169,8 +203,10 @@ def _oof_to_score(cfg: Config, run: RunDir, stage, table, fold_of, df: pd.DataFr
     y, names = df["target"].to_numpy(), list(table.class_names)
     plain = probs_of(df, names)
     tta = resolve_tta(cfg)
-    log.info(f"evaluate {cfg.name}: OOF with predict.tta {tta}{' (auto)' if cfg.predict.tta == 'auto' else ''}, "
-             f"so the calibration is fitted on the kind of prediction the submission gets")
+    log.info(
+        f"evaluate {cfg.name}: OOF with predict.tta {tta}{' (auto)' if cfg.predict.tta == 'auto' else ''}, "
+        f"so the calibration is fitted on the kind of prediction the submission gets"
+    )
     views = [v for v in affine_tta(cfg.augment) if v in tta] if tta_auto(cfg) else []
     fewer = [n for n in tta if n not in views]
     if not views:
@@ -182,16 +218,25 @@ def _oof_to_score(cfg: Config, run: RunDir, stage, table, fold_of, df: pd.DataFr
     check = None
     if views:
         with_ll, without_ll = logloss(y, probs_of(frame, names)), logloss(y, probs_of(other, names))
-        check = {"views": views, "logloss_with": with_ll, "logloss_without": without_ll, "kept": bool(with_ll < without_ll),
-                 "tta": tta if with_ll < without_ll else fewer}
+        check = {
+            "views": views,
+            "logloss_with": with_ll,
+            "logloss_without": without_ll,
+            "kept": bool(with_ll < without_ll),
+            "tta": tta if with_ll < without_ll else fewer,
+        }
         if not check["kept"]:
             frame = other
     path = stage.path(run.oof_tta)
     write_predictions(path, frame, "oof", class_names=names)
     tta_df = read_predictions(path, "oof", class_names=names, hint=f"pipeline evaluate {cfg.path}")
     ev = cfg.evaluate
-    without = {"file": run.oof.name, cfg.metric: METRICS.get(cfg.metric)(y, plain, ev.eps), "logloss": logloss(y, plain, ev.eps),
-               "ece": ece(y, plain, ev.n_bins)}
+    without = {
+        "file": run.oof.name,
+        cfg.metric: METRICS.get(cfg.metric)(y, plain, ev.eps),
+        "logloss": logloss(y, plain, ev.eps),
+        "ece": ece(y, plain, ev.n_bins),
+    }
     return tta_df, run.oof_tta, without, check
 
 
@@ -208,7 +253,9 @@ def evaluate(cfg: Config, report: bool = True) -> dict:
 
     hint = f"pipeline train {cfg.path}"
     if not RunDir.of(cfg).oof.is_file():  # before reading the data: the common mistake answers at once
-        raise PipelineError(f"{RunDir.of(cfg).oof}: file not found; run `{hint}` first (evaluate scores its out-of-fold predictions)")
+        raise PipelineError(
+            f"{RunDir.of(cfg).oof}: file not found; run `{hint}` first (evaluate scores its out-of-fold predictions)"
+        )
     cfg = planned(cfg, create=False)  # the plan training made: its hash is the one trained under
     run = RunDir.of(cfg)
     _check_trained_config(cfg, run)
@@ -218,14 +265,23 @@ def evaluate(cfg: Config, report: bool = True) -> dict:
     df = read_predictions(run.oof, "oof", class_names=names, hint=hint)  # raw: the calibration is fitted here
     df = check_oof_against_data(run.oof, df, table.ids, table.labels, fold_of, names, cfg.folds_path, hint)
     ev = cfg.evaluate
-    with run.staged("evaluate") as stage:  # oof_tta.csv, calibration.json, metrics.json, then the done marker: all or nothing
+    with run.staged(
+        "evaluate"
+    ) as stage:  # oof_tta.csv, calibration.json, metrics.json, then the done marker: all or nothing
         df, oof_path, without, views = _oof_to_score(cfg, run, stage, table, fold_of, df)
         y, fold, probs = df["target"].to_numpy(), df["fold"].to_numpy(), probs_of(df, names)
         overall = classification_metrics(y, probs, ev.eps, ev.n_bins, names)
         folds, cv_mean, cv_std = fold_metrics(y, probs, fold, ev.eps, ev.n_bins, names)
-        metrics = {"competition": cfg.competition, "experiment": cfg.name, "metric": cfg.metric,
-                   "headline": overall[cfg.metric], "classes": names, "oof": str(oof_path),
-                   "tta": (views["tta"] if views else resolve_tta(cfg)) if uses_tta_oof(cfg) else ["identity"], **overall}
+        metrics = {
+            "competition": cfg.competition,
+            "experiment": cfg.name,
+            "metric": cfg.metric,
+            "headline": overall[cfg.metric],
+            "classes": names,
+            "oof": str(oof_path),
+            "tta": (views["tta"] if views else resolve_tta(cfg)) if uses_tta_oof(cfg) else ["identity"],
+            **overall,
+        }
         if without is not None:
             metrics["oof_without_tta"] = without
         if views is not None:
@@ -252,7 +308,9 @@ def evaluate(cfg: Config, report: bool = True) -> dict:
         atomic_write_json(stage.path(run.metrics_json), metrics)
         run.write_snapshot("evaluate", into=stage)
     log.info(summary_table(metrics))
-    log.info(f"wrote {run.metrics_json} and {run.calibration_json}" + (f" and {run.oof_tta}" if without is not None else ""))
+    log.info(
+        f"wrote {run.metrics_json} and {run.calibration_json}" + (f" and {run.oof_tta}" if without is not None else "")
+    )
     if report_path is not None:
         log.info(f"report: {report_path}")
     return metrics
@@ -268,57 +326,84 @@ def summary_table(m: dict) -> str:
     c = m.get("calibrated") or {}
     cal = {f["fold"]: f for f in c.get("folds", [])}  # per-fold calibrated figures, beside the raw ones
     more = ["cal_ece", "cal_logloss"] if cal else []
-    rows = [[str(f["fold"]), str(f["n"])] + [_fmt(f[col]) for col in cols + ["confidence_gap"]]
-            + [_fmt(cal[f["fold"]][k]) for k in ("ece", "logloss") if cal] for f in m["folds"]]
+    rows = [
+        [str(f["fold"]), str(f["n"])]
+        + [_fmt(f[col]) for col in cols + ["confidence_gap"]]
+        + [_fmt(cal[f["fold"]][k]) for k in ("ece", "logloss") if cal]
+        for f in m["folds"]
+    ]
     rows.append(["mean", ""] + [_fmt(m["cv_mean"][col]) for col in cols] + [""] * (1 + len(more)))
     rows.append(["std", ""] + [_fmt(m["cv_std"][col]) for col in cols] + [""] * (1 + len(more)))
-    rows.append(["OOF", str(m["n"])] + [_fmt(m[col]) for col in cols + ["confidence_gap"]] + [_fmt(c[k]) for k in ("ece", "logloss") if cal])
+    rows.append(
+        ["OOF", str(m["n"])]
+        + [_fmt(m[col]) for col in cols + ["confidence_gap"]]
+        + [_fmt(c[k]) for k in ("ece", "logloss") if cal]
+    )
     head = ["fold", "n"] + cols + ["gap"] + more
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     line = lambda r: "  ".join(s.rjust(w) if i else s.ljust(w) for i, (s, w) in enumerate(zip(r, widths)))  # noqa: E731
-    out = [f"evaluate {m['experiment']}: {m['n']} OOF rows, {len(m['folds'])} folds, {len(m['classes'])} classes; "
-           f"headline {m['metric']} {_fmt(m['headline'])} (CV {_fmt(m['cv_mean'][m['metric']])} +- {_fmt(m['cv_std'][m['metric']])})",
-           line(head)] + [line(r) for r in rows]
+    out = [
+        f"evaluate {m['experiment']}: {m['n']} OOF rows, {len(m['folds'])} folds, {len(m['classes'])} classes; "
+        f"headline {m['metric']} {_fmt(m['headline'])} (CV {_fmt(m['cv_mean'][m['metric']])} +- {_fmt(m['cv_std'][m['metric']])})",
+        line(head),
+    ] + [line(r) for r in rows]
     if cal:
-        out.append("gap: mean confidence - accuracy (> 0 over-confident); cal_*: each fold calibrated by what the other folds fitted")
+        out.append(
+            "gap: mean confidence - accuracy (> 0 over-confident); cal_*: each fold calibrated by what the other folds fitted"
+        )
     v = m.get("tta_views")
     if v:
-        out.append(f"TTA views {', '.join(v['views'])}: OOF log-loss {_fmt(v['logloss_with'])} with, {_fmt(v['logloss_without'])} "
-                   f"without -> {'kept' if v['kept'] else 'dropped (predict uses ' + str(v['tta']) + ')'}")
+        out.append(
+            f"TTA views {', '.join(v['views'])}: OOF log-loss {_fmt(v['logloss_with'])} with, {_fmt(v['logloss_without'])} "
+            f"without -> {'kept' if v['kept'] else 'dropped (predict uses ' + str(v['tta']) + ')'}"
+        )
     w = m.get("oof_without_tta")
     if w:
         other = f"{m['metric']} {_fmt(w[m['metric']])}, " if m["metric"] != "logloss" else ""
-        out.append(f"TTA {m['tta']}: scores of oof_tta.csv; without TTA ({w['file']}) {other}logloss {_fmt(w['logloss'])}")
+        out.append(
+            f"TTA {m['tta']}: scores of oof_tta.csv; without TTA ({w['file']}) {other}logloss {_fmt(w['logloss'])}"
+        )
         if w["logloss"] < m["logloss"]:  # raw OOF: a transform the models were not trained to ignore blurs them
-            out.append(f"warning: the TTA raises the OOF log-loss ({_fmt(w['logloss'])} without, {_fmt(m['logloss'])} with); "
-                       f"predict.tta: [identity] or fewer transforms may score better")
+            out.append(
+                f"warning: the TTA raises the OOF log-loss ({_fmt(w['logloss'])} without, {_fmt(m['logloss'])} with); "
+                f"predict.tta: [identity] or fewer transforms may score better"
+            )
     if c.get("skipped"):
         out.append("calibration: skipped (evaluate.calibrate false)")
     elif c:
-        out.append(f"calibration: T = {c['temperature']:.3f}; log-loss {_fmt(c['raw_logloss'])} raw, {_fmt(c['nested_logloss'])} "
-                   f"with T fitted on the other folds -> {'kept (predict applies it)' if c['kept'] else 'not kept'}; "
-                   f"ECE {_fmt(c['raw_ece'])} -> {_fmt(c['nested_ece'])}")
+        out.append(
+            f"calibration: T = {c['temperature']:.3f}; log-loss {_fmt(c['raw_logloss'])} raw, {_fmt(c['nested_logloss'])} "
+            f"with T fitted on the other folds -> {'kept (predict applies it)' if c['kept'] else 'not kept'}; "
+            f"ECE {_fmt(c['raw_ece'])} -> {_fmt(c['nested_ece'])}"
+        )
         sh = c.get("shrink")
         if sh:
-            out.append(f"shrink toward the class prior: a = {sh['a']:.4f}; log-loss {_fmt(sh['base_logloss'])} -> {_fmt(sh['nested_logloss'])} "
-                       f"with a fitted on the other folds -> {'kept (predict applies it)' if sh['kept'] else 'not kept'}")
+            out.append(
+                f"shrink toward the class prior: a = {sh['a']:.4f}; log-loss {_fmt(sh['base_logloss'])} -> {_fmt(sh['nested_logloss'])} "
+                f"with a fitted on the other folds -> {'kept (predict applies it)' if sh['kept'] else 'not kept'}"
+            )
     a = m.get("adversarial") or {}
     if a.get("validation"):
         v = a["validation"]
-        out.append(f"adversarial validation: train vs test AUC {_fmt(a['auc'])}; {m['metric']} {_fmt(v['headline_top'])} on the "
-                   f"{v['n_top']} most test-like rows (all rows {_fmt(m['headline'])}); importance-weighted log-loss "
-                   f"{_fmt(v['weighted']['logloss'])}, accuracy {_fmt(v['weighted']['accuracy'])} (n_eff {v['weighted']['n_eff']:.0f}); "
-                   f"{a['n_exact_duplicates']} exact, {a['n_near_duplicates']} near train/test duplicates")
+        out.append(
+            f"adversarial validation: train vs test AUC {_fmt(a['auc'])}; {m['metric']} {_fmt(v['headline_top'])} on the "
+            f"{v['n_top']} most test-like rows (all rows {_fmt(m['headline'])}); importance-weighted log-loss "
+            f"{_fmt(v['weighted']['logloss'])}, accuracy {_fmt(v['weighted']['accuracy'])} (n_eff {v['weighted']['n_eff']:.0f}); "
+            f"{a['n_exact_duplicates']} exact, {a['n_near_duplicates']} near train/test duplicates"
+        )
     elif a.get("skipped"):
         out.append(f"adversarial validation: skipped ({a['skipped']})")
     t = m.get("threshold")
     if t:
-        out.append(f"threshold: F1 {_fmt(t['f1_at_0.5'])} at 0.5, {_fmt(t['f1_at_best_threshold'])} at p >= {t['best_threshold']:.3f} "
-                   f"(nested over folds {_fmt(t['f1_nested'])})")
+        out.append(
+            f"threshold: F1 {_fmt(t['f1_at_0.5'])} at 0.5, {_fmt(t['f1_at_best_threshold'])} at p >= {t['best_threshold']:.3f} "
+            f"(nested over folds {_fmt(t['f1_nested'])})"
+        )
     return "\n".join(out)
 
 
 # ---- compare ---------------------------------------------------------------------------
+
 
 def _run_settings(run: Path) -> tuple[str, float]:
     """(metric, eps) a run was evaluated or trained with: metrics.json, else the config snapshot."""
@@ -336,7 +421,9 @@ def _run_settings(run: Path) -> tuple[str, float]:
                 if not 0 < eps < 0.5:
                     raise ValueError(eps)
             except (yaml.YAMLError, UnicodeDecodeError, AttributeError, TypeError, ValueError):
-                raise PipelineError(f"{p}: not a config snapshot the pipeline wrote; rerun `pipeline {stage} <config of {rd.name}>`") from None
+                raise PipelineError(
+                    f"{p}: not a config snapshot the pipeline wrote; rerun `pipeline {stage} <config of {rd.name}>`"
+                ) from None
             metric = metric or (d.get("metric") if isinstance(d.get("metric"), str) else None)
             break
     return metric or "logloss", eps
@@ -358,19 +445,25 @@ def compare(run_dirs: list[str]) -> pd.DataFrame:
     for path, df in zip(paths[1:], frames[1:]):
         classes = class_names_of(df)
         if classes != ref_classes:
-            raise PipelineError(f"{path}: classes {', '.join(classes)} differ from {ref_path}'s "
-                                f"({', '.join(ref_classes)}); expected runs of the same competition")
+            raise PipelineError(
+                f"{path}: classes {', '.join(classes)} differ from {ref_path}'s "
+                f"({', '.join(ref_classes)}); expected runs of the same competition"
+            )
         ids = pd.Index(df["id"])
         if set(ids) != set(ref.index):
             other = ids.symmetric_difference(ref.index)
-            raise PipelineError(f"{path}: ids differ from {ref_path} (e.g. id {other[0]!r}, {len(other)} ids in one file only); "
-                                f"expected runs on the same training data")
+            raise PipelineError(
+                f"{path}: ids differ from {ref_path} (e.g. id {other[0]!r}, {len(other)} ids in one file only); "
+                f"expected runs on the same training data"
+            )
         theirs = ref["fold"].reindex(ids).to_numpy()
         bad = np.flatnonzero(df["fold"].to_numpy() != theirs)
         if len(bad):
             i = int(bad[0])
-            raise PipelineError(f"{path}: fold assignments differ from {ref_path} (line {csv_line(i)}, id {ids[i]!r}: fold "
-                                f"{df['fold'].iloc[i]} here, {theirs[i]} there); expected runs on the same folds file")
+            raise PipelineError(
+                f"{path}: fold assignments differ from {ref_path} (line {csv_line(i)}, id {ids[i]!r}: fold "
+                f"{df['fold'].iloc[i]} here, {theirs[i]} there); expected runs on the same folds file"
+            )
     metric, _ = _run_settings(runs[0])
     labels = [r.name for r in runs]
     if len(set(labels)) < len(labels):
@@ -396,6 +489,7 @@ def compare(run_dirs: list[str]) -> pd.DataFrame:
 
 def _compare_text(df: pd.DataFrame, metric: str) -> str:
     """The table with the best run of each row marked by '*'."""
+
     def lower_better(row: str) -> bool:
         name = row.split()[-1] if row.startswith("fold ") else row
         if row.endswith(" std"):

@@ -7,10 +7,11 @@ recorded with ``record_lb`` in the submission's JSON and appended to ``leaderboa
 accepted. Runs are listed from ``paths.runs`` (``RunDir.list_runs``). Every file read here is checked:
 a corrupt one is one line naming it and what rebuilds it.
 """
+
 from __future__ import annotations
 
-import logging
 import datetime as dt
+import logging
 import math
 from pathlib import Path
 
@@ -21,9 +22,9 @@ from pipeline.config.schema import Config
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_bytes, atomic_write_csv, atomic_write_json
 from pipeline.core.metrics import cv_std, score
-from pipeline.runs.predictions import probs_of, read_predictions
-from pipeline.runs.layout import RunDir
 from pipeline.predict.submission import check_own, read_sidecar, submissions_dir, utc_stamp
+from pipeline.runs.layout import RunDir
+from pipeline.runs.predictions import probs_of, read_predictions
 from pipeline.runs.records import read_metrics
 
 log = logging.getLogger(__name__)
@@ -47,8 +48,10 @@ def cv_score(run: Path, metric: str) -> tuple[float, float, str]:
         if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise PipelineError(f"{job.done}: val_{metric} is {v!r}; expected a number; delete it to train {job.label} again "
-                                f"with `{job.train_cmd}`")
+            raise PipelineError(
+                f"{job.done}: val_{metric} is {v!r}; expected a number; delete it to train {job.label} again "
+                f"with `{job.train_cmd}`"
+            )
         per.append(float(v))
     if per:
         return float(np.mean(per)), cv_std(per), "done.json"
@@ -69,13 +72,23 @@ def submission_records(root: Path, competition: str | None = None) -> pd.DataFra
             continue
         f = d["file"]
         lb_score = d.get("lb_score", latest.get(f, math.nan))
-        rows.append({"file": f, "experiment": d["experiment"], "created_utc": d.get("created_utc", ""),
-                     "metric": d.get("metric", ""), "cv": d.get("oof_score", math.nan), "lb": lb_score})
+        rows.append(
+            {
+                "file": f,
+                "experiment": d["experiment"],
+                "created_utc": d.get("created_utc", ""),
+                "metric": d.get("metric", ""),
+                "cv": d.get("oof_score", math.nan),
+                "lb": lb_score,
+            }
+        )
     return pd.DataFrame(rows, columns=["file", "experiment", "created_utc", "metric", "cv", "lb"])
 
 
 LEADERBOARD_COLUMNS = ["recorded_utc", "file", "competition", "experiment", "metric", "cv", "lb_score"]
-_BOARD_FIX = "it is the log `pipeline lb` keeps: delete it and record the scores again with `pipeline lb SUBMISSION SCORE`"
+_BOARD_FIX = (
+    "it is the log `pipeline lb` keeps: delete it and record the scores again with `pipeline lb SUBMISSION SCORE`"
+)
 
 
 def read_leaderboard(path: Path) -> pd.DataFrame:
@@ -87,10 +100,14 @@ def read_leaderboard(path: Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False).fillna("")
     except (ValueError, OverflowError) as e:  # EmptyDataError, ParserError, UnicodeDecodeError
-        raise PipelineError(f"{path}: not a readable CSV ({(str(e).splitlines() or [type(e).__name__])[0][:100]}); {_BOARD_FIX}") from None
+        raise PipelineError(
+            f"{path}: not a readable CSV ({(str(e).splitlines() or [type(e).__name__])[0][:100]}); {_BOARD_FIX}"
+        ) from None
     missing = [c for c in LEADERBOARD_COLUMNS if c not in df.columns]
     if missing:
-        raise PipelineError(f"{path}: missing column {missing[0]!r}; expected {','.join(LEADERBOARD_COLUMNS)}; {_BOARD_FIX}")
+        raise PipelineError(
+            f"{path}: missing column {missing[0]!r}; expected {','.join(LEADERBOARD_COLUMNS)}; {_BOARD_FIX}"
+        )
     df = df[LEADERBOARD_COLUMNS].copy()
     lb = pd.to_numeric(df["lb_score"], errors="coerce").to_numpy(float)
     cv = pd.to_numeric(df["cv"].replace("", "nan"), errors="coerce").to_numpy(float)
@@ -119,12 +136,28 @@ def list_experiments(cfg: Config) -> pd.DataFrame:
         kind = "ensemble" if run.is_ensemble else "experiment"
         h = run.snapshot_hash("train") or ""
         stamp = next((p for p in (run.oof, run.snapshot("train"), run.ensemble_json) if p.is_file()), None)
-        date = dt.datetime.fromtimestamp(stamp.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M") if stamp else ""
+        date = (
+            dt.datetime.fromtimestamp(stamp.stat().st_mtime, dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+            if stamp
+            else ""
+        )
         mine = subs[subs["experiment"] == run.name]
         files = "; ".join(f + ("" if pd.isna(lb) else f" (LB {lb:g})") for f, lb in zip(mine["file"], mine["lb"]))
-        rows.append({"experiment": run.name, "kind": kind, f"cv_{cfg.metric}": mean, "cv_std": std, "cv_from": src,
-                     "hash": h, "date_utc": date, "submissions": files})
-    df = pd.DataFrame(rows, columns=["experiment", "kind", f"cv_{cfg.metric}", "cv_std", "cv_from", "hash", "date_utc", "submissions"])
+        rows.append(
+            {
+                "experiment": run.name,
+                "kind": kind,
+                f"cv_{cfg.metric}": mean,
+                "cv_std": std,
+                "cv_from": src,
+                "hash": h,
+                "date_utc": date,
+                "submissions": files,
+            }
+        )
+    df = pd.DataFrame(
+        rows, columns=["experiment", "kind", f"cv_{cfg.metric}", "cv_std", "cv_from", "hash", "date_utc", "submissions"]
+    )
     if df.empty:
         log.info(f"no runs under {root} yet; run `pipeline train {cfg.path}`")
         return df
@@ -148,9 +181,19 @@ def record_lb(submission: str | Path, lb_score: float) -> Path:
     board = path.parent / "leaderboard.csv"
     old = read_leaderboard(board)  # checked before anything is written
     stamp = utc_stamp()
-    row = pd.DataFrame([{"recorded_utc": stamp, "file": path.name, "competition": meta["competition"],
-                         "experiment": meta["experiment"], "metric": meta.get("metric", ""),
-                         "cv": meta.get("oof_score", math.nan), "lb_score": lb_score}])
+    row = pd.DataFrame(
+        [
+            {
+                "recorded_utc": stamp,
+                "file": path.name,
+                "competition": meta["competition"],
+                "experiment": meta["experiment"],
+                "metric": meta.get("metric", ""),
+                "cv": meta.get("oof_score", math.nan),
+                "lb_score": lb_score,
+            }
+        ]
+    )
     before = board.read_bytes() if board.is_file() else None
     atomic_write_csv(board, row if old.empty else pd.concat([old, row], ignore_index=True))
     try:
@@ -162,6 +205,9 @@ def record_lb(submission: str | Path, lb_score: float) -> Path:
             atomic_write_bytes(board, before)
         raise
     cv = meta.get("oof_score")
-    log.info(f"recorded LB {lb_score:g} for {path.name}" + (f" (CV {meta.get('metric', '')} {cv:.5f})" if cv is not None else "")
-         + f" in {board} and {jpath.name}")
+    log.info(
+        f"recorded LB {lb_score:g} for {path.name}"
+        + (f" (CV {meta.get('metric', '')} {cv:.5f})" if cv is not None else "")
+        + f" in {board} and {jpath.name}"
+    )
     return board

@@ -6,6 +6,7 @@ Everything is drawn with ``matplotlib.figure.Figure`` (no pyplot, no display); t
 The folder is built under a temporary name and swapped in at the end: a crash leaves the old
 report intact and a rerun leaves no stale pictures.
 """
+
 from __future__ import annotations
 
 import functools
@@ -23,11 +24,11 @@ from sklearn.calibration import calibration_curve
 
 from pipeline.config.schema import Config
 from pipeline.core.errors import PipelineError
-from pipeline.models.gradcam import NoFeatureMap, gradcam
-from pipeline.runs.predictions import probs_of
-from pipeline.runs.layout import RunDir
-from pipeline.tasks import build_task
 from pipeline.data.table import Table
+from pipeline.models.gradcam import NoFeatureMap, gradcam
+from pipeline.runs.layout import RunDir
+from pipeline.runs.predictions import probs_of
+from pipeline.tasks import build_task
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,9 @@ class Figures:
         self.notes.append(text)
 
 
-def write_report(cfg: Config, table: Table, oof: pd.DataFrame, metrics: dict, calibrated: np.ndarray | None,
-                 shift=None) -> Path:
+def write_report(
+    cfg: Config, table: Table, oof: pd.DataFrame, metrics: dict, calibrated: np.ndarray | None, shift=None
+) -> Path:
     """Draw every picture and write ``report/report.html``; returns its path.
 
     ``oof`` is the checked OOF (oof.csv or oof_tta.csv) in the training table's row order; ``calibrated``
@@ -89,6 +91,7 @@ def write_report(cfg: Config, table: Table, oof: pd.DataFrame, metrics: dict, ca
 
 # ---- pictures --------------------------------------------------------------------------
 
+
 def plot_confusion(figs: Figures, metrics: dict, names: list[str]) -> None:
     cm = np.array(metrics["confusion_matrix"])
     norm = np.array(metrics["confusion_matrix_normalized"])
@@ -108,12 +111,23 @@ def plot_confusion(figs: Figures, metrics: dict, names: list[str]) -> None:
     if k <= 20:  # beyond that the numbers would overlap
         for i in range(k):
             for j in range(k):
-                ax.text(j, i, f"{cm[i, j]}\n{norm[i, j]:.0%}" if k <= 6 else f"{cm[i, j]}", ha="center", va="center",
-                        fontsize=9 if k <= 10 else 7, color="white" if norm[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{cm[i, j]}\n{norm[i, j]:.0%}" if k <= 6 else f"{cm[i, j]}",
+                    ha="center",
+                    va="center",
+                    fontsize=9 if k <= 10 else 7,
+                    color="white" if norm[i, j] > 0.5 else "black",
+                )
     ax.set_title(f"Confusion matrix (OOF, {int(cm.sum())} rows)")
-    figs.save(fig, "confusion_matrix.png", "Confusion matrix",
-              "Rows are the true class, columns the predicted (arg-max) class. Colour is the row share "
-              "(recall on the diagonal); numbers are counts" + (" and row shares." if k <= 6 else "."))
+    figs.save(
+        fig,
+        "confusion_matrix.png",
+        "Confusion matrix",
+        "Rows are the true class, columns the predicted (arg-max) class. Colour is the row share "
+        "(recall on the diagonal); numbers are counts" + (" and row shares." if k <= 6 else "."),
+    )
 
 
 def plot_roc_pr(figs: Figures, y: np.ndarray, probs: np.ndarray, fold: np.ndarray, names: list[str]) -> None:
@@ -134,28 +148,48 @@ def plot_roc_pr(figs: Figures, y: np.ndarray, probs: np.ndarray, fold: np.ndarra
         if 0 < t.sum() < len(t):
             fpr, tpr, _ = skm.roc_curve(t, sc)
             pr, rc, _ = skm.precision_recall_curve(t, sc)
-            kw = dict(lw=1.1, label=f"{name} (AUC {skm.auc(fpr, tpr):.3f})") if legend else dict(lw=0.6, color="grey", alpha=0.5)
+            kw = (
+                dict(lw=1.1, label=f"{name} (AUC {skm.auc(fpr, tpr):.3f})")
+                if legend
+                else dict(lw=0.6, color="grey", alpha=0.5)
+            )
             ax_roc.plot(fpr, tpr, **kw)
-            ax_pr.plot(rc, pr, **({**kw, "label": f"{name} (AP {skm.average_precision_score(t, sc):.3f})"} if legend else kw))
+            ax_pr.plot(
+                rc, pr, **({**kw, "label": f"{name} (AP {skm.average_precision_score(t, sc):.3f})"} if legend else kw)
+            )
     if len(np.unique(truth)) == 2:
         fpr, tpr, _ = skm.roc_curve(truth, scores)
         ax_roc.plot(fpr, tpr, lw=2.2, color="black", label=f"{label} (AUC {skm.auc(fpr, tpr):.4f})")
         pr, rc, _ = skm.precision_recall_curve(truth, scores)
-        ax_pr.plot(rc, pr, lw=2.2, color="black", label=f"{label} (AP {skm.average_precision_score(truth, scores):.4f})")
+        ax_pr.plot(
+            rc, pr, lw=2.2, color="black", label=f"{label} (AP {skm.average_precision_score(truth, scores):.4f})"
+        )
     if task.per_fold_curves:
         ax_pr.axhline(truth.mean(), ls=":", color="grey", label=f"chance ({truth.mean():.2f})")
     ax_roc.plot([0, 1], [0, 1], ls=":", color="grey", label="chance")
-    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC" + pos, xlim=(0, 1), ylim=(0, 1.01))
+    ax_roc.set(
+        xlabel="false positive rate", ylabel="true positive rate", title="ROC" + pos, xlim=(0, 1), ylim=(0, 1.01)
+    )
     ax_pr.set(xlabel="recall", ylabel="precision", title="Precision-recall" + pos, xlim=(0, 1), ylim=(0, 1.01))
     for ax in (ax_roc, ax_pr):
         ax.legend(fontsize=7, loc="lower right" if ax is ax_roc else "lower left")
         ax.grid(alpha=0.3)
-    figs.save(fig, "roc_pr.png", "ROC and precision-recall curves",
-              "Out-of-fold predictions of every fold" + (" (thin: each fold; black: all OOF rows)." if task.per_fold_curves else
-              "; one curve per class against the rest, black the micro-average."))
+    figs.save(
+        fig,
+        "roc_pr.png",
+        "ROC and precision-recall curves",
+        "Out-of-fold predictions of every fold"
+        + (
+            " (thin: each fold; black: all OOF rows)."
+            if task.per_fold_curves
+            else "; one curve per class against the rest, black the micro-average."
+        ),
+    )
 
 
-def plot_reliability(figs: Figures, y: np.ndarray, probs: np.ndarray, calibrated: np.ndarray | None, n_bins: int, metrics: dict) -> None:
+def plot_reliability(
+    figs: Figures, y: np.ndarray, probs: np.ndarray, calibrated: np.ndarray | None, n_bins: int, metrics: dict
+) -> None:
     fig = Figure(layout="constrained", figsize=(6, 6.4))
     ax, hx = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
     task = build_task(probs.shape[1])  # binary: P(positive class); multiclass: the top label's confidence
@@ -171,16 +205,23 @@ def plot_reliability(figs: Figures, y: np.ndarray, probs: np.ndarray, calibrated
     c = metrics.get("calibrated") or {}
     if calibrated is not None and not c.get("skipped"):
         frac_c, mean_c = curve(calibrated)
-        kept = (f"T {c['temperature']:.2f}" if c.get("kept") else "no T") + (f", shrink {c['shrink']['a']:.3f}" if (c.get("shrink") or {}).get("kept") else "")
+        kept = (f"T {c['temperature']:.2f}" if c.get("kept") else "no T") + (
+            f", shrink {c['shrink']['a']:.3f}" if (c.get("shrink") or {}).get("kept") else ""
+        )
         ax.plot(mean_c, frac_c, "s--", label=f"calibrated as kept, nested ({kept}, ECE {c['ece']:.4f})")
     ax.set(ylabel=ylabel, xlim=(0, 1), ylim=(0, 1), title=f"Reliability diagram ({n_bins} bins)")
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
     hx.hist(xs, bins=n_bins, range=(0, 1), color="tab:blue", alpha=0.7)
     hx.set(xlabel=what, ylabel="rows")
-    figs.save(fig, "reliability.png", "Reliability diagram",
-              "Points on the diagonal are calibrated. " + reading +
-              "The histogram shows how many predictions fall in each bin.")
+    figs.save(
+        fig,
+        "reliability.png",
+        "Reliability diagram",
+        "Points on the diagonal are calibrated. "
+        + reading
+        + "The histogram shows how many predictions fall in each bin.",
+    )
 
 
 def plot_training_curves(figs: Figures, run: Path, metric: str) -> None:
@@ -218,10 +259,14 @@ def plot_training_curves(figs: Figures, run: Path, metric: str) -> None:
         ax.legend(lines, labels, fontsize=7, loc="best")
     for ax in axes[n:]:
         ax.set_visible(False)
-    figs.save(fig, "training_curves.png", "Training curves",
-              "Per fold: training loss and validation log-loss per epoch"
-              + ("" if metric == "logloss" else f", validation {metric} on the right axis")
-              + "; the dotted line marks the best epoch (the one kept).")
+    figs.save(
+        fig,
+        "training_curves.png",
+        "Training curves",
+        "Per fold: training loss and validation log-loss per epoch"
+        + ("" if metric == "logloss" else f", validation {metric} on the right axis")
+        + "; the dotted line marks the best epoch (the one kept).",
+    )
 
 
 def display_image(img: np.ndarray, value_range: tuple[float, float]) -> tuple[np.ndarray, str | None]:
@@ -262,14 +307,21 @@ def plot_confident_errors(figs: Figures, table: Table, oof: pd.DataFrame, probs:
     for ax, i in zip(axes, order):
         img, cmap = display_image(table.images[i], table.value_range)
         ax.imshow(img, cmap=cmap, vmin=0, vmax=1)
-        ax.set_title(f"id {_short(oof['id'].iloc[i])}\ntrue {names[y[i]]}, pred {names[pred[i]]}\np(pred) {probs[i, pred[i]]:.3f}", fontsize=8)
+        ax.set_title(
+            f"id {_short(oof['id'].iloc[i])}\ntrue {names[y[i]]}, pred {names[pred[i]]}\np(pred) {probs[i, pred[i]]:.3f}",
+            fontsize=8,
+        )
         ax.set_xticks([]), ax.set_yticks([])
     for ax in axes[n:]:
         ax.set_visible(False)
     fig.suptitle(f"Most confidently wrong OOF predictions ({n} of {len(wrong)} errors)")
-    figs.save(fig, "confident_errors.png", "Most confidently wrong samples",
-              "The misclassified out-of-fold samples the model was surest about, surest first: label noise, "
-              "look-alike classes or a shortcut the model learned show up here.")
+    figs.save(
+        fig,
+        "confident_errors.png",
+        "Most confidently wrong samples",
+        "The misclassified out-of-fold samples the model was surest about, surest first: label noise, "
+        "look-alike classes or a shortcut the model learned show up here.",
+    )
 
 
 def pick_gradcam_samples(y: np.ndarray, probs: np.ndarray, n: int) -> dict[str, np.ndarray]:
@@ -278,7 +330,10 @@ def pick_gradcam_samples(y: np.ndarray, probs: np.ndarray, n: int) -> dict[str, 
     pred = probs.argmax(1)
     conf = probs[np.arange(len(y)), pred]
     right = np.flatnonzero(pred == y)
-    per_class = [list(right[y[right] == c][np.argsort(-conf[right[y[right] == c]], kind="stable")]) for c in range(probs.shape[1])]
+    per_class = [
+        list(right[y[right] == c][np.argsort(-conf[right[y[right] == c]], kind="stable")])
+        for c in range(probs.shape[1])
+    ]
     correct = []
     while len(correct) < n and any(per_class):
         for lst in per_class:
@@ -298,13 +353,15 @@ def _heat(cam: np.ndarray) -> np.ndarray:
     return rgba
 
 
-def plot_gradcam(figs: Figures, cfg: Config, table: Table, oof: pd.DataFrame, probs: np.ndarray, names: list[str]) -> None:
+def plot_gradcam(
+    figs: Figures, cfg: Config, table: Table, oof: pd.DataFrame, probs: np.ndarray, names: list[str]
+) -> None:
     """Grad-CAM of the predicted class over a few correct and wrong samples, each explained by the
     fold model that did not train on it (the one whose prediction is in oof.csv)."""
     import torch
 
-    from pipeline.models.inference import features_tensor
     from pipeline.models.backbones import load_checkpoint
+    from pipeline.models.inference import features_tensor
 
     y = oof["target"].to_numpy()
     fold = oof["fold"].to_numpy()
@@ -325,8 +382,10 @@ def plot_gradcam(figs: Figures, cfg: Config, table: Table, oof: pd.DataFrame, pr
             figs.note(f"Grad-CAM skipped: {e}")
             return
         if list(meta["class_names"]) != names or meta["in_chans"] != table.channels:
-            figs.note(f"Grad-CAM skipped: {d}/best.json describes classes {meta['class_names']} with {meta['in_chans']} channels; "
-                      f"the data has {names} with {table.channels}")
+            figs.note(
+                f"Grad-CAM skipped: {d}/best.json describes classes {meta['class_names']} with {meta['in_chans']} channels; "
+                f"the data has {names} with {table.channels}"
+            )
             return
         x = torch.from_numpy(np.ascontiguousarray(table.images[idx], dtype=np.float32))
         try:
@@ -350,27 +409,40 @@ def plot_gradcam(figs: Figures, cfg: Config, table: Table, oof: pd.DataFrame, pr
             img, cmap = display_image(table.images[i], table.value_range)
             a_img.imshow(img, cmap=cmap, vmin=0, vmax=1)
             truth = f"true {names[y[i]]}" + ("" if kind == "correct" else f", pred {names[pred[i]]}")
-            a_img.set_title(f"{kind}: id {_short(oof['id'].iloc[i])}\n{truth} ({probs[i, pred[i]]:.2f})", fontsize=8,
-                            color="tab:green" if kind == "correct" else "tab:red")
+            a_img.set_title(
+                f"{kind}: id {_short(oof['id'].iloc[i])}\n{truth} ({probs[i, pred[i]]:.2f})",
+                fontsize=8,
+                color="tab:green" if kind == "correct" else "tab:red",
+            )
             a_cam.imshow(img, cmap=cmap, vmin=0, vmax=1)
             a_cam.imshow(_heat(cams[i]))
             a_cam.set_title(f"why {names[pred[i]]} (fold {fold[i]} model)", fontsize=8)
     fig.suptitle(f"Grad-CAM on {layer} of {cfg.model.backbone}")
-    figs.save(fig, "gradcam.png", "Grad-CAM",
-              "Each sample above its heat map: red areas raised the score of the predicted class most. "
-              "Each sample is explained by the fold model that did not see it in training. A model that looks at "
-              "the background rather than the object has learned a shortcut.")
+    figs.save(
+        fig,
+        "gradcam.png",
+        "Grad-CAM",
+        "Each sample above its heat map: red areas raised the score of the predicted class most. "
+        "Each sample is explained by the fold model that did not see it in training. A model that looks at "
+        "the background rather than the object has learned a shortcut.",
+    )
 
 
 # ---- adversarial validation ----------------------------------------------------------------
+
 
 def plot_adversarial(out: Path, train: Table, shift) -> dict:
     """The adversarial section's pictures (p(test) histogram; thumbnails of the most test-like train
     rows and of the duplicate pairs) and its tables, for the template."""
     rec = shift.record
-    pictures = [("adversarial_hist.png", "p(test) of the training rows", _adversarial_hist(out / "adversarial_hist.png", rec))]
+    pictures = [
+        ("adversarial_hist.png", "p(test) of the training rows", _adversarial_hist(out / "adversarial_hist.png", rec))
+    ]
     rows = pd.Index(train.ids.astype(str)).get_indexer([t["id"] for t in rec["top_test_like"]])
-    tiles = [(train.images[i], f"{_short(t['id'])}\np(test) {t['p_test']:.2f}") for i, t in zip(rows[:GALLERY_SIZE], rec["top_test_like"])]
+    tiles = [
+        (train.images[i], f"{_short(t['id'])}\np(test) {t['p_test']:.2f}")
+        for i, t in zip(rows[:GALLERY_SIZE], rec["top_test_like"])
+    ]
     if tiles:
         _thumbnails(out / "adversarial_top.png", tiles, train.value_range, "Most test-like training rows")
         pictures.append(("adversarial_top.png", "Most test-like training rows", "Highest out-of-fold p(test) first."))
@@ -380,13 +452,23 @@ def plot_adversarial(out: Path, train: Table, shift) -> dict:
         te = pd.Index(shift.test.ids.astype(str)).get_indexer([p["test_id"] for p in pairs])
         tiles = []
         for i, j, p in list(zip(tr, te, pairs))[: GALLERY_SIZE // 2]:
-            tiles += [(train.images[i], f"train {_short(p['train_id'])}\n{p['train_label']}"),
-                      (shift.test.images[j], f"test {_short(p['test_id'])}\ncos {p['similarity']:.4f}")]
+            tiles += [
+                (train.images[i], f"train {_short(p['train_id'])}\n{p['train_label']}"),
+                (shift.test.images[j], f"test {_short(p['test_id'])}\ncos {p['similarity']:.4f}"),
+            ]
         _thumbnails(out / "adversarial_pairs.png", tiles, train.value_range, "Train/test duplicate pairs")
-        pictures.append(("adversarial_pairs.png", "Train/test duplicate pairs",
-                         "Each training image beside the test image it duplicates (exact pairs first)."))
-    dup = [[p["train_id"], p["test_id"], p["train_label"] or "", f"{p['similarity']:.4f}", kind]
-           for kind in ("exact", "near") for p in rec["duplicates"][kind]]
+        pictures.append(
+            (
+                "adversarial_pairs.png",
+                "Train/test duplicate pairs",
+                "Each training image beside the test image it duplicates (exact pairs first).",
+            )
+        )
+    dup = [
+        [p["train_id"], p["test_id"], p["train_label"] or "", f"{p['similarity']:.4f}", kind]
+        for kind in ("exact", "near")
+        for p in rec["duplicates"][kind]
+    ]
     top = [[t["id"], f"{t['p_test']:.4f}", t["label"] or ""] for t in rec["top_test_like"]]
     return {"record": rec, "pictures": pictures, "top_rows": top, "dup_rows": dup}
 
@@ -403,8 +485,10 @@ def _adversarial_hist(path: Path, rec: dict) -> str:
     ax.set(xlabel="out-of-fold p(test)", ylabel="rows", xlim=(0, 1), title=f"Train vs test ROC AUC {rec['auc']:.3f}")
     ax.legend(fontsize=8)
     fig.savefig(path, format="png", dpi=110)
-    return ("Without a shift both histograms sit around the same value; training rows far to the right look like "
-            "test and are the ones whose validation predicts the leaderboard best.")
+    return (
+        "Without a shift both histograms sit around the same value; training rows far to the right look like "
+        "test and are the ones whose validation predicts the leaderboard best."
+    )
 
 
 def _thumbnails(path: Path, tiles: list, value_range, title: str) -> None:
@@ -417,7 +501,7 @@ def _thumbnails(path: Path, tiles: list, value_range, title: str) -> None:
         ax.imshow(im, cmap=cmap, vmin=0, vmax=1)
         ax.set_title(label, fontsize=8)
         ax.set_xticks([]), ax.set_yticks([])
-    for ax in axes[len(tiles):]:
+    for ax in axes[len(tiles) :]:
         ax.set_visible(False)
     fig.suptitle(title)
     fig.savefig(path, format="png", dpi=110)
@@ -438,8 +522,13 @@ def _template():
     has no ``.j2``, hence the explicit one), so a class name or id can never inject markup."""
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-    env = Environment(loader=PackageLoader("pipeline.evaluate", "templates"), undefined=StrictUndefined,
-                      autoescape=select_autoescape(["html", "html.j2"]), trim_blocks=True, lstrip_blocks=True)
+    env = Environment(
+        loader=PackageLoader("pipeline.evaluate", "templates"),
+        undefined=StrictUndefined,
+        autoescape=select_autoescape(["html", "html.j2"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     return env.get_template("report.html.j2")
 
 
@@ -451,16 +540,53 @@ def render_html(cfg: Config, m: dict, figs: Figures, adv: dict | None = None) ->
     rows.append(["mean over folds", ""] + [_f(m["cv_mean"][c]) for c in cols])
     rows.append(["std over folds", ""] + [_f(m["cv_std"][c]) for c in cols])
     rows.append(["all OOF rows", str(m["n"])] + [_f(m[c]) for c in cols])
-    per_class = [[c, _f(v["precision"]), _f(v["recall"]), _f(v["f1"]), str(v["support"])]
-                 for c, v in (m.get("per_class") or {}).items()]
+    per_class = [
+        [c, _f(v["precision"]), _f(v["recall"]), _f(v["f1"]), str(v["support"])]
+        for c, v in (m.get("per_class") or {}).items()
+    ]
     cal = m.get("calibrated") or {}
-    cal_rows = [[f"fold {f['fold']}", str(f["n"]), _f(f["raw_confidence_gap"]), _f(f["raw_ece"]), _f(f["confidence_gap"]), _f(f["ece"]),
-                 _f(f["logloss"])] for f in cal.get("folds", [])]
-    return _template().render(
-        cal_header=["", "rows", "confidence - accuracy", "ECE", "calibrated: confidence - accuracy", "calibrated: ECE",
-                    "calibrated: log-loss"], cal_rows=cal_rows,
-        competition=cfg.competition, name=cfg.name, config_path=str(cfg.path), run_dir=str(cfg.run_dir),
-        m=m, metric=metric, classes=list(m["classes"]), f=_f, scores_note=build_task(len(m["classes"])).scores_note(list(m["classes"])),
-        score_header=["", "rows"] + cols, score_rows=rows, per_class_rows=per_class,
-        cal=m.get("calibrated") or {}, threshold=m.get("threshold"), notes=figs.notes, figures=figs.items,
-        adv=adv, adv_metrics=m.get("adversarial") or {}) + "\n"
+    cal_rows = [
+        [
+            f"fold {f['fold']}",
+            str(f["n"]),
+            _f(f["raw_confidence_gap"]),
+            _f(f["raw_ece"]),
+            _f(f["confidence_gap"]),
+            _f(f["ece"]),
+            _f(f["logloss"]),
+        ]
+        for f in cal.get("folds", [])
+    ]
+    return (
+        _template().render(
+            cal_header=[
+                "",
+                "rows",
+                "confidence - accuracy",
+                "ECE",
+                "calibrated: confidence - accuracy",
+                "calibrated: ECE",
+                "calibrated: log-loss",
+            ],
+            cal_rows=cal_rows,
+            competition=cfg.competition,
+            name=cfg.name,
+            config_path=str(cfg.path),
+            run_dir=str(cfg.run_dir),
+            m=m,
+            metric=metric,
+            classes=list(m["classes"]),
+            f=_f,
+            scores_note=build_task(len(m["classes"])).scores_note(list(m["classes"])),
+            score_header=["", "rows"] + cols,
+            score_rows=rows,
+            per_class_rows=per_class,
+            cal=m.get("calibrated") or {},
+            threshold=m.get("threshold"),
+            notes=figs.notes,
+            figures=figs.items,
+            adv=adv,
+            adv_metrics=m.get("adversarial") or {},
+        )
+        + "\n"
+    )

@@ -3,6 +3,7 @@
 The ``Net`` carries its own input normalisation and feature standardisation as buffers, so a
 checkpoint alone predicts on raw-scale images (uint8 values or dB) with no side files.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -26,9 +27,13 @@ class SimpleCNN(nn.Module):
         super().__init__()
         h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
         self.features = nn.Sequential(
-            nn.Conv2d(in_chans, 32, 3), nn.ReLU(inplace=True),
-            nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2), nn.Dropout(0.25), nn.Flatten(),
+            nn.Conv2d(in_chans, 32, 3),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 3),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Dropout(0.25),
+            nn.Flatten(),
         )
         flat = 64 * ((h - 4) // 2) * ((w - 4) // 2)
         self.fc = nn.Sequential(nn.Linear(flat, 128), nn.ReLU(inplace=True), nn.Dropout(0.5))
@@ -60,17 +65,21 @@ class BnCNN(nn.Module):
     make it robust to a test set at another brightness or contrast by itself (it fixes train's
     statistics): augment intensities or set ``model.input_norm: image``."""
 
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, widths: tuple = (32, 64, 128), drop: float = 0.25, **_):
+    def __init__(
+        self, num_classes: int = 10, in_chans: int = 1, widths: tuple = (32, 64, 128), drop: float = 0.25, **_
+    ):
         super().__init__()
 
         def conv(cin, cout):
             return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
         a, b, c = widths
-        stages = [conv(in_chans, a),  # the stem
-                  [*conv(a, a), nn.MaxPool2d(2), nn.Dropout(drop)],
-                  [*conv(a, b), *conv(b, b), nn.MaxPool2d(2), nn.Dropout(drop)],
-                  [*conv(b, c), nn.AdaptiveAvgPool2d(1), nn.Flatten()]]
+        stages = [
+            conv(in_chans, a),  # the stem
+            [*conv(a, a), nn.MaxPool2d(2), nn.Dropout(drop)],
+            [*conv(a, b), *conv(b, b), nn.MaxPool2d(2), nn.Dropout(drop)],
+            [*conv(b, c), nn.AdaptiveAvgPool2d(1), nn.Flatten()],
+        ]
         self.features = nn.Sequential(*(m for stage in stages for m in stage))  # flat: layer names as features.<i>
         self._stage_sizes = [len(stage) for stage in stages]
         self.num_features = c
@@ -114,8 +123,17 @@ def create_backbone(name: str, in_chans: int, img_size: tuple[int, int]) -> nn.M
 
 
 class Net(nn.Module):
-    def __init__(self, backbone: nn.Module, num_classes: int, in_chans: int, n_features: int,
-                 input_size: int | None = None, drop_rate: float = 0.2, input_norm: str = "dataset", zero_head: bool = True):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        in_chans: int,
+        n_features: int,
+        input_size: int | None = None,
+        drop_rate: float = 0.2,
+        input_norm: str = "dataset",
+        zero_head: bool = True,
+    ):
         super().__init__()
         self.backbone = backbone
         self.input_size = input_size
@@ -146,14 +164,14 @@ class Net(nn.Module):
         c = images.shape[1]
         s1, s2, n = np.zeros(c), np.zeros(c), 0
         for i in range(0, len(idx), 128):
-            x = np.asarray(images[idx[i:i + 128]], dtype=np.float64)
+            x = np.asarray(images[idx[i : i + 128]], dtype=np.float64)
             if self.per_image:  # the statistics of what embed() normalises: the standardised images
                 x = self.standardise(torch.from_numpy(x)).numpy()
             s1 += x.sum((0, 2, 3))
             s2 += (x * x).sum((0, 2, 3))
             n += x.shape[0] * x.shape[2] * x.shape[3]
         mean = s1 / n
-        std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0) * n / max(n - 1, 1))
+        std = np.sqrt(np.maximum(s2 / n - mean**2, 0) * n / max(n - 1, 1))
         self.img_mean.copy_(torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.img_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6).view(1, -1, 1, 1))
         if self.n_features:
@@ -175,7 +193,9 @@ class Net(nn.Module):
             x = self.standardise(x)
         x = (x - self.img_mean) / self.img_std
         if self.input_size and x.shape[-1] != self.input_size:
-            x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+            x = nn.functional.interpolate(
+                x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False
+            )
         return self.backbone(x)
 
     def forward_head(self, emb: torch.Tensor, feats: torch.Tensor | None = None) -> torch.Tensor:
@@ -189,8 +209,9 @@ class Net(nn.Module):
         return self.forward_head(self.embed(x), feats)
 
 
-def build_model(cfg, in_chans: int, num_classes: int, n_features: int, img_size: tuple[int, int],
-                load_weights: bool = True) -> tuple[Net, str]:
+def build_model(
+    cfg, in_chans: int, num_classes: int, n_features: int, img_size: tuple[int, int], load_weights: bool = True
+) -> tuple[Net, str]:
     """The one model factory. Returns the model and where its backbone weights came from."""
     m = cfg.model
     size = (m.input_size, m.input_size) if m.input_size else img_size
@@ -202,11 +223,20 @@ def build_model(cfg, in_chans: int, num_classes: int, n_features: int, img_size:
         source = load_pretrained(backbone, m.backbone, m.weights, in_chans)
     n_feat = n_features if m.use_features else 0
     # checkpoints written before model.input_norm existed normalised by the dataset's statistics
-    return Net(backbone, num_classes, in_chans, n_feat, m.input_size, m.drop_rate, getattr(m, "input_norm", "dataset"),
-               zero_head=m.pretrained), source
+    return Net(
+        backbone,
+        num_classes,
+        in_chans,
+        n_feat,
+        m.input_size,
+        m.drop_rate,
+        getattr(m, "input_norm", "dataset"),
+        zero_head=m.pretrained,
+    ), source
 
 
 # ---- fine-tuning strategies ------------------------------------------------------------
+
 
 def backbone_groups(backbone: nn.Module) -> list[list[str]]:
     """Parameter names of the backbone in timm's coarse stage groups, input to output."""
@@ -222,7 +252,7 @@ def apply_finetune(model: Net, mode: str, unfreeze_stages: int) -> int:
     elif mode == "head":
         keep = set()
     else:
-        keep = {n for g in names[len(names) - unfreeze_stages:] for n in g} if unfreeze_stages else set()
+        keep = {n for g in names[len(names) - unfreeze_stages :] for n in g} if unfreeze_stages else set()
     for n, p in model.backbone.named_parameters():
         p.requires_grad_(n in keep)
     return len(keep)
@@ -252,6 +282,7 @@ def freeze_bn_stats(model: Net, every: bool = False) -> None:
 
 # ---- checkpoints (safetensors + JSON metadata; never pickles) --------------------------
 
+
 def save_checkpoint(model: Net, path: Path, meta: dict) -> None:
     from safetensors.torch import save_file
 
@@ -273,23 +304,36 @@ def load_checkpoint(path: Path, cfg=None) -> tuple[Net, dict]:
     except FileNotFoundError as e:
         raise PipelineError(f"{e.filename}: checkpoint file not found; train this fold first") from None
     except Exception as e:  # safetensors raises its own error types on corrupt files
-        raise PipelineError(f"{path}: corrupt checkpoint ({type(e).__name__}: {str(e)[:120]}); retrain this fold") from None
+        raise PipelineError(
+            f"{path}: corrupt checkpoint ({type(e).__name__}: {str(e)[:120]}); retrain this fold"
+        ) from None
     from types import SimpleNamespace
 
     try:
         mcfg = SimpleNamespace(model=SimpleNamespace(**meta["model"]))
-        model, _ = build_model(mcfg, meta["in_chans"], len(meta["class_names"]), meta["n_features"],
-                               tuple(meta["img_size"]), load_weights=False)
+        model, _ = build_model(
+            mcfg,
+            meta["in_chans"],
+            len(meta["class_names"]),
+            meta["n_features"],
+            tuple(meta["img_size"]),
+            load_weights=False,
+        )
     except (KeyError, TypeError, AttributeError, ValueError) as e:  # a best.json that is not what train wrote
-        raise PipelineError(f"{meta_path}: corrupt checkpoint description ({type(e).__name__}: {str(e)[:120]}); "
-                            f"retrain this fold") from None
+        raise PipelineError(
+            f"{meta_path}: corrupt checkpoint description ({type(e).__name__}: {str(e)[:120]}); retrain this fold"
+        ) from None
     fits = f"{meta['model']['backbone']} with in_chans={meta['in_chans']}, {len(meta['class_names'])} classes"
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatch
-        raise PipelineError(f"{path}: checkpoint does not fit {fits} ({str(e).splitlines()[-1].strip()[:160]})") from None
+        raise PipelineError(
+            f"{path}: checkpoint does not fit {fits} ({str(e).splitlines()[-1].strip()[:160]})"
+        ) from None
     if missing or unexpected:
         k = (missing or unexpected)[0]
-        raise PipelineError(f"{path}: checkpoint does not fit {fits} ({'missing' if missing else 'unexpected'} key {k!r})")
+        raise PipelineError(
+            f"{path}: checkpoint does not fit {fits} ({'missing' if missing else 'unexpected'} key {k!r})"
+        )
     model.eval()
     return model, meta

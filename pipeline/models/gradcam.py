@@ -12,6 +12,7 @@ When the input is so small that the last conv's map is 1x1 (no spatial informati
 conv with a larger map is used. Backbones whose last conv feeds token layers (ViT) have no such
 map: ``NoFeatureMap``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -29,8 +30,12 @@ def _leaves(module: nn.Module):
 
 
 @torch.enable_grad()
-def gradcam(model: nn.Module, images: torch.Tensor, features: torch.Tensor | None = None,
-            classes: np.ndarray | list[int] | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+def gradcam(
+    model: nn.Module,
+    images: torch.Tensor,
+    features: torch.Tensor | None = None,
+    classes: np.ndarray | list[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, str]:
     """Grad-CAM maps for a batch of raw-scale images (what ``Net.forward`` takes).
 
     ``classes``: the class explained per image (default: the predicted one).
@@ -44,6 +49,7 @@ def gradcam(model: nn.Module, images: torch.Tensor, features: torch.Tensor | Non
         def f(mod, inp, out):
             if isinstance(out, torch.Tensor):
                 records.append((name, mod, out))
+
         return f
 
     backbone = getattr(model, "backbone", model)
@@ -80,7 +86,7 @@ def _to_image_grid(cam: torch.Tensor, size: tuple[int, int], shrink: int = 0) ->
     cam = F.interpolate(cam, size=tuple(scaled), mode="bilinear", align_corners=False)
     (h, w), (sh, sw) = size, scaled
     top, left = (sh - h) // 2, (sw - w) // 2  # negative: pad
-    cam = cam[:, :, max(top, 0):max(top, 0) + h, max(left, 0):max(left, 0) + w]
+    cam = cam[:, :, max(top, 0) : max(top, 0) + h, max(left, 0) : max(left, 0) + w]
     if top < 0 or left < 0:
         pt, pl = max(-top, 0), max(-left, 0)
         cam = F.pad(cam, (pl, w - cam.shape[3] - pl, pt, h - cam.shape[2] - pt))
@@ -115,7 +121,7 @@ def _feature_map(records) -> tuple[str, torch.Tensor, int]:
             raise NoFeatureMap(f"the last Conv2d ({records[i][0]}) feeds token layers")
         if out.dim() == 4 and out.shape[-2:] == size and out.requires_grad:
             best = j
-    return records[best][0], records[best][2], _valid_shrink(records[:best + 1])
+    return records[best][0], records[best][2], _valid_shrink(records[: best + 1])
 
 
 def mass_inside(cam: np.ndarray, mask: np.ndarray) -> float:

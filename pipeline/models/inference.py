@@ -1,4 +1,5 @@
 """Batched prediction shared by validation, evaluation and the predict stage."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -30,9 +31,16 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def predict_logits(model, images: np.ndarray, features: np.ndarray | None, batch_size: int,
-                   device: torch.device, channels_last: bool = False, precision: str = "fp32",
-                   transform=None) -> np.ndarray:
+def predict_logits(
+    model,
+    images: np.ndarray,
+    features: np.ndarray | None,
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool = False,
+    precision: str = "fp32",
+    transform=None,
+) -> np.ndarray:
     """(N, K) float64 logits; ``transform`` maps an image batch tensor (TTA)."""
     model.eval()
     out = []
@@ -58,4 +66,3 @@ class Rows:
 
     def __getitem__(self, i):
         return self.arr[self.idx[i]]
-

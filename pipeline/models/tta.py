@@ -18,12 +18,14 @@ cannot: a digit or a letter has no mirror symmetry, but the same digit turned by
 7% larger is the same class (``predict.tta: auto`` derives them from the augment list,
 pipeline/config/auto.py).
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -49,8 +51,16 @@ class TtaTransform:
 
 def _d4(k: int, flip: bool) -> TtaTransform:
     """Horizontal flip (if ``flip``) then ``k`` quarter turns. vflip == (2, True)."""
-    names = {(0, False): "identity", (0, True): "hflip", (1, False): "rot90", (2, False): "rot180",
-             (3, False): "rot270", (2, True): "vflip", (1, True): "rot90+hflip", (3, True): "rot270+hflip"}
+    names = {
+        (0, False): "identity",
+        (0, True): "hflip",
+        (1, False): "rot90",
+        (2, False): "rot180",
+        (3, False): "rot270",
+        (2, True): "vflip",
+        (1, True): "rot90+hflip",
+        (3, True): "rot270+hflip",
+    }
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         import torch
@@ -66,7 +76,7 @@ def _crop(top: int, left: int, h: int, w: int, flip: bool, name: str) -> TtaTran
     def fn(x: torch.Tensor) -> torch.Tensor:
         import torch
 
-        x = x[..., top:top + h, left:left + w]
+        x = x[..., top : top + h, left : left + w]
         return torch.flip(x, dims=(-1,)) if flip else x
 
     return TtaTransform(name, fn, ("crop", top, left, h, w, flip))
@@ -78,21 +88,27 @@ def _crops(image_size, model_size, flips: tuple[bool, ...], what: str) -> list[T
         raise PipelineError(f"predict.tta: {what} needs the model's input size; the checkpoint records none")
     h, w = (model_size, model_size) if isinstance(model_size, int) else tuple(model_size)
     if h > H or w > W or (h, w) == (H, W):
-        raise PipelineError(f"predict.tta: {what} cuts {h}x{w} crops (the model's input size) from the test images, "
-                            f"which are {H}x{W}; expected test images larger than the model's input "
-                            f"(set model.input_size smaller than the images, or drop {what})")
+        raise PipelineError(
+            f"predict.tta: {what} cuts {h}x{w} crops (the model's input size) from the test images, "
+            f"which are {H}x{W}; expected test images larger than the model's input "
+            f"(set model.input_size smaller than the images, or drop {what})"
+        )
     # Centre offset rounded like torchvision's center_crop.
     ct, cl = int(round((H - h) / 2)), int(round((W - w) / 2))
     spots = {"tl": (0, 0), "tr": (0, W - w), "bl": (H - h, 0), "br": (H - h, W - w), "c": (ct, cl)}
     # The flipped crops are the five crops of the mirrored image (as torchvision's TenCrop): a crop at
     # left offset l of the mirror is the mirror of the crop at W - w - l. With an odd W - w the centre
     # is not symmetric, and only this keeps ten-crop exactly invariant under a horizontal flip.
-    return [_crop(t, W - w - l if f else l, h, w, f, f"crop_{s}{'+hflip' if f else ''}")
-            for f in flips for s, (t, l) in spots.items()]
+    return [
+        _crop(t, W - w - l if f else l, h, w, f, f"crop_{s}{'+hflip' if f else ''}")
+        for f in flips
+        for s, (t, l) in spots.items()
+    ]
 
 
 def _affine(angle: float, scale: float, name: str) -> TtaTransform:
     """Turn by ``angle`` degrees and scale by ``scale`` about the centre (bilinear, reflected borders)."""
+
     def fn(x: torch.Tensor) -> torch.Tensor:
         import torch
         import torch.nn.functional as F
@@ -104,7 +120,9 @@ def _affine(angle: float, scale: float, name: str) -> TtaTransform:
         # non-square image. The grid maps each output pixel to where it samples the input.
         theta = torch.tensor([[c, -s * h / w, 0.0], [s * w / h, c, 0.0]], dtype=torch.float32, device=x.device)
         grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
-        return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False).to(x.dtype)
+        return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False).to(
+            x.dtype
+        )
 
     return TtaTransform(name, fn, ("affine", round(angle, 6), round(scale, 6)))
 
@@ -131,12 +149,15 @@ def _family(name) -> tuple[str, int] | None:
 
 def _needs_square(name, image_size):
     if image_size[0] != image_size[1]:
-        raise PipelineError(f"predict.tta: {name} rotates by 90 degrees, which needs square images; "
-                            f"the test images are {image_size[0]}x{image_size[1]}")
+        raise PipelineError(
+            f"predict.tta: {name} rotates by 90 degrees, which needs square images; "
+            f"the test images are {image_size[0]}x{image_size[1]}"
+        )
 
 
 # The built-in entries of TTA (pipeline/config/registries.py): builder(image_size, model_size) -> transforms.
 # A new entry is one registration: ``TTA.register("mine", lambda s, m: [TtaTransform("mine", fn, ("custom", "mine"))])``.
+
 
 def identity(image_size, model_size):
     return [_d4(0, False)]
@@ -177,7 +198,9 @@ def tencrop(image_size, model_size):
     return _crops(image_size, model_size, (False, True), "tencrop")
 
 
-def build_tta(names: list[str], image_size: tuple[int, int], model_size: int | tuple[int, int] | None = None) -> list[TtaTransform]:
+def build_tta(
+    names: list[str], image_size: tuple[int, int], model_size: int | tuple[int, int] | None = None
+) -> list[TtaTransform]:
     """The transforms named in ``predict.tta``, each once, in declaration order.
 
     ``image_size`` is the test images' (H, W); ``model_size`` the model's input size (crops only).
@@ -202,9 +225,18 @@ def model_input_size(meta: dict) -> tuple[int, int]:
     return (int(s), int(s)) if s else (int(meta["img_size"][0]), int(meta["img_size"][1]))
 
 
-def predict_tta_parts(model, images, features, transforms: list[TtaTransform], average: str = "prob", batch_size: int = 64,
-                      device: torch.device | str = "cpu", channels_last: bool = False, precision: str = "fp32",
-                      task: Task | None = None) -> dict:
+def predict_tta_parts(
+    model,
+    images,
+    features,
+    transforms: list[TtaTransform],
+    average: str = "prob",
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+    precision: str = "fp32",
+    task: Task | None = None,
+) -> dict:
     """Each transform's own (N, K) prediction by its key: the task's predictions (``average="prob"``) or
     logits (``"logit"``), so that several TTA subsets can be averaged from one pass per view. ``task``: the
     run's target kind (pipeline/tasks/), whose activation turns logits into predictions; by default the
@@ -222,9 +254,20 @@ def predict_tta_parts(model, images, features, transforms: list[TtaTransform], a
     return out
 
 
-def predict_tta(model, images, features, transforms: list[TtaTransform], average: str = "prob", batch_size: int = 64,
-                device: torch.device | str = "cpu", channels_last: bool = False, precision: str = "fp32",
-                task: Task | None = None) -> np.ndarray:
+def predict_tta(
+    model,
+    images,
+    features,
+    transforms: list[TtaTransform],
+    average: str = "prob",
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    channels_last: bool = False,
+    precision: str = "fp32",
+    task: Task | None = None,
+) -> np.ndarray:
     """(N, K) mean over the transforms: of the task's predictions (``average="prob"``) or of logits (``"logit"``)."""
-    parts = predict_tta_parts(model, images, features, transforms, average, batch_size, device, channels_last, precision, task)
+    parts = predict_tta_parts(
+        model, images, features, transforms, average, batch_size, device, channels_last, precision, task
+    )
     return sum(parts.values()) / len(parts)

@@ -23,6 +23,7 @@ with only a log warning (timm 1.0.31, measured). Files are found with public API
 (``huggingface_hub``, ``torch.hub``); a host is probed once per process because offline the hub
 clients retry for minutes before giving up.
 """
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -50,8 +51,18 @@ PACKAGES = {
 
 # Wrappers seen around state dicts: timm/lightning training checkpoints, DDP, torch.compile, our Net.
 _NEST_KEYS = ("state_dict", "model_state_dict", "model", "module", "state_dict_ema", "model_ema")
-_PREFIXES = ("", "backbone.", "model.", "module.", "_orig_mod.", "encoder.",
-             "model.backbone.", "module.backbone.", "module.model.", "_orig_mod.backbone.")
+_PREFIXES = (
+    "",
+    "backbone.",
+    "model.",
+    "module.",
+    "_orig_mod.",
+    "encoder.",
+    "model.backbone.",
+    "module.backbone.",
+    "module.model.",
+    "_orig_mod.backbone.",
+)
 _CLASSIFIERS = ("classifier", "fc", "head", "head.fc", "last_linear")
 
 # model name -> why the hub could not be reached, so later folds do not retry the network.
@@ -79,11 +90,14 @@ def load_pretrained(backbone: nn.Module, name: str, weights: str | None, in_chan
             return f"{dist} {importlib.metadata.version(dist)} (converted to timm, cached at {path})"
     else:
         tried.append(f"installed packages: only {', '.join(PACKAGES)}")
-    raise PipelineError(f"model.pretrained: no pretrained weights for {name!r}: {'; '.join(tried)}; "
-                        "set model.weights=PATH or model.pretrained=false")
+    raise PipelineError(
+        f"model.pretrained: no pretrained weights for {name!r}: {'; '.join(tried)}; "
+        "set model.weights=PATH or model.pretrained=false"
+    )
 
 
 # ---- 1. a file named in the config -----------------------------------------------------
+
 
 def load_weights_file(backbone: nn.Module, name: str, weights: str | os.PathLike, in_chans: int) -> str:
     path = Path(weights).expanduser()
@@ -116,11 +130,14 @@ def _read_state_file(path: Path, where: str) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         objs = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
         if objs:
-            raise PipelineError(f"{where}: holds objects beyond tensors ({objs.group(1)}), which are not "
-                                "unpickled; re-save its state_dict() (safetensors preferred)") from None
+            raise PipelineError(
+                f"{where}: holds objects beyond tensors ({objs.group(1)}), which are not "
+                "unpickled; re-save its state_dict() (safetensors preferred)"
+            ) from None
         why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-        raise PipelineError(f"{where}: not a readable torch file "
-                            f"({' '.join((why.group(1) if why else str(e)).split())[:100]})") from None
+        raise PipelineError(
+            f"{where}: not a readable torch file ({' '.join((why.group(1) if why else str(e)).split())[:100]})"
+        ) from None
     except Exception as e:  # safetensors and torch raise their own types on corrupt files
         kind = "safetensors" if is_safetensors else "torch"
         msg = " ".join(str(e).split())[:120]
@@ -147,13 +164,14 @@ def _unwrap(obj) -> dict[str, torch.Tensor]:
 
 def _strip_prefix(state: dict, model_keys: set[str]) -> dict:
     """Keep the keys under the prefix that best matches the model (drops e.g. our Net's head)."""
+
     def hits(p):
-        return sum(k.startswith(p) and k[len(p):] in model_keys for k in state)
+        return sum(k.startswith(p) and k[len(p) :] in model_keys for k in state)
 
     best = max(_PREFIXES, key=hits)  # ties keep the earlier (shorter) prefix
     if not best:
         return dict(state)
-    return {k[len(best):]: v for k, v in state.items() if k.startswith(best)}
+    return {k[len(best) :]: v for k, v in state.items() if k.startswith(best)}
 
 
 def _first_convs(backbone: nn.Module, model_state: dict) -> list[str]:
@@ -179,8 +197,14 @@ def _fit_into(backbone: nn.Module, state: dict, name: str, in_chans: int, where:
     src_chans = (cfg.get("input_size") or (3,))[0]
     for k in _first_convs(backbone, model_state):
         w, want = state.get(k), model_state[k]
-        if (w is not None and w.ndim == 4 and w.shape != want.shape and w.shape[1] == src_chans
-                and w.shape[0] == want.shape[0] and w.shape[2:] == want.shape[2:]):
+        if (
+            w is not None
+            and w.ndim == 4
+            and w.shape != want.shape
+            and w.shape[1] == src_chans
+            and w.shape[0] == want.shape[0]
+            and w.shape[2:] == want.shape[2:]
+        ):
             state[k] = adapt_input_conv(in_chans, w, base_chans=src_chans)
     fits = f"does not fit {name} with in_chans={in_chans}"
     for k, v in model_state.items():
@@ -189,11 +213,15 @@ def _fit_into(backbone: nn.Module, state: dict, name: str, in_chans: int, where:
                 state[k] = v
                 continue
             n = sum(key not in state for key in model_state)
-            raise PipelineError(f"{where} {fits}: key {k!r} {tuple(v.shape)} missing from the file "
-                                f"({n} of {len(model_state)} model keys missing)")
+            raise PipelineError(
+                f"{where} {fits}: key {k!r} {tuple(v.shape)} missing from the file "
+                f"({n} of {len(model_state)} model keys missing)"
+            )
         if state[k].shape != v.shape:
-            raise PipelineError(f"{where} {fits}: first mismatching key {k!r} has shape "
-                                f"{tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model")
+            raise PipelineError(
+                f"{where} {fits}: first mismatching key {k!r} has shape "
+                f"{tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+            )
     # BN step counters say little about which layer is extra: name a real tensor first.
     extra = sorted((k for k in state if k not in model_state), key=lambda k: k.endswith("num_batches_tracked"))
     if extra:
@@ -202,6 +230,7 @@ def _fit_into(backbone: nn.Module, state: dict, name: str, in_chans: int, where:
 
 
 # ---- 2. timm's own source: Hugging Face hub / torch hub cache --------------------------
+
 
 def _offline() -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
@@ -341,8 +370,14 @@ def _timm_filter(backbone: nn.Module, state: dict) -> dict:
 # efficientnet_pytorch module names -> timm's, per block type (stage-0 blocks have no expand conv).
 _TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 _DS = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_IR = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-       "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_IR = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 
 
 def package_pth(name: str) -> tuple[Path, str]:
@@ -411,6 +446,7 @@ def package_weights_file(name: str) -> Path:
         with atomic_path(out) as tmp:
             save_file(state, str(tmp), metadata={"source": tag, "format": f"timm {name}"})
     except OSError as e:
-        raise PipelineError(f"{out}: cannot cache the converted weights ({e.strerror or e}); "
-                            "set PIPELINE_CACHE to a writable directory") from None
+        raise PipelineError(
+            f"{out}: cannot cache the converted weights ({e.strerror or e}); set PIPELINE_CACHE to a writable directory"
+        ) from None
     return out

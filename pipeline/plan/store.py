@@ -58,6 +58,7 @@ from pipeline.plan.speed import SpeedFn
 
 log = logging.getLogger(__name__)
 
+
 def parse_budget(text: str) -> float:
     """``900``, ``900s``, ``15m``, ``1.5h`` -> seconds."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
@@ -74,10 +75,15 @@ def describe(cfg: Config, plan: dict) -> str:
     exp = plan.get("expected_train_s")
     budget = plan.get("budget_s")
     steps = f" of {t.max_steps_per_epoch} steps" if t.max_steps_per_epoch else ""
-    timing = (f"; expected {exp / 60:.1f} min of training for a {budget / 60:.1f} min budget" if exp is not None and budget
-              else "")
-    return (f"plan: {m.backbone} ({'pretrained' if m.pretrained else 'from scratch'}, finetune {m.finetune}) at {size} px, "
-            f"{plan['folds']} folds x {t.epochs} epochs{steps} x {len(plan['seeds'])} seed(s){timing}")
+    timing = (
+        f"; expected {exp / 60:.1f} min of training for a {budget / 60:.1f} min budget"
+        if exp is not None and budget
+        else ""
+    )
+    return (
+        f"plan: {m.backbone} ({'pretrained' if m.pretrained else 'from scratch'}, finetune {m.finetune}) at {size} px, "
+        f"{plan['folds']} folds x {t.epochs} epochs{steps} x {len(plan['seeds'])} seed(s){timing}"
+    )
 
 
 def planned(cfg: Config, *, create: bool = True, require: bool = True, speed: SpeedFn | None = None) -> Config:
@@ -103,8 +109,10 @@ def planned(cfg: Config, *, create: bool = True, require: bool = True, speed: Sp
     if plan is None:
         if require:
             budget = f" --budget {cfg.train.time_budget_s:g}s" if cfg.train.time_budget_s else ""
-            raise PipelineError(f"{run.plan_json}: no plan for this config (plan hash {h}); run `pipeline train {cfg.path}{budget}` "
-                                f"with the same overrides first (the plan resolves its auto values and budget)")
+            raise PipelineError(
+                f"{run.plan_json}: no plan for this config (plan hash {h}); run `pipeline train {cfg.path}{budget}` "
+                f"with the same overrides first (the plan resolves its auto values and budget)"
+            )
         return cfg
     return with_values(cfg, _still_auto(cfg, plan["values"])).model_copy(update={"plan": plan})
 
@@ -138,7 +146,12 @@ def _make(cfg: Config, facts: Facts, speed: SpeedFn | None) -> dict:
     device = resolve_device(cfg.train.device)
     t0 = time.time()
     plan = make_plan(cfg, facts, device_type=device.type, cores=torch.get_num_threads(), speed=speed)
-    plan["facts"] = {"n_rows": facts.n_rows, "classes": len(facts.class_names), "channels": facts.channels, "native": facts.native}
+    plan["facts"] = {
+        "n_rows": facts.n_rows,
+        "classes": len(facts.class_names),
+        "channels": facts.channels,
+        "native": facts.native,
+    }
     plan["planning_s"] = round(time.time() - t0, 1)
     plan["line"] = describe(with_values(cfg, plan["values"]), plan)
     for line in plan["why"]:
@@ -152,6 +165,7 @@ def _make(cfg: Config, facts: Facts, speed: SpeedFn | None) -> dict:
 def _still_auto(cfg: Config, values: dict) -> dict:
     """The plan's values for keys the config leaves to it: a key given a value (a key outside the plan's
     hash, e.g. ``predict.tta``) keeps it; ``model.pretrained``/``finetune`` follow ``model.backbone: auto``."""
+
     def auto(key: str) -> bool:
         section, name = key.split(".")
         if section == "model" and name in ("pretrained", "finetune"):

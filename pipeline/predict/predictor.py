@@ -25,6 +25,7 @@ Every prediction file holds RAW probabilities. The calibration the evaluate stag
 predict.json. ``predict.clip`` applies to the submission only. ``predict.tta``, ``predict.tta_oof``
 and ``predict.clip`` default to ``auto`` rules (pipeline/config/auto.py), logged when resolved.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,17 +35,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.runs.predictions import load_calibration
-from pipeline.tasks import build_task
-from pipeline.config.schema import Config, stage_sections
-from pipeline.config.load import read_stage_hash
 from pipeline.config.auto import resolve_clip, resolve_tta, tta_auto, tta_is_on, uses_tta_oof
+from pipeline.config.load import read_stage_hash
+from pipeline.config.schema import Config, stage_sections
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import Staging, atomic_write_json, file_sha256
 from pipeline.core.metrics import logloss, score
-from pipeline.runs.predictions import pred_frame, probs_of, read_predictions, scale, write_predictions
 from pipeline.runs.layout import JobDir, RunDir
+from pipeline.runs.predictions import load_calibration, pred_frame, probs_of, read_predictions, scale, write_predictions
 from pipeline.runs.records import read_metrics
+from pipeline.tasks import build_task
 from pipeline.train.finished import model_dirs, models_by_fold
 from pipeline.train.precision import read_precision
 
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 
 # ---- clipping and scores -------------------------------------------------------------------
+
 
 def check_clip(clip, where: str = "predict.clip") -> None:
     if clip is not None and not 0 <= clip[0] < clip[1] <= 1:
@@ -79,6 +80,7 @@ def oof_scores(metric: str, y: np.ndarray, probs: np.ndarray, clip=None) -> dict
 
 
 # ---- the models ------------------------------------------------------------------------
+
 
 class _Models:
     """Loads checkpoints one at a time (keeps memory flat) and predicts with the TTA ``names`` (default:
@@ -114,18 +116,31 @@ class _Models:
         model_dir.read_best_meta()  # checked here: load_checkpoint rebuilds the model from it
         model, meta = load_checkpoint(model_dir.best_weights)
         if list(meta["class_names"]) != list(table.class_names):
-            raise PipelineError(f"{model_dir.best_meta}: model classes {meta['class_names']} differ from the data's {list(table.class_names)}; "
-                                f"retrain with `pipeline train {self.cfg.path}`")
+            raise PipelineError(
+                f"{model_dir.best_meta}: model classes {meta['class_names']} differ from the data's {list(table.class_names)}; "
+                f"retrain with `pipeline train {self.cfg.path}`"
+            )
         if meta["in_chans"] != table.channels:
-            raise PipelineError(f"{model_dir.best_meta}: model takes {meta['in_chans']} channels but the images have {table.channels}")
+            raise PipelineError(
+                f"{model_dir.best_meta}: model takes {meta['in_chans']} channels but the images have {table.channels}"
+            )
         model.to(self.device)
         if self.channels_last:
             import torch
 
             model.to(memory_format=torch.channels_last)
-        return predict_tta_parts(model, images, features, self.transforms(model_dir, table.image_size), self.cfg.predict.average,
-                                 self.cfg.train.batch_size * 2, self.device, self.channels_last, self.precision,
-                                 task=build_task(len(table.class_names)))
+        return predict_tta_parts(
+            model,
+            images,
+            features,
+            self.transforms(model_dir, table.image_size),
+            self.cfg.predict.average,
+            self.cfg.train.batch_size * 2,
+            self.device,
+            self.channels_last,
+            self.precision,
+            task=build_task(len(table.class_names)),
+        )
 
     def total(self, dirs: list[JobDir], table) -> np.ndarray:
         """Sum over ``dirs`` of each model's TTA mean (probabilities or logits) on every row of ``table``."""
@@ -169,7 +184,9 @@ def oof_with_tta_subsets(cfg: Config, table, fold_of: np.ndarray, subsets: list[
     frames = []
     for acc, names in zip(accs, subsets):
         probs = _to_probs(acc, cfg.predict.average)
-        log.info(f"OOF with TTA {names}: {fmt_scores(cfg.metric, score(cfg.metric, table.labels, probs), logloss(table.labels, probs))}")
+        log.info(
+            f"OOF with TTA {names}: {fmt_scores(cfg.metric, score(cfg.metric, table.labels, probs), logloss(table.labels, probs))}"
+        )
         frames.append(pred_frame(table.ids, probs, table.class_names, fold=fold_of, target=table.labels))
     return frames
 
@@ -179,24 +196,34 @@ def _check_tta(cfg: Config, models: _Models, model: JobDir, test) -> list:
     transforms = models.transforms(model, test.image_size)
     crops = [n for n in models.names if n in ("fivecrop", "tencrop")]
     if crops and not any("Crop" in a.get("name", "") for a in cfg.augment):
-        log.info(f"warning: predict.tta {crops[0]} feeds the model crops at the images' own scale, but training resized "
-             f"whole images (no crop in augment); add e.g. RandomCrop or RandomResizedCrop to the model's input size")
+        log.info(
+            f"warning: predict.tta {crops[0]} feeds the model crops at the images' own scale, but training resized "
+            f"whole images (no crop in augment); add e.g. RandomCrop or RandomResizedCrop to the model's input size"
+        )
     return transforms
 
 
-def _write_test_preds(cfg: Config, run: RunDir, stage: Staging, models: _Models, by_fold: list[list[JobDir]], test) -> pd.DataFrame:
+def _write_test_preds(
+    cfg: Config, run: RunDir, stage: Staging, models: _Models, by_fold: list[list[JobDir]], test
+) -> pd.DataFrame:
     """test_pred.csv (every fold model) and test_pred_fold<k>.csv (fold k's own), raw, into ``stage``;
     returns test_pred.csv's frame as read back from its file."""
     average, names = cfg.predict.average, test.class_names
     totals = [models.total(group, test) for group in by_fold]
     n_models = sum(len(g) for g in by_fold)
     for k, (t, group) in enumerate(zip(totals, by_fold)):
-        write_predictions(stage.path(run.test_pred_fold(k)), pred_frame(test.ids, _to_probs(t / len(group), average), names), "test")
+        write_predictions(
+            stage.path(run.test_pred_fold(k)), pred_frame(test.ids, _to_probs(t / len(group), average), names), "test"
+        )
     for k, p in run.test_pred_fold_files().items():
         if k >= len(by_fold):
             stage.remove(p)  # a fold of an earlier folds file
-    return _write_and_read(stage.path(run.test_pred), pred_frame(test.ids, _to_probs(sum(totals) / n_models, average), names),
-                           names, f"pipeline predict {cfg.path}")
+    return _write_and_read(
+        stage.path(run.test_pred),
+        pred_frame(test.ids, _to_probs(sum(totals) / n_models, average), names),
+        names,
+        f"pipeline predict {cfg.path}",
+    )
 
 
 def _write_and_read(path: Path, frame: pd.DataFrame, names, hint: str) -> pd.DataFrame:
@@ -205,14 +232,20 @@ def _write_and_read(path: Path, frame: pd.DataFrame, names, hint: str) -> pd.Dat
     return read_predictions(path, "test", class_names=names, hint=hint)
 
 
-def _write_refit_preds(cfg: Config, run: RunDir, stage: Staging, models: _Models, test) -> tuple[list[JobDir], pd.DataFrame | None]:
+def _write_refit_preds(
+    cfg: Config, run: RunDir, stage: Staging, models: _Models, test
+) -> tuple[list[JobDir], pd.DataFrame | None]:
     if not cfg.train.refit:
         stage.remove(run.test_pred_refit)  # a stale refit file must not be submitted
         return [], None
     dirs = model_dirs(cfg, refit=True)
     probs = _to_probs(models.total(dirs, test) / len(dirs), cfg.predict.average)
-    df = _write_and_read(stage.path(run.test_pred_refit), pred_frame(test.ids, probs, test.class_names), test.class_names,
-                         f"pipeline predict {cfg.path}")
+    df = _write_and_read(
+        stage.path(run.test_pred_refit),
+        pred_frame(test.ids, probs, test.class_names),
+        test.class_names,
+        f"pipeline predict {cfg.path}",
+    )
     log.info(f"{run.test_pred_refit.name}: {len(test)} rows from {', '.join(d.name for d in dirs)}")
     return dirs, df
 
@@ -233,14 +266,22 @@ def _oof_file(cfg: Config, run: RunDir) -> Path:
     evaluate stage, when TTA and ``predict.tta_oof`` are on; else oof.csv. Checked before any work."""
     if not uses_tta_oof(cfg):
         if not run.oof.is_file():
-            raise PipelineError(f"{run.oof}: not found although every fold is done; rerun `pipeline train {cfg.path}` to collect it")
+            raise PipelineError(
+                f"{run.oof}: not found although every fold is done; rerun `pipeline train {cfg.path}` to collect it"
+            )
         if tta_is_on(cfg):
-            log.info(f"warning: predict.tta_oof is false: the calibration was fitted on OOF without the TTA {resolve_tta(cfg)} "
-                     f"that the test predictions get")
+            log.info(
+                f"warning: predict.tta_oof is false: the calibration was fitted on OOF without the TTA {resolve_tta(cfg)} "
+                f"that the test predictions get"
+            )
         return run.oof
-    if not run.oof_tta.is_file() or read_stage_hash(run.snapshot("evaluate")) != cfg.hash(*stage_sections(cfg, "evaluate")):
-        raise PipelineError(f"{run.oof_tta}: {'stale' if run.oof_tta.is_file() else 'not found'}; run `pipeline evaluate {cfg.path}` "
-                            f"first: it makes the OOF with the TTA {resolve_tta(cfg)} and fits the calibration on it")
+    if not run.oof_tta.is_file() or read_stage_hash(run.snapshot("evaluate")) != cfg.hash(
+        *stage_sections(cfg, "evaluate")
+    ):
+        raise PipelineError(
+            f"{run.oof_tta}: {'stale' if run.oof_tta.is_file() else 'not found'}; run `pipeline evaluate {cfg.path}` "
+            f"first: it makes the OOF with the TTA {resolve_tta(cfg)} and fits the calibration on it"
+        )
     return run.oof_tta
 
 
@@ -253,7 +294,9 @@ def _evaluated_tta(cfg: Config, run: RunDir) -> list[str]:
         return names
     kept = (read_metrics(run) or {}).get("tta")
     if not isinstance(kept, list) or not kept or not set(kept) <= set(names):
-        raise PipelineError(f"{run.metrics_json}: tta is {kept!r}; expected names among {names}; rerun `pipeline evaluate {cfg.path}`")
+        raise PipelineError(
+            f"{run.metrics_json}: tta is {kept!r}; expected names among {names}; rerun `pipeline evaluate {cfg.path}`"
+        )
     return kept
 
 
@@ -274,13 +317,18 @@ def _predict_into(cfg: Config, run: RunDir, stage: Staging) -> _Predicted:
     auto = []
     if tta_auto(cfg):  # a plan writes auto out as a list (defaults.tta_auto)
         dropped = [n for n in resolve_tta(cfg) if n not in models.names]
-        auto.append(f"tta auto -> {models.names} from the augment list" + ("" if cfg.predict.tta == "auto" else " and the plan")
-                    + (f" ({', '.join(dropped)} dropped by evaluate: no lower OOF log-loss)" if dropped else ""))
+        auto.append(
+            f"tta auto -> {models.names} from the augment list"
+            + ("" if cfg.predict.tta == "auto" else " and the plan")
+            + (f" ({', '.join(dropped)} dropped by evaluate: no lower OOF log-loss)" if dropped else "")
+        )
     if cfg.predict.clip == "auto":
         auto.append(f"clip auto -> {list(clip) if clip else 'none'} for metric {cfg.metric}")
-    log.info(f"predict {cfg.name}: {len(dirs)} model(s) x {len(transforms)} TTA transform(s) "
-             f"({', '.join(t.name for t in transforms)}) on {len(test)} test images, averaging {cfg.predict.average}s"
-             + (f" ({'; '.join(auto)}, pipeline/config/auto.py)" if auto else ""))
+    log.info(
+        f"predict {cfg.name}: {len(dirs)} model(s) x {len(transforms)} TTA transform(s) "
+        f"({', '.join(t.name for t in transforms)}) on {len(test)} test images, averaging {cfg.predict.average}s"
+        + (f" ({'; '.join(auto)}, pipeline/config/auto.py)" if auto else "")
+    )
     df = _write_test_preds(cfg, run, stage, models, by_fold, test)
     refit_dirs, refit = _write_refit_preds(cfg, run, stage, models, test)
 
@@ -289,20 +337,32 @@ def _predict_into(cfg: Config, run: RunDir, stage: Staging) -> _Predicted:
         what = [f"temperature {cal.temperature:.4f}"] if cal.temperature is not None else []
         if cal.shrink:
             what.append(f"shrink {cal.shrink:.4f} toward the class prior")
-        log.info(f"calibration from {run.calibration_json}: {', '.join(what)}; applied to the OOF scores and the submission "
-                 f"(prediction files stay raw)")
+        log.info(
+            f"calibration from {run.calibration_json}: {', '.join(what)}; applied to the OOF scores and the submission "
+            f"(prediction files stay raw)"
+        )
     remake = f"pipeline {'evaluate' if oof_path == run.oof_tta else 'train'} {cfg.path}"
     oof = scale(read_predictions(oof_path, "oof", class_names=test.class_names, hint=remake), cal)
     scores = oof_scores(cfg.metric, oof["target"].to_numpy(), probs_of(oof, test.class_names), clip)
     clip_note = f" (clipped to {list(clip)}: {scores['oof_logloss_clipped']:.4f})" if clip else ""
-    log.info(f"OOF ({oof_path.name}{', calibrated' if cal else ''}): "
-             f"{fmt_scores(cfg.metric, scores['oof_score'], scores['oof_logloss'])}{clip_note}")
+    log.info(
+        f"OOF ({oof_path.name}{', calibrated' if cal else ''}): "
+        f"{fmt_scores(cfg.metric, scores['oof_score'], scores['oof_logloss'])}{clip_note}"
+    )
 
     info = {
-        "models": [d.name for d in dirs], "refit_models": [d.name for d in refit_dirs], "tta": [t.name for t in transforms], "average": cfg.predict.average,
-        "temperature": cal.temperature if cal else None, "shrink": cal.shrink if cal else 0.0, "clip": list(clip) if clip else None,
-        "oof": oof_path.name, "test_pred_folds": [run.test_pred_fold(k).name for k in range(len(by_fold))],
-        "class_names": list(test.class_names), **scores, "train_hash": run.snapshot_hash("train"),
+        "models": [d.name for d in dirs],
+        "refit_models": [d.name for d in refit_dirs],
+        "tta": [t.name for t in transforms],
+        "average": cfg.predict.average,
+        "temperature": cal.temperature if cal else None,
+        "shrink": cal.shrink if cal else 0.0,
+        "clip": list(clip) if clip else None,
+        "oof": oof_path.name,
+        "test_pred_folds": [run.test_pred_fold(k).name for k in range(len(by_fold))],
+        "class_names": list(test.class_names),
+        **scores,
+        "train_hash": run.snapshot_hash("train"),
         "oof_sha256": file_sha256(run.oof),  # the training these predictions belong to (RunDir.stale_predictions)
     }
     atomic_write_json(stage.path(run.predict_json), info)
@@ -320,7 +380,9 @@ def _predict_stage(cfg: Config, *, submit: bool) -> tuple[_Predicted, Path | Non
     with run.staged("predict") as stage:
         made = _predict_into(cfg, run, stage)
         sub = _write_submissions(cfg, stage, made) if submit else None
-    log.info(f"wrote {run.test_pred}: {len(made.test_pred)} rows, and {len(made.info['test_pred_folds'])} test_pred_fold<k>.csv")
+    log.info(
+        f"wrote {run.test_pred}: {len(made.test_pred)} rows, and {len(made.info['test_pred_folds'])} test_pred_fold<k>.csv"
+    )
     return made, sub
 
 
@@ -343,19 +405,40 @@ def _write_submissions(cfg: Config, stage: Staging, made: _Predicted) -> Path:
     info, clip = made.info, resolve_clip(cfg)
     names, t = info["class_names"], made.calibration
     hashes = {cfg.name: {"config": cfg.hash(), "train": info["train_hash"], "predict": made.predict_hash}}
-    meta = {"experiments": [cfg.name], "weights": [1.0], "method": "single",
-            **{k: info[k] for k in ("metric", "oof_score", "oof_logloss", "tta", "average", "temperature", "shrink", "clip", "oof")},
-            "config_hashes": hashes}
+    meta = {
+        "experiments": [cfg.name],
+        "weights": [1.0],
+        "method": "single",
+        **{
+            k: info[k]
+            for k in ("metric", "oof_score", "oof_logloss", "tta", "average", "temperature", "shrink", "clip", "oof")
+        },
+        "config_hashes": hashes,
+    }
     if "oof_logloss_clipped" in info:
         meta["oof_logloss_clipped"] = info["oof_logloss_clipped"]
     ids = made.test_pred["id"].to_numpy()
-    path = write_submission(cfg, ids, clip_probs(probs_of(scale(made.test_pred, t), names), clip), names, cfg.name,
-                            meta | {"models": info["models"]}, test_ids=ids)
+    path = write_submission(
+        cfg,
+        ids,
+        clip_probs(probs_of(scale(made.test_pred, t), names), clip),
+        names,
+        cfg.name,
+        meta | {"models": info["models"]},
+        test_ids=ids,
+    )
     stage.undo(lambda: remove_submission(path))
     if made.refit is not None:
         rids = made.refit["id"].to_numpy()
-        refit = write_submission(cfg, rids, clip_probs(probs_of(scale(made.refit, t), names), clip), names, f"{cfg.name}-refit",
-                                 meta | {"method": "refit", "models": info["refit_models"], "oof_note": "oof scores are the fold models' CV"},
-                                 test_ids=rids)
+        refit = write_submission(
+            cfg,
+            rids,
+            clip_probs(probs_of(scale(made.refit, t), names), clip),
+            names,
+            f"{cfg.name}-refit",
+            meta
+            | {"method": "refit", "models": info["refit_models"], "oof_note": "oof scores are the fold models' CV"},
+            test_ids=rids,
+        )
         stage.undo(lambda: remove_submission(refit))
     return path

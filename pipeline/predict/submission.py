@@ -5,10 +5,11 @@
 weights, OOF score and config hashes that made it, and the CSV's ``sha256``: ``read_sidecar`` tells a
 file the pipeline wrote, unchanged, from any other. A name that exists gets a ``-2``, ``-3``... suffix.
 """
+
 from __future__ import annotations
 
-import logging
 import datetime as dt
+import logging
 import math
 import os
 import tempfile
@@ -35,7 +36,17 @@ def utc_stamp(now: dt.datetime | None = None) -> str:
     return (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
 
 
-def write_submission(cfg: Config, ids, probs: np.ndarray, class_names: list[str], experiment: str, info: dict, *, test_ids=None, now: dt.datetime | None = None) -> Path:
+def write_submission(
+    cfg: Config,
+    ids,
+    probs: np.ndarray,
+    class_names: list[str],
+    experiment: str,
+    info: dict,
+    *,
+    test_ids=None,
+    now: dt.datetime | None = None,
+) -> Path:
     """Write a validated submission file and its JSON; returns the CSV path.
 
     ``test_ids`` (the test data's ids, when the caller has just read them) saves re-reading the test set
@@ -60,14 +71,24 @@ def write_submission(cfg: Config, ids, probs: np.ndarray, class_names: list[str]
         path = _claim(tmp, root, f"{cfg.competition}-{experiment}-{stamp}")
     finally:
         tmp.unlink(missing_ok=True)
-    meta = {"file": path.name, "competition": cfg.competition, "experiment": experiment, "created_utc": stamp,
-            "rows": len(frame), "columns": list(frame.columns), **info, "sha256": digest}
+    meta = {
+        "file": path.name,
+        "competition": cfg.competition,
+        "experiment": experiment,
+        "created_utc": stamp,
+        "rows": len(frame),
+        "columns": list(frame.columns),
+        **info,
+        "sha256": digest,
+    }
     try:
         atomic_write_json(path.with_suffix(".json"), meta)
     except BaseException:
         path.unlink(missing_ok=True)  # a CSV without its sidecar is not a file the pipeline wrote
         raise
-    log.info(f"wrote {path} ({len(frame)} rows, columns {','.join(frame.columns)}) and {path.with_suffix('.json').name}")
+    log.info(
+        f"wrote {path} ({len(frame)} rows, columns {','.join(frame.columns)}) and {path.with_suffix('.json').name}"
+    )
     return path
 
 
@@ -106,12 +127,16 @@ def check_own(path: str | Path) -> dict:
         raise PipelineError(f"{path}: submission file not found")
     d = read_sidecar(path)
     if not isinstance(d.get("sha256"), str):
-        raise PipelineError(f"{path.with_suffix('.json')}: no sha256 of {path.name} (written before submission files recorded it); {_REMAKE}")
+        raise PipelineError(
+            f"{path.with_suffix('.json')}: no sha256 of {path.name} (written before submission files recorded it); {_REMAKE}"
+        )
     if d["file"] != path.name:
         raise PipelineError(f"{path.with_suffix('.json')}: describes {d['file']!r}, not {path.name}; {_REMAKE}")
     if file_sha256(path) != d["sha256"]:
-        raise PipelineError(f"{path}: its sha256 differs from the one {path.with_suffix('.json').name} recorded: the file was "
-                            f"changed after the pipeline wrote it; {_REMAKE}")
+        raise PipelineError(
+            f"{path}: its sha256 differs from the one {path.with_suffix('.json').name} recorded: the file was "
+            f"changed after the pipeline wrote it; {_REMAKE}"
+        )
     return d
 
 
@@ -135,6 +160,7 @@ def _claim(tmp: Path, root: Path, stem: str) -> Path:
 
 # ---- validation --------------------------------------------------------------------------
 
+
 def _examples(values, n: int = 3) -> str:
     vals = list(values)[:n]
     return ", ".join(repr(v) for v in vals)
@@ -143,7 +169,6 @@ def _examples(values, n: int = 3) -> str:
 def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_names=None) -> list[str]:
     """Problems of a submission file, one line per failed check (a count and up to 3 examples); [] when valid."""
     from pipeline.data.formats import build_reader
-
     from pipeline.plan.store import planned
 
     cfg = planned(cfg, create=False)  # the test images are read at the size the run was planned at
@@ -163,7 +188,9 @@ def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_n
     try:
         df = _read_text_csv(path)
     except (ValueError, OverflowError) as e:  # ParserError, EmptyDataError and UnicodeDecodeError are ValueErrors
-        return [f"{path}: cannot parse as CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__}); expected a header line {id_col},{val_col}"]
+        return [
+            f"{path}: cannot parse as CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__}); expected a header line {id_col},{val_col}"
+        ]
     cols = [str(c) for c in df.columns]
     if cols != [id_col, val_col]:
         return [f"{path}: columns are {','.join(cols) or '(none)'}; expected exactly {id_col},{val_col}"]
@@ -174,10 +201,14 @@ def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_n
         problems.append(f"{path}: {len(df)} rows; expected {len(test_ids)} (one per test image)")
     empty_id = ids.isin(_MISSING)
     if empty_id.any():
-        problems.append(f"{path}: {int(empty_id.sum())} empty or NaN ids (e.g. data rows {_examples((np.flatnonzero(empty_id) + 1).tolist())})")
+        problems.append(
+            f"{path}: {int(empty_id.sum())} empty or NaN ids (e.g. data rows {_examples((np.flatnonzero(empty_id) + 1).tolist())})"
+        )
     dup = ids[ids.duplicated() & ~empty_id]
     if len(dup):
-        problems.append(f"{path}: {len(dup)} duplicate ids (e.g. {_examples(dup.unique())}); expected each test id once")
+        problems.append(
+            f"{path}: {len(dup)} duplicate ids (e.g. {_examples(dup.unique())}); expected each test id once"
+        )
     missing = test_ids.difference(pd.Index(ids), sort=False)
     if len(missing):
         problems.append(f"{path}: {len(missing)} test ids missing (e.g. {_examples(missing)})")
@@ -192,19 +223,25 @@ def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_n
         num = pd.to_numeric(ok, errors="coerce")
         bad = num.isna() | ~np.isfinite(num.fillna(0))
         if bad.any():
-            problems.append(f"{path}: {int(bad.sum())} non-numeric values in {val_col} "
-                            f"(e.g. {_examples(f'{i}: {v}' for i, v in zip(ids[bad.index[bad]], ok[bad]))}); expected probabilities")
+            problems.append(
+                f"{path}: {int(bad.sum())} non-numeric values in {val_col} "
+                f"(e.g. {_examples(f'{i}: {v}' for i, v in zip(ids[bad.index[bad]], ok[bad]))}); expected probabilities"
+            )
         out = ~bad & ((num < 0) | (num > 1))
         if out.any():
-            problems.append(f"{path}: {int(out.sum())} probabilities outside [0, 1] in {val_col} "
-                            f"(e.g. {_examples(f'{i}: {v}' for i, v in zip(ids[out.index[out]], ok[out]))})")
+            problems.append(
+                f"{path}: {int(out.sum())} probabilities outside [0, 1] in {val_col} "
+                f"(e.g. {_examples(f'{i}: {v}' for i, v in zip(ids[out.index[out]], ok[out]))})"
+            )
     else:
         allowed = _allowed_labels(kind, class_names)
         bad = ~ok.isin(allowed)
         if bad.any():
             shown = ", ".join(allowed[:10]) + (", ..." if len(allowed) > 10 else "")
-            problems.append(f"{path}: {int(bad.sum())} labels not among the classes in {val_col} "
-                            f"(e.g. {_examples(f'{i}: {v}' for i, v in zip(ids[bad.index[bad]], ok[bad]))}); expected one of {shown}")
+            problems.append(
+                f"{path}: {int(bad.sum())} labels not among the classes in {val_col} "
+                f"(e.g. {_examples(f'{i}: {v}' for i, v in zip(ids[bad.index[bad]], ok[bad]))}); expected one of {shown}"
+            )
     return problems
 
 
@@ -260,7 +297,9 @@ def read_solution(cfg: Config, solution: str | Path, class_names=None) -> pd.Ser
     try:
         sol = _read_text_csv(solution)
     except (ValueError, OverflowError) as e:
-        raise PipelineError(f"{solution}: not a readable CSV ({(str(e).splitlines() or [type(e).__name__])[0][:120]}); {_SOLUTION_FIX}") from None
+        raise PipelineError(
+            f"{solution}: not a readable CSV ({(str(e).splitlines() or [type(e).__name__])[0][:120]}); {_SOLUTION_FIX}"
+        ) from None
     if [str(c) for c in sol.columns] != [id_col, val_col]:
         raise PipelineError(f"{solution}: columns are {','.join(map(str, sol.columns))}; expected {id_col},{val_col}")
     if sol.empty:
@@ -272,7 +311,9 @@ def read_solution(cfg: Config, solution: str | Path, class_names=None) -> pd.Ser
         raise PipelineError(f"{solution}: line {line(bad[0])}: {id_col} is empty or NaN; {_SOLUTION_FIX}")
     dup = np.flatnonzero(ids.duplicated().to_numpy())
     if len(dup):
-        raise PipelineError(f"{solution}: line {line(dup[0])}: {id_col} {ids.iloc[dup[0]]!r} appears more than once; {_SOLUTION_FIX}")
+        raise PipelineError(
+            f"{solution}: line {line(dup[0])}: {id_col} {ids.iloc[dup[0]]!r} appears more than once; {_SOLUTION_FIX}"
+        )
     if reader.submission_kind == "probability":
         allowed = ["0", "1"]
     else:
@@ -286,7 +327,9 @@ def read_solution(cfg: Config, solution: str | Path, class_names=None) -> pd.Ser
         i = bad[0]
         shown = ", ".join(allowed[:10]) + (", ..." if len(allowed) > 10 else "")
         what = "is empty or NaN" if vals.iloc[i] in _MISSING else f"{vals.iloc[i]!r} is not a true answer"
-        raise PipelineError(f"{solution}: line {line(i)} ({id_col} {ids.iloc[i]!r}): {val_col} {what}; expected one of {shown}; {_SOLUTION_FIX}")
+        raise PipelineError(
+            f"{solution}: line {line(i)} ({id_col} {ids.iloc[i]!r}): {val_col} {what}; expected one of {shown}; {_SOLUTION_FIX}"
+        )
     return pd.Series(vals.to_numpy(), index=pd.Index(ids.to_numpy()), name=val_col)
 
 
@@ -304,7 +347,9 @@ def score_submission(cfg: Config, path: str | Path, solution: str | Path, *, cla
     sub = pd.Series(sub[val_col].str.strip().to_numpy(), index=sub[id_col].str.strip())
     missing = truth.index.difference(sub.index)
     if len(missing):
-        raise PipelineError(f"{solution}: {len(missing)} ids not in {path} (e.g. {_examples(missing)}); expected the same test ids")
+        raise PipelineError(
+            f"{solution}: {len(missing)} ids not in {path} (e.g. {_examples(missing)}); expected the same test ids"
+        )
     pred = sub.reindex(truth.index).to_numpy()
     if reader.submission_kind == "probability":
         return "logloss", float(log_loss(truth.astype(int).to_numpy(), pred.astype(float), labels=[0, 1]))

@@ -24,14 +24,15 @@
 A job is finished for a config when its ``done.json`` holds that config's *run hash*: the train-stage
 hash and the digest of the folds file it trained on (``RunDir.run_hash``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.config.schema import stage_sections
 from pipeline.config.load import read_stage_hash, write_snapshot
+from pipeline.config.schema import stage_sections
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import Staging, atomic_write_json, read_json_object, staged
 
@@ -188,8 +189,10 @@ class RunDir:
         """``train.seeds``, or ``[train.seed]`` when it is not set."""
         if self._seeds is None:
             if self._cfg is not None:  # train.seeds: auto, and no plan applied yet
-                raise PipelineError(f"{self._cfg.path}: train.seeds is auto, which the run's plan resolves; run "
-                                    f"`pipeline train {self._cfg.path}` with the same overrides first")
+                raise PipelineError(
+                    f"{self._cfg.path}: train.seeds is auto, which the run's plan resolves; run "
+                    f"`pipeline train {self._cfg.path}` with the same overrides first"
+                )
             raise ValueError(f"{self.path}: seeds are unknown for a RunDir made from a path; use RunDir.of(cfg)")
         return list(self._seeds)
 
@@ -203,11 +206,19 @@ class RunDir:
         if fold < 0:
             return self.refit_dir(seed)
         name = f"fold_{fold}" if len(self.seeds) == 1 else f"fold_{fold}_seed{seed}"
-        return JobDir(path=self.path / name, fold=fold, seed=seed, label=self.job_label(fold, seed), train_cmd=self.command("train"))
+        return JobDir(
+            path=self.path / name,
+            fold=fold,
+            seed=seed,
+            label=self.job_label(fold, seed),
+            train_cmd=self.command("train"),
+        )
 
     def refit_dir(self, seed: int) -> JobDir:
         name = "refit" if len(self.seeds) == 1 else f"refit_seed{seed}"
-        return JobDir(path=self.path / name, fold=-1, seed=seed, label=self.job_label(-1, seed), train_cmd=self.command("train"))
+        return JobDir(
+            path=self.path / name, fold=-1, seed=seed, label=self.job_label(-1, seed), train_cmd=self.command("train")
+        )
 
     def command(self, stage: str) -> str:
         """The command that (re)makes ``stage``'s files here: with the config when it is known."""
@@ -346,7 +357,9 @@ class RunDir:
     def oof_file(self, name: str = "oof.csv") -> Path:
         """The OOF file ``predict.json`` names (``oof.csv`` or ``oof_tta.csv``)."""
         if name not in OOF_FILES:
-            raise PipelineError(f"{self.predict_json}: oof is {name!r}; expected one of {', '.join(OOF_FILES)}; rerun `pipeline predict`")
+            raise PipelineError(
+                f"{self.predict_json}: oof is {name!r}; expected one of {', '.join(OOF_FILES)}; rerun `pipeline predict`"
+            )
         return self.path / name
 
     @property
@@ -355,6 +368,7 @@ class RunDir:
 
 
 # ---- the competition's folder: its runs and the tuning studies beside them -------------------
+
 
 def competition_dir(cfg: Config) -> Path:
     """``<paths.runs>/<competition>/``: every run of the competition, and ``tune/``."""

@@ -14,6 +14,7 @@ temperature, and for log-loss a shrink toward the class prior) lives only in the
 ``calibration.json``; ``read_predictions(path, kind, scaled=True)`` returns the probabilities
 calibrated by it (``calibration.Calibration.apply``), so every stage scales the same way.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,20 +24,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.tasks.calibration import SHRINK_MAX, Calibration
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_csv
 from pipeline.runs.layout import RunDir
+from pipeline.tasks.calibration import SHRINK_MAX, Calibration
 
 PREFIX = "p_"
 SUM_TOL = 1e-3  # probabilities written with 8 significant digits sum to 1 far closer than this
 KEYS = {"oof": ("id", "fold", "target"), "test": ("id",)}
 _ROWS = {"oof": "training", "test": "test"}
 _HINTS = {"oof": "pipeline train CONFIG", "test": "pipeline predict CONFIG"}
-_MAX_FOLD = 2 ** 31
+_MAX_FOLD = 2**31
 
 
 # ---- columns and frames ------------------------------------------------------------------
+
 
 def pcols(class_names) -> list[str]:
     """The probability columns of ``class_names``: p_<class>."""
@@ -50,7 +52,7 @@ def prob_columns(df: pd.DataFrame) -> list[str]:
 
 def class_names_of(df: pd.DataFrame) -> list[str]:
     """The classes a frame predicts, from its p_<class> columns."""
-    return [str(c)[len(PREFIX):] for c in prob_columns(df)]
+    return [str(c)[len(PREFIX) :] for c in prob_columns(df)]
 
 
 def probs_of(df: pd.DataFrame, class_names=None) -> np.ndarray:
@@ -79,6 +81,7 @@ def csv_line(i: int) -> int:
 
 # ---- reading ------------------------------------------------------------------------------
 
+
 def _kind(kind: str) -> str:
     if kind not in KEYS:
         raise ValueError(f"prediction kind {kind!r}; expected 'oof' or 'test'")
@@ -97,7 +100,9 @@ def _parse(path: Path, kind: str, hint: str, **kw) -> pd.DataFrame:
         return pd.read_csv(path, dtype=str, keep_default_na=False, **kw)
     except (ValueError, UnicodeDecodeError, OverflowError) as e:  # ParserError, EmptyDataError are ValueErrors
         first = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise PipelineError(f"{path}: not a readable CSV ({first}); expected {_expected(kind)}; rerun `{hint}`") from None
+        raise PipelineError(
+            f"{path}: not a readable CSV ({first}); expected {_expected(kind)}; rerun `{hint}`"
+        ) from None
 
 
 def read_classes(path: str | Path, kind: str, *, hint: str | None = None) -> list[str]:
@@ -106,8 +111,9 @@ def read_classes(path: str | Path, kind: str, *, hint: str | None = None) -> lis
     return class_names_of(_parse(path, kind, hint or _HINTS[kind], nrows=0))
 
 
-def read_predictions(path: str | Path, kind: str, *, class_names=None, scaled: bool = False,
-                     hint: str | None = None) -> pd.DataFrame:
+def read_predictions(
+    path: str | Path, kind: str, *, class_names=None, scaled: bool = False, hint: str | None = None
+) -> pd.DataFrame:
     """A checked prediction file: columns id (text), [fold, target (int64)], p_<class> (float64).
 
     ``kind``: "oof" or "test". ``class_names``: the config's classes (None: the file's own p_
@@ -129,14 +135,17 @@ def scale(df: pd.DataFrame, calibration: Calibration | float | None) -> pd.DataF
         calibration = Calibration(temperature=float(calibration))
     df, cols = df.copy(), prob_columns(df)
     if calibration.prior is not None and len(calibration.prior) != len(cols):
-        raise PipelineError(f"calibration.json: shrink.prior has {len(calibration.prior)} classes, the predictions {len(cols)}; "
-                            f"rerun `pipeline evaluate`")
+        raise PipelineError(
+            f"calibration.json: shrink.prior has {len(calibration.prior)} classes, the predictions {len(cols)}; "
+            f"rerun `pipeline evaluate`"
+        )
     df[cols] = calibration.apply(df[cols].to_numpy(np.float64))
     return df
 
 
-def check_predictions(df: pd.DataFrame, kind: str, *, class_names=None, where: str = "predictions",
-                      hint: str | None = None) -> pd.DataFrame:
+def check_predictions(
+    df: pd.DataFrame, kind: str, *, class_names=None, where: str = "predictions", hint: str | None = None
+) -> pd.DataFrame:
     """``df`` (as parsed text, or as built in memory) checked and in canonical form; raises a one-line
     PipelineError naming ``where``, the CSV line and (``hint``) what to rerun."""
     kind = _kind(kind)
@@ -162,7 +171,9 @@ def check_predictions(df: pd.DataFrame, kind: str, *, class_names=None, where: s
     dup = ids.duplicated().to_numpy()
     if dup.any():
         i = int(np.flatnonzero(dup)[0])
-        fail(f"line {csv_line(i)}: id {ids.iloc[i]!r} appears {int((ids == ids.iloc[i]).sum())} times; expected each {rows} id once")
+        fail(
+            f"line {csv_line(i)}: id {ids.iloc[i]!r} appears {int((ids == ids.iloc[i]).sum())} times; expected each {rows} id once"
+        )
     out = pd.DataFrame({"id": ids.to_numpy(dtype=object)})
     if kind == "oof":
         for col in ("fold", "target"):
@@ -186,7 +197,9 @@ def _classes(df: pd.DataFrame, class_names, fail) -> list[str]:
             fail(f"column {c!r} is not a class of the config; expected p_<class> for the classes {classes}")
     for c in want:
         if c not in have:
-            fail(f"missing column {c!r} (class {c[len(PREFIX):]!r}); expected one p_<class> column per class: {', '.join(want)}")
+            fail(
+                f"missing column {c!r} (class {c[len(PREFIX) :]!r}); expected one p_<class> column per class: {', '.join(want)}"
+            )
     return names
 
 
@@ -236,12 +249,15 @@ def _probabilities(df, want, ids, fail) -> np.ndarray:
     bad = np.abs(s - 1) > SUM_TOL
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        fail(f"line {csv_line(i)} (id {ids.iloc[i]!r}): probabilities sum to {s[i]:.6g}; "
-             f"expected 1 (within {SUM_TOL:g}) over {', '.join(want)}")
+        fail(
+            f"line {csv_line(i)} (id {ids.iloc[i]!r}): probabilities sum to {s[i]:.6g}; "
+            f"expected 1 (within {SUM_TOL:g}) over {', '.join(want)}"
+        )
     return probs
 
 
 # ---- writing and averaging ------------------------------------------------------------------
+
 
 def write_predictions(path: str | Path, df: pd.DataFrame, kind: str, *, class_names=None) -> pd.DataFrame:
     """Check ``df`` and write it atomically (8 significant digits); returns the frame as written.
@@ -266,11 +282,15 @@ def average_predictions(paths: list[Path], kind: str, *, class_names=None, hint:
     acc = first[cols].to_numpy(np.float64).copy()
     for p, f in zip(paths[1:], frames[1:]):
         if prob_columns(f) != cols or len(f) != len(ids) or set(f["id"]) != set(ids):
-            raise PipelineError(f"{p}: other ids or classes than {paths[0]}; expected predictions of the same rows; rerun `{hint or _HINTS[kind]}`")
+            raise PipelineError(
+                f"{p}: other ids or classes than {paths[0]}; expected predictions of the same rows; rerun `{hint or _HINTS[kind]}`"
+            )
         f = f.set_index("id").reindex(ids)
         for c in keys:
             if (f[c].to_numpy() != first[c].to_numpy()).any():
-                raise PipelineError(f"{p}: {c} differs from {paths[0]} for the same ids; rerun `{hint or _HINTS[kind]}`")
+                raise PipelineError(
+                    f"{p}: {c} differs from {paths[0]} for the same ids; rerun `{hint or _HINTS[kind]}`"
+                )
         acc += f[cols].to_numpy(np.float64)
     out = first.copy()
     out[cols] = acc / len(frames)
@@ -279,37 +299,55 @@ def average_predictions(paths: list[Path], kind: str, *, class_names=None, hint:
 
 # ---- OOF against the training data ----------------------------------------------------------
 
-def check_oof_against_data(path: Path, df: pd.DataFrame, ids: np.ndarray, labels: np.ndarray, fold_of: np.ndarray,
-                           class_names: list[str], folds_path: Path, train_hint: str) -> pd.DataFrame:
+
+def check_oof_against_data(
+    path: Path,
+    df: pd.DataFrame,
+    ids: np.ndarray,
+    labels: np.ndarray,
+    fold_of: np.ndarray,
+    class_names: list[str],
+    folds_path: Path,
+    train_hint: str,
+) -> pd.DataFrame:
     """Every training id exactly once, with the data's label and the folds file's fold; rows in data order."""
     ids = pd.Index(np.asarray(ids).astype(str))
     have = pd.Index(df["id"])
     extra = have.difference(ids, sort=False)
     if len(extra):
         i = int(np.flatnonzero(have.isin(extra))[0])
-        raise PipelineError(f"{path}: line {csv_line(i)}: id {df['id'].iloc[i]!r} is not in the training data "
-                            f"({len(extra)} such ids); expected the training ids; rerun `{train_hint}`")
+        raise PipelineError(
+            f"{path}: line {csv_line(i)}: id {df['id'].iloc[i]!r} is not in the training data "
+            f"({len(extra)} such ids); expected the training ids; rerun `{train_hint}`"
+        )
     missing = ids.difference(have, sort=False)
     if len(missing):
-        raise PipelineError(f"{path}: {len(missing)} training row(s) missing (e.g. id {missing[0]!r}); "
-                            f"expected every training id exactly once; rerun `{train_hint}`")
+        raise PipelineError(
+            f"{path}: {len(missing)} training row(s) missing (e.g. id {missing[0]!r}); "
+            f"expected every training id exactly once; rerun `{train_hint}`"
+        )
     pos = have.get_indexer(ids)  # oof row of each training row
     df = df.iloc[pos].reset_index(drop=True)
     lines = pos  # CSV row of each (reordered) row, for messages
     bad = np.flatnonzero(df["target"].to_numpy() != labels)
     if len(bad):
         i = int(bad[0])
-        raise PipelineError(f"{path}: line {csv_line(lines[i])} (id {ids[i]!r}): target {df['target'].iloc[i]} but the training data "
-                            f"has class {labels[i]} ({class_names[labels[i]]!r}); expected oof.csv from this data; rerun `{train_hint}`")
+        raise PipelineError(
+            f"{path}: line {csv_line(lines[i])} (id {ids[i]!r}): target {df['target'].iloc[i]} but the training data "
+            f"has class {labels[i]} ({class_names[labels[i]]!r}); expected oof.csv from this data; rerun `{train_hint}`"
+        )
     bad = np.flatnonzero(df["fold"].to_numpy() != fold_of)
     if len(bad):
         i = int(bad[0])
-        raise PipelineError(f"{path}: line {csv_line(lines[i])} (id {ids[i]!r}): fold {df['fold'].iloc[i]} but {folds_path} puts it "
-                            f"in fold {fold_of[i]}; expected the folds training used; rerun `{train_hint}`")
+        raise PipelineError(
+            f"{path}: line {csv_line(lines[i])} (id {ids[i]!r}): fold {df['fold'].iloc[i]} but {folds_path} puts it "
+            f"in fold {fold_of[i]}; expected the folds training used; rerun `{train_hint}`"
+        )
     return df
 
 
 # ---- calibration.json: what evaluate kept, applied by every reader of prediction files ----
+
 
 def load_temperature(run_dir: str | Path) -> float | None:
     """T from the run's ``calibration.json`` ({"temperature": T, "kept": bool}) when evaluation kept it, else None."""
@@ -320,7 +358,9 @@ def load_temperature(run_dir: str | Path) -> float | None:
         d = json.loads(path.read_text())
         t, kept = d["temperature"], d.get("kept", False)
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-        raise PipelineError(f"{path}: expected JSON {{\"temperature\": T, \"kept\": true|false}}; rerun `pipeline evaluate`") from None
+        raise PipelineError(
+            f'{path}: expected JSON {{"temperature": T, "kept": true|false}}; rerun `pipeline evaluate`'
+        ) from None
     if not kept:
         return None
     if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
@@ -338,9 +378,16 @@ def load_calibration(run_dir: str | Path) -> Calibration | None:
         return Calibration(temperature=t) if t is not None else None
     a, prior = shrink.get("a"), shrink.get("prior")
     if not isinstance(a, (int, float)) or isinstance(a, bool) or not 0 <= a <= SHRINK_MAX:
-        raise PipelineError(f"{path}: shrink.a is {a!r}; expected a number in [0, {SHRINK_MAX}]; rerun `pipeline evaluate`")
-    if (not isinstance(prior, list) or len(prior) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                                 and 0 <= v <= 1 for v in prior)
-            or abs(sum(prior) - 1) > 1e-6):
-        raise PipelineError(f"{path}: shrink.prior is {prior!r}; expected class frequencies summing to 1; rerun `pipeline evaluate`")
+        raise PipelineError(
+            f"{path}: shrink.a is {a!r}; expected a number in [0, {SHRINK_MAX}]; rerun `pipeline evaluate`"
+        )
+    if (
+        not isinstance(prior, list)
+        or len(prior) < 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in prior)
+        or abs(sum(prior) - 1) > 1e-6
+    ):
+        raise PipelineError(
+            f"{path}: shrink.prior is {prior!r}; expected class frequencies summing to 1; rerun `pipeline evaluate`"
+        )
     return Calibration(temperature=t, shrink=float(a), prior=tuple(float(v) for v in prior))

@@ -31,8 +31,10 @@ def read_metrics(run: RunDir) -> dict | None:
         raise PipelineError(f"{p}: metric is {d['metric']!r}; expected a metric name; {fix}")
     for key in ("cv_mean", "cv_std"):
         v = d.get(key, {})
-        ok = isinstance(v, dict) and all(x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
-                                         for x in v.values())
+        ok = isinstance(v, dict) and all(
+            x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x))
+            for x in v.values()
+        )
         if not ok:  # evaluate writes a score it could not compute as null
             raise PipelineError(f"{p}: {key} is not an object of finite numbers (or null) by metric; {fix}")
     return d
@@ -46,5 +48,7 @@ def stale_predictions(run: RunDir) -> str | None:
         return None
     want = read_predict_info(run).get("oof_sha256")
     if want and file_sha256(run.oof) != want:
-        return f"{run.path}: its test predictions are older than its training (oof.csv changed since `pipeline predict`)"
+        return (
+            f"{run.path}: its test predictions are older than its training (oof.csv changed since `pipeline predict`)"
+        )
     return None

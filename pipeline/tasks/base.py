@@ -38,8 +38,9 @@ class Task:
         """The training loss over a batch's (logits, integer targets)."""
         raise NotImplementedError
 
-    def row_loss(self, logits: torch.Tensor, target: torch.Tensor, *, weight: torch.Tensor | None,
-                 label_smoothing: float) -> torch.Tensor:
+    def row_loss(
+        self, logits: torch.Tensor, target: torch.Tensor, *, weight: torch.Tensor | None, label_smoothing: float
+    ) -> torch.Tensor:
         """Each row's loss against a target of the same shape as the logits (soft labels, pseudo-labels)."""
         raise NotImplementedError
 

@@ -15,6 +15,7 @@ most -log(a prior_k). It is fitted and judged like the temperature: nested over 
 from the other folds' rows, after their T), kept only when that honest gain beats MIN_GAIN.
 ``Calibration`` is what a run kept (T and a); ``Calibration.apply`` is the one code path that applies it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -131,7 +132,9 @@ def fit_shrink(y: np.ndarray, probs: np.ndarray, prior: np.ndarray, a_max: float
     return 0.0 if nll(0.0) <= nll(a) else a  # the bounded search never lands exactly on 0
 
 
-def nested_shrink(y: np.ndarray, probs: np.ndarray, fold: np.ndarray, temps: dict[int, float] | None) -> tuple[np.ndarray, dict[int, float]]:
+def nested_shrink(
+    y: np.ndarray, probs: np.ndarray, fold: np.ndarray, temps: dict[int, float] | None
+) -> tuple[np.ndarray, dict[int, float]]:
     """Each fold scaled by its T (``temps``: fitted on the other folds; None: no temperature), then
     shrunk by the a fitted on the other folds' rows (scaled by the same T) toward their class prior."""
     out, shares, k_cls = np.empty_like(probs), {}, probs.shape[1]
@@ -150,15 +153,21 @@ def _fit_shrink_summary(y, probs, fold, t_all, temps, base, eps) -> tuple[dict, 
     nested, shares = nested_shrink(y, probs, fold, temps)
     prior = class_prior(y, probs.shape[1])
     base_ll, nested_ll = logloss(y, base, eps), logloss(y, nested, eps)
-    out = {"a": fit_shrink(y, apply_temperature(probs, t_all), prior), "prior": prior.tolist(),
-           "kept": bool(nested_ll < base_ll * (1 - MIN_GAIN)), "base_logloss": base_ll, "nested_logloss": nested_ll,
-           "fold_shares": [shares[k] for k in sorted(shares)]}
+    out = {
+        "a": fit_shrink(y, apply_temperature(probs, t_all), prior),
+        "prior": prior.tolist(),
+        "kept": bool(nested_ll < base_ll * (1 - MIN_GAIN)),
+        "base_logloss": base_ll,
+        "nested_logloss": nested_ll,
+        "fold_shares": [shares[k] for k in sorted(shares)],
+    }
     out["kept"] = out["kept"] and out["a"] > 0
     return out, nested
 
 
-def calibrate(y: np.ndarray, probs: np.ndarray, fold: np.ndarray, eps: float = 1e-15, n_bins: int = 10,
-              shrink: bool = False) -> tuple[dict, np.ndarray]:
+def calibrate(
+    y: np.ndarray, probs: np.ndarray, fold: np.ndarray, eps: float = 1e-15, n_bins: int = 10, shrink: bool = False
+) -> tuple[dict, np.ndarray]:
     """Fit T on all OOF rows and, nested over folds, measure what it gains; with ``shrink`` (log-loss
     metrics) the shrink toward the prior after it, the same way.
 
@@ -183,8 +192,9 @@ def calibrate(y: np.ndarray, probs: np.ndarray, fold: np.ndarray, eps: float = 1
     }
     delivered = nested if kept else probs
     if shrink:
-        summary["shrink"], shrunk = _fit_shrink_summary(y, probs, fold, t_all if kept else None, per_fold if kept else None,
-                                                        delivered, eps)
+        summary["shrink"], shrunk = _fit_shrink_summary(
+            y, probs, fold, t_all if kept else None, per_fold if kept else None, delivered, eps
+        )
         if summary["shrink"]["kept"]:
             delivered = shrunk
     summary["calibrated_logloss"] = logloss(y, delivered, eps)

@@ -46,7 +46,9 @@ class Classification(Task):
     def row_loss(self, logits, target, *, weight, label_smoothing: float):
         from torch import nn
 
-        return nn.functional.cross_entropy(logits, target, weight=weight, label_smoothing=label_smoothing, reduction="none")
+        return nn.functional.cross_entropy(
+            logits, target, weight=weight, label_smoothing=label_smoothing, reduction="none"
+        )
 
     def activate(self, logits: np.ndarray) -> np.ndarray:
         return softmax(logits)
@@ -141,19 +143,30 @@ class Binary(Classification):
             tk, _ = best_f1_threshold(y[~m], p1[~m])
             fold_t.append(tk)
             pred_nested[m] = p1[m] >= tk
-        return {"f1_at_0.5": float(skm.f1_score(y, probs.argmax(1), zero_division=0)), "best_threshold": t,
-                "f1_at_best_threshold": f1_best, "f1_nested": float(skm.f1_score(y, pred_nested, zero_division=0)),
-                "fold_thresholds": fold_t}
+        return {
+            "f1_at_0.5": float(skm.f1_score(y, probs.argmax(1), zero_division=0)),
+            "best_threshold": t,
+            "f1_at_best_threshold": f1_best,
+            "f1_nested": float(skm.f1_score(y, pred_nested, zero_division=0)),
+            "fold_thresholds": fold_t,
+        }
 
     def curves(self, y, probs, names):
         return [], ("OOF", y, probs[:, 1]), f" (positive class: {names[1]})"
 
     def scores_note(self, names):
-        return Markup("Binary: precision, recall and f1 are for the positive class <b>{}</b> at the arg-max (0.5) cut.").format(names[1])
+        return Markup(
+            "Binary: precision, recall and f1 are for the positive class <b>{}</b> at the arg-max (0.5) cut."
+        ).format(names[1])
 
     def reliability(self, y, probs, names):
-        return (probs[:, 1], y, f"predicted P({names[1]})", "observed frequency",
-                f"Below it, {names[1]} is predicted more often than it occurs; above it, less often. ")
+        return (
+            probs[:, 1],
+            y,
+            f"predicted P({names[1]})",
+            "observed frequency",
+            f"Below it, {names[1]} is predicted more often than it occurs; above it, less often. ",
+        )
 
     def stack_features(self, p):
         """Members' log-odds, side by side."""
@@ -195,7 +208,9 @@ class Multiclass(Classification):
         return float(skm.roc_auc_score(y, probs / probs.sum(1, keepdims=True), multi_class="ovr", labels=np.arange(k)))
 
     def scores_note(self, names):
-        return Markup("Multiclass: precision, recall and f1 are macro averages; <code>*_weighted</code> weigh classes by support.")
+        return Markup(
+            "Multiclass: precision, recall and f1 are macro averages; <code>*_weighted</code> weigh classes by support."
+        )
 
     def curves(self, y, probs, names):
         k = len(names)
@@ -204,8 +219,13 @@ class Multiclass(Classification):
         return per_class, ("micro-average", onehot.ravel(), probs.ravel()), " (one class vs the rest)"
 
     def reliability(self, y, probs, names):
-        return (probs.max(1), (probs.argmax(1) == y).astype(int), "confidence of the predicted class", "accuracy",
-                "Below it the model is over-confident, above it under-confident. ")
+        return (
+            probs.max(1),
+            (probs.argmax(1) == y).astype(int),
+            "confidence of the predicted class",
+            "accuracy",
+            "Below it the model is over-confident, above it under-confident. ",
+        )
 
     def stack_features(self, p):
         """Members' log-probabilities, side by side."""

@@ -13,6 +13,7 @@ Under torchrun (``dist``: ``pipeline.train.distributed.DistContext``) every rank
 over the same job list, one job at a time, each job trained by all ranks together; what is decided
 once (which jobs are left, the precision, the OOF file) is done on rank 0 and broadcast.
 """
+
 from __future__ import annotations
 
 import logging
@@ -37,14 +38,15 @@ from pipeline.tasks import build_task
 from pipeline.train.budget import job_deadline
 from pipeline.train.distributed import DistContext
 from pipeline.train.executors import JobRows, RayExecutor, build_executor, check_ray, job_rows
+from pipeline.train.finished import run_hash as finished_run_hash
+from pipeline.train.job import FoldTrainer
+from pipeline.train.precision import read_precision, write_precision
 from pipeline.train.pseudo import check_source
 from pipeline.train.pseudo import prepare as prepare_pseudo
 from pipeline.train.trainer import seed_everything
-from pipeline.train.job import FoldTrainer
-from pipeline.train.finished import run_hash as finished_run_hash
-from pipeline.train.precision import read_precision, write_precision
 
 log = logging.getLogger(__name__)
+
 
 def _check_plan_data(cfg: Config, table: Table) -> None:
     """The plan was made for this data: ``data.dir`` is a runtime key, so a plan made on a demo folder
@@ -55,8 +57,10 @@ def _check_plan_data(cfg: Config, table: Table) -> None:
     have = {"n_rows": len(table), "classes": table.num_classes, "channels": table.channels}
     diff = [f"{k} {facts[k]} -> {v}" for k, v in have.items() if facts.get(k) != v]
     if diff:
-        raise PipelineError(f"{RunDir.of(cfg).plan_json}: planned for other data ({', '.join(diff)}); delete it (or the run "
-                            f"folder) to plan for {cfg.data.dir}")
+        raise PipelineError(
+            f"{RunDir.of(cfg).plan_json}: planned for other data ({', '.join(diff)}); delete it (or the run "
+            f"folder) to plan for {cfg.data.dir}"
+        )
 
 
 def _needs_training(job: JobDir, run_hash: str) -> bool:
@@ -81,7 +85,9 @@ def _resolved_train_keys(cfg: Config, table, precision: str) -> dict | None:
         log.info(f"train.label_smoothing auto -> {v} (metric {cfg.metric}, {table.num_classes} classes)")
     if cfg.train.lr == "auto":
         resolved["train.lr"] = v = resolve_lr(cfg)
-        log.info(f"train.lr auto -> {v:g} ({'fine-tuning pretrained weights' if cfg.model.pretrained else 'from scratch'})")
+        log.info(
+            f"train.lr auto -> {v:g} ({'fine-tuning pretrained weights' if cfg.model.pretrained else 'from scratch'})"
+        )
     return resolved or None
 
 
@@ -100,8 +106,14 @@ def _start_run(cfg: Config, table: Table, device: torch.device, run: RunDir, pse
     return precision
 
 
-def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = None,
-             on_epoch=None, on_fold=None, dist: DistContext = DistContext()) -> pd.DataFrame | None:
+def train_cv(
+    cfg: Config,
+    folds: list[int] | None = None,
+    table: Table | None = None,
+    on_epoch=None,
+    on_fold=None,
+    dist: DistContext = DistContext(),
+) -> pd.DataFrame | None:
     """Train every requested fold (skipping finished ones); returns the OOF frame once all folds are done.
 
     ``on_epoch(job, epoch, history_row)`` runs after each epoch and ``on_fold(job, done)`` after each
@@ -137,24 +149,51 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     precision = dist.broadcast_decision(lambda: _start_run(cfg, table, device, run, pseudo))
     n_refit = len(seeds) if cfg.train.refit else 0  # the time budget is shared by the refit models too
     t_start = time.time()
-    log.info(f"train {cfg.name}: {cfg.model.backbone} ({'pretrained' if cfg.model.pretrained else 'from scratch'}, finetune {cfg.model.finetune}) "
-             f"on {len(table)} images {table.channels}x{table.image_size[0]}x{table.image_size[1]}, folds {wanted}, seeds {seeds}, device {device}"
-             + (f", {dist.describe()} (global batch {cfg.train.batch_size})" if dist.active else ""))
+    log.info(
+        f"train {cfg.name}: {cfg.model.backbone} ({'pretrained' if cfg.model.pretrained else 'from scratch'}, finetune {cfg.model.finetune}) "
+        f"on {len(table)} images {table.channels}x{table.image_size[0]}x{table.image_size[1]}, folds {wanted}, seeds {seeds}, device {device}"
+        + (f", {dist.describe()} (global batch {cfg.train.batch_size})" if dist.active else "")
+    )
     if (cfg.plan or {}).get("line"):
         log.info(cfg.plan["line"] + f" ({run.plan_json})")
     for line in pseudo.describe() if pseudo is not None else []:
         log.info(line)
     todo = dist.broadcast_decision(lambda: [job for job in run.jobs(wanted) if _needs_training(job, run_hash)])
-    executor = build_executor(cfg, todo=todo, table=base, rows=rows, device=device, run_hash=run_hash, precision=precision,
-                         t_start=t_start, n_refit=n_refit, on_epoch=on_epoch, hooks=hooks, pseudo=pseudo, dist=dist)
+    executor = build_executor(
+        cfg,
+        todo=todo,
+        table=base,
+        rows=rows,
+        device=device,
+        run_hash=run_hash,
+        precision=precision,
+        t_start=t_start,
+        n_refit=n_refit,
+        on_epoch=on_epoch,
+        hooks=hooks,
+        pseudo=pseudo,
+        dist=dist,
+    )
     try:
         for job, res in executor.run(todo):
             if res is not None and on_fold is not None:
                 dist.broadcast_decision(lambda: on_fold(job, res))
         oof = dist.broadcast_decision(lambda: _finish_cv(cfg, table, fold_of, run_hash, run))
         if oof is not None and cfg.train.refit:
-            _refits(cfg, executor, table, fold_of, seeds=seeds, device=device, run_hash=run_hash, precision=precision,
-                    t_start=t_start, rows=rows, pseudo=pseudo, dist=dist)
+            _refits(
+                cfg,
+                executor,
+                table,
+                fold_of,
+                seeds=seeds,
+                device=device,
+                run_hash=run_hash,
+                precision=precision,
+                t_start=t_start,
+                rows=rows,
+                pseudo=pseudo,
+                dist=dist,
+            )
     finally:
         if isinstance(executor, RayExecutor):
             executor.close()
@@ -162,8 +201,21 @@ def train_cv(cfg: Config, folds: list[int] | None = None, table: Table | None = 
     return oof
 
 
-def _refits(cfg: Config, executor, table: Table, fold_of: np.ndarray, *, seeds: list[int], device, run_hash: str,
-            precision: str, t_start: float, rows: JobRows, pseudo, dist: DistContext) -> None:
+def _refits(
+    cfg: Config,
+    executor,
+    table: Table,
+    fold_of: np.ndarray,
+    *,
+    seeds: list[int],
+    device,
+    run_hash: str,
+    precision: str,
+    t_start: float,
+    rows: JobRows,
+    pseudo,
+    dist: DistContext,
+) -> None:
     """One refit per seed: Ray tasks side by side with the ray executor, else one after another in this
     process with all its threads (local and processes)."""
     if isinstance(executor, RayExecutor):
@@ -173,9 +225,19 @@ def _refits(cfg: Config, executor, table: Table, fold_of: np.ndarray, *, seeds: 
                 raise LockHeld(f"{job.label}: held by another process; rerun `pipeline train {cfg.path}` when it ends")
         return
     for i, seed in enumerate(seeds):
-        refit(cfg, table, fold_of, seed=seed, device=device, run_hash=run_hash, precision=precision,
-              deadline=job_deadline(cfg.train.time_budget_s, t_start, len(seeds) - i), rows=rows,
-              pseudo=pseudo, dist=dist)
+        refit(
+            cfg,
+            table,
+            fold_of,
+            seed=seed,
+            device=device,
+            run_hash=run_hash,
+            precision=precision,
+            deadline=job_deadline(cfg.train.time_budget_s, t_start, len(seeds) - i),
+            rows=rows,
+            pseudo=pseudo,
+            dist=dist,
+        )
 
 
 def _finish_cv(cfg: Config, table: Table, fold_of: np.ndarray, run_hash: str, run: RunDir) -> pd.DataFrame | None:
@@ -202,9 +264,20 @@ def _log_spent(cfg: Config, spent: float, trained: bool) -> None:
     log.info(", ".join(parts))
 
 
-def refit(cfg: Config, table: Table, fold_of: np.ndarray, *, seed: int, device, run_hash: str, precision: str,
-          deadline: float | None = None, rows: JobRows | None = None, pseudo=None,
-          dist: DistContext = DistContext()) -> dict:
+def refit(
+    cfg: Config,
+    table: Table,
+    fold_of: np.ndarray,
+    *,
+    seed: int,
+    device,
+    run_hash: str,
+    precision: str,
+    deadline: float | None = None,
+    rows: JobRows | None = None,
+    pseudo=None,
+    dist: DistContext = DistContext(),
+) -> dict:
     """Train on every row for the epoch count CV chose (median best epoch); saved in ``RunDir.refit_dir``.
     ``rows``: the jobs' views of the table (``executors.job_rows``: with ``pseudo``, the refit's rows too)."""
     todo = _refit_job(cfg, fold_of, seed, run_hash, pseudo, dist)
@@ -213,12 +286,23 @@ def refit(cfg: Config, table: Table, fold_of: np.ndarray, *, seed: int, device, 
     rcfg, job = todo
     # the refit job's fold (< 0) is none of the rows': every real row (and every selected pseudo row) trains
     rtable, rfold, extra = rows(job.fold) if rows is not None else (table, fold_of, None)
-    return FoldTrainer(cfg=rcfg, table=rtable, fold_of=rfold, job=job, device=device, run_hash=run_hash,
-                       precision=precision, deadline=deadline, done_extra=extra, dist=dist).run()
+    return FoldTrainer(
+        cfg=rcfg,
+        table=rtable,
+        fold_of=rfold,
+        job=job,
+        device=device,
+        run_hash=run_hash,
+        precision=precision,
+        deadline=deadline,
+        done_extra=extra,
+        dist=dist,
+    ).run()
 
 
-def _refit_job(cfg: Config, fold_of: np.ndarray, seed: int, run_hash: str, pseudo=None,
-               dist: DistContext = DistContext()) -> tuple[Config, JobDir] | None:
+def _refit_job(
+    cfg: Config, fold_of: np.ndarray, seed: int, run_hash: str, pseudo=None, dist: DistContext = DistContext()
+) -> tuple[Config, JobDir] | None:
     """The refit job of ``seed`` and its config (the median best epoch of the folds, no early stop);
     None when it is done under ``run_hash``."""
     run = RunDir.of(cfg)
@@ -246,7 +330,9 @@ def _run_precision(cfg: Config, table: Table, device, run: RunDir) -> str:
     from pipeline.train.precision import resolve_precision
 
     seed_everything(0)
-    model, _ = build_model(cfg, table.channels, table.num_classes, len(table.feature_names), table.image_size, load_weights=False)
+    model, _ = build_model(
+        cfg, table.channels, table.num_classes, len(table.feature_names), table.image_size, load_weights=False
+    )
     model.to(device)
     bs = min(cfg.train.batch_size, len(table))
     x = to_tensor(table.images[:bs], device, cfg.train.channels_last)

@@ -22,14 +22,16 @@ How the ranks of a world train one model (``pipeline.train.trainer.FoldTrainer``
 
 torch is imported inside the methods, so the CLI reads torchrun's environment without it.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import pickle
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -49,8 +51,10 @@ def _env_int(env: Mapping[str, str], name: str, default: int | None, lo: int) ->
     raw = env.get(name)
     if raw is None:
         if default is None:
-            raise PipelineError(f"environment: WORLD_SIZE is set but {name} is not; start the command with torchrun, "
-                                f"which sets {', '.join(ENV_KEYS)}")
+            raise PipelineError(
+                f"environment: WORLD_SIZE is set but {name} is not; start the command with torchrun, "
+                f"which sets {', '.join(ENV_KEYS)}"
+            )
         return default
     try:
         v = int(raw)
@@ -111,22 +115,34 @@ class DistContext:
             return prepare_training_device(t)
         where = f"{cfg.path}: train" if cfg.path else "train"
         if t.fold_jobs > 1:
-            raise PipelineError(f"{where}.fold_jobs: {t.fold_jobs} with torchrun (world_size {self.world_size}); "
-                                "expected train.fold_jobs=1: torchrun's processes train one fold together")
+            raise PipelineError(
+                f"{where}.fold_jobs: {t.fold_jobs} with torchrun (world_size {self.world_size}); "
+                "expected train.fold_jobs=1: torchrun's processes train one fold together"
+            )
         if t.executor == "ray":
-            raise PipelineError(f"{where}.executor: ray with torchrun (world_size {self.world_size}); "
-                                "expected train.executor=local: torchrun's processes train one fold together")
+            raise PipelineError(
+                f"{where}.executor: ray with torchrun (world_size {self.world_size}); "
+                "expected train.executor=local: torchrun's processes train one fold together"
+            )
         if t.batch_size < 2 * self.world_size:
-            raise PipelineError(f"{where}.batch_size: {t.batch_size} is the global batch, fewer than 2 rows for each of "
-                                f"{self.world_size} ranks (BatchNorm); expected at least {2 * self.world_size}")
+            raise PipelineError(
+                f"{where}.batch_size: {t.batch_size} is the global batch, fewer than 2 rows for each of "
+                f"{self.world_size} ranks (BatchNorm); expected at least {2 * self.world_size}"
+            )
         if t.device.startswith("cuda:"):
-            raise PipelineError(f"{where}.device: {t.device} with torchrun; expected cuda or auto (rank r uses cuda:LOCAL_RANK)")
+            raise PipelineError(
+                f"{where}.device: {t.device} with torchrun; expected cuda or auto (rank r uses cuda:LOCAL_RANK)"
+            )
         if t.device == "mps":
-            raise PipelineError(f"{where}.device: mps with torchrun; expected cuda or cpu (no process-group backend for mps)")
+            raise PipelineError(
+                f"{where}.device: mps with torchrun; expected cuda or cpu (no process-group backend for mps)"
+            )
         cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
         if t.sync_bn and not cuda:
-            raise PipelineError(f"{where}.sync_bn: true on cpu; torch's SyncBatchNorm runs on CUDA only, "
-                                "expected train.sync_bn=false with the gloo backend")
+            raise PipelineError(
+                f"{where}.sync_bn: true on cpu; torch's SyncBatchNorm runs on CUDA only, "
+                "expected train.sync_bn=false with the gloo backend"
+            )
         # this rank's GPU made current, fp16 off CUDA refused, cuDNN flags set: as for one process
         return prepare_training_device(t.model_copy(update={"device": f"cuda:{self.local_rank}" if cuda else "cpu"}))
 
@@ -141,8 +157,13 @@ class DistContext:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
-        td.init_process_group(backend, init_method="env://", rank=self.rank, world_size=self.world_size,
-                              **({"device_id": device} if device.type == "cuda" else {}))
+        td.init_process_group(
+            backend,
+            init_method="env://",
+            rank=self.rank,
+            world_size=self.world_size,
+            **({"device_id": device} if device.type == "cuda" else {}),
+        )
         if not self.is_main:
             logging.getLogger("pipeline").setLevel(logging.WARNING)
         log.info(f"torchrun: {self.world_size} processes, backend {backend}, rank 0 writes the run's files")

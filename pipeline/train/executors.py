@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -35,8 +35,8 @@ from pipeline.models.inference import to_tensor
 from pipeline.runs.layout import JobDir
 from pipeline.train.budget import job_deadline, waves
 from pipeline.train.distributed import DistContext
-from pipeline.train.trainer import caches_embeddings, derive_seed, seed_everything
 from pipeline.train.job import FoldTrainer
+from pipeline.train.trainer import caches_embeddings, derive_seed, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _head_embeddings(cfg: Config, table: Table, device: torch.device, seed: int)
     model.to(device).eval()
     t0 = time.time()
     with torch.no_grad():
-        out = [model.embed(to_tensor(table.images[s:s + 256], device)) for s in range(0, len(table), 256)]
+        out = [model.embed(to_tensor(table.images[s : s + 256], device)) for s in range(0, len(table), 256)]
     log.info(f"head-only: cached backbone features of {len(table)} images in {time.time() - t0:.1f}s")
     return torch.cat(out)
 
@@ -102,31 +102,83 @@ def executor_width(cfg: Config, n_jobs: int, device_type: str, hooks: bool = Fal
 
 # ---- executors ------------------------------------------------------------------------------
 
-def build_executor(cfg: Config, *, todo: list[JobDir], table: Table, rows: JobRows, device: torch.device,
-                   run_hash: str, precision: str, t_start: float, n_refit: int, on_epoch, hooks: bool, pseudo=None,
-                   dist: DistContext = DistContext()):
+
+def build_executor(
+    cfg: Config,
+    *,
+    todo: list[JobDir],
+    table: Table,
+    rows: JobRows,
+    device: torch.device,
+    run_hash: str,
+    precision: str,
+    t_start: float,
+    n_refit: int,
+    on_epoch,
+    hooks: bool,
+    pseudo=None,
+    dist: DistContext = DistContext(),
+):
     """The executor ``train.executor`` asks for, where it can run: per-epoch hooks (tuning) and cached
     embeddings need this process."""
     if cfg.train.executor == "ray":
         if not hooks and not caches_embeddings(cfg):
-            return RayExecutor(cfg=cfg, run_hash=run_hash, precision=precision, t_start=t_start, n_jobs=len(todo),
-                               n_refit=n_refit, pseudo=pseudo)
-        log.info("train.executor ray: " + ("per-epoch hooks run" if hooks else "cached backbone features are shared")
-                 + " in this process; training here")
+            return RayExecutor(
+                cfg=cfg,
+                run_hash=run_hash,
+                precision=precision,
+                t_start=t_start,
+                n_jobs=len(todo),
+                n_refit=n_refit,
+                pseudo=pseudo,
+            )
+        log.info(
+            "train.executor ray: "
+            + ("per-epoch hooks run" if hooks else "cached backbone features are shared")
+            + " in this process; training here"
+        )
     n_par = executor_width(cfg, len(todo), device.type, hooks=hooks)
     if n_par > 1:
-        return ProcessExecutor(cfg=cfg, width=n_par, run_hash=run_hash, precision=precision, t_start=t_start,
-                               n_refit=n_refit, pseudo=pseudo)
-    return SequentialExecutor(cfg=cfg, table=table, rows=rows, device=device, run_hash=run_hash,
-                              precision=precision, on_epoch=on_epoch, dist=dist, t_start=t_start, n_refit=n_refit)
+        return ProcessExecutor(
+            cfg=cfg,
+            width=n_par,
+            run_hash=run_hash,
+            precision=precision,
+            t_start=t_start,
+            n_refit=n_refit,
+            pseudo=pseudo,
+        )
+    return SequentialExecutor(
+        cfg=cfg,
+        table=table,
+        rows=rows,
+        device=device,
+        run_hash=run_hash,
+        precision=precision,
+        on_epoch=on_epoch,
+        dist=dist,
+        t_start=t_start,
+        n_refit=n_refit,
+    )
 
 
 class SequentialExecutor:
     """Jobs one after another in this process; the only one that takes per-epoch hooks."""
 
-    def __init__(self, *, cfg: Config, table: Table, rows: JobRows, device: torch.device, run_hash: str,
-                 precision: str, t_start: float, n_refit: int = 0, on_epoch: Callable | None = None,
-                 dist: DistContext = DistContext()):
+    def __init__(
+        self,
+        *,
+        cfg: Config,
+        table: Table,
+        rows: JobRows,
+        device: torch.device,
+        run_hash: str,
+        precision: str,
+        t_start: float,
+        n_refit: int = 0,
+        on_epoch: Callable | None = None,
+        dist: DistContext = DistContext(),
+    ):
         # ``table``: every row any job reads (the cached embeddings are of it); ``rows``: each job's view
         self.cfg, self.table, self.rows, self.device = cfg, table, rows, device
         self.run_hash, self.precision, self.on_epoch = run_hash, precision, on_epoch
@@ -139,20 +191,29 @@ class SequentialExecutor:
             if emb_seed != job.seed:
                 embeddings, emb_seed = _head_embeddings(self.cfg, self.table, self.device, job.seed), job.seed
             table, fold_of, extra = self.rows(job.fold)
-            trainer = FoldTrainer(cfg=self.cfg, table=table, fold_of=fold_of, job=job, device=self.device,
-                                  run_hash=self.run_hash, precision=self.precision, embeddings=embeddings,
-                                  on_epoch=self.on_epoch, done_extra=extra,
-                                  deadline=job_deadline(self.cfg.train.time_budget_s, self.t_start,
-                                                        len(jobs) - j + self.n_refit),
-                                  dist=self.dist)
+            trainer = FoldTrainer(
+                cfg=self.cfg,
+                table=table,
+                fold_of=fold_of,
+                job=job,
+                device=self.device,
+                run_hash=self.run_hash,
+                precision=self.precision,
+                embeddings=embeddings,
+                on_epoch=self.on_epoch,
+                done_extra=extra,
+                deadline=job_deadline(self.cfg.train.time_budget_s, self.t_start, len(jobs) - j + self.n_refit),
+                dist=self.dist,
+            )
             yield job, job_outcome(job, trainer.run)
 
 
 class ProcessExecutor:
     """``train.fold_jobs: N`` on CPU: N jobs at once, each in its own spawned process."""
 
-    def __init__(self, *, cfg: Config, width: int, run_hash: str, precision: str, t_start: float, n_refit: int = 0,
-                 pseudo=None):
+    def __init__(
+        self, *, cfg: Config, width: int, run_hash: str, precision: str, t_start: float, n_refit: int = 0, pseudo=None
+    ):
         self.cfg, self.width, self.run_hash, self.precision = cfg, width, run_hash, precision
         self.t_start, self.n_refit, self.pseudo = t_start, n_refit, pseudo
 
@@ -169,13 +230,19 @@ class ProcessExecutor:
         budget_s = self.cfg.train.time_budget_s
         queue = list(zip(jobs, plan))
         # spawn, not fork: a forked copy of a process that already ran torch ops can deadlock in OpenMP
-        with ProcessPoolExecutor(self.width, mp_context=mp.get_context("spawn"), initializer=_start_worker,
-                                 initargs=(self.cfg, self.pseudo, logs.on_stdout())) as ex:
+        with ProcessPoolExecutor(
+            self.width,
+            mp_context=mp.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(self.cfg, self.pseudo, logs.on_stdout()),
+        ) as ex:
             running: dict = {}
 
             def submit():
                 job, threads = queue.pop(0)
-                budget = (budget_s, self.t_start, waves(len(queue) + 1, self.width) + self.n_refit) if budget_s else None
+                budget = (
+                    (budget_s, self.t_start, waves(len(queue) + 1, self.width) + self.n_refit) if budget_s else None
+                )
                 running[ex.submit(_run_job, job, self.run_hash, self.precision, threads, budget)] = job
 
             while queue and len(running) < self.width:
@@ -213,8 +280,10 @@ def check_ray(cfg: Config) -> None:
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
     except OSError as e:
-        raise PipelineError(f"train.ray_address: nothing answers at {cfg.train.ray_address} ({e.strerror or e}); start the "
-                            "head there with `ray start --head --port=PORT`, or set train.ray_address=auto") from None
+        raise PipelineError(
+            f"train.ray_address: nothing answers at {cfg.train.ray_address} ({e.strerror or e}); start the "
+            "head there with `ray start --head --port=PORT`, or set train.ray_address=auto"
+        ) from None
 
 
 class RayExecutor:
@@ -225,8 +294,9 @@ class RayExecutor:
     copy out. The task runs ``pipeline.train.executors.run_ray_job`` in the driver's working directory, so
     every node sees the same data, folds and runs folders at the same paths (a shared mount)."""
 
-    def __init__(self, *, cfg: Config, run_hash: str, precision: str, t_start: float, n_jobs: int, n_refit: int,
-                 pseudo=None):
+    def __init__(
+        self, *, cfg: Config, run_hash: str, precision: str, t_start: float, n_jobs: int, n_refit: int, pseudo=None
+    ):
         self.cfg, self.run_hash, self.precision, self.t_start = cfg, run_hash, precision, t_start
         self.n_jobs, self.n_refit, self.pseudo = n_jobs, n_refit, pseudo
         self.ray, self.started, self.slots = None, False, 1
@@ -240,8 +310,10 @@ class RayExecutor:
             try:
                 ray.init(address=address, logging_level=logging.WARNING)
             except (ConnectionError, ValueError, RuntimeError) as e:
-                raise PipelineError(f"train.ray_address: no Ray cluster at {t.ray_address} ({str(e).splitlines()[0][:200]}); "
-                                    "start one with `ray start --head`, or set train.ray_address=auto") from None
+                raise PipelineError(
+                    f"train.ray_address: no Ray cluster at {t.ray_address} ({str(e).splitlines()[0][:200]}); "
+                    "start one with `ray start --head`, or set train.ray_address=auto"
+                ) from None
             self.started = True
         res = ray.cluster_resources()
         slots = res.get("CPU", 1) // t.ray_num_cpus
@@ -249,8 +321,10 @@ class RayExecutor:
             slots = min(slots, res.get("GPU", 0) // t.ray_num_gpus)
         slots = max(int(slots), 1)
         self.slots = slots
-        log.info(f"ray: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU {res.get('GPU', 0):g} GPU: "
-                 f"{slots} job(s) at once of {t.ray_num_cpus} CPU {t.ray_num_gpus:g} GPU")
+        log.info(
+            f"ray: {len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPU {res.get('GPU', 0):g} GPU: "
+            f"{slots} job(s) at once of {t.ray_num_cpus} CPU {t.ray_num_gpus:g} GPU"
+        )
         self.ray = ray
         return ray
 
@@ -296,7 +370,9 @@ class RayExecutor:
                 raise e.cause from None
             raise
         except ray.exceptions.RayError as e:  # retries spent (a node kept dying, out of memory)
-            raise PipelineError(f"ray: {_one_line(e)}; rerun the same command to resume from the jobs' last.pt") from None
+            raise PipelineError(
+                f"ray: {_one_line(e)}; rerun the same command to resume from the jobs' last.pt"
+            ) from None
 
     def close(self) -> None:
         if self.started:
@@ -311,6 +387,7 @@ def _one_line(e: Exception) -> str:
 
 
 # ---- the worker side: a spawned process, or a Ray task -----------------------------------------
+
 
 def _start_worker(cfg, pseudo=None, stdout: bool = False) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -340,20 +417,43 @@ def _run_job(job, run_hash: str, precision: str, threads: int, budget: tuple | N
     deadline = job_deadline(*budget) if budget is not None else None
     # a refit job (fold -1) trains on every row whatever the folds say: fold_of != -1 everywhere;
     # the device as the driver prepares its own (a Ray task may be on a GPU node: cuda:K, cuDNN flags)
-    return FoldTrainer(cfg=cfg, table=table, fold_of=fold_of, job=job,
-                       device=prepare_training_device(cfg.train), run_hash=run_hash, precision=precision,
-                       deadline=deadline, done_extra=extra, on_epoch=on_epoch).run()
+    return FoldTrainer(
+        cfg=cfg,
+        table=table,
+        fold_of=fold_of,
+        job=job,
+        device=prepare_training_device(cfg.train),
+        run_hash=run_hash,
+        precision=precision,
+        deadline=deadline,
+        done_extra=extra,
+        on_epoch=on_epoch,
+    ).run()
 
 
-def run_ray_job(cwd: str, cfg, job, run_hash: str, precision: str, threads: int, budget: tuple | None,
-                pseudo=None, stdout: bool = False) -> dict:
+def run_ray_job(
+    cwd: str,
+    cfg,
+    job,
+    run_hash: str,
+    precision: str,
+    threads: int,
+    budget: tuple | None,
+    pseudo=None,
+    stdout: bool = False,
+) -> dict:
     """One job as a Ray task, in the driver's working directory ``cwd``: relative paths (data, folds,
     runs) mean there what they mean to the driver, so every node needs that folder at that path."""
     import os
 
     os.chdir(cwd)  # a Ray worker runs one task at a time
-    key = (cwd, cfg.data.model_dump_json(), cfg.folds.model_dump_json(), cfg.paths.model_dump_json(),
-           pseudo and pseudo.digest)
+    key = (
+        cwd,
+        cfg.data.model_dump_json(),
+        cfg.folds.model_dump_json(),
+        cfg.paths.model_dump_json(),
+        pseudo and pseudo.digest,
+    )
     if _STATE.get("key") != key:
         _start_worker(cfg, pseudo, stdout)
         _STATE["key"] = key

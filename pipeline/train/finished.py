@@ -32,8 +32,10 @@ def check_trained(cfg: Config, *, required: bool = True) -> None:
     if have is None and required:
         raise PipelineError(f"{run.path}: no trained models; run `pipeline train {cfg.path}` first")
     if have is not None and have != want:
-        raise PipelineError(f"{snap}: models were trained under another config (train hash {have}, this config {want}); "
-                            f"rerun `pipeline train {cfg.path}`")
+        raise PipelineError(
+            f"{snap}: models were trained under another config (train hash {have}, this config {want}); "
+            f"rerun `pipeline train {cfg.path}`"
+        )
 
 
 def models_by_fold(cfg: Config) -> list[list[JobDir]]:
@@ -58,8 +60,10 @@ def model_dirs(cfg: Config, *, refit: bool = False) -> list[JobDir]:
 
 def _check_finished(cfg: Config, dirs: list[JobDir]) -> None:
     if not cfg.folds_path.is_file():  # the run hash includes the folds file's digest
-        raise PipelineError(f"{cfg.folds_path}: folds file not found, so the models' folds cannot be checked; "
-                            f"run `pipeline fold {cfg.path}` (or restore the file training used)")
+        raise PipelineError(
+            f"{cfg.folds_path}: folds file not found, so the models' folds cannot be checked; "
+            f"run `pipeline fold {cfg.path}` (or restore the file training used)"
+        )
     want = run_hash(cfg)
     for d in dirs:
         if not d.is_done(want):

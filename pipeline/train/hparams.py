@@ -16,6 +16,7 @@ summary: TensorBoard shows the *first* experiment summary it finds, which would 
 every other run; without one it gathers the columns of all sessions. The folder is
 ``RunDir.tb_hparams``; a later write replaces it, so a run is one session however often it is written.
 """
+
 from __future__ import annotations
 
 import json
@@ -97,8 +98,10 @@ def write_run_hparams(run, table, oof) -> Path | None:
 
     cfg, names = run.cfg, list(table.class_names)
     per_fold = [score(cfg.metric, g["target"].to_numpy(int), probs_of(g, names)) for _, g in oof.groupby("fold")]
-    metrics = {**cv_metrics(cfg.metric, per_fold),
-               f"oof_{cfg.metric}": score(cfg.metric, oof["target"].to_numpy(int), probs_of(oof, names))}
+    metrics = {
+        **cv_metrics(cfg.metric, per_fold),
+        f"oof_{cfg.metric}": score(cfg.metric, oof["target"].to_numpy(int), probs_of(oof, names)),
+    }
     try:
         return write_hparams(run.tb_hparams, headline(cfg, table.image_size), metrics)
     except OSError as e:

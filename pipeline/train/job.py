@@ -9,39 +9,51 @@ would. Under torchrun (``dist``, a ``pipeline.train.distributed.DistContext``) t
 job together: each its share of every global batch through DDP, rank 0 writing the files and taking
 the decisions; in one process ``dist`` passes everything through.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from pipeline.config.registries import SCHEDULERS
 from pipeline.config.schema import Config
 from pipeline.core.device import loader_kwargs
-from pipeline.train.distributed import DistContext, convert_sync_bn
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_path, atomic_write_csv, exclusive, sweep_temps
 from pipeline.core.metrics import logloss, score
-from pipeline.models.backbones import apply_finetune, finetune_stage, freeze_bn_stats, save_checkpoint
-from pipeline.config.registries import SCHEDULERS
-from pipeline.runs.predictions import pred_frame, write_predictions
-from pipeline.runs.layout import JobDir
 from pipeline.data.table import Table
-
-from pipeline.train.trainer import (BatchSource, TrainStep, UNUSED, _worker_init, build_components, derive_seed, epoch_batches, seed_everything, train_one_epoch, validate)
+from pipeline.models.backbones import apply_finetune, finetune_stage, freeze_bn_stats, save_checkpoint
+from pipeline.runs.layout import JobDir
+from pipeline.runs.predictions import pred_frame, write_predictions
+from pipeline.train.distributed import DistContext, convert_sync_bn
+from pipeline.train.trainer import (
+    UNUSED,
+    BatchSource,
+    TrainStep,
+    _worker_init,
+    build_components,
+    derive_seed,
+    epoch_batches,
+    seed_everything,
+    train_one_epoch,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
 
 # ---- artifacts -------------------------------------------------------------------------------
+
 
 @dataclass(kw_only=True)
 class Progress:
@@ -112,8 +124,10 @@ class Artifacts:
         try:
             st = torch.load(self.job.last, map_location=device, weights_only=True)
         except Exception as e:
-            raise PipelineError(f"{self.job.last}: corrupt resume checkpoint ({type(e).__name__}); delete it to restart "
-                                f"{what} (finished folds are kept)") from None
+            raise PipelineError(
+                f"{self.job.last}: corrupt resume checkpoint ({type(e).__name__}); delete it to restart "
+                f"{what} (finished folds are kept)"
+            ) from None
         if st.get("hash") != self.hash:
             log.info(f"{what}: resume state is from another config; starting over")
             return None
@@ -127,6 +141,7 @@ class Artifacts:
 
 
 # ---- callbacks: each returns why to stop after this epoch, or None -------------------------
+
 
 class EarlyStopping:
     def __init__(self, *, patience: int):
@@ -162,13 +177,26 @@ class EpochHook:
 
 # ---- the loop ---------------------------------------------------------------------------------
 
+
 class FoldTrainer:
     """Trains one job to the end, resuming from its last completed epoch."""
 
-    def __init__(self, *, cfg: Config, table: Table, fold_of: np.ndarray, job: JobDir, device: torch.device,
-                 run_hash: str, precision: str = "fp32", embeddings: torch.Tensor | None = None,
-                 on_epoch: Callable | None = None, deadline: float | None = None, done_extra: dict | None = None,
-                 dist: DistContext = DistContext()):
+    def __init__(
+        self,
+        *,
+        cfg: Config,
+        table: Table,
+        fold_of: np.ndarray,
+        job: JobDir,
+        device: torch.device,
+        run_hash: str,
+        precision: str = "fp32",
+        embeddings: torch.Tensor | None = None,
+        on_epoch: Callable | None = None,
+        deadline: float | None = None,
+        done_extra: dict | None = None,
+        dist: DistContext = DistContext(),
+    ):
         self.cfg, self.table, self.job, self.device, self.hash = cfg, table, job, device, run_hash
         self.dist = dist
         self.precision, self.embeddings = precision, embeddings
@@ -181,15 +209,24 @@ class FoldTrainer:
         self.channels_last = cfg.train.channels_last and device.type != "mps" and embeddings is None
         # order matters: a caller's hook (pruning) runs before the stop rules, as the log lines show
         self.callbacks = ([EpochHook(fn=on_epoch)] if on_epoch is not None else []) + [
-            EarlyStopping(patience=cfg.train.patience), Deadline(at=deadline, epochs=cfg.train.epochs)]
+            EarlyStopping(patience=cfg.train.patience),
+            Deadline(at=deadline, epochs=cfg.train.epochs),
+        ]
         self.artifacts = Artifacts(job=job, run_hash=run_hash, writes=dist.is_main)
         self._trainable = None  # which weights trained when DDP was last wrapped around the model
 
     def build(self) -> None:
-        self.parts = build_components(cfg=self.cfg, table=self.table, tr_idx=self.tr_idx, seed=self.job.seed,
-                                      device=self.device, channels_last=self.channels_last,
-                                      with_augment=self.embeddings is None, precision=self.precision,
-                                      world_size=self.dist.world_size)
+        self.parts = build_components(
+            cfg=self.cfg,
+            table=self.table,
+            tr_idx=self.tr_idx,
+            seed=self.job.seed,
+            device=self.device,
+            channels_last=self.channels_last,
+            with_augment=self.embeddings is None,
+            precision=self.precision,
+            world_size=self.dist.world_size,
+        )
         if self.dist.active and self.cfg.train.sync_bn:  # in place: the optimizer keeps the same weights
             self.parts.model = convert_sync_bn(self.parts.model)
 
@@ -219,22 +256,42 @@ class FoldTrainer:
         return self.parts.ema
 
     def epoch_batches(self, epoch: int, rng: np.random.Generator) -> list[np.ndarray]:
-        return epoch_batches(tr_idx=self.tr_idx, labels=self.table.labels, num_classes=self.table.num_classes,
-                             t=self.cfg.train, n_steps=self.parts.steps_per_epoch, rng=rng, world_size=self.dist.world_size)
+        return epoch_batches(
+            tr_idx=self.tr_idx,
+            labels=self.table.labels,
+            num_classes=self.table.num_classes,
+            t=self.cfg.train,
+            n_steps=self.parts.steps_per_epoch,
+            rng=rng,
+            world_size=self.dist.world_size,
+        )
 
     def loader(self, batches: list[np.ndarray], epoch: int):
         """(idx, augmented float batch) pairs. Each batch's augmentation is seeded from (seed, fold,
         epoch, batch number), so results do not depend on ``train.num_workers``."""
         job = self.job
         rank = (self.dist.rank,) if self.dist.active else ()  # ranks draw their own augmentations of their shares
-        ds = BatchSource(images=self.table.images, batches=batches, augment=self.parts.augment,
-                         seeds=[derive_seed("aug", job.seed, job.fold, epoch, b, *rank) for b in range(len(batches))])
+        ds = BatchSource(
+            images=self.table.images,
+            batches=batches,
+            augment=self.parts.augment,
+            seeds=[derive_seed("aug", job.seed, job.fold, epoch, b, *rank) for b in range(len(batches))],
+        )
         if self.cfg.train.num_workers == 0:
             return (ds[b] for b in range(len(ds)))
-        return iter(torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.cfg.train.num_workers,
-                                                worker_init_fn=_worker_init, prefetch_factor=4, **loader_kwargs(self.device),
-                                                # its own generator, so workers leave the global torch RNG alone
-                                                generator=torch.Generator().manual_seed(derive_seed("loader", epoch))))
+        return iter(
+            torch.utils.data.DataLoader(
+                ds,
+                batch_size=None,
+                shuffle=False,
+                num_workers=self.cfg.train.num_workers,
+                worker_init_fn=_worker_init,
+                prefetch_factor=4,
+                **loader_kwargs(self.device),
+                # its own generator, so workers leave the global torch RNG alone
+                generator=torch.Generator().manual_seed(derive_seed("loader", epoch)),
+            )
+        )
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         """One pass over the training rows; returns (mean loss, training images per second)."""
@@ -247,10 +304,20 @@ class FoldTrainer:
         self._wrap_ddp()
         batches, weights = self.dist.shard_batches(self.epoch_batches(epoch, rng))  # one process: all of each batch
         source = self.loader(batches, epoch) if self.embeddings is None else ((idx, None) for idx in batches)
-        loss, img_s = train_one_epoch(self.parts, source=source, n_batches=len(batches), table=self.table, t=cfg.train,
-                                      device=self.device, precision=self.precision, channels_last=self.channels_last,
-                                      rng=rng, embeddings=self.embeddings, desc=f"fold {job.fold} epoch {epoch}",
-                                      grad_weights=weights)
+        loss, img_s = train_one_epoch(
+            self.parts,
+            source=source,
+            n_batches=len(batches),
+            table=self.table,
+            t=cfg.train,
+            device=self.device,
+            precision=self.precision,
+            channels_last=self.channels_last,
+            rng=rng,
+            embeddings=self.embeddings,
+            desc=f"fold {job.fold} epoch {epoch}",
+            grad_weights=weights,
+        )
         if not self.dist.active:
             return loss, img_s
         seen = sum(len(b) for b in batches)  # the world's mean loss and images per second
@@ -263,9 +330,16 @@ class FoldTrainer:
         idx = self.dist.shard(self.va_idx)
         if len(idx) == 0:  # more ranks than validation rows
             return self.dist.gather_rows(np.zeros((0, self.table.num_classes)))
-        probs = validate(self.parts.eval_model, table=self.table, idx=idx, batch_size=self.cfg.train.batch_size * 2,
-                         device=self.device, channels_last=self.channels_last, precision=self.precision,
-                         embeddings=self.embeddings)
+        probs = validate(
+            self.parts.eval_model,
+            table=self.table,
+            idx=idx,
+            batch_size=self.cfg.train.batch_size * 2,
+            device=self.device,
+            channels_last=self.channels_last,
+            precision=self.precision,
+            embeddings=self.embeddings,
+        )
         return self.dist.gather_rows(probs)
 
     def run(self) -> dict:
@@ -302,17 +376,30 @@ class FoldTrainer:
             if st.get("scaler"):  # fp16's loss scale; empty from a disabled scaler (and from older versions)
                 p.scaler.load_state_dict(st["scaler"])
         except (KeyError, RuntimeError, ValueError) as e:
-            raise PipelineError(f"{self.artifacts.last_path}: corrupt resume checkpoint ({type(e).__name__}); delete it to "
-                                f"restart {self.job.label} (finished folds are kept)") from None
-        progress = Progress(best=st["best"], bad_epochs=st["bad_epochs"], history=self.artifacts.history_until(st["epoch"]))
-        log.info(f"{self.job.label}: resuming after epoch {st['epoch']} (best val_loss {progress.best['val_loss']:.4f} "
-                 f"at epoch {progress.best['epoch']})")
+            raise PipelineError(
+                f"{self.artifacts.last_path}: corrupt resume checkpoint ({type(e).__name__}); delete it to "
+                f"restart {self.job.label} (finished folds are kept)"
+            ) from None
+        progress = Progress(
+            best=st["best"], bad_epochs=st["bad_epochs"], history=self.artifacts.history_until(st["epoch"])
+        )
+        log.info(
+            f"{self.job.label}: resuming after epoch {st['epoch']} (best val_loss {progress.best['val_loss']:.4f} "
+            f"at epoch {progress.best['epoch']})"
+        )
         return st["epoch"] + 1, progress
 
     def _state(self, epoch: int, progress: Progress) -> dict:
         p = self.parts
-        st = {"model": p.model.state_dict(), "opt": p.opt.state_dict(), "sched": p.sched.state_dict(),
-              "epoch": epoch, "best": progress.best, "bad_epochs": progress.bad_epochs, "scaler": p.scaler.state_dict()}
+        st = {
+            "model": p.model.state_dict(),
+            "opt": p.opt.state_dict(),
+            "sched": p.sched.state_dict(),
+            "epoch": epoch,
+            "best": progress.best,
+            "bad_epochs": progress.bad_epochs,
+            "scaler": p.scaler.state_dict(),
+        }
         if p.ema is not None:
             st["ema"] = p.ema.state_dict()
         return st
@@ -331,10 +418,19 @@ class FoldTrainer:
             val_metric = score(cfg.metric, y_va, probs, cfg.evaluate.eps)
         lr = self.opt.param_groups[0]["lr"]
         if not self.parts.per_step:
-            self.parts.sched.step(val_loss) if SCHEDULERS.get(cfg.train.scheduler).on_metric else self.parts.sched.step()
+            self.parts.sched.step(val_loss) if SCHEDULERS.get(
+                cfg.train.scheduler
+            ).on_metric else self.parts.sched.step()
         improved = epoch == cfg.train.epochs if self.refit else val_loss < progress.best["val_loss"] - 1e-7
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, mname: val_metric, "lr": lr,
-               "seconds": round(time.time() - t0, 3), "train_img_s": round(img_s, 1)}
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            mname: val_metric,
+            "lr": lr,
+            "seconds": round(time.time() - t0, 3),
+            "train_img_s": round(img_s, 1),
+        }
         self.artifacts.record_epoch(progress, row, ("train_loss", "val_loss", mname, "lr"))
         if improved:
             progress.best, progress.bad_epochs = {"val_loss": val_loss, "epoch": epoch, mname: val_metric}, 0
@@ -343,8 +439,10 @@ class FoldTrainer:
                 self.artifacts.write_oof(self.oof_frame(probs))
         else:
             progress.bad_epochs += 1
-        log.info(f"fold {self.job.fold} epoch {epoch}/{cfg.train.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
-                 f"{mname} {val_metric:.4f}  {row['seconds']:.1f}s{'  *' if improved else ''}")
+        log.info(
+            f"fold {self.job.fold} epoch {epoch}/{cfg.train.epochs}  train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
+            f"{mname} {val_metric:.4f}  {row['seconds']:.1f}s{'  *' if improved else ''}"
+        )
         return row
 
     def _loop(self, resume: tuple[int, Progress]) -> dict:
@@ -355,28 +453,57 @@ class FoldTrainer:
             row = self._epoch(epoch, progress)
             self.artifacts.save_last(self._state(epoch, progress))
             # decided on rank 0 (its clock, its hook) and broadcast, so all ranks stop at the same epoch
-            reasons = self.dist.broadcast_decision(lambda: [r for cb in self.callbacks if (r := cb(job, epoch, row, progress))])
+            reasons = self.dist.broadcast_decision(
+                lambda: [r for cb in self.callbacks if (r := cb(job, epoch, row, progress))]
+            )
             if reasons:
                 log.info(reasons[0])
                 break
         mname = f"val_{cfg.metric}"
         best = progress.best
-        done = self.artifacts.finish({"hash": self.hash, "fold": job.fold, "seed": job.seed, "best_epoch": best["epoch"],
-                                      "val_loss": best["val_loss"], mname: best.get(mname),
-                                      "epochs_run": len(progress.history), "weights": self.parts.weights_source,
-                                      "world_size": self.dist.world_size, **self.done_extra})
+        done = self.artifacts.finish(
+            {
+                "hash": self.hash,
+                "fold": job.fold,
+                "seed": job.seed,
+                "best_epoch": best["epoch"],
+                "val_loss": best["val_loss"],
+                mname: best.get(mname),
+                "epochs_run": len(progress.history),
+                "weights": self.parts.weights_source,
+                "world_size": self.dist.world_size,
+                **self.done_extra,
+            }
+        )
         self.dist.barrier()  # the job's files are written when any rank moves on
         return done
 
     def meta(self, best: dict) -> dict:
         t = self.table
-        return {"model": self.cfg.model.model_dump(), "in_chans": t.channels, "img_size": list(t.image_size),
-                "class_names": t.class_names, "feature_names": t.feature_names, "n_features": len(t.feature_names),
-                "value_range": list(t.value_range), "fold": self.job.fold, "seed": self.job.seed,
-                "config_hash": self.hash, "weights": self.parts.weights_source, "precision": self.precision,
-                "ema": self.parts.ema is not None, "world_size": self.dist.world_size, **best}
+        return {
+            "model": self.cfg.model.model_dump(),
+            "in_chans": t.channels,
+            "img_size": list(t.image_size),
+            "class_names": t.class_names,
+            "feature_names": t.feature_names,
+            "n_features": len(t.feature_names),
+            "value_range": list(t.value_range),
+            "fold": self.job.fold,
+            "seed": self.job.seed,
+            "config_hash": self.hash,
+            "weights": self.parts.weights_source,
+            "precision": self.precision,
+            "ema": self.parts.ema is not None,
+            "world_size": self.dist.world_size,
+            **best,
+        }
 
     def oof_frame(self, probs: np.ndarray) -> pd.DataFrame:
         t = self.table
-        return pred_frame(t.ids[self.va_idx], probs, t.class_names, fold=np.full(len(self.va_idx), self.job.fold),
-                          target=t.labels[self.va_idx])
+        return pred_frame(
+            t.ids[self.va_idx],
+            probs,
+            t.class_names,
+            fold=np.full(len(self.va_idx), self.job.fold),
+            target=t.labels[self.va_idx],
+        )

@@ -15,12 +15,14 @@ Schedules are built here by hand (timm has no one-cycle, and a resumed fold repl
 the LambdaLR / OneCycleLR ``state_dict``). torch and timm are imported only when something is
 built, so ``load_config`` checks the names against these registries without them.
 """
+
 from __future__ import annotations
 
 import fnmatch
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.config.registries import OPTIMIZERS, SCHEDULERS
 
@@ -55,9 +57,15 @@ def param_groups(model, lr: float, weight_decay: float, backbone_lr_mult: float)
         part = "backbone" if name.startswith("backbone.") else "head"
         decay = not (p.ndim <= 1 or name.endswith(".bias") or any(fnmatch.fnmatch(name, pat) for pat in no_decay))
         groups.setdefault((part, decay), []).append(p)
-    return [{"params": groups[key], "lr": lr * (backbone_lr_mult if key[0] == "backbone" else 1.0),
-             "weight_decay": weight_decay if key[1] else 0.0}
-            for key in (("head", True), ("head", False), ("backbone", True), ("backbone", False)) if key in groups]
+    return [
+        {
+            "params": groups[key],
+            "lr": lr * (backbone_lr_mult if key[0] == "backbone" else 1.0),
+            "weight_decay": weight_decay if key[1] else 0.0,
+        }
+        for key in (("head", True), ("head", False), ("backbone", True), ("backbone", False))
+        if key in groups
+    ]
 
 
 def build_optimizer(cfg, model):
@@ -70,11 +78,19 @@ def build_optimizer(cfg, model):
     spec = OPTIMIZERS.get(t.optimizer)
     groups = param_groups(model, lr, t.weight_decay, cfg.model.backbone_lr_mult)
     fused = {"fused": True} if spec.fused and next(model.parameters()).device.type in ("cpu", "cuda") else {}
-    return create_optimizer_v2(model, opt=spec.timm_name, lr=lr, weight_decay=t.weight_decay,
-                               param_group_fn=lambda m: groups, **spec.options(t), **fused)
+    return create_optimizer_v2(
+        model,
+        opt=spec.timm_name,
+        lr=lr,
+        weight_decay=t.weight_decay,
+        param_group_fn=lambda m: groups,
+        **spec.options(t),
+        **fused,
+    )
 
 
 # ---- schedules ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SchedulerSpec:
@@ -102,7 +118,9 @@ def _onecycle(t, opt, steps_per_epoch: int):
     total, warm = max(t.epochs * steps_per_epoch, 4), int(t.warmup_epochs * steps_per_epoch)
     # warm-up share of the run; at least 2 steps each way (OneCycleLR divides by both phases)
     pct = min(max(warm / total if warm else 0.3, 2 / total), 1 - 2 / total)
-    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, pct_start=pct)
+    return torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, pct_start=pct
+    )
 
 
 def _step(t, opt, steps_per_epoch: int):

@@ -1,10 +1,11 @@
 """``train.precision: auto``: on CUDA the GPU's capability decides (bf16 where native, else fp16:
 ``pipeline.core.device.auto_precision``); on CPU and mps a few steps in fp32 and bf16 are timed once per
 machine, model and shape."""
+
 from __future__ import annotations
 
-import logging
 import json
+import logging
 import math
 import platform
 import time
@@ -12,8 +13,8 @@ import time
 import torch
 
 from pipeline.core.device import auto_precision, bf16_supported
-from pipeline.models.inference import autocast
 from pipeline.core.io import atomic_write_json, cache_dir
+from pipeline.models.inference import autocast
 from pipeline.runs.layout import RunDir
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,14 @@ def _machine() -> str:
     return f"{cpu}|torch {torch.__version__}|threads {torch.get_num_threads()}"
 
 
-def measure(model: torch.nn.Module, x: torch.Tensor, feats: torch.Tensor | None, precision: str, steps: int = 3,
-            give_up_after: float = math.inf) -> float:
+def measure(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    feats: torch.Tensor | None,
+    precision: str,
+    steps: int = 3,
+    give_up_after: float = math.inf,
+) -> float:
     """Median seconds per forward/backward step (after one warm-up step); the model's weights are
     restored. Stops early once ``give_up_after`` seconds are spent (bf16 emulated on a CPU without
     native support runs ~10x slower: two steps tell)."""
@@ -72,7 +79,9 @@ def resolve_precision(requested: str, model, x, feats, key: str) -> str:
         choice = min(t, key=t.get)
         table[full_key] = {"choice": choice, "seconds_per_step": t}
         atomic_write_json(path, table)
-        log.info(f"precision auto: fp32 {t['fp32'] * 1e3:.0f} ms/step, bf16 {t['bf16'] * 1e3:.0f} ms/step -> {choice} (cached in {path})")
+        log.info(
+            f"precision auto: fp32 {t['fp32'] * 1e3:.0f} ms/step, bf16 {t['bf16'] * 1e3:.0f} ms/step -> {choice} (cached in {path})"
+        )
     return table[full_key]["choice"]
 
 

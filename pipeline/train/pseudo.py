@@ -22,6 +22,7 @@ Hard labels are the argmax, soft ones the probability vector (cross-entropy agai
 row's loss is weighted by ``weight``. The CV driver decides which rows a fold trains on; the trainer
 sees a Table with per-row weights (and soft targets) and a fold_of where test rows are TRAIN_ONLY or UNUSED.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -52,16 +53,25 @@ def check_source(cfg: Config) -> RunDir:
     if src.path.resolve() == run.path.resolve():
         raise PipelineError(f"{where}: {cfg.pseudo.source} is this experiment's own run; expected another experiment")
     if not src.oof.is_file():
-        raise PipelineError(f"{where}: {src} has no oof.csv; train the source first (`pipeline train <config of {src.name}>`)")
+        raise PipelineError(
+            f"{where}: {src} has no oof.csv; train the source first (`pipeline train <config of {src.name}>`)"
+        )
     stale = stale_predictions(src)
     if stale:
         raise PipelineError(f"{where}: {stale}; rerun `pipeline predict <config of {src.name}>`")
     for p in pseudo_files(cfg):
         if not p.is_file():
-            why = ("the refit's labels come from the source's all-fold test predictions" if p == src.test_pred else
-                   "fold k's pseudo-labels come from the source's fold-k model alone, never the all-fold average")
-            how = (f"rerun `pipeline ensemble` for {src.name} once every member's `pipeline predict` wrote its "
-                   f"test_pred_fold<k>.csv" if src.is_ensemble else f"run `pipeline predict <config of {src.name}>` first")
+            why = (
+                "the refit's labels come from the source's all-fold test predictions"
+                if p == src.test_pred
+                else "fold k's pseudo-labels come from the source's fold-k model alone, never the all-fold average"
+            )
+            how = (
+                f"rerun `pipeline ensemble` for {src.name} once every member's `pipeline predict` wrote its "
+                f"test_pred_fold<k>.csv"
+                if src.is_ensemble
+                else f"run `pipeline predict <config of {src.name}>` first"
+            )
             raise PipelineError(f"{where}: {p} not found ({why}); {how}")
     return src
 
@@ -70,12 +80,14 @@ def check_source(cfg: Config) -> RunDir:
 class Selection:
     """One job's pseudo rows."""
 
-    rows: np.ndarray     # test-table rows, most confident first
+    rows: np.ndarray  # test-table rows, most confident first
     targets: np.ndarray  # (n, K) float32: one-hot of the argmax, or the source's probabilities (soft)
-    candidates: int      # rows at or above the threshold, before max_share
+    candidates: int  # rows at or above the threshold, before max_share
 
 
-def select(probs: np.ndarray, ids: np.ndarray, *, threshold: float, max_share: float, n_real: int, soft: bool) -> Selection:
+def select(
+    probs: np.ndarray, ids: np.ndarray, *, threshold: float, max_share: float, n_real: int, soft: bool
+) -> Selection:
     """The rows of ``probs`` (test rows x classes) a job with ``n_real`` real training rows trains on."""
     conf = probs.max(1)
     order = np.lexsort((ids.astype(str), -conf))  # most confident first, ties by id
@@ -133,24 +145,36 @@ class PseudoLabels:
         for k in sorted(self.by_fold, key=lambda k: (k == REFIT, k)):
             r = self.record(k)
             capped = f", capped by max_share {self.max_share}" if r["rows"] < r["candidates"] else ""
-            lines.append(f"pseudo: {'refit' if k == REFIT else f'fold {k}'} trains on {r['rows']} test rows labelled by "
-                         f"{self.source}'s {'all-fold test_pred.csv' if k == REFIT else f'fold-{k} model'} ({r['candidates']} at "
-                         f"or above {self.threshold}{capped}; weight {self.weight}, {'soft' if self.soft else 'hard'}): "
-                         + ", ".join(f"{c} {v}" for c, v in r["per_class"].items()))
+            lines.append(
+                f"pseudo: {'refit' if k == REFIT else f'fold {k}'} trains on {r['rows']} test rows labelled by "
+                f"{self.source}'s {'all-fold test_pred.csv' if k == REFIT else f'fold-{k} model'} ({r['candidates']} at "
+                f"or above {self.threshold}{capped}; weight {self.weight}, {'soft' if self.soft else 'hard'}): "
+                + ", ".join(f"{c} {v}" for c, v in r["per_class"].items())
+            )
         return lines
 
     def combine(self, table: Table, test: Table) -> Table:
         """The training rows, then every test row (label 0 until a job's ``fold_view`` sets it)."""
         if table.feature_names != test.feature_names:
-            raise PipelineError(f"test features {test.feature_names} differ from the training features {table.feature_names}; "
-                                f"expected the same reader for both splits")
+            raise PipelineError(
+                f"test features {test.feature_names} differ from the training features {table.feature_names}; "
+                f"expected the same reader for both splits"
+            )
         if (test.channels, test.image_size) != (table.channels, table.image_size):
-            raise PipelineError(f"test images are {test.channels}x{test.image_size[0]}x{test.image_size[1]}, training images "
-                                f"{table.channels}x{table.image_size[0]}x{table.image_size[1]}; pseudo-labels need one size")
+            raise PipelineError(
+                f"test images are {test.channels}x{test.image_size[0]}x{test.image_size[1]}, training images "
+                f"{table.channels}x{table.image_size[0]}x{table.image_size[1]}; pseudo-labels need one size"
+            )
         feats = None if table.features is None else np.concatenate([table.features, test.features]).astype(np.float32)
-        return Table(ids=np.concatenate([table.ids.astype(str), test.ids.astype(str)]), images=StackedImages(table.images, test.images),
-                     class_names=table.class_names, labels=np.concatenate([table.labels, np.zeros(len(test), np.int64)]),
-                     features=feats, feature_names=table.feature_names, value_range=table.value_range)
+        return Table(
+            ids=np.concatenate([table.ids.astype(str), test.ids.astype(str)]),
+            images=StackedImages(table.images, test.images),
+            class_names=table.class_names,
+            labels=np.concatenate([table.labels, np.zeros(len(test), np.int64)]),
+            features=feats,
+            feature_names=table.feature_names,
+            value_range=table.value_range,
+        )
 
     def fold_view(self, base: Table, fold_of: np.ndarray, fold: int) -> tuple[Table, np.ndarray]:
         """Job ``fold``'s table and fold_of: its pseudo rows TRAIN_ONLY with their labels and weight, other test rows UNUSED."""
@@ -178,15 +202,32 @@ class PseudoLabels:
         """What job ``fold`` trained on besides its rows (its done.json's ``pseudo``)."""
         sel = self.by_fold[fold]
         counts = np.bincount(sel.targets.argmax(1), minlength=len(self.class_names))
-        return {"source": self.source, "digest": self.digest, "rows": int(len(sel.rows)), "candidates": sel.candidates,
-                "per_class": {c: int(v) for c, v in zip(self.class_names, counts)}}
+        return {
+            "source": self.source,
+            "digest": self.digest,
+            "rows": int(len(sel.rows)),
+            "candidates": sel.candidates,
+            "per_class": {c: int(v) for c, v in zip(self.class_names, counts)},
+        }
 
     def summary(self, cfg: Config) -> dict:
         """pseudo.json: the settings, the source and each job's rows per class."""
-        jobs = {("refit" if k == REFIT else f"fold_{k}"): {k2: v for k2, v in self.record(k).items() if k2 not in ("source", "digest")}
-                for k in sorted(self.by_fold, key=lambda k: (k == REFIT, k))}
-        return {"source": self.source, "from": cfg.pseudo.source, "digest": self.digest, "threshold": self.threshold,
-                "weight": self.weight, "max_share": self.max_share, "soft": self.soft, "jobs": jobs}
+        jobs = {
+            ("refit" if k == REFIT else f"fold_{k}"): {
+                k2: v for k2, v in self.record(k).items() if k2 not in ("source", "digest")
+            }
+            for k in sorted(self.by_fold, key=lambda k: (k == REFIT, k))
+        }
+        return {
+            "source": self.source,
+            "from": cfg.pseudo.source,
+            "digest": self.digest,
+            "threshold": self.threshold,
+            "weight": self.weight,
+            "max_share": self.max_share,
+            "soft": self.soft,
+            "jobs": jobs,
+        }
 
 
 def _check_folds(cfg: Config, src: RunDir, table: Table, fold_of: np.ndarray) -> None:
@@ -194,13 +235,17 @@ def _check_folds(cfg: Config, src: RunDir, table: Table, fold_of: np.ndarray) ->
     oof = read_predictions(src.oof, "oof", class_names=table.class_names, hint=f"pipeline train <config of {src.name}>")
     ids = pd.Index(table.ids.astype(str))
     if len(oof) != len(ids) or not pd.Index(oof["id"]).isin(ids).all():
-        raise PipelineError(f"{where}: {src.oof} holds other training ids than {cfg.data.dir}; expected a source trained on this data")
+        raise PipelineError(
+            f"{where}: {src.oof} holds other training ids than {cfg.data.dir}; expected a source trained on this data"
+        )
     theirs = oof.set_index("id")["fold"].reindex(ids).to_numpy()
     diff = np.flatnonzero(theirs != fold_of)
     if len(diff):
         i = int(diff[0])
-        raise PipelineError(f"{where}: {src.oof} was trained on other folds than {cfg.folds_path} ({len(diff)} rows differ, e.g. "
-                            f"id {ids[i]!r}: fold {theirs[i]} vs {fold_of[i]}); expected a source trained on the same folds file")
+        raise PipelineError(
+            f"{where}: {src.oof} was trained on other folds than {cfg.folds_path} ({len(diff)} rows differ, e.g. "
+            f"id {ids[i]!r}: fold {theirs[i]} vs {fold_of[i]}); expected a source trained on the same folds file"
+        )
 
 
 def _source_probs(path, src: RunDir, test: Table, class_names: list[str]) -> np.ndarray:
@@ -208,8 +253,10 @@ def _source_probs(path, src: RunDir, test: Table, class_names: list[str]) -> np.
     df = read_predictions(path, "test", class_names=class_names, hint=f"pipeline predict <config of {src.name}>")
     ids = pd.Index(test.ids.astype(str))
     if len(df) != len(ids) or not pd.Index(df["id"]).isin(ids).all():
-        raise PipelineError(f"{path}: predicts other test ids than the test data ({len(df)} rows, {len(ids)} test images); "
-                            f"rerun `pipeline predict <config of {src.name}>` on this test set")
+        raise PipelineError(
+            f"{path}: predicts other test ids than the test data ({len(df)} rows, {len(ids)} test images); "
+            f"rerun `pipeline predict <config of {src.name}>` on this test set"
+        )
     return probs_of(df.set_index("id").reindex(ids), class_names)
 
 
@@ -217,15 +264,23 @@ def planned_rows(cfg: Config, test: Table, class_names: list[str], *, n_real: in
     """The most pseudo rows any fold job of ``cfg`` will train on, from the source's fold files, for the
     run plan to time (``n_real``: a fold's real training rows). The source is checked as training checks it."""
     src = check_source(cfg)
-    return max(len(_select(cfg, src, src.test_pred_fold(k), test, class_names, n_real).rows)
-               for k in range(cfg.folds.n_splits * cfg.folds.repeats))
+    return max(
+        len(_select(cfg, src, src.test_pred_fold(k), test, class_names, n_real).rows)
+        for k in range(cfg.folds.n_splits * cfg.folds.repeats)
+    )
 
 
 def _select(cfg: Config, src: RunDir, path, test: Table, class_names: list[str], n_real: int) -> Selection:
     """The pseudo rows a job with ``n_real`` real rows takes from the source's prediction file ``path``."""
     p = cfg.pseudo
-    return select(_source_probs(path, src, test, class_names), test.ids, threshold=p.threshold, max_share=p.max_share,
-                  n_real=n_real, soft=p.soft)
+    return select(
+        _source_probs(path, src, test, class_names),
+        test.ids,
+        threshold=p.threshold,
+        max_share=p.max_share,
+        n_real=n_real,
+        soft=p.soft,
+    )
 
 
 def prepare(cfg: Config, src: RunDir, table: Table, fold_of: np.ndarray, test: Table) -> PseudoLabels:
@@ -237,11 +292,20 @@ def prepare(cfg: Config, src: RunDir, table: Table, fold_of: np.ndarray, test: T
     if cfg.train.refit:
         jobs[REFIT] = (src.test_pred, len(table))
     by_fold = {k: _select(cfg, src, path, test, names, n_real) for k, (path, n_real) in jobs.items()}
-    return PseudoLabels(source=str(src.path), digest=pseudo_digest(cfg), weight=p.weight, soft=p.soft,
-                        threshold=p.threshold, max_share=p.max_share, class_names=list(names), by_fold=by_fold)
+    return PseudoLabels(
+        source=str(src.path),
+        digest=pseudo_digest(cfg),
+        weight=p.weight,
+        soft=p.soft,
+        threshold=p.threshold,
+        max_share=p.max_share,
+        class_names=list(names),
+        by_fold=by_fold,
+    )
 
 
 # ---- the source run and its files -------------------------------------------------------------
+
 
 def pseudo_source(cfg: Config) -> RunDir:
     """The run ``pseudo.from`` names: a run folder, or an experiment config's run; a path as written
@@ -251,8 +315,10 @@ def pseudo_source(cfg: Config) -> RunDir:
     entry, where = cfg.pseudo.source, f"{cfg.path}: pseudo.from"
     found = next((p for p in (Path(entry).expanduser(), Path(cfg.path).parent / entry) if p.exists()), None)
     if found is None:
-        raise PipelineError(f"{where}: {entry} not found (looked in {Path.cwd()} and {Path(cfg.path).parent}); "
-                            f"expected a run folder or an experiment config")
+        raise PipelineError(
+            f"{where}: {entry} not found (looked in {Path.cwd()} and {Path(cfg.path).parent}); "
+            f"expected a run folder or an experiment config"
+        )
     if found.is_dir():
         return RunDir(path=found)
     if found.suffix not in (".yaml", ".yml"):
@@ -260,10 +326,16 @@ def pseudo_source(cfg: Config) -> RunDir:
     try:
         src = load_config(found, check_data=False)
     except PipelineError as e:  # e.g. an ensemble file: named as the culprit of this key
-        hint = "; an ensemble source is named by its run folder (runs/<competition>/<name>)" if "ensemble" in str(e) else ""
+        hint = (
+            "; an ensemble source is named by its run folder (runs/<competition>/<name>)"
+            if "ensemble" in str(e)
+            else ""
+        )
         raise PipelineError(f"{where}: {e}{hint}") from None
     if src.competition != cfg.competition:
-        raise PipelineError(f"{where}: {entry} is an experiment of {src.competition!r}; expected one of {cfg.competition!r}")
+        raise PipelineError(
+            f"{where}: {entry} is an experiment of {src.competition!r}; expected one of {cfg.competition!r}"
+        )
     return RunDir.of(src)
 
 

@@ -6,6 +6,7 @@ them in ``pipeline.train.job.FoldTrainer``; planning times them (``pipeline.plan
 Randomness is derived from (seed, fold, epoch) at each epoch start, so a resumed fold replays
 exactly what an uninterrupted one would.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,11 +21,11 @@ from torch import nn
 
 from pipeline.config.schema import Config
 from pipeline.core.device import amp_plan, non_blocking
+from pipeline.data.table import Table
+from pipeline.models.backbones import apply_finetune, build_model, finetune_stage
 from pipeline.models.inference import Rows, features_tensor, predict_logits
 from pipeline.tasks import build_task
-from pipeline.models.backbones import apply_finetune, build_model, finetune_stage
 from pipeline.train.optim import build_optimizer, build_scheduler
-from pipeline.data.table import Table
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def seed_everything(seed: int) -> np.random.Generator:
 
 
 # ---- components ----------------------------------------------------------------------------
+
 
 @dataclass(kw_only=True)
 class Components:
@@ -70,7 +72,9 @@ class Components:
 def caches_embeddings(cfg: Config) -> bool:
     """A frozen backbone without augmentation: its features are computed once for every fold."""
     m = cfg.model  # mixing, augmentation and unfreezing all need the images themselves
-    return m.finetune == "head" and not (cfg.augment or m.unfreeze_after or cfg.train.mixup_alpha or cfg.train.cutmix_alpha)
+    return m.finetune == "head" and not (
+        cfg.augment or m.unfreeze_after or cfg.train.mixup_alpha or cfg.train.cutmix_alpha
+    )
 
 
 def steps_per_epoch(n_rows: int, t, world_size: int = 1) -> int:
@@ -80,12 +84,24 @@ def steps_per_epoch(n_rows: int, t, world_size: int = 1) -> int:
     return min(n, t.max_steps_per_epoch or n)
 
 
-def build_components(*, cfg: Config, table: Table, tr_idx: np.ndarray, seed: int, device: torch.device,
-                     channels_last: bool, with_augment: bool, precision: str = "fp32", world_size: int = 1) -> Components:
+def build_components(
+    *,
+    cfg: Config,
+    table: Table,
+    tr_idx: np.ndarray,
+    seed: int,
+    device: torch.device,
+    channels_last: bool,
+    with_augment: bool,
+    precision: str = "fp32",
+    world_size: int = 1,
+) -> Components:
     if cfg.train.epochs == "auto":  # a caller skipped the plan: a bug, not bad input
         raise ValueError("train.epochs is auto: resolve the config with pipeline.plan.store.planned(cfg) first")
     seed_everything(derive_seed("init", seed))
-    model, weights_source = build_model(cfg, table.channels, table.num_classes, len(table.feature_names), table.image_size)
+    model, weights_source = build_model(
+        cfg, table.channels, table.num_classes, len(table.feature_names), table.image_size
+    )
     model.fit_normalisation(table.images, table.features)
     apply_finetune(model, finetune_stage(cfg.model, 1, cfg.train.epochs), cfg.model.unfreeze_stages)
     model.to(device)
@@ -104,8 +120,9 @@ def build_components(*, cfg: Config, table: Table, tr_idx: np.ndarray, seed: int
     if with_augment:
         from pipeline.data.augment import build_augment
 
-        augment = build_augment(cfg.augment, table.value_range, table.channels, table.image_size, seed=seed,
-                                where=f"{cfg.path}: augment")
+        augment = build_augment(
+            cfg.augment, table.value_range, table.channels, table.image_size, seed=seed, where=f"{cfg.path}: augment"
+        )
     counts = class_mass(table, tr_idx)
     weight = None
     if cfg.train.class_weights == "balanced":
@@ -115,8 +132,18 @@ def build_components(*, cfg: Config, table: Table, tr_idx: np.ndarray, seed: int
     task = build_task(table.num_classes)
     loss_fn = task.loss(weight=weight, label_smoothing=resolve_label_smoothing(cfg, task)).to(device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_plan(device.type, precision).scaler)
-    return Components(model=model, ema=ema, opt=opt, sched=sched, per_step=per_step, loss_fn=loss_fn,
-                      augment=augment, steps_per_epoch=n_steps, weights_source=weights_source, scaler=scaler)
+    return Components(
+        model=model,
+        ema=ema,
+        opt=opt,
+        sched=sched,
+        per_step=per_step,
+        loss_fn=loss_fn,
+        augment=augment,
+        steps_per_epoch=n_steps,
+        weights_source=weights_source,
+        scaler=scaler,
+    )
 
 
 def class_mass(table: Table, idx: np.ndarray) -> np.ndarray:
@@ -131,8 +158,17 @@ def class_mass(table: Table, idx: np.ndarray) -> np.ndarray:
 
 # ---- one epoch -----------------------------------------------------------------------------
 
-def epoch_batches(*, tr_idx: np.ndarray, labels: np.ndarray, num_classes: int, t, n_steps: int,
-                  rng: np.random.Generator, world_size: int = 1) -> list[np.ndarray]:
+
+def epoch_batches(
+    *,
+    tr_idx: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    t,
+    n_steps: int,
+    rng: np.random.Generator,
+    world_size: int = 1,
+) -> list[np.ndarray]:
     """The epoch's global batches (a torchrun rank trains its share of each: ``DistContext.shard_batches``)."""
     bs = t.batch_size
     if t.balanced_sampling:  # each class drawn equally often, with replacement
@@ -141,16 +177,27 @@ def epoch_batches(*, tr_idx: np.ndarray, labels: np.ndarray, num_classes: int, t
         order = rng.choice(tr_idx, size=len(tr_idx), replace=True, p=w / w.sum())
     else:
         order = rng.permutation(tr_idx)
-    batches = [np.sort(order[i:i + bs]) for i in range(0, len(order), bs)]  # sorted: memmap-friendly
+    batches = [np.sort(order[i : i + bs]) for i in range(0, len(order), bs)]  # sorted: memmap-friendly
     if len(batches) > 1 and len(batches[-1]) < 2 * world_size:  # BatchNorm cannot train on one sample (per rank)
         batches = batches[:-1]
     return batches[:n_steps]
 
 
-def train_one_epoch(parts: Components, *, source, n_batches: int, table: Table, t, device: torch.device,
-                    precision: str, channels_last: bool, rng: np.random.Generator,
-                    embeddings: torch.Tensor | None = None, desc: str = "",
-                    grad_weights: list[float] | None = None) -> tuple[float, float]:
+def train_one_epoch(
+    parts: Components,
+    *,
+    source,
+    n_batches: int,
+    table: Table,
+    t,
+    device: torch.device,
+    precision: str,
+    channels_last: bool,
+    rng: np.random.Generator,
+    embeddings: torch.Tensor | None = None,
+    desc: str = "",
+    grad_weights: list[float] | None = None,
+) -> tuple[float, float]:
     """One pass over ``source`` ((idx, image batch or None) pairs); returns (mean loss, images per second).
     ``grad_weights[i]`` scales batch i's gradient (a torchrun rank's share of the global batch)."""
     from tqdm.auto import tqdm
@@ -158,7 +205,9 @@ def train_one_epoch(parts: Components, *, source, n_batches: int, table: Table, 
     model, opt, accum, scaler = parts.model, parts.opt, t.accum_steps, parts.scaler
     amp, nb = amp_plan(device.type, precision), non_blocking(device)
     if amp.scaler != scaler.is_enabled():  # the components were built for another precision: a bug
-        raise ValueError(f"precision {precision} on {device.type} but the GradScaler is {'on' if scaler.is_enabled() else 'off'}")
+        raise ValueError(
+            f"precision {precision} on {device.type} but the GradScaler is {'on' if scaler.is_enabled() else 'off'}"
+        )
     total, seen, right, t0 = 0.0, 0, 0, time.perf_counter()
     bar = tqdm(source, total=n_batches, desc=desc, leave=False, disable=None, dynamic_ncols=True)
     opt.zero_grad(set_to_none=True)
@@ -212,8 +261,17 @@ def train_forward(parts: Components, x, f, emb):
     return parts.model(x, f) if emb is None else parts.model.forward_head(emb, f)
 
 
-def validate(model: nn.Module, *, table: Table, idx: np.ndarray, batch_size: int, device: torch.device,
-             channels_last: bool, precision: str, embeddings: torch.Tensor | None = None) -> np.ndarray:
+def validate(
+    model: nn.Module,
+    *,
+    table: Table,
+    idx: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool,
+    precision: str,
+    embeddings: torch.Tensor | None = None,
+) -> np.ndarray:
     """The task's predictions (class probabilities) of rows ``idx``."""
     task = build_task(table.num_classes)
     if embeddings is not None:
@@ -222,7 +280,9 @@ def validate(model: nn.Module, *, table: Table, idx: np.ndarray, batch_size: int
             logits = model.forward_head(embeddings[idx], features_tensor(table.features, idx, device))
         return task.activate(logits.double().cpu().numpy())
     feats = Rows(table.features, idx) if table.features is not None else None
-    return task.activate(predict_logits(model, Rows(table.images, idx), feats, batch_size, device, channels_last, precision))
+    return task.activate(
+        predict_logits(model, Rows(table.images, idx), feats, batch_size, device, channels_last, precision)
+    )
 
 
 class BatchSource(torch.utils.data.Dataset):
@@ -258,8 +318,9 @@ def mixed_loss(loss_fn, logits: torch.Tensor, y: torch.Tensor, y2: torch.Tensor,
     return lam * loss_fn(logits, y) + (1 - lam) * loss_fn(logits, y2)
 
 
-def batch_loss(loss_fn, logits: torch.Tensor, table: Table, idx: np.ndarray, y: torch.Tensor, partner: torch.Tensor,
-               lam: float) -> torch.Tensor:
+def batch_loss(
+    loss_fn, logits: torch.Tensor, table: Table, idx: np.ndarray, y: torch.Tensor, partner: torch.Tensor, lam: float
+) -> torch.Tensor:
     """The loss of batch ``idx`` (``partner``: each row's mixing partner's position). A table with per-row
     weights or soft targets (pseudo-labelled rows): each row's cross-entropy against its target (label
     smoothing and class weights as ``loss_fn`` has them) times its weight, over the batch's class-weight
@@ -268,10 +329,16 @@ def batch_loss(loss_fn, logits: torch.Tensor, table: Table, idx: np.ndarray, y: 
     if table.sample_weights is None and table.soft_targets is None:
         return mixed_loss(loss_fn, logits, y, y[partner], lam)
     dev, cw = logits.device, loss_fn.weight
-    s = torch.from_numpy(np.asarray(table.sample_weights[idx], np.float32)).to(dev) if table.sample_weights is not None \
+    s = (
+        torch.from_numpy(np.asarray(table.sample_weights[idx], np.float32)).to(dev)
+        if table.sample_weights is not None
         else torch.ones(len(idx), device=dev)
-    target = torch.from_numpy(np.asarray(table.soft_targets[idx], np.float32)).to(dev) if table.soft_targets is not None \
+    )
+    target = (
+        torch.from_numpy(np.asarray(table.soft_targets[idx], np.float32)).to(dev)
+        if table.soft_targets is not None
         else nn.functional.one_hot(y, logits.shape[1]).float()
+    )
 
     task = build_task(logits.shape[1])
 
@@ -280,7 +347,11 @@ def batch_loss(loss_fn, logits: torch.Tensor, table: Table, idx: np.ndarray, y: 
         mass = tgt @ cw if cw is not None else torch.ones_like(w)
         return (w * per_row).sum() / mass.sum()
 
-    return weighted(target, s) if lam == 1.0 else lam * weighted(target, s) + (1 - lam) * weighted(target[partner], s[partner])
+    return (
+        weighted(target, s)
+        if lam == 1.0
+        else lam * weighted(target, s) + (1 - lam) * weighted(target[partner], s[partner])
+    )
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, t, rng: np.random.Generator):
@@ -302,5 +373,3 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, t, rng: np.random.Generator):
     x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
     lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)  # the pasted area's true share
     return x, y[perm], lam
-
-

@@ -10,6 +10,7 @@
 
 Files are written to a temporary name and renamed, so concurrent workers never leave a torn file.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,9 +43,11 @@ def write_best(study, out_dir: Path, space, base: dict, cfg, fixed: dict, metric
     overrides = {**{k: v for k, v in fixed.items() if k not in values}, **space.overrides(base, values)}
     path = out_dir / "best.yaml"
     folds = bt.user_attrs.get("folds")
-    head = [f"# pipeline tune: best of study {study.study_name!r}: trial {bt.number}, {metric} {bt.value:.6g}"
-            + (f" (mean over folds {folds})" if folds is not None else ""),
-            f"# use: pipeline train {cfg.path} --params {path}"]
+    head = [
+        f"# pipeline tune: best of study {study.study_name!r}: trial {bt.number}, {metric} {bt.value:.6g}"
+        + (f" (mean over folds {folds})" if folds is not None else ""),
+        f"# use: pipeline train {cfg.path} --params {path}",
+    ]
     if fixed:
         head.append("# fixed on the command line during the search (included): " + ", ".join(fixed))
     body = yaml.safe_dump(overrides, sort_keys=False, default_flow_style=False) if overrides else "{}\n"

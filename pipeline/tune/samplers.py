@@ -7,10 +7,12 @@ worker repeats its search exactly, and parallel workers started with the same se
 the same parameters. An epoch-wise pruner sees the validation metric after each epoch of the
 first tuned fold (step = epoch); the others see each fold's value (step = fold number).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config.registries import PRUNERS, SAMPLERS
 from pipeline.core.errors import PipelineError
@@ -22,17 +24,19 @@ if TYPE_CHECKING:
 
 # ---- samplers ----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class SamplerSpec:
-    make: Callable[[Any, "Space", int], Any]  # (tune config section, space, seed) -> optuna sampler
-    check: Callable[[Any, "Space"], None] | None = None  # refuses a space it cannot search (cfg, space)
+    make: Callable[[Any, Space, int], Any]  # (tune config section, space, seed) -> optuna sampler
+    check: Callable[[Any, Space], None] | None = None  # refuses a space it cannot search (cfg, space)
 
 
 def _tpe(tc, space: Space, seed: int):
     import optuna
 
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=tc.n_startup_trials, multivariate=True,
-                                      group=space.conditional, constant_liar=True)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=tc.n_startup_trials, multivariate=True, group=space.conditional, constant_liar=True
+    )
 
 
 def _random(tc, space: Space, seed: int):
@@ -44,9 +48,12 @@ def _random(tc, space: Space, seed: int):
 def _cmaes(tc, space: Space, seed: int):
     import optuna
 
-    return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=tc.n_startup_trials,
-                                        independent_sampler=optuna.samplers.RandomSampler(seed=seed),
-                                        warn_independent_sampling=False)
+    return optuna.samplers.CmaEsSampler(
+        seed=seed,
+        n_startup_trials=tc.n_startup_trials,
+        independent_sampler=optuna.samplers.RandomSampler(seed=seed),
+        warn_independent_sampling=False,
+    )
 
 
 def _check_cmaes(cfg, space: Space) -> None:
@@ -55,11 +62,15 @@ def _check_cmaes(cfg, space: Space) -> None:
     path = cfg.path or "config"
     for p in space.params:
         if p.type == "categorical":
-            raise PipelineError(f"{path}: tune.space.{p.key}: tune.sampler cmaes searches numeric spaces only; "
-                                "use tune.sampler tpe (or random) for categorical parameters")
+            raise PipelineError(
+                f"{path}: tune.space.{p.key}: tune.sampler cmaes searches numeric spaces only; "
+                "use tune.sampler tpe (or random) for categorical parameters"
+            )
         if p.when:
-            raise PipelineError(f"{path}: tune.space.{p.key}: tune.sampler cmaes cannot search conditional parameters; "
-                                "use tune.sampler tpe")
+            raise PipelineError(
+                f"{path}: tune.space.{p.key}: tune.sampler cmaes cannot search conditional parameters; "
+                "use tune.sampler tpe"
+            )
     if len(space.params) < 2:
         raise PipelineError(f"{path}: tune.sampler: cmaes needs at least 2 searched parameters; use tpe or random")
     try:
@@ -116,9 +127,10 @@ def build_sampler(cfg, space: Space):
 
 # ---- pruners -----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class PrunerSpec:
-    make: Callable[[Any, "Space", int], Any]  # (config, space, number of folds) -> optuna pruner
+    make: Callable[[Any, Space, int], Any]  # (config, space, number of folds) -> optuna pruner
     epoch_wise: bool  # reported each epoch of the first tuned fold, else each fold's value
     label: str  # what the run's header says; {fold} is the first tuned fold
 
@@ -139,7 +151,9 @@ def _hyperband(cfg, space: Space, n_folds: int):
     import optuna
 
     p = space.get("train.epochs")
-    max_epochs = int(p.high if p is not None and p.type == "int" else max(p.choices) if p is not None else cfg.train.epochs)
+    max_epochs = int(
+        p.high if p is not None and p.type == "int" else max(p.choices) if p is not None else cfg.train.epochs
+    )
     return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(max_epochs, 1), reduction_factor=3)
 
 

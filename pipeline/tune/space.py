@@ -26,6 +26,7 @@ the evaluation settings (use ``model.input_size`` instead of ``data.image_size``
 
 Every problem is one :class:`PipelineError` line naming the config file and ``tune.space.<key>``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,15 +35,18 @@ import hashlib
 import math
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.keys import apply_overrides, known_keys, lookup
 
-if TYPE_CHECKING:  # the schema is type(cfg): the config checks tune.space when it loads, so this module cannot import it
+if (
+    TYPE_CHECKING
+):  # the schema is type(cfg): the config checks tune.space when it loads, so this module cannot import it
     from pipeline.config.schema import Config
 
 TYPES = ("float", "int", "categorical")
@@ -89,7 +93,11 @@ class Param:
         if self.type == "categorical":
             s = "{" + ", ".join(map(str, self.choices)) + "}"
         else:
-            s = f"{self.type} [{self.low:g}, {self.high:g}]" + (" log" if self.log else "") + (f" step {self.step:g}" if self.step else "")
+            s = (
+                f"{self.type} [{self.low:g}, {self.high:g}]"
+                + (" log" if self.log else "")
+                + (f" step {self.step:g}" if self.step else "")
+            )
         if self.when:
             s += " when " + ", ".join(f"{k} in {list(v)}" if len(v) > 1 else f"{k}={v[0]}" for k, v in self.when)
         return f"{self.key}: {s}"
@@ -161,7 +169,11 @@ def _is_number(v) -> bool:
 def _text_hint(v) -> str:
     """YAML 1.1 reads ``1e-4`` (no dot) as text: say so, and how to write the number."""
     try:
-        return f" (YAML reads {v} as text; write {float(v):.1e})" if isinstance(v, str) and "e" in v.lower() and math.isfinite(float(v)) else ""
+        return (
+            f" (YAML reads {v} as text; write {float(v):.1e})"
+            if isinstance(v, str) and "e" in v.lower() and math.isfinite(float(v))
+            else ""
+        )
     except ValueError:
         return ""
 
@@ -259,8 +271,11 @@ def _check_key(key: str, known: list[str], cfg: Config, err) -> tuple[int | None
             listed = ", ".join(f"{i}: {n}" for i, n in enumerate(names)) or "no entries"
             raise err(key, f"no augment entry named {sel!r}; the config's augment list has {listed}")
         if len(hits) > 1:
-            raise err(key, f"{len(hits)} augment entries are named {sel!r} (positions {', '.join(map(str, hits))}); "
-                           f"use augment.<position>.{param}")
+            raise err(
+                key,
+                f"{len(hits)} augment entries are named {sel!r} (positions {', '.join(map(str, hits))}); "
+                f"use augment.<position>.{param}",
+            )
         return hits[0], param
     if key not in known:
         close = difflib.get_close_matches(key, known, n=3)
@@ -344,7 +359,9 @@ def _check_values(p: Param, base: dict, err, schema: type[BaseModel]) -> None:
             schema(**apply_overrides(base, {p.key: v}), path="", name="")
         except ValidationError as e:
             first = e.errors()[0]
-            raise err(p.key, f"{what} {v!r} is not a valid value: {first['msg'].removeprefix('Value error, ')}") from None
+            raise err(
+                p.key, f"{what} {v!r} is not a valid value: {first['msg'].removeprefix('Value error, ')}"
+            ) from None
 
 
 def check_augment(space: Space, cfg: Config, value_range=None, channels: int | None = None, image_size=None) -> None:
@@ -358,7 +375,9 @@ def check_augment(space: Space, cfg: Config, value_range=None, channels: int | N
     for p in space.params:
         if p.augment_index is None:
             continue
-        candidates = [("choice", c) for c in p.choices] if p.type == "categorical" else [("low", p.low), ("high", p.high)]
+        candidates = (
+            [("choice", c) for c in p.choices] if p.type == "categorical" else [("low", p.low), ("high", p.high)]
+        )
         for what, v in candidates:
             d = space.apply(base, {p.key: v})
             try:

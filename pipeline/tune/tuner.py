@@ -38,6 +38,7 @@ Outputs (``pipeline/tune/report.py``)
     ``optuna-dashboard sqlite:///runs/<competition>/tune/optuna.db`` (or the PostgreSQL URL) shows
     the study live.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,11 +55,11 @@ from pathlib import Path
 from pipeline.config.schema import Config
 from pipeline.core.errors import PipelineError
 from pipeline.core.logs import to_file
-from pipeline.runs.layout import tune_dir
 from pipeline.core.metrics import METRICS, cv_std
+from pipeline.runs.layout import tune_dir
+from pipeline.tune.report import best_trial, fmt_value, write_best, write_plots, write_trials
 from pipeline.tune.samplers import PRUNERS, build_pruner, build_sampler, check_sampler
 from pipeline.tune.space import Space, _lookup, check_augment, parse_space
-from pipeline.tune.report import best_trial, fmt_value, write_best, write_plots, write_trials
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class OverBudget(Exception):
 
 
 # ---- storage --------------------------------------------------------------------------
+
 
 def default_storage(cfg: Config) -> str:
     path = (tune_dir(cfg) / "optuna.db").resolve()
@@ -85,8 +87,10 @@ def open_storage(url: str, tc, flag: str = "--storage"):
     try:
         u = make_url(url)
     except Exception:
-        raise PipelineError(f"{flag} {url!r}: not a database URL; expected e.g. sqlite:///runs/tune.db "
-                            "or postgresql://user@host:5432/dbname") from None
+        raise PipelineError(
+            f"{flag} {url!r}: not a database URL; expected e.g. sqlite:///runs/tune.db "
+            "or postgresql://user@host:5432/dbname"
+        ) from None
     if u.drivername in ("postgresql", "postgres"):  # psycopg 3 is the driver the project installs
         u = u.set(drivername="postgresql+psycopg")
     shown = u.render_as_string(hide_password=True)
@@ -100,6 +104,7 @@ def open_storage(url: str, tc, flag: str = "--storage"):
         kw = {"connect_args": {"timeout": 60}}  # concurrent workers wait for the write lock
         if u.database and u.database != ":memory:":
             Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
     def connect():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # heartbeat and retry are "experimental" in optuna
@@ -108,8 +113,13 @@ def open_storage(url: str, tc, flag: str = "--storage"):
                 cb = {"heartbeat_stale_trial_callback": retry_cls(max_retry=tc.max_retry)}
             else:
                 cb = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=tc.max_retry)}
-            return optuna.storages.RDBStorage(u.render_as_string(hide_password=False), engine_kwargs=kw,
-                                              heartbeat_interval=tc.heartbeat_s, grace_period=tc.grace_s, **cb)
+            return optuna.storages.RDBStorage(
+                u.render_as_string(hide_password=False),
+                engine_kwargs=kw,
+                heartbeat_interval=tc.heartbeat_s,
+                grace_period=tc.grace_s,
+                **cb,
+            )
 
     try:
         for attempt in range(6):
@@ -122,41 +132,62 @@ def open_storage(url: str, tc, flag: str = "--storage"):
                     raise
                 time.sleep(0.2 * (attempt + 1))
     except sqlalchemy.exc.NoSuchModuleError:
-        raise PipelineError(f"{flag} {shown}: unknown database kind {u.drivername!r}; expected sqlite:// or postgresql:// "
-                            "(any SQLAlchemy URL whose driver is installed)") from None
+        raise PipelineError(
+            f"{flag} {shown}: unknown database kind {u.drivername!r}; expected sqlite:// or postgresql:// "
+            "(any SQLAlchemy URL whose driver is installed)"
+        ) from None
     except ImportError as e:
         raise PipelineError(f"{flag} {shown}: the database driver is not installed ({e.name or e})") from None
     except sqlalchemy.exc.OperationalError as e:
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()
-        raise PipelineError(f"{flag} {shown}: cannot connect ({reason[0] if reason else type(e).__name__}); "
-                            "is the server running and the URL right?") from None
+        raise PipelineError(
+            f"{flag} {shown}: cannot connect ({reason[0] if reason else type(e).__name__}); "
+            "is the server running and the URL right?"
+        ) from None
     except sqlalchemy.exc.SQLAlchemyError as e:
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()
         raise PipelineError(f"{flag} {shown}: database error ({reason[0] if reason else type(e).__name__})") from None
     except RuntimeError as e:  # optuna's schema version check
-        raise PipelineError(f"{flag} {shown}: {str(e).splitlines()[0]} (`optuna storage upgrade --storage URL`)") from None
+        raise PipelineError(
+            f"{flag} {shown}: {str(e).splitlines()[0]} (`optuna storage upgrade --storage URL`)"
+        ) from None
 
 
 # ---- study ----------------------------------------------------------------------------
+
 
 def open_study(cfg: Config, storage, study_name: str, direction: str, sampler, pruner, shown_url: str):
     import optuna
 
     try:
-        study = optuna.create_study(storage=storage, study_name=study_name, direction=direction, sampler=sampler,
-                                    pruner=pruner, load_if_exists=True)
+        study = optuna.create_study(
+            storage=storage,
+            study_name=study_name,
+            direction=direction,
+            sampler=sampler,
+            pruner=pruner,
+            load_if_exists=True,
+        )
     except Exception as e:  # e.g. the DB refused a write
-        raise PipelineError(f"--storage {shown_url}: cannot open study {study_name!r} ({str(e).splitlines()[0]})") from None
+        raise PipelineError(
+            f"--storage {shown_url}: cannot open study {study_name!r} ({str(e).splitlines()[0]})"
+        ) from None
     if len(study.directions) != 1:
-        raise PipelineError(f"--study {study_name}: exists in {shown_url} as a multi-objective study; use another --study name")
+        raise PipelineError(
+            f"--study {study_name}: exists in {shown_url} as a multi-objective study; use another --study name"
+        )
     have = study.direction.name.lower()
     if have != direction:
-        raise PipelineError(f"--study {study_name}: exists in {shown_url} and {have}s, but metric {cfg.metric} is "
-                            f"{direction}d; use another --study name")
+        raise PipelineError(
+            f"--study {study_name}: exists in {shown_url} and {have}s, but metric {cfg.metric} is "
+            f"{direction}d; use another --study name"
+        )
     attrs = study.user_attrs
     if "metric" in attrs and attrs["metric"] != cfg.metric:
-        raise PipelineError(f"--study {study_name}: exists in {shown_url} for metric {attrs['metric']}, this config's "
-                            f"metric is {cfg.metric}; use another --study name")
+        raise PipelineError(
+            f"--study {study_name}: exists in {shown_url} for metric {attrs['metric']}, this config's "
+            f"metric is {cfg.metric}; use another --study name"
+        )
     if "metric" not in attrs:
         study.set_user_attr("metric", cfg.metric)
         study.set_user_attr("competition", cfg.competition)
@@ -166,14 +197,24 @@ def open_study(cfg: Config, storage, study_name: str, direction: str, sampler, p
 def _counted(study, before: int | None = None) -> int:
     from optuna.trial import TrialState
 
-    ts = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING))
+    ts = study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    )
     return sum(1 for t in ts if before is None or t.number < before)
 
 
 # ---- the stage --------------------------------------------------------------------------
 
-def tune(cfg: Config, n_trials: int | None = None, max_trials: int | None = None, timeout: float | None = None,
-         storage: str | None = None, study_name: str | None = None, pinned: list[str] | None = None):
+
+def tune(
+    cfg: Config,
+    n_trials: int | None = None,
+    max_trials: int | None = None,
+    timeout: float | None = None,
+    storage: str | None = None,
+    study_name: str | None = None,
+    pinned: list[str] | None = None,
+):
     """Run (or resume) the study; returns the ``optuna.Study``. See the module docstring."""
     for flag, v in (("--n-trials", n_trials), ("--max-trials", max_trials)):
         if v is not None and v < 1:
@@ -185,14 +226,21 @@ def tune(cfg: Config, n_trials: int | None = None, max_trials: int | None = None
     cfg = planned(cfg)  # trials start from the base config's plan (a trial's own budget is a cap)
     study_name = study_name or cfg.name
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", study_name or ""):
-        raise PipelineError(f"command line: --study {study_name!r}; expected a name of letters, digits, '.', '_' or '-'")
+        raise PipelineError(
+            f"command line: --study {study_name!r}; expected a name of letters, digits, '.', '_' or '-'"
+        )
     space = parse_space(cfg, pinned or [])
     path = cfg.path or "config"
     if space.pinned:
-        log.info("pinned on the command line, left out of the search: " + ", ".join(f"{k}={fmt_value(v)}" for k, v in space.pinned.items()))
+        log.info(
+            "pinned on the command line, left out of the search: "
+            + ", ".join(f"{k}={fmt_value(v)}" for k, v in space.pinned.items())
+        )
     if not space.params:
         why = " (every key is pinned on the command line)" if space.pinned else ""
-        raise PipelineError(f"{path}: tune.space: nothing to search{why}; expected keys like train.lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}")
+        raise PipelineError(
+            f"{path}: tune.space: nothing to search{why}; expected keys like train.lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}"
+        )
     check_sampler(cfg, space)
 
     with warnings.catch_warnings():
@@ -221,26 +269,42 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
     check_augment(space, cfg, table.value_range, table.channels, table.image_size)
 
     direction = "maximize" if METRICS.get(cfg.metric).greater_is_better else "minimize"
-    study = open_study(cfg, storage, study_name, direction, build_sampler(cfg, space), build_pruner(cfg, space, n_folds), shown)
+    study = open_study(
+        cfg, storage, study_name, direction, build_sampler(cfg, space), build_pruner(cfg, space, n_folds), shown
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     optuna.storages.fail_stale_trials(study)  # trials of dead workers: FAIL + re-queued before counting
 
     base = trial_base(cfg, space)
     _log_plan(cfg, space, folds, n_folds, direction, study, shown, out_dir, n_trials, max_trials, timeout)
 
-    objective = Objective(cfg=cfg, space=space, base=base, table=table, folds=folds, study=study,
-                          out_dir=out_dir, study_name=study_name, max_trials=max_trials)
+    objective = Objective(
+        cfg=cfg,
+        space=space,
+        base=base,
+        table=table,
+        folds=folds,
+        study=study,
+        out_dir=out_dir,
+        study_name=study_name,
+        max_trials=max_trials,
+    )
     progress = Progress(cfg=cfg, space=space, base=base, fixed=fixed, out_dir=out_dir)
     callbacks = [progress]
     if max_trials:
-        callbacks.append(optuna.study.MaxTrialsCallback(max_trials, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                                            TrialState.RUNNING, TrialState.WAITING)))
+        callbacks.append(
+            optuna.study.MaxTrialsCallback(
+                max_trials, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+            )
+        )
     t0 = time.time()
     n_run = n_trials if n_trials is not None else (None if timeout else cfg.tune.n_trials)
     try:
         if max_trials and _counted(study) >= max_trials:
-            log.info(f"study {study_name!r} already has {_counted(study)} finished, running or queued trials "
-                     f"(--max-trials {max_trials}); nothing to run")
+            log.info(
+                f"study {study_name!r} already has {_counted(study)} finished, running or queued trials "
+                f"(--max-trials {max_trials}); nothing to run"
+            )
         else:
             study.optimize(objective, n_trials=n_run, timeout=timeout, catch=(Exception,), callbacks=callbacks)
     finally:
@@ -248,8 +312,10 @@ def _tune(cfg, space, fixed, n_trials, max_trials, timeout, storage_url, study_n
         best_path = write_best(study, out_dir, space, base, cfg, fixed, cfg.metric)
     _log_outcome(cfg, study, study_name, out_dir, best_path, shown, time.time() - t0)
     if progress.fails_in_a_row >= MAX_FAILS_IN_A_ROW:
-        raise PipelineError(f"tune stopped: {progress.fails_in_a_row} trials in a row failed; last {progress.last_fail} "
-                            f"(traceback in {out_dir}/trial_<n>/train.log)")
+        raise PipelineError(
+            f"tune stopped: {progress.fails_in_a_row} trials in a row failed; last {progress.last_fail} "
+            f"(traceback in {out_dir}/trial_<n>/train.log)"
+        )
     return study
 
 
@@ -259,7 +325,9 @@ def trial_base(cfg: Config, space: Space) -> dict:
     base = cfg.to_dict()
     base["train"]["seeds"] = None
     base["train"]["refit"] = False
-    if "train.max_steps_per_epoch" in (cfg.plan or {}).get("values", {}) and any(space.get(k) for k in ("train.epochs", "train.batch_size")):
+    if "train.max_steps_per_epoch" in (cfg.plan or {}).get("values", {}) and any(
+        space.get(k) for k in ("train.epochs", "train.batch_size")
+    ):
         base["train"]["max_steps_per_epoch"] = None
     return base
 
@@ -288,33 +356,54 @@ def _log_plan(cfg, space, folds, n_folds, direction, study, shown, out_dir, n_tr
     tc = cfg.tune
     subset = "all folds" if len(folds) == n_folds else f"a subset (tune.folds) of {n_folds}"
     n_before = len(study.trials)
-    log.info(f"tune {study.study_name}: {len(space.params)} parameters; objective {direction} mean val_{cfg.metric} "
-             f"over folds {folds} ({subset}) of {cfg.folds_path}")
+    log.info(
+        f"tune {study.study_name}: {len(space.params)} parameters; objective {direction} mean val_{cfg.metric} "
+        f"over folds {folds} ({subset}) of {cfg.folds_path}"
+    )
     for p in space.params:
         log.info(f"  {p.describe()}")
     how = PRUNERS.get(tc.pruner).label.format(fold=folds[0])
-    budget = ", ".join(x for x in (f"{n_trials} trials" if n_trials else "", f"timeout {timeout:g}s" if timeout else "",
-                                   f"study capped at {max_trials}" if max_trials else "") if x) or f"{tc.n_trials} trials (tune.n_trials)"
+    budget = (
+        ", ".join(
+            x
+            for x in (
+                f"{n_trials} trials" if n_trials else "",
+                f"timeout {timeout:g}s" if timeout else "",
+                f"study capped at {max_trials}" if max_trials else "",
+            )
+            if x
+        )
+        or f"{tc.n_trials} trials (tune.n_trials)"
+    )
     log.info(f"  sampler {tc.sampler} (seed {tc.seed}), {how}; this process: {budget}")
-    log.info(f"  storage {shown}, study {study.study_name!r}: " + (f"resuming with {n_before} trials" if n_before else "new")
-             + f"; heartbeat {tc.heartbeat_s}s; trial runs and train.log under {out_dir}/trial_<n>/")
+    log.info(
+        f"  storage {shown}, study {study.study_name!r}: "
+        + (f"resuming with {n_before} trials" if n_before else "new")
+        + f"; heartbeat {tc.heartbeat_s}s; trial runs and train.log under {out_dir}/trial_<n>/"
+    )
     if tc.pruner == "wilcoxon" and len(folds) < 4:
-        log.info(f"  note: WilcoxonPruner cannot reach p < {tc.p_threshold:g} with {len(folds)} folds, so nothing is pruned; "
-                 "use tune.pruner median or more folds")
+        log.info(
+            f"  note: WilcoxonPruner cannot reach p < {tc.p_threshold:g} with {len(folds)} folds, so nothing is pruned; "
+            "use tune.pruner median or more folds"
+        )
 
 
 def _log_outcome(cfg, study, study_name, out_dir, best_path, shown, seconds) -> None:
     from optuna.trial import TrialState
 
     counts = {s.name: len(study.get_trials(deepcopy=False, states=(s,))) for s in TrialState}
-    log.info(f"study {study_name!r}: {len(study.trials)} trials ({', '.join(f'{n} {k}' for k, n in counts.items() if n)}); "
-             f"this run {seconds:.0f}s; wrote {out_dir / 'trials.csv'}")
+    log.info(
+        f"study {study_name!r}: {len(study.trials)} trials ({', '.join(f'{n} {k}' for k, n in counts.items() if n)}); "
+        f"this run {seconds:.0f}s; wrote {out_dir / 'trials.csv'}"
+    )
     if cfg.tune.plots:
         write_plots(study, out_dir)
     bt = best_trial(study)
     if bt is not None:
-        log.info(f"best: trial {bt.number}, {cfg.metric} {bt.value:.4f}: "
-                 + " ".join(f"{k}={fmt_value(v)}" for k, v in bt.params.items()))
+        log.info(
+            f"best: trial {bt.number}, {cfg.metric} {bt.value:.4f}: "
+            + " ".join(f"{k}={fmt_value(v)}" for k, v in bt.params.items())
+        )
         log.info(f"wrote {best_path}; use: pipeline train {cfg.path} --params {best_path}")
     log.info(f"dashboard: optuna-dashboard {shown}")
 
@@ -324,8 +413,19 @@ class Objective:
     (its training output in train.log there) and return the mean fold value. Reports to the
     pruner as it trains; a pruned trial's checkpoints are deleted, a failed one's reason is kept."""
 
-    def __init__(self, *, cfg: Config, space: Space, base: dict, table, folds: list[int], study,
-                 out_dir: Path, study_name: str, max_trials: int | None):
+    def __init__(
+        self,
+        *,
+        cfg: Config,
+        space: Space,
+        base: dict,
+        table,
+        folds: list[int],
+        study,
+        out_dir: Path,
+        study_name: str,
+        max_trials: int | None,
+    ):
         self.cfg, self.space, self.base, self.table, self.folds, self.study = cfg, space, base, table, folds, study
         self.out_dir, self.study_name, self.max_trials = out_dir, study_name, max_trials
         self.mname = f"val_{cfg.metric}"
@@ -383,12 +483,16 @@ class Objective:
 
     def _write_hparams(self, tcfg: Config, values: dict, fold_scores: list[float]) -> None:
         """The trial's TensorBoard HParams session: headline and searched keys, the tuned folds' CV metric."""
-        from pipeline.train.hparams import cv_metrics, headline, write_hparams
         from pipeline.runs.layout import RunDir
+        from pipeline.train.hparams import cv_metrics, headline, write_hparams
 
         run = RunDir.of(tcfg)
         try:
-            write_hparams(run.tb_hparams, {**headline(tcfg, self.table.image_size), **values}, cv_metrics(tcfg.metric, fold_scores))
+            write_hparams(
+                run.tb_hparams,
+                {**headline(tcfg, self.table.image_size), **values},
+                cv_metrics(tcfg.metric, fold_scores),
+            )
         except OSError as e:  # the trial's value stands without it
             log.info(f"warning: could not write TensorBoard HParams to {run.tb_hparams}: {e}")
 
@@ -449,7 +553,9 @@ class Progress:
         if state == "COMPLETE":
             what = f"{metric} {ft.value:.4f}"
         elif state == "PRUNED":
-            what = f"at {ft.user_attrs.get('pruned_at', '?')}" + (f" ({metric} {ft.value:.4f})" if ft.value is not None else "")
+            what = f"at {ft.user_attrs.get('pruned_at', '?')}" + (
+                f" ({metric} {ft.value:.4f})" if ft.value is not None else ""
+            )
         else:
             what = ft.user_attrs.get("error", "failed")
         retry = ft.system_attrs.get("failed_trial")
@@ -469,5 +575,6 @@ def _trial_config(cfg: Config, space: Space, base: dict, values: dict, name: str
     try:
         return Config(**d, path=cfg.path, name=name, plan=cfg.plan)  # the base's plan: trials do not re-plan
     except ValidationError as err:
-        raise PipelineError(_format_error(Path(cfg.path or "config"), err).replace(": ", f": trial {name.rsplit('_', 1)[-1]}: ", 1)) from None
-
+        raise PipelineError(
+            _format_error(Path(cfg.path or "config"), err).replace(": ", f": trial {name.rsplit('_', 1)[-1]}: ", 1)
+        ) from None

@@ -1,4 +1,5 @@
 """What every format reader shares: checks at the boundary and the submission frame."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.config.options import DataOptions
 from pipeline.core.errors import PipelineError
 from pipeline.data.table import Table
-from pipeline.config.options import DataOptions
 
 
 class Reader:
@@ -34,8 +35,13 @@ class Reader:
     def read(self, split: str) -> Table:
         if split not in ("train", "test"):
             raise ValueError(split)
-        if "auto" in (self.cfg.data.image_size, self.cfg.data.channels):  # a caller skipped the plan: a bug, not bad input
-            raise ValueError("data.image_size/channels is auto: resolve the config with pipeline.plan.store.planned(cfg) first")
+        if "auto" in (
+            self.cfg.data.image_size,
+            self.cfg.data.channels,
+        ):  # a caller skipped the plan: a bug, not bad input
+            raise ValueError(
+                "data.image_size/channels is auto: resolve the config with pipeline.plan.store.planned(cfg) first"
+            )
         t = self._read(split)
         where = getattr(self, "source", None) or self.dir
         if len(t) == 0:
@@ -44,7 +50,9 @@ class Reader:
         blank = ids.map(_blank_id).to_numpy(bool)
         if blank.any():
             row = int(np.flatnonzero(blank)[0])
-            raise PipelineError(f"{where}: row {row} has an empty id ({ids.iloc[row]!r}); expected a non-empty id in every row")
+            raise PipelineError(
+                f"{where}: row {row} has an empty id ({ids.iloc[row]!r}); expected a non-empty id in every row"
+            )
         dup = ids[ids.duplicated()]
         if len(dup):
             raise PipelineError(f"{where}: duplicate id {dup.iloc[0]!r} ({len(dup)} duplicates); expected unique ids")

@@ -6,6 +6,7 @@ extension). Each file is decoded and resized once into a memory-mapped ``.npy`` 
 ``cache_dir()/image_folder/``, keyed by the folder, its files' names, sizes and times and the image
 size/channels; the next read maps that array without decoding (``data.cache: false`` disables it).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,11 +22,11 @@ import pandas as pd
 from PIL import Image
 from pydantic import field_validator
 
+from pipeline.config.options import DataOptions, ImageSpec
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_path, cache_dir
-from pipeline.data.table import Table
 from pipeline.data.formats.base import Reader
-from pipeline.config.options import DataOptions, ImageSpec
+from pipeline.data.table import Table
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
@@ -78,7 +79,9 @@ def _check_inside(folder: Path, name: str, entry: os.DirEntry | None, where: str
         return  # listed by scandir of the folder itself and no link: inside by construction (no syscall)
     real, root = os.path.realpath(folder / name), os.path.realpath(folder)
     if os.path.commonpath([real, root]) != root:
-        raise PipelineError(f"{where} resolves to {real}, outside {folder}; expected image files inside the data folder")
+        raise PipelineError(
+            f"{where} resolves to {real}, outside {folder}; expected image files inside the data folder"
+        )
 
 
 class ImageFolderOptions(DataOptions):
@@ -86,7 +89,9 @@ class ImageFolderOptions(DataOptions):
     @classmethod
     def _grey_or_rgb(cls, v):
         if v not in (None, 1, 3, "auto"):
-            raise ValueError(f"{v} is not supported by image_folder; expected 1 (grey), 3 (RGB), null or auto (from the files)")
+            raise ValueError(
+                f"{v} is not supported by image_folder; expected 1 (grey), 3 (RGB), null or auto (from the files)"
+            )
         return v
 
     def image_spec(self) -> ImageSpec:
@@ -101,7 +106,9 @@ class ImageFolder(Reader):
     def _read(self, split: str) -> Table:
         folder = self.dir / split
         if not folder.is_dir():
-            raise PipelineError(f"{folder}: folder not found (data.dir is {self.cfg.data.dir}); expected {split}/ holding the {split} images")
+            raise PipelineError(
+                f"{folder}: folder not found (data.dir is {self.cfg.data.dir}); expected {split}/ holding the {split} images"
+            )
         ids, raw_labels = self._rows(split)
         names = self._resolve(ids, folder)
         if split == "train":
@@ -109,8 +116,13 @@ class ImageFolder(Reader):
         else:  # class names (and their order) come from train.csv
             class_names, labels = _classes(self._rows("train", source=False)[1])[0], None
         images = self._images(split, names, ids)
-        return Table(ids=np.asarray(ids, dtype=object), images=images, class_names=class_names,
-                     labels=labels, value_range=VALUE_RANGE)
+        return Table(
+            ids=np.asarray(ids, dtype=object),
+            images=images,
+            class_names=class_names,
+            labels=labels,
+            value_range=VALUE_RANGE,
+        )
 
     def native_size(self) -> int:
         """The most common smaller side of the training files (headers only: nothing is decoded)."""
@@ -118,10 +130,13 @@ class ImageFolder(Reader):
 
         folder = self.dir / "train"
         if not folder.is_dir():
-            raise PipelineError(f"{folder}: folder not found (data.dir is {self.cfg.data.dir}); expected train/ holding the train images")
+            raise PipelineError(
+                f"{folder}: folder not found (data.dir is {self.cfg.data.dir}); expected train/ holding the train images"
+            )
         paths = [e.path for e in _image_files(folder).values()]
         if not paths:
             raise PipelineError(f"{folder}: no image files; expected the training images")
+
         def side(p: str) -> int | None:
             try:
                 return min(_header(p)[0])
@@ -131,7 +146,9 @@ class ImageFolder(Reader):
         with ThreadPoolExecutor(_workers()) as ex:
             sides = Counter(s for s in ex.map(side, paths) if s)
         if not sides:
-            raise PipelineError(f"{folder}: no readable image files; expected images Pillow can decode (PNG, JPEG, ...)")
+            raise PipelineError(
+                f"{folder}: no readable image files; expected images Pillow can decode (PNG, JPEG, ...)"
+            )
         return max(sides.items(), key=lambda kv: (kv[1], kv[0]))[0]
 
     # ---- rows: ids (and labels) from the CSV, or the test folder itself ----
@@ -143,7 +160,9 @@ class ImageFolder(Reader):
             self.source = self.dir / split
             names = sorted(_image_files(self.dir / split), key=_natural)
             if not names:
-                raise PipelineError(f"{self.source}: the test set is empty (no test.csv and no image files); expected image files (.png, .jpg, ...)")
+                raise PipelineError(
+                    f"{self.source}: the test set is empty (no test.csv and no image files); expected image files (.png, .jpg, ...)"
+                )
             return (names if self._ids_with_ext() else [os.path.splitext(n)[0] for n in names]), None
         csv = self.path(f"{split}.csv")
         if source:
@@ -151,29 +170,39 @@ class ImageFolder(Reader):
         try:
             df = pd.read_csv(csv, dtype=str, skipinitialspace=True)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise PipelineError(f"{csv}: cannot parse CSV ({str(e).splitlines()[0]}); expected a header and one row per image") from None
+            raise PipelineError(
+                f"{csv}: cannot parse CSV ({str(e).splitlines()[0]}); expected a header and one row per image"
+            ) from None
         df.columns = [str(c).strip() for c in df.columns]
         wanted = "id,label" if split == "train" else "id"
         for col in wanted.split(","):
             if col not in df.columns:
-                raise PipelineError(f"{csv}: missing column '{col}'; expected columns {wanted} (found {','.join(df.columns)})")
+                raise PipelineError(
+                    f"{csv}: missing column '{col}'; expected columns {wanted} (found {','.join(df.columns)})"
+                )
         if len(df) == 0:
             raise PipelineError(f"{csv}: the {split} set is empty; expected at least one row")
         ids = df["id"].str.strip()
         bad = ids.isna() | (ids == "")
         if bad.any():
-            raise PipelineError(f"{csv}: row {int(np.flatnonzero(bad)[0]) + 1} has an empty id; expected a file name or stem in {split}/")
+            raise PipelineError(
+                f"{csv}: row {int(np.flatnonzero(bad)[0]) + 1} has an empty id; expected a file name or stem in {split}/"
+            )
         dup = ids.duplicated(keep=False)
         if dup.any():
             rows = np.flatnonzero(ids == ids[dup].iloc[0]) + 1
-            raise PipelineError(f"{csv}: duplicate id {ids[dup].iloc[0]!r} (rows {rows[0]} and {rows[1]}); expected unique ids")
+            raise PipelineError(
+                f"{csv}: duplicate id {ids[dup].iloc[0]!r} (rows {rows[0]} and {rows[1]}); expected unique ids"
+            )
         labels = None
         if split == "train":
             labels = df["label"].str.strip()
             bad = labels.isna() | (labels == "")
             if bad.any():
                 r = int(np.flatnonzero(bad)[0])
-                raise PipelineError(f"{csv}: row {r + 1} (id {ids.iloc[r]!r}) has an empty label; expected a class name or integer")
+                raise PipelineError(
+                    f"{csv}: row {r + 1} (id {ids.iloc[r]!r}) has an empty label; expected a class name or integer"
+                )
         return ids.tolist(), labels
 
     def _ids_with_ext(self) -> bool:
@@ -202,9 +231,13 @@ class ImageFolder(Reader):
             elif len(match) == 1:
                 names.append(match[0])
             elif match:
-                raise PipelineError(f"{where} matches {' and '.join(sorted(match)[:2])} in {folder.name}/; expected one image file per id")
+                raise PipelineError(
+                    f"{where} matches {' and '.join(sorted(match)[:2])} in {folder.name}/; expected one image file per id"
+                )
             else:
-                want = f"{folder.name}/{i}" + ("" if Path(i).suffix.lower() in IMAGE_EXTS else f" or {folder.name}/{i}.<{exts}|...>")
+                want = f"{folder.name}/{i}" + (
+                    "" if Path(i).suffix.lower() in IMAGE_EXTS else f" or {folder.name}/{i}.<{exts}|...>"
+                )
                 raise PipelineError(f"{where} has no image file in {folder}; expected {want}")
             _check_inside(folder, names[-1], entries.get(names[-1]), where)
         return names
@@ -217,10 +250,17 @@ class ImageFolder(Reader):
         folder = (self.dir / split).resolve()
         base = str(self.dir / split)
         files = [os.path.join(base, n) for n in names]
-        key = {"v": CACHE_VERSION, "dir": str(folder), "size": size, "channels": channels,
-               "rows": [[n, *_stat(self._entries.get(n) or f)] for n, f in zip(names, files)]}
+        key = {
+            "v": CACHE_VERSION,
+            "dir": str(folder),
+            "size": size,
+            "channels": channels,
+            "rows": [[n, *_stat(self._entries.get(n) or f)] for n, f in zip(names, files)],
+        }
         if auto:  # the resolved size/channels depend on every file of both splits
-            key["all"] = {s: sorted([n, *_stat(e)] for n, e in _image_files(self.dir / s).items()) for s in ("train", "test")}
+            key["all"] = {
+                s: sorted([n, *_stat(e)] for n, e in _image_files(self.dir / s).items()) for s in ("train", "test")
+            }
         if not self.cfg.data.cache:
             arr = np.empty(self._shape(size, channels, files, ids), np.uint8)
             self._decode_all(files, ids, split, arr.shape, arr.__setitem__)
@@ -246,12 +286,16 @@ class ImageFolder(Reader):
         _prune(slot, keep=path)
         return np.load(path, mmap_mode="r")
 
-    def _shape(self, size: int | None, channels: int | None, files: list[str], ids: list[str]) -> tuple[int, int, int, int]:
+    def _shape(
+        self, size: int | None, channels: int | None, files: list[str], ids: list[str]
+    ) -> tuple[int, int, int, int]:
         """(N, C, H, W); with size or channels unset, read every file's header in both splits."""
         n = len(files)
         if size is not None and channels is not None:
             return n, channels, size, size
-        paths = [os.path.join(str(self.dir / s), name) for s in ("train", "test") for name in _image_files(self.dir / s)]
+        paths = [
+            os.path.join(str(self.dir / s), name) for s in ("train", "test") for name in _image_files(self.dir / s)
+        ]
         id_of = dict(zip(files, ids))
 
         def header(p: str):
@@ -265,7 +309,9 @@ class ImageFolder(Reader):
         sizes = {h[0] for h in headers.values()}
         if size is None and len(sizes) > 1:
             (a, sa), (b, sb) = _two_sizes(headers)
-            raise PipelineError(f"{a}: image is {sa[0]}x{sa[1]} but {b} is {sb[0]}x{sb[1]}; expected data.image_size set to resize every image to one square size")
+            raise PipelineError(
+                f"{a}: image is {sa[0]}x{sa[1]} but {b} is {sb[0]}x{sb[1]}; expected data.image_size set to resize every image to one square size"
+            )
         if channels is None:
             channels = 3 if any(mode not in GREY_MODES for _, mode in headers.values()) else 1
         w, h = (size, size) if size is not None else next(iter(sizes))
@@ -305,7 +351,9 @@ def _workers() -> int:
 def _bad_image(path: str | Path, rid: str | None, e: Exception) -> PipelineError:
     msg = str(e).replace(f" '{path}'", "").replace("\n", " ")[:160]
     where = f"{path}: id {rid!r}" if rid is not None else str(path)
-    return PipelineError(f"{where}: cannot read image ({type(e).__name__}: {msg}); expected an image file Pillow can decode (PNG, JPEG, ...)")
+    return PipelineError(
+        f"{where}: cannot read image ({type(e).__name__}: {msg}); expected an image file Pillow can decode (PNG, JPEG, ...)"
+    )
 
 
 def _header(path: str | Path) -> tuple[tuple[int, int], str]:

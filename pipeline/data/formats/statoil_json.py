@@ -1,4 +1,5 @@
 """Statoil/C-CORE iceberg challenge: train.json / test.json with two 75x75 dB bands."""
+
 from __future__ import annotations
 
 import json
@@ -8,10 +9,10 @@ import numpy as np
 import pandas as pd
 from pydantic import field_validator
 
-from pipeline.core.errors import PipelineError
-from pipeline.data.table import Table
-from pipeline.data.formats.base import Reader
 from pipeline.config.options import DataOptions, ImageSpec
+from pipeline.core.errors import PipelineError
+from pipeline.data.formats.base import Reader
+from pipeline.data.table import Table
 
 SIDE = 75
 N_PIX = SIDE * SIDE
@@ -23,14 +24,18 @@ class StatoilOptions(DataOptions):
     @classmethod
     def _native_size(cls, v):
         if v not in (None, SIDE, "auto"):
-            raise ValueError(f"{v}; statoil_json images are {SIDE}x{SIDE} (set model.input_size to feed the model another size)")
+            raise ValueError(
+                f"{v}; statoil_json images are {SIDE}x{SIDE} (set model.input_size to feed the model another size)"
+            )
         return v
 
     @field_validator("channels")
     @classmethod
     def _bands(cls, v):
         if v not in (None, 2, 3, "auto"):
-            raise ValueError(f"{v}; expected 2 (band_1, band_2) or 3 (band_1, band_2 and their mean, for RGB-shaped backbones)")
+            raise ValueError(
+                f"{v}; expected 2 (band_1, band_2) or 3 (band_1, band_2 and their mean, for RGB-shaped backbones)"
+            )
         return v
 
     def image_spec(self) -> ImageSpec:
@@ -59,7 +64,9 @@ class StatoilJson(Reader):
         for i, rec in enumerate(records):
             where = f"{path}: record {i}"
             if not isinstance(rec, dict):
-                raise PipelineError(f"{where}: is a {type(rec).__name__}; expected an object with id, band_1, band_2, inc_angle")
+                raise PipelineError(
+                    f"{where}: is a {type(rec).__name__}; expected an object with id, band_1, band_2, inc_angle"
+                )
             rid = _record_id(rec, where)
             where = f"{path}: id {rid!r}"
             ids.append(rid)
@@ -68,7 +75,9 @@ class StatoilJson(Reader):
             angles[i] = _angle(rec.get("inc_angle", "na"), where)
             if labels is not None:
                 if "is_iceberg" not in rec:
-                    raise PipelineError(f"{where}: missing 'is_iceberg'; expected the label 0 or 1 in every train record")
+                    raise PipelineError(
+                        f"{where}: missing 'is_iceberg'; expected the label 0 or 1 in every train record"
+                    )
                 y = rec.get("is_iceberg")
                 if y not in (0, 1) or isinstance(y, bool):
                     raise PipelineError(f"{where}: is_iceberg is {_show(y)}; expected 0 or 1")
@@ -107,14 +116,18 @@ def _load_records(path) -> list:
         with open(path, encoding="utf-8") as f:
             records = json.load(f, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
-        raise PipelineError(f"{path}: malformed or truncated JSON at line {e.lineno} column {e.colno} ({e.msg}); expected a JSON list of records") from None
+        raise PipelineError(
+            f"{path}: malformed or truncated JSON at line {e.lineno} column {e.colno} ({e.msg}); expected a JSON list of records"
+        ) from None
     except UnicodeDecodeError:
         raise PipelineError(f"{path}: not a text JSON file; expected a JSON list of records") from None
     except _DuplicateKey as e:
         raise PipelineError(f"{path}: a record gives key {e.args[0]!r} twice; expected each key once") from None
     except (ValueError, RecursionError) as e:  # an integer of thousands of digits, nesting too deep
-        raise PipelineError(f"{path}: not readable as JSON ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
-                            "expected a JSON list of records") from None
+        raise PipelineError(
+            f"{path}: not readable as JSON ({type(e).__name__}: {str(e).splitlines()[0][:100]}); "
+            "expected a JSON list of records"
+        ) from None
     if not isinstance(records, list):
         raise PipelineError(f"{path}: top level is a {type(records).__name__}; expected a JSON list of records")
     return records
@@ -126,7 +139,7 @@ def _record_id(rec: dict, where: str) -> str:
         raise PipelineError(f"{where}: missing 'id'")
     rid = rec["id"]
     if not isinstance(rid, str):
-        raise PipelineError(f"{where}: id is {_show(rid)} ({type(rid).__name__}); expected a string like \"dfd5f913\"")
+        raise PipelineError(f'{where}: id is {_show(rid)} ({type(rid).__name__}); expected a string like "dfd5f913"')
     if not rid.strip():
         raise PipelineError(f"{where}: id {rid!r} is blank; expected a non-empty string")
     if not rid.isprintable():
@@ -174,8 +187,8 @@ def _angle(value, where: str) -> float:
         except OverflowError:
             v = math.inf
         if not math.isfinite(v):
-            raise PipelineError(f"{where}: inc_angle is {_show(value)}; expected a finite number or \"na\"")
+            raise PipelineError(f'{where}: inc_angle is {_show(value)}; expected a finite number or "na"')
         if not 0 <= v <= 90:
-            raise PipelineError(f"{where}: inc_angle is {_show(value)}; expected degrees between 0 and 90, or \"na\"")
+            raise PipelineError(f'{where}: inc_angle is {_show(value)}; expected degrees between 0 and 90, or "na"')
         return v
-    raise PipelineError(f"{where}: inc_angle is {_show(value)}; expected a number or \"na\"")
+    raise PipelineError(f'{where}: inc_angle is {_show(value)}; expected a number or "na"')
