@@ -132,7 +132,8 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def cmd_evaluate(args):
-    from pipeline.evaluate.evaluator import compare, evaluate
+    from pipeline.evaluate.compare import compare
+    from pipeline.evaluate.evaluator import evaluate
 
     if args.compare:
         if args.config or args.overrides:
@@ -256,16 +257,27 @@ BUDGET_HELP = "training time to plan for: 900s, 15m, 1h (the same as train.time_
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pipeline", description="Kaggle image-classification competition pipeline")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    # in the order ``--help`` lists them
+    _add_demo_data(sub)
+    _add_training(sub)
+    _add_evaluation(sub)
+    _add_search_and_blends(sub)
+    _add_records(sub)
+    return p
 
-    def stage(name, fn, help, data=True, budget=False):
-        sp = sub.add_parser(name, help=help, description=help)
-        sp.add_argument("config", help="competition/experiment YAML")
-        sp.add_argument("overrides", nargs="*", help="section.key=value overrides")
-        if budget:  # every command that finds the run by its config hash takes it, as it takes overrides
-            sp.add_argument("--budget", help=BUDGET_HELP)
-        sp.set_defaults(fn=fn)
-        return sp
 
+def _stage(sub, name, fn, help, data=True, budget=False):
+    """A command that takes a CONFIG and ``section.key=value`` overrides (and ``--budget`` with ``budget``)."""
+    sp = sub.add_parser(name, help=help, description=help)
+    sp.add_argument("config", help="competition/experiment YAML")
+    sp.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    if budget:  # every command that finds the run by its config hash takes it, as it takes overrides
+        sp.add_argument("--budget", help=BUDGET_HELP)
+    sp.set_defaults(fn=fn)
+    return sp
+
+
+def _add_demo_data(sub) -> None:
     d = sub.add_parser("demo-data", help="write a demo competition in Kaggle's file format")
     # demo_data.WRITERS's names, spelt out: importing demo_data (pandas, scipy) would slow every command's start
     d.add_argument("kind", choices=["iceberg", "digits", "folder", "shift-folder", "shift-digits", "hard-digits"])
@@ -275,13 +287,22 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=cmd_demo_data)
 
-    stage("fold", cmd_fold, "write folds/<competition>.csv (id,fold)", budget=True)
-    t = stage("train", cmd_train, "train one model per fold; writes runs/<competition>/<experiment>/", budget=True)
+
+def _add_training(sub) -> None:
+    """fold, train, augment."""
+    _stage(sub, "fold", cmd_fold, "write folds/<competition>.csv (id,fold)", budget=True)
+    t = _stage(
+        sub, "train", cmd_train, "train one model per fold; writes runs/<competition>/<experiment>/", budget=True
+    )
     t.add_argument("--folds", help="comma-separated fold numbers to train (default: all)")
     t.add_argument("--params", help="YAML of section.key: value overrides (e.g. tune's best.yaml)")
-    a = stage("augment", cmd_augment, "preview the configured augmentation as a PNG grid", budget=True)
+    a = _stage(sub, "augment", cmd_augment, "preview the configured augmentation as a PNG grid", budget=True)
     a.add_argument("--n", type=_positive_int, default=8, help="number of training images in the grid")
     a.add_argument("--out", help="PNG path (default runs/<competition>/<experiment>/augment_preview.png)")
+
+
+def _add_evaluation(sub) -> None:
+    """evaluate, adversarial."""
     e = sub.add_parser(
         "evaluate",
         help="metrics.json, report/ and a terminal table from oof.csv",
@@ -292,13 +313,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--compare", nargs="+", metavar="RUN_DIR", help="print runs side by side (same folds)")
     e.add_argument("--budget", help=BUDGET_HELP)
     e.set_defaults(fn=cmd_evaluate)
-    stage(
+    _stage(
+        sub,
         "adversarial",
         cmd_adversarial,
         "train-vs-test classifier: shift AUC, test-like rows, duplicate pairs -> adversarial.json",
         budget=True,
     )
-    tu = stage("tune", cmd_tune, "Optuna search over tune.space; writes runs/<competition>/tune/", budget=True)
+
+
+def _add_search_and_blends(sub) -> None:
+    """tune, predict, ensemble, zoo."""
+    tu = _stage(sub, "tune", cmd_tune, "Optuna search over tune.space; writes runs/<competition>/tune/", budget=True)
     tu.add_argument("--n-trials", type=int, help="trials this process runs (default tune.n_trials)")
     tu.add_argument("--max-trials", type=int, help="cap on the study's total trials across all workers")
     tu.add_argument("--timeout", type=_finite, help="seconds this process may search")
@@ -306,9 +332,11 @@ def _parser() -> argparse.ArgumentParser:
         "--storage", help="SQLAlchemy URL (e.g. postgresql://...); default a SQLite file under runs/<competition>/tune/"
     )
     tu.add_argument("--study", help="study name (default <experiment>)")
-    pr = stage("predict", cmd_predict, "test predictions with TTA -> test_pred.csv and a submission file", budget=True)
+    pr = _stage(
+        sub, "predict", cmd_predict, "test predictions with TTA -> test_pred.csv and a submission file", budget=True
+    )
     pr.add_argument("--params", help="YAML of section.key: value overrides (e.g. tune's best.yaml)")
-    stage("ensemble", cmd_ensemble, "blend experiments (ENSEMBLE.yaml) -> runs/ and submissions/")
+    _stage(sub, "ensemble", cmd_ensemble, "blend experiments (ENSEMBLE.yaml) -> runs/ and submissions/")
     z = sub.add_parser(
         "zoo",
         help="train every member of ZOO.yaml (a base config + per-member overrides) on one folds file",
@@ -324,12 +352,20 @@ def _parser() -> argparse.ArgumentParser:
         "the zoo's ensemble: section gives the other keys)",
     )
     z.set_defaults(fn=cmd_zoo)
-    v = stage(
-        "validate-submission", cmd_validate_submission, "check a submission file against the test data", budget=True
+
+
+def _add_records(sub) -> None:
+    """validate-submission, experiments, lb, run, status."""
+    v = _stage(
+        sub,
+        "validate-submission",
+        cmd_validate_submission,
+        "check a submission file against the test data",
+        budget=True,
     )
     v.add_argument("file", help="submission CSV")
     v.add_argument("--solution", help="CSV of the true answers in the submission's columns: also score the file")
-    stage("experiments", cmd_experiments, "list every run of the competition with CV and LB scores")
+    _stage(sub, "experiments", cmd_experiments, "list every run of the competition with CV and LB scores")
     lb = sub.add_parser(
         "lb",
         help="record the leaderboard score a submission file got",
@@ -338,9 +374,10 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("submission")
     lb.add_argument("score", type=_finite)
     lb.set_defaults(fn=cmd_lb, overrides=[])
-    stage("run", cmd_run, "fold, train, evaluate, predict and write a submission, skipping fresh stages", budget=True)
-    stage("status", cmd_status, "list the stages as done / stale / missing", budget=True)
-    return p
+    _stage(
+        sub, "run", cmd_run, "fold, train, evaluate, predict and write a submission, skipping fresh stages", budget=True
+    )
+    _stage(sub, "status", cmd_status, "list the stages as done / stale / missing", budget=True)
 
 
 def _place_file(args, extra: list[str]) -> None:

@@ -32,7 +32,7 @@ def _cwd_and_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def iceberg_dir(tmp_path_factory) -> Path:
-    from pipeline.data.demo import write_iceberg
+    from pipeline.data.demo_iceberg import write_iceberg
 
     out = tmp_path_factory.mktemp("iceberg")
     write_iceberg(out, n_train=120, n_test=30, seed=1)
@@ -41,7 +41,7 @@ def iceberg_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
-    from pipeline.data.demo import write_digits
+    from pipeline.data.demo_digits import write_digits
 
     out = tmp_path_factory.mktemp("digits")
     write_digits(out, n_test=200, seed=1)
@@ -50,7 +50,7 @@ def digits_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def folder_dir(tmp_path_factory) -> Path:
-    from pipeline.data.demo import write_folder
+    from pipeline.data.demo_digits import write_folder
 
     out = tmp_path_factory.mktemp("folder")
     write_folder(out, n_train=200, n_test=40, seed=1)

@@ -12,7 +12,7 @@ from conftest import cli_error, run_cli
 
 from pipeline.config.load import load_config
 from pipeline.core.metrics import METRICS
-from pipeline.data.demo import _mnist
+from pipeline.data.demo_digits import _mnist
 from pipeline.data.folds import load_folds, run_fold
 from pipeline.data.formats import read_table
 from pipeline.data.shift import quantile_bins, shift_scores
@@ -217,7 +217,8 @@ def test_evaluate_section_report_and_skip(make_config, tmp_path, digits, capsys)
     html = (report / "report.html").read_text()
     assert "<h2>Adversarial validation</h2>" in html and "ROC AUC" in html and "most test-like OOF rows" in html
     # the section's ids and labels are text, never markup
-    from pipeline.evaluate.report import Figures, render_html
+    from pipeline.evaluate.plots import Figures
+    from pipeline.evaluate.report import render_html
 
     rec = json.loads((RUN / "adversarial.json").read_text())
     adv = {"record": rec, "pictures": [], "top_rows": [["<script>x</script>", "0.9", "a&b"]], "dup_rows": []}

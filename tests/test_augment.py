@@ -10,7 +10,8 @@ import yaml
 from PIL import Image
 
 from pipeline.core.errors import PipelineError
-from pipeline.data.augment import AUGMENTS, build_augment, preview_grid, worker_init_fn
+from pipeline.data.augment import AUGMENTS, build_augment, preview_grid
+from pipeline.data.augmenter import worker_init_fn
 
 SAR_RANGE = (-50.0, 50.0)
 
@@ -283,7 +284,8 @@ def test_explicit_seed_in_worker_wins():
         ),
         (
             [{"name": "RandomCrop", "height": 64, "width": 64, "p": 0.5}],
-            r"^augment\[0\] \(RandomCrop\): changes the image size 75x75 -> 64x64 with p=0\.5, so a batch would mix sizes; expected p: 1",
+            r"^augment\[0\] \(RandomCrop\): changes the image size 75x75 -> 64x64 with p=0\.5, "
+            r"so a batch would mix sizes; expected p: 1",
         ),
         (
             [{"name": "RandomCrop", "height": 80, "width": 80}],
@@ -321,7 +323,8 @@ def test_shipped_configs_and_brief_example_build():
 - {name: Affine, translate_percent: 0.1, scale: [0.9, 1.1], rotate: [-20, 20], p: 0.5}
 - {name: RandomBrightnessContrast, brightness_limit: 0.1, contrast_limit: 0.1, p: 0.3}
 - {name: GaussNoise, std_range: [0.01, 0.03], p: 0.2}
-- {name: CoarseDropout, num_holes_range: [1, 4], hole_height_range: [0.05, 0.15], hole_width_range: [0.05, 0.15], p: 0.3}
+- {name: CoarseDropout, num_holes_range: [1, 4], hole_height_range: [0.05, 0.15],
+   hole_width_range: [0.05, 0.15], p: 0.3}
 - {name: RandomResizedCrop, size: [75, 75], scale: [0.8, 1.0], p: 0.3}
 """)
     )

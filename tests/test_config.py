@@ -83,7 +83,8 @@ def test_data_dir_override_reads_elsewhere(base, tmp_path):
         (["model.input_norm=per_image"], r"base.yaml: model.input_norm: Input should be 'dataset' or 'image'"),
         (
             ["model.weights=w.safetensors", "model.pretrained=false"],
-            r"base.yaml: model: weights is 'w.safetensors' but pretrained is false; set model.pretrained=true to load it",
+            r"base.yaml: model: weights is 'w.safetensors' but pretrained is false; "
+            r"set model.pretrained=true to load it",
         ),
     ],
 )
@@ -178,7 +179,8 @@ def test_shipped_configs_validate(monkeypatch):
         # the format's own options, before a file is read
         (
             ["data.image_size=64"],
-            r"base.yaml: data.image_size: 64; statoil_json images are 75x75 \(set model.input_size to feed the model another size\)$",
+            r"base.yaml: data.image_size: 64; statoil_json images are 75x75 "
+            r"\(set model.input_size to feed the model another size\)$",
         ),
         (
             ["data.channels=1"],
@@ -272,7 +274,8 @@ def test_loading_a_config_imports_no_torch(base):
 
     code = (
         "import sys; from pipeline.config.load import load_config; "
-        f"cfg = load_config({str(base)!r}, ['predict.tta=[identity,hflip]', 'train.optimizer=sgd', 'metric=roc_auc'], check_data=False); "
+        f"cfg = load_config({str(base)!r}, ['predict.tta=[identity,hflip]', 'train.optimizer=sgd', "
+        "'metric=roc_auc'], check_data=False); "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     from pathlib import Path

@@ -203,8 +203,8 @@ def test_freeze_bn_keeps_running_statistics_while_weights_train(make_config, ice
             run_hash="test",
         )
         tr.build()
-        stats = lambda: [b.clone() for n, b in tr.model.named_buffers() if n.endswith("running_mean")]  # noqa: E731
-        weights = lambda: [p.detach().clone() for n, p in tr.model.named_parameters() if "bn" in n]  # noqa: E731
+        stats = lambda tr=tr: [b.clone() for n, b in tr.model.named_buffers() if n.endswith("running_mean")]  # noqa: E731
+        weights = lambda tr=tr: [p.detach().clone() for n, p in tr.model.named_parameters() if "bn" in n]  # noqa: E731
         s0, w0 = stats(), weights()
         tr.train_epoch(1)
         assert s0 and all(torch.equal(a, b) for a, b in zip(s0, stats())) == freeze

@@ -1,19 +1,21 @@
-import pytest
-
 """Demo generators: exact Kaggle file formats, read back by the readers, seeded, and (for the
 synthetic icebergs) hard enough that band statistics lose clearly to a small CNN."""
+
 import argparse
 import json
 import re
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import cli_error, run_cli
 from PIL import Image
 
 from pipeline import cli
 from pipeline.config.load import load_config
-from pipeline.data.demo import DIGIT_NAMES, WRITERS, iceberg_arrays, write_folder, write_iceberg
+from pipeline.data.demo import WRITERS
+from pipeline.data.demo_digits import DIGIT_NAMES, write_folder
+from pipeline.data.demo_iceberg import iceberg_arrays, write_iceberg
 from pipeline.data.formats import read_table
 
 # ---- iceberg --------------------------------------------------------------------------
@@ -177,7 +179,7 @@ def test_digits_files(make_config, digits_dir):
 
 
 def test_digits_cli_and_seed(tmp_path, capsys):
-    from pipeline.data.demo import _mnist, _split
+    from pipeline.data.demo_digits import _mnist, _split
 
     out = tmp_path / "d"
     assert run_cli("demo-data", "digits", "--out", out, "--n-test", 4990, "--seed", 2) == 0
@@ -250,7 +252,7 @@ def _acquisition(folder, ids) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def shift_dir(tmp_path_factory):
-    from pipeline.data.demo import write_shift_folder
+    from pipeline.data.demo_shift import write_shift_folder
 
     out = tmp_path_factory.mktemp("shift")
     write_shift_folder(out, n_train=85, n_test=60, seed=2)
@@ -283,7 +285,7 @@ def test_shift_is_there(shift_dir):
 
 
 def test_shift_folder_seeded(tmp_path):
-    from pipeline.data.demo import write_shift_folder
+    from pipeline.data.demo_shift import write_shift_folder
 
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for d, seed in ((a, 3), (b, 3), (c, 4)):
@@ -314,7 +316,7 @@ def test_shift_folder_cli(tmp_path, capsys):
 
 
 def test_shift_digits_are_digit_recognizer_files_with_the_shift(make_config, tmp_path):
-    from pipeline.data.demo import write_shift_digits
+    from pipeline.data.demo_shift import write_shift_digits
 
     out = tmp_path / "sd"
     write_shift_digits(out, n_train=85, n_test=60, seed=2)

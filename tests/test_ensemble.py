@@ -156,7 +156,8 @@ def test_members_with_different_folds_are_refused(base_cfg):
     fake_member("c", 3, folds=(np.arange(N_TRAIN) + 1) % 3)
     with pytest.raises(
         PipelineError,
-        match=r"blend.yaml: members a and c were trained on different folds \(600 rows differ, e.g. id '1': fold 0 vs 1\); expected experiments that share one folds file",
+        match=r"blend.yaml: members a and c were trained on different folds "
+        r"\(600 rows differ, e.g. id '1': fold 0 vs 1\); expected experiments that share one folds file",
     ):
         run_ensemble(ens_file(base_cfg, ["runs/comp/a", "runs/comp/c"]))
     assert not Path("submissions").exists()

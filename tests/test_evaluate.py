@@ -17,7 +17,9 @@ from pipeline.config.load import load_config, write_snapshot
 from pipeline.core.errors import PipelineError
 from pipeline.data.folds import load_folds, run_fold
 from pipeline.data.formats import read_table
-from pipeline.evaluate.evaluator import classification_metrics, compare, evaluate
+from pipeline.evaluate.compare import compare
+from pipeline.evaluate.evaluator import evaluate
+from pipeline.evaluate.scoring import classification_metrics
 from pipeline.models.backbones import build_model
 from pipeline.models.gradcam import NoFeatureMap, gradcam, mass_inside
 from pipeline.runs.predictions import load_temperature
@@ -258,7 +260,8 @@ BAD = {
     ),
     "target not a class": (
         lambda df: _set(df, 2, "target", 12),
-        r"oof.csv: line 4 \(id '3'\): target 12 is not a class of the config; expected a class index 0..9 \(classes 0, 1,",
+        r"oof.csv: line 4 \(id '3'\): target 12 is not a class of the config; "
+        r"expected a class index 0..9 \(classes 0, 1,",
     ),
     "target differs": (
         lambda df: _set(df, 2, "target", (df.loc[2, "target"] + 1) % 10),
@@ -347,7 +350,8 @@ def test_compare_side_by_side_and_refuses_other_folds(capsys):
     c = _oof("runs/c/c", y, (np.arange(n) + 1) % 3, np.c_[1 - good, good])
     with pytest.raises(
         PipelineError,
-        match=r"runs/c/c/oof.csv: fold assignments differ from runs/c/a/oof.csv \(line 2, id 'r0': fold 1 here, 0 there\); expected runs on the same folds file",
+        match=r"runs/c/c/oof.csv: fold assignments differ from runs/c/a/oof.csv "
+        r"\(line 2, id 'r0': fold 1 here, 0 there\); expected runs on the same folds file",
     ):
         compare([str(a), str(c)])
     assert run_cli("evaluate", "--compare", a, "runs/c/missing") == 2

@@ -200,7 +200,8 @@ def test_pixel_csv_malformed_and_truncated(tmp_path, make_config, digits_dir):
     )  # a row with extra fields
     with pytest.raises(
         PipelineError,
-        match=r"train.csv: cannot parse CSV \(Error tokenizing data.*line 5.*\); expected a header and one row per image",
+        match=r"train.csv: cannot parse CSV \(Error tokenizing data.*line 5.*\); "
+        r"expected a header and one row per image",
     ):
         read_table(_cfg(make_config, d, "pixel_csv"), "train")
     text = "\n".join(lines) + "\n"
@@ -217,7 +218,8 @@ def test_pixel_csv_train_test_sizes_differ(tmp_path, make_config, digits_dir):
     test.to_csv(d / "test.csv", index=False)
     with pytest.raises(
         PipelineError,
-        match=r"train.csv: images are 28x28 but test.csv has 256 pixel columns; expected train and test of the same size",
+        match=r"train.csv: images are 28x28 but test.csv has 256 pixel columns; "
+        r"expected train and test of the same size",
     ):
         read_table(_cfg(make_config, d, "pixel_csv"), "train")
 

@@ -73,7 +73,8 @@ def _machine() -> dict:
 
 
 def _write_data(kind: str, out: Path) -> Path:
-    from pipeline.data.demo import write_folder, write_iceberg
+    from pipeline.data.demo_digits import write_folder
+    from pipeline.data.demo_iceberg import write_iceberg
 
     if kind == "iceberg":
         write_iceberg(out, n_train=90, n_test=24, seed=11)

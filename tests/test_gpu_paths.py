@@ -147,7 +147,7 @@ def test_device_strings_parse(name):
 
 @given(st.one_of(DEVICES, st.text(alphabet="acdpumsto:0123456789 ", max_size=8)))
 def test_config_and_device_module_accept_the_same_device_strings(name):
-    from pipeline.config.schema import TrainConfig
+    from pipeline.config.sections import TrainConfig
 
     try:
         TrainConfig(device=name)

@@ -215,7 +215,8 @@ BAD = [
     (
         _set_cell("test", 1, "id", "nope"),
         "test",
-        r"test.csv: row 2: id 'nope' has no image file in .*test; expected test/nope or test/nope.<png\|jpg\|jpeg\|...>",
+        r"test.csv: row 2: id 'nope' has no image file in .*test; "
+        r"expected test/nope or test/nope.<png\|jpg\|jpeg\|...>",
     ),
     (_set_cell("train", 1, "id", ""), "train", r"train.csv: row 2 has an empty id"),
     (
@@ -231,7 +232,8 @@ BAD = [
     (
         _write("train", lambda b: b"not an image"),
         "train",
-        r"train/\w+.png: id '\w+.png': cannot read image \(UnidentifiedImageError: .*\); expected an image file Pillow can decode",
+        r"train/\w+.png: id '\w+.png': cannot read image \(UnidentifiedImageError: .*\); "
+        r"expected an image file Pillow can decode",
     ),
     (
         _write("test", lambda b: b[: len(b) // 2]),

@@ -138,8 +138,8 @@ def test_corrupt_done_json_and_config_snapshot_in_listings(digits_cfg_path, caps
         fake_run("gamma", np.eye(10)[np.arange(30) % 10], np.arange(30) % 10, np.arange(30) % 3),
     )
     assert (
-        err
-        == f"error: {alpha}/config.evaluate.yaml: not a config snapshot the pipeline wrote; rerun `pipeline evaluate <config of alpha>`"
+        err == f"error: {alpha}/config.evaluate.yaml: not a config snapshot the pipeline wrote; "
+        "rerun `pipeline evaluate <config of alpha>`"
     )
 
 
@@ -149,7 +149,7 @@ def test_corrupt_predict_json_of_an_ensemble_member(make_config, sk_digits_dir, 
     write_yaml(
         Path("blend.yaml"), {"competition": "comp", "config": str(cfg), "members": ["runs/comp/a", "runs/comp/b"]}
     )
-    for what, data in BROKEN_JSON.items():
+    for data in BROKEN_JSON.values():
         Path("runs/comp/b/predict.json").write_bytes(data)
         err = cli_error(capsys, "ensemble", "blend.yaml")
         assert err.startswith(
@@ -212,8 +212,10 @@ BOARD_SHAPES = {
     "garbage": b"\xff\xfe\x00\x01garbage\n\x00",
     "other columns": b"a,b\n1,2\n",
     "no lb_score column": b"recorded_utc,file,competition,experiment,metric,cv\nx,f.csv,comp,alpha,accuracy,0.9\n",
-    "a text score": b"recorded_utc,file,competition,experiment,metric,cv,lb_score\nx,f.csv,comp,alpha,accuracy,0.9,high\n",
-    "an inf score": b"recorded_utc,file,competition,experiment,metric,cv,lb_score\nx,f.csv,comp,alpha,accuracy,0.9,inf\n",
+    "a text score": b"recorded_utc,file,competition,experiment,metric,cv,lb_score\n"
+    b"x,f.csv,comp,alpha,accuracy,0.9,high\n",
+    "an inf score": b"recorded_utc,file,competition,experiment,metric,cv,lb_score\n"
+    b"x,f.csv,comp,alpha,accuracy,0.9,inf\n",
     "no file": b"recorded_utc,file,competition,experiment,metric,cv,lb_score\nx,,comp,alpha,accuracy,0.9,0.5\n",
     "a text cv": b"recorded_utc,file,competition,experiment,metric,cv,lb_score\nx,f.csv,comp,alpha,accuracy,good,0.5\n",
 }
@@ -242,7 +244,8 @@ def test_lb_accepts_only_an_unchanged_file_the_pipeline_wrote(submission, capsys
     # the CSV changed after the pipeline wrote it
     submission.write_bytes(submission.read_bytes().replace(b"\n1,", b"\n1 ,", 1))
     assert cli_error(capsys, "lb", submission, "0.5") == (
-        f"error: {submission}: its sha256 differs from the one {j.name} recorded: the file was changed after the pipeline wrote it; "
+        f"error: {submission}: its sha256 differs from the one {j.name} recorded: "
+        "the file was changed after the pipeline wrote it; "
         "a submission file comes with its JSON from `pipeline predict CONFIG` or `pipeline ensemble FILE`"
     )
     submission.write_bytes(before[str(submission)])

@@ -283,7 +283,7 @@ def test_seeds_auto_is_resolved_before_any_job(make_config, digits_dir, capsys):
         run_cli("status", cfg.path, "train.seeds=auto", "train.time_budget_s=2000") == 0
     )  # unplanned: nothing to list
     with pytest.raises(PipelineError, match="train.seeds is auto"):
-        RunDir.of(cfg).seeds
+        _ = RunDir.of(cfg).seeds
     run = RunDir.of(planned(cfg, speed=_pixels_speed(base=3000)))
     assert len(run.seeds) > 1 and run.job_dir(0, run.seeds[1]).path.name.endswith(f"seed{run.seeds[1]}")
     # without a budget: the one seed, nothing measured
@@ -366,7 +366,7 @@ def test_explicit_epochs_over_budget_warn(make_config, folder_dir):
 
 
 def test_gradual_finetune_stages():
-    from pipeline.config.schema import ModelConfig
+    from pipeline.config.sections import ModelConfig
 
     m = ModelConfig(finetune="gradual")
     assert [finetune_stage(m, e, 9) for e in range(1, 10)] == ["head"] + ["partial"] * 2 + ["full"] * 6
@@ -578,7 +578,7 @@ def test_auto_config_values_are_checked(make_config, digits_dir):
 
 
 def test_gradual_finetune_trains_head_then_stages_then_all(make_config, iceberg_dir, monkeypatch):
-    import pipeline.train.job as trainer_mod
+    import pipeline.train.passes as trainer_mod
     from pipeline.data.folds import run_fold
     from pipeline.train.cv import train_cv
 
@@ -733,7 +733,7 @@ def test_commands_after_a_budgeted_train(make_config, digits_dir, capsys, tmp_pa
     # the library takes the config as written and finds the same plan
     assert evaluate(load_config(p, ["train.time_budget_s=6"]), report=False)["experiment"] == "exp"
     # a damaged plan.json is planned again, not an internal error
-    plan_file.write_text('{"config_hash": "%s", "values": 3}' % json.loads(made)["config_hash"])
+    plan_file.write_text(f'{{"config_hash": "{json.loads(made)["config_hash"]}", "values": 3}}')
     assert run_cli("train", p, "--budget", "6s") == 0 and json.loads(plan_file.read_text())["values"]
     # the same run name on other data (data.dir is a runtime key) is refused, not trained with the old plan
     other = tmp_path / "other"
@@ -745,7 +745,7 @@ def test_commands_after_a_budgeted_train(make_config, digits_dir, capsys, tmp_pa
 
 
 def test_gradual_epochs_are_timed_by_stage():
-    from pipeline.config.schema import ModelConfig
+    from pipeline.config.sections import ModelConfig
     from pipeline.plan.speed import STAGE_SPEEDUP
 
     sp = Speed(train_img_s=100, val_img_s=1000)

@@ -1,4 +1,5 @@
-"""Predict stage on tiny real runs (scikit-learn's 8x8 digits, simple_cnn): averages, TTA OOF, temperature, submission."""
+"""Predict stage on tiny real runs (scikit-learn's 8x8 digits, simple_cnn): averages, TTA OOF, temperature,
+submission."""
 
 import json
 from pathlib import Path
@@ -258,7 +259,8 @@ def test_predict_refuses_missing_or_stale_models(digits_config, capsys):
     trained(path)
     with pytest.raises(
         PipelineError,
-        match=r"config.train.yaml: models were trained under another config \(train hash \w+, this config \w+\); rerun `pipeline train",
+        match=r"config.train.yaml: models were trained under another config "
+        r"\(train hash \w+, this config \w+\); rerun `pipeline train",
     ):
         predict_test(load_config(path, ["train.lr=0.1"]))
     (RUN / "fold_1" / "done.json").unlink()
@@ -272,8 +274,8 @@ def test_bad_tta_name_fails_before_any_work(digits_config, capsys):
     assert run_cli("predict", path, "predict.tta=[identity,spin]") == 2
     err = capsys.readouterr().err
     assert (
-        err.strip()
-        == f"error: {path}: predict.tta: unknown TTA 'spin'; known: identity, hflip, vflip, rot90, rot180, rot270, dihedral, fivecrop, tencrop, rotate<N>, zoom<N>"
+        err.strip() == f"error: {path}: predict.tta: unknown TTA 'spin'; "
+        "known: identity, hflip, vflip, rot90, rot180, rot270, dihedral, fivecrop, tencrop, rotate<N>, zoom<N>"
     )
     assert run_cli("predict", path, "predict.tta=[identity,zoom60]") == 2  # a view family out of its range
     assert capsys.readouterr().err.strip() == f"error: {path}: predict.tta: 'zoom60': zoom<N> takes N from 1 to 50"

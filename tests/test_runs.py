@@ -204,7 +204,7 @@ def test_a_run_writes_only_under_the_configured_roots(digits_config, tmp_path_fa
 
 def test_tuning_studies_and_histories_follow_the_runs_root(digits_config, tmp_path):
     from pipeline.runs.layout import RunDir, tune_dir
-    from pipeline.tune.tuner import default_storage
+    from pipeline.tune.study import default_storage
 
     cfg = load_config(digits_config(), [f"paths.runs={tmp_path / 'big-disk'}"])
     assert tune_dir(cfg, "s1") == tmp_path / "big-disk" / "comp" / "tune" / "s1"

@@ -18,7 +18,7 @@ def _load(name: str):
 
 @pytest.fixture(scope="module")
 def tiny_shift(tmp_path_factory):
-    from pipeline.data.demo import write_shift_folder
+    from pipeline.data.demo_shift import write_shift_folder
 
     out = tmp_path_factory.mktemp("shift")
     write_shift_folder(out, n_train=34, n_test=10, seed=0)  # 4 rows per class, 2 in the half-count ones

@@ -137,7 +137,8 @@ BROKEN_DIGITS = [  # (mutation, expected messages)
     (
         lambda d: d.assign(Label=d["Label"].where(~d.index.isin([0, 1, 2, 3]), "11")),
         [
-            r"bad.csv: 4 labels not among the classes in Label \(e.g. '1: 11', '2: 11', '3: 11'\); expected one of 0, 1, 2, 3, 4, 5, 6, 7, 8, 9$"
+            r"bad.csv: 4 labels not among the classes in Label \(e.g. '1: 11', '2: 11', '3: 11'\); "
+            r"expected one of 0, 1, 2, 3, 4, 5, 6, 7, 8, 9$"
         ],
     ),
     (

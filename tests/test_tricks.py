@@ -215,7 +215,7 @@ def test_gradient_accumulation_keeps_the_schedule_length(digits_config):
 
 def test_gradient_accumulation_equals_one_larger_batch(digits_config, monkeypatch):
     """Two accumulated half batches give the same update as one full batch (dropout off, plain SGD)."""
-    import pipeline.train.job as tr
+    import pipeline.train.passes as tr
 
     monkeypatch.setattr(
         tr, "freeze_bn_stats", lambda model, every=False: model.eval()

@@ -129,7 +129,8 @@ def test_crops_cut_the_model_size_from_larger_images():
 def test_bad_geometry_is_one_line_error():
     with pytest.raises(
         PipelineError,
-        match=r"predict.tta: fivecrop cuts 8x8 crops \(the model's input size\) from the test images, which are 8x8; expected test images larger",
+        match=r"predict.tta: fivecrop cuts 8x8 crops \(the model's input size\) "
+        r"from the test images, which are 8x8; expected test images larger",
     ):
         build_tta(["fivecrop"], (8, 8), (8, 8))
     with pytest.raises(PipelineError, match=r"predict.tta: tencrop cuts 12x12 crops .* which are 8x8"):

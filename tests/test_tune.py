@@ -205,15 +205,16 @@ def test_max_trials_caps_the_study(tune_config, capsys):
 
 def test_trial_over_the_cap_in_a_race_is_failed_without_training(tune_config, monkeypatch, capsys):
     """Another worker's trial started between this worker's budget check and its ask(): the cap holds."""
+    import pipeline.tune.study as study_mod
     import pipeline.tune.tuner as tune_mod
 
     path = tune_config(tune={"heartbeat_s": 600})
     DB.parent.mkdir(parents=True)
-    storage = tune_mod.open_storage(f"sqlite:///{DB.resolve()}", load_config(path).tune)
+    storage = study_mod.open_storage(f"sqlite:///{DB.resolve()}", load_config(path).tune)
     study = optuna.create_study(study_name="exp", storage=storage, direction="maximize")
     other = storage.create_new_trial(study._study_id)  # RUNNING in "another worker", heartbeat fresh
     storage.record_heartbeat(other)
-    real = tune_mod._counted
+    real = study_mod._counted
     monkeypatch.setattr(tune_mod, "_counted", lambda s, before=None: 0 if before is None else real(s, before))
     assert run_cli("tune", path, "--n-trials", 3, "--max-trials", 1) == 0
     out = capsys.readouterr().out
@@ -374,11 +375,11 @@ def test_best_yaml_round_trips_through_train_params(tune_config, capsys):
 def test_stale_running_trial_is_failed_and_retried(tune_config, capsys):
     """A trial left RUNNING by a killed process (heartbeat long silent) is marked FAIL and re-run
     with the same parameters by the next worker."""
-    import pipeline.tune.tuner as tune_mod
+    import pipeline.tune.study as study_mod
 
     path = tune_config(tune={"heartbeat_s": 1})
     DB.parent.mkdir(parents=True)
-    storage = tune_mod.open_storage(f"sqlite:///{DB.resolve()}", load_config(path).tune)
+    storage = study_mod.open_storage(f"sqlite:///{DB.resolve()}", load_config(path).tune)
     study = optuna.create_study(study_name="exp", storage=storage, direction="maximize")
     dead = storage.create_new_trial(study._study_id)
     dist = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)

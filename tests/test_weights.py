@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.models import adapt_input_conv
 
-from pipeline.config.schema import ModelConfig
+from pipeline.config.sections import ModelConfig
 from pipeline.core.errors import PipelineError
 from pipeline.models import weights as W
 from pipeline.models.backbones import build_model, create_backbone

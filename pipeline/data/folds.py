@@ -44,7 +44,8 @@ def make_folds(cfg: Config, table: Table) -> pd.DataFrame:
     if smallest < fc.n_splits:
         cls = table.class_names[int(np.flatnonzero(counts == smallest)[0])]
         raise PipelineError(
-            f"{cfg.path}: folds.n_splits is {fc.n_splits} but class {cls!r} has only {smallest} rows; expected n_splits <= the smallest class count"
+            f"{cfg.path}: folds.n_splits is {fc.n_splits} but class {cls!r} has only {smallest} rows; "
+            "expected n_splits <= the smallest class count"
         )
     groups = _groups(cfg, table) if fc.group else None
     if groups is not None and len(np.unique(groups)) < fc.n_splits:
@@ -71,7 +72,8 @@ def make_folds(cfg: Config, table: Table) -> pd.DataFrame:
         empty = [k for k in range(fc.n_splits) if not (fold == k).any()]
         if empty:
             raise PipelineError(
-                f"{cfg.path}: folds.group {fc.group!r} leaves fold {empty[0]} empty; expected more groups than folds.n_splits"
+                f"{cfg.path}: folds.group {fc.group!r} leaves fold {empty[0]} empty; "
+                "expected more groups than folds.n_splits"
             )
         out[fold_column(r)] = fold
     return out
@@ -100,7 +102,8 @@ def _groups(cfg: Config, table: Table) -> np.ndarray:
     if cfg.folds.group not in meta.columns:
         avail = ", ".join(map(str, meta.columns)) or "none"
         raise PipelineError(
-            f"{cfg.path}: folds.group: column {cfg.folds.group!r} is not in the {cfg.data.format} data; available: {avail}"
+            f"{cfg.path}: folds.group: column {cfg.folds.group!r} is not in the {cfg.data.format} data; "
+            f"available: {avail}"
         )
     col = meta[cfg.folds.group]
     codes = pd.factorize(col, use_na_sentinel=True)[0].astype(np.int64)
@@ -129,7 +132,8 @@ def run_fold(cfg: Config, table: Table | None = None) -> pd.DataFrame:
     write_snapshot(cfg, cfg.folds_path.with_suffix(".config.yaml"), "fold")
     how = "StratifiedGroupKFold on " + repr(cfg.folds.group) if cfg.folds.group else "StratifiedKFold"
     log.info(
-        f"wrote {cfg.folds_path}: {len(folds)} rows, {cfg.folds.n_splits} folds x {cfg.folds.repeats} repeat(s), {how}, seed {cfg.folds.seed}"
+        f"wrote {cfg.folds_path}: {len(folds)} rows, {cfg.folds.n_splits} folds x {cfg.folds.repeats} repeat(s), "
+        f"{how}, seed {cfg.folds.seed}"
     )
     log.info(balance_table(folds, table).to_string())
     return folds

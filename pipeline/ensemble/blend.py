@@ -37,26 +37,26 @@ from __future__ import annotations
 import difflib
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-import pandas as pd
 from pydantic import Field, ValidationError, field_validator
 
 from pipeline.config.load import _read_yaml, load_config
 from pipeline.config.options import Section
-from pipeline.config.schema import Config, apply_overrides, registered
+from pipeline.config.schema import Config, apply_overrides
+from pipeline.config.sections import registered
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json
 from pipeline.core.keys import known_keys
 from pipeline.core.metrics import GREATER_IS_BETTER, logloss, score
 from pipeline.ensemble.blenders import BLENDERS, NESTED, GbmConfig, build_blender
+from pipeline.ensemble.members import Member, _resolve, check_members, load_member
 from pipeline.predict.predictor import clip_probs, fmt_scores
 from pipeline.runs.layout import RunDir
-from pipeline.runs.predictions import pcols, pred_frame, probs_of, read_classes, read_predictions, write_predictions
-from pipeline.runs.records import read_predict_info, stale_predictions
+from pipeline.runs.predictions import pred_frame, probs_of, read_predictions, write_predictions
+from pipeline.runs.records import stale_predictions
 
 log = logging.getLogger(__name__)
 
@@ -104,53 +104,6 @@ def _format_error(path: Path, err: ValidationError) -> str:
     return f"{path}: {loc}: {msg}{got_s}"
 
 
-def _resolve(p: str, base: Path) -> Path | None:
-    """A path as written (relative to the cwd), else relative to the ensemble file."""
-    for cand in (Path(p).expanduser(), base / p):
-        if cand.exists():
-            return cand
-    return None
-
-
-@dataclass
-class Member:
-    """An experiment in the blend: its run folder, predict.json and (once read) its predictions."""
-
-    name: str
-    run: RunDir
-    info: dict
-    oof_path: Path
-    test_path: Path
-    oof: pd.DataFrame | None = None
-    test: pd.DataFrame | None = None
-
-    @property
-    def run_dir(self) -> Path:
-        return self.run.path
-
-    def read(self, class_names: list[str]) -> None:
-        """OOF and test predictions through the one rule: both calibrated as the member kept."""
-        hint = f"pipeline predict <config of {self.name}>"
-        self.oof = read_predictions(self.oof_path, "oof", class_names=class_names, scaled=True, hint=hint)
-        self.test = read_predictions(self.test_path, "test", class_names=class_names, scaled=True, hint=hint)
-
-    def oof_probs(self, class_names) -> np.ndarray:
-        return probs_of(self.oof, class_names)
-
-    def test_probs(self, class_names) -> np.ndarray:
-        return probs_of(self.test, class_names)
-
-    def raw_probs(self, path: Path, kind: str, ids: pd.Series, class_names) -> np.ndarray:
-        """A prediction file's uncalibrated probabilities in the row order of ``ids``."""
-        df = read_predictions(path, kind, class_names=class_names, hint=f"pipeline predict <config of {self.name}>")
-        if len(df) != len(ids) or set(df["id"]) != set(ids):
-            raise PipelineError(
-                f"{path}: predicts other ids than {self.oof_path if kind == 'oof' else self.test_path}; "
-                f"rerun `pipeline predict <config of {self.name}>`"
-            )
-        return probs_of(df.set_index("id").reindex(ids), class_names)
-
-
 def load_ensemble(path: str | Path, overrides: list[str] | None = None) -> tuple[EnsembleConfig, Config]:
     path = Path(path)
     d = _read_yaml(path)
@@ -177,76 +130,6 @@ def load_ensemble(path: str | Path, overrides: list[str] | None = None) -> tuple
     if ens.name is None:
         ens.name = path.stem.replace(" ", "_")
     return ens, cfg
-
-
-def load_member(entry: str, i: int, path: Path, competition: str, runs_root: Path) -> Member:
-    """Find member ``i``'s run folder (``entry``: a run folder or an experiment config) and its prediction files."""
-    where = f"{path}: members[{i}]"
-    found = _resolve(entry, path.parent)
-    if found is None:
-        raise PipelineError(
-            f"{where}: {entry} not found; expected a run directory ({runs_root}/<competition>/<experiment>) or an experiment config"
-        )
-    if found.is_dir():
-        run = RunDir(path=found)
-        if found.parent.parent.name == runs_root.name and found.parent.name != competition:
-            raise PipelineError(
-                f"{where}: {entry} is a run of {found.parent.name!r}; expected a run of {competition!r}"
-            )
-    elif found.suffix in (".yaml", ".yml"):
-        mcfg = load_config(found, check_data=False)
-        if mcfg.competition != competition:
-            raise PipelineError(f"{where}: {entry} is an experiment of {mcfg.competition!r}; expected {competition!r}")
-        run = RunDir.of(mcfg)
-    else:
-        raise PipelineError(f"{where}: {entry} is neither a run directory nor a YAML config")
-    info = read_predict_info(run)
-    oof_path, test_path = run.oof_file(info.get("oof", "oof.csv")), run.test_pred
-    for f in (test_path, oof_path):
-        if not f.is_file():
-            raise PipelineError(f"{where}: {f} not found; run `pipeline predict` for that experiment first")
-    return Member(run.name, run, info, oof_path, test_path)
-
-
-def check_members(members: list[Member], path: Path) -> list[str]:
-    """Same classes, ids, targets and folds; reads every member and aligns it to the first one's row
-    order. Returns the class names."""
-    first = members[0]
-    class_names = read_classes(first.oof_path, "oof")
-    for m in members:  # from the headers: a member of other classes is named before its rows are checked
-        mc, tc = read_classes(m.oof_path, "oof"), read_classes(m.test_path, "test")
-        if mc != class_names or tc != class_names:
-            raise PipelineError(
-                f"{path}: member {m.name} predicts classes {pcols(mc or tc)}; expected {pcols(class_names)} like {first.name}"
-            )
-    for m in members:
-        m.read(class_names)
-    ids, tids = pd.Index(first.oof["id"]), pd.Index(first.test["id"])
-    for m in members[1:]:
-        if set(m.oof["id"]) != set(ids) or len(m.oof) != len(ids):
-            raise PipelineError(
-                f"{path}: member {m.name} has OOF predictions for other training ids than {first.name}; "
-                f"expected experiments of the same training data"
-            )
-        if set(m.test["id"]) != set(tids) or len(m.test) != len(tids):
-            raise PipelineError(
-                f"{path}: member {m.name} predicts other test ids than {first.name}; rerun its `pipeline predict`"
-            )
-        m.oof = m.oof.set_index("id").reindex(ids).reset_index()
-        m.test = m.test.set_index("id").reindex(tids).reset_index()
-        diff = m.oof["fold"].to_numpy() != first.oof["fold"].to_numpy()
-        if diff.any():
-            j = int(np.flatnonzero(diff)[0])
-            raise PipelineError(
-                f"{path}: members {first.name} and {m.name} were trained on different folds "
-                f"({int(diff.sum())} rows differ, e.g. id {ids[j]!r}: fold {first.oof['fold'][j]} vs {m.oof['fold'][j]}); "
-                f"expected experiments that share one folds file"
-            )
-        if (m.oof["target"].to_numpy() != first.oof["target"].to_numpy()).any():
-            raise PipelineError(
-                f"{path}: members {first.name} and {m.name} disagree on training labels; expected the same training data"
-            )
-    return class_names
 
 
 # ---- blenders: (oof (M,N,K), test (M,T,K), y, folds) -> (oof blend, test blend, weights) ----
@@ -287,7 +170,8 @@ def fold_blends(
         stale = stale_predictions(m.run)
         if stale:
             log.info(
-                f"note: {stale}; this ensemble keeps no per-fold test predictions (rerun `pipeline predict` for {m.name})"
+                f"note: {stale}; this ensemble keeps no per-fold test predictions "
+                f"(rerun `pipeline predict` for {m.name})"
             )
             return None
         missing = next((m.run.test_pred_fold(k) for k in ks if not m.run.test_pred_fold(k).is_file()), None)
@@ -328,7 +212,8 @@ def _report_blend(
     nested = ens.method in NESTED
     how = " (fitted on the other folds: nested)" if nested else ""
     log.info(
-        f"blend  {ens.name} ({ens.method}){how}: OOF {fmt_scores(metric, s, ll)}; best member {best_name}: {metric} {best:.4f}"
+        f"blend  {ens.name} ({ens.method}){how}: OOF {fmt_scores(metric, s, ll)}; "
+        f"best member {best_name}: {metric} {best:.4f}"
     )
     if "in_sample_score" in details:
         log.info(
@@ -341,7 +226,8 @@ def _report_blend(
         log.info("weights: " + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights)))
     if "best_iterations" in details:
         log.info(
-            f"gbm: best rounds per fold {list(details['best_iterations'].values())}, test model {details['test_rounds']} "
+            f"gbm: best rounds per fold {list(details['best_iterations'].values())}, "
+            f"test model {details['test_rounds']} "
             f"rounds on {len(details['feature_names'])} features ({', '.join(details['feature_names'])})"
         )
     if not (s > best if GREATER_IS_BETTER[metric] else s < best):
@@ -363,7 +249,6 @@ def run_ensemble(
     ``ens`` and ``cfg`` given (``pipeline zoo``): that blend, built in memory with its name set; ``path`` is
     then the file it came from, named in messages (members resolve against the cwd, then its folder)."""
     from pipeline.config.auto import resolve_clip
-    from pipeline.predict.submission import remove_submission, write_submission
 
     path = Path(path)
     ens, cfg = (ens, cfg) if ens is not None and cfg is not None else load_ensemble(path, overrides)
@@ -372,36 +257,23 @@ def run_ensemble(
         raise PipelineError(
             f"{path}: name {ens.name!r} is a trained experiment in {out}; give the ensemble another name"
         )
-    runs_root = cfg.run_dir.parent.parent
-    members = [load_member(e, i, path, ens.competition, runs_root) for i, e in enumerate(ens.members)]
-    names = [m.name for m in members]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise PipelineError(f"{path}: members: experiment {dup!r} is listed twice")
+    members = _load_members(ens, cfg, path)
     class_names = check_members(members, path)
-    for m in members:  # weights fitted on plain OOF then applied to TTA test predictions do not match
-        tta = m.info.get("tta") or ["identity"]
-        if tta != ["identity"] and m.info.get("oof", "oof.csv") == "oof.csv":
-            log.info(
-                f"warning: member {m.name}'s test predictions use TTA {tta} but its OOF does not; "
-                f"set predict.tta_oof=true and rerun its `pipeline predict` so the blend compares like with like"
-            )
+    _warn_tta_mismatch(members)
     first = members[0]
     y, folds = first.oof["target"].to_numpy(int), first.oof["fold"].to_numpy(int)
     oof = np.stack([m.oof_probs(class_names) for m in members])
     test = np.stack([m.test_probs(class_names) for m in members])
     metric, better = cfg.metric, GREATER_IS_BETTER[cfg.metric]
 
-    member_scores = {}
-    for m, p in zip(members, oof):
-        member_scores[m.name] = {"value": score(metric, y, p), "ll": logloss(y, p)}
-        log.info(f"member {m.name:<24} OOF {fmt_scores(metric, **member_scores[m.name])}")
+    member_scores = _score_members(members, oof, y, metric)
     details: dict = {}
     kw = blend_inputs(ens, cfg, members)
     blend_oof, blend_test, weights = build_blender(ens.method)(oof, test, y, folds, details=details, **kw)
     clip = ens.clip if ens.clip is not None else resolve_clip(cfg)
     s, ll = score(metric, y, blend_oof), logloss(y, blend_oof)
     best_name = (max if better else min)(member_scores, key=lambda n: member_scores[n]["value"])
+    names = [m.name for m in members]
     _report_blend(ens, metric, names, weights, details, s, ll, best_name, member_scores[best_name]["value"])
     ll_clip = None
     if clip is not None:
@@ -410,9 +282,6 @@ def run_ensemble(
 
     fold_test = fold_blends(ens, members, class_names, y, folds, kw)
 
-    hashes = {
-        m.name: {"train": m.run.snapshot_hash("train"), "predict": m.run.snapshot_hash("predict")} for m in members
-    }
     info = {
         "experiments": names,
         "weights": weights,
@@ -427,22 +296,81 @@ def run_ensemble(
         "details": details,
         "member_scores": {n: {"oof_score": v["value"], "oof_logloss": v["ll"]} for n, v in member_scores.items()},
         "members": [str(m.run_dir) for m in members],
-        "config_hashes": hashes,
+        "config_hashes": _config_hashes(members),
         "test_pred_folds": [out.test_pred_fold(k).name for k in fold_test] if fold_test else [],
         "ensemble_file": str(path),
     }
-    # All or nothing: the blend's files are staged and checked, then the submission is written, then
-    # the files move into place, ensemble.json (what marks the folder an ensemble) last.
+    blends = {"oof": blend_oof, "test": blend_test, "fold_test": fold_test or {}}
+    return _write_blend(out, cfg, ens, path, first, class_names, blends, y=y, folds=folds, clip=clip, info=info)
+
+
+def _load_members(ens: EnsembleConfig, cfg: Config, path: Path) -> list[Member]:
+    """The members' run folders and prediction files, each experiment listed once."""
+    runs_root = cfg.run_dir.parent.parent
+    members = [load_member(e, i, path, ens.competition, runs_root) for i, e in enumerate(ens.members)]
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise PipelineError(f"{path}: members: experiment {dup!r} is listed twice")
+    return members
+
+
+def _warn_tta_mismatch(members: list[Member]) -> None:
+    """Weights fitted on plain OOF then applied to TTA test predictions do not match: a warning per member."""
+    for m in members:
+        tta = m.info.get("tta") or ["identity"]
+        if tta != ["identity"] and m.info.get("oof", "oof.csv") == "oof.csv":
+            log.info(
+                f"warning: member {m.name}'s test predictions use TTA {tta} but its OOF does not; "
+                f"set predict.tta_oof=true and rerun its `pipeline predict` so the blend compares like with like"
+            )
+
+
+def _score_members(members: list[Member], oof: np.ndarray, y: np.ndarray, metric: str) -> dict:
+    """Each member's OOF score and logloss, a line each: {name: {"value": .., "ll": ..}}."""
+    member_scores = {}
+    for m, p in zip(members, oof):
+        member_scores[m.name] = {"value": score(metric, y, p), "ll": logloss(y, p)}
+        log.info(f"member {m.name:<24} OOF {fmt_scores(metric, **member_scores[m.name])}")
+    return member_scores
+
+
+def _config_hashes(members: list[Member]) -> dict:
+    return {m.name: {"train": m.run.snapshot_hash("train"), "predict": m.run.snapshot_hash("predict")} for m in members}
+
+
+def _write_blend(
+    out: RunDir,
+    cfg: Config,
+    ens: EnsembleConfig,
+    path: Path,
+    first: Member,
+    class_names: list[str],
+    blends: dict,
+    *,
+    y: np.ndarray,
+    folds: np.ndarray,
+    clip,
+    info: dict,
+) -> Path:
+    """The blend's files and its submission; returns the submission's path. ``blends``: the OOF and test
+    blends and fold k's own test blends (``fold_test``, maybe none).
+
+    All or nothing: the blend's files are staged and checked, then the submission is written, then
+    the files move into place, ensemble.json (what marks the folder an ensemble) last."""
+    from pipeline.predict.submission import remove_submission, write_submission
+
+    fold_test = blends["fold_test"]
     with out.staged("ensemble") as stage:
         write_predictions(
-            stage.path(out.oof), pred_frame(first.oof["id"], blend_oof, class_names, fold=folds, target=y), "oof"
+            stage.path(out.oof), pred_frame(first.oof["id"], blends["oof"], class_names, fold=folds, target=y), "oof"
         )
         test_path = stage.path(out.test_pred)
-        write_predictions(test_path, pred_frame(first.test["id"], blend_test, class_names), "test")
-        for k, p in (fold_test or {}).items():  # fold k's own: a pseudo-label source's labels for fold k
+        write_predictions(test_path, pred_frame(first.test["id"], blends["test"], class_names), "test")
+        for k, p in fold_test.items():  # fold k's own: a pseudo-label source's labels for fold k
             write_predictions(stage.path(out.test_pred_fold(k)), pred_frame(first.test["id"], p, class_names), "test")
         for k, p in out.test_pred_fold_files().items():
-            if k not in (fold_test or {}):
+            if k not in fold_test:
                 stage.remove(p)  # an earlier blend's
         blend = read_predictions(test_path, "test", class_names=class_names, hint=f"pipeline ensemble {path}")
         atomic_write_json(stage.path(out.ensemble_json), info)

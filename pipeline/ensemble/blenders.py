@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import Field
 
 from pipeline.config.options import Section
-from pipeline.config.schema import SEED_MAX
+from pipeline.config.sections import SEED_MAX
 from pipeline.core.errors import PipelineError
 from pipeline.core.metrics import GREATER_IS_BETTER, score
 from pipeline.core.registry import Registry
@@ -40,7 +40,8 @@ class GbmConfig(Section):
     feature_fraction: float = Field(1.0, gt=0, le=1)
     scalars: bool = Field(
         True,
-        description="add the table's scalar features (pipeline/ensemble/scalars.py); false: the members' predictions only",
+        description="add the table's scalar features (pipeline/ensemble/scalars.py); "
+        "false: the members' predictions only",
     )
     seed: int = Field(0, ge=0, le=SEED_MAX)
 
@@ -132,7 +133,7 @@ def blend_weights(oof, test, y, folds, details=None, fold_tests=None, **_):
         tr, va = folds != k, folds == k
         wk = optimise_weights(oof[:, tr], y[tr])
         out[va] = np.tensordot(wk, oof[:, va], 1)
-        _fold_test(details, fold_tests, k, lambda p: np.tensordot(wk, p, 1))
+        _fold_test(details, fold_tests, k, lambda p, wk=wk: np.tensordot(wk, p, 1))
     w = optimise_weights(oof, y)
     return out, np.tensordot(w, test, 1), w.tolist()
 
@@ -166,7 +167,7 @@ def blend_stack(oof, test, y, folds, stack_c: float = 1.0, details=None, fold_te
         tr, va = folds != f, folds == f
         proba = _lr_fit(x[tr], y[tr], k, stack_c)
         out[va] = proba(x[va])
-        _fold_test(details, fold_tests, f, lambda p: proba(stack_features(p)))
+        _fold_test(details, fold_tests, f, lambda p, proba=proba: proba(stack_features(p)))
     return out, _lr_fit(x, y, k, stack_c)(xt), None
 
 
@@ -218,7 +219,7 @@ def blend_hillclimb(
         w = hillclimb_weights(oof[:, tr], y[tr], metric, iterations)
         out[va] = np.tensordot(w, oof[:, va], 1)
         per_fold[int(k)] = w.tolist()
-        _fold_test(details, fold_tests, k, lambda p: np.tensordot(w, p, 1))
+        _fold_test(details, fold_tests, k, lambda p, w=w: np.tensordot(w, p, 1))
     w = hillclimb_weights(oof, y, metric, iterations)
     if details is not None:
         details.update(
@@ -318,7 +319,12 @@ def blend_gbm(
         tr, va = folds != f, folds == f
         booster, best[int(f)] = gbm_fit(x[tr], y[tr], k, s)
         out[va] = gbm_predict(booster, x[va], best[int(f)], k)
-        _fold_test(details, fold_tests, f, lambda p: gbm_predict(booster, features(p, 1), best[int(f)], k))
+        _fold_test(
+            details,
+            fold_tests,
+            f,
+            lambda p, booster=booster, f=f: gbm_predict(booster, features(p, 1), best[int(f)], k),
+        )
     rounds = max(1, int(round(float(np.median(list(best.values()))))))
     booster, _ = gbm_fit(x, y, k, s, rounds=rounds)
     if details is not None:

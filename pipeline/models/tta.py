@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.config.registries import TTA, TTA_FAMILIES
-from pipeline.config.schema import tta_problem
+from pipeline.config.sections import tta_problem
 from pipeline.core.errors import PipelineError
 
 if TYPE_CHECKING:  # torch is imported when a transform runs: the config checks names without it
@@ -97,12 +97,12 @@ def _crops(image_size, model_size, flips: tuple[bool, ...], what: str) -> list[T
     ct, cl = int(round((H - h) / 2)), int(round((W - w) / 2))
     spots = {"tl": (0, 0), "tr": (0, W - w), "bl": (H - h, 0), "br": (H - h, W - w), "c": (ct, cl)}
     # The flipped crops are the five crops of the mirrored image (as torchvision's TenCrop): a crop at
-    # left offset l of the mirror is the mirror of the crop at W - w - l. With an odd W - w the centre
+    # left offset ``left`` of the mirror is the mirror of the crop at W - w - left. With an odd W - w the centre
     # is not symmetric, and only this keeps ten-crop exactly invariant under a horizontal flip.
     return [
-        _crop(t, W - w - l if f else l, h, w, f, f"crop_{s}{'+hflip' if f else ''}")
+        _crop(t, W - w - left if f else left, h, w, f, f"crop_{s}{'+hflip' if f else ''}")
         for f in flips
-        for s, (t, l) in spots.items()
+        for s, (t, left) in spots.items()
     ]
 
 
@@ -156,7 +156,8 @@ def _needs_square(name, image_size):
 
 
 # The built-in entries of TTA (pipeline/config/registries.py): builder(image_size, model_size) -> transforms.
-# A new entry is one registration: ``TTA.register("mine", lambda s, m: [TtaTransform("mine", fn, ("custom", "mine"))])``.
+# A new entry is one registration:
+# ``TTA.register("mine", lambda s, m: [TtaTransform("mine", fn, ("custom", "mine"))])``.
 
 
 def identity(image_size, model_size):

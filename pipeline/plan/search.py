@@ -9,7 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from pipeline.config.auto import AUTO, DEFAULT_EPOCHS, plan_hash
-from pipeline.config.schema import SEED_MAX, Config, with_values
+from pipeline.config.schema import Config, with_values
+from pipeline.config.sections import SEED_MAX
 from pipeline.plan.facts import MIN_PRETRAINED_SIDE, Facts, _candidates, choose_model
 from pipeline.plan.speed import SIZE_EXPONENT, Speed, SpeedFn, _scaled, _thread_speeds, measure_speed
 from pipeline.plan.tta import START_S, WHOLE, WHOLE_FILL, _evaluate_s, _fit_tta
@@ -172,36 +173,11 @@ def make_plan(
     n_folds = cfg.folds.n_splits * cfg.folds.repeats
 
     def shape_of(c: Config, n_seeds: int | None = None) -> Shape:
-        cap = c.train.max_steps_per_epoch and c.train.max_steps_per_epoch * c.train.batch_size
-        n = n_seeds or len(seeds)
-        return Shape(
-            n_rows=facts.n_rows,
-            extra_rows=facts.n_pseudo,
-            n_folds=n_folds,
-            n_seeds=n,
-            refit=c.train.refit,
-            cores=cores,
-            width=executor_width(c, n_folds * n, device_type),
-            max_train_rows=cap or None,
-            n_splits=c.folds.n_splits,
-            model=c.model,
-        )
+        return _shape(c, facts, n_folds=n_folds, n_seeds=n_seeds or len(seeds), cores=cores, device_type=device_type)
 
     values, why = {}, []
-    n_train = facts.n_rows - math.ceil(facts.n_rows / cfg.folds.n_splits)
-    if cfg.data.channels == AUTO:
-        values["data.channels"] = facts.channels
-        why.append(f"channels {facts.channels}: the files' own")
-    if cfg.model.backbone == AUTO:
-        chosen, reason = choose_model(cfg, facts, n_train)
-        values.update({f"model.{k}": v for k, v in chosen.items()})
-        why += reason
+    sizes = _auto_model(cfg, facts, values, why)
     budget = cfg.train.time_budget_s
-    sizes = _candidates(cfg, facts)
-    if values.get(
-        "model.pretrained", cfg.model.pretrained and cfg.model.backbone != AUTO
-    ):  # ImageNet features need the pixels
-        sizes = [s for s in sizes if s >= MIN_PRETRAINED_SIDE] or sizes[:1]
     size, epochs, expected, measured = sizes[0], cfg.train.epochs, None, {}
 
     def timed(c: Config, size: int, th: int) -> Speed:
@@ -210,45 +186,13 @@ def make_plan(
 
     measure = speed or timed
     if budget:
-        size, sp, fit, measured = _search_size(
-            cfg, values, sizes, budget, shape_of, measure, why
+        size, sp, epochs, seeds, expected, measured = _fill_budget(
+            cfg, values, sizes, budget, shape_of, measure, seeds, why
         )  # sp: threads -> Speed
-        epochs = fit if cfg.train.epochs == AUTO else cfg.train.epochs
-        sized = with_values(cfg, {**values, "data.image_size": size, "train.epochs": 1})
-        if seeds_auto:
-            seeds, epochs = _plan_seeds(cfg, lambda n: shape_of(sized, n), budget, sp, fit, epochs, why)
-        shape = shape_of(sized)
-        if cfg.train.epochs == AUTO and not cfg.train.max_steps_per_epoch:
-            steps = _fill_steps(shape, budget, sp, epochs, cfg.train.batch_size, why)
-            if steps:
-                epochs += 1
-                values["train.max_steps_per_epoch"] = steps
-                shape = replace(shape, max_train_rows=steps * cfg.train.batch_size)
-        expected = shape.seconds(epochs, sp)
     elif cfg.train.epochs == AUTO:
         epochs = DEFAULT_EPOCHS
         why.append(f"epochs {DEFAULT_EPOCHS}: no time budget (train.time_budget_s or --budget) to plan by")
-    if seeds_auto:
-        values["train.seeds"] = seeds if len(seeds) > 1 else None  # one: the run (and its hash) of seeds left unset
-        if not budget:
-            why.append(f"seeds {seeds}: no time budget to plan more by")
-    if cfg.data.image_size == AUTO:
-        values["data.image_size"] = size
-        why.append(
-            f"image size {size}: the files are {facts.native} px"
-            + (
-                "; never upscaled"
-                if size == facts.native
-                else f"; the largest size below at which {epochs} epochs per fold fit the budget"
-            )
-        )
-    if cfg.train.epochs == AUTO:
-        values["train.epochs"] = int(epochs)
-        if budget and "train.max_steps_per_epoch" not in values:  # else _fill_steps said why
-            why.append(
-                f"epochs {epochs}: {'the most' if epochs < MAX_EPOCHS else f'capped at {MAX_EPOCHS}, fewer than'} "
-                f"that fit {TARGET:.0%} of the {budget:.0f} s budget at the measured speed"
-            )
+    _auto_values(cfg, facts, values, why, seeds=seeds, size=size, epochs=epochs, budget=budget)
     if budget and cfg.predict.tta == AUTO and facts.n_test:
         fixed = START_S + (time.time() - t0 if planning_s is None else planning_s) + _evaluate_s(facts, sp(cores))
         values["predict.tta"] = _fit_tta(
@@ -278,6 +222,88 @@ def make_plan(
             f"the deadline will stop folds early; set train.epochs=auto to plan the epochs"
         )
     return plan
+
+
+def _shape(c: Config, facts: Facts, *, n_folds: int, n_seeds: int, cores: int, device_type: str) -> Shape:
+    """The jobs config ``c`` trains on ``facts``: ``n_folds`` x ``n_seeds`` (+ refits) on ``cores``."""
+    cap = c.train.max_steps_per_epoch and c.train.max_steps_per_epoch * c.train.batch_size
+    return Shape(
+        n_rows=facts.n_rows,
+        extra_rows=facts.n_pseudo,
+        n_folds=n_folds,
+        n_seeds=n_seeds,
+        refit=c.train.refit,
+        cores=cores,
+        width=executor_width(c, n_folds * n_seeds, device_type),
+        max_train_rows=cap or None,
+        n_splits=c.folds.n_splits,
+        model=c.model,
+    )
+
+
+def _auto_model(cfg: Config, facts: Facts, values: dict, why: list) -> list[int]:
+    """``data.channels`` and the model when ``auto`` (into ``values``, the reasons into ``why``); returns the
+    image sizes to try, largest first."""
+    n_train = facts.n_rows - math.ceil(facts.n_rows / cfg.folds.n_splits)
+    if cfg.data.channels == AUTO:
+        values["data.channels"] = facts.channels
+        why.append(f"channels {facts.channels}: the files' own")
+    if cfg.model.backbone == AUTO:
+        chosen, reason = choose_model(cfg, facts, n_train)
+        values.update({f"model.{k}": v for k, v in chosen.items()})
+        why += reason
+    sizes = _candidates(cfg, facts)
+    if values.get(
+        "model.pretrained", cfg.model.pretrained and cfg.model.backbone != AUTO
+    ):  # ImageNet features need the pixels
+        sizes = [s for s in sizes if s >= MIN_PRETRAINED_SIDE] or sizes[:1]
+    return sizes
+
+
+def _fill_budget(cfg: Config, values: dict, sizes: list[int], budget: float, shape_of, measure, seeds, why: list):
+    """With a time budget: the image size, the speed there, the epochs, the seeds (``train.seeds: auto``),
+    maybe cut epochs (into ``values``) and the expected training time. Returns (size, speed(threads),
+    epochs, seeds, expected seconds, measured)."""
+    size, sp, fit, measured = _search_size(cfg, values, sizes, budget, shape_of, measure, why)  # sp: threads -> Speed
+    epochs = fit if cfg.train.epochs == AUTO else cfg.train.epochs
+    sized = with_values(cfg, {**values, "data.image_size": size, "train.epochs": 1})
+    if cfg.train.seeds == AUTO:
+        seeds, epochs = _plan_seeds(cfg, lambda n: shape_of(sized, n), budget, sp, fit, epochs, why)
+    shape = shape_of(sized, len(seeds))
+    if cfg.train.epochs == AUTO and not cfg.train.max_steps_per_epoch:
+        steps = _fill_steps(shape, budget, sp, epochs, cfg.train.batch_size, why)
+        if steps:
+            epochs += 1
+            values["train.max_steps_per_epoch"] = steps
+            shape = replace(shape, max_train_rows=steps * cfg.train.batch_size)
+    return size, sp, epochs, seeds, shape.seconds(epochs, sp), measured
+
+
+def _auto_values(
+    cfg: Config, facts: Facts, values: dict, why: list, *, seeds: list, size: int, epochs: int, budget
+) -> None:
+    """The plan's ``train.seeds``, ``data.image_size`` and ``train.epochs`` where they are ``auto``."""
+    if cfg.train.seeds == AUTO:
+        values["train.seeds"] = seeds if len(seeds) > 1 else None  # one: the run (and its hash) of seeds left unset
+        if not budget:
+            why.append(f"seeds {seeds}: no time budget to plan more by")
+    if cfg.data.image_size == AUTO:
+        values["data.image_size"] = size
+        why.append(
+            f"image size {size}: the files are {facts.native} px"
+            + (
+                "; never upscaled"
+                if size == facts.native
+                else f"; the largest size below at which {epochs} epochs per fold fit the budget"
+            )
+        )
+    if cfg.train.epochs == AUTO:
+        values["train.epochs"] = int(epochs)
+        if budget and "train.max_steps_per_epoch" not in values:  # else _fill_steps said why
+            why.append(
+                f"epochs {epochs}: {'the most' if epochs < MAX_EPOCHS else f'capped at {MAX_EPOCHS}, fewer than'} "
+                f"that fit {TARGET:.0%} of the {budget:.0f} s budget at the measured speed"
+            )
 
 
 SKIP_BELOW = 0.7  # a size estimated below this share of MIN_EPOCHS is skipped without measuring
@@ -313,7 +339,7 @@ def _search_size(cfg: Config, values: dict, sizes: list[int], budget: float, sha
         why.append(f"image size {size}: only {fit} epochs per fold fit the budget (< {need})")
         i += 1
         while i < len(sizes) - 1:  # skip sizes that by estimate fall short too
-            est = shape.epochs_for(budget, lambda th, f=(size / sizes[i]) ** SIZE_EXPONENT: _scaled(sp(th), f))
+            est = shape.epochs_for(budget, lambda th, f=(size / sizes[i]) ** SIZE_EXPONENT, sp=sp: _scaled(sp(th), f))
             if est >= SKIP_BELOW * need:  # near enough to measure: the estimate is rough
                 break
             why.append(f"image size {sizes[i]}: about {est} epochs per fold would fit the budget (estimated)")

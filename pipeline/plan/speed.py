@@ -179,11 +179,8 @@ class _Siblings:
 
 
 def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device, siblings: int = 0) -> dict:
-    import contextlib
-
+    """``Speed``'s fields for ``cfg`` at ``size`` px, timed on synthetic images (``measure_speed`` caches them)."""
     import torch
-
-    from pipeline.train.trainer import BatchSource, build_components, train_one_epoch, validate
 
     bs = min(cfg.train.batch_size, max(2, facts.n_rows // 2))
     table = _synthetic_table(facts, size, bs * 8)
@@ -198,41 +195,68 @@ def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device, si
     precision = _timed_precision(cfg, device)
 
     def make_steps(augment: bool = True) -> tuple[Callable[[int], float], object]:
-        """(steps(n): seconds n training steps take, the components they train)."""
-        parts = build_components(
-            cfg=mcfg,
-            table=table,
-            tr_idx=np.arange(len(table)),
-            seed=0,
-            device=device,
-            channels_last=cfg.train.channels_last,
-            with_augment=augment and bool(cfg.augment),
-            precision=precision,
-        )
-        rng = np.random.default_rng(0)
-
-        def steps(n: int) -> float:
-            batches = [np.arange(i * bs, (i + 1) * bs) % len(table) for i in range(n)]
-            src = BatchSource(images=table.images, batches=batches, augment=parts.augment, seeds=list(range(n)))
-            t1 = time.perf_counter()
-            train_one_epoch(
-                parts,
-                source=(src[b] for b in range(n)),
-                n_batches=n,
-                table=table,
-                t=mcfg.train,
-                device=device,
-                precision=precision,
-                channels_last=cfg.train.channels_last,
-                rng=rng,
-            )
-            return time.perf_counter() - t1
-
-        return steps, parts
+        return _make_steps(cfg, mcfg, table, bs, device, precision, augment=augment)
 
     t0 = time.perf_counter()
     steps, parts = make_steps()
     build_s = time.perf_counter() - t0
+    train_img_s, val_img_s = _time_chunks(cfg, steps, parts, table, bs, device, seconds, siblings, make_steps)
+    build_s, epoch_s = _job_overheads(mcfg, table, bs, device, train_img_s, val_img_s, build_s)
+    log.info(
+        f"plan: measured {cfg.model.backbone} at {size} px on {torch.get_num_threads()} thread(s)"
+        f"{f' beside {siblings} more' if siblings else ''}: {train_img_s:.0f} img/s training, "
+        f"{val_img_s:.0f} img/s validation"
+    )
+    return {"train_img_s": train_img_s, "val_img_s": val_img_s, "build_s": build_s, "epoch_s": epoch_s}
+
+
+def _make_steps(
+    cfg: Config, mcfg: Config, table, bs: int, device, precision: str, augment: bool = True
+) -> tuple[Callable[[int], float], object]:
+    """(steps(n): seconds n training steps of ``mcfg`` take on ``table``, the components they train)."""
+    from pipeline.train.trainer import BatchSource, build_components, train_one_epoch
+
+    parts = build_components(
+        cfg=mcfg,
+        table=table,
+        tr_idx=np.arange(len(table)),
+        seed=0,
+        device=device,
+        channels_last=cfg.train.channels_last,
+        with_augment=augment and bool(cfg.augment),
+        precision=precision,
+    )
+    rng = np.random.default_rng(0)
+
+    def steps(n: int) -> float:
+        batches = [np.arange(i * bs, (i + 1) * bs) % len(table) for i in range(n)]
+        src = BatchSource(images=table.images, batches=batches, augment=parts.augment, seeds=list(range(n)))
+        t1 = time.perf_counter()
+        train_one_epoch(
+            parts,
+            source=(src[b] for b in range(n)),
+            n_batches=n,
+            table=table,
+            t=mcfg.train,
+            device=device,
+            precision=precision,
+            channels_last=cfg.train.channels_last,
+            rng=rng,
+        )
+        return time.perf_counter() - t1
+
+    return steps, parts
+
+
+def _time_chunks(
+    cfg: Config, steps, parts, table, bs: int, device, seconds: float, siblings: int, make_steps
+) -> tuple[float, float]:
+    """(training, validation) images per second: ``steps`` timed in chunks beside ``siblings`` copies of the
+    training (``make_steps``), then a validation pass of ``parts``' model."""
+    import contextlib
+
+    from pipeline.train.trainer import validate
+
     # the siblings train without augmentation: its Python code would hold the one interpreter lock the
     # timed thread needs too (two processes share none), which timed a small CNN with four augmentations
     # 15% under its run (the folder demo, 500 vs 540-650 img/s)
@@ -257,12 +281,7 @@ def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device, si
             precision="fp32",
         )
         val_img_s = len(table) / (time.perf_counter() - t1)
-    build_s, epoch_s = _job_overheads(mcfg, table, bs, device, train_img_s, val_img_s, build_s)
-    log.info(
-        f"plan: measured {cfg.model.backbone} at {size} px on {torch.get_num_threads()} thread(s)"
-        f"{f' beside {siblings} more' if siblings else ''}: {train_img_s:.0f} img/s training, {val_img_s:.0f} img/s validation"
-    )
-    return {"train_img_s": train_img_s, "val_img_s": val_img_s, "build_s": build_s, "epoch_s": epoch_s}
+    return train_img_s, val_img_s
 
 
 def _timed_precision(cfg: Config, device) -> str:

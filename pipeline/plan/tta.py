@@ -65,7 +65,8 @@ def _fit_tta(
         )
     if chosen != full:
         why.append(
-            f"TTA {chosen} instead of the augmentation's {full}: {n(full)} transforms would take ~{seconds(full):.0f} s "
+            f"TTA {chosen} instead of the augmentation's {full}: "
+            f"{n(full)} transforms would take ~{seconds(full):.0f} s "
             f"of inference on {facts.n_test} test and {facts.n_rows} OOF images, over {limit}"
         )
     else:

@@ -60,7 +60,8 @@ def check_clip(clip, where: str = "predict.clip") -> None:
 
 
 def clip_probs(probs: np.ndarray, clip) -> np.ndarray:
-    """Clip every probability into [lo, hi] and renormalise rows (a no-op renormalisation for 2 classes and hi = 1 - lo)."""
+    """Clip every probability into [lo, hi] and renormalise rows (a no-op renormalisation for 2 classes and
+    hi = 1 - lo)."""
     if clip is None:
         return probs
     p = np.clip(probs, clip[0], clip[1])
@@ -117,7 +118,8 @@ class _Models:
         model, meta = load_checkpoint(model_dir.best_weights)
         if list(meta["class_names"]) != list(table.class_names):
             raise PipelineError(
-                f"{model_dir.best_meta}: model classes {meta['class_names']} differ from the data's {list(table.class_names)}; "
+                f"{model_dir.best_meta}: model classes {meta['class_names']} "
+                f"differ from the data's {list(table.class_names)}; "
                 f"retrain with `pipeline train {self.cfg.path}`"
             )
         if meta["in_chans"] != table.channels:
@@ -185,7 +187,8 @@ def oof_with_tta_subsets(cfg: Config, table, fold_of: np.ndarray, subsets: list[
     for acc, names in zip(accs, subsets):
         probs = _to_probs(acc, cfg.predict.average)
         log.info(
-            f"OOF with TTA {names}: {fmt_scores(cfg.metric, score(cfg.metric, table.labels, probs), logloss(table.labels, probs))}"
+            f"OOF with TTA {names}: "
+            f"{fmt_scores(cfg.metric, score(cfg.metric, table.labels, probs), logloss(table.labels, probs))}"
         )
         frames.append(pred_frame(table.ids, probs, table.class_names, fold=fold_of, target=table.labels))
     return frames
@@ -271,7 +274,8 @@ def _oof_file(cfg: Config, run: RunDir) -> Path:
             )
         if tta_is_on(cfg):
             log.info(
-                f"warning: predict.tta_oof is false: the calibration was fitted on OOF without the TTA {resolve_tta(cfg)} "
+                "warning: predict.tta_oof is false: the calibration was fitted on OOF "
+                f"without the TTA {resolve_tta(cfg)} "
                 f"that the test predictions get"
             )
         return run.oof
@@ -381,7 +385,8 @@ def _predict_stage(cfg: Config, *, submit: bool) -> tuple[_Predicted, Path | Non
         made = _predict_into(cfg, run, stage)
         sub = _write_submissions(cfg, stage, made) if submit else None
     log.info(
-        f"wrote {run.test_pred}: {len(made.test_pred)} rows, and {len(made.info['test_pred_folds'])} test_pred_fold<k>.csv"
+        f"wrote {run.test_pred}: {len(made.test_pred)} rows, and "
+        f"{len(made.info['test_pred_folds'])} test_pred_fold<k>.csv"
     )
     return made, sub
 

@@ -128,7 +128,8 @@ def check_own(path: str | Path) -> dict:
     d = read_sidecar(path)
     if not isinstance(d.get("sha256"), str):
         raise PipelineError(
-            f"{path.with_suffix('.json')}: no sha256 of {path.name} (written before submission files recorded it); {_REMAKE}"
+            f"{path.with_suffix('.json')}: no sha256 of {path.name} "
+            f"(written before submission files recorded it); {_REMAKE}"
         )
     if d["file"] != path.name:
         raise PipelineError(f"{path.with_suffix('.json')}: describes {d['file']!r}, not {path.name}; {_REMAKE}")
@@ -189,7 +190,8 @@ def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_n
         df = _read_text_csv(path)
     except (ValueError, OverflowError) as e:  # ParserError, EmptyDataError and UnicodeDecodeError are ValueErrors
         return [
-            f"{path}: cannot parse as CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__}); expected a header line {id_col},{val_col}"
+            f"{path}: cannot parse as CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            f"expected a header line {id_col},{val_col}"
         ]
     cols = [str(c) for c in df.columns]
     if cols != [id_col, val_col]:
@@ -202,7 +204,8 @@ def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_n
     empty_id = ids.isin(_MISSING)
     if empty_id.any():
         problems.append(
-            f"{path}: {int(empty_id.sum())} empty or NaN ids (e.g. data rows {_examples((np.flatnonzero(empty_id) + 1).tolist())})"
+            f"{path}: {int(empty_id.sum())} empty or NaN ids "
+            f"(e.g. data rows {_examples((np.flatnonzero(empty_id) + 1).tolist())})"
         )
     dup = ids[ids.duplicated() & ~empty_id]
     if len(dup):
@@ -240,7 +243,8 @@ def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_n
             shown = ", ".join(allowed[:10]) + (", ..." if len(allowed) > 10 else "")
             problems.append(
                 f"{path}: {int(bad.sum())} labels not among the classes in {val_col} "
-                f"(e.g. {_examples(f'{i}: {v}' for i, v in zip(ids[bad.index[bad]], ok[bad]))}); expected one of {shown}"
+                f"(e.g. {_examples(f'{i}: {v}' for i, v in zip(ids[bad.index[bad]], ok[bad]))}); "
+                f"expected one of {shown}"
             )
     return problems
 
@@ -281,7 +285,10 @@ def _read_text_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False).fillna("")
 
 
-_SOLUTION_FIX = "expected the true answers in the submission's columns (a demo's solution.csv is rebuilt by `pipeline demo-data KIND --out DIR`)"
+_SOLUTION_FIX = (
+    "expected the true answers in the submission's columns "
+    "(a demo's solution.csv is rebuilt by `pipeline demo-data KIND --out DIR`)"
+)
 
 
 def read_solution(cfg: Config, solution: str | Path, class_names=None) -> pd.Series:
@@ -328,7 +335,8 @@ def read_solution(cfg: Config, solution: str | Path, class_names=None) -> pd.Ser
         shown = ", ".join(allowed[:10]) + (", ..." if len(allowed) > 10 else "")
         what = "is empty or NaN" if vals.iloc[i] in _MISSING else f"{vals.iloc[i]!r} is not a true answer"
         raise PipelineError(
-            f"{solution}: line {line(i)} ({id_col} {ids.iloc[i]!r}): {val_col} {what}; expected one of {shown}; {_SOLUTION_FIX}"
+            f"{solution}: line {line(i)} ({id_col} {ids.iloc[i]!r}): {val_col} {what}; "
+            f"expected one of {shown}; {_SOLUTION_FIX}"
         )
     return pd.Series(vals.to_numpy(), index=pd.Index(ids.to_numpy()), name=val_col)
 

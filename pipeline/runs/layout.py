@@ -16,7 +16,8 @@
   test_pred.csv                 test predictions of all fold models; test_pred_fold<k>.csv fold k's own;
                                 test_pred_refit.csv the refit models'
   predict.json, metrics.json, calibration.json, ensemble.json, report/
-  adversarial.json              train-vs-test classifier: AUC, test-like rows, duplicate pairs (pipeline/evaluate/adversarial.py)
+  adversarial.json              train-vs-test classifier: AUC, test-like rows, duplicate pairs
+                                (pipeline/evaluate/adversarial.py)
   adversarial_scores.csv        id,p_test: its out-of-fold p(test) for every training row
   tb_hparams/                   TensorBoard HParams: the run's (or tuning trial's) headline keys and CV metric
                                 (pipeline/train/hparams.py), for `tensorboard --logdir <paths.runs>/<competition>`
@@ -358,7 +359,8 @@ class RunDir:
         """The OOF file ``predict.json`` names (``oof.csv`` or ``oof_tta.csv``)."""
         if name not in OOF_FILES:
             raise PipelineError(
-                f"{self.predict_json}: oof is {name!r}; expected one of {', '.join(OOF_FILES)}; rerun `pipeline predict`"
+                f"{self.predict_json}: oof is {name!r}; expected one of {', '.join(OOF_FILES)}; "
+                "rerun `pipeline predict`"
             )
         return self.path / name
 

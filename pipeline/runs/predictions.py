@@ -172,7 +172,8 @@ def check_predictions(
     if dup.any():
         i = int(np.flatnonzero(dup)[0])
         fail(
-            f"line {csv_line(i)}: id {ids.iloc[i]!r} appears {int((ids == ids.iloc[i]).sum())} times; expected each {rows} id once"
+            f"line {csv_line(i)}: id {ids.iloc[i]!r} appears {int((ids == ids.iloc[i]).sum())} times; "
+            f"expected each {rows} id once"
         )
     out = pd.DataFrame({"id": ids.to_numpy(dtype=object)})
     if kind == "oof":
@@ -198,7 +199,8 @@ def _classes(df: pd.DataFrame, class_names, fail) -> list[str]:
     for c in want:
         if c not in have:
             fail(
-                f"missing column {c!r} (class {c[len(PREFIX) :]!r}); expected one p_<class> column per class: {', '.join(want)}"
+                f"missing column {c!r} (class {c[len(PREFIX) :]!r}); "
+                f"expected one p_<class> column per class: {', '.join(want)}"
             )
     return names
 
@@ -283,7 +285,8 @@ def average_predictions(paths: list[Path], kind: str, *, class_names=None, hint:
     for p, f in zip(paths[1:], frames[1:]):
         if prob_columns(f) != cols or len(f) != len(ids) or set(f["id"]) != set(ids):
             raise PipelineError(
-                f"{p}: other ids or classes than {paths[0]}; expected predictions of the same rows; rerun `{hint or _HINTS[kind]}`"
+                f"{p}: other ids or classes than {paths[0]}; "
+                f"expected predictions of the same rows; rerun `{hint or _HINTS[kind]}`"
             )
         f = f.set_index("id").reindex(ids)
         for c in keys:

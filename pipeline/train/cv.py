@@ -121,43 +121,21 @@ def train_cv(
     ``dist``: this process's place in a torchrun world (every rank calls ``train_cv`` alike; the
     hooks run on rank 0).
     """
-    from pipeline.data.formats import read_table
-
     cfg = without_plan(cfg)
     source = check_source(cfg) if cfg.pseudo is not None else None
     hooks = on_epoch is not None or on_fold is not None
     if cfg.train.executor == "ray" and not hooks:
         check_ray(cfg)  # before anything is written
     device = dist.check(cfg)  # before the data is read (its cache) or a run folder is made
-    table = table if table is not None else dist.main_first(lambda: read_table(cfg, "train"))
-    _check_plan_data(cfg, table)
-    check_learnable(cfg, table)  # before any done.json of an earlier run is deleted
-    fold_of = load_folds(cfg, table)
-    n_folds = int(fold_of.max()) + 1
-    wanted = list(range(n_folds)) if folds is None else folds
-    bad = [k for k in wanted if not 0 <= k < n_folds]
-    if bad:
-        raise PipelineError(f"--folds: no fold {bad[0]}; {cfg.folds_path} has folds 0..{n_folds - 1}")
-    pseudo, base = None, table
-    if source is not None:
-        test = read_table(cfg, "test")
-        pseudo = prepare_pseudo(cfg, source, table, fold_of, test)
-        base = pseudo.combine(table, test)
+    table, fold_of, wanted = _training_data(cfg, table, folds, dist)
+    pseudo, base = _pseudo_rows(cfg, source, table, fold_of)
     rows = job_rows(table, fold_of, pseudo, base)
     run = RunDir.of(cfg)
     run_hash, seeds = finished_run_hash(cfg), run.seeds
     precision = dist.broadcast_decision(lambda: _start_run(cfg, table, device, run, pseudo))
     n_refit = len(seeds) if cfg.train.refit else 0  # the time budget is shared by the refit models too
     t_start = time.time()
-    log.info(
-        f"train {cfg.name}: {cfg.model.backbone} ({'pretrained' if cfg.model.pretrained else 'from scratch'}, finetune {cfg.model.finetune}) "
-        f"on {len(table)} images {table.channels}x{table.image_size[0]}x{table.image_size[1]}, folds {wanted}, seeds {seeds}, device {device}"
-        + (f", {dist.describe()} (global batch {cfg.train.batch_size})" if dist.active else "")
-    )
-    if (cfg.plan or {}).get("line"):
-        log.info(cfg.plan["line"] + f" ({run.plan_json})")
-    for line in pseudo.describe() if pseudo is not None else []:
-        log.info(line)
+    _log_start(cfg, table, run, pseudo, wanted=wanted, seeds=seeds, device=device, dist=dist)
     todo = dist.broadcast_decision(lambda: [job for job in run.jobs(wanted) if _needs_training(job, run_hash)])
     executor = build_executor(
         cfg,
@@ -177,7 +155,7 @@ def train_cv(
     try:
         for job, res in executor.run(todo):
             if res is not None and on_fold is not None:
-                dist.broadcast_decision(lambda: on_fold(job, res))
+                dist.broadcast_decision(lambda job=job, res=res: on_fold(job, res))
         oof = dist.broadcast_decision(lambda: _finish_cv(cfg, table, fold_of, run_hash, run))
         if oof is not None and cfg.train.refit:
             _refits(
@@ -199,6 +177,54 @@ def train_cv(
             executor.close()
     _log_spent(cfg, time.time() - t_start, trained=bool(todo))
     return oof
+
+
+def _training_data(
+    cfg: Config, table: Table | None, folds: list[int] | None, dist: DistContext
+) -> tuple[Table, np.ndarray, list[int]]:
+    """The training table (read unless given), checked against the plan and for learnable folds, its
+    fold of each row, and the folds asked for (all by default): (table, fold_of, wanted)."""
+    from pipeline.data.formats import read_table
+
+    table = table if table is not None else dist.main_first(lambda: read_table(cfg, "train"))
+    _check_plan_data(cfg, table)
+    check_learnable(cfg, table)  # before any done.json of an earlier run is deleted
+    fold_of = load_folds(cfg, table)
+    n_folds = int(fold_of.max()) + 1
+    wanted = list(range(n_folds)) if folds is None else folds
+    bad = [k for k in wanted if not 0 <= k < n_folds]
+    if bad:
+        raise PipelineError(f"--folds: no fold {bad[0]}; {cfg.folds_path} has folds 0..{n_folds - 1}")
+    return table, fold_of, wanted
+
+
+def _pseudo_rows(cfg: Config, source, table: Table, fold_of: np.ndarray) -> tuple:
+    """With ``pseudo`` (``source``: its checked source), the test rows each job's fold selects and the
+    table they join: (pseudo, base); else (None, table)."""
+    from pipeline.data.formats import read_table
+
+    if source is None:
+        return None, table
+    test = read_table(cfg, "test")
+    pseudo = prepare_pseudo(cfg, source, table, fold_of, test)
+    return pseudo, pseudo.combine(table, test)
+
+
+def _log_start(
+    cfg: Config, table: Table, run: RunDir, pseudo, *, wanted: list[int], seeds: list[int], device, dist: DistContext
+) -> None:
+    """What this run trains, on what, where; the plan's line and the pseudo-label lines."""
+    log.info(
+        f"train {cfg.name}: {cfg.model.backbone} "
+        f"({'pretrained' if cfg.model.pretrained else 'from scratch'}, finetune {cfg.model.finetune}) "
+        f"on {len(table)} images {table.channels}x{table.image_size[0]}x{table.image_size[1]}, "
+        f"folds {wanted}, seeds {seeds}, device {device}"
+        + (f", {dist.describe()} (global batch {cfg.train.batch_size})" if dist.active else "")
+    )
+    if (cfg.plan or {}).get("line"):
+        log.info(cfg.plan["line"] + f" ({run.plan_json})")
+    for line in pseudo.describe() if pseudo is not None else []:
+        log.info(line)
 
 
 def _refits(

@@ -92,8 +92,9 @@ def thread_plan(n_jobs: int, n_par: int, cores: int) -> list[int]:
 
 
 def executor_width(cfg: Config, n_jobs: int, device_type: str, hooks: bool = False) -> int:
-    """How many jobs run at once on this machine: ``train.fold_jobs`` processes on CPU with ``train.executor`` auto or processes, else one. A Ray cluster is not this machine: its jobs are
-    planned as if they ran one after another here, which errs on the long side."""
+    """How many jobs run at once on this machine: ``train.fold_jobs`` processes on CPU with ``train.executor``
+    auto or processes, else one. A Ray cluster is not this machine: its jobs are planned as if they ran one
+    after another here, which errs on the long side."""
     if cfg.train.executor not in ("auto", "processes"):
         return 1
     n_par = min(cfg.train.fold_jobs, n_jobs)
@@ -256,7 +257,10 @@ class ProcessExecutor:
                     yield job, job_outcome(job, f.result)
 
 
-RAY_MISSING = "train.executor: ray needs the ray package, which is not installed; pip install -e .[ray] (or pip install 'ray>=2.9,<3')"
+RAY_MISSING = (
+    "train.executor: ray needs the ray package, which is not installed; "
+    "pip install -e .[ray] (or pip install 'ray>=2.9,<3')"
+)
 
 
 def import_ray():
@@ -356,7 +360,7 @@ class RayExecutor:
                 job = refs.pop(ref)
                 if queue:
                     submit()
-                yield job, job_outcome(job, lambda: self._result(ref))
+                yield job, job_outcome(job, lambda ref=ref: self._result(ref))
         finally:  # stopped early (an error, Ctrl-C): the jobs still queued or running are ended; each resumes
             for ref in refs:
                 ray.cancel(ref)
@@ -399,7 +403,8 @@ def _start_worker(cfg, pseudo=None, stdout: bool = False) -> None:
     from pipeline.data.formats import read_table
 
     table = read_table(cfg, "train")
-    # ``pseudo`` (pipeline.train.pseudo.PseudoLabels): the rows the driver selected per job, joined to this worker's tables
+    # ``pseudo`` (pipeline.train.pseudo.PseudoLabels): the rows the driver selected per job, joined to this
+    # worker's tables
     base = pseudo.combine(table, read_table(cfg, "test")) if pseudo is not None else None
     _STATE.update(cfg=cfg, table=table, fold_of=load_folds(cfg, table), pseudo=pseudo, base=base)
 

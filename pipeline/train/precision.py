@@ -80,13 +80,15 @@ def resolve_precision(requested: str, model, x, feats, key: str) -> str:
         table[full_key] = {"choice": choice, "seconds_per_step": t}
         atomic_write_json(path, table)
         log.info(
-            f"precision auto: fp32 {t['fp32'] * 1e3:.0f} ms/step, bf16 {t['bf16'] * 1e3:.0f} ms/step -> {choice} (cached in {path})"
+            f"precision auto: fp32 {t['fp32'] * 1e3:.0f} ms/step, "
+            f"bf16 {t['bf16'] * 1e3:.0f} ms/step -> {choice} (cached in {path})"
         )
     return table[full_key]["choice"]
 
 
 def read_precision(run: RunDir, train_hash: str | None = None) -> str | None:
-    """The precision resolved for ``run`` (``precision.json``; for ``train_hash`` when given); None when not resolved."""
+    """The precision resolved for ``run`` (``precision.json``; for ``train_hash`` when given); None when not
+    resolved."""
     p = run.precision_json
     if not p.is_file():
         return None

@@ -1,8 +1,8 @@
 """Pseudo-labels: confident test rows of a source experiment or ensemble join the training part of every fold.
 
 ``pseudo: {from: SOURCE, threshold: 0.95, weight: 0.5, max_share: 0.5, soft: false}`` in a training
-config (``config.PseudoConfig``; the source is an experiment config, or an experiment's or ensemble's run folder, found by
-``runs.RunDir.pseudo_source``). What keeps every OOF score honest:
+config (``config.PseudoConfig``; the source is an experiment config, or an experiment's or ensemble's run folder,
+found by ``runs.RunDir.pseudo_source``). What keeps every OOF score honest:
 
 - fold k's pseudo rows are labelled by the source's fold-k model alone (its ``test_pred_fold<k>.csv``),
   which never saw fold k's validation rows. The all-fold ``test_pred.csv`` averages models that did,
@@ -147,7 +147,8 @@ class PseudoLabels:
             capped = f", capped by max_share {self.max_share}" if r["rows"] < r["candidates"] else ""
             lines.append(
                 f"pseudo: {'refit' if k == REFIT else f'fold {k}'} trains on {r['rows']} test rows labelled by "
-                f"{self.source}'s {'all-fold test_pred.csv' if k == REFIT else f'fold-{k} model'} ({r['candidates']} at "
+                f"{self.source}'s {'all-fold test_pred.csv' if k == REFIT else f'fold-{k} model'} "
+                f"({r['candidates']} at "
                 f"or above {self.threshold}{capped}; weight {self.weight}, {'soft' if self.soft else 'hard'}): "
                 + ", ".join(f"{c} {v}" for c, v in r["per_class"].items())
             )
@@ -177,7 +178,8 @@ class PseudoLabels:
         )
 
     def fold_view(self, base: Table, fold_of: np.ndarray, fold: int) -> tuple[Table, np.ndarray]:
-        """Job ``fold``'s table and fold_of: its pseudo rows TRAIN_ONLY with their labels and weight, other test rows UNUSED."""
+        """Job ``fold``'s table and fold_of: its pseudo rows TRAIN_ONLY with their labels and weight, other test
+        rows UNUSED."""
         sel, n = self.by_fold[fold], len(fold_of)
         at = n + sel.rows
         where = np.full(len(base), UNUSED, np.int64)

@@ -37,171 +37,29 @@ Outputs (``pipeline/tune/report.py``)
     ``trials.csv``, ``plots/``. The storage is a plain Optuna RDB storage, so
     ``optuna-dashboard sqlite:///runs/<competition>/tune/optuna.db`` (or the PostgreSQL URL) shows
     the study live.
+Modules
+    this one runs the stage; ``pipeline/tune/study.py`` opens the storage and the study,
+    ``pipeline/tune/objective.py`` trains one trial and logs each finished one.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import re
-import shutil
-import socket
 import time
-import traceback
 import warnings
-from pathlib import Path
 
 from pipeline.config.schema import Config
 from pipeline.core.errors import PipelineError
-from pipeline.core.logs import to_file
-from pipeline.core.metrics import METRICS, cv_std
+from pipeline.core.metrics import METRICS
 from pipeline.runs.layout import tune_dir
+from pipeline.tune.objective import MAX_FAILS_IN_A_ROW, Objective, Progress
 from pipeline.tune.report import best_trial, fmt_value, write_best, write_plots, write_trials
 from pipeline.tune.samplers import PRUNERS, build_pruner, build_sampler, check_sampler
 from pipeline.tune.space import Space, _lookup, check_augment, parse_space
+from pipeline.tune.study import _counted, default_storage, open_storage, open_study
 
 log = logging.getLogger(__name__)
-
-MAX_FAILS_IN_A_ROW = 3
-
-
-class OverBudget(Exception):
-    """This trial would exceed --max-trials: it is marked FAIL without training."""
-
-
-# ---- storage --------------------------------------------------------------------------
-
-
-def default_storage(cfg: Config) -> str:
-    path = (tune_dir(cfg) / "optuna.db").resolve()
-    return f"sqlite:///{path}"
-
-
-def open_storage(url: str, tc, flag: str = "--storage"):
-    """An RDBStorage with heartbeat and retry of dead workers' trials; one-line errors."""
-    import optuna
-    import sqlalchemy
-    from sqlalchemy.engine import make_url
-
-    try:
-        u = make_url(url)
-    except Exception:
-        raise PipelineError(
-            f"{flag} {url!r}: not a database URL; expected e.g. sqlite:///runs/tune.db "
-            "or postgresql://user@host:5432/dbname"
-        ) from None
-    if u.drivername in ("postgresql", "postgres"):  # psycopg 3 is the driver the project installs
-        u = u.set(drivername="postgresql+psycopg")
-    shown = u.render_as_string(hide_password=True)
-    backend = u.get_backend_name()
-    kw: dict = {}
-    if backend == "postgresql":
-        kw = {"connect_args": {"connect_timeout": 10}, "pool_pre_ping": True}
-    elif backend == "mysql":
-        kw = {"connect_args": {"connect_timeout": 10}}
-    elif backend == "sqlite":
-        kw = {"connect_args": {"timeout": 60}}  # concurrent workers wait for the write lock
-        if u.database and u.database != ":memory:":
-            Path(u.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-
-    def connect():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # heartbeat and retry are "experimental" in optuna
-            retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
-            if retry_cls is not None:  # optuna >= 4.9
-                cb = {"heartbeat_stale_trial_callback": retry_cls(max_retry=tc.max_retry)}
-            else:
-                cb = {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=tc.max_retry)}
-            return optuna.storages.RDBStorage(
-                u.render_as_string(hide_password=False),
-                engine_kwargs=kw,
-                heartbeat_interval=tc.heartbeat_s,
-                grace_period=tc.grace_s,
-                **cb,
-            )
-
-    try:
-        for attempt in range(6):
-            try:
-                return connect()
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-                # workers starting together on an empty database race to create optuna's tables
-                # (PostgreSQL: duplicate key in pg_type); the loser retries and finds them made
-                if attempt == 5:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
-    except sqlalchemy.exc.NoSuchModuleError:
-        raise PipelineError(
-            f"{flag} {shown}: unknown database kind {u.drivername!r}; expected sqlite:// or postgresql:// "
-            "(any SQLAlchemy URL whose driver is installed)"
-        ) from None
-    except ImportError as e:
-        raise PipelineError(f"{flag} {shown}: the database driver is not installed ({e.name or e})") from None
-    except sqlalchemy.exc.OperationalError as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()
-        raise PipelineError(
-            f"{flag} {shown}: cannot connect ({reason[0] if reason else type(e).__name__}); "
-            "is the server running and the URL right?"
-        ) from None
-    except sqlalchemy.exc.SQLAlchemyError as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()
-        raise PipelineError(f"{flag} {shown}: database error ({reason[0] if reason else type(e).__name__})") from None
-    except RuntimeError as e:  # optuna's schema version check
-        raise PipelineError(
-            f"{flag} {shown}: {str(e).splitlines()[0]} (`optuna storage upgrade --storage URL`)"
-        ) from None
-
-
-# ---- study ----------------------------------------------------------------------------
-
-
-def open_study(cfg: Config, storage, study_name: str, direction: str, sampler, pruner, shown_url: str):
-    import optuna
-
-    try:
-        study = optuna.create_study(
-            storage=storage,
-            study_name=study_name,
-            direction=direction,
-            sampler=sampler,
-            pruner=pruner,
-            load_if_exists=True,
-        )
-    except Exception as e:  # e.g. the DB refused a write
-        raise PipelineError(
-            f"--storage {shown_url}: cannot open study {study_name!r} ({str(e).splitlines()[0]})"
-        ) from None
-    if len(study.directions) != 1:
-        raise PipelineError(
-            f"--study {study_name}: exists in {shown_url} as a multi-objective study; use another --study name"
-        )
-    have = study.direction.name.lower()
-    if have != direction:
-        raise PipelineError(
-            f"--study {study_name}: exists in {shown_url} and {have}s, but metric {cfg.metric} is "
-            f"{direction}d; use another --study name"
-        )
-    attrs = study.user_attrs
-    if "metric" in attrs and attrs["metric"] != cfg.metric:
-        raise PipelineError(
-            f"--study {study_name}: exists in {shown_url} for metric {attrs['metric']}, this config's "
-            f"metric is {cfg.metric}; use another --study name"
-        )
-    if "metric" not in attrs:
-        study.set_user_attr("metric", cfg.metric)
-        study.set_user_attr("competition", cfg.competition)
-    return study
-
-
-def _counted(study, before: int | None = None) -> int:
-    from optuna.trial import TrialState
-
-    ts = study.get_trials(
-        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-    )
-    return sum(1 for t in ts if before is None or t.number < before)
-
 
 # ---- the stage --------------------------------------------------------------------------
 
@@ -239,7 +97,8 @@ def tune(
     if not space.params:
         why = " (every key is pinned on the command line)" if space.pinned else ""
         raise PipelineError(
-            f"{path}: tune.space: nothing to search{why}; expected keys like train.lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}"
+            f"{path}: tune.space: nothing to search{why}; expected keys like "
+            f"train.lr: {{type: float, low: 1.0e-4, high: 1.0e-2, log: true}}"
         )
     check_sampler(cfg, space)
 
@@ -383,8 +242,8 @@ def _log_plan(cfg, space, folds, n_folds, direction, study, shown, out_dir, n_tr
     )
     if tc.pruner == "wilcoxon" and len(folds) < 4:
         log.info(
-            f"  note: WilcoxonPruner cannot reach p < {tc.p_threshold:g} with {len(folds)} folds, so nothing is pruned; "
-            "use tune.pruner median or more folds"
+            f"  note: WilcoxonPruner cannot reach p < {tc.p_threshold:g} with {len(folds)} folds, "
+            "so nothing is pruned; use tune.pruner median or more folds"
         )
 
 
@@ -406,175 +265,3 @@ def _log_outcome(cfg, study, study_name, out_dir, best_path, shown, seconds) -> 
         )
         log.info(f"wrote {best_path}; use: pipeline train {cfg.path} --params {best_path}")
     log.info(f"dashboard: optuna-dashboard {shown}")
-
-
-class Objective:
-    """One trial: sample the space, train the tuned folds into the trial's own run directory
-    (its training output in train.log there) and return the mean fold value. Reports to the
-    pruner as it trains; a pruned trial's checkpoints are deleted, a failed one's reason is kept."""
-
-    def __init__(
-        self,
-        *,
-        cfg: Config,
-        space: Space,
-        base: dict,
-        table,
-        folds: list[int],
-        study,
-        out_dir: Path,
-        study_name: str,
-        max_trials: int | None,
-    ):
-        self.cfg, self.space, self.base, self.table, self.folds, self.study = cfg, space, base, table, folds, study
-        self.out_dir, self.study_name, self.max_trials = out_dir, study_name, max_trials
-        self.mname = f"val_{cfg.metric}"
-        self.epoch_wise = PRUNERS.get(cfg.tune.pruner).epoch_wise
-
-    def __call__(self, trial) -> float:
-        import optuna
-
-        if self.max_trials and _counted(self.study, before=trial.number) >= self.max_trials:
-            self.study.stop()
-            msg = f"over --max-trials {self.max_trials}: other workers' trials reached it first; not trained"
-            trial.set_user_attr("error", f"OverBudget: {msg}")
-            raise OverBudget(msg)
-        run_dir = self.out_dir / f"trial_{trial.number}"
-        shutil.rmtree(run_dir, ignore_errors=True)  # a trial number is never reused within a study
-        run_dir.mkdir(parents=True)
-        try:
-            return self._train(trial, run_dir)
-        except optuna.TrialPruned:
-            for f in list(run_dir.rglob("*.pt")) + list(run_dir.rglob("*.safetensors")):
-                f.unlink(missing_ok=True)
-            raise
-        except Exception as e:
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            trial.set_user_attr("error", msg if isinstance(e, PipelineError) else f"{type(e).__name__}: {msg}")
-            with open(run_dir / "train.log", "a", encoding="utf-8") as f:
-                f.write(traceback.format_exc())
-            raise
-
-    def _train(self, trial, run_dir: Path) -> float:
-        from pipeline.train.cv import train_cv
-
-        values = self.space.sample(trial, self.base)
-        tcfg = _trial_config(self.cfg, self.space, self.base, values, f"tune/{self.study_name}/trial_{trial.number}")
-        trial.set_user_attr("run_dir", str(run_dir))
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        trial.set_user_attr("folds", self.folds)
-        fold_values: dict[int, float] = {}
-
-        def on_epoch(job, epoch, row):
-            self._on_epoch(trial, job, epoch, row)
-
-        def on_fold(job, done):
-            self._on_fold(trial, fold_values, job, done)
-
-        with to_file(run_dir / "train.log"):  # the trial's training lines go to its own log
-            train_cv(tcfg, folds=self.folds, table=self.table, on_epoch=on_epoch, on_fold=on_fold)
-        missing = [k for k in self.folds if k not in fold_values]
-        if missing:
-            raise PipelineError(f"{run_dir}: folds {missing} did not report a value")
-        vals = [fold_values[k] for k in self.folds]
-        trial.set_user_attr("cv_std", cv_std(vals))
-        self._write_hparams(tcfg, values, vals)
-        return float(sum(vals) / len(vals))
-
-    def _write_hparams(self, tcfg: Config, values: dict, fold_scores: list[float]) -> None:
-        """The trial's TensorBoard HParams session: headline and searched keys, the tuned folds' CV metric."""
-        from pipeline.runs.layout import RunDir
-        from pipeline.train.hparams import cv_metrics, headline, write_hparams
-
-        run = RunDir.of(tcfg)
-        try:
-            write_hparams(
-                run.tb_hparams,
-                {**headline(tcfg, self.table.image_size), **values},
-                cv_metrics(tcfg.metric, fold_scores),
-            )
-        except OSError as e:  # the trial's value stands without it
-            log.info(f"warning: could not write TensorBoard HParams to {run.tb_hparams}: {e}")
-
-    def _on_epoch(self, trial, job, epoch: int, row: dict) -> None:
-        """Epoch-wise pruners: the first tuned fold's value after each epoch (step = epoch)."""
-        if not (self.epoch_wise and job.fold == self.folds[0]):
-            return
-        v = float(row[self.mname])
-        if math.isfinite(v):
-            self._report(trial, v, epoch, f"fold {job.fold} epoch {epoch}")
-
-    def _on_fold(self, trial, fold_values: dict, job, done: dict) -> None:
-        """Each finished fold's value; the other pruners see it (step = fold number)."""
-        v = float(done.get(self.mname, math.nan))
-        fold_values[job.fold] = v
-        trial.set_user_attr("fold_values", {str(k): x for k, x in fold_values.items()})
-        if not self.epoch_wise and math.isfinite(v):
-            self._report(trial, v, job.fold, f"after fold {job.fold}")
-
-    def _report(self, trial, value: float, step: int, where: str) -> None:
-        import optuna
-
-        trial.report(value, step)
-        if trial.should_prune():
-            trial.set_user_attr("pruned_at", where)
-            raise optuna.TrialPruned(f"{where}: {self.mname} {value:.4f}")
-
-
-class Progress:
-    """Study callback after every trial: one log line, stop after ``MAX_FAILS_IN_A_ROW`` failures
-    in a row (a trial over --max-trials does not count), and trials.csv / best.yaml rewritten."""
-
-    def __init__(self, *, cfg: Config, space: Space, base: dict, fixed: dict, out_dir: Path):
-        self.cfg, self.space, self.base, self.fixed, self.out_dir = cfg, space, base, fixed, out_dir
-        self.fails_in_a_row, self.last_fail = 0, ""
-
-    def __call__(self, study, ft) -> None:
-        log.info(self.line(study, ft))
-        state = ft.state.name
-        over = state == "FAIL" and str(ft.user_attrs.get("error", "")).startswith("OverBudget")
-        if state == "FAIL" and not over:
-            self.fails_in_a_row += 1
-            self.last_fail = f"trial {ft.number}: {ft.user_attrs.get('error', 'failed')}"
-            if self.fails_in_a_row >= MAX_FAILS_IN_A_ROW:
-                study.stop()
-        elif not over:
-            self.fails_in_a_row = 0
-        try:
-            write_trials(study, self.out_dir)
-            write_best(study, self.out_dir, self.space, self.base, self.cfg, self.fixed, self.cfg.metric)
-        except OSError as e:
-            log.info(f"warning: could not write {self.out_dir}: {e}")
-
-    def line(self, study, ft) -> str:
-        metric, state = self.cfg.metric, ft.state.name
-        secs = ft.duration.total_seconds() if ft.duration is not None else float("nan")
-        ps = " ".join(f"{k}={fmt_value(v)}" for k, v in ft.params.items())
-        if state == "COMPLETE":
-            what = f"{metric} {ft.value:.4f}"
-        elif state == "PRUNED":
-            what = f"at {ft.user_attrs.get('pruned_at', '?')}" + (
-                f" ({metric} {ft.value:.4f})" if ft.value is not None else ""
-            )
-        else:
-            what = ft.user_attrs.get("error", "failed")
-        retry = ft.system_attrs.get("failed_trial")
-        retry = f" (retry of trial {retry})" if retry is not None else ""
-        bt = best_trial(study)
-        best = f"best {bt.value:.4f} (trial {bt.number})" if bt is not None else "best -"
-        return f"trial {ft.number:>3} {state:<8} {what}  {secs:.1f}s  {ps}{retry}  | {best}"
-
-
-def _trial_config(cfg: Config, space: Space, base: dict, values: dict, name: str) -> Config:
-    """The trial's config, validated like any config (a bad combination is one clear line)."""
-    from pydantic import ValidationError
-
-    from pipeline.config.load import _format_error
-
-    d = space.apply(base, values)
-    try:
-        return Config(**d, path=cfg.path, name=name, plan=cfg.plan)  # the base's plan: trials do not re-plan
-    except ValidationError as err:
-        raise PipelineError(
-            _format_error(Path(cfg.path or "config"), err).replace(": ", f": trial {name.rsplit('_', 1)[-1]}: ", 1)
-        ) from None

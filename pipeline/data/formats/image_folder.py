@@ -107,7 +107,8 @@ class ImageFolder(Reader):
         folder = self.dir / split
         if not folder.is_dir():
             raise PipelineError(
-                f"{folder}: folder not found (data.dir is {self.cfg.data.dir}); expected {split}/ holding the {split} images"
+                f"{folder}: folder not found (data.dir is {self.cfg.data.dir}); "
+                f"expected {split}/ holding the {split} images"
             )
         ids, raw_labels = self._rows(split)
         names = self._resolve(ids, folder)
@@ -131,7 +132,8 @@ class ImageFolder(Reader):
         folder = self.dir / "train"
         if not folder.is_dir():
             raise PipelineError(
-                f"{folder}: folder not found (data.dir is {self.cfg.data.dir}); expected train/ holding the train images"
+                f"{folder}: folder not found (data.dir is {self.cfg.data.dir}); "
+                "expected train/ holding the train images"
             )
         paths = [e.path for e in _image_files(folder).values()]
         if not paths:
@@ -161,7 +163,8 @@ class ImageFolder(Reader):
             names = sorted(_image_files(self.dir / split), key=_natural)
             if not names:
                 raise PipelineError(
-                    f"{self.source}: the test set is empty (no test.csv and no image files); expected image files (.png, .jpg, ...)"
+                    f"{self.source}: the test set is empty (no test.csv and no image files); "
+                    "expected image files (.png, .jpg, ...)"
                 )
             return (names if self._ids_with_ext() else [os.path.splitext(n)[0] for n in names]), None
         csv = self.path(f"{split}.csv")
@@ -186,7 +189,8 @@ class ImageFolder(Reader):
         bad = ids.isna() | (ids == "")
         if bad.any():
             raise PipelineError(
-                f"{csv}: row {int(np.flatnonzero(bad)[0]) + 1} has an empty id; expected a file name or stem in {split}/"
+                f"{csv}: row {int(np.flatnonzero(bad)[0]) + 1} has an empty id; "
+                f"expected a file name or stem in {split}/"
             )
         dup = ids.duplicated(keep=False)
         if dup.any():
@@ -232,7 +236,8 @@ class ImageFolder(Reader):
                 names.append(match[0])
             elif match:
                 raise PipelineError(
-                    f"{where} matches {' and '.join(sorted(match)[:2])} in {folder.name}/; expected one image file per id"
+                    f"{where} matches {' and '.join(sorted(match)[:2])} in {folder.name}/; "
+                    "expected one image file per id"
                 )
             else:
                 want = f"{folder.name}/{i}" + (
@@ -310,7 +315,8 @@ class ImageFolder(Reader):
         if size is None and len(sizes) > 1:
             (a, sa), (b, sb) = _two_sizes(headers)
             raise PipelineError(
-                f"{a}: image is {sa[0]}x{sa[1]} but {b} is {sb[0]}x{sb[1]}; expected data.image_size set to resize every image to one square size"
+                f"{a}: image is {sa[0]}x{sa[1]} but {b} is {sb[0]}x{sb[1]}; "
+                "expected data.image_size set to resize every image to one square size"
             )
         if channels is None:
             channels = 3 if any(mode not in GREY_MODES for _, mode in headers.values()) else 1
@@ -352,7 +358,8 @@ def _bad_image(path: str | Path, rid: str | None, e: Exception) -> PipelineError
     msg = str(e).replace(f" '{path}'", "").replace("\n", " ")[:160]
     where = f"{path}: id {rid!r}" if rid is not None else str(path)
     return PipelineError(
-        f"{where}: cannot read image ({type(e).__name__}: {msg}); expected an image file Pillow can decode (PNG, JPEG, ...)"
+        f"{where}: cannot read image ({type(e).__name__}: {msg}); "
+        "expected an image file Pillow can decode (PNG, JPEG, ...)"
     )
 
 

@@ -51,7 +51,8 @@ class PixelCsv(Reader):
         if len(pix) != len(df.columns):
             other = [c for c in df.columns if c not in pix]
             raise PipelineError(
-                f"{path}: unexpected column {other[0]!r}; expected only {'label, ' if split == 'train' else ''}pixel0..pixelN"
+                f"{path}: unexpected column {other[0]!r}; "
+                f"expected only {'label, ' if split == 'train' else ''}pixel0..pixelN"
             )
         side = math.isqrt(len(pix))
         if side * side != len(pix) or side == 0:
@@ -135,7 +136,8 @@ class PixelCsv(Reader):
             n = sum(str(c).startswith("pixel") for c in cols)
             if n != side * side:
                 raise PipelineError(
-                    f"{path}: images are {side}x{side} but {p.name} has {n} pixel columns; expected train and test of the same size"
+                    f"{path}: images are {side}x{side} but {p.name} has {n} pixel columns; "
+                    "expected train and test of the same size"
                 )
 
 

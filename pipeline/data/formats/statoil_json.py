@@ -117,7 +117,8 @@ def _load_records(path) -> list:
             records = json.load(f, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as e:
         raise PipelineError(
-            f"{path}: malformed or truncated JSON at line {e.lineno} column {e.colno} ({e.msg}); expected a JSON list of records"
+            f"{path}: malformed or truncated JSON at line {e.lineno} column {e.colno} ({e.msg}); "
+            "expected a JSON list of records"
         ) from None
     except UnicodeDecodeError:
         raise PipelineError(f"{path}: not a text JSON file; expected a JSON list of records") from None
