@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PIPELINE_TIMING := 1
 
-.PHONY: demo test test-all venv clean
+.PHONY: demo test test-all lint venv clean
 
 venv: $(STAMP)
 
@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) lint
 	HYPOTHESIS_PROFILE=slow $(BIN)/python -m pytest -q -m "slow or not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests benchmarks
+	$(BIN)/ruff format --check pipeline tests benchmarks
 
 demo: $(STAMP)
 	bash scripts/demo.sh

@@ -80,7 +80,7 @@ def test_data_dir_override_reads_elsewhere(base, tmp_path):
         ),
         (["nosection=1"], r"unknown key 'nosection'"),
         (["train.lr"], r"override 'train.lr' is not section.key=value"),
-        (["model.input_norm=per_image"], r"base.yaml: model.input_norm: Input should be 'dataset' or 'image'"),
+        (["model.input_norm=per_image"], r"base.yaml: model.input_norm: Input should be 'dataset', 'image' or 'auto'"),
         (
             ["model.weights=w.safetensors", "model.pretrained=false"],
             r"base.yaml: model: weights is 'w.safetensors' but pretrained is false; "

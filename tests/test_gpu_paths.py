@@ -91,7 +91,7 @@ def test_auto_on_cuda_follows_native_bf16_without_measuring(monkeypatch):
 
 
 def test_a_budget_plan_times_the_precision_the_gpu_will_train_in(monkeypatch, digits_config):
-    from pipeline.plan.speed import _timed_precision
+    from pipeline.plan.timing import _timed_precision
 
     cfg = load_config(digits_config(train={"precision": "auto"}))
     assert _timed_precision(cfg, torch.device("cpu")) == "fp32"  # the CPU's choice is measured after the plan

@@ -173,6 +173,7 @@ def _folder_cfg(make_config, data_dir, **train):
         data={"image_size": "auto", "channels": "auto"},
         model={"backbone": "auto"},
         train={"epochs": "auto", "fold_jobs": 2, **train},
+        race={"share": 0},  # the prior's rules and the size search alone (the race: tests/test_race.py)
     )
     return load_config(p)
 
@@ -322,6 +323,7 @@ def test_cut_epochs_reach_the_trainer(make_config, digits_dir):
             folds={"n_splits": 2},
             model={"backbone": "auto", "pretrained": False},
             train={"epochs": "auto", "time_budget_s": 60, "batch_size": 64},
+            race={"share": 0},
         )
     )
 
@@ -386,6 +388,7 @@ def _digits_cfg(make_config, digits_dir, *overrides):
         folds={"n_splits": 2},
         model={"backbone": "auto", "pretrained": False},
         train={"epochs": "auto", "time_budget_s": 60, "batch_size": 64, "max_steps_per_epoch": 2},
+        race={"share": 0},
     )
     return load_config(p, list(overrides))
 
@@ -450,7 +453,7 @@ def test_planned_run_trains_the_planned_epochs(make_config, digits_dir, monkeypa
 
 def test_real_measurement_is_cached(make_config, digits_dir, monkeypatch):
     from pipeline.plan.facts import data_facts
-    from pipeline.plan.speed import measure_speed
+    from pipeline.plan.timing import measure_speed
 
     cfg = load_config(
         make_config(
@@ -469,7 +472,7 @@ def test_real_measurement_is_cached(make_config, digits_dir, monkeypatch):
     cached = json.loads((cache_dir() / "throughput.json").read_text())
     assert len(cached) == 1
     assert measure_speed(cfg, facts, 28, 1, seconds=0.2) == s  # from the cache, not measured again
-    import pipeline.plan.speed as plan_mod
+    import pipeline.plan.timing as plan_mod
 
     calls = []
     real = plan_mod._time_steps
@@ -496,7 +499,7 @@ def test_side_by_side_jobs_are_timed_beside_each_other(make_config, digits_dir, 
     import pipeline.train.trainer as trainer
     from pipeline.core.io import cache_dir
     from pipeline.plan.facts import data_facts
-    from pipeline.plan.speed import measure_speed
+    from pipeline.plan.timing import measure_speed
 
     cfg = load_config(
         make_config(
@@ -531,8 +534,12 @@ def test_side_by_side_jobs_are_timed_beside_each_other(make_config, digits_dir, 
 
     asked = []
     monkeypatch.setattr(
-        "pipeline.plan.search.measure_speed", lambda c, f, size, th, siblings=0: asked.append((th, siblings)) or alone
+        "pipeline.plan.timing.measure_speed",
+        lambda c, f, size, th, siblings=0, quick=False: asked.append((th, siblings)) or alone,
     )
+    from pipeline.plan.choose import Timer
+    from pipeline.plan.speed import PlanClock
+
     for jobs, want in ((2, (1, 1)), (1, (2, 0))):
         c = load_config(
             make_config(
@@ -543,12 +550,13 @@ def test_side_by_side_jobs_are_timed_beside_each_other(make_config, digits_dir, 
             )
         )
         asked.clear()
-        make_plan(c, facts, device_type="cpu", cores=2)
+        timer = Timer(c, facts, PlanClock(60, time.time()), cores=2, device_type="cpu")
+        make_plan(c, facts, device_type="cpu", cores=2, speed=timer.speed_fn())
         assert asked[0] == want
 
 
 def test_a_sibling_that_fails_to_start_fails_the_measurement():
-    from pipeline.plan.speed import _Siblings
+    from pipeline.plan.siblings import _Siblings
 
     def broken():
         raise ValueError("no model")
@@ -722,6 +730,7 @@ def test_commands_after_a_budgeted_train(make_config, digits_dir, capsys, tmp_pa
         folds={"n_splits": 2},
         model={"backbone": "auto", "pretrained": False},
         train={"batch_size": 64, "max_steps_per_epoch": 2, "patience": 0},
+        race={"share": 0},
     )
     assert run_cli("fold", p, "--budget", "6s") == 0 and run_cli("train", p, "--budget", "6s") == 0
     plan_file = tmp_path / "runs" / "comp" / "exp" / "plan.json"

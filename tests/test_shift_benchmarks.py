@@ -1,4 +1,5 @@
-"""benchmarks/baseline_loop.py (the hand-written rival of issue 11) and benchmarks/shift_folder.py still run (so they cannot rot)."""
+"""benchmarks/baseline_loop.py (the hand-written rival of issue 11) and benchmarks/shift_folder.py: their results
+and tables, checked in-process (tests/test_benchmarks.py runs every benchmark as a script)."""
 
 import importlib.util
 import json

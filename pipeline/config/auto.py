@@ -54,6 +54,7 @@ PLAN_KEYS = (
     ("model", "backbone"),
     ("model", "pretrained"),
     ("model", "finetune"),
+    ("model", "input_norm"),
     ("train", "epochs"),
     ("train", "seeds"),
 )
@@ -180,21 +181,26 @@ def resolve_lr(cfg: Config) -> float:
 
 
 def has_auto(cfg: Config) -> bool:
-    return any(getattr(getattr(cfg, s), k) == AUTO for s, k in PLAN_KEYS)
+    return cfg.augment == AUTO or any(getattr(getattr(cfg, s), k) == AUTO for s, k in PLAN_KEYS)
 
 
 def needs_planner(cfg: Config) -> bool:
-    """A budget, or an ``auto`` only the data decides (image size, channels, backbone): the run's plan resolves it."""
-    return bool(cfg.train.time_budget_s) or any(
-        getattr(getattr(cfg, s), k) == AUTO for s, k in PLAN_KEYS if s != "train"
+    """A budget, or an ``auto`` only the data decides (image size, channels, backbone, augmentation, input
+    norm): the run's plan resolves it."""
+    return (
+        bool(cfg.train.time_budget_s)
+        or cfg.augment == AUTO
+        or any(getattr(getattr(cfg, s), k) == AUTO for s, k in PLAN_KEYS if s != "train")
     )
 
 
 def plan_hash(cfg: Config) -> str:
-    """What a plan is valid for: the training config as written (``auto`` and the budget included)."""
+    """What a plan is valid for: the training config as written (``auto`` and the budget included), and the
+    race's settings when they are not the defaults."""
     from pipeline.config.schema import STAGE_SECTIONS
 
-    return cfg.hash(*STAGE_SECTIONS["train"])
+    race = ("race",) if "race" in cfg.to_dict() else ()
+    return cfg.hash(*STAGE_SECTIONS["train"], *race)
 
 
 def without_plan(cfg: Config) -> Config:

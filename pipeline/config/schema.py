@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SerializeAsAny, field_validator
 
@@ -25,6 +25,7 @@ from pipeline.config.sections import (
     PathsConfig,
     PredictConfig,
     PseudoConfig,
+    RaceConfig,
     TrainConfig,
     TuneConfig,
     registered,
@@ -51,12 +52,16 @@ class Config(Section):
     folds: FoldsConfig = Field(default_factory=FoldsConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    augment: list[dict[str, Any]] = Field(default_factory=list)
+    augment: list[dict[str, Any]] | Literal["auto"] = Field(
+        default_factory=list,
+        description="albumentations transforms; auto: the run's plan races families of them (pipeline/plan/recipes.py)",
+    )
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     pseudo: PseudoConfig | None = None
+    race: RaceConfig = Field(default_factory=RaceConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
 
     # Not part of the YAML: where it came from, and the plan its ``auto`` values were resolved by
@@ -102,6 +107,8 @@ class Config(Section):
         d.pop("path"), d.pop("name"), d.pop("plan")
         if d.get("pseudo") is None:  # absent, so configs without it keep their hashes
             d.pop("pseudo", None)
+        if d.get("race") == RaceConfig().model_dump(mode="json"):  # the default: configs from before it keep theirs
+            d.pop("race", None)
         return d
 
     def hash(self, *sections: str) -> str:

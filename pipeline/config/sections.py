@@ -108,11 +108,11 @@ class ModelConfig(Section):
     drop_rate: float = Field(0.2, ge=0, lt=1)
     use_features: bool = True
     input_size: int | None = Field(None, gt=0, le=8192, description="resize batches to this size before the model")
-    input_norm: Literal["dataset", "image"] = Field(
+    input_norm: Literal["dataset", "image", "auto"] = Field(
         "dataset",
         description="dataset: each channel by the training images' mean and std; image: each image first by "
         "its own mean and std (over all its channels), so a test set scanned brighter, darker or "
-        "at another contrast than train reaches the model as train did",
+        "at another contrast than train reaches the model as train did; auto: the run's plan races both",
     )
     finetune: Literal["full", "partial", "head", "gradual"] = Field(
         "full",
@@ -378,6 +378,28 @@ class PseudoConfig(Section):
         description="at most this share of a fold's training part is pseudo rows; the most confident are kept",
     )
     soft: bool = Field(False, description="train on the source's probabilities instead of its argmax")
+
+
+class RaceConfig(Section):
+    """The recipe race (pipeline/plan/race.py): with a budget and ``auto`` in the recipe's keys (backbone, image
+    size, augment, input norm), a share of the budget trains a few candidate recipes on one held-out split with
+    short schedules, by successive halving; the winner trains on every fold with the rest."""
+
+    share: float = Field(
+        0.2, ge=0, le=0.5, description="of the budget the race may spend; 0: no race, the prior decides"
+    )
+    candidates: int | Literal["auto"] = Field(
+        "auto", description="recipes entering the race; auto: 3 for budgets under 3 min, up to 6 for larger ones"
+    )
+    eta: int = Field(2, ge=2, le=4, description="successive halving keeps 1/eta of the candidates each round")
+    holdout: float = Field(0.2, gt=0.05, lt=0.5, description="share of the training rows the race validates on")
+
+    @field_validator("candidates")
+    @classmethod
+    def _at_least_three(cls, v):
+        if v != "auto" and not 3 <= v <= 12:
+            raise ValueError(f"got {v!r}; expected auto or 3 to 12 candidates")
+        return v
 
 
 class PathsConfig(Section):

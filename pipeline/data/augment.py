@@ -347,5 +347,5 @@ def preview_grid(
 def check_config(cfg) -> None:
     """``load_config``'s check of the augmentation list (pipeline/config/registries.py ``CHECKS``): names
     and parameters, and a dry run where the data format alone fixes the images' channels and size."""
-    if cfg.augment:
+    if cfg.augment and cfg.augment != "auto":  # auto: families the plan races (pipeline/plan/recipes.py)
         validate_augment(cfg.augment, *cfg.data.image_spec(), where=f"{cfg.path}: augment")

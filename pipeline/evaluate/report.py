@@ -94,6 +94,9 @@ def _template():
     return env.get_template("report.html.j2")
 
 
+RACE_COLUMNS = ("candidate", "round", "epochs", "steps_per_epoch", "seconds", "score", "logloss", "accuracy", "verdict")
+
+
 def render_html(cfg: Config, m: dict, figs: Figures, adv: dict | None = None) -> str:
     """The report page from metrics.json's contents and the pictures drawn; the markup is the template's."""
     metric = m["metric"]
@@ -149,6 +152,12 @@ def render_html(cfg: Config, m: dict, figs: Figures, adv: dict | None = None) ->
             figures=figs.items,
             adv=adv,
             adv_metrics=m.get("adversarial") or {},
+            race=(cfg.plan or {}).get("race"),
+            race_header=list(RACE_COLUMNS),
+            race_rows=[
+                [_f(r.get(k)) if isinstance(r.get(k), float) else r.get(k) for k in RACE_COLUMNS]
+                for r in ((cfg.plan or {}).get("race") or {}).get("table", [])
+            ],
         )
         + "\n"
     )

@@ -1,95 +1,28 @@
-"""The plan's search: the image size, epochs, seeds and cut epochs that fill the budget at the measured
-speed (``make_plan``), and the shape of the jobs it times (``Shape``: folds x seeds, waves and threads)."""
+"""The plan's search: the image size, epochs, seeds and cut epochs that fill the budget at the estimated
+speed (``make_plan``), for the jobs ``pipeline.plan.jobs.Shape`` describes."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from pipeline.config.auto import AUTO, DEFAULT_EPOCHS, plan_hash
 from pipeline.config.schema import Config, with_values
-from pipeline.config.sections import SEED_MAX
 from pipeline.plan.facts import MIN_PRETRAINED_SIDE, Facts, _candidates, choose_model
-from pipeline.plan.speed import SIZE_EXPONENT, Speed, SpeedFn, _scaled, _thread_speeds, measure_speed
+from pipeline.plan.jobs import MAX_EPOCHS, TARGET, Shape, auto_seeds
+from pipeline.plan.speed import SIZE_EXPONENT, SpeedFn, _scaled, _thread_speeds
 from pipeline.plan.tta import START_S, WHOLE, WHOLE_FILL, _evaluate_s, _fit_tta
-from pipeline.train.executors import executor_width, thread_plan
+from pipeline.train.executors import executor_width
 
 MIN_EPOCHS = 8  # image_size: auto keeps the largest size that still gets these per fold
-MAX_EPOCHS = 60  # more than this rarely helps a fine-tune; a bigger budget is left to seeds or tuning
 SEED_EPOCHS = DEFAULT_EPOCHS  # train.seeds: auto adds a seed only while every job still gets this many epochs
 MAX_SEEDS = 5  # ... and at most this many: past it another seed adds little to the average
-TARGET = 0.96  # share of the budget the plan fills at the timed speed. This machine trained 0.75-1.25x as
-# fast as it timed (2026-12-04): a faster run still spends 85% up to 1.13x, a slower one is
-# stopped by its job's deadline at the first epoch past its share (pipeline/train/trainer.py)
 FILL = 0.94  # whole epochs filling less than this: one more, each cut to fewer steps (_fill_steps);
-SPAWN_S = 8.0  # a fold_jobs worker's start: a fresh interpreter imports torch and timm, reads the table
 
 
 # ---- the plan --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Shape:
-    """The jobs a plan times: folds x seeds (+ refits), and how they run."""
-
-    n_rows: int
-    n_folds: int
-    n_seeds: int
-    refit: bool
-    width: int
-    cores: int
-    max_train_rows: int | None = None  # train.max_steps_per_epoch x batch_size
-    extra_rows: int = 0  # pseudo-labelled test rows in every job's training part (Facts.n_pseudo)
-    n_splits: int | None = None  # the validation share is 1 / n_splits (folds = n_splits x repeats); None: n_folds
-    model: object = None  # the config's model section: which epochs train a frozen backbone (models.finetune_stage)
-
-    def threads(self) -> list[int]:
-        n_jobs = self.n_folds * self.n_seeds
-        return thread_plan(n_jobs, self.width, self.cores) if self.width > 1 else [self.cores] * n_jobs
-
-    def val_rows(self) -> int:
-        return math.ceil(self.n_rows / (self.n_splits or self.n_folds))
-
-    def train_rows(self) -> int:
-        """Rows a fold job trains on per epoch."""
-        rows = self.n_rows - self.val_rows() + self.extra_rows
-        return min(rows, self.max_train_rows or rows)
-
-    def seconds(self, epochs: int, speed: Callable[[int], Speed]) -> float:
-        """Expected training time for ``epochs`` per job, ``speed(threads)`` per thread count."""
-        from pipeline.models.backbones import finetune_stage
-
-        n_val, n_train = self.val_rows(), self.train_rows()
-        stages = [
-            finetune_stage(self.model, e, epochs) if self.model is not None else "full" for e in range(1, epochs + 1)
-        ]
-
-        def job(s: Speed, rows: int, n_val: int) -> float:
-            return s.build_s + sum(s.epoch_seconds(rows, n_val, st) for st in stages)
-
-        threads = self.threads()
-        total = SPAWN_S if self.width > 1 else 0.0
-        for w in range(0, len(threads), self.width):  # waves of ``width`` jobs side by side
-            total += max(job(speed(th), n_train, n_val) for th in threads[w : w + self.width])
-        if self.refit:
-            rows = self.n_rows + self.extra_rows
-            total += self.n_seeds * job(speed(self.cores), min(rows, self.max_train_rows or rows), 0)
-        return total
-
-    def epochs_for(self, budget: float, speed: Callable[[int], Speed]) -> int:
-        """The most epochs (1..MAX_EPOCHS) whose expected time fits ``TARGET`` of ``budget``."""
-        fits = [e for e in range(1, MAX_EPOCHS + 1) if self.seconds(e, speed) <= TARGET * budget]
-        return max(fits, default=1)
-
-
-def auto_seeds(seed: int, n: int) -> list[int]:
-    """``train.seed`` then seeds derived from it: two experiments at seeds 1 and 2 (zoo members) get disjoint
-    sets, where ``seed, seed+1, ...`` would train most of their models twice."""
-    from pipeline.train.trainer import derive_seed
-
-    return [seed] + [derive_seed("auto seeds", seed, i) % (SEED_MAX + 1) for i in range(1, n)]
 
 
 def _plan_seeds(
@@ -155,16 +88,12 @@ def _fill_steps(shape: Shape, budget: float, sp, epochs: int, batch_size: int, w
 
 
 def make_plan(
-    cfg: Config,
-    facts: Facts,
-    *,
-    device_type: str,
-    cores: int,
-    speed: SpeedFn | None = None,
-    planning_s: float | None = None,
+    cfg: Config, facts: Facts, *, device_type: str, cores: int, speed: SpeedFn, planning_s: float | None = None
 ) -> dict:
-    """The plan for ``cfg`` on data ``facts``: the values every ``auto`` takes, and why. ``planning_s``:
-    the seconds planning takes, for the whole run's time (default: as this call measures them)."""
+    """The plan for ``cfg`` on data ``facts``: the values every ``auto`` takes, and why. ``speed``: the speed
+    of a config at a size and thread count (the cost model of ``pipeline.plan.choose.Timer``; tests inject
+    one); ``planning_s``: the seconds planning takes, for the whole run's time (default: as this call
+    measures them)."""
     from pipeline.runs.layout import RunDir
 
     t0 = time.time()
@@ -180,11 +109,7 @@ def make_plan(
     budget = cfg.train.time_budget_s
     size, epochs, expected, measured = sizes[0], cfg.train.epochs, None, {}
 
-    def timed(c: Config, size: int, th: int) -> Speed:
-        width = shape_of(c).width  # jobs side by side, each on ``th`` threads: timed beside each other
-        return measure_speed(c, facts, size, th, siblings=width - 1 if width > 1 and th * width <= cores else 0)
-
-    measure = speed or timed
+    measure = speed
     if budget:
         size, sp, epochs, seeds, expected, measured = _fill_budget(
             cfg, values, sizes, budget, shape_of, measure, seeds, why

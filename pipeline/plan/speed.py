@@ -1,28 +1,19 @@
-"""How fast this machine trains a config: ``Speed`` (images per second and fixed costs), timed on
-synthetic images of the data's shape (``measure_speed``) and cached per machine, and the estimates
-for thread counts and sizes not timed (``THREAD_EXPONENT``, ``SIZE_EXPONENT``).
-
-A few real training steps (augmentation, forward, backward, optimiser) and a validation pass of the
-model at the candidate size, at the thread count most jobs get from the executor and beside as many
-sibling jobs as run with them (``_Siblings``), the median of five timed chunks, and a real three-epoch
-``FoldTrainer`` for what a job costs besides its images (checkpoints, OOF, history). Measurements are
-cached per machine and device in ``<cache>/throughput.json``. Tests inject speeds:
-``make_plan(speed=...)``.
+"""How fast this machine trains a config: ``Speed`` (images per second and fixed costs), and the cost model
+that estimates it at sizes and thread counts not timed (``CostModel``: one or two short timings at small
+sizes, ``pipeline.plan.timing``; img/s against pixels by ``SIZE_EXPONENT`` or a fitted exponent, other
+thread counts by ``THREAD_EXPONENT``), within the share of the budget planning may take (``PlanClock``).
+Tests inject speeds: ``make_plan(speed=...)``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from pipeline.config.schema import Config
-from pipeline.plan.facts import Facts
 
 log = logging.getLogger(__name__)
 
@@ -51,283 +42,6 @@ class Speed:
 SpeedFn = Callable[[Config, int, int], Speed]  # (config resolved but for epochs, image size, threads) -> Speed
 
 
-def _synthetic_table(facts: Facts, size: int, n: int):
-    from pipeline.data.table import Table
-
-    rng = np.random.default_rng(0)
-    lo, hi = facts.value_range
-    shape = (n, facts.channels, size, size)
-    images = (
-        rng.integers(0, 256, shape, dtype=np.uint8)
-        if facts.dtype == "uint8"
-        else rng.uniform(lo, hi, shape).astype(facts.dtype)
-    )
-    feats = np.zeros((n, facts.n_features), np.float32) if facts.n_features else None
-    return Table(
-        ids=np.asarray([str(i) for i in range(n)], dtype=object),
-        images=images,
-        class_names=list(facts.class_names),
-        labels=np.arange(n) % len(facts.class_names),
-        features=feats,
-        feature_names=list(facts.feature_names),
-        value_range=facts.value_range,
-    )
-
-
-MEASURE_VERSION = 4  # in the cache key: a changed way of measuring measures again
-MEASURE_TTL_S = 600  # a cached speed older than this is timed again: this machine's speed drifted 25%
-# within half an hour (lite0 at 75 px timed 75 img/s, trained at 100-110 19 min later)
-
-
-def measure_speed(cfg: Config, facts: Facts, size: int, threads: int, seconds: float = 2.5, siblings: int = 0) -> Speed:
-    """Time real training steps and a validation pass of ``cfg``'s model at ``size`` px on ``threads``
-    threads, beside ``siblings`` copies of the same training (the jobs that run side by side:
-    ``train.fold_jobs``); cached per machine, model, shape, batch, augmentation and precision."""
-    import torch
-
-    from pipeline.core.io import atomic_write_json, cache_dir
-    from pipeline.train.precision import _machine
-
-    t = cfg.train
-    from pipeline.core.device import resolve_device
-
-    device = resolve_device(cfg.train.device)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    key = "|".join(
-        map(
-            str,
-            [
-                MEASURE_VERSION,
-                _machine(),
-                device.type,
-                gpu,
-                cfg.model.backbone,
-                cfg.model.finetune,
-                cfg.model.input_size,
-                size,
-                facts.channels,
-                facts.n_features,
-                t.batch_size,
-                t.precision,
-                t.channels_last,
-                threads,
-                siblings,
-                hashlib.sha256(json.dumps(cfg.augment, sort_keys=True).encode()).hexdigest()[:8],
-            ],
-        )
-    )
-    path = cache_dir() / "throughput.json"
-    try:
-        cache = json.loads(path.read_text()) if path.is_file() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        cache = {}
-    entry = cache.get(key)
-    if not isinstance(entry, dict) or not time.time() - entry.get("at", 0) < MEASURE_TTL_S:
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            entry = cache[key] = {
-                **_time_steps(cfg, facts, size, seconds, device, siblings),
-                "at": round(time.time(), 1),
-            }
-        finally:
-            torch.set_num_threads(before)
-        atomic_write_json(path, cache)
-    return Speed(**{k: v for k, v in entry.items() if k != "at"})
-
-
-class _Siblings:
-    """``n`` threads training copies of the measured job while it is timed, so the measurement sees the
-    contention (shared caches, memory bandwidth, SMT siblings) of ``train.fold_jobs`` processes side by
-    side: timed alone, lite0 at 75 px measured ~10% faster than its folds then trained beside each other.
-    Threads, not processes: no interpreter to start; they train without augmentation (below), so their
-    Python holds the interpreter lock only to dispatch torch's kernels, which run outside it."""
-
-    def __init__(self, *, n: int, make_steps: Callable[[], Callable[[int], float]]):
-        import threading
-
-        self.stop, self.ready, self.errors = threading.Event(), threading.Barrier(n + 1), []
-        self.threads = [
-            threading.Thread(target=self._work, args=(make_steps,), name="plan-sibling", daemon=True) for _ in range(n)
-        ]
-
-    def _work(self, make_steps) -> None:
-        try:
-            steps = make_steps()
-            steps(1)  # warm, then in step with the timed job
-        except BaseException as e:  # raised in the timed thread, by __enter__
-            self.errors.append(e)
-            return
-        finally:
-            self.ready.wait()
-        while not self.stop.is_set():
-            steps(1)
-
-    def __enter__(self):
-        for t in self.threads:
-            t.start()
-        self.ready.wait()
-        if self.errors:
-            self.__exit__()
-            raise self.errors[0]
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        for t in self.threads:
-            t.join()
-
-
-def _time_steps(cfg: Config, facts: Facts, size: int, seconds: float, device, siblings: int = 0) -> dict:
-    """``Speed``'s fields for ``cfg`` at ``size`` px, timed on synthetic images (``measure_speed`` caches them)."""
-    import torch
-
-    bs = min(cfg.train.batch_size, max(2, facts.n_rows // 2))
-    table = _synthetic_table(facts, size, bs * 8)
-    # timed as most epochs train: gradual (or unfreeze_after) ends with the whole network training
-    mode = "full" if cfg.model.finetune == "gradual" or cfg.model.unfreeze_after else cfg.model.finetune
-    mcfg = cfg.model_copy(
-        update={
-            "train": cfg.train.model_copy(update={"epochs": 10}),
-            "model": cfg.model.model_copy(update={"finetune": mode, "unfreeze_after": None}),
-        }
-    )
-    precision = _timed_precision(cfg, device)
-
-    def make_steps(augment: bool = True) -> tuple[Callable[[int], float], object]:
-        return _make_steps(cfg, mcfg, table, bs, device, precision, augment=augment)
-
-    t0 = time.perf_counter()
-    steps, parts = make_steps()
-    build_s = time.perf_counter() - t0
-    train_img_s, val_img_s = _time_chunks(cfg, steps, parts, table, bs, device, seconds, siblings, make_steps)
-    build_s, epoch_s = _job_overheads(mcfg, table, bs, device, train_img_s, val_img_s, build_s)
-    log.info(
-        f"plan: measured {cfg.model.backbone} at {size} px on {torch.get_num_threads()} thread(s)"
-        f"{f' beside {siblings} more' if siblings else ''}: {train_img_s:.0f} img/s training, "
-        f"{val_img_s:.0f} img/s validation"
-    )
-    return {"train_img_s": train_img_s, "val_img_s": val_img_s, "build_s": build_s, "epoch_s": epoch_s}
-
-
-def _make_steps(
-    cfg: Config, mcfg: Config, table, bs: int, device, precision: str, augment: bool = True
-) -> tuple[Callable[[int], float], object]:
-    """(steps(n): seconds n training steps of ``mcfg`` take on ``table``, the components they train)."""
-    from pipeline.train.trainer import BatchSource, build_components, train_one_epoch
-
-    parts = build_components(
-        cfg=mcfg,
-        table=table,
-        tr_idx=np.arange(len(table)),
-        seed=0,
-        device=device,
-        channels_last=cfg.train.channels_last,
-        with_augment=augment and bool(cfg.augment),
-        precision=precision,
-    )
-    rng = np.random.default_rng(0)
-
-    def steps(n: int) -> float:
-        batches = [np.arange(i * bs, (i + 1) * bs) % len(table) for i in range(n)]
-        src = BatchSource(images=table.images, batches=batches, augment=parts.augment, seeds=list(range(n)))
-        t1 = time.perf_counter()
-        train_one_epoch(
-            parts,
-            source=(src[b] for b in range(n)),
-            n_batches=n,
-            table=table,
-            t=mcfg.train,
-            device=device,
-            precision=precision,
-            channels_last=cfg.train.channels_last,
-            rng=rng,
-        )
-        return time.perf_counter() - t1
-
-    return steps, parts
-
-
-def _time_chunks(
-    cfg: Config, steps, parts, table, bs: int, device, seconds: float, siblings: int, make_steps
-) -> tuple[float, float]:
-    """(training, validation) images per second: ``steps`` timed in chunks beside ``siblings`` copies of the
-    training (``make_steps``), then a validation pass of ``parts``' model."""
-    import contextlib
-
-    from pipeline.train.trainer import validate
-
-    # the siblings train without augmentation: its Python code would hold the one interpreter lock the
-    # timed thread needs too (two processes share none), which timed a small CNN with four augmentations
-    # 15% under its run (the folder demo, 500 vs 540-650 img/s)
-    with (
-        _Siblings(n=siblings, make_steps=lambda: make_steps(augment=False)[0]) if siblings else contextlib.nullcontext()
-    ):
-        warm = [steps(1) for _ in range(3)]  # allocator, kernels: a fresh process's first steps run slow
-        step = min(warm)
-        chunk = int(min(7, max(2, seconds / 5 / max(step, 1e-3))))
-        # the median of five chunks: one burst of another process slows one chunk only, and beside
-        # siblings the fastest chunk is the one that ran while they paused
-        times = sorted(steps(chunk) for _ in range(5))
-        train_img_s = chunk * bs / times[2]
-        t1 = time.perf_counter()
-        validate(
-            parts.eval_model,
-            table=table,
-            idx=np.arange(len(table)),
-            batch_size=bs * 2,
-            device=device,
-            channels_last=cfg.train.channels_last,
-            precision="fp32",
-        )
-        val_img_s = len(table) / (time.perf_counter() - t1)
-    return train_img_s, val_img_s
-
-
-def _timed_precision(cfg: Config, device) -> str:
-    """The precision a plan times: ``auto`` is fp32 on CPU (its measured choice comes after the plan)
-    and the GPU's choice on CUDA (pipeline/core/device.py), which needs no measurement."""
-    from pipeline.core.device import auto_precision, bf16_supported
-
-    if cfg.train.precision != "auto":
-        return cfg.train.precision
-    return auto_precision(device.type, bf16_supported(device)) or "fp32"
-
-
-def _job_overheads(
-    cfg: Config, table, bs: int, device, train_img_s: float, val_img_s: float, build_s: float
-) -> tuple[float, float]:
-    """What a job costs besides its images, from a real ``FoldTrainer`` of three one-step epochs in a
-    scratch folder: the start (model, weights, TensorBoard) and, per epoch, checkpoints, OOF, history
-    and the loop's bookkeeping; on a small data set these outweigh the images."""
-    import tempfile
-
-    from pipeline.runs.layout import RunDir
-    from pipeline.train.job import FoldTrainer
-
-    tcfg = cfg.model_copy(
-        update={"train": cfg.train.model_copy(update={"epochs": 3, "max_steps_per_epoch": 1, "patience": 0})}
-    )
-    fold_of = (np.arange(len(table)) >= bs).astype(int)  # fold 0: the first batch is validated, the rest trains
-    stamps = []
-    with tempfile.TemporaryDirectory(prefix="plan-") as tmp:
-        job = RunDir(path=tmp, seeds=[0], cfg=tcfg).job_dir(0, 0)
-        t0 = time.perf_counter()
-        FoldTrainer(
-            cfg=tcfg,
-            table=table,
-            fold_of=fold_of,
-            job=job,
-            device=device,
-            run_hash="plan",
-            precision=_timed_precision(cfg, device),
-            on_epoch=lambda *_: stamps.append(time.perf_counter()),
-        ).run()
-    images = bs / train_img_s + bs / val_img_s
-    epoch = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-    return max(build_s, stamps[0] - t0 - epoch), max(0.0, epoch - images)
-
-
 SIZE_EXPONENT = 1.75  # img/s grows as (bigger / smaller side) ** 1.75 (lite0 here: 128 -> 64 px gave 3.4x, not 4x)
 THREAD_EXPONENT = 0.5  # a job on k times the threads runs about k ** 0.5 times as fast (2 cores: 1.3-1.5x)
 
@@ -341,3 +55,52 @@ def _scaled(s: Speed, factor: float) -> Speed:
 def _thread_speeds(timed: dict[int, Speed], main: int) -> Callable[[int], Speed]:
     """threads -> Speed: as timed where timed, else estimated from ``main``'s by ``THREAD_EXPONENT``."""
     return lambda th: timed[th] if th in timed else _scaled(timed[main], (th / main) ** THREAD_EXPONENT)
+
+
+class PlanClock:
+    """The share of the budget planning may take: max(``PLAN_SHARE`` of it, ``PLAN_FLOOR_S``), from ``t0``
+    (the plan's start: the data's facts and the weights conversion count too)."""
+
+    def __init__(self, budget: float | None, t0: float):
+        self.limit = max(PLAN_SHARE * budget, PLAN_FLOOR_S) if budget else math.inf
+        self.t0 = t0
+
+    def spent(self) -> float:
+        return time.time() - self.t0
+
+    def left(self) -> float:
+        return self.limit - self.spent()
+
+
+PLAN_SHARE = 0.05  # planning (facts, folds, timings) takes at most this share of the budget ...
+PLAN_FLOOR_S = 10.0  # ... or this many seconds, whichever is more
+TIMING_COST_S = 3.5  # what one quick timing costs here, its model built and a sibling beside it (2.5-4 s measured)
+
+
+class CostModel:
+    """img/s against pixels: each network timed once at a small size (``probe``), other sizes estimated as
+    (probe / size) ** ``exponent`` (fitted when a second size was timed, else ``SIZE_EXPONENT``), other thread
+    counts by ``THREAD_EXPONENT``. ``timed``: (network key, size) -> Speed at ``threads`` threads."""
+
+    def __init__(self, threads: int, exponent: float = SIZE_EXPONENT):
+        self.threads, self.exponent = threads, exponent
+        self.timed: dict[tuple, dict[int, Speed]] = {}
+
+    def add(self, key: tuple, size: int, speed: Speed) -> None:
+        self.timed.setdefault(key, {})[size] = speed
+        sizes = sorted(self.timed[key])
+        if len(sizes) >= 2:  # the exponent from the two timed sizes, kept in the range seen on CPUs
+            a, b = sizes[0], sizes[-1]
+            ratio = self.timed[key][a].train_img_s / self.timed[key][b].train_img_s
+            self.exponent = min(2.2, max(1.0, math.log(ratio) / math.log(b / a)))
+
+    def knows(self, key: tuple) -> bool:
+        return key in self.timed
+
+    def speed(self, key: tuple, size: int, threads: int | None = None) -> Speed:
+        """The estimated Speed of network ``key`` at ``size`` on ``threads`` (default: the timed count)."""
+        sizes = self.timed[key]
+        near = min(sizes, key=lambda s: abs(math.log(s / size)))
+        s = _scaled(sizes[near], (near / size) ** self.exponent)
+        th = threads or self.threads
+        return s if th == self.threads else _scaled(s, (th / self.threads) ** THREAD_EXPONENT)

@@ -52,9 +52,11 @@ from pipeline.config.auto import AUTO, has_auto, needs_planner, plan_hash, witho
 from pipeline.config.schema import Config, with_values
 from pipeline.core.errors import LockHeld, PipelineError
 from pipeline.core.io import atomic_write_json
+from pipeline.plan.choose import Timer, race_portfolio, races, recipe_speeds
 from pipeline.plan.facts import Facts, data_facts
+from pipeline.plan.race import measurable, race
 from pipeline.plan.search import make_plan
-from pipeline.plan.speed import SpeedFn
+from pipeline.plan.speed import PlanClock, SpeedFn
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,9 @@ def planned(cfg: Config, *, create: bool = True, require: bool = True, speed: Sp
         from pipeline.core.device import prepare_training_device
 
         prepare_training_device(cfg.train)  # the plan trains: fp16 off CUDA is one line before the data is read
-        plan = _keep(cfg, run, h, data_facts(cfg), speed)  # the data is read first: bad data writes nothing
+        t0 = time.time()  # planning's share of the budget counts from here: the data's facts are part of it
+        plan = _keep(cfg, run, h, data_facts(cfg), speed, t0)  # the data is read first: bad data writes nothing
+        plan = {**plan, "made_now": True}  # this process planned (and raced): pipeline run times those stages
     if plan is None:
         if require:
             budget = f" --budget {cfg.train.time_budget_s:g}s" if cfg.train.time_budget_s else ""
@@ -117,7 +121,7 @@ def planned(cfg: Config, *, create: bool = True, require: bool = True, speed: Sp
     return with_values(cfg, _still_auto(cfg, plan["values"])).model_copy(update={"plan": plan})
 
 
-def _keep(cfg: Config, run, h: str, facts: Facts, speed: SpeedFn | None) -> dict:
+def _keep(cfg: Config, run, h: str, facts: Facts, speed: SpeedFn | None, t0: float) -> dict:
     """Make and write the plan holding the run's plan lock: a process (machine) that finds it held waits
     and then reads what the holder wrote, so every worker of a run trains with one plan, and two
     planners never time each other's load."""
@@ -131,29 +135,55 @@ def _keep(cfg: Config, run, h: str, facts: Facts, speed: SpeedFn | None) -> dict
                 if plan is not None:
                     log.info(f"plan: using the plan another process wrote to {run.plan_json}")
                     return plan
-                plan = _make(cfg, facts, speed)
+                plan = _make(cfg, facts, speed, t0, run)
                 atomic_write_json(run.plan_json, plan)
                 return plan
         except LockHeld:
             time.sleep(0.5)
 
 
-def _make(cfg: Config, facts: Facts, speed: SpeedFn | None) -> dict:
+def _make(cfg: Config, facts: Facts, speed: SpeedFn | None, t0: float, run) -> dict:
+    """The plan: the recipe (raced when the config leaves it ``auto`` and has a budget), then the epochs,
+    seeds and TTA that fill what the race leaves of the budget; planning's own time bounded (``PlanClock``)."""
     import torch
 
     from pipeline.core.device import resolve_device
 
     device = resolve_device(cfg.train.device)
-    t0 = time.time()
-    plan = make_plan(cfg, facts, device_type=device.type, cores=torch.get_num_threads(), speed=speed)
+    cores = torch.get_num_threads()
+    clock = PlanClock(cfg.train.time_budget_s, t0)
+    timer = Timer(cfg, facts, clock, cores=cores, device_type=device.type, given=speed)
+    speed = speed or timer.speed_fn()
+    raced = _race(cfg, facts, timer, run) if races(cfg) else None
+    if raced is None:
+        plan = make_plan(cfg, facts, device_type=device.type, cores=cores, speed=speed, planning_s=clock.spent())
+    else:
+        winner_cfg, values, info = raced
+        plan = make_plan(
+            winner_cfg,
+            facts,
+            device_type=device.type,
+            cores=cores,
+            speed=speed,
+            planning_s=clock.spent() - info["seconds"],
+        )
+        plan.update(
+            config_hash=plan_hash(cfg),
+            race=info,
+            values={**values, **plan["values"]},
+            budget_s=cfg.train.time_budget_s,
+            train_budget_s=winner_cfg.train.time_budget_s,
+        )
+        plan["why"] = info.pop("why") + plan["why"]
     plan["facts"] = {
         "n_rows": facts.n_rows,
         "classes": len(facts.class_names),
         "channels": facts.channels,
         "native": facts.native,
     }
-    plan["planning_s"] = round(time.time() - t0, 1)
-    plan["line"] = describe(with_values(cfg, plan["values"]), plan)
+    race_s = (plan.get("race") or {}).get("seconds", 0.0)
+    plan["planning_s"] = round(time.time() - t0 - race_s, 1)
+    plan["line"] = describe(with_values(cfg, _still_auto(cfg, plan["values"])), plan)
     for line in plan["why"]:
         log.info(f"plan: {line}")
     log.info(plan["line"] + f" (planned in {plan['planning_s']:.0f} s)")
@@ -162,11 +192,46 @@ def _make(cfg: Config, facts: Facts, speed: SpeedFn | None) -> dict:
     return plan
 
 
+def _race(cfg: Config, facts: Facts, timer: Timer, run) -> tuple[Config, dict, dict] | None:
+    """Race the prior's portfolio when it has at least three candidates: (the config the winner trains with,
+    the plan values it sets, the race's record for plan.json); None when there is nothing to race."""
+    why: list[str] = []
+    recipes = race_portfolio(cfg, facts, timer, why)
+    if len(recipes) < 3:
+        return None
+    budget = cfg.train.time_budget_s
+    speeds = recipe_speeds(timer, cfg, facts, recipes)
+    skip = measurable(cfg, facts, recipes, speeds, cfg.race.share * budget)
+    if skip:
+        why.append(f"race skipped: {skip}")
+        first = recipes[0]
+        values = {
+            **first.config_values(cfg),
+            **({"data.channels": facts.channels} if cfg.data.channels == AUTO else {}),
+        }
+        info = {"winner": first.name, "seconds": 0.0, "share": 0.0, "table": [], "why": why, "skipped": skip}
+        return with_values(cfg, values), values, info
+    winner, table, spent = race(cfg, facts, recipes, speeds, seconds=cfg.race.share * budget, run_dir=run.race_dir)
+    values = {**winner.config_values(cfg), "train.time_budget_s": round(max(budget - spent, 0.25 * budget), 1)}
+    if cfg.data.channels == AUTO:
+        values["data.channels"] = facts.channels
+    why.append(
+        f"race: {winner.name} won of {len(recipes)} in {spent:.0f} s; training gets the "
+        f"{values['train.time_budget_s']:.0f} s left of the {budget:.0f} s budget"
+    )
+    info = {"winner": winner.name, "seconds": round(spent, 1), "share": cfg.race.share, "table": table, "why": why}
+    return with_values(cfg, values), values, info
+
+
 def _still_auto(cfg: Config, values: dict) -> dict:
     """The plan's values for keys the config leaves to it: a key given a value (a key outside the plan's
     hash, e.g. ``predict.tta``) keeps it; ``model.pretrained``/``finetune`` follow ``model.backbone: auto``."""
 
     def auto(key: str) -> bool:
+        if key == "augment":
+            return cfg.augment == AUTO
+        if key == "train.time_budget_s":  # what the race left of the budget: training's own share of it
+            return True
         section, name = key.split(".")
         if section == "model" and name in ("pretrained", "finetune"):
             name = "backbone"

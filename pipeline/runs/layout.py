@@ -3,6 +3,7 @@
   config.<stage>.yaml / .hash   resolved config of a stage and its stage hash, written last (the stage is done)
   precision.json                ``train.precision: auto`` resolved once per run ({"precision", "hash"})
   plan.json, plan.lock          the run plan (pipeline/plan/): ``auto`` values and the budget resolved once
+  race/                         the recipe race's scratch jobs, one folder per candidate and round
   fold_<k>/                     one training job per fold; ``fold_<k>_seed<s>/`` when ``train.seeds`` has several
       best.safetensors, best.json   best epoch's weights and what built them
       last.pt                       resume state, removed when the job is done
@@ -338,6 +339,7 @@ class RunDir:
     ensemble_json = property(lambda self: self.path / "ensemble.json")
     report_dir = property(lambda self: self.path / "report")
     augment_preview = property(lambda self: self.path / "augment_preview.png")
+    race_dir = property(lambda self: self.path / "race")  # the recipe race's scratch jobs (pipeline/plan/race.py)
     adversarial_json = property(lambda self: self.path / "adversarial.json")
     adversarial_scores = property(lambda self: self.path / "adversarial_scores.csv")
     tb_hparams = property(lambda self: self.path / "tb_hparams")

@@ -1,9 +1,14 @@
 """Image-folder competitions: ``train/`` + ``train.csv`` (id,label), ``test/`` + ``test.csv`` (id) or
 every image in ``test/`` (dogs-vs-cats, plant seedlings, aerial cactus and the like).
 
-An ``id`` is a file name (``abc.jpg``, aerial-cactus style) or a file stem (``abc``, any image
-extension). Each file is decoded and resized once into a memory-mapped ``.npy`` cache under
-``cache_dir()/image_folder/``, keyed by the folder, its files' names, sizes and times and the image
+An ``id`` is a file name (``abc.jpg``, aerial-cactus style), a file stem (``abc``, any image
+extension) or a path under the split folder (``daisy/123.jpg``, ``daisy/123``). Without ``train.csv``,
+a ``train/`` of class folders is read as ``train/<class>/<image>``: the folder name is the class (text,
+never a number: ``01`` and ``1`` are two classes) and the id ``<class>/<image>``; ``test/`` stays flat
+(see ``image_files``: listings, ids -> files, and the containment rule).
+
+Each file is decoded and resized once into a memory-mapped ``.npy`` cache under ``cache_dir()/image_folder/``,
+keyed by the folder, its files' names (paths under it: the layout), sizes and times and the image
 size/channels; the next read maps that array without decoding (``data.cache: false`` disables it).
 """
 
@@ -12,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,9 +30,19 @@ from pipeline.config.options import DataOptions, ImageSpec
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_path, cache_dir
 from pipeline.data.formats.base import Reader
+from pipeline.data.formats.image_files import (  # noqa: F401 - IMAGE_EXTS, _check_inside: this module's names too
+    IMAGE_EXTS,
+    _check_inside,
+    _files,
+    _image_files,
+    _natural,
+    check_flat,
+    class_folders,
+    has_class_folders,
+    resolve,
+)
 from pipeline.data.table import Table
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 VALUE_RANGE = (0.0, 255.0)  # uint8 pixels
 CACHE_VERSION = 1
@@ -48,20 +62,6 @@ def _decode(path: str | Path, size: tuple[int, int] | None, channels: int) -> np
     return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
 
 
-def _natural(name: str):
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def _files(folder: Path) -> dict[str, os.DirEntry]:
-    """Files directly in ``folder`` by name."""
-    return {e.name: e for e in os.scandir(folder) if e.is_file()} if folder.is_dir() else {}
-
-
-def _image_files(folder: Path) -> dict[str, os.DirEntry]:
-    """Files with an image extension (others, e.g. .DS_Store, are not listed as images)."""
-    return {n: e for n, e in _files(folder).items() if os.path.splitext(n)[1].lower() in IMAGE_EXTS}
-
-
 def _stat(entry_or_path) -> list:
     st = entry_or_path.stat() if isinstance(entry_or_path, os.DirEntry) else os.stat(entry_or_path)
     return [st.st_size, st.st_mtime_ns]
@@ -69,19 +69,6 @@ def _stat(entry_or_path) -> list:
 
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _check_inside(folder: Path, name: str, entry: os.DirEntry | None, where: str) -> None:
-    """A file the id resolves to must really be inside ``folder``: a link (or a linked sub-folder)
-    pointing elsewhere, e.g. at the test images or outside the data, is refused. ``folder`` is
-    resolved first, so a data root that is itself a link (Kaggle's /kaggle/input) works."""
-    if entry is not None and not entry.is_symlink():
-        return  # listed by scandir of the folder itself and no link: inside by construction (no syscall)
-    real, root = os.path.realpath(folder / name), os.path.realpath(folder)
-    if os.path.commonpath([real, root]) != root:
-        raise PipelineError(
-            f"{where} resolves to {real}, outside {folder}; expected image files inside the data folder"
-        )
 
 
 class ImageFolderOptions(DataOptions):
@@ -110,13 +97,16 @@ class ImageFolder(Reader):
                 f"{folder}: folder not found (data.dir is {self.cfg.data.dir}); "
                 f"expected {split}/ holding the {split} images"
             )
-        ids, raw_labels = self._rows(split)
-        names = self._resolve(ids, folder)
         if split == "train":
-            class_names, labels = _classes(raw_labels)
-        else:  # class names (and their order) come from train.csv
-            class_names, labels = _classes(self._rows("train", source=False)[1])[0], None
-        images = self._images(split, names, ids)
+            ids, class_names, labels, entries = self._labelled()
+            names = ids
+            if entries is None:  # train.csv: its ids are file names, stems or paths
+                names, entries = resolve(ids, folder, self.source)
+        else:  # class names (and their order) come from train.csv or the class folders
+            ids, _ = self._rows(split)
+            names, entries = resolve(ids, folder, self.source)
+            class_names, labels = self._labelled(source=False)[1], None
+        images = self._images(split, names, ids, entries)
         return Table(
             ids=np.asarray(ids, dtype=object),
             images=images,
@@ -135,7 +125,7 @@ class ImageFolder(Reader):
                 f"{folder}: folder not found (data.dir is {self.cfg.data.dir}); "
                 "expected train/ holding the train images"
             )
-        paths = [e.path for e in _image_files(folder).values()]
+        paths = [os.path.join(folder, n) for n in self._all_files(("train",))["train"]]
         if not paths:
             raise PipelineError(f"{folder}: no image files; expected the training images")
 
@@ -153,13 +143,40 @@ class ImageFolder(Reader):
             )
         return max(sides.items(), key=lambda kv: (kv[1], kv[0]))[0]
 
-    # ---- rows: ids (and labels) from the CSV, or the test folder itself ----
+    # ---- rows: ids (and labels) from the CSV, the class folders, or the test folder itself ----
+
+    def _labelled(self, source: bool = True) -> tuple[list[str], list[str], np.ndarray, dict | None]:
+        """Training ids, class names, label indices and (class folders: already listed) each id's file."""
+        folder = self.dir / "train"
+        if not (self.dir / "train.csv").exists() and has_class_folders(folder):
+            c = class_folders(folder)
+            if source:
+                self.source = folder
+            return c.ids, c.class_names, c.labels, c.entries
+        ids, raw = self._rows("train", source)
+        return ids, *_classes(raw), None
+
+    def _all_files(self, splits=("train", "test")) -> dict[str, dict]:
+        """Every image whose header counts when the size or channels come from the files (and the native
+        size): the images directly in train/ and test/, and the training images in sub-folders."""
+        out = {s: dict(_image_files(self.dir / s)) for s in splits}
+        folder = self.dir / "train"
+        if (self.dir / "train.csv").exists():
+            ids, _ = self._rows("train", source=False)
+            if any("/" in i or "\\" in i for i in ids):  # paths (flat ids: only the listing, as ever)
+                names, entries = resolve(ids, folder, self.dir / "train.csv")
+                out["train"].update((n, os.path.join(folder, n)) for n in names if n not in entries)
+        elif has_class_folders(folder):
+            out["train"].update(class_folders(folder).entries)
+        return out
 
     def _rows(self, split: str, source: bool = True) -> tuple[list[str], pd.Series | None]:
         """Ids and raw labels; ``source`` names the file in later messages (the base class's checks)."""
         csv = self.dir / f"{split}.csv"
         if split == "test" and not csv.exists():
             self.source = self.dir / split
+            if not (self.dir / "train.csv").exists() and has_class_folders(self.dir / "train"):
+                check_flat(self.source)
             names = sorted(_image_files(self.dir / split), key=_natural)
             if not names:
                 raise PipelineError(
@@ -211,45 +228,12 @@ class ImageFolder(Reader):
 
     def _ids_with_ext(self) -> bool:
         """Test ids follow train.csv: file names if its ids carry an image extension, else stems."""
-        train_ids, _ = self._rows("train", source=False)
+        train_ids = self._labelled(source=False)[0]
         return any(os.path.splitext(i)[1].lower() in IMAGE_EXTS for i in train_ids)
-
-    def _resolve(self, ids: list[str], folder: Path) -> list[str]:
-        """Each id's file name in ``folder`` (strings, not Paths: 25,000 Paths cost a second)."""
-        self._entries = entries = _files(folder)
-        by_stem: dict[str, list[str]] = {}
-        for name in entries:
-            stem, ext = os.path.splitext(name)
-            if ext.lower() in IMAGE_EXTS:
-                by_stem.setdefault(stem, []).append(name)
-        exts = "|".join(e.lstrip(".") for e in IMAGE_EXTS[:3])
-        names = []
-        for row, i in enumerate(ids):
-            where = f"{self.source}: row {row + 1}: id {i!r}" if self.source.suffix == ".csv" else f"{folder}: id {i!r}"
-            sub = "/" in i or "\\" in i
-            if sub and (os.path.isabs(i) or i.startswith("\\") or ".." in re.split(r"[\\/]", i)):
-                raise PipelineError(f"{where} leaves {folder.name}/; expected a file name or a path inside {folder}")
-            match = by_stem.get(i, [])
-            if i in entries or (sub and (folder / i).is_file()):  # exact name (any extension) or sub-path
-                names.append(i)
-            elif len(match) == 1:
-                names.append(match[0])
-            elif match:
-                raise PipelineError(
-                    f"{where} matches {' and '.join(sorted(match)[:2])} in {folder.name}/; "
-                    "expected one image file per id"
-                )
-            else:
-                want = f"{folder.name}/{i}" + (
-                    "" if Path(i).suffix.lower() in IMAGE_EXTS else f" or {folder.name}/{i}.<{exts}|...>"
-                )
-                raise PipelineError(f"{where} has no image file in {folder}; expected {want}")
-            _check_inside(folder, names[-1], entries.get(names[-1]), where)
-        return names
 
     # ---- pixels: the memory-mapped cache, else decode ----
 
-    def _images(self, split: str, names: list[str], ids: list[str]) -> np.ndarray:
+    def _images(self, split: str, names: list[str], ids: list[str], entries: dict) -> np.ndarray:
         size, channels = self.cfg.data.image_size, self.cfg.data.channels
         auto = size is None or channels is None
         folder = (self.dir / split).resolve()
@@ -260,14 +244,13 @@ class ImageFolder(Reader):
             "dir": str(folder),
             "size": size,
             "channels": channels,
-            "rows": [[n, *_stat(self._entries.get(n) or f)] for n, f in zip(names, files)],
+            "rows": [[n, *_stat(entries.get(n) or f)] for n, f in zip(names, files)],
         }
+        every = self._all_files() if auto else {}
         if auto:  # the resolved size/channels depend on every file of both splits
-            key["all"] = {
-                s: sorted([n, *_stat(e)] for n, e in _image_files(self.dir / s).items()) for s in ("train", "test")
-            }
+            key["all"] = {s: sorted([n, *_stat(e)] for n, e in fs.items()) for s, fs in every.items()}
         if not self.cfg.data.cache:
-            arr = np.empty(self._shape(size, channels, files, ids), np.uint8)
+            arr = np.empty(self._shape(size, channels, files, ids, every), np.uint8)
             self._decode_all(files, ids, split, arr.shape, arr.__setitem__)
             return arr
         slot = cache_dir() / "image_folder" / _digest([str(folder), size, channels])
@@ -279,7 +262,7 @@ class ImageFolder(Reader):
                     return arr
             except (ValueError, OSError):  # damaged cache: decode again
                 pass
-        shape = self._shape(size, channels, files, ids)
+        shape = self._shape(size, channels, files, ids, every)
         slot.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:  # a killed decode leaves only a temp file, never a half cache
             offset = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).offset  # header + size
@@ -292,15 +275,13 @@ class ImageFolder(Reader):
         return np.load(path, mmap_mode="r")
 
     def _shape(
-        self, size: int | None, channels: int | None, files: list[str], ids: list[str]
+        self, size: int | None, channels: int | None, files: list[str], ids: list[str], every: dict
     ) -> tuple[int, int, int, int]:
-        """(N, C, H, W); with size or channels unset, read every file's header in both splits."""
+        """(N, C, H, W); with size or channels unset, read the header of ``every`` file of both splits."""
         n = len(files)
         if size is not None and channels is not None:
             return n, channels, size, size
-        paths = [
-            os.path.join(str(self.dir / s), name) for s in ("train", "test") for name in _image_files(self.dir / s)
-        ]
+        paths = [os.path.join(str(self.dir / s), name) for s, fs in every.items() for name in fs]
         id_of = dict(zip(files, ids))
 
         def header(p: str):

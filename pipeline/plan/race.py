@@ -1,0 +1,252 @@
+"""The recipe race: a share of the budget measures the prior's candidates on the competition's own rows.
+
+Every candidate trains on one stratified held-out split of the training rows (``race.holdout``, seeded by
+``folds.seed``) with a short schedule fitted to its time (``schedule``: whole epochs, or one cut to the
+steps that fit), and is scored on the held-out rows by the log-loss after the temperature that fits them
+best (the ranking a calibrated model would have; raw log-loss and accuracy beside it). Successive halving:
+each round keeps the best 1/``race.eta`` of the candidates, and the next gives each survivor ``eta`` times
+the time, from scratch, until one is left. Ties go to the prior's order.
+
+The race trains in the run's own scratch folder (``RunDir.race_dir``), never in its fold folders or
+prediction files. The schedules are fixed before the race starts (steps, not seconds), so the same
+config, data and seed race the same way and choose the same recipe; ``plan.json`` keeps the table, so
+reruns and workers never race again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.config.auto import AUTO
+from pipeline.config.schema import Config, with_values
+from pipeline.plan.facts import Facts
+from pipeline.plan.recipes import Recipe
+from pipeline.plan.speed import Speed
+
+log = logging.getLogger(__name__)
+
+MAX_RACE_EPOCHS = 30  # a candidate's schedule: more rarely changes the ranking
+RACE_JOB_S = 1.5  # a race job's cost besides its steps: reading the table at its size, the trainer's files, scoring
+
+
+@dataclass
+class Entry:
+    """One candidate in one round: what it trained and what it scored."""
+
+    name: str
+    rank: int
+    round: int
+    epochs: int
+    steps: int | None
+    planned_s: float
+    seconds: float = 0.0
+    score: float = math.inf
+    logloss: float = math.inf
+    accuracy: float = 0.0
+    verdict: str = ""
+
+    def row(self) -> dict:
+        return {
+            "candidate": self.name,
+            "prior_rank": self.rank,
+            "round": self.round,
+            "epochs": self.epochs,
+            "steps_per_epoch": self.steps,
+            "planned_s": round(self.planned_s, 1),
+            "seconds": round(self.seconds, 1),
+            "score": _r(self.score),
+            "logloss": _r(self.logloss),
+            "accuracy": _r(self.accuracy),
+            "verdict": self.verdict,
+        }
+
+
+def _r(v: float) -> float | None:
+    return round(float(v), 4) if math.isfinite(v) else None
+
+
+def holdout(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
+    """fold_of for the race: 0 on the held-out rows (stratified by class when every class has two rows), 1 elsewhere."""
+    from sklearn.model_selection import ShuffleSplit, StratifiedShuffleSplit
+
+    idx = np.arange(len(labels))
+    try:
+        _, va = next(StratifiedShuffleSplit(1, test_size=share, random_state=seed).split(idx, labels))
+    except ValueError:  # a class with one row cannot be split by class
+        _, va = next(ShuffleSplit(1, test_size=share, random_state=seed).split(idx))
+    fold_of = np.ones(len(labels), dtype=np.int64)
+    fold_of[va] = 0
+    return fold_of
+
+
+def schedule(
+    speed: Speed, *, seconds: float, n_train: int, n_val: int, batch_size: int, head_only: bool, n_rows: int
+) -> tuple[int, int | None, float]:
+    """(epochs, steps per epoch or None for whole ones, expected seconds) that fit ``seconds``: whole epochs
+    when at least one fits, else one epoch cut to the steps that fit (at least two)."""
+    stage = "head" if head_only else "full"
+    fixed = RACE_JOB_S + speed.build_s + (n_rows / speed.val_img_s if head_only else 0.0)  # frozen: once per image
+    epoch = speed.epoch_seconds(n_train, n_val, stage)
+    whole = int((seconds - fixed) // epoch) if epoch > 0 else MAX_RACE_EPOCHS
+    if whole >= 1:
+        e = min(whole, MAX_RACE_EPOCHS)
+        return e, None, fixed + e * epoch
+    per_img = 1.0 / (speed.train_img_s * (2.5 if head_only else 1.0))
+    left = seconds - fixed - n_val / speed.val_img_s - speed.epoch_s
+    steps = max(2, int(left / per_img / batch_size)) if left > 0 else 2
+    steps = min(steps, max(1, math.ceil(n_train / batch_size)))
+    return 1, steps, fixed + steps * batch_size * per_img + n_val / speed.val_img_s + speed.epoch_s
+
+
+def rounds(n: int, eta: int) -> list[int]:
+    """Candidates per round of successive halving: n, ceil(n/eta), ... down to two (the last round picks one)."""
+    out = [n]
+    while out[-1] > 2:
+        out.append(math.ceil(out[-1] / eta))
+    return out if n > 1 else [1]
+
+
+def unit_seconds(n: int, eta: int, total: float) -> float:
+    """Round one's seconds per candidate so that every round (each survivor ``eta`` times the last round's
+    time) adds up to ``total``."""
+    return total / sum(k * eta**j for j, k in enumerate(rounds(n, eta)))
+
+
+def measurable(
+    cfg: Config, facts: Facts, recipes: list[Recipe], speeds: dict[str, Speed], seconds: float
+) -> str | None:
+    """Why a race of ``recipes`` in ``seconds`` could not tell them apart, or None: round one must give every
+    candidate at least one whole epoch (a fraction of one scores the initialisation, not the recipe)."""
+    unit = unit_seconds(len(recipes), cfg.race.eta, seconds)
+    n_val = math.ceil(facts.n_rows * cfg.race.holdout)
+    for r in recipes:
+        _, steps, _ = schedule(
+            speeds[r.name],
+            seconds=unit,
+            n_train=facts.n_rows - n_val,
+            n_val=n_val,
+            batch_size=cfg.train.batch_size,
+            head_only=r.finetune == "head",
+            n_rows=facts.n_rows,
+        )
+        if steps is not None:
+            return (
+                f"{unit:.1f} s per candidate in round one is less than one epoch of {r.name}; "
+                f"the prior's first choice trains instead"
+            )
+    return None
+
+
+def race(
+    cfg: Config, facts: Facts, recipes: list[Recipe], speeds: dict[str, Speed], *, seconds: float, run_dir
+) -> tuple[Recipe, list[dict], float]:
+    """Race ``recipes`` (``speeds``: each one's ``Speed`` by name) in about ``seconds``; returns (the winner,
+    the table's rows, seconds spent)."""
+    t0 = time.time()
+    eta = cfg.race.eta
+    unit = unit_seconds(len(recipes), eta, seconds)
+    n_rows = facts.n_rows
+    n_val = math.ceil(n_rows * cfg.race.holdout)
+    alive, table, round_no = list(recipes), [], 1
+    log.info(
+        f"race: {len(recipes)} candidates on a {cfg.race.holdout:.0%} held-out split, ~{seconds:.0f} s in "
+        f"{len(rounds(len(recipes), eta))} round(s) of successive halving (1/{eta} kept each round)"
+    )
+    while True:
+        budget_each = unit * eta ** (round_no - 1)
+        entries = [_train(cfg, facts, r, speeds[r.name], round_no, budget_each, n_val, run_dir) for r in alive]
+        order = sorted(range(len(alive)), key=lambda i: (entries[i].score, alive[i].rank))
+        keep = 1 if len(alive) <= 2 else math.ceil(len(alive) / eta)
+        for pos, i in enumerate(order):
+            e = entries[i]
+            e.verdict = ("won" if keep == 1 else "kept") if pos < keep else f"dropped: {pos + 1} of {len(alive)}"
+            table.append(e.row())
+        alive = [alive[i] for i in order[:keep]]
+        if len(alive) == 1:
+            break
+        round_no += 1
+    spent = time.time() - t0
+    log.info(f"race: {alive[0].name} won ({spent:.0f} s)")
+    return alive[0], table, spent
+
+
+def _train(
+    cfg: Config, facts: Facts, recipe: Recipe, speed: Speed, round_no: int, seconds: float, n_val: int, run_dir
+) -> Entry:
+    """One candidate for ``seconds`` on the held-out split, in its own scratch job folder."""
+    import pandas as pd
+
+    from pipeline.core.device import resolve_device
+    from pipeline.core.metrics import accuracy, logloss
+    from pipeline.data.formats import read_table
+    from pipeline.runs.layout import RunDir
+    from pipeline.tasks.calibration import apply_temperature, fit_temperature
+    from pipeline.train.executors import _head_embeddings
+    from pipeline.train.job import FoldTrainer
+
+    head_only = recipe.finetune == "head"
+    n_train = facts.n_rows - n_val
+    epochs, steps, planned = schedule(
+        speed,
+        seconds=seconds,
+        n_train=n_train,
+        n_val=n_val,
+        batch_size=cfg.train.batch_size,
+        head_only=head_only,
+        n_rows=facts.n_rows,
+    )
+    entry = Entry(name=recipe.name, rank=recipe.rank, round=round_no, epochs=epochs, steps=steps, planned_s=planned)
+    c = with_values(cfg, {**recipe.config_values(cfg), **_race_keys(cfg, facts, epochs, steps)})
+    t0 = time.time()
+    table = read_table(c, "train")
+    fold_of = holdout(table.labels, cfg.race.holdout, cfg.folds.seed)
+    seed = cfg.train.seed
+    job = RunDir(path=run_dir / f"round{round_no}-{recipe.name}", seeds=[seed], cfg=c).job_dir(0, seed)
+    device = resolve_device(c.train.device)
+    emb = _head_embeddings(c, table, device, seed) if head_only else None
+    done = FoldTrainer(
+        cfg=c,
+        table=table,
+        fold_of=fold_of,
+        job=job,
+        device=device,
+        run_hash=f"race-{recipe.name}",
+        precision=c.train.precision if c.train.precision != AUTO else "fp32",
+        embeddings=emb,
+        deadline=t0 + 3 * planned + 30,
+    ).run()
+    entry.seconds = time.time() - t0
+    oof = pd.read_csv(job.oof)
+    y = oof["target"].to_numpy()
+    probs = oof[[f"p_{k}" for k in table.class_names]].to_numpy(dtype=np.float64)
+    t = fit_temperature(y, probs)
+    entry.logloss, entry.accuracy = logloss(y, probs), accuracy(y, probs)
+    entry.score = logloss(y, apply_temperature(probs, t))
+    log.info(
+        f"race round {round_no}: {recipe.name}: {epochs} epoch(s)"
+        + (f" of {steps} steps" if steps else "")
+        + f" in {entry.seconds:.0f} s (planned {planned:.0f} s), "
+        f"best epoch {done['best_epoch']}: calibrated log-loss {entry.score:.4f} (raw {entry.logloss:.4f}, "
+        f"accuracy {entry.accuracy:.4f})"
+    )
+    return entry
+
+
+def _race_keys(cfg: Config, facts: Facts, epochs: int, steps: int | None) -> dict:
+    """What a race job trains with besides its recipe: its short schedule, one model, no refit, no budget."""
+    out = {
+        "train.epochs": epochs,
+        "train.max_steps_per_epoch": steps,
+        "train.patience": 0,
+        "train.seeds": None,
+        "train.refit": False,
+        "train.time_budget_s": None,
+    }
+    if cfg.data.channels == AUTO:
+        out["data.channels"] = facts.channels
+    return out
