@@ -16,8 +16,8 @@ import math
 from pipeline.config.auto import AUTO
 from pipeline.config.schema import Config, with_values
 from pipeline.plan.facts import Facts
-from pipeline.plan.recipes import AUG_FAMILIES, Recipe, backbones, n_candidates, portfolio
 from pipeline.plan.jobs import TARGET
+from pipeline.plan.recipes import AUG_FAMILIES, Recipe, backbones, n_candidates, portfolio
 from pipeline.plan.search import _shape
 from pipeline.plan.speed import TIMING_COST_S, CostModel, PlanClock, Speed
 
