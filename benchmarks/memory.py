@@ -13,7 +13,9 @@ Last line: one JSON object.
 
     python benchmarks/memory.py [--n 25000] [--size 224] [--steps 5] [--backbone resnet18]
                                 [--n-splits 50] [--dir DIR] [--keep]
+    python benchmarks/memory.py --smoke   # 40 images at 32 px, simple_cnn, 1 step (tests/test_benchmarks.py)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +34,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+
+SMOKE = {"n": 40, "size": 32, "steps": 1, "backbone": "simple_cnn", "n_splits": 4}
 
 
 def generate(d: Path, n: int, side: int = 256) -> None:
@@ -56,12 +60,21 @@ def generate(d: Path, n: int, side: int = 256) -> None:
 def write_config(d: Path, args) -> Path:
     import yaml
 
-    cfg = {"competition": "memory-bench", "metric": "logloss",
-           "data": {"format": "image_folder", "dir": str(d), "image_size": args.size, "channels": 3},
-           "folds": {"n_splits": args.n_splits, "seed": 0},
-           "model": {"backbone": args.backbone, "pretrained": False},
-           "train": {"epochs": 1, "batch_size": 32, "max_steps_per_epoch": args.steps, "device": "cpu",
-                     "patience": 0, "num_workers": 0}}
+    cfg = {
+        "competition": "memory-bench",
+        "metric": "logloss",
+        "data": {"format": "image_folder", "dir": str(d), "image_size": args.size, "channels": 3},
+        "folds": {"n_splits": args.n_splits, "seed": 0},
+        "model": {"backbone": args.backbone, "pretrained": False},
+        "train": {
+            "epochs": 1,
+            "batch_size": 32,
+            "max_steps_per_epoch": args.steps,
+            "device": "cpu",
+            "patience": 0,
+            "num_workers": 0,
+        },
+    }
     path = d / "memory-bench.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -101,12 +114,18 @@ def phase_train(cfg_path: Path) -> dict:
     run_fold(cfg)
     t0 = time.perf_counter()
     train_cv(cfg, folds=[0], table=table)
-    return {"load_s": load_s, "after_load_rss_mb": after_load["peak_rss_mb"], "train_s": time.perf_counter() - t0, **rss()}
+    return {
+        "load_s": load_s,
+        "after_load_rss_mb": after_load["peak_rss_mb"],
+        "train_s": time.perf_counter() - t0,
+        **rss(),
+    }
 
 
 def child(phase: str, cfg_path: Path, cwd: Path) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--phase", phase, "--config", str(cfg_path)], cwd=cwd,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--phase", phase, "--config", str(cfg_path)], cwd=cwd, capture_output=True, text=True
+    )
     if out.returncode:
         sys.exit(f"{phase} phase failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -121,9 +140,18 @@ def main() -> None:
     p.add_argument("--n-splits", type=int, default=50)
     p.add_argument("--dir", help="work folder (default: a temporary one, removed unless --keep)")
     p.add_argument("--keep", action="store_true")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny settings ("
+        + ", ".join(f"{k}={v}" for k, v in SMOKE.items())
+        + "): every phase runs, the figures mean nothing",
+    )
     p.add_argument("--phase", choices=["decode", "train"], help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.smoke:
+        vars(args).update(SMOKE)
     if args.phase:
         fn = phase_decode if args.phase == "decode" else phase_train
         print(json.dumps(fn(Path(args.config))))
@@ -141,20 +169,40 @@ def main() -> None:
         print(f"generated {args.n} JPEGs 256x256 ({src_mb:.0f} MiB) in {gen_s:.0f}s", flush=True)
         cfg_path = write_config(data, args)
         dec = child("decode", cfg_path, work)
-        cache_gb = args.n * 3 * args.size ** 2 / 1e9
-        print(f"first read: decoded into the cache ({cache_gb:.2f} GB uint8) in {dec['decode_s']:.1f}s, "
-              f"peak RSS {dec['peak_rss_mb']:.0f} MiB", flush=True)
+        cache_gb = args.n * 3 * args.size**2 / 1e9
+        print(
+            f"first read: decoded into the cache ({cache_gb:.2f} GB uint8) in {dec['decode_s']:.1f}s, "
+            f"peak RSS {dec['peak_rss_mb']:.0f} MiB",
+            flush=True,
+        )
         tr = child("train", cfg_path, work)
-        print(f"second read: cache mapped in {tr['load_s']:.2f}s (peak RSS so far {tr['after_load_rss_mb']:.0f} MiB); "
-              f"fold 0, one epoch of {args.steps} steps ({args.backbone}, batch 32) + validation of {args.n // args.n_splits} "
-              f"images in {tr['train_s']:.0f}s: peak RSS {tr['peak_rss_mb']:.0f} MiB "
-              f"(at the end: private {tr['rssanon_mb']:.0f} MiB, file-backed {tr['rssfile_mb']:.0f} MiB)", flush=True)
-        print(json.dumps({"n": args.n, "size": args.size, "backbone": args.backbone, "steps": args.steps,
-                          "cache_gb": round(cache_gb, 3), "generate_s": round(gen_s, 1),
-                          "decode_s": round(dec["decode_s"], 1), "decode_peak_rss_mb": round(dec["peak_rss_mb"]),
-                          "cache_load_s": round(tr["load_s"], 3), "load_peak_rss_mb": round(tr["after_load_rss_mb"]),
-                          "train_s": round(tr["train_s"], 1), "train_peak_rss_mb": round(tr["peak_rss_mb"]),
-                          "train_end_rss_anon_mb": round(tr["rssanon_mb"]), "train_end_rss_file_mb": round(tr["rssfile_mb"])}))
+        print(
+            f"second read: cache mapped in {tr['load_s']:.2f}s (peak RSS so far {tr['after_load_rss_mb']:.0f} MiB); "
+            f"fold 0, one epoch of {args.steps} steps ({args.backbone}, batch 32) + validation of "
+            f"{args.n // args.n_splits} images in {tr['train_s']:.0f}s: peak RSS {tr['peak_rss_mb']:.0f} MiB "
+            f"(at the end: private {tr['rssanon_mb']:.0f} MiB, file-backed {tr['rssfile_mb']:.0f} MiB)",
+            flush=True,
+        )
+        print(
+            json.dumps(
+                {
+                    "n": args.n,
+                    "size": args.size,
+                    "backbone": args.backbone,
+                    "steps": args.steps,
+                    "cache_gb": round(cache_gb, 3),
+                    "generate_s": round(gen_s, 1),
+                    "decode_s": round(dec["decode_s"], 1),
+                    "decode_peak_rss_mb": round(dec["peak_rss_mb"]),
+                    "cache_load_s": round(tr["load_s"], 3),
+                    "load_peak_rss_mb": round(tr["after_load_rss_mb"]),
+                    "train_s": round(tr["train_s"], 1),
+                    "train_peak_rss_mb": round(tr["peak_rss_mb"]),
+                    "train_end_rss_anon_mb": round(tr["rssanon_mb"]),
+                    "train_end_rss_file_mb": round(tr["rssfile_mb"]),
+                }
+            )
+        )
     finally:
         if not args.keep and not args.dir:
             shutil.rmtree(work, ignore_errors=True)

@@ -11,7 +11,15 @@ on held-out data shows as such.
 
     .venv/bin/python benchmarks/second_stage.py                       # both competitions (~25 min here)
     .venv/bin/python benchmarks/second_stage.py --only iceberg --epochs 2 --n-train 200 --n-test 100
+    .venv/bin/python benchmarks/second_stage.py --smoke   # every step once, tiny (tests/test_benchmarks.py)
+
+``--smoke``: the iceberg demo with 60 training and 20 test chips, 1 epoch, 2 folds, every member a
+``simple_cnn`` at 32 px (they differ by seed and learning rate), the folds one after the other in the
+process (``train.fold_jobs=1``: no worker start-up per member), no TTA, no adversarial validation or
+Grad-CAM in evaluate: the zoo, the three blends and the pseudo-labelled member still run, and the
+figures mean nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,18 +36,36 @@ sys.path.insert(0, str(ROOT))
 
 COMPETITIONS = {
     # base config, demo-data kind, members (name -> overrides), pseudo threshold
-    "iceberg": ("competitions/iceberg-demo.yaml", "iceberg", {
-        "lite0_s1": {"train.seed": 1},
-        "lite0_s2": {"train.seed": 2},
-        "cnn": {"model.backbone": "simple_cnn", "model.pretrained": False, "train.lr": 3.0e-3},
-    }, 0.95),
-    "digits": ("competitions/digits-demo.yaml", "digits", {
-        "cnn_s1": {"train.seed": 1},
-        "cnn_s2": {"train.seed": 2},
-        "cnn_lr3e-3": {"train.seed": 3, "train.lr": 3.0e-3},
-    }, 0.99),
+    "iceberg": (
+        "competitions/iceberg-demo.yaml",
+        "iceberg",
+        {
+            "lite0_s1": {"train.seed": 1},
+            "lite0_s2": {"train.seed": 2},
+            "cnn": {"model.backbone": "simple_cnn", "model.pretrained": False, "train.lr": 3.0e-3},
+        },
+        0.95,
+    ),
+    "digits": (
+        "competitions/digits-demo.yaml",
+        "digits",
+        {"cnn_s1": {"train.seed": 1}, "cnn_s2": {"train.seed": 2}, "cnn_lr3e-3": {"train.seed": 3, "train.lr": 3.0e-3}},
+        0.99,
+    ),
 }
 METHODS = ("mean", "hillclimb", "gbm")
+SMOKE = {"only": ["iceberg"], "epochs": 1, "n_train": 60, "n_test": 20}
+SMOKE_SET = [
+    "folds.n_splits=2",
+    "train.fold_jobs=1",
+    "model.backbone=simple_cnn",
+    "model.pretrained=false",
+    "model.input_size=32",
+    "predict.tta=[identity]",
+    "predict.tta_oof=false",
+    "evaluate.adversarial=false",
+    "evaluate.gradcam_samples=0",
+]
 
 
 def _yaml(path: Path, d: dict) -> Path:
@@ -54,8 +80,8 @@ def held_out(cfg, run_dir: Path, solution: Path) -> tuple[float, float]:
     import numpy as np
 
     from pipeline.core.metrics import logloss, score
-    from pipeline.runs.predictions import class_names_of, probs_of, read_predictions
     from pipeline.predict.submission import read_solution
+    from pipeline.runs.predictions import class_names_of, probs_of, read_predictions
 
     pred = read_predictions(run_dir / "test_pred.csv", "test", scaled=True)
     classes = class_names_of(pred)
@@ -80,10 +106,10 @@ def oof_score(cfg, run_dir: Path) -> float:
 
 
 def run_competition(key: str, args, work: Path) -> list[dict]:
-    from pipeline.data import demo as demo_data
     from pipeline.config.load import load_config
-    from pipeline.ensemble.blend import run_ensemble
     from pipeline.core.metrics import GREATER_IS_BETTER
+    from pipeline.data.demo import WRITERS
+    from pipeline.ensemble.blend import run_ensemble
     from pipeline.stages import run_all
     from pipeline.zoo import run_zoo
 
@@ -95,24 +121,44 @@ def run_competition(key: str, args, work: Path) -> list[dict]:
             kw["n_test"] = args.n_test
         if args.n_train and kind != "digits":
             kw["n_train"] = args.n_train
-        print(demo_data.__dict__[f"write_{kind}"](data, **kw), flush=True)
+        print(WRITERS[kind](data, **kw), flush=True)
     # a copy of the base pointing at this folder's data and roots, so every stage's config finds them
-    base_copy = _yaml(work / f"{key}.yaml", {"extends": str(ROOT / base), "data": {"dir": str(data)},
-                                            "paths": {"runs": str(work / "runs"), "folds": str(work / "folds"),
-                                                      "submissions": str(work / "submissions")}})
-    common = [f"train.epochs={args.epochs}"] if args.epochs else []
+    base_copy = _yaml(
+        work / f"{key}.yaml",
+        {
+            "extends": str(ROOT / base),
+            "data": {"dir": str(data)},
+            "paths": {
+                "runs": str(work / "runs"),
+                "folds": str(work / "folds"),
+                "submissions": str(work / "submissions"),
+            },
+        },
+    )
+    common = ([f"train.epochs={args.epochs}"] if args.epochs else []) + args.set
     zoo = _yaml(work / f"{key}-zoo.yaml", {"base": str(base_copy), "members": members})
     cfg = load_config(base_copy, common, check_data=False)
     rows, t0 = [], time.time()
     for r in run_zoo(zoo, common):
-        rows.append({"what": f"member {r['member']}", "run": cfg.run_dir.parent / r["experiment"], "seconds": r.get("train_s")})
+        rows.append(
+            {"what": f"member {r['member']}", "run": cfg.run_dir.parent / r["experiment"], "seconds": r.get("train_s")}
+        )
     for method in METHODS:
         t = time.time()
-        ens = _yaml(work / f"{key}-{method}.yaml", {"competition": cfg.competition, "config": str(base_copy),
-                                                    "members": [str(r["run"]) for r in rows if r["what"].startswith("member")],
-                                                    "method": method, "name": f"{key}-zoo-{method}"})
+        ens = _yaml(
+            work / f"{key}-{method}.yaml",
+            {
+                "competition": cfg.competition,
+                "config": str(base_copy),
+                "members": [str(r["run"]) for r in rows if r["what"].startswith("member")],
+                "method": method,
+                "name": f"{key}-zoo-{method}",
+            },
+        )
         run_ensemble(ens)
-        rows.append({"what": f"blend {method}", "run": cfg.run_dir.parent / f"{key}-zoo-{method}", "seconds": time.time() - t})
+        rows.append(
+            {"what": f"blend {method}", "run": cfg.run_dir.parent / f"{key}-zoo-{method}", "seconds": time.time() - t}
+        )
     better = GREATER_IS_BETTER[cfg.metric]
     for r in rows:
         r["oof"] = oof_score(cfg, r["run"])
@@ -120,8 +166,10 @@ def run_competition(key: str, args, work: Path) -> list[dict]:
     best = (max if better else min)((r for r in rows if r["what"].startswith("member")), key=lambda r: r["oof"])
     # a pseudo-labelled copy of the best member (by OOF: test labels never choose), labels from its own fold models
     name = best["what"].split()[-1]
-    pseudo = _yaml(work / f"{key}-pseudo-{name}.yaml", {"extends": str(base_copy),
-                                                        "pseudo": {"from": str(best["run"]), "threshold": threshold}})
+    pseudo = _yaml(
+        work / f"{key}-pseudo-{name}.yaml",
+        {"extends": str(base_copy), "pseudo": {"from": str(best["run"]), "threshold": threshold}},
+    )
     pcfg = load_config(pseudo, common + [f"{k}={json.dumps(v)}" for k, v in members[name].items()])
     t = time.time()
     run_all(pcfg)
@@ -137,13 +185,22 @@ def run_competition(key: str, args, work: Path) -> list[dict]:
 
 def table(key: str, metric: str, rows: list[dict], best: dict, better: bool, seconds: float) -> str:
     ll = metric != "logloss"  # a second log-loss column only when the metric is another
-    head = f"{'':<22} {'nested OOF ' + metric:>20} {'test ' + metric:>16}" + (f" {'test log-loss':>14}" if ll else "") + f" {'vs best member (test)':>22}"
+    head = (
+        f"{'':<22} {'nested OOF ' + metric:>20} {'test ' + metric:>16}"
+        + (f" {'test log-loss':>14}" if ll else "")
+        + f" {'vs best member (test)':>22}"
+    )
     out = [f"\n== {key}: {len(rows)} rows in {seconds:.0f} s ==", head]
     for r in rows:
         gain = r["test"] - best["test"]
-        verdict = "" if r is best else (f"{gain:+.4f} " + ("better" if (gain > 0) == better and gain != 0 else "not better"))
-        out.append(f"{r['what'] + (' *' if r['best'] else ''):<22} {r['oof']:>20.4f} {r['test']:>16.4f}"
-                   + (f" {r['test_logloss']:>14.4f}" if ll else "") + f" {verdict:>22}")
+        verdict = (
+            "" if r is best else (f"{gain:+.4f} " + ("better" if (gain > 0) == better and gain != 0 else "not better"))
+        )
+        out.append(
+            f"{r['what'] + (' *' if r['best'] else ''):<22} {r['oof']:>20.4f} {r['test']:>16.4f}"
+            + (f" {r['test_logloss']:>14.4f}" if ll else "")
+            + f" {verdict:>22}"
+        )
     out.append("* the best single member by OOF (test labels choose nothing)")
     return "\n".join(out)
 
@@ -156,7 +213,16 @@ def main(argv=None) -> int:
     ap.add_argument("--n-train", type=int, default=None, help="iceberg demo: training images")
     ap.add_argument("--n-test", type=int, default=None, help="held-out test images")
     ap.add_argument("--seed", type=int, default=0, help="demo data seed")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override for every member and the pseudo run"
+    )
+    ap.add_argument(
+        "--smoke", action="store_true", help="tiny settings: every step runs once, the figures mean nothing"
+    )
     args = ap.parse_args(argv)
+    if args.smoke:
+        vars(args).update(SMOKE)
+        args.set = SMOKE_SET + args.set
     from pipeline.core.logs import to_stdout
 
     to_stdout()

@@ -15,7 +15,7 @@ import math
 
 from pipeline.config.auto import AUTO
 from pipeline.config.schema import Config, with_values
-from pipeline.plan.facts import Facts
+from pipeline.plan.facts import Facts, fixed_size
 from pipeline.plan.jobs import TARGET
 from pipeline.plan.recipes import AUG_FAMILIES, Recipe, backbones, n_candidates, portfolio
 from pipeline.plan.search import _shape
@@ -27,7 +27,10 @@ PROBE_MAX = 64  # networks are timed at the files' size up to this side, larger 
 MIN_FINAL_EPOCHS = {"tune": 3, "head": 6, "scratch": 8}  # what the final training must afford at a size
 
 
-def probe_size(facts: Facts) -> int:
+def probe_size(facts: Facts, cfg: Config | None = None) -> int:
+    """The size networks are timed at: the files' own up to ``PROBE_MAX``, or the size the format fixes."""
+    if cfg is not None and fixed_size(cfg):
+        return cfg.data.image_size if cfg.data.image_size not in (AUTO, None) else facts.native
     return min(facts.native, PROBE_MAX)
 
 
@@ -59,12 +62,12 @@ class Timer:
                 f"{self.clock.limit:.0f} s planning share spent"
             )
             return False
-        self._time(c, probe_size(self.facts))
+        self._time(c, probe_size(self.facts, self.cfg))
         return True
 
     def refine(self, c: Config, size: int) -> None:
         """A second timed size for ``c``'s network, so the exponent is fitted, when the clock allows."""
-        key, probe = net_key(c), probe_size(self.facts)
+        key, probe = net_key(c), probe_size(self.facts, self.cfg)
         if size <= probe * 1.4 or size in self.cost.timed.get(key, {}) or self.clock.left() < 2 * TIMING_COST_S:
             return
         self._time(c, size)
@@ -81,7 +84,7 @@ class Timer:
             f"{f' beside {siblings} sibling job(s)' if siblings else ''} "
             f"({self.clock.spent():.0f} of {self.clock.limit:.0f} s of planning spent)"
         )
-        sized = with_values(c, {"data.image_size": size, "train.epochs": 1})
+        sized = with_values(c, {"train.epochs": 1, **({} if fixed_size(self.cfg) else {"data.image_size": size})})
         self.cost.add(
             net_key(c), size, measure_speed(sized, self.facts, size, self.main, siblings=siblings, quick=True)
         )
@@ -134,8 +137,8 @@ def _with_net(cfg: Config, facts: Facts, backbone: str, pretrained: bool, finetu
         values["model.input_norm"] = "dataset"
     if cfg.data.channels == AUTO:
         values["data.channels"] = facts.channels
-    if cfg.data.image_size == AUTO:
-        values["data.image_size"] = probe_size(facts)
+    if cfg.data.image_size == AUTO and not fixed_size(cfg):
+        values["data.image_size"] = probe_size(facts, cfg)
     return with_values(cfg, values)
 
 
@@ -149,6 +152,8 @@ def _largest_size(cfg: Config, facts: Facts, timer: Timer, c: Config, train_s: f
     n_folds = cfg.folds.n_splits * cfg.folds.repeats
     shape = _shape(c, facts, n_folds=n_folds, n_seeds=1, cores=timer.cores, device_type=timer.device_type)
     key = net_key(c)
+    if fixed_size(cfg):
+        return probe_size(facts, cfg)
     for size in [s for s in (facts.native, *SIZES) if s <= facts.native]:
         if size > probe_size(facts):
             timer.refine(c, min(size, 2 * probe_size(facts)))

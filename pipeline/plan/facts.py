@@ -134,9 +134,14 @@ def _model_rule(cfg: Config, facts: Facts, n_train: int) -> tuple[dict, list[str
 def _candidates(cfg: Config, facts: Facts) -> list[int]:
     if cfg.data.image_size != AUTO:
         return [cfg.data.image_size or facts.native]
-    if cfg.data.image_spec().size or not _resizable(cfg):
+    if fixed_size(cfg):
         return [facts.native]
     return [facts.native] + [s for s in SIZES if s < facts.native]
+
+
+def fixed_size(cfg: Config) -> bool:
+    """The format fixes the images' size (statoil_json: 75 px), or the config pins it."""
+    return bool(cfg.data.image_size not in (AUTO, None) or cfg.data.image_spec().size or not _resizable(cfg))
 
 
 def _resizable(cfg: Config) -> bool:

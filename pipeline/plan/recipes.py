@@ -19,7 +19,16 @@ from dataclasses import dataclass
 
 from pipeline.config.auto import AUTO
 from pipeline.config.schema import Config
-from pipeline.plan.facts import MIN_PRETRAINED_SIDE, PRETRAINED, SCRATCH, SIZES, SMALL_DATA, Facts, _weights_offline
+from pipeline.plan.facts import (
+    MIN_PRETRAINED_SIDE,
+    PRETRAINED,
+    SCRATCH,
+    SIZES,
+    SMALL_DATA,
+    Facts,
+    _weights_offline,
+    fixed_size,
+)
 
 # Families of augmentation the race chooses among. Flips and quarter turns are exact symmetries only for some
 # data (an aerial scene, a SAR chip: all eight; a photo: the mirror; a digit: none): the race measures which.
@@ -80,7 +89,7 @@ class Recipe:
             out.update(
                 {"model.backbone": self.backbone, "model.pretrained": self.pretrained, "model.finetune": self.finetune}
             )
-        if cfg.data.image_size == AUTO:
+        if cfg.data.image_size == AUTO and not fixed_size(cfg):
             out["data.image_size"] = self.size
         if cfg.augment == AUTO:
             out["augment"] = AUG_FAMILIES[self.augment]
@@ -118,8 +127,8 @@ def backbones(cfg: Config, facts: Facts, n_train: int) -> list[tuple[str, bool, 
 def sizes_for(cfg: Config, facts: Facts, backbone: str, pretrained: bool, largest: int) -> list[int]:
     """Image sizes for one backbone, largest first: the largest the budget affords (``largest``, from the speed
     model) and the standard size about two thirds of it; never above the files' size."""
-    if cfg.data.image_size != AUTO:
-        return [cfg.data.image_size or facts.native]
+    if fixed_size(cfg):
+        return [cfg.data.image_size if cfg.data.image_size not in (AUTO, None) else facts.native]
     cap = min(facts.native, largest, SCRATCH_MAX_SIDE if not pretrained else PRETRAINED_MAX_SIDE)
     floor = MIN_PRETRAINED_SIDE if pretrained else 8
     fits = [s for s in (facts.native, *SIZES) if s <= cap and s >= min(floor, facts.native)]
