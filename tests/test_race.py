@@ -197,3 +197,39 @@ def test_a_real_race_chooses_and_trains_its_winner_and_reruns_reuse_it(make_conf
     again = capsys.readouterr().out
     assert "race round" not in again and "timing" not in again
     assert json.loads((run / "plan.json").read_text()) == plan and cfg.augment == "auto"
+
+
+def test_without_a_race_the_priors_first_choice_trains(make_config, sk_digits_dir):
+    """augment and input norm auto, no budget: nothing to race; the prior's first family and dataset norm."""
+    from pipeline.plan.store import planned
+
+    p = make_config(
+        sk_digits_dir,
+        fmt="pixel_csv",
+        model={"backbone": "bn_cnn", "pretrained": False, "input_norm": "auto"},
+        augment="auto",
+    )
+    cfg = planned(load_config(p), speed=lambda c, size, th: Speed(train_img_s=1000.0, val_img_s=4000.0))
+    assert cfg.augment == AUG_FAMILIES[AUG_ORDER["grey"][0]] and cfg.model.input_norm == "dataset"
+    assert "race" not in cfg.plan and cfg.plan["values"]["augment"] == cfg.augment
+
+
+def test_planning_times_networks_only_while_its_share_of_the_budget_allows(auto_cfg, monkeypatch):
+    """The first network is always timed; the others only while the clock has room for a timing."""
+    from pipeline.plan import choose
+
+    timed = []
+    monkeypatch.setattr(
+        "pipeline.plan.timing.measure_speed",
+        lambda c, f, size, th, siblings=0, quick=False: (
+            timed.append((c.model.backbone, size)) or Speed(train_img_s=100.0, val_img_s=400.0)
+        ),
+    )
+    cfg, facts = auto_cfg(), _facts(native=128, channels=3)
+    clock = PlanClock(600, time.time() - 29)  # 29 of the 30 s planning share spent already
+    timer = choose.Timer(cfg, facts, clock, cores=2, device_type="cpu")
+    why = []
+    recipes = choose.race_portfolio(cfg, facts, timer, why)
+    assert timed == [("tf_efficientnet_lite0", 64)]  # the prior's first network, at <= 64 px; no room for more
+    assert {r.backbone for r in recipes} == {"tf_efficientnet_lite0"} and why
+    assert all(size <= 64 for _, size in timed)

@@ -121,7 +121,11 @@ def race_portfolio(cfg: Config, facts: Facts, timer: Timer, why: list) -> list[R
             return 0
         return _largest_size(cfg, facts, timer, _with_net(cfg, facts, backbone, pretrained, finetune), train_s)
 
-    recipes = [r for r in portfolio(cfg, facts, n=n_candidates(cfg, budget), largest_size=largest) if r.size > 0]
+    recipes = [
+        r
+        for r in portfolio(cfg, facts, n=n_candidates(cfg, budget), largest_size=largest)
+        if (r.backbone, r.pretrained, r.finetune) in timed
+    ]
     why.append(
         f"race: {len(recipes)} candidates ({', '.join(r.name for r in recipes)}) for "
         f"{cfg.race.share:.0%} of the {budget:.0f} s budget"

