@@ -102,7 +102,10 @@ def pipeline_child(config: str, solution: str, overrides: list[str]) -> None:
     if not truth.isin(list(code)).all():  # a solution of class indices (Statoil's is_iceberg 0/1), not names
         code = {str(i): i for i in range(len(classes))}
     y = truth.map(code).to_numpy()
-    loss = log_loss(y, probs_of(pred, classes), labels=np.arange(len(classes)))
+    probs = probs_of(pred, classes)
+    loss = log_loss(y, probs, labels=np.arange(len(classes)))
+    if "is_iceberg" in sol.columns:  # a probability submission is scored by log-loss: the accuracy of its argmax
+        accuracy = float((probs.argmax(1) == y).mean())
     print(
         "RESULT "
         + json.dumps(

@@ -3,7 +3,7 @@
 A stage is *done* when its output exists and the hash of the config sections it depends on
 (``config.STAGE_SECTIONS``) equals the one saved beside that output; *stale* when the output
 exists under another hash (or an upstream stage will rerun); *missing* otherwise. Training is stale too
-when its jobs finished under another run hash (``RunDir.run_hash``: the folds file's bytes, and with
+when its jobs finished under another run hash (``pipeline.train.finished.run_hash``: the folds file's bytes, and with
 ``pseudo`` the source's prediction files, changed since).
 """
 

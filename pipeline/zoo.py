@@ -18,7 +18,7 @@ Command-line overrides apply to the base; a member's own overrides win over them
 named by its key, so reordering the file changes no name, hash or result; members train in the
 order of their names. Members share the competition's data, folds file and metric, so their keys
 ``competition``, ``metric``, ``data.*``, ``folds.*`` and ``paths.*`` are refused (set them in the base
-or on the command line). Each member runs the stages of ``pipeline run`` (``run.run_all``: fold,
+or on the command line). Each member runs the stages of ``pipeline run`` (``pipeline.stages.run_all``: fold,
 train through the executor its config names, evaluate, predict), so a finished member is skipped
 and a half-trained one resumes at its first unfinished fold. Then the members' table (CV mean and
 std from metrics.json, training seconds and img/s from the folds' history.csv) and, with

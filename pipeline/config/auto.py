@@ -214,7 +214,7 @@ def without_plan(cfg: Config) -> Config:
     if needs_planner(cfg):
         raise PipelineError(
             f"{cfg.path}: the time budget or the auto values read from the data are resolved by the run's "
-            f"plan; run `pipeline train {cfg.path}` (or pass pipeline.plan.planned(cfg) to the library)"
+            f"plan; run `pipeline train {cfg.path}` (or pass pipeline.plan.store.planned(cfg) to the library)"
         )
     values = {
         k: v for k, v in (("train.epochs", DEFAULT_EPOCHS), ("train.seeds", None)) if getattr(cfg.train, k[6:]) == AUTO

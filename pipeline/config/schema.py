@@ -132,8 +132,13 @@ class Config(Section):
 
 
 def with_values(cfg: Config, values: dict) -> Config:
-    """``cfg`` with ``section.key`` values replaced, validated again (its path, name and plan kept)."""
-    d = apply_overrides(cfg.to_dict(), values)
+    """``cfg`` with ``section.key`` values replaced, validated again (its path, name and plan kept). Only the
+    keys the config set and the ones replaced count as set (``model_fields_set``): a rule that keeps what a
+    user wrote (``model.pretrained``) still tells it from a default."""
+    d = cfg.model_dump(mode="json", exclude_unset=True, by_alias=True)
+    for k in ("path", "name", "plan"):
+        d.pop(k, None)
+    d = apply_overrides(d, values)
     return Config.model_validate({**d, "path": cfg.path, "name": cfg.name, "plan": cfg.plan})
 
 

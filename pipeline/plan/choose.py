@@ -15,7 +15,7 @@ import math
 
 from pipeline.config.auto import AUTO
 from pipeline.config.schema import Config, with_values
-from pipeline.plan.facts import Facts, fixed_size
+from pipeline.plan.facts import Facts, fixed_size, format_size, given_size
 from pipeline.plan.jobs import TARGET
 from pipeline.plan.recipes import AUG_FAMILIES, Recipe, backbones, n_candidates, portfolio
 from pipeline.plan.search import _shape
@@ -28,10 +28,11 @@ MIN_FINAL_EPOCHS = {"tune": 3, "head": 6, "scratch": 8}  # what the final traini
 
 
 def probe_size(facts: Facts, cfg: Config | None = None) -> int:
-    """The size networks are timed at: the files' own up to ``PROBE_MAX``, or the size the format fixes."""
-    if cfg is not None and fixed_size(cfg):
-        return cfg.data.image_size if cfg.data.image_size not in (AUTO, None) else facts.native
-    return min(facts.native, PROBE_MAX)
+    """The size networks are timed at: the run's size (the files' own, or the config's) up to ``PROBE_MAX``,
+    or the size the format fixes, as it is."""
+    if cfg is not None and format_size(cfg):
+        return facts.native
+    return min(given_size(cfg, facts) if cfg is not None and fixed_size(cfg) else facts.native, PROBE_MAX)
 
 
 def net_key(c: Config) -> tuple:
@@ -50,6 +51,9 @@ class Timer:
         shape = _shape(cfg, facts, n_folds=n_folds, n_seeds=1, cores=cores, device_type=device_type)
         self.main, self.width = shape.threads()[0], shape.width
         self.cost = CostModel(self.main)
+        # one job on every core (the race, a last partial wave, the refit): timed too when the clock allows,
+        # since the thread count's rule errs (simple_cnn ran 1.84x as fast on 2 threads as on 1, not 1.41x)
+        self.wide = CostModel(cores)
 
     def ensure(self, c: Config, *, required: bool) -> bool:
         """Time ``c``'s network at the probe size unless known; False when the clock has no room (not ``required``)."""
@@ -72,29 +76,47 @@ class Timer:
             return
         self._time(c, size)
 
-    def _time(self, c: Config, size: int) -> None:
+    def time_wide(self, c: Config) -> None:
+        """``c``'s network on every core at the probe size, when the jobs do not already run so and the clock allows."""
+        key = net_key(c)
+        if self.main == self.cores or self.wide.knows(key) or self.clock.left() < TIMING_COST_S:
+            return
+        self._time(c, probe_size(self.facts, self.cfg), threads=self.cores)
+
+    def estimate(self, key: tuple, size: int, threads: int) -> Speed:
+        if threads == self.cores and self.wide.knows(key):
+            return self.wide.speed(key, size)
+        return self.cost.speed(key, size, threads)
+
+    def _time(self, c: Config, size: int, threads: int | None = None) -> None:
         from pipeline.plan.timing import measure_speed
 
+        threads = threads or self.main
+        model = self.cost if threads == self.main else self.wide
         if self.given is not None:
-            self.cost.add(net_key(c), size, self.given(c, size, self.main))
+            model.add(net_key(c), size, self.given(c, size, threads))
             return
-        siblings = self.width - 1 if self.width > 1 and self.main * self.width <= self.cores else 0
+        siblings = (
+            self.width - 1 if threads == self.main and self.width > 1 and self.main * self.width <= self.cores else 0
+        )
         log.info(
-            f"plan: timing {c.model.backbone} at {size} px on {self.main} thread(s)"
+            f"plan: timing {c.model.backbone} at {size} px on {threads} thread(s)"
             f"{f' beside {siblings} sibling job(s)' if siblings else ''} "
             f"({self.clock.spent():.0f} of {self.clock.limit:.0f} s of planning spent)"
         )
-        sized = with_values(c, {"train.epochs": 1, **({} if fixed_size(self.cfg) else {"data.image_size": size})})
-        self.cost.add(
-            net_key(c), size, measure_speed(sized, self.facts, size, self.main, siblings=siblings, quick=True)
-        )
+        # no pretrained weights for a timing: the speed is the same, and a cold cache's conversion is not planning's
+        timing = {"train.epochs": 1, "model.pretrained": False, "model.weights": None}
+        sized = with_values(c, {**timing, **({} if format_size(self.cfg) else {"data.image_size": size})})
+        model.add(net_key(c), size, measure_speed(sized, self.facts, size, threads, siblings=siblings, quick=True))
 
     def speed_fn(self):
         """A ``SpeedFn`` for ``make_plan``: the cost model's estimate (the network timed first when unknown)."""
 
         def speed(c: Config, size: int, threads: int) -> Speed:
             self.ensure(c, required=True)
-            return self.cost.speed(net_key(c), size, threads)
+            if threads == self.cores:
+                self.time_wide(c)
+            return self.estimate(net_key(c), size, threads)
 
         return speed
 
@@ -141,7 +163,7 @@ def _with_net(cfg: Config, facts: Facts, backbone: str, pretrained: bool, finetu
         values["model.input_norm"] = "dataset"
     if cfg.data.channels == AUTO:
         values["data.channels"] = facts.channels
-    if cfg.data.image_size == AUTO and not fixed_size(cfg):
+    if not format_size(cfg):
         values["data.image_size"] = probe_size(facts, cfg)
     return with_values(cfg, values)
 
@@ -157,7 +179,7 @@ def _largest_size(cfg: Config, facts: Facts, timer: Timer, c: Config, train_s: f
     shape = _shape(c, facts, n_folds=n_folds, n_seeds=1, cores=timer.cores, device_type=timer.device_type)
     key = net_key(c)
     if fixed_size(cfg):
-        return probe_size(facts, cfg)
+        return given_size(cfg, facts)
     for size in [s for s in (facts.native, *SIZES) if s <= facts.native]:
         if size > probe_size(facts):
             timer.refine(c, min(size, 2 * probe_size(facts)))
@@ -172,5 +194,6 @@ def recipe_speeds(timer: Timer, cfg: Config, facts: Facts, recipes: list[Recipe]
     out = {}
     for r in recipes:
         c = _with_net(cfg, facts, r.backbone, r.pretrained, r.finetune)
-        out[r.name] = timer.cost.speed(net_key(c), r.size, timer.cores)
+        timer.time_wide(c)
+        out[r.name] = timer.estimate(net_key(c), r.size, timer.cores)
     return out

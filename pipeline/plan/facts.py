@@ -11,7 +11,6 @@ from pipeline.config.auto import AUTO
 from pipeline.config.schema import Config
 from pipeline.core.errors import PipelineError
 
-# 0.90 left digits at 520 s a plan of 0.91 that spent 0.79 when the run went 15% faster
 MIN_PRETRAINED_SIDE = 48  # below it ImageNet features do not transfer: the CNN from scratch
 SMALL_DATA = 2000  # fewer training rows: a pretrained backbone is fine-tuned gradually
 PRETRAINED = "tf_efficientnet_lite0"
@@ -139,9 +138,19 @@ def _candidates(cfg: Config, facts: Facts) -> list[int]:
     return [facts.native] + [s for s in SIZES if s < facts.native]
 
 
+def format_size(cfg: Config) -> bool:
+    """The format fixes the images' size (statoil_json: 75 px): a model must see it as it is."""
+    return bool(cfg.data.image_spec().size or not _resizable(cfg))
+
+
 def fixed_size(cfg: Config) -> bool:
-    """The format fixes the images' size (statoil_json: 75 px), or the config pins it."""
-    return bool(cfg.data.image_size not in (AUTO, None) or cfg.data.image_spec().size or not _resizable(cfg))
+    """The size is not the plan's to choose: the format fixes it, or the config gives one (null: the files')."""
+    return cfg.data.image_size != AUTO or format_size(cfg)
+
+
+def given_size(cfg: Config, facts: Facts) -> int:
+    """The size a run with a ``fixed_size`` trains at."""
+    return cfg.data.image_size if cfg.data.image_size not in (AUTO, None) else facts.native
 
 
 def _resizable(cfg: Config) -> bool:

@@ -14,7 +14,7 @@ from pipeline.train.executors import thread_plan
 MAX_EPOCHS = 60  # more than this rarely helps a fine-tune; a bigger budget is left to seeds or tuning
 TARGET = 0.96  # share of the budget the plan fills at the timed speed. This machine trained 0.75-1.25x as
 # fast as it timed (2026-12-04): a faster run still spends 85% up to 1.13x, a slower one is
-# stopped by its job's deadline at the first epoch past its share (pipeline/train/trainer.py)
+# stopped by its job's deadline at the first epoch past its share (pipeline/train/callbacks.py)
 SPAWN_S = 8.0  # a fold_jobs worker's start: a fresh interpreter imports torch and timm, reads the table
 
 

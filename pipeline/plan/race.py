@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 MAX_RACE_EPOCHS = 30  # a candidate's schedule: more rarely changes the ranking
 RACE_JOB_S = 1.5  # a race job's cost besides its steps: reading the table at its size, the trainer's files, scoring
+OVERRUN = 1.15  # the race ends by this share of its time whatever the machine's speed; training gets the rest
 
 
 @dataclass
@@ -106,9 +107,9 @@ def schedule(
 def rounds(n: int, eta: int) -> list[int]:
     """Candidates per round of successive halving: n, ceil(n/eta), ... down to two (the last round picks one)."""
     out = [n]
-    while out[-1] > 2:
+    while out[-1] > 2 and math.ceil(out[-1] / eta) > 1:
         out.append(math.ceil(out[-1] / eta))
-    return out if n > 1 else [1]
+    return out
 
 
 def unit_seconds(n: int, eta: int, total: float) -> float:
@@ -119,27 +120,32 @@ def unit_seconds(n: int, eta: int, total: float) -> float:
 
 def measurable(
     cfg: Config, facts: Facts, recipes: list[Recipe], speeds: dict[str, Speed], seconds: float
-) -> str | None:
-    """Why a race of ``recipes`` in ``seconds`` could not tell them apart, or None: round one must give every
-    candidate at least one whole epoch (a fraction of one scores the initialisation, not the recipe)."""
-    unit = unit_seconds(len(recipes), cfg.race.eta, seconds)
+) -> list[Recipe]:
+    """The candidates a race in ``seconds`` can tell apart: round one must give each at least one whole epoch
+    (a fraction of one scores the initialisation, not the recipe). A candidate that cannot have one is left
+    out, and the others' share grows; the prior's order is kept."""
     n_val = math.ceil(facts.n_rows * cfg.race.holdout)
-    for r in recipes:
-        _, steps, _ = schedule(
-            speeds[r.name],
-            seconds=unit,
-            n_train=facts.n_rows - n_val,
-            n_val=n_val,
-            batch_size=cfg.train.batch_size,
-            head_only=r.finetune == "head",
-            n_rows=facts.n_rows,
-        )
-        if steps is not None:
-            return (
-                f"{unit:.1f} s per candidate in round one is less than one epoch of {r.name}; "
-                f"the prior's first choice trains instead"
-            )
-    return None
+    alive = list(recipes)
+    while alive:
+        unit = unit_seconds(len(alive), cfg.race.eta, seconds)
+        fits = [
+            r
+            for r in alive
+            if schedule(
+                speeds[r.name],
+                seconds=unit,
+                n_train=facts.n_rows - n_val,
+                n_val=n_val,
+                batch_size=cfg.train.batch_size,
+                head_only=r.finetune == "head",
+                n_rows=facts.n_rows,
+            )[1]
+            is None
+        ]
+        if len(fits) == len(alive):
+            return alive
+        alive = fits
+    return alive
 
 
 def race(
@@ -147,21 +153,30 @@ def race(
 ) -> tuple[Recipe, list[dict], float]:
     """Race ``recipes`` (``speeds``: each one's ``Speed`` by name) in about ``seconds``; returns (the winner,
     the table's rows, seconds spent)."""
+    import shutil
+
     t0 = time.time()
+    deadline = t0 + OVERRUN * seconds  # the race as a whole: a slow machine ends it, never the budget
+    shutil.rmtree(run_dir, ignore_errors=True)  # a race a killed plan left: its jobs are not this race's
     eta = cfg.race.eta
     unit = unit_seconds(len(recipes), eta, seconds)
     n_rows = facts.n_rows
     n_val = math.ceil(n_rows * cfg.race.holdout)
-    alive, table, round_no = list(recipes), [], 1
+    alive, table, round_no, tables = list(recipes), [], 1, {}
     log.info(
         f"race: {len(recipes)} candidates on a {cfg.race.holdout:.0%} held-out split, ~{seconds:.0f} s in "
         f"{len(rounds(len(recipes), eta))} round(s) of successive halving (1/{eta} kept each round)"
     )
     while True:
-        budget_each = unit * eta ** (round_no - 1)
-        entries = [_train(cfg, facts, r, speeds[r.name], round_no, budget_each, n_val, run_dir) for r in alive]
+        left = max(deadline - time.time(), 0.0)
+        budget_each = min(unit * eta ** (round_no - 1), left / len(alive))
+        entries = [
+            _train(cfg, facts, r, speeds[r.name], round_no, budget_each, n_val, run_dir, tables, deadline)
+            for r in alive
+        ]
         order = sorted(range(len(alive)), key=lambda i: (entries[i].score, alive[i].rank))
-        keep = 1 if len(alive) <= 2 else math.ceil(len(alive) / eta)
+        out_of_time = time.time() >= deadline
+        keep = 1 if len(alive) <= 2 or out_of_time else math.ceil(len(alive) / eta)
         for pos, i in enumerate(order):
             e = entries[i]
             e.verdict = ("won" if keep == 1 else "kept") if pos < keep else f"dropped: {pos + 1} of {len(alive)}"
@@ -176,9 +191,19 @@ def race(
 
 
 def _train(
-    cfg: Config, facts: Facts, recipe: Recipe, speed: Speed, round_no: int, seconds: float, n_val: int, run_dir
+    cfg: Config,
+    facts: Facts,
+    recipe: Recipe,
+    speed: Speed,
+    round_no: int,
+    seconds: float,
+    n_val: int,
+    run_dir,
+    tables: dict,
+    deadline: float,
 ) -> Entry:
-    """One candidate for ``seconds`` on the held-out split, in its own scratch job folder."""
+    """One candidate for ``seconds`` on the held-out split, in its own scratch job folder; ``tables``: the
+    training table by (size, channels), read once per race; ``deadline``: the race's end."""
     import pandas as pd
 
     from pipeline.core.device import resolve_device
@@ -203,7 +228,10 @@ def _train(
     entry = Entry(name=recipe.name, rank=recipe.rank, round=round_no, epochs=epochs, steps=steps, planned_s=planned)
     c = with_values(cfg, {**recipe.config_values(cfg), **_race_keys(cfg, facts, epochs, steps)})
     t0 = time.time()
-    table = read_table(c, "train")
+    key = (c.data.image_size, c.data.channels)
+    if key not in tables:
+        tables[key] = read_table(c, "train")
+    table = tables[key]
     fold_of = holdout(table.labels, cfg.race.holdout, cfg.folds.seed)
     seed = cfg.train.seed
     job = RunDir(path=run_dir / f"round{round_no}-{recipe.name}", seeds=[seed], cfg=c).job_dir(0, seed)
@@ -215,12 +243,15 @@ def _train(
         fold_of=fold_of,
         job=job,
         device=device,
-        run_hash=f"race-{recipe.name}",
+        run_hash=f"race-{c.hash()}-{epochs}-{steps}",
         precision=c.train.precision if c.train.precision != AUTO else "fp32",
         embeddings=emb,
-        deadline=t0 + 3 * planned + 30,
+        deadline=min(t0 + 1.5 * planned + 5, deadline),
     ).run()
     entry.seconds = time.time() - t0
+    if not job.oof.is_file():  # no epoch improved on the initial loss (NaN): the candidate scores last
+        log.info(f"race round {round_no}: {recipe.name}: no usable epoch; scored last")
+        return entry
     oof = pd.read_csv(job.oof)
     y = oof["target"].to_numpy()
     probs = oof[[f"p_{k}" for k in table.class_names]].to_numpy(dtype=np.float64)

@@ -28,6 +28,7 @@ from pipeline.plan.facts import (
     Facts,
     _weights_offline,
     fixed_size,
+    given_size,
 )
 
 # Families of augmentation the race chooses among. Flips and quarter turns are exact symmetries only for some
@@ -121,6 +122,11 @@ def backbones(cfg: Config, facts: Facts, n_train: int) -> list[tuple[str, bool, 
     out = [(PRETRAINED, True, tune), (PRETRAINED, True, "head"), (SCRATCH, False, "full")]
     if _weights_offline("tf_efficientnet_lite1"):
         out.append(("tf_efficientnet_lite1", True, tune))
+    given = cfg.model.model_fields_set  # model.pretrained / finetune written in the config stay the config's
+    if "pretrained" in given:
+        out = [n for n in out if n[1] == cfg.model.pretrained] or [(SCRATCH, False, "full")]
+    if "finetune" in given:
+        out = list(dict.fromkeys((b, p, cfg.model.finetune if p else f) for b, p, f in out))
     return out
 
 
@@ -128,7 +134,7 @@ def sizes_for(cfg: Config, facts: Facts, backbone: str, pretrained: bool, larges
     """Image sizes for one backbone, largest first: the largest the budget affords (``largest``, from the speed
     model) and the standard size about two thirds of it; never above the files' size."""
     if fixed_size(cfg):
-        return [cfg.data.image_size if cfg.data.image_size not in (AUTO, None) else facts.native]
+        return [given_size(cfg, facts)]
     cap = min(facts.native, largest, SCRATCH_MAX_SIDE if not pretrained else PRETRAINED_MAX_SIDE)
     floor = MIN_PRETRAINED_SIDE if pretrained else 8
     fits = [s for s in (facts.native, *SIZES) if s <= cap and s >= min(floor, facts.native)]

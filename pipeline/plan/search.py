@@ -19,7 +19,8 @@ from pipeline.train.executors import executor_width
 MIN_EPOCHS = 8  # image_size: auto keeps the largest size that still gets these per fold
 SEED_EPOCHS = DEFAULT_EPOCHS  # train.seeds: auto adds a seed only while every job still gets this many epochs
 MAX_SEEDS = 5  # ... and at most this many: past it another seed adds little to the average
-FILL = 0.94  # whole epochs filling less than this: one more, each cut to fewer steps (_fill_steps);
+FILL = 0.94  # whole epochs filling less than this: one more, each cut to fewer steps (_fill_steps); 0.90 left
+# digits at 520 s a plan of 0.91 that spent 0.79 when the run went 15% faster
 
 
 # ---- the plan --------------------------------------------------------------------------------
@@ -236,11 +237,10 @@ SKIP_BELOW = 0.7  # a size estimated below this share of MIN_EPOCHS is skipped w
 
 def _search_size(cfg: Config, values: dict, sizes: list[int], budget: float, shape_of, measure, why: list):
     """The largest of ``sizes`` (descending) at which every fold gets ``MIN_EPOCHS``; the smallest when
-    none does. Speed is measured at the size tried and at the thread count most jobs run with; a size
-    whose estimate (``SIZE_EXPONENT`` from the last measurement) falls short is skipped unmeasured;
-    at the size chosen, jobs side by side are timed on every core too (the last wave's, the refit),
-    other thread counts are estimated by ``THREAD_EXPONENT``, so planning costs three or four
-    measurements, not one per size and thread count. Returns (size, speed(threads), epochs, measured)."""
+    none does. Speeds come from ``measure`` (the plan's cost model: a network timed at a small size, other
+    sizes and thread counts estimated; tests inject one): at each size tried, at the thread count most jobs
+    run with, and at the size chosen on every core too (the last wave's jobs, the refit); a size whose
+    estimate falls well short is skipped. Returns (size, speed(threads), epochs, speeds seen)."""
     measured, i = {}, 0
     need = MIN_EPOCHS if cfg.train.epochs == AUTO else cfg.train.epochs
     while True:
@@ -254,8 +254,7 @@ def _search_size(cfg: Config, values: dict, sizes: list[int], budget: float, sha
         fit = shape.epochs_for(budget, sp)
         if fit >= need or i == len(sizes) - 1:
             if shape.width > 1 and shape.cores != main:
-                # a last partial wave's jobs and the refit run on every core: timed too, at the size
-                # chosen (simple_cnn trained 1.84x as fast on 2 threads as on 1, not the 1.41x estimated)
+                # a last partial wave's jobs and the refit run on every core
                 wide = measure(c, size, shape.cores)
                 measured[size]["on_every_core"] = {"threads": shape.cores, **wide.__dict__}
                 sp = _thread_speeds({main: base, shape.cores: wide}, main)

@@ -83,8 +83,9 @@ class CostModel:
     counts by ``THREAD_EXPONENT``. ``timed``: (network key, size) -> Speed at ``threads`` threads."""
 
     def __init__(self, threads: int, exponent: float = SIZE_EXPONENT):
-        self.threads, self.exponent = threads, exponent
+        self.threads, self.default = threads, exponent
         self.timed: dict[tuple, dict[int, Speed]] = {}
+        self.exponents: dict[tuple, float] = {}  # a network's own, fitted from two timed sizes
 
     def add(self, key: tuple, size: int, speed: Speed) -> None:
         self.timed.setdefault(key, {})[size] = speed
@@ -92,7 +93,7 @@ class CostModel:
         if len(sizes) >= 2:  # the exponent from the two timed sizes, kept in the range seen on CPUs
             a, b = sizes[0], sizes[-1]
             ratio = self.timed[key][a].train_img_s / self.timed[key][b].train_img_s
-            self.exponent = min(2.2, max(1.0, math.log(ratio) / math.log(b / a)))
+            self.exponents[key] = min(2.2, max(1.0, math.log(ratio) / math.log(b / a)))
 
     def knows(self, key: tuple) -> bool:
         return key in self.timed
@@ -101,6 +102,6 @@ class CostModel:
         """The estimated Speed of network ``key`` at ``size`` on ``threads`` (default: the timed count)."""
         sizes = self.timed[key]
         near = min(sizes, key=lambda s: abs(math.log(s / size)))
-        s = _scaled(sizes[near], (near / size) ** self.exponent)
+        s = _scaled(sizes[near], (near / size) ** self.exponents.get(key, self.default))
         th = threads or self.threads
         return s if th == self.threads else _scaled(s, (th / self.threads) ** THREAD_EXPONENT)

@@ -193,8 +193,16 @@ def _race(cfg: Config, facts: Facts, timer: Timer, run) -> tuple[Config, dict, d
         return None
     budget = cfg.train.time_budget_s
     speeds = recipe_speeds(timer, cfg, facts, recipes)
-    skip = measurable(cfg, facts, recipes, speeds, cfg.race.share * budget)
-    if skip:
+    fit = measurable(cfg, facts, recipes, speeds, cfg.race.share * budget)
+    left_out = [r.name for r in recipes if r not in fit]
+    if left_out and len(fit) >= 3:
+        why.append(f"race: {', '.join(left_out)} left out: round one could not give it a whole epoch")
+        recipes = fit
+    elif left_out:
+        skip = (
+            f"in {cfg.race.share * budget:.0f} s, round one could give a whole epoch to {len(fit)} of the "
+            f"{len(recipes)} candidates (at least 3 race); the prior's first choice trains instead"
+        )
         why.append(f"race skipped: {skip}")
         first = recipes[0]
         values = {
@@ -204,7 +212,7 @@ def _race(cfg: Config, facts: Facts, timer: Timer, run) -> tuple[Config, dict, d
         info = {"winner": first.name, "seconds": 0.0, "share": 0.0, "table": [], "why": why, "skipped": skip}
         return with_values(cfg, values), values, info
     winner, table, spent = race(cfg, facts, recipes, speeds, seconds=cfg.race.share * budget, run_dir=run.race_dir)
-    values = {**winner.config_values(cfg), "train.time_budget_s": round(max(budget - spent, 0.25 * budget), 1)}
+    values = {**winner.config_values(cfg), "train.time_budget_s": round(budget - spent, 1)}
     if cfg.data.channels == AUTO:
         values["data.channels"] = facts.channels
     why.append(
@@ -220,6 +228,8 @@ def _still_auto(cfg: Config, values: dict) -> dict:
     hash, e.g. ``predict.tta``) keeps it; ``model.pretrained``/``finetune`` follow ``model.backbone: auto``."""
 
     def auto(key: str) -> bool:
+        if key in ("model.pretrained", "model.finetune") and key[6:] in cfg.model.model_fields_set:
+            return False  # written in the config: the config's, whatever the backbone rule or the race says
         if key == "augment":
             return cfg.augment == AUTO
         if key == "train.time_budget_s":  # what the race left of the budget: training's own share of it

@@ -3,7 +3,7 @@
 A run with ``train.time_budget_s`` shares what is left of the budget equally among the waves of jobs
 still to start (a wave: the jobs that run side by side, ``train.fold_jobs`` processes or Ray slots;
 one job in this process). A job that early-stops hands its unused share to the jobs after it, and a
-job that runs slow is stopped at its first epoch boundary past its deadline (``trainer.Deadline``), so
+job that runs slow is stopped at its first epoch boundary past its deadline (``pipeline.train.callbacks.Deadline``), so
 training ends within about an epoch of the budget.
 """
 

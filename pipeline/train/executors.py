@@ -242,7 +242,9 @@ class ProcessExecutor:
             def submit():
                 job, threads = queue.pop(0)
                 budget = (
-                    (budget_s, self.t_start, waves(len(queue) + 1, self.width) + self.n_refit) if budget_s else None
+                    (budget_s, self.t_start, waves(len(queue) + 1 + len(running), self.width) + self.n_refit)
+                    if budget_s
+                    else None
                 )
                 running[ex.submit(_run_job, job, self.run_hash, self.precision, threads, budget)] = job
 
@@ -348,7 +350,10 @@ class RayExecutor:
         def submit():
             job, c = queue.pop(0)
             # the refits run after these jobs, one wave of them
-            left = waves(len(queue) + 1, self.slots) + (waves(self.n_refit, self.slots) if c is self.cfg else 0)
+            # the waves left count the jobs still running: they share the budget with this one
+            left = waves(len(queue) + 1 + len(refs), self.slots) + (
+                waves(self.n_refit, self.slots) if c is self.cfg else 0
+            )
             budget = (t.time_budget_s, self.t_start, left) if t.time_budget_s else None
             refs[task.remote(cwd, c, job, self.run_hash, self.precision, t.ray_num_cpus, budget, pseudo, stdout)] = job
 

@@ -5,7 +5,7 @@ HParams table and parallel-coordinates views, beside optuna-dashboard's view of 
 
   training run (``cv.train_cv``, once oof.csv exists)   the headline keys (``HEADLINE``: backbone, image
                                                         size, lr, batch size, epochs, optimizer)
-  tuning trial (``tune.Objective``, once it completes)  the headline keys and the trial's searched keys
+  tuning trial (``tune.objective.Objective``, once done)  the headline keys and the trial's searched keys
 
 with the metrics ``cv_<metric>`` (the mean of the per-fold scores, what a trial's objective is) and
 ``cv_<metric>_std``; a run adds ``oof_<metric>``, the score of the pooled OOF predictions. Hyperparameters

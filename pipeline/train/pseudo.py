@@ -1,8 +1,8 @@
 """Pseudo-labels: confident test rows of a source experiment or ensemble join the training part of every fold.
 
 ``pseudo: {from: SOURCE, threshold: 0.95, weight: 0.5, max_share: 0.5, soft: false}`` in a training
-config (``config.PseudoConfig``; the source is an experiment config, or an experiment's or ensemble's run folder,
-found by ``runs.RunDir.pseudo_source``). What keeps every OOF score honest:
+config (``pipeline.config.sections.PseudoConfig``; the source is an experiment config, or an experiment's
+or ensemble's run folder, found by ``pseudo_source`` below). What keeps every OOF score honest:
 
 - fold k's pseudo rows are labelled by the source's fold-k model alone (its ``test_pred_fold<k>.csv``),
   which never saw fold k's validation rows. The all-fold ``test_pred.csv`` averages models that did,
