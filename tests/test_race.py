@@ -235,3 +235,27 @@ def test_planning_times_networks_only_while_its_share_of_the_budget_allows(auto_
     assert timed == [("tf_efficientnet_lite0", 64)]  # the prior's first network, at <= 64 px; no room for more
     assert {r.backbone for r in recipes} == {"tf_efficientnet_lite0"} and why
     assert all(size <= 64 for _, size in timed)
+
+
+def test_the_prior_keeps_a_final_the_measurement_cannot_separate():
+    """A challenger must beat the prior's favourite by more than one standard error of the paired difference."""
+    from pipeline.plan.race import Entry, _prior_unless_beaten
+    from pipeline.plan.recipes import Recipe
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.2, 0.8, 400)
+    fav = Recipe(backbone="a", pretrained=True, finetune="full", size=64, augment="none", input_norm="dataset", rank=0)
+    other = Recipe(backbone="b", pretrained=True, finetune="full", size=64, augment="none", input_norm="dataset", rank=1)
+
+    def entries(shift: float, noise: float):
+        e = [Entry(name=r.name, rank=r.rank, round=2, epochs=1, steps=None, planned_s=1.0) for r in (fav, other)]
+        e[0].losses, e[1].losses = base, base + shift + rng.normal(0, noise, len(base))
+        e[0].score, e[1].score = float(e[0].losses.mean()), float(e[1].losses.mean())
+        return e
+
+    close = entries(-0.002, 0.2)  # the challenger scores a little better, within the noise
+    order, note = _prior_unless_beaten([1, 0], close, [fav, other])
+    assert order[0] == 0 and "prior's" in note
+    clear = entries(-0.1, 0.05)  # clearly better: it wins
+    order, note = _prior_unless_beaten([1, 0], clear, [fav, other])
+    assert order[0] == 1 and "over the prior's" in note

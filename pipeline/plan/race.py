@@ -31,6 +31,7 @@ from pipeline.plan.speed import Speed
 log = logging.getLogger(__name__)
 
 MAX_RACE_EPOCHS = 30  # a candidate's schedule: more rarely changes the ranking
+MIN_RACE_ROWS = 100  # held-out rows below this rank recipes by noise: the prior decides
 RACE_JOB_S = 1.5  # a race job's cost besides its steps: reading the table at its size, the trainer's files, scoring
 OVERRUN = 1.15  # the race ends by this share of its time whatever the machine's speed; training gets the rest
 
@@ -50,6 +51,7 @@ class Entry:
     logloss: float = math.inf
     accuracy: float = 0.0
     verdict: str = ""
+    losses: np.ndarray | None = None  # each held-out row's calibrated log-loss, for the paired comparison
 
     def row(self) -> dict:
         return {
@@ -177,9 +179,14 @@ def race(
         order = sorted(range(len(alive)), key=lambda i: (entries[i].score, alive[i].rank))
         out_of_time = time.time() >= deadline
         keep = 1 if len(alive) <= 2 or out_of_time else math.ceil(len(alive) / eta)
+        note = ""
+        if keep == 1:
+            order, note = _prior_unless_beaten(order, entries, alive)
         for pos, i in enumerate(order):
             e = entries[i]
-            e.verdict = ("won" if keep == 1 else "kept") if pos < keep else f"dropped: {pos + 1} of {len(alive)}"
+            e.verdict = (
+                (("won" + note) if keep == 1 else "kept") if pos < keep else f"dropped: {pos + 1} of {len(alive)}"
+            )
             table.append(e.row())
         alive = [alive[i] for i in order[:keep]]
         if len(alive) == 1:
@@ -188,6 +195,24 @@ def race(
     spent = time.time() - t0
     log.info(f"race: {alive[0].name} won ({spent:.0f} s)")
     return alive[0], table, spent
+
+
+def _prior_unless_beaten(order: list[int], entries: list[Entry], alive: list[Recipe]) -> tuple[list[int], str]:
+    """The last round's winner: the best score, unless the prior's favourite among the finalists is within one
+    standard error of it on the held-out rows (a paired difference of each row's log-loss): a small held-out
+    split ranks noisily, and the prior breaks what the measurement cannot."""
+    best = order[0]
+    fav = min(range(len(alive)), key=lambda i: alive[i].rank)
+    a, b = entries[best].losses, entries[fav].losses
+    if best == fav or a is None or b is None:
+        return order, ""
+    d = a - b
+    gain, se = -float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf
+    if gain > se:
+        return order, f" (by {gain:.4f} +- {se:.4f} over the prior's {alive[fav].name})"
+    return [fav] + [
+        i for i in order if i != fav
+    ], f" (the prior's: {alive[best].name} was {gain:.4f} +- {se:.4f} better)"
 
 
 def _train(
@@ -257,7 +282,9 @@ def _train(
     probs = oof[[f"p_{k}" for k in table.class_names]].to_numpy(dtype=np.float64)
     t = fit_temperature(y, probs)
     entry.logloss, entry.accuracy = logloss(y, probs), accuracy(y, probs)
-    entry.score = logloss(y, apply_temperature(probs, t))
+    calibrated = np.clip(apply_temperature(probs, t), 1e-15, 1)
+    entry.losses = -np.log(calibrated[np.arange(len(y)), y])
+    entry.score = logloss(y, calibrated)
     log.info(
         f"race round {round_no}: {recipe.name}: {epochs} epoch(s)"
         + (f" of {steps} steps" if steps else "")

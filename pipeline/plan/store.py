@@ -41,7 +41,7 @@ from pipeline.core.errors import LockHeld, PipelineError
 from pipeline.core.io import atomic_write_json
 from pipeline.plan.choose import Timer, race_portfolio, races, recipe_speeds
 from pipeline.plan.facts import Facts, data_facts
-from pipeline.plan.race import measurable, race
+from pipeline.plan.race import MIN_RACE_ROWS, measurable, race
 from pipeline.plan.recipes import prior_values
 from pipeline.plan.search import make_plan
 from pipeline.plan.speed import PlanClock, SpeedFn
@@ -195,6 +195,15 @@ def _race(cfg: Config, facts: Facts, timer: Timer, run) -> tuple[Config, dict, d
     speeds = recipe_speeds(timer, cfg, facts, recipes)
     fit = measurable(cfg, facts, recipes, speeds, cfg.race.share * budget)
     left_out = [r.name for r in recipes if r not in fit]
+    n_val = math.ceil(facts.n_rows * cfg.race.holdout)
+    if n_val < MIN_RACE_ROWS:
+        left_out = []
+        skip = (
+            f"{n_val} held-out rows (of {facts.n_rows}) cannot rank recipes (at least {MIN_RACE_ROWS}); the "
+            f"prior's first choice trains instead"
+        )
+        why.append(f"race skipped: {skip}")
+        return _prior_first(cfg, facts, recipes, why, skip)
     if left_out and len(fit) >= 3:
         why.append(f"race: {', '.join(left_out)} left out: round one could not give it a whole epoch")
         recipes = fit
@@ -204,13 +213,7 @@ def _race(cfg: Config, facts: Facts, timer: Timer, run) -> tuple[Config, dict, d
             f"{len(recipes)} candidates (at least 3 race); the prior's first choice trains instead"
         )
         why.append(f"race skipped: {skip}")
-        first = recipes[0]
-        values = {
-            **first.config_values(cfg),
-            **({"data.channels": facts.channels} if cfg.data.channels == AUTO else {}),
-        }
-        info = {"winner": first.name, "seconds": 0.0, "share": 0.0, "table": [], "why": why, "skipped": skip}
-        return with_values(cfg, values), values, info
+        return _prior_first(cfg, facts, recipes, why, skip)
     winner, table, spent = race(cfg, facts, recipes, speeds, seconds=cfg.race.share * budget, run_dir=run.race_dir)
     values = {**winner.config_values(cfg), "train.time_budget_s": round(budget - spent, 1)}
     if cfg.data.channels == AUTO:
@@ -220,6 +223,14 @@ def _race(cfg: Config, facts: Facts, timer: Timer, run) -> tuple[Config, dict, d
         f"{values['train.time_budget_s']:.0f} s left of the {budget:.0f} s budget"
     )
     info = {"winner": winner.name, "seconds": round(spent, 1), "share": cfg.race.share, "table": table, "why": why}
+    return with_values(cfg, values), values, info
+
+
+def _prior_first(cfg: Config, facts: Facts, recipes: list, why: list, skip: str) -> tuple[Config, dict, dict]:
+    """No race: the prior's first candidate, and the reason kept in the plan."""
+    first = recipes[0]
+    values = {**first.config_values(cfg), **({"data.channels": facts.channels} if cfg.data.channels == AUTO else {})}
+    info = {"winner": first.name, "seconds": 0.0, "share": 0.0, "table": [], "why": why, "skipped": skip}
     return with_values(cfg, values), values, info
 
 
