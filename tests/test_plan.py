@@ -777,3 +777,13 @@ def test_auto_size_on_a_folder_of_mixed_sizes(make_config, folder_dir):
     assert facts.n_rows == 200 and facts.channels == 3 and 28 <= facts.native <= 48
     resolved = planned(cfg)
     assert resolved.data.image_size == facts.native and resolved.data.channels == 3
+
+
+def test_one_epoch_too_long_for_the_budget_is_cut_to_the_steps_that_fit(make_config, digits_dir):
+    """A budget smaller than one whole epoch per fold: one epoch of the steps that fit, never a whole one over it."""
+    cfg = _digits_cfg(make_config, digits_dir, "train.max_steps_per_epoch=null", "train.time_budget_s=4")
+    slow = lambda c, size, threads: Speed(train_img_s=200.0, val_img_s=4000.0, build_s=0.1, epoch_s=0.05)  # noqa: E731
+    p = planned(cfg, speed=slow)
+    assert p.train.epochs == 1 and p.train.max_steps_per_epoch is not None
+    assert p.train.max_steps_per_epoch < math.ceil(2400 / 64)
+    assert any(w.startswith("epochs 1 of ") for w in p.plan["why"]) and p.plan["expected_train_s"] <= 4

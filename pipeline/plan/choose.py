@@ -186,7 +186,7 @@ def _largest_size(cfg: Config, facts: Facts, timer: Timer, c: Config, train_s: f
         sp = lambda th, size=size: timer.cost.speed(key, size, th)  # noqa: E731
         if shape.seconds(need, sp) <= train_s:
             return size
-    return min(facts.native, 32)
+    return 0  # no size affords the minimum epochs: the prior puts this network last
 
 
 def recipe_speeds(timer: Timer, cfg: Config, facts: Facts, recipes: list[Recipe]) -> dict[str, Speed]:

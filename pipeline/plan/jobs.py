@@ -15,6 +15,7 @@ MAX_EPOCHS = 60  # more than this rarely helps a fine-tune; a bigger budget is l
 TARGET = 0.96  # share of the budget the plan fills at the timed speed. This machine trained 0.75-1.25x as
 # fast as it timed (2026-12-04): a faster run still spends 85% up to 1.13x, a slower one is
 # stopped by its job's deadline at the first epoch past its share (pipeline/train/callbacks.py)
+HEAD_ON_FEATURES = 50.0  # a head trained on cached features runs this many times the whole network's img/s
 SPAWN_S = 8.0  # a fold_jobs worker's start: a fresh interpreter imports torch and timm, reads the table
 
 
@@ -32,6 +33,7 @@ class Shape:
     extra_rows: int = 0  # pseudo-labelled test rows in every job's training part (Facts.n_pseudo)
     n_splits: int | None = None  # the validation share is 1 / n_splits (folds = n_splits x repeats); None: n_folds
     model: object = None  # the config's model section: which epochs train a frozen backbone (models.finetune_stage)
+    cached: bool = False  # a frozen backbone without augmentation: its features computed once per seed, in process
 
     def threads(self) -> list[int]:
         n_jobs = self.n_folds * self.n_seeds
@@ -50,6 +52,8 @@ class Shape:
         from pipeline.models.backbones import finetune_stage
 
         n_val, n_train = self.val_rows(), self.train_rows()
+        if self.cached:
+            return self._cached_seconds(epochs, speed(self.cores), n_train, n_val)
         stages = [
             finetune_stage(self.model, e, epochs) if self.model is not None else "full" for e in range(1, epochs + 1)
         ]
@@ -65,6 +69,13 @@ class Shape:
             rows = self.n_rows + self.extra_rows
             total += self.n_seeds * job(speed(self.cores), min(rows, self.max_train_rows or rows), 0)
         return total
+
+    def _cached_seconds(self, epochs: int, s: Speed, n_train: int, n_val: int) -> float:
+        """Frozen features: one pass of the backbone over every row per seed, then epochs of the head alone."""
+        features = s.build_s + (self.n_rows + self.extra_rows) / s.val_img_s
+        epoch = (n_train + n_val) / (s.train_img_s * HEAD_ON_FEATURES) + s.epoch_s
+        jobs = self.n_folds + (1 if self.refit else 0)
+        return self.n_seeds * (features + jobs * (s.build_s + epochs * epoch))
 
     def epochs_for(self, budget: float, speed: Callable[[int], Speed]) -> int:
         """The most epochs (1..MAX_EPOCHS) whose expected time fits ``TARGET`` of ``budget``."""

@@ -261,7 +261,12 @@ def _train(
     seed = cfg.train.seed
     job = RunDir(path=run_dir / f"round{round_no}-{recipe.name}", seeds=[seed], cfg=c).job_dir(0, seed)
     device = resolve_device(c.train.device)
-    emb = _head_embeddings(c, table, device, seed) if head_only else None
+    emb = None
+    if head_only:  # the frozen features, computed once per race and size
+        ekey = ("features", key, c.model.backbone)
+        if ekey not in tables:
+            tables[ekey] = _head_embeddings(c, table, device, seed)
+        emb = tables[ekey]
     done = FoldTrainer(
         cfg=c,
         table=table,

@@ -15,6 +15,7 @@ from pipeline.plan.jobs import MAX_EPOCHS, TARGET, Shape, auto_seeds
 from pipeline.plan.speed import SIZE_EXPONENT, SpeedFn, _scaled, _thread_speeds
 from pipeline.plan.tta import START_S, WHOLE, WHOLE_FILL, _evaluate_s, _fit_tta
 from pipeline.train.executors import executor_width
+from pipeline.train.trainer import caches_embeddings
 
 MIN_EPOCHS = 8  # image_size: auto keeps the largest size that still gets these per fold
 SEED_EPOCHS = DEFAULT_EPOCHS  # train.seeds: auto adds a seed only while every job still gets this many epochs
@@ -164,6 +165,7 @@ def _shape(c: Config, facts: Facts, *, n_folds: int, n_seeds: int, cores: int, d
         max_train_rows=cap or None,
         n_splits=c.folds.n_splits,
         model=c.model,
+        cached=caches_embeddings(c),
     )
 
 
@@ -197,12 +199,33 @@ def _fill_budget(cfg: Config, values: dict, sizes: list[int], budget: float, sha
         seeds, epochs = _plan_seeds(cfg, lambda n: shape_of(sized, n), budget, sp, fit, epochs, why)
     shape = shape_of(sized, len(seeds))
     if cfg.train.epochs == AUTO and not cfg.train.max_steps_per_epoch:
-        steps = _fill_steps(shape, budget, sp, epochs, cfg.train.batch_size, why)
+        if shape.seconds(1, sp) > TARGET * budget:  # not even one whole epoch fits: one, cut to the steps that do
+            steps, epochs = _one_cut_epoch(shape, budget, sp, cfg.train.batch_size, why), 1
+        else:
+            steps = _fill_steps(shape, budget, sp, epochs, cfg.train.batch_size, why)
+            epochs += 1 if steps else 0
         if steps:
-            epochs += 1
             values["train.max_steps_per_epoch"] = steps
             shape = replace(shape, max_train_rows=steps * cfg.train.batch_size)
     return size, sp, epochs, seeds, shape.seconds(epochs, sp), measured
+
+
+def _one_cut_epoch(shape: Shape, budget: float, sp, batch_size: int, why: list) -> int:
+    """The most steps of one epoch that fit ``TARGET`` of the budget (at least one), when a whole epoch does not."""
+    full = math.ceil(shape.train_rows() / batch_size)
+    steps = next(
+        (
+            k
+            for k in range(full - 1, 0, -1)
+            if replace(shape, max_train_rows=k * batch_size).seconds(1, sp) <= TARGET * budget
+        ),
+        1,
+    )
+    why.append(
+        f"epochs 1 of {steps} of the {full} steps: one whole epoch per fold would take "
+        f"{shape.seconds(1, sp) / budget:.0%} of the budget"
+    )
+    return steps
 
 
 def _auto_values(
