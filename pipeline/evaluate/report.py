@@ -94,7 +94,7 @@ def _template():
     return env.get_template("report.html.j2")
 
 
-RACE_COLUMNS = ("candidate", "round", "epochs", "steps_per_epoch", "seconds", "score", "logloss", "accuracy", "verdict")
+RACE_COLUMNS = ("candidate", "round", "images", "epochs", "seconds", "score", "logloss", "accuracy", "verdict")
 
 
 def render_html(cfg: Config, m: dict, figs: Figures, adv: dict | None = None) -> str:

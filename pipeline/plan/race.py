@@ -25,12 +25,14 @@ import numpy as np
 from pipeline.config.auto import AUTO
 from pipeline.config.schema import Config, with_values
 from pipeline.plan.facts import Facts
+from pipeline.plan.jobs import HEAD_ON_FEATURES
 from pipeline.plan.recipes import Recipe
 from pipeline.plan.speed import Speed
 
 log = logging.getLogger(__name__)
 
 MAX_RACE_EPOCHS = 30  # a candidate's schedule: more rarely changes the ranking
+MIN_RACE_IMAGES = 512  # round one trains each candidate on at least this many images (or one epoch, if fewer)
 MIN_RACE_ROWS = 100  # held-out rows below this rank recipes by noise: the prior decides
 RACE_JOB_S = 1.5  # a race job's cost besides its steps: reading the table at its size, the trainer's files, scoring
 OVERRUN = 1.15  # the race ends by this share of its time whatever the machine's speed; training gets the rest
@@ -46,6 +48,7 @@ class Entry:
     epochs: int
     steps: int | None
     planned_s: float
+    images: int = 0
     seconds: float = 0.0
     score: float = math.inf
     logloss: float = math.inf
@@ -60,6 +63,7 @@ class Entry:
             "round": self.round,
             "epochs": self.epochs,
             "steps_per_epoch": self.steps,
+            "images": self.images,
             "planned_s": round(self.planned_s, 1),
             "seconds": round(self.seconds, 1),
             "score": _r(self.score),
@@ -87,23 +91,32 @@ def holdout(labels: np.ndarray, share: float, seed: int) -> np.ndarray:
     return fold_of
 
 
-def schedule(
-    speed: Speed, *, seconds: float, n_train: int, n_val: int, batch_size: int, head_only: bool, n_rows: int
-) -> tuple[int, int | None, float]:
-    """(epochs, steps per epoch or None for whole ones, expected seconds) that fit ``seconds``: whole epochs
-    when at least one fits, else one epoch cut to the steps that fit (at least two)."""
-    stage = "head" if head_only else "full"
-    fixed = RACE_JOB_S + speed.build_s + (n_rows / speed.val_img_s if head_only else 0.0)  # frozen: once per image
-    epoch = speed.epoch_seconds(n_train, n_val, stage)
-    whole = int((seconds - fixed) // epoch) if epoch > 0 else MAX_RACE_EPOCHS
-    if whole >= 1:
-        e = min(whole, MAX_RACE_EPOCHS)
-        return e, None, fixed + e * epoch
-    per_img = 1.0 / (speed.train_img_s * (2.5 if head_only else 1.0))
-    left = seconds - fixed - n_val / speed.val_img_s - speed.epoch_s
-    steps = max(2, int(left / per_img / batch_size)) if left > 0 else 2
-    steps = min(steps, max(1, math.ceil(n_train / batch_size)))
-    return 1, steps, fixed + steps * batch_size * per_img + n_val / speed.val_img_s + speed.epoch_s
+def schedule(images: int, *, n_train: int, batch_size: int) -> tuple[int, int | None]:
+    """(epochs, steps per epoch or None for whole ones) that train on about ``images`` images: whole epochs when
+    at least one fits, else one epoch cut to the steps that do (at least two)."""
+    if images >= n_train:
+        return min(images // n_train, MAX_RACE_EPOCHS), None
+    return 1, max(2, images // batch_size)
+
+
+def job_seconds(
+    speed: Speed,
+    images: int,
+    *,
+    n_train: int,
+    n_val: int,
+    batch_size: int,
+    head_only: bool,
+    n_rows: int,
+    features: bool = True,
+) -> float:
+    """A race job's expected seconds: its start, the frozen features once (``features``), the images trained on
+    and a validation pass per epoch."""
+    epochs, steps = schedule(images, n_train=n_train, batch_size=batch_size)
+    seen = epochs * (n_train if steps is None else min(n_train, steps * batch_size))
+    fixed = RACE_JOB_S + speed.build_s + (n_rows / speed.val_img_s if head_only and features else 0.0)
+    per_img = 1.0 / (speed.train_img_s * (HEAD_ON_FEATURES if head_only else 1.0))
+    return fixed + seen * per_img + epochs * (n_val / speed.val_img_s * (0.1 if head_only else 1.0) + speed.epoch_s)
 
 
 def rounds(n: int, eta: int) -> list[int]:
@@ -114,39 +127,46 @@ def rounds(n: int, eta: int) -> list[int]:
     return out
 
 
-def unit_seconds(n: int, eta: int, total: float) -> float:
-    """Round one's seconds per candidate so that every round (each survivor ``eta`` times the last round's
-    time) adds up to ``total``."""
-    return total / sum(k * eta**j for j, k in enumerate(rounds(n, eta)))
+def unit_images(cfg: Config, facts: Facts, recipes: list[Recipe], speeds: dict[str, Speed], seconds: float) -> int:
+    """Round one's images per candidate so that every round (each survivor ``eta`` times the images of the round
+    before) adds up to about ``seconds``, the candidates' costs averaged (who survives is not known yet)."""
+    eta, n_val = cfg.race.eta, math.ceil(facts.n_rows * cfg.race.holdout)
+    kw = {"n_train": facts.n_rows - n_val, "n_val": n_val, "batch_size": cfg.train.batch_size, "n_rows": facts.n_rows}
+
+    def total(images: int) -> float:
+        return sum(
+            k
+            * np.mean(
+                [
+                    job_seconds(speeds[r.name], images * eta**j, head_only=r.finetune == "head", features=j == 0, **kw)
+                    for r in recipes
+                ]
+            )
+            for j, k in enumerate(rounds(len(recipes), eta))
+        )
+
+    lo, hi = 0, 1
+    while total(hi) <= seconds and hi < 10**8:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if total(mid) <= seconds else (lo, mid)
+    return lo
 
 
 def measurable(
     cfg: Config, facts: Facts, recipes: list[Recipe], speeds: dict[str, Speed], seconds: float
 ) -> list[Recipe]:
-    """The candidates a race in ``seconds`` can tell apart: round one must give each at least one whole epoch
-    (a fraction of one scores the initialisation, not the recipe). A candidate that cannot have one is left
-    out, and the others' share grows; the prior's order is kept."""
-    n_val = math.ceil(facts.n_rows * cfg.race.holdout)
+    """The candidates a race in ``seconds`` can tell apart: round one must train each on at least
+    ``MIN_RACE_IMAGES`` images (or a whole epoch, when that is fewer: a handful of steps scores the
+    initialisation, not the recipe). While it cannot, the costliest candidate is left out, and the others'
+    share grows; the prior's order is kept."""
+    n_train = facts.n_rows - math.ceil(facts.n_rows * cfg.race.holdout)
+    need = min(MIN_RACE_IMAGES, n_train)
     alive = list(recipes)
-    while alive:
-        unit = unit_seconds(len(alive), cfg.race.eta, seconds)
-        fits = [
-            r
-            for r in alive
-            if schedule(
-                speeds[r.name],
-                seconds=unit,
-                n_train=facts.n_rows - n_val,
-                n_val=n_val,
-                batch_size=cfg.train.batch_size,
-                head_only=r.finetune == "head",
-                n_rows=facts.n_rows,
-            )[1]
-            is None
-        ]
-        if len(fits) == len(alive):
-            return alive
-        alive = fits
+    while alive and unit_images(cfg, facts, alive, speeds, seconds) < need:
+        costly = max(alive, key=lambda r: (1.0 / speeds[r.name].train_img_s, r.rank))
+        alive = [r for r in alive if r is not costly]
     return alive
 
 
@@ -161,7 +181,7 @@ def race(
     deadline = t0 + OVERRUN * seconds  # the race as a whole: a slow machine ends it, never the budget
     shutil.rmtree(run_dir, ignore_errors=True)  # a race a killed plan left: its jobs are not this race's
     eta = cfg.race.eta
-    unit = unit_seconds(len(recipes), eta, seconds)
+    unit = unit_images(cfg, facts, recipes, speeds, seconds)
     n_rows = facts.n_rows
     n_val = math.ceil(n_rows * cfg.race.holdout)
     alive, table, round_no, tables = list(recipes), [], 1, {}
@@ -170,11 +190,12 @@ def race(
         f"{len(rounds(len(recipes), eta))} round(s) of successive halving (1/{eta} kept each round)"
     )
     while True:
+        images = unit * eta ** (round_no - 1)
         left = max(deadline - time.time(), 0.0)
-        budget_each = min(unit * eta ** (round_no - 1), left / len(alive))
+        while images > MIN_RACE_IMAGES and _round_seconds(cfg, facts, alive, speeds, images, n_val) > left:
+            images //= 2  # a slow machine: a shorter round rather than a race past its share
         entries = [
-            _train(cfg, facts, r, speeds[r.name], round_no, budget_each, n_val, run_dir, tables, deadline)
-            for r in alive
+            _train(cfg, facts, r, speeds[r.name], round_no, images, n_val, run_dir, tables, deadline) for r in alive
         ]
         order = sorted(range(len(alive)), key=lambda i: (entries[i].score, alive[i].rank))
         out_of_time = time.time() >= deadline
@@ -195,6 +216,23 @@ def race(
     spent = time.time() - t0
     log.info(f"race: {alive[0].name} won ({spent:.0f} s)")
     return alive[0], table, spent
+
+
+def _round_seconds(
+    cfg: Config, facts: Facts, alive: list[Recipe], speeds: dict[str, Speed], images: int, n_val: int
+) -> float:
+    return sum(
+        job_seconds(
+            speeds[r.name],
+            images,
+            n_train=facts.n_rows - n_val,
+            n_val=n_val,
+            batch_size=cfg.train.batch_size,
+            head_only=r.finetune == "head",
+            n_rows=facts.n_rows,
+        )
+        for r in alive
+    )
 
 
 def _prior_unless_beaten(order: list[int], entries: list[Entry], alive: list[Recipe]) -> tuple[list[int], str]:
@@ -221,14 +259,15 @@ def _train(
     recipe: Recipe,
     speed: Speed,
     round_no: int,
-    seconds: float,
+    images: int,
     n_val: int,
     run_dir,
     tables: dict,
     deadline: float,
 ) -> Entry:
-    """One candidate for ``seconds`` on the held-out split, in its own scratch job folder; ``tables``: the
-    training table by (size, channels), read once per race; ``deadline``: the race's end."""
+    """One candidate trained on about ``images`` images, scored on the held-out split, in its own scratch job
+    folder; ``tables``: the training table (and frozen features) by size, read once per race;
+    ``deadline``: the race's end."""
     import pandas as pd
 
     from pipeline.core.device import resolve_device
@@ -241,16 +280,20 @@ def _train(
 
     head_only = recipe.finetune == "head"
     n_train = facts.n_rows - n_val
-    epochs, steps, planned = schedule(
+    epochs, steps = schedule(images, n_train=n_train, batch_size=cfg.train.batch_size)
+    planned = job_seconds(
         speed,
-        seconds=seconds,
+        images,
         n_train=n_train,
         n_val=n_val,
         batch_size=cfg.train.batch_size,
         head_only=head_only,
         n_rows=facts.n_rows,
+        features=round_no == 1,
     )
-    entry = Entry(name=recipe.name, rank=recipe.rank, round=round_no, epochs=epochs, steps=steps, planned_s=planned)
+    entry = Entry(
+        name=recipe.name, rank=recipe.rank, round=round_no, epochs=epochs, steps=steps, planned_s=planned, images=images
+    )
     c = with_values(cfg, {**recipe.config_values(cfg), **_race_keys(cfg, facts, epochs, steps)})
     t0 = time.time()
     key = (c.data.image_size, c.data.channels)
