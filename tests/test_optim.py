@@ -157,3 +157,19 @@ def test_registered_optimizer_end_to_end(digits_config, request):
     assert built == ["nadamw"]
     hist = pd.read_csv("runs/comp/exp/fold_0/history.csv")
     assert hist["epoch"].tolist() == [1] and hist["train_loss"].notna().all()
+
+
+@pytest.mark.parametrize("sched", sorted(SCHEDULERS))
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_every_optimizer_trains_with_every_scheduler(digits_config, opt_name, sched):
+    """The whole product of the two registries builds and takes a step (one-cycle with Adadelta, which has no
+    momentum to cycle, crashed before)."""
+    cfg = _cfg(digits_config, optimizer=opt_name, scheduler=sched, lr=1.0 if opt_name == "adadelta" else 1e-3, epochs=2)
+    model = Tiny()
+    opt = build_optimizer(cfg, model)
+    scheduler, per_step = build_scheduler(cfg, opt, 3)
+    before = model.head.weight.detach().clone()
+    model(torch.randn(4, 1, 6, 6)).sum().backward()
+    opt.step()
+    scheduler.step(1.0) if SCHEDULERS.get(sched).on_metric else scheduler.step()
+    assert not torch.equal(model.head.weight, before)

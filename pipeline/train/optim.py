@@ -118,8 +118,10 @@ def _onecycle(t, opt, steps_per_epoch: int):
     total, warm = max(t.epochs * steps_per_epoch, 4), int(t.warmup_epochs * steps_per_epoch)
     # warm-up share of the run; at least 2 steps each way (OneCycleLR divides by both phases)
     pct = min(max(warm / total if warm else 0.3, 2 / total), 1 - 2 / total)
+    # it cycles momentum (or Adam's beta1) against the learning rate; an optimizer with neither (Adadelta) keeps its own
+    cycle = all("momentum" in g or "betas" in g for g in opt.param_groups)
     return torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, pct_start=pct
+        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total, pct_start=pct, cycle_momentum=cycle
     )
 
 
