@@ -271,10 +271,8 @@ def _train(
     import pandas as pd
 
     from pipeline.core.device import resolve_device
-    from pipeline.core.metrics import accuracy, logloss
     from pipeline.data.formats import read_table
     from pipeline.runs.layout import RunDir
-    from pipeline.tasks.calibration import apply_temperature, fit_temperature
     from pipeline.train.executors import _head_embeddings
     from pipeline.train.job import FoldTrainer
 
@@ -325,14 +323,7 @@ def _train(
     if not job.oof.is_file():  # no epoch improved on the initial loss (NaN): the candidate scores last
         log.info(f"race round {round_no}: {recipe.name}: no usable epoch; scored last")
         return entry
-    oof = pd.read_csv(job.oof)
-    y = oof["target"].to_numpy()
-    probs = oof[[f"p_{k}" for k in table.class_names]].to_numpy(dtype=np.float64)
-    t = fit_temperature(y, probs)
-    entry.logloss, entry.accuracy = logloss(y, probs), accuracy(y, probs)
-    calibrated = np.clip(apply_temperature(probs, t), 1e-15, 1)
-    entry.losses = -np.log(calibrated[np.arange(len(y)), y])
-    entry.score = logloss(y, calibrated)
+    _score(entry, pd.read_csv(job.oof), table.class_names)
     log.info(
         f"race round {round_no}: {recipe.name}: {epochs} epoch(s)"
         + (f" of {steps} steps" if steps else "")
@@ -341,6 +332,19 @@ def _train(
         f"accuracy {entry.accuracy:.4f})"
     )
     return entry
+
+
+def _score(entry: Entry, oof, class_names) -> None:
+    """The held-out rows' log-loss after the temperature that fits them (per row too), raw log-loss and accuracy."""
+    from pipeline.core.metrics import accuracy, logloss
+    from pipeline.tasks.calibration import apply_temperature, fit_temperature
+
+    y = oof["target"].to_numpy()
+    probs = oof[[f"p_{k}" for k in class_names]].to_numpy(dtype=np.float64)
+    entry.logloss, entry.accuracy = logloss(y, probs), accuracy(y, probs)
+    calibrated = np.clip(apply_temperature(probs, fit_temperature(y, probs)), 1e-15, 1)
+    entry.losses = -np.log(calibrated[np.arange(len(y)), y])
+    entry.score = logloss(y, calibrated)
 
 
 def _race_keys(cfg: Config, facts: Facts, epochs: int, steps: int | None) -> dict:
