@@ -20,11 +20,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# two workers on the machine's two cores (pytest-xdist): the tests spend much of their time in subprocesses
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 test-all: $(STAMP) lint
-	HYPOTHESIS_PROFILE=slow $(BIN)/python -m pytest -q -m "slow or not slow"
+	HYPOTHESIS_PROFILE=slow $(BIN)/python -m pytest -q -n 2 -m "slow or not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests benchmarks
