@@ -1,16 +1,20 @@
 """The recipe race: a share of the budget measures the prior's candidates on the competition's own rows.
 
 Every candidate trains on one stratified held-out split of the training rows (``race.holdout``, seeded by
-``folds.seed``) with a short schedule fitted to its time (``schedule``: whole epochs, or one cut to the
-steps that fit), and is scored on the held-out rows by the log-loss after the temperature that fits them
-best (the ranking a calibrated model would have; raw log-loss and accuracy beside it). Successive halving:
-each round keeps the best 1/``race.eta`` of the candidates, and the next gives each survivor ``eta`` times
-the time, from scratch, until one is left. Ties go to the prior's order.
+``folds.seed``) on the same number of images (``schedule``: whole epochs, or one cut to the steps that
+make them; ``unit_images`` sizes round one so the rounds fill the race's share), and is scored on the
+held-out rows by the log-loss after the temperature that fits them best (the ranking a calibrated model
+would have; raw log-loss and accuracy beside it). Successive halving: each round keeps the best
+1/``race.eta``, and the next gives each survivor ``eta`` times the images, from scratch, until one is left.
+The last round keeps the prior's favourite unless a challenger beats it by more than one standard error
+of the paired per-row difference (a small held-out split ranks noisily); ties go to the prior's order.
+Fewer than ``MIN_RACE_ROWS`` held-out rows: no race, the prior decides.
 
 The race trains in the run's own scratch folder (``RunDir.race_dir``), never in its fold folders or
-prediction files. The schedules are fixed before the race starts (steps, not seconds), so the same
-config, data and seed race the same way and choose the same recipe; ``plan.json`` keeps the table, so
-reruns and workers never race again.
+prediction files. Its schedules are fixed before it starts (images, then epochs and steps), so the same
+candidates on the same data and seed train the same models; which candidates enter and how many images
+they get follow this machine's timings, so ``plan.json`` keeps the table and the choice, and reruns and
+workers never race again. A slow machine ends the race at ``OVERRUN`` of its share, not the budget.
 """
 
 from __future__ import annotations
