@@ -85,7 +85,7 @@ def held_out(cfg, run_dir: Path, solution: Path) -> tuple[float, float]:
 
     pred = read_predictions(run_dir / "test_pred.csv", "test", scaled=True)
     classes = class_names_of(pred)
-    truth = read_solution(cfg, solution, classes).reindex(pred["id"].astype(str).str.strip())
+    truth = read_solution(cfg, solution, classes).iloc[:, 0].reindex(pred["id"].astype(str).str.strip())
     by_name = {c: i for i, c in enumerate(classes)}
     y = np.array([by_name[v] if v in by_name else int(v) for v in truth.to_numpy()])
     p = probs_of(pred, classes)

@@ -160,7 +160,7 @@ def test_solution_reader_corruptions(kinds, how, kind):
         return
     allowed = ["0", "1"] if kind == "probability" else class_names
     assert truth.index.is_unique and all(i.strip() == i and i for i in truth.index)
-    assert truth.isin(allowed).all() and len(truth) > 0
+    assert truth.isin(allowed).all().all() and len(truth) > 0
 
 
 @pytest.fixture

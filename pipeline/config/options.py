@@ -69,6 +69,11 @@ class DataOptions(Section):
         "or 3 (+ their mean)",
     )
     cache: bool = True
+    sample_submission: str | None = Field(
+        "auto",
+        description="the submission's columns and ids: auto = sample_submission.csv in data.dir when it exists; "
+        "a file name under data.dir (or a path); null = the format's own columns (pipeline/data/sample.py)",
+    )
 
     def image_spec(self) -> ImageSpec:
         """Pixel scale, channels and size as far as they follow from the config (augmentations are

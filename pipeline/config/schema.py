@@ -149,11 +149,13 @@ def with_values(cfg: Config, values: dict) -> Config:
 # ``train.deterministic`` changes nothing on CPU and on CUDA only which kernels compute the same sums
 # (last digits, as another device does), so it is a runtime key like ``train.device``: flipping it to
 # speed up the remaining folds does not retrain the others.
+# Nor does the sample submission, which decides only the columns each predict writes anew.
 # Nor does torchrun's world size, which is no config key at all: train.batch_size is the global batch
 # however many ranks share it (pipeline/train/distributed.py).
 RUNTIME_KEYS = (
     "data.dir",
     "data.cache",
+    "data.sample_submission",
     "train.device",
     "train.num_workers",
     "train.fold_jobs",

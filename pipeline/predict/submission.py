@@ -168,21 +168,24 @@ def _examples(values, n: int = 3) -> str:
 
 
 def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_names=None) -> list[str]:
-    """Problems of a submission file, one line per failed check (a count and up to 3 examples); [] when valid."""
+    """Problems of a submission file, one line per failed check (a count and up to 3 examples); [] when valid.
+    The columns, ids and encoding are the sample submission's when the competition ships one
+    (``pipeline/data/sample.py``), else the format's."""
     from pipeline.data.formats import build_reader
+    from pipeline.data.sample import check_ids
     from pipeline.plan.store import planned
 
     cfg = planned(cfg, create=False)  # the test images are read at the size the run was planned at
     path = Path(path)
     reader = build_reader(cfg)
-    id_col, val_col = reader.submission_columns
-    kind = reader.submission_kind
     if test_ids is None or class_names is None:
         from pipeline.data.formats import read_table
 
         test = read_table(cfg, "test")
         test_ids = test.ids if test_ids is None else test_ids
         class_names = test.class_names if class_names is None else class_names
+    spec = reader.submission_spec(class_names)
+    check_ids(spec, test_ids)
     test_ids = pd.Index(np.asarray(test_ids).astype(str))
     if not path.is_file():
         return [f"{path}: file not found"]
@@ -191,13 +194,12 @@ def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_n
     except (ValueError, OverflowError) as e:  # ParserError, EmptyDataError and UnicodeDecodeError are ValueErrors
         return [
             f"{path}: cannot parse as CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-            f"expected a header line {id_col},{val_col}"
+            f"expected a header line {','.join(spec.header)}"
         ]
     cols = [str(c) for c in df.columns]
-    if cols != [id_col, val_col]:
-        return [f"{path}: columns are {','.join(cols) or '(none)'}; expected exactly {id_col},{val_col}"]
-    ids = df[id_col].str.strip()
-    vals = df[val_col].str.strip()
+    if cols != spec.header:
+        return [f"{path}: columns are {_cols(cols)}; expected exactly {_cols(spec.header)}"]
+    ids = df[spec.id_col].str.strip()
     problems = []
     if len(df) != len(test_ids):
         problems.append(f"{path}: {len(df)} rows; expected {len(test_ids)} (one per test image)")
@@ -218,35 +220,66 @@ def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_n
     extra = pd.Index(ids[~empty_id].unique()).difference(test_ids, sort=False)
     if len(extra):
         problems.append(f"{path}: {len(extra)} ids not in the test data (e.g. {_examples(extra)})")
-    nan = vals.isin(_MISSING)
-    if nan.any():
-        problems.append(f"{path}: {int(nan.sum())} empty or NaN values in {val_col} (e.g. ids {_examples(ids[nan])})")
-    ok = vals[~nan]
-    if kind == "probability":
-        num = pd.to_numeric(ok, errors="coerce")
-        bad = num.isna() | ~np.isfinite(num.fillna(0))
-        if bad.any():
+    return problems + _value_problems(path, df, ids, spec, class_names)
+
+
+def _cols(cols) -> str:
+    shown = ",".join(cols[:12]) + (",..." if len(cols) > 12 else "")
+    return shown or "(none)"
+
+
+def _value_problems(path: Path, df: pd.DataFrame, ids: pd.Series, spec, class_names) -> list[str]:
+    """The values' problems for the spec's encoding: probabilities in [0, 1] (summing to 1 over the class
+    columns), or labels among the classes."""
+    problems = []
+    probs = spec.encoding in ("probability", "per_class")
+    for col in spec.columns:
+        vals = df[col].str.strip()
+        nan = vals.isin(_MISSING)
+        if nan.any():
+            problems.append(f"{path}: {int(nan.sum())} empty or NaN values in {col} (e.g. ids {_examples(ids[nan])})")
+        ok = vals[~nan]
+        if probs:
+            num = pd.to_numeric(ok, errors="coerce")
+            bad = num.isna() | ~np.isfinite(num.fillna(0))
+            if bad.any():
+                problems.append(
+                    f"{path}: {int(bad.sum())} non-numeric values in {col} "
+                    f"(e.g. {_examples(f'{i}: {v}' for i, v in zip(ids[bad.index[bad]], ok[bad]))}); "
+                    "expected probabilities"
+                )
+            out = ~bad & ((num < 0) | (num > 1))
+            if out.any():
+                problems.append(
+                    f"{path}: {int(out.sum())} probabilities outside [0, 1] in {col} "
+                    f"(e.g. {_examples(f'{i}: {v}' for i, v in zip(ids[out.index[out]], ok[out]))})"
+                )
+        else:
+            allowed = _allowed_labels(spec.encoding, class_names)
+            bad = ~ok.isin(allowed)
+            if bad.any():
+                problems.append(
+                    f"{path}: {int(bad.sum())} labels not among the classes in {col} "
+                    f"(e.g. {_examples(f'{i}: {v}' for i, v in zip(ids[bad.index[bad]], ok[bad]))}); "
+                    f"expected one of {_shown(allowed)}"
+                )
+    if spec.encoding == "per_class" and not problems:
+        total = df[list(spec.columns)].apply(pd.to_numeric).sum(axis=1)
+        off = (total - 1).abs() > ROW_SUM_TOLERANCE
+        if off.any():
             problems.append(
-                f"{path}: {int(bad.sum())} non-numeric values in {val_col} "
-                f"(e.g. {_examples(f'{i}: {v}' for i, v in zip(ids[bad.index[bad]], ok[bad]))}); expected probabilities"
-            )
-        out = ~bad & ((num < 0) | (num > 1))
-        if out.any():
-            problems.append(
-                f"{path}: {int(out.sum())} probabilities outside [0, 1] in {val_col} "
-                f"(e.g. {_examples(f'{i}: {v}' for i, v in zip(ids[out.index[out]], ok[out]))})"
-            )
-    else:
-        allowed = _allowed_labels(kind, class_names)
-        bad = ~ok.isin(allowed)
-        if bad.any():
-            shown = ", ".join(allowed[:10]) + (", ..." if len(allowed) > 10 else "")
-            problems.append(
-                f"{path}: {int(bad.sum())} labels not among the classes in {val_col} "
-                f"(e.g. {_examples(f'{i}: {v}' for i, v in zip(ids[bad.index[bad]], ok[bad]))}); "
-                f"expected one of {shown}"
+                f"{path}: {int(off.sum())} rows whose class probabilities do not sum to 1 "
+                f"(e.g. {_examples(f'{i}: {t:.4g}' for i, t in zip(ids[off], total[off]))})"
             )
     return problems
+
+
+# a row of per-class probabilities written with 8 significant digits sums to 1 within this
+ROW_SUM_TOLERANCE = 1e-4
+
+
+def _shown(allowed: list[str]) -> str:
+    return ", ".join(allowed[:10]) + (", ..." if len(allowed) > 10 else "")
 
 
 def check_submission(cfg: Config, path: str | Path, solution: str | Path | None = None) -> float | None:
@@ -291,13 +324,18 @@ _SOLUTION_FIX = (
 )
 
 
-def read_solution(cfg: Config, solution: str | Path, class_names=None) -> pd.Series:
-    """A checked ``--solution`` file: the true answer of each id (text, stripped), by id. Probability
-    submissions need 0/1 answers; label submissions the class names (or indices) they hold."""
+def read_solution(cfg: Config, solution: str | Path, class_names=None) -> pd.DataFrame:
+    """A checked ``--solution`` file in the submission's columns: the true answers (text, stripped), indexed by
+    id. Probability submissions need 0/1 answers (one 1 per row over per-class columns); label submissions the
+    class names (or indices) they hold."""
     from pipeline.data.formats import build_reader
 
-    reader = build_reader(cfg)
-    id_col, val_col = reader.submission_columns
+    if class_names is None:
+        from pipeline.data.formats import read_table
+
+        class_names = read_table(cfg, "test").class_names
+    spec = build_reader(cfg).submission_spec(class_names)
+    id_col = spec.id_col
     solution = Path(solution)
     if not solution.is_file():
         raise PipelineError(f"{solution}: solution file not found")
@@ -307,11 +345,14 @@ def read_solution(cfg: Config, solution: str | Path, class_names=None) -> pd.Ser
         raise PipelineError(
             f"{solution}: not a readable CSV ({(str(e).splitlines() or [type(e).__name__])[0][:120]}); {_SOLUTION_FIX}"
         ) from None
-    if [str(c) for c in sol.columns] != [id_col, val_col]:
-        raise PipelineError(f"{solution}: columns are {','.join(map(str, sol.columns))}; expected {id_col},{val_col}")
+    if [str(c) for c in sol.columns] != spec.header:
+        raise PipelineError(
+            f"{solution}: columns are {_cols(list(map(str, sol.columns)))}; expected {_cols(spec.header)}"
+        )
     if sol.empty:
         raise PipelineError(f"{solution}: no rows; {_SOLUTION_FIX}")
-    ids, vals = sol[id_col].str.strip(), sol[val_col].str.strip()
+    sol = sol.apply(lambda c: c.str.strip())
+    ids = sol[id_col]
     line = lambda i: int(i) + 2  # noqa: E731 - CSV line of data row i
     bad = np.flatnonzero(ids.isin(_MISSING).to_numpy())
     if len(bad):
@@ -321,24 +362,28 @@ def read_solution(cfg: Config, solution: str | Path, class_names=None) -> pd.Ser
         raise PipelineError(
             f"{solution}: line {line(dup[0])}: {id_col} {ids.iloc[dup[0]]!r} appears more than once; {_SOLUTION_FIX}"
         )
-    if reader.submission_kind == "probability":
-        allowed = ["0", "1"]
-    else:
-        if class_names is None:
-            from pipeline.data.formats import read_table
-
-            class_names = read_table(cfg, "test").class_names
-        allowed = _allowed_labels(reader.submission_kind, class_names)
-    bad = np.flatnonzero(~vals.isin(allowed).to_numpy())
-    if len(bad):
-        i = bad[0]
-        shown = ", ".join(allowed[:10]) + (", ..." if len(allowed) > 10 else "")
-        what = "is empty or NaN" if vals.iloc[i] in _MISSING else f"{vals.iloc[i]!r} is not a true answer"
-        raise PipelineError(
-            f"{solution}: line {line(i)} ({id_col} {ids.iloc[i]!r}): {val_col} {what}; "
-            f"expected one of {shown}; {_SOLUTION_FIX}"
-        )
-    return pd.Series(vals.to_numpy(), index=pd.Index(ids.to_numpy()), name=val_col)
+    probability = spec.encoding in ("probability", "per_class")
+    allowed = ["0", "1"] if probability else _allowed_labels(spec.encoding, class_names)
+    for col in spec.columns:
+        vals = sol[col]
+        bad = np.flatnonzero(~vals.isin(allowed).to_numpy())
+        if len(bad):
+            i = bad[0]
+            what = "is empty or NaN" if vals.iloc[i] in _MISSING else f"{vals.iloc[i]!r} is not a true answer"
+            raise PipelineError(
+                f"{solution}: line {line(i)} ({id_col} {ids.iloc[i]!r}): {col} {what}; "
+                f"expected one of {_shown(allowed)}; {_SOLUTION_FIX}"
+            )
+    if spec.encoding == "per_class":
+        ones = (sol[list(spec.columns)] == "1").sum(axis=1).to_numpy()
+        bad = np.flatnonzero(ones != 1)
+        if len(bad):
+            i = bad[0]
+            raise PipelineError(
+                f"{solution}: line {line(i)} ({id_col} {ids.iloc[i]!r}): {ones[i]} classes marked 1; "
+                f"expected exactly one per row; {_SOLUTION_FIX}"
+            )
+    return sol.set_index(id_col)
 
 
 def score_submission(cfg: Config, path: str | Path, solution: str | Path, *, class_names=None) -> tuple[str, float]:
@@ -348,17 +393,26 @@ def score_submission(cfg: Config, path: str | Path, solution: str | Path, *, cla
 
     from pipeline.data.formats import build_reader
 
-    reader = build_reader(cfg)
-    id_col, val_col = reader.submission_columns
+    if class_names is None:
+        from pipeline.data.formats import read_table
+
+        class_names = read_table(cfg, "test").class_names
+    spec = build_reader(cfg).submission_spec(class_names)
     truth = read_solution(cfg, solution, class_names)
-    sub = _read_text_csv(Path(path))
-    sub = pd.Series(sub[val_col].str.strip().to_numpy(), index=sub[id_col].str.strip())
+    sub = _read_text_csv(Path(path)).apply(lambda c: c.str.strip()).set_index(spec.id_col)
     missing = truth.index.difference(sub.index)
     if len(missing):
         raise PipelineError(
             f"{solution}: {len(missing)} ids not in {path} (e.g. {_examples(missing)}); expected the same test ids"
         )
-    pred = sub.reindex(truth.index).to_numpy()
-    if reader.submission_kind == "probability":
-        return "logloss", float(log_loss(truth.astype(int).to_numpy(), pred.astype(float), labels=[0, 1]))
-    return "accuracy", float(accuracy_score(truth.to_numpy(), pred.astype(str)))
+    cols = list(spec.columns)
+    pred = sub.reindex(truth.index)[cols]
+    if spec.encoding == "per_class":
+        y = truth[cols].astype(int).to_numpy().argmax(1)
+        p = pred.astype(float).to_numpy()
+        return "logloss", float(log_loss(y, p / p.sum(1, keepdims=True), labels=list(range(len(cols)))))
+    if spec.encoding == "probability":
+        return "logloss", float(
+            log_loss(truth[cols[0]].astype(int).to_numpy(), pred[cols[0]].astype(float), labels=[0, 1])
+        )
+    return "accuracy", float(accuracy_score(truth[cols[0]].to_numpy(), pred[cols[0]].astype(str).to_numpy()))

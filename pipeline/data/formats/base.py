@@ -63,6 +63,8 @@ class Reader:
                 raise PipelineError(f"{where}: id {t.ids[bad]!r} has NaN or inf pixels; expected finite numbers")
         if split == "train" and t.labels is None:
             raise PipelineError(f"{where}: training data has no labels")
+        if split == "train":  # a sample submission that fits no target is refused before anything is written
+            self.submission_spec(t.class_names)
         return t
 
     def native_size(self) -> int | None:
@@ -74,13 +76,18 @@ class Reader:
     def _read(self, split: str) -> Table:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def submission_spec(self, class_names: list[str]):
+        """The submission's columns, ids and encoding: the competition's sample file, else this format's."""
+        from pipeline.data.sample import submission_spec
+
+        return submission_spec(self, list(class_names))
+
     def submission_frame(self, ids, probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:
         """Turn (N, K) class probabilities into the competition's submission columns (the task encodes them)."""
         from pipeline.tasks import build_task
 
-        id_col, target_col = self.submission_columns
-        value = build_task(len(class_names)).encode(probs, class_names, self.submission_kind)
-        return pd.DataFrame({id_col: ids, target_col: value})
+        spec = self.submission_spec(class_names)
+        return spec.frame(ids, np.asarray(probs), list(class_names), build_task(len(class_names)).encode)
 
 
 def _blank_id(x) -> bool:

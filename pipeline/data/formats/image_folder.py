@@ -41,6 +41,7 @@ from pipeline.data.formats.image_files import (  # noqa: F401 - IMAGE_EXTS, _che
     has_class_folders,
     resolve,
 )
+from pipeline.data.sample import read_sample, sample_path
 from pipeline.data.table import Table
 
 GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
@@ -177,6 +178,10 @@ class ImageFolder(Reader):
             self.source = self.dir / split
             if not (self.dir / "train.csv").exists() and has_class_folders(self.dir / "train"):
                 check_flat(self.source)
+            sample = sample_path(self.cfg)
+            if sample is not None:  # the sample's ids name the test files (with or without their extension)
+                self.source = sample
+                return read_sample(sample)[1], None
             names = sorted(_image_files(self.dir / split), key=_natural)
             if not names:
                 raise PipelineError(
