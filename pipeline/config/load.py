@@ -147,7 +147,27 @@ def load_config(path: str | Path, overrides: list[str] | dict | None = None, che
         raise PipelineError(
             f"{path}: data.dir: {cfg.data.dir} does not exist (relative paths resolve against {Path.cwd()})"
         )
+    if check_data:
+        check_outputs_outside_data(cfg)
     return cfg
+
+
+def check_outputs_outside_data(cfg: Config) -> None:
+    """Nothing the pipeline writes (the folds file and its snapshot, runs, submissions) may land in
+    ``data.dir``: a folds file named ``train.csv`` there would replace the labels."""
+    data = cfg.data_dir.resolve()
+    outputs = (
+        ("folds.file" if cfg.folds.file else "paths.folds", cfg.folds_path),
+        ("paths.runs", Path(cfg.paths.runs).expanduser()),
+        ("paths.submissions", Path(cfg.paths.submissions).expanduser()),
+    )
+    for key, out in outputs:
+        where = out.resolve()
+        if where == data or data in where.parents:
+            raise PipelineError(
+                f"{cfg.path}: {key} puts {out} inside data.dir ({cfg.data.dir}); the pipeline never writes into "
+                f"the data folder (it would overwrite the competition's files): set {key} outside it"
+            )
 
 
 def check_without_data(cfg: Config) -> None:

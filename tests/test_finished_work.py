@@ -1,0 +1,49 @@
+"""Finished work survives a mistyped command: every name the config can check without data is checked when it
+loads, before any stage looks at (let alone retrains) a finished fold (issue 28 item 1)."""
+
+from pathlib import Path
+
+import pytest
+from conftest import cli_error, run_cli
+
+
+def _files(root: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if ".cache" not in p.parts}
+
+
+@pytest.mark.parametrize(
+    "typo, needle",
+    [
+        ("model.backbone=no_such_net_xyz", "model.backbone: timm does not know 'no_such_net_xyz'"),
+        ("model.backbone=resnet81", "close matches: resnet18"),
+        ("adversarial.backbone=tf_efficientnet_lite9", "adversarial.backbone: timm does not know"),
+        ("train.optimizer=adamx", "train.optimizer: unknown optimizer 'adamx'"),
+    ],
+)
+def test_a_typo_leaves_the_finished_fold_finished(capsys, digits_config, typo, needle):
+    cfg = digits_config()
+    assert run_cli("fold", cfg) == 0
+    assert run_cli("train", cfg, "--folds", "0") == 0
+    done = Path("runs/comp/exp/fold_0/done.json")
+    assert done.is_file()
+    before = _files(Path.cwd())
+    err = cli_error(capsys, "train", cfg, "--folds", "0", typo)
+    assert needle in err, err
+    assert _files(Path.cwd()) == before  # fold 0 still finished: nothing removed, nothing written
+
+
+def test_backbone_names_come_from_the_cache_without_torch(digits_config, tmp_path):
+    """After the first listing, checking a name imports no torch (a config loads in well under a second)."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.models.names import known_backbones
+
+    assert "bn_cnn" in known_backbones(fresh=True) and "tf_efficientnet_lite0" in known_backbones()
+    code = (
+        "import sys; from pipeline.config.load import load_config; "
+        f"load_config({str(digits_config())!r}, ['model.backbone=resnet18.a1_in1k', 'augment=[]'], check_data=False); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1], env=dict(os.environ))
