@@ -172,6 +172,14 @@ def cmd_predict(args):
     submit_experiment(_config(args))
 
 
+def cmd_export(args):
+    from pipeline.predict.export import export_onnx_run
+
+    if not args.onnx:
+        raise PipelineError("export: choose the format: --onnx (the one this version writes)")
+    export_onnx_run(_config(args), parity_rows=args.parity_rows)
+
+
 def cmd_ensemble(args):
     from pipeline.ensemble.blend import run_ensemble
 
@@ -336,6 +344,17 @@ def _add_search_and_blends(sub) -> None:
         sub, "predict", cmd_predict, "test predictions with TTA -> test_pred.csv and a submission file", budget=True
     )
     pr.add_argument("--params", help="YAML of section.key: value overrides (e.g. tune's best.yaml)")
+    ex = _stage(
+        sub,
+        "export",
+        cmd_export,
+        "each fold model as ONNX beside its weights, checked against torch on its OOF images",
+        budget=True,
+    )
+    ex.add_argument("--onnx", action="store_true", help="write model.onnx (opset 17) for predict.engine: onnx")
+    ex.add_argument(
+        "--parity-rows", type=_positive_int, default=512, help="OOF images per model for the torch check (512)"
+    )
     _stage(sub, "ensemble", cmd_ensemble, "blend experiments (ENSEMBLE.yaml) -> runs/ and submissions/")
     z = sub.add_parser(
         "zoo",

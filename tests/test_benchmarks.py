@@ -29,6 +29,7 @@ CASES = {
     # the CPU path (no GPU is faked): fp32 and bf16 on simple_cnn at 16 px, fp16 skipped with its reason: ~10 s
     "gpu_smoke": (["--smoke", "--device", "cpu"], 120),
     # 40 JPEGs read at 32 px, then fold 0 of simple_cnn for 1 step, each phase in its own process: ~10 s
+    "inference": (["--smoke"], 120),
     "memory": (["--smoke"], 120),
     # local and torchrun 2 on 60 chips, 2 folds x 1 epoch of simple_cnn (fold_jobs and ray: the slow case below): ~40 s
     "scale": (["--smoke"], 240),

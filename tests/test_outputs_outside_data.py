@@ -22,7 +22,9 @@ def _files(root):
     ],
 )
 @pytest.mark.parametrize("command", ["fold", "train", "run"])
-def test_outputs_inside_the_data_folder_are_refused(capsys, make_config, sk_digits_dir, tmp_path, overrides, key, command):
+def test_outputs_inside_the_data_folder_are_refused(
+    capsys, make_config, sk_digits_dir, tmp_path, overrides, key, command
+):
     d = tmp_path / "data"
     shutil.copytree(sk_digits_dir, d)
     cfg = make_config(d, "pixel_csv")

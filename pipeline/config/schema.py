@@ -120,6 +120,8 @@ class Config(Section):
             d["model"].get("input_norm") == "dataset"
         ):  # model.input_norm's default: configs from before it keep their hashes
             d["model"].pop("input_norm")
+        if d["predict"].get("engine") == "torch":  # likewise predict.engine's
+            d["predict"].pop("engine")
         for key in RUNTIME_KEYS:
             section, _, name = key.partition(".")
             if name:

@@ -318,6 +318,11 @@ class PredictConfig(Section):
     clip: tuple[float, float] | Literal["auto"] | None = Field(
         "auto", description="auto: [0.001, 0.999] for a log-loss metric, else none (pipeline/config/auto.py)"
     )
+    engine: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="what runs the fold models: torch, or onnxruntime on the graphs `pipeline export CONFIG --onnx` "
+        "wrote (each checked against torch on its fold's OOF images)",
+    )
     _auto = auto_or("tta", expected="a list of TTA names like [identity, hflip]")
     _auto_clip = auto_or("clip", expected="null or [lo, hi] like [0.001, 0.999]")
 

@@ -94,7 +94,8 @@ def read_sample(path: Path) -> tuple[list[str], list[str]]:
     header = [c.strip() for c in rows[0]]
     if len(header) < 2 or not all(header):
         raise PipelineError(
-            f"{path}: header is {', '.join(map(repr, rows[0])) or '(none)'}; expected an id column and at least one target column"
+            f"{path}: header is {', '.join(map(repr, rows[0])) or '(none)'}; "
+            "expected an id column and at least one target column"
         )
     dup = sorted({c for c in header if header.count(c) > 1})
     if dup:

@@ -248,11 +248,44 @@ def predict_tta_parts(
     from pipeline.tasks import build_task
 
     device = torch.device(device)
+    if getattr(model, "batches_views", False):  # an exported graph: every view of a batch in one call
+        views = _predict_views_together(model, images, features, transforms, batch_size, device)
+    else:
+        views = {
+            t.key: predict_logits(model, images, features, batch_size, device, channels_last, precision, transform=t)
+            for t in transforms
+        }
     out = {}
-    for t in transforms:
-        logits = predict_logits(model, images, features, batch_size, device, channels_last, precision, transform=t)
-        out[t.key] = (task or build_task(logits.shape[1])).activate(logits) if average == "prob" else logits
+    for key, logits in views.items():
+        out[key] = (task or build_task(logits.shape[1])).activate(logits) if average == "prob" else logits
     return out
+
+
+def _predict_views_together(model, images, features, transforms, batch_size: int, device) -> dict:
+    """Each view's (N, K) logits, the views of one image batch stacked into one model call (views of the
+    same shape; a batch of ``batch_size`` images per call in all)."""
+    import torch
+
+    from pipeline.models.inference import features_tensor, to_tensor
+
+    per_call = max(1, batch_size // max(1, len(transforms)))
+    out: dict = {t.key: [] for t in transforms}
+    with torch.no_grad():
+        for s in range(0, len(images), per_call):
+            idx = np.arange(s, min(s + per_call, len(images)))
+            x = to_tensor(images[idx], device)
+            f = features_tensor(features, idx, device)
+            views = [(t.key, t(x)) for t in transforms]
+            shapes: dict = {}
+            for key, v in views:
+                shapes.setdefault(tuple(v.shape), []).append((key, v))
+            for group in shapes.values():
+                stacked = torch.cat([v for _, v in group])
+                feats = None if f is None else f.repeat(len(group), 1)
+                logits = model(stacked, feats).float().cpu().numpy()
+                for k, (key, _) in enumerate(group):
+                    out[key].append(logits[k * len(idx) : (k + 1) * len(idx)])
+    return {key: np.concatenate(parts).astype(np.float64) for key, parts in out.items()}
 
 
 def predict_tta(

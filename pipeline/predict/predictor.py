@@ -114,8 +114,13 @@ class _Models:
         from pipeline.models.backbones import load_checkpoint
         from pipeline.models.tta import predict_tta_parts
 
-        model_dir.read_best_meta()  # checked here: load_checkpoint rebuilds the model from it
-        model, meta = load_checkpoint(model_dir.best_weights)
+        meta = model_dir.read_best_meta()  # checked here: load_checkpoint rebuilds the model from it
+        if self.cfg.predict.engine == "onnx":
+            from pipeline.predict.export import exported_model
+
+            model = exported_model(self.cfg, model_dir)
+        else:
+            model, meta = load_checkpoint(model_dir.best_weights)
         if list(meta["class_names"]) != list(table.class_names):
             raise PipelineError(
                 f"{model_dir.best_meta}: model classes {meta['class_names']} "
@@ -381,6 +386,10 @@ def _predict_stage(cfg: Config, *, submit: bool) -> tuple[_Predicted, Path | Non
 
     cfg = planned(cfg, create=False)
     run = RunDir.of(cfg)
+    if cfg.predict.engine == "onnx":  # every graph there and current before anything is staged
+        from pipeline.predict.export import check_exported
+
+        check_exported(cfg)
     with run.staged("predict") as stage:
         made = _predict_into(cfg, run, stage)
         sub = _write_submissions(cfg, stage, made) if submit else None

@@ -72,6 +72,8 @@ class JobDir:
 
     best_weights = property(lambda self: self.path / "best.safetensors")
     best_meta = property(lambda self: self.path / "best.json")
+    onnx = property(lambda self: self.path / "model.onnx")  # `pipeline export --onnx` (pipeline/predict/export.py)
+    onnx_meta = property(lambda self: self.path / "model.onnx.json")
     last = property(lambda self: self.path / "last.pt")
     history = property(lambda self: self.path / "history.csv")
     oof = property(lambda self: self.path / "oof.csv")
