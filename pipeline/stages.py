@@ -10,6 +10,7 @@ when its jobs finished under another run hash (``pipeline.train.finished.run_has
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,7 +127,20 @@ def run_all(cfg: Config) -> dict[str, float]:
     log.info(
         "stage times: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()) + f"; total {sum(times.values()):.1f}s"
     )
+    log.info(_peak_memory())
     return times
+
+
+def _peak_memory() -> str:
+    """Peak resident memory of this process and of its largest finished worker process (Linux/macOS)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return "peak memory: not measured on this platform"
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**30
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit / 2**30
+    return f"peak memory: {own:.2f} GiB in this process" + (f", {child:.2f} GiB in its largest worker" if child else "")
 
 
 def status(cfg: Config) -> list[tuple[str, str, str]]:

@@ -336,3 +336,14 @@ def test_any_class_and_file_names(make_config, tmp_path_factory, layout):
     assert [tr.class_names[k] for k in tr.labels] == [i.rsplit("/", 1)[0] for i in tr.ids]
     assert all(abs(int(a[0, 0, 0]) - want[i]) <= 1 for a, i in zip(tr.images, tr.ids))
     assert list(tr.labels) == sorted(tr.labels)  # rows grouped by class, in the class order
+
+
+def test_an_image_too_large_to_decode_is_one_line(capsys, make_config, classes, monkeypatch):
+    """Pillow's decompression-bomb limit holds: one line naming the file, nothing written (issue 28 item 4)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 2x this is the refusal: a 64x64 file is a "bomb" here
+    Image.new("L", (64, 64), 7).save(classes / "train" / "b" / "huge.png")
+    cfg = make_config(classes, "image_folder", data={"image_size": 8, "channels": 1}, folds={"n_splits": 2})
+    before = _snapshot(classes.parent)
+    err = cli_error(capsys, "fold", cfg)
+    assert "huge.png" in err and "DecompressionBomb" in err, err
+    assert _snapshot(classes.parent) == before

@@ -2,6 +2,7 @@
 label column, one probability column per class, or P(class 1)), its rows the ids and their order; without
 ``test.csv`` its ids name the test files; a sample that fits no target is refused before anything is written."""
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +201,7 @@ def test_read_sample_refuses_in_one_line_or_returns_a_checked_header(tmp_path, t
     assert ids and all(i.strip() == i and i for i in ids) and len(set(ids)) == len(ids)
 
 
-def test_through_predict(make_config, comp):
+def test_through_predict(make_config, comp, capsys):
     """A real (tiny) run: fold, train, predict; the submission follows the per-class sample."""
     ids = [f"t{k}" for k in (2, 0, 1, 4, 3)]
     _sample(comp, ["id", "dog", "cat", "fox"], ids)
@@ -218,6 +219,7 @@ def test_through_predict(make_config, comp):
         evaluate={"adversarial": False, "gradcam_samples": 0},
     )
     assert run_cli("run", cfg) == 0
+    assert re.search(r"peak memory: \d+\.\d\d GiB in this process", capsys.readouterr().out)
     subs = sorted(Path("submissions").glob("*.csv"))
     sub = pd.read_csv(subs[0], dtype={"id": str})
     assert list(sub.columns) == ["id", "dog", "cat", "fox"] and sub["id"].tolist() == ids
