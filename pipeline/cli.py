@@ -207,7 +207,22 @@ def cmd_experiments(args):
 def cmd_lb(args):
     from pipeline.evaluate.experiments import record_lb
 
+    if args.fetch:
+        if args.score is not None:
+            raise PipelineError("lb: give a SCORE or --fetch, not both")
+        from pipeline.evaluate.kaggle_api import fetch_score
+
+        fetch_score(args.submission, args.competition)
+        return
+    if args.score is None:
+        raise PipelineError("lb: missing SCORE; give the leaderboard score, or --fetch it from Kaggle")
     record_lb(args.submission, args.score)
+
+
+def cmd_submit(args):
+    from pipeline.evaluate.kaggle_api import submit
+
+    submit(args.file, args.message, args.competition)
 
 
 def cmd_run(args):
@@ -391,8 +406,19 @@ def _add_records(sub) -> None:
         description="record the leaderboard score a submission file got",
     )
     lb.add_argument("submission")
-    lb.add_argument("score", type=_finite)
+    lb.add_argument("score", type=_finite, nargs="?")
+    lb.add_argument("--fetch", action="store_true", help="read the score Kaggle gave it (after `pipeline submit`)")
+    lb.add_argument("--competition", help="Kaggle competition slug (default: the one it was submitted to)")
     lb.set_defaults(fn=cmd_lb, overrides=[])
+    sm = sub.add_parser(
+        "submit",
+        help="validate a submission file the pipeline wrote and send it to Kaggle (the kaggle package's API)",
+        description="validate a submission file the pipeline wrote and send it to Kaggle (the kaggle package's API)",
+    )
+    sm.add_argument("file", help="submission CSV (with its JSON beside it)")
+    sm.add_argument("-m", "--message", required=True, help="the submission's description")
+    sm.add_argument("--competition", help="Kaggle competition slug (default: the config's competition name)")
+    sm.set_defaults(fn=cmd_submit, overrides=[])
     _stage(
         sub, "run", cmd_run, "fold, train, evaluate, predict and write a submission, skipping fresh stages", budget=True
     )

@@ -72,6 +72,7 @@ def submission_records(root: Path, competition: str | None = None) -> pd.DataFra
             continue
         f = d["file"]
         lb_score = d.get("lb_score", latest.get(f, math.nan))
+        sent = d.get("kaggle") if isinstance(d.get("kaggle"), dict) else {}
         rows.append(
             {
                 "file": f,
@@ -80,9 +81,10 @@ def submission_records(root: Path, competition: str | None = None) -> pd.DataFra
                 "metric": d.get("metric", ""),
                 "cv": d.get("oof_score", math.nan),
                 "lb": lb_score,
+                "kaggle": "" if sent.get("ref") is None else str(sent["ref"]),  # `pipeline submit`'s ref
             }
         )
-    return pd.DataFrame(rows, columns=["file", "experiment", "created_utc", "metric", "cv", "lb"])
+    return pd.DataFrame(rows, columns=["file", "experiment", "created_utc", "metric", "cv", "lb", "kaggle"])
 
 
 LEADERBOARD_COLUMNS = ["recorded_utc", "file", "competition", "experiment", "metric", "cv", "lb_score"]
@@ -164,7 +166,10 @@ def list_experiments(cfg: Config) -> pd.DataFrame:
     with pd.option_context("display.max_colwidth", 120, "display.width", 200):
         log.info(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
         if len(subs):
-            log.info("\nsubmissions (CV = OOF score of the file's experiments, LB = recorded leaderboard score):")
+            log.info(
+                "\nsubmissions (CV = OOF score of the file's experiments, LB = recorded leaderboard score, "
+                "kaggle = the ref `pipeline submit` got):"
+            )
             log.info(subs.to_string(index=False, float_format=lambda v: f"{v:.5f}"))
     return df
 
