@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PIPELINE_TIMING := 1
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test test-all lint venv clean
+.PHONY: demo test test-all lint docs venv clean
 
 venv: $(STAMP)
 
@@ -24,12 +25,18 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2
 
-test-all: $(STAMP) lint
+test-all: $(STAMP) lint docs
 	HYPOTHESIS_PROFILE=slow $(BIN)/python -m pytest -q -n 2 -m "slow or not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests benchmarks
 	$(BIN)/ruff format --check pipeline tests benchmarks
+
+# the documentation site (mkdocs-material): the config reference generated from the schema, then a strict build
+# (a warning, such as a broken link, fails it)
+docs: $(STAMP)
+	$(BIN)/python -m pipeline.config.reference docs/reference/config.md
+	$(BIN)/mkdocs build --strict --quiet
 
 demo: $(STAMP)
 	bash scripts/demo.sh

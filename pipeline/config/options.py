@@ -56,8 +56,10 @@ class Section(BaseModel):
 
 
 class DataOptions(Section):
-    format: str
-    dir: str
+    format: str = Field(
+        description="the files' reader: statoil_json, pixel_csv or image_folder (pipeline/data/formats/)"
+    )
+    dir: str = Field(description="the competition's folder (a runtime key: another folder joins the same run)")
     image_size: Annotated[int, Field(gt=0, le=8192)] | Literal["auto"] | None = Field(
         None,
         description="resize images to this square size; None keeps the files' size; auto: planned from the "
@@ -68,7 +70,7 @@ class DataOptions(Section):
         description="image_folder: 1 (grey) or 3 (RGB), None or auto = from the files; statoil_json: 2 (the bands) "
         "or 3 (+ their mean)",
     )
-    cache: bool = True
+    cache: bool = Field(True, description="keep decoded images as a memory-mapped cache (image_folder)")
     sample_submission: str | None = Field(
         "auto",
         description="the submission's columns and ids: auto = sample_submission.csv in data.dir when it exists; "

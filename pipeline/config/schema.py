@@ -44,7 +44,10 @@ class _UnknownFormat(DataOptions):
 
 
 class Config(Section):
-    competition: str
+    competition: str = Field(
+        description="the competition's name: runs/<competition>/, folds/<competition>.csv, the submission files' "
+        "prefix and `pipeline submit`'s default Kaggle slug"
+    )
     metric: Annotated[str, registered(METRICS)] = Field(
         "logloss", description="a name in pipeline.core.metrics.METRICS"
     )
