@@ -163,7 +163,9 @@ def _one_column_encoding(path: Path, column: str, default: str, names: list[str]
     values = pd.to_numeric(_sample_values(path, column), errors="coerce")
     fractions = values.notna().all() and ((values > 0) & (values < 1)).any() and values.between(0, 1).all()
     if default == "probability" or fractions:
-        if len(names) != 2:
+        from pipeline.tasks import build_task
+
+        if "probability" not in build_task(len(names)).encodings:
             raise PipelineError(
                 f"{path}: column {column!r} holds probabilities (e.g. {values.iloc[0]:g}) but train has "
                 f"{len(names)} classes; expected one probability column per class ({_shown(names)})"

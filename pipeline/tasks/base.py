@@ -25,6 +25,8 @@ class Task:
     averages: ClassVar[tuple[str, ...]] = ()
     # the calibrations evaluate may fit and keep (pipeline/tasks/calibration.py)
     calibrations: ClassVar[tuple[str, ...]] = ()
+    # the submission values ``encode`` makes (pipeline/data/sample.py reads which one a sample asks for)
+    encodings: ClassVar[tuple[str, ...]] = ()
 
     def __repr__(self) -> str:
         return f"<task {self.name}>"

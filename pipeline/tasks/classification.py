@@ -109,6 +109,7 @@ class Classification(Task):
 
 class Binary(Classification):
     name = "binary"
+    encodings = ("probability", "index", "name", "per_class")
     per_fold_curves = True
 
     def auto_label_smoothing(self, metric: str) -> float:
@@ -185,6 +186,7 @@ class Binary(Classification):
 
 class Multiclass(Classification):
     name = "multiclass"
+    encodings = ("index", "name", "per_class")
 
     def auto_label_smoothing(self, metric: str) -> float:
         # a soft target keeps a multi-class model off saturated probabilities, which log-loss punishes
