@@ -116,8 +116,9 @@ def read_sample(path: Path) -> tuple[list[str], list[str]]:
     return header, ids
 
 
-def _sample_values(path: Path, column: str) -> pd.Series:
-    return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)[column].str.strip()
+def _sample_values(path: Path) -> pd.Series:
+    """The sample's second column (its one target column), as text."""
+    return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig").iloc[:, 1].str.strip()
 
 
 def submission_spec(reader: Reader, class_names: list[str]) -> SubmissionSpec:
@@ -160,7 +161,7 @@ def submission_spec(reader: Reader, class_names: list[str]) -> SubmissionSpec:
 def _one_column_encoding(path: Path, column: str, default: str, names: list[str]) -> str:
     """A single target column holds a probability (binary: the sample's values are fractions such as 0.5,
     or the format says so) or a label (the format's: class name or index)."""
-    values = pd.to_numeric(_sample_values(path, column), errors="coerce")
+    values = pd.to_numeric(_sample_values(path), errors="coerce")
     fractions = values.notna().all() and ((values > 0) & (values < 1)).any() and values.between(0, 1).all()
     if default == "probability" or fractions:
         from pipeline.tasks import build_task
