@@ -47,3 +47,27 @@ def test_backbone_names_come_from_the_cache_without_torch(digits_config, tmp_pat
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1], env=dict(os.environ))
+
+
+def test_an_override_keeps_the_finished_folds_and_switching_back_restores_them(digits_config, capsys):
+    """A changed training key trains a fold again but keeps the finished one aside (issue 28 item 2); going back
+    to the earlier config restores it instead of training it a third time."""
+    cfg = digits_config()
+    assert run_cli("fold", cfg) == 0 and run_cli("train", cfg, "--folds", "0") == 0
+    job = Path("runs/comp/exp/fold_0")
+    first = (job / "best.safetensors").read_bytes()
+    first_hash = __import__("json").loads((job / "done.json").read_text())["hash"]
+    capsys.readouterr()
+    assert run_cli("train", cfg, "--folds", "0", "train.lr=0.01") == 0
+    out = capsys.readouterr().out
+    kept = Path("runs/comp/exp/kept") / first_hash / "fold_0"
+    assert "fold 0: finished under another config; kept in" in out and (kept / "best.safetensors").read_bytes() == first
+    second = (job / "best.safetensors").read_bytes()
+    assert run_cli("experiments", cfg) == 0
+    assert f"1 of {first_hash}" in capsys.readouterr().out  # the experiments table shows what was kept
+    assert run_cli("train", cfg, "--folds", "0") == 0
+    out = capsys.readouterr().out
+    assert "fold 0: finished under this config before; restored from" in out and "epoch 1/" not in out
+    assert (job / "best.safetensors").read_bytes() == first and not kept.exists()
+    others = [p for p in Path("runs/comp/exp/kept").iterdir()]
+    assert len(others) == 1 and (others[0] / "fold_0" / "best.safetensors").read_bytes() == second

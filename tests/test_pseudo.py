@@ -147,9 +147,9 @@ def test_changed_source_or_settings_retrain(ice_config, capsys):
     assert run_cli("status", path) == 0
     assert "train     stale" in capsys.readouterr().out
     assert run_cli("train", path, "--folds", "0") == 0  # one fold is enough to see it retrain
-    assert capsys.readouterr().out.count("finished under another config; retraining") == 1
+    assert capsys.readouterr().out.count("finished under another config; kept in") == 1
     assert run_cli("train", path, "--folds", "1", "pseudo.threshold=0.9") == 0
-    assert capsys.readouterr().out.count("finished under another config; retraining") == 1
+    assert capsys.readouterr().out.count("finished under another config; kept in") == 1
 
 
 def _files() -> dict:

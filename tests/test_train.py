@@ -90,7 +90,7 @@ def test_config_change_retrains(digits_config, capsys):
     cfg = _prepare(digits_config())
     train_cv(cfg)
     train_cv(load_config(cfg.path, ["train.lr=0.002"]), folds=[0])
-    assert "fold 0: finished under another config; retraining" in capsys.readouterr().out
+    assert "fold 0: finished under another config; kept in" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -443,7 +443,7 @@ def test_regenerated_folds_retrain_finished_folds(digits_config, capsys):
     df.loc[[a, b], "fold"] = [1, 0]  # the same settings, other assignments (e.g. the data changed)
     df.to_csv("folds/comp.csv", index=False)
     oof = train_cv(cfg)
-    assert "fold 0: finished under another config; retraining" in capsys.readouterr().out
+    assert "fold 0: finished under another config; kept in" in capsys.readouterr().out
     assert (oof.set_index("id").loc[df["id"], "fold"].to_numpy() == df["fold"].to_numpy()).all()
 
 

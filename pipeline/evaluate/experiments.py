@@ -154,12 +154,12 @@ def list_experiments(cfg: Config) -> pd.DataFrame:
                 "cv_from": src,
                 "hash": h,
                 "date_utc": date,
+                "kept": ", ".join(f"{n} of {h}" for h, n in run.kept_jobs().items()),  # earlier configs' jobs
                 "submissions": files,
             }
         )
-    df = pd.DataFrame(
-        rows, columns=["experiment", "kind", f"cv_{cfg.metric}", "cv_std", "cv_from", "hash", "date_utc", "submissions"]
-    )
+    columns = ["experiment", "kind", f"cv_{cfg.metric}", "cv_std", "cv_from", "hash", "date_utc", "kept", "submissions"]
+    df = pd.DataFrame(rows, columns=columns)
     if df.empty:
         log.info(f"no runs under {root} yet; run `pipeline train {cfg.path}`")
         return df

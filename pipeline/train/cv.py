@@ -63,15 +63,20 @@ def _check_plan_data(cfg: Config, table: Table) -> None:
         )
 
 
-def _needs_training(job: JobDir, run_hash: str) -> bool:
-    """False for a job finished under this run hash; a job finished under another one starts over."""
+def _needs_training(job: JobDir, run_hash: str, run: RunDir) -> bool:
+    """False for a job finished under this run hash, or kept from when this config trained it before; a job
+    finished under another config is kept aside (``runs/<comp>/<exp>/kept/<hash>/``), never discarded."""
     done = job.read_done()
     if done is not None and done.get("hash") == run_hash:
         log.info(f"{job.label}: done, skipping")
         return False
     if done is not None:
-        log.info(f"{job.label}: finished under another config; retraining")
-        job.clear_done()
+        kept = run.keep(job, done.get("hash"))
+        log.info(f"{job.label}: finished under another config; kept in {kept}, training this one")
+    restored = run.restore(job, run_hash)
+    if restored is not None:
+        log.info(f"{job.label}: finished under this config before; restored from {restored}")
+        return False
     return True
 
 
@@ -136,7 +141,7 @@ def train_cv(
     n_refit = len(seeds) if cfg.train.refit else 0  # the time budget is shared by the refit models too
     t_start = time.time()
     _log_start(cfg, table, run, pseudo, wanted=wanted, seeds=seeds, device=device, dist=dist)
-    todo = dist.broadcast_decision(lambda: [job for job in run.jobs(wanted) if _needs_training(job, run_hash)])
+    todo = dist.broadcast_decision(lambda: [job for job in run.jobs(wanted) if _needs_training(job, run_hash, run)])
     executor = build_executor(
         cfg,
         todo=todo,
@@ -336,9 +341,7 @@ def _refit_job(
     best = dist.broadcast_decision(lambda: [run.job_dir(k, seed).read_done()["best_epoch"] for k in range(n_folds)])
     epochs = max(1, int(np.median(best)))
     job = run.refit_dir(seed)
-    done = dist.broadcast_decision(job.read_done)
-    if done is not None and done.get("hash") == run_hash:
-        log.info(f"{job.label}: done, skipping")
+    if not dist.broadcast_decision(lambda: _needs_training(job, run_hash, run)):
         return None
     more = f" and {pseudo.record(job.fold)['rows']} pseudo-labelled test rows" if pseudo is not None else ""
     log.info(f"refit on all {len(fold_of)} rows{more} for {epochs} epochs (median best epoch of the folds: {best})")
