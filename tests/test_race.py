@@ -77,11 +77,14 @@ def test_portfolio_changes_one_axis_at_a_time_from_the_priors_first_choice(auto_
         "affine",
         "dataset",
     )
-    for r in recipes[1:]:  # each candidate differs from the base on one axis (a frozen net brings its own augment)
+    for r in recipes[1:]:  # each candidate differs from the base on one axis
         diff = [a for a in ("augment", "input_norm", "size") if getattr(r, a) != getattr(base, a)]
         assert len(diff) <= 1 or r.backbone != base.backbone or r.finetune != base.finetune, r.name
-    frozen = [r for r in recipes if r.finetune == "head"]
-    assert frozen and all(r.augment == "none" for r in frozen)
+    assert not [r for r in recipes if r.finetune == "head"]  # a frozen head only when the config asks for one
+    asked = portfolio(
+        auto_cfg(model={"finetune": "head"}), _facts(native=128, channels=1), n=3, largest_size=lambda b, p, f: 128
+    )
+    assert all(r.finetune == "head" and r.augment == "none" for r in asked if r.pretrained)
     assert any(r.input_norm == "image" for r in recipes)  # grey images race the per-image norm
 
 
