@@ -205,18 +205,9 @@ def cmd_experiments(args):
 
 
 def cmd_lb(args):
-    from pipeline.evaluate.experiments import record_lb
+    from pipeline.evaluate.kaggle_api import lb_command
 
-    if args.fetch:
-        if args.score is not None:
-            raise PipelineError("lb: give a SCORE or --fetch, not both")
-        from pipeline.evaluate.kaggle_api import fetch_score
-
-        fetch_score(args.submission, args.competition)
-        return
-    if args.score is None:
-        raise PipelineError("lb: missing SCORE; give the leaderboard score, or --fetch it from Kaggle")
-    record_lb(args.submission, args.score)
+    lb_command(args.submission, args.score, fetch=args.fetch, competition=args.competition)
 
 
 def cmd_submit(args):
@@ -359,17 +350,9 @@ def _add_search_and_blends(sub) -> None:
         sub, "predict", cmd_predict, "test predictions with TTA -> test_pred.csv and a submission file", budget=True
     )
     pr.add_argument("--params", help="YAML of section.key: value overrides (e.g. tune's best.yaml)")
-    ex = _stage(
-        sub,
-        "export",
-        cmd_export,
-        "each fold model as ONNX beside its weights, checked against torch on its OOF images",
-        budget=True,
-    )
+    ex = _stage(sub, "export", cmd_export, "fold models as ONNX, checked against torch on OOF images", budget=True)
     ex.add_argument("--onnx", action="store_true", help="write model.onnx (opset 17) for predict.engine: onnx")
-    ex.add_argument(
-        "--parity-rows", type=_positive_int, default=512, help="OOF images per model for the torch check (512)"
-    )
+    ex.add_argument("--parity-rows", type=_positive_int, default=512, help="OOF images per model checked (512)")
     _stage(sub, "ensemble", cmd_ensemble, "blend experiments (ENSEMBLE.yaml) -> runs/ and submissions/")
     z = sub.add_parser(
         "zoo",
@@ -410,11 +393,8 @@ def _add_records(sub) -> None:
     lb.add_argument("--fetch", action="store_true", help="read the score Kaggle gave it (after `pipeline submit`)")
     lb.add_argument("--competition", help="Kaggle competition slug (default: the one it was submitted to)")
     lb.set_defaults(fn=cmd_lb, overrides=[])
-    sm = sub.add_parser(
-        "submit",
-        help="validate a submission file the pipeline wrote and send it to Kaggle (the kaggle package's API)",
-        description="validate a submission file the pipeline wrote and send it to Kaggle (the kaggle package's API)",
-    )
+    what = "send a submission file the pipeline wrote to Kaggle (the kaggle package's API)"
+    sm = sub.add_parser("submit", help=what, description=what)
     sm.add_argument("file", help="submission CSV (with its JSON beside it)")
     sm.add_argument("-m", "--message", required=True, help="the submission's description")
     sm.add_argument("--competition", help="Kaggle competition slug (default: the config's competition name)")

@@ -244,7 +244,8 @@ def test_what_needs_no_data_fails_when_the_config_loads(base, overrides, message
     ],
 )
 def test_each_format_checks_its_own_options(tmp_path, fmt, overrides, message):
-    p = write_yaml(tmp_path / "x.yaml", {"competition": "c", "data": {"format": fmt, "dir": "."}})
+    (tmp_path / "data").mkdir()  # a folder of its own: nothing is written into data.dir
+    p = write_yaml(tmp_path / "x.yaml", {"competition": "c", "data": {"format": fmt, "dir": "data"}})
     load_config(p)  # the defaults are fine
     with pytest.raises(PipelineError, match=message):
         load_config(p, overrides)
@@ -253,11 +254,12 @@ def test_each_format_checks_its_own_options(tmp_path, fmt, overrides, message):
 def test_unknown_size_and_channels_still_check_augment_names_and_params(tmp_path):
     """image_folder without data.channels / data.image_size: what the files will say is not checked
     yet (the dry run waits for the data), names and parameters are."""
+    (tmp_path / "data").mkdir()
     p = write_yaml(
         tmp_path / "x.yaml",
         {
             "competition": "c",
-            "data": {"format": "image_folder", "dir": "."},
+            "data": {"format": "image_folder", "dir": "data"},
             "augment": [{"name": "HueSaturationValue"}, {"name": "RandomResizedCrop", "p": 1.0}],
         },
     )

@@ -6,9 +6,9 @@ used to build something. ``load_config`` checks a name against these registries 
 a family's own ``build_*`` looks the entry up. A user adds an entry with ``REGISTRY.register(name, obj)``
 (e.g. ``OPTIMIZERS.register("nadamw", OptimizerSpec("nadamw"))``), and the config accepts it from then on.
 
-``CHECKS`` holds what the schema cannot check by name: the backbone names (timm's, listed once into the
-cache), the augmentation list (a dry run of albumentations) and the search space, each run by
-``load_config`` before any data is read.
+``CHECKS`` holds what the schema cannot check by name: the augmentation list (a dry run of albumentations)
+and the search space, each run by ``load_config`` before any data is read (backbone names, which need timm
+and so torch, are checked where training starts: pipeline/models/names.py).
 """
 
 from __future__ import annotations
@@ -66,9 +66,5 @@ TASKS = Registry(
 
 CHECKS = Registry(
     "config check",
-    lazy={
-        "model.backbone": "pipeline.models.names:check_config",
-        "augment": "pipeline.data.augment:check_config",
-        "tune.space": "pipeline.tune.space:check_config",
-    },
+    lazy={"augment": "pipeline.data.augment:check_config", "tune.space": "pipeline.tune.space:check_config"},
 )

@@ -23,6 +23,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_bytes, atomic_write_csv, atomic_write_json
 from pipeline.core.metrics import cv_std, score
 from pipeline.predict.submission import check_own, read_sidecar, submissions_dir, utc_stamp
+from pipeline.runs.kept import kept_jobs
 from pipeline.runs.layout import RunDir
 from pipeline.runs.predictions import probs_of, read_predictions
 from pipeline.runs.records import read_metrics
@@ -154,7 +155,7 @@ def list_experiments(cfg: Config) -> pd.DataFrame:
                 "cv_from": src,
                 "hash": h,
                 "date_utc": date,
-                "kept": ", ".join(f"{n} of {h}" for h, n in run.kept_jobs().items()),  # earlier configs' jobs
+                "kept": ", ".join(f"{n} of {h}" for h, n in kept_jobs(run).items()),  # earlier configs' jobs
                 "submissions": files,
             }
         )

@@ -124,3 +124,17 @@ def _number(text) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
+
+
+def lb_command(submission: str | Path, score: float | None, *, fetch: bool, competition: str | None = None) -> None:
+    """``pipeline lb FILE SCORE`` records a score; ``pipeline lb FILE --fetch`` reads it from Kaggle first."""
+    from pipeline.evaluate.experiments import record_lb
+
+    if fetch and score is not None:
+        raise PipelineError("lb: give a SCORE or --fetch, not both")
+    if fetch:
+        fetch_score(submission, competition)
+    elif score is None:
+        raise PipelineError("lb: missing SCORE; give the leaderboard score, or --fetch it from Kaggle")
+    else:
+        record_lb(submission, score)

@@ -255,46 +255,6 @@ class RunDir:
                 waiting.append(k)
         return ready, waiting
 
-    # ---- finished jobs of other configs, kept (a changed override never discards finished work) ----
-
-    @property
-    def kept_root(self) -> Path:
-        """``kept/<run hash>/<job>/``: finished jobs of the experiment's earlier configs."""
-        return self.path / "kept"
-
-    def keep(self, job: JobDir, run_hash: str | None) -> Path:
-        """Move a job finished under another config (``run_hash``) aside; returns where it went."""
-        import shutil
-
-        dest = self.kept_root / _hash_name(run_hash) / job.name
-        if dest.exists():  # the same finished job kept once already (switched back and forth): one copy
-            shutil.rmtree(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        job.path.rename(dest)
-        return dest
-
-    def restore(self, job: JobDir, run_hash: str) -> Path | None:
-        """Put back a job this config finished before (kept when another config trained); None when none is."""
-        src = self.kept_root / _hash_name(run_hash) / job.name
-        kept = JobDir(path=src, fold=job.fold, seed=job.seed, label=job.label, train_cmd=job.train_cmd)
-        if not kept.is_done(run_hash) or job.path.exists():
-            return None
-        src.rename(job.path)
-        for d in (src.parent, self.kept_root):  # drop emptied folders
-            if d.is_dir() and not any(d.iterdir()):
-                d.rmdir()
-        return src
-
-    def kept_jobs(self) -> dict[str, int]:
-        """{run hash: finished jobs kept} of the experiment's earlier configs."""
-        if not self.kept_root.is_dir():
-            return {}
-        return {
-            d.name: n
-            for d in sorted(self.kept_root.iterdir())
-            if d.is_dir() and (n := sum(1 for j in d.iterdir() if (j / "done.json").is_file()))
-        }
-
     def done_records(self) -> list[dict]:
         """done.json of every finished fold job, whatever the seed layout (refit jobs excluded)."""
         return [d for _, d in self.done_jobs()]
@@ -425,10 +385,3 @@ def tune_dir(cfg: Config, study: str | None = None) -> Path:
     """``tune/`` (the default SQLite study storage) or one study's folder (trials.csv, best.yaml, trial runs)."""
     root = competition_dir(cfg) / "tune"
     return root if study is None else root / study
-
-
-def _hash_name(run_hash: str | None) -> str:
-    """A kept folder's name: the run hash it finished under (text only: it names a folder)."""
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", str(run_hash or "unknown"))[:80] or "unknown"

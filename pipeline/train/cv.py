@@ -32,6 +32,8 @@ from pipeline.data.folds import check_learnable, load_folds
 from pipeline.data.table import Table
 from pipeline.models.backbones import build_model
 from pipeline.models.inference import features_tensor, to_tensor
+from pipeline.models.names import check_config as check_names
+from pipeline.runs.kept import keep, restore
 from pipeline.runs.layout import JobDir, RunDir
 from pipeline.runs.predictions import average_predictions, probs_of, write_predictions
 from pipeline.tasks import build_task
@@ -71,9 +73,9 @@ def _needs_training(job: JobDir, run_hash: str, run: RunDir) -> bool:
         log.info(f"{job.label}: done, skipping")
         return False
     if done is not None:
-        kept = run.keep(job, done.get("hash"))
+        kept = keep(run, job, done.get("hash"))
         log.info(f"{job.label}: finished under another config; kept in {kept}, training this one")
-    restored = run.restore(job, run_hash)
+    restored = restore(run, job, run_hash)
     if restored is not None:
         log.info(f"{job.label}: finished under this config before; restored from {restored}")
         return False
@@ -127,6 +129,7 @@ def train_cv(
     hooks run on rank 0).
     """
     cfg = without_plan(cfg)
+    check_names(cfg)  # a mistyped backbone is one line before any finished fold is looked at
     source = check_source(cfg) if cfg.pseudo is not None else None
     hooks = on_epoch is not None or on_fold is not None
     if cfg.train.executor == "ray" and not hooks:
