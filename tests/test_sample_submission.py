@@ -193,7 +193,7 @@ def test_read_sample_refuses_in_one_line_or_returns_a_checked_header(tmp_path, t
     p = tmp_path / "sample_submission.csv"
     p.write_text(text)
     try:
-        header, ids = read_sample(p)
+        header, ids, _ = read_sample(p)
     except PipelineError as e:
         assert "\n" not in str(e) and str(p) in str(e)
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def _type(ann) -> str:
         return _type(args[0])
     if origin is typing.Literal:
         return " | ".join(json.dumps(a) if not isinstance(a, str) else a for a in args)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return " | ".join(_type(a) for a in args if a is not type(None)) + (" | null" if type(None) in args else "")
     if origin is not None:
         name = getattr(origin, "__name__", str(origin))

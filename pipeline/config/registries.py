@@ -8,7 +8,7 @@ a family's own ``build_*`` looks the entry up. A user adds an entry with ``REGIS
 
 ``CHECKS`` holds what the schema cannot check by name: the augmentation list (a dry run of albumentations)
 and the search space, each run by ``load_config`` before any data is read (backbone names, which need timm
-and so torch, are checked where training starts: pipeline/models/names.py).
+and so torch, are checked where training starts: pipeline/models/backbones.py check_config).
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 SAMPLE = "sample_submission.csv"
 # a submission's encodings: P(class 1) (binary), the class index, the class name, one probability per class
 ENCODINGS = ("probability", "index", "name", "per_class")
-_MISSING = {"", "nan", "NaN", "NAN", "NA", "N/A", "null", "NULL", "None", "<NA>"}
+# the texts a CSV cell holds when it is empty or NaN (submissions, samples and solutions alike)
+MISSING = {"", "nan", "NaN", "NAN", "NA", "N/A", "null", "NULL", "None", "<NA>"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,8 +81,9 @@ def sample_path(cfg) -> Path | None:
     return p
 
 
-def read_sample(path: Path) -> tuple[list[str], list[str]]:
-    """The sample's header and its ids (first column), checked: one line naming the file when unreadable."""
+def read_sample(path: Path) -> tuple[list[str], list[str], list[str]]:
+    """The sample's header, its ids (first column) and its second column's values, checked: one line naming
+    the file when unreadable."""
     path = Path(path)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
@@ -102,10 +104,11 @@ def read_sample(path: Path) -> tuple[list[str], list[str]]:
         raise PipelineError(f"{path}: column {dup[0]!r} appears more than once in the header; expected unique columns")
     if len(rows) < 2:
         raise PipelineError(f"{path}: no rows; expected one row per test id")
-    ids = []
+    ids, values = [], []
     for line, r in enumerate(rows[1:], start=2):
+        values.append(r[1].strip() if len(r) > 1 else "")
         i = r[0].strip() if r else ""
-        if i in _MISSING:
+        if i in MISSING:
             raise PipelineError(f"{path}: line {line}: the id ({header[0]}) is empty or NaN; expected a test id")
         ids.append(i)
     seen: set[str] = set()
@@ -113,12 +116,7 @@ def read_sample(path: Path) -> tuple[list[str], list[str]]:
         if i in seen:
             raise PipelineError(f"{path}: line {line}: id {i!r} appears more than once; expected each test id once")
         seen.add(i)
-    return header, ids
-
-
-def _sample_values(path: Path) -> pd.Series:
-    """The sample's second column (its one target column), as text."""
-    return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig").iloc[:, 1].str.strip()
+    return header, ids, values
 
 
 def submission_spec(reader: Reader, class_names: list[str]) -> SubmissionSpec:
@@ -129,25 +127,25 @@ def submission_spec(reader: Reader, class_names: list[str]) -> SubmissionSpec:
     path = sample_path(reader.cfg)
     if path is None:
         return SubmissionSpec(id_col=id_col, columns=(target,), encoding=reader.submission_kind)
-    header, ids = read_sample(path)
+    header, ids, values = read_sample(path)
     cols = header[1:]
     names = [str(c) for c in class_names]
     common = dict(id_col=header[0], ids=tuple(ids), source=path)
     if len(cols) == 1 and cols[0].lower() == target.lower() and cols[0] not in names:
-        encoding = _one_column_encoding(path, cols[0], reader.submission_kind, names)
+        encoding = _one_column_encoding(path, cols[0], values, reader.submission_kind, names)
         return SubmissionSpec(columns=(cols[0],), encoding=encoding, **common)
     known = [c for c in cols if c in names]
     if len(cols) == 1 and not known:
         raise PipelineError(
             f"{path}: column {cols[0]!r} matches no target kind; expected the target column ({target}) "
-            f"or one probability column per class ({_shown(names)})"
+            f"or one probability column per class ({shown(names)})"
         )
     unknown = [c for c in cols if c not in names]
     if unknown:
         what = "names a class train does not have" if known else "matches no target kind"
         raise PipelineError(
             f"{path}: column {unknown[0]!r} {what} ({len(unknown)} such column(s)); expected one probability "
-            f"column per class of train ({_shown(names)})" + ("" if known else f" or the target column ({target})")
+            f"column per class of train ({shown(names)})" + ("" if known else f" or the target column ({target})")
         )
     missing = [c for c in names if c not in cols]
     if missing:
@@ -158,10 +156,10 @@ def submission_spec(reader: Reader, class_names: list[str]) -> SubmissionSpec:
     return SubmissionSpec(columns=tuple(cols), encoding="per_class", **common)
 
 
-def _one_column_encoding(path: Path, column: str, default: str, names: list[str]) -> str:
+def _one_column_encoding(path: Path, column: str, texts: list[str], default: str, names: list[str]) -> str:
     """A single target column holds a probability (binary: the sample's values are fractions such as 0.5,
     or the format says so) or a label (the format's: class name or index)."""
-    values = pd.to_numeric(_sample_values(path), errors="coerce")
+    values = pd.to_numeric(pd.Series(texts, dtype=object), errors="coerce")
     fractions = values.notna().all() and ((values > 0) & (values < 1)).any() and values.between(0, 1).all()
     if default == "probability" or fractions:
         from pipeline.tasks import build_task
@@ -169,7 +167,7 @@ def _one_column_encoding(path: Path, column: str, default: str, names: list[str]
         if "probability" not in build_task(len(names)).encodings:
             raise PipelineError(
                 f"{path}: column {column!r} holds probabilities (e.g. {values.iloc[0]:g}) but train has "
-                f"{len(names)} classes; expected one probability column per class ({_shown(names)})"
+                f"{len(names)} classes; expected one probability column per class ({shown(names)})"
             )
         return "probability"
     return default
@@ -184,12 +182,13 @@ def check_ids(spec: SubmissionSpec, test_ids) -> None:
     missing, extra = want.difference(have, sort=False), have.difference(want, sort=False)
     if len(missing) or len(extra):
         raise PipelineError(
-            f"{spec.source}: {len(missing)} ids not in the test data (e.g. {_shown(list(missing))}) and "
-            f"{len(extra)} test ids not in the sample (e.g. {_shown(list(extra))}); "
+            f"{spec.source}: {len(missing)} ids not in the test data (e.g. {shown(list(missing))}) and "
+            f"{len(extra)} test ids not in the sample (e.g. {shown(list(extra))}); "
             "expected the sample to list every test id once"
         )
 
 
-def _shown(values: list, n: int = 5) -> str:
+def shown(values: list, n: int = 5) -> str:
+    """Up to ``n`` values for a message, ``...`` when there are more."""
     vals = [str(v) for v in values]
     return ", ".join(vals[:n]) + (", ..." if len(vals) > n else "") if vals else "none"

@@ -108,12 +108,25 @@ def bn_cnn(pretrained: bool = False, **kwargs) -> BnCNN:
     return BnCNN(**kwargs)
 
 
+def check_backbone(name: str, key: str = "model.backbone") -> None:
+    """One line for a name timm does not know (``auto`` is the plan's to resolve)."""
+    if name == "auto" or timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else "; see timm.list_models()"
+    raise PipelineError(f"{key}: timm does not know {name!r}{hint}")
+
+
+def check_config(cfg) -> None:
+    """The config's backbone names (``model.backbone``, ``adversarial.backbone``): training checks them before
+    it looks at a finished fold (a typo used to unfinish one, then fail)."""
+    check_backbone(cfg.model.backbone, f"{cfg.path}: model.backbone")
+    check_backbone(cfg.adversarial.backbone, f"{cfg.path}: adversarial.backbone")
+
+
 def create_backbone(name: str, in_chans: int, img_size: tuple[int, int]) -> nn.Module:
     """A timm model with no classifier (``num_classes=0``): forward gives pooled features."""
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        hint = f"; close matches: {', '.join(close)}" if close else "; see timm.list_models()"
-        raise PipelineError(f"model.backbone: timm does not know {name!r}{hint}")
+    check_backbone(name)
     # Dropout lives in Net's head (model.drop_rate), not twice.
     kw = dict(pretrained=False, num_classes=0, in_chans=in_chans)
     try:  # models with a fixed input size (ViT, simple_cnn) need it; others refuse the argument

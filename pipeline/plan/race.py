@@ -131,11 +131,16 @@ def rounds(n: int, eta: int) -> list[int]:
     return out
 
 
+def _split_kw(cfg: Config, facts: Facts) -> dict:
+    """``job_seconds``'s keywords the race's split fixes: its training and held-out rows, the batch, all rows."""
+    n_val = math.ceil(facts.n_rows * cfg.race.holdout)
+    return {"n_train": facts.n_rows - n_val, "n_val": n_val, "batch_size": cfg.train.batch_size, "n_rows": facts.n_rows}
+
+
 def unit_images(cfg: Config, facts: Facts, recipes: list[Recipe], speeds: dict[str, Speed], seconds: float) -> int:
     """Round one's images per candidate so that every round (each survivor ``eta`` times the images of the round
     before) adds up to about ``seconds``, the candidates' costs averaged (who survives is not known yet)."""
-    eta, n_val = cfg.race.eta, math.ceil(facts.n_rows * cfg.race.holdout)
-    kw = {"n_train": facts.n_rows - n_val, "n_val": n_val, "batch_size": cfg.train.batch_size, "n_rows": facts.n_rows}
+    eta, kw = cfg.race.eta, _split_kw(cfg, facts)
 
     def total(images: int) -> float:
         return sum(
@@ -165,8 +170,7 @@ def measurable(
     ``MIN_RACE_IMAGES`` images (or a whole epoch, when that is fewer: a handful of steps scores the
     initialisation, not the recipe). While it cannot, the costliest candidate is left out, and the others'
     share grows; the prior's order is kept."""
-    n_train = facts.n_rows - math.ceil(facts.n_rows * cfg.race.holdout)
-    need = min(MIN_RACE_IMAGES, n_train)
+    need = min(MIN_RACE_IMAGES, _split_kw(cfg, facts)["n_train"])
     alive = list(recipes)
     while alive and unit_images(cfg, facts, alive, speeds, seconds) < need:
         costly = max(alive, key=lambda r: (1.0 / speeds[r.name].train_img_s, r.rank))
@@ -186,8 +190,6 @@ def race(
     shutil.rmtree(run_dir, ignore_errors=True)  # a race a killed plan left: its jobs are not this race's
     eta = cfg.race.eta
     unit = unit_images(cfg, facts, recipes, speeds, seconds)
-    n_rows = facts.n_rows
-    n_val = math.ceil(n_rows * cfg.race.holdout)
     alive, table, round_no, tables = list(recipes), [], 1, {}
     log.info(
         f"race: {len(recipes)} candidates on a {cfg.race.holdout:.0%} held-out split, ~{seconds:.0f} s in "
@@ -196,11 +198,9 @@ def race(
     while True:
         images = unit * eta ** (round_no - 1)
         left = max(deadline - time.time(), 0.0)
-        while images > MIN_RACE_IMAGES and _round_seconds(cfg, facts, alive, speeds, images, n_val) > left:
+        while images > MIN_RACE_IMAGES and _round_seconds(cfg, facts, alive, speeds, images) > left:
             images //= 2  # a slow machine: a shorter round rather than a race past its share
-        entries = [
-            _train(cfg, facts, r, speeds[r.name], round_no, images, n_val, run_dir, tables, deadline) for r in alive
-        ]
+        entries = [_train(cfg, facts, r, speeds[r.name], round_no, images, run_dir, tables, deadline) for r in alive]
         order = sorted(range(len(alive)), key=lambda i: (entries[i].score, alive[i].rank))
         out_of_time = time.time() >= deadline
         keep = 1 if len(alive) <= 2 or out_of_time else math.ceil(len(alive) / eta)
@@ -222,21 +222,9 @@ def race(
     return alive[0], table, spent
 
 
-def _round_seconds(
-    cfg: Config, facts: Facts, alive: list[Recipe], speeds: dict[str, Speed], images: int, n_val: int
-) -> float:
-    return sum(
-        job_seconds(
-            speeds[r.name],
-            images,
-            n_train=facts.n_rows - n_val,
-            n_val=n_val,
-            batch_size=cfg.train.batch_size,
-            head_only=r.finetune == "head",
-            n_rows=facts.n_rows,
-        )
-        for r in alive
-    )
+def _round_seconds(cfg: Config, facts: Facts, alive: list[Recipe], speeds: dict[str, Speed], images: int) -> float:
+    kw = _split_kw(cfg, facts)
+    return sum(job_seconds(speeds[r.name], images, head_only=r.finetune == "head", **kw) for r in alive)
 
 
 def _prior_unless_beaten(order: list[int], entries: list[Entry], alive: list[Recipe]) -> tuple[list[int], str]:
@@ -264,7 +252,6 @@ def _train(
     speed: Speed,
     round_no: int,
     images: int,
-    n_val: int,
     run_dir,
     tables: dict,
     deadline: float,
@@ -280,19 +267,9 @@ def _train(
     from pipeline.train.executors import _head_embeddings
     from pipeline.train.job import FoldTrainer
 
-    head_only = recipe.finetune == "head"
-    n_train = facts.n_rows - n_val
-    epochs, steps = schedule(images, n_train=n_train, batch_size=cfg.train.batch_size)
-    planned = job_seconds(
-        speed,
-        images,
-        n_train=n_train,
-        n_val=n_val,
-        batch_size=cfg.train.batch_size,
-        head_only=head_only,
-        n_rows=facts.n_rows,
-        features=round_no == 1,
-    )
+    head_only, kw = recipe.finetune == "head", _split_kw(cfg, facts)
+    epochs, steps = schedule(images, n_train=kw["n_train"], batch_size=cfg.train.batch_size)
+    planned = job_seconds(speed, images, head_only=head_only, features=round_no == 1, **kw)
     entry = Entry(
         name=recipe.name, rank=recipe.rank, round=round_no, epochs=epochs, steps=steps, planned_s=planned, images=images
     )
@@ -341,10 +318,11 @@ def _train(
 def _score(entry: Entry, oof, class_names) -> None:
     """The held-out rows' log-loss after the temperature that fits them (per row too), raw log-loss and accuracy."""
     from pipeline.core.metrics import accuracy, logloss
+    from pipeline.runs.predictions import probs_of
     from pipeline.tasks.calibration import apply_temperature, fit_temperature
 
     y = oof["target"].to_numpy()
-    probs = oof[[f"p_{k}" for k in class_names]].to_numpy(dtype=np.float64)
+    probs = probs_of(oof, class_names)
     entry.logloss, entry.accuracy = logloss(y, probs), accuracy(y, probs)
     calibrated = np.clip(apply_temperature(probs, fit_temperature(y, probs)), 1e-15, 1)
     entry.losses = -np.log(calibrated[np.arange(len(y)), y])

@@ -21,10 +21,12 @@ import pandas as pd
 from pipeline.config.schema import Config
 from pipeline.core.errors import PipelineError
 from pipeline.core.io import atomic_write_json, file_sha256, read_json_object
+from pipeline.data.sample import MISSING, shown
 
 log = logging.getLogger(__name__)
 
-_MISSING = {"", "nan", "NaN", "NAN", "NA", "N/A", "null", "NULL", "None", "<NA>"}
+# a row of per-class probabilities written with 8 significant digits sums to 1 within this
+ROW_SUM_TOLERANCE = 1e-4
 
 
 def submissions_dir(cfg: Config) -> Path:
@@ -203,7 +205,7 @@ def validate_submission(cfg: Config, path: str | Path, *, test_ids=None, class_n
     problems = []
     if len(df) != len(test_ids):
         problems.append(f"{path}: {len(df)} rows; expected {len(test_ids)} (one per test image)")
-    empty_id = ids.isin(_MISSING)
+    empty_id = ids.isin(MISSING)
     if empty_id.any():
         problems.append(
             f"{path}: {int(empty_id.sum())} empty or NaN ids "
@@ -235,7 +237,7 @@ def _value_problems(path: Path, df: pd.DataFrame, ids: pd.Series, spec, class_na
     probs = spec.encoding in ("probability", "per_class")
     for col in spec.columns:
         vals = df[col].str.strip()
-        nan = vals.isin(_MISSING)
+        nan = vals.isin(MISSING)
         if nan.any():
             problems.append(f"{path}: {int(nan.sum())} empty or NaN values in {col} (e.g. ids {_examples(ids[nan])})")
         ok = vals[~nan]
@@ -261,7 +263,7 @@ def _value_problems(path: Path, df: pd.DataFrame, ids: pd.Series, spec, class_na
                 problems.append(
                     f"{path}: {int(bad.sum())} labels not among the classes in {col} "
                     f"(e.g. {_examples(f'{i}: {v}' for i, v in zip(ids[bad.index[bad]], ok[bad]))}); "
-                    f"expected one of {_shown(allowed)}"
+                    f"expected one of {shown(allowed, 10)}"
                 )
     if spec.encoding == "per_class" and not problems:
         total = df[list(spec.columns)].apply(pd.to_numeric).sum(axis=1)
@@ -272,14 +274,6 @@ def _value_problems(path: Path, df: pd.DataFrame, ids: pd.Series, spec, class_na
                 f"(e.g. {_examples(f'{i}: {t:.4g}' for i, t in zip(ids[off], total[off]))})"
             )
     return problems
-
-
-# a row of per-class probabilities written with 8 significant digits sums to 1 within this
-ROW_SUM_TOLERANCE = 1e-4
-
-
-def _shown(allowed: list[str]) -> str:
-    return ", ".join(allowed[:10]) + (", ..." if len(allowed) > 10 else "")
 
 
 def check_submission(cfg: Config, path: str | Path, solution: str | Path | None = None) -> float | None:
@@ -354,7 +348,7 @@ def read_solution(cfg: Config, solution: str | Path, class_names=None) -> pd.Dat
     sol = sol.apply(lambda c: c.str.strip())
     ids = sol[id_col]
     line = lambda i: int(i) + 2  # noqa: E731 - CSV line of data row i
-    bad = np.flatnonzero(ids.isin(_MISSING).to_numpy())
+    bad = np.flatnonzero(ids.isin(MISSING).to_numpy())
     if len(bad):
         raise PipelineError(f"{solution}: line {line(bad[0])}: {id_col} is empty or NaN; {_SOLUTION_FIX}")
     dup = np.flatnonzero(ids.duplicated().to_numpy())
@@ -369,10 +363,10 @@ def read_solution(cfg: Config, solution: str | Path, class_names=None) -> pd.Dat
         bad = np.flatnonzero(~vals.isin(allowed).to_numpy())
         if len(bad):
             i = bad[0]
-            what = "is empty or NaN" if vals.iloc[i] in _MISSING else f"{vals.iloc[i]!r} is not a true answer"
+            what = "is empty or NaN" if vals.iloc[i] in MISSING else f"{vals.iloc[i]!r} is not a true answer"
             raise PipelineError(
                 f"{solution}: line {line(i)} ({id_col} {ids.iloc[i]!r}): {col} {what}; "
-                f"expected one of {_shown(allowed)}; {_SOLUTION_FIX}"
+                f"expected one of {shown(allowed, 10)}; {_SOLUTION_FIX}"
             )
     if spec.encoding == "per_class":
         ones = (sol[list(spec.columns)] == "1").sum(axis=1).to_numpy()

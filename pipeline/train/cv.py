@@ -31,8 +31,8 @@ from pipeline.core.metrics import logloss, score
 from pipeline.data.folds import check_learnable, load_folds
 from pipeline.data.table import Table
 from pipeline.models.backbones import build_model
+from pipeline.models.backbones import check_config as check_names
 from pipeline.models.inference import features_tensor, to_tensor
-from pipeline.models.names import check_config as check_names
 from pipeline.runs.kept import keep, restore
 from pipeline.runs.layout import JobDir, RunDir
 from pipeline.runs.predictions import average_predictions, probs_of, write_predictions
